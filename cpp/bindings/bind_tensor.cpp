@@ -1,0 +1,204 @@
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "convert.h"
+
+namespace conveyor::bindings {
+
+namespace {
+
+// Exception types, created once at import; conveyor/errors.py re-exports them.
+struct ErrorTypes {
+  py::object base, invalid_input, queue_full, deadline_exceeded, cancelled, model_execution,
+      out_of_memory, unavailable, internal;
+};
+
+ErrorTypes& error_types() {
+  static ErrorTypes* types = new ErrorTypes();  // never destroyed: lives with the interpreter
+  return *types;
+}
+
+py::object new_exception(py::module_& m, const char* name, py::handle bases, const char* doc) {
+  std::string qualified = std::string("conveyor.errors.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases.ptr(), nullptr);
+  if (!type) throw py::error_already_set();
+  py::object obj = py::reinterpret_steal<py::object>(type);
+  m.attr(name) = obj;
+  return obj;
+}
+
+py::object type_for(ErrorCode code) {
+  auto& t = error_types();
+  switch (code) {
+    case ErrorCode::kInvalidInput: return t.invalid_input;
+    case ErrorCode::kQueueFull: return t.queue_full;
+    case ErrorCode::kDeadlineExceeded: return t.deadline_exceeded;
+    case ErrorCode::kCancelled: return t.cancelled;
+    case ErrorCode::kModelExecution: return t.model_execution;
+    case ErrorCode::kOutOfMemory: return t.out_of_memory;
+    case ErrorCode::kUnavailable: return t.unavailable;
+    default: return t.internal;
+  }
+}
+
+// Deleter of owners made by make_python_owner; its type identifies them (std::get_deleter).
+struct PythonObjectDeleter {
+  void operator()(void* obj) const {
+    // At interpreter shutdown the object goes with the interpreter: leak instead.
+    if (!Py_IsInitialized() || _Py_IsFinalizing()) return;
+    py::gil_scoped_acquire gil;
+    Py_DECREF(static_cast<PyObject*>(obj));
+  }
+};
+
+void release_capsule(PyObject* capsule) {
+  delete static_cast<std::shared_ptr<void>*>(PyCapsule_GetPointer(capsule, "conveyor.owner"));
+}
+
+}  // namespace
+
+DType dtype_from_numpy(const py::dtype& dtype, const char* what) {
+  const char kind = dtype.kind();
+  const auto size = dtype.itemsize();
+  switch (kind) {
+    case 'b': return DType::kBool;
+    case 'O': return DType::kBytes;
+    case 'u':
+      if (size == 1) return DType::kUInt8;
+      if (size == 2) return DType::kUInt16;
+      if (size == 4) return DType::kUInt32;
+      if (size == 8) return DType::kUInt64;
+      break;
+    case 'i':
+      if (size == 1) return DType::kInt8;
+      if (size == 2) return DType::kInt16;
+      if (size == 4) return DType::kInt32;
+      if (size == 8) return DType::kInt64;
+      break;
+    case 'f':
+      if (size == 2) return DType::kFloat16;
+      if (size == 4) return DType::kFloat32;
+      if (size == 8) return DType::kFloat64;
+      break;
+    default: break;
+  }
+  throw Error(ErrorCode::kInvalidInput,
+              std::string(what) + " has numpy dtype '" + py::str(dtype).cast<std::string>() +
+                  "', which has no v2 datatype: use bool, (u)int8-64, float16/32/64, or an "
+                  "object array of bytes for BYTES");
+}
+
+py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::kBool: return py::dtype("?");
+    case DType::kUInt8: return py::dtype("u1");
+    case DType::kUInt16: return py::dtype("u2");
+    case DType::kUInt32: return py::dtype("u4");
+    case DType::kUInt64: return py::dtype("u8");
+    case DType::kInt8: return py::dtype("i1");
+    case DType::kInt16: return py::dtype("i2");
+    case DType::kInt32: return py::dtype("i4");
+    case DType::kInt64: return py::dtype("i8");
+    case DType::kFloat16: return py::dtype("f2");
+    case DType::kFloat32: return py::dtype("f4");
+    case DType::kFloat64: return py::dtype("f8");
+    case DType::kBytes: return py::dtype("O");
+    case DType::kBFloat16: break;
+  }
+  throw Error(ErrorCode::kInvalidInput, "[tensor] BF16 has no numpy dtype; send it as raw bytes");
+}
+
+Tensor borrow_array(py::handle obj, const char* what) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw Error(ErrorCode::kInvalidInput,
+                std::string(what) + " must be a numpy array, got " +
+                    py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
+  }
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!(arr.flags() & py::array::c_style)) {
+    throw Error(ErrorCode::kInvalidInput,
+                std::string(what) + " is not C-contiguous: pass np.ascontiguousarray(...)");
+  }
+  Tensor t;
+  t.dtype = dtype_from_numpy(arr.dtype(), what);
+  t.shape = Shape(reinterpret_cast<const int64_t*>(arr.shape()), static_cast<int>(arr.ndim()));
+  t.data = const_cast<void*>(arr.data());
+  return t;
+}
+
+std::shared_ptr<void> make_python_owner(py::object obj) {
+  return std::shared_ptr<void>(obj.release().ptr(), PythonObjectDeleter{});
+}
+
+py::object array_from_tensor(const Tensor& tensor) {
+  if (tensor.device.kind == DeviceKind::kCUDA) {
+    throw Error(ErrorCode::kInvalidInput, "[tensor] a CUDA tensor has no numpy view");
+  }
+  py::dtype dtype = numpy_dtype(tensor.dtype);
+  std::vector<py::ssize_t> shape(tensor.shape.data(), tensor.shape.data() + tensor.shape.ndim());
+  py::object base;
+  if (tensor.owner && std::get_deleter<PythonObjectDeleter>(tensor.owner)) {
+    // Owned by a Python object: hand back that very array when it is exactly this data,
+    // else a view whose base is that object (no capsule needed).
+    base = py::reinterpret_borrow<py::object>(static_cast<PyObject*>(tensor.owner.get()));
+    if (py::isinstance<py::array>(base)) {
+      auto arr = py::reinterpret_borrow<py::array>(base);
+      if (arr.data() == tensor.data && arr.ndim() == tensor.shape.ndim() &&
+          std::equal(shape.begin(), shape.end(), arr.shape()) &&
+          (arr.flags() & py::array::c_style) && arr.dtype().kind() == dtype.kind() &&
+          arr.dtype().itemsize() == dtype.itemsize()) {
+        return std::move(arr);
+      }
+    }
+  } else if (tensor.owner) {
+    auto* holder = new std::shared_ptr<void>(tensor.owner);
+    base = py::reinterpret_steal<py::object>(PyCapsule_New(holder, "conveyor.owner", release_capsule));
+    if (!base) {
+      delete holder;
+      throw py::error_already_set();
+    }
+  } else {
+    base = py::none();
+  }
+  return py::array(dtype, shape, {}, tensor.data, base);
+}
+
+py::object make_exception(ErrorCode code, const std::string& message) {
+  return type_for(code)(message);
+}
+
+void register_errors(py::module_& m) {
+  auto& t = error_types();
+  t.base = new_exception(m, "ConveyorError", PyExc_Exception, "Base of every error Conveyor raises.");
+  py::tuple invalid_bases = py::make_tuple(t.base, py::handle(PyExc_ValueError));
+  t.invalid_input = new_exception(m, "InvalidInput", invalid_bases,
+                                  "A request or argument does not match what the model expects.");
+  t.queue_full = new_exception(m, "QueueFull", t.base, "The model's bounded queue is full; retry later.");
+  py::tuple deadline_bases = py::make_tuple(t.base, py::handle(PyExc_TimeoutError));
+  t.deadline_exceeded = new_exception(m, "DeadlineExceeded", deadline_bases,
+                                      "The request's deadline passed before it was executed.");
+  t.cancelled = new_exception(m, "Cancelled", t.base, "The request was cancelled by its caller.");
+  t.model_execution = new_exception(m, "ModelExecutionError", t.base,
+                                    "The model failed while executing a batch; the message carries the backend's error.");
+  py::tuple oom_bases = py::make_tuple(t.base, py::handle(PyExc_MemoryError));
+  t.out_of_memory = new_exception(m, "OutOfMemory", oom_bases,
+                                  "A memory pool could not satisfy an allocation within its limit.");
+  t.unavailable = new_exception(m, "Unavailable", t.base, "The runtime or model is shutting down or stopped.");
+  t.internal = new_exception(m, "InternalError", t.base, "A broken invariant inside Conveyor (a bug: please report it).");
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      PyErr_SetString(type_for(e.code()).ptr(), e.what());
+    }
+  });
+}
+
+void init_tensor(py::module_& m) {
+  m.def("dtype_size", [](const std::string& name) { return dtype_size(dtype_from_name(name)); },
+        py::arg("datatype"), "Bytes per element of a v2 datatype (BYTES: 8, an object handle).");
+}
+
+}  // namespace conveyor::bindings

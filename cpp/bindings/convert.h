@@ -1,0 +1,40 @@
+// Conversions shared by the binding files: numpy arrays <-> core tensors, Python owners,
+// and conveyor::Error -> conveyor.errors types. Glue only: no policy lives here.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <memory>
+
+#include "conveyor/error.h"
+#include "conveyor/tensor.h"
+
+namespace conveyor::bindings {
+
+namespace py = pybind11;
+
+// numpy dtype <-> v2 datatype. BYTES travels as numpy object arrays.
+DType dtype_from_numpy(const py::dtype& dtype, const char* what);
+py::dtype numpy_dtype(DType dtype);
+
+// A tensor that borrows a C-contiguous CPU numpy array's memory (owner stays null):
+// the caller keeps the array alive for as long as the tensor is used.
+// Throws Error(kInvalidInput) for a non-contiguous array or an unsupported dtype,
+// naming `what` (e.g. "input 'x'").
+Tensor borrow_array(py::handle obj, const char* what);
+
+// An owner that holds a Python object; its release takes the GIL, so it may be dropped
+// on any thread that holds no core lock.
+std::shared_ptr<void> make_python_owner(py::object obj);
+
+// A numpy array over a CPU tensor without copying. When the tensor's owner is a Python
+// object covering exactly this data, that object itself is returned; otherwise the
+// array's base keeps the owner alive.
+py::object array_from_tensor(const Tensor& tensor);
+
+// The conveyor.errors instance for a core error (used for errors delivered as values).
+py::object make_exception(ErrorCode code, const std::string& message);
+void register_errors(py::module_& m);
+
+}  // namespace conveyor::bindings

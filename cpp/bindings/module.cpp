@@ -1,0 +1,20 @@
+// conveyor._core: the private compiled module. conveyor/__init__.py is the public API.
+#include <pybind11/pybind11.h>
+
+#include "convert.h"
+
+namespace py = pybind11;
+
+namespace conveyor::bindings {
+void init_tensor(py::module_& m);
+void init_memory(py::module_& m);
+void init_batcher(py::module_& m);
+}  // namespace conveyor::bindings
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Conveyor's C++ core: memory pool, dynamic batcher, kernels (private; use conveyor).";
+  conveyor::bindings::register_errors(m);
+  conveyor::bindings::init_tensor(m);
+  conveyor::bindings::init_memory(m);
+  conveyor::bindings::init_batcher(m);
+}
