@@ -168,6 +168,8 @@ py::object make_exception(ErrorCode code, const std::string& message) {
   return type_for(code)(message);
 }
 
+py::handle conveyor_error_base() { return error_types().base; }
+
 void register_errors(py::module_& m) {
   auto& t = error_types();
   t.base = new_exception(m, "ConveyorError", PyExc_Exception, "Base of every error Conveyor raises.");

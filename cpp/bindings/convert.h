@@ -35,6 +35,8 @@ py::object array_from_tensor(const Tensor& tensor);
 
 // The conveyor.errors instance for a core error (used for errors delivered as values).
 py::object make_exception(ErrorCode code, const std::string& message);
+// conveyor.errors.ConveyorError, the base of every error type.
+py::handle conveyor_error_base();
 void register_errors(py::module_& m);
 
 }  // namespace conveyor::bindings

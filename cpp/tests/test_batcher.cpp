@@ -1,1 +1,313 @@
+// The batcher with real threads; the test command runs these under ThreadSanitizer.
+// Synchronisation is explicit (gates and latches), never sleeps.
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
 #include "check.h"
+#include "conveyor/batcher.h"
+
+using namespace conveyor;
+
+namespace {
+
+// A gate the executor can wait on, and a count of executor entries the test can wait for.
+class Gate {
+ public:
+  void open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  void pass() {
+    std::unique_lock<std::mutex> lock(mu_);
+    ++entered_;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return open_; });
+  }
+  void wait_entered(int n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return entered_ >= n; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+  int entered_ = 0;
+};
+
+BatcherOptions options(int64_t max_batch, int64_t delay_us = 0) {
+  BatcherOptions o;
+  o.model_name = "test";
+  o.inputs = {{"x", DType::kFloat32, {2}}};
+  o.outputs = {{"y", DType::kFloat32, {2}}};
+  o.max_batch_size = max_batch;
+  o.max_queue_delay_us = delay_us;
+  return o;
+}
+
+// y = 2x + 1 over a pooled output.
+std::vector<Tensor> twice_plus_one(const Batch& batch) {
+  const Tensor& x = batch.inputs[0];
+  Tensor y = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, x.shape);
+  const auto* in = static_cast<const float*>(x.data);
+  auto* out = static_cast<float*>(y.data);
+  for (int64_t i = 0; i < x.shape.numel(); ++i) out[i] = 2 * in[i] + 1;
+  return {y};
+}
+
+Tensor borrow(std::vector<float>& data, int64_t rows) {
+  Tensor t;
+  t.dtype = DType::kFloat32;
+  t.shape = Shape{rows, 2};
+  t.data = data.data();
+  return t;
+}
+
+float value_at(const Completion& c, int64_t row, int col) {
+  const auto* p = static_cast<const float*>(c.outputs->tensors[0].data);
+  return p[(c.row_offset + row) * 2 + col];
+}
+
+}  // namespace
+
+TEST_CASE("batcher: a request gets its own rows of the batch output") {
+  Batcher b(options(8), twice_plus_one, nullptr);
+  std::vector<float> x = {1, 2, 3, 4};
+  Completion c = b.infer({borrow(x, 2)});
+  CHECK(c.code == ErrorCode::kOk);
+  CHECK_EQ(c.rows, 2);
+  CHECK_EQ(value_at(c, 0, 0), 3.0f);
+  CHECK_EQ(value_at(c, 1, 1), 9.0f);
+}
+
+TEST_CASE("batcher: many threads, every request answered once with its own answer") {
+  constexpr int kThreads = 16, kPerThread = 300;
+  BatcherOptions o = options(32, 200);
+  o.instance_count = 2;
+  Batcher b(o, twice_plus_one, nullptr);
+  std::atomic<int> wrong{0}, errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        std::vector<float> x = {float(t), float(i)};
+        Completion c = b.infer({borrow(x, 1)});
+        if (c.code != ErrorCode::kOk) {
+          ++errors;
+        } else if (value_at(c, 0, 0) != 2.0f * t + 1 || value_at(c, 0, 1) != 2.0f * i + 1) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK_EQ(wrong.load(), 0);
+  CHECK_EQ(errors.load(), 0);
+  BatcherStats s = b.stats();
+  CHECK_EQ(s.requests, uint64_t{kThreads * kPerThread});
+  CHECK_EQ(s.succeeded, uint64_t{kThreads * kPerThread});
+  CHECK_EQ(s.batched_rows, uint64_t{kThreads * kPerThread});
+  CHECK_EQ(s.in_flight, uint64_t{0});
+  uint64_t from_histogram = 0;
+  for (size_t size = 0; size < s.batch_size_counts.size(); ++size) from_histogram += size * s.batch_size_counts[size];
+  CHECK_EQ(from_histogram, s.batched_rows);
+  CHECK_EQ(s.queue.count, s.succeeded);
+}
+
+TEST_CASE("batcher: a queued request's deadline fires while every instance is busy") {
+  Gate gate;
+  Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x1 = {1, 1}, x2 = {2, 2};
+  CompletionQueue busy;
+  b.submit({borrow(x1, 1)}, &busy);
+  gate.wait_entered(1);  // the only instance is now blocked
+  Completion late = b.infer({borrow(x2, 1)}, 0, /*timeout_us=*/1000);
+  CHECK(late.code == ErrorCode::kDeadlineExceeded);
+  CHECK(late.message.find("deadline") != std::string::npos);
+  gate.open();
+  b.stop(true);
+  auto done = busy.drain();
+  CHECK_EQ(done.size(), size_t{1});
+  CHECK(done[0][0].code == ErrorCode::kOk);
+  CHECK_EQ(b.stats().expired, uint64_t{1});
+}
+
+TEST_CASE("batcher: a full queue rejects at once with QueueFull") {
+  Gate gate;
+  BatcherOptions o = options(1);
+  o.max_queue_size = 2;
+  Batcher b(o, [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {0, 0};
+  CompletionQueue q;
+  b.submit({borrow(x, 1)}, &q);
+  gate.wait_entered(1);
+  b.submit({borrow(x, 1)}, &q);
+  b.submit({borrow(x, 1)}, &q);
+  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, &q), ErrorCode::kQueueFull);
+  CHECK_EQ(b.stats().rejected, uint64_t{1});
+  gate.open();
+  b.stop(true);
+  size_t ok = 0;
+  for (auto& group : q.drain()) {
+    for (auto& c : group) ok += c.code == ErrorCode::kOk;
+  }
+  CHECK_EQ(ok, size_t{3});
+}
+
+TEST_CASE("batcher: a higher priority level is served first") {
+  Gate gate;
+  std::mutex mu;
+  std::vector<float> order;
+  BatcherOptions o = options(1);
+  o.priority_levels = 2;
+  Batcher b(o, [&](const Batch& batch) {
+    gate.pass();
+    std::lock_guard<std::mutex> lock(mu);
+    order.push_back(static_cast<const float*>(batch.inputs[0].data)[0]);
+    return twice_plus_one(batch);
+  }, nullptr);
+  std::vector<float> first = {0, 0}, low1 = {1, 0}, low2 = {2, 0}, high = {3, 0};
+  CompletionQueue q;
+  b.submit({borrow(first, 1)}, &q);
+  gate.wait_entered(1);
+  b.submit({borrow(low1, 1)}, &q, 2);
+  b.submit({borrow(low2, 1)}, &q);  // default level: the lowest
+  b.submit({borrow(high, 1)}, &q, 1);
+  CHECK_THROWS_CODE(b.submit({borrow(high, 1)}, &q, 3), ErrorCode::kInvalidInput);
+  gate.open();
+  b.stop(true);
+  CHECK(order == std::vector<float>({0, 3, 1, 2}));
+}
+
+TEST_CASE("batcher: cancel drops a queued request and completes it as cancelled") {
+  Gate gate;
+  Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {0, 0};
+  CompletionQueue q;
+  uint64_t running = b.submit({borrow(x, 1)}, &q);
+  gate.wait_entered(1);
+  uint64_t queued = b.submit({borrow(x, 1)}, &q);
+  CHECK(b.cancel(queued));
+  CHECK(!b.cancel(queued));
+  CHECK(!b.cancel(running));
+  gate.open();
+  b.stop(true);
+  int cancelled = 0, ok = 0;
+  for (auto& group : q.drain()) {
+    for (auto& c : group) {
+      cancelled += c.code == ErrorCode::kCancelled && c.request_id == queued;
+      ok += c.code == ErrorCode::kOk && c.request_id == running;
+    }
+  }
+  CHECK_EQ(cancelled, 1);
+  CHECK_EQ(ok, 1);
+  CHECK_EQ(b.stats().cancelled, uint64_t{1});
+}
+
+TEST_CASE("batcher: a model that throws fails only its own batch") {
+  Batcher b(options(1), [](const Batch& batch) {
+    if (static_cast<const float*>(batch.inputs[0].data)[0] < 0) throw std::runtime_error("negative input");
+    return twice_plus_one(batch);
+  }, nullptr);
+  std::vector<float> bad = {-1, 0}, good = {1, 0};
+  Completion c = b.infer({borrow(bad, 1)});
+  CHECK(c.code == ErrorCode::kModelExecution);
+  CHECK(c.message.find("negative input") != std::string::npos);
+  c = b.infer({borrow(good, 1)});
+  CHECK(c.code == ErrorCode::kOk);
+  CHECK_EQ(value_at(c, 0, 0), 3.0f);
+  CHECK_EQ(b.stats().failed, uint64_t{1});
+}
+
+TEST_CASE("batcher: outputs that break the contract fail the batch with a message") {
+  Batcher b(options(4), [](const Batch&) {
+    return std::vector<Tensor>{make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, Shape{7, 2})};
+  }, nullptr);
+  std::vector<float> x = {1, 2};
+  Completion c = b.infer({borrow(x, 1)});
+  CHECK(c.code == ErrorCode::kModelExecution);
+  CHECK(c.message.find("batch of 1 rows") != std::string::npos);
+}
+
+TEST_CASE("batcher: stop drains what was accepted, then rejects") {
+  Gate gate;
+  Batcher b(options(2), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {0, 0};
+  CompletionQueue q;
+  for (int i = 0; i < 7; ++i) b.submit({borrow(x, 1)}, &q);
+  gate.wait_entered(1);
+  std::thread stopper([&] { b.stop(true); });
+  gate.open();
+  stopper.join();
+  size_t ok = 0;
+  for (auto& group : q.drain()) {
+    for (auto& c : group) ok += c.code == ErrorCode::kOk;
+  }
+  CHECK_EQ(ok, size_t{7});
+  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, &q), ErrorCode::kUnavailable);
+}
+
+TEST_CASE("batcher: stop without draining answers queued requests as unavailable") {
+  Gate gate;
+  Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {0, 0};
+  CompletionQueue q;
+  for (int i = 0; i < 3; ++i) b.submit({borrow(x, 1)}, &q);
+  gate.wait_entered(1);
+  std::thread stopper([&] { b.stop(false); });
+  // The two queued requests are answered before the running batch is let go.
+  while (q.pending() < 2) std::this_thread::yield();
+  gate.open();
+  stopper.join();
+  int unavailable = 0, ok = 0;
+  for (auto& group : q.drain()) {
+    for (auto& c : group) {
+      unavailable += c.code == ErrorCode::kUnavailable;
+      ok += c.code == ErrorCode::kOk;
+    }
+  }
+  CHECK_EQ(unavailable, 2);
+  CHECK_EQ(ok, 1);
+}
+
+TEST_CASE("batcher: bad inputs are rejected with what was expected") {
+  Batcher b(options(4), twice_plus_one, nullptr);
+  std::vector<float> x(10 * 3);
+  CompletionQueue q;
+  Tensor wrong_shape = borrow(x, 1);
+  wrong_shape.shape = Shape{1, 3};
+  try {
+    b.submit({wrong_shape}, &q);
+    CHECK(false);
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kInvalidInput);
+    CHECK(std::string(e.what()).find("expected shape [-1, 2]") != std::string::npos);
+    CHECK(std::string(e.what()).find("got [1, 3]") != std::string::npos);
+  }
+  Tensor wrong_dtype = borrow(x, 1);
+  wrong_dtype.dtype = DType::kInt32;
+  CHECK_THROWS_CODE(b.submit({wrong_dtype}, &q), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(b.submit({borrow(x, 5)}, &q), ErrorCode::kInvalidInput);  // over max_batch_size
+  CHECK_THROWS_CODE(b.submit({}, &q), ErrorCode::kInvalidInput);
+  CHECK_EQ(b.stats().rejected, uint64_t{4});
+}
+
+TEST_CASE("batcher: a completion queue hands over a whole batch in one delivery") {
+  Gate gate;
+  Batcher b(options(8, 0), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {5, 6};
+  CompletionQueue q;
+  b.submit({borrow(x, 1)}, &q);
+  gate.wait_entered(1);
+  for (int i = 0; i < 5; ++i) b.submit({borrow(x, 1)}, &q);  // queued behind the busy instance
+  gate.open();
+  b.stop(true);
+  auto groups = q.drain();
+  CHECK_EQ(groups.size(), size_t{2});  // the first request alone, then the five together
+  if (groups.size() == 2) CHECK_EQ(groups[1].size(), size_t{5});
+  CHECK_EQ(q.pending(), size_t{0});
+}

@@ -1,0 +1,211 @@
+// Bindings of the batcher: option conversion, the Python-callable executor adapter,
+// GIL release around waits, completions converted to numpy views.
+#include <pybind11/stl.h>
+
+#include "conveyor/batcher.h"
+#include "convert.h"
+
+namespace conveyor::bindings {
+
+namespace {
+
+std::vector<TensorSpec> tensor_specs(const py::iterable& specs) {
+  std::vector<TensorSpec> out;
+  for (py::handle item : specs) {
+    auto t = item.cast<py::tuple>();
+    out.push_back({t[0].cast<std::string>(), dtype_from_name(t[1].cast<std::string>()),
+                   t[2].cast<std::vector<int64_t>>()});
+  }
+  return out;
+}
+
+// "ValueError: message", or just the message for Conveyor's own errors.
+std::string describe_python_error(py::error_already_set& e, py::handle conveyor_error) {
+  std::string message = py::str(e.value()).cast<std::string>();
+  if (e.matches(conveyor_error)) return message;
+  return py::str(e.type().attr("__name__")).cast<std::string>() + ": " + message;
+}
+
+// The adapter for a Python callable `fn(inputs: tuple[np.ndarray]) -> sequence[np.ndarray]`.
+// It crosses into Python once per batch; the arrays it receives view pooled memory.
+Executor python_executor(py::function fn, std::vector<std::string> output_names) {
+  auto fn_owner = make_python_owner(std::move(fn));
+  return [fn_owner, output_names](const Batch& batch) -> std::vector<Tensor> {
+    // The model is Python code: take the GIL for the whole batch.
+    py::gil_scoped_acquire gil;
+    auto fn = py::reinterpret_borrow<py::function>(static_cast<PyObject*>(fn_owner.get()));
+    try {
+      py::tuple args(batch.inputs.size());
+      for (size_t i = 0; i < batch.inputs.size(); ++i) args[i] = array_from_tensor(batch.inputs[i]);
+      py::object result = fn(args);
+      std::vector<Tensor> outputs;
+      size_t i = 0;
+      for (py::handle item : result) {
+        const std::string what =
+            "output '" + (i < output_names.size() ? output_names[i] : std::to_string(i)) + "'";
+        Tensor t = borrow_array(item, what.c_str());
+        t.owner = make_python_owner(py::reinterpret_borrow<py::object>(item));
+        outputs.push_back(std::move(t));
+        ++i;
+      }
+      return outputs;
+    } catch (py::error_already_set& e) {
+      throw Error(ErrorCode::kModelExecution,
+                  describe_python_error(e, conveyor_error_base()));
+    }
+  };
+}
+
+std::vector<Tensor> borrow_inputs(const Batcher& b, const py::tuple& inputs) {
+  const auto& specs = b.options().inputs;
+  std::vector<Tensor> tensors;
+  tensors.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const std::string what = "input '" + (i < specs.size() ? specs[i].name : std::to_string(i)) + "'";
+    tensors.push_back(borrow_array(inputs[i], what.c_str()));
+  }
+  return tensors;
+}
+
+py::tuple outputs_to_python(const BatchOutputs& outputs) {
+  py::tuple arrays(outputs.tensors.size());
+  for (size_t i = 0; i < outputs.tensors.size(); ++i) arrays[i] = array_from_tensor(outputs.tensors[i]);
+  return arrays;
+}
+
+// [(batch outputs or None, [(request_id, error or None, row_offset, rows), ...]), ...]
+py::list drain_to_python(CompletionQueue& queue) {
+  std::vector<std::vector<Completion>> groups = queue.drain();
+  py::list out;
+  for (auto& group : groups) {
+    py::object arrays = py::none();
+    py::list done(group.size());
+    for (size_t i = 0; i < group.size(); ++i) {
+      Completion& c = group[i];
+      py::object error = py::none();
+      if (c.code != ErrorCode::kOk) {
+        error = make_exception(c.code, c.message);
+      } else if (arrays.is_none()) {
+        arrays = outputs_to_python(*c.outputs);
+      }
+      done[i] = py::make_tuple(c.request_id, error, c.row_offset, c.rows);
+    }
+    out.append(py::make_tuple(arrays, done));
+  }
+  return out;
+}
+
+py::dict histogram_to_python(const DurationHistogram::Snapshot& h) {
+  py::dict d;
+  d["count"] = h.count;
+  d["sum_ns"] = h.sum_ns;
+  d["p50_ns"] = h.percentile(0.50);
+  d["p90_ns"] = h.percentile(0.90);
+  d["p99_ns"] = h.percentile(0.99);
+  return d;
+}
+
+py::dict stats_to_python(const BatcherStats& s) {
+  py::dict d;
+  d["requests"] = s.requests;
+  d["succeeded"] = s.succeeded;
+  d["failed"] = s.failed;
+  d["rejected"] = s.rejected;
+  d["expired"] = s.expired;
+  d["cancelled"] = s.cancelled;
+  d["batches"] = s.batches;
+  d["batched_rows"] = s.batched_rows;
+  d["queue_depth"] = s.queue_depth;
+  d["in_flight"] = s.in_flight;
+  d["last_inference_ns"] = s.last_inference_ns;
+  d["batch_size_counts"] = s.batch_size_counts;
+  d["batch_input_ns"] = s.batch_input_ns;
+  d["batch_infer_ns"] = s.batch_infer_ns;
+  d["batch_output_ns"] = s.batch_output_ns;
+  d["queue"] = histogram_to_python(s.queue);
+  d["compute_input"] = histogram_to_python(s.compute_input);
+  d["compute_infer"] = histogram_to_python(s.compute_infer);
+  d["compute_output"] = histogram_to_python(s.compute_output);
+  d["total"] = histogram_to_python(s.total);
+  return d;
+}
+
+// Dropping the last Python reference joins the batcher's threads, which may need the
+// GIL to finish a Python batch: release it while they do.
+struct ReleaseGilDelete {
+  void operator()(Batcher* b) const {
+    py::gil_scoped_release nogil;
+    delete b;
+  }
+};
+
+}  // namespace
+
+void init_batcher(py::module_& m) {
+  py::class_<CompletionQueue, std::shared_ptr<CompletionQueue>>(
+      m, "CompletionQueue", "Completions for one event loop; fileno() becomes readable when some are ready.")
+      .def(py::init<>())
+      .def("fileno", &CompletionQueue::fd)
+      .def("pending", &CompletionQueue::pending)
+      .def("drain", &drain_to_python,
+           "[(batch outputs or None, [(request_id, error or None, row_offset, rows)])], one entry per batch.");
+
+  py::class_<Batcher, std::shared_ptr<Batcher>>(m, "Batcher", "Dynamic batcher of one model version.")
+      .def(py::init([](const std::string& model_name, const py::iterable& inputs, const py::iterable& outputs,
+                       py::function executor, int64_t max_batch_size, int64_t max_queue_delay_us,
+                       std::vector<int64_t> preferred_batch_sizes, size_t max_queue_size, int priority_levels,
+                       int default_priority_level, int64_t default_timeout_us, int instance_count,
+                       std::shared_ptr<MemoryPool> pool) {
+             BatcherOptions o;
+             o.model_name = model_name;
+             o.inputs = tensor_specs(inputs);
+             o.outputs = tensor_specs(outputs);
+             o.max_batch_size = max_batch_size;
+             o.max_queue_delay_us = max_queue_delay_us;
+             o.preferred_batch_sizes = std::move(preferred_batch_sizes);
+             o.max_queue_size = max_queue_size;
+             o.priority_levels = priority_levels;
+             o.default_priority_level = default_priority_level;
+             o.default_timeout_us = default_timeout_us;
+             o.instance_count = instance_count;
+             std::vector<std::string> names;
+             for (const auto& spec : o.outputs) names.push_back(spec.name);
+             Executor exec = python_executor(std::move(executor), std::move(names));
+             return std::shared_ptr<Batcher>(new Batcher(std::move(o), std::move(exec), std::move(pool)),
+                                             ReleaseGilDelete{});
+           }),
+           py::kw_only(), py::arg("model_name"), py::arg("inputs"), py::arg("outputs"), py::arg("executor"),
+           py::arg("max_batch_size"), py::arg("max_queue_delay_us") = 0,
+           py::arg("preferred_batch_sizes") = std::vector<int64_t>{}, py::arg("max_queue_size") = 1024,
+           py::arg("priority_levels") = 0, py::arg("default_priority_level") = 0,
+           py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1, py::arg("pool") = nullptr)
+      .def(
+          "submit",
+          [](Batcher& b, const py::tuple& inputs, CompletionQueue& queue, int priority, int64_t timeout_us) {
+            // Inputs are borrowed: the caller keeps them alive until the completion is drained.
+            return b.submit(borrow_inputs(b, inputs), &queue, priority, timeout_us);
+          },
+          py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
+      .def(
+          "infer",
+          [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {
+            std::vector<Tensor> tensors = borrow_inputs(b, inputs);
+            Completion c;
+            {
+              // Waiting for the batch: other Python threads (and the model) need the GIL.
+              py::gil_scoped_release nogil;
+              c = b.infer(std::move(tensors), priority, timeout_us);
+            }
+            if (c.code != ErrorCode::kOk) throw Error(c.code, c.message);
+            return py::make_tuple(outputs_to_python(*c.outputs), c.row_offset, c.rows);
+          },
+          py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+          "Submit and wait; returns (batch outputs, row_offset, rows), rows -1 meaning all.")
+      .def("cancel", &Batcher::cancel, py::arg("request_id"))
+      .def("stop", &Batcher::stop, py::arg("drain") = true,
+           // Joining the instances may wait for a Python batch, which needs the GIL.
+           py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const Batcher& b) { return stats_to_python(b.stats()); });
+}
+
+}  // namespace conveyor::bindings

@@ -1,0 +1,172 @@
+// The dynamic batcher: one per loaded model version.
+//
+// Requests wait in bounded per-priority queues; `instance_count` execution threads each
+// take a batch when free (decide_batch: max batch size, queue delay, preferred sizes,
+// shape compatibility), gather its inputs once into pooled batch tensors, run the
+// executor, and complete every request with a view of the batch outputs. A separate
+// deadline thread answers queued requests whose deadline passes with DeadlineExceeded
+// at that moment, even while every instance is busy.
+//
+// Interface discipline: submit(), cancel(), stop() and stats() may be called from any
+// thread. Inputs are BORROWED: the submitter keeps each input's memory alive and
+// unchanged until the request's completion has been delivered. The executor runs on
+// instance threads; it must not call back into this batcher's stop().
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "conveyor/batch_policy.h"
+#include "conveyor/completion.h"
+#include "conveyor/memory_pool.h"
+#include "conveyor/stats.h"
+#include "conveyor/tensor.h"
+
+namespace conveyor {
+
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> dims;  // without the batch dimension when batching; -1 = any
+};
+
+struct BatcherOptions {
+  std::string model_name;
+  std::vector<TensorSpec> inputs;
+  std::vector<TensorSpec> outputs;
+  int64_t max_batch_size = 0;  // 0: the model does not batch (inputs carry no batch dim)
+  int64_t max_queue_delay_us = 0;
+  std::vector<int64_t> preferred_batch_sizes;
+  size_t max_queue_size = 1024;   // queued requests; a full queue rejects with kQueueFull
+  int priority_levels = 0;        // 0: one level; else levels 1 (highest) .. priority_levels
+  int default_priority_level = 0; // 0: the lowest level
+  int64_t default_timeout_us = 0; // 0: requests have no deadline unless they ask for one
+  int instance_count = 1;
+  // false lets a batch of one request hand the caller's memory straight to the executor
+  // (no gather copy); only for executors that never keep their inputs past the call.
+  bool gather_single_request = true;
+};
+
+// What the executor sees: batch inputs in the model's input order.
+struct Batch {
+  const std::vector<Tensor>& inputs;
+  int64_t rows;  // total rows (1 for a model that does not batch)
+  int instance;  // which execution instance runs it, 0-based
+};
+
+// Runs one batch and returns its outputs in the model's output order. Throwing fails
+// every request of the batch (an Error keeps its code; anything else becomes
+// kModelExecution); the batcher and the other batches go on.
+using Executor = std::function<std::vector<Tensor>(const Batch&)>;
+
+struct BatcherStats {
+  uint64_t requests = 0;        // accepted by submit()
+  uint64_t succeeded = 0;
+  uint64_t failed = 0;          // executor or gather errors
+  uint64_t rejected = 0;        // refused at submit (queue full, invalid input, stopped)
+  uint64_t expired = 0;         // deadline passed while queued
+  uint64_t cancelled = 0;
+  uint64_t batches = 0;
+  uint64_t batched_rows = 0;
+  uint64_t queue_depth = 0;     // queued now
+  uint64_t in_flight = 0;       // accepted and not yet completed
+  int64_t last_inference_ns = 0;  // system-clock time of the last completed batch
+  // Index = rows in the batch. Per size: batches, and summed compute phases in ns.
+  std::vector<uint64_t> batch_size_counts;
+  std::vector<uint64_t> batch_input_ns, batch_infer_ns, batch_output_ns;
+  // Per request: time queued, and the compute phases of the batch it ran in.
+  DurationHistogram::Snapshot queue, compute_input, compute_infer, compute_output, total;
+};
+
+class Batcher {
+ public:
+  // Throws Error(kInvalidInput) for inconsistent options. Starts the threads.
+  Batcher(BatcherOptions options, Executor executor, std::shared_ptr<MemoryPool> pool);
+  ~Batcher();  // stop(true)
+  Batcher(const Batcher&) = delete;
+  Batcher& operator=(const Batcher&) = delete;
+
+  // Queues a request; returns its id. priority: 0 = the default level, else 1..levels.
+  // timeout_us: < 0 the default timeout, 0 none, > 0 a deadline that far from now.
+  // Throws kInvalidInput (names, dtypes, shapes, batch size), kQueueFull, kUnavailable.
+  uint64_t submit(std::vector<Tensor> inputs, CompletionSink* sink, int priority = 0,
+                  int64_t timeout_us = -1);
+  // submit() and block until the completion arrives.
+  Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
+  // Drops a queued request and completes it with kCancelled; false when it is no longer
+  // queued (running or done: its completion comes as usual).
+  bool cancel(uint64_t request_id);
+  // Stops accepting. drain: finish everything queued first; else complete what is
+  // queued with kUnavailable. Joins the threads; idempotent.
+  void stop(bool drain = true);
+
+  BatcherStats stats() const;
+  const BatcherOptions& options() const noexcept { return options_; }
+
+ private:
+  struct Request {
+    uint64_t id = 0;
+    std::vector<Tensor> inputs;
+    int64_t rows = 1;
+    TimePoint enqueue_time{};
+    TimePoint deadline = kNoDeadline;
+    CompletionSink* sink = nullptr;
+    std::multimap<TimePoint, uint64_t>::iterator deadline_it;
+    bool has_deadline = false;
+  };
+  struct Entry {
+    PendingView view;
+    Request request;
+  };
+  class Snapshot;
+
+  void validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_t* shape_key) const;
+  int resolve_level(int priority) const;
+  // Removes the requests at `first` and then at `second` (positions of one snapshot)
+  // from the queue, in the order given. mu_ held.
+  std::pair<std::vector<Request>, std::vector<Request>> take(const std::vector<QueuePos>& first,
+                                                             const std::vector<QueuePos>& second);
+  std::vector<Request> take_expired(TimePoint now);  // mu_ held
+  void instance_loop(int instance);
+  void deadline_loop();
+  void run_batch(int instance, std::vector<Request> batch, int64_t rows);
+  std::vector<Tensor> gather(const std::vector<Request>& batch, int64_t rows);
+  std::vector<Tensor> execute(int instance, const std::vector<Tensor>& inputs, int64_t rows);
+  // Completes every request with an error; `message` is shared, `why` adds per-request detail.
+  void fail(std::vector<Request> requests, ErrorCode code, const std::string& message);
+  void expire(std::vector<Request> requests);
+  static void deliver_grouped(std::vector<std::pair<CompletionSink*, Completion>> done);
+
+  const BatcherOptions options_;
+  const BatchPolicy policy_;
+  const Executor executor_;
+  const std::shared_ptr<MemoryPool> pool_;
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;      // instances: new work or a wake-up time
+  std::condition_variable deadline_cv_;  // deadline thread: an earlier deadline or stop
+  std::vector<std::deque<Entry>> levels_;         // guarded by mu_
+  std::multimap<TimePoint, uint64_t> deadlines_;  // guarded by mu_: queued requests' deadlines
+  size_t queued_ = 0;                             // guarded by mu_
+  uint64_t next_id_ = 1;                          // guarded by mu_
+  bool accepting_ = true;                         // guarded by mu_
+  bool draining_ = false;                         // guarded by mu_: dispatch without delay
+  bool stopped_ = false;                          // guarded by mu_: threads must exit
+
+  std::vector<std::thread> instances_;
+  std::thread deadline_thread_;
+  std::once_flag stop_once_;
+
+  struct Counters;
+  std::unique_ptr<Counters> counters_;
+};
+
+}  // namespace conveyor

@@ -1,0 +1,563 @@
+#include "conveyor/batcher.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace conveyor {
+
+namespace {
+
+int64_t elapsed_ns(TimePoint from, TimePoint to) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(to - from).count();
+}
+
+std::string dims_string(const std::vector<int64_t>& dims, bool batch_dim) {
+  std::string s = "[";
+  if (batch_dim) s += dims.empty() ? "-1" : "-1, ";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// FNV-1a over every non-batch dimension of every input. Equal keys are treated as
+// batchable; gather() re-checks the shapes, so a collision fails a batch, never memory.
+uint64_t hash_dims(const std::vector<Tensor>& inputs, int first_dim) {
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& t : inputs) {
+    for (int d = first_dim; d <= t.shape.ndim(); ++d) {
+      const uint64_t v = d < t.shape.ndim() ? static_cast<uint64_t>(t.shape[d]) : ~uint64_t{0};
+      h = (h ^ v) * 1099511628211ull;
+    }
+  }
+  return h;
+}
+
+bool same_row_shape(const Shape& a, const Shape& b, int first_dim) {
+  if (a.ndim() != b.ndim()) return false;
+  for (int d = first_dim; d < a.ndim(); ++d) {
+    if (a[d] != b[d]) return false;
+  }
+  return true;
+}
+
+BatchPolicy make_policy(const BatcherOptions& o) {
+  BatchPolicy p;
+  p.max_batch_size = o.max_batch_size;
+  p.max_queue_delay = std::chrono::microseconds(o.max_queue_delay_us);
+  p.preferred_batch_sizes = o.preferred_batch_sizes;
+  std::sort(p.preferred_batch_sizes.begin(), p.preferred_batch_sizes.end());
+  return p;
+}
+
+}  // namespace
+
+struct Batcher::Counters {
+  explicit Counters(size_t sizes)
+      : batch_count(new std::atomic<uint64_t>[sizes]()),
+        input_ns(new std::atomic<uint64_t>[sizes]()),
+        infer_ns(new std::atomic<uint64_t>[sizes]()),
+        output_ns(new std::atomic<uint64_t>[sizes]()),
+        size_slots(sizes) {}
+
+  std::atomic<uint64_t> requests{0}, succeeded{0}, failed{0}, rejected{0}, expired{0}, cancelled{0};
+  std::atomic<uint64_t> batches{0}, batched_rows{0}, in_flight{0};
+  std::atomic<int64_t> last_inference_ns{0};
+  std::unique_ptr<std::atomic<uint64_t>[]> batch_count, input_ns, infer_ns, output_ns;
+  size_t size_slots;
+  DurationHistogram queue, compute_input, compute_infer, compute_output, total;
+};
+
+class Batcher::Snapshot final : public QueueSnapshot {
+ public:
+  explicit Snapshot(const std::vector<std::deque<Entry>>& levels) : levels_(levels) {}
+  size_t level_count() const override { return levels_.size(); }
+  size_t size(size_t level) const override { return levels_[level].size(); }
+  const PendingView& at(size_t level, size_t index) const override { return levels_[level][index].view; }
+
+ private:
+  const std::vector<std::deque<Entry>>& levels_;
+};
+
+Batcher::Batcher(BatcherOptions options, Executor executor, std::shared_ptr<MemoryPool> pool)
+    : options_(std::move(options)),
+      policy_(make_policy(options_)),
+      executor_(std::move(executor)),
+      pool_(pool ? std::move(pool) : MemoryPool::default_host()) {
+  const std::string where = "[batcher] model '" + options_.model_name + "': ";
+  if (options_.max_batch_size < 0) throw Error(ErrorCode::kInvalidInput, where + "max_batch_size must be >= 0");
+  if (options_.instance_count < 1) throw Error(ErrorCode::kInvalidInput, where + "instance_count must be >= 1");
+  if (options_.max_queue_size < 1) throw Error(ErrorCode::kInvalidInput, where + "max_queue_size must be >= 1");
+  if (options_.priority_levels < 0 || options_.default_priority_level < 0 ||
+      options_.default_priority_level > options_.priority_levels) {
+    throw Error(ErrorCode::kInvalidInput, where + "default_priority_level must be in [0, priority_levels]");
+  }
+  for (int64_t size : options_.preferred_batch_sizes) {
+    if (size < 1 || size > options_.max_batch_size) {
+      throw Error(ErrorCode::kInvalidInput,
+                  where + "preferred batch size " + std::to_string(size) + " is outside [1, max_batch_size]");
+    }
+  }
+  if (!executor_) throw Error(ErrorCode::kInvalidInput, where + "no executor given");
+  levels_.resize(std::max(1, options_.priority_levels));
+  counters_ = std::make_unique<Counters>(static_cast<size_t>(std::max<int64_t>(options_.max_batch_size, 1)) + 1);
+  for (int i = 0; i < options_.instance_count; ++i) {
+    instances_.emplace_back([this, i] { instance_loop(i); });
+  }
+  deadline_thread_ = std::thread([this] { deadline_loop(); });
+}
+
+Batcher::~Batcher() { stop(true); }
+
+int Batcher::resolve_level(int priority) const {
+  const int levels = std::max(options_.priority_levels, 1);
+  if (priority == 0) {
+    return (options_.default_priority_level == 0 ? levels : options_.default_priority_level) - 1;
+  }
+  if (priority < 0 || priority > levels) {
+    throw Error(ErrorCode::kInvalidInput,
+                "[batcher] model '" + options_.model_name + "': priority " + std::to_string(priority) +
+                    " is outside [1, " + std::to_string(levels) + "] (1 is the highest; 0 takes the default)");
+  }
+  return priority - 1;
+}
+
+void Batcher::validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_t* shape_key) const {
+  const std::string where = "[batcher] model '" + options_.model_name + "': ";
+  if (inputs.size() != options_.inputs.size()) {
+    throw Error(ErrorCode::kInvalidInput, where + "expected " + std::to_string(options_.inputs.size()) +
+                                              " inputs, got " + std::to_string(inputs.size()));
+  }
+  const bool batching = options_.max_batch_size > 0;
+  const int first_dim = batching ? 1 : 0;
+  *rows = 1;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
+    const TensorSpec& spec = options_.inputs[i];
+    if (t.dtype != spec.dtype) {
+      throw Error(ErrorCode::kInvalidInput, where + "input '" + spec.name + "' expected datatype " +
+                                                dtype_name(spec.dtype) + ", got " + dtype_name(t.dtype));
+    }
+    bool ok = t.shape.ndim() == static_cast<int>(spec.dims.size()) + first_dim;
+    for (size_t d = 0; ok && d < spec.dims.size(); ++d) {
+      const int64_t got = t.shape[static_cast<int>(d) + first_dim];
+      ok = got >= 0 && (spec.dims[d] < 0 || spec.dims[d] == got);
+    }
+    if (!ok) {
+      throw Error(ErrorCode::kInvalidInput,
+                  where + "input '" + spec.name + "' expected shape " + dims_string(spec.dims, batching) +
+                      (batching ? " (batch dimension first)" : "") + ", got " + t.shape.to_string());
+    }
+    if (batching) {
+      const int64_t n = t.shape[0];
+      if (i == 0) *rows = n;
+      if (n != *rows) {
+        throw Error(ErrorCode::kInvalidInput, where + "inputs disagree on the batch dimension: '" +
+                                                  options_.inputs[0].name + "' has " + std::to_string(*rows) +
+                                                  " rows, '" + spec.name + "' has " + std::to_string(n));
+      }
+    }
+  }
+  if (batching && (*rows < 1 || *rows > options_.max_batch_size)) {
+    throw Error(ErrorCode::kInvalidInput, where + "batch of " + std::to_string(*rows) +
+                                              " rows is outside [1, max_batch_size=" +
+                                              std::to_string(options_.max_batch_size) + "]");
+  }
+  *shape_key = hash_dims(inputs, first_dim);
+}
+
+uint64_t Batcher::submit(std::vector<Tensor> inputs, CompletionSink* sink, int priority, int64_t timeout_us) {
+  int64_t rows = 1;
+  uint64_t shape_key = 0;
+  int level = 0;
+  try {
+    validate(inputs, &rows, &shape_key);
+    level = resolve_level(priority);
+  } catch (const Error&) {
+    counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+    throw;
+  }
+  const int64_t timeout = timeout_us < 0 ? options_.default_timeout_us : timeout_us;
+  const TimePoint now = Clock::now();
+  Entry entry;
+  entry.view.rows = rows;
+  entry.view.shape_key = shape_key;
+  entry.view.enqueue_time = now;
+  entry.view.deadline = timeout > 0 ? now + std::chrono::microseconds(timeout) : kNoDeadline;
+  entry.request.inputs = std::move(inputs);
+  entry.request.rows = rows;
+  entry.request.enqueue_time = now;
+  entry.request.deadline = entry.view.deadline;
+  entry.request.sink = sink;
+
+  uint64_t id;
+  bool earlier_deadline = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!accepting_) {
+      counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+      throw Error(ErrorCode::kUnavailable, "[batcher] model '" + options_.model_name +
+                                               "' is stopping and accepts no new requests");
+    }
+    if (queued_ >= options_.max_queue_size) {
+      counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+      throw Error(ErrorCode::kQueueFull,
+                  "[batcher] model '" + options_.model_name + "': queue full (" + std::to_string(queued_) +
+                      " requests queued, max_queue_size " + std::to_string(options_.max_queue_size) +
+                      "); retry later or raise dynamic_batching.max_queue_size");
+    }
+    id = next_id_++;
+    entry.request.id = id;
+    if (entry.view.deadline != kNoDeadline) {
+      earlier_deadline = deadlines_.empty() || entry.view.deadline < deadlines_.begin()->first;
+      entry.request.deadline_it = deadlines_.emplace(entry.view.deadline, id);
+      entry.request.has_deadline = true;
+    }
+    levels_[level].push_back(std::move(entry));
+    ++queued_;
+    counters_->requests.fetch_add(1, std::memory_order_relaxed);
+    counters_->in_flight.fetch_add(1, std::memory_order_relaxed);
+  }
+  work_cv_.notify_one();
+  if (earlier_deadline) deadline_cv_.notify_one();
+  return id;
+}
+
+Completion Batcher::infer(std::vector<Tensor> inputs, int priority, int64_t timeout_us) {
+  CompletionWaiter waiter;
+  submit(std::move(inputs), &waiter, priority, timeout_us);
+  return waiter.wait();
+}
+
+std::pair<std::vector<Batcher::Request>, std::vector<Batcher::Request>> Batcher::take(
+    const std::vector<QueuePos>& first, const std::vector<QueuePos>& second) {
+  std::pair<std::vector<Request>, std::vector<Request>> out;
+  std::vector<std::vector<uint32_t>> marked(levels_.size());
+  auto extract = [&](const std::vector<QueuePos>& positions, std::vector<Request>& into) {
+    into.reserve(positions.size());
+    for (const QueuePos& p : positions) {
+      Request& r = levels_[p.level][p.index].request;
+      if (r.has_deadline) deadlines_.erase(r.deadline_it);
+      into.push_back(std::move(r));
+      marked[p.level].push_back(p.index);
+    }
+  };
+  extract(first, out.first);
+  extract(second, out.second);
+  for (size_t level = 0; level < marked.size(); ++level) {
+    auto& idx = marked[level];
+    if (idx.empty()) continue;
+    std::sort(idx.begin(), idx.end());
+    auto& queue = levels_[level];
+    if (idx.back() + 1 == idx.size()) {  // a prefix: the common case
+      queue.erase(queue.begin(), queue.begin() + static_cast<std::ptrdiff_t>(idx.size()));
+    } else {
+      std::deque<Entry> kept;
+      for (uint32_t i = 0, m = 0; i < queue.size(); ++i) {
+        if (m < idx.size() && idx[m] == i) {
+          ++m;
+        } else {
+          kept.push_back(std::move(queue[i]));
+        }
+      }
+      queue.swap(kept);
+    }
+    queued_ -= idx.size();
+  }
+  return out;
+}
+
+std::vector<Batcher::Request> Batcher::take_expired(TimePoint now) {
+  std::vector<QueuePos> expired;
+  for (size_t level = 0; level < levels_.size(); ++level) {
+    for (size_t i = 0; i < levels_[level].size(); ++i) {
+      if (levels_[level][i].view.deadline <= now) {
+        expired.push_back({static_cast<uint32_t>(level), static_cast<uint32_t>(i)});
+      }
+    }
+  }
+  return take(expired, {}).first;
+}
+
+void Batcher::instance_loop(int instance) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    if (!accepting_ && queued_ == 0) return;
+    const TimePoint now = Clock::now();
+    BatchPolicy policy = policy_;
+    if (draining_) policy.max_queue_delay = std::chrono::nanoseconds(0);
+    BatchDecision decision = decide_batch(Snapshot(levels_), now, policy);
+    if (decision.kind != BatchDecision::Kind::kDispatch && decision.expired.empty()) {
+      if (decision.kind == BatchDecision::Kind::kWait) {
+        work_cv_.wait_until(lock, decision.wake_at);
+      } else {
+        work_cv_.wait(lock);
+      }
+      continue;
+    }
+    auto [batch, expired] = take(decision.selected, decision.expired);
+    const bool more = queued_ > 0;
+    lock.unlock();
+    if (more) work_cv_.notify_one();  // another free instance may take the rest
+    if (!expired.empty()) expire(std::move(expired));
+    if (!batch.empty()) run_batch(instance, std::move(batch), decision.rows);
+    lock.lock();
+  }
+}
+
+void Batcher::deadline_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopped_) {
+    if (deadlines_.empty()) {
+      deadline_cv_.wait(lock);
+      continue;
+    }
+    const TimePoint now = Clock::now();
+    if (deadlines_.begin()->first > now) {
+      deadline_cv_.wait_until(lock, deadlines_.begin()->first);
+      continue;
+    }
+    std::vector<Request> expired = take_expired(now);
+    lock.unlock();
+    expire(std::move(expired));
+    lock.lock();
+  }
+}
+
+std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch, int64_t rows) {
+  if (batch.size() == 1 && !options_.gather_single_request) return batch.front().inputs;
+  const bool batching = options_.max_batch_size > 0;
+  const int first_dim = batching ? 1 : 0;
+  std::vector<Tensor> out;
+  out.reserve(options_.inputs.size());
+  for (size_t i = 0; i < options_.inputs.size(); ++i) {
+    const Tensor& head = batch.front().inputs[i];
+    Shape shape = head.shape;
+    if (batching) shape[0] = rows;
+    Tensor t = make_pooled_tensor(pool_, head.dtype, shape);
+    auto* dst = static_cast<char*>(t.data);
+    for (const Request& r : batch) {
+      const Tensor& src = r.inputs[i];
+      if (!same_row_shape(src.shape, head.shape, first_dim)) {
+        throw Error(ErrorCode::kInternal, "[batcher] model '" + options_.model_name +
+                                              "': requests of different shapes were batched together");
+      }
+      const size_t n = src.nbytes();
+      if (n) std::memcpy(dst, src.data, n);
+      dst += n;
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+std::vector<Tensor> Batcher::execute(int instance, const std::vector<Tensor>& inputs, int64_t rows) {
+  std::vector<Tensor> outputs = executor_(Batch{inputs, rows, instance});
+  const std::string where = "model '" + options_.model_name + "' ";
+  if (outputs.size() != options_.outputs.size()) {
+    throw Error(ErrorCode::kModelExecution, where + "returned " + std::to_string(outputs.size()) +
+                                                " outputs, expected " + std::to_string(options_.outputs.size()));
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const TensorSpec& spec = options_.outputs[i];
+    const Tensor& t = outputs[i];
+    if (t.dtype != spec.dtype) {
+      throw Error(ErrorCode::kModelExecution, where + "returned output '" + spec.name + "' as " +
+                                                  dtype_name(t.dtype) + ", expected " + dtype_name(spec.dtype));
+    }
+    if (options_.max_batch_size > 0 && (t.shape.ndim() < 1 || t.shape[0] != rows)) {
+      throw Error(ErrorCode::kModelExecution,
+                  where + "returned output '" + spec.name + "' of shape " + t.shape.to_string() +
+                      " for a batch of " + std::to_string(rows) + " rows: the first dimension must be the batch");
+    }
+  }
+  return outputs;
+}
+
+void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) {
+  const TimePoint t0 = Clock::now();
+  std::vector<Tensor> inputs, outputs;
+  TimePoint t1 = t0;
+  try {
+    inputs = gather(batch, rows);
+    t1 = Clock::now();
+    outputs = execute(instance, inputs, rows);
+  } catch (const Error& e) {
+    fail(std::move(batch), e.code() == ErrorCode::kOk ? ErrorCode::kModelExecution : e.code(), e.what());
+    return;
+  } catch (const std::exception& e) {
+    fail(std::move(batch), ErrorCode::kModelExecution, "model '" + options_.model_name + "' failed: " + e.what());
+    return;
+  }
+  const TimePoint t2 = Clock::now();
+  inputs.clear();  // hand the pooled batch inputs back before completing
+
+  const bool batching = options_.max_batch_size > 0;
+  auto shared = std::make_shared<BatchOutputs>();
+  shared->tensors = std::move(outputs);
+  shared->rows = batching ? rows : 0;
+  std::vector<std::pair<CompletionSink*, Completion>> done;
+  done.reserve(batch.size());
+  int64_t offset = 0;
+  Counters& c = *counters_;
+  for (Request& r : batch) {
+    Completion completion;
+    completion.request_id = r.id;
+    completion.outputs = shared;
+    completion.row_offset = offset;
+    completion.rows = batching ? r.rows : -1;
+    offset += r.rows;
+    c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
+    done.emplace_back(r.sink, std::move(completion));
+  }
+  shared.reset();  // the completions hold the outputs now
+  const TimePoint t3 = Clock::now();
+  const uint64_t n = batch.size();
+  const size_t slot = static_cast<size_t>(std::min<int64_t>(batching ? rows : 1, c.size_slots - 1));
+  c.batch_count[slot].fetch_add(1, std::memory_order_relaxed);
+  c.input_ns[slot].fetch_add(elapsed_ns(t0, t1), std::memory_order_relaxed);
+  c.infer_ns[slot].fetch_add(elapsed_ns(t1, t2), std::memory_order_relaxed);
+  c.output_ns[slot].fetch_add(elapsed_ns(t2, t3), std::memory_order_relaxed);
+  c.compute_input.record(elapsed_ns(t0, t1), n);
+  c.compute_infer.record(elapsed_ns(t1, t2), n);
+  c.compute_output.record(elapsed_ns(t2, t3), n);
+  for (const Request& r : batch) c.total.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t3)));
+  c.batches.fetch_add(1, std::memory_order_relaxed);
+  c.batched_rows.fetch_add(static_cast<uint64_t>(batching ? rows : 1), std::memory_order_relaxed);
+  c.succeeded.fetch_add(n, std::memory_order_relaxed);
+  c.in_flight.fetch_sub(n, std::memory_order_relaxed);
+  c.last_inference_ns.store(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
+      std::memory_order_relaxed);
+  batch.clear();
+  deliver_grouped(std::move(done));
+}
+
+void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) {
+  if (requests.empty()) return;
+  std::vector<std::pair<CompletionSink*, Completion>> done;
+  done.reserve(requests.size());
+  for (Request& r : requests) {
+    Completion completion;
+    completion.request_id = r.id;
+    completion.code = code;
+    completion.message = message;
+    done.emplace_back(r.sink, std::move(completion));
+  }
+  Counters& c = *counters_;
+  const uint64_t n = requests.size();
+  switch (code) {
+    case ErrorCode::kDeadlineExceeded: c.expired.fetch_add(n, std::memory_order_relaxed); break;
+    case ErrorCode::kCancelled: c.cancelled.fetch_add(n, std::memory_order_relaxed); break;
+    default: c.failed.fetch_add(n, std::memory_order_relaxed); break;
+  }
+  c.in_flight.fetch_sub(n, std::memory_order_relaxed);
+  requests.clear();
+  deliver_grouped(std::move(done));
+}
+
+void Batcher::expire(std::vector<Request> requests) {
+  const TimePoint now = Clock::now();
+  for (Request& r : requests) {
+    const double waited_ms = static_cast<double>(elapsed_ns(r.enqueue_time, now)) / 1e6;
+    const double timeout_ms = static_cast<double>(elapsed_ns(r.enqueue_time, r.deadline)) / 1e6;
+    std::vector<Request> one;
+    one.push_back(std::move(r));
+    char detail[160];
+    std::snprintf(detail, sizeof(detail),
+                  "': the request's deadline (timeout %.3f ms) passed after %.3f ms in the queue, before it could run",
+                  timeout_ms, waited_ms);
+    fail(std::move(one), ErrorCode::kDeadlineExceeded, "[batcher] model '" + options_.model_name + detail);
+  }
+}
+
+void Batcher::deliver_grouped(std::vector<std::pair<CompletionSink*, Completion>> done) {
+  std::stable_sort(done.begin(), done.end(),
+                   [](const auto& a, const auto& b) { return std::less<CompletionSink*>()(a.first, b.first); });
+  for (size_t i = 0; i < done.size();) {
+    CompletionSink* sink = done[i].first;
+    std::vector<Completion> group;
+    for (; i < done.size() && done[i].first == sink; ++i) group.push_back(std::move(done[i].second));
+    sink->deliver(std::move(group));
+  }
+}
+
+bool Batcher::cancel(uint64_t request_id) {
+  std::vector<Request> cancelled;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t level = 0; level < levels_.size() && cancelled.empty(); ++level) {
+      for (size_t i = 0; i < levels_[level].size(); ++i) {
+        if (levels_[level][i].request.id == request_id) {
+          cancelled = take({{static_cast<uint32_t>(level), static_cast<uint32_t>(i)}}, {}).first;
+          break;
+        }
+      }
+    }
+  }
+  if (cancelled.empty()) return false;
+  fail(std::move(cancelled), ErrorCode::kCancelled,
+       "[batcher] model '" + options_.model_name + "': the request was cancelled by its caller");
+  return true;
+}
+
+void Batcher::stop(bool drain) {
+  std::call_once(stop_once_, [this, drain] {
+    std::vector<Request> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      accepting_ = false;
+      draining_ = true;
+      if (!drain) {
+        std::vector<QueuePos> all;
+        for (size_t level = 0; level < levels_.size(); ++level) {
+          for (size_t i = 0; i < levels_[level].size(); ++i) {
+            all.push_back({static_cast<uint32_t>(level), static_cast<uint32_t>(i)});
+          }
+        }
+        dropped = take(all, {}).first;
+      }
+    }
+    work_cv_.notify_all();
+    fail(std::move(dropped), ErrorCode::kUnavailable,
+         "[batcher] model '" + options_.model_name + "' was stopped before the request could run");
+    for (auto& t : instances_) t.join();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopped_ = true;
+    }
+    deadline_cv_.notify_all();
+    deadline_thread_.join();
+  });
+}
+
+BatcherStats Batcher::stats() const {
+  BatcherStats s;
+  const Counters& c = *counters_;
+  s.requests = c.requests.load(std::memory_order_relaxed);
+  s.succeeded = c.succeeded.load(std::memory_order_relaxed);
+  s.failed = c.failed.load(std::memory_order_relaxed);
+  s.rejected = c.rejected.load(std::memory_order_relaxed);
+  s.expired = c.expired.load(std::memory_order_relaxed);
+  s.cancelled = c.cancelled.load(std::memory_order_relaxed);
+  s.batches = c.batches.load(std::memory_order_relaxed);
+  s.batched_rows = c.batched_rows.load(std::memory_order_relaxed);
+  s.in_flight = c.in_flight.load(std::memory_order_relaxed);
+  s.last_inference_ns = c.last_inference_ns.load(std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.queue_depth = queued_;
+  }
+  for (size_t i = 0; i < c.size_slots; ++i) {
+    s.batch_size_counts.push_back(c.batch_count[i].load(std::memory_order_relaxed));
+    s.batch_input_ns.push_back(c.input_ns[i].load(std::memory_order_relaxed));
+    s.batch_infer_ns.push_back(c.infer_ns[i].load(std::memory_order_relaxed));
+    s.batch_output_ns.push_back(c.output_ns[i].load(std::memory_order_relaxed));
+  }
+  s.queue = c.queue.snapshot();
+  s.compute_input = c.compute_input.snapshot();
+  s.compute_infer = c.compute_infer.snapshot();
+  s.compute_output = c.compute_output.snapshot();
+  s.total = c.total.snapshot();
+  return s;
+}
+
+}  // namespace conveyor

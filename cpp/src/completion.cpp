@@ -1,0 +1,75 @@
+#include "conveyor/completion.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace conveyor {
+
+CompletionQueue::CompletionQueue() {
+  event_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (event_fd_ < 0) {
+    throw Error(ErrorCode::kInternal, std::string("[completion] eventfd failed: ") + std::strerror(errno));
+  }
+}
+
+CompletionQueue::~CompletionQueue() {
+  if (event_fd_ >= 0) ::close(event_fd_);
+}
+
+void CompletionQueue::deliver(std::vector<Completion>&& completions) noexcept {
+  bool signal = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_count_ += completions.size();
+    ready_.push_back(std::move(completions));
+    if (!signalled_) signalled_ = signal = true;
+  }
+  if (signal) {
+    // One token is enough: the reader drains everything that is ready.
+    const uint64_t one = 1;
+    ssize_t written;
+    do {
+      written = ::write(event_fd_, &one, sizeof(one));
+    } while (written < 0 && errno == EINTR);
+  }
+}
+
+std::vector<std::vector<Completion>> CompletionQueue::drain() {
+  std::vector<std::vector<Completion>> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (signalled_) {
+    uint64_t tokens;
+    ssize_t got;
+    do {
+      got = ::read(event_fd_, &tokens, sizeof(tokens));
+    } while (got < 0 && errno == EINTR);
+    signalled_ = false;
+  }
+  out.swap(ready_);
+  ready_count_ = 0;
+  return out;
+}
+
+size_t CompletionQueue::pending() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ready_count_;
+}
+
+void CompletionWaiter::deliver(std::vector<Completion>&& completions) noexcept {
+  // A waiter is handed to exactly one request, so there is exactly one completion.
+  std::lock_guard<std::mutex> lock(mu_);
+  result_ = std::move(completions.front());
+  done_ = true;
+  cv_.notify_one();
+}
+
+Completion CompletionWaiter::wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return done_; });
+  return std::move(result_);
+}
+
+}  // namespace conveyor
