@@ -26,7 +26,8 @@ std::string describe_python_error(py::error_already_set& e, py::handle conveyor_
   return py::str(e.type().attr("__name__")).cast<std::string>() + ": " + message;
 }
 
-// The adapter for a Python callable `fn(inputs: tuple[np.ndarray]) -> sequence[np.ndarray]`.
+// The adapter for a Python callable `fn(inputs: tuple[np.ndarray], instance: int) ->
+// sequence[np.ndarray]`, instance being the 0-based execution instance running the batch.
 // It crosses into Python once per batch; the arrays it receives view pooled memory.
 Executor python_executor(py::function fn, std::vector<std::string> output_names) {
   auto fn_owner = make_python_owner(std::move(fn));
@@ -37,7 +38,7 @@ Executor python_executor(py::function fn, std::vector<std::string> output_names)
     try {
       py::tuple args(batch.inputs.size());
       for (size_t i = 0; i < batch.inputs.size(); ++i) args[i] = array_from_tensor(batch.inputs[i]);
-      py::object result = fn(args);
+      py::object result = fn(args, batch.instance);
       std::vector<Tensor> outputs;
       size_t i = 0;
       for (py::handle item : result) {

@@ -48,6 +48,9 @@ BatchPolicy make_policy(const BatcherOptions& o) {
   return p;
 }
 
+// Request ids are unique in the process, so one completion queue can serve many models.
+std::atomic<uint64_t> g_next_request_id{1};
+
 }  // namespace
 
 struct Batcher::Counters {
@@ -204,7 +207,7 @@ uint64_t Batcher::submit(std::vector<Tensor> inputs, CompletionSink* sink, int p
                       " requests queued, max_queue_size " + std::to_string(options_.max_queue_size) +
                       "); retry later or raise dynamic_batching.max_queue_size");
     }
-    id = next_id_++;
+    id = g_next_request_id.fetch_add(1, std::memory_order_relaxed);
     entry.request.id = id;
     if (entry.view.deadline != kNoDeadline) {
       earlier_deadline = deadlines_.empty() || entry.view.deadline < deadlines_.begin()->first;

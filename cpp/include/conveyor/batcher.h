@@ -94,7 +94,7 @@ class Batcher {
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
 
-  // Queues a request; returns its id. priority: 0 = the default level, else 1..levels.
+  // Queues a request; returns its id (unique in the process). priority: 0 = the default level, else 1..levels.
   // timeout_us: < 0 the default timeout, 0 none, > 0 a deadline that far from now.
   // Throws kInvalidInput (names, dtypes, shapes, batch size), kQueueFull, kUnavailable.
   uint64_t submit(std::vector<Tensor> inputs, CompletionSink* sink, int priority = 0,
@@ -156,7 +156,6 @@ class Batcher {
   std::vector<std::deque<Entry>> levels_;         // guarded by mu_
   std::multimap<TimePoint, uint64_t> deadlines_;  // guarded by mu_: queued requests' deadlines
   size_t queued_ = 0;                             // guarded by mu_
-  uint64_t next_id_ = 1;                          // guarded by mu_
   bool accepting_ = true;                         // guarded by mu_
   bool draining_ = false;                         // guarded by mu_: dispatch without delay
   bool stopped_ = false;                          // guarded by mu_: threads must exit

@@ -1,0 +1,419 @@
+"""The in-process API: load models, send requests, read their statistics.
+
+Every model version gets a C++ dynamic batcher. Requests are handed to it without
+copying (the batcher gathers them once into a pooled batch), results come back as
+views of the batch outputs. Synchronous calls block in C++ with the GIL released;
+asynchronous calls are woken through one completion queue per event loop, which the
+loop watches like a socket: one wake-up per batch, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conveyor import _core
+from conveyor.backends import Backend, create_backend
+from conveyor.config import ModelConfig, parse_model_config
+from conveyor.errors import ConfigError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+ModelFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class _ModelVersion:
+    """One loaded version: its config, backend(s) and batcher."""
+
+    __slots__ = ("name", "version", "config", "backends", "batcher", "input_names", "output_names", "_dtypes")
+
+    def __init__(self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        self.backends = backends
+        self.input_names = tuple(t.name for t in config.inputs)
+        self.output_names = tuple(t.name for t in config.outputs)
+        self._dtypes = tuple(None if t.datatype == "BF16" else t.numpy_dtype for t in config.inputs)
+        batching = config.dynamic_batching
+        self.batcher = _core.Batcher(
+            model_name=name,
+            inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
+            outputs=[(t.name, t.datatype, list(t.dims)) for t in config.outputs],
+            executor=self._execute,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=batching.max_queue_delay_us,
+            preferred_batch_sizes=list(batching.preferred_batch_sizes),
+            max_queue_size=batching.max_queue_size,
+            priority_levels=batching.priority_levels,
+            default_priority_level=batching.default_priority_level,
+            default_timeout_us=batching.default_timeout_us,
+            instance_count=config.instance_group.count,
+            pool=pool,
+        )
+
+    def _execute(self, inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
+        # Called by the batcher's instance thread, GIL held, once per batch.
+        backend = self.backends[instance if len(self.backends) > 1 else 0]
+        outputs = backend.execute(list(inputs))
+        return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
+
+    def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+        """The inputs as a tuple in config order; names checked, non-arrays converted."""
+        try:
+            arrays = tuple([inputs[name] for name in self.input_names])
+        except (KeyError, TypeError):
+            raise self._name_error(inputs) from None
+        if len(inputs) != len(arrays):
+            raise self._name_error(inputs)
+        for array in arrays:
+            if type(array) is not np.ndarray or not array.flags.c_contiguous:
+                return self._convert(arrays)
+        return arrays
+
+    def _convert(self, arrays: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+        out = []
+        for name, dtype, value in zip(self.input_names, self._dtypes, arrays):
+            if isinstance(value, np.ndarray):
+                out.append(np.ascontiguousarray(value))
+            else:
+                try:
+                    out.append(np.ascontiguousarray(np.asarray(value, dtype=dtype)))
+                except (TypeError, ValueError) as exc:
+                    raise InvalidInput(f"model '{self.name}': input '{name}' cannot be read as {dtype}: {exc}") from None
+        return tuple(out)
+
+    def _name_error(self, inputs: Any) -> InvalidInput:
+        if not isinstance(inputs, Mapping):
+            return InvalidInput(
+                f"model '{self.name}': inputs must be a mapping of input name to array, got {type(inputs).__name__}"
+            )
+        expected, got = set(self.input_names), set(inputs)
+        parts = []
+        if expected - got:
+            parts.append(f"missing {sorted(expected - got)}")
+        if got - expected:
+            parts.append(f"unexpected {sorted(got - expected)}")
+        return InvalidInput(
+            f"model '{self.name}': expected inputs {list(self.input_names)}, got {sorted(got, key=str)} "
+            f"({'; '.join(parts)})"
+        )
+
+    def result(self, arrays: tuple[np.ndarray, ...], offset: int, rows: int) -> dict[str, np.ndarray]:
+        if rows < 0 or (offset == 0 and rows == len(arrays[0])):
+            return dict(zip(self.output_names, arrays))
+        end = offset + rows
+        return {name: array[offset:end] for name, array in zip(self.output_names, arrays)}
+
+    def close(self) -> None:
+        self.batcher.stop(drain=True)
+        for backend in self.backends:
+            backend.close()
+
+
+class _LoopBridge:
+    """Completions for the requests one event loop is awaiting."""
+
+    __slots__ = ("loop", "queue", "pending", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue = _core.CompletionQueue()
+        # request id -> (future, model version, inputs kept alive until completion)
+        self.pending: dict[int, tuple[asyncio.Future, _ModelVersion, tuple]] = {}
+        loop.add_reader(self.queue.fileno(), self.on_ready)
+
+    def on_ready(self) -> None:
+        pending = self.pending
+        for arrays, done in self.queue.drain():
+            for request_id, error, offset, rows in done:
+                entry = pending.pop(request_id, None)
+                if entry is None:
+                    continue
+                future = entry[0]
+                if future.done():  # the caller was cancelled meanwhile
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(entry[1].result(arrays, offset, rows))
+
+    def detach(self) -> None:
+        """Deliver what is ready and stop watching; runs in the loop's thread or with it stopped."""
+        self.on_ready()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.queue.fileno())
+
+
+_open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    # Batcher threads must be joined before the interpreter goes away.
+    for runtime in list(_open_runtimes):
+        runtime.close()
+
+
+class Runtime:
+    """Loads model versions and runs requests through their dynamic batchers.
+
+    Use as a context manager, or call close(): it drains the requests already
+    accepted before it returns.
+    """
+
+    def __init__(self, *, pool: Any = None) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._models: dict[str, dict[int, _ModelVersion]] = {}
+        self._latest: dict[str, _ModelVersion] = {}
+        self._bridges: dict[asyncio.AbstractEventLoop, _LoopBridge] = {}
+        self._closed = False
+        _open_runtimes.add(self)
+
+    @classmethod
+    def from_repository(cls, path: str | os.PathLike[str], *, models: list[str] | None = None, pool: Any = None) -> Runtime:
+        """A runtime serving every model of a repository (or the named ones).
+
+        A model that fails to load is logged and skipped; the others serve.
+        """
+        runtime = cls(pool=pool)
+        repository = ModelRepository(Path(path))
+        for name in models if models is not None else repository.list_models():
+            try:
+                source = repository.load_model(name)
+                for version, version_dir in sorted(source.versions.items()):
+                    runtime._add_version(name, version, source.config, version_dir, None)
+            except Exception as exc:  # one bad model must not stop the others
+                if models is not None:
+                    runtime.close()
+                    raise
+                log.error("model %s failed to load: %s", name, exc)
+        return runtime
+
+    def add_model(
+        self,
+        name: str,
+        config: ModelConfig | Mapping[str, Any],
+        fn: ModelFunction | None = None,
+        *,
+        version: int = 1,
+        model_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Serve `fn(inputs: dict) -> dict` (a whole batch per call) as model `name`.
+
+        `config` is a ModelConfig or a dict with the keys of config.toml. Without `fn`,
+        the model file is read from `model_dir` (its version directory).
+        """
+        if not isinstance(config, ModelConfig):
+            data = dict(config)
+            data.setdefault("name", name)
+            data.setdefault("backend", "python")
+            config = parse_model_config(data, source=f"<config of model '{name}'>", name=name)
+        elif config.name != name:
+            raise ConfigError(f"model '{name}': the config is named '{config.name}'; the names must agree")
+        if fn is None and model_dir is None:
+            raise ConfigError(f"model '{name}': give a callable `fn` or the `model_dir` holding the model file")
+        self._add_version(name, version, config, None if model_dir is None else Path(model_dir), fn)
+
+    def _add_version(
+        self, name: str, version: int, config: ModelConfig, version_dir: Path | None, fn: ModelFunction | None
+    ) -> None:
+        if self._closed:
+            raise Unavailable("the runtime is closed")
+        count = config.instance_group.count
+        first = create_backend(config, version_dir, fn=fn)
+        backends = [first]
+        if not first.thread_safe:
+            backends += [create_backend(config, version_dir, fn=fn) for _ in range(count - 1)]
+        loaded = _ModelVersion(name, version, config, backends, self._pool)
+        with self._lock:
+            versions = self._models.setdefault(name, {})
+            replaced = versions.get(version)
+            versions[version] = loaded
+            self._latest[name] = versions[max(versions)]
+        if replaced is not None:
+            replaced.close()
+        batching = config.dynamic_batching
+        log.info(
+            "loaded model %s version %d (%s backend): max_batch_size=%d max_queue_delay_us=%d instances=%d",
+            name, version, config.backend, config.max_batch_size, batching.max_queue_delay_us, count,
+        )
+
+    def unload_model(self, name: str, version: int | None = None) -> None:
+        """Stop serving a model (or one version): requests already accepted finish first."""
+        with self._lock:
+            versions = self._models.get(name)
+            if not versions or (version is not None and version not in versions):
+                raise ModelNotFound(self._not_found_message(name, version))
+            removed = list(versions.values()) if version is None else [versions.pop(version)]
+            if version is None or not versions:
+                del self._models[name]
+                del self._latest[name]
+            else:
+                self._latest[name] = versions[max(versions)]
+        for model_version in removed:
+            model_version.close()
+
+    def models(self) -> dict[str, list[int]]:
+        """Loaded model names and their versions."""
+        with self._lock:
+            return {name: sorted(versions) for name, versions in self._models.items()}
+
+    def config(self, model: str, version: int | None = None) -> ModelConfig:
+        return self._resolve(model, version).config
+
+    def _resolve(self, model: str, version: int | None) -> _ModelVersion:
+        found = self._latest.get(model) if version is None else self._models.get(model, {}).get(version)
+        if found is None:
+            raise ModelNotFound(self._not_found_message(model, version))
+        return found
+
+    def _not_found_message(self, model: str, version: int | None) -> str:
+        loaded = self._models.get(model)
+        if loaded and version is not None:
+            return f"model '{model}' has no version {version} loaded (loaded: {sorted(loaded)})"
+        return f"model '{model}' is not loaded (loaded models: {sorted(self._models) or 'none'})"
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request (a leading batch dimension of n >= 1 rows) and wait for it.
+
+        priority: 1 is the highest level, None the model's default. timeout_ms: the
+        request fails with DeadlineExceeded if it has not started by then.
+        """
+        loaded = self._resolve(model, version)
+        arrays = loaded.order_inputs(inputs)
+        outputs, offset, rows = loaded.batcher.infer(arrays, priority or 0, _timeout_us(timeout_ms))
+        return loaded.result(outputs, offset, rows)
+
+    async def infer_async(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """infer() for asyncio: safe from any event loop, many calls in flight at once."""
+        loaded = self._resolve(model, version)
+        arrays = loaded.order_inputs(inputs)
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop) or self._bridge_for(loop)
+        future = loop.create_future()
+        request_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _timeout_us(timeout_ms))
+        bridge.pending[request_id] = (future, loaded, arrays)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            loaded.batcher.cancel(request_id)
+            raise
+
+    def _bridge_for(self, loop: asyncio.AbstractEventLoop) -> _LoopBridge:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the runtime is closed")
+            for old in [old for old in self._bridges if old.is_closed()]:
+                del self._bridges[old]
+            bridge = self._bridges.get(loop)
+            if bridge is None:
+                bridge = self._bridges[loop] = _LoopBridge(loop)
+            return bridge
+
+    def model_stats(self, model: str, version: int | None = None) -> dict[str, Any]:
+        """Counts, batch sizes formed, and queue/compute time percentiles of one version."""
+        loaded = self._resolve(model, version)
+        raw = loaded.batcher.stats()
+        batches = raw["batches"]
+        return {
+            "model": loaded.name,
+            "version": loaded.version,
+            "requests": raw["requests"],
+            "succeeded": raw["succeeded"],
+            "failed": raw["failed"],
+            "rejected": raw["rejected"],
+            "expired": raw["expired"],
+            "cancelled": raw["cancelled"],
+            "queue_depth": raw["queue_depth"],
+            "in_flight": raw["in_flight"],
+            "batches": batches,
+            "mean_batch_size": raw["batched_rows"] / batches if batches else 0.0,
+            "batch_size_histogram": {size: n for size, n in enumerate(raw["batch_size_counts"]) if n},
+            "queue_time_us": _percentiles_us(raw["queue"]),
+            "compute_input_time_us": _percentiles_us(raw["compute_input"]),
+            "compute_time_us": _percentiles_us(raw["compute_infer"]),
+            "compute_output_time_us": _percentiles_us(raw["compute_output"]),
+            "request_time_us": _percentiles_us(raw["total"]),
+            "raw": raw,
+        }
+
+    def close(self) -> None:
+        """Stop accepting requests, finish those already accepted, release the models."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            versions = [v for per_model in self._models.values() for v in per_model.values()]
+            self._models.clear()
+            self._latest.clear()
+            bridges = list(self._bridges.values())
+            self._bridges.clear()
+        for loaded in versions:
+            loaded.close()
+        for bridge in bridges:
+            _detach_bridge(bridge)
+        _open_runtimes.discard(self)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _detach_bridge(bridge: _LoopBridge) -> None:
+    try:
+        current = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    if current is bridge.loop or not bridge.loop.is_running():
+        bridge.detach()
+    else:
+        bridge.loop.call_soon_threadsafe(bridge.detach)
+
+
+def _timeout_us(timeout_ms: float | None) -> int:
+    if timeout_ms is None:
+        return -1
+    if not timeout_ms > 0:
+        raise InvalidInput(f"timeout_ms must be > 0 (or None for the model's default), got {timeout_ms!r}")
+    return max(1, int(timeout_ms * 1000))
+
+
+def _percentiles_us(histogram: dict[str, int]) -> dict[str, float]:
+    count = histogram["count"]
+    return {
+        "count": count,
+        "mean": histogram["sum_ns"] / count / 1000 if count else 0.0,
+        "p50": histogram["p50_ns"] / 1000,
+        "p90": histogram["p90_ns"] / 1000,
+        "p99": histogram["p99_ns"] / 1000,
+    }

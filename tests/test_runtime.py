@@ -1,0 +1,361 @@
+"""The in-process Runtime: results, batching, errors, concurrency, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import conveyor
+from conveyor.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelExecutionError,
+    ModelNotFound,
+    QueueFull,
+    Unavailable,
+)
+
+
+def _config(max_batch_size: int = 64, delay_us: int = 0, **batching) -> dict:
+    return {
+        "backend": "python",
+        "max_batch_size": max_batch_size,
+        "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "dims": [4]}],
+        "dynamic_batching": {"max_queue_delay_us": delay_us, **batching},
+    }
+
+
+@pytest.fixture(scope="module")
+def example_repository():
+    return conveyor.example_repository()
+
+
+def _double(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": inputs["x"] * 2}
+
+
+class _BlockingModel:
+    """Doubles its input; while `hold` is set, a batch waits for `release`."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.seen: list[float] = []
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.seen.extend(float(v) for v in x[:, 0])
+        self.entered.release()
+        self.release.wait()
+        return {"y": x * 2}
+
+
+def _row(value: float) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, 4), value, dtype=np.float32)}
+
+
+def _in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except Exception as exc:  # handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_batched_results_equal_unbatched_for_the_example_mlp(example_repository):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(example_repository / "mlp" / "1" / "model.onnx"))
+    expected = session.run(None, {"x": x})[0]
+    with conveyor.Runtime.from_repository(example_repository, models=["mlp"]) as rt:
+        whole = rt.infer("mlp", {"x": x})["probs"]
+
+        async def one_row_each():
+            return await asyncio.gather(*(rt.infer_async("mlp", {"x": x[i : i + 1]}) for i in range(64)))
+
+        rows = asyncio.run(one_row_each())
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([r["probs"] for r in rows]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_64_threads_each_get_their_own_answers_and_batches_form():
+    threads_n, per_thread = 64, 1000
+    with conveyor.Runtime() as rt:
+        first_batch_held = threading.Event()
+
+        def model(inputs):
+            # Hold the first batch until most callers are queued behind it, so that the
+            # batches after it are formed under real contention.
+            if not first_batch_held.is_set():
+                first_batch_held.set()
+                while rt.model_stats("echo")["queue_depth"] < threads_n // 2:
+                    time.sleep(0.0005)
+            return {"y": inputs["x"] + 0.5}
+
+        rt.add_model("echo", _config(max_batch_size=64, delay_us=500), model)
+        failures: list[str] = []
+
+        def caller(thread_index: int) -> None:
+            for i in range(per_thread):
+                value = float(thread_index * per_thread + i)
+                out = rt.infer("echo", _row(value))["y"]
+                if out.shape != (1, 4) or not np.all(out == value + 0.5):
+                    failures.append(f"thread {thread_index} request {i}: got {out}")
+
+        workers = [threading.Thread(target=caller, args=(t,)) for t in range(threads_n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        stats = rt.model_stats("echo")
+    assert failures == []
+    total = threads_n * per_thread
+    assert stats["requests"] == stats["succeeded"] == total
+    assert sum(size * n for size, n in stats["batch_size_histogram"].items()) == total
+    assert stats["in_flight"] == 0
+    assert max(stats["batch_size_histogram"]) >= threads_n // 2
+    assert stats["mean_batch_size"] > 4
+
+
+def test_async_requests_from_several_event_loops():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(delay_us=200), _double)
+
+        def loop_main(offset: int) -> list[float]:
+            async def run():
+                outs = await asyncio.gather(*(rt.infer_async("double", _row(offset + i)) for i in range(200)))
+                return [float(o["y"][0, 0]) for o in outs]
+
+            return asyncio.run(run())
+
+        results = {}
+        threads = []
+        for k in range(4):
+            t = threading.Thread(target=lambda k=k: results.__setitem__(k, loop_main(1000 * k)))
+            threads.append(t)
+            t.start()
+        for t in threads:
+            t.join()
+    for k in range(4):
+        assert results[k] == [2.0 * (1000 * k + i) for i in range(200)]
+
+
+def test_deadline_fires_while_the_only_instance_is_busy():
+    model = _BlockingModel()
+    with conveyor.Runtime() as rt:
+        rt.add_model("slow", _config(max_batch_size=1), model)
+        busy, busy_out = _in_thread(rt.infer, "slow", _row(1))
+        model.entered.acquire()
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            rt.infer("slow", _row(2), timeout_ms=1)
+        model.release.set()
+        busy.join()
+        stats = rt.model_stats("slow")
+    assert busy_out["result"]["y"][0, 0] == 2
+    assert model.seen == [1.0]
+    assert stats["expired"] == 1
+
+
+def test_full_queue_rejects_at_once():
+    model = _BlockingModel()
+    with conveyor.Runtime() as rt:
+        rt.add_model("slow", _config(max_batch_size=1, max_queue_size=2), model)
+
+        async def scenario():
+            running = asyncio.ensure_future(rt.infer_async("slow", _row(0)))
+            await asyncio.to_thread(model.entered.acquire)
+            queued = [asyncio.ensure_future(rt.infer_async("slow", _row(v))) for v in (1, 2)]
+            await asyncio.sleep(0)  # let both submit
+            with pytest.raises(QueueFull, match="max_queue_size 2"):
+                await rt.infer_async("slow", _row(3))
+            model.release.set()
+            return await asyncio.gather(running, *queued)
+
+        results = asyncio.run(scenario())
+    assert [float(r["y"][0, 0]) for r in results] == [0.0, 2.0, 4.0]
+
+
+def test_higher_priority_is_served_first():
+    model = _BlockingModel()
+    with conveyor.Runtime() as rt:
+        rt.add_model("slow", _config(max_batch_size=1, priority_levels=2), model)
+        first, _ = _in_thread(rt.infer, "slow", _row(0))
+        model.entered.acquire()
+
+        async def queue_three():
+            low = asyncio.ensure_future(rt.infer_async("slow", _row(1), priority=2))
+            default = asyncio.ensure_future(rt.infer_async("slow", _row(2)))
+            high = asyncio.ensure_future(rt.infer_async("slow", _row(3), priority=1))
+            await asyncio.sleep(0)
+            model.release.set()
+            await asyncio.gather(low, default, high)
+
+        asyncio.run(queue_three())
+        first.join()
+    assert model.seen == [0.0, 3.0, 1.0, 2.0]
+
+
+def test_cancelled_request_is_dropped_from_the_queue():
+    model = _BlockingModel()
+    with conveyor.Runtime() as rt:
+        rt.add_model("slow", _config(max_batch_size=1), model)
+        first, _ = _in_thread(rt.infer, "slow", _row(0))
+        model.entered.acquire()
+
+        async def cancel_one():
+            task = asyncio.ensure_future(rt.infer_async("slow", _row(7)))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            model.release.set()
+            return await rt.infer_async("slow", _row(8))
+
+        last = asyncio.run(cancel_one())
+        first.join()
+        stats = rt.model_stats("slow")
+    assert model.seen == [0.0, 8.0]
+    assert float(last["y"][0, 0]) == 16.0
+    assert stats["cancelled"] == 1
+
+
+def test_a_model_that_raises_fails_only_its_requests():
+    def picky(inputs):
+        if np.any(inputs["x"] < 0):
+            raise ValueError("negative values are not allowed")
+        return {"y": inputs["x"] * 2}
+
+    with conveyor.Runtime() as rt:
+        rt.add_model("picky", _config(max_batch_size=1), picky)
+        rt.add_model("double", _config(), _double)
+        with pytest.raises(ModelExecutionError, match="negative values are not allowed"):
+            rt.infer("picky", _row(-1))
+        assert float(rt.infer("picky", _row(3))["y"][0, 0]) == 6.0
+        assert float(rt.infer("double", _row(4))["y"][0, 0]) == 8.0
+        assert rt.model_stats("picky")["failed"] == 1
+
+
+def test_outputs_that_break_the_config_are_execution_errors():
+    with conveyor.Runtime() as rt:
+        rt.add_model("wrong_dtype", _config(), lambda inputs: {"y": inputs["x"].astype(np.float64)})
+        rt.add_model("wrong_rows", _config(), lambda inputs: {"y": np.zeros((5, 4), np.float32)})
+        with pytest.raises(ModelExecutionError, match="FP64|float64"):
+            rt.infer("wrong_dtype", _row(1))
+        with pytest.raises(ModelExecutionError, match="batch"):
+            rt.infer("wrong_rows", _row(1))
+
+
+def test_close_drains_accepted_requests():
+    model = _BlockingModel()
+    rt = conveyor.Runtime()
+    rt.add_model("slow", _config(max_batch_size=4, delay_us=0), model)
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(rt.infer_async("slow", _row(v))) for v in range(10)]
+        await asyncio.sleep(0)
+        await asyncio.to_thread(model.entered.acquire)
+        model.release.set()
+        await asyncio.to_thread(rt.close)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert sorted(float(r["y"][0, 0]) for r in results) == [2.0 * v for v in range(10)]
+    with pytest.raises((Unavailable, ModelNotFound)):
+        rt.infer("slow", _row(1))
+
+
+def test_bad_inputs_say_what_was_expected():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(max_batch_size=8), _double)
+        with pytest.raises(InvalidInput, match=r"missing \['x'\]"):
+            rt.infer("double", {"z": np.zeros((1, 4), np.float32)})
+        with pytest.raises(InvalidInput, match=r"unexpected \['extra'\]"):
+            rt.infer("double", {"x": np.zeros((1, 4), np.float32), "extra": np.zeros(1)})
+        with pytest.raises(InvalidInput, match="expected datatype FP32, got INT64"):
+            rt.infer("double", {"x": np.zeros((1, 4), np.int64)})
+        with pytest.raises(InvalidInput, match=r"expected shape \[-1, 4\].*got \[1, 5\]"):
+            rt.infer("double", {"x": np.zeros((1, 5), np.float32)})
+        with pytest.raises(InvalidInput, match=r"batch of 9 rows is outside \[1, max_batch_size=8\]"):
+            rt.infer("double", {"x": np.zeros((9, 4), np.float32)})
+        with pytest.raises(InvalidInput, match="priority 3"):
+            rt.infer("double", _row(1), priority=3)
+        with pytest.raises(InvalidInput, match="timeout_ms"):
+            rt.infer("double", _row(1), timeout_ms=0)
+        with pytest.raises(ModelNotFound, match="'nope' is not loaded"):
+            rt.infer("nope", _row(1))
+        with pytest.raises(ModelNotFound, match="no version 5"):
+            rt.infer("double", _row(1), version=5)
+        # Lists and non-contiguous arrays are converted, not rejected.
+        out = rt.infer("double", {"x": [[1, 2, 3, 4]]})["y"]
+        np.testing.assert_array_equal(out, [[2, 4, 6, 8]])
+        strided = np.arange(16, dtype=np.float32).reshape(2, 8)[:, ::2]
+        np.testing.assert_array_equal(rt.infer("double", {"x": strided})["y"], strided * 2)
+
+
+def test_outputs_are_views_of_the_batch_output():
+    seen_outputs = []
+
+    def model(inputs):
+        y = inputs["x"] * 3
+        seen_outputs.append(y)
+        return {"y": y}
+
+    with conveyor.Runtime() as rt:
+        rt.add_model("triple", _config(max_batch_size=8), model)
+
+        async def scenario():
+            return await asyncio.gather(*(rt.infer_async("triple", _row(v)) for v in range(4)))
+
+        results = asyncio.run(scenario())
+    for v, result in enumerate(results):
+        assert float(result["y"][0, 0]) == 3.0 * v
+        assert any(np.shares_memory(result["y"], out) for out in seen_outputs)
+
+
+def test_model_stats_report_batches_and_percentiles():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(), _double)
+        for v in range(10):
+            rt.infer("double", _row(v))
+        stats = rt.model_stats("double")
+    assert stats["requests"] == stats["succeeded"] == 10
+    assert stats["batches"] == 10
+    assert stats["batch_size_histogram"] == {1: 10}
+    assert stats["mean_batch_size"] == 1.0
+    for key in ("queue_time_us", "compute_time_us", "request_time_us"):
+        assert stats[key]["count"] == 10
+        assert 0 <= stats[key]["p50"] <= stats[key]["p99"]
+
+
+def test_steady_state_reuses_pooled_memory_and_rss_stays_flat():
+    pool = conveyor.MemoryPool()
+    with conveyor.Runtime(pool=pool) as rt:
+        rt.add_model("double", _config(), _double)
+        x = _row(1)
+        for _ in range(5_000):
+            rt.infer("double", x)
+        allocs_before = pool.stats()["upstream_allocs"]
+        rss_before = _rss_bytes()
+        for _ in range(100_000):
+            rt.infer("double", x)
+        rss_growth = _rss_bytes() - rss_before
+        allocs_after = pool.stats()["upstream_allocs"]
+    assert allocs_after == allocs_before
+    assert rss_growth < 4 * 1024 * 1024, f"RSS grew by {rss_growth} bytes over 100k inferences"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
