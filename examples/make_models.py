@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Build the example ONNX models, byte for byte the same on every run.
+
+  mlp : x FP32 [-1, 64] -> Gemm(64->256)+Relu -> Gemm(256->256)+Relu -> Gemm(256->10)
+        -> Softmax -> probs FP32 [-1, 10]
+  tiny: x FP32 [-1, 16] -> Add(1.0) -> y FP32 [-1, 16]   (measures serving overhead alone)
+
+The weights come from numpy's default generator seeded with 1234, layer by layer,
+so the peer servers in the benchmark harness serve the identical mlp.
+
+Usage: make_models.py [--check] [--models-dir DIR]
+  --check  exit 1 unless the files on disk are exactly what this script builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SEED = 1234
+OPSET = 17
+# Old enough for the onnxruntime every peer server bundles.
+IR_VERSION = 8
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def _gemm_layer(
+    rng: np.random.Generator, name: str, fan_in: int, fan_out: int, input_name: str, output_name: str
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    # Scaled by 1/sqrt(fan_in) so activations keep unit variance through the layers.
+    weight = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+    bias = (rng.standard_normal((fan_out,)) * 0.01).astype(np.float32)
+    initializers = [numpy_helper.from_array(weight, f"{name}_W"), numpy_helper.from_array(bias, f"{name}_B")]
+    node = helper.make_node("Gemm", [input_name, f"{name}_W", f"{name}_B"], [output_name], name=name)
+    return node, initializers
+
+
+def build_mlp() -> onnx.GraphProto:
+    rng = np.random.default_rng(SEED)
+    fc1, fc1_weights = _gemm_layer(rng, "fc1", 64, 256, "x", "h1")
+    fc2, fc2_weights = _gemm_layer(rng, "fc2", 256, 256, "a1", "h2")
+    fc3, fc3_weights = _gemm_layer(rng, "fc3", 256, 10, "a2", "logits")
+    nodes = [
+        fc1,
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        fc2,
+        helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+        fc3,
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    return helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])],
+        initializer=fc1_weights + fc2_weights + fc3_weights,
+    )
+
+
+def build_tiny() -> onnx.GraphProto:
+    one = numpy_helper.from_array(np.ones((1, 16), dtype=np.float32), "one")
+    return helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"], name="add1")],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        initializer=[one],
+    )
+
+
+GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {"mlp": build_mlp, "tiny": build_tiny}
+
+
+def serialize(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="conveyor-examples")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model.SerializeToString(deterministic=True)
+
+
+def model_path(models_dir: Path, name: str) -> Path:
+    return models_dir / name / "1" / "model.onnx"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="verify the files on disk instead of writing them")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="the example model repository")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, build in GRAPH_BUILDERS.items():
+        path = model_path(args.models_dir, name)
+        data = serialize(build())
+        digest = hashlib.sha256(data).hexdigest()
+        if args.check:
+            on_disk = path.read_bytes() if path.is_file() else None
+            if on_disk != data:
+                stale.append(str(path))
+            print(f"{path}: {'ok' if on_disk == data else 'DIFFERS from the build'} sha256={digest}")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(f"{path}: {len(data)} bytes sha256={digest}")
+    if stale:
+        print(f"stale: {', '.join(stale)}; run examples/make_models.py to rebuild", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

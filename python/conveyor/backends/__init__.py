@@ -1,0 +1,38 @@
+"""Backends execute whole batches of one model version; `create_backend` picks one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conveyor.backends.base import Backend, version_of
+from conveyor.backends.onnx import OnnxBackend, fill_config_from_onnx
+from conveyor.backends.python import CallableBackend, ModelFunction, PythonBackend
+from conveyor.config import ModelConfig
+from conveyor.errors import ConfigError
+
+# The file a version directory holds, by config `backend`.
+MODEL_FILE_NAMES = {"onnx": "model.onnx", "python": "model.py"}
+
+__all__ = [
+    "MODEL_FILE_NAMES",
+    "Backend",
+    "CallableBackend",
+    "ModelFunction",
+    "OnnxBackend",
+    "PythonBackend",
+    "create_backend",
+    "fill_config_from_onnx",
+]
+
+
+def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFunction | None = None) -> Backend:
+    """The backend for one model version: `fn` if given, else the version dir's model file."""
+    if fn is not None:
+        return CallableBackend(config, fn, version=None if version_dir is None else version_of(version_dir))
+    if version_dir is None:
+        raise ConfigError(f"model '{config.name}': expected a version directory or a callable, got neither")
+    version_dir = Path(version_dir)
+    model_path = version_dir / MODEL_FILE_NAMES[config.backend]
+    if config.backend == "onnx":
+        return OnnxBackend(config, model_path, version=version_of(version_dir))
+    return PythonBackend(config, model_path, version=version_of(version_dir))

@@ -1,0 +1,399 @@
+"""The validated model configuration (`<repository>/<name>/config.toml`).
+
+The schema follows Triton's model configuration where the two overlap, so a Triton
+user reads it the same way: shapes exclude the batch dimension when
+`max_batch_size > 0`, and the dynamic-batching knobs keep Triton's names and meaning.
+Every failure is a `ConfigError` naming the file, the field (a dotted path such as
+`inputs[1].dims`), what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from conveyor.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "config.toml"
+
+# Also the repository's guard against path traversal: a name is one directory level.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+TENSOR_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]+)$"
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "BF16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+# BF16 is absent on purpose: numpy has no bfloat16.
+NUMPY_DTYPE_BY_DATATYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+PositiveInt = Annotated[int, Field(ge=1)]
+ParameterValue = str | int | float | bool
+
+
+def _describe(value: Any) -> str:
+    """A short, TOML-flavoured rendering of a value for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_describe(item) for item in value) + "]"
+        return text if len(text) <= 60 else f"an array of {len(value)} items"
+    return f"a {type(value).__name__}"
+
+
+def _rule_error(expected: str, got: Any, *, field: str = "") -> PydanticCustomError:
+    """A validation failure the message formatter renders as 'expected ..., got ...'.
+
+    `field` extends the location pydantic reports, for checks that a validator of the
+    enclosing table makes about one of its fields.
+    """
+    context = {"expected": expected, "got": _describe(got), "field": field}
+    return PydanticCustomError("config_rule", "expected {expected}, got {got}", context)
+
+
+class _Strict(BaseModel):
+    # strict: TOML values are typed, so "5" for an integer is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TensorConfig(_Strict):
+    """One input or output tensor: its name, v2 datatype and dims."""
+
+    name: str = Field(min_length=1, pattern=TENSOR_NAME_PATTERN)
+    datatype: Datatype
+    # Without the batch dimension when max_batch_size > 0; -1 marks a variable dim.
+    dims: list[int]
+
+    @field_validator("dims")
+    @classmethod
+    def _dims_positive_or_variable(cls, dims: list[int]) -> list[int]:
+        if any(dim <= 0 and dim != -1 for dim in dims):
+            raise _rule_error("each dim > 0 or -1 (variable)", dims)
+        return dims
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        dtype = NUMPY_DTYPE_BY_DATATYPE.get(self.datatype)
+        if dtype is None:
+            raise ConfigError(f"tensor '{self.name}': datatype {self.datatype} has no numpy equivalent")
+        return dtype
+
+
+class DynamicBatchingConfig(_Strict):
+    """Triton's dynamic-batching knobs; the C++ batcher applies them."""
+
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preferred_batch_sizes: list[PositiveInt] = []
+    max_queue_size: int = Field(default=1024, ge=1)
+    priority_levels: int = Field(default=0, ge=0)
+    # Level 1 is the highest priority; 0 in the file means "the lowest level".
+    default_priority_level: int = Field(default=0, ge=0)
+    default_timeout_us: int = Field(default=0, ge=0)
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _sorted_unique(cls, sizes: list[int]) -> list[int]:
+        return sorted(set(sizes))
+
+    @model_validator(mode="after")
+    def _resolve_default_priority(self) -> DynamicBatchingConfig:
+        level, levels = self.default_priority_level, self.priority_levels
+        if levels == 0 and level != 0:
+            raise _rule_error("0 (priority_levels is 0)", level, field="default_priority_level")
+        if levels > 0 and level > levels:
+            raise _rule_error(f"a level in [1, {levels}] (0: the lowest)", level, field="default_priority_level")
+        if levels > 0 and level == 0:
+            self.default_priority_level = levels
+        return self
+
+
+class InstanceGroupConfig(_Strict):
+    """How many execution instances run the model, and where."""
+
+    count: int = Field(default=1, ge=1)
+    device: str = Field(default="cpu", pattern=DEVICE_PATTERN)
+
+
+class VersionPolicy(_Strict):
+    """Which version directories are served: exactly one of latest, all, specific."""
+
+    latest: int | None = Field(default=None, ge=1)
+    all: bool | None = None
+    specific: list[PositiveInt] | None = None
+
+    @field_validator("all")
+    @classmethod
+    def _all_is_true(cls, serve_all: bool | None) -> bool | None:
+        if serve_all is False:
+            raise _rule_error("true (to choose another policy, give 'latest' or 'specific' instead)", serve_all)
+        return serve_all
+
+    @field_validator("specific")
+    @classmethod
+    def _specific_sorted_unique(cls, versions: list[int] | None) -> list[int] | None:
+        if versions is not None and not versions:
+            raise _rule_error("at least one version", versions)
+        return None if versions is None else sorted(set(versions))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [key for key in ("latest", "all", "specific") if getattr(self, key) is not None]
+        if len(chosen) != 1:
+            got = " and ".join(repr(key) for key in chosen) if chosen else "none"
+            raise PydanticCustomError(
+                "config_rule",
+                "expected {expected}, got {got}",
+                {"expected": "exactly one of 'latest', 'all' or 'specific'", "got": got, "field": ""},
+            )
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of `available`, ascending."""
+        ordered = sorted(set(available))
+        if self.latest is not None:
+            return ordered[-self.latest :]
+        if self.all:
+            return ordered
+        wanted = set(self.specific or ())
+        return [version for version in ordered if version in wanted]
+
+
+class OnnxOptions(_Strict):
+    """onnxruntime session options (backend onnx only)."""
+
+    # One thread per instance measured 2x the throughput of onnxruntime's default
+    # (one thread per core) at batch 64 on 2 cores: instances already run in parallel.
+    intra_op_threads: int = Field(default=1, ge=1)
+    inter_op_threads: int = Field(default=1, ge=1)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class ModelConfig(_Strict):
+    """A model's whole configuration, as read from its config.toml.
+
+    Build one with `load_model_config` or `parse_model_config`: they report every
+    problem as a ConfigError, where calling the class directly raises pydantic's
+    ValidationError.
+    """
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    backend: Literal["onnx", "python"]
+    max_batch_size: int = Field(default=0, ge=0)
+    # An onnx model may omit these; the repository fills them from the graph.
+    inputs: list[TensorConfig] = []
+    outputs: list[TensorConfig] = []
+    dynamic_batching: DynamicBatchingConfig = Field(default_factory=DynamicBatchingConfig)
+    instance_group: InstanceGroupConfig = Field(default_factory=InstanceGroupConfig)
+    version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
+    onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    parameters: dict[str, ParameterValue] = {}
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters_are_scalars(cls, parameters: Any) -> Any:
+        # Checked up front: pydantic would report one error per member of the union.
+        if isinstance(parameters, Mapping):
+            for key, value in parameters.items():
+                if not isinstance(value, (str, int, float, bool)):
+                    raise _rule_error("a string, integer, float or boolean", value, field=str(key))
+        return parameters
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ModelConfig:
+        self._check_batching_knobs()
+        for field in ("inputs", "outputs"):
+            tensors: list[TensorConfig] = getattr(self, field)
+            if self.backend == "python" and not tensors:
+                raise _rule_error("at least one tensor (only onnx models may omit them)", [], field=field)
+            seen: set[str] = set()
+            for index, tensor in enumerate(tensors):
+                if tensor.name in seen:
+                    raise _rule_error(
+                        f"a name no other entry of '{field}' uses", tensor.name, field=f"{field}[{index}].name"
+                    )
+                seen.add(tensor.name)
+        return self
+
+    def _check_batching_knobs(self) -> None:
+        batching = self.dynamic_batching
+        sizes = batching.preferred_batch_sizes
+        if self.max_batch_size == 0:
+            if sizes:
+                raise _rule_error(
+                    "no preferred sizes (max_batch_size is 0: the model does not batch)",
+                    sizes,
+                    field="dynamic_batching.preferred_batch_sizes",
+                )
+            if batching.max_queue_delay_us > 0:
+                raise _rule_error(
+                    "0 (max_batch_size is 0: waiting to form a batch would only add latency)",
+                    batching.max_queue_delay_us,
+                    field="dynamic_batching.max_queue_delay_us",
+                )
+        elif sizes and sizes[-1] > self.max_batch_size:
+            raise _rule_error(
+                f"sizes in [1, max_batch_size = {self.max_batch_size}]",
+                sizes,
+                field="dynamic_batching.preferred_batch_sizes",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain (TOML-shaped) form; `parse_model_config` reads it back unchanged."""
+        return self.model_dump(mode="python", exclude_none=True)
+
+
+def load_model_config(path: Path, *, name: str | None = None) -> ModelConfig:
+    """Read and validate a config.toml; `name` defaults to its directory's name."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text ({exc.reason})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_model_config(data, source=str(path), name=path.parent.name if name is None else name)
+
+
+def parse_model_config(data: dict[str, Any], *, source: str, name: str | None = None) -> ModelConfig:
+    """Validate a config given as a dict; `source` names it in error messages.
+
+    `name` is the model's directory name: the file may omit `name`, and if it gives
+    one it must be the same.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a table of config fields, got {_describe(data)}")
+    data = dict(data)
+    problems: list[str] = []
+    if name is not None:
+        if "name" in data and data["name"] != name:
+            problems.append(f"field 'name': expected {name!r} (the directory name), got {_describe(data['name'])}")
+        data["name"] = name
+    try:
+        config = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_format_error(error) for error in exc.errors())
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+    _warn_if_threads_exceed_cores(config, source)
+    return config
+
+
+def _warn_if_threads_exceed_cores(config: ModelConfig, source: str) -> None:
+    if config.backend != "onnx" or config.instance_group.device != "cpu":
+        return
+    cores = os.cpu_count() or 1
+    threads = config.instance_group.count * config.onnx.intra_op_threads
+    if threads > cores:
+        logger.warning(
+            "%s: compute threads exceed cores: instance_group.count (%d) x onnx.intra_op_threads (%d) = %d "
+            "threads on %d cores; they will contend and throughput drops",
+            source,
+            config.instance_group.count,
+            config.onnx.intra_op_threads,
+            threads,
+            cores,
+        )
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+_PATTERN_DESCRIPTIONS = {
+    MODEL_NAME_PATTERN: "a model name: letters, digits, '_', '.' or '-', starting with a letter or digit, "
+    "at most 128 characters",
+    TENSOR_NAME_PATTERN: "a tensor name: letters, digits, '_', '.', ':', '/' or '-'",
+    DEVICE_PATTERN: "'cpu', 'cuda' or 'cuda:N'",
+}
+
+_EXPECTED_BY_ERROR_TYPE = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "an array",
+    "model_type": "a table",
+    "dict_type": "a table",
+    "string_too_short": "a non-empty string",
+}
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    kind, context = error["type"], error.get("ctx", {})
+    number = "an integer" if isinstance(error["input"], int) else "a number"
+    if kind == "greater_than_equal":
+        return f"{number} >= {context['ge']}"
+    if kind == "greater_than":
+        return f"{number} > {context['gt']}"
+    if kind == "literal_error":
+        return str(context["expected"])
+    if kind == "string_pattern_mismatch":
+        return _PATTERN_DESCRIPTIONS.get(context["pattern"], f"a string matching {context['pattern']}")
+    return _EXPECTED_BY_ERROR_TYPE.get(kind, error["msg"].removeprefix("Input should be ").lower())
+
+
+def _format_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as "field 'a.b': expected X, got Y"."""
+    kind, context = error["type"], error.get("ctx", {})
+    location = tuple(error["loc"])
+    if kind == "config_rule":
+        extra = context.get("field", "")
+        path = ".".join(part for part in (_field_path(location), extra) if part)
+        return f"field '{path or '<top level>'}': expected {context['expected']}, got {context['got']}"
+    path = _field_path(location)
+    if kind == "missing":
+        return f"field '{path}': required, but missing"
+    if kind == "extra_forbidden":
+        known = ", ".join(_known_fields(location[:-1]))
+        return f"unknown field '{path}' (known fields: {known})"
+    return f"field '{path}': expected {_expected(error)}, got {_describe(error['input'])}"
+
+
+def _known_fields(location: tuple[Any, ...]) -> list[str]:
+    """The field names of the table at `location` (list indices skipped)."""
+    model: type[BaseModel] = ModelConfig
+    for part in location:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = getattr(annotation, "__args__", (annotation,))[0]
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            return []
+        model = nested
+    return list(model.model_fields)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conveyor.backends import create_backend
+from conveyor.repository import ModelRepository, RepositoryEntry
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def repository() -> ModelRepository:
+    return ModelRepository(EXAMPLES_DIR / "models")
+
+
+def test_committed_models_match_the_build() -> None:
+    check = subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / "make_models.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
+    stale = tmp_path / "mlp" / "1" / "model.onnx"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
+    check = subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / "make_models.py"), "--check", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 1
+    assert "stale:" in check.stderr and str(stale) in check.stderr
+
+
+def test_example_repository_loads(repository: ModelRepository) -> None:
+    assert repository.list_models() == ["mlp", "scaler", "tiny"]
+    assert repository.index() == [RepositoryEntry(name, 1, "READY") for name in ("mlp", "scaler", "tiny")]
+    tiny = repository.load_model("tiny").config  # its tensors come from the graph
+    assert [(t.name, t.datatype, t.dims) for t in tiny.inputs] == [("x", "FP32", [16])]
+    assert [(t.name, t.datatype, t.dims) for t in tiny.outputs] == [("y", "FP32", [16])]
+
+
+def run_example(repository: ModelRepository, name: str, batch: np.ndarray) -> np.ndarray:
+    source = repository.load_model(name)
+    with create_backend(source.config, source.versions[1]) as backend:
+        (output,) = backend.execute([batch])
+    return output
+
+
+def test_mlp_rows_are_probabilities(repository: ModelRepository) -> None:
+    batch = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    probs = run_example(repository, "mlp", batch)
+    assert probs.shape == (64, 10) and probs.dtype == np.float32
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_tiny_adds_one(repository: ModelRepository) -> None:
+    batch = np.arange(32, dtype=np.float32).reshape(2, 16)
+    np.testing.assert_array_equal(run_example(repository, "tiny", batch), batch + 1)
+
+
+def test_scaler_standardizes_with_config_parameters(repository: ModelRepository) -> None:
+    parameters = repository.load_model("scaler").config.parameters
+    batch = np.linspace(-3, 3, 48, dtype=np.float32).reshape(3, 16)
+    expected = (batch - np.float32(parameters["mean"])) / np.float32(parameters["std"])
+    scaled = run_example(repository, "scaler", batch)
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
