@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "conveyor/batcher.h"
+#include "conveyor/gather.h"
 #include "convert.h"
 
 namespace conveyor::bindings {
@@ -207,6 +208,22 @@ void init_batcher(py::module_& m) {
            // Joining the instances may wait for a Python batch, which needs the GIL.
            py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Batcher& b) { return stats_to_python(b.stats()); });
+
+  m.def(
+      "gather_rows",
+      [](const py::list& arrays, std::shared_ptr<MemoryPool> pool) {
+        std::vector<Tensor> tensors;
+        tensors.reserve(arrays.size());
+        for (size_t i = 0; i < arrays.size(); ++i) {
+          const std::string what = "array " + std::to_string(i);
+          tensors.push_back(borrow_array(arrays[i], what.c_str()));
+        }
+        std::vector<const Tensor*> parts;
+        for (const Tensor& t : tensors) parts.push_back(&t);
+        return array_from_tensor(gather_rows(parts, pool ? *pool : *MemoryPool::default_host()));
+      },
+      py::arg("arrays"), py::arg("pool") = nullptr,
+      "Concatenate arrays along the first axis into one pooled array: the batcher's batch assembly.");
 }
 
 }  // namespace conveyor::bindings

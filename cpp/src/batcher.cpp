@@ -1,5 +1,7 @@
 #include "conveyor/batcher.h"
 
+#include "conveyor/gather.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -19,7 +21,7 @@ std::string dims_string(const std::vector<int64_t>& dims, bool batch_dim) {
 }
 
 // FNV-1a over every non-batch dimension of every input. Equal keys are treated as
-// batchable; gather() re-checks the shapes, so a collision fails a batch, never memory.
+// batchable; gather_rows() re-checks the shapes, so a collision fails a batch, never memory.
 uint64_t hash_dims(const std::vector<Tensor>& inputs, int first_dim) {
   uint64_t h = 1469598103934665603ull;
   for (const auto& t : inputs) {
@@ -29,14 +31,6 @@ uint64_t hash_dims(const std::vector<Tensor>& inputs, int first_dim) {
     }
   }
   return h;
-}
-
-bool same_row_shape(const Shape& a, const Shape& b, int first_dim) {
-  if (a.ndim() != b.ndim()) return false;
-  for (int d = first_dim; d < a.ndim(); ++d) {
-    if (a[d] != b[d]) return false;
-  }
-  return true;
 }
 
 BatchPolicy make_policy(const BatcherOptions& o) {
@@ -325,29 +319,20 @@ void Batcher::deadline_loop() {
   }
 }
 
-std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch, int64_t rows) {
+std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch) {
   if (batch.size() == 1 && !options_.gather_single_request) return batch.front().inputs;
-  const bool batching = options_.max_batch_size > 0;
-  const int first_dim = batching ? 1 : 0;
   std::vector<Tensor> out;
   out.reserve(options_.inputs.size());
+  std::vector<const Tensor*> parts(batch.size());
   for (size_t i = 0; i < options_.inputs.size(); ++i) {
-    const Tensor& head = batch.front().inputs[i];
-    Shape shape = head.shape;
-    if (batching) shape[0] = rows;
-    Tensor t = make_pooled_tensor(pool_, head.dtype, shape);
-    auto* dst = static_cast<char*>(t.data);
-    for (const Request& r : batch) {
-      const Tensor& src = r.inputs[i];
-      if (!same_row_shape(src.shape, head.shape, first_dim)) {
-        throw Error(ErrorCode::kInternal, "[batcher] model '" + options_.model_name +
-                                              "': requests of different shapes were batched together");
-      }
-      const size_t n = src.nbytes();
-      if (n) std::memcpy(dst, src.data, n);
-      dst += n;
+    for (size_t r = 0; r < batch.size(); ++r) parts[r] = &batch[r].inputs[i];
+    if (options_.max_batch_size > 0) {
+      out.push_back(gather_rows(parts, *pool_));
+    } else {  // one request, no batch dimension: a pooled copy of the whole tensor
+      Tensor t = make_pooled_tensor(pool_, parts[0]->dtype, parts[0]->shape);
+      if (t.nbytes()) std::memcpy(t.data, parts[0]->data, t.nbytes());
+      out.push_back(std::move(t));
     }
-    out.push_back(std::move(t));
   }
   return out;
 }
@@ -380,7 +365,7 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
   std::vector<Tensor> inputs, outputs;
   TimePoint t1 = t0;
   try {
-    inputs = gather(batch, rows);
+    inputs = gather(batch);
     t1 = Clock::now();
     outputs = execute(instance, inputs, rows);
   } catch (const Error& e) {

@@ -138,7 +138,7 @@ class Batcher {
   void instance_loop(int instance);
   void deadline_loop();
   void run_batch(int instance, std::vector<Request> batch, int64_t rows);
-  std::vector<Tensor> gather(const std::vector<Request>& batch, int64_t rows);
+  std::vector<Tensor> gather(const std::vector<Request>& batch);
   std::vector<Tensor> execute(int instance, const std::vector<Tensor>& inputs, int64_t rows);
   // Completes every request with an error; `message` is shared, `why` adds per-request detail.
   void fail(std::vector<Request> requests, ErrorCode code, const std::string& message);
