@@ -233,6 +233,7 @@ class Runtime:
             raise Unavailable("the runtime is closed")
         count = config.instance_group.count
         first = create_backend(config, version_dir, fn=fn)
+        config = first.config  # an onnx backend fills tensors the config left out
         backends = [first]
         if not first.thread_safe:
             backends += [create_backend(config, version_dir, fn=fn) for _ in range(count - 1)]
