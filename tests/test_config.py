@@ -220,7 +220,7 @@ def test_unknown_field_lists_known_ones(tmp_path: Path) -> None:
     assert "unknown field 'batch' (known fields: name, backend, max_batch_size," in message
     extra_tensor = '\n[[inputs]]\nname = "z"\ndatatype = "FP32"\ndims = [1]\nshape = [1]\n'
     message = config_error(tmp_path, BATCHING_MODEL + extra_tensor)
-    assert "unknown field 'inputs[1].shape' (known fields: name, datatype, dims)" in message
+    assert "unknown field 'inputs[1].shape' (known fields: name, datatype, dims, labels)" in message
 
 
 def test_invalid_toml_names_file(tmp_path: Path) -> None:
@@ -344,3 +344,16 @@ def test_oversubscribed_threads_warn(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="conveyor.config"):
         load_model_config(write_config(tmp_path, 'backend = "onnx"'))
     assert caplog.text == ""
+
+
+def test_labels_belong_to_outputs_and_stay_in_the_model_directory(tmp_path):
+    base = {
+        "backend": "python",
+        "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "dims": [4], "labels": "labels.txt"}],
+    }
+    assert parse_model_config(base, source="c.toml", name="m").outputs[0].labels == "labels.txt"
+    with pytest.raises(ConfigError, match=r"inputs\[0\].labels"):
+        parse_model_config({**base, "inputs": [{**base["inputs"][0], "labels": "l.txt"}]}, source="c.toml", name="m")
+    with pytest.raises(ConfigError, match=r"outputs\[0\].labels"):
+        parse_model_config({**base, "outputs": [{**base["outputs"][0], "labels": "../secret"}]}, source="c.toml", name="m")

@@ -93,6 +93,9 @@ class TensorConfig(_Strict):
     datatype: Datatype
     # Without the batch dimension when max_batch_size > 0; -1 marks a variable dim.
     dims: list[int]
+    # Outputs only: a file in the model's directory with one class label per line, used
+    # by the classification extension ("score:index:label").
+    labels: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
     @field_validator("dims")
     @classmethod
@@ -242,6 +245,8 @@ class ModelConfig(_Strict):
                         f"a name no other entry of '{field}' uses", tensor.name, field=f"{field}[{index}].name"
                     )
                 seen.add(tensor.name)
+                if field == "inputs" and tensor.labels is not None:
+                    raise _rule_error("no labels (labels belong to outputs)", tensor.labels, field=f"inputs[{index}].labels")
         return self
 
     def _check_batching_knobs(self) -> None:

@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 ModelFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-class _ModelVersion:
-    """One loaded version: its config, backend(s) and batcher."""
+class ModelHandle:
+    """One loaded model version: its config, backend(s) and batcher.
+
+    `Runtime.model(name, version)` returns it; passing it instead of a name to
+    `infer`/`infer_async` skips the lookup. Attributes: name, version, config,
+    input_names, output_names.
+    """
 
     __slots__ = ("name", "version", "config", "backends", "batcher", "input_names", "output_names", "_dtypes")
 
@@ -130,7 +135,7 @@ class _LoopBridge:
         self.loop = loop
         self.queue = _core.CompletionQueue()
         # request id -> (future, model version, inputs kept alive until completion)
-        self.pending: dict[int, tuple[asyncio.Future, _ModelVersion, tuple]] = {}
+        self.pending: dict[int, tuple[asyncio.Future, ModelHandle, tuple]] = {}
         loop.add_reader(self.queue.fileno(), self.on_ready)
 
     def on_ready(self) -> None:
@@ -175,8 +180,8 @@ class Runtime:
     def __init__(self, *, pool: Any = None) -> None:
         self._pool = pool
         self._lock = threading.Lock()
-        self._models: dict[str, dict[int, _ModelVersion]] = {}
-        self._latest: dict[str, _ModelVersion] = {}
+        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._latest: dict[str, ModelHandle] = {}
         self._bridges: dict[asyncio.AbstractEventLoop, _LoopBridge] = {}
         self._closed = False
         _open_runtimes.add(self)
@@ -237,7 +242,7 @@ class Runtime:
         backends = [first]
         if not first.thread_safe:
             backends += [create_backend(config, version_dir, fn=fn) for _ in range(count - 1)]
-        loaded = _ModelVersion(name, version, config, backends, self._pool)
+        loaded = ModelHandle(name, version, config, backends, self._pool)
         with self._lock:
             versions = self._models.setdefault(name, {})
             replaced = versions.get(version)
@@ -272,13 +277,19 @@ class Runtime:
             return {name: sorted(versions) for name, versions in self._models.items()}
 
     def config(self, model: str, version: int | None = None) -> ModelConfig:
-        return self._resolve(model, version).config
+        return self.model(model, version).config
 
-    def _resolve(self, model: str, version: int | None) -> _ModelVersion:
+    def model(self, model: str, version: int | None = None) -> ModelHandle:
+        """The loaded version (the newest when version is None); ModelNotFound otherwise."""
         found = self._latest.get(model) if version is None else self._models.get(model, {}).get(version)
         if found is None:
             raise ModelNotFound(self._not_found_message(model, version))
         return found
+
+    def _resolve(self, model: str | ModelHandle, version: int | None) -> ModelHandle:
+        if type(model) is ModelHandle:
+            return model
+        return self.model(model, version)
 
     def _not_found_message(self, model: str, version: int | None) -> str:
         loaded = self._models.get(model)
@@ -288,7 +299,7 @@ class Runtime:
 
     def infer(
         self,
-        model: str,
+        model: str | ModelHandle,
         inputs: Mapping[str, Any],
         *,
         version: int | None = None,
@@ -307,7 +318,7 @@ class Runtime:
 
     async def infer_async(
         self,
-        model: str,
+        model: str | ModelHandle,
         inputs: Mapping[str, Any],
         *,
         version: int | None = None,
@@ -339,7 +350,7 @@ class Runtime:
                 bridge = self._bridges[loop] = _LoopBridge(loop)
             return bridge
 
-    def model_stats(self, model: str, version: int | None = None) -> dict[str, Any]:
+    def model_stats(self, model: str | ModelHandle, version: int | None = None) -> dict[str, Any]:
         """Counts, batch sizes formed, and queue/compute time percentiles of one version."""
         loaded = self._resolve(model, version)
         raw = loaded.batcher.stats()
