@@ -104,6 +104,12 @@ py::dict histogram_to_python(const DurationHistogram::Snapshot& h) {
   d["p50_ns"] = h.percentile(0.50);
   d["p90_ns"] = h.percentile(0.90);
   d["p99_ns"] = h.percentile(0.99);
+  // Non-empty buckets as (upper bound in ns, count), ascending: exporters re-bucket these.
+  py::list buckets;
+  for (int i = 0; i < DurationHistogram::kBuckets; ++i) {
+    if (h.buckets[i]) buckets.append(py::make_tuple(DurationHistogram::bucket_upper_bound(i), h.buckets[i]));
+  }
+  d["buckets"] = buckets;
   return d;
 }
 

@@ -124,6 +124,10 @@ class ModelRepository:
         """A fingerprint per model, to compare with a later scan and reload what changed."""
         return {name: self._fingerprint(self.root / name) for name in self.list_models()}
 
+    def scan_model(self, name: str) -> ModelFingerprint:
+        """The fingerprint of one model (see scan)."""
+        return self._fingerprint(self.model_dir(name))
+
     def _inspect(self, name: str) -> _Inspection:
         directory = self.model_dir(name)
         config_path = directory / CONFIG_FILE_NAME

@@ -1,0 +1,209 @@
+"""The transport-free data plane both front ends (HTTP and gRPC) call.
+
+Everything here speaks the protocol's types (conveyor.protocol.types) and plain dicts
+shaped like the v2 JSON objects; the front ends only decode, call and encode. Errors
+are conveyor.errors types, mapped to status codes by conveyor.protocol.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from conveyor.errors import InvalidInput, ModelNotFound, Unavailable
+from conveyor.protocol.classification import classify
+from conveyor.protocol.model_config import config_from_triton_json, model_metadata, triton_model_config
+from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
+from conveyor.runtime import ModelHandle
+from conveyor.server.models import ModelManager
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "conveyor"
+# What the servers implement; clients feature-detect with this list.
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "schedule_policy",
+]
+
+
+class DataPlane:
+    """Health, metadata, inference, statistics and repository control for one server."""
+
+    def __init__(self, models: ModelManager, *, server_version: str) -> None:
+        self.models = models
+        self.runtime = models.runtime
+        self.server_version = server_version
+        self.draining = False  # set at shutdown: ready turns false, live stays true
+
+    # -- health and metadata -----------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining and self.models.ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.handle(name, version)
+        except (ModelNotFound, InvalidInput):
+            return False
+        return not self.draining
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": self.server_version, "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        handle = self.handle(name, version)
+        return model_metadata(handle.config, self.runtime.models().get(name, [handle.version]))
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        return triton_model_config(self.handle(name, version).config)
+
+    def handle(self, name: str, version: str = "") -> ModelHandle:
+        return self.runtime.model(name, _parse_version(version))
+
+    # -- inference ---------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        handle = self.handle(request.model_name, request.model_version)
+        priority, timeout_ms = _schedule_parameters(request.parameters)
+        inputs = {}
+        for tensor in request.inputs:
+            if tensor.name in inputs:
+                raise InvalidInput(f"model '{handle.name}': input '{tensor.name}' is given twice")
+            inputs[tensor.name] = tensor.data
+        results = await self.runtime.infer_async(handle, inputs, priority=priority, timeout_ms=timeout_ms)
+        return InferResponse(
+            model_name=handle.name,
+            model_version=str(handle.version),
+            id=request.id,
+            outputs=self._outputs(handle, request, results),
+        )
+
+    def _outputs(self, handle: ModelHandle, request: InferRequest, results: dict[str, np.ndarray]) -> list[InferOutput]:
+        datatypes = {t.name: t.datatype for t in handle.config.outputs}
+        default_binary = request.binary_data_output
+        if not request.outputs:
+            return [
+                InferOutput(name, datatypes[name], array.shape, array, default_binary)
+                for name, array in results.items()
+            ]
+        outputs = []
+        for wanted in request.outputs:
+            array = results.get(wanted.name)
+            if array is None:
+                raise InvalidInput(
+                    f"model '{handle.name}' has no output '{wanted.name}' (outputs: {list(handle.output_names)})"
+                )
+            binary = default_binary if wanted.binary_data is None else wanted.binary_data
+            if wanted.classification > 0:
+                labels = self.models.labels(handle.name, wanted.name)
+                batched = handle.config.max_batch_size > 0
+                array = classify(array, wanted.classification, labels=labels, batched=batched)
+                outputs.append(InferOutput(wanted.name, "BYTES", array.shape, array, binary))
+            else:
+                outputs.append(InferOutput(wanted.name, datatypes[wanted.name], array.shape, array, binary))
+        return outputs
+
+    # -- statistics --------------------------------------------------------------------
+
+    def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """The statistics extension: cumulative counts and durations per model version."""
+        if name:
+            handles = [self.handle(name, version)]
+        else:
+            handles = [self.runtime.model(n, v) for n, versions in self.runtime.models().items() for v in versions]
+        return {"model_stats": [_model_statistics(h, self.runtime.model_stats(h)["raw"]) for h in handles]}
+
+    # -- repository control ------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        return self.models.index(ready_only)
+
+    async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        parameters = dict(parameters or {})
+        override = parameters.pop("config", None)
+        files = {k: v for k, v in parameters.items() if k.startswith("file:")}
+        unknown = sorted(set(parameters) - set(files))
+        if unknown:
+            raise InvalidInput(f"load of model '{name}': unknown parameters {unknown} (known: config, file:<path>)")
+        config = None
+        if override is not None:
+            if not isinstance(override, str):
+                raise InvalidInput(f"load of model '{name}': parameter 'config' must be a JSON string")
+            config = config_from_triton_json(override, name=name)
+        await asyncio.to_thread(self.models.load, name, config, files or None)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        await asyncio.to_thread(self.models.unload, name)
+
+
+def _parse_version(version: str | int | None) -> int | None:
+    if version in ("", None):
+        return None
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise InvalidInput(f"model version must be a positive integer, got '{version}'")
+    return number
+
+
+def _schedule_parameters(parameters: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The schedule-policy parameters: priority (1 highest) and timeout in microseconds."""
+    priority = parameters.get("priority")
+    timeout_us = parameters.get("timeout")
+    if priority is not None and (type(priority) is not int or priority < 0):
+        raise InvalidInput(f"parameter 'priority' must be an integer >= 0, got {priority!r}")
+    if timeout_us is not None and (type(timeout_us) is not int or timeout_us < 0):
+        raise InvalidInput(f"parameter 'timeout' must be an integer number of microseconds >= 0, got {timeout_us!r}")
+    return priority or None, (timeout_us / 1000 if timeout_us else None)
+
+
+def _duration(count: int, ns: int) -> dict[str, int]:
+    return {"count": int(count), "ns": int(ns)}
+
+
+def _model_statistics(handle: ModelHandle, raw: dict[str, Any]) -> dict[str, Any]:
+    batch_stats = []
+    for size, batches in enumerate(raw["batch_size_counts"]):
+        if batches:
+            batch_stats.append({
+                "batch_size": size,
+                "compute_input": _duration(batches, raw["batch_input_ns"][size]),
+                "compute_infer": _duration(batches, raw["batch_infer_ns"][size]),
+                "compute_output": _duration(batches, raw["batch_output_ns"][size]),
+            })
+    failures = raw["failed"] + raw["expired"] + raw["cancelled"]
+    return {
+        "name": handle.name,
+        "version": str(handle.version),
+        "last_inference": raw["last_inference_ns"] // 1_000_000,
+        "inference_count": raw["batched_rows"],
+        "execution_count": raw["batches"],
+        "inference_stats": {
+            "success": _duration(raw["total"]["count"], raw["total"]["sum_ns"]),
+            "fail": _duration(failures, 0),
+            "queue": _duration(raw["queue"]["count"], raw["queue"]["sum_ns"]),
+            "compute_input": _duration(raw["compute_input"]["count"], raw["compute_input"]["sum_ns"]),
+            "compute_infer": _duration(raw["compute_infer"]["count"], raw["compute_infer"]["sum_ns"]),
+            "compute_output": _duration(raw["compute_output"]["count"], raw["compute_output"]["sum_ns"]),
+            "cache_hit": _duration(0, 0),
+            "cache_miss": _duration(0, 0),
+        },
+        "batch_stats": batch_stats,
+        "memory_usage": [],
+    }

@@ -1,0 +1,243 @@
+"""Which models the server holds, and how they get there (Triton's model control modes).
+
+- ``none``: load every model of the repository at start; the repository API may not
+  load or unload.
+- ``poll``: like ``none``, and the repository is re-scanned every poll interval: a
+  changed model is loaded beside its serving versions and swapped in only once ready,
+  so a broken new file never takes down a version that serves.
+- ``explicit``: load only the models named at start; the repository API loads and
+  unloads.
+
+Loading blocks (it opens model files): the servers call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from conveyor.config import ModelConfig, parse_model_config
+from conveyor.errors import ConfigError, ConveyorError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.repository import ModelFingerprint, ModelRepository, ModelSource
+from conveyor.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ControlMode = Literal["none", "poll", "explicit"]
+CONTROL_MODES: tuple[ControlMode, ...] = ("none", "poll", "explicit")
+
+
+@dataclass
+class ModelRecord:
+    """The server's view of one model of the repository."""
+
+    name: str
+    state: str = "UNAVAILABLE"  # READY, LOADING, UNLOADING, UNAVAILABLE
+    reason: str = ""
+    versions: list[int] = field(default_factory=list)  # loaded and serving
+    fingerprint: ModelFingerprint | None = None
+    labels: dict[str, list[str]] = field(default_factory=dict)  # output name -> class labels
+
+
+class ModelManager:
+    """Loads and unloads repository models into a Runtime and reports their states."""
+
+    def __init__(self, repository: ModelRepository, runtime: Runtime, mode: ControlMode = "none") -> None:
+        if mode not in CONTROL_MODES:
+            raise ConfigError(f"model control mode must be one of {', '.join(CONTROL_MODES)}, got '{mode}'")
+        self.repository = repository
+        self.runtime = runtime
+        self.mode = mode
+        self._lock = threading.RLock()  # one load or unload at a time; guards _records
+        self._records: dict[str, ModelRecord] = {}
+        self._expected: set[str] = set()  # models the operator wants serving (for readiness)
+
+    def start(self, models: list[str] | None = None) -> None:
+        """Initial load: every repository model (none/poll), or `models` (explicit)."""
+        names = self.repository.list_models() if self.mode != "explicit" else list(models or [])
+        for name in names:
+            try:
+                self.load(name, _startup=True)
+            except ConveyorError as exc:
+                log.error("model %s failed to load: %s", name, exc)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(
+        self,
+        name: str,
+        config_override: dict[str, Any] | None = None,
+        files: dict[str, bytes] | None = None,
+        *,
+        _startup: bool = False,
+    ) -> None:
+        """Load (or reload) a model; its serving versions keep serving if this fails."""
+        if not _startup and self.mode != "explicit":
+            raise Unavailable(
+                f"loading models through the repository API needs --model-control-mode explicit "
+                f"(the server runs in '{self.mode}' mode)"
+            )
+        if files and config_override is None:
+            raise InvalidInput(f"model '{name}': files given without a config: pass the model's config too")
+        if not files:
+            self.repository.model_dir(name)  # InvalidInput or ModelNotFound before any state changes
+        with self._lock:
+            record = self._records.setdefault(name, ModelRecord(name))
+            self._expected.add(name)
+            previous_state = record.state
+            record.state, record.reason = "LOADING", ""
+            staging: Path | None = None
+            try:
+                fingerprint = self.repository.scan_model(name) if not files else None
+                if files:
+                    staging = _stage_files(name, files)
+                source = self._source(name, config_override, staging)
+                self._apply(record, source, staging)
+                record.fingerprint = fingerprint
+                record.state = "READY"
+                record.reason = ""
+            except ConveyorError as exc:
+                record.reason = str(exc)
+                record.state = "READY" if record.versions and previous_state == "READY" else "UNAVAILABLE"
+                raise
+            finally:
+                if staging is not None:
+                    shutil.rmtree(staging.parent, ignore_errors=True)
+
+    def _source(self, name: str, config_override: dict[str, Any] | None, staging: Path | None) -> ModelSource:
+        if staging is None and config_override is None:
+            return self.repository.load_model(name)
+        root = staging if staging is not None else self.repository.model_dir(name)
+        config = parse_model_config(dict(config_override or {}), source=f"config override for model '{name}'", name=name)
+        available = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0")
+        chosen = config.version_policy.select(available)
+        if not chosen:
+            raise ConfigError(f"model '{name}': no version directory to serve under {root} (found {available})")
+        return ModelSource(name=name, config=config, versions={v: root / str(v) for v in chosen})
+
+    def _apply(self, record: ModelRecord, source: ModelSource, staging: Path | None) -> None:
+        model_dir = staging if staging is not None else self.repository.model_dir(source.name)
+        labels = _read_labels(source.config, model_dir)
+        for version, version_dir in sorted(source.versions.items()):
+            self.runtime.add_model(source.name, source.config, version=version, model_dir=version_dir)
+        for stale in sorted(set(record.versions) - set(source.versions)):
+            self.runtime.unload_model(source.name, stale)
+        record.versions = sorted(source.versions)
+        record.labels = labels
+
+    def unload(self, name: str) -> None:
+        """Stop serving a model; requests it already accepted finish first."""
+        if self.mode != "explicit":
+            raise Unavailable(
+                f"unloading models through the repository API needs --model-control-mode explicit "
+                f"(the server runs in '{self.mode}' mode)"
+            )
+        with self._lock:
+            record = self._records.get(name)
+            if record is None or not record.versions:
+                raise ModelNotFound(f"model '{name}' is not loaded")
+            record.state = "UNLOADING"
+            self._expected.discard(name)
+            try:
+                self.runtime.unload_model(name)
+            finally:
+                record.versions = []
+                record.state, record.reason = "UNAVAILABLE", "unloaded"
+
+    def poll(self) -> list[str]:
+        """Reload models whose files changed, load new ones, unload removed ones.
+
+        Returns the names acted on. A model that fails to reload keeps serving.
+        """
+        changed: list[str] = []
+        current = self.repository.scan()
+        with self._lock:
+            for name in sorted(set(self._records) - set(current)):
+                record = self._records[name]
+                if record.versions:
+                    self.runtime.unload_model(name)
+                    changed.append(name)
+                del self._records[name]
+                self._expected.discard(name)
+            for name, fingerprint in sorted(current.items()):
+                record = self._records.get(name)
+                if record is not None and record.fingerprint == fingerprint:
+                    continue
+                changed.append(name)
+                try:
+                    self.load(name, _startup=True)
+                except ConveyorError as exc:
+                    self._records[name].fingerprint = fingerprint  # do not retry until it changes again
+                    log.error("model %s failed to reload (serving versions %s stay): %s",
+                              name, self._records[name].versions, exc)
+        return changed
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """The repository index: every model in the repository or known to the server."""
+        with self._lock:
+            names = set(self._records) | set(self.repository.list_models())
+            rows = []
+            for name in sorted(names):
+                record = self._records.get(name, ModelRecord(name, reason="not loaded"))
+                if ready_only and record.state != "READY":
+                    continue
+                if record.versions:
+                    rows += [{"name": name, "version": str(v), "state": record.state, "reason": record.reason}
+                             for v in record.versions]
+                else:
+                    rows.append({"name": name, "state": record.state, "reason": record.reason})
+            return rows
+
+    def labels(self, name: str, output: str) -> list[str] | None:
+        record = self._records.get(name)
+        return None if record is None else record.labels.get(output)
+
+    def ready(self) -> bool:
+        """Every model the operator asked for is READY (Triton's strict readiness)."""
+        with self._lock:
+            return all(self._records.get(n, ModelRecord(n)).state == "READY" for n in self._expected)
+
+
+def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
+    labels = {}
+    for output in config.outputs:
+        if output.labels is None:
+            continue
+        path = model_dir / output.labels
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"model '{config.name}': output '{output.name}' names labels file {path}, "
+                f"which cannot be read: {exc.strerror}"
+            ) from None
+        labels[output.name] = [line.strip() for line in lines if line.strip()]
+    return labels
+
+
+def _stage_files(name: str, files: dict[str, bytes | str]) -> Path:
+    """Write `file:<version>/<name>` contents into a private directory laid out like a model."""
+    root = Path(tempfile.mkdtemp(prefix="conveyor-load-")) / name
+    root.mkdir()
+    for key, content in files.items():
+        relative = Path(key.removeprefix("file:"))
+        parts = relative.parts
+        if len(parts) < 2 or not parts[0].isdigit() or any(p in ("..", "") or p.startswith("/") for p in parts):
+            shutil.rmtree(root.parent, ignore_errors=True)
+            raise InvalidInput(
+                f"model '{name}': file parameter '{key}' must look like 'file:<version>/<file name>' "
+                "inside the model directory"
+            )
+        data = base64.b64decode(content) if isinstance(content, str) else content
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
