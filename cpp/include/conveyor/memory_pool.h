@@ -65,7 +65,8 @@ class MemoryPool : public std::enable_shared_from_this<MemoryPool> {
   virtual MemoryKind kind() const noexcept = 0;
   virtual Device device() const noexcept = 0;
 
-  // The size class a request of nbytes is rounded up to (exposed for tests).
+  // The size class a request of nbytes is rounded up to (exposed for tests); 0 when
+  // nbytes exceeds the largest class (2^48 bytes), which allocate() refuses.
   static size_t size_class(size_t nbytes) noexcept;
 };
 
