@@ -100,8 +100,8 @@ def test_onnx_without_batching_uses_full_shapes(tmp_path: Path, add_one_onnx: Ca
 def test_onnx_fills_omitted_tensors(tmp_path: Path, add_one_onnx: Callable[..., bytes]) -> None:
     path = write_file(tmp_path, "model.onnx", add_one_onnx(4))
     filled = fill_config_from_onnx(make_config(), path)
-    assert filled.inputs[0].model_dump() == tensor("x", [4])
-    assert filled.outputs[0].model_dump() == tensor("y", [4])
+    assert filled.inputs[0].model_dump(exclude_none=True) == tensor("x", [4])
+    assert filled.outputs[0].model_dump(exclude_none=True) == tensor("y", [4])
     assert fill_config_from_onnx(filled, path) is filled
     # The backend completes a config on its own too.
     assert OnnxBackend(make_config(), path).config.inputs == filled.inputs

@@ -340,6 +340,8 @@ void init_memory(py::module_& m) {
   if (!empty) throw py::error_already_set();
   pool.attr("empty") = empty;
 
+  m.def("default_host_pool", &MemoryPool::default_host,
+        "The process-wide host pool the batchers use when no pool is given.");
   m.def("cuda_built", &cuda_built, "Whether this build has CUDA support.");
   m.def("cuda_device_count", &cuda_device_count,
         "CUDA devices visible now (0 without CUDA support, a driver or a GPU).");
