@@ -277,6 +277,7 @@ class _UnloadsMidScrape:
 
     def __init__(self, runtime: conveyor.Runtime) -> None:
         self.runtime = runtime
+        self.pool = runtime.pool
 
     def models(self) -> dict[str, list[int]]:
         return {"gone": [1], **self.runtime.models()}

@@ -186,6 +186,11 @@ class Runtime:
         self._closed = False
         _open_runtimes.add(self)
 
+    @property
+    def pool(self) -> Any:
+        """The host memory pool the batchers assemble batches in (the process-wide one by default)."""
+        return self._pool if self._pool is not None else _core.default_host_pool()
+
     @classmethod
     def from_repository(cls, path: str | os.PathLike[str], *, models: list[str] | None = None, pool: Any = None) -> Runtime:
         """A runtime serving every model of a repository (or the named ones).

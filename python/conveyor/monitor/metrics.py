@@ -106,11 +106,11 @@ _RETYPE = tuple(
 def make_registry(runtime: Runtime, pools: Iterable[Any] | None = None) -> CollectorRegistry:
     """A private registry holding a RuntimeCollector for `runtime` and `pools`.
 
-    pools: MemoryPool objects on distinct devices. None: the process-wide host pool, the
-    one a Runtime made without a pool allocates its batches from.
+    pools: MemoryPool objects on distinct devices. None: the runtime's own host pool
+    (the process-wide one unless the Runtime was given another).
     """
     if pools is None:
-        pools = (_core.default_host_pool(),)
+        pools = (runtime.pool,)
     registry = CollectorRegistry()
     registry.register(RuntimeCollector(runtime, pools))
     return registry
