@@ -256,7 +256,7 @@ class Runtime:
         if replaced is not None:
             replaced.close()
         batching = config.dynamic_batching
-        log.info(
+        log.debug(
             "loaded model %s version %d (%s backend): max_batch_size=%d max_queue_delay_us=%d instances=%d",
             name, version, config.backend, config.max_batch_size, batching.max_queue_delay_us, count,
         )

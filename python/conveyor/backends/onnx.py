@@ -68,7 +68,7 @@ class OnnxBackend(Backend):
         self.model_path = Path(model_path)
         self.providers = session.get_providers()
         self._session: ort.InferenceSession | None = session
-        logger.info("%s: loaded %s on %s", self.label, model_path, ", ".join(self.providers))
+        logger.debug("%s: loaded %s on %s", self.label, model_path, ", ".join(self.providers))
 
     def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         self._check_callable(inputs)
@@ -186,7 +186,7 @@ def _complete_config(
             tensors.append(TensorConfig(name=graph.name, datatype=graph.datatype, dims=dims))
         updates[field] = tensors
     if updates:
-        logger.info("%s: filled %s of model '%s' from the graph", source, " and ".join(updates), config.name)
+        logger.debug("%s: filled %s of model '%s' from the graph", source, " and ".join(updates), config.name)
     return config.model_copy(update=updates) if updates else config
 
 

@@ -122,7 +122,7 @@ class PythonBackend(_UserCodeBackend):
         except BaseException:
             sys.modules.pop(self._module_name, None)
             raise
-        logger.info("%s: loaded %s", self.label, self.model_path)
+        logger.debug("%s: loaded %s", self.label, self.model_path)
 
     def _load(self, config: ModelConfig) -> Any:
         spec = importlib.util.spec_from_file_location(self._module_name, self.model_path)

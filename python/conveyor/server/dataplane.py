@@ -15,7 +15,8 @@ import numpy as np
 
 from conveyor.errors import InvalidInput, ModelNotFound, Unavailable
 from conveyor.protocol.classification import classify
-from conveyor.protocol.model_config import config_from_triton_json, model_metadata, triton_model_config
+from conveyor.protocol.config_override import config_from_triton_json
+from conveyor.protocol.model_config import model_metadata, triton_model_config
 from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
 from conveyor.runtime import ModelHandle
 from conveyor.server.models import ModelManager

@@ -114,7 +114,11 @@ class ModelManager:
         if staging is None and config_override is None:
             return self.repository.load_model(name)
         root = staging if staging is not None else self.repository.model_dir(name)
-        config = parse_model_config(dict(config_override or {}), source=f"config override for model '{name}'", name=name)
+        override = dict(config_override or {})
+        if "backend" not in override and staging is None:
+            # Triton's overrides often name no backend: keep the one the repository config names.
+            override["backend"] = self.repository.load_model(name).config.backend
+        config = parse_model_config(override, source=f"config override for model '{name}'", name=name)
         available = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0")
         chosen = config.version_policy.select(available)
         if not chosen:

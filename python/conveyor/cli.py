@@ -1,0 +1,165 @@
+"""The `conveyor` command line. It only parses: every subcommand forwards to one options object.
+
+Every flag can also come from an environment variable, CONVEYOR_ plus the flag's name
+in capitals with dashes as underscores (--http-port: CONVEYOR_HTTP_PORT); a flag given
+on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conveyor import __version__
+from conveyor.errors import ConveyorError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _EnvError(Exception):
+    pass
+
+
+def _env(flag: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    """The default for --flag: CONVEYOR_FLAG from the environment, converted, else `default`."""
+    variable = "CONVEYOR_" + flag.upper().replace("-", "_")
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default
+    try:
+        return convert(raw)
+    except (TypeError, ValueError) as exc:
+        raise _EnvError(f"environment variable {variable}={raw!r} is not valid for --{flag}: {exc}") from None
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected an integer > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return check
+
+
+def _serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over KServe v2 HTTP and gRPC",
+        description="Serve a model repository over KServe v2 (REST and gRPC): unmodified tritonclient and "
+        "perf_analyzer work against it. With no REPOSITORY, serves the bundled example models.",
+    )
+    p.add_argument("repository", nargs="?", type=Path, default=_env("repository", None, Path),
+                   help="model repository directory (default: the bundled examples; env CONVEYOR_REPOSITORY)")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"),
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--http-port", type=_port, default=_env("http-port", 8000, _port), help="REST port (default 8000)")
+    p.add_argument("--grpc-port", type=_port, default=_env("grpc-port", 8001, _port),
+                   help="gRPC port (default 8001; 0 turns gRPC off)")
+    p.add_argument("--metrics-port", type=_port, default=_env("metrics-port", 0, _port),
+                   help="serve /metrics on its own port (default 0: on the HTTP port)")
+    p.add_argument("--model-control-mode", type=_choice(("none", "poll", "explicit")),
+                   default=_env("model-control-mode", "none", _choice(("none", "poll", "explicit"))),
+                   help="none: load every model at start; poll: also reload what changes on disk; "
+                   "explicit: load only --load-model at start, then load/unload through the repository API")
+    p.add_argument("--load-model", action="append", default=_env("load-model", [], lambda s: s.split(",")),
+                   metavar="NAME", help="explicit mode: a model to load at start (repeatable)")
+    p.add_argument("--poll-interval-s", type=_positive_float, default=_env("poll-interval-s", 15.0, _positive_float),
+                   help="poll mode: seconds between repository scans (default 15)")
+    p.add_argument("--max-request-bytes", type=_positive_int,
+                   default=_env("max-request-bytes", 64 * 1024 * 1024, _positive_int),
+                   help="largest request body accepted; bigger ones get 413 (default 64 MiB)")
+    p.add_argument("--api-key", default=_env("api-key", None),
+                   help="require 'Authorization: Bearer KEY' on repository control endpoints (load, unload, index)")
+    p.add_argument("--grace-period-s", type=_positive_float, default=_env("grace-period-s", 30.0, _positive_float),
+                   help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
+    p.add_argument("--log-level", type=_choice(LOG_LEVELS), default=_env("log-level", "info", _choice(LOG_LEVELS)),
+                   help="logging level (default info)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from conveyor.examples import example_repository
+    from conveyor.server.serve import ServeOptions, run_server
+
+    repository = args.repository or example_repository()
+    if not repository.is_dir():
+        print(f"conveyor serve: repository {repository} is not a directory", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        repository=repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        load_models=list(args.load_model),
+        poll_interval_s=args.poll_interval_s,
+        max_request_bytes=args.max_request_bytes,
+        api_key=args.api_key,
+        grace_period_s=args.grace_period_s,
+        server_version=__version__,
+    )
+    logging.getLogger("conveyor").info("conveyor %s serving %s", __version__, repository)
+    try:
+        run_server(options)
+    except OSError as exc:
+        print(f"conveyor serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="Put trained models into production.")
+    parser.add_argument("--version", action="version", version=f"conveyor {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _serve_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except _EnvError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConveyorError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

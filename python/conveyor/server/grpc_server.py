@@ -1,0 +1,204 @@
+"""The KServe v2 gRPC front end: GRPCInferenceService and grpc.health.v1 on grpc.aio.
+
+Thin by design: each RPC decodes its message (conveyor.protocol.grpc.codec), calls
+the data plane the HTTP server also calls, and encodes the answer. It runs on the
+caller's event loop, uvloop or not. Every failure becomes that call's status: a
+ConveyorError gets the code of the shared error table, anything else is INTERNAL
+and logged with its traceback; the server itself never stops because of a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.errors import ConveyorError, InvalidInput, Unavailable
+from conveyor.protocol.errors import grpc_code_for
+from conveyor.protocol.grpc import codec
+from conveyor.protocol.grpc import inference_pb2 as pb
+from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
+from conveyor.server.dataplane import DataPlane
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+# How often a health Watch stream re-reads readiness; Check always reads it afresh.
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _rpc(handler: _Handler) -> _Handler:
+    """Turn every exception of `handler` into the call's gRPC status."""
+
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except ConveyorError as exc:
+            code, message = grpc.StatusCode[grpc_code_for(exc)], str(exc)
+        except Exception as exc:  # a bug: report it on this call, keep serving
+            log.exception("unexpected error in gRPC %s", handler.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        await context.abort(code, message)
+
+    return guarded
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    # -- health and metadata -----------------------------------------------------------
+
+    @_rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    @_rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await _is_ready(self.dataplane))
+
+    @_rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+
+    @_rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        metadata = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
+        )
+
+    @_rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return codec.model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
+
+    @_rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return codec.model_config_to_proto(self.dataplane.model_config(request.name, request.version))
+
+    # -- inference and statistics ------------------------------------------------------
+
+    @_rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if self.dataplane.draining:
+            raise Unavailable("the server is shutting down and accepts no new requests")
+        response = await self.dataplane.infer(codec.infer_request_from_proto(request))
+        return codec.infer_response_to_proto(response)
+
+    @_rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        return codec.statistics_to_proto(self.dataplane.statistics(request.name, request.version))
+
+    # -- repository ----------------------------------------------------------------------
+
+    @_rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        _check_repository(request.repository_name)
+        # The index waits on the model manager's lock, which a load holds throughout.
+        rows = await asyncio.to_thread(self.dataplane.repository_index, request.ready)
+        return codec.repository_index_to_proto(rows)
+
+    @_rpc
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        _check_repository(request.repository_name)
+        where = f"load of model '{request.model_name}'"
+        parameters = codec.parameters_from_proto(request.parameters, where=where)
+        await self.dataplane.load_model(request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        _check_repository(request.repository_name)
+        where = f"unload of model '{request.model_name}'"
+        await self.dataplane.unload_model(
+            request.model_name, codec.parameters_from_proto(request.parameters, where=where)
+        )
+        return pb.RepositoryModelUnloadResponse()
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING while the data plane is ready, for "" and the inference service."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def _status(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        ready = await _is_ready(self.dataplane)
+        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        status = await self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any):
+        # The data plane has no readiness events to wait on, so a watch re-reads it; the
+        # stream ends when the client cancels or the server stops.
+        last = None
+        while True:
+            status = await self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+
+
+async def start_grpc_server(
+    dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int
+) -> grpc.aio.Server:
+    """Serve GRPCInferenceService and health on host:port; returns the started server.
+
+    Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
+    in flight get up to `grace_s` seconds. Raises OSError naming the address when it
+    cannot be bound (for instance, the port is taken).
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Off, so that a second server on a taken port fails instead of sharing it.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(dataplane), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        raise OSError(
+            errno.EADDRINUSE, f"cannot listen for gRPC on {address}: the port is in use or the address is not local"
+        )
+    await server.start()
+    return server
+
+
+async def _is_ready(dataplane: DataPlane) -> bool:
+    # Readiness waits on the model manager's lock, which a model load holds throughout:
+    # off the event loop, so a slow load never stalls inference.
+    return await asyncio.to_thread(dataplane.ready)
+
+
+def _check_repository(name: str) -> None:
+    if name:
+        raise InvalidInput(f"repository '{name}' does not exist: this server has one repository (leave the name empty)")

@@ -1,0 +1,321 @@
+"""The KServe v2 REST front end: an HTTP/1.1 server on uvloop and httptools.
+
+No framework layers on the request path (measured on 2 vCPUs: a bare protocol serves
+~1.5x the requests of a raw ASGI app on uvicorn, at ~60% of the CPU per request):
+bytes come off the socket into httptools, the route is matched with a split, the body
+is decoded without copying binary tensors, and the response goes out in one
+writelines() call. Pipelined requests on one connection are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import zlib
+from collections import deque
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+from conveyor.errors import ConveyorError, InvalidInput
+from conveyor.protocol.errors import http_status_for
+from conveyor.protocol.http_codec import decode_infer_request, encode_error, encode_infer_response
+from conveyor.protocol.model_config import input_specs
+from conveyor.server.dataplane import DataPlane
+from conveyor.server.responses import Response, error_response, json_response
+from conveyor.server.routes import Route, match_route
+
+log = logging.getLogger(__name__)
+
+_REASONS = {
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error",
+    501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+_MAX_PIPELINED = 64  # requests queued on one connection before reading pauses
+
+
+class HttpApp:
+    """Routes requests to the data plane; shared by every connection of one server."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_request_bytes: int,
+        api_key: str | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.dataplane = dataplane
+        self.max_request_bytes = max_request_bytes
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics  # callable () -> (body bytes, content type str), or None
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.connections: set[HttpProtocol] = set()
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if self.api_key is None:
+            return True
+        given = headers.get(b"authorization", b"")
+        return given.startswith(b"Bearer ") and hmac.compare_digest(given[7:], self.api_key)
+
+    async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
+        path = target.partition(b"?")[0]
+        route = match_route(method, unquote(path.decode("latin-1")))
+        if isinstance(route, Response):
+            return route
+        try:
+            if route.control and not self.authorized(headers):
+                return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>'")],
+                                headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
+            if self.dataplane.draining and route.name in ("infer", "load", "unload"):
+                return Response(503, [encode_error("the server is shutting down and accepts no new requests")])
+            return await self._dispatch(route, headers, body)
+        except Exception as exc:  # every failure becomes this request's error response
+            return error_response(exc)
+
+    async def _dispatch(self, route: Route, headers: dict[bytes, bytes], body: bytes) -> Response:
+        dp = self.dataplane
+        model, version = route.model, route.version
+        name = route.name
+        if name == "infer":
+            return await self._infer(model, version, headers, body)
+        if name == "live":
+            return Response(200 if dp.live() else 400, [])
+        if name == "ready":
+            return Response(200 if dp.ready() else 400, [])
+        if name == "server_metadata":
+            return json_response(dp.server_metadata())
+        if name == "model_ready":
+            if dp.model_ready(model, version):
+                return Response(200, [])
+            return Response(400, [encode_error(f"model '{model}' version '{version or 'default'}' is not ready")])
+        if name == "model_metadata":
+            return json_response(dp.model_metadata(model, version))
+        if name == "model_config":
+            return json_response(dp.model_config(model, version))
+        if name == "stats":
+            return json_response(dp.statistics(model, version))
+        if name == "index":
+            request = _json_object(body, "repository index request") if body else {}
+            return json_response(dp.repository_index(bool(request.get("ready", False))))
+        if name in ("load", "unload"):
+            request = _json_object(body, f"repository {name} request") if body else {}
+            parameters = request.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise InvalidInput(f"repository {name} request: 'parameters' must be an object")
+            await (dp.load_model if name == "load" else dp.unload_model)(model, parameters)
+            return Response(200, [])
+        if name == "metrics":
+            if self.metrics is None:
+                return Response(404, [encode_error("metrics are disabled on this port")])
+            payload, content_type = self.metrics()
+            return Response(200, [payload], content_type.encode())
+        if name == "models":
+            return json_response({"models": sorted(dp.runtime.models())})
+        raise InvalidInput(f"unhandled route {name}")
+
+    async def _infer(self, model: str, version: str, headers: dict[bytes, bytes], body: bytes) -> Response:
+        header_length = headers.get(b"inference-header-content-length")
+        try:
+            header_length_int = None if header_length is None else int(header_length)
+        except ValueError:
+            raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        handle = self.dataplane.handle(model, version)
+        request = decode_infer_request(
+            body,
+            header_length_int,
+            model_name=model,
+            model_version=version,
+            input_specs=input_specs(handle.config) if header_length_int == 0 else None,
+            max_batch_size=handle.config.max_batch_size,
+        )
+        response = await self.dataplane.infer(request)
+        parts, json_length = encode_infer_response(response)
+        if json_length is None:
+            return Response(200, parts)
+        return Response(200, parts, b"application/octet-stream",
+                        [b"Inference-Header-Content-Length: %d" % json_length])
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what}: expected a JSON object")
+    return value
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parse, queue in order, answer, keep alive."""
+
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[bytes, bytes, dict[bytes, bytes], bytes, bool]] = deque()
+        self.busy = False
+        self.reading = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.rejected = False
+
+    # -- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.app.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.app.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    # -- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.app.max_request_bytes:
+            self._reject_too_large(int(length))
+            return
+        if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.rejected:
+            return
+        self.body_bytes += len(body)
+        if self.body_bytes > self.app.max_request_bytes:
+            self._reject_too_large(self.body_bytes)
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.rejected:
+            return
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        request = (self.parser.get_method(), self.url, self.headers, body, self.parser.should_keep_alive())
+        self.pending.append(request)
+        if len(self.pending) > _MAX_PIPELINED and self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._serve_pending())
+
+    # -- answering -------------------------------------------------------------------
+
+    async def _serve_pending(self) -> None:
+        app = self.app
+        while self.pending and self.transport is not None:
+            method, url, headers, body, keep_alive = self.pending.popleft()
+            app.in_flight += 1
+            app.idle.clear()
+            try:
+                try:
+                    body = _decompress(headers, body, app.max_request_bytes)
+                    response = await app.handle(method, url, headers, body)
+                except Exception as exc:  # decoding failures and the like: this request only
+                    response = error_response(exc)
+                self._write(response, keep_alive and not app.dataplane.draining)
+            finally:
+                app.in_flight -= 1
+                if app.in_flight == 0:
+                    app.idle.set()
+            if not keep_alive:
+                break
+            if not self.reading and len(self.pending) <= _MAX_PIPELINED // 2 and self.transport is not None:
+                self.reading = True
+                self.transport.resume_reading()
+        self.busy = False
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        length = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in response.body)
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b"Unknown")),
+            b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, length),
+        ]
+        for header in response.headers:
+            head.append(header + b"\r\n")
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        transport.writelines([b"".join(head), *response.body])
+        if not keep_alive:
+            transport.close()
+            self.transport = None
+
+    def _reject_too_large(self, size: int) -> None:
+        self.rejected = True
+        self._fail(413, f"request body of {size} bytes is over the limit of {self.app.max_request_bytes} bytes "
+                        "(--max-request-bytes)")
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer a request that cannot be parsed or read, then close the connection."""
+        self.pending.clear()
+        self._write(Response(status, [encode_error(message)]), keep_alive=False)
+
+    def close_if_idle(self) -> None:
+        if not self.busy and not self.pending and self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+def _decompress(headers: dict[bytes, bytes], body: bytes, limit: int) -> bytes:
+    encoding = headers.get(b"content-encoding", b"identity").lower()
+    if encoding in (b"identity", b""):
+        return body
+    if encoding not in (b"gzip", b"deflate"):
+        raise InvalidInput(f"Content-Encoding '{encoding.decode('latin-1')}' is not supported (use gzip or deflate)")
+    wbits = 31 if encoding == b"gzip" else 15
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding.decode()} data: {exc}") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise InvalidInput(f"decompressed request body is over the limit of {limit} bytes (--max-request-bytes)")
+    return data
+
+
+async def start_http_server(
+    app: HttpApp, host: str, port: int, *, backlog: int = 1024
+) -> asyncio.base_events.Server:
+    """Listen on host:port; raises OSError naming the address if it is taken."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(lambda: HttpProtocol(app), host, port, backlog=backlog, reuse_address=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None

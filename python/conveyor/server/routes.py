@@ -1,0 +1,74 @@
+"""The v2 REST routes, matched by splitting the path (no regex, no framework)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conveyor.protocol.http_codec import encode_error
+from conveyor.server.responses import Response
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    model: str = ""
+    version: str = ""
+    control: bool = False  # repository control: guarded by the API key
+
+
+_GET_MODEL_ROUTES = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "stats": "stats"}
+
+
+def match_route(method: bytes, path: str):
+    """A Route, or a ready Response for unknown paths (404) and wrong methods (405)."""
+    parts = path.strip("/").split("/")
+    found = _match(parts)
+    if found is None:
+        return Response(404, [encode_error(f"no route for {path}")])
+    route, allowed = found
+    if method not in allowed:
+        methods = ", ".join(m.decode() for m in allowed)
+        return Response(405, [encode_error(f"{path} accepts {methods}, not {method.decode('latin-1')}")],
+                        headers=[b"Allow: " + methods.encode()])
+    return route
+
+
+def _match(parts: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
+    get, post = (b"GET",), (b"POST",)
+    if parts == ["metrics"]:
+        return Route("metrics"), get
+    if not parts or parts[0] != "v2":
+        return None
+    rest = parts[1:]
+    if not rest:
+        return Route("server_metadata"), get
+    if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+        return Route(rest[1]), get
+    if rest[0] == "repository":
+        return _match_repository(rest[1:], post)
+    if rest[0] != "models":
+        return None
+    if rest == ["models"]:
+        return Route("models"), get
+    if rest == ["models", "stats"]:
+        return Route("stats"), get
+    model, tail = rest[1], rest[2:]
+    version = ""
+    if len(tail) >= 2 and tail[0] == "versions":
+        version, tail = tail[1], tail[2:]
+    if len(tail) > 1 or not model:
+        return None
+    action = tail[0] if tail else ""
+    if action == "infer":
+        return Route("infer", model, version), post
+    name = _GET_MODEL_ROUTES.get(action)
+    return (Route(name, model, version), get) if name else None
+
+
+def _match_repository(rest: list[str], post: tuple[bytes, ...]) -> tuple[Route, tuple[bytes, ...]] | None:
+    # /v2/repository[/{repository name}]/index and .../models/{m}/(load|unload)
+    if rest and rest[-1] == "index" and len(rest) <= 2:
+        return Route("index", control=True), post
+    if len(rest) >= 3 and rest[-3] == "models" and rest[-1] in ("load", "unload") and len(rest) <= 4:
+        return Route(rest[-1], rest[-2], control=True), post
+    return None

@@ -1,0 +1,157 @@
+"""`conveyor serve`: a model repository behind KServe v2 over HTTP and gRPC.
+
+One process, one event loop (uvloop when installed): the HTTP server, the gRPC
+server, the repository poller and the signal handlers share it; models run on the
+batchers' own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conveyor.repository import ModelRepository
+from conveyor.runtime import Runtime
+from conveyor.server.dataplane import DataPlane
+from conveyor.server.http import HttpApp, start_http_server
+from conveyor.server.models import ControlMode, ModelManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    """Everything `conveyor serve` can be told; the CLI fills it from flags and CONVEYOR_* variables."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001  # 0: no gRPC server
+    metrics_port: int = 0  # 0: /metrics on the HTTP port
+    model_control_mode: ControlMode = "none"
+    load_models: list[str] = field(default_factory=list)  # explicit mode: models loaded at start
+    poll_interval_s: float = 15.0
+    max_request_bytes: int = 64 * 1024 * 1024
+    api_key: str | None = None
+    grace_period_s: float = 30.0
+    server_version: str = "0"
+
+
+class Server:
+    """A running server; `run()` returns once a stop signal has drained it."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.runtime = Runtime()
+        self.manager = ModelManager(ModelRepository(options.repository), self.runtime, options.model_control_mode)
+        self.dataplane = DataPlane(self.manager, server_version=options.server_version)
+        self.stopping = asyncio.Event()
+        self._servers: list = []
+        self._grpc = None
+        self._poller: asyncio.Task | None = None
+        self.http_app: HttpApp | None = None
+
+    async def start(self) -> None:
+        o = self.options
+        await asyncio.to_thread(self.manager.start, o.load_models)
+        self._log_models()
+        metrics = _metrics_renderer(self.runtime)
+        self.http_app = HttpApp(
+            self.dataplane,
+            max_request_bytes=o.max_request_bytes,
+            api_key=o.api_key,
+            metrics=metrics if o.metrics_port == 0 else None,
+        )
+        self._servers.append(await start_http_server(self.http_app, o.host, o.http_port))
+        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, o.http_port)
+        if o.metrics_port:
+            metrics_app = HttpApp(self.dataplane, max_request_bytes=4096, metrics=metrics)
+            self._servers.append(await start_http_server(metrics_app, o.host, o.metrics_port))
+            log.info("metrics listening on http://%s:%d/metrics", o.host, o.metrics_port)
+        if o.grpc_port:
+            from conveyor.server.grpc_server import start_grpc_server
+
+            self._grpc = await start_grpc_server(self.dataplane, o.host, o.grpc_port, max_message_bytes=o.max_request_bytes)
+            log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
+        if o.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def _log_models(self) -> None:
+        for row in self.manager.index():
+            if row["state"] != "READY":
+                log.warning("model %s is %s: %s", row["name"], row["state"], row["reason"])
+        for name, versions in sorted(self.runtime.models().items()):
+            config = self.runtime.config(name)
+            batching = config.dynamic_batching
+            log.info(
+                "model %s versions %s: backend %s, max_batch_size %d, max_queue_delay_us %d, "
+                "preferred_batch_sizes %s, instances %d",
+                name, versions, config.backend, config.max_batch_size, batching.max_queue_delay_us,
+                batching.preferred_batch_sizes, config.instance_group.count,
+            )
+
+    async def _poll(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.options.poll_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                changed = await asyncio.to_thread(self.manager.poll)
+            except Exception:  # a scan that fails must not stop polling
+                log.exception("repository poll failed")
+                continue
+            if changed:
+                log.info("repository poll: reloaded %s", ", ".join(changed))
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        await self.stopping.wait()
+        log.info("stopping: finishing accepted requests (grace period %.0f s)", self.options.grace_period_s)
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finish what was accepted (up to the grace period), release models."""
+        self.stopping.set()
+        self.dataplane.draining = True
+        if self._poller is not None:
+            await self._poller
+        for server in self._servers:
+            server.close()
+        grpc_stop = self._grpc.stop(self.options.grace_period_s) if self._grpc is not None else None
+        if self.http_app is not None:
+            try:
+                await asyncio.wait_for(self.http_app.idle.wait(), self.options.grace_period_s)
+            except asyncio.TimeoutError:
+                log.warning("grace period over with %d HTTP requests unanswered", self.http_app.in_flight)
+            for connection in list(self.http_app.connections):
+                connection.close_if_idle()
+        if grpc_stop is not None:
+            await grpc_stop
+        await asyncio.to_thread(self.runtime.close)
+        log.info("stopped")
+
+
+def _metrics_renderer(runtime: Runtime):
+    from conveyor.monitor.metrics import make_registry, render_metrics
+
+    registry = make_registry(runtime)
+    return lambda: render_metrics(registry)
+
+
+def run_server(options: ServeOptions) -> None:
+    """Run a server in this thread until a stop signal (uvloop when available)."""
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio works, slower
+        asyncio.run(Server(options).run())
+        return
+    uvloop.run(Server(options).run())
