@@ -53,6 +53,7 @@ class Server:
         self._grpc = None
         self._poller: asyncio.Task | None = None
         self.http_app: HttpApp | None = None
+        self.http_port = options.http_port  # the bound port once started (options may say 0: any free port)
 
     async def start(self) -> None:
         o = self.options
@@ -65,12 +66,15 @@ class Server:
             api_key=o.api_key,
             metrics=metrics if o.metrics_port == 0 else None,
         )
-        self._servers.append(await start_http_server(self.http_app, o.host, o.http_port))
-        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, o.http_port)
+        http_server = await start_http_server(self.http_app, o.host, o.http_port)
+        self._servers.append(http_server)
+        self.http_port = _bound_port(http_server)
+        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, self.http_port)
         if o.metrics_port:
             metrics_app = HttpApp(self.dataplane, max_request_bytes=4096, metrics=metrics)
-            self._servers.append(await start_http_server(metrics_app, o.host, o.metrics_port))
-            log.info("metrics listening on http://%s:%d/metrics", o.host, o.metrics_port)
+            metrics_server = await start_http_server(metrics_app, o.host, o.metrics_port)
+            self._servers.append(metrics_server)
+            log.info("metrics listening on http://%s:%d/metrics", o.host, _bound_port(metrics_server))
         if o.grpc_port:
             from conveyor.server.grpc_server import start_grpc_server
 
@@ -138,6 +142,10 @@ class Server:
             await grpc_stop
         await asyncio.to_thread(self.runtime.close)
         log.info("stopped")
+
+
+def _bound_port(server: asyncio.base_events.Server) -> int:
+    return server.sockets[0].getsockname()[1]
 
 
 def _metrics_renderer(runtime: Runtime):
