@@ -161,9 +161,11 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[tuple[bytes, bytes, dict[bytes, bytes], bytes, bool]] = deque()
+        # Requests in arrival order; a Response stands for one that could not be read (answered, then close).
+        self.pending: deque[tuple[bytes, bytes, dict[bytes, bytes], bytes, bool] | Response] = deque()
         self.busy = False
         self.reading = True
+        self.failed = False  # an unreadable request was seen: later bytes are ignored
         self._reset()
 
     def _reset(self) -> None:
@@ -184,6 +186,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -203,6 +207,8 @@ class HttpProtocol(asyncio.Protocol):
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        if self.failed:
+            return
         length = self.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.app.max_request_bytes:
             self._reject_too_large(int(length))
@@ -211,7 +217,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        if self.rejected:
+        if self.rejected or self.failed:
             return
         self.body_bytes += len(body)
         if self.body_bytes > self.app.max_request_bytes:
@@ -220,7 +226,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.rejected:
+        if self.rejected or self.failed:
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         request = (self.parser.get_method(), self.url, self.headers, body, self.parser.should_keep_alive())
@@ -237,13 +243,19 @@ class HttpProtocol(asyncio.Protocol):
     async def _serve_pending(self) -> None:
         app = self.app
         while self.pending and self.transport is not None:
-            method, url, headers, body, keep_alive = self.pending.popleft()
+            request = self.pending.popleft()
+            if isinstance(request, Response):
+                self._write(request, keep_alive=False)
+                break
+            method, url, headers, body, keep_alive = request
             app.in_flight += 1
             app.idle.clear()
             try:
                 try:
                     body = _decompress(headers, body, app.max_request_bytes)
                     response = await app.handle(method, url, headers, body)
+                except _BodyTooLarge as exc:
+                    response = Response(413, [encode_error(str(exc))])
                 except Exception as exc:  # decoding failures and the like: this request only
                     response = error_response(exc)
                 self._write(response, keep_alive and not app.dataplane.draining)
@@ -283,14 +295,26 @@ class HttpProtocol(asyncio.Protocol):
                         "(--max-request-bytes)")
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer a request that cannot be parsed or read, then close the connection."""
-        self.pending.clear()
-        self._write(Response(status, [encode_error(message)]), keep_alive=False)
+        """Answer a request that cannot be parsed or read, then close the connection.
+
+        Pipelined requests read before it are answered first, so that every answer
+        reaches the request it belongs to.
+        """
+        self.failed = True
+        response = Response(status, [encode_error(message)])
+        if self.busy:
+            self.pending.append(response)
+        else:
+            self._write(response, keep_alive=False)
 
     def close_if_idle(self) -> None:
         if not self.busy and not self.pending and self.transport is not None:
             self.transport.close()
             self.transport = None
+
+
+class _BodyTooLarge(Exception):
+    """A compressed body that inflates past --max-request-bytes (answered 413, like a long one)."""
 
 
 def _decompress(headers: dict[bytes, bytes], body: bytes, limit: int) -> bytes:
@@ -306,7 +330,7 @@ def _decompress(headers: dict[bytes, bytes], body: bytes, limit: int) -> bytes:
     except zlib.error as exc:
         raise InvalidInput(f"request body is not valid {encoding.decode()} data: {exc}") from None
     if len(data) > limit or decompressor.unconsumed_tail:
-        raise InvalidInput(f"decompressed request body is over the limit of {limit} bytes (--max-request-bytes)")
+        raise _BodyTooLarge(f"decompressed request body is over the limit of {limit} bytes (--max-request-bytes)")
     return data
 
 
