@@ -67,12 +67,23 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return check
 
 
+class _AppendOverDefault(argparse.Action):
+    """Like action="append", but the first flag replaces the default (CONVEYOR_LOAD_MODEL) instead of extending it."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), values])
+
+
 def _serve_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model repository over KServe v2 HTTP and gRPC",
         description="Serve a model repository over KServe v2 (REST and gRPC): unmodified tritonclient and "
         "perf_analyzer work against it. With no REPOSITORY, serves the bundled example models.",
+        epilog="Every flag can also be set by an environment variable: CONVEYOR_ and the flag's name in capitals "
+        "with dashes as underscores (--http-port: CONVEYOR_HTTP_PORT; --load-model: a comma-separated list). "
+        "A flag given on the command line wins.",
     )
     p.add_argument("repository", nargs="?", type=Path, default=_env("repository", None, Path),
                    help="model repository directory (default: the bundled examples; env CONVEYOR_REPOSITORY)")
@@ -87,7 +98,7 @@ def _serve_parser(subparsers: Any) -> None:
                    default=_env("model-control-mode", "none", _choice(("none", "poll", "explicit"))),
                    help="none: load every model at start; poll: also reload what changes on disk; "
                    "explicit: load only --load-model at start, then load/unload through the repository API")
-    p.add_argument("--load-model", action="append", default=_env("load-model", [], lambda s: s.split(",")),
+    p.add_argument("--load-model", action=_AppendOverDefault, default=_env("load-model", [], lambda s: s.split(",")),
                    metavar="NAME", help="explicit mode: a model to load at start (repeatable)")
     p.add_argument("--poll-interval-s", type=_positive_float, default=_env("poll-interval-s", 15.0, _positive_float),
                    help="poll mode: seconds between repository scans (default 15)")
@@ -99,7 +110,7 @@ def _serve_parser(subparsers: Any) -> None:
     p.add_argument("--grace-period-s", type=_positive_float, default=_env("grace-period-s", 30.0, _positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
     p.add_argument("--log-level", type=_choice(LOG_LEVELS), default=_env("log-level", "info", _choice(LOG_LEVELS)),
-                   help="logging level (default info)")
+                   help="logging level: debug, info, warning or error (default info)")
     p.set_defaults(run=_run_serve)
 
 
