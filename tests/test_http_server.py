@@ -693,3 +693,14 @@ def test_malformed_http_is_400(served: ServerThread) -> None:
     finally:
         raw.close()
     _assert_still_serving(served.port)
+
+
+def test_bearer_scheme_is_case_insensitive(served):
+    import http.client
+
+    for scheme in ("bearer", "BEARER"):
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        connection.request("POST", "/v2/repository/index", body=b"{}",
+                           headers={"Authorization": f"{scheme} {API_KEY}"})
+        assert connection.getresponse().status == 200
+        connection.close()

@@ -21,8 +21,14 @@ from conveyor.errors import ConveyorError
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class _EnvError(Exception):
-    pass
+class _BadEnv:
+    """A CONVEYOR_* value that did not convert: reported only if its flag is used unset."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:  # shown by --help as the default
+        return "<invalid environment value>"
 
 
 def _env(flag: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
@@ -34,7 +40,7 @@ def _env(flag: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
     try:
         return convert(raw)
     except (TypeError, ValueError) as exc:
-        raise _EnvError(f"environment variable {variable}={raw!r} is not valid for --{flag}: {exc}") from None
+        return _BadEnv(f"environment variable {variable}={raw!r} is not valid for --{flag}: {exc}")
 
 
 def _port(text: str) -> int:
@@ -154,15 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        parser = build_parser()
-    except _EnvError as exc:
-        print(f"conveyor: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    for value in vars(args).values():
+        if isinstance(value, _BadEnv):
+            print(f"conveyor: {value.message}", file=sys.stderr)
+            return 2
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

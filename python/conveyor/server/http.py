@@ -16,7 +16,6 @@ import logging
 import zlib
 from collections import deque
 from typing import Any
-from urllib.parse import unquote
 
 import httptools
 
@@ -61,12 +60,12 @@ class HttpApp:
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         if self.api_key is None:
             return True
-        given = headers.get(b"authorization", b"")
-        return given.startswith(b"Bearer ") and hmac.compare_digest(given[7:], self.api_key)
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
         path = target.partition(b"?")[0]
-        route = match_route(method, unquote(path.decode("latin-1")))
+        route = match_route(method, path.decode("latin-1"))
         if isinstance(route, Response):
             return route
         try:
@@ -164,6 +163,7 @@ class HttpProtocol(asyncio.Protocol):
         # Requests in arrival order; a Response stands for one that could not be read (answered, then close).
         self.pending: deque[tuple[bytes, bytes, dict[bytes, bytes], bytes, bool] | Response] = deque()
         self.busy = False
+        self.continue_owed = False  # a 100 Continue to send once earlier answers are out
         self.reading = True
         self.failed = False  # an unreadable request was seen: later bytes are ignored
         self._reset()
@@ -213,8 +213,12 @@ class HttpProtocol(asyncio.Protocol):
         if length is not None and length.isdigit() and int(length) > self.app.max_request_bytes:
             self._reject_too_large(int(length))
             return
-        if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.headers.get(b"expect", b"").lower() == b"100-continue":
+            # The interim answer must not overtake answers still owed to earlier requests.
+            if self.busy or self.pending:
+                self.continue_owed = True
+            elif self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self.rejected or self.failed:
@@ -265,6 +269,9 @@ class HttpProtocol(asyncio.Protocol):
                     app.idle.set()
             if not keep_alive:
                 break
+            if self.continue_owed and not self.pending and self.transport is not None:
+                self.continue_owed = False
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if not self.reading and len(self.pending) <= _MAX_PIPELINED // 2 and self.transport is not None:
                 self.reading = True
                 self.transport.resume_reading()

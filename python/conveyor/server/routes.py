@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from conveyor.protocol.http_codec import encode_error
 from conveyor.server.responses import Response
@@ -21,7 +22,8 @@ _GET_MODEL_ROUTES = {"": "model_metadata", "ready": "model_ready", "config": "mo
 
 def match_route(method: bytes, path: str):
     """A Route, or a ready Response for unknown paths (404) and wrong methods (405)."""
-    parts = path.strip("/").split("/")
+    # Split before decoding: an encoded "/" inside a segment stays part of that segment.
+    parts = [unquote(part) for part in path.strip("/").split("/")]
     found = _match(parts)
     if found is None:
         return Response(404, [encode_error(f"no route for {path}")])
