@@ -54,7 +54,11 @@ class ModelManager:
         self.repository = repository
         self.runtime = runtime
         self.mode = mode
-        self._lock = threading.RLock()  # one load or unload at a time; guards _records
+        # Loads are slow: _lock serialises loads, unloads and polls, while _state_lock only
+        # guards the structure of _records and _expected, so that readiness and the index
+        # answer at once (from the event loop) even while a load runs.
+        self._lock = threading.RLock()
+        self._state_lock = threading.Lock()
         self._records: dict[str, ModelRecord] = {}
         self._expected: set[str] = set()  # models the operator wants serving (for readiness)
 
@@ -88,8 +92,9 @@ class ModelManager:
         if not files:
             self.repository.model_dir(name)  # InvalidInput or ModelNotFound before any state changes
         with self._lock:
-            record = self._records.setdefault(name, ModelRecord(name))
-            self._expected.add(name)
+            with self._state_lock:
+                record = self._records.setdefault(name, ModelRecord(name))
+                self._expected.add(name)
             previous_state = record.state
             record.state, record.reason = "LOADING", ""
             staging: Path | None = None
@@ -147,7 +152,8 @@ class ModelManager:
             if record is None or not record.versions:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             record.state = "UNLOADING"
-            self._expected.discard(name)
+            with self._state_lock:
+                self._expected.discard(name)
             try:
                 self.runtime.unload_model(name)
             finally:
@@ -167,8 +173,9 @@ class ModelManager:
                 if record.versions:
                     self.runtime.unload_model(name)
                     changed.append(name)
-                del self._records[name]
-                self._expected.discard(name)
+                with self._state_lock:
+                    del self._records[name]
+                    self._expected.discard(name)
             for name, fingerprint in sorted(current.items()):
                 record = self._records.get(name)
                 if record is not None and record.fingerprint == fingerprint:
@@ -186,19 +193,19 @@ class ModelManager:
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """The repository index: every model in the repository or known to the server."""
-        with self._lock:
-            names = set(self._records) | set(self.repository.list_models())
-            rows = []
-            for name in sorted(names):
-                record = self._records.get(name, ModelRecord(name, reason="not loaded"))
-                if ready_only and record.state != "READY":
-                    continue
-                if record.versions:
-                    rows += [{"name": name, "version": str(v), "state": record.state, "reason": record.reason}
-                             for v in record.versions]
-                else:
-                    rows.append({"name": name, "state": record.state, "reason": record.reason})
-            return rows
+        with self._state_lock:
+            records = dict(self._records)
+        rows = []
+        for name in sorted(set(records) | set(self.repository.list_models())):
+            record = records.get(name, ModelRecord(name, reason="not loaded"))
+            if ready_only and record.state != "READY":
+                continue
+            if record.versions:
+                rows += [{"name": name, "version": str(v), "state": record.state, "reason": record.reason}
+                         for v in record.versions]
+            else:
+                rows.append({"name": name, "state": record.state, "reason": record.reason})
+        return rows
 
     def labels(self, name: str, output: str) -> list[str] | None:
         record = self._records.get(name)
@@ -206,8 +213,8 @@ class ModelManager:
 
     def ready(self) -> bool:
         """Every model the operator asked for is READY (Triton's strict readiness)."""
-        with self._lock:
-            return all(self._records.get(n, ModelRecord(n)).state == "READY" for n in self._expected)
+        with self._state_lock:
+            return all(n in self._records and self._records[n].state == "READY" for n in self._expected)
 
 
 def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
