@@ -1,9 +1,11 @@
-// Bindings of the batcher: option conversion, the Python-callable executor adapter,
-// GIL release around waits, completions converted to numpy views.
+// Bindings of the batcher: option conversion, the executor (a Python callable, adapted,
+// or a NativeGraph, run directly without the GIL), GIL release around waits,
+// completions converted to numpy views.
 #include <pybind11/stl.h>
 
 #include "conveyor/batcher.h"
 #include "conveyor/gather.h"
+#include "conveyor/native_graph.h"
 #include "convert.h"
 
 namespace conveyor::bindings {
@@ -160,7 +162,7 @@ void init_batcher(py::module_& m) {
 
   py::class_<Batcher, std::shared_ptr<Batcher>>(m, "Batcher", "Dynamic batcher of one model version.")
       .def(py::init([](const std::string& model_name, const py::iterable& inputs, const py::iterable& outputs,
-                       py::function executor, int64_t max_batch_size, int64_t max_queue_delay_us,
+                       py::object executor, int64_t max_batch_size, int64_t max_queue_delay_us,
                        std::vector<int64_t> preferred_batch_sizes, size_t max_queue_size, int priority_levels,
                        int default_priority_level, int64_t default_timeout_us, int instance_count,
                        std::shared_ptr<MemoryPool> pool) {
@@ -178,7 +180,14 @@ void init_batcher(py::module_& m) {
              o.instance_count = instance_count;
              std::vector<std::string> names;
              for (const auto& spec : o.outputs) names.push_back(spec.name);
-             Executor exec = python_executor(std::move(executor), std::move(names));
+             Executor exec;
+             if (py::isinstance<NativeGraph>(executor)) {
+               exec = native_graph_executor(executor.cast<std::shared_ptr<NativeGraph>>());
+             } else if (PyCallable_Check(executor.ptr())) {
+               exec = python_executor(py::reinterpret_borrow<py::function>(executor), std::move(names));
+             } else {
+               throw py::type_error("executor must be a callable or a NativeGraph");
+             }
              return std::shared_ptr<Batcher>(new Batcher(std::move(o), std::move(exec), std::move(pool)),
                                              ReleaseGilDelete{});
            }),

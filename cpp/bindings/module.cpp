@@ -9,6 +9,7 @@ namespace conveyor::bindings {
 void init_tensor(py::module_& m);
 void init_memory(py::module_& m);
 void init_batcher(py::module_& m);
+void init_native(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -16,5 +17,6 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::register_errors(m);
   conveyor::bindings::init_tensor(m);
   conveyor::bindings::init_memory(m);
+  conveyor::bindings::init_native(m);
   conveyor::bindings::init_batcher(m);
 }

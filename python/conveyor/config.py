@@ -201,6 +201,14 @@ class OnnxOptions(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
+class NativeOptions(_Strict):
+    """The native backend's options (backend native only)."""
+
+    # Compute threads each instance's kernels may use; instances already run side by
+    # side, so one per instance is the default, as for onnx.
+    threads: int = Field(default=1, ge=1)
+
+
 class ModelConfig(_Strict):
     """A model's whole configuration, as read from its config.toml.
 
@@ -210,7 +218,7 @@ class ModelConfig(_Strict):
     """
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    backend: Literal["onnx", "python"]
+    backend: Literal["onnx", "python", "native"]
     max_batch_size: int = Field(default=0, ge=0)
     # An onnx model may omit these; the repository fills them from the graph.
     inputs: list[TensorConfig] = []
@@ -219,6 +227,10 @@ class ModelConfig(_Strict):
     instance_group: InstanceGroupConfig = Field(default_factory=InstanceGroupConfig)
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
+    native: NativeOptions = Field(default_factory=NativeOptions)
+    # backend native only: serve the model with onnxruntime when its graph holds an op
+    # the native kernels cannot run (a warning says which), instead of failing to load.
+    fallback: Literal["onnx"] | None = None
     parameters: dict[str, ParameterValue] = {}
 
     @field_validator("parameters", mode="before")
@@ -234,6 +246,14 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ModelConfig:
         self._check_batching_knobs()
+        if self.fallback is not None and self.backend != "native":
+            raise _rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
+        if self.backend == "native" and self.instance_group.device != "cpu":
+            raise _rule_error(
+                "'cpu' (the native backend runs on the CPU kernels)",
+                self.instance_group.device,
+                field="instance_group.device",
+            )
         for field in ("inputs", "outputs"):
             tensors: list[TensorConfig] = getattr(self, field)
             if self.backend == "python" and not tensors:
@@ -317,17 +337,23 @@ def parse_model_config(data: dict[str, Any], *, source: str, name: str | None = 
 
 
 def _warn_if_threads_exceed_cores(config: ModelConfig, source: str) -> None:
-    if config.backend != "onnx" or config.instance_group.device != "cpu":
+    if config.backend not in ("onnx", "native") or config.instance_group.device != "cpu":
         return
     cores = os.cpu_count() or 1
-    threads = config.instance_group.count * config.onnx.intra_op_threads
+    key, per_instance = (
+        ("native.threads", config.native.threads)
+        if config.backend == "native"
+        else ("onnx.intra_op_threads", config.onnx.intra_op_threads)
+    )
+    threads = config.instance_group.count * per_instance
     if threads > cores:
         logger.warning(
-            "%s: compute threads exceed cores: instance_group.count (%d) x onnx.intra_op_threads (%d) = %d "
+            "%s: compute threads exceed cores: instance_group.count (%d) x %s (%d) = %d "
             "threads on %d cores; they will contend and throughput drops",
             source,
             config.instance_group.count,
-            config.onnx.intra_op_threads,
+            key,
+            per_instance,
             threads,
             cores,
         )

@@ -2,7 +2,7 @@
 
 ```
 <root>/<name>/config.toml
-<root>/<name>/<version>/model.onnx   (backend onnx; model.py for backend python)
+<root>/<name>/<version>/model.onnx   (backends onnx and native; model.py for backend python)
 ```
 Versions are directories named by a positive integer; anything else is ignored.
 The repository only reads files: it finds, validates and describes models, and the
@@ -99,9 +99,9 @@ class ModelRepository:
             reasons = "; ".join(f"version {version}: {problem}" for version, problem in inspection.problems.items())
             raise ConfigError(f"{self.root / name}: no version to serve ({reasons or 'no version directories'})")
         config = inspection.config
-        if config.backend == "onnx" and not (config.inputs and config.outputs):
+        if config.backend in ("onnx", "native") and not (config.inputs and config.outputs):
             newest = inspection.served[max(inspection.served)]
-            config = fill_config_from_onnx(config, newest / MODEL_FILE_NAMES["onnx"])
+            config = fill_config_from_onnx(config, newest / MODEL_FILE_NAMES[config.backend])
         return ModelSource(name=name, config=config, versions=inspection.served)
 
     def index(self) -> list[RepositoryEntry]:

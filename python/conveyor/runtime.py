@@ -51,11 +51,13 @@ class ModelHandle:
         self.output_names = tuple(t.name for t in config.outputs)
         self._dtypes = tuple(None if t.datatype == "BF16" else t.numpy_dtype for t in config.inputs)
         batching = config.dynamic_batching
+        # A backend with a C++ executor (native) runs batches without Python or the GIL.
+        native = getattr(backends[0], "native_executor", None)
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
             outputs=[(t.name, t.datatype, list(t.dims)) for t in config.outputs],
-            executor=self._execute,
+            executor=self._execute if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,
             preferred_batch_sizes=list(batching.preferred_batch_sizes),

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from conveyor.backends.base import Backend, version_of
+from conveyor.backends.native import NativeBackend, UnsupportedGraph
 from conveyor.backends.onnx import OnnxBackend, fill_config_from_onnx
 from conveyor.backends.python import CallableBackend, ModelFunction, PythonBackend
 from conveyor.config import ModelConfig
 from conveyor.errors import ConfigError
 
 # The file a version directory holds, by config `backend`.
-MODEL_FILE_NAMES = {"onnx": "model.onnx", "python": "model.py"}
+MODEL_FILE_NAMES = {"onnx": "model.onnx", "python": "model.py", "native": "model.onnx"}
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_FILE_NAMES",
     "Backend",
     "CallableBackend",
     "ModelFunction",
+    "NativeBackend",
     "OnnxBackend",
     "PythonBackend",
     "create_backend",
@@ -35,4 +40,12 @@ def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFu
     model_path = version_dir / MODEL_FILE_NAMES[config.backend]
     if config.backend == "onnx":
         return OnnxBackend(config, model_path, version=version_of(version_dir))
+    if config.backend == "native":
+        try:
+            return NativeBackend(config, model_path, version=version_of(version_dir))
+        except UnsupportedGraph as exc:
+            if config.fallback != "onnx":
+                raise
+            logger.warning("model '%s': running on onnxruntime (fallback = \"onnx\"): %s", config.name, exc)
+            return OnnxBackend(config, model_path, version=version_of(version_dir))
     return PythonBackend(config, model_path, version=version_of(version_dir))
