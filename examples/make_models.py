@@ -4,6 +4,9 @@
   mlp : x FP32 [-1, 64] -> Gemm(64->256)+Relu -> Gemm(256->256)+Relu -> Gemm(256->10)
         -> Softmax -> probs FP32 [-1, 10]
   tiny: x FP32 [-1, 16] -> Add(1.0) -> y FP32 [-1, 16]   (measures serving overhead alone)
+  image_classifier: image FP32 [-1, 3, 32, 32] -> Flatten -> Gemm(3072->32)+Relu -> Gemm(32->10)
+        -> logits FP32 [-1, 10]   (its config normalizes uint8 images before and
+        classifies after, in C++: see examples/models/image_classifier/config.toml)
 
 The weights come from numpy's default generator seeded with 1234, layer by layer,
 so the peer servers in the benchmark harness serve the identical mlp.
@@ -75,7 +78,30 @@ def build_tiny() -> onnx.GraphProto:
     )
 
 
-GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {"mlp": build_mlp, "tiny": build_tiny}
+def build_image_classifier() -> onnx.GraphProto:
+    rng = np.random.default_rng(SEED)
+    fc1, fc1_weights = _gemm_layer(rng, "fc1", 3 * 32 * 32, 32, "flat", "h1")
+    fc2, fc2_weights = _gemm_layer(rng, "fc2", 32, 10, "a1", "logits")
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1, name="flatten"),
+        fc1,
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        fc2,
+    ]
+    return helper.make_graph(
+        nodes,
+        "image_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=fc1_weights + fc2_weights,
+    )
+
+
+GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {
+    "mlp": build_mlp,
+    "tiny": build_tiny,
+    "image_classifier": build_image_classifier,
+}
 
 
 def serialize(graph: onnx.GraphProto) -> bytes:

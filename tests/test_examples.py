@@ -40,8 +40,9 @@ def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
 
 
 def test_example_repository_loads(repository: ModelRepository) -> None:
-    assert repository.list_models() == ["mlp", "scaler", "tiny"]
-    assert repository.index() == [RepositoryEntry(name, 1, "READY") for name in ("mlp", "scaler", "tiny")]
+    names = ["image_classifier", "mlp", "scaler", "tiny"]
+    assert repository.list_models() == names
+    assert repository.index() == [RepositoryEntry(name, 1, "READY") for name in names]
     tiny = repository.load_model("tiny").config  # its tensors come from the graph
     assert [(t.name, t.datatype, t.dims) for t in tiny.inputs] == [("x", "FP32", [16])]
     assert [(t.name, t.datatype, t.dims) for t in tiny.outputs] == [("y", "FP32", [16])]

@@ -6,6 +6,7 @@
 #include "conveyor/batcher.h"
 #include "conveyor/gather.h"
 #include "conveyor/native_graph.h"
+#include "conveyor/pipeline.h"
 #include "convert.h"
 
 namespace conveyor::bindings {
@@ -165,7 +166,7 @@ void init_batcher(py::module_& m) {
                        py::object executor, int64_t max_batch_size, int64_t max_queue_delay_us,
                        std::vector<int64_t> preferred_batch_sizes, size_t max_queue_size, int priority_levels,
                        int default_priority_level, int64_t default_timeout_us, int instance_count,
-                       std::shared_ptr<MemoryPool> pool) {
+                       std::shared_ptr<MemoryPool> pool, std::shared_ptr<Pipeline> pipeline) {
              BatcherOptions o;
              o.model_name = model_name;
              o.inputs = tensor_specs(inputs);
@@ -178,8 +179,11 @@ void init_batcher(py::module_& m) {
              o.default_priority_level = default_priority_level;
              o.default_timeout_us = default_timeout_us;
              o.instance_count = instance_count;
+             // With a pipeline the executor returns the backend's outputs, not these.
              std::vector<std::string> names;
-             for (const auto& spec : o.outputs) names.push_back(spec.name);
+             if (!pipeline) {
+               for (const auto& spec : o.outputs) names.push_back(spec.name);
+             }
              Executor exec;
              if (py::isinstance<NativeGraph>(executor)) {
                exec = native_graph_executor(executor.cast<std::shared_ptr<NativeGraph>>());
@@ -188,6 +192,7 @@ void init_batcher(py::module_& m) {
              } else {
                throw py::type_error("executor must be a callable or a NativeGraph");
              }
+             if (pipeline) exec = pipeline_executor(std::move(pipeline), std::move(exec));
              return std::shared_ptr<Batcher>(new Batcher(std::move(o), std::move(exec), std::move(pool)),
                                              ReleaseGilDelete{});
            }),
@@ -195,7 +200,8 @@ void init_batcher(py::module_& m) {
            py::arg("max_batch_size"), py::arg("max_queue_delay_us") = 0,
            py::arg("preferred_batch_sizes") = std::vector<int64_t>{}, py::arg("max_queue_size") = 1024,
            py::arg("priority_levels") = 0, py::arg("default_priority_level") = 0,
-           py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1, py::arg("pool") = nullptr)
+           py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1, py::arg("pool") = nullptr,
+           py::arg("pipeline") = nullptr)
       .def(
           "submit",
           [](Batcher& b, const py::tuple& inputs, CompletionQueue& queue, int priority, int64_t timeout_us) {

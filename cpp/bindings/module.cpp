@@ -10,6 +10,7 @@ void init_tensor(py::module_& m);
 void init_memory(py::module_& m);
 void init_batcher(py::module_& m);
 void init_native(py::module_& m);
+void init_pipeline(py::module_& m);
 void init_kernels(py::module_& m);
 }  // namespace conveyor::bindings
 
@@ -19,6 +20,7 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_tensor(m);
   conveyor::bindings::init_memory(m);
   conveyor::bindings::init_native(m);
+  conveyor::bindings::init_pipeline(m);
   conveyor::bindings::init_batcher(m);
   conveyor::bindings::init_kernels(m);
 }

@@ -71,13 +71,13 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _rule_error(expected: str, got: Any, *, field: str = "") -> PydanticCustomError:
+def _rule_error(expected: str, got: Any, *, field: str = "", got_text: str | None = None) -> PydanticCustomError:
     """A validation failure the message formatter renders as 'expected ..., got ...'.
 
     `field` extends the location pydantic reports, for checks that a validator of the
-    enclosing table makes about one of its fields.
+    enclosing table makes about one of its fields; `got_text` replaces the rendering of `got`.
     """
-    context = {"expected": expected, "got": _describe(got), "field": field}
+    context = {"expected": expected, "got": _describe(got) if got_text is None else got_text, "field": field}
     return PydanticCustomError("config_rule", "expected {expected}, got {got}", context)
 
 
@@ -209,6 +209,67 @@ class NativeOptions(_Strict):
     threads: int = Field(default=1, ge=1)
 
 
+class PreprocessStep(_Strict):
+    """A step run in C++ on one public input before the backend sees it (examples/README.md)."""
+
+    kind: Literal["normalize_image"]
+    input: str = Field(pattern=TENSOR_NAME_PATTERN)
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+    scale: float = 1.0 / 255.0
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["FP32", "FP16"] = "FP32"
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> PreprocessStep:
+        if len(self.std) != len(self.mean):
+            raise _rule_error(f"{len(self.mean)} values (one per channel, as mean)", self.std, field="std")
+        if any(value == 0 or not np.isfinite(value) for value in self.std):
+            raise _rule_error("finite, non-zero values", self.std, field="std")
+        return self
+
+
+# Per postprocess kind: the datatypes of the public outputs it produces.
+POSTPROCESS_OUTPUT_TYPES = {
+    "softmax": ("FP32",),
+    "softmax_topk": ("FP32", "INT64"),
+    "argmax": ("INT64",),
+    "classification": ("BYTES",),
+}
+
+
+class PostprocessStep(_Strict):
+    """A step run in C++ on one backend output before the client sees it (examples/README.md)."""
+
+    kind: Literal["softmax", "softmax_topk", "argmax", "classification"]
+    output: str = Field(pattern=TENSOR_NAME_PATTERN)  # the backend's output it reads
+    # The public outputs it produces; default: one, named as `output`.
+    outputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] = []
+    k: int | None = Field(default=None, ge=1)
+    labels: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> PostprocessStep:
+        needs_k = self.kind in ("softmax_topk", "classification")
+        if needs_k and self.k is None:
+            raise _rule_error(f"k: how many classes {self.kind} keeps", None, field="k", got_text="none")
+        if not needs_k and self.k is not None:
+            raise _rule_error(f"no k ({self.kind} keeps every class)", self.k, field="k")
+        if self.labels is not None and self.kind != "classification":
+            raise _rule_error("no labels (only classification uses them)", self.labels, field="labels")
+        count = len(POSTPROCESS_OUTPUT_TYPES[self.kind])
+        if not self.outputs and count == 1:
+            self.outputs = [self.output]
+        if len(self.outputs) != count:
+            raise _rule_error(f"{count} output names", self.outputs, field="outputs")
+        return self
+
+    @property
+    def last_dim(self) -> int | None:
+        """The last dim of what it produces: k, 1 (argmax), or None (softmax keeps the shape)."""
+        return self.k if self.k is not None else (1 if self.kind == "argmax" else None)
+
+
 class ModelConfig(_Strict):
     """A model's whole configuration, as read from its config.toml.
 
@@ -232,6 +293,9 @@ class ModelConfig(_Strict):
     # the native kernels cannot run (a warning says which), instead of failing to load.
     fallback: Literal["onnx"] | None = None
     parameters: dict[str, ParameterValue] = {}
+    # Steps around the backend; inputs and outputs then describe the public tensors.
+    preprocess: list[PreprocessStep] = []
+    postprocess: list[PostprocessStep] = []
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -267,7 +331,51 @@ class ModelConfig(_Strict):
                 seen.add(tensor.name)
                 if field == "inputs" and tensor.labels is not None:
                     raise _rule_error("no labels (labels belong to outputs)", tensor.labels, field=f"inputs[{index}].labels")
+        if self.preprocess or self.postprocess:
+            self._check_steps()
         return self
+
+    def _check_steps(self) -> None:
+        """Steps read and write the public tensors: names, datatypes and dims must fit."""
+        for field in ("inputs", "outputs"):
+            if not getattr(self, field):
+                raise _rule_error("the public tensors listed (a model with steps cannot omit them)", [], field=field)
+        inputs = {tensor.name: tensor for tensor in self.inputs}
+        seen: set[str] = set()
+        for index, step in enumerate(self.preprocess):
+            where = f"preprocess[{index}]"
+            tensor = inputs.get(step.input)
+            if tensor is None or step.input in seen:
+                expected = "an input no other step reads" if tensor else f"one of the inputs ({', '.join(inputs)})"
+                raise _rule_error(expected, step.input, field=f"{where}.input")
+            seen.add(step.input)
+            channels = len(step.mean)
+            if tensor.datatype != "UINT8" or len(tensor.dims) != 3 or tensor.dims[2] not in (-1, channels):
+                raise _rule_error(
+                    f"input '{tensor.name}' to be UINT8 [height, width, {channels}] (NHWC images)",
+                    None,
+                    field=f"{where}.input",
+                    got_text=f"{tensor.datatype} {tensor.dims}",
+                )
+        outputs = {tensor.name: tensor for tensor in self.outputs}
+        produced: set[str] = set()
+        for index, step in enumerate(self.postprocess):
+            where = f"postprocess[{index}]"
+            for name, datatype in zip(step.outputs, POSTPROCESS_OUTPUT_TYPES[step.kind]):
+                tensor = outputs.get(name)
+                if tensor is None or name in produced:
+                    expected = "an output no other step produces" if tensor else f"one of the outputs ({', '.join(outputs)})"
+                    raise _rule_error(expected, name, field=f"{where}.outputs")
+                produced.add(name)
+                last = step.last_dim
+                if tensor.datatype != datatype or not tensor.dims or (last is not None and tensor.dims[-1] != last):
+                    dims = "[..., " + (str(last) if last is not None else "classes") + "]"
+                    raise _rule_error(
+                        f"output '{name}' to be {datatype} {dims} ({step.kind})",
+                        None,
+                        field=f"{where}.outputs",
+                        got_text=f"{tensor.datatype} {tensor.dims}",
+                    )
 
     def _check_batching_knobs(self) -> None:
         batching = self.dynamic_batching

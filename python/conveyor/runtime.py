@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from conveyor import _core
-from conveyor.backends import Backend, create_backend
+from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.pipeline import ModelSteps
 from conveyor.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,12 @@ class ModelHandle:
     input_names, output_names.
     """
 
-    __slots__ = ("name", "version", "config", "backends", "batcher", "input_names", "output_names", "_dtypes")
+    __slots__ = ("name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes")
 
-    def __init__(self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any) -> None:
+    def __init__(
+        self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any,
+        steps: ModelSteps | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.config = config
@@ -53,10 +57,12 @@ class ModelHandle:
         batching = config.dynamic_batching
         # A backend with a C++ executor (native) runs batches without Python or the GIL.
         native = getattr(backends[0], "native_executor", None)
+        # With steps, the batcher's outputs are the pipeline's; `finish` makes them public.
+        self.finish = None if steps is None else steps.finish
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-            outputs=[(t.name, t.datatype, list(t.dims)) for t in config.outputs],
+            outputs=[(t.name, t.datatype, list(t.dims)) for t in config.outputs] if steps is None else steps.core_outputs,
             executor=self._execute if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,
@@ -67,6 +73,7 @@ class ModelHandle:
             default_timeout_us=batching.default_timeout_us,
             instance_count=config.instance_group.count,
             pool=pool,
+            pipeline=None if steps is None else steps.core,
         )
 
     def _execute(self, inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
@@ -143,6 +150,7 @@ class _LoopBridge:
     def on_ready(self) -> None:
         pending = self.pending
         for arrays, done in self.queue.drain():
+            public = None  # the batch's public outputs, made once when a handle has `finish`
             for request_id, error, offset, rows in done:
                 entry = pending.pop(request_id, None)
                 if entry is None:
@@ -152,8 +160,11 @@ class _LoopBridge:
                     continue
                 if error is not None:
                     future.set_exception(error)
-                else:
+                elif entry[1].finish is None:
                     future.set_result(entry[1].result(arrays, offset, rows))
+                else:
+                    public = entry[1].finish(arrays) if public is None else public
+                    future.set_result(entry[1].result(public, offset, rows))
 
     def detach(self) -> None:
         """Deliver what is ready and stop watching; runs in the loop's thread or with it stopped."""
@@ -244,12 +255,18 @@ class Runtime:
         if self._closed:
             raise Unavailable("the runtime is closed")
         count = config.instance_group.count
-        first = create_backend(config, version_dir, fn=fn)
-        config = first.config  # an onnx backend fills tensors the config left out
+        steps = ModelSteps.for_config(config, version_dir)
+        model_file = None if version_dir is None else version_dir / MODEL_FILE_NAMES[config.backend]
+        first = create_backend(config if steps is None else steps.backend_config(model_file), version_dir, fn=fn)
+        backend_config = first.config  # an onnx backend fills tensors the config left out
+        if steps is None:
+            config = backend_config
+        else:
+            steps.bind(backend_config)
         backends = [first]
         if not first.thread_safe:
-            backends += [create_backend(config, version_dir, fn=fn) for _ in range(count - 1)]
-        loaded = ModelHandle(name, version, config, backends, self._pool)
+            backends += [create_backend(backend_config, version_dir, fn=fn) for _ in range(count - 1)]
+        loaded = ModelHandle(name, version, config, backends, self._pool, steps)
         with self._lock:
             versions = self._models.setdefault(name, {})
             replaced = versions.get(version)
@@ -321,6 +338,8 @@ class Runtime:
         loaded = self._resolve(model, version)
         arrays = loaded.order_inputs(inputs)
         outputs, offset, rows = loaded.batcher.infer(arrays, priority or 0, _timeout_us(timeout_ms))
+        if loaded.finish is not None:  # this request's rows only: each row is made once
+            outputs, offset, rows = loaded.finish(outputs, offset, rows), 0, -1
         return loaded.result(outputs, offset, rows)
 
     async def infer_async(

@@ -23,11 +23,11 @@ from conveyor.protocol.raw_request import InputSpec
 __all__ = ["config_from_triton_json", "input_specs", "model_metadata", "triton_model_config"]
 
 # v2 metadata `platform` per backend, as Triton reports these backends.
-METADATA_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "python"}
+METADATA_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "python", "native": "native"}
 # Triton's config names the backend, and the platform only for formats that have one
-# (a python model's config has platform "").
-TRITON_BACKENDS = {"onnx": "onnxruntime", "python": "python"}
-TRITON_CONFIG_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": ""}
+# (a python or native model's config has platform "", as Triton's custom backends do).
+TRITON_BACKENDS = {"onnx": "onnxruntime", "python": "python", "native": "native"}
+TRITON_CONFIG_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "", "native": ""}
 
 
 def model_metadata(config: ModelConfig, versions: Iterable[int | str]) -> dict[str, Any]:
