@@ -9,6 +9,7 @@ namespace conveyor::bindings {
 void init_tensor(py::module_& m);
 void init_memory(py::module_& m);
 void init_batcher(py::module_& m);
+void init_dense(py::module_& m);
 void init_native(py::module_& m);
 void init_pipeline(py::module_& m);
 void init_kernels(py::module_& m);
@@ -22,5 +23,6 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_native(m);
   conveyor::bindings::init_pipeline(m);
   conveyor::bindings::init_batcher(m);
+  conveyor::bindings::init_dense(m);
   conveyor::bindings::init_kernels(m);
 }
