@@ -13,6 +13,7 @@ void init_dense(py::module_& m);
 void init_native(py::module_& m);
 void init_pipeline(py::module_& m);
 void init_kernels(py::module_& m);
+void init_cuda_kernels(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -25,4 +26,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_batcher(m);
   conveyor::bindings::init_dense(m);
   conveyor::bindings::init_kernels(m);
+  conveyor::bindings::init_cuda_kernels(m);
 }
