@@ -16,8 +16,10 @@ round first reads a buffer several times the last-level cache):
   of a float32 array of the output's size into an existing one: goal >= 0.6.
 - into a pooled output (MemoryPool().empty each call) vs into a fresh np.empty: goal
   >= 2.5x. Note glibc: a freed block under 32 MiB raises malloc's mmap threshold, so in
-  a loop of one size np.empty recycles already-mapped memory and no page is faulted in;
-  the batch of 64 (38.5 MiB, above glibc's 32 MiB ceiling) shows fresh memory's cost.
+  a loop of one size np.empty recycles already-mapped memory and faults no page in. The
+  batch of 64 (38.5 MiB, above glibc's 32 MiB ceiling) shows what fresh memory costs;
+  so does the batch of 32 with MALLOC_MMAP_THRESHOLD_=131072 in the environment (a
+  fixed threshold: every large np.empty is then mapped fresh).
 softmax_topk, float32 [256, 1000], k = 5 (hot caches):
 - vs numpy softmax + argpartition (+ sorting the k): goal >= 6x.
 - vs onnxruntime Softmax + TopK: goal >= 1.3x.

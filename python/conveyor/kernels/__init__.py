@@ -15,13 +15,8 @@ from collections.abc import Iterator
 
 from conveyor import _core
 from conveyor.kernels.activations import argmax, layer_norm, softmax, softmax_topk
+from conveyor.kernels.dense import dense, dequantize_dense
 from conveyor.kernels.image import normalize_image
-
-try:
-    from conveyor.kernels.dense import dense, dequantize_dense
-except ModuleNotFoundError as error:  # dense.py has not landed yet: drop this guard once it has
-    if error.name != "conveyor.kernels.dense":
-        raise
 
 __all__ = [
     "argmax",
