@@ -49,9 +49,10 @@ void softmax(const float* x, int64_t rows, int64_t cols, float* out, int threads
 
 // The k largest logits of each row, best first (ties: lower index first), and their
 // softmax probabilities, without materialising the probabilities of the whole row:
-// one pass selects the top k on the logits (exp is monotonic) and yields the max, a
-// second sums exp(x - max); only k more exps are needed. values equal softmax(x) at
-// indices bit for bit on the same ISA. 1 <= k <= cols.
+// one pass finds the max (and a lower bound on the k-th largest logit), a second sums
+// exp(x - max) and meanwhile notes the few logits that reach the bound, from which the
+// top k are chosen (exp is monotonic); only k more exps are needed. values equal
+// softmax(x) at indices bit for bit on the same ISA. 1 <= k <= cols.
 // values: float [rows, k]; indices: int64 [rows, k]; neither may overlap x or the other.
 void softmax_topk(const float* x, int64_t rows, int64_t cols, int64_t k, float* values, int64_t* indices,
                   int threads);
