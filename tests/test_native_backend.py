@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import conveyor
 from conveyor.backends import NativeBackend, OnnxBackend, create_backend
 from conveyor.config import parse_model_config
-from conveyor.errors import ConfigError, InvalidInput
+from conveyor.errors import ConfigError, InvalidInput, Unavailable
 
 EXAMPLE_MLP = Path(__file__).resolve().parents[1] / "examples" / "models" / "mlp" / "1"
 RNG = np.random.default_rng(7)
@@ -51,7 +51,9 @@ def write_model(
 
 
 def native_config(max_batch_size: int = 16, **fields: Any):
-    return parse_model_config({"backend": "native", "max_batch_size": max_batch_size, **fields}, source="test", name="m")
+    return parse_model_config(
+        {"backend": "native", "max_batch_size": max_batch_size, **fields}, source="test", name="m"
+    )
 
 
 def assert_matches_onnxruntime(version_dir: Path, feeds: dict[str, np.ndarray], **config: Any) -> NativeBackend:
@@ -104,7 +106,7 @@ def test_matmul_add_relu_chain_on_rank_three_input(tmp_path: Path) -> None:
             helper.make_node("Relu", [f"s{i}"], [f"r{i}"]),
         ]
         last = f"r{i}"
-    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    nodes.append(helper.make_node("Dropout", [last], ["y"], name="drop"))  # inference: passes through
     backend = assert_matches_onnxruntime(
         write_model(tmp_path, nodes, init, {"x": ["b", 3, 8]}, {"y": ["b", 3, 4]}), {"x": x_of(5, 3, 8)}
     )
@@ -118,7 +120,9 @@ def test_gelu_op(tmp_path: Path, approximate: str) -> None:
         helper.make_node("Gelu", ["h"], ["g"], approximate=approximate),
         helper.make_node("Gelu", ["g"], ["y"], approximate=approximate),  # not after a dense: standalone
     ]
-    version_dir = write_model(tmp_path, nodes, {"W": weights(8, 8, scale=1.0)}, {"x": ["b", 8]}, {"y": ["b", 8]}, opset=20)
+    version_dir = write_model(
+        tmp_path, nodes, {"W": weights(8, 8, scale=1.0)}, {"x": ["b", 8]}, {"y": ["b", 8]}, opset=20
+    )
     backend = assert_matches_onnxruntime(version_dir, {"x": x_of(4, 8) * 3})
     gelu = "gelu_erf" if approximate == "none" else "gelu_tanh"
     assert steps(backend) == [f"dense({gelu})", f"activation({gelu})"]
@@ -130,8 +134,12 @@ def _erf_gelu_nodes(order: str) -> list:
         if order != "half_first"
         else helper.make_node("Mul", ["inv_sqrt2", "h"], ["t"])
     )
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), scaled, helper.make_node("Erf", ["t"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["a"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        scaled,
+        helper.make_node("Erf", ["t"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+    ]
     if order == "x_first":  # (h * (1 + erf)) * 0.5, as PyTorch exports it
         nodes += [helper.make_node("Mul", ["h", "a"], ["m"]), helper.make_node("Mul", ["m", "half"], ["y"])]
     elif order == "half_first":  # (h * 0.5) * (1 + erf)
@@ -342,3 +350,36 @@ def test_repository_model_with_backend_native(tmp_path: Path) -> None:
         got = runtime.infer("mlp", {"x": x})["probs"]
     session = ort.InferenceSession(str(EXAMPLE_MLP / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-4, atol=2e-6)
+
+
+def test_transformer_mlp_block_with_residual(tmp_path: Path) -> None:
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"]),
+        helper.make_node("MatMul", ["n", "W1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Div", ["hb", "sqrt2"], ["t"]),
+        helper.make_node("Erf", ["t"], ["e"]),
+        helper.make_node("Add", ["one", "e"], ["a"]),
+        helper.make_node("Mul", ["hb", "a"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "W2"], ["o"]),
+        helper.make_node("Add", ["o", "b2"], ["ob"]),
+        helper.make_node("Add", ["x", "ob"], ["y"]),  # the residual: two computed tensors
+    ]
+    init = {
+        "gamma": weights(16, scale=1.0), "beta": weights(16), "W1": weights(16, 64), "b1": weights(64),
+        "W2": weights(64, 16), "b2": weights(16), "sqrt2": np.array(math.sqrt(2), np.float32),
+        "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32),
+    }  # fmt: skip
+    version_dir = write_model(tmp_path, nodes, init, {"x": ["b", 5, 16]}, {"y": ["b", 5, 16]})
+    backend = assert_matches_onnxruntime(version_dir, {"x": x_of(3, 5, 16)})
+    assert steps(backend) == ["layer_norm", "dense(gelu_erf)", "dense(none)", "add"]
+
+
+def test_execute_reports_a_bad_batch_as_invalid_input() -> None:
+    backend = create_backend(native_config(), EXAMPLE_MLP)
+    with pytest.raises(InvalidInput, match=r"\[native\] dense expects"):
+        backend.execute([x_of(2, 63)])
+    backend.close()
+    with pytest.raises(Unavailable):
+        backend.execute([x_of(2, 64)])

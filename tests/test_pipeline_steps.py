@@ -69,7 +69,9 @@ def test_normalize_image(layout: str, dtype: str, shape: tuple[int, ...]) -> Non
     np_dtype = np.float32 if dtype == "FP32" else np.float16
     expected = numpy_normalize(x, MEAN, STD, 1 / 255, layout, np_dtype)
     assert seen[1].dtype == np_dtype and seen[1].shape == expected.shape
-    np.testing.assert_allclose(seen[1].astype(np.float32), expected.astype(np.float32), rtol=2e-3 if dtype == "FP16" else 1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        seen[1].astype(np.float32), expected.astype(np.float32), rtol=2e-3 if dtype == "FP16" else 1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(seen[0], other)  # inputs without a step pass unchanged
 
 
@@ -161,42 +163,74 @@ NORMALIZE = {"kind": "normalize_image", "input": "image", "mean": MEAN, "std": S
 
 
 def config(**fields: Any):
-    data = {"backend": "python", "max_batch_size": 4, "inputs": [IMAGE_IN],
-            "outputs": [{"name": "probs", "datatype": "FP32", "dims": [10]}], **fields}
+    data = {
+        "backend": "python",
+        "max_batch_size": 4,
+        "inputs": [IMAGE_IN],
+        "outputs": [{"name": "probs", "datatype": "FP32", "dims": [10]}],
+        **fields,
+    }
     return parse_model_config(data, source="config.toml", name="m")
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"preprocess": [{**NORMALIZE, "input": "img"}]},
-         "field 'preprocess[0].input': expected one of the inputs (image), got 'img'"),
-        ({"preprocess": [NORMALIZE, NORMALIZE]},
-         "field 'preprocess[1].input': expected an input no other step reads, got 'image'"),
-        ({"preprocess": [{**NORMALIZE, "mean": [0.5]}]},
-         "field 'preprocess[0].std': expected 1 values (one per channel, as mean), got"),
-        ({"preprocess": [{**NORMALIZE, "std": [0.2, 0.0, 0.2]}]},
-         "field 'preprocess[0].std': expected finite, non-zero values, got [0.2, 0.0, 0.2]"),
-        ({"preprocess": [{**NORMALIZE, "mean": [0.5] * 4, "std": [0.5] * 4}]},
-         "field 'preprocess[0].input': expected input 'image' to be UINT8 [height, width, 4] (NHWC images), "
-         "got UINT8 [8, 8, 3]"),
+        (
+            {"preprocess": [{**NORMALIZE, "input": "img"}]},
+            "field 'preprocess[0].input': expected one of the inputs (image), got 'img'",
+        ),
+        (
+            {"preprocess": [NORMALIZE, NORMALIZE]},
+            "field 'preprocess[1].input': expected an input no other step reads, got 'image'",
+        ),
+        (
+            {"preprocess": [{**NORMALIZE, "mean": [0.5]}]},
+            "field 'preprocess[0].std': expected 1 values (one per channel, as mean), got",
+        ),
+        (
+            {"preprocess": [{**NORMALIZE, "std": [0.2, 0.0, 0.2]}]},
+            "field 'preprocess[0].std': expected finite, non-zero values, got [0.2, 0.0, 0.2]",
+        ),
+        (
+            {"preprocess": [{**NORMALIZE, "mean": [0.5] * 4, "std": [0.5] * 4}]},
+            "field 'preprocess[0].input': expected input 'image' to be UINT8 [height, width, 4] (NHWC images), "
+            "got UINT8 [8, 8, 3]",
+        ),
         ({"preprocess": [{**NORMALIZE, "layout": "CHW"}]}, "field 'preprocess[0].layout': expected 'NCHW' or 'NHWC'"),
         ({"preprocess": [{**NORMALIZE, "kind": "resize"}]}, "field 'preprocess[0].kind': expected 'normalize_image'"),
-        ({"postprocess": [{"kind": "softmax_topk", "output": "logits", "outputs": ["a", "b"]}]},
-         "field 'postprocess[0].k': expected k: how many classes softmax_topk keeps, got none"),
-        ({"postprocess": [{"kind": "argmax", "output": "logits", "k": 2}]},
-         "field 'postprocess[0].k': expected no k (argmax keeps every class), got 2"),
-        ({"postprocess": [{"kind": "softmax_topk", "output": "logits", "k": 2}]},
-         "field 'postprocess[0].outputs': expected 2 output names, got []"),
-        ({"postprocess": [{"kind": "softmax", "output": "logits", "labels": "l.txt"}]},
-         "field 'postprocess[0].labels': expected no labels (only classification uses them)"),
-        ({"postprocess": [{"kind": "softmax", "output": "logits"}]},
-         "field 'postprocess[0].outputs': expected one of the outputs (probs), got 'logits'"),
-        ({"postprocess": [{"kind": "argmax", "output": "logits", "outputs": ["probs"]}]},
-         "field 'postprocess[0].outputs': expected output 'probs' to be INT64 [..., 1] (argmax), got FP32 [10]"),
-        ({"postprocess": [{"kind": "classification", "output": "logits", "outputs": ["probs"], "k": 10}]},
-         "field 'postprocess[0].outputs': expected output 'probs' to be BYTES [..., 10] (classification), got FP32 [10]"),
-        ({"postprocess": [{"kind": "sigmoid", "output": "logits"}]}, "field 'postprocess[0].kind': expected 'softmax', "),
+        (
+            {"postprocess": [{"kind": "softmax_topk", "output": "logits", "outputs": ["a", "b"]}]},
+            "field 'postprocess[0].k': expected k: how many classes softmax_topk keeps, got none",
+        ),
+        (
+            {"postprocess": [{"kind": "argmax", "output": "logits", "k": 2}]},
+            "field 'postprocess[0].k': expected no k (argmax keeps every class), got 2",
+        ),
+        (
+            {"postprocess": [{"kind": "softmax_topk", "output": "logits", "k": 2}]},
+            "field 'postprocess[0].outputs': expected 2 output names, got []",
+        ),
+        (
+            {"postprocess": [{"kind": "softmax", "output": "logits", "labels": "l.txt"}]},
+            "field 'postprocess[0].labels': expected no labels (only classification uses them)",
+        ),
+        (
+            {"postprocess": [{"kind": "softmax", "output": "logits"}]},
+            "field 'postprocess[0].outputs': expected one of the outputs (probs), got 'logits'",
+        ),
+        (
+            {"postprocess": [{"kind": "argmax", "output": "logits", "outputs": ["probs"]}]},
+            "field 'postprocess[0].outputs': expected output 'probs' to be INT64 [..., 1] (argmax), got FP32 [10]",
+        ),
+        (
+            {"postprocess": [{"kind": "classification", "output": "logits", "outputs": ["probs"], "k": 10}]},
+            "field 'postprocess[0].outputs': expected output 'probs' to be BYTES [..., 10] (classification), got FP32 [10]",
+        ),
+        (
+            {"postprocess": [{"kind": "sigmoid", "output": "logits"}]},
+            "field 'postprocess[0].kind': expected 'softmax', ",
+        ),
     ],
 )
 def test_step_config_errors_name_the_field(fields: dict, message: str) -> None:
@@ -212,9 +246,12 @@ def test_a_model_with_steps_lists_its_public_tensors() -> None:
 
 def test_a_missing_labels_file_fails_loading(tmp_path: Path) -> None:
     (tmp_path / "m" / "1").mkdir(parents=True)
-    cfg = config(outputs=[{"name": "classes", "datatype": "BYTES", "dims": [3]}],
-                 postprocess=[{"kind": "classification", "output": "logits", "outputs": ["classes"], "k": 3,
-                               "labels": "labels.txt"}])
+    cfg = config(
+        outputs=[{"name": "classes", "datatype": "BYTES", "dims": [3]}],
+        postprocess=[
+            {"kind": "classification", "output": "logits", "outputs": ["classes"], "k": 3, "labels": "labels.txt"}
+        ],
+    )
     with pytest.raises(ConfigError, match=r"cannot read postprocess labels .*labels.txt"):
         ModelSteps.for_config(cfg, tmp_path / "m" / "1")
 
@@ -222,7 +259,10 @@ def test_a_missing_labels_file_fails_loading(tmp_path: Path) -> None:
 def test_the_backend_tensors_are_derived_from_the_public_ones() -> None:
     cfg = config(
         preprocess=[{**NORMALIZE, "dtype": "FP16"}],
-        outputs=[{"name": "probs", "datatype": "FP32", "dims": [10]}, {"name": "best", "datatype": "INT64", "dims": [1]}],
+        outputs=[
+            {"name": "probs", "datatype": "FP32", "dims": [10]},
+            {"name": "best", "datatype": "INT64", "dims": [1]},
+        ],
         postprocess=[{"kind": "argmax", "output": "probs", "outputs": ["best"]}],
     )
     backend = ModelSteps(cfg, None).backend_config(None)
@@ -237,7 +277,9 @@ def test_an_onnx_model_without_the_step_output_fails_loading(tmp_path: Path) -> 
     data = cfg.to_dict()
     data["postprocess"][0]["output"] = "scores"
     broken = parse_model_config(data, source="config.toml", name="image_classifier")
-    with pytest.raises(ConfigError, match=r"field 'postprocess\[0\].output': expected one of the model's outputs \(logits\)"):
+    with pytest.raises(
+        ConfigError, match=r"field 'postprocess\[0\].output': expected one of the model's outputs \(logits\)"
+    ):
         ModelSteps(broken, CLASSIFIER).backend_config(CLASSIFIER / "1" / "model.onnx")
 
 
@@ -249,8 +291,10 @@ def reference_classes(batch: np.ndarray, k: int = 5) -> np.ndarray:
     x = numpy_normalize(batch, MEAN, STD, 1 / 255, "NCHW", np.float32)
     scores, indices = top_k(session.run(None, {"image": x})[0], k)
     labels = (CLASSIFIER / "labels.txt").read_text().split()
-    return np.array([[f"{s:f}:{i}:{labels[i]}".encode() for s, i in zip(row_s, row_i)]
-                     for row_s, row_i in zip(scores, indices)], dtype=object)
+    return np.array(
+        [[f"{s:f}:{i}:{labels[i]}".encode() for s, i in zip(row_s, row_i)] for row_s, row_i in zip(scores, indices)],
+        dtype=object,
+    )
 
 
 def assert_same_classes(got: np.ndarray, expected: np.ndarray) -> None:
@@ -266,6 +310,7 @@ def assert_same_classes(got: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize("backend", ["native", "onnx"])
 def test_example_image_classifier_sync_and_async(backend: str, monkeypatch) -> None:
     if backend == "native":
+
         def no_python(self, inputs):
             raise AssertionError("the native backend with steps must run wholly in C++")
 

@@ -75,7 +75,9 @@ Shape reshaped(const Shape& in, const std::vector<int64_t>& dims) {
   for (size_t i = 0; i < dims.size(); ++i) {
     int64_t d = dims[i];
     if (d == 0) {
-      if (static_cast<int>(i) >= in.ndim()) invalid("reshape: dim 0 copies input dim " + std::to_string(i) + ", which " + in.to_string() + " lacks");
+      if (static_cast<int>(i) >= in.ndim()) {
+        invalid("reshape: dim 0 copies input dim " + std::to_string(i) + ", which " + in.to_string() + " lacks");
+      }
       d = in[static_cast<int>(i)];
     }
     if (d == -1) {
@@ -99,7 +101,9 @@ Shape reshaped(const Shape& in, const std::vector<int64_t>& dims) {
 
 Shape flattened(const Shape& in, int axis) {
   const int a = axis < 0 ? axis + in.ndim() : axis;
-  if (a < 0 || a > in.ndim()) invalid("flatten: axis " + std::to_string(axis) + " is out of range for " + in.to_string());
+  if (a < 0 || a > in.ndim()) {
+    invalid("flatten: axis " + std::to_string(axis) + " is out of range for " + in.to_string());
+  }
   int64_t outer = 1, inner = 1;
   for (int i = 0; i < in.ndim(); ++i) (i < a ? outer : inner) *= in[i];
   return Shape{outer, inner};
@@ -168,7 +172,8 @@ void NativeGraph::add_softmax(int in, int out) {
 
 void NativeGraph::add_layer_norm(int in, int out, std::vector<float> gamma, std::vector<float> beta, float epsilon) {
   if (!gamma.empty() && !beta.empty() && gamma.size() != beta.size()) {
-    invalid("layer_norm: gamma has " + std::to_string(gamma.size()) + " values and beta " + std::to_string(beta.size()));
+    invalid("layer_norm: gamma has " + std::to_string(gamma.size()) + " values and beta " +
+            std::to_string(beta.size()));
   }
   if (!(epsilon >= 0.0f)) invalid("layer_norm: epsilon must be >= 0, got " + std::to_string(epsilon));
   Step s = step_of(Kind::kLayerNorm, in, out);
@@ -340,7 +345,9 @@ void NativeGraph::run_step(const Step& step, std::vector<Tensor>& slots) const {
       return;
     case Kind::kLayerNorm: {
       const int64_t want = static_cast<int64_t>(std::max(step.values.size(), step.values2.size()));
-      if (want && cols != want) invalid("layer_norm expects [..., " + std::to_string(want) + "], got " + x.shape.to_string());
+      if (want && cols != want) {
+        invalid("layer_norm expects [..., " + std::to_string(want) + "], got " + x.shape.to_string());
+      }
       y = output_like(x, x.shape, step.in_place);
       if (n) {
         kernels::layer_norm(in_data(x), n / cols, cols, step.values.empty() ? nullptr : step.values.data(),

@@ -62,7 +62,8 @@ void Pipeline::add_normalize_image(int input, std::vector<float> mean, std::vect
                                        std::to_string(mean.size()) + " and " + std::to_string(std.size()));
   }
   if (dtype != DType::kFloat32 && dtype != DType::kFloat16) {
-    fail(ErrorCode::kInvalidInput, std::string("normalize_image: dtype must be FP32 or FP16, got ") + dtype_name(dtype));
+    fail(ErrorCode::kInvalidInput,
+         std::string("normalize_image: dtype must be FP32 or FP16, got ") + dtype_name(dtype));
   }
   for (const PreStep& s : pre_) {
     if (s.input == input) fail(ErrorCode::kInvalidInput, "input " + std::to_string(input) + " has a step already");
@@ -73,7 +74,9 @@ void Pipeline::add_normalize_image(int input, std::vector<float> mean, std::vect
 int Pipeline::add_postprocess(PostprocessKind kind, int source, int64_t k) {
   if (source < 0) fail(ErrorCode::kInvalidInput, std::string(kind_name(kind)) + ": source index < 0");
   const bool top = output_count(kind) == 2;
-  if (top && k < 1) fail(ErrorCode::kInvalidInput, std::string(kind_name(kind)) + ": k must be >= 1, got " + std::to_string(k));
+  if (top && k < 1) {
+    fail(ErrorCode::kInvalidInput, std::string(kind_name(kind)) + ": k must be >= 1, got " + std::to_string(k));
+  }
   post_.push_back(PostStep{kind, source, top ? k : 0});
   return static_cast<int>(post_.size()) - 1;
 }

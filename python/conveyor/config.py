@@ -346,7 +346,8 @@ class ModelConfig(_Strict):
             where = f"preprocess[{index}]"
             tensor = inputs.get(step.input)
             if tensor is None or step.input in seen:
-                expected = "an input no other step reads" if tensor else f"one of the inputs ({', '.join(inputs)})"
+                known = f"one of the inputs ({', '.join(inputs)})"
+                expected = "an input no other step reads" if tensor else known
                 raise _rule_error(expected, step.input, field=f"{where}.input")
             seen.add(step.input)
             channels = len(step.mean)
@@ -364,7 +365,8 @@ class ModelConfig(_Strict):
             for name, datatype in zip(step.outputs, POSTPROCESS_OUTPUT_TYPES[step.kind]):
                 tensor = outputs.get(name)
                 if tensor is None or name in produced:
-                    expected = "an output no other step produces" if tensor else f"one of the outputs ({', '.join(outputs)})"
+                    known = f"one of the outputs ({', '.join(outputs)})"
+                    expected = "an output no other step produces" if tensor else known
                     raise _rule_error(expected, name, field=f"{where}.outputs")
                 produced.add(name)
                 last = step.last_dim

@@ -98,13 +98,21 @@ class ModelSteps:
         core = _core.Pipeline(threads=1)
         input_names = [t.name for t in config.inputs]
         for step in config.preprocess:
-            core.add_normalize_image(input=input_names.index(step.input), mean=step.mean, std=step.std,
-                                     scale=step.scale, layout=step.layout, dtype=step.dtype)
+            core.add_normalize_image(
+                input=input_names.index(step.input),
+                mean=step.mean,
+                std=step.std,
+                scale=step.scale,
+                layout=step.layout,
+                dtype=step.dtype,
+            )
         producer: dict[str, tuple[int, int, PostprocessStep]] = {}
         for index, step in enumerate(config.postprocess):
             if step.output not in backend_outputs:
-                raise ConfigError(f"model '{config.name}': postprocess[{index}] reads '{step.output}', which the "
-                                  f"backend does not return ({', '.join(backend_outputs)})")
+                raise ConfigError(
+                    f"model '{config.name}': postprocess[{index}] reads '{step.output}', which the "
+                    f"backend does not return ({', '.join(backend_outputs)})"
+                )
             core.add_postprocess(kind=_CORE_KINDS[step.kind], source=backend_outputs.index(step.output), k=step.k or 0)
             for position, name in enumerate(step.outputs):
                 producer[name] = (index, position, step)
@@ -125,7 +133,10 @@ class ModelSteps:
                 continue
             # Two core outputs (scores, indices) become one public BYTES output.
             sources += [(index, 0), (index, 1)]
-            self.core_outputs += [(tensor.name, "FP32", list(tensor.dims)), (f"{tensor.name}:index", "INT64", list(tensor.dims))]
+            self.core_outputs += [
+                (tensor.name, "FP32", list(tensor.dims)),
+                (f"{tensor.name}:index", "INT64", list(tensor.dims)),
+            ]
             makers.append(_class_maker(self.labels[index]))
         core.set_outputs(sources)
         self.core = core
@@ -172,7 +183,9 @@ def _class_maker(labels: list[str] | None) -> Callable[[tuple[np.ndarray, ...], 
     return make
 
 
-def _finisher(makers: list[Callable[[tuple[np.ndarray, ...], int], np.ndarray] | None]) -> Callable[..., tuple[np.ndarray, ...]]:
+def _finisher(
+    makers: list[Callable[[tuple[np.ndarray, ...], int], np.ndarray] | None],
+) -> Callable[..., tuple[np.ndarray, ...]]:
     def finish(arrays: tuple[np.ndarray, ...], offset: int = 0, rows: int = -1) -> tuple[np.ndarray, ...]:
         if rows >= 0:
             arrays = tuple(array[offset : offset + rows] for array in arrays)

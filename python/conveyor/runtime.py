@@ -41,7 +41,9 @@ class ModelHandle:
     input_names, output_names.
     """
 
-    __slots__ = ("name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes")
+    __slots__ = (
+        "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
+    )  # fmt: skip
 
     def __init__(
         self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any,
@@ -62,7 +64,7 @@ class ModelHandle:
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-            outputs=[(t.name, t.datatype, list(t.dims)) for t in config.outputs] if steps is None else steps.core_outputs,
+            outputs=steps.core_outputs if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs],
             executor=self._execute if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,

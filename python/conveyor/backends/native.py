@@ -26,7 +26,7 @@ from conveyor.backends.base import Backend
 from conveyor.backends.native_plan import GraphPlan, UnsupportedGraph, plan_graph
 from conveyor.backends.onnx import GraphTensor, _check_tensors, _complete_config
 from conveyor.config import ModelConfig
-from conveyor.errors import ConfigError, ModelExecutionError, Unavailable
+from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class NativeBackend(Backend):
         self.model_path = model_path
         self.plan = plan
         # The batcher's executor: run in C++ on the instance threads.
-        self.native_executor: Any = build_native_graph(plan, self.input_names, self.output_names,
-                                                       threads=config.native.threads)
+        self.native_executor: Any = build_native_graph(
+            plan, self.input_names, self.output_names, threads=config.native.threads
+        )
         logger.debug("%s: planned %s into %d native steps", self.label, model_path, len(plan.steps))
 
     def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -71,7 +72,7 @@ class NativeBackend(Backend):
             raise Unavailable(f"{self.label} is closed")
         try:
             return graph.run([np.ascontiguousarray(x, dtype=np.float32) for x in inputs])
-        except ConfigError:
+        except ConveyorError:  # the core's own errors (InvalidInput for a bad batch) keep their type
             raise
         except Exception as exc:
             raise ModelExecutionError(f"{self.label}: {exc}") from exc

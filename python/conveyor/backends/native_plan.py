@@ -28,8 +28,8 @@ from conveyor.errors import ConfigError
 
 SUPPORTED_OPS = (
     "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Gelu", "Sigmoid", "Tanh", "Softmax",
-    "LayerNormalization", "Flatten", "Reshape", "Identity", "Constant", "Transpose (of constants)",
-    "Erf (in the Gelu pattern)",
+    "LayerNormalization", "Flatten", "Reshape", "Identity", "Dropout (inference)", "Constant",
+    "Transpose (of constants)", "Erf (in the Gelu pattern)",
 )  # fmt: skip
 
 _ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -99,7 +99,7 @@ class _Planner:
     def unsupported(self, where: str, why: str) -> UnsupportedGraph:
         return UnsupportedGraph(
             f"{self.source}: {where} is not supported by the native backend: {why} "
-            f"(supported: {', '.join(SUPPORTED_OPS)}); set fallback = \"onnx\" to run this model on onnxruntime"
+            f'(supported: {", ".join(SUPPORTED_OPS)}); set fallback = "onnx" to run this model on onnxruntime'
         )
 
     def resolve(self, name: str) -> str:
@@ -139,6 +139,15 @@ class _Planner:
         self.dynamic(node.input[0], where)
         self.aliases[node.output[0]] = node.input[0]
 
+    def _op_Dropout(self, node: onnx.NodeProto, attrs: dict, where: str) -> None:
+        # Serving is inference: Dropout passes its input through, unless asked to train.
+        training = self.constant(node.input[2]) if len(node.input) > 2 else None
+        if len(node.input) > 2 and node.input[2] and (training is None or bool(training.reshape(-1)[0])):
+            raise self.unsupported(where, "training_mode that is not a constant false")
+        if len(node.output) > 1 and node.output[1]:
+            raise self.unsupported(where, "the mask output")
+        self._op_Identity(node, attrs, where)
+
     def _op_Gemm(self, node: onnx.NodeProto, attrs: dict, where: str) -> None:
         shape = self.dynamic(node.input[0], where)
         weight = self.constant(node.input[1])
@@ -146,7 +155,9 @@ class _Planner:
             raise self.unsupported(where, "B must be a constant matrix")
         if attrs.get("transA", 0):
             raise self.unsupported(where, "transA = 1")
-        weight = (weight.T if attrs.get("transB", 0) else weight).astype(np.float32) * np.float32(attrs.get("alpha", 1.0))
+        weight = (weight.T if attrs.get("transB", 0) else weight).astype(np.float32) * np.float32(
+            attrs.get("alpha", 1.0)
+        )
         bias = self.constant(node.input[2]) if len(node.input) > 2 else None
         if len(node.input) > 2 and node.input[2] and bias is None:
             raise self.unsupported(where, "C must be a constant")
@@ -169,12 +180,22 @@ class _Planner:
             raise self.unsupported(where, f"a first operand of rank {len(shape)} (expected >= 2)")
         self._dense(node, shape, weight.astype(np.float32), None, where)
 
-    def _dense(self, node: onnx.NodeProto, shape: Shape, weight: np.ndarray, bias: np.ndarray | None, where: str) -> None:
+    def _dense(
+        self, node: onnx.NodeProto, shape: Shape, weight: np.ndarray, bias: np.ndarray | None, where: str
+    ) -> None:
         k, n = weight.shape
         if shape and shape[-1] is not None and shape[-1] != k:
             raise self.unsupported(where, f"input has {shape[-1]} columns but the weight has {k} rows")
-        self.emit("dense", [node.input[0]], node.output[0], shape[:-1] + (n,), where,
-                  weight=np.ascontiguousarray(weight), bias=bias, activation="none")
+        self.emit(
+            "dense",
+            [node.input[0]],
+            node.output[0],
+            shape[:-1] + (n,),
+            where,
+            weight=np.ascontiguousarray(weight),
+            bias=bias,
+            activation="none",
+        )
 
     def _elementwise(self, node: onnx.NodeProto, attrs: dict, where: str) -> None:
         op = _ELEMENTWISE[node.op_type]
@@ -183,7 +204,9 @@ class _Planner:
         if const_a is None and const_b is None:
             shape_a, shape_b = self.dynamic(a, where), self.dynamic(b, where)
             if shape_a != shape_b:
-                raise self.unsupported(where, f"broadcasting between computed tensors ({_text(shape_a)} and {_text(shape_b)})")
+                raise self.unsupported(
+                    where, f"broadcasting between computed tensors ({_text(shape_a)} and {_text(shape_b)})"
+                )
             self.emit("binary", [a, b], node.output[0], shape_a, where, op=op)
             return
         dynamic_name, constant = (b, const_a) if const_a is not None else (a, const_b)
@@ -191,11 +214,20 @@ class _Planner:
         values = _broadcast_constant(constant, shape)
         if values is None:
             raise self.unsupported(
-                where, f"a constant of shape {list(constant.shape)} against {_text(shape)}: "
-                "only scalars and one value per element of the last axis broadcast natively"
+                where,
+                f"a constant of shape {list(constant.shape)} against {_text(shape)}: "
+                "only scalars and one value per element of the last axis broadcast natively",
             )
-        self.emit("binary_constant", [dynamic_name], node.output[0], shape, where, op=op, constant=values,
-                  constant_first=const_a is not None)
+        self.emit(
+            "binary_constant",
+            [dynamic_name],
+            node.output[0],
+            shape,
+            where,
+            op=op,
+            constant=values,
+            constant_first=const_a is not None,
+        )
 
     _op_Add = _op_Sub = _op_Mul = _op_Div = _elementwise
 
@@ -224,14 +256,18 @@ class _Planner:
         # as the last axis only when axis is the last one.
         axis = attrs.get("axis", -1 if self.opset >= 13 else 1)
         if axis % max(len(shape), 1) != len(shape) - 1:
-            raise self.unsupported(where, f"softmax over axis {axis} of a rank-{len(shape)} tensor (only the last axis)")
+            raise self.unsupported(
+                where, f"softmax over axis {axis} of a rank-{len(shape)} tensor (only the last axis)"
+            )
         self.emit("softmax", [node.input[0]], node.output[0], shape, where)
 
     def _op_LayerNormalization(self, node: onnx.NodeProto, attrs: dict, where: str) -> None:
         shape = self.dynamic(node.input[0], where)
         axis = attrs.get("axis", -1)
         if axis % max(len(shape), 1) != len(shape) - 1:
-            raise self.unsupported(where, f"normalizing from axis {axis} of a rank-{len(shape)} tensor (only the last axis)")
+            raise self.unsupported(
+                where, f"normalizing from axis {axis} of a rank-{len(shape)} tensor (only the last axis)"
+            )
         if any(node.output[1:]):
             raise self.unsupported(where, "the Mean and InvStdDev outputs")
         cols = shape[-1] if shape else None
@@ -240,13 +276,22 @@ class _Planner:
             name = node.input[position] if len(node.input) > position else ""
             value = self.constant(name)
             if name and value is None:
-                raise self.unsupported(where, f"a computed {'scale' if position == 1 else 'bias'} (it must be a constant)")
+                raise self.unsupported(
+                    where, f"a computed {'scale' if position == 1 else 'bias'} (it must be a constant)"
+                )
             vector = None if value is None else _as_row_vector(value, cols if cols is not None else value.size)
             if value is not None and vector is None:
                 raise self.unsupported(where, f"a {key} of shape {list(value.shape)} for rows of {cols}")
             params[key] = [] if vector is None else vector.tolist()
-        self.emit("layer_norm", [node.input[0]], node.output[0], shape, where,
-                  epsilon=float(attrs.get("epsilon", 1e-5)), **params)
+        self.emit(
+            "layer_norm",
+            [node.input[0]],
+            node.output[0],
+            shape,
+            where,
+            epsilon=float(attrs.get("epsilon", 1e-5)),
+            **params,
+        )
 
     def _op_Flatten(self, node: onnx.NodeProto, attrs: dict, where: str) -> None:
         shape = self.dynamic(node.input[0], where)
@@ -291,8 +336,9 @@ class _Planner:
                 continue
             x, last, removed = match
             position = self.steps.index(last)
-            self.steps[position] = Step("activation", [x], last.output, f"Gelu pattern ending at {last.node}",
-                                        {"activation": "gelu_erf"})
+            self.steps[position] = Step(
+                "activation", [x], last.output, f"Gelu pattern ending at {last.node}", {"activation": "gelu_erf"}
+            )
             self.steps = [step for step in self.steps if not any(step is r for r in removed)]
         for step in self.steps:
             if step.kind == "erf":
@@ -312,8 +358,11 @@ class _Planner:
                 if after is None or counts[value] != 1 or value in outputs or dense.params["activation"] != "none":
                     continue
                 n = dense.params["weight"].shape[1]
-                if after.kind == "binary_constant" and after.params["op"] in ("add", "sub") \
-                        and not (after.params["op"] == "sub" and after.params["constant_first"]):
+                if (
+                    after.kind == "binary_constant"
+                    and after.params["op"] in ("add", "sub")
+                    and not (after.params["op"] == "sub" and after.params["constant_first"])
+                ):
                     addend = np.broadcast_to(np.asarray(after.params["constant"], np.float32), (n,))
                     bias = dense.params["bias"]
                     sign = np.float32(-1.0 if after.params["op"] == "sub" else 1.0)
@@ -345,7 +394,9 @@ def plan_graph(model: onnx.ModelProto, source: str) -> GraphPlan:
     return GraphPlan(planner.inputs, outputs, planner.steps)
 
 
-def _match_gelu(erf: Step, steps: list[Step], counts: Counter[str], outputs: set[str]) -> tuple[str, Step, list[Step]] | None:
+def _match_gelu(
+    erf: Step, steps: list[Step], counts: Counter[str], outputs: set[str]
+) -> tuple[str, Step, list[Step]] | None:
     """(x, the step producing the result, the steps replaced) when `erf` is in a Gelu pattern."""
     producers = {step.output: step for step in steps}
     readers: dict[str, list[Step]] = {}
@@ -359,10 +410,14 @@ def _match_gelu(erf: Step, steps: list[Step], counts: Counter[str], outputs: set
 
     def is_constant(step: Step | None, op: str, value: float) -> bool:
         # x op c; for add and mul also c op x.
-        return (step is not None and step.kind == "binary_constant" and step.params["op"] == op
-                and (op in ("add", "mul") or not step.params["constant_first"])
-                and len(step.params["constant"]) == 1
-                and math.isclose(step.params["constant"][0], value, rel_tol=1e-5))
+        return (
+            step is not None
+            and step.kind == "binary_constant"
+            and step.params["op"] == op
+            and (op in ("add", "mul") or not step.params["constant_first"])
+            and len(step.params["constant"]) == 1
+            and math.isclose(step.params["constant"][0], value, rel_tol=1e-5)
+        )
 
     scaled = producers.get(erf.inputs[0])
     if not (is_constant(scaled, "div", math.sqrt(2)) or is_constant(scaled, "mul", 1 / math.sqrt(2))):
@@ -380,7 +435,12 @@ def _match_gelu(erf: Step, steps: list[Step], counts: Counter[str], outputs: set
         if not is_constant(first, "mul", 0.5):
             return None
         last = only_reader(first.output)
-        if last is None or last.kind != "binary" or last.params["op"] != "mul" or sorted(last.inputs) != sorted([x, first.output]):
+        if (
+            last is None
+            or last.kind != "binary"
+            or last.params["op"] != "mul"
+            or sorted(last.inputs) != sorted([x, first.output])
+        ):
             return None
         return x, last, [scaled, erf, plus_one, first]
     other = first.inputs[1] if first.inputs[0] == plus_one.output else first.inputs[0]
@@ -418,8 +478,12 @@ def _fold(op_type: str, inputs: list[np.ndarray], attrs: dict, where: str) -> np
 def _constant_attribute(attrs: dict, where: str) -> np.ndarray:
     if "value" in attrs:
         return numpy_helper.to_array(attrs["value"])
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
-                       ("value_ints", np.int64)):
+    for key, dtype in (
+        ("value_float", np.float32),
+        ("value_floats", np.float32),
+        ("value_int", np.int64),
+        ("value_ints", np.int64),
+    ):
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
     raise UnsupportedGraph(f"{where}: a Constant without a numeric value is not supported by the native backend")
