@@ -26,14 +26,16 @@ import conveyor
 from conveyor.cli import build_parser
 from conveyor.server.serve import ServeOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The subprocesses import the same conveyor as this test run: the installed package, or
+# a source tree with an in-tree build (PYTHONPATH=python).
+PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]
 DEADLINE_S = 30.0  # bound on every wait in this file; a healthy run takes a fraction of it
 POLL_S = 0.02  # the pause between two looks at a condition waited on
 
 
 def _environment(**variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env["PYTHONPATH"] = str(REPO_ROOT / "python")
+    env["PYTHONPATH"] = str(PACKAGE_PARENT)
     env.update(variables)
     return env
 
