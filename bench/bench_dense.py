@@ -22,6 +22,8 @@ Comparisons (goals are speedups, baseline median / candidate median; never asser
   single-thread copy bandwidth).
 - int8 M=1 4096x4096: dequantize_dense vs dense on float32 weights of the same shape:
   the int8 weights stream a quarter of the bytes; goal >= 1.0.
+- threads M=64/256 512x512: dense with threads=2 vs threads=1 (M=64 splits the weight's
+  panels, M=256 the rows); goal >= 1.6x on two idle cores.
 """
 
 from __future__ import annotations
@@ -180,3 +182,18 @@ def test_dense_float_m1_big(benchmark, ratio_report) -> None:
     benchmark.group = "int8 M=1 4096x4096"
     benchmark(dense, x, packed)
     ratio_report.baseline("int8 M=1 4096x4096 vs float32", benchmark, label="dense float32")
+
+
+# ---- threads ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M", (64, 256))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_dense_threads(benchmark, ratio_report, M: int, threads: int) -> None:
+    x, W, b = operands(M)
+    packed = pack_dense(W, b, "relu")
+    name = f"threads M={M} 512x512"
+    benchmark.group = name
+    benchmark(dense, x, packed, threads=threads)
+    if threads == 1:
+        ratio_report.baseline(name, benchmark, label="threads=1")
+    else:
+        ratio_report.candidate(name, benchmark, label=f"threads={threads}", goal_speedup=1.6)
