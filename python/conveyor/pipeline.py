@@ -95,7 +95,8 @@ class ModelSteps:
         """Builds the C++ pipeline against the backend's (completed) tensors."""
         config = self.config
         backend_outputs = [t.name for t in backend_config.outputs]
-        core = _core.Pipeline(threads=1)
+        # The native backend's thread budget covers its steps too; other backends' steps use one.
+        core = _core.Pipeline(threads=config.native.threads if config.backend == "native" else 1)
         input_names = [t.name for t in config.inputs]
         for step in config.preprocess:
             core.add_normalize_image(
