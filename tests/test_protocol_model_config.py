@@ -203,7 +203,7 @@ def test_a_triton_style_override_with_quoted_int64s() -> None:
             {"model_transaction_policy": {"decoupled": True}},
             ["field 'model_transaction_policy.decoupled': not supported by Conveyor except at its default false"],
         ),
-        ({"backend": "tensorrt"}, ["field 'backend': expected one of onnxruntime, python, got \"tensorrt\""]),
+        ({"backend": "tensorrt"}, ["field 'backend': expected one of onnxruntime, python, native, got \"tensorrt\""]),
         ({"backend": "python", "platform": "onnxruntime_onnx"}, ['contradicts backend "python"']),
         ({"max_batch_size": "eight"}, ["field 'max_batch_size': expected an integer, got \"eight\""]),
         ({"instance_group": [{"count": 1}, {"count": 1}]}, ["expected a list of exactly one group"]),
@@ -246,3 +246,22 @@ def test_override_that_is_not_a_json_object() -> None:
         config_from_triton_json("{oops", name="m", source="load")
     with pytest.raises(ConfigError, match=re.escape("load: expected a JSON object of model config fields, got list")):
         config_from_triton_json("[]", name="m", source="load")
+
+
+def test_the_config_of_a_native_model_reads_back_as_an_override() -> None:
+    from conveyor.config import parse_model_config
+    from conveyor.protocol.config_override import config_from_triton_json
+    from conveyor.protocol.model_config import triton_model_config
+
+    config = parse_model_config(
+        {
+            "backend": "native",
+            "max_batch_size": 8,
+            "inputs": [{"name": "x", "datatype": "FP32", "dims": [4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "dims": [4]}],
+        },
+        source="test",
+        name="m",
+    )
+    back = config_from_triton_json(triton_model_config(config), name="m")
+    assert back["backend"] == "native"
