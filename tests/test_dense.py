@@ -71,9 +71,11 @@ def random_case(rng: np.random.Generator, M: int, K: int, N: int) -> tuple[np.nd
 
 
 # M = 1 and batches, K and N off the SIMD width, partial panels, several K slices.
-# (300, 1100, 24): several row blocks, each with three K slices of packed x rows.
+# (300, 1100, 24): several row blocks, each with three K slices of packed x rows, rows
+# split across threads; (20, 700, 400): panels split across threads (a thread needs ~2M
+# multiply-adds, so the smaller shapes run on one whatever threads says).
 SHAPES = [(1, 1, 1), (1, 3, 5), (1, 512, 512), (2, 17, 33), (5, 100, 15), (8, 64, 17), (13, 530, 40),
-          (64, 31, 130), (130, 9, 7), (300, 1100, 24)]
+          (64, 31, 130), (130, 9, 7), (300, 1100, 24), (20, 700, 400)]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

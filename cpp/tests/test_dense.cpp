@@ -99,22 +99,27 @@ TEST_CASE("dense: float kernels match the reference on every ISA, activation and
   }
 }
 
-TEST_CASE("dense: several row blocks and K slices (packed rows of x)") {
+// Large enough for several threads (each needs ~2M multiply-adds): rows split across
+// threads (M > N), with several row blocks and K slices of packed x rows; and panels
+// split across threads (M < N).
+TEST_CASE("dense: thread splits, row blocks and K slices") {
   std::mt19937 rng(4321);
-  const int64_t M = 260, K = 1030, N = 18;  // rows per block at K slices of 515: 252
-  const auto x = random_floats(M * K, rng), W = random_floats(K * N, rng, 0.05f), b = random_floats(N, rng);
-  const auto packed = pack_dense(W.data(), K, N, b.data(), Activation::kRelu);
-  std::vector<float> ref(M * N);
-  reference::dense(x.data(), M, K, N, W.data(), b.data(), Activation::kRelu, ref.data());
-  for (const CpuIsa isa : isas()) {
-    force_cpu_isa(isa);
-    for (const int threads : {1, 2}) {
-      std::vector<float> y(M * N, NAN);
-      dense(x.data(), M, *packed, y.data(), threads);
-      CHECK(worst_excess(y, ref, x, W, b.data(), M, K, N) <= 0);
+  for (const Case& c : {Case{260, 1030, 18}, Case{10, 600, 700}}) {
+    const auto x = random_floats(c.M * c.K, rng), W = random_floats(c.K * c.N, rng, 0.05f);
+    const auto b = random_floats(c.N, rng);
+    const auto packed = pack_dense(W.data(), c.K, c.N, b.data(), Activation::kRelu);
+    std::vector<float> ref(c.M * c.N);
+    reference::dense(x.data(), c.M, c.K, c.N, W.data(), b.data(), Activation::kRelu, ref.data());
+    for (const CpuIsa isa : isas()) {
+      force_cpu_isa(isa);
+      for (const int threads : {1, 2, 3}) {
+        std::vector<float> y(c.M * c.N, NAN);
+        dense(x.data(), c.M, *packed, y.data(), threads);
+        CHECK(worst_excess(y, ref, x, W, b.data(), c.M, c.K, c.N) <= 0);
+      }
     }
+    reset_cpu_isa();
   }
-  reset_cpu_isa();
 }
 
 TEST_CASE("dense: int8 kernels match the dequantize-then-multiply reference") {

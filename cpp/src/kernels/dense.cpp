@@ -15,6 +15,7 @@
 #include "conveyor/dense.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -98,6 +99,24 @@ DequantizeFn dequantize_variant() {
 int useful_threads(int threads, int64_t macs) {
   if (threads < 1) invalid("threads must be >= 1, got " + std::to_string(threads));
   return static_cast<int>(std::clamp<int64_t>(macs / kMinMacsPerThread, 1, threads));
+}
+
+// Runs fn over [0, units) in chunks that the threads pull from a shared counter, instead
+// of each taking a fixed share: the caller starts at once while a pool worker is still
+// waking (20-50 us on the development VM), and a descheduled thread holds up only the
+// chunk it is on. Up to 16 chunks per thread, each of at least min_chunk units.
+// Measured (M=64, 512x512, two threads): 1.77x over one thread, against 1.62-1.69x with
+// fixed halves.
+template <class Fn>
+void share_out(int64_t units, int64_t min_chunk, int threads, const Fn& fn) {
+  const int64_t chunks = std::clamp<int64_t>(units / min_chunk, threads, int64_t{16} * threads);
+  const int64_t chunk = (units + chunks - 1) / chunks;
+  std::atomic<int64_t> next{0};
+  parallel_for(threads, threads, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(chunk); begin < units; begin = next.fetch_add(chunk)) {
+      fn(begin, std::min(units, begin + chunk));
+    }
+  });
 }
 
 bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
@@ -280,9 +299,10 @@ void dense(const float* x, int64_t M, const PackedDense& packed, float* y, int t
   // M*K/threads + K*N. Small batches thus split the weight.
   const bool split_panels = (M < N || row_units < threads) && panels >= threads;
   if (split_panels) {
-    parallel_for(panels, threads, [&](int64_t begin, int64_t end) { rect(p, 0, M, begin, end); });
+    share_out(panels, 1, threads, [&](int64_t begin, int64_t end) { rect(p, 0, M, begin, end); });
   } else {
-    parallel_for(row_units, threads, [&](int64_t begin, int64_t end) {
+    // Row chunks of 8+ tiles (48 rows), so that each reuses the panel slices it loads.
+    share_out(row_units, 8, threads, [&](int64_t begin, int64_t end) {
       rect(p, begin * kRowGrain, std::min(M, end * kRowGrain), 0, panels);
     });
   }
