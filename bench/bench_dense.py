@@ -10,18 +10,20 @@ numpy's BLAS is limited to one thread (threadpoolctl), onnxruntime to one intra-
 conveyor's kernels run with threads=1.
 
 Comparisons (goals are speedups, baseline median / candidate median; never asserted):
-- dense relu M=1/8/64, 512x512: dense(x, packed) with bias + relu vs numpy's bare
+- dense relu M=1/8/64 512x512 vs numpy: dense(x, packed) with bias + relu vs numpy's bare
   ``x @ W``: goal >= 0.95 (time <= 1.05x numpy: the fused epilogue must be free).
-- ort relu M=1/8/64, 512x512: the same call vs onnxruntime's fused Gemm+Relu graph
-  (onnx.helper): goal >= 1.0.
-- blas M=256/1024 512x512, M=256 2048x2048: dense (bias + relu) vs numpy's bare
-  ``x @ W`` (OpenBLAS sgemm) at the sizes where a BLAS would be expected to win; these
-  decide whether OpenBLAS earns a place in the kernel (see kernels/dense.cpp).
+- dense relu M=1/8/64 512x512 vs onnxruntime: the same call vs onnxruntime's fused
+  Gemm+Relu graph (onnx.helper): goal >= 1.0.
+- blas M=256/1024 512x512, M=256 2048x2048, M=1024 768x3072: dense (bias + relu) vs
+  numpy's bare ``x @ W`` (OpenBLAS sgemm) at the sizes where a BLAS would be expected to
+  win: the crossover (OpenBLAS ahead by a few percent from M ~ 512 on layers of ~2M
+  weights) and why no BLAS is used are in cpp/src/kernels/dense.cpp.
 - dequantize 512x512 / 4096x4096: dequantize_int8 (int8 -> float32 * scale) vs np.copyto of a
   float32 array of the same size, i.e. the same bytes written: goal >= 0.6 (>= 60% of
   single-thread copy bandwidth).
 - int8 M=1 4096x4096: dequantize_dense vs dense on float32 weights of the same shape:
-  the int8 weights stream a quarter of the bytes; goal >= 1.0.
+  the int8 weights stream a quarter of the bytes (16 MiB, which an L3 cache of 32 MiB
+  may hold, against 64 MiB from memory); goal >= 1.0.
 - threads M=64/256 512x512: dense with threads=2 vs threads=1 (M=64 splits the weight's
   panels, M=256 the rows); goal >= 1.6x on two idle cores.
 """
@@ -43,7 +45,7 @@ K = N = 512
 SMALL_BATCHES = (1, 8, 64)
 # (name, M, K, N): where OpenBLAS's blocking for large problems could pay off.
 BLAS_SHAPES = [("M=256 512x512", 256, 512, 512), ("M=1024 512x512", 1024, 512, 512),
-               ("M=256 2048x2048", 256, 2048, 2048)]
+               ("M=256 2048x2048", 256, 2048, 2048), ("M=1024 768x3072", 1024, 768, 3072)]
 DEQUANTIZE_SHAPES = {"512x512": (512, 512), "4096x4096": (4096, 4096)}
 BIG = 4096
 

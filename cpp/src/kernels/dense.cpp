@@ -4,14 +4,19 @@
 // BLAS: none, by measurement. On the development machine (AMD EPYC Zen 4, one thread,
 // AVX2 path) against OpenBLAS 0.3.34 sgemm (its AVX-512 SkylakeX kernels, from the
 // scipy-openblas32 wheel), speedup = OpenBLAS time / ours, ours including bias + relu:
-//   M=64 512x512: 1.17   M=1024 512x512: 1.04   M=256 1024x1024: 1.05
-//   M=16 4096x4096: 1.43 M=256 2048x2048: 0.98  M=256 4096x1024: 0.99  M=1024 2048x2048: 0.98
-// (bench/bench_dense.py measures the same against numpy's OpenBLAS.) Packing B once at
-// load time spares the packing OpenBLAS redoes on every call, which wins up to mid sizes;
-// past M ~ 256 with K, N >= 2048 the two are within 2%. Calling OpenBLAS there would
-// need a second, unpacked copy of W and an epilogue pass over y after each GEMM block,
-// which costs about what it would gain; so there is no crossover to dispatch on and no
-// BLAS dependency.
+//   512x512:     M=1 1.34, M=8 1.61, M=64 1.11, M=256 1.06, M=1024 1.05, M=4096 1.05
+//   1024x1024:   M=256 1.06, M=2048 1.04        4096x4096: M=1 3.3, M=16 1.51
+//   768x3072:    M=128 1.06, M=1024 0.96        3072x768:  M=128 1.01, M=1024 0.97
+//   2048x2048:   M=256 0.99, M=512 0.97, M=1024 0.96, M=2048 0.98
+//   1024x4096:   M=1024 0.97                    4096x2048: M=1024 0.93
+// So the crossover is near M = 256-512 for layers of ~2M weights and more: past it
+// OpenBLAS leads by 2-7%. (bench/bench_dense.py measures the same against numpy's
+// OpenBLAS.) Packing B once at load time spares the packing OpenBLAS redoes per call,
+// which decides small and mid sizes; its lead at large ones is probably its larger tiles
+// (AVX-512 has 32 registers to AVX2's 16).
+// Not taken: OpenBLAS needs W unpacked, i.e. a second copy of every large weight (one
+// layer serves M = 1 as well as M = 1024), plus a runtime library and an epilogue pass
+// per GEMM block, for a few percent at batch sizes beyond what a server usually forms.
 #include "conveyor/dense.h"
 
 #include <algorithm>
