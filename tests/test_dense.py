@@ -11,6 +11,7 @@ import pytest
 import conveyor.kernels
 from conveyor import _core
 from conveyor.errors import InvalidInput
+from conveyor.kernels import _device
 from conveyor.kernels.dense import ACTIVATIONS, PackedDense, dense, dequantize_dense, dequantize_int8, pack_dense
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -231,3 +232,29 @@ def test_bad_inputs_raise_invalid_input_naming_the_argument() -> None:
     shared = np.zeros(64, np.float32)
     with pytest.raises(InvalidInput, match="overlaps x"):
         dense(shared[:8].reshape(2, 4), packed, out=shared[4:10].reshape(2, 3))
+
+
+def test_cuda_arrays_are_forwarded_to_the_cuda_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeCudaArray:
+        @property
+        def __cuda_array_interface__(self) -> dict:
+            return {}
+
+    calls = []
+
+    class FakeCudaKernels:
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs)) or name
+
+    monkeypatch.setattr(_device, "cuda_kernels", FakeCudaKernels)
+    x, W, Wq, scale = FakeCudaArray(), FakeCudaArray(), FakeCudaArray(), np.ones(3, np.float32)
+    assert dense(x, W, None, activation="tanh") == "dense"
+    assert dequantize_dense(x, Wq, scale, activation="relu") == "dequantize_dense"
+    assert pack_dense(W, None, "sigmoid") == "pack_dense"
+    assert dequantize_int8(Wq, scale) == "dequantize_int8"
+    assert calls == [
+        ("dense", (x, W, None), {"activation": "tanh", "out": None}),
+        ("dequantize_dense", (x, Wq, scale, None), {"activation": "relu", "out": None}),
+        ("pack_dense", (W, None, "sigmoid"), {"scale": None}),
+        ("dequantize_int8", (Wq, scale), {"out": None}),
+    ]

@@ -13,10 +13,12 @@ Activations: ``none``, ``relu``, ``gelu_erf``, ``gelu_tanh``, ``sigmoid``, ``tan
 default is ``relu`` everywhere, so ``dense(x, W, b) == dense(x, pack_dense(W, b))``.
 
 numpy arrays run on the CPU kernels (AVX2+FMA or the x86-64 baseline, chosen at run time;
-``threads`` bounds the threads used). CuPy arrays are handed to the CUDA kernels as
-``conveyor.kernels.cuda.dense(x, weights, b, activation=..., out=...)``, weights being a
-``PackedDense`` (its ``weight()``, ``bias()``, ``scale()`` and ``activation`` describe it)
-or a W array. Bad arguments raise ``conveyor.errors.InvalidInput`` naming the argument.
+``threads`` bounds the threads used). CuPy arrays are handed to the CUDA kernels
+(``conveyor.kernels.cuda``, same signatures without ``threads``): ``dense`` and
+``dequantize_dense`` for a CuPy x, ``pack_dense`` for a CuPy W, ``dequantize_int8`` for a
+CuPy Wq. A ``PackedDense`` describes itself for such uploads (``weight()``, ``bias()``,
+``scale()``, ``activation``). Bad arguments raise ``conveyor.errors.InvalidInput`` naming
+the argument.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def pack_dense(
     """Packs W (float32 [K, N], or int8 [K, N] with ``scale`` float32 [N]) once for ``dense``.
 
     ``b`` is an optional float32 [N] bias. The result is immutable and may be shared by
-    any number of threads.
+    any number of threads. A CuPy W is packed for the GPU instead (``conveyor.kernels.cuda``).
     """
+    if _device.is_cuda_array(W):
+        return _device.cuda_kernels().pack_dense(W, b, activation, scale=scale)
     if isinstance(W, np.ndarray) and W.dtype == np.int8:
         if scale is None:
             raise InvalidInput("[dense] int8 weights need scale=: one float32 scale per output column")
@@ -116,6 +120,8 @@ def dequantize_dense(
 
 def dequantize_int8(Wq: np.ndarray, scale: np.ndarray, *, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
     """``Wq * scale`` as float32 [K, N] for int8 Wq [K, N] and float32 scale [N], at streaming bandwidth."""
+    if _device.is_cuda_array(Wq):
+        return _device.cuda_kernels().dequantize_int8(Wq, scale, out=out)
     Wq, scale = _contiguous(Wq), _contiguous(scale)
     if out is None:
         if not isinstance(Wq, np.ndarray) or Wq.ndim != 2:
