@@ -30,10 +30,11 @@ Activation activation_from_name(std::string_view name);
 // A dense layer's weights in kernel layout, plus its bias and activation.
 //
 // Layout: the N output columns are cut into panels of kPanelWidth (16) columns (the last
-// one zero-padded); each panel stores its K x 16 block row by row, contiguous and
-// 64-byte aligned, so a micro-kernel reads one panel as a single forward stream. The
-// bias (zeros when absent) and the scales are padded to the panel count too. Both ISA
-// variants read this same layout: forcing the ISA after packing is fine.
+// one zero-padded); each panel stores its K x 16 block row by row, contiguous, panel
+// after panel from a 64-byte aligned start, so a micro-kernel reads one panel (and M = 1
+// the whole weight) as a single forward stream. The bias (zeros when absent) and the
+// scales are padded to whole panels too. Both ISA variants read this same layout: forcing
+// the ISA after packing is fine.
 class PackedDense {
  public:
   static constexpr int64_t kPanelWidth = 16;
