@@ -15,17 +15,20 @@ from collections.abc import Iterator
 
 from conveyor import _core
 from conveyor.kernels.activations import argmax, layer_norm, softmax, softmax_topk
-from conveyor.kernels.dense import dense, dequantize_dense
+from conveyor.kernels.dense import PackedDense, dense, dequantize_dense, dequantize_int8, pack_dense
 from conveyor.kernels.image import normalize_image
 
 __all__ = [
+    "PackedDense",
     "argmax",
     "cpu_isa",
     "dense",
     "dequantize_dense",
+    "dequantize_int8",
     "force_isa",
     "layer_norm",
     "normalize_image",
+    "pack_dense",
     "softmax",
     "softmax_topk",
 ]
