@@ -233,12 +233,7 @@ void init_batcher(py::module_& m) {
   m.def(
       "gather_rows",
       [](const py::list& arrays, std::shared_ptr<MemoryPool> pool) {
-        std::vector<Tensor> tensors;
-        tensors.reserve(arrays.size());
-        for (size_t i = 0; i < arrays.size(); ++i) {
-          const std::string what = "array " + std::to_string(i);
-          tensors.push_back(borrow_array(arrays[i], what.c_str()));
-        }
+        std::vector<Tensor> tensors = borrow_arrays(arrays, "array");
         std::vector<const Tensor*> parts;
         for (const Tensor& t : tensors) parts.push_back(&t);
         return array_from_tensor(gather_rows(parts, pool ? *pool : *MemoryPool::default_host()));

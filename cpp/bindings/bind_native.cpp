@@ -65,11 +65,7 @@ void init_native(py::module_& m) {
       .def(
           "run",
           [](const NativeGraph& g, const py::sequence& arrays) {
-            std::vector<Tensor> inputs;
-            for (size_t i = 0; i < arrays.size(); ++i) {
-              const std::string what = "input " + std::to_string(i);
-              inputs.push_back(borrow_array(arrays[i], what.c_str()));
-            }
+            std::vector<Tensor> inputs = borrow_arrays(arrays, "input");
             std::vector<Tensor> outputs;
             {
               // Pure kernel work on borrowed arrays the caller keeps alive.

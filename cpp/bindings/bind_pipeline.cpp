@@ -49,11 +49,7 @@ void init_pipeline(py::module_& m) {
       .def(
           "run",
           [](const Pipeline& p, const py::sequence& arrays, const py::function& backend) {
-            std::vector<Tensor> inputs;
-            for (size_t i = 0; i < arrays.size(); ++i) {
-              const std::string what = "input " + std::to_string(i);
-              inputs.push_back(borrow_array(arrays[i], what.c_str()));
-            }
+            std::vector<Tensor> inputs = borrow_arrays(arrays, "input");
             std::vector<Tensor> prepared;
             {
               // Kernel work on arrays the caller keeps alive.

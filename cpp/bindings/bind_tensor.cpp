@@ -127,6 +127,16 @@ Tensor borrow_array(py::handle obj, const char* what) {
   return t;
 }
 
+std::vector<Tensor> borrow_arrays(const py::sequence& arrays, const char* what) {
+  std::vector<Tensor> tensors;
+  tensors.reserve(arrays.size());
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const std::string name = std::string(what) + " " + std::to_string(i);
+    tensors.push_back(borrow_array(arrays[i], name.c_str()));
+  }
+  return tensors;
+}
+
 std::shared_ptr<void> make_python_owner(py::object obj) {
   return std::shared_ptr<void>(obj.release().ptr(), PythonObjectDeleter{});
 }

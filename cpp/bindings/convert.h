@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <memory>
+#include <vector>
 
 #include "conveyor/error.h"
 #include "conveyor/tensor.h"
@@ -23,6 +24,9 @@ py::dtype numpy_dtype(DType dtype);
 // Throws Error(kInvalidInput) for a non-contiguous array or an unsupported dtype,
 // naming `what` (e.g. "input 'x'").
 Tensor borrow_array(py::handle obj, const char* what);
+
+// borrow_array over a sequence; item i is named "<what> i" in errors.
+std::vector<Tensor> borrow_arrays(const py::sequence& arrays, const char* what);
 
 // An owner that holds a Python object; its release takes the GIL, so it may be dropped
 // on any thread that holds no core lock.
