@@ -111,7 +111,7 @@ inline bool ranks_before(float a, int64_t index_a, float b, int64_t index_b) {
 }
 
 // The best k offered entries as a binary heap with the worst one at the root, stored in
-// the caller's values/indices arrays (k of each). It starts with k placeholders
+// the caller's values/indices arrays (k of each). It starts with k sentinel entries
 // (-inf, largest index) that rank below every element of a row.
 class TopKHeap {
  public:
