@@ -19,6 +19,7 @@ from conveyor import __version__
 from conveyor.errors import ConveyorError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_URL = "http://127.0.0.1:8000"  # where `conveyor serve` listens by default
 
 
 class _BadEnv:
@@ -151,11 +152,97 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _GivenOnCommandLine(argparse.Action):
+    """Stores the value and notes the flag in `namespace.given`: given on the command line, it beats the environment."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+def _monitor_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "monitor",
+        help="reports on a model's monitoring: data drift, anomalies, feedback",
+        description="Tools over a model's monitoring. 'conveyor monitor report' renders the monitor document "
+        "(GET /v2/models/MODEL/monitor on a running server, or a saved state file) as one self-contained HTML "
+        "report: a summary with the verdict, a table of every feature's drift statistics, reference-vs-current "
+        "histograms and PSI over time.",
+        epilog="Run 'conveyor monitor report --help' for its flags.",
+    )
+    p.set_defaults(run=lambda args: _print_help_and_fail(p))
+    commands = p.add_subparsers(title="monitor commands", metavar="COMMAND")
+    _monitor_report_parser(commands)
+
+
+def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _monitor_report_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write a model's monitoring report as one HTML file",
+        description="Write the monitoring report of MODEL as one self-contained HTML file (no scripts, no "
+        "external assets): model, version, time, verdict, alerting and warning features, anomalies and the "
+        "reference; a table of all features by status then PSI (PSI, JS, KS with its error bound, Wasserstein, "
+        "chi-squared, p and adjusted p, missing and out-of-range ratios); the maximum PSI over time; per "
+        "feature, bars of the reference probability beside the current window's proportion per bin and, for "
+        "alerting or warning features, their PSI over time against the warn/alert thresholds; then feedback, "
+        "capture, alerts and retraining when configured. The document comes from the running server at --url "
+        "(default), or from a saved state file with --state.",
+        epilog="Every flag can also be set by an environment variable: CONVEYOR_ and the flag's name in capitals "
+        "with dashes as underscores (--url: CONVEYOR_URL, --timeout-s: CONVEYOR_TIMEOUT_S, MODEL: CONVEYOR_MODEL). "
+        "A flag given on the command line wins. Exit status: 0 when the report was written, 2 on any error "
+        "(the message says what to fix).",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", default=_env("model", None),
+                   help="the model's name (env CONVEYOR_MODEL); with --state it must be the file's model")
+    p.add_argument("--version", dest="version", metavar="V", default=_env("version", None),
+                   help="the model version (default: the server's choice, as for inference)")
+    p.add_argument("--out", type=Path, metavar="PATH", default=_env("out", None, Path),
+                   required=_env("out", None) is None, help="where to write the HTML report (required)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--url", action=_GivenOnCommandLine, default=_env("url", None),
+                        help=f"the server to ask: GET URL/v2/models/MODEL[/versions/V]/monitor (default {DEFAULT_URL})")
+    source.add_argument("--state", type=Path, action=_GivenOnCommandLine, metavar="FILE",
+                        default=_env("state", None, Path),
+                        help="read a saved monitor state file (the same JSON document) instead of asking a server")
+    p.add_argument("--timeout-s", type=_positive_float, default=_env("timeout-s", 10.0, _positive_float),
+                   help="seconds to wait for the server's answer (default 10)")
+    p.set_defaults(run=_run_monitor_report, given=frozenset())
+
+
+def _run_monitor_report(args: argparse.Namespace) -> int:
+    from conveyor.monitor.report import create_report
+
+    def fail(message: str) -> int:
+        print(f"conveyor monitor report: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.model is None:
+        return fail("MODEL is required: pass the model's name (or set CONVEYOR_MODEL)")
+    # Both may come from the environment; one given on the command line wins (argparse refuses both there).
+    use_state = args.state is not None and "url" not in args.given
+    if use_state and args.url is not None and "state" not in args.given:
+        return fail("CONVEYOR_STATE and CONVEYOR_URL are both set: pass --state FILE or --url URL to choose")
+    try:
+        out = create_report(args.model, args.out, version=args.version, timeout_s=args.timeout_s,
+                            url=None if use_state else (args.url or DEFAULT_URL),
+                            state=args.state if use_state else None)
+    except ConveyorError as exc:
+        return fail(str(exc))
+    print(f"wrote the monitoring report of {args.model} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Put trained models into production.")
     parser.add_argument("--version", action="version", version=f"conveyor {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _serve_parser(subparsers)
+    _monitor_parser(subparsers)
     return parser
 
 
