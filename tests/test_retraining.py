@@ -61,6 +61,16 @@ def test_metric_drop_for_an_error_metric_looks_the_other_way():
     assert policy.update(2.0, **{**QUIET, "metric": 1.5, "reference_metric": 1.0}) == ["metric_drop"]
 
 
+def test_the_direction_can_be_given_per_update():
+    policy = _policy(metric_drop=0.5, cooldown_s=0)
+    mae_rose = {**QUIET, "metric": 1.5, "reference_metric": 1.0}
+    assert policy.update(0.0, **mae_rose) == []  # read as accuracy: an improvement
+    assert policy.update(1.0, **mae_rose, higher_is_better=False) == ["metric_drop"]
+    assert policy.update(2.0, **{**QUIET, "metric": 0.4, "reference_metric": 1.0}, higher_is_better=True) == [
+        "metric_drop"
+    ]
+
+
 def test_labeled_rows_count_from_the_last_trigger():
     policy = _policy(labeled_rows=1000, cooldown_s=0)
     assert policy.update(0.0, **{**QUIET, "labeled_rows": 999}) == []

@@ -50,7 +50,8 @@ class RetrainingPolicy:
         higher_is_better: bool = True,
     ) -> None:
         """`higher_is_better`: the metric's direction (True for accuracy, False for an error
-        such as MAE). Raises ConfigError for a threshold that is not positive."""
+        such as MAE), unless `update` is told otherwise. Raises ConfigError for a threshold
+        that is not positive."""
         if drift_minutes is not None and not drift_minutes > 0:
             raise ConfigError(f"retraining drift_minutes must be > 0 (or unset), got {drift_minutes!r}")
         if metric_drop is not None and not metric_drop > 0:
@@ -77,13 +78,15 @@ class RetrainingPolicy:
         metric: float | None,
         reference_metric: float | None,
         labeled_rows: int,
+        higher_is_better: bool | None = None,
     ) -> list[str]:
         """The reasons (in REASONS order) that trigger a retraining now; [] for none.
 
         `now`: seconds on any clock that does not jump (time.time() makes `last` readable);
         `metric`/`reference_metric`: the realized metric and its expected value, None while
         unknown; `labeled_rows`: the total of labeled rows so far (a counter: a value below
-        the previous one is taken as a restarted counter).
+        the previous one is taken as a restarted counter); `higher_is_better`: the metric's
+        direction for this call, None for the constructor's.
         """
         if not drift_alert:
             self._drift_since = None
@@ -96,7 +99,9 @@ class RetrainingPolicy:
         reasons = []
         if self._drift_sustained(now):
             reasons.append("sustained_drift")
-        if self._metric_dropped(metric, reference_metric):
+        if higher_is_better is None:
+            higher_is_better = self.higher_is_better
+        if self._metric_dropped(metric, reference_metric, higher_is_better):
             reasons.append("metric_drop")
         if self.labeled_rows is not None and labeled_rows - self._labeled_rows_at_trigger >= self.labeled_rows:
             reasons.append("labeled_rows")
@@ -112,10 +117,10 @@ class RetrainingPolicy:
             return False
         return now - self._drift_since >= self.drift_minutes * 60.0
 
-    def _metric_dropped(self, metric: float | None, reference_metric: float | None) -> bool:
+    def _metric_dropped(self, metric: float | None, reference_metric: float | None, higher_is_better: bool) -> bool:
         if self.metric_drop is None or metric is None or reference_metric is None:
             return False
-        drop = reference_metric - metric if self.higher_is_better else metric - reference_metric
+        drop = reference_metric - metric if higher_is_better else metric - reference_metric
         return drop >= self.metric_drop - _METRIC_TOLERANCE
 
     def snapshot(self) -> dict:
