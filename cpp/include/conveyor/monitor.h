@@ -193,7 +193,8 @@ class Monitor {
 
   bool reference_ready() const;
   int64_t collected_rows() const;
-  // The collected live-reference rows, row-major [collected_rows, features].
+  // The collected live-reference rows, row-major [collected_rows, features]; empty once a
+  // reference is set (set_reference frees the buffer).
   std::vector<double> reference_rows() const;
 
   uint64_t rows_observed() const noexcept { return rows_observed_.load(std::memory_order_relaxed); }
@@ -230,9 +231,10 @@ class Monitor {
   std::shared_ptr<const Reference> reference_;  // guarded by mu_
   uint64_t generation_ = 0;                     // guarded by mu_: bumped by set_reference
   Rings rings_;                                 // guarded by mu_
-  int64_t latest_epoch_ = std::numeric_limits<int64_t>::min();            // guarded by mu_: latest time sub-window observed
-  std::vector<double> live_rows_;               // guarded by mu_: [reference_rows, features]
-  int64_t collected_ = 0;                       // guarded by mu_
+  // guarded by mu_: the latest time sub-window observed
+  int64_t latest_epoch_ = std::numeric_limits<int64_t>::min();
+  std::vector<double> live_rows_;  // guarded by mu_: [reference_rows, features]; freed by set_reference
+  int64_t collected_ = 0;          // guarded by mu_
 
   std::atomic<uint64_t> rows_observed_{0};
   std::atomic<uint64_t> anomalous_rows_{0};
