@@ -5,6 +5,7 @@
 
 #include "conveyor/batcher.h"
 #include "conveyor/gather.h"
+#include "conveyor/monitor.h"
 #include "conveyor/native_graph.h"
 #include "conveyor/pipeline.h"
 #include "convert.h"
@@ -141,6 +142,17 @@ py::dict stats_to_python(const BatcherStats& s) {
   return d;
 }
 
+// With monitor=, the executor appends the row flags: the output specs must say so.
+void check_monitor_flags_spec(const std::vector<TensorSpec>& outputs) {
+  const bool ok = !outputs.empty() && outputs.back().name == "__monitor_flags" &&
+                  outputs.back().dtype == DType::kUInt8 && outputs.back().dims == std::vector<int64_t>{1};
+  if (!ok) {
+    throw Error(ErrorCode::kInvalidInput,
+                "[batcher] argument 'outputs': with monitor=, the last output must be ('__monitor_flags', 'UINT8', "
+                "[1]), the per-row flags the monitor appends");
+  }
+}
+
 // Dropping the last Python reference joins the batcher's threads, which may need the
 // GIL to finish a Python batch: release it while they do.
 struct ReleaseGilDelete {
@@ -166,7 +178,8 @@ void init_batcher(py::module_& m) {
                        py::object executor, int64_t max_batch_size, int64_t max_queue_delay_us,
                        std::vector<int64_t> preferred_batch_sizes, size_t max_queue_size, int priority_levels,
                        int default_priority_level, int64_t default_timeout_us, int instance_count,
-                       std::shared_ptr<MemoryPool> pool, std::shared_ptr<Pipeline> pipeline) {
+                       std::shared_ptr<MemoryPool> pool, std::shared_ptr<Pipeline> pipeline,
+                       std::shared_ptr<monitor::Monitor> monitor) {
              BatcherOptions o;
              o.model_name = model_name;
              o.inputs = tensor_specs(inputs);
@@ -179,10 +192,13 @@ void init_batcher(py::module_& m) {
              o.default_priority_level = default_priority_level;
              o.default_timeout_us = default_timeout_us;
              o.instance_count = instance_count;
-             // With a pipeline the executor returns the backend's outputs, not these.
+             if (monitor) check_monitor_flags_spec(o.outputs);
+             // With a pipeline the executor returns the backend's outputs, not these; the
+             // monitor's flags are not the executor's either.
              std::vector<std::string> names;
              if (!pipeline) {
                for (const auto& spec : o.outputs) names.push_back(spec.name);
+               if (monitor) names.pop_back();
              }
              Executor exec;
              if (py::isinstance<NativeGraph>(executor)) {
@@ -193,6 +209,10 @@ void init_batcher(py::module_& m) {
                throw py::type_error("executor must be a callable or a NativeGraph");
              }
              if (pipeline) exec = pipeline_executor(std::move(pipeline), std::move(exec));
+             // Outermost: the monitor sees the public inputs and outputs of every batch.
+             if (monitor) {
+               exec = monitor::monitor_executor(std::move(monitor), std::move(exec), o.max_batch_size > 0, pool);
+             }
              return std::shared_ptr<Batcher>(new Batcher(std::move(o), std::move(exec), std::move(pool)),
                                              ReleaseGilDelete{});
            }),
@@ -201,7 +221,10 @@ void init_batcher(py::module_& m) {
            py::arg("preferred_batch_sizes") = std::vector<int64_t>{}, py::arg("max_queue_size") = 1024,
            py::arg("priority_levels") = 0, py::arg("default_priority_level") = 0,
            py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1, py::arg("pool") = nullptr,
-           py::arg("pipeline") = nullptr)
+           py::arg("pipeline") = nullptr, py::arg("monitor") = nullptr,
+           "monitor: a Monitor observing every batch in C++ (no GIL); the outputs must then end with "
+           "('__monitor_flags', 'UINT8', [1]), which carries the per-row flag bytes ([rows, 1] when batching, [1] "
+           "otherwise).")
       .def(
           "submit",
           [](Batcher& b, const py::tuple& inputs, CompletionQueue& queue, int priority, int64_t timeout_us) {

@@ -14,6 +14,8 @@ void init_native(py::module_& m);
 void init_pipeline(py::module_& m);
 void init_kernels(py::module_& m);
 void init_cuda_kernels(py::module_& m);
+void init_monitor(py::module_& m);
+void init_drift(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -23,8 +25,10 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_memory(m);
   conveyor::bindings::init_native(m);
   conveyor::bindings::init_pipeline(m);
+  conveyor::bindings::init_monitor(m);
   conveyor::bindings::init_batcher(m);
   conveyor::bindings::init_dense(m);
   conveyor::bindings::init_kernels(m);
   conveyor::bindings::init_cuda_kernels(m);
+  conveyor::bindings::init_drift(m);
 }

@@ -1,0 +1,518 @@
+// Monitor: reading features out of batch tensors, binning, the two rings, the executor.
+#include "conveyor/monitor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "conveyor/error.h"
+
+namespace conveyor::monitor {
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& what) { throw Error(ErrorCode::kInvalidInput, "[monitor] " + what); }
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Per value state in a chunk.
+enum : uint8_t { kInRange = 0, kOutOfRange = 1, kIsNaN = 2, kIsInf = 3 };
+
+struct Half {
+  uint16_t bits;
+};
+struct BHalf {
+  uint16_t bits;
+};
+
+template <typename T>
+inline double as_double(T v) {
+  return static_cast<double>(v);
+}
+inline double as_double(Half h) {
+  const int exponent = (h.bits >> 10) & 0x1f;
+  const int mantissa = h.bits & 0x3ff;
+  double v;
+  if (exponent == 0) {
+    v = std::ldexp(static_cast<double>(mantissa), -24);
+  } else if (exponent == 31) {
+    v = mantissa ? kNaN : std::numeric_limits<double>::infinity();
+  } else {
+    v = std::ldexp(static_cast<double>(mantissa + 1024), exponent - 25);
+  }
+  return (h.bits & 0x8000) ? -v : v;
+}
+inline double as_double(BHalf b) {
+  const uint32_t bits = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Calls fn(T{}) with the C++ type of a (checked, non-BYTES) dtype.
+template <typename Fn>
+void with_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kBool:
+    case DType::kUInt8: fn(uint8_t{}); return;
+    case DType::kUInt16: fn(uint16_t{}); return;
+    case DType::kUInt32: fn(uint32_t{}); return;
+    case DType::kUInt64: fn(uint64_t{}); return;
+    case DType::kInt8: fn(int8_t{}); return;
+    case DType::kInt16: fn(int16_t{}); return;
+    case DType::kInt32: fn(int32_t{}); return;
+    case DType::kInt64: fn(int64_t{}); return;
+    case DType::kFloat16: fn(Half{}); return;
+    case DType::kBFloat16: fn(BHalf{}); return;
+    case DType::kFloat32: fn(float{}); return;
+    case DType::kFloat64: fn(double{}); return;
+    case DType::kBytes: return;
+  }
+}
+
+template <typename T>
+double derive_row(const T* row, int64_t width, Derive derive) {
+  double best = as_double(row[0]);
+  int64_t arg = 0;
+  bool finite = std::isfinite(best);
+  for (int64_t j = 1; j < width; ++j) {
+    const double v = as_double(row[j]);
+    finite = finite && std::isfinite(v);
+    if (v > best) {
+      best = v;
+      arg = j;
+    }
+  }
+  if (!finite) return kNaN;
+  switch (derive) {
+    case Derive::kPredictedClass: return static_cast<double>(arg);
+    case Derive::kConfidence: return best;
+    case Derive::kConfidenceFromLogits: {
+      double sum = 0;
+      for (int64_t j = 0; j < width; ++j) sum += std::exp(as_double(row[j]) - best);
+      return 1.0 / sum;
+    }
+    case Derive::kValue: break;
+  }
+  return kNaN;
+}
+
+// Number of edges <= v (std::upper_bound's index) without data-dependent branches: live
+// values land in unpredictable bins, and a mispredicted branch per step would cost more
+// than the search. Up to 64 edges a straight count (vectorised across edges) is fastest.
+inline size_t count_at_most(const double* edges, size_t n, double v) {
+  size_t lo = 0;
+  while (n > 1) {
+    const size_t half = n / 2;
+    lo += half * static_cast<size_t>(edges[lo + half - 1] <= v);
+    n -= half;
+  }
+  return lo + (edges[lo] <= v);
+}
+
+int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
+}
+
+const Tensor& tensor_of(const FeatureSpec& f, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs) {
+  return (f.source == Source::kInput ? inputs : outputs)[static_cast<size_t>(f.tensor)];
+}
+
+}  // namespace
+
+int64_t wall_clock_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// One chunk of rows, feature-major: value (f, r) at [f * rows + r]. Lives on observe()'s
+// stack (no allocation); its arrays are filled before they are read.
+struct Monitor::Chunk {
+  static constexpr size_t kValues = 4096;
+  int64_t rows = 0;
+  double value[kValues];
+  uint16_t bin[kValues];
+  uint8_t state[kValues];
+  uint8_t flags[kValues];                    // per row
+  double diff[Monitor::kMaxFeatures];        // Mahalanobis: value - mean
+  double projected[Monitor::kMaxFeatures];   // precision * diff
+};
+
+Monitor::Monitor(MonitorOptions options)
+    : options_(std::move(options)),
+      rows_per_sub_window_(options_.sub_windows > 0 ? options_.window_rows / options_.sub_windows : 0),
+      sub_window_ns_(options_.sub_windows > 0
+                         ? static_cast<int64_t>(options_.window_seconds * 1e9 / options_.sub_windows)
+                         : 0) {
+  const size_t n = options_.features.size();
+  if (n == 0) invalid("features: a monitor needs at least one feature");
+  if (n > kMaxFeatures) {
+    invalid("features: " + std::to_string(n) + " features, at most " + std::to_string(kMaxFeatures));
+  }
+  for (const FeatureSpec& f : options_.features) {
+    if (f.tensor < 0) invalid("feature '" + f.name + "': tensor index must be >= 0");
+    if (f.column < 0) invalid("feature '" + f.name + "': column must be >= 0");
+    if (f.derive == Derive::kPredictedClass && f.kind != FeatureKind::kCategorical) {
+      invalid("feature '" + f.name + "': a predicted class is categorical");
+    }
+  }
+  if (options_.sub_windows < 1) invalid("sub_windows must be >= 1, got " + std::to_string(options_.sub_windows));
+  if (options_.window_rows < options_.sub_windows || options_.window_rows % options_.sub_windows != 0) {
+    invalid("window_rows (" + std::to_string(options_.window_rows) + ") must be a positive multiple of sub_windows (" +
+            std::to_string(options_.sub_windows) + ")");
+  }
+  if (!(options_.window_seconds > 0) || sub_window_ns_ < 1 || !std::isfinite(options_.window_seconds)) {
+    invalid("window_seconds must be > 0 (and at least 1 ns per sub-window), got " +
+            std::to_string(options_.window_seconds));
+  }
+  if (options_.reference_rows < 0) {
+    invalid("reference_rows must be >= 0, got " + std::to_string(options_.reference_rows));
+  }
+  live_rows_.assign(static_cast<size_t>(options_.reference_rows) * n, 0.0);
+}
+
+void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
+  if (!reference || reference->layout == 0) invalid("set_reference needs a reference made by make_reference");
+  const size_t n = options_.features.size();
+  if (reference->features.size() != n) {
+    invalid("the reference has " + std::to_string(reference->features.size()) + " features, the monitor " +
+            std::to_string(n));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (reference->features[i].kind != options_.features[i].kind) {
+      invalid("feature '" + options_.features[i].name + "' is " + feature_kind_name(options_.features[i].kind) +
+              " but its reference is " + feature_kind_name(reference->features[i].kind));
+    }
+  }
+  Rings fresh;
+  const WindowState empty = WindowState::for_reference(*reference);
+  fresh.rows_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
+  fresh.time_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
+  fresh.time_epoch.assign(static_cast<size_t>(options_.sub_windows), std::numeric_limits<int64_t>::min());
+  std::vector<double> released;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::swap(rings_, fresh);
+    reference_ = std::move(reference);
+    ++generation_;
+    latest_epoch_ = std::numeric_limits<int64_t>::min();
+    released.swap(live_rows_);  // the live reference is no longer needed
+  }
+}  // the old rings and buffer are freed here, outside the lock
+
+std::shared_ptr<const Reference> Monitor::reference() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reference_;
+}
+
+bool Monitor::reference_ready() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reference_ != nullptr;
+}
+
+int64_t Monitor::collected_rows() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return collected_;
+}
+
+std::vector<double> Monitor::reference_rows() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t n = std::min(static_cast<size_t>(collected_) * options_.features.size(), live_rows_.size());
+  return std::vector<double>(live_rows_.begin(), live_rows_.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+size_t Monitor::memory_bytes_locked() const {
+  size_t bytes = sizeof(*this) + live_rows_.capacity() * sizeof(double) +
+                 rings_.time_epoch.capacity() * sizeof(int64_t);
+  for (const auto* ring : {&rings_.rows_slots, &rings_.time_slots}) {
+    bytes += ring->capacity() * sizeof(WindowState);
+    for (const WindowState& s : *ring) {
+      bytes += s.shift.capacity() * sizeof(double) + s.features.capacity() * sizeof(FeatureStats) +
+               s.bin_offset.capacity() * sizeof(uint32_t) + s.bin_counts.capacity() * sizeof(uint64_t);
+    }
+  }
+  return bytes;
+}
+
+size_t Monitor::memory_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return memory_bytes_locked();
+}
+
+void Monitor::check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                            int64_t rows) const {
+  for (const FeatureSpec& f : options_.features) {
+    const std::vector<Tensor>& tensors = f.source == Source::kInput ? inputs : outputs;
+    const char* what = source_name(f.source);
+    if (static_cast<size_t>(f.tensor) >= tensors.size()) {
+      invalid("feature '" + f.name + "' reads " + what + " " + std::to_string(f.tensor) + ", but the batch has " +
+              std::to_string(tensors.size()) + " " + what + "s");
+    }
+    const Tensor& t = tensors[static_cast<size_t>(f.tensor)];
+    if (t.dtype == DType::kBytes || t.device.kind == DeviceKind::kCUDA) {
+      invalid("feature '" + f.name + "' reads " + what + " " + std::to_string(f.tensor) + " of " +
+              dtype_name(t.dtype) + (t.device.kind == DeviceKind::kCUDA ? " on a CUDA device" : "") +
+              ": only numeric tensors in host memory can be monitored");
+    }
+    const int64_t numel = t.shape.numel();
+    if (numel % rows != 0 || numel / rows < 1) {
+      invalid("feature '" + f.name + "' reads " + what + " " + std::to_string(f.tensor) + " of shape " +
+              t.shape.to_string() + ", which does not split into " + std::to_string(rows) + " rows");
+    }
+    if (f.derive == Derive::kValue && f.column >= numel / rows) {
+      invalid("feature '" + f.name + "' reads column " + std::to_string(f.column) + " of " + what + " " +
+              std::to_string(f.tensor) + ", whose rows hold " + std::to_string(numel / rows) + " elements (shape " +
+              t.shape.to_string() + ")");
+    }
+  }
+}
+
+void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
+                         int64_t first, Chunk& chunk) const {
+  const int64_t n = chunk.rows;
+  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
+    const FeatureSpec& f = options_.features[fi];
+    const Tensor& t = tensor_of(f, inputs, outputs);
+    const int64_t width = t.shape.numel() / rows;
+    double* out = chunk.value + fi * static_cast<size_t>(n);
+    with_type(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* base = static_cast<const T*>(t.data) + first * width;
+      if (f.derive == Derive::kValue) {
+        const T* p = base + f.column;
+        for (int64_t r = 0; r < n; ++r) out[r] = as_double(p[r * width]);
+      } else {
+        for (int64_t r = 0; r < n; ++r) out[r] = derive_row(base + r * width, width, f.derive);
+      }
+    });
+  }
+}
+
+void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
+  const int64_t n = chunk.rows;
+  std::memset(chunk.flags, 0, static_cast<size_t>(n));
+  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
+    const FeatureReference& ref = reference.features[fi];
+    const double* edges = ref.edges.data();
+    const size_t edge_count = ref.edges.size();
+    const bool numeric = ref.kind == FeatureKind::kNumeric;
+    const size_t at = fi * static_cast<size_t>(n);
+    for (int64_t r = 0; r < n; ++r) {
+      const double v = chunk.value[at + r];
+      if (!std::isfinite(v)) {
+        chunk.state[at + r] = std::isnan(v) ? kIsNaN : kIsInf;
+        chunk.flags[r] |= kFlagNonFinite;
+        continue;
+      }
+      size_t bin;
+      bool out_of_range;
+      bin = count_at_most(edges, edge_count, v);
+      if (numeric) {
+        out_of_range = v < ref.min || v > ref.max;
+      } else {  // a known category is the last edge <= v, and equal to it
+        out_of_range = bin == 0 || edges[bin - 1] != v;
+        bin = out_of_range ? edge_count : bin - 1;
+      }
+      chunk.bin[at + r] = static_cast<uint16_t>(bin);
+      chunk.state[at + r] = out_of_range ? kOutOfRange : kInRange;
+      if (out_of_range) chunk.flags[r] |= kFlagOutOfRange;
+    }
+  }
+  const size_t k = reference.mahalanobis_features.size();
+  if (k == 0) return;
+  const double threshold_sq = reference.outlier_threshold * reference.outlier_threshold;
+  const double* mean = reference.mahalanobis_mean.data();
+  const double* precision = reference.precision.data();
+  const int* index = reference.mahalanobis_features.data();
+  double* diff = chunk.diff;
+  double* projected = chunk.projected;
+  for (int64_t r = 0; r < n; ++r) {
+    bool finite = true;
+    for (size_t j = 0; j < k; ++j) {
+      diff[j] = chunk.value[static_cast<size_t>(index[j]) * static_cast<size_t>(n) + r] - mean[j];
+      finite = finite && std::isfinite(diff[j]);
+    }
+    if (!finite) continue;
+    // projected = precision * diff as a sum of scaled rows (elementwise: vectorises),
+    // then one dot product.
+    std::fill(projected, projected + k, 0.0);
+    for (size_t i = 0; i < k; ++i) {
+      const double d = diff[i];
+      const double* row = precision + i * k;
+      for (size_t j = 0; j < k; ++j) projected[j] += d * row[j];
+    }
+    double distance_sq = 0;
+    for (size_t j = 0; j < k; ++j) distance_sq += diff[j] * projected[j];
+    if (distance_sq > threshold_sq) chunk.flags[r] |= kFlagOutlier;
+  }
+}
+
+namespace {
+
+// Adds rows [r0, r1) of a scored chunk to one sub-window.
+void add_rows(WindowState& s, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
+              int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
+  if (r1 <= r0) return;
+  s.start_ns = s.rows == 0 ? now_ns : std::min(s.start_ns, now_ns);
+  s.end_ns = s.rows == 0 ? now_ns : std::max(s.end_ns, now_ns);
+  s.rows += static_cast<uint64_t>(r1 - r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    s.out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
+    s.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
+    s.outlier_rows += (flags[r] & kFlagOutlier) != 0;
+  }
+  for (size_t fi = 0; fi < s.features.size(); ++fi) {
+    FeatureStats& f = s.features[fi];
+    uint64_t* counts = s.bin_counts.data() + s.bin_offset[fi];
+    const double shift = s.shift[fi];
+    const size_t at = fi * static_cast<size_t>(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t st = state[at + r];
+      if (st >= kIsNaN) {
+        f.nan += st == kIsNaN;
+        f.inf += st == kIsInf;
+        continue;
+      }
+      const double v = value[at + r];
+      const double d = v - shift;
+      ++counts[bin[at + r]];
+      ++f.count;
+      f.out_of_range += st == kOutOfRange;
+      f.sum += d;
+      f.sum_sq += d * d;
+      f.min = std::min(f.min, v);
+      f.max = std::max(f.max, v);
+    }
+  }
+}
+
+}  // namespace
+
+void Monitor::add_chunk(const Chunk& c, int64_t now_ns) {
+  const int64_t n = c.rows;
+  const size_t subs = static_cast<size_t>(options_.sub_windows);
+  // Time ring: the chunk's sub-window, never earlier than the latest one seen.
+  const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+  latest_epoch_ = epoch;
+  const size_t slot = static_cast<size_t>(epoch - floor_div(epoch, options_.sub_windows) * options_.sub_windows);
+  if (rings_.time_epoch[slot] != epoch) {  // a sub-window of an earlier lap: start it afresh
+    rings_.time_slots[slot].clear();
+    rings_.time_epoch[slot] = epoch;
+  }
+  add_rows(rings_.time_slots[slot], c.value, c.bin, c.state, c.flags, n, 0, n, now_ns);
+  // Rows ring: fill the current sub-window, moving on (and clearing) when it is full.
+  for (int64_t r = 0; r < n;) {
+    WindowState* s = &rings_.rows_slots[rings_.rows_slot];
+    if (static_cast<int64_t>(s->rows) >= rows_per_sub_window_) {
+      rings_.rows_slot = (rings_.rows_slot + 1) % subs;
+      s = &rings_.rows_slots[rings_.rows_slot];
+      s->clear();
+    }
+    const int64_t take = std::min(n - r, rows_per_sub_window_ - static_cast<int64_t>(s->rows));
+    add_rows(*s, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
+    r += take;
+  }
+}
+
+void Monitor::collect_chunk(const Chunk& c) {
+  const size_t features = options_.features.size();
+  const int64_t take = std::min(c.rows, options_.reference_rows - collected_);
+  for (int64_t r = 0; r < take; ++r) {
+    double* row = live_rows_.data() + static_cast<size_t>(collected_ + r) * features;
+    for (size_t fi = 0; fi < features; ++fi) row[fi] = c.value[fi * static_cast<size_t>(c.rows) + r];
+  }
+  collected_ += take;
+}
+
+void Monitor::observe(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
+                      int64_t now_ns, uint8_t* row_flags) {
+  if (rows <= 0) return;
+  check_tensors(inputs, outputs, rows);
+  std::shared_ptr<const Reference> reference;
+  uint64_t generation;
+  bool collecting;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reference = reference_;
+    generation = generation_;
+    collecting = !reference_ && collected_ < options_.reference_rows;
+  }
+  rows_observed_.fetch_add(static_cast<uint64_t>(rows), std::memory_order_relaxed);
+  if (!reference) {
+    if (row_flags) std::memset(row_flags, 0, static_cast<size_t>(rows));
+    if (!collecting) return;
+  }
+  const size_t features = options_.features.size();
+  const int64_t per_chunk = static_cast<int64_t>(std::max<size_t>(1, Chunk::kValues / features));
+  Chunk chunk;  // ~60 KiB of stack, filled before use
+  uint64_t anomalous = 0;
+  for (int64_t first = 0; first < rows; first += per_chunk) {
+    chunk.rows = std::min(per_chunk, rows - first);
+    read_chunk(inputs, outputs, rows, first, chunk);
+    if (!reference) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (generation != generation_ || collected_ >= options_.reference_rows) break;
+      collect_chunk(chunk);
+      continue;
+    }
+    score_chunk(*reference, chunk);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (generation == generation_) add_chunk(chunk, now_ns);
+    }
+    for (int64_t r = 0; r < chunk.rows; ++r) anomalous += chunk.flags[r] != 0;
+    if (row_flags) std::memcpy(row_flags + first, chunk.flags, static_cast<size_t>(chunk.rows));
+  }
+  if (anomalous) anomalous_rows_.fetch_add(anomalous, std::memory_order_relaxed);
+}
+
+WindowState Monitor::window(WindowKind kind, int64_t now_ns) const {
+  std::shared_ptr<const Reference> reference = this->reference();
+  while (reference) {
+    WindowState out = WindowState::for_reference(*reference);  // allocated before locking
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reference_ != reference) {
+      reference = reference_;
+      continue;
+    }
+    if (kind == WindowKind::kRows) {
+      for (const WindowState& s : rings_.rows_slots) out.merge(s);
+    } else {
+      const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+      for (size_t i = 0; i < rings_.time_slots.size(); ++i) {
+        const int64_t e = rings_.time_epoch[i];
+        if (e <= epoch && e > epoch - options_.sub_windows) out.merge(rings_.time_slots[i]);
+      }
+    }
+    return out;
+  }
+  return WindowState{};
+}
+
+Executor monitor_executor(std::shared_ptr<Monitor> monitor, Executor inner, bool batching,
+                          std::shared_ptr<MemoryPool> pool) {
+  if (!monitor) invalid("monitor_executor needs a monitor");
+  if (!pool) pool = MemoryPool::default_host();
+  return [monitor = std::move(monitor), inner = std::move(inner), batching,
+          pool = std::move(pool)](const Batch& batch) {
+    std::vector<Tensor> outputs = inner(batch);
+    const int64_t rows = batching ? batch.rows : 1;
+    Tensor flags = make_pooled_tensor(pool, DType::kUInt8, batching ? Shape{rows, 1} : Shape{1});
+    auto* bytes = static_cast<uint8_t*>(flags.data);
+    try {
+      monitor->observe(batch.inputs, outputs, rows, wall_clock_ns(), bytes);
+    } catch (const Error&) {
+      // A monitor that does not fit the batch must not fail the model's requests.
+      std::memset(bytes, 0, static_cast<size_t>(rows));
+      monitor->count_failed_batch();
+    }
+    outputs.push_back(std::move(flags));
+    return outputs;
+  };
+}
+
+}  // namespace conveyor::monitor
