@@ -1,10 +1,12 @@
 // The monitor: binning and counts against hand-computed values, both rings, merge,
 // window-state bytes, flags, the executor, and concurrent observers under
-// ThreadSanitizer (synchronised by joins and a start latch, never sleeps).
+// ThreadSanitizer (synchronised by joins and a start latch, never sleeps), evaluate().
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -14,6 +16,32 @@
 
 using namespace conveyor;
 using namespace conveyor::monitor;
+
+// Counts this thread's operator new calls, so a test can state that observe() allocates
+// nothing. (Replacing the global operators applies to the whole test binary; they only count.)
+namespace {
+thread_local uint64_t t_allocations = 0;
+void* counted_malloc(std::size_t n) noexcept {
+  ++t_allocations;
+  return std::malloc(n ? n : 1);
+}
+void* counted_alloc(std::size_t n) {
+  if (void* p = counted_malloc(n)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+// Every unaligned form, so each allocation and its release meet the same allocator (the
+// sanitizers check that they match).
+void* operator new(std::size_t n) { return counted_alloc(n); }
+void* operator new[](std::size_t n) { return counted_alloc(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return counted_malloc(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return counted_malloc(n); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -400,6 +428,8 @@ TEST_CASE("monitor: concurrent observers and readers keep exact counts") {
       CHECK(s.rows >= last);  // rows only accumulate: the window holds them all
       CHECK_EQ(s.features[0].count, s.rows);
       last = s.rows;
+      const DriftReport report = evaluate(*monitor->reference(), s);
+      CHECK_EQ(report.rows, s.rows);
       WindowState::from_bytes(monitor->window(WindowKind::kTime, kSecond).to_bytes());
     }
   });
@@ -413,4 +443,54 @@ TEST_CASE("monitor: concurrent observers and readers keep exact counts") {
   for (int b = 0; b < 4; ++b) CHECK_EQ(s.counts(0)[b], total / 4);
   CHECK_EQ(s.counts(1)[0], total / 2);
   CHECK_EQ(s.counts(1)[1], total / 2);
+}
+
+TEST_CASE("monitor: evaluate gives NaN where a statistic does not apply and follows the verdict rules") {
+  Monitor m(two_feature_options());
+  const auto ref = two_feature_reference();
+  m.set_reference(ref);
+  DriftReport empty = evaluate(*ref, m.window(WindowKind::kRows, 0));
+  CHECK(std::isnan(empty.psi[0]) && std::isnan(empty.p_value[1]) && std::isnan(empty.outlier_rate));
+  CHECK(!empty.alert && empty.status[0] == Status::kOk);
+  // x[0] matches its reference (25 rows a bin); x[1] never shows category 5 and adds 7s.
+  std::vector<double> pairs;
+  for (int i = 0; i < 100; ++i) {
+    pairs.push_back(-0.5 + (i % 4));
+    pairs.push_back(i % 3 == 0 ? 1.0 : i % 3 == 1 ? 2.0 : 7.0);
+  }
+  observe_pairs(m, pairs);
+  const DriftReport r = evaluate(*ref, m.window(WindowKind::kRows, 0));
+  CHECK(r.psi[0] < 1e-9 && r.ks[0] < 1e-12 && r.p_value[0] > 0.99);
+  CHECK(std::isnan(r.chi2[0]) && !std::isnan(r.wasserstein[0]));
+  CHECK(std::isnan(r.ks[1]) && std::isnan(r.wasserstein[1]) && r.chi2[1] > 50);
+  CHECK(r.status[0] == Status::kOk && r.status[1] == Status::kAlert && r.alert);
+  CHECK(std::abs(r.out_of_range_ratio[1] - 33.0 / 100) < 1e-12);
+  CHECK_EQ(r.missing_ratio[0], 0.0);
+  CHECK(std::abs(r.mean[0] - 1.0) < 1e-12);
+  DriftOptions bad;
+  bad.alpha = 0;
+  CHECK_THROWS_CODE(evaluate(*ref, m.window(WindowKind::kRows, 0), bad), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(evaluate(*ref, WindowState{}), ErrorCode::kInvalidInput);
+}
+
+TEST_CASE("monitor: observe allocates nothing, collecting or binning") {
+  MonitorOptions o = two_feature_options(8, 2);  // rotations every 4 rows
+  o.reference_rows = 1000;
+  Monitor m(o);
+  std::vector<double> pairs;
+  for (int i = 0; i < 64; ++i) {
+    pairs.push_back(i % 7 - 2.0);
+    pairs.push_back(i % 3 == 0 ? 1.0 : 9.0);
+  }
+  std::vector<uint8_t> flags(32);
+  const std::vector<Tensor> inputs = {borrow(pairs, 32, 2)};
+  const std::vector<Tensor> none;
+  uint64_t before = t_allocations;
+  for (int i = 0; i < 20; ++i) m.observe(inputs, none, 32, i * kSecond / 4, flags.data());
+  CHECK_EQ(t_allocations - before, 0u);
+  m.set_reference(two_feature_reference(true));
+  before = t_allocations;
+  for (int i = 0; i < 20; ++i) m.observe(inputs, none, 32, i * kSecond / 4, flags.data());
+  CHECK_EQ(t_allocations - before, 0u);
+  CHECK_EQ(m.window(WindowKind::kRows, 0).rows, 8u);
 }
