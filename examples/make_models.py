@@ -7,6 +7,8 @@
   image_classifier: image FP32 [-1, 3, 32, 32] -> Flatten -> Gemm(3072->32)+Relu -> Gemm(32->10)
         -> logits FP32 [-1, 10]   (its config normalizes uint8 images before and
         classifies after, in C++: see examples/models/image_classifier/config.toml)
+  churn: features FP32 [-1, 12] -> Gemm(12->16)+Relu -> Gemm(16->2) -> Softmax -> probs FP32 [-1, 2]
+        (the monitored example; churn/train.npy is its training data, the monitor's reference)
 
 The weights come from numpy's default generator seeded with 1234, layer by layer,
 so the peer servers in the benchmark harness serve the identical mlp.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,10 +100,65 @@ def build_image_classifier() -> onnx.GraphProto:
     )
 
 
+# The churn model's 12 customer features: (mean, standard deviation) of each in its
+# training data, e.g. tenure in months, monthly charges, support calls, ...
+CHURN_FEATURES = [
+    (32.0, 24.0), (65.0, 30.0), (2.0, 1.5), (0.3, 0.45), (1200.0, 900.0), (0.5, 0.5),
+    (3.0, 2.0), (45.0, 15.0), (0.1, 0.3), (12.0, 8.0), (0.7, 0.2), (5.0, 3.0),
+]  # fmt: skip
+CHURN_TRAINING_ROWS = 2000
+
+
+def churn_training_data() -> np.ndarray:
+    """[2000, 12] FP32 rows drawn around CHURN_FEATURES (seed 1235)."""
+    rng = np.random.default_rng(SEED + 1)
+    mean = np.array([m for m, _ in CHURN_FEATURES])
+    std = np.array([s for _, s in CHURN_FEATURES])
+    return (mean + std * rng.standard_normal((CHURN_TRAINING_ROWS, len(CHURN_FEATURES)))).astype(np.float32)
+
+
+def build_churn() -> onnx.GraphProto:
+    # The first layer standardizes the features (so the random weights see unit-scale inputs).
+    rng = np.random.default_rng(SEED)
+    mean = np.array([m for m, _ in CHURN_FEATURES], dtype=np.float32)
+    std = np.array([s for _, s in CHURN_FEATURES], dtype=np.float32)
+    fc1, fc1_weights = _gemm_layer(rng, "fc1", 12, 16, "scaled", "h1")
+    fc2, fc2_weights = _gemm_layer(rng, "fc2", 16, 2, "a1", "logits")
+    nodes = [
+        helper.make_node("Sub", ["features", "mean"], ["centered"], name="center"),
+        helper.make_node("Div", ["centered", "std"], ["scaled"], name="scale"),
+        fc1,
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        fc2,
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    constants = [numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(std, "std")]
+    return helper.make_graph(
+        nodes,
+        "churn",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 12])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 2])],
+        initializer=constants + fc1_weights + fc2_weights,
+    )
+
+
 GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {
     "mlp": build_mlp,
     "tiny": build_tiny,
     "image_classifier": build_image_classifier,
+    "churn": build_churn,
+}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# Data files beside the models: path under the repository -> bytes.
+DATA_BUILDERS: dict[str, Callable[[], bytes]] = {
+    "churn/train.npy": lambda: _npy_bytes(churn_training_data()),
 }
 
 
@@ -121,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR, help="the example model repository")
     args = parser.parse_args(argv)
     stale = []
-    for name, build in GRAPH_BUILDERS.items():
-        path = model_path(args.models_dir, name)
-        data = serialize(build())
+    files = [(model_path(args.models_dir, name), lambda build=build: serialize(build())) for name, build in GRAPH_BUILDERS.items()]
+    files += [(args.models_dir / relative, build) for relative, build in DATA_BUILDERS.items()]
+    for path, build in files:
+        data = build()
         digest = hashlib.sha256(data).hexdigest()
         if args.check:
             on_disk = path.read_bytes() if path.is_file() else None

@@ -40,7 +40,7 @@ def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
 
 
 def test_example_repository_loads(repository: ModelRepository) -> None:
-    names = ["image_classifier", "mlp", "scaler", "tiny"]
+    names = ["churn", "image_classifier", "mlp", "scaler", "tiny"]
     assert repository.list_models() == names
     assert repository.index() == [RepositoryEntry(name, 1, "READY") for name in names]
     tiny = repository.load_model("tiny").config  # its tensors come from the graph

@@ -23,7 +23,8 @@ from prometheus_client import parser as prometheus_parser
 from tritonclient.utils import InferenceServerException
 
 import conveyor
-from conveyor.server.serve import ServeOptions, Server
+from conveyor.server.serve import ServeOptions
+from server_thread import ServerThread
 
 API_KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -31,55 +32,6 @@ MAX_REQUEST_BYTES = 1 << 20
 STARTUP_MODELS = ["mlp", "tiny", "scaler", "classifier"]
 LABELS = [f"class_{i}" for i in range(10)]
 TIMEOUT_S = 30.0  # bound on every wait in this file; a healthy run takes milliseconds
-
-
-class ServerThread:
-    """A Server on its own event loop (uvloop when installed) in a daemon thread."""
-
-    def __init__(self, options: ServeOptions) -> None:
-        self.options = options
-        try:
-            import uvloop
-        except ImportError:  # plain asyncio works too
-            self.loop = asyncio.new_event_loop()
-        else:
-            self.loop = uvloop.new_event_loop()
-        self.started = threading.Event()
-        self.start_error: BaseException | None = None
-        self.server: Server | None = None
-        self.thread = threading.Thread(target=self._run, name="http-server", daemon=True)
-        self.thread.start()
-        assert self.started.wait(TIMEOUT_S), "the server did not start"
-        if self.start_error is not None:
-            raise self.start_error
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        if self.start_error is None:
-            self.loop.run_forever()
-        self.loop.close()
-
-    async def _start(self) -> None:
-        try:
-            self.server = Server(self.options)
-            await self.server.start()
-        except BaseException as exc:  # reported to the test thread
-            self.start_error = exc
-        finally:
-            self.started.set()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.http_port
-
-    def stop(self) -> None:
-        assert self.server is not None
-        asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(TIMEOUT_S)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT_S)
-        assert not self.thread.is_alive()
 
 
 def _make_repository(root: Path) -> Path:
@@ -302,7 +254,9 @@ def test_request_id_echoed_and_schedule_parameters_accepted(client: Any) -> None
     result = _infer(client, "tiny", x, request_id="req-42", priority=1, timeout=10_000_000)
     assert result.get_response()["id"] == "req-42"
     np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
-    assert "id" not in _infer(client, "tiny", x).get_response()
+    # Without one, the server makes a fresh id (delayed labels refer to it).
+    first, second = (_infer(client, "tiny", x).get_response()["id"] for _ in range(2))
+    assert first and second and first != second
 
 
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json_out", "binary_out"])
@@ -399,7 +353,7 @@ def _index(client: Any) -> dict[str, dict[str, Any]]:
 
 def test_repository_index(client: Any) -> None:
     rows = _index(client)
-    assert set(rows) == set(STARTUP_MODELS) | {"spare", "spare_mlp", "image_classifier"}
+    assert set(rows) == set(STARTUP_MODELS) | {"spare", "spare_mlp", "image_classifier", "churn"}
     assert rows["mlp"]["state"] == "READY" and rows["mlp"]["version"] == "1"
     assert rows["spare"]["state"] == "UNAVAILABLE" and rows["spare"]["reason"]
     assert set(STARTUP_MODELS) <= {row["name"] for row in client.get_model_repository_index(headers=AUTH)}

@@ -252,7 +252,7 @@ def test_a_missing_labels_file_fails_loading(tmp_path: Path) -> None:
             {"kind": "classification", "output": "logits", "outputs": ["classes"], "k": 3, "labels": "labels.txt"}
         ],
     )
-    with pytest.raises(ConfigError, match=r"cannot read postprocess labels .*labels.txt"):
+    with pytest.raises(ConfigError, match=r"postprocess labels: cannot read labels file .*labels.txt"):
         ModelSteps.for_config(cfg, tmp_path / "m" / "1")
 
 

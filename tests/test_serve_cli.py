@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import textwrap
 import threading
@@ -33,9 +34,15 @@ DEADLINE_S = 30.0  # bound on every wait in this file; a healthy run takes a fra
 POLL_S = 0.02  # the pause between two looks at a condition waited on
 
 
+# Monitored example models write capture files under the data directory: keep them out
+# of the working directory.
+DATA_DIR = Path(tempfile.mkdtemp(prefix="conveyor-serve-cli-data-"))
+
+
 def _environment(**variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env["PYTHONPATH"] = str(PACKAGE_PARENT)
+    env["CONVEYOR_DATA_DIR"] = str(DATA_DIR)
     env.update(variables)
     return env
 

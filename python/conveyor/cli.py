@@ -116,6 +116,10 @@ def _serve_parser(subparsers: Any) -> None:
                    help="require 'Authorization: Bearer KEY' on repository control endpoints (load, unload, index)")
     p.add_argument("--grace-period-s", type=_positive_float, default=_env("grace-period-s", 30.0, _positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
+    p.add_argument("--data-dir", type=Path, default=_env("data-dir", Path("conveyor-data"), Path),
+                   help="where monitored models keep their capture files, label files and retraining markers, "
+                   "and references they cannot save beside their version (default ./conveyor-data; "
+                   "created when a model needs it)")
     p.add_argument("--log-level", type=_choice(LOG_LEVELS), default=_env("log-level", "info", _choice(LOG_LEVELS)),
                    help="logging level: debug, info, warning or error (default info)")
     p.set_defaults(run=_run_serve)
@@ -142,6 +146,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         grace_period_s=args.grace_period_s,
         server_version=__version__,
+        data_dir=args.data_dir,
     )
     logging.getLogger("conveyor").info("conveyor %s serving %s", __version__, repository)
     try:

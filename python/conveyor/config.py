@@ -270,6 +270,109 @@ class PostprocessStep(_Strict):
         return self.k if self.k is not None else (1 if self.kind == "argmax" else None)
 
 
+FeatureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/-]+(\[[0-9]+\])?$")]
+
+
+class ClassifierOutput(_Strict):
+    """An output holding class scores: monitored as predicted class and confidence."""
+
+    output: str = Field(pattern=TENSOR_NAME_PATTERN)
+    # "probabilities": confidence is the row's largest value; "logits": its largest softmax.
+    scores: Literal["probabilities", "logits"] = "probabilities"
+
+
+class MonitorConfig(_Strict):
+    """[monitor]: live statistics and drift detection, computed in C++ inside the batch."""
+
+    enabled: bool = True
+    # A training-data file (.parquet, .npy or .csv), relative to the version directory,
+    # then the model directory. Without it the first `reference_rows` live rows become the
+    # reference, frozen and saved beside the version as monitor_reference.npz.
+    reference: str | None = Field(default=None, min_length=1)
+    reference_rows: int = Field(default=10_000, ge=100)
+    # Inputs and outputs whose flattened columns are monitored (default: every numeric one).
+    inputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] | None = None
+    outputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] | None = None
+    classifier_outputs: list[ClassifierOutput] = []
+    # Feature names ("x[3]") or whole inputs ("x") whose values are categories; integer
+    # and boolean inputs are categorical unless listed in `numeric`.
+    categorical: list[FeatureName] = []
+    numeric: list[FeatureName] = []
+    # 50 features x 2 windows x 8 gauges keeps a model near 800 drift series in Prometheus.
+    max_features: int = Field(default=50, ge=1, le=1024)
+    bins: int = Field(default=20, ge=2, le=256)
+    max_categories: int = Field(default=50, ge=1, le=1024)
+    window_rows: int = Field(default=1000, ge=10)
+    window_seconds: float = Field(default=10.0, gt=0)
+    sub_windows: int = Field(default=10, ge=1, le=1000)
+    evaluate_interval_s: float = Field(default=1.0, gt=0)
+    history: int = Field(default=360, ge=1, le=100_000)
+    psi_warn: float = Field(default=0.1, gt=0)
+    psi_alert: float = Field(default=0.25, gt=0)
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    correction: Literal["benjamini-hochberg", "bonferroni", "none"] = "benjamini-hochberg"
+    mahalanobis: bool = True
+    outlier_quantile: float = Field(default=0.999, gt=0.5, lt=1)
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_headers: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> MonitorConfig:
+        if self.psi_alert < self.psi_warn:
+            raise _rule_error(f"a value >= psi_warn ({self.psi_warn})", self.psi_alert, field="psi_alert")
+        if self.window_rows < self.sub_windows:
+            raise _rule_error(f"at least sub_windows ({self.sub_windows}) rows", self.window_rows, field="window_rows")
+        overlap = set(self.categorical) & set(self.numeric)
+        if overlap:
+            raise _rule_error("names in categorical or numeric, not both", sorted(overlap), field="numeric")
+        return self
+
+
+class CaptureConfig(_Strict):
+    """[capture]: live rows kept in Parquet files for retraining, written off the request path."""
+
+    # Absolute, or relative to the server's data directory (--data-dir); default <model>.
+    directory: str | None = Field(default=None, min_length=1)
+    # The share of requests kept, chosen by a hash of the request id (so it is repeatable).
+    sample_rate: float = Field(default=0.01, ge=0, le=1)
+    capture: Literal["both", "inputs", "outputs"] = "both"
+    anomalies: bool = True  # always keep requests the monitor flags (needs [monitor])
+    alerting: bool = True  # always keep requests while the model's drift alert is on
+    max_queue_rows: int = Field(default=65_536, ge=1)
+    flush_interval_s: float = Field(default=0.1, gt=0, le=10)
+    fsync: Literal["always", "interval", "never"] = "interval"
+    rotate_mb: float = Field(default=64, gt=0)
+    rotate_seconds: float = Field(default=3600, gt=0)
+
+
+class FeedbackConfig(_Strict):
+    """[feedback]: delayed ground truth joined to predictions by request id."""
+
+    kind: Literal["classification", "regression"]
+    # The output compared with the label: classification takes the row's argmax (or the
+    # value of an integer output), regression the value of a one-element row.
+    output: str = Field(pattern=TENSOR_NAME_PATTERN)
+    ttl_s: float = Field(default=3600, gt=0)
+    max_pending: int = Field(default=100_000, ge=1)
+    window: int = Field(default=1000, ge=1)
+    reference_value: float | None = None
+
+
+class RetrainingConfig(_Strict):
+    """[retraining]: when to ask for a new model (any rule that is set can fire)."""
+
+    drift_minutes: float | None = Field(default=None, gt=0)
+    metric_drop: float | None = Field(default=None, gt=0)
+    labeled_rows: int | None = Field(default=None, ge=1)
+    cooldown_s: float = Field(default=3600, ge=0)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RetrainingConfig:
+        if self.drift_minutes is None and self.metric_drop is None and self.labeled_rows is None:
+            raise _rule_error("at least one of drift_minutes, metric_drop, labeled_rows", None, got_text="none")
+        return self
+
+
 class ModelConfig(_Strict):
     """A model's whole configuration, as read from its config.toml.
 
@@ -296,6 +399,11 @@ class ModelConfig(_Strict):
     # Steps around the backend; inputs and outputs then describe the public tensors.
     preprocess: list[PreprocessStep] = []
     postprocess: list[PostprocessStep] = []
+    # Monitoring and the learning loop (examples/README.md, "Monitoring").
+    monitor: MonitorConfig | None = None
+    capture: CaptureConfig | None = None
+    feedback: FeedbackConfig | None = None
+    retraining: RetrainingConfig | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -333,7 +441,32 @@ class ModelConfig(_Strict):
                     raise _rule_error("no labels (labels belong to outputs)", tensor.labels, field=f"inputs[{index}].labels")
         if self.preprocess or self.postprocess:
             self._check_steps()
+        self._check_monitoring()
         return self
+
+    def _check_monitoring(self) -> None:
+        """The learning-loop tables name tensors of this model and lean on each other."""
+        monitor = self.monitor
+        inputs = {t.name: t for t in self.inputs}
+        outputs = {t.name: t for t in self.outputs}
+        if monitor is not None:
+            for field, known in (("inputs", inputs), ("outputs", outputs)):
+                for index, name in enumerate(getattr(monitor, field) or ()):
+                    if known and name not in known:
+                        raise _rule_error(f"one of the {field} ({', '.join(known)})", name, field=f"monitor.{field}[{index}]")
+            for index, entry in enumerate(monitor.classifier_outputs):
+                if outputs and entry.output not in outputs:
+                    raise _rule_error(
+                        f"one of the outputs ({', '.join(outputs)})", entry.output, field=f"monitor.classifier_outputs[{index}].output"
+                    )
+        if self.feedback is not None and outputs and self.feedback.output not in outputs:
+            raise _rule_error(f"one of the outputs ({', '.join(outputs)})", self.feedback.output, field="feedback.output")
+        if self.retraining is not None:
+            if self.retraining.drift_minutes is not None and (monitor is None or not monitor.enabled):
+                raise _rule_error("a [monitor] table (drift_minutes watches its alert)", None, field="retraining.drift_minutes", got_text="none")
+            needs_labels = self.retraining.metric_drop is not None or self.retraining.labeled_rows is not None
+            if needs_labels and self.feedback is None:
+                raise _rule_error("a [feedback] table (metric_drop and labeled_rows count labels)", None, field="retraining", got_text="none")
 
     def _check_steps(self) -> None:
         """Steps read and write the public tensors: names, datatypes and dims must fit."""

@@ -149,11 +149,15 @@ def read_labels(config: ModelConfig, step: PostprocessStep, model_dir: Path | No
     """One label per line of the step's labels file in the model directory (class i on line i + 1)."""
     if model_dir is None:
         raise ConfigError(f"model '{config.name}': postprocess labels '{step.labels}' need the model's directory")
-    path = model_dir / str(step.labels)
+    return read_labels_file(model_dir / str(step.labels), where=f"model '{config.name}': postprocess labels")
+
+
+def read_labels_file(path: Path, *, where: str) -> list[str]:
+    """Class labels, one per line (class i on line i + 1); trailing blank lines are dropped."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"model '{config.name}': cannot read postprocess labels {path}: {exc}") from exc
+        raise ConfigError(f"{where}: cannot read labels file {path}: {exc}") from exc
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import os
 import threading
@@ -25,7 +26,8 @@ from conveyor import _core
 from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound, Unavailable
-from conveyor.pipeline import ModelSteps
+from conveyor.monitor.features import FLAGS_OUTPUT
+from conveyor.pipeline import ModelSteps, read_labels_file
 from conveyor.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,12 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
+        "monitor", "per_request",
     )  # fmt: skip
 
     def __init__(
         self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any,
-        steps: ModelSteps | None = None,
+        steps: ModelSteps | None = None, monitor: Any = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -61,10 +64,16 @@ class ModelHandle:
         native = getattr(backends[0], "native_executor", None)
         # With steps, the batcher's outputs are the pipeline's; `finish` makes them public.
         self.finish = None if steps is None else steps.finish
+        # The monitor (if any) watches the batch in C++; per_request: it also wants each
+        # completed request (capture, feedback), with the row flags the batcher appends.
+        self.monitor = monitor
+        self.per_request = monitor is not None and monitor.per_request
+        outputs = core_output_specs(config, steps)
+        watched = monitor is not None and monitor.core is not None
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-            outputs=steps.core_outputs if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs],
+            outputs=outputs + [FLAGS_OUTPUT] if watched else outputs,
             executor=self._execute if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,
@@ -76,6 +85,7 @@ class ModelHandle:
             instance_count=config.instance_group.count,
             pool=pool,
             pipeline=None if steps is None else steps.core,
+            **({"monitor": monitor.core} if watched else {}),
         )
 
     def _execute(self, inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
@@ -131,10 +141,38 @@ class ModelHandle:
         end = offset + rows
         return {name: array[offset:end] for name, array in zip(self.output_names, arrays)}
 
+    def observed(self, request_id: str | None, inputs: tuple, arrays: tuple, offset: int, rows: int, result: dict) -> None:
+        """Hands one completed request to the monitor's capture and feedback."""
+        flags = arrays[-1] if self.monitor.core is not None else None
+        if flags is not None and rows >= 0:
+            flags = flags[offset : offset + rows]
+        self.monitor.after_request(request_id or _next_request_id(), inputs, result, flags)
+
     def close(self) -> None:
         self.batcher.stop(drain=True)
         for backend in self.backends:
             backend.close()
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def core_output_specs(config: ModelConfig, steps: ModelSteps | None) -> list[tuple[str, str, list[int]]]:
+    """The outputs the batcher produces: the pipeline's (with steps) or the config's."""
+    return list(steps.core_outputs) if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs]
+
+
+_request_ids = itertools.count(1)
+_REQUEST_ID_PREFIX = os.urandom(4).hex()
+
+
+def _next_request_id() -> str:
+    """A process-unique id for a request that came without one."""
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"
+
+
+def new_request_id() -> str:
+    """A fresh request id (what responses carry when the client sent none)."""
+    return _next_request_id()
 
 
 class _LoopBridge:
@@ -145,8 +183,9 @@ class _LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue = _core.CompletionQueue()
-        # request id -> (future, model version, inputs kept alive until completion)
-        self.pending: dict[int, tuple[asyncio.Future, ModelHandle, tuple]] = {}
+        # batcher request id -> (future, model version, inputs kept alive until completion,
+        # the caller's request id: None unless the version's monitor wants each request)
+        self.pending: dict[int, tuple[asyncio.Future, ModelHandle, tuple, str | None]] = {}
         loop.add_reader(self.queue.fileno(), self.on_ready)
 
     def on_ready(self) -> None:
@@ -162,11 +201,19 @@ class _LoopBridge:
                     continue
                 if error is not None:
                     future.set_exception(error)
-                elif entry[1].finish is None:
-                    future.set_result(entry[1].result(arrays, offset, rows))
+                    continue
+                handle = entry[1]
+                if handle.finish is None:
+                    result = handle.result(arrays, offset, rows)
                 else:
-                    public = entry[1].finish(arrays) if public is None else public
-                    future.set_result(entry[1].result(public, offset, rows))
+                    public = handle.finish(arrays) if public is None else public
+                    result = handle.result(public, offset, rows)
+                future.set_result(result)
+                if handle.per_request:
+                    try:
+                        handle.observed(entry[3], entry[2], arrays, offset, rows, result)
+                    except Exception:  # monitoring must never fail the requests of a batch
+                        log.exception("model %s: monitoring a completed request failed", handle.name)
 
     def detach(self) -> None:
         """Deliver what is ready and stop watching; runs in the loop's thread or with it stopped."""
@@ -192,8 +239,10 @@ class Runtime:
     accepted before it returns.
     """
 
-    def __init__(self, *, pool: Any = None) -> None:
+    def __init__(self, *, pool: Any = None, data_dir: str | os.PathLike[str] | None = None) -> None:
         self._pool = pool
+        # Where monitored models keep capture files and references without a version directory.
+        self.data_dir = None if data_dir is None else Path(data_dir)
         self._lock = threading.Lock()
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._latest: dict[str, ModelHandle] = {}
@@ -207,12 +256,15 @@ class Runtime:
         return self._pool if self._pool is not None else _core.default_host_pool()
 
     @classmethod
-    def from_repository(cls, path: str | os.PathLike[str], *, models: list[str] | None = None, pool: Any = None) -> Runtime:
+    def from_repository(
+        cls, path: str | os.PathLike[str], *, models: list[str] | None = None, pool: Any = None,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> Runtime:
         """A runtime serving every model of a repository (or the named ones).
 
         A model that fails to load is logged and skipped; the others serve.
         """
-        runtime = cls(pool=pool)
+        runtime = cls(pool=pool, data_dir=data_dir)
         repository = ModelRepository(Path(path))
         for name in models if models is not None else repository.list_models():
             try:
@@ -268,7 +320,36 @@ class Runtime:
         backends = [first]
         if not first.thread_safe:
             backends += [create_backend(backend_config, version_dir, fn=fn) for _ in range(count - 1)]
-        loaded = ModelHandle(name, version, config, backends, self._pool, steps)
+        monitor = None
+        if config.monitor is not None or config.capture is not None or config.feedback is not None:
+            # Imported here: the learning loop brings pyarrow, which unmonitored serving never needs.
+            from conveyor.monitor.model_monitor import ModelMonitor
+
+            try:
+                monitor = ModelMonitor(
+                    config, version=version, inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
+                    outputs=core_output_specs(config, steps), version_dir=version_dir, data_dir=self.data_dir,
+                    labels=_feedback_labels(config, version_dir),
+                )  # fmt: skip
+            except BaseException:
+                for backend in backends:
+                    backend.close()
+                raise
+        try:
+            loaded = ModelHandle(name, version, config, backends, self._pool, steps, monitor)
+        except BaseException:
+            for backend in backends:
+                backend.close()
+            if monitor is not None:
+                monitor.close()
+            raise
+        if monitor is not None:
+            try:  # before the version is published: the training rows are not traffic
+                monitor.prime(lambda inputs: self.infer(loaded, inputs))
+            except BaseException:
+                loaded.close()
+                raise
+            monitor.start()
         with self._lock:
             versions = self._models.setdefault(name, {})
             replaced = versions.get(version)
@@ -331,18 +412,24 @@ class Runtime:
         version: int | None = None,
         priority: int | None = None,
         timeout_ms: float | None = None,
+        request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request (a leading batch dimension of n >= 1 rows) and wait for it.
 
         priority: 1 is the highest level, None the model's default. timeout_ms: the
-        request fails with DeadlineExceeded if it has not started by then.
+        request fails with DeadlineExceeded if it has not started by then. request_id:
+        the id captured rows and delayed labels (`add_feedback`) refer to.
         """
         loaded = self._resolve(model, version)
         arrays = loaded.order_inputs(inputs)
-        outputs, offset, rows = loaded.batcher.infer(arrays, priority or 0, _timeout_us(timeout_ms))
+        batch, offset, rows = loaded.batcher.infer(arrays, priority or 0, _timeout_us(timeout_ms))
+        outputs, at, count = batch, offset, rows
         if loaded.finish is not None:  # this request's rows only: each row is made once
-            outputs, offset, rows = loaded.finish(outputs, offset, rows), 0, -1
-        return loaded.result(outputs, offset, rows)
+            outputs, at, count = loaded.finish(batch, offset, rows), 0, -1
+        result = loaded.result(outputs, at, count)
+        if loaded.per_request:
+            loaded.observed(request_id, arrays, batch, offset, rows, result)
+        return result
 
     async def infer_async(
         self,
@@ -352,6 +439,7 @@ class Runtime:
         version: int | None = None,
         priority: int | None = None,
         timeout_ms: float | None = None,
+        request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """infer() for asyncio: safe from any event loop, many calls in flight at once."""
         loaded = self._resolve(model, version)
@@ -359,12 +447,12 @@ class Runtime:
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop) or self._bridge_for(loop)
         future = loop.create_future()
-        request_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _timeout_us(timeout_ms))
-        bridge.pending[request_id] = (future, loaded, arrays)
+        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _timeout_us(timeout_ms))
+        bridge.pending[batcher_id] = (future, loaded, arrays, request_id)
         try:
             return await future
         except asyncio.CancelledError:
-            loaded.batcher.cancel(request_id)
+            loaded.batcher.cancel(batcher_id)
             raise
 
     def _bridge_for(self, loop: asyncio.AbstractEventLoop) -> _LoopBridge:
@@ -377,6 +465,25 @@ class Runtime:
             if bridge is None:
                 bridge = self._bridges[loop] = _LoopBridge(loop)
             return bridge
+
+    def add_feedback(self, model: str, labels: Any, *, version: int | None = None) -> dict[str, Any]:
+        """Delayed ground truth: `[{"id": request id, "label": ...}, ...]` for a [feedback] model.
+
+        Returns the counts of joined, duplicate, late, unknown and invalid labels.
+        """
+        loaded = self.model(model, version)
+        if loaded.monitor is None or loaded.monitor.feedback is None:
+            raise InvalidInput(f"model '{loaded.name}' takes no feedback: add a [feedback] table to its config.toml")
+        return loaded.monitor.add_labels(labels)
+
+    def monitor_document(self, model: str, *, version: int | None = None, window: str = "rows") -> dict[str, Any]:
+        """The live monitoring document of a monitored version (see conveyor.monitor)."""
+        loaded = self.model(model, version)
+        if loaded.monitor is None:
+            raise ModelNotFound(
+                f"model '{loaded.name}' version {loaded.version} is not monitored: add a [monitor] table to its config.toml"
+            )
+        return loaded.monitor.document(window)
 
     def model_stats(self, model: str | ModelHandle, version: int | None = None) -> dict[str, Any]:
         """Counts, batch sizes formed, and queue/compute time percentiles of one version."""
@@ -427,6 +534,17 @@ class Runtime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _feedback_labels(config: ModelConfig, version_dir: Path | None) -> list[str] | None:
+    """Class names a label may use instead of the index: the feedback output's labels file."""
+    feedback = config.feedback
+    if feedback is None or version_dir is None:
+        return None
+    for tensor in config.outputs:
+        if tensor.name == feedback.output and tensor.labels is not None:
+            return read_labels_file(version_dir.parent / tensor.labels, where=f"model '{config.name}'")
+    return None
 
 
 def _detach_bridge(bridge: _LoopBridge) -> None:

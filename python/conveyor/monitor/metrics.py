@@ -15,6 +15,8 @@ Families (labels ``model`` and ``version`` on every per-model series):
   ``conveyor_batches_total``, ``conveyor_queue_depth``, ``conveyor_requests_in_flight``.
 - ``conveyor_memory_pool_bytes{device,kind}``, ``conveyor_memory_pool_allocations_total
   {device,source}`` for the pools given to ``make_registry`` (by default the host pool).
+- Monitored versions add the drift, anomaly, capture and feedback families of
+  ``conveyor.monitor.monitor_metrics``.
 - Triton's names (``nv_inference_*``), so dashboards and tools written for Triton work
   unchanged; mean batch size = nv_inference_count / nv_inference_exec_count.
 """
@@ -39,6 +41,7 @@ from prometheus_client.utils import floatToGoString
 
 from conveyor import _core
 from conveyor.errors import ConfigError, ModelNotFound
+from conveyor.monitor.monitor_metrics import MonitorFamilies
 
 if TYPE_CHECKING:
     from conveyor.runtime import Runtime
@@ -145,6 +148,7 @@ class RuntimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = _ModelFamilies()
+        monitored = MonitorFamilies()
         for name, versions in self._runtime.models().items():
             for version in versions:
                 try:
@@ -152,7 +156,10 @@ class RuntimeCollector(Collector):
                 except ModelNotFound:
                     continue  # unloaded after the listing
                 families.add((name, str(version)), handle.batcher.stats(), handle.config.max_batch_size)
+                if handle.monitor is not None:
+                    monitored.add((name, str(version)), handle.monitor)
         yield from families.all()
+        yield from monitored.all()
         yield from _pool_families(self._pools)
 
 

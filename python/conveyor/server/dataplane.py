@@ -18,7 +18,7 @@ from conveyor.protocol.classification import classify
 from conveyor.protocol.config_override import config_from_triton_json
 from conveyor.protocol.model_config import model_metadata, triton_model_config
 from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
-from conveyor.runtime import ModelHandle
+from conveyor.runtime import ModelHandle, new_request_id
 from conveyor.server.models import ModelManager
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,16 @@ class DataPlane:
             if tensor.name in inputs:
                 raise InvalidInput(f"model '{handle.name}': input '{tensor.name}' is given twice")
             inputs[tensor.name] = tensor.data
-        results = await self.runtime.infer_async(handle, inputs, priority=priority, timeout_ms=timeout_ms)
+        # Every response carries an id: the client's, or one made here (labels sent later
+        # to .../feedback refer to it).
+        request_id = request.id or new_request_id()
+        results = await self.runtime.infer_async(
+            handle, inputs, priority=priority, timeout_ms=timeout_ms, request_id=request_id
+        )
         return InferResponse(
             model_name=handle.name,
             model_version=str(handle.version),
-            id=request.id,
+            id=request_id,
             outputs=self._outputs(handle, request, results),
         )
 
@@ -115,6 +120,18 @@ class DataPlane:
             else:
                 outputs.append(InferOutput(wanted.name, datatypes[wanted.name], array.shape, array, binary))
         return outputs
+
+    # -- monitoring --------------------------------------------------------------------
+
+    def monitor(self, name: str, version: str = "", window: str = "rows") -> dict[str, Any]:
+        """The monitoring document of a monitored model version (drift, anomalies, capture, feedback)."""
+        handle = self.handle(name, version)
+        return self.runtime.monitor_document(handle.name, version=handle.version, window=window)
+
+    async def feedback(self, name: str, version: str, labels: Any) -> dict[str, Any]:
+        """Delayed labels for earlier requests, joined by request id."""
+        handle = self.handle(name, version)
+        return self.runtime.add_feedback(handle.name, labels, version=handle.version)
 
     # -- statistics --------------------------------------------------------------------
 

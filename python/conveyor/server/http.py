@@ -16,6 +16,7 @@ import logging
 import zlib
 from collections import deque
 from typing import Any
+from urllib.parse import parse_qs
 
 import httptools
 
@@ -65,7 +66,7 @@ class HttpApp:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
-        path = target.partition(b"?")[0]
+        path, _, query = target.partition(b"?")
         route = match_route(method, path.decode("latin-1"))
         if isinstance(route, Response):
             return route
@@ -73,13 +74,13 @@ class HttpApp:
             if route.control and not self.authorized(headers):
                 return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>'")],
                                 headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
-            if self.dataplane.draining and route.name in ("infer", "load", "unload"):
+            if self.dataplane.draining and route.name in ("infer", "feedback", "load", "unload"):
                 return Response(503, [encode_error("the server is shutting down and accepts no new requests")])
-            return await self._dispatch(route, headers, body)
+            return await self._dispatch(route, headers, body, query)
         except Exception as exc:  # every failure becomes this request's error response
             return error_response(exc)
 
-    async def _dispatch(self, route: Route, headers: dict[bytes, bytes], body: bytes) -> Response:
+    async def _dispatch(self, route: Route, headers: dict[bytes, bytes], body: bytes, query: bytes = b"") -> Response:
         dp = self.dataplane
         model, version = route.model, route.version
         name = route.name
@@ -101,6 +102,15 @@ class HttpApp:
             return json_response(dp.model_config(model, version))
         if name == "stats":
             return json_response(dp.statistics(model, version))
+        if name == "monitor":
+            window = parse_qs(query.decode("latin-1")).get("window", ["rows"])[-1]
+            return json_response(dp.monitor(model, version, window))
+        if name == "feedback":
+            try:
+                labels = json.loads(body)
+            except ValueError as exc:
+                raise InvalidInput(f"feedback of model '{model}': malformed JSON: {exc}") from None
+            return json_response(await dp.feedback(model, version, labels))
         if name == "index":
             request = _json_object(body, "repository index request") if body else {}
             return json_response(dp.repository_index(bool(request.get("ready", False))))

@@ -17,7 +17,10 @@ class Route:
     control: bool = False  # repository control: guarded by the API key
 
 
-_GET_MODEL_ROUTES = {"": "model_metadata", "ready": "model_ready", "config": "model_config", "stats": "stats"}
+_GET_MODEL_ROUTES = {
+    "": "model_metadata", "ready": "model_ready", "config": "model_config", "stats": "stats", "monitor": "monitor",
+}  # fmt: skip
+_POST_MODEL_ROUTES = {"infer": "infer", "feedback": "feedback"}
 
 
 def match_route(method: bytes, path: str):
@@ -61,8 +64,8 @@ def _match(parts: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
     if len(tail) > 1 or not model:
         return None
     action = tail[0] if tail else ""
-    if action == "infer":
-        return Route("infer", model, version), post
+    if action in _POST_MODEL_ROUTES:
+        return Route(_POST_MODEL_ROUTES[action], model, version), post
     name = _GET_MODEL_ROUTES.get(action)
     return (Route(name, model, version), get) if name else None
 

@@ -38,6 +38,9 @@ class ServeOptions:
     api_key: str | None = None
     grace_period_s: float = 30.0
     server_version: str = "0"
+    # Capture files, label files and retraining markers of monitored models, and the
+    # references they cannot save beside their version directory.
+    data_dir: Path = Path("conveyor-data")
 
 
 class Server:
@@ -45,7 +48,7 @@ class Server:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.runtime = Runtime()
+        self.runtime = Runtime(data_dir=options.data_dir)
         self.manager = ModelManager(ModelRepository(options.repository), self.runtime, options.model_control_mode)
         self.dataplane = DataPlane(self.manager, server_version=options.server_version)
         self.stopping = asyncio.Event()
