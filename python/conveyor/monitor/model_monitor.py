@@ -324,7 +324,7 @@ class ModelMonitor:
         now = time.time() if now is None else now
         if self.core is not None:
             if self.reference is None:
-                if self.core.reference_ready:
+                if self.core.collected_rows >= self.core.reference_rows:
                     self._freeze_reference(save=True)
             else:
                 self._evaluate(now)
