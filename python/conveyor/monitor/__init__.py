@@ -1,4 +1,13 @@
-"""Monitoring: Prometheus metrics read from the core's counters at scrape time."""
+"""Monitoring and the learning loop.
+
+- metrics: Prometheus families read from the core's counters at scrape time;
+- model_monitor: one model version's drift and anomaly detection (the C++ monitor in its
+  batches), capture, delayed labels, alerts and retraining triggers;
+- features, reference, training_data: which values are monitored and their reference;
+- capture, feedback, alerts, retraining, report: the pieces of the loop.
+
+Only the metrics exporter is imported here; the rest loads with the first monitored model.
+"""
 
 from conveyor.monitor.metrics import CONTENT_TYPE, RuntimeCollector, make_registry, render_metrics
 
