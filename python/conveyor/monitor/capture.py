@@ -665,12 +665,12 @@ class CaptureWriter:
             if self._segment is not None and self._segment.broken:
                 self._rotate()  # its whole batches still get compacted; the next batch opens a new one
             return
+        if self._fsync == "always":
+            self._sync()  # before counting: with "always", a counted row is on disk
         self._accounted += rows
         with self._lock:
             self._counts["rows_written"] += rows
             self._counts["bytes_written"] += self._segment.bytes - before
-        if self._fsync == "always":
-            self._sync()
         if self._segment.bytes >= self._rotate_bytes:
             self._rotate()
 
