@@ -344,8 +344,8 @@ class Runtime:
                 monitor.close()
             raise
         if monitor is not None:
-            try:  # before the version is published: the training rows are not traffic
-                monitor.prime(lambda inputs: self.infer(loaded, inputs))
+            try:  # before the version is published, and past capture and feedback: not traffic
+                monitor.prime(lambda inputs: loaded.batcher.infer(loaded.order_inputs(inputs), 0, -1))
             except BaseException:
                 loaded.close()
                 raise
