@@ -3,7 +3,7 @@
 Observation (histograms, sums, min/max, NaN/inf, out-of-range, categorical, derived
 classifier features, Mahalanobis), both windows, merging, drift evaluation, the synthetic
 drift scenarios (a 0.5-sd shift is caught; the false-alarm rate stays under alpha), the
-memory and file-size bounds, reference files, training files, and a Batcher with monitor=.
+memory and file-size bounds, reference files, and a Batcher with monitor=.
 Every random draw has a fixed seed.
 """
 
@@ -13,15 +13,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 from scipy import spatial, special, stats
 
 from conveyor import _core
 from conveyor.errors import ConfigError, InvalidInput
-from conveyor.monitor.reference import Reference, build_reference, read_training_file
+from conveyor.monitor.reference import Reference, build_reference
 
 SECOND = 1_000_000_000
 FLAG_OUT_OF_RANGE, FLAG_NONFINITE, FLAG_OUTLIER = 1, 2, 4
@@ -483,55 +480,6 @@ def test_monitor_arguments_are_checked() -> None:
     with pytest.raises(InvalidInput, match="reference feature 0"):
         _core.Reference(kinds=["numeric"], edges=[[0.0]], probabilities=[[0.5]], mean=[0.0], std=[1.0],
                         min=[0.0], max=[1.0], rows=10)
-
-
-# ---- training files ----
-
-
-def test_read_training_files(tmp_path: Path) -> None:
-    rng = np.random.default_rng(26)
-    x = rng.standard_normal((50, 3))
-    z = rng.integers(0, 4, 50)
-    names = ["x[0]", "x[1]", "x[2]", "z"]
-    expected = np.column_stack([x, z])
-    by_input = {"x": ["x[0]", "x[1]", "x[2]"], "z": ["z"]}
-
-    per_feature = pa.table({"x[0]": x[:, 0], "x[1]": x[:, 1], "x[2]": x[:, 2], "z": z})
-    pq.write_table(per_feature, tmp_path / "flat.parquet")
-    np.testing.assert_array_equal(read_training_file(tmp_path / "flat.parquet", names, by_input), expected)
-
-    fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3)
-    pq.write_table(pa.table({"x": fixed, "z": z}), tmp_path / "fixed.parquet")
-    np.testing.assert_array_equal(read_training_file(tmp_path / "fixed.parquet", names, by_input), expected)
-    pq.write_table(pa.table({"x": pa.array(x.tolist()), "z": z}), tmp_path / "lists.parquet")
-    np.testing.assert_array_equal(read_training_file(tmp_path / "lists.parquet", names, by_input), expected)
-
-    pacsv.write_csv(per_feature, tmp_path / "flat.csv")
-    np.testing.assert_allclose(read_training_file(tmp_path / "flat.csv", names, by_input), expected, rtol=1e-15)
-    cells = pa.table({"x": ["[" + ", ".join(repr(float(v)) for v in row) + "]" for row in x], "z": z})
-    pacsv.write_csv(cells, tmp_path / "cells.csv")
-    np.testing.assert_allclose(read_training_file(tmp_path / "cells.csv", names, by_input), expected, rtol=1e-15)
-
-    np.save(tmp_path / "matrix.npy", expected)
-    np.testing.assert_array_equal(read_training_file(tmp_path / "matrix.npy", names), expected)
-
-
-def test_training_file_errors(tmp_path: Path) -> None:
-    names = ["x[0]", "x[1]"]
-    pq.write_table(pa.table({"x[0]": [1.0, 2.0]}), tmp_path / "missing.parquet")
-    with pytest.raises(ConfigError, match=r"missing.parquet.*x\[1\]"):
-        read_training_file(tmp_path / "missing.parquet", names)
-    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0]])}), tmp_path / "ragged.parquet")
-    with pytest.raises(ConfigError, match="row 1 holds 1 values"):
-        read_training_file(tmp_path / "ragged.parquet", names, {"x": names})
-    pq.write_table(pa.table({"x[0]": ["a", "b"], "x[1]": [1, 2]}), tmp_path / "text.parquet")
-    with pytest.raises(ConfigError, match=r"'x\[0\]' holds string"):
-        read_training_file(tmp_path / "text.parquet", names)
-    np.save(tmp_path / "wide.npy", np.zeros((4, 3)))
-    with pytest.raises(ConfigError, match="wide.npy"):
-        read_training_file(tmp_path / "wide.npy", names)
-    with pytest.raises(ConfigError, match="unknown format"):
-        read_training_file(tmp_path / "data.json", names)
 
 
 # ---- in the batcher ----

@@ -270,7 +270,9 @@ class PostprocessStep(_Strict):
         return self.k if self.k is not None else (1 if self.kind == "argmax" else None)
 
 
-FeatureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/-]+(\[[0-9]+\])?$")]
+FEATURE_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+(\[[0-9]+\])?$"
+WEBHOOK_URL_PATTERN = r"^https?://"
+FeatureName = Annotated[str, Field(pattern=FEATURE_NAME_PATTERN)]
 
 
 class ClassifierOutput(_Strict):
@@ -313,7 +315,7 @@ class MonitorConfig(_Strict):
     correction: Literal["benjamini-hochberg", "bonferroni", "none"] = "benjamini-hochberg"
     mahalanobis: bool = True
     outlier_quantile: float = Field(default=0.999, gt=0.5, lt=1)
-    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_url: str | None = Field(default=None, pattern=WEBHOOK_URL_PATTERN)
     webhook_headers: dict[str, str] = {}
 
     @model_validator(mode="after")
@@ -322,9 +324,14 @@ class MonitorConfig(_Strict):
             raise _rule_error(f"a value >= psi_warn ({self.psi_warn})", self.psi_alert, field="psi_alert")
         if self.window_rows < self.sub_windows:
             raise _rule_error(f"at least sub_windows ({self.sub_windows}) rows", self.window_rows, field="window_rows")
-        overlap = set(self.categorical) & set(self.numeric)
+        overlap = sorted(set(self.categorical) & set(self.numeric))
         if overlap:
-            raise _rule_error("names in categorical or numeric, not both", sorted(overlap), field="numeric")
+            raise _rule_error(
+                "each name in categorical or in numeric, not in both",
+                None,
+                field="numeric",
+                got_text=f"{', '.join(map(repr, overlap))} in both",
+            )
         return self
 
 
@@ -463,10 +470,20 @@ class ModelConfig(_Strict):
             raise _rule_error(f"one of the outputs ({', '.join(outputs)})", self.feedback.output, field="feedback.output")
         if self.retraining is not None:
             if self.retraining.drift_minutes is not None and (monitor is None or not monitor.enabled):
-                raise _rule_error("a [monitor] table (drift_minutes watches its alert)", None, field="retraining.drift_minutes", got_text="none")
-            needs_labels = self.retraining.metric_drop is not None or self.retraining.labeled_rows is not None
-            if needs_labels and self.feedback is None:
-                raise _rule_error("a [feedback] table (metric_drop and labeled_rows count labels)", None, field="retraining", got_text="none")
+                raise _rule_error(
+                    "an enabled [monitor] table (drift_minutes watches its alert)",
+                    None,
+                    field="retraining.drift_minutes",
+                    got_text="no [monitor] table" if monitor is None else "[monitor] enabled = false",
+                )
+            for rule in ("metric_drop", "labeled_rows"):
+                if getattr(self.retraining, rule) is not None and self.feedback is None:
+                    raise _rule_error(
+                        f"a [feedback] table ({rule} counts the labels it brings)",
+                        None,
+                        field=f"retraining.{rule}",
+                        got_text="no [feedback] table",
+                    )
 
     def _check_steps(self) -> None:
         """Steps read and write the public tensors: names, datatypes and dims must fit."""
@@ -614,6 +631,8 @@ _PATTERN_DESCRIPTIONS = {
     "at most 128 characters",
     TENSOR_NAME_PATTERN: "a tensor name: letters, digits, '_', '.', ':', '/' or '-'",
     DEVICE_PATTERN: "'cpu', 'cuda' or 'cuda:N'",
+    FEATURE_NAME_PATTERN: "a feature name: a tensor name, optionally with an element index ('x' or 'x[3]')",
+    WEBHOOK_URL_PATTERN: "an http:// or https:// URL",
 }
 
 _EXPECTED_BY_ERROR_TYPE = {
@@ -630,11 +649,13 @@ _EXPECTED_BY_ERROR_TYPE = {
 
 def _expected(error: Mapping[str, Any]) -> str:
     kind, context = error["type"], error.get("ctx", {})
-    number = "an integer" if isinstance(error["input"], int) else "a number"
-    if kind == "greater_than_equal":
-        return f"{number} >= {context['ge']}"
-    if kind == "greater_than":
-        return f"{number} > {context['gt']}"
+    bound = next((context[key] for key in ("ge", "gt", "le", "lt") if key in context), None)
+    # A float field's bound is a float: its message says "a number" even when given an integer.
+    number = "an integer" if isinstance(error["input"], int) and not isinstance(bound, float) else "a number"
+    comparison = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in comparison:
+        shown = format(bound, "g") if isinstance(bound, float) else bound
+        return f"{number} {comparison[kind]} {shown}"
     if kind == "literal_error":
         return str(context["expected"])
     if kind == "string_pattern_mismatch":

@@ -57,14 +57,17 @@ def plan_features(
     """The features `monitor` asks for, inputs first, capped at `monitor.max_features`.
 
     `inputs`/`outputs` are the tensors the batch carries (for a model with steps, the
-    public inputs and the core outputs). Raises ConfigError naming a tensor that does not
-    exist or cannot be monitored.
+    public inputs and the core outputs). A feature's kind: a feature named in
+    `categorical`/`numeric` first, then its tensor named there, else categorical for BOOL
+    and numeric otherwise. Past `max_features`, columns are cut from the end and the
+    classifier values kept (they too are cut when they alone exceed the cap). Raises
+    ConfigError naming the field and a tensor that does not exist, is listed twice or
+    cannot be monitored.
     """
     input_index = {name: i for i, (name, _, _) in enumerate(inputs)}
     output_index = {name: i for i, (name, _, _) in enumerate(outputs)}
     classifier = {entry.output: entry.scores for entry in monitor.classifier_outputs}
-    for name in classifier:
-        _require(name, output_index, "classifier_outputs", where)
+    _check_listed([entry.output for entry in monitor.classifier_outputs], output_index, "classifier_outputs", where)
 
     wanted_inputs = monitor.inputs if monitor.inputs is not None else [
         name for name, datatype, dims in inputs if datatype in NUMERIC_DATATYPES and _fixed(dims)
@@ -73,72 +76,112 @@ def plan_features(
         name for name, datatype, dims in outputs
         if datatype in NUMERIC_DATATYPES and _fixed(dims) and name not in classifier
     ]  # fmt: skip
-    categorical, numeric = set(monitor.categorical), set(monitor.numeric)
-
+    _check_listed(wanted_inputs, input_index, "inputs", where)
+    _check_listed(wanted_outputs, output_index, "outputs", where)
     features: list[Feature] = []
-    total_columns = 0
-    for source, wanted, index, specs in (
-        ("input", wanted_inputs, input_index, inputs),
-        ("output", wanted_outputs, output_index, outputs),
-    ):
-        for name in wanted:
-            _require(name, index, f"{source}s", where)
-            _, datatype, dims = specs[index[name]]
-            if datatype not in NUMERIC_DATATYPES:
-                raise ConfigError(f"{where}: monitor.{source}s: {source} '{name}' is {datatype}; only numeric tensors can be monitored")
-            if not _fixed(dims):
-                raise ConfigError(
-                    f"{where}: monitor.{source}s: {source} '{name}' has variable dims {list(dims)}; "
-                    "only fixed-size rows can be monitored (give fixed dims or leave it out of the list)"
-                )
-            columns = math.prod(dims) if dims else 1
-            total_columns += columns
-            for column in range(columns):
-                feature = name if columns == 1 else f"{name}[{column}]"
-                is_categorical = feature in categorical or name in categorical or (
-                    datatype == "BOOL" and feature not in numeric and name not in numeric
-                )
-                features.append(Feature(feature, source, index[name], column, "value",
-                                        "categorical" if is_categorical else "numeric"))  # fmt: skip
-    for name, scores in classifier.items():
+    for name in wanted_inputs:
+        features += _columns(monitor, "input", name, input_index[name], inputs[input_index[name]], where)
+    for name in wanted_outputs:
+        features += _columns(monitor, "output", name, output_index[name], outputs[output_index[name]], where)
+    for position, (name, scores) in enumerate(classifier.items()):
         _, datatype, dims = outputs[output_index[name]]
         if datatype not in NUMERIC_DATATYPES or not _fixed(dims):
             raise ConfigError(
-                f"{where}: monitor.classifier_outputs: output '{name}' is {datatype} {list(dims)}; "
+                f"{where}: monitor.classifier_outputs[{position}].output: output '{name}' is {datatype} {list(dims)}; "
                 "class scores must be a numeric tensor of fixed dims"
             )
         confidence: Derive = "confidence" if scores == "probabilities" else "confidence_from_logits"
-        total_columns += 2
         features.append(Feature(f"{name}:class", "output", output_index[name], 0, "predicted_class", "categorical"))
         features.append(Feature(f"{name}:confidence", "output", output_index[name], 0, confidence, "numeric"))
 
-    known = {f.name for f in features} | {f.name.split("[")[0] for f in features}
-    for field in ("categorical", "numeric"):
-        unknown = sorted(set(getattr(monitor, field)) - known)
-        if unknown:
-            raise ConfigError(f"{where}: monitor.{field}: {unknown} are not monitored features (features: {_sample(features)})")
-    if len(features) > monitor.max_features:
-        # Derived classifier values matter most: keep them, cut columns from the end.
-        derived = [f for f in features if f.derive != "value"]
-        kept = [f for f in features if f.derive == "value"][: max(0, monitor.max_features - len(derived))]
-        log.warning(
-            "%s: monitoring %d of %d features (monitor.max_features = %d); list monitor.inputs/outputs "
-            "or raise max_features to choose others",
-            where, len(kept) + len(derived), total_columns, monitor.max_features,
-        )  # fmt: skip
-        features = kept + derived
+    _check_kind_lists(monitor, features, where)
     if not features:
-        raise ConfigError(f"{where}: [monitor] finds nothing to monitor: no numeric input or output of fixed dims")
+        raise ConfigError(
+            f"{where}: [monitor] finds nothing to monitor: monitor.inputs and monitor.outputs select no numeric "
+            "tensor of fixed dims, and there are no classifier_outputs"
+        )
+    if len(features) > monitor.max_features:
+        features = _capped(features, monitor.max_features, where)
     return features
+
+
+def _columns(
+    monitor: MonitorConfig, source: Literal["input", "output"], name: str, tensor: int, spec: TensorSpec, where: str
+) -> list[Feature]:
+    """The features of one listed input or output: a column per flattened element."""
+    _, datatype, dims = spec
+    field = f"monitor.{source}s"
+    if datatype not in NUMERIC_DATATYPES:
+        raise ConfigError(f"{where}: {field}: {source} '{name}' is {datatype}; only numeric tensors can be monitored")
+    if not _fixed(dims):
+        raise ConfigError(
+            f"{where}: {field}: {source} '{name}' has variable dims {list(dims)}; "
+            "only fixed-size rows can be monitored (give fixed dims or leave it out of the list)"
+        )
+    categorical, numeric = set(monitor.categorical), set(monitor.numeric)
+    columns = math.prod(dims) if dims else 1
+    features = []
+    for column in range(columns):
+        feature = name if columns == 1 else f"{name}[{column}]"
+        if feature in categorical or feature in numeric:  # a listed feature beats its listed tensor
+            is_categorical = feature in categorical
+        elif name in categorical or name in numeric:
+            is_categorical = name in categorical
+        else:
+            is_categorical = datatype == "BOOL"
+        kind: Literal["numeric", "categorical"] = "categorical" if is_categorical else "numeric"
+        features.append(Feature(feature, source, tensor, column, "value", kind))
+    return features
+
+
+def _check_listed(names: Sequence[str], index: dict[str, int], field: str, where: str) -> None:
+    """Each name a tensor of `index`, none twice; `field` is "inputs", "outputs" or "classifier_outputs"."""
+    kind = "input" if field == "inputs" else "output"
+    suffix = ".output" if field == "classifier_outputs" else ""
+    seen: set[str] = set()
+    for position, name in enumerate(names):
+        if name not in index:
+            known = ", ".join(index) or "none"
+            raise ConfigError(f"{where}: monitor.{field}[{position}]{suffix}: no {kind} named '{name}' ({kind}s: {known})")
+        if name in seen:
+            raise ConfigError(f"{where}: monitor.{field}[{position}]{suffix}: '{name}' is listed twice")
+        seen.add(name)
+
+
+def _check_kind_lists(monitor: MonitorConfig, features: Sequence[Feature], where: str) -> None:
+    """`categorical` and `numeric` name monitored features or tensors, and no derived value against its kind."""
+    known = {f.name for f in features} | {f.name.split("[")[0] for f in features if f.derive == "value"}
+    fixed_kind = {f.name: f.kind for f in features if f.derive != "value"}
+    for field in ("categorical", "numeric"):
+        listed = getattr(monitor, field)
+        unknown = sorted(set(listed) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: monitor.{field}: {', '.join(map(repr, unknown))} not among the monitored features or "
+                f"their tensors (features: {_sample(features)})"
+            )
+        against = sorted(name for name in listed if name in fixed_kind and fixed_kind[name] != field)
+        if against:
+            raise ConfigError(
+                f"{where}: monitor.{field}: {', '.join(map(repr, against))} is a classifier value whose kind is fixed "
+                "(':class' is categorical, ':confidence' numeric); remove it from the list"
+            )
+
+
+def _capped(features: list[Feature], max_features: int, where: str) -> list[Feature]:
+    # Derived classifier values matter most: keep them, cut columns from the end.
+    derived = [f for f in features if f.derive != "value"][:max_features]
+    kept = [f for f in features if f.derive == "value"][: max_features - len(derived)]
+    log.warning(
+        "%s: monitoring %d of %d features (monitor.max_features = %d); list monitor.inputs/outputs "
+        "or raise max_features to choose others",
+        where, len(kept) + len(derived), len(features), max_features,
+    )  # fmt: skip
+    return kept + derived
 
 
 def _fixed(dims: Sequence[int]) -> bool:
     return all(dim > 0 for dim in dims)
-
-
-def _require(name: str, index: dict[str, int], field: str, where: str) -> None:
-    if name not in index:
-        raise ConfigError(f"{where}: monitor.{field}: no tensor named '{name}' (known: {', '.join(index) or 'none'})")
 
 
 def _sample(features: Sequence[Feature], count: int = 6) -> str:

@@ -15,7 +15,7 @@ the Mahalanobis outlier score, the mean and precision matrix of a set of numeric
 features with the distance above which a row is an outlier (a quantile of the reference
 rows' own distances).
 
-``read_training_file`` turns a Parquet, .npy or CSV training file into the feature matrix.
+Training files are read by ``conveyor.monitor.training_data.read_training_inputs``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from conveyor import _core
 from conveyor.errors import ConfigError, InvalidInput
 
-__all__ = ["KINDS", "Reference", "build_reference", "read_training_file"]
+__all__ = ["KINDS", "Reference", "build_reference"]
 
 KINDS = ("numeric", "categorical")
 FORMAT_VERSION = 1
@@ -311,139 +311,3 @@ def _mahalanobis(x: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray
     centered = complete - mean
     distances = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centered, precision, centered), 0.0))
     return mean, precision, float(np.quantile(distances, quantile))
-
-
-# ---- training files -------------------------------------------------------------------
-
-
-def read_training_file(
-    path: str | os.PathLike[str],
-    feature_names: Sequence[str],
-    columns_by_input: Mapping[str, Sequence[str]] | None = None,
-) -> np.ndarray:
-    """The float64 [rows, features] matrix of a training file, columns in feature_names order.
-
-    - ``.npy``: a [rows, features] numeric array already in feature order.
-    - ``.parquet`` / ``.pq`` / ``.csv``: a column per feature name (``x[3]``), or a column
-      per input name holding a list (or fixed-size list) per row; ``columns_by_input``
-      maps each such input name to the feature names of its flat elements, in order
-      (``{"x": ["x[0]", ..., "x[49]"]}``). In CSV a list cell reads "[1.0, 2.0, ...]".
-      Nulls become NaN.
-
-    Raises ConfigError naming the file and what is wrong (missing columns, wrong widths,
-    non-numeric data).
-    """
-    path = Path(path)
-    names = list(feature_names)
-    if not names:
-        raise InvalidInput("feature_names: at least one feature is needed")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return _read_npy(path, names)
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        reader = pq.read_table
-    elif suffix == ".csv":
-        import pyarrow.csv as pacsv
-
-        reader = pacsv.read_csv
-    else:
-        raise ConfigError(f"training file {path}: unknown format '{suffix}' (use .parquet, .pq, .npy or .csv)")
-    import pyarrow as pa
-
-    try:
-        table = reader(str(path))
-    except (OSError, pa.ArrowException) as exc:
-        raise ConfigError(f"training file {path} cannot be read: {exc}") from None
-    return _table_matrix(table, names, dict(columns_by_input or {}), path)
-
-
-def _read_npy(path: Path, names: list[str]) -> np.ndarray:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"training file {path} cannot be read as .npy: {exc}") from None
-    if data.ndim == 1 and len(names) == 1:
-        data = data[:, None]
-    if data.ndim != 2 or data.shape[1] != len(names):
-        raise ConfigError(
-            f"training file {path}: a .npy file must be [rows, {len(names)}] (one column per feature, in order), "
-            f"got shape {data.shape}"
-        )
-    if data.dtype.kind not in "biuf":
-        raise ConfigError(f"training file {path}: holds {data.dtype} values, not numbers")
-    return data.astype(np.float64)
-
-
-def _table_matrix(table: Any, names: list[str], by_input: dict[str, Sequence[str]], path: Path) -> np.ndarray:
-    out = np.full((table.num_rows, len(names)), np.nan)
-    position = {name: i for i, name in enumerate(names)}
-    filled = np.zeros(len(names), dtype=bool)
-    columns = set(table.column_names)
-    for input_name, features in by_input.items():
-        wanted = [f for f in features if f in position]
-        if input_name not in columns or not wanted:
-            continue
-        if len(features) == 1 and features[0] == input_name:
-            continue  # a one-element input is the feature column itself: read below
-        block = _list_column(table.column(input_name), len(features), input_name, path)
-        for j, feature in enumerate(features):
-            if feature in position:
-                out[:, position[feature]] = block[:, j]
-                filled[position[feature]] = True
-    missing = [n for i, n in enumerate(names) if not filled[i] and n not in columns]
-    if missing:
-        shown = sorted(columns)[:20]
-        raise ConfigError(
-            f"training file {path}: no column for features {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-            f"it has columns {shown}{' ...' if len(columns) > 20 else ''} (a column per feature, or per input "
-            "holding a list per row)"
-        )
-    for i, name in enumerate(names):
-        if not filled[i]:
-            out[:, i] = _scalar_column(table.column(name), name, path)
-    return out
-
-
-def _scalar_column(column: Any, name: str, path: Path) -> np.ndarray:
-    import pyarrow as pa
-
-    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)):
-        raise ConfigError(f"training file {path}: column '{name}' holds {column.type} values, not numbers")
-    return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-
-
-def _list_column(column: Any, width: int, name: str, path: Path) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):  # CSV: "[1.0, 2.0]" per cell
-        stripped = pc.utf8_trim(pc.replace_substring_regex(values, r"[\[\]]", ""), " ")
-        try:
-            values = pc.split_pattern_regex(stripped, r"[,\s]+").cast(pa.list_(pa.float64()))
-        except pa.ArrowInvalid as exc:
-            raise ConfigError(
-                f"training file {path}: column '{name}' holds cells that are not lists of numbers: {exc}"
-            ) from None
-    kind = values.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
-        raise ConfigError(
-            f"training file {path}: column '{name}' holds {values.type}; input '{name}' has {width} features, so the "
-            "column must hold a list of that many numbers per row (or use one column per feature)"
-        )
-    item = values.type.value_type
-    if not (pa.types.is_integer(item) or pa.types.is_floating(item) or pa.types.is_boolean(item)):
-        raise ConfigError(f"training file {path}: column '{name}' holds lists of {item}, not numbers")
-    if values.null_count:
-        raise ConfigError(f"training file {path}: column '{name}' has {values.null_count} null rows; fill them first")
-    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths.min() != width or lengths.max() != width):
-        wrong = int(np.flatnonzero(lengths != width)[0])
-        raise ConfigError(
-            f"training file {path}: column '{name}' row {wrong} holds {int(lengths[wrong])} values; input '{name}' "
-            f"has {width} features"
-        )
-    flat = pc.list_flatten(values).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    return flat.reshape(len(values), width)

@@ -1,12 +1,18 @@
 """Reading a model's inputs from a training-data file (the monitor's reference).
 
-Accepted layouts, for inputs with per-row dims `dims` (n = prod(dims) elements):
+Accepted layouts, for inputs with per-row dims `dims` (n = prod(dims) elements, C order):
 
-- Parquet or CSV with one column per input holding the row (a list of n numbers, or a
-  number when n = 1), or one column per element named like the monitor's features
-  (`x[0]` .. `x[n-1]`; `x` when n = 1). CSV holds numbers only, so it uses the second form.
-- .npy: a 2-D array [rows, sum of every input's n] (the inputs' elements side by side in
-  the config's order), or for a model with one input [rows, *dims].
+- Parquet or CSV with, per input, either one column named like the input holding the row
+  (a list of n numbers, or a number when n = 1; in CSV a quoted cell such as
+  "[0.5, 1.0, 2.5]"), or one column per element named like the monitor's features
+  (`x[0]` .. `x[n-1]`; `x` when n = 1). Empty cells and nulls read as NaN, which only a
+  floating-point input can hold.
+- .npy: a 2-D numeric array [rows, sum of every input's n] (the inputs' elements side by
+  side in the config's order; 1-D when that sum is 1), or for a model with one input
+  [rows, *dims].
+
+Every failure is a ConfigError naming the model, `monitor.reference`, the file, and the
+column or input at fault with what was expected.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,55 +29,104 @@ from conveyor.errors import ConfigError
 
 TensorSpec = tuple[str, str, Sequence[int]]
 SUFFIXES = (".parquet", ".npy", ".csv")
+MIN_ROWS = 2
+_NPY_MAGIC = b"\x93NUMPY"
+_NUMPY_KIND_NAMES = {"U": "text", "S": "bytes", "O": "object", "c": "complex", "M": "datetime", "m": "timedelta"}
 
 
 def read_training_inputs(
     path: Path, inputs: Sequence[TensorSpec], *, where: str, max_rows: int
 ) -> dict[str, np.ndarray]:
-    """{input name: array [rows, *dims]} of the first `max_rows` rows of `path`."""
+    """{input name: array [rows, *dims]} of the first `max_rows` rows of `path`.
+
+    Raises ConfigError for an input that cannot be read from a file (BYTES, variable
+    dims), an unknown suffix, an unreadable file, a missing column, a wrong width, values
+    that are not numbers or do not fit the input's datatype, and fewer than 2 rows.
+    """
     path = Path(path)
-    suffix = path.suffix.lower()
+    what = f"{where}: monitor.reference: {path}"
+    if not inputs:
+        raise ConfigError(f"{what}: the model has no inputs to read from the file")
     for name, datatype, dims in inputs:
-        if datatype == "BYTES" or datatype not in NUMPY_DTYPE_BY_DATATYPE or any(d <= 0 for d in dims):
+        if datatype not in NUMPY_DTYPE_BY_DATATYPE or datatype == "BYTES" or any(d <= 0 for d in dims):
             raise ConfigError(
-                f"{where}: monitor.reference: input '{name}' ({datatype} {list(dims)}) cannot be read from a "
-                "training file: only numeric inputs of fixed dims can"
+                f"{what}: input '{name}' ({datatype} {list(dims)}) cannot be read from a training file: "
+                "only numeric inputs of fixed dims can"
             )
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ConfigError(f"{what}: unknown format '{suffix or path.name}'; use one of {', '.join(SUFFIXES)}")
     try:
-        if suffix == ".npy":
-            arrays = _from_npy(path, inputs, where)
-        elif suffix in (".parquet", ".csv"):
-            arrays = _from_table(path, inputs, where, suffix)
-        else:
-            raise ConfigError(f"{where}: monitor.reference: {path.name}: unknown format; use one of {', '.join(SUFFIXES)}")
+        arrays = _from_npy(path, inputs, what) if suffix == ".npy" else _from_table(path, inputs, what, suffix)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: cannot read it: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"{where}: monitor.reference: cannot read {path}: {exc}") from exc
-    rows = len(next(iter(arrays.values())))
-    if rows < 2:
-        raise ConfigError(f"{where}: monitor.reference: {path} holds {rows} rows; a reference needs at least 2 (ideally thousands)")
-    out = {}
-    for name, datatype, dims in inputs:
-        array = arrays[name][:max_rows]
-        try:
-            out[name] = np.ascontiguousarray(array.reshape((len(array), *dims)).astype(NUMPY_DTYPE_BY_DATATYPE[datatype]))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: monitor.reference: {path}: input '{name}' cannot be read as {datatype}: {exc}") from exc
-    return out
+        raise ConfigError(f"{what}: cannot read it: {exc.strerror or exc}") from None
+    return {name: _cast(arrays[name][:max_rows], name, datatype, dims, what) for name, datatype, dims in inputs}
 
 
-def _from_npy(path: Path, inputs: Sequence[TensorSpec], where: str) -> dict[str, np.ndarray]:
+def _width(dims: Sequence[int]) -> int:
+    return math.prod(dims) if dims else 1
+
+
+def _check_rows(rows: int, what: str) -> None:
+    if rows < MIN_ROWS:
+        plural = "" if rows == 1 else "s"
+        raise ConfigError(f"{what}: holds {rows} row{plural}; a reference needs at least {MIN_ROWS} (ideally thousands)")
+
+
+def _cast(values: np.ndarray, name: str, datatype: str, dims: Sequence[int], what: str) -> np.ndarray:
+    """`values` [rows, n] as the input's dtype and shape, refusing values the dtype cannot hold."""
+    dtype = NUMPY_DTYPE_BY_DATATYPE[datatype]
+    if dtype.kind in "biu" and values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ConfigError(
+                f"{what}: input '{name}' is {datatype}, but {int(bad.sum())} of its values are empty, NaN or "
+                "infinite (only a floating-point input can hold them); fill or drop those rows"
+            )
+        if dtype.kind in "iu" and (values != np.round(values)).any():
+            raise ConfigError(f"{what}: input '{name}' is {datatype}, but the file holds values with a fraction")
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise ConfigError(
+                f"{what}: input '{name}' is {datatype}, range [{info.min}, {info.max}], but the file's values "
+                f"span [{low}, {high}]"
+            )
+    return np.ascontiguousarray(values.reshape((len(values), *dims)).astype(dtype))
+
+
+def _from_npy(path: Path, inputs: Sequence[TensorSpec], what: str) -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: monitor.reference: {path} is not a numeric .npy array: {exc}") from exc
-    widths = [math.prod(dims) if dims else 1 for _, _, dims in inputs]
-    if len(inputs) == 1 and data.ndim >= 2 and tuple(data.shape[1:]) == tuple(inputs[0][2]):
-        return {inputs[0][0]: data.reshape(len(data), -1)}
-    if data.ndim != 2 or data.shape[1] != sum(widths):
-        expected = f"[rows, {sum(widths)}]" + (f" or [rows, {', '.join(map(str, inputs[0][2]))}]" if len(inputs) == 1 else "")
-        raise ConfigError(f"{where}: monitor.reference: {path} has shape {list(data.shape)}, expected {expected}")
+    except (ValueError, EOFError) as exc:
+        with path.open("rb") as file:
+            is_npy = file.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        reason = str(exc) if is_npy else "no .npy header (write it with numpy.save)"
+        raise ConfigError(f"{what}: not a numeric .npy array: {reason}") from None
+    if not isinstance(data, np.ndarray):
+        data.close()  # an NpzFile holds the file open
+        raise ConfigError(f"{what}: not a .npy array but an archive of several (.npz); save one array with numpy.save")
     if data.dtype.kind not in "biuf":
-        raise ConfigError(f"{where}: monitor.reference: {path} holds {data.dtype}, expected numbers")
+        kind = _NUMPY_KIND_NAMES.get(data.dtype.kind, "non-numeric")
+        raise ConfigError(f"{what}: holds {kind} values ({data.dtype}), expected numbers")
+    widths = [_width(dims) for _, _, dims in inputs]
+    total = sum(widths)
+    if data.ndim == 1 and total == 1:
+        data = data.reshape(-1, 1)
+    dims0 = tuple(inputs[0][2])
+    if len(inputs) == 1 and data.ndim >= 2 and tuple(data.shape[1:]) == dims0:
+        _check_rows(len(data), what)
+        return {inputs[0][0]: data.reshape(len(data), -1)}
+    if data.ndim != 2 or data.shape[1] != total:
+        if len(inputs) == 1:
+            layout = f" or [rows, {', '.join(map(str, dims0))}]" if len(dims0) > 1 else ""
+        else:
+            layout = " (" + ", ".join(f"{n} of '{name}'" for (name, _, _), n in zip(inputs, widths)) + ", side by side)"
+        raise ConfigError(f"{what}: has shape {list(data.shape)}, expected [rows, {total}]{layout}")
+    _check_rows(len(data), what)
     out, at = {}, 0
     for (name, _, _), width in zip(inputs, widths):
         out[name] = data[:, at : at + width]
@@ -78,7 +134,7 @@ def _from_npy(path: Path, inputs: Sequence[TensorSpec], where: str) -> dict[str,
     return out
 
 
-def _from_table(path: Path, inputs: Sequence[TensorSpec], where: str, suffix: str) -> dict[str, np.ndarray]:
+def _from_table(path: Path, inputs: Sequence[TensorSpec], what: str, suffix: str) -> dict[str, np.ndarray]:
     import pyarrow as pa
 
     try:
@@ -91,52 +147,95 @@ def _from_table(path: Path, inputs: Sequence[TensorSpec], where: str, suffix: st
 
             table = pacsv.read_csv(path)
     except pa.ArrowInvalid as exc:
-        raise ConfigError(f"{where}: monitor.reference: {path} is not a readable {suffix[1:]} file: {exc}") from exc
-    columns = set(table.column_names)
+        raise ConfigError(f"{what}: not a readable {suffix[1:]} file: {exc}") from None
+    _check_rows(table.num_rows, what)
+    columns = table.column_names
     out = {}
     for name, _, dims in inputs:
-        width = math.prod(dims) if dims else 1
+        width = _width(dims)
         if name in columns:
-            column = table.column(name).combine_chunks()
-            if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) or pa.types.is_large_list(column.type):
-                lengths = np.asarray(column.value_lengths()) if not pa.types.is_fixed_size_list(column.type) else None
-                if lengths is not None and (lengths != width).any():
-                    bad = int(np.argmax(lengths != width))
-                    raise ConfigError(
-                        f"{where}: monitor.reference: {path}: column '{name}' row {bad} holds {int(lengths[bad])} values, "
-                        f"expected {width} (input '{name}' dims {list(dims)})"
-                    )
-                values = column.flatten().to_numpy(zero_copy_only=False)
-                if len(values) != width * len(column):
-                    raise ConfigError(f"{where}: monitor.reference: {path}: column '{name}' rows must hold {width} values each")
-                out[name] = _numeric(values, path, name, where).reshape(len(column), width)
-                continue
-            if width != 1:
-                raise ConfigError(
-                    f"{where}: monitor.reference: {path}: column '{name}' holds one value per row, but input '{name}' "
-                    f"has {width} per row: store a list per row or columns {name}[0] .. {name}[{width - 1}]"
-                )
-            out[name] = _numeric(column.to_numpy(zero_copy_only=False), path, name, where).reshape(-1, 1)
+            out[name] = _input_column(table.column(name).combine_chunks(), name, dims, what, csv=suffix == ".csv")
             continue
         names = [name] if width == 1 else [f"{name}[{i}]" for i in range(width)]
         missing = [n for n in names if n not in columns]
         if missing:
-            raise ConfigError(
-                f"{where}: monitor.reference: {path} has no column '{name}' nor {missing[0]!r}"
-                f"{' (and ' + str(len(missing) - 1) + ' more)' if len(missing) > 1 else ''}; "
-                f"columns: {_sample(table.column_names)}"
-            )
-        out[name] = np.stack(
-            [_numeric(table.column(n).to_numpy(zero_copy_only=False), path, n, where) for n in names], axis=1
-        )
+            expected = f"a column '{name}'" if width == 1 else (
+                f"a column '{name}' holding a list of {width} values per row, or the columns "
+                f"{name}[0] .. {name}[{width - 1}] (missing: {_sample(missing, 3)})"
+            )  # fmt: skip
+            raise ConfigError(f"{what}: no column for input '{name}': expected {expected}; the file has {_sample(columns)}")
+        out[name] = np.stack([_numbers(table.column(n).combine_chunks(), n, what) for n in names], axis=1)
     return out
 
 
-def _numeric(values: np.ndarray, path: Path, column: str, where: str) -> np.ndarray:
-    if values.dtype.kind not in "biuf":
-        raise ConfigError(f"{where}: monitor.reference: {path}: column '{column}' holds {values.dtype}, expected numbers")
-    return values
+def _input_column(column: Any, name: str, dims: Sequence[int], what: str, *, csv: bool) -> np.ndarray:
+    """The [rows, n] values of a column named like the input: a list per row, or a number when n = 1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    width = _width(dims)
+    if csv and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = _parse_list_cells(column, name, what)
+    if not _is_list(column.type):
+        if width != 1:
+            raise ConfigError(
+                f"{what}: column '{name}' holds one {column.type} per row, but input '{name}' has {width} values per "
+                f"row (dims {list(dims)}): store a list per row, or columns {name}[0] .. {name}[{width - 1}]"
+            )
+        return _numbers(column, name, what).reshape(-1, 1)
+    if column.null_count:
+        first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ConfigError(f"{what}: column '{name}' has {column.null_count} empty rows (row {first} first); fill or drop them")
+    values = _numbers(column.flatten(), name, what, lists=True)
+    if pa.types.is_fixed_size_list(column.type) and column.type.list_size != width:
+        raise ConfigError(
+            f"{what}: column '{name}' holds lists of {column.type.list_size} values, expected {width} "
+            f"(input '{name}' dims {list(dims)})"
+        )
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (lengths != width).any():
+        bad = int(np.flatnonzero(lengths != width)[0])
+        raise ConfigError(
+            f"{what}: column '{name}' row {bad} holds {int(lengths[bad])} values, expected {width} "
+            f"(input '{name}' dims {list(dims)})"
+        )
+    return values.reshape(len(column), width)
+
+
+def _parse_list_cells(column: Any, name: str, what: str) -> Any:
+    """A CSV column of cells like "[1.0, 2.0]" (or "1.0 2.0") as a list<double> column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    stripped = pc.utf8_trim(pc.replace_substring_regex(column, r"[\[\]]", ""), " ")
+    try:
+        return pc.split_pattern_regex(stripped, r"[,\s]+").cast(pa.list_(pa.float64()))
+    except pa.ArrowInvalid as exc:
+        raise ConfigError(
+            f"{what}: column '{name}' holds cells that are neither numbers nor lists of numbers like "
+            f"\"[1.0, 2.0]\": {exc}"
+        ) from None
+
+
+def _numbers(values: Any, column: str, what: str, *, lists: bool = False) -> np.ndarray:
+    """A numeric arrow array as numpy (nulls as NaN); ConfigError for any other type."""
+    import pyarrow as pa
+
+    kind = values.type
+    if pa.types.is_boolean(kind):
+        values = values.cast(pa.uint8())  # to_numpy would give objects for booleans with nulls
+    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        holds = f"lists of {kind}" if lists else f"{kind} values"
+        flat = " (a flat list of numbers per row, in C order)" if lists and _is_list(kind) else ""
+        raise ConfigError(f"{what}: column '{column}' holds {holds}, expected numbers{flat}")
+    return values.to_numpy(zero_copy_only=False)
+
+
+def _is_list(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
 
 
 def _sample(names: Sequence[str], count: int = 8) -> str:
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+    return ", ".join(repr(n) for n in names[:count]) + (", ..." if len(names) > count else "")
