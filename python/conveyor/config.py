@@ -296,8 +296,8 @@ class MonitorConfig(_Strict):
     inputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] | None = None
     outputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] | None = None
     classifier_outputs: list[ClassifierOutput] = []
-    # Feature names ("x[3]") or whole inputs ("x") whose values are categories; integer
-    # and boolean inputs are categorical unless listed in `numeric`.
+    # Feature names ("x[3]") or whole tensors ("x") whose values are categories; BOOL
+    # inputs are categorical unless listed in `numeric`, every other column numeric.
     categorical: list[FeatureName] = []
     numeric: list[FeatureName] = []
     # 50 features x 2 windows x 8 gauges keeps a model near 800 drift series in Prometheus.
