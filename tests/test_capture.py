@@ -20,7 +20,9 @@ from conveyor.errors import ConfigError, InvalidInput
 from conveyor.monitor import capture
 from conveyor.monitor.capture import CaptureWriter, read_capture, recover
 
-REPO = Path(__file__).resolve().parents[1]
+# The child imports the same conveyor as this test run: the installed package, or a
+# source tree with an in-tree build (PYTHONPATH=python).
+PACKAGE_PARENT = Path(capture.__file__).resolve().parents[2]
 TS = 1_764_480_000_123_456_789  # a UTC timestamp in nanoseconds
 
 
@@ -474,7 +476,7 @@ for index in range(10_000_000):
 
 def test_kill_9_loses_no_flushed_row(tmp_path: Path) -> None:
     directory = tmp_path / "capture"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT)}
     with open(tmp_path / "child.err", "wb") as stderr:
         command = [sys.executable, "-c", CRASH_CHILD, str(directory)]
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, env=env)
