@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import os
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from conveyor.config import (
     parse_model_config,
 )
 from conveyor.errors import ConfigError
+from config_files import config_error, write_config
 
 BATCHING_MODEL = """
 backend = "python"
@@ -31,23 +31,6 @@ name = "y"
 datatype = "FP32"
 dims = [4]
 """
-
-
-def write_config(tmp_path: Path, text: str, name: str = "m") -> Path:
-    path = tmp_path / name / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def config_error(tmp_path: Path, text: str) -> str:
-    path = write_config(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_model_config(path)
-    message = str(caught.value)
-    for line in message.splitlines():
-        assert line.startswith(f"{path}: "), line
-    return message
 
 
 def test_defaults(tmp_path: Path) -> None:

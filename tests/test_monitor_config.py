@@ -7,7 +7,6 @@ file, the dotted field, what was expected and what was found.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from conveyor.config import (
     load_model_config,
     parse_model_config,
 )
-from conveyor.errors import ConfigError
+from config_files import config_error, write_config
 
 MODEL = """
 backend = "python"
@@ -46,23 +45,6 @@ name = "value"
 datatype = "FP32"
 dims = [1]
 """
-
-
-def write_config(tmp_path: Path, text: str, name: str = "m") -> Path:
-    path = tmp_path / name / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def config_error(tmp_path: Path, text: str) -> str:
-    path = write_config(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_model_config(path)
-    message = str(caught.value)
-    for line in message.splitlines():
-        assert line.startswith(f"{path}: "), line
-    return message
 
 
 # ---- defaults and a full configuration ----
