@@ -13,11 +13,9 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import pytest
 
 import conveyor
 from conveyor.monitor.capture import PARQUET_SUFFIX, SEGMENT_SUFFIX, TMP_SUFFIX
+from processes import DEADLINE_S, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(signal, "SIGKILL"),
@@ -36,8 +35,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]  # the conveyor this run imports
-DEADLINE_S = 30.0  # bound on every wait; a healthy run takes a fraction of it
-POLL_S = 0.02
 SENDERS = 4  # client threads, each with its own keep-alive connection
 MODEL = "recorder"
 WIDTH = 4
@@ -88,30 +85,11 @@ def expected_y(number: int) -> np.ndarray:
     return sent_x(number) * np.float32(2.0) + np.float32(1.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for(condition: Callable[[], Any], what: str, process: subprocess.Popen | None = None) -> Any:
-    """Polls condition until it returns something truthy; fails after DEADLINE_S or if process exits."""
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited with code {process.returncode} while waiting for {what}")
-        time.sleep(POLL_S)
-    raise AssertionError(f"timed out after {DEADLINE_S} s waiting for {what}")
-
-
 class Server:
     """One `conveyor serve` subprocess on a free port; its output goes to a log file."""
 
     def __init__(self, repository: Path, data_dir: Path, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         env["PYTHONPATH"] = str(PACKAGE_PARENT)
@@ -138,7 +116,7 @@ class Server:
             except OSError:
                 return False
 
-        _wait_for(ready, "the model to be ready", self.process)
+        wait_for(ready, "the model to be ready", self.process)
 
     def capture(self) -> dict[str, Any]:
         status, body = self.request("GET", f"/v2/models/{MODEL}/monitor")
@@ -317,7 +295,7 @@ def test_kill_9_mid_stream_keeps_every_flushed_row_and_leaves_nothing_half_writt
     directory = Path(server.capture()["directory"])
     stream = Stream(server.port)
     try:
-        flushed = _wait_for(
+        flushed = wait_for(
             lambda: (written := server.capture()["rows_written"]) >= flushed_target and written,
             f"{flushed_target} captured rows to be flushed", server.process,
         )  # fmt: skip
@@ -367,7 +345,7 @@ def test_sigterm_mid_stream_leaves_only_finished_files_with_every_answered_row(
     directory = Path(server.capture()["directory"])
     stream = Stream(server.port)
     try:
-        _wait_for(
+        wait_for(
             lambda: server.capture()["rows_written"] >= flushed_target,
             f"{flushed_target} captured rows to be flushed", server.process,
         )  # fmt: skip

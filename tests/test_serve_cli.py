@@ -6,15 +6,11 @@ import dataclasses
 import http.client
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import sys
-import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +22,11 @@ from onnx import TensorProto, helper, numpy_helper
 import conveyor
 from conveyor.cli import build_parser
 from conveyor.server.serve import ServeOptions
+from processes import DEADLINE_S, free_port, wait_for
 
 # The subprocesses import the same conveyor as this test run: the installed package, or
 # a source tree with an in-tree build (PYTHONPATH=python).
 PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]
-DEADLINE_S = 30.0  # bound on every wait in this file; a healthy run takes a fraction of it
-POLL_S = 0.02  # the pause between two looks at a condition waited on
 
 
 # Monitored example models write capture files under the data directory: keep them out
@@ -47,12 +42,6 @@ def _environment(**variables: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _conveyor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "conveyor", *args],
@@ -60,25 +49,12 @@ def _conveyor(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def _wait_for(condition: Callable[[], Any], what: str, *, process: subprocess.Popen | None = None) -> Any:
-    """Poll `condition` until it returns something truthy; fail after DEADLINE_S or if `process` exits."""
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited with code {process.returncode} while waiting for {what}")
-        time.sleep(POLL_S)
-    raise AssertionError(f"timed out after {DEADLINE_S} s waiting for {what}")
-
-
 class Served:
     """One `conveyor serve` process; its output goes to a log file read by the tests."""
 
     def __init__(self, args: list[str], log_path: Path, *, port: int | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.log_path = log_path
         command = [sys.executable, "-m", "conveyor", "serve", *args]
         if port is None:
@@ -106,7 +82,7 @@ class Served:
             return None
 
     def wait_until(self, path: str, what: str, status: int = 200) -> None:
-        _wait_for(lambda: self.status(path) == status, what, process=self.process)
+        wait_for(lambda: self.status(path) == status, what, process=self.process)
 
     def wait_ready(self) -> None:
         self.wait_until("/v2/health/ready", "the server to be ready")
@@ -233,7 +209,7 @@ def test_missing_repository_exits_with_a_message(tmp_path: Path) -> None:
 
 
 def test_environment_port_and_the_bundled_examples(serve: Callable[..., Served]) -> None:
-    port = _free_port()
+    port = free_port()
     served = serve(port=port, env=_environment(CONVEYOR_HTTP_PORT=str(port)))
     served.wait_ready()
     for model in ("mlp", "tiny", "scaler"):
@@ -331,11 +307,11 @@ def test_sigterm_drains_accepted_requests(serve: Callable[..., Served], reposito
     threads = [threading.Thread(target=send, args=(i,)) for i in range(requests)]
     for thread in threads:
         thread.start()
-    _wait_for(lambda: _in_flight(served, "gated") == requests, "every request to be accepted", process=served.process)
+    wait_for(lambda: _in_flight(served, "gated") == requests, "every request to be accepted", process=served.process)
 
     served.process.send_signal(signal.SIGTERM)
     # Draining: the listener closes (or readiness turns false) while the accepted requests wait.
-    _wait_for(lambda: served.status("/v2/health/ready") != 200, "the server to start draining",
+    wait_for(lambda: served.status("/v2/health/ready") != 200, "the server to start draining",
               process=served.process)
     assert served.process.poll() is None
     gate.touch()
@@ -373,7 +349,7 @@ def test_poll_mode_adds_a_version_and_survives_a_broken_one(
         rows = [row for row in served.index() if row["name"] == "adder"]
         return next((row for row in rows if row["reason"]), None)
 
-    row = _wait_for(failure_reported, "the index to report version 3's failure", process=served.process)
+    row = wait_for(failure_reported, "the index to report version 3's failure", process=served.process)
     assert str(model_dir / "3" / "model.onnx") in row["reason"], row
     assert served.infer("adder", [[0.0] * 4]) == [2.0] * 4
     assert served.status("/v2/models/adder/versions/2/ready") == 200
