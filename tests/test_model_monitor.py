@@ -147,3 +147,30 @@ def test_a_corrupt_saved_reference_is_rebuilt_from_live_rows(tmp_path: Path, cap
         runtime.add_model("m", _config(monitor={"reference_rows": 100}), _softmax_model, model_dir=version_dir)
         assert runtime.model("m").monitor.reference is None
     assert "ignoring the saved reference" in caplog.text
+
+
+def test_capture_keeps_anomalous_rows_and_everything_while_alerting(tmp_path: Path) -> None:
+    config = _config(
+        monitor={"reference_rows": 100, "evaluate_interval_s": 3600.0},
+        capture={"sample_rate": 0.0, "anomalies": True, "alerting": True},
+    )
+    with Runtime(data_dir=tmp_path) as runtime:
+        runtime.add_model("m", config, _softmax_model)
+        monitor = runtime.model("m").monitor
+        for seed in range(13):  # 104 rows: the reference
+            runtime.infer("m", {"x": _rows(8, seed=seed)})
+        monitor.tick()
+        assert monitor.reference is not None
+        runtime.infer("m", {"x": np.zeros((1, FEATURES), np.float32)}, request_id="typical")
+        far = np.full((1, FEATURES), 50.0, np.float32)  # outside the reference range: flagged
+        runtime.infer("m", {"x": far}, request_id="far")
+        batch = np.zeros((3, FEATURES), np.float32)
+        batch[2] = np.nan
+        runtime.infer("m", {"x": batch}, request_id="batch-with-nan")
+        monitor.alerting = True  # as an evaluation that alerts would set it
+        runtime.infer("m", {"x": np.zeros((1, FEATURES), np.float32)}, request_id="during-alert")
+        monitor.capture.flush()
+        table = read_capture(monitor.capture.directory, include_segments=True)
+    reasons = dict(zip(table.column("request_id").to_pylist(), table.column("reason").to_pylist()))
+    assert reasons == {"far": "anomaly", "batch-with-nan": "anomaly", "during-alert": "alert"}
+    assert table.column("request_id").to_pylist().count("batch-with-nan") == 3  # every row of the request

@@ -144,9 +144,7 @@ class ModelHandle:
     def observed(self, request_id: str | None, inputs: tuple, arrays: tuple, offset: int, rows: int, result: dict) -> None:
         """Hands one completed request to the monitor's capture and feedback."""
         flags = arrays[-1] if self.monitor.core is not None else None
-        if flags is not None and rows >= 0:
-            flags = flags[offset : offset + rows]
-        self.monitor.after_request(request_id or _next_request_id(), inputs, result, flags)
+        self.monitor.after_request(request_id or _next_request_id(), inputs, result, flags, offset, rows)
 
     def close(self) -> None:
         self.batcher.stop(drain=True)

@@ -263,25 +263,32 @@ class ModelMonitor:
         inputs: Sequence[np.ndarray],
         outputs: Mapping[str, np.ndarray],
         flags: np.ndarray | None,
+        offset: int = 0,
+        rows: int = -1,
     ) -> None:
-        """Capture and feedback bookkeeping for one completed request (event-loop thread)."""
+        """Capture and feedback bookkeeping for one completed request (event-loop thread).
+
+        flags: the batch's row flags (None without a monitor); this request's rows are
+        offset .. offset + rows (rows < 0: a model without a batch dimension, one row).
+        Runs once per request: kept to a few cheap operations.
+        """
         now_ns = time.time_ns()
         capture = self.capture
         if capture is not None:
             reason = None
+            settings = self.config.capture
             if self._sample_threshold and zlib.crc32(request_id.encode()) < self._sample_threshold:
                 reason = "sampled"
-            elif flags is not None and self.config.capture.anomalies and flags.any():
+            elif flags is not None and settings.anomalies and _flagged(flags, offset, rows):
                 reason = "anomaly"
-            elif self.alerting and self.config.capture.alerting:
+            elif self.alerting and settings.alerting:
                 reason = "alert"
             if reason is not None:
                 capture.submit(request_id, now_ns, inputs, [outputs[name] for name, _, _ in self.public_outputs], reason)
         feedback = self.feedback
         if feedback is not None:
             prediction = outputs[self._feedback_output]
-            batched = self.config.max_batch_size > 0
-            if not batched:
+            if rows < 0:
                 feedback.record(request_id, self._prediction(prediction), self.version, now_ns)
             elif len(prediction) == 1:
                 feedback.record(request_id, self._prediction(prediction[0]), self.version, now_ns)
@@ -290,11 +297,9 @@ class ModelMonitor:
                     feedback.record(f"{request_id}/{row}", self._prediction(prediction[row]), self.version, now_ns)
 
     def _prediction(self, row: np.ndarray) -> float:
-        if self.config.feedback.kind == "classification":
-            if row.size == 1 and row.dtype.kind in "biu":
-                return float(row.reshape(-1)[0])
-            return float(np.argmax(row))
-        return float(row.reshape(-1)[0])
+        if row.size == 1:  # a class index, or a regression value
+            return float(row.reshape(-1)[0])
+        return float(row.argmax()) if self.config.feedback.kind == "classification" else float(row.reshape(-1)[0])
 
     def _write_labels(self, rows: list[dict[str, Any]]) -> None:
         # Joined labels go to <capture directory>/labels, one row per label.
@@ -605,6 +610,15 @@ def _feature_tuple(feature: Feature) -> dict[str, Any]:
         "name": feature.name, "source": feature.source, "tensor": feature.tensor, "column": feature.column,
         "derive": feature.derive, "kind": feature.kind,
     }  # fmt: skip
+
+
+def _flagged(flags: np.ndarray, offset: int, rows: int) -> bool:
+    """Whether any of a request's rows has a monitor flag (a scalar read for one row)."""
+    if rows < 0:
+        return bool(flags[0])
+    if rows == 1:
+        return bool(flags[offset, 0])
+    return bool(flags[offset : offset + rows].any())
 
 
 def _seconds(ns: int) -> float | None:
