@@ -27,7 +27,9 @@ enum : uint8_t { kInRange = 0, kOutOfRange = 1, kIsNaN = 2, kIsInf = 3 };
 // Number of edges <= v (std::upper_bound's index) without data-dependent branches: live
 // values land in unpredictable bins, and a mispredicted branch per halving step costs
 // more than the step (measured: the branchy search was most of observe()'s time).
+// A feature may have no edges (a constant or all-NaN reference column): one bin.
 inline size_t count_at_most(const double* edges, size_t n, double v) {
+  if (n == 0) return 0;
   size_t lo = 0;
   while (n > 1) {
     const size_t half = n / 2;

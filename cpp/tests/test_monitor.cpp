@@ -169,6 +169,31 @@ TEST_CASE("monitor: bins, counts, sums and flags match hand-computed values") {
   CHECK_EQ(m.anomalous_rows(), 4u);
 }
 
+TEST_CASE("monitor: a feature whose reference has no edges has one bin") {
+  // A constant (or all-NaN) reference column leaves a numeric feature without edges, and a
+  // categorical one without categories: every finite value lands in the one bin.
+  Reference r;
+  r.rows = 10;
+  FeatureReference num;
+  num.probabilities = {1};
+  num.mean = num.min = num.max = 3;
+  FeatureReference cat;
+  cat.kind = FeatureKind::kCategorical;
+  cat.probabilities = {1};
+  cat.mean = cat.min = cat.max = kNaN;
+  r.features = {num, cat};
+  Monitor m(two_feature_options());
+  m.set_reference(make_reference(std::move(r)));
+  const std::vector<uint8_t> flags = observe_pairs(m, {3, 1, 4, 2, kNaN, 3});
+  const WindowState s = m.window(WindowKind::kRows, 0);
+  CHECK_EQ(s.counts(0)[0], 2u);
+  CHECK_EQ(s.counts(1)[0], 3u);
+  CHECK_EQ(s.features[0].out_of_range, 1u);  // 4 > the reference max 3
+  CHECK_EQ(s.features[1].out_of_range, 3u);  // no category is known
+  const std::vector<uint8_t> expected = {kFlagOutOfRange, kFlagOutOfRange, kFlagOutOfRange | kFlagNonFinite};
+  CHECK(flags == expected);
+}
+
 TEST_CASE("monitor: Mahalanobis outliers are flagged, rows with NaN skipped") {
   Monitor m(two_feature_options());
   m.set_reference(two_feature_reference(true));
