@@ -68,6 +68,38 @@ struct Monitor::Chunk {
   double projected[Monitor::kMaxFeatures];   // precision * diff
 };
 
+// The features grouped by the tensor they read, so observe() checks each tensor and
+// switches on its dtype once, not once a feature.
+struct Monitor::ReadPlan {
+  struct Column {
+    size_t feature;
+    int64_t column;
+  };
+  struct Group {
+    Source source;
+    int tensor;
+    int64_t row_width_needed = 1;  // elements a row must hold: 1 + the largest column read
+    std::vector<Column> columns;   // the Derive::kValue features reading this tensor
+  };
+  std::vector<Group> groups;     // one per tensor some feature reads, in first-use order
+  std::vector<size_t> derived;   // the features with another Derive, in feature order
+
+  explicit ReadPlan(const std::vector<FeatureSpec>& features) {
+    for (size_t fi = 0; fi < features.size(); ++fi) {
+      const FeatureSpec& f = features[fi];
+      auto group = std::find_if(groups.begin(), groups.end(),
+                                [&](const Group& g) { return g.source == f.source && g.tensor == f.tensor; });
+      if (group == groups.end()) group = groups.insert(groups.end(), Group{f.source, f.tensor, 1, {}});
+      if (f.derive == Derive::kValue) {
+        group->columns.push_back({fi, f.column});
+        group->row_width_needed = std::max(group->row_width_needed, f.column + 1);
+      } else {
+        derived.push_back(fi);
+      }
+    }
+  }
+};
+
 Monitor::Monitor(MonitorOptions options)
     : options_(std::move(options)),
       rows_per_sub_window_(options_.sub_windows > 0 ? options_.window_rows / options_.sub_windows : 0),
@@ -99,7 +131,10 @@ Monitor::Monitor(MonitorOptions options)
     invalid("reference_rows must be >= 0, got " + std::to_string(options_.reference_rows));
   }
   live_rows_.assign(static_cast<size_t>(options_.reference_rows) * n, 0.0);
+  plan_ = std::make_unique<const ReadPlan>(options_.features);
 }
+
+Monitor::~Monitor() = default;
 
 void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
   if (!reference || reference->layout == 0) invalid("set_reference needs a reference made by make_reference");
@@ -171,6 +206,21 @@ size_t Monitor::memory_bytes() const {
 
 void Monitor::check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                             int64_t rows) const {
+  // Each tensor once; check_features finds (and names) the first feature that does not fit.
+  for (const ReadPlan::Group& g : plan_->groups) {
+    const std::vector<Tensor>& tensors = g.source == Source::kInput ? inputs : outputs;
+    if (static_cast<size_t>(g.tensor) >= tensors.size()) return check_features(inputs, outputs, rows);
+    const Tensor& t = tensors[static_cast<size_t>(g.tensor)];
+    const int64_t numel = t.shape.numel();
+    if (t.dtype == DType::kBytes || t.device.kind == DeviceKind::kCUDA || numel % rows != 0 ||
+        numel / rows < g.row_width_needed) {
+      return check_features(inputs, outputs, rows);
+    }
+  }
+}
+
+void Monitor::check_features(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                             int64_t rows) const {
   for (const FeatureSpec& f : options_.features) {
     const std::vector<Tensor>& tensors = f.source == Source::kInput ? inputs : outputs;
     const char* what = source_name(f.source);
@@ -200,7 +250,21 @@ void Monitor::check_tensors(const std::vector<Tensor>& inputs, const std::vector
 void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
                          int64_t first, Chunk& chunk) const {
   const int64_t n = chunk.rows;
-  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
+  for (const ReadPlan::Group& g : plan_->groups) {
+    if (g.columns.empty()) continue;
+    const Tensor& t = (g.source == Source::kInput ? inputs : outputs)[static_cast<size_t>(g.tensor)];
+    const int64_t width = t.shape.numel() / rows;
+    with_type(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* base = static_cast<const T*>(t.data) + first * width;
+      for (const ReadPlan::Column& c : g.columns) {
+        double* out = chunk.value + c.feature * static_cast<size_t>(n);
+        const T* p = base + c.column;
+        for (int64_t r = 0; r < n; ++r) out[r] = as_double(p[r * width]);
+      }
+    });
+  }
+  for (size_t fi : plan_->derived) {
     const FeatureSpec& f = options_.features[fi];
     const Tensor& t = tensor_of(f, inputs, outputs);
     const int64_t width = t.shape.numel() / rows;
@@ -208,12 +272,7 @@ void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Te
     with_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(t.data) + first * width;
-      if (f.derive == Derive::kValue) {
-        const T* p = base + f.column;
-        for (int64_t r = 0; r < n; ++r) out[r] = as_double(p[r * width]);
-      } else {
-        for (int64_t r = 0; r < n; ++r) out[r] = derive_row(base + r * width, width, f.derive);
-      }
+      for (int64_t r = 0; r < n; ++r) out[r] = derive_row(base + r * width, width, f.derive);
     });
   }
 }
@@ -279,39 +338,66 @@ void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
 
 namespace {
 
-// Adds rows [r0, r1) of a scored chunk to one sub-window.
-void add_rows(WindowState& s, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
-              int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
-  if (r1 <= r0) return;
-  s.start_ns = s.rows == 0 ? now_ns : std::min(s.start_ns, now_ns);
-  s.end_ns = s.rows == 0 ? now_ns : std::max(s.end_ns, now_ns);
-  s.rows += static_cast<uint64_t>(r1 - r0);
-  for (int64_t r = r0; r < r1; ++r) {
-    s.out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
-    s.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
-    s.outlier_rows += (flags[r] & kFlagOutlier) != 0;
+// One feature's running statistics, kept in registers over a run of rows.
+struct RunningStats {
+  FeatureStats& into;
+  FeatureStats s;
+  uint64_t* counts;
+
+  RunningStats(WindowState& state, size_t feature)
+      : into(state.features[feature]), s(into), counts(state.bin_counts.data() + state.bin_offset[feature]) {}
+  ~RunningStats() { into = s; }
+
+  void add_finite(double v, double d, uint16_t bin, bool out_of_range) {
+    ++counts[bin];
+    ++s.count;
+    s.out_of_range += out_of_range;
+    s.sum += d;
+    s.sum_sq += d * d;
+    s.min = std::min(s.min, v);
+    s.max = std::max(s.max, v);
   }
-  for (size_t fi = 0; fi < s.features.size(); ++fi) {
-    FeatureStats& f = s.features[fi];
-    uint64_t* counts = s.bin_counts.data() + s.bin_offset[fi];
-    const double shift = s.shift[fi];
+  void add_nonfinite(uint8_t state) {
+    s.nan += state == kIsNaN;
+    s.inf += state == kIsInf;
+  }
+};
+
+// Adds rows [r0, r1) of a scored chunk to two sub-windows of the same layout (one of
+// each ring) in one pass over the chunk. Each gets exactly what adding the rows to it
+// alone would give: the same values, added in the same order.
+void add_rows(WindowState& a, WindowState& b, const double* value, const uint16_t* bin, const uint8_t* state,
+              const uint8_t* flags, int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
+  if (r1 <= r0) return;
+  uint64_t out_of_range_rows = 0, nonfinite_rows = 0, outlier_rows = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
+    nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
+    outlier_rows += (flags[r] & kFlagOutlier) != 0;
+  }
+  for (WindowState* s : {&a, &b}) {
+    s->start_ns = s->rows == 0 ? now_ns : std::min(s->start_ns, now_ns);
+    s->end_ns = s->rows == 0 ? now_ns : std::max(s->end_ns, now_ns);
+    s->rows += static_cast<uint64_t>(r1 - r0);
+    s->out_of_range_rows += out_of_range_rows;
+    s->nonfinite_rows += nonfinite_rows;
+    s->outlier_rows += outlier_rows;
+  }
+  for (size_t fi = 0; fi < a.features.size(); ++fi) {
+    RunningStats fa(a, fi), fb(b, fi);
+    const double shift = a.shift[fi];  // the same in b: one layout
     const size_t at = fi * static_cast<size_t>(n);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t st = state[at + r];
       if (st >= kIsNaN) {
-        f.nan += st == kIsNaN;
-        f.inf += st == kIsInf;
+        fa.add_nonfinite(st);
+        fb.add_nonfinite(st);
         continue;
       }
       const double v = value[at + r];
       const double d = v - shift;
-      ++counts[bin[at + r]];
-      ++f.count;
-      f.out_of_range += st == kOutOfRange;
-      f.sum += d;
-      f.sum_sq += d * d;
-      f.min = std::min(f.min, v);
-      f.max = std::max(f.max, v);
+      fa.add_finite(v, d, bin[at + r], st == kOutOfRange);
+      fb.add_finite(v, d, bin[at + r], st == kOutOfRange);
     }
   }
 }
@@ -329,8 +415,9 @@ void Monitor::add_chunk(const Chunk& c, int64_t now_ns) {
     rings_.time_slots[slot].clear();
     rings_.time_epoch[slot] = epoch;
   }
-  add_rows(rings_.time_slots[slot], c.value, c.bin, c.state, c.flags, n, 0, n, now_ns);
-  // Rows ring: fill the current sub-window, moving on (and clearing) when it is full.
+  WindowState& time_slot = rings_.time_slots[slot];
+  // Rows ring: fill the current sub-window, moving on (and clearing) when it is full. The
+  // time slot takes every row, the same runs in the same order.
   for (int64_t r = 0; r < n;) {
     WindowState* s = &rings_.rows_slots[rings_.rows_slot];
     if (static_cast<int64_t>(s->rows) >= rows_per_sub_window_) {
@@ -339,7 +426,7 @@ void Monitor::add_chunk(const Chunk& c, int64_t now_ns) {
       s->clear();
     }
     const int64_t take = std::min(n - r, rows_per_sub_window_ - static_cast<int64_t>(s->rows));
-    add_rows(*s, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
+    add_rows(time_slot, *s, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
     r += take;
   }
 }

@@ -169,6 +169,7 @@ class Monitor {
   explicit Monitor(MonitorOptions options);
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
+  ~Monitor();
 
   // Replaces the reference (checked against the features: count and kinds) and starts
   // both rings afresh; preallocates their storage. Rows being observed meanwhile are
@@ -209,6 +210,7 @@ class Monitor {
 
  private:
   struct Chunk;
+  struct ReadPlan;  // the features grouped by the tensor they read (monitor.cpp)
   struct Rings {
     std::vector<WindowState> rows_slots, time_slots;
     std::vector<int64_t> time_epoch;  // the time sub-window each time slot holds
@@ -216,6 +218,7 @@ class Monitor {
   };
 
   void check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows) const;
+  void check_features(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows) const;
   void read_chunk(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
                   int64_t first, Chunk& chunk) const;
   void score_chunk(const Reference& reference, Chunk& chunk) const;
@@ -226,6 +229,7 @@ class Monitor {
   const MonitorOptions options_;
   const int64_t rows_per_sub_window_;
   const int64_t sub_window_ns_;
+  std::unique_ptr<const ReadPlan> plan_;  // built by the constructor, then read-only
 
   mutable std::mutex mu_;
   std::shared_ptr<const Reference> reference_;  // guarded by mu_
