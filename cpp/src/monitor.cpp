@@ -9,6 +9,7 @@
 #include <string>
 
 #include "conveyor/error.h"
+#include "kernels/monitor_scoring.h"
 #include "monitor_values.h"
 
 namespace conveyor::monitor {
@@ -21,23 +22,14 @@ using values::as_double;
 using values::derive_row;
 using values::with_type;
 
-// Per value state in a chunk.
-enum : uint8_t { kInRange = 0, kOutOfRange = 1, kIsNaN = 2, kIsInf = 3 };
-
-// Number of edges <= v (std::upper_bound's index) without data-dependent branches: live
-// values land in unpredictable bins, and a mispredicted branch per halving step costs
-// more than the step (measured: the branchy search was most of observe()'s time).
-// A feature may have no edges (a constant or all-NaN reference column): one bin.
-inline size_t count_at_most(const double* edges, size_t n, double v) {
-  if (n == 0) return 0;
-  size_t lo = 0;
-  while (n > 1) {
-    const size_t half = n / 2;
-    lo += half * static_cast<size_t>(edges[lo + half - 1] <= v);
-    n -= half;
-  }
-  return lo + (edges[lo] <= v);
-}
+// Per value state in a chunk, as the binning kernel writes it; non-finite states last.
+constexpr uint8_t kOutOfRange = kernels::kValueOutOfRange;
+constexpr uint8_t kIsNaN = kernels::kValueNaN;
+constexpr uint8_t kIsInf = kernels::kValueInf;
+static_assert(kernels::kValueInRange < kIsNaN && kOutOfRange < kIsNaN && kIsNaN < kIsInf);
+static_assert(kernels::kRowOutOfRange == kFlagOutOfRange && kernels::kRowNonFinite == kFlagNonFinite,
+              "the binning kernel sets the monitor's row flags");
+static_assert(Monitor::kMaxFeatures % kernels::kFormBlock == 0, "a chunk's diff holds a padded Mahalanobis row");
 
 int64_t floor_div(int64_t a, int64_t b) {
   const int64_t q = a / b;
@@ -64,8 +56,44 @@ struct Monitor::Chunk {
   uint16_t bin[kValues];
   uint8_t state[kValues];
   uint8_t flags[kValues];                    // per row
-  double diff[Monitor::kMaxFeatures];        // Mahalanobis: value - mean
-  double projected[Monitor::kMaxFeatures];   // precision * diff
+  double diff[Monitor::kMaxFeatures];        // Mahalanobis: value - mean, zero-padded
+};
+
+// A reference laid out for the scoring kernels (kernels/monitor_scoring.h); immutable,
+// shared by the observers that started with it.
+struct Monitor::Scoring {
+  std::vector<double> edges;              // every feature's padded edges, back to back
+  std::vector<kernels::BinTable> tables;  // per feature, pointing into edges
+  std::vector<int> mahalanobis_features;
+  std::vector<double> mahalanobis_mean;
+  kernels::PackedQuadraticForm mahalanobis;  // k = 0: no score
+  double outlier_threshold_sq = 0;
+
+  explicit Scoring(const Reference& reference)
+      : mahalanobis_features(reference.mahalanobis_features),
+        mahalanobis_mean(reference.mahalanobis_mean),
+        mahalanobis(kernels::pack_quadratic_form(reference.precision.data(),
+                                                 static_cast<int64_t>(reference.mahalanobis_features.size()))),
+        outlier_threshold_sq(reference.outlier_threshold * reference.outlier_threshold) {
+    size_t total = 0;
+    for (const FeatureReference& f : reference.features) {
+      total += static_cast<size_t>(kernels::padded_edge_count(static_cast<int64_t>(f.edges.size())));
+    }
+    edges.reserve(total);
+    for (const FeatureReference& f : reference.features) kernels::append_padded_edges(f.edges, edges);
+    const double* at = edges.data();
+    for (const FeatureReference& f : reference.features) {
+      const auto count = static_cast<int64_t>(f.edges.size());
+      tables.push_back({at, count, f.kind == FeatureKind::kCategorical, f.min, f.max});
+      at += kernels::padded_edge_count(count);
+    }
+  }
+
+  size_t memory_bytes() const {
+    return sizeof(*this) + edges.capacity() * sizeof(double) + tables.capacity() * sizeof(kernels::BinTable) +
+           mahalanobis_features.capacity() * sizeof(int) + mahalanobis_mean.capacity() * sizeof(double) +
+           mahalanobis.triangle.capacity() * sizeof(double);
+  }
 };
 
 // The features grouped by the tensor they read, so observe() checks each tensor and
@@ -149,6 +177,11 @@ void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
               " but its reference is " + feature_kind_name(reference->features[i].kind));
     }
   }
+  if (reference->mahalanobis_features.size() > kMaxFeatures) {
+    invalid("the reference scores " + std::to_string(reference->mahalanobis_features.size()) +
+            " Mahalanobis features, at most " + std::to_string(kMaxFeatures));
+  }
+  auto scoring = std::make_shared<const Scoring>(*reference);
   Rings fresh;
   const WindowState empty = WindowState::for_reference(*reference);
   fresh.rows_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
@@ -159,11 +192,12 @@ void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
     std::lock_guard<std::mutex> lock(mu_);
     std::swap(rings_, fresh);
     reference_ = std::move(reference);
+    scoring_.swap(scoring);
     ++generation_;
     latest_epoch_ = std::numeric_limits<int64_t>::min();
     released.swap(live_rows_);  // the live reference is no longer needed
   }
-}  // the old rings and buffer are freed here, outside the lock
+}  // the old rings, scoring and buffer are freed here, outside the lock
 
 std::shared_ptr<const Reference> Monitor::reference() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -188,7 +222,7 @@ std::vector<double> Monitor::reference_rows() const {
 
 size_t Monitor::memory_bytes_locked() const {
   size_t bytes = sizeof(*this) + live_rows_.capacity() * sizeof(double) +
-                 rings_.time_epoch.capacity() * sizeof(int64_t);
+                 rings_.time_epoch.capacity() * sizeof(int64_t) + (scoring_ ? scoring_->memory_bytes() : 0);
   for (const auto* ring : {&rings_.rows_slots, &rings_.time_slots}) {
     bytes += ring->capacity() * sizeof(WindowState);
     for (const WindowState& s : *ring) {
@@ -277,44 +311,19 @@ void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Te
   }
 }
 
-void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
+void Monitor::score_chunk(const Scoring& scoring, Chunk& chunk) {
   const int64_t n = chunk.rows;
   std::memset(chunk.flags, 0, static_cast<size_t>(n));
-  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
-    const FeatureReference& ref = reference.features[fi];
-    const double* edges = ref.edges.data();
-    const size_t edge_count = ref.edges.size();
-    const bool numeric = ref.kind == FeatureKind::kNumeric;
-    const size_t at = fi * static_cast<size_t>(n);
-    for (int64_t r = 0; r < n; ++r) {
-      const double v = chunk.value[at + r];
-      if (!std::isfinite(v)) {
-        chunk.state[at + r] = std::isnan(v) ? kIsNaN : kIsInf;
-        chunk.flags[r] |= kFlagNonFinite;
-        continue;
-      }
-      size_t bin;
-      bool out_of_range;
-      bin = count_at_most(edges, edge_count, v);
-      if (numeric) {
-        out_of_range = v < ref.min || v > ref.max;
-      } else {  // a known category is the last edge <= v, and equal to it
-        out_of_range = bin == 0 || edges[bin - 1] != v;
-        bin = out_of_range ? edge_count : bin - 1;
-      }
-      chunk.bin[at + r] = static_cast<uint16_t>(bin);
-      chunk.state[at + r] = out_of_range ? kOutOfRange : kInRange;
-      if (out_of_range) chunk.flags[r] |= kFlagOutOfRange;
-    }
-  }
-  const size_t k = reference.mahalanobis_features.size();
+  const kernels::MonitorKernels& kernels = kernels::monitor_kernels();
+  kernels.bin_chunk(chunk.value, n, scoring.tables.data(), static_cast<int64_t>(scoring.tables.size()), chunk.bin,
+                    chunk.state, chunk.flags);
+  const kernels::PackedQuadraticForm& form = scoring.mahalanobis;
+  const auto k = static_cast<size_t>(form.k);
   if (k == 0) return;
-  const double threshold_sq = reference.outlier_threshold * reference.outlier_threshold;
-  const double* mean = reference.mahalanobis_mean.data();
-  const double* precision = reference.precision.data();
-  const int* index = reference.mahalanobis_features.data();
+  const double* mean = scoring.mahalanobis_mean.data();
+  const int* index = scoring.mahalanobis_features.data();
   double* diff = chunk.diff;
-  double* projected = chunk.projected;
+  std::fill(diff + k, diff + form.padded_k, 0.0);
   for (int64_t r = 0; r < n; ++r) {
     bool finite = true;
     for (size_t j = 0; j < k; ++j) {
@@ -322,17 +331,8 @@ void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
       finite = finite && std::isfinite(diff[j]);
     }
     if (!finite) continue;
-    // projected = precision * diff as a sum of scaled rows (elementwise: vectorises),
-    // then one dot product.
-    std::fill(projected, projected + k, 0.0);
-    for (size_t i = 0; i < k; ++i) {
-      const double d = diff[i];
-      const double* row = precision + i * k;
-      for (size_t j = 0; j < k; ++j) projected[j] += d * row[j];
-    }
-    double distance_sq = 0;
-    for (size_t j = 0; j < k; ++j) distance_sq += diff[j] * projected[j];
-    if (distance_sq > threshold_sq) chunk.flags[r] |= kFlagOutlier;
+    const double distance_sq = kernels.triangular_form(diff, form.triangle.data(), form.padded_k, form.squares);
+    if (distance_sq > scoring.outlier_threshold_sq) chunk.flags[r] |= kFlagOutlier;
   }
 }
 
@@ -445,17 +445,17 @@ void Monitor::observe(const std::vector<Tensor>& inputs, const std::vector<Tenso
                       int64_t now_ns, uint8_t* row_flags) {
   if (rows <= 0) return;
   check_tensors(inputs, outputs, rows);
-  std::shared_ptr<const Reference> reference;
+  std::shared_ptr<const Scoring> scoring;
   uint64_t generation;
   bool collecting;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    reference = reference_;
+    scoring = scoring_;
     generation = generation_;
     collecting = !reference_ && collected_ < options_.reference_rows;
   }
   rows_observed_.fetch_add(static_cast<uint64_t>(rows), std::memory_order_relaxed);
-  if (!reference) {
+  if (!scoring) {
     if (row_flags) std::memset(row_flags, 0, static_cast<size_t>(rows));
     if (!collecting) return;
   }
@@ -466,13 +466,13 @@ void Monitor::observe(const std::vector<Tensor>& inputs, const std::vector<Tenso
   for (int64_t first = 0; first < rows; first += per_chunk) {
     chunk.rows = std::min(per_chunk, rows - first);
     read_chunk(inputs, outputs, rows, first, chunk);
-    if (!reference) {
+    if (!scoring) {
       std::lock_guard<std::mutex> lock(mu_);
       if (generation != generation_ || collected_ >= options_.reference_rows) break;
       collect_chunk(chunk);
       continue;
     }
-    score_chunk(*reference, chunk);
+    score_chunk(*scoring, chunk);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (generation == generation_) add_chunk(chunk, now_ns);

@@ -385,6 +385,15 @@ TEST_CASE("monitor: features that do not fit the batch and bad options are refus
   Reference wrong_kind = *two_feature_reference();
   wrong_kind.features[1].kind = FeatureKind::kNumeric;
   CHECK_THROWS_CODE(m.set_reference(make_reference(wrong_kind)), ErrorCode::kInvalidInput);
+  // A row's Mahalanobis difference lives in observe()'s chunk: at most kMaxFeatures of them
+  // (a feature may repeat).
+  Reference too_many = *two_feature_reference();
+  const size_t k = Monitor::kMaxFeatures + 1;
+  too_many.mahalanobis_features.assign(k, 0);
+  too_many.mahalanobis_mean.assign(k, 0.0);
+  too_many.precision.assign(k * k, 0.0);
+  CHECK_THROWS_CODE(m.set_reference(make_reference(too_many)), ErrorCode::kInvalidInput);
+  CHECK(m.reference() == nullptr);
 }
 
 TEST_CASE("monitor: the executor appends one flag per row and keeps the model's outputs") {
