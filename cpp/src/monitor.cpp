@@ -187,6 +187,7 @@ void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
   fresh.rows_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
   fresh.time_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
   fresh.time_epoch.assign(static_cast<size_t>(options_.sub_windows), std::numeric_limits<int64_t>::min());
+  fresh.pending = empty;
   std::vector<double> released;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -223,14 +224,15 @@ std::vector<double> Monitor::reference_rows() const {
 size_t Monitor::memory_bytes_locked() const {
   size_t bytes = sizeof(*this) + live_rows_.capacity() * sizeof(double) +
                  rings_.time_epoch.capacity() * sizeof(int64_t) + (scoring_ ? scoring_->memory_bytes() : 0);
+  const auto state_bytes = [](const WindowState& s) {
+    return s.shift.capacity() * sizeof(double) + s.features.capacity() * sizeof(FeatureStats) +
+           s.bin_offset.capacity() * sizeof(uint32_t) + s.bin_counts.capacity() * sizeof(uint64_t);
+  };
   for (const auto* ring : {&rings_.rows_slots, &rings_.time_slots}) {
     bytes += ring->capacity() * sizeof(WindowState);
-    for (const WindowState& s : *ring) {
-      bytes += s.shift.capacity() * sizeof(double) + s.features.capacity() * sizeof(FeatureStats) +
-               s.bin_offset.capacity() * sizeof(uint32_t) + s.bin_counts.capacity() * sizeof(uint64_t);
-    }
+    for (const WindowState& s : *ring) bytes += state_bytes(s);
   }
-  return bytes;
+  return bytes + state_bytes(rings_.pending);
 }
 
 size_t Monitor::memory_bytes() const {
@@ -347,86 +349,84 @@ struct RunningStats {
   RunningStats(WindowState& state, size_t feature)
       : into(state.features[feature]), s(into), counts(state.bin_counts.data() + state.bin_offset[feature]) {}
   ~RunningStats() { into = s; }
-
-  void add_finite(double v, double d, uint16_t bin, bool out_of_range) {
-    ++counts[bin];
-    ++s.count;
-    s.out_of_range += out_of_range;
-    s.sum += d;
-    s.sum_sq += d * d;
-    s.min = std::min(s.min, v);
-    s.max = std::max(s.max, v);
-  }
-  void add_nonfinite(uint8_t state) {
-    s.nan += state == kIsNaN;
-    s.inf += state == kIsInf;
-  }
 };
 
-// Adds rows [r0, r1) of a scored chunk to two sub-windows of the same layout (one of
-// each ring) in one pass over the chunk. Each gets exactly what adding the rows to it
-// alone would give: the same values, added in the same order.
-void add_rows(WindowState& a, WindowState& b, const double* value, const uint16_t* bin, const uint8_t* state,
-              const uint8_t* flags, int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
+// Adds rows [r0, r1) of a scored chunk to a window state.
+void add_rows(WindowState& to, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
+              int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
   if (r1 <= r0) return;
-  uint64_t out_of_range_rows = 0, nonfinite_rows = 0, outlier_rows = 0;
+  to.start_ns = to.rows == 0 ? now_ns : std::min(to.start_ns, now_ns);
+  to.end_ns = to.rows == 0 ? now_ns : std::max(to.end_ns, now_ns);
+  to.rows += static_cast<uint64_t>(r1 - r0);
   for (int64_t r = r0; r < r1; ++r) {
-    out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
-    nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
-    outlier_rows += (flags[r] & kFlagOutlier) != 0;
+    to.out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
+    to.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
+    to.outlier_rows += (flags[r] & kFlagOutlier) != 0;
   }
-  for (WindowState* s : {&a, &b}) {
-    s->start_ns = s->rows == 0 ? now_ns : std::min(s->start_ns, now_ns);
-    s->end_ns = s->rows == 0 ? now_ns : std::max(s->end_ns, now_ns);
-    s->rows += static_cast<uint64_t>(r1 - r0);
-    s->out_of_range_rows += out_of_range_rows;
-    s->nonfinite_rows += nonfinite_rows;
-    s->outlier_rows += outlier_rows;
-  }
-  for (size_t fi = 0; fi < a.features.size(); ++fi) {
-    RunningStats fa(a, fi), fb(b, fi);
-    const double shift = a.shift[fi];  // the same in b: one layout
+  for (size_t fi = 0; fi < to.features.size(); ++fi) {
+    RunningStats f(to, fi);
+    const double shift = to.shift[fi];
     const size_t at = fi * static_cast<size_t>(n);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t st = state[at + r];
       if (st >= kIsNaN) {
-        fa.add_nonfinite(st);
-        fb.add_nonfinite(st);
+        f.s.nan += st == kIsNaN;
+        f.s.inf += st == kIsInf;
         continue;
       }
       const double v = value[at + r];
       const double d = v - shift;
-      fa.add_finite(v, d, bin[at + r], st == kOutOfRange);
-      fb.add_finite(v, d, bin[at + r], st == kOutOfRange);
+      ++f.counts[bin[at + r]];
+      ++f.s.count;
+      f.s.out_of_range += st == kOutOfRange;
+      f.s.sum += d;
+      f.s.sum_sq += d * d;
+      f.s.min = std::min(f.s.min, v);
+      f.s.max = std::max(f.s.max, v);
     }
   }
 }
 
+size_t ring_slot(int64_t epoch, int sub_windows) {
+  return static_cast<size_t>(epoch - floor_div(epoch, sub_windows) * sub_windows);
+}
+
 }  // namespace
+
+void Monitor::fold_pending() {
+  WindowState& pending = rings_.pending;
+  if (pending.rows == 0) return;
+  rings_.time_slots[ring_slot(latest_epoch_, options_.sub_windows)].merge(pending);
+  rings_.rows_slots[rings_.rows_slot].merge(pending);
+  pending.clear();
+}
 
 void Monitor::add_chunk(const Chunk& c, int64_t now_ns) {
   const int64_t n = c.rows;
   const size_t subs = static_cast<size_t>(options_.sub_windows);
-  // Time ring: the chunk's sub-window, never earlier than the latest one seen.
+  // Time ring: the chunk's sub-window, never earlier than the latest one seen. Pending
+  // rows go to the latest one before it changes.
   const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+  if (epoch != latest_epoch_) fold_pending();
   latest_epoch_ = epoch;
-  const size_t slot = static_cast<size_t>(epoch - floor_div(epoch, options_.sub_windows) * options_.sub_windows);
+  const size_t slot = ring_slot(epoch, options_.sub_windows);
   if (rings_.time_epoch[slot] != epoch) {  // a sub-window of an earlier lap: start it afresh
     rings_.time_slots[slot].clear();
     rings_.time_epoch[slot] = epoch;
   }
-  WindowState& time_slot = rings_.time_slots[slot];
-  // Rows ring: fill the current sub-window, moving on (and clearing) when it is full. The
-  // time slot takes every row, the same runs in the same order.
+  // Rows ring: fill the current sub-window (its rows and the pending ones), moving on
+  // (and clearing) when it is full.
+  WindowState& pending = rings_.pending;
   for (int64_t r = 0; r < n;) {
-    WindowState* s = &rings_.rows_slots[rings_.rows_slot];
-    if (static_cast<int64_t>(s->rows) >= rows_per_sub_window_) {
+    int64_t filled = static_cast<int64_t>(rings_.rows_slots[rings_.rows_slot].rows + pending.rows);
+    if (filled >= rows_per_sub_window_) {
+      fold_pending();
       rings_.rows_slot = (rings_.rows_slot + 1) % subs;
-      s = &rings_.rows_slots[rings_.rows_slot];
-      s->clear();
+      rings_.rows_slots[rings_.rows_slot].clear();
+      filled = 0;
     }
-    const int64_t take = std::min(n - r, rows_per_sub_window_ - static_cast<int64_t>(s->rows));
-    add_rows(time_slot, *s, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
+    const int64_t take = std::min(n - r, rows_per_sub_window_ - filled);
+    add_rows(pending, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
     r += take;
   }
 }
@@ -494,12 +494,14 @@ WindowState Monitor::window(WindowKind kind, int64_t now_ns) const {
     }
     if (kind == WindowKind::kRows) {
       for (const WindowState& s : rings_.rows_slots) out.merge(s);
+      out.merge(rings_.pending);  // part of the current sub-window
     } else {
       const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+      const auto in_window = [&](int64_t e) { return e <= epoch && e > epoch - options_.sub_windows; };
       for (size_t i = 0; i < rings_.time_slots.size(); ++i) {
-        const int64_t e = rings_.time_epoch[i];
-        if (e <= epoch && e > epoch - options_.sub_windows) out.merge(rings_.time_slots[i]);
+        if (in_window(rings_.time_epoch[i])) out.merge(rings_.time_slots[i]);
       }
+      if (in_window(latest_epoch_)) out.merge(rings_.pending);  // part of the latest sub-window
     }
     return out;
   }

@@ -219,6 +219,10 @@ class Monitor {
     std::vector<WindowState> rows_slots, time_slots;
     std::vector<int64_t> time_epoch;  // the time sub-window each time slot holds
     size_t rows_slot = 0;             // the rows ring's current slot
+    // Rows observed since the last fold: they belong to both current sub-windows (the
+    // rows ring's and the time ring's latest), which receive them together when either
+    // moves on. Observing a row updates one state instead of two.
+    WindowState pending;
   };
 
   void check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows) const;
@@ -227,6 +231,7 @@ class Monitor {
                   int64_t first, Chunk& chunk) const;
   static void score_chunk(const Scoring& scoring, Chunk& chunk);
   void add_chunk(const Chunk& chunk, int64_t now_ns);     // mu_ held
+  void fold_pending();                                    // mu_ held
   void collect_chunk(const Chunk& chunk);                 // mu_ held
   size_t memory_bytes_locked() const;                     // mu_ held
 
