@@ -293,6 +293,10 @@ void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Te
     with_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(t.data) + first * width;
+      if (n == 1) {  // one row (batch-1 requests): one value a feature, no row loop to set up
+        for (const ReadPlan::Column& c : g.columns) chunk.value[c.feature] = as_double(base[c.column]);
+        return;
+      }
       for (const ReadPlan::Column& c : g.columns) {
         double* out = chunk.value + c.feature * static_cast<size_t>(n);
         const T* p = base + c.column;

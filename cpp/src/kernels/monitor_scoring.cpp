@@ -72,8 +72,10 @@ PackedQuadraticForm pack_quadratic_form(const double* precision, int64_t k) {
   }
   form.triangle.reserve(static_cast<size_t>(kp * (kp + kFormBlock) / 2));
   for (int64_t b = 0; b < kp; b += kFormBlock) {
-    for (int64_t j = b; j < kp; ++j) {
-      for (int64_t u = 0; u < kFormBlock; ++u) form.triangle.push_back(upper[(b + u) * kp + j]);
+    for (int64_t j = b; j < kp; j += kFormBlock) {
+      for (int64_t u = 0; u < kFormBlock; ++u) {
+        for (int64_t c = 0; c < kFormBlock; ++c) form.triangle.push_back(upper[(b + u) * kp + j + c]);
+      }
     }
   }
   return form;

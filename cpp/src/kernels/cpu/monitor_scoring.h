@@ -31,8 +31,8 @@ struct BinTable {
 
 // The triangle triangular_form reads: an upper-triangular U of padded_k rows and columns
 // (padded_k a multiple of kFormBlock, zero past the form's k), stored in blocks of
-// kFormBlock rows: block b (rows b..b+3) holds, for each column j in [b, padded_k), the
-// entries U[b..b+3][j] next to each other.
+// kFormBlock rows: block b (rows b..b+3) holds the 4 x 4 tiles U[b..b+3][j..j+3] for
+// j = b, b + 4, ... < padded_k, each row-major.
 inline constexpr int64_t kFormBlock = 4;
 
 struct MonitorKernels {
@@ -45,8 +45,8 @@ struct MonitorKernels {
   void (*bin_chunk)(const double* values, int64_t rows, const BinTable* tables, int64_t features, uint16_t* bins,
                     uint8_t* states, uint8_t* row_flags);
   // With y = U diff: sum_i y_i^2 when `squares`, else sum_i diff_i y_i. diff holds
-  // padded_k finite values (zero past k). Rows are summed in a fixed order, so the
-  // variants differ only by FMA rounding.
+  // padded_k finite values (zero past k). The variants agree to rounding: they fuse
+  // multiply-adds differently and add a row's partial sums in a different order.
   double (*triangular_form)(const double* diff, const double* triangle, int64_t padded_k, bool squares);
 };
 
