@@ -344,16 +344,22 @@ void Monitor::score_chunk(const Scoring& scoring, Chunk& chunk) {
 
 namespace {
 
-// One feature's running statistics, kept in registers over a run of rows.
-struct RunningStats {
-  FeatureStats& into;
-  FeatureStats s;
-  uint64_t* counts;
-
-  RunningStats(WindowState& state, size_t feature)
-      : into(state.features[feature]), s(into), counts(state.bin_counts.data() + state.bin_offset[feature]) {}
-  ~RunningStats() { into = s; }
-};
+// Adds one scored value (its state, bin and value) to a feature's statistics and bins.
+inline void add_value(FeatureStats& f, uint64_t* counts, uint8_t state, uint16_t bin, double v, double shift) {
+  if (state >= kIsNaN) {
+    f.nan += state == kIsNaN;
+    f.inf += state == kIsInf;
+    return;
+  }
+  const double d = v - shift;
+  ++counts[bin];
+  ++f.count;
+  f.out_of_range += state == kOutOfRange;
+  f.sum += d;
+  f.sum_sq += d * d;
+  f.min = std::min(f.min, v);
+  f.max = std::max(f.max, v);
+}
 
 // Adds rows [r0, r1) of a scored chunk to a window state.
 void add_rows(WindowState& to, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
@@ -367,27 +373,24 @@ void add_rows(WindowState& to, const double* value, const uint16_t* bin, const u
     to.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
     to.outlier_rows += (flags[r] & kFlagOutlier) != 0;
   }
-  for (size_t fi = 0; fi < to.features.size(); ++fi) {
-    RunningStats f(to, fi);
-    const double shift = to.shift[fi];
+  FeatureStats* stats = to.features.data();
+  uint64_t* counts = to.bin_counts.data();
+  const uint32_t* offset = to.bin_offset.data();
+  const double* shift = to.shift.data();
+  const size_t features = to.features.size();
+  if (n == 1) {  // one row (batch-1 requests): a value a feature, added in place
+    for (size_t fi = 0; fi < features; ++fi) {
+      add_value(stats[fi], counts + offset[fi], state[fi], bin[fi], value[fi], shift[fi]);
+    }
+    return;
+  }
+  for (size_t fi = 0; fi < features; ++fi) {
+    FeatureStats f = stats[fi];  // in registers over the run of rows
     const size_t at = fi * static_cast<size_t>(n);
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t st = state[at + r];
-      if (st >= kIsNaN) {
-        f.s.nan += st == kIsNaN;
-        f.s.inf += st == kIsInf;
-        continue;
-      }
-      const double v = value[at + r];
-      const double d = v - shift;
-      ++f.counts[bin[at + r]];
-      ++f.s.count;
-      f.s.out_of_range += st == kOutOfRange;
-      f.s.sum += d;
-      f.s.sum_sq += d * d;
-      f.s.min = std::min(f.s.min, v);
-      f.s.max = std::max(f.s.max, v);
+      add_value(f, counts + offset[fi], state[at + r], bin[at + r], value[at + r], shift[fi]);
     }
+    stats[fi] = f;
   }
 }
 
