@@ -9,6 +9,7 @@
 #include <string>
 
 #include "conveyor/error.h"
+#include "kernels/monitor_scoring.h"
 #include "monitor_values.h"
 
 namespace conveyor::monitor {
@@ -21,21 +22,14 @@ using values::as_double;
 using values::derive_row;
 using values::with_type;
 
-// Per value state in a chunk.
-enum : uint8_t { kInRange = 0, kOutOfRange = 1, kIsNaN = 2, kIsInf = 3 };
-
-// Number of edges <= v (std::upper_bound's index) without data-dependent branches: live
-// values land in unpredictable bins, and a mispredicted branch per halving step costs
-// more than the step (measured: the branchy search was most of observe()'s time).
-inline size_t count_at_most(const double* edges, size_t n, double v) {
-  size_t lo = 0;
-  while (n > 1) {
-    const size_t half = n / 2;
-    lo += half * static_cast<size_t>(edges[lo + half - 1] <= v);
-    n -= half;
-  }
-  return lo + (edges[lo] <= v);
-}
+// Per value state in a chunk, as the binning kernel writes it; non-finite states last.
+constexpr uint8_t kOutOfRange = kernels::kValueOutOfRange;
+constexpr uint8_t kIsNaN = kernels::kValueNaN;
+constexpr uint8_t kIsInf = kernels::kValueInf;
+static_assert(kernels::kValueInRange < kIsNaN && kOutOfRange < kIsNaN && kIsNaN < kIsInf);
+static_assert(kernels::kRowOutOfRange == kFlagOutOfRange && kernels::kRowNonFinite == kFlagNonFinite,
+              "the binning kernel sets the monitor's row flags");
+static_assert(Monitor::kMaxFeatures % kernels::kFormBlock == 0, "a chunk's diff holds a padded Mahalanobis row");
 
 int64_t floor_div(int64_t a, int64_t b) {
   const int64_t q = a / b;
@@ -62,8 +56,76 @@ struct Monitor::Chunk {
   uint16_t bin[kValues];
   uint8_t state[kValues];
   uint8_t flags[kValues];                    // per row
-  double diff[Monitor::kMaxFeatures];        // Mahalanobis: value - mean
-  double projected[Monitor::kMaxFeatures];   // precision * diff
+  double diff[Monitor::kMaxFeatures];        // Mahalanobis: value - mean, zero-padded
+};
+
+// A reference laid out for the scoring kernels (kernels/monitor_scoring.h); immutable,
+// shared by the observers that started with it.
+struct Monitor::Scoring {
+  std::vector<double> edges;              // every feature's padded edges, back to back
+  std::vector<kernels::BinTable> tables;  // per feature, pointing into edges
+  std::vector<int> mahalanobis_features;
+  std::vector<double> mahalanobis_mean;
+  kernels::PackedQuadraticForm mahalanobis;  // k = 0: no score
+  double outlier_threshold_sq = 0;
+
+  explicit Scoring(const Reference& reference)
+      : mahalanobis_features(reference.mahalanobis_features),
+        mahalanobis_mean(reference.mahalanobis_mean),
+        mahalanobis(kernels::pack_quadratic_form(reference.precision.data(),
+                                                 static_cast<int64_t>(reference.mahalanobis_features.size()))),
+        outlier_threshold_sq(reference.outlier_threshold * reference.outlier_threshold) {
+    size_t total = 0;
+    for (const FeatureReference& f : reference.features) {
+      total += static_cast<size_t>(kernels::padded_edge_count(static_cast<int64_t>(f.edges.size())));
+    }
+    edges.reserve(total);
+    for (const FeatureReference& f : reference.features) kernels::append_padded_edges(f.edges, edges);
+    const double* at = edges.data();
+    for (const FeatureReference& f : reference.features) {
+      const auto count = static_cast<int64_t>(f.edges.size());
+      tables.push_back({at, count, f.kind == FeatureKind::kCategorical, f.min, f.max});
+      at += kernels::padded_edge_count(count);
+    }
+  }
+
+  size_t memory_bytes() const {
+    return sizeof(*this) + edges.capacity() * sizeof(double) + tables.capacity() * sizeof(kernels::BinTable) +
+           mahalanobis_features.capacity() * sizeof(int) + mahalanobis_mean.capacity() * sizeof(double) +
+           mahalanobis.triangle.capacity() * sizeof(double);
+  }
+};
+
+// The features grouped by the tensor they read, so observe() checks each tensor and
+// switches on its dtype once, not once a feature.
+struct Monitor::ReadPlan {
+  struct Column {
+    size_t feature;
+    int64_t column;
+  };
+  struct Group {
+    Source source;
+    int tensor;
+    int64_t row_width_needed = 1;  // elements a row must hold: 1 + the largest column read
+    std::vector<Column> columns;   // the Derive::kValue features reading this tensor
+  };
+  std::vector<Group> groups;     // one per tensor some feature reads, in first-use order
+  std::vector<size_t> derived;   // the features with another Derive, in feature order
+
+  explicit ReadPlan(const std::vector<FeatureSpec>& features) {
+    for (size_t fi = 0; fi < features.size(); ++fi) {
+      const FeatureSpec& f = features[fi];
+      auto group = std::find_if(groups.begin(), groups.end(),
+                                [&](const Group& g) { return g.source == f.source && g.tensor == f.tensor; });
+      if (group == groups.end()) group = groups.insert(groups.end(), Group{f.source, f.tensor, 1, {}});
+      if (f.derive == Derive::kValue) {
+        group->columns.push_back({fi, f.column});
+        group->row_width_needed = std::max(group->row_width_needed, f.column + 1);
+      } else {
+        derived.push_back(fi);
+      }
+    }
+  }
 };
 
 Monitor::Monitor(MonitorOptions options)
@@ -97,7 +159,10 @@ Monitor::Monitor(MonitorOptions options)
     invalid("reference_rows must be >= 0, got " + std::to_string(options_.reference_rows));
   }
   live_rows_.assign(static_cast<size_t>(options_.reference_rows) * n, 0.0);
+  plan_ = std::make_unique<const ReadPlan>(options_.features);
 }
+
+Monitor::~Monitor() = default;
 
 void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
   if (!reference || reference->layout == 0) invalid("set_reference needs a reference made by make_reference");
@@ -112,21 +177,28 @@ void Monitor::set_reference(std::shared_ptr<const Reference> reference) {
               " but its reference is " + feature_kind_name(reference->features[i].kind));
     }
   }
+  if (reference->mahalanobis_features.size() > kMaxFeatures) {
+    invalid("the reference scores " + std::to_string(reference->mahalanobis_features.size()) +
+            " Mahalanobis features, at most " + std::to_string(kMaxFeatures));
+  }
+  auto scoring = std::make_shared<const Scoring>(*reference);
   Rings fresh;
   const WindowState empty = WindowState::for_reference(*reference);
   fresh.rows_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
   fresh.time_slots.assign(static_cast<size_t>(options_.sub_windows), empty);
   fresh.time_epoch.assign(static_cast<size_t>(options_.sub_windows), std::numeric_limits<int64_t>::min());
+  fresh.pending = empty;
   std::vector<double> released;
   {
     std::lock_guard<std::mutex> lock(mu_);
     std::swap(rings_, fresh);
     reference_ = std::move(reference);
+    scoring_.swap(scoring);
     ++generation_;
     latest_epoch_ = std::numeric_limits<int64_t>::min();
     released.swap(live_rows_);  // the live reference is no longer needed
   }
-}  // the old rings and buffer are freed here, outside the lock
+}  // the old rings, scoring and buffer are freed here, outside the lock
 
 std::shared_ptr<const Reference> Monitor::reference() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -151,15 +223,16 @@ std::vector<double> Monitor::reference_rows() const {
 
 size_t Monitor::memory_bytes_locked() const {
   size_t bytes = sizeof(*this) + live_rows_.capacity() * sizeof(double) +
-                 rings_.time_epoch.capacity() * sizeof(int64_t);
+                 rings_.time_epoch.capacity() * sizeof(int64_t) + (scoring_ ? scoring_->memory_bytes() : 0);
+  const auto state_bytes = [](const WindowState& s) {
+    return s.shift.capacity() * sizeof(double) + s.features.capacity() * sizeof(FeatureStats) +
+           s.bin_offset.capacity() * sizeof(uint32_t) + s.bin_counts.capacity() * sizeof(uint64_t);
+  };
   for (const auto* ring : {&rings_.rows_slots, &rings_.time_slots}) {
     bytes += ring->capacity() * sizeof(WindowState);
-    for (const WindowState& s : *ring) {
-      bytes += s.shift.capacity() * sizeof(double) + s.features.capacity() * sizeof(FeatureStats) +
-               s.bin_offset.capacity() * sizeof(uint32_t) + s.bin_counts.capacity() * sizeof(uint64_t);
-    }
+    for (const WindowState& s : *ring) bytes += state_bytes(s);
   }
-  return bytes;
+  return bytes + state_bytes(rings_.pending);
 }
 
 size_t Monitor::memory_bytes() const {
@@ -169,6 +242,21 @@ size_t Monitor::memory_bytes() const {
 
 void Monitor::check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                             int64_t rows) const {
+  // Each tensor once; check_features finds (and names) the first feature that does not fit.
+  for (const ReadPlan::Group& g : plan_->groups) {
+    const std::vector<Tensor>& tensors = g.source == Source::kInput ? inputs : outputs;
+    if (static_cast<size_t>(g.tensor) >= tensors.size()) return check_features(inputs, outputs, rows);
+    const Tensor& t = tensors[static_cast<size_t>(g.tensor)];
+    const int64_t numel = t.shape.numel();
+    if (t.dtype == DType::kBytes || t.device.kind == DeviceKind::kCUDA || numel % rows != 0 ||
+        numel / rows < g.row_width_needed) {
+      return check_features(inputs, outputs, rows);
+    }
+  }
+}
+
+void Monitor::check_features(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+                             int64_t rows) const {
   for (const FeatureSpec& f : options_.features) {
     const std::vector<Tensor>& tensors = f.source == Source::kInput ? inputs : outputs;
     const char* what = source_name(f.source);
@@ -198,7 +286,25 @@ void Monitor::check_tensors(const std::vector<Tensor>& inputs, const std::vector
 void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
                          int64_t first, Chunk& chunk) const {
   const int64_t n = chunk.rows;
-  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
+  for (const ReadPlan::Group& g : plan_->groups) {
+    if (g.columns.empty()) continue;
+    const Tensor& t = (g.source == Source::kInput ? inputs : outputs)[static_cast<size_t>(g.tensor)];
+    const int64_t width = t.shape.numel() / rows;
+    with_type(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* base = static_cast<const T*>(t.data) + first * width;
+      if (n == 1) {  // one row (batch-1 requests): one value a feature, no row loop to set up
+        for (const ReadPlan::Column& c : g.columns) chunk.value[c.feature] = as_double(base[c.column]);
+        return;
+      }
+      for (const ReadPlan::Column& c : g.columns) {
+        double* out = chunk.value + c.feature * static_cast<size_t>(n);
+        const T* p = base + c.column;
+        for (int64_t r = 0; r < n; ++r) out[r] = as_double(p[r * width]);
+      }
+    });
+  }
+  for (size_t fi : plan_->derived) {
     const FeatureSpec& f = options_.features[fi];
     const Tensor& t = tensor_of(f, inputs, outputs);
     const int64_t width = t.shape.numel() / rows;
@@ -206,54 +312,24 @@ void Monitor::read_chunk(const std::vector<Tensor>& inputs, const std::vector<Te
     with_type(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(t.data) + first * width;
-      if (f.derive == Derive::kValue) {
-        const T* p = base + f.column;
-        for (int64_t r = 0; r < n; ++r) out[r] = as_double(p[r * width]);
-      } else {
-        for (int64_t r = 0; r < n; ++r) out[r] = derive_row(base + r * width, width, f.derive);
-      }
+      for (int64_t r = 0; r < n; ++r) out[r] = derive_row(base + r * width, width, f.derive);
     });
   }
 }
 
-void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
+void Monitor::score_chunk(const Scoring& scoring, Chunk& chunk) {
   const int64_t n = chunk.rows;
   std::memset(chunk.flags, 0, static_cast<size_t>(n));
-  for (size_t fi = 0; fi < options_.features.size(); ++fi) {
-    const FeatureReference& ref = reference.features[fi];
-    const double* edges = ref.edges.data();
-    const size_t edge_count = ref.edges.size();
-    const bool numeric = ref.kind == FeatureKind::kNumeric;
-    const size_t at = fi * static_cast<size_t>(n);
-    for (int64_t r = 0; r < n; ++r) {
-      const double v = chunk.value[at + r];
-      if (!std::isfinite(v)) {
-        chunk.state[at + r] = std::isnan(v) ? kIsNaN : kIsInf;
-        chunk.flags[r] |= kFlagNonFinite;
-        continue;
-      }
-      size_t bin;
-      bool out_of_range;
-      bin = count_at_most(edges, edge_count, v);
-      if (numeric) {
-        out_of_range = v < ref.min || v > ref.max;
-      } else {  // a known category is the last edge <= v, and equal to it
-        out_of_range = bin == 0 || edges[bin - 1] != v;
-        bin = out_of_range ? edge_count : bin - 1;
-      }
-      chunk.bin[at + r] = static_cast<uint16_t>(bin);
-      chunk.state[at + r] = out_of_range ? kOutOfRange : kInRange;
-      if (out_of_range) chunk.flags[r] |= kFlagOutOfRange;
-    }
-  }
-  const size_t k = reference.mahalanobis_features.size();
+  const kernels::MonitorKernels& kernels = kernels::monitor_kernels();
+  kernels.bin_chunk(chunk.value, n, scoring.tables.data(), static_cast<int64_t>(scoring.tables.size()), chunk.bin,
+                    chunk.state, chunk.flags);
+  const kernels::PackedQuadraticForm& form = scoring.mahalanobis;
+  const auto k = static_cast<size_t>(form.k);
   if (k == 0) return;
-  const double threshold_sq = reference.outlier_threshold * reference.outlier_threshold;
-  const double* mean = reference.mahalanobis_mean.data();
-  const double* precision = reference.precision.data();
-  const int* index = reference.mahalanobis_features.data();
+  const double* mean = scoring.mahalanobis_mean.data();
+  const int* index = scoring.mahalanobis_features.data();
   double* diff = chunk.diff;
-  double* projected = chunk.projected;
+  std::fill(diff + k, diff + form.padded_k, 0.0);
   for (int64_t r = 0; r < n; ++r) {
     bool finite = true;
     for (size_t j = 0; j < k; ++j) {
@@ -261,83 +337,103 @@ void Monitor::score_chunk(const Reference& reference, Chunk& chunk) const {
       finite = finite && std::isfinite(diff[j]);
     }
     if (!finite) continue;
-    // projected = precision * diff as a sum of scaled rows (elementwise: vectorises),
-    // then one dot product.
-    std::fill(projected, projected + k, 0.0);
-    for (size_t i = 0; i < k; ++i) {
-      const double d = diff[i];
-      const double* row = precision + i * k;
-      for (size_t j = 0; j < k; ++j) projected[j] += d * row[j];
-    }
-    double distance_sq = 0;
-    for (size_t j = 0; j < k; ++j) distance_sq += diff[j] * projected[j];
-    if (distance_sq > threshold_sq) chunk.flags[r] |= kFlagOutlier;
+    const double distance_sq = kernels.triangular_form(diff, form.triangle.data(), form.padded_k, form.squares);
+    if (distance_sq > scoring.outlier_threshold_sq) chunk.flags[r] |= kFlagOutlier;
   }
 }
 
 namespace {
 
-// Adds rows [r0, r1) of a scored chunk to one sub-window.
-void add_rows(WindowState& s, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
+// Adds one scored value (its state, bin and value) to a feature's statistics and bins.
+inline void add_value(FeatureStats& f, uint64_t* counts, uint8_t state, uint16_t bin, double v, double shift) {
+  if (state >= kIsNaN) {
+    f.nan += state == kIsNaN;
+    f.inf += state == kIsInf;
+    return;
+  }
+  const double d = v - shift;
+  ++counts[bin];
+  ++f.count;
+  f.out_of_range += state == kOutOfRange;
+  f.sum += d;
+  f.sum_sq += d * d;
+  f.min = std::min(f.min, v);
+  f.max = std::max(f.max, v);
+}
+
+// Adds rows [r0, r1) of a scored chunk to a window state.
+void add_rows(WindowState& to, const double* value, const uint16_t* bin, const uint8_t* state, const uint8_t* flags,
               int64_t n, int64_t r0, int64_t r1, int64_t now_ns) {
   if (r1 <= r0) return;
-  s.start_ns = s.rows == 0 ? now_ns : std::min(s.start_ns, now_ns);
-  s.end_ns = s.rows == 0 ? now_ns : std::max(s.end_ns, now_ns);
-  s.rows += static_cast<uint64_t>(r1 - r0);
+  to.start_ns = to.rows == 0 ? now_ns : std::min(to.start_ns, now_ns);
+  to.end_ns = to.rows == 0 ? now_ns : std::max(to.end_ns, now_ns);
+  to.rows += static_cast<uint64_t>(r1 - r0);
   for (int64_t r = r0; r < r1; ++r) {
-    s.out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
-    s.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
-    s.outlier_rows += (flags[r] & kFlagOutlier) != 0;
+    to.out_of_range_rows += (flags[r] & kFlagOutOfRange) != 0;
+    to.nonfinite_rows += (flags[r] & kFlagNonFinite) != 0;
+    to.outlier_rows += (flags[r] & kFlagOutlier) != 0;
   }
-  for (size_t fi = 0; fi < s.features.size(); ++fi) {
-    FeatureStats& f = s.features[fi];
-    uint64_t* counts = s.bin_counts.data() + s.bin_offset[fi];
-    const double shift = s.shift[fi];
+  FeatureStats* stats = to.features.data();
+  uint64_t* counts = to.bin_counts.data();
+  const uint32_t* offset = to.bin_offset.data();
+  const double* shift = to.shift.data();
+  const size_t features = to.features.size();
+  if (n == 1) {  // one row (batch-1 requests): a value a feature, added in place
+    for (size_t fi = 0; fi < features; ++fi) {
+      add_value(stats[fi], counts + offset[fi], state[fi], bin[fi], value[fi], shift[fi]);
+    }
+    return;
+  }
+  for (size_t fi = 0; fi < features; ++fi) {
+    FeatureStats f = stats[fi];  // in registers over the run of rows
     const size_t at = fi * static_cast<size_t>(n);
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t st = state[at + r];
-      if (st >= kIsNaN) {
-        f.nan += st == kIsNaN;
-        f.inf += st == kIsInf;
-        continue;
-      }
-      const double v = value[at + r];
-      const double d = v - shift;
-      ++counts[bin[at + r]];
-      ++f.count;
-      f.out_of_range += st == kOutOfRange;
-      f.sum += d;
-      f.sum_sq += d * d;
-      f.min = std::min(f.min, v);
-      f.max = std::max(f.max, v);
+      add_value(f, counts + offset[fi], state[at + r], bin[at + r], value[at + r], shift[fi]);
     }
+    stats[fi] = f;
   }
+}
+
+size_t ring_slot(int64_t epoch, int sub_windows) {
+  return static_cast<size_t>(epoch - floor_div(epoch, sub_windows) * sub_windows);
 }
 
 }  // namespace
 
+void Monitor::fold_pending() {
+  WindowState& pending = rings_.pending;
+  if (pending.rows == 0) return;
+  rings_.time_slots[ring_slot(latest_epoch_, options_.sub_windows)].merge(pending);
+  rings_.rows_slots[rings_.rows_slot].merge(pending);
+  pending.clear();
+}
+
 void Monitor::add_chunk(const Chunk& c, int64_t now_ns) {
   const int64_t n = c.rows;
   const size_t subs = static_cast<size_t>(options_.sub_windows);
-  // Time ring: the chunk's sub-window, never earlier than the latest one seen.
+  // Time ring: the chunk's sub-window, never earlier than the latest one seen. Pending
+  // rows go to the latest one before it changes.
   const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+  if (epoch != latest_epoch_) fold_pending();
   latest_epoch_ = epoch;
-  const size_t slot = static_cast<size_t>(epoch - floor_div(epoch, options_.sub_windows) * options_.sub_windows);
+  const size_t slot = ring_slot(epoch, options_.sub_windows);
   if (rings_.time_epoch[slot] != epoch) {  // a sub-window of an earlier lap: start it afresh
     rings_.time_slots[slot].clear();
     rings_.time_epoch[slot] = epoch;
   }
-  add_rows(rings_.time_slots[slot], c.value, c.bin, c.state, c.flags, n, 0, n, now_ns);
-  // Rows ring: fill the current sub-window, moving on (and clearing) when it is full.
+  // Rows ring: fill the current sub-window (its rows and the pending ones), moving on
+  // (and clearing) when it is full.
+  WindowState& pending = rings_.pending;
   for (int64_t r = 0; r < n;) {
-    WindowState* s = &rings_.rows_slots[rings_.rows_slot];
-    if (static_cast<int64_t>(s->rows) >= rows_per_sub_window_) {
+    int64_t filled = static_cast<int64_t>(rings_.rows_slots[rings_.rows_slot].rows + pending.rows);
+    if (filled >= rows_per_sub_window_) {
+      fold_pending();
       rings_.rows_slot = (rings_.rows_slot + 1) % subs;
-      s = &rings_.rows_slots[rings_.rows_slot];
-      s->clear();
+      rings_.rows_slots[rings_.rows_slot].clear();
+      filled = 0;
     }
-    const int64_t take = std::min(n - r, rows_per_sub_window_ - static_cast<int64_t>(s->rows));
-    add_rows(*s, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
+    const int64_t take = std::min(n - r, rows_per_sub_window_ - filled);
+    add_rows(pending, c.value, c.bin, c.state, c.flags, n, r, r + take, now_ns);
     r += take;
   }
 }
@@ -356,17 +452,17 @@ void Monitor::observe(const std::vector<Tensor>& inputs, const std::vector<Tenso
                       int64_t now_ns, uint8_t* row_flags) {
   if (rows <= 0) return;
   check_tensors(inputs, outputs, rows);
-  std::shared_ptr<const Reference> reference;
+  std::shared_ptr<const Scoring> scoring;
   uint64_t generation;
   bool collecting;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    reference = reference_;
+    scoring = scoring_;
     generation = generation_;
     collecting = !reference_ && collected_ < options_.reference_rows;
   }
   rows_observed_.fetch_add(static_cast<uint64_t>(rows), std::memory_order_relaxed);
-  if (!reference) {
+  if (!scoring) {
     if (row_flags) std::memset(row_flags, 0, static_cast<size_t>(rows));
     if (!collecting) return;
   }
@@ -377,13 +473,13 @@ void Monitor::observe(const std::vector<Tensor>& inputs, const std::vector<Tenso
   for (int64_t first = 0; first < rows; first += per_chunk) {
     chunk.rows = std::min(per_chunk, rows - first);
     read_chunk(inputs, outputs, rows, first, chunk);
-    if (!reference) {
+    if (!scoring) {
       std::lock_guard<std::mutex> lock(mu_);
       if (generation != generation_ || collected_ >= options_.reference_rows) break;
       collect_chunk(chunk);
       continue;
     }
-    score_chunk(*reference, chunk);
+    score_chunk(*scoring, chunk);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (generation == generation_) add_chunk(chunk, now_ns);
@@ -405,12 +501,14 @@ WindowState Monitor::window(WindowKind kind, int64_t now_ns) const {
     }
     if (kind == WindowKind::kRows) {
       for (const WindowState& s : rings_.rows_slots) out.merge(s);
+      out.merge(rings_.pending);  // part of the current sub-window
     } else {
       const int64_t epoch = std::max(floor_div(now_ns, sub_window_ns_), latest_epoch_);
+      const auto in_window = [&](int64_t e) { return e <= epoch && e > epoch - options_.sub_windows; };
       for (size_t i = 0; i < rings_.time_slots.size(); ++i) {
-        const int64_t e = rings_.time_epoch[i];
-        if (e <= epoch && e > epoch - options_.sub_windows) out.merge(rings_.time_slots[i]);
+        if (in_window(rings_.time_epoch[i])) out.merge(rings_.time_slots[i]);
       }
+      if (in_window(latest_epoch_)) out.merge(rings_.pending);  // part of the latest sub-window
     }
     return out;
   }

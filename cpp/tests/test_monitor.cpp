@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -169,6 +170,31 @@ TEST_CASE("monitor: bins, counts, sums and flags match hand-computed values") {
   CHECK_EQ(m.anomalous_rows(), 4u);
 }
 
+TEST_CASE("monitor: a feature whose reference has no edges has one bin") {
+  // A constant (or all-NaN) reference column leaves a numeric feature without edges, and a
+  // categorical one without categories: every finite value lands in the one bin.
+  Reference r;
+  r.rows = 10;
+  FeatureReference num;
+  num.probabilities = {1};
+  num.mean = num.min = num.max = 3;
+  FeatureReference cat;
+  cat.kind = FeatureKind::kCategorical;
+  cat.probabilities = {1};
+  cat.mean = cat.min = cat.max = kNaN;
+  r.features = {num, cat};
+  Monitor m(two_feature_options());
+  m.set_reference(make_reference(std::move(r)));
+  const std::vector<uint8_t> flags = observe_pairs(m, {3, 1, 4, 2, kNaN, 3});
+  const WindowState s = m.window(WindowKind::kRows, 0);
+  CHECK_EQ(s.counts(0)[0], 2u);
+  CHECK_EQ(s.counts(1)[0], 3u);
+  CHECK_EQ(s.features[0].out_of_range, 1u);  // 4 > the reference max 3
+  CHECK_EQ(s.features[1].out_of_range, 3u);  // no category is known
+  const std::vector<uint8_t> expected = {kFlagOutOfRange, kFlagOutOfRange, kFlagOutOfRange | kFlagNonFinite};
+  CHECK(flags == expected);
+}
+
 TEST_CASE("monitor: Mahalanobis outliers are flagged, rows with NaN skipped") {
   Monitor m(two_feature_options());
   m.set_reference(two_feature_reference(true));
@@ -226,6 +252,68 @@ TEST_CASE("monitor: the time ring keeps the sub-windows of the last window_secon
   CHECK_EQ(s.counts(0)[0], 2u);
   // The rows ring saw everything.
   CHECK_EQ(m.window(WindowKind::kRows, 0).rows, 6u);
+}
+
+TEST_CASE("monitor: both rings hold exactly the rows a recount assigns them") {
+  // Batches of 1..7 rows at times that mostly advance (by 0..250 ms, sometimes back):
+  // after each, both windows against a recount of the rows each should hold. 8 rows in 4
+  // sub-windows of 2 rows; 1 s in 4 sub-windows of 250 ms.
+  MonitorOptions o = two_feature_options(8, 4);
+  Monitor m(o);
+  m.set_reference(two_feature_reference(true));
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> batch_rows(1, 7), step_ms(-50, 250), value(-2, 6);
+  struct Row {
+    double x0, x1;
+    int64_t index, epoch, now_ns;
+  };
+  std::vector<Row> seen;
+  const int64_t sub_window_ns = 250 * (kSecond / 1000);
+  int64_t now = 5 * kSecond, latest_epoch = std::numeric_limits<int64_t>::min();
+  for (int batch = 0; batch < 200; ++batch) {
+    now += step_ms(rng) * (kSecond / 1000);
+    latest_epoch = std::max(now / sub_window_ns, latest_epoch);
+    std::vector<double> pairs;
+    for (int r = batch_rows(rng); r > 0; --r) {
+      const Row row{0.5 * value(rng), static_cast<double>(value(rng)), static_cast<int64_t>(seen.size()),
+                    latest_epoch, now};
+      pairs.push_back(row.x0);
+      pairs.push_back(row.x1);
+      seen.push_back(row);
+    }
+    observe_pairs(m, pairs, now);
+    // Rows ring: the current (partial) sub-window of 2 rows and the 3 before it.
+    const int64_t total = static_cast<int64_t>(seen.size());
+    const int64_t first_kept = std::max<int64_t>(0, ((total - 1) / 2 - 3) * 2);
+    // Time ring, asked at a time up to 400 ms on: the sub-windows (E - 4, E].
+    const int64_t ask = now + static_cast<int64_t>(rng() % 400) * (kSecond / 1000);
+    const int64_t ask_epoch = std::max(ask / sub_window_ns, latest_epoch);
+    for (WindowKind kind : {WindowKind::kRows, WindowKind::kTime}) {
+      const WindowState got = m.window(kind, ask);
+      MonitorOptions all = o;
+      all.window_rows = 1 << 20;  // the recount keeps every row it is given
+      Monitor recount(all);
+      recount.set_reference(two_feature_reference(true));
+      uint64_t rows = 0;
+      for (const Row& row : seen) {
+        const bool kept = kind == WindowKind::kRows ? row.index >= first_kept
+                                                    : row.epoch > ask_epoch - 4 && row.epoch <= ask_epoch;
+        if (!kept) continue;
+        observe_pairs(recount, {row.x0, row.x1}, row.now_ns);
+        ++rows;
+      }
+      const WindowState want = recount.window(WindowKind::kRows, 0);
+      CHECK_EQ(got.rows, rows);
+      if (rows > 0) {
+        CHECK_EQ(got.start_ns, want.start_ns);
+        CHECK_EQ(got.end_ns, want.end_ns);
+      }
+      if (!same_state(got, want)) {
+        CHECK_EQ(batch, -1);  // names the batch
+        return;
+      }
+    }
+  }
 }
 
 TEST_CASE("monitor: merged states equal one monitor observing the union") {
@@ -360,6 +448,15 @@ TEST_CASE("monitor: features that do not fit the batch and bad options are refus
   Reference wrong_kind = *two_feature_reference();
   wrong_kind.features[1].kind = FeatureKind::kNumeric;
   CHECK_THROWS_CODE(m.set_reference(make_reference(wrong_kind)), ErrorCode::kInvalidInput);
+  // A row's Mahalanobis difference lives in observe()'s chunk: at most kMaxFeatures of them
+  // (a feature may repeat).
+  Reference too_many = *two_feature_reference();
+  const size_t k = Monitor::kMaxFeatures + 1;
+  too_many.mahalanobis_features.assign(k, 0);
+  too_many.mahalanobis_mean.assign(k, 0.0);
+  too_many.precision.assign(k * k, 0.0);
+  CHECK_THROWS_CODE(m.set_reference(make_reference(too_many)), ErrorCode::kInvalidInput);
+  CHECK(m.reference() == nullptr);
 }
 
 TEST_CASE("monitor: the executor appends one flag per row and keeps the model's outputs") {

@@ -169,9 +169,12 @@ class Monitor {
   explicit Monitor(MonitorOptions options);
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
+  ~Monitor();
 
-  // Replaces the reference (checked against the features: count and kinds) and starts
-  // both rings afresh; preallocates their storage. Rows being observed meanwhile are
+  // Replaces the reference (checked against the features: count and kinds, at most
+  // kMaxFeatures Mahalanobis features) and starts both rings afresh; preallocates their
+  // storage and lays the reference out for scoring (padded edges, the precision matrix
+  // factored: O(k^3) for k Mahalanobis features). Rows being observed meanwhile are
   // binned against the reference they started with and then dropped from the new rings.
   void set_reference(std::shared_ptr<const Reference> reference);
   std::shared_ptr<const Reference> reference() const;
@@ -203,32 +206,43 @@ class Monitor {
   uint64_t failed_batches() const noexcept { return failed_batches_.load(std::memory_order_relaxed); }
   void count_failed_batch() noexcept { failed_batches_.fetch_add(1, std::memory_order_relaxed); }
 
-  // Bytes held: ring storage, the live-reference buffer, the object itself.
+  // Bytes held: ring storage, the live-reference buffer, the reference's scoring layout,
+  // the object itself.
   size_t memory_bytes() const;
   const MonitorOptions& options() const noexcept { return options_; }
 
  private:
   struct Chunk;
+  struct ReadPlan;  // the features grouped by the tensor they read (monitor.cpp)
+  struct Scoring;   // a reference laid out for the scoring kernels (monitor.cpp)
   struct Rings {
     std::vector<WindowState> rows_slots, time_slots;
     std::vector<int64_t> time_epoch;  // the time sub-window each time slot holds
     size_t rows_slot = 0;             // the rows ring's current slot
+    // Rows observed since the last fold: they belong to both current sub-windows (the
+    // rows ring's and the time ring's latest), which receive them together when either
+    // moves on. Observing a row updates one state instead of two.
+    WindowState pending;
   };
 
   void check_tensors(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows) const;
+  void check_features(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows) const;
   void read_chunk(const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs, int64_t rows,
                   int64_t first, Chunk& chunk) const;
-  void score_chunk(const Reference& reference, Chunk& chunk) const;
+  static void score_chunk(const Scoring& scoring, Chunk& chunk);
   void add_chunk(const Chunk& chunk, int64_t now_ns);     // mu_ held
+  void fold_pending();                                    // mu_ held
   void collect_chunk(const Chunk& chunk);                 // mu_ held
   size_t memory_bytes_locked() const;                     // mu_ held
 
   const MonitorOptions options_;
   const int64_t rows_per_sub_window_;
   const int64_t sub_window_ns_;
+  std::unique_ptr<const ReadPlan> plan_;  // built by the constructor, then read-only
 
   mutable std::mutex mu_;
   std::shared_ptr<const Reference> reference_;  // guarded by mu_
+  std::shared_ptr<const Scoring> scoring_;      // guarded by mu_: reference_'s layout, set with it
   uint64_t generation_ = 0;                     // guarded by mu_: bumped by set_reference
   Rings rings_;                                 // guarded by mu_
   // guarded by mu_: the latest time sub-window observed

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../cpu/monitor_scoring.h"
 #include "conveyor/kernels.h"
 
 namespace conveyor::kernels::reference {
@@ -27,5 +28,12 @@ void layer_norm(const float* x, int64_t rows, int64_t cols, const float* gamma, 
 
 // IEEE binary16 bits of x, rounded to nearest even (the reference for float16 outputs).
 uint16_t float_to_half(float x);
+
+// The monitor's scoring (kernels/cpu/monitor_scoring.h): bin_chunk with std::upper_bound
+// over the edges (padding unread), and the full quadratic form d^T P d of a k x k
+// row-major P, summed in double in row order.
+void bin_chunk(const double* values, int64_t rows, const BinTable* tables, int64_t features, uint16_t* bins,
+               uint8_t* states, uint8_t* row_flags);
+double quadratic_form(const double* d, const double* precision, int64_t k);
 
 }  // namespace conveyor::kernels::reference
