@@ -14,21 +14,22 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
 
-// L with S = L L^T for the symmetric part S of the k x k matrix p (row-major), into l
-// (k x k, lower triangle written); false when S is not positive definite (a pivot is not
-// > 0, or not finite).
-bool cholesky(const double* p, int64_t k, std::vector<double>& l) {
-  const auto sym = [&](int64_t i, int64_t j) { return 0.5 * (p[i * k + j] + p[j * k + i]); };
+// Factors the symmetric matrix in a's lower triangle (k x k, row-major) in place into L
+// with S = L L^T (a's upper triangle is left as it was); false when S is not positive
+// definite (a pivot is not > 0, or not finite). Right-looking: each column's update of
+// the rows below it is a contiguous multiply-subtract, which the compiler vectorises.
+// `column` holds k values.
+bool cholesky_in_place(std::vector<double>& a, int64_t k, std::vector<double>& column) {
   for (int64_t j = 0; j < k; ++j) {
-    double pivot = sym(j, j);
-    for (int64_t m = 0; m < j; ++m) pivot -= l[j * k + m] * l[j * k + m];
+    const double pivot = a[j * k + j];
     if (!(pivot > 0) || !std::isfinite(pivot)) return false;
     const double diagonal = std::sqrt(pivot);
-    l[j * k + j] = diagonal;
+    a[j * k + j] = diagonal;
+    for (int64_t i = j + 1; i < k; ++i) column[i] = a[i * k + j] /= diagonal;
     for (int64_t i = j + 1; i < k; ++i) {
-      double s = sym(i, j);
-      for (int64_t m = 0; m < j; ++m) s -= l[i * k + m] * l[j * k + m];
-      l[i * k + j] = s / diagonal;
+      const double l_ij = column[i];
+      double* row = a.data() + i * k;
+      for (int64_t m = j + 1; m <= i; ++m) row[m] -= l_ij * column[m];
     }
   }
   return true;
@@ -59,22 +60,24 @@ PackedQuadraticForm pack_quadratic_form(const double* precision, int64_t k) {
   PackedQuadraticForm form;
   form.k = k;
   form.padded_k = round_up(k, kFormBlock);
-  const int64_t kp = form.padded_k;
-  std::vector<double> upper(static_cast<size_t>(kp * kp), 0.0);  // U, row-major, zero padding
-  std::vector<double> l(static_cast<size_t>(k * k), 0.0);
-  form.squares = cholesky(precision, k, l);
+  std::vector<double> a(static_cast<size_t>(k * k)), column(static_cast<size_t>(k));
   for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = i; j < k; ++j) {
-      upper[i * kp + j] = form.squares ? l[j * k + i]
-                          : i == j     ? precision[i * k + i]
-                                       : precision[i * k + j] + precision[j * k + i];
-    }
+    for (int64_t j = 0; j < k; ++j) a[i * k + j] = 0.5 * (precision[i * k + j] + precision[j * k + i]);
   }
+  form.squares = cholesky_in_place(a, k, column);
+  // U[i][j]: L^T, or the symmetric part's upper triangle with doubled off-diagonal
+  // entries; zero below the diagonal and past k.
+  const auto upper = [&](int64_t i, int64_t j) {
+    if (j < i || j >= k) return 0.0;
+    if (form.squares) return a[j * k + i];
+    return i == j ? precision[i * k + i] : precision[i * k + j] + precision[j * k + i];
+  };
+  const int64_t kp = form.padded_k;
   form.triangle.reserve(static_cast<size_t>(kp * (kp + kFormBlock) / 2));
   for (int64_t b = 0; b < kp; b += kFormBlock) {
     for (int64_t j = b; j < kp; j += kFormBlock) {
       for (int64_t u = 0; u < kFormBlock; ++u) {
-        for (int64_t c = 0; c < kFormBlock; ++c) form.triangle.push_back(upper[(b + u) * kp + j + c]);
+        for (int64_t c = 0; c < kFormBlock; ++c) form.triangle.push_back(upper(b + u, j + c));
       }
     }
   }
