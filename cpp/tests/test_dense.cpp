@@ -9,22 +9,18 @@
 #include <vector>
 
 #include "check.h"
+#include "isa.h"
 #include "conveyor/cpu_features.h"
 #include "conveyor/dense.h"
 #include "conveyor/error.h"
 
 using namespace conveyor;
+using conveyor::test::isas;
 
 namespace {
 
 constexpr Activation kActivations[] = {Activation::kNone,     Activation::kRelu,    Activation::kGeluErf,
                                        Activation::kGeluTanh, Activation::kSigmoid, Activation::kTanh};
-
-std::vector<CpuIsa> isas() {
-  std::vector<CpuIsa> out{CpuIsa::kBaseline};
-  if (cpu_has_avx2_fma() && avx2_variants_built()) out.push_back(CpuIsa::kAvx2);
-  return out;
-}
 
 std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> dist(0.0f, scale);

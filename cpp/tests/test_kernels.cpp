@@ -9,33 +9,20 @@
 
 #include "../src/kernels/reference/reference.h"
 #include "check.h"
+#include "isa.h"
 #include "conveyor/cpu_features.h"
 #include "conveyor/error.h"
 #include "conveyor/kernels.h"
 
 using namespace conveyor;
+using conveyor::test::for_each_isa;
+using conveyor::test::isas;
 using namespace conveyor::kernels;
 
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-std::vector<CpuIsa> isas() {
-  std::vector<CpuIsa> out = {CpuIsa::kBaseline};
-  if (cpu_has_avx2_fma() && avx2_variants_built()) out.push_back(CpuIsa::kAvx2);
-  return out;
-}
-
-// Runs body once per ISA path with that path forced.
-template <class Body>
-void for_each_isa(Body body) {
-  for (CpuIsa isa : isas()) {
-    force_cpu_isa(isa);
-    body(isa);
-  }
-  reset_cpu_isa();
-}
 
 std::vector<float> random_floats(std::mt19937& rng, size_t n, float scale = 4.0f) {
   std::normal_distribution<float> dist(0.0f, scale);

@@ -10,33 +10,20 @@
 #include "../src/kernels/monitor_scoring.h"
 #include "../src/kernels/reference/reference.h"
 #include "check.h"
+#include "isa.h"
 #include "conveyor/cpu_features.h"
 #include "conveyor/error.h"
 #include "conveyor/monitor.h"
 
 using namespace conveyor;
+using conveyor::test::for_each_isa;
+using conveyor::test::isas;
 using namespace conveyor::kernels;
 
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-std::vector<CpuIsa> isas() {
-  std::vector<CpuIsa> out = {CpuIsa::kBaseline};
-  if (cpu_has_avx2_fma() && avx2_variants_built()) out.push_back(CpuIsa::kAvx2);
-  return out;
-}
-
-// Runs body once per ISA path with that path forced.
-template <class Body>
-void for_each_isa(Body body) {
-  for (CpuIsa isa : isas()) {
-    force_cpu_isa(isa);
-    body(isa);
-  }
-  reset_cpu_isa();
-}
 
 // Ascending distinct edges: a random walk with steps of 1..4 (integers: values can hit them exactly).
 std::vector<double> ascending(std::mt19937& rng, int64_t n) {
