@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import uvloop
 
 import conveyor
 from conveyor.config import load_model_config
@@ -27,13 +26,6 @@ IN_FLIGHT = 64
 PER_CALLER = 50
 LOOP_TABLES = ("monitor", "capture", "feedback", "retraining")
 GROUP = "churn example, 64 in flight, batch-1 requests"
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")

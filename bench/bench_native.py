@@ -17,7 +17,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import uvloop
 
 import conveyor
 from conveyor.config import load_model_config
@@ -25,13 +24,6 @@ from conveyor.config import load_model_config
 SYNC_REQUESTS = 2000
 ASYNC_CALLERS = 64
 ASYNC_REQUESTS = 4096
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")

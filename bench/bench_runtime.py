@@ -26,7 +26,6 @@ import uuid
 import numpy as np
 import onnxruntime as ort
 import pytest
-import uvloop
 
 import conveyor
 from conveyor import _core
@@ -127,14 +126,6 @@ async def _closed_loop(call, callers: int, per_caller: int, x) -> None:
             await call({"x": x})
 
     await asyncio.gather(*(caller() for _ in range(callers)))
-
-
-@pytest.fixture(scope="module")
-def loop():
-    # The servers run on uvloop; measure what they would see.
-    loop = uvloop.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def test_overhead_conveyor(benchmark, ratio_report, loop):

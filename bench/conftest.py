@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
@@ -128,3 +129,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("candidate vs baseline, measured in this run")
     for line in report.lines():
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Any:
+    """A uvloop event loop, as the servers run on: async benchmarks measure what they would see."""
+    event_loop = uvloop.new_event_loop()
+    yield event_loop
+    event_loop.close()
