@@ -24,6 +24,7 @@ from prometheus_client import parser as prometheus_parser
 
 import conveyor
 from conveyor.monitor.capture import read_capture
+from conveyor.monitor.report import create_report
 from conveyor.server.serve import ServeOptions
 from server_thread import TIMEOUT_S, ServerThread
 
@@ -232,6 +233,11 @@ def test_live_drift_is_seen_alerted_labelled_captured_and_triggers_retraining(
     assert event["model"] == "watched" and f"x[{SHIFTED_FEATURE}]" in event["alerting_features"]
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "conveyor.events"]
     assert any(e["event"] == "drift_alert" for e in logged)
+
+    # The report renders from the running server.
+    report = create_report("watched", served.options.data_dir / "report.html", url=f"http://127.0.0.1:{port}")
+    html = report.read_text()
+    assert f"x[{SHIFTED_FEATURE}]" in html and html.count("<svg") >= FEATURES
 
     _, metrics = _request(port, "GET", "/metrics")
     labels = {"model": "watched", "version": "1", "window": "rows"}
