@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import conveyor
-from conveyor.monitor.capture import PARQUET_SUFFIX, SEGMENT_SUFFIX, TMP_SUFFIX
+from conveyor.monitor.capture_files import PARQUET_SUFFIX, SEGMENT_SUFFIX, TMP_SUFFIX
 from processes import DEADLINE_S, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,8 @@ After a crash (even kill -9), ``recover(directory)`` compacts every leftover seg
 from its complete record batches (a torn tail is ignored) and deletes stale
 ``.parquet.tmp`` files; every row that ``flush()`` returned for is kept. A live
 writer holds an exclusive ``flock`` on its segment until compaction ends, so recovery
-never touches a segment in use, even from another process.
+never touches a segment in use, even from another process. The file side (segments,
+compaction, ``recover``, ``read_capture``) lives in ``conveyor.monitor.capture_files``.
 
 Rows: ``request_id`` string, ``row`` int32 (the row within its request), ``timestamp``
 timestamp[ns, UTC], ``model`` string, ``version`` int64, ``reason`` string ("sampled",
@@ -45,29 +46,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from conveyor.config import MODEL_NAME_PATTERN, NUMPY_DTYPE_BY_DATATYPE
-from conveyor.errors import ConfigError, InvalidInput
+from conveyor.errors import ConfigError
+from conveyor.monitor.capture_files import BASE_FIELDS, SEGMENT_SUFFIX, TIMESTAMP_TYPE, _compact, _Segment, read_capture, recover
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: segments are not locked against concurrent recovery
-    fcntl = None  # type: ignore[assignment]
+__all__ = ["CaptureWriter", "read_capture", "recover"]
 
 log = logging.getLogger(__name__)
 
-SEGMENT_SUFFIX = ".arrows.partial"
-PARQUET_SUFFIX = ".parquet"
-TMP_SUFFIX = ".parquet.tmp"
 FSYNC_POLICIES = ("always", "interval", "never")
 PARQUET_CODECS = ("zstd", "snappy", "lz4", "gzip", "brotli", "none")
 _COUNTERS = ("rows_submitted", "rows_written", "rows_dropped", "segments", "bytes_written", "write_errors")
-TIMESTAMP_TYPE = pa.timestamp("ns", tz="UTC")
-_BASE_FIELDS = [
-    pa.field("request_id", pa.string()), pa.field("row", pa.int32()), pa.field("timestamp", TIMESTAMP_TYPE),
-    pa.field("model", pa.string()), pa.field("version", pa.int64()), pa.field("reason", pa.string()),
-]  # fmt: skip
 _DTYPES = {**NUMPY_DTYPE_BY_DATATYPE, "BF16": np.dtype(np.uint16)}  # BF16 travels as bit patterns
 _BUILD_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -119,195 +109,6 @@ def _shape_ok(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    """Writes every byte of data to fd (os.write may write less than asked)."""
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-def _try_lock(path: Path) -> int | None:
-    """An open fd of path holding its exclusive lock; None if another writer holds it or it is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-    return fd
-
-
-def _read_segment(path: Path) -> tuple[pa.Schema | None, list[pa.RecordBatch]]:
-    """The schema and every complete record batch of a segment; a torn tail is ignored."""
-    data = pa.py_buffer(path.read_bytes())
-    try:
-        reader = pa.ipc.open_stream(data)
-    except (pa.ArrowException, OSError):
-        return None, []  # the crash came before the schema was whole: no rows
-    batches = []
-    while True:
-        try:
-            batch = reader.read_next_batch()
-            batch.validate()
-        except StopIteration:
-            break
-        except (pa.ArrowException, OSError):
-            break  # a torn (partly written) last batch
-        batches.append(batch)
-    return reader.schema, batches
-
-
-def _compact(segment: Path, compression: str) -> Path | None:
-    """Compacts one segment into Parquet atomically, then deletes it; the caller holds its lock.
-
-    Returns the new file, or None when the segment held no complete batch or had
-    already been compacted (a crash between the rename and the delete).
-    """
-    final = segment.with_name(segment.name[: -len(SEGMENT_SUFFIX)] + PARQUET_SUFFIX)
-    if final.exists():
-        segment.unlink()
-        return None
-    schema, batches = _read_segment(segment)
-    if not batches:
-        segment.unlink()
-        return None
-    tmp = final.with_name(final.name[: -len(PARQUET_SUFFIX)] + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as file:
-            pq.write_table(pa.Table.from_batches(batches, schema), file, compression=compression)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the segment stays: a later recover() compacts it
-        raise
-    _fsync_directory(segment.parent)
-    segment.unlink()
-    _fsync_directory(segment.parent)
-    return final
-
-
-def recover(directory: Path, *, compression: str = "zstd") -> list[Path]:
-    """Compacts the segments a crashed writer left in directory into Parquet; returns the new files.
-
-    Every complete record batch of each ``*.arrows.partial`` is kept (a torn tail is
-    ignored), written to ``.parquet.tmp``, fsynced and renamed atomically; stale
-    ``.parquet.tmp`` files are deleted. Segments a live writer holds are skipped.
-    Idempotent: a second call finds nothing to do and returns [].
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    recovered = []
-    for segment in sorted(directory.glob(f"capture-*{SEGMENT_SUFFIX}")):
-        fd = _try_lock(segment)
-        if fd is None:
-            continue  # in use by a live writer (or just compacted by it)
-        try:
-            path = _compact(segment, compression)
-        finally:
-            os.close(fd)
-        if path is not None:
-            recovered.append(path)
-    for tmp in sorted(directory.glob(f"capture-*{TMP_SUFFIX}")):
-        segment = tmp.with_name(tmp.name[: -len(TMP_SUFFIX)] + SEGMENT_SUFFIX)
-        fd = _try_lock(segment)
-        if fd is None and segment.exists():
-            continue  # a live writer is compacting that segment right now
-        if fd is not None:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-    if recovered:
-        log.info("[capture] recovered %d segment(s) in %s into Parquet", len(recovered), directory)
-    return recovered
-
-
-def read_capture(directory: Path, *, include_segments: bool = False) -> pa.Table:
-    """Every finished capture file in directory as one table, oldest file first per model.
-
-    With include_segments, the complete record batches of the open or leftover
-    segments follow (rows not yet compacted). Files of model versions with other
-    tensors are combined; a column a file lacks is null there.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InvalidInput(
-            f"[capture] capture directory {directory} does not exist; pass the directory a CaptureWriter wrote to"
-        )
-    # Segments first: one compacted meanwhile is renamed to .parquet before it is deleted,
-    # so the listing below has it, and its segment copy is dropped (never counted twice).
-    segments = {}
-    for segment in sorted(directory.glob(f"capture-*{SEGMENT_SUFFIX}")) if include_segments else []:
-        try:
-            schema, batches = _read_segment(segment)
-        except FileNotFoundError:
-            continue
-        if batches:
-            segments[segment.name[: -len(SEGMENT_SUFFIX)]] = pa.Table.from_batches(batches, schema)
-    files = sorted(directory.glob(f"capture-*{PARQUET_SUFFIX}"))
-    for path in files:
-        segments.pop(path.name[: -len(PARQUET_SUFFIX)], None)
-    tables = [pq.read_table(path) for path in files] + list(segments.values())
-    if not tables:
-        return pa.schema(_BASE_FIELDS).empty_table()
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowException as error:
-        raise InvalidInput(
-            f"[capture] the files in {directory} have conflicting column types ({error}); "
-            "read them one model version at a time with pyarrow.parquet.read_table"
-        ) from error
-
-
-class _Segment:
-    """The open write-ahead segment; owned by the writer thread. Holds its flock while open."""
-
-    def __init__(self, path: Path, schema: pa.Schema, opened_at: float) -> None:
-        self.path = path
-        self.opened_at = opened_at
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
-            _write_all(self.fd, memoryview(schema.serialize()))
-        except BaseException:
-            os.close(self.fd)
-            path.unlink(missing_ok=True)
-            raise
-        self.bytes = os.fstat(self.fd).st_size
-        self.dirty = False  # written since the last fsync
-        self.broken = False  # a failed append left bytes that could not be cut off
-
-    def append(self, batch: pa.RecordBatch) -> None:
-        """Appends one batch; on failure cuts the file back to its last whole batch, then raises."""
-        try:
-            data = batch.serialize()
-            _write_all(self.fd, memoryview(data))
-        except OSError:
-            self.broken = True  # stays set if even the cut fails: the caller then gives the segment up
-            os.ftruncate(self.fd, self.bytes)
-            os.lseek(self.fd, self.bytes, os.SEEK_SET)
-            self.broken = False
-            raise
-        self.bytes += data.size
-        self.dirty = True
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
-        self.dirty = False
-
-
 class CaptureWriter:
     """Crash-safe capture of request rows to Parquet, written off the request path.
 
@@ -354,7 +155,7 @@ class CaptureWriter:
         self._count_side, counted = next(((side, t[0]) for side, t in sides if t), (0, None))
         self._count_ndim = len(counted.dims) if counted is not None else 0
         self._schema = pa.schema(
-            _BASE_FIELDS + [t.field for t in self._inputs + self._outputs],
+            BASE_FIELDS + [t.field for t in self._inputs + self._outputs],
             metadata={"conveyor.capture": "1", "model": model, "version": str(self.version)},
         )
         self._max_queue_rows, self._wake_rows = max_queue_rows, max(1, max_queue_rows // 4)
