@@ -34,7 +34,7 @@ from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
-from conveyor.server.grpc_server import start_grpc_server
+from conveyor.server.grpc_server import InferenceServicer, start_grpc_server
 from conveyor.server.models import ModelManager
 
 CALL_TIMEOUT_S = 30.0
@@ -577,3 +577,12 @@ def test_draining_server_refuses_inference_and_reports_not_serving(served: Serve
 def test_port_in_use_is_a_clear_error(served: Served, loop_thread: LoopThread) -> None:
     with pytest.raises(OSError, match=f"cannot listen for gRPC on 127.0.0.1:{served.port}"):
         loop_thread.run(start_grpc_server(served.dataplane, "127.0.0.1", served.port, max_message_bytes=1 << 20))
+
+
+def test_servicer_overrides_every_rpc_of_the_generated_base() -> None:
+    # protoc's base servicer answers each RPC with NotImplementedError; the service we
+    # declare (inference.proto) holds only the RPCs Conveyor serves, and every one of them
+    # is overridden, so none of those placeholders can be reached.
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        assert method.name in vars(InferenceServicer), f"{method.name} is left to protoc's placeholder"

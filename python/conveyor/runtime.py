@@ -144,7 +144,7 @@ class ModelHandle:
     def observed(self, request_id: str | None, inputs: tuple, arrays: tuple, offset: int, rows: int, result: dict) -> None:
         """Hands one completed request to the monitor's capture and feedback."""
         flags = arrays[-1] if self.monitor.core is not None else None
-        self.monitor.after_request(request_id or _next_request_id(), inputs, result, flags, offset, rows)
+        self.monitor.after_request(request_id or new_request_id(), inputs, result, flags, offset, rows)
 
     def close(self) -> None:
         self.batcher.stop(drain=True)
@@ -163,14 +163,9 @@ _request_ids = itertools.count(1)
 _REQUEST_ID_PREFIX = os.urandom(4).hex()
 
 
-def _next_request_id() -> str:
-    """A process-unique id for a request that came without one."""
-    return f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"
-
-
 def new_request_id() -> str:
-    """A fresh request id (what responses carry when the client sent none)."""
-    return _next_request_id()
+    """A process-unique id for a request that came without one (responses carry it)."""
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"
 
 
 class _LoopBridge:

@@ -24,10 +24,9 @@ NUMERIC_DATATYPES = frozenset(
     {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"}
 )
 
-# The batcher's extra output when a monitor is attached: one flag byte per row
-# (FLAG_* bits), shape [rows, 1] (or [1] for a model that does not batch).
+# The batcher's extra output when a monitor is attached: one flag byte per row (bit 0
+# out of range, bit 1 NaN/inf, bit 2 outlier), shape [rows, 1] ([1] without batching).
 FLAGS_OUTPUT = ("__monitor_flags", "UINT8", [1])
-FLAG_OUT_OF_RANGE, FLAG_NONFINITE, FLAG_OUTLIER = 1, 2, 4
 
 Derive = Literal["value", "predicted_class", "confidence", "confidence_from_logits"]
 

@@ -74,7 +74,8 @@ class ModelMonitor:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.inputs = list(inputs)
         self.outputs = list(outputs)  # the batch's (core) outputs, without the flags
-        self.output_names = [name for name, _, _ in self.outputs]
+        self._public_names = [t.name for t in config.outputs]  # what capture keeps per request
+        self._classification = config.feedback is not None and config.feedback.kind == "classification"
         monitor = config.monitor if config.monitor is not None and config.monitor.enabled else None
         self.settings = monitor
         self.features: list[Feature] = []
@@ -182,7 +183,7 @@ class ModelMonitor:
             model=self.name,
             version=self.version,
             inputs=self.inputs,
-            outputs=self.public_outputs,
+            outputs=[(t.name, t.datatype, list(t.dims)) for t in self.config.outputs],
             capture_inputs=capture.capture in ("both", "inputs"),
             capture_outputs=capture.capture in ("both", "outputs"),
             max_queue_rows=capture.max_queue_rows,
@@ -221,10 +222,6 @@ class ModelMonitor:
             reference_value=feedback.reference_value,
             sink=self._write_labels if self.capture is not None else None,
         )
-
-    @property
-    def public_outputs(self) -> list[TensorSpec]:
-        return [(t.name, t.datatype, list(t.dims)) for t in self.config.outputs]
 
     def prime(self, infer: Any) -> None:
         """Run the training file's rows through the model so outputs get a reference too.
@@ -284,7 +281,7 @@ class ModelMonitor:
             elif self.alerting and settings.alerting:
                 reason = "alert"
             if reason is not None:
-                capture.submit(request_id, now_ns, inputs, [outputs[name] for name, _, _ in self.public_outputs], reason)
+                capture.submit(request_id, now_ns, inputs, [outputs[name] for name in self._public_names], reason)
         feedback = self.feedback
         if feedback is not None:
             prediction = outputs[self._feedback_output]
@@ -299,7 +296,7 @@ class ModelMonitor:
     def _prediction(self, row: np.ndarray) -> float:
         if row.size == 1:  # a class index, or a regression value
             return float(row.reshape(-1)[0])
-        return float(row.argmax()) if self.config.feedback.kind == "classification" else float(row.reshape(-1)[0])
+        return float(row.argmax()) if self._classification else float(row.reshape(-1)[0])
 
     def _write_labels(self, rows: list[dict[str, Any]]) -> None:
         # Joined labels go to <capture directory>/labels, one row per label.
@@ -382,7 +379,7 @@ class ModelMonitor:
                 psi_warn=settings.psi_warn, psi_alert=settings.psi_alert,
                 alpha=settings.alpha, correction=settings.correction,
             )  # fmt: skip
-            reports[kind] = {"state": state, "report": report, "time": now}
+            reports[kind] = {"state": state, "report": report}
         primary = reports["rows"]["report"]
         alert = bool(primary.alert) and primary.rows > 0
         psi = np.nan_to_num(np.asarray(primary.psi, dtype=np.float64), nan=0.0)
