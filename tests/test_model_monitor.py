@@ -14,7 +14,7 @@ import pytest
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound
 from conveyor.monitor.capture import read_capture
 from conveyor.monitor.reference import Reference
-from conveyor.runtime import Runtime
+from conveyor import Runtime
 
 FEATURES = 4
 
@@ -174,3 +174,13 @@ def test_capture_keeps_anomalous_rows_and_everything_while_alerting(tmp_path: Pa
     reasons = dict(zip(table.column("request_id").to_pylist(), table.column("reason").to_pylist()))
     assert reasons == {"far": "anomaly", "batch-with-nan": "anomaly", "during-alert": "alert"}
     assert table.column("request_id").to_pylist().count("batch-with-nan") == 3  # every row of the request
+
+
+def test_the_core_runtime_needs_a_monitor_factory_for_monitored_configs() -> None:
+    from conveyor.runtime import Runtime as CoreRuntime
+
+    with CoreRuntime() as runtime:
+        with pytest.raises(ConfigError, match=r"\[monitor\], \[capture\] or \[feedback\].*conveyor\.Runtime"):
+            runtime.add_model("m", _config(monitor={}), _softmax_model)
+        runtime.add_model("plain", _config(), _softmax_model)  # unmonitored models need nothing
+        assert runtime.model("plain").monitor is None

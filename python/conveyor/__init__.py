@@ -3,7 +3,9 @@
 The public API:
 
 - ``Runtime``: load model versions and run requests in-process through C++ dynamic
-  batchers (``infer``, ``infer_async``, ``model_stats``).
+  batchers (``infer``, ``infer_async``, ``model_stats``), with the learning loop
+  (``conveyor.monitor``) for models whose config asks for it (``add_feedback``,
+  ``monitor_document``).
 - ``MemoryPool``: the size-class caching tensor allocator (``empty``, ``stats``, ``trim``).
 - ``ModelConfig``, ``load_model_config``, ``ModelRepository``: the model repository.
 - ``conveyor.errors``: every error Conveyor raises, under ``ConveyorError``.
@@ -17,7 +19,28 @@ from conveyor.errors import ConveyorError
 from conveyor.examples import example_repository
 from conveyor.memory import MemoryPool
 from conveyor.repository import ModelRepository
-from conveyor.runtime import Runtime
+from conveyor.runtime import Runtime as _CoreRuntime
+
+
+
+class Runtime(_CoreRuntime):
+    """conveyor.runtime.Runtime with the learning loop: monitored configs just work.
+
+    The runtime layer does not import conveyor.monitor (it sits beside it); this public
+    class, above both, hands the runtime the monitor factory.
+    """
+
+    def __init__(self, *, pool: object = None, data_dir: object = None, **options: object) -> None:
+        options.setdefault("monitor_factory", _create_model_monitor)
+        super().__init__(pool=pool, data_dir=data_dir, **options)
+
+
+def _create_model_monitor(config: object, **arguments: object) -> object:
+    # Imported when a monitored model loads, so `import conveyor` stays light.
+    from conveyor.monitor import create_model_monitor
+
+    return create_model_monitor(config, **arguments)
+
 
 try:
     __version__ = version("conveyor-serve")

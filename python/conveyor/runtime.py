@@ -26,13 +26,16 @@ from conveyor import _core
 from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound, Unavailable
-from conveyor.monitor.features import FLAGS_OUTPUT
 from conveyor.pipeline import ModelSteps, read_labels_file
 from conveyor.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
 ModelFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# (config, *, version, inputs, outputs, version_dir, data_dir, labels) -> a model monitor:
+# .core (a _core.Monitor or None), .flags_output, .per_request, .after_request(...),
+# .prime(infer), .start(), .feedback, .add_labels(...), .document(window), .close().
+MonitorFactory = Callable[..., Any]
 
 
 class ModelHandle:
@@ -73,7 +76,7 @@ class ModelHandle:
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-            outputs=outputs + [FLAGS_OUTPUT] if watched else outputs,
+            outputs=outputs + [monitor.flags_output] if watched else outputs,
             executor=self._execute if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,
@@ -232,8 +235,15 @@ class Runtime:
     accepted before it returns.
     """
 
-    def __init__(self, *, pool: Any = None, data_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, *, pool: Any = None, data_dir: str | os.PathLike[str] | None = None,
+        monitor_factory: MonitorFactory | None = None,
+    ) -> None:
         self._pool = pool
+        # Builds the learning loop of a version whose config has [monitor], [capture] or
+        # [feedback] (conveyor.monitor lives above this layer: the caller hands it in;
+        # conveyor.Runtime and the server do).
+        self._monitor_factory = monitor_factory
         # Where monitored models keep capture files and references without a version directory.
         self.data_dir = None if data_dir is None else Path(data_dir)
         self._lock = threading.Lock()
@@ -251,13 +261,14 @@ class Runtime:
     @classmethod
     def from_repository(
         cls, path: str | os.PathLike[str], *, models: list[str] | None = None, pool: Any = None,
-        data_dir: str | os.PathLike[str] | None = None,
+        data_dir: str | os.PathLike[str] | None = None, **options: Any,
     ) -> Runtime:
         """A runtime serving every model of a repository (or the named ones).
 
-        A model that fails to load is logged and skipped; the others serve.
+        A model that fails to load is logged and skipped; the others serve. `options`
+        go to the constructor.
         """
-        runtime = cls(pool=pool, data_dir=data_dir)
+        runtime = cls(pool=pool, data_dir=data_dir, **options)
         repository = ModelRepository(Path(path))
         for name in models if models is not None else repository.list_models():
             try:
@@ -315,11 +326,16 @@ class Runtime:
             backends += [create_backend(backend_config, version_dir, fn=fn) for _ in range(count - 1)]
         monitor = None
         if config.monitor is not None or config.capture is not None or config.feedback is not None:
-            # Imported here: the learning loop brings pyarrow, which unmonitored serving never needs.
-            from conveyor.monitor.model_monitor import ModelMonitor
-
+            if self._monitor_factory is None:
+                for backend in backends:
+                    backend.close()
+                raise ConfigError(
+                    f"model '{name}': its config has [monitor], [capture] or [feedback], which this Runtime "
+                    "cannot run: use conveyor.Runtime (it has the learning loop), or pass "
+                    "monitor_factory=conveyor.monitor.create_model_monitor"
+                )
             try:
-                monitor = ModelMonitor(
+                monitor = self._monitor_factory(
                     config, version=version, inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
                     outputs=core_output_specs(config, steps), version_dir=version_dir, data_dir=self.data_dir,
                     labels=_feedback_labels(config, version_dir),

@@ -39,7 +39,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from conveyor import _core
 from conveyor.errors import ConfigError, ModelNotFound
 from conveyor.monitor.monitor_metrics import MonitorFamilies
 

@@ -114,6 +114,7 @@ class ModelMonitor:
                 labeled_rows=rules.labeled_rows, cooldown_s=rules.cooldown_s,
             )  # fmt: skip
         self.per_request = self.capture is not None or self.feedback is not None
+        self.flags_output = FLAGS_OUTPUT  # the batcher's extra output while self.core is set
 
     # -- set-up ------------------------------------------------------------------------
 

@@ -20,8 +20,7 @@ from urllib.parse import parse_qs
 
 import httptools
 
-from conveyor.errors import ConveyorError, InvalidInput
-from conveyor.protocol.errors import http_status_for
+from conveyor.errors import InvalidInput
 from conveyor.protocol.http_codec import decode_infer_request, encode_error, encode_infer_response
 from conveyor.protocol.model_config import input_specs
 from conveyor.server.dataplane import DataPlane

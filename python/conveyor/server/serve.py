@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.monitor import create_model_monitor
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
@@ -48,7 +49,7 @@ class Server:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.runtime = Runtime(data_dir=options.data_dir)
+        self.runtime = Runtime(data_dir=options.data_dir, monitor_factory=create_model_monitor)
         self.manager = ModelManager(ModelRepository(options.repository), self.runtime, options.model_control_mode)
         self.dataplane = DataPlane(self.manager, server_version=options.server_version)
         self.stopping = asyncio.Event()
