@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, ConveyorError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.pipeline import read_labels_file
 from conveyor.repository import ModelFingerprint, ModelRepository, ModelSource
 from conveyor.runtime import Runtime
 
@@ -218,20 +219,11 @@ class ModelManager:
 
 
 def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
-    labels = {}
-    for output in config.outputs:
-        if output.labels is None:
-            continue
-        path = model_dir / output.labels
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(
-                f"model '{config.name}': output '{output.name}' names labels file {path}, "
-                f"which cannot be read: {exc.strerror}"
-            ) from None
-        labels[output.name] = [line.strip() for line in lines if line.strip()]
-    return labels
+    return {
+        output.name: read_labels_file(model_dir / output.labels, where=f"model '{config.name}': output '{output.name}'")
+        for output in config.outputs
+        if output.labels is not None
+    }
 
 
 def _stage_files(name: str, files: dict[str, bytes | str]) -> Path:
