@@ -86,7 +86,6 @@ class ModelMonitor:
         self._lock = threading.Lock()
         self._reports: dict[str, dict[str, Any]] = {}
         self._history: deque[dict[str, Any]] = deque(maxlen=monitor.history if monitor else 1)
-        self._alert_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._retraining_events: list[dict[str, Any]] = []
@@ -98,15 +97,19 @@ class ModelMonitor:
         self._sample_threshold = 0
         self._training_inputs: dict[str, np.ndarray] | None = None
 
-        if monitor is not None:
-            self.features = plan_features(monitor, self.inputs, self.outputs, where=self.where)
-            self._start_core(monitor)
-            if monitor.webhook_url:
-                self.webhook = WebhookSender(monitor.webhook_url, headers=monitor.webhook_headers)
-        if config.capture is not None:
-            self._start_capture()
-        if config.feedback is not None:
-            self._start_feedback(labels)
+        try:
+            if monitor is not None:
+                self.features = plan_features(monitor, self.inputs, self.outputs, where=self.where)
+                self._start_core(monitor)
+                if monitor.webhook_url:
+                    self.webhook = WebhookSender(monitor.webhook_url, headers=monitor.webhook_headers)
+            if config.capture is not None:
+                self._start_capture()
+            if config.feedback is not None:
+                self._start_feedback(labels)
+        except BaseException:
+            self.close()  # the writers and the webhook thread already started
+            raise
         if config.retraining is not None:
             rules = config.retraining
             self.retraining = RetrainingPolicy(
@@ -127,7 +130,7 @@ class ModelMonitor:
             rows = len(next(iter(self._training_inputs.values())))
             self.reference_source = f"file:{training}"
         self.core = _core.Monitor(
-            features=[_feature_tuple(f) for f in self.features],
+            features=[_feature_spec(f) for f in self.features],
             window_rows=monitor.window_rows,
             sub_windows=monitor.sub_windows,
             window_seconds=monitor.window_seconds,
@@ -395,10 +398,6 @@ class ModelMonitor:
             self._history.append(entry)
         changed = alert != self.alerting
         self.alerting = alert
-        if alert and self._alert_since is None:
-            self._alert_since = now
-        elif not alert:
-            self._alert_since = None
         if changed:
             self._notify_drift(alert, primary, now)
 
@@ -603,7 +602,7 @@ class ModelMonitor:
             self.webhook.close()
 
 
-def _feature_tuple(feature: Feature) -> dict[str, Any]:
+def _feature_spec(feature: Feature) -> dict[str, Any]:
     return {
         "name": feature.name, "source": feature.source, "tensor": feature.tensor, "column": feature.column,
         "derive": feature.derive, "kind": feature.kind,
