@@ -325,26 +325,8 @@ class Runtime:
         if not first.thread_safe:
             backends += [create_backend(backend_config, version_dir, fn=fn) for _ in range(count - 1)]
         monitor = None
-        if config.monitor is not None or config.capture is not None or config.feedback is not None:
-            if self._monitor_factory is None:
-                for backend in backends:
-                    backend.close()
-                raise ConfigError(
-                    f"model '{name}': its config has [monitor], [capture] or [feedback], which this Runtime "
-                    "cannot run: use conveyor.Runtime (it has the learning loop), or pass "
-                    "monitor_factory=conveyor.monitor.create_model_monitor"
-                )
-            try:
-                monitor = self._monitor_factory(
-                    config, version=version, inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-                    outputs=core_output_specs(config, steps), version_dir=version_dir, data_dir=self.data_dir,
-                    labels=_feedback_labels(config, version_dir),
-                )  # fmt: skip
-            except BaseException:
-                for backend in backends:
-                    backend.close()
-                raise
         try:
+            monitor = self._create_monitor(name, version, config, steps, version_dir)
             loaded = ModelHandle(name, version, config, backends, self._pool, steps, monitor)
         except BaseException:
             for backend in backends:
@@ -371,6 +353,24 @@ class Runtime:
             "loaded model %s version %d (%s backend): max_batch_size=%d max_queue_delay_us=%d instances=%d",
             name, version, config.backend, config.max_batch_size, batching.max_queue_delay_us, count,
         )
+
+    def _create_monitor(
+        self, name: str, version: int, config: ModelConfig, steps: ModelSteps | None, version_dir: Path | None
+    ) -> Any:
+        """The learning loop of a version whose config asks for one, else None."""
+        if config.monitor is None and config.capture is None and config.feedback is None:
+            return None
+        if self._monitor_factory is None:
+            raise ConfigError(
+                f"model '{name}': its config has [monitor], [capture] or [feedback], which this Runtime "
+                "cannot run: use conveyor.Runtime (it has the learning loop), or pass "
+                "monitor_factory=conveyor.monitor.create_model_monitor"
+            )
+        return self._monitor_factory(
+            config, version=version, inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
+            outputs=core_output_specs(config, steps), version_dir=version_dir, data_dir=self.data_dir,
+            labels=_feedback_labels(config, version_dir),
+        )  # fmt: skip
 
     def unload_model(self, name: str, version: int | None = None) -> None:
         """Stop serving a model (or one version): requests already accepted finish first."""
