@@ -278,13 +278,23 @@ def test_classification_with_labels(client: Any, mlp_session: Any, binary_out: b
             assert float(score) == pytest.approx(float(probs[row, index]), abs=1e-5)
 
 
-def test_classification_without_labels_gives_score_and_index(client: Any) -> None:
-    tensor = httpclient.InferInput("x", [1, 64], "FP32")
-    tensor.set_data_from_numpy(_rows(1, 64, seed=6))
+def test_classification_without_labels_gives_score_and_index(client: Any, mlp_session: Any) -> None:
+    x = _rows(3, 64, seed=6)
+    tensor = httpclient.InferInput("x", [3, 64], "FP32")
+    tensor.set_data_from_numpy(x)
     result = client.infer("mlp", [tensor], outputs=[httpclient.InferRequestedOutput("probs", class_count=2)])
-    for entry in result.as_numpy("probs")[0]:
-        score, index = entry.decode().split(":")
-        float(score), int(index)
+    classes = result.as_numpy("probs")
+    assert classes.shape == (3, 2)
+    (probs,) = mlp_session.run(None, {"x": x})
+    expected_order = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    for row, (entries, indices) in enumerate(zip(classes, expected_order, strict=True)):
+        for entry, index in zip(entries, indices, strict=True):
+            fields = entry.decode().split(":")
+            assert len(fields) == 2, f"a model without labels gives 'score:index', got {entry!r}"
+            score, position = fields
+            assert int(position) == index
+            assert len(score.partition(".")[2]) == 6, f"scores print as C's %f, got {score!r}"
+            assert float(score) == pytest.approx(float(probs[row, index]), abs=1e-5)
 
 
 def test_gzip_request_and_response(client: Any) -> None:
