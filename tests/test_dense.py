@@ -57,10 +57,7 @@ def isa(request: pytest.FixtureRequest):
     if request.param == "auto":
         yield "auto"
         return
-    force_isa = getattr(conveyor.kernels, "force_isa", None)
-    if force_isa is None:
-        pytest.skip("conveyor.kernels.force_isa is not available in this checkout")
-    with force_isa(request.param):
+    with conveyor.kernels.force_isa(request.param):
         yield request.param
 
 

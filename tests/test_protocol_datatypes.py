@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -44,7 +45,6 @@ def test_datatype_of_inverts_numpy_dtype(datatype: str) -> None:
 def test_datatype_of_text_and_bfloat16() -> None:
     assert datatype_of(np.dtype(object)) == datatype_of(np.dtype("S4")) == datatype_of(np.dtype("U2")) == "BYTES"
     assert datatype_of(np.dtype(np.uint16)) == "UINT16"
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     assert datatype_of(np.dtype(ml_dtypes.bfloat16)) == "BF16"
     with pytest.raises(InvalidInput, match="numpy dtype 'complex64' has no v2 datatype"):
         datatype_of(np.dtype(np.complex64))
@@ -91,7 +91,6 @@ def test_raw_view_shares_memory_and_keeps_the_array_alive() -> None:
 def test_raw_view_of_big_endian_and_bfloat16_arrays() -> None:
     big = np.array([1, 2], dtype=">i4")
     assert bytes(raw_view(big, "INT32", where="y")) == b"\x01\x00\x00\x00\x02\x00\x00\x00"
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     halves = np.array([1.0, -2.0], dtype=ml_dtypes.bfloat16)
     assert bytes(raw_view(halves, "BF16", where="y")) == np.array([0x3F80, 0xC000], np.uint16).tobytes()
 
