@@ -11,10 +11,12 @@
 #      carried and absent;
 #   2. builds the package in place with CUDA (cmake + ninja into build/device-check, for
 #      the GPU's own architecture; the module lands in python/conveyor/ as in a dev build);
-#   3. runs the GPU tests (pytest -m gpu tests/) and the CPU-side CUDA tests;
+#   3. runs the GPU tests (pytest -m gpu tests/) and the CPU-side CUDA tests, under
+#      CONVEYOR_EXPECT_CUDA=1: a GPU test that skips (no CuPy, no device, no cuBLASLt,
+#      no CUDA build) fails, and any skip in the GPU run fails the check;
 #   4. runs the GPU benchmarks (bench/bench_cuda_kernels.py): normalize_image and
 #      softmax_topk against the measured device copy bandwidth, dense against CuPy and
-#      against a plain cuBLASLt GEMM;
+#      against a plain cuBLASLt GEMM; a skipped benchmark fails the check too;
 #   5. with the time left, the CUDA tests again under compute-sanitizer memcheck (skipped
 #      where the tool is missing or refuses the device);
 #   6. prints a summary and, when $OUT is set, writes it there with the logs.
@@ -23,7 +25,8 @@
 # Python >= 3.11 with numpy, pybind11, pytest, pytest-benchmark, CuPy, onnx and onnxruntime,
 # and cuBLASLt for the dense path (the nvidia-cublas wheel, found through Python, or a
 # toolkit's; CONVEYOR_CUBLAS_ROOT points elsewhere). PYTHON picks the interpreter
-# (default python3). Exit status: 0 when the build and every test passed.
+# (default python3). Exit status: 0 when the build and every test passed, and no GPU test
+# or benchmark skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -57,6 +60,8 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # step_timeout MAX: MAX seconds, or what is left of the budget if that is less.
 step_timeout() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+# skipped_count LOG: the skips in the summary line pytest -q writes last (0 if none).
+skipped_count() { tail -n 1 "$1" | grep -Eo "[0-9]+ skipped" | grep -Eo "[0-9]+" || echo 0; }
 
 say "== Conveyor device check: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 {
@@ -124,6 +129,13 @@ if [ $build_rc = 0 ]; then
   CONVEYOR_EXPECT_CUDA=1 CONVEYOR_EXPECT_CUBLASLT=$expect_cublaslt timeout "$(step_timeout 150)" \
     "${PYTEST[@]}" -m gpu --continue-on-collection-errors tests/ >"$LOGS/gpu_tests.log" 2>&1
   tests_rc=$?
+  # conftest.py fails a skipped gpu test under CONVEYOR_EXPECT_CUDA=1; a skip still counted
+  # here (a whole module skipped at import) means GPU tests did not run either.
+  gpu_skipped=$(skipped_count "$LOGS/gpu_tests.log")
+  if [ "$gpu_skipped" != 0 ]; then
+    say "  $gpu_skipped GPU test(s) skipped: a GPU check must run them all (see SKIPPED lines in gpu_tests.log)"
+    tests_rc=1
+  fi
   CONVEYOR_EXPECT_CUDA=1 CONVEYOR_EXPECT_CUBLASLT=$expect_cublaslt timeout "$(step_timeout 60)" \
     "${PYTEST[@]}" -m "not gpu" tests/test_cuda_kernels.py >>"$LOGS/gpu_tests.log" 2>&1 || tests_rc=1
   say "== tests: $([ $tests_rc = 0 ] && echo ok || echo "FAILED (rc $tests_rc)")"
@@ -133,11 +145,17 @@ fi
 # ---- 4. benchmarks ------------------------------------------------------------------------
 export CONVEYOR_BENCH_REPORT=$LOGS/bench_report.jsonl
 : >"$CONVEYOR_BENCH_REPORT"
+bench_skipped=0
 if [ $build_rc = 0 ] && [ "$(left)" -gt 30 ]; then
-  timeout "$(step_timeout 150)" "${PYTEST[@]}" bench/bench_cuda_kernels.py --benchmark-enable \
-    --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$LOGS/bench.log" 2>&1
+  CONVEYOR_EXPECT_CUDA=1 timeout "$(step_timeout 150)" "${PYTEST[@]}" bench/bench_cuda_kernels.py \
+    --benchmark-enable --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$LOGS/bench.log" 2>&1
   bench_rc=$?
   say "== benchmarks: $([ $bench_rc = 0 ] && echo ok || echo "rc $bench_rc"): $(tail -n 1 "$LOGS/bench.log")"
+  bench_skipped=$(skipped_count "$LOGS/bench.log")
+  if [ "$bench_skipped" != 0 ]; then
+    say "  FAILED: $bench_skipped GPU benchmark(s) skipped:"
+    grep -E "^SKIPPED" "$LOGS/bench.log" | head -n 10 | tee -a "$SUMMARY"
+  fi
   sed -n '/candidate vs baseline/,$p' "$LOGS/bench.log" | grep -E "speedup|incomplete|not timed" | tee -a "$SUMMARY"
   "$PY" - "$CONVEYOR_BENCH_REPORT" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, sys
@@ -177,4 +195,4 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$LOGS"/* "$OUT"/ 2>/dev/null
 fi
-[ $build_rc = 0 ] && [ $tests_rc = 0 ]
+[ $build_rc = 0 ] && [ $tests_rc = 0 ] && [ "$bench_skipped" = 0 ]

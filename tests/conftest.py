@@ -1,7 +1,13 @@
-"""Generic fixtures: throwaway model repositories and small ONNX models built in memory."""
+"""Generic fixtures: throwaway model repositories and small ONNX models built in memory.
+
+And one run-wide rule: with ``CONVEYOR_EXPECT_CUDA=1`` in the environment (as
+bench/device_check.sh sets it), a test marked ``gpu`` that skips fails instead, naming
+what was missing, so a GPU run cannot pass while testing nothing.
+"""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +15,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+EXPECT_CUDA_VARIABLE = "CONVEYOR_EXPECT_CUDA"
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    # A skip's longrepr is (path, line, "Skipped: reason").
+    if isinstance(report.longrepr, tuple):
+        return report.longrepr[2].removeprefix("Skipped: ")
+    return str(report.longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """Under CONVEYOR_EXPECT_CUDA=1, a gpu test's skip becomes a failure that says why.
+
+    A skip in setup (a skipif mark) then reports as an error, one in the test body
+    (pytest.skip, importorskip) as a failure; either fails the run.
+    """
+    report: pytest.TestReport = yield
+    expected = os.environ.get(EXPECT_CUDA_VARIABLE) == "1"
+    if expected and report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("gpu"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{EXPECT_CUDA_VARIABLE}=1, but this gpu test skipped: {_skip_reason(report)}. "
+            "Provide what is missing (a build with CONVEYOR_CUDA=ON and cuBLASLt, a visible CUDA device, "
+            f"CuPy for the driver's CUDA version), or unset {EXPECT_CUDA_VARIABLE} where no GPU run is meant."
+        )
+    return report
+
 
 ELEMENT_TYPES = {"FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE, "INT64": TensorProto.INT64}
 

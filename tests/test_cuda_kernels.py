@@ -45,7 +45,17 @@ def _gpu_skip_reason() -> str | None:
 
 
 GPU_SKIP = _gpu_skip_reason()
-needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+
+
+def needs_gpu(test: Any) -> Any:
+    """Marks `test` gpu and skips it, saying why, where GPU tests cannot run.
+
+    The mark is what bench/device_check.sh selects, and what CONVEYOR_EXPECT_CUDA=1 holds
+    to running (conftest.py turns such a skip into a failure).
+    """
+    return pytest.mark.gpu(pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")(test))
+
+
 needs_cublaslt = pytest.mark.skipif(not _core.cuda.cublaslt_built(), reason="this build has no cuBLASLt dense path")
 no_gpu = pytest.mark.skipif(_core.cuda_device_count() > 0, reason="a CUDA device is visible")
 
@@ -70,9 +80,12 @@ def test_the_module_imports_and_reports_the_build() -> None:
 def test_the_build_has_what_the_environment_expects() -> None:
     # bench/device_check.sh sets these, so a build that silently lost CUDA or cuBLASLt fails.
     if os.environ.get("CONVEYOR_EXPECT_CUDA") == "1":
-        assert _core.cuda_built()
+        assert GPU_SKIP is None, f"CONVEYOR_EXPECT_CUDA=1, but the GPU tests cannot run: {GPU_SKIP}"
     if os.environ.get("CONVEYOR_EXPECT_CUBLASLT") == "1":
-        assert _core.cuda.cublaslt_built()
+        assert _core.cuda.cublaslt_built(), (
+            "CONVEYOR_EXPECT_CUBLASLT=1, but this build has no cuBLASLt dense path: install nvidia-cublas "
+            "(or point CONVEYOR_CUBLAS_ROOT at a toolkit's) and rebuild"
+        )
 
 
 RAW_CALLS = {
@@ -425,7 +438,6 @@ def _logits(shape: tuple[int, ...], seed: int, ties: bool = False) -> np.ndarray
     return (rng.standard_normal(shape) * 4).astype(np.float32)
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 @pytest.mark.parametrize("aligned", [True, False])
@@ -439,7 +451,6 @@ def test_softmax_matches_reference(cp: Any, shape: tuple[int, ...], aligned: boo
     np.testing.assert_allclose(cp.asnumpy(inplace), cp.asnumpy(got), rtol=1e-6, atol=0)
 
 
-@pytest.mark.gpu
 @needs_gpu
 def test_softmax_special_values(cp: Any) -> None:
     x = np.array([[0.0, -np.inf, 1.0, -np.inf], [-np.inf] * 4, [np.nan, 0.0, 1.0, 2.0], [np.inf, 0.0, 1.0, 2.0],
@@ -458,7 +469,6 @@ def _assert_topk(cp: Any, x: np.ndarray, k: int, xd: Any = None) -> None:
     np.testing.assert_allclose(cp.asnumpy(values), ref_values, rtol=1e-5, atol=1e-8, err_msg=f"values, k={k}")
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("cols", [1, 2, 5, 37, 100])
 @pytest.mark.parametrize("ties", [False, True])
@@ -468,7 +478,6 @@ def test_softmax_topk_every_k(cp: Any, cols: int, ties: bool) -> None:
         _assert_topk(cp, x, k)
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 @pytest.mark.parametrize("k", [1, 5, 32, 33, 200])
@@ -479,7 +488,6 @@ def test_softmax_topk_matches_reference(cp: Any, shape: tuple[int, ...], k: int,
     _assert_topk(cp, x, k, None if aligned else _misaligned(cp, x))
 
 
-@pytest.mark.gpu
 @needs_gpu
 def test_softmax_topk_values_are_the_softmax_and_nan_ranks_first(cp: Any) -> None:
     x = _logits((16, 513), seed=3)
@@ -496,7 +504,6 @@ def test_softmax_topk_values_are_the_softmax_and_nan_ranks_first(cp: Any) -> Non
     np.testing.assert_array_equal(cp.asnumpy(idx), ref)
 
 
-@pytest.mark.gpu
 @needs_gpu
 def test_softmax_topk_on_another_stream_and_into_out(cp: Any) -> None:
     x = _logits((100, 1000), seed=9)
@@ -512,7 +519,6 @@ def test_softmax_topk_on_another_stream_and_into_out(cp: Any) -> None:
     np.testing.assert_allclose(cp.asnumpy(values), ref_values, rtol=1e-5)
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 @pytest.mark.parametrize("ties", [False, True])
@@ -524,7 +530,6 @@ def test_argmax_matches_numpy(cp: Any, shape: tuple[int, ...], ties: bool) -> No
     np.testing.assert_array_equal(cp.asnumpy(ck.argmax(_misaligned(cp, x))), np.argmax(x, axis=-1))
 
 
-@pytest.mark.gpu
 @needs_gpu
 def test_argmax_special_values(cp: Any) -> None:
     x = np.array([[1.0, np.nan, 5.0, np.nan], [-np.inf] * 3 + [-np.inf], [0.0, -0.0, 0.0, -1.0],
@@ -532,7 +537,6 @@ def test_argmax_special_values(cp: Any) -> None:
     assert cp.asnumpy(ck.argmax(cp.asarray(x))).tolist() == [1, 0, 0, 0]
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", ROW_SHAPES)
 @pytest.mark.parametrize("affine", [False, True])
@@ -554,7 +558,6 @@ IMAGE_SHAPES = [(1, 1, 1, 3), (2, 7, 5, 3), (1, 17, 13, 1), (2, 5, 9, 4), (3, 31
                 (2, 33, 35, 3), (1, 3, 5, 32)]
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", IMAGE_SHAPES)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -577,7 +580,6 @@ def test_normalize_image_matches_reference(cp: Any, shape: tuple[int, ...], layo
     np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), expected.astype(np.float32), **tolerance)
 
 
-@pytest.mark.gpu
 @needs_gpu
 def test_normalize_image_routes_from_conveyor_kernels(cp: Any) -> None:
     from conveyor import kernels
@@ -589,7 +591,6 @@ def test_normalize_image_routes_from_conveyor_kernels(cp: Any) -> None:
     np.testing.assert_allclose(cp.asnumpy(got), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 129), (513, 1000)])
 def test_dequantize_int8_matches_numpy(cp: Any, shape: tuple[int, int]) -> None:
@@ -611,7 +612,6 @@ def _dense_problem(M: int, K: int, N: int, seed: int) -> tuple[np.ndarray, np.nd
     return x, W, b
 
 
-@pytest.mark.gpu
 @needs_gpu
 @needs_cublaslt
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -629,7 +629,6 @@ def test_dense_matches_reference(cp: Any, activation: str, bias: bool) -> None:
                                        err_msg=f"{activation} bias={bias} M={M} K={K} N={N}")
 
 
-@pytest.mark.gpu
 @needs_gpu
 @needs_cublaslt
 def test_dense_weight_sources_and_out(cp: Any) -> None:
@@ -653,7 +652,6 @@ def test_dense_weight_sources_and_out(cp: Any) -> None:
     assert ck.dense(cp.zeros((0, 96), cp.float32), from_device).shape == (0, 40)
 
 
-@pytest.mark.gpu
 @needs_gpu
 @needs_cublaslt
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
@@ -675,7 +673,6 @@ def test_dequantize_dense_matches_reference(cp: Any, activation: str) -> None:
         ck.dequantize_dense(cp.asarray(x), ck.pack_dense(Wq.astype(np.float32), b, activation))
 
 
-@pytest.mark.gpu
 @needs_gpu
 @needs_cublaslt
 def test_dense_from_many_threads_and_streams(cp: Any) -> None:
