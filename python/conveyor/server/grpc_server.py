@@ -66,7 +66,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=await _is_ready(self.dataplane))
+        # Only the model manager's state lock, never held across a load: answered on the loop.
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     @_rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -105,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         _check_repository(request.repository_name)
-        # The index waits on the model manager's lock, which a load holds throughout.
+        # The index lists the repository directory: off the event loop.
         rows = await asyncio.to_thread(self.dataplane.repository_index, request.ready)
         return codec.repository_index_to_proto(rows)
 
@@ -137,14 +138,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
-    async def _status(self, service: str) -> int:
+    def _status(self, service: str) -> int:
         if service not in ("", SERVICE_NAME):
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        ready = await _is_ready(self.dataplane)
+        # Only the model manager's state lock, never held across a load: answered on the loop.
+        ready = self.dataplane.ready()
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
-        status = await self._status(request.service)
+        status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
         return health_pb2.HealthCheckResponse(status=status)
@@ -154,7 +156,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         # stream ends when the client cancels or the server stops.
         last = None
         while True:
-            status = await self._status(request.service)
+            status = self._status(request.service)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
@@ -191,12 +193,6 @@ async def start_grpc_server(
         )
     await server.start()
     return server
-
-
-async def _is_ready(dataplane: DataPlane) -> bool:
-    # Readiness waits on the model manager's lock, which a model load holds throughout:
-    # off the event loop, so a slow load never stalls inference.
-    return await asyncio.to_thread(dataplane.ready)
 
 
 def _check_repository(name: str) -> None:
