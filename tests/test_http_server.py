@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import tomllib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from prometheus_client import parser as prometheus_parser
 from tritonclient.utils import InferenceServerException
 
 import conveyor
+from conveyor.server import http as http_server
 from conveyor.server.serve import ServeOptions
 from server_thread import ServerThread
 
@@ -173,6 +175,26 @@ def test_live_and_ready(client: Any) -> None:
     assert client.is_server_ready()
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True}),
+     ("/v2/models/mlp/ready", {"name": "mlp", "ready": True}),
+     ("/v2/models/mlp/versions/1/ready", {"name": "mlp", "ready": True})],
+)
+def test_health_answers_carry_the_v2_bodies(served: ServerThread, path: str, expected: dict[str, Any]) -> None:
+    # KServe's REST client parses these bodies; an empty body labelled JSON breaks it.
+    status, headers, answer = _request(served.port, "GET", path)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(answer) == expected
+
+
+def test_model_not_ready_is_400_with_an_error(served: ServerThread) -> None:
+    for path in ("/v2/models/spare/ready", "/v2/models/mlp/versions/2/ready", "/v2/models/nonexistent/ready"):
+        status, _, answer = _request(served.port, "GET", path)
+        assert status == 400, path
+        assert "not ready" in _error(answer)
+
+
 def test_server_metadata_lists_only_what_is_implemented(client: Any, served: ServerThread) -> None:
     metadata = client.get_server_metadata()
     assert metadata["name"] == "conveyor" and metadata["version"] == "test"
@@ -297,12 +319,108 @@ def test_classification_without_labels_gives_score_and_index(client: Any, mlp_se
             assert float(score) == pytest.approx(float(probs[row, index]), abs=1e-5)
 
 
-def test_gzip_request_and_response(client: Any) -> None:
+# -- compression ----------------------------------------------------------------------
+
+
+def _inflate(body: bytes, encoding: str) -> bytes:
+    return gzip.decompress(body) if encoding == "gzip" else zlib.decompress(body)
+
+
+def _tiny_infer_body(rows: int, *, binary_out: bool) -> bytes:
+    """A JSON infer request for `rows` rows of tiny, answered large enough to be worth compressing."""
+    data = _rows(rows, 16, seed=9).tolist()
+    document = {"id": "compressed", "inputs": [{"name": "x", "shape": [rows, 16], "datatype": "FP32", "data": data}],
+                "parameters": {"binary_data_output": binary_out}}
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_request(client: Any, algorithm: str) -> None:
     x = _rows(2, 16, seed=7)
-    for options in ({"request_compression_algorithm": "gzip"}, {"request_compression_algorithm": "deflate"},
-                    {"response_compression_algorithm": "gzip"}):
-        result = _infer(client, "tiny", x, **options)
-        np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
+    result = _infer(client, "tiny", x, request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json_out", "binary_out"])
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_response(client: Any, algorithm: str, binary_out: bool) -> None:
+    x = _rows(64, 16, seed=7)  # an answer of several KiB: compressed
+    result = _infer(client, "tiny", x, binary_out=binary_out, response_compression_algorithm=algorithm,
+                    request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json_out", "binary_out"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_inference_answer_is_compressed_when_accepted(served: ServerThread, encoding: str, binary_out: bool) -> None:
+    body = _tiny_infer_body(64, binary_out=binary_out)
+    status, plain_headers, plain = _request(served.port, "POST", "/v2/models/tiny/infer", body)
+    assert status == 200 and "content-encoding" not in plain_headers
+    status, headers, answer = _request(served.port, "POST", "/v2/models/tiny/infer", body,
+                                       {"Accept-Encoding": encoding})
+    assert status == 200
+    assert headers["content-encoding"] == encoding and headers["vary"] == "Accept-Encoding"
+    assert int(headers["content-length"]) == len(answer) < len(plain)
+    assert _inflate(answer, encoding) == plain
+    # The binary header length counts the uncompressed JSON, as tritonclient reads it.
+    assert headers.get("inference-header-content-length") == plain_headers.get("inference-header-content-length")
+    header_length = headers.get("inference-header-content-length")
+    result = httpclient.InferenceServerClient.parse_response_body(
+        answer, header_length=None if header_length is None else int(header_length), content_encoding=encoding
+    )
+    x = np.array(json.loads(body)["inputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
+
+
+def test_small_answers_and_other_routes_are_not_compressed(served: ServerThread) -> None:
+    # tritonclient's asyncio client asks for gzip on every request but inflates only inference answers.
+    accept = {"Accept-Encoding": "gzip, deflate"}
+    status, headers, answer = _request(served.port, "POST", "/v2/models/tiny/infer", _tiny_json([[0.0] * 16]), accept)
+    assert status == 200 and "content-encoding" not in headers and headers["vary"] == "Accept-Encoding"
+    assert json.loads(answer)["outputs"][0]["data"] == [1.0] * 16
+    for path in ("/v2/models/mlp/config", "/v2/models/stats", "/v2/models/nonexistent"):
+        status, headers, answer = _request(served.port, "GET", path, headers=accept)
+        assert "content-encoding" not in headers, path
+        json.loads(answer)
+
+
+def test_metrics_are_compressed_when_accepted(served: ServerThread) -> None:
+    status, headers, answer = _request(served.port, "GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    text = gzip.decompress(answer).decode()
+    assert list(prometheus_parser.text_string_to_metric_families(text))  # the whole page arrived and parses
+
+
+def test_large_answer_is_compressed_off_the_event_loop(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    compress = http_server._compressed_body
+
+    def recording(parts: list[Any], encoding: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return compress(parts, encoding)
+
+    monkeypatch.setattr(http_server, "_compressed_body", recording)
+    monkeypatch.setattr(http_server, "COMPRESS_OFF_LOOP_BYTES", 0)  # every compressed answer counts as large
+    body = _tiny_infer_body(64, binary_out=True)
+    status, headers, answer = _request(served.port, "POST", "/v2/models/tiny/infer", body, {"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    result = httpclient.InferenceServerClient.parse_response_body(
+        answer, header_length=int(headers["inference-header-content-length"]), content_encoding="gzip"
+    )
+    x = np.array(json.loads(body)["inputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(result.as_numpy("y"), x + 1, atol=1e-6, rtol=0)
+    assert len(threads) == 1 and threads[0] != served.thread.name
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "chosen"),
+    [(b"gzip", b"gzip"), (b"deflate", b"deflate"), (b"gzip, deflate, br", b"gzip"), (b"br, deflate", b"deflate"),
+     (b"GZIP", b"gzip"), (b"x-gzip", b"gzip"), (b"gzip;q=0, deflate", b"deflate"), (b"deflate;q=0.9, gzip;q=0.5",
+     b"deflate"), (b"*", b"gzip"), (b"*;q=0", None), (b"gzip;q=0, *", b"deflate"), (b"br", None),
+     (b"identity", None), (b"", None), (b"gzip;q=nonsense", None), (b"gzip ; q=0.3 ; x=1", b"gzip")],
+)
+def test_accept_encoding_negotiation(accept_encoding: bytes, chosen: bytes | None) -> None:
+    assert http_server.accepted_compression(accept_encoding) == chosen
 
 
 # -- statistics and metrics -----------------------------------------------------------
@@ -367,6 +485,14 @@ def test_repository_index(client: Any) -> None:
     assert rows["mlp"]["state"] == "READY" and rows["mlp"]["version"] == "1"
     assert rows["spare"]["state"] == "UNAVAILABLE" and rows["spare"]["reason"]
     assert set(STARTUP_MODELS) <= {row["name"] for row in client.get_model_repository_index(headers=AUTH)}
+
+
+def test_load_and_unload_answer_json(served: ServerThread, client: Any) -> None:
+    for action in ("load", "unload"):
+        status, headers, answer = _request(served.port, "POST", f"/v2/repository/models/spare/{action}", b"{}", AUTH)
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert json.loads(answer) == {"name": "spare", action: True}
+    assert not client.is_model_ready("spare")
 
 
 def test_load_and_unload(client: Any) -> None:

@@ -5,6 +5,12 @@ No framework layers on the request path (measured on 2 vCPUs: a bare protocol se
 bytes come off the socket into httptools, the route is matched with a split, the body
 is decoded without copying binary tensors, and the response goes out in one
 writelines() call. Pipelined requests on one connection are answered in order.
+
+Bodies travel compressed both ways when the client asks: a request with
+`Content-Encoding: gzip|deflate` is inflated before decoding, and an inference answer
+(or the metrics page) goes out compressed when `Accept-Encoding` allows gzip or deflate
+and the body is large enough to gain from it. Uncompressed answers keep the zero-copy
+path: their buffers are written as they are.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ _REASONS = {
     501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 _MAX_PIPELINED = 64  # requests queued on one connection before reading pauses
+
+# The 2xx bodies of the health routes (the v2 REST spec's objects; KServe's client reads them).
+_LIVE_BODY = b'{"live":true}'
+_READY_BODY = b'{"ready":true}'
+
+# A body under this size fits in one packet either way, and compressing it costs more
+# than it saves: requests, httpx and aiohttp ask for gzip on every request by default.
+MIN_COMPRESSED_BODY_BYTES = 1024
+# Above this size the body is compressed on a worker thread (zlib releases the GIL),
+# so that one large answer does not stall every other connection of the event loop.
+COMPRESS_OFF_LOOP_BYTES = 256 * 1024
+# zlib's fastest level: most of the gain on JSON and about twice the speed of the default.
+_COMPRESSION_LEVEL = 1
 
 
 class HttpApp:
@@ -86,14 +105,18 @@ class HttpApp:
         if name == "infer":
             return await self._infer(model, version, headers, body)
         if name == "live":
-            return Response(200 if dp.live() else 400, [])
+            if dp.live():
+                return Response(200, [_LIVE_BODY])
+            return Response(400, [encode_error("the server is not live")])
         if name == "ready":
-            return Response(200 if dp.ready() else 400, [])
+            if dp.ready():
+                return Response(200, [_READY_BODY])
+            return Response(400, [encode_error(_not_ready_reason(dp))])
         if name == "server_metadata":
             return json_response(dp.server_metadata())
         if name == "model_ready":
             if dp.model_ready(model, version):
-                return Response(200, [])
+                return json_response({"name": model, "ready": True})
             return Response(400, [encode_error(f"model '{model}' version '{version or 'default'}' is not ready")])
         if name == "model_metadata":
             return json_response(dp.model_metadata(model, version))
@@ -112,19 +135,20 @@ class HttpApp:
             return json_response(await dp.feedback(model, version, labels))
         if name == "index":
             request = _json_object(body, "repository index request") if body else {}
-            return json_response(dp.repository_index(bool(request.get("ready", False))))
+            # The index lists the repository directory: off the event loop.
+            return json_response(await asyncio.to_thread(dp.repository_index, bool(request.get("ready", False))))
         if name in ("load", "unload"):
             request = _json_object(body, f"repository {name} request") if body else {}
             parameters = request.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise InvalidInput(f"repository {name} request: 'parameters' must be an object")
             await (dp.load_model if name == "load" else dp.unload_model)(model, parameters)
-            return Response(200, [])
+            return json_response({"name": model, name: True})
         if name == "metrics":
             if self.metrics is None:
                 return Response(404, [encode_error("metrics are disabled on this port")])
             payload, content_type = self.metrics()
-            return Response(200, [payload], content_type.encode())
+            return Response(200, [payload], content_type.encode(), compressible=True)
         if name == "models":
             return json_response({"models": sorted(dp.runtime.models())})
         raise InvalidInput(f"unhandled route {name}")
@@ -147,9 +171,16 @@ class HttpApp:
         response = await self.dataplane.infer(request)
         parts, json_length = encode_infer_response(response)
         if json_length is None:
-            return Response(200, parts)
+            return Response(200, parts, compressible=True)
         return Response(200, parts, b"application/octet-stream",
-                        [b"Inference-Header-Content-Length: %d" % json_length])
+                        [b"Inference-Header-Content-Length: %d" % json_length], compressible=True)
+
+
+def _not_ready_reason(dataplane: DataPlane) -> str:
+    if dataplane.draining:
+        return "the server is not ready: it is shutting down"
+    return ("the server is not ready: a model it was asked to serve is not loaded yet or failed to load "
+            "(POST /v2/repository/index lists each model's state and reason)")
 
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
@@ -268,6 +299,10 @@ class HttpProtocol(asyncio.Protocol):
                 try:
                     body = _decompress(headers, body, app.max_request_bytes)
                     response = await app.handle(method, url, headers, body)
+                    if response.compressible:
+                        accept_encoding = headers.get(b"accept-encoding")
+                        if accept_encoding is not None:
+                            await _compress(response, accept_encoding)
                 except _BodyTooLarge as exc:
                     response = Response(413, [encode_error(str(exc))])
                 except Exception as exc:  # decoding failures and the like: this request only
@@ -349,6 +384,59 @@ def _decompress(headers: dict[bytes, bytes], body: bytes, limit: int) -> bytes:
     if len(data) > limit or decompressor.unconsumed_tail:
         raise _BodyTooLarge(f"decompressed request body is over the limit of {limit} bytes (--max-request-bytes)")
     return data
+
+
+def accepted_compression(accept_encoding: bytes) -> bytes | None:
+    """b"gzip" or b"deflate", whichever an Accept-Encoding value rates higher (gzip on a tie), or None.
+
+    Codings are rated by their q-values (1 when absent); "*" rates those not named, "x-gzip"
+    is gzip, and q=0 refuses a coding.
+    """
+    ratings: dict[bytes, float] = {}
+    for item in accept_encoding.lower().split(b","):
+        coding, *parameters = item.split(b";")
+        quality = 1.0
+        for parameter in parameters:
+            key, _, value = parameter.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        coding = coding.strip()
+        ratings[b"gzip" if coding == b"x-gzip" else coding] = quality
+    wildcard = ratings.get(b"*", 0.0)
+    chosen, best = None, 0.0
+    for coding in (b"gzip", b"deflate"):
+        quality = ratings.get(coding, wildcard)
+        if quality > best:
+            chosen, best = coding, quality
+    return chosen
+
+
+async def _compress(response: Response, accept_encoding: bytes) -> None:
+    """Compress `response`'s body in place when the client accepts gzip or deflate and it is worth it."""
+    response.headers.append(b"Vary: Accept-Encoding")  # the body depends on the header
+    encoding = accepted_compression(accept_encoding)
+    if encoding is None:
+        return
+    size = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in response.body)
+    if size < MIN_COMPRESSED_BODY_BYTES:
+        return
+    if size >= COMPRESS_OFF_LOOP_BYTES:
+        compressed = await asyncio.to_thread(_compressed_body, response.body, encoding)
+    else:
+        compressed = _compressed_body(response.body, encoding)
+    response.body = [compressed]
+    response.headers.append(b"Content-Encoding: " + encoding)
+
+
+def _compressed_body(parts: list[bytes | memoryview], encoding: bytes) -> bytes:
+    # HTTP's "deflate" is the zlib format (wbits 15); gzip adds its own header and trailer (wbits 31).
+    compressor = zlib.compressobj(_COMPRESSION_LEVEL, zlib.DEFLATED, 31 if encoding == b"gzip" else 15)
+    chunks = [compressor.compress(part) for part in parts]
+    chunks.append(compressor.flush())
+    return b"".join(chunks)
 
 
 async def start_http_server(

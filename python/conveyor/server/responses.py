@@ -16,20 +16,37 @@ _JSON = b"application/json"
 
 
 class Response:
-    __slots__ = ("status", "body", "content_type", "headers")
+    """A status, body buffers and headers; `compressible` marks a body the client may get compressed.
 
-    def __init__(self, status: int, body: list[Any], content_type: bytes = _JSON, headers: list[bytes] | None = None):
+    Only inference answers and metrics are compressible: tritonclient's asyncio HTTP client
+    asks for gzip on every request (aiohttp's default) but inflates only inference answers.
+    """
+
+    __slots__ = ("status", "body", "content_type", "headers", "compressible")
+
+    def __init__(
+        self,
+        status: int,
+        body: list[Any],
+        content_type: bytes = _JSON,
+        headers: list[bytes] | None = None,
+        *,
+        compressible: bool = False,
+    ):
         self.status = status
         self.body = body  # buffers, written in order
         self.content_type = content_type
         self.headers = headers or []
+        self.compressible = compressible
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
+    """A JSON body (compact separators) with the given status."""
     return Response(status, [json.dumps(payload, separators=(",", ":")).encode()])
 
 
 def error_response(exc: BaseException) -> Response:
+    """The protocol's {"error": ...} answer for an exception; an unexpected one is logged and is a 500."""
     if isinstance(exc, ConveyorError):
         return Response(http_status_for(exc), [encode_error(str(exc))])
     log.exception("unexpected error while handling a request", exc_info=exc)
