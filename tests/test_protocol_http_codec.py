@@ -343,8 +343,8 @@ MALFORMED_JSON_CASES = [
         "request parameter 'timeout' must be an integer >= 0, got true",
     ),
     (
-        _json({"parameters": {"x": None}, "inputs": []}),
-        "request 'parameters': 'x' must be a string, number or boolean, got null",
+        _json({"parameters": {"x": [1]}, "inputs": []}),
+        "request 'parameters': 'x' must be a string, number or boolean, got a list",
     ),
     (_json({"outputs": {}, "inputs": []}), "'outputs' must be a list, got an object"),
     (_json({"outputs": [{}], "inputs": []}), "outputs[0] has no 'name'"),
@@ -371,6 +371,24 @@ MALFORMED_JSON_CASES = [
 def test_malformed_json_requests_say_what_is_wrong(body: bytes, message: str) -> None:
     with pytest.raises(InvalidInput, match=re.escape(message)):
         decode(body)
+
+
+def test_null_stands_for_not_given() -> None:
+    # MLServer's clients write unset fields as null (request.dict() of its pydantic types).
+    document = {
+        "id": None,
+        "parameters": {"content_type": "np", "headers": None},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2],
+                    "parameters": {"content_type": "np", "headers": None}}],
+        "outputs": [{"name": "y", "parameters": {"content_type": "np", "headers": None, "binary_data": None}},
+                    {"name": "z", "parameters": None}],
+    }
+    request = decode(_json(document))
+    assert request.id == "" and request.parameters == {"content_type": "np"}
+    assert request.inputs[0].parameters == {"content_type": "np"}
+    assert [(o.name, o.binary_data, o.parameters) for o in request.outputs] == [
+        ("y", None, {"content_type": "np"}), ("z", None, {})
+    ]
 
 
 def _binary_request(size_claimed: int, payload: bytes, datatype: str = "FP32", shape: list[int] | None = None):

@@ -4,7 +4,8 @@ A body is a JSON header, optionally followed by binary tensor data (Triton's bin
 tensor extension): the `Inference-Header-Content-Length` HTTP header gives the JSON
 length, and each binary input's `parameters.binary_data_size` its share of the rest,
 in input order. Header length 0 is the raw form: the whole body is the bytes of the
-model's only input. Binary inputs decode to views of the body, binary outputs encode
+model's only input. A JSON null stands for a field or parameter not given: MLServer's
+clients write `"id": null` and `"headers": null` for what they leave unset. Binary inputs decode to views of the body, binary outputs encode
 to views of the output arrays: tensor bytes are never copied here.
 
 JSON is read and written with orjson: it parses a batch-1 JSON request 10x faster
@@ -98,16 +99,38 @@ def decode_infer_request(
     if not isinstance(document, dict):
         raise InvalidInput(f"the request's JSON must be an object, got {describe(document)}")
     request = InferRequest(model_name=model_name, model_version=model_version)
-    request_id = document.get("id", "")
-    if not isinstance(request_id, str):
+    request_id = document.get("id")
+    if request_id is None:
+        request_id = ""
+    elif not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {describe(request_id)}")
     request.id = request_id
-    request.parameters, request.binary_data_output = request_parameters(document.get("parameters"))
-    request.outputs = decode_requested_outputs(document.get("outputs"))
+    request.parameters, request.binary_data_output = request_parameters(_given(document.get("parameters")))
+    request.outputs = decode_requested_outputs(_outputs_given(document.get("outputs")))
     headers = _input_headers(document)
     binary_start = total if header_length is None else header_length
     request.inputs = _read_inputs(headers, body, binary_start, total, has_header_length=header_length is not None)
     return request
+
+
+def _given(parameters: Any) -> Any:
+    """A `parameters` object without its null entries (each stands for a parameter not given)."""
+    if type(parameters) is dict and None in parameters.values():
+        return {key: value for key, value in parameters.items() if value is not None}
+    return parameters
+
+
+def _outputs_given(outputs: Any) -> Any:
+    """The `outputs` list with null parameters dropped from each entry (a copy only when there are any)."""
+    if type(outputs) is not list:
+        return outputs
+    cleaned = outputs
+    for index, entry in enumerate(outputs):
+        if type(entry) is dict and type(entry.get("parameters")) is dict and None in entry["parameters"].values():
+            if cleaned is outputs:
+                cleaned = list(outputs)
+            cleaned[index] = {**entry, "parameters": _given(entry["parameters"])}
+    return cleaned
 
 
 def _parse_json(buffer: bytes | memoryview, *, whole_body: bool) -> Any:
@@ -175,7 +198,7 @@ def _input_header(entry: Any, index: int) -> _InputHeader:
     if parameters is None:
         parameters = {}
     else:
-        parameters = check_parameters(parameters, where=f"input '{name}' 'parameters'")
+        parameters = check_parameters(_given(parameters), where=f"input '{name}' 'parameters'")
         if "shared_memory_region" in parameters:
             raise InvalidInput(
                 f"input '{name}': shared memory inputs are not supported; send the data as JSON or binary"
