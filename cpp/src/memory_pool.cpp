@@ -20,9 +20,30 @@
 
 #include "memory_upstream.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace conveyor {
 
 namespace {
+
+// ---- AddressSanitizer ----------------------------------------------------------------
+// A cached block is freed memory as far as its last user is concerned: under ASan it is
+// poisoned while it sits on a free list, so a read or write through a stale pointer (a
+// numpy view that outlived its owner, say) is reported instead of silently hitting the
+// cache. Device memory has no shadow: only host-side kinds are poisoned.
+#if defined(__SANITIZE_ADDRESS__)
+void poison_cached(MemoryKind kind, void* data, size_t nbytes) noexcept {
+  if (kind != MemoryKind::kCuda) ASAN_POISON_MEMORY_REGION(data, nbytes);
+}
+void unpoison_cached(MemoryKind kind, void* data, size_t nbytes) noexcept {
+  if (kind != MemoryKind::kCuda) ASAN_UNPOISON_MEMORY_REGION(data, nbytes);
+}
+#else
+void poison_cached(MemoryKind, void*, size_t) noexcept {}
+void unpoison_cached(MemoryKind, void*, size_t) noexcept {}
+#endif
 
 using memory_detail::UpstreamAllocator;
 using memory_detail::UpstreamError;
@@ -162,7 +183,7 @@ class CachingPool final : public MemoryPool {
   // No lock: the last reference is going, and every block holds one, so nothing is in use.
   ~CachingPool() override {
     for (int i = 0; i < kNumClasses; ++i) {
-      for (void* data : cached_[i]) upstream_->release(data, kClassBytes[i]);
+      for (void* data : cached_[i]) release_upstream(data, kClassBytes[i]);
     }
   }
 
@@ -199,6 +220,11 @@ class CachingPool final : public MemoryPool {
   // Under the lock: pops a cached block of the class into *data (a hit), or else reserves
   // the class's bytes against the limit for an upstream call (a miss in the making).
   Claim claim(int class_index, void** data);
+  // Hands a cached (poisoned) block back to the upstream allocator.
+  void release_upstream(void* data, size_t nbytes) noexcept {
+    unpoison_cached(kind_, data, nbytes);
+    upstream_->release(data, nbytes);
+  }
   // Goes upstream for a reserved class; on failure gives the reservation back.
   void* allocate_reserved(int class_index, UpstreamError* error);
   [[noreturn]] void throw_out_of_memory(size_t nbytes, int class_index, bool over_limit,
@@ -229,6 +255,7 @@ CachingPool::Claim CachingPool::claim(int class_index, void** data) {
   if (!free_list.empty()) {
     *data = free_list.back();
     free_list.pop_back();
+    unpoison_cached(kind_, *data, bytes);
     ++stats_.hits;
     stats_.bytes_in_use += bytes;
     stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
@@ -294,6 +321,7 @@ void CachingPool::give_back(void* data, int class_index) noexcept {
     stats_.bytes_in_use -= bytes;
     try {
       cached_[class_index].push_back(data);
+      poison_cached(kind_, data, bytes);
       return;
     } catch (...) {
       // No room to remember the block (bad_alloc): release it instead of caching it.
@@ -317,7 +345,7 @@ uint64_t CachingPool::trim() {
     stats_.bytes_reserved -= released;
   }
   for (int i = 0; i < kNumClasses; ++i) {
-    for (void* data : taken[i]) upstream_->release(data, kClassBytes[i]);
+    for (void* data : taken[i]) release_upstream(data, kClassBytes[i]);
   }
   return released;
 }
