@@ -293,9 +293,9 @@ def test_bad_inputs_say_what_was_expected():
             rt.infer("double", _row(1), priority=3)
         with pytest.raises(InvalidInput, match="timeout_ms"):
             rt.infer("double", _row(1), timeout_ms=0)
-        with pytest.raises(ModelNotFound, match="'nope' is not loaded"):
+        with pytest.raises(ModelNotFound, match="^Request for unknown model: 'nope' is not found"):
             rt.infer("nope", _row(1))
-        with pytest.raises(ModelNotFound, match="no version 5"):
+        with pytest.raises(ModelNotFound, match="^Request for unknown model: .double. version 5 is not found"):
             rt.infer("double", _row(1), version=5)
         # Lists and non-contiguous arrays are converted, not rejected.
         out = rt.infer("double", {"x": [[1, 2, 3, 4]]})["y"]

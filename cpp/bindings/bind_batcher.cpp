@@ -33,7 +33,8 @@ std::string describe_python_error(py::error_already_set& e, py::handle conveyor_
 
 // The adapter for a Python callable `fn(inputs: tuple[np.ndarray], instance: int) ->
 // sequence[np.ndarray]`, instance being the 0-based execution instance running the batch.
-// It crosses into Python once per batch; the arrays it receives view pooled memory.
+// It crosses into Python once per batch; the arrays it receives view pooled memory
+// (BYTES inputs are object arrays of their own, holding a reference to each element).
 Executor python_executor(py::function fn, std::vector<std::string> output_names) {
   auto fn_owner = make_python_owner(std::move(fn));
   return [fn_owner, output_names](const Batch& batch) -> std::vector<Tensor> {
@@ -62,13 +63,19 @@ Executor python_executor(py::function fn, std::vector<std::string> output_names)
   };
 }
 
-std::vector<Tensor> borrow_inputs(const Batcher& b, const py::tuple& inputs) {
+// The request's inputs, each holding the tuple as its owner: the batcher keeps them
+// alive until the completion is dropped, whatever happens to the caller.
+std::vector<Tensor> hold_inputs(const Batcher& b, const py::tuple& inputs) {
   const auto& specs = b.options().inputs;
   std::vector<Tensor> tensors;
   tensors.reserve(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const std::string what = "input '" + (i < specs.size() ? specs[i].name : std::to_string(i)) + "'";
     tensors.push_back(borrow_array(inputs[i], what.c_str()));
+  }
+  if (!tensors.empty()) {
+    std::shared_ptr<void> owner = make_python_owner(py::reinterpret_borrow<py::object>(inputs));
+    for (Tensor& t : tensors) t.owner = owner;
   }
   return tensors;
 }
@@ -80,19 +87,32 @@ py::tuple outputs_to_python(const BatchOutputs& outputs) {
 }
 
 // [(batch outputs or None, [(request_id, error or None, row_offset, rows), ...]), ...]
+// A batch whose outputs cannot be converted fails its own requests with that error;
+// the other batches are unaffected. Request inputs the completions hand back are
+// released here, with the GIL held.
 py::list drain_to_python(CompletionQueue& queue) {
   std::vector<std::vector<Completion>> groups = queue.drain();
   py::list out;
   for (auto& group : groups) {
     py::object arrays = py::none();
+    py::object conversion_error = py::none();
     py::list done(group.size());
     for (size_t i = 0; i < group.size(); ++i) {
       Completion& c = group[i];
       py::object error = py::none();
       if (c.code != ErrorCode::kOk) {
         error = make_exception(c.code, c.message);
-      } else if (arrays.is_none()) {
-        arrays = outputs_to_python(*c.outputs);
+      } else {
+        if (arrays.is_none() && conversion_error.is_none()) {
+          try {
+            arrays = outputs_to_python(*c.outputs);
+          } catch (py::error_already_set& e) {
+            conversion_error = e.value();
+          } catch (const Error& e) {
+            conversion_error = make_exception(e.code(), e.what());
+          }
+        }
+        error = conversion_error;
       }
       done[i] = py::make_tuple(c.request_id, error, c.row_offset, c.rows);
     }
@@ -129,6 +149,7 @@ py::dict stats_to_python(const BatcherStats& s) {
   d["batched_rows"] = s.batched_rows;
   d["queue_depth"] = s.queue_depth;
   d["in_flight"] = s.in_flight;
+  d["undelivered"] = s.undelivered;
   d["last_inference_ns"] = s.last_inference_ns;
   d["batch_size_counts"] = s.batch_size_counts;
   d["batch_input_ns"] = s.batch_input_ns;
@@ -227,15 +248,16 @@ void init_batcher(py::module_& m) {
            "otherwise).")
       .def(
           "submit",
-          [](Batcher& b, const py::tuple& inputs, CompletionQueue& queue, int priority, int64_t timeout_us) {
-            // Inputs are borrowed: the caller keeps them alive until the completion is drained.
-            return b.submit(borrow_inputs(b, inputs), &queue, priority, timeout_us);
+          [](Batcher& b, const py::tuple& inputs, std::shared_ptr<CompletionQueue> queue, int priority,
+             int64_t timeout_us) {
+            // The batcher holds the inputs and the queue until the completion is drained.
+            return b.submit(hold_inputs(b, inputs), std::move(queue), priority, timeout_us);
           },
           py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
       .def(
           "infer",
           [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {
-            std::vector<Tensor> tensors = borrow_inputs(b, inputs);
+            std::vector<Tensor> tensors = hold_inputs(b, inputs);
             Completion c;
             {
               // Waiting for the batch: other Python threads (and the model) need the GIL.
@@ -256,7 +278,7 @@ void init_batcher(py::module_& m) {
   m.def(
       "gather_rows",
       [](const py::list& arrays, std::shared_ptr<MemoryPool> pool) {
-        std::vector<Tensor> tensors = borrow_arrays(arrays, "array");
+        std::vector<Tensor> tensors = hold_arrays(arrays, "array");
         std::vector<const Tensor*> parts;
         for (const Tensor& t : tensors) parts.push_back(&t);
         return array_from_tensor(gather_rows(parts, pool ? *pool : *MemoryPool::default_host()));

@@ -65,10 +65,10 @@ void init_native(py::module_& m) {
       .def(
           "run",
           [](const NativeGraph& g, const py::sequence& arrays) {
-            std::vector<Tensor> inputs = borrow_arrays(arrays, "input");
+            std::vector<Tensor> inputs = hold_arrays(arrays, "input");
             std::vector<Tensor> outputs;
             {
-              // Pure kernel work on borrowed arrays the caller keeps alive.
+              // Pure kernel work on arrays this call holds.
               py::gil_scoped_release nogil;
               outputs = g.run(inputs);
             }

@@ -49,22 +49,18 @@ void init_pipeline(py::module_& m) {
       .def(
           "run",
           [](const Pipeline& p, const py::sequence& arrays, const py::function& backend) {
-            std::vector<Tensor> inputs = borrow_arrays(arrays, "input");
+            // Held, not borrowed: a step that passes an array through returns it, and
+            // the array returned must keep its memory alive after this call.
+            std::vector<Tensor> inputs = hold_arrays(arrays, "input");
             std::vector<Tensor> prepared;
             {
-              // Kernel work on arrays the caller keeps alive.
               py::gil_scoped_release nogil;
               prepared = p.preprocess(inputs);
             }
             py::list backend_inputs;
             for (const Tensor& t : prepared) backend_inputs.append(array_from_tensor(t));
             py::object results = backend(backend_inputs);
-            std::vector<py::object> keep;  // the backend's arrays stay alive while borrowed
-            std::vector<Tensor> backend_outputs;
-            for (py::handle item : results) {
-              keep.push_back(py::reinterpret_borrow<py::object>(item));
-              backend_outputs.push_back(borrow_array(item, "backend output"));
-            }
+            std::vector<Tensor> backend_outputs = hold_arrays(py::list(results), "backend output");
             std::vector<Tensor> outputs;
             {
               py::gil_scoped_release nogil;

@@ -42,11 +42,20 @@ py::object type_for(ErrorCode code) {
   }
 }
 
+// Py_IsFinalizing became public in Python 3.13, which removed the private _Py_IsFinalizing.
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
 // Deleter of owners made by make_python_owner; its type identifies them (std::get_deleter).
 struct PythonObjectDeleter {
   void operator()(void* obj) const {
     // At interpreter shutdown the object goes with the interpreter: leak instead.
-    if (!Py_IsInitialized() || _Py_IsFinalizing()) return;
+    if (!Py_IsInitialized() || interpreter_finalizing()) return;
     py::gil_scoped_acquire gil;
     Py_DECREF(static_cast<PyObject*>(obj));
   }
@@ -141,35 +150,71 @@ std::shared_ptr<void> make_python_owner(py::object obj) {
   return std::shared_ptr<void>(obj.release().ptr(), PythonObjectDeleter{});
 }
 
+std::vector<Tensor> hold_arrays(const py::sequence& arrays, const char* what) {
+  std::vector<Tensor> tensors = borrow_arrays(arrays, what);
+  if (!tensors.empty()) {
+    std::shared_ptr<void> owner = make_python_owner(py::reinterpret_borrow<py::object>(arrays));
+    for (Tensor& t : tensors) t.owner = owner;
+  }
+  return tensors;
+}
+
+namespace {
+
+// The Python object array the tensor's owner is when it shows exactly that array's data.
+PyObject* owning_array(const Tensor& tensor, const py::dtype& dtype, const std::vector<py::ssize_t>& shape) {
+  if (!tensor.owner || !std::get_deleter<PythonObjectDeleter>(tensor.owner)) return nullptr;
+  auto* obj = static_cast<PyObject*>(tensor.owner.get());
+  if (!py::isinstance<py::array>(obj)) return nullptr;
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  const bool same = arr.data() == tensor.data && arr.ndim() == tensor.shape.ndim() &&
+                    std::equal(shape.begin(), shape.end(), arr.shape()) && (arr.flags() & py::array::c_style) &&
+                    arr.dtype().kind() == dtype.kind() && arr.dtype().itemsize() == dtype.itemsize();
+  return same ? obj : nullptr;
+}
+
+// A new object array holding its own reference to each element the tensor points at
+// (None where it holds a null pointer).
+py::object bytes_array_copy(const Tensor& tensor, const std::vector<py::ssize_t>& shape) {
+  py::array copy(py::dtype("O"), shape);
+  auto* const* from = static_cast<PyObject* const*>(tensor.data);
+  auto** to = static_cast<PyObject**>(copy.mutable_data());
+  const int64_t count = tensor.shape.numel();
+  for (int64_t i = 0; i < count; ++i) {
+    PyObject* item = from[i] ? from[i] : Py_None;
+    Py_INCREF(item);
+    Py_XDECREF(to[i]);  // numpy filled the new array with None
+    to[i] = item;
+  }
+  return std::move(copy);
+}
+
+}  // namespace
+
 py::object array_from_tensor(const Tensor& tensor) {
   if (tensor.device.kind == DeviceKind::kCUDA) {
     throw Error(ErrorCode::kInvalidInput, "[tensor] a CUDA tensor has no numpy view");
   }
   py::dtype dtype = numpy_dtype(tensor.dtype);
   std::vector<py::ssize_t> shape(tensor.shape.data(), tensor.shape.data() + tensor.shape.ndim());
+  if (PyObject* same = owning_array(tensor, dtype, shape)) return py::reinterpret_borrow<py::object>(same);
+  if (!tensor.owner) {
+    throw Error(ErrorCode::kInternal,
+                "[tensor] a tensor of shape " + tensor.shape.to_string() +
+                    " has no owner, so a numpy view of it could outlive its memory (a bug: please report it)");
+  }
+  if (tensor.dtype == DType::kBytes) return bytes_array_copy(tensor, shape);
   py::object base;
-  if (tensor.owner && std::get_deleter<PythonObjectDeleter>(tensor.owner)) {
-    // Owned by a Python object: hand back that very array when it is exactly this data,
-    // else a view whose base is that object (no capsule needed).
+  if (std::get_deleter<PythonObjectDeleter>(tensor.owner)) {
+    // Owned by a Python object: the view's base is that object (no capsule needed).
     base = py::reinterpret_borrow<py::object>(static_cast<PyObject*>(tensor.owner.get()));
-    if (py::isinstance<py::array>(base)) {
-      auto arr = py::reinterpret_borrow<py::array>(base);
-      if (arr.data() == tensor.data && arr.ndim() == tensor.shape.ndim() &&
-          std::equal(shape.begin(), shape.end(), arr.shape()) &&
-          (arr.flags() & py::array::c_style) && arr.dtype().kind() == dtype.kind() &&
-          arr.dtype().itemsize() == dtype.itemsize()) {
-        return std::move(arr);
-      }
-    }
-  } else if (tensor.owner) {
+  } else {
     auto* holder = new std::shared_ptr<void>(tensor.owner);
     base = py::reinterpret_steal<py::object>(PyCapsule_New(holder, "conveyor.owner", release_capsule));
     if (!base) {
       delete holder;
       throw py::error_already_set();
     }
-  } else {
-    base = py::none();
   }
   return py::array(dtype, shape, {}, tensor.data, base);
 }

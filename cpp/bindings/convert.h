@@ -32,9 +32,17 @@ std::vector<Tensor> borrow_arrays(const py::sequence& arrays, const char* what);
 // on any thread that holds no core lock.
 std::shared_ptr<void> make_python_owner(py::object obj);
 
-// A numpy array over a CPU tensor without copying. When the tensor's owner is a Python
-// object covering exactly this data, that object itself is returned; otherwise the
-// array's base keeps the owner alive.
+// borrow_arrays whose tensors also hold `keep_alive` (one Python object keeping every
+// array alive: the sequence itself, usually) as their owner, so whatever receives them
+// (a batch, a result) keeps the arrays alive without the caller's help.
+std::vector<Tensor> hold_arrays(const py::sequence& arrays, const char* what);
+
+// A numpy array over a CPU tensor. Every array it returns owns what it shows: when the
+// tensor's owner is a Python object covering exactly this data, that object itself;
+// otherwise a view whose base keeps the owner alive. BYTES elements are Python objects
+// that the tensor only points at (unless its owner is the object array holding them),
+// so for BYTES a new object array with its own reference to each element is returned.
+// A tensor with no owner is refused (InternalError): a view of it could dangle.
 py::object array_from_tensor(const Tensor& tensor);
 
 // The conveyor.errors instance for a core error (used for errors delivered as values).

@@ -3,7 +3,9 @@
 #include "conveyor/gather.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <new>
 
 namespace conveyor {
 
@@ -56,7 +58,7 @@ struct Batcher::Counters {
         size_slots(sizes) {}
 
   std::atomic<uint64_t> requests{0}, succeeded{0}, failed{0}, rejected{0}, expired{0}, cancelled{0};
-  std::atomic<uint64_t> batches{0}, batched_rows{0}, in_flight{0};
+  std::atomic<uint64_t> batches{0}, batched_rows{0}, in_flight{0}, undelivered{0};
   std::atomic<int64_t> last_inference_ns{0};
   std::unique_ptr<std::atomic<uint64_t>[]> batch_count, input_ns, infer_ns, output_ns;
   size_t size_slots;
@@ -161,7 +163,12 @@ void Batcher::validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_
   *shape_key = hash_dims(inputs, first_dim);
 }
 
-uint64_t Batcher::submit(std::vector<Tensor> inputs, CompletionSink* sink, int priority, int64_t timeout_us) {
+uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
+                         int64_t timeout_us) {
+  if (!sink) {
+    counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+    throw Error(ErrorCode::kInvalidInput, "[batcher] model '" + options_.model_name + "': submit needs a completion sink");
+  }
   int64_t rows = 1;
   uint64_t shape_key = 0;
   int level = 0;
@@ -183,7 +190,7 @@ uint64_t Batcher::submit(std::vector<Tensor> inputs, CompletionSink* sink, int p
   entry.request.rows = rows;
   entry.request.enqueue_time = now;
   entry.request.deadline = entry.view.deadline;
-  entry.request.sink = sink;
+  entry.request.sink = std::move(sink);
 
   uint64_t id;
   bool earlier_deadline = false;
@@ -219,9 +226,9 @@ uint64_t Batcher::submit(std::vector<Tensor> inputs, CompletionSink* sink, int p
 }
 
 Completion Batcher::infer(std::vector<Tensor> inputs, int priority, int64_t timeout_us) {
-  CompletionWaiter waiter;
-  submit(std::move(inputs), &waiter, priority, timeout_us);
-  return waiter.wait();
+  auto waiter = std::make_shared<CompletionWaiter>();
+  submit(std::move(inputs), waiter, priority, timeout_us);
+  return waiter->wait();
 }
 
 std::pair<std::vector<Batcher::Request>, std::vector<Batcher::Request>> Batcher::take(
@@ -320,7 +327,6 @@ void Batcher::deadline_loop() {
 }
 
 std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch) {
-  if (batch.size() == 1 && !options_.gather_single_request) return batch.front().inputs;
   std::vector<Tensor> out;
   out.reserve(options_.inputs.size());
   std::vector<const Tensor*> parts(batch.size());
@@ -339,21 +345,21 @@ std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch) {
 
 std::vector<Tensor> Batcher::execute(int instance, const std::vector<Tensor>& inputs, int64_t rows) {
   std::vector<Tensor> outputs = executor_(Batch{inputs, rows, instance});
-  const std::string where = "model '" + options_.model_name + "' ";
+  auto where = [this] { return "model '" + options_.model_name + "' "; };  // built only for an error
   if (outputs.size() != options_.outputs.size()) {
-    throw Error(ErrorCode::kModelExecution, where + "returned " + std::to_string(outputs.size()) +
+    throw Error(ErrorCode::kModelExecution, where() + "returned " + std::to_string(outputs.size()) +
                                                 " outputs, expected " + std::to_string(options_.outputs.size()));
   }
   for (size_t i = 0; i < outputs.size(); ++i) {
     const TensorSpec& spec = options_.outputs[i];
     const Tensor& t = outputs[i];
     if (t.dtype != spec.dtype) {
-      throw Error(ErrorCode::kModelExecution, where + "returned output '" + spec.name + "' as " +
+      throw Error(ErrorCode::kModelExecution, where() + "returned output '" + spec.name + "' as " +
                                                   dtype_name(t.dtype) + ", expected " + dtype_name(spec.dtype));
     }
     if (options_.max_batch_size > 0 && (t.shape.ndim() < 1 || t.shape[0] != rows)) {
       throw Error(ErrorCode::kModelExecution,
-                  where + "returned output '" + spec.name + "' of shape " + t.shape.to_string() +
+                  where() + "returned output '" + spec.name + "' of shape " + t.shape.to_string() +
                       " for a batch of " + std::to_string(rows) + " rows: the first dimension must be the batch");
     }
   }
@@ -379,24 +385,33 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
   inputs.clear();  // hand the pooled batch inputs back before completing
 
   const bool batching = options_.max_batch_size > 0;
-  auto shared = std::make_shared<BatchOutputs>();
-  shared->tensors = std::move(outputs);
-  shared->rows = batching ? rows : 0;
-  std::vector<std::pair<CompletionSink*, Completion>> done;
-  done.reserve(batch.size());
-  int64_t offset = 0;
-  Counters& c = *counters_;
-  for (Request& r : batch) {
-    Completion completion;
-    completion.request_id = r.id;
-    completion.outputs = shared;
-    completion.row_offset = offset;
-    completion.rows = batching ? r.rows : -1;
-    offset += r.rows;
-    c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
-    done.emplace_back(r.sink, std::move(completion));
+  std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done;
+  try {
+    auto shared = std::make_shared<BatchOutputs>();
+    shared->tensors = std::move(outputs);
+    shared->rows = batching ? rows : 0;
+    done.reserve(batch.size());
+    int64_t offset = 0;
+    for (Request& r : batch) {
+      Completion completion;
+      completion.request_id = r.id;
+      completion.outputs = shared;
+      completion.row_offset = offset;
+      completion.rows = batching ? r.rows : -1;
+      offset += r.rows;
+      done.emplace_back(r.sink, std::move(completion));
+    }
+  } catch (const std::exception& e) {
+    // No memory to complete the batch: its requests fail, the instance goes on. Their
+    // inputs are untouched (only moved below, once nothing can throw).
+    done.clear();
+    fail(std::move(batch), ErrorCode::kOutOfMemory,
+         "[batcher] model '" + options_.model_name + "': could not complete the batch: " + e.what());
+    return;
   }
-  shared.reset();  // the completions hold the outputs now
+  for (size_t i = 0; i < batch.size(); ++i) done[i].second.request_inputs = std::move(batch[i].inputs);
+  Counters& c = *counters_;
+  for (const Request& r : batch) c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
   const TimePoint t3 = Clock::now();
   const uint64_t n = batch.size();
   const size_t slot = static_cast<size_t>(std::min<int64_t>(batching ? rows : 1, c.size_slots - 1));
@@ -419,52 +434,121 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
   deliver_grouped(std::move(done));
 }
 
-void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) {
+void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) noexcept {
   if (requests.empty()) return;
-  std::vector<std::pair<CompletionSink*, Completion>> done;
-  done.reserve(requests.size());
-  for (Request& r : requests) {
+  Counters& c = *counters_;
+  auto count = [&](uint64_t n) {
+    switch (code) {
+      case ErrorCode::kDeadlineExceeded: c.expired.fetch_add(n, std::memory_order_relaxed); break;
+      case ErrorCode::kCancelled: c.cancelled.fetch_add(n, std::memory_order_relaxed); break;
+      default: c.failed.fetch_add(n, std::memory_order_relaxed); break;
+    }
+    c.in_flight.fetch_sub(n, std::memory_order_relaxed);
+  };
+  std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done;
+  try {
+    done.reserve(requests.size());
+  } catch (const std::bad_alloc&) {
+    // No room to list them together: one delivery per request, as memory allows.
+    for (Request& r : requests) {
+      std::vector<Request> one;
+      try {
+        one.reserve(1);
+      } catch (const std::bad_alloc&) {
+        count(1);
+        c.undelivered.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      one.push_back(std::move(r));
+      fail(std::move(one), code, message);
+    }
+    return;
+  }
+  count(requests.size());
+  for (Request& r : requests) {  // nothing here allocates: room was reserved
     Completion completion;
     completion.request_id = r.id;
     completion.code = code;
-    completion.message = message;
-    done.emplace_back(r.sink, std::move(completion));
+    completion.request_inputs = std::move(r.inputs);
+    done.emplace_back(std::move(r.sink), std::move(completion));
   }
-  Counters& c = *counters_;
-  const uint64_t n = requests.size();
-  switch (code) {
-    case ErrorCode::kDeadlineExceeded: c.expired.fetch_add(n, std::memory_order_relaxed); break;
-    case ErrorCode::kCancelled: c.cancelled.fetch_add(n, std::memory_order_relaxed); break;
-    default: c.failed.fetch_add(n, std::memory_order_relaxed); break;
-  }
-  c.in_flight.fetch_sub(n, std::memory_order_relaxed);
   requests.clear();
+  for (auto& entry : done) {
+    try {
+      entry.second.message = message;
+    } catch (const std::bad_alloc&) {
+      entry.second.message = "out of memory";  // fits the string's inline buffer: no allocation
+    }
+  }
   deliver_grouped(std::move(done));
 }
 
-void Batcher::expire(std::vector<Request> requests) {
+void Batcher::expire(std::vector<Request> requests) noexcept {
   const TimePoint now = Clock::now();
   for (Request& r : requests) {
     const double waited_ms = static_cast<double>(elapsed_ns(r.enqueue_time, now)) / 1e6;
     const double timeout_ms = static_cast<double>(elapsed_ns(r.enqueue_time, r.deadline)) / 1e6;
+    std::string message;
+    try {
+      char detail[160];
+      std::snprintf(detail, sizeof(detail),
+                    "': the request's deadline (timeout %.3f ms) passed after %.3f ms in the queue, before it could "
+                    "run",
+                    timeout_ms, waited_ms);
+      message = "[batcher] model '" + options_.model_name + detail;
+    } catch (const std::bad_alloc&) {
+      message = "deadline passed";  // fits the string's inline buffer: no allocation
+    }
     std::vector<Request> one;
+    try {
+      one.reserve(1);
+    } catch (const std::bad_alloc&) {
+      counters_->expired.fetch_add(1, std::memory_order_relaxed);
+      counters_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+      counters_->undelivered.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
     one.push_back(std::move(r));
-    char detail[160];
-    std::snprintf(detail, sizeof(detail),
-                  "': the request's deadline (timeout %.3f ms) passed after %.3f ms in the queue, before it could run",
-                  timeout_ms, waited_ms);
-    fail(std::move(one), ErrorCode::kDeadlineExceeded, "[batcher] model '" + options_.model_name + detail);
+    fail(std::move(one), ErrorCode::kDeadlineExceeded, message);
   }
 }
 
-void Batcher::deliver_grouped(std::vector<std::pair<CompletionSink*, Completion>> done) {
-  std::stable_sort(done.begin(), done.end(),
-                   [](const auto& a, const auto& b) { return std::less<CompletionSink*>()(a.first, b.first); });
+void Batcher::deliver_grouped(std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done) noexcept {
+  std::stable_sort(done.begin(), done.end(), [](const auto& a, const auto& b) {
+    return std::less<CompletionSink*>()(a.first.get(), b.first.get());
+  });
   for (size_t i = 0; i < done.size();) {
-    CompletionSink* sink = done[i].first;
+    CompletionSink* sink = done[i].first.get();
+    const size_t first = i;
+    while (i < done.size() && done[i].first.get() == sink) ++i;
     std::vector<Completion> group;
-    for (; i < done.size() && done[i].first == sink; ++i) group.push_back(std::move(done[i].second));
-    sink->deliver(std::move(group));
+    try {
+      group.reserve(i - first);
+      for (size_t k = first; k < i; ++k) group.push_back(std::move(done[k].second));
+      sink->deliver(std::move(group));
+      continue;
+    } catch (...) {
+      // Out of memory (the only way a sink fails): try again with the outputs released
+      // and a message that needs no allocation.
+    }
+    for (size_t k = first, g = 0; k < i; ++k, ++g) {
+      Completion& c = g < group.size() ? group[g] : done[k].second;
+      c.code = ErrorCode::kOutOfMemory;
+      c.message = "out of memory";  // fits the string's inline buffer
+      c.outputs.reset();
+    }
+    try {
+      if (group.size() != i - first) {
+        group.clear();
+        group.reserve(i - first);
+        for (size_t k = first; k < i; ++k) group.push_back(std::move(done[k].second));
+      }
+      sink->deliver(std::move(group));
+    } catch (...) {
+      counters_->undelivered.fetch_add(i - first, std::memory_order_relaxed);
+      std::fprintf(stderr, "[batcher] model '%s': %zu completions lost: out of memory delivering them\n",
+                   options_.model_name.c_str(), i - first);
+    }
   }
 }
 
@@ -529,6 +613,7 @@ BatcherStats Batcher::stats() const {
   s.batches = c.batches.load(std::memory_order_relaxed);
   s.batched_rows = c.batched_rows.load(std::memory_order_relaxed);
   s.in_flight = c.in_flight.load(std::memory_order_relaxed);
+  s.undelivered = c.undelivered.load(std::memory_order_relaxed);
   s.last_inference_ns = c.last_inference_ns.load(std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -19,12 +19,12 @@ CompletionQueue::~CompletionQueue() {
   if (event_fd_ >= 0) ::close(event_fd_);
 }
 
-void CompletionQueue::deliver(std::vector<Completion>&& completions) noexcept {
+void CompletionQueue::deliver(std::vector<Completion>&& completions) {
   bool signal = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ready_count_ += completions.size();
-    ready_.push_back(std::move(completions));
+    ready_.push_back(std::move(completions));  // may throw bad_alloc, before anything changed
+    ready_count_ += ready_.back().size();
     if (!signalled_) signalled_ = signal = true;
   }
   if (signal) {
@@ -58,7 +58,7 @@ size_t CompletionQueue::pending() const {
   return ready_count_;
 }
 
-void CompletionWaiter::deliver(std::vector<Completion>&& completions) noexcept {
+void CompletionWaiter::deliver(std::vector<Completion>&& completions) {
   // A waiter is handed to exactly one request, so there is exactly one completion.
   std::lock_guard<std::mutex> lock(mu_);
   result_ = std::move(completions.front());

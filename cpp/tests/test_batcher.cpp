@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "allocation_hooks.h"
 #include "check.h"
 #include "conveyor/batcher.h"
 
@@ -122,15 +123,15 @@ TEST_CASE("batcher: a queued request's deadline fires while every instance is bu
   Gate gate;
   Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x1 = {1, 1}, x2 = {2, 2};
-  CompletionQueue busy;
-  b.submit({borrow(x1, 1)}, &busy);
+  auto busy = std::make_shared<CompletionQueue>();
+  b.submit({borrow(x1, 1)}, busy);
   gate.wait_entered(1);  // the only instance is now blocked
   Completion late = b.infer({borrow(x2, 1)}, 0, /*timeout_us=*/1000);
   CHECK(late.code == ErrorCode::kDeadlineExceeded);
   CHECK(late.message.find("deadline") != std::string::npos);
   gate.open();
   b.stop(true);
-  auto done = busy.drain();
+  auto done = busy->drain();
   CHECK_EQ(done.size(), size_t{1});
   CHECK(done[0][0].code == ErrorCode::kOk);
   CHECK_EQ(b.stats().expired, uint64_t{1});
@@ -142,17 +143,17 @@ TEST_CASE("batcher: a full queue rejects at once with QueueFull") {
   o.max_queue_size = 2;
   Batcher b(o, [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x = {0, 0};
-  CompletionQueue q;
-  b.submit({borrow(x, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  b.submit({borrow(x, 1)}, q);
   gate.wait_entered(1);
-  b.submit({borrow(x, 1)}, &q);
-  b.submit({borrow(x, 1)}, &q);
-  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, &q), ErrorCode::kQueueFull);
+  b.submit({borrow(x, 1)}, q);
+  b.submit({borrow(x, 1)}, q);
+  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, q), ErrorCode::kQueueFull);
   CHECK_EQ(b.stats().rejected, uint64_t{1});
   gate.open();
   b.stop(true);
   size_t ok = 0;
-  for (auto& group : q.drain()) {
+  for (auto& group : q->drain()) {
     for (auto& c : group) ok += c.code == ErrorCode::kOk;
   }
   CHECK_EQ(ok, size_t{3});
@@ -171,13 +172,13 @@ TEST_CASE("batcher: a higher priority level is served first") {
     return twice_plus_one(batch);
   }, nullptr);
   std::vector<float> first = {0, 0}, low1 = {1, 0}, low2 = {2, 0}, high = {3, 0};
-  CompletionQueue q;
-  b.submit({borrow(first, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  b.submit({borrow(first, 1)}, q);
   gate.wait_entered(1);
-  b.submit({borrow(low1, 1)}, &q, 2);
-  b.submit({borrow(low2, 1)}, &q);  // default level: the lowest
-  b.submit({borrow(high, 1)}, &q, 1);
-  CHECK_THROWS_CODE(b.submit({borrow(high, 1)}, &q, 3), ErrorCode::kInvalidInput);
+  b.submit({borrow(low1, 1)}, q, 2);
+  b.submit({borrow(low2, 1)}, q);  // default level: the lowest
+  b.submit({borrow(high, 1)}, q, 1);
+  CHECK_THROWS_CODE(b.submit({borrow(high, 1)}, q, 3), ErrorCode::kInvalidInput);
   gate.open();
   b.stop(true);
   CHECK(order == std::vector<float>({0, 3, 1, 2}));
@@ -187,17 +188,17 @@ TEST_CASE("batcher: cancel drops a queued request and completes it as cancelled"
   Gate gate;
   Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x = {0, 0};
-  CompletionQueue q;
-  uint64_t running = b.submit({borrow(x, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  uint64_t running = b.submit({borrow(x, 1)}, q);
   gate.wait_entered(1);
-  uint64_t queued = b.submit({borrow(x, 1)}, &q);
+  uint64_t queued = b.submit({borrow(x, 1)}, q);
   CHECK(b.cancel(queued));
   CHECK(!b.cancel(queued));
   CHECK(!b.cancel(running));
   gate.open();
   b.stop(true);
   int cancelled = 0, ok = 0;
-  for (auto& group : q.drain()) {
+  for (auto& group : q->drain()) {
     for (auto& c : group) {
       cancelled += c.code == ErrorCode::kCancelled && c.request_id == queued;
       ok += c.code == ErrorCode::kOk && c.request_id == running;
@@ -237,34 +238,34 @@ TEST_CASE("batcher: stop drains what was accepted, then rejects") {
   Gate gate;
   Batcher b(options(2), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x = {0, 0};
-  CompletionQueue q;
-  for (int i = 0; i < 7; ++i) b.submit({borrow(x, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  for (int i = 0; i < 7; ++i) b.submit({borrow(x, 1)}, q);
   gate.wait_entered(1);
   std::thread stopper([&] { b.stop(true); });
   gate.open();
   stopper.join();
   size_t ok = 0;
-  for (auto& group : q.drain()) {
+  for (auto& group : q->drain()) {
     for (auto& c : group) ok += c.code == ErrorCode::kOk;
   }
   CHECK_EQ(ok, size_t{7});
-  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, &q), ErrorCode::kUnavailable);
+  CHECK_THROWS_CODE(b.submit({borrow(x, 1)}, q), ErrorCode::kUnavailable);
 }
 
 TEST_CASE("batcher: stop without draining answers queued requests as unavailable") {
   Gate gate;
   Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x = {0, 0};
-  CompletionQueue q;
-  for (int i = 0; i < 3; ++i) b.submit({borrow(x, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  for (int i = 0; i < 3; ++i) b.submit({borrow(x, 1)}, q);
   gate.wait_entered(1);
   std::thread stopper([&] { b.stop(false); });
   // The two queued requests are answered before the running batch is let go.
-  while (q.pending() < 2) std::this_thread::yield();
+  while (q->pending() < 2) std::this_thread::yield();
   gate.open();
   stopper.join();
   int unavailable = 0, ok = 0;
-  for (auto& group : q.drain()) {
+  for (auto& group : q->drain()) {
     for (auto& c : group) {
       unavailable += c.code == ErrorCode::kUnavailable;
       ok += c.code == ErrorCode::kOk;
@@ -277,11 +278,11 @@ TEST_CASE("batcher: stop without draining answers queued requests as unavailable
 TEST_CASE("batcher: bad inputs are rejected with what was expected") {
   Batcher b(options(4), twice_plus_one, nullptr);
   std::vector<float> x(10 * 3);
-  CompletionQueue q;
+  auto q = std::make_shared<CompletionQueue>();
   Tensor wrong_shape = borrow(x, 1);
   wrong_shape.shape = Shape{1, 3};
   try {
-    b.submit({wrong_shape}, &q);
+    b.submit({wrong_shape}, q);
     CHECK(false);
   } catch (const Error& e) {
     CHECK(e.code() == ErrorCode::kInvalidInput);
@@ -290,9 +291,9 @@ TEST_CASE("batcher: bad inputs are rejected with what was expected") {
   }
   Tensor wrong_dtype = borrow(x, 1);
   wrong_dtype.dtype = DType::kInt32;
-  CHECK_THROWS_CODE(b.submit({wrong_dtype}, &q), ErrorCode::kInvalidInput);
-  CHECK_THROWS_CODE(b.submit({borrow(x, 5)}, &q), ErrorCode::kInvalidInput);  // over max_batch_size
-  CHECK_THROWS_CODE(b.submit({}, &q), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(b.submit({wrong_dtype}, q), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(b.submit({borrow(x, 5)}, q), ErrorCode::kInvalidInput);  // over max_batch_size
+  CHECK_THROWS_CODE(b.submit({}, q), ErrorCode::kInvalidInput);
   CHECK_EQ(b.stats().rejected, uint64_t{4});
 }
 
@@ -300,14 +301,148 @@ TEST_CASE("batcher: a completion queue hands over a whole batch in one delivery"
   Gate gate;
   Batcher b(options(8, 0), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
   std::vector<float> x = {5, 6};
-  CompletionQueue q;
-  b.submit({borrow(x, 1)}, &q);
+  auto q = std::make_shared<CompletionQueue>();
+  b.submit({borrow(x, 1)}, q);
   gate.wait_entered(1);
-  for (int i = 0; i < 5; ++i) b.submit({borrow(x, 1)}, &q);  // queued behind the busy instance
+  for (int i = 0; i < 5; ++i) b.submit({borrow(x, 1)}, q);  // queued behind the busy instance
   gate.open();
   b.stop(true);
-  auto groups = q.drain();
+  auto groups = q->drain();
   CHECK_EQ(groups.size(), size_t{2});  // the first request alone, then the five together
   if (groups.size() == 2) CHECK_EQ(groups[1].size(), size_t{5});
-  CHECK_EQ(q.pending(), size_t{0});
+  CHECK_EQ(q->pending(), size_t{0});
 }
+
+namespace {
+
+// A sink that records what reaches it; `throws` makes its next deliveries throw bad_alloc.
+class RecordingSink final : public CompletionSink {
+ public:
+  explicit RecordingSink(std::shared_ptr<std::vector<Completion>> received, int throws = 0)
+      : received_(std::move(received)), throws_(throws) {}
+  void deliver(std::vector<Completion>&& completions) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (throws_ > 0) {
+      --throws_;
+      throw std::bad_alloc();
+    }
+    for (Completion& c : completions) received_->push_back(std::move(c));
+  }
+
+ private:
+  std::mutex mu_;
+  std::shared_ptr<std::vector<Completion>> received_;
+  int throws_;
+};
+
+}  // namespace
+
+TEST_CASE("batcher: holds a request's sink and input owner until delivery, whatever the submitter drops") {
+  Gate gate;
+  Batcher b(options(4), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  auto received = std::make_shared<std::vector<Completion>>();
+  std::weak_ptr<CompletionSink> sink_alive;
+  std::weak_ptr<void> input_alive;
+  {
+    auto data = std::make_shared<std::vector<float>>(std::vector<float>{1, 2});
+    Tensor x = borrow(*data, 1);
+    x.owner = data;  // the owner keeps the memory alive, as the bindings' Python owners do
+    input_alive = data;
+    auto sink = std::make_shared<RecordingSink>(received);
+    sink_alive = sink;
+    b.submit({x}, sink);
+    gate.wait_entered(1);
+  }  // the submitter's references are gone while the batch runs
+  CHECK(!sink_alive.expired());
+  CHECK(!input_alive.expired());
+  gate.open();
+  b.stop(true);
+  CHECK(sink_alive.expired());  // released once delivered
+  CHECK_EQ(received->size(), size_t{1});
+  const Completion& c = received->front();
+  CHECK(c.code == ErrorCode::kOk);
+  CHECK_EQ(value_at(c, 0, 1), 5.0f);
+  // The input's owner came back with the completion: it dies with it, on the receiver's side.
+  CHECK(!input_alive.expired());
+  CHECK_EQ(c.request_inputs.size(), size_t{1});
+  received->clear();
+  CHECK(input_alive.expired());
+}
+
+TEST_CASE("batcher: a failed or cancelled request hands its inputs back with the completion too") {
+  Gate gate;
+  Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  auto received = std::make_shared<std::vector<Completion>>();
+  auto sink = std::make_shared<RecordingSink>(received);
+  std::vector<float> running = {1, 1};
+  b.submit({borrow(running, 1)}, sink);
+  gate.wait_entered(1);
+  auto data = std::make_shared<std::vector<float>>(std::vector<float>{2, 2});
+  Tensor x = borrow(*data, 1);
+  x.owner = data;
+  const uint64_t queued = b.submit({x}, sink);
+  std::weak_ptr<void> input_alive = data;
+  data.reset();
+  x.owner.reset();
+  CHECK(b.cancel(queued));
+  gate.open();
+  b.stop(true);
+  CHECK_EQ(received->size(), size_t{2});
+  bool saw_cancelled = false;
+  for (const Completion& c : *received) {
+    if (c.request_id != queued) continue;
+    saw_cancelled = c.code == ErrorCode::kCancelled && c.request_inputs.size() == 1;
+  }
+  CHECK(saw_cancelled);
+  CHECK(!input_alive.expired());
+  received->clear();
+  CHECK(input_alive.expired());
+}
+
+TEST_CASE("batcher: a sink that cannot take a batch gets its requests again as OutOfMemory failures") {
+  Batcher b(options(4), twice_plus_one, nullptr);
+  auto received = std::make_shared<std::vector<Completion>>();
+  auto sink = std::make_shared<RecordingSink>(received, /*throws=*/1);
+  std::vector<float> x = {1, 2};
+  const uint64_t id = b.submit({borrow(x, 1)}, sink);
+  b.stop(true);
+  CHECK_EQ(received->size(), size_t{1});
+  CHECK_EQ(received->front().request_id, id);
+  CHECK(received->front().code == ErrorCode::kOutOfMemory);
+  CHECK(received->front().outputs == nullptr);
+  CHECK_EQ(b.stats().undelivered, uint64_t{0});
+
+  // A sink that keeps failing loses the completion: counted, and the batcher goes on.
+  Batcher again(options(4), twice_plus_one, nullptr);
+  auto lost = std::make_shared<std::vector<Completion>>();
+  again.submit({borrow(x, 1)}, std::make_shared<RecordingSink>(lost, /*throws=*/2));
+  Completion after = again.infer({borrow(x, 1)});
+  CHECK(after.code == ErrorCode::kOk);
+  again.stop(true);
+  CHECK(lost->empty());
+  CHECK_EQ(again.stats().undelivered, uint64_t{1});
+}
+
+TEST_CASE("batcher: running out of memory after the executor returns fails that batch, not the instance") {
+  std::atomic<int> calls{0};
+  Batcher b(options(4),
+            [&](const Batch& batch) {
+              std::vector<Tensor> outputs = twice_plus_one(batch);
+              // The first batch: the batcher's next allocation (completing it) fails.
+              if (calls.fetch_add(1) == 0) conveyor::testing::fail_next_allocations_on_this_thread(1);
+              return outputs;
+            },
+            nullptr);
+  std::vector<float> x = {1, 2};
+  Completion failed = b.infer({borrow(x, 1)});
+  CHECK(failed.code == ErrorCode::kOutOfMemory);
+  CHECK(failed.message.find("could not complete the batch") != std::string::npos);
+  Completion ok = b.infer({borrow(x, 1)});
+  CHECK(ok.code == ErrorCode::kOk);
+  CHECK_EQ(value_at(ok, 0, 1), 5.0f);
+  BatcherStats s = b.stats();
+  CHECK_EQ(s.failed, uint64_t{1});
+  CHECK_EQ(s.succeeded, uint64_t{1});
+  CHECK_EQ(s.in_flight, uint64_t{0});
+}
+

@@ -12,37 +12,14 @@
 #include <vector>
 
 #include "check.h"
+#include "allocation_hooks.h"
 #include "conveyor/batcher.h"
 #include "conveyor/monitor.h"
 
 using namespace conveyor;
 using namespace conveyor::monitor;
 
-// Counts this thread's operator new calls, so a test can state that observe() allocates
-// nothing. (Replacing the global operators applies to the whole test binary; they only count.)
-namespace {
-thread_local uint64_t t_allocations = 0;
-void* counted_malloc(std::size_t n) noexcept {
-  ++t_allocations;
-  return std::malloc(n ? n : 1);
-}
-void* counted_alloc(std::size_t n) {
-  if (void* p = counted_malloc(n)) return p;
-  throw std::bad_alloc();
-}
-}  // namespace
-// Every unaligned form, so each allocation and its release meet the same allocator (the
-// sanitizers check that they match).
-void* operator new(std::size_t n) { return counted_alloc(n); }
-void* operator new[](std::size_t n) { return counted_alloc(n); }
-void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return counted_malloc(n); }
-void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return counted_malloc(n); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+using conveyor::testing::this_thread_allocations;
 
 namespace {
 
@@ -582,12 +559,12 @@ TEST_CASE("monitor: observe allocates nothing, collecting or binning") {
   std::vector<uint8_t> flags(32);
   const std::vector<Tensor> inputs = {borrow(pairs, 32, 2)};
   const std::vector<Tensor> none;
-  uint64_t before = t_allocations;
+  uint64_t before = this_thread_allocations();
   for (int i = 0; i < 20; ++i) m.observe(inputs, none, 32, i * kSecond / 4, flags.data());
-  CHECK_EQ(t_allocations - before, 0u);
+  CHECK_EQ(this_thread_allocations() - before, 0u);
   m.set_reference(two_feature_reference(true));
-  before = t_allocations;
+  before = this_thread_allocations();
   for (int i = 0; i < 20; ++i) m.observe(inputs, none, 32, i * kSecond / 4, flags.data());
-  CHECK_EQ(t_allocations - before, 0u);
+  CHECK_EQ(this_thread_allocations() - before, 0u);
   CHECK_EQ(m.window(WindowKind::kRows, 0).rows, 8u);
 }

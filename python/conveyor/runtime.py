@@ -25,7 +25,7 @@ import numpy as np
 from conveyor import _core
 from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
 from conveyor.config import ModelConfig, parse_model_config
-from conveyor.errors import ConfigError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.errors import ConfigError, InternalError, InvalidInput, ModelNotFound, Unavailable
 from conveyor.pipeline import ModelSteps, read_labels_file
 from conveyor.repository import ModelRepository
 
@@ -179,7 +179,8 @@ class _LoopBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue = _core.CompletionQueue()
-        # batcher request id -> (future, model version, inputs kept alive until completion,
+        # batcher request id -> (future, model version, inputs (the monitor reads them when
+        # the request completes; the batcher holds its own reference to them until then),
         # the caller's request id: None unless the version's monitor wants each request)
         self.pending: dict[int, tuple[asyncio.Future, ModelHandle, tuple, str | None]] = {}
         loop.add_reader(self.queue.fileno(), self.on_ready)
@@ -187,29 +188,46 @@ class _LoopBridge:
     def on_ready(self) -> None:
         pending = self.pending
         for arrays, done in self.queue.drain():
-            public = None  # the batch's public outputs, made once when a handle has `finish`
-            for request_id, error, offset, rows in done:
-                entry = pending.pop(request_id, None)
-                if entry is None:
-                    continue
-                future = entry[0]
-                if future.done():  # the caller was cancelled meanwhile
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                    continue
-                handle = entry[1]
+            try:
+                self._finish_batch(arrays, done)
+            except Exception as exc:  # one batch's failure must not strand another's requests
+                log.exception("completing a batch failed; its unanswered requests fail with it")
+                failure = InternalError(f"completing the request's batch failed: {type(exc).__name__}: {exc}")
+                for request_id, *_ in done:
+                    entry = pending.pop(request_id, None)
+                    if entry is not None and not entry[0].done():
+                        entry[0].set_exception(failure)
+
+    def _finish_batch(self, arrays: tuple | None, done: list) -> None:
+        """Resolves the futures of one batch's requests (entries leave `pending` one by one)."""
+        pending = self.pending
+        public = None  # the batch's public outputs, made once when a handle has `finish`
+        for request_id, error, offset, rows in done:
+            entry = pending.pop(request_id, None)
+            if entry is None:
+                continue
+            future = entry[0]
+            if future.done():  # the caller was cancelled meanwhile
+                continue
+            if error is not None:
+                future.set_exception(error)
+                continue
+            handle = entry[1]
+            try:
                 if handle.finish is None:
                     result = handle.result(arrays, offset, rows)
                 else:
                     public = handle.finish(arrays) if public is None else public
                     result = handle.result(public, offset, rows)
-                future.set_result(result)
-                if handle.per_request:
-                    try:
-                        handle.observed(entry[3], entry[2], arrays, offset, rows, result)
-                    except Exception:  # monitoring must never fail the requests of a batch
-                        log.exception("model %s: monitoring a completed request failed", handle.name)
+            except BaseException:
+                pending[request_id] = entry  # failed by on_ready with the rest of the batch
+                raise
+            future.set_result(result)
+            if handle.per_request:
+                try:
+                    handle.observed(entry[3], entry[2], arrays, offset, rows, result)
+                except Exception:  # monitoring must never fail the requests of a batch
+                    log.exception("model %s: monitoring a completed request failed", handle.name)
 
     def detach(self) -> None:
         """Deliver what is ready and stop watching; runs in the loop's thread or with it stopped."""
@@ -408,10 +426,14 @@ class Runtime:
         return self.model(model, version)
 
     def _not_found_message(self, model: str, version: int | None) -> str:
+        # Begins as Triton's does: clients and users' scripts match on "Request for unknown model".
         loaded = self._models.get(model)
         if loaded and version is not None:
-            return f"model '{model}' has no version {version} loaded (loaded: {sorted(loaded)})"
-        return f"model '{model}' is not loaded (loaded models: {sorted(self._models) or 'none'})"
+            return (
+                f"Request for unknown model: '{model}' version {version} is not found "
+                f"(loaded versions: {sorted(loaded)})"
+            )
+        return f"Request for unknown model: '{model}' is not found (loaded models: {sorted(self._models) or 'none'})"
 
     def infer(
         self,
@@ -468,6 +490,8 @@ class Runtime:
         with self._lock:
             if self._closed:
                 raise Unavailable("the runtime is closed")
+            # A closed loop's requests may still be running: the batcher holds their
+            # completion queue and inputs itself, so dropping the bridge frees nothing in use.
             for old in [old for old in self._bridges if old.is_closed()]:
                 del self._bridges[old]
             bridge = self._bridges.get(loop)

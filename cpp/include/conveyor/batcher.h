@@ -8,9 +8,17 @@
 // at that moment, even while every instance is busy.
 //
 // Interface discipline: submit(), cancel(), stop() and stats() may be called from any
-// thread. Inputs are BORROWED: the submitter keeps each input's memory alive and
-// unchanged until the request's completion has been delivered. The executor runs on
-// instance threads; it must not call back into this batcher's stop().
+// thread. An input's memory must stay alive and unchanged until the request's
+// completion is dropped: either the submitter guarantees it, or the input tensor's
+// owner holds it, in which case the batcher keeps that owner with the request and
+// hands it back inside the Completion (request_inputs), so it is released by whoever
+// drops the completion, never by a batcher thread. The batcher also holds a shared
+// reference to each request's sink until the request is delivered. The executor runs
+// on instance threads; it must not call back into this batcher's stop().
+//
+// Lock order: the GIL (in the bindings) before mu_, never the reverse: nothing holds
+// mu_ while waiting for the GIL, and no Python-owned tensor is dropped while mu_ is
+// held. mu_ before any leaf lock (memory pool, completion queue, monitor).
 #pragma once
 
 #include <condition_variable>
@@ -50,9 +58,6 @@ struct BatcherOptions {
   int default_priority_level = 0; // 0: the lowest level
   int64_t default_timeout_us = 0; // 0: requests have no deadline unless they ask for one
   int instance_count = 1;
-  // false lets a batch of one request hand the caller's memory straight to the executor
-  // (no gather copy); only for executors that never keep their inputs past the call.
-  bool gather_single_request = true;
 };
 
 // What the executor sees: batch inputs in the model's input order.
@@ -78,6 +83,7 @@ struct BatcherStats {
   uint64_t batched_rows = 0;
   uint64_t queue_depth = 0;     // queued now
   uint64_t in_flight = 0;       // accepted and not yet completed
+  uint64_t undelivered = 0;     // completions a sink could not take even as failures (out of memory)
   int64_t last_inference_ns = 0;  // system-clock time of the last completed batch
   // Index = rows in the batch. Per size: batches, and summed compute phases in ns.
   std::vector<uint64_t> batch_size_counts;
@@ -97,7 +103,7 @@ class Batcher {
   // Queues a request; returns its id (unique in the process). priority: 0 = the default level, else 1..levels.
   // timeout_us: < 0 the default timeout, 0 none, > 0 a deadline that far from now.
   // Throws kInvalidInput (names, dtypes, shapes, batch size), kQueueFull, kUnavailable.
-  uint64_t submit(std::vector<Tensor> inputs, CompletionSink* sink, int priority = 0,
+  uint64_t submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority = 0,
                   int64_t timeout_us = -1);
   // submit() and block until the completion arrives.
   Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
@@ -118,7 +124,7 @@ class Batcher {
     int64_t rows = 1;
     TimePoint enqueue_time{};
     TimePoint deadline = kNoDeadline;
-    CompletionSink* sink = nullptr;
+    std::shared_ptr<CompletionSink> sink;
     std::multimap<TimePoint, uint64_t>::iterator deadline_it;
     bool has_deadline = false;
   };
@@ -140,10 +146,13 @@ class Batcher {
   void run_batch(int instance, std::vector<Request> batch, int64_t rows);
   std::vector<Tensor> gather(const std::vector<Request>& batch);
   std::vector<Tensor> execute(int instance, const std::vector<Tensor>& inputs, int64_t rows);
-  // Completes every request with an error; `message` is shared, `why` adds per-request detail.
-  void fail(std::vector<Request> requests, ErrorCode code, const std::string& message);
-  void expire(std::vector<Request> requests);
-  static void deliver_grouped(std::vector<std::pair<CompletionSink*, Completion>> done);
+  // Completes every request with an error carrying `message`.
+  void fail(std::vector<Request> requests, ErrorCode code, const std::string& message) noexcept;
+  void expire(std::vector<Request> requests) noexcept;
+  // One deliver() per sink. A sink that throws gets its requests again as failures
+  // (kOutOfMemory, outputs released); one that throws again loses them, counted in
+  // stats().undelivered. Never throws: no exception leaves a batcher thread.
+  void deliver_grouped(std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done) noexcept;
 
   const BatcherOptions options_;
   const BatchPolicy policy_;

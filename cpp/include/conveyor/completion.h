@@ -31,17 +31,23 @@ struct Completion {
   std::shared_ptr<const BatchOutputs> outputs;  // set when code == kOk
   int64_t row_offset = 0;                       // this request's first row in the batch
   int64_t rows = -1;                            // its rows; -1: all of it (no batch dim)
+  // The request's inputs, handed back with its completion: whatever their owners keep
+  // alive (the caller's arrays, and through them BYTES elements a batch output may still
+  // point at) lives until the receiver drops the completion, on the receiver's thread.
+  std::vector<Tensor> request_inputs;
 };
 
-// Receives completions. The sink must outlive every request submitted with it until
-// that request has been delivered.
+// Receives completions. The batcher holds a shared reference to the sink of every
+// request it has accepted until that request is delivered, so a sink lives at least
+// that long whatever its other owners do.
 class CompletionSink {
  public:
   virtual ~CompletionSink() = default;
   // Called on a worker thread, without core locks held, once per batch (or per group
   // of requests that failed together) with all of this sink's completions. Must not
-  // throw and must not block for long.
-  virtual void deliver(std::vector<Completion>&& completions) noexcept = 0;
+  // block for long. May throw (std::bad_alloc): then none of `completions` was
+  // delivered, and the caller still owns them.
+  virtual void deliver(std::vector<Completion>&& completions) = 0;
 };
 
 // For event loops: completions wait in a queue and an eventfd becomes readable while
@@ -53,7 +59,7 @@ class CompletionQueue final : public CompletionSink {
   CompletionQueue(const CompletionQueue&) = delete;
   CompletionQueue& operator=(const CompletionQueue&) = delete;
 
-  void deliver(std::vector<Completion>&& completions) noexcept override;
+  void deliver(std::vector<Completion>&& completions) override;
   // Everything delivered so far, one vector per deliver() call; clears the eventfd.
   std::vector<std::vector<Completion>> drain();
   int fd() const noexcept { return event_fd_; }
@@ -71,12 +77,12 @@ class CompletionQueue final : public CompletionSink {
 // For one blocking caller: wait() returns the request's completion.
 class CompletionWaiter final : public CompletionSink {
  public:
-  void deliver(std::vector<Completion>&& completions) noexcept override;
+  void deliver(std::vector<Completion>&& completions) override;
   Completion wait();
 
  private:
-  // The waiter usually lives on the waiting thread's stack and dies as soon as wait()
-  // returns, so deliver() notifies while holding mu_: it touches nothing after unlock.
+  // The waiter may die as soon as wait() returns, so deliver() notifies while holding
+  // mu_: it touches nothing after unlock.
   std::mutex mu_;
   std::condition_variable cv_;
   Completion result_;  // guarded by mu_
