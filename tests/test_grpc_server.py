@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import shutil
 import socket
 import threading
@@ -322,6 +323,74 @@ def test_concurrent_requests_each_get_their_own_answer(served: Served) -> None:
     for index, request_id, y in answers:
         assert request_id == f"r{index}"
         np.testing.assert_array_equal(y, np.full((1 + index % 3, 16), index + 1, dtype=np.float32))
+
+
+def _stream_answers(served: Served, requests: list[tuple[str, str, np.ndarray]]) -> dict[str, Any]:
+    """Send (model, request id, input) on one tritonclient stream; the answer (or error) of each id.
+
+    A failed request's error carries no id: those are returned under "error <n>".
+    """
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = triton.InferenceServerClient(served.url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for model, request_id, array in requests:
+            name = "text" if array.dtype == object else "x"
+            tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            client.async_stream_infer(model, [tensor], request_id=request_id)
+        collected: dict[str, Any] = {}
+        for index in range(len(requests)):
+            try:
+                result, error = answers.get(timeout=CALL_TIMEOUT_S)
+            except queue.Empty:
+                raise AssertionError(f"the stream answered {index} of {len(requests)} requests") from None
+            key = f"error {index}" if error is not None else result.get_response().id
+            assert key not in collected, f"{key} answered twice"
+            collected[key] = error if error is not None else result
+        client.stop_stream()
+        assert answers.empty(), "the stream answered more than it was asked"
+    finally:
+        client.close()
+    return collected
+
+
+def test_stream_answers_every_request_with_its_own_answer(served: Served) -> None:
+    requests = [("tiny", f"s{index}", np.full((1 + index % 3, 16), index, dtype=np.float32)) for index in range(64)]
+    answers = _stream_answers(served, requests)
+    assert len(answers) == len(requests)
+    for _, request_id, x in requests:
+        np.testing.assert_array_equal(answers[request_id].as_numpy("y"), x + 1)
+
+
+def test_stream_goes_on_after_a_failed_request(served: Served) -> None:
+    good = np.zeros((1, 16), dtype=np.float32)
+    requests = [("tiny", "before", good), ("tiny", "bad", np.zeros((1, 3), dtype=np.float32)),
+                ("nonexistent", "missing", good), ("tiny", "after", good)]
+    answers = _stream_answers(served, requests)
+    np.testing.assert_array_equal(answers["before"].as_numpy("y"), good + 1)
+    np.testing.assert_array_equal(answers["after"].as_numpy("y"), good + 1)
+    errors = sorted(str(error) for key, error in answers.items() if key.startswith("error"))
+    assert len(errors) == 2
+    assert any("nonexistent" in message for message in errors), errors
+    assert any("16" in message for message in errors), errors  # the shape tiny expects
+
+
+def test_stream_carries_bytes(served: Served) -> None:
+    text = np.array([[b"stream"], [b""]], dtype=object)
+    (answer,) = _stream_answers(served, [("echo", "words", text)]).values()
+    assert answer.as_numpy("upper").tolist() == [[b"STREAM"], [b""]]
+    np.testing.assert_array_equal(answer.as_numpy("length"), [[6], [0]])
+
+
+def test_draining_stream_refuses_each_request(served: Served) -> None:
+    served.dataplane.draining = True
+    try:
+        answers = _stream_answers(served, [("tiny", "late", np.zeros((1, 16), dtype=np.float32))])
+    finally:
+        served.dataplane.draining = False
+    (error,) = answers.values()
+    assert "shutting down" in str(error)
 
 
 def test_priority_reaches_the_batcher(served: Served) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"
 # How often a health Watch stream re-reads readiness; Check always reads it afresh.
 HEALTH_WATCH_INTERVAL_S = 1.0
+# Requests of one ModelStreamInfer stream that may be running or answered but not yet
+# sent; past it the stream is not read (gRPC flow control then holds the client back).
+STREAM_MAX_IN_FLIGHT = 128
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -92,10 +95,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming inference: every request of the stream is answered on it.
+
+        Requests run side by side (so that they batch together) and are answered in the
+        order they complete, each answer carrying its request's id. A request that fails
+        is answered with its error message, and the stream goes on.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)  # released once an answer is sent
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request))
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            finally:
+                # Answer what was accepted before the stream ended (or the client went away).
+                if running:
+                    await asyncio.gather(*running, return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+            await reader  # a failure to read the stream ends the call with its status
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self.dataplane.draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
         response = await self.dataplane.infer(codec.infer_request_from_proto(request))
         return codec.infer_response_to_proto(response)
+
+    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+        except ConveyorError as exc:
+            message = str(exc)
+        except Exception as exc:  # a bug: report it on this request, keep serving the stream
+            log.exception("unexpected error in a gRPC ModelStreamInfer request")
+            message = f"internal error: {type(exc).__name__}: {exc}"
+        failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                       id=request.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
     @_rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:

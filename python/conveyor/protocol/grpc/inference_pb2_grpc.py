@@ -72,6 +72,12 @@ class GRPCInferenceServiceStub:
             response_deserializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferResponse.FromString,
             _registered_method=True,
         )
+        self.ModelStreamInfer = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.FromString,
+            _registered_method=True,
+        )
         self.ModelConfig = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelConfig",
             request_serializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelConfigRequest.SerializeToString,
@@ -143,6 +149,12 @@ class GRPCInferenceServiceServicer:
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming inference: one answer per request, in completion order."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
     def ModelConfig(self, request, context):
         """Extensions: model configuration, statistics, model repository."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -205,6 +217,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
             servicer.ModelInfer,
             request_deserializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferRequest.FromString,
             response_serializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferResponse.SerializeToString,
+        ),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer,
+            request_deserializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferRequest.FromString,
+            response_serializer=conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.SerializeToString,
         ),
         "ModelConfig": grpc.unary_unary_rpc_method_handler(
             servicer.ModelConfig,
@@ -410,6 +427,36 @@ class GRPCInferenceService:
             "/inference.GRPCInferenceService/ModelInfer",
             conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferRequest.SerializeToString,
             conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def ModelStreamInfer(
+        request_iterator,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelInferRequest.SerializeToString,
+            conveyor_dot_protocol_dot_grpc_dot_inference__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
