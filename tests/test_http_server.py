@@ -188,6 +188,24 @@ def test_health_answers_carry_the_v2_bodies(served: ServerThread, path: str, exp
     assert json.loads(answer) == expected
 
 
+def test_server_not_ready_is_400_saying_why(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(conveyor.example_repository() / "tiny", root / "tiny")
+    (root / "broken").mkdir()
+    (root / "broken" / "config.toml").write_text('backend = "onnx"\nmax_batch_size = "lots"\n')
+    thread = ServerThread(ServeOptions(repository=root, http_port=0, grpc_port=0, data_dir=tmp_path / "data",
+                                       grace_period_s=TIMEOUT_S, server_version="test"))
+    try:
+        status, headers, answer = _request(thread.port, "GET", "/v2/health/ready")
+        assert status == 400 and headers["content-type"] == "application/json"
+        message = _error(answer)
+        assert "not ready" in message and "/v2/repository/index" in message
+        assert _request(thread.port, "GET", "/v2/health/live")[::2] == (200, b'{"live":true}')
+        assert _request(thread.port, "GET", "/v2/models/tiny/ready")[0] == 200  # the other models serve
+    finally:
+        thread.stop()
+
+
 def test_model_not_ready_is_400_with_an_error(served: ServerThread) -> None:
     for path in ("/v2/models/spare/ready", "/v2/models/mlp/versions/2/ready", "/v2/models/nonexistent/ready"):
         status, _, answer = _request(served.port, "GET", path)
