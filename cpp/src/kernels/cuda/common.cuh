@@ -49,17 +49,27 @@ void check_cuda(cudaError_t rc, const char* call);
 std::shared_ptr<MemoryPool> device_pool(int device);
 
 // Scratch memory for work queued on one stream of one device, from the device's memory
-// pool, kept between calls. It grows on demand; a grow first waits for the stream (the
-// old block may still be in use by queued work), which only happens the first few times.
+// pool, kept between calls for the few streams used most recently (kScratchStreamsPerDevice
+// in launch.cpp bounds it). It grows on demand; a grow first waits for the work that used
+// the old block, which only happens the first few times.
 // The lease holds the stream's scratch lock: hold it from before the first launch that
-// uses the memory until the last one is queued, so no other thread can grow it meanwhile.
+// uses the memory until the last one is queued, so no other thread can grow it meanwhile;
+// its end records an event on the stream, which later waits (grow, eviction) rely on.
+// Precondition: launch.device is current.
+struct StreamScratch;
 class ScratchLease {
  public:
   ScratchLease(const Launch& launch, size_t nbytes);
+  ~ScratchLease();
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
   void* data() const noexcept { return data_; }
 
  private:
+  // Declared before lock_, so the lock is released before the entry can be destroyed.
+  std::shared_ptr<StreamScratch> entry_;
   std::unique_lock<std::mutex> lock_;
+  cudaStream_t stream_ = nullptr;
   void* data_ = nullptr;
 };
 

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "common.cuh"
+#include "stream_cache.h"
 
 namespace conveyor::kernels::cuda::detail {
 
@@ -58,17 +59,48 @@ void check_cuda(cudaError_t rc, const char* call) {
 
 // ---- scratch -----------------------------------------------------------------------------------
 
-namespace {
-
+// One stream's scratch block and the event marking its last use on that stream. Shared by
+// the cache and the leases in flight: an entry evicted while leased lives until its lease
+// ends.
 struct StreamScratch {
   std::mutex mutex;
-  std::shared_ptr<Block> block;  // guarded by mutex
+  std::shared_ptr<Block> block;   // guarded by mutex
+  cudaEvent_t last_use = nullptr;  // guarded by mutex; recorded on the stream as each lease ends
+
+  StreamScratch() = default;
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+
+  // Only the last owner gets here, so no lease holds the mutex. Work queued on the stream
+  // may still use the block: wait for it before the pool can hand the block to another
+  // stream. This waits on our event, never on the stream, which its owner may have
+  // destroyed since.
+  ~StreamScratch() {
+    if (last_use == nullptr) return;
+    if (cudaEventSynchronize(last_use) != cudaSuccess) {
+      cudaGetLastError();
+      // Unknown whether the device is done with the block: leak it rather than reuse it.
+      new std::shared_ptr<Block>(std::move(block));
+    }
+    if (cudaEventDestroy(last_use) != cudaSuccess) cudaGetLastError();
+  }
 };
+
+namespace {
+
+// The streams per device whose scratch is kept between calls. A stream beyond them takes
+// the place of the one used least recently, whose block goes back to the pool once the
+// work that used it is done. Scratch held at once is therefore bounded by this many
+// blocks per device (each the largest a call on that stream asked for: 32 MiB for the
+// cuBLASLt workspace), however many streams a process makes and drops. A process that
+// takes turns over more streams than this still works, at the cost of that wait and a
+// fresh lease from the pool when a stream comes back.
+constexpr size_t kScratchStreamsPerDevice = 4;
 
 struct ScratchRegistry {
   std::mutex mutex;  // guards the maps, not the entries
   std::map<int, std::shared_ptr<MemoryPool>> pools;
-  std::map<std::pair<int, void*>, std::unique_ptr<StreamScratch>> entries;
+  StreamCache<StreamScratch> entries{kScratchStreamsPerDevice};
 };
 
 ScratchRegistry& registry() {
@@ -86,27 +118,42 @@ std::shared_ptr<MemoryPool> device_pool(int device) {
   return slot;
 }
 
-ScratchLease::ScratchLease(const Launch& launch, size_t nbytes) {
+ScratchLease::ScratchLease(const Launch& launch, size_t nbytes) : stream_(stream_of(launch)) {
   ScratchRegistry& reg = registry();
-  StreamScratch* entry = nullptr;
   const std::shared_ptr<MemoryPool> pool = device_pool(launch.device);
+  std::shared_ptr<StreamScratch> evicted;
   {
     std::lock_guard<std::mutex> guard(reg.mutex);
-    auto& e = reg.entries[{launch.device, launch.stream}];
-    if (!e) e = std::make_unique<StreamScratch>();
-    entry = e.get();  // entries are never erased, so the pointer stays valid
+    auto acquired = reg.entries.acquire(launch.device, launch.stream, [] { return std::make_shared<StreamScratch>(); });
+    entry_ = std::move(acquired.entry);
+    evicted = std::move(acquired.evicted);
   }
-  lock_ = std::unique_lock<std::mutex>(entry->mutex);
-  if (!entry->block || entry->block->size < nbytes) {
-    if (entry->block) {
+  // Outside the registry lock: the last owner of an evicted entry waits for its stream's work.
+  evicted.reset();
+  lock_ = std::unique_lock<std::mutex>(entry_->mutex);
+  if (entry_->last_use == nullptr) {
+    check_cuda(cudaEventCreateWithFlags(&entry_->last_use, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  }
+  if (!entry_->block || entry_->block->size < nbytes) {
+    if (entry_->block) {
       // Work already queued on this stream may still use the old block; once it is
       // returned the pool may hand it to another stream.
-      check_cuda(cudaStreamSynchronize(stream_of(launch)), "cudaStreamSynchronize");
-      entry->block.reset();
+      check_cuda(cudaEventSynchronize(entry_->last_use), "cudaEventSynchronize");
+      entry_->block.reset();
     }
-    entry->block = pool->allocate(nbytes);
+    entry_->block = pool->allocate(nbytes);
   }
-  data_ = entry->block->data;
+  data_ = entry_->block->data;
+}
+
+ScratchLease::~ScratchLease() {
+  // Every launch using the block is queued by now. If the event cannot be recorded, the
+  // stream (still alive: its caller is using it) is waited for instead, so that nothing
+  // relying on the event frees the block early.
+  if (cudaEventRecord(entry_->last_use, stream_) != cudaSuccess) {
+    cudaGetLastError();
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) cudaGetLastError();
+  }
 }
 
 }  // namespace conveyor::kernels::cuda::detail
