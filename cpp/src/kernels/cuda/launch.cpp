@@ -94,7 +94,7 @@ namespace {
 // blocks per device (each the largest a call on that stream asked for: 32 MiB for the
 // cuBLASLt workspace), however many streams a process makes and drops. A process that
 // takes turns over more streams than this still works, at the cost of that wait and a
-// fresh lease from the pool when a stream comes back.
+// fresh block from the pool when a stream comes back.
 constexpr size_t kScratchStreamsPerDevice = 4;
 
 struct ScratchRegistry {
