@@ -141,6 +141,55 @@ def test_capture_inputs_or_outputs_off(tmp_path: Path, capture_inputs: bool, cap
     assert table.column("row").to_pylist() == [0, 1]
 
 
+def test_submit_keeps_what_was_sent_when_the_caller_reuses_its_buffers(tmp_path: Path) -> None:
+    gate = threading.Event()  # the writer reads nothing until every buffer has been overwritten
+    with make_writer(tmp_path, gate=gate, capture_outputs=False) as writer:
+        x, y = np.empty((2, 3), np.float32), np.empty((2, 1), np.float32)
+        for index in range(3):
+            x[:] = np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * index
+            assert writer.submit(f"r{index}", TS, [x], [y], "sampled")
+        x[:] = -1.0
+        gate.set()
+    table = read_capture(tmp_path)
+    assert table.column("request_id").to_pylist() == ["r0", "r0", "r1", "r1", "r2", "r2"]
+    expected = np.concatenate([np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * index for index in range(3)])
+    np.testing.assert_array_equal(values(table, "input.x", [3]), expected)
+
+
+def test_runtime_capture_keeps_inputs_and_outputs_the_caller_reuses(tmp_path: Path) -> None:
+    from conveyor import Runtime  # the runtime with the learning loop, which captures
+
+    def double(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"] * 2}
+
+    config = {
+        "backend": "python",
+        "max_batch_size": 4,
+        "inputs": [{"name": "x", "datatype": "FP32", "dims": [3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "dims": [3]}],
+        # Every request captured; written only at close (the interval is far longer than the
+        # test), so each buffer below is overwritten before the writer could read it.
+        "capture": {"sample_rate": 1.0, "flush_interval_s": 10.0},
+    }
+    sent, returned = [], []
+    with Runtime(data_dir=tmp_path / "data") as runtime:
+        runtime.add_model("m", config, double)
+        capture_dir = runtime.model("m").monitor.capture.directory
+        x = np.empty((2, 3), np.float32)
+        for index in range(3):
+            x[:] = np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * index
+            result = runtime.infer("m", {"x": x}, request_id=f"r{index}")
+            sent.append(x.copy())
+            returned.append(result["y"].copy())
+            result["y"][:] = -2.0  # the caller writes into the output it was given
+        x[:] = -1.0
+    table = read_capture(capture_dir)
+    assert table.column("request_id").to_pylist() == ["r0", "r0", "r1", "r1", "r2", "r2"]
+    np.testing.assert_array_equal(values(table, "input.x", [3]), np.concatenate(sent))
+    np.testing.assert_array_equal(values(table, "output.y", [3]), np.concatenate(returned))
+    np.testing.assert_array_equal(np.concatenate(returned), 2 * np.concatenate(sent))
+
+
 def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     gate = threading.Event()  # holds the writer thread: nothing leaves the queue until set
     writer = make_writer(tmp_path, max_queue_rows=4, gate=gate)

@@ -1,7 +1,7 @@
 """Crash-safe capture of live request rows to Parquet, written off the request path.
 
-``CaptureWriter.submit`` only appends references to a bounded queue (a full queue drops
-the request and counts it). One writer thread turns what is queued into an Arrow record
+``CaptureWriter.submit`` only appends a copy of the request's arrays to a bounded queue
+(a full queue drops the request and counts it). One writer thread turns what is queued into an Arrow record
 batch, column by column with numpy, and appends it to the open write-ahead segment: an
 Arrow IPC stream file ``capture-<model>-v<version>-<utc>-<seq>.arrows.partial``, one
 record batch per flush, written at least every ``flush_interval_s``. A segment is
@@ -193,17 +193,20 @@ class CaptureWriter:
         """Queues one request's rows; never blocks. False when it was dropped (queue full or closed).
 
         Arrays carry the batch dimension first (the request's rows), or are the bare
-        tensors of a model without one (one row). Only references are kept: the caller
-        must not modify the arrays afterwards. Arrays are validated by the writer thread;
-        a request that does not match the declared tensors is dropped and counted there.
+        tensors of a model without one (one row). The arrays of the captured sides are
+        copied here, so the caller may reuse or modify them once this returns: the file
+        holds what was sent. Arrays are validated by the writer thread; a request that
+        does not match the declared tensors is dropped and counted there.
         """
         try:
             array = (inputs, outputs)[self._count_side][0]
             rows = int(array.shape[0]) if array.ndim > self._count_ndim else 1
         except Exception:  # a malformed request must not fail the caller: the writer rejects it
             rows = 1
-        # The arrays of a side not captured are not kept alive by the queue.
-        kept_inputs, kept_outputs = (inputs if self._inputs else ()), (outputs if self._outputs else ())
+        # A side not captured is neither copied nor kept alive by the queue. Only requests
+        # chosen for capture come here, so the copy costs nothing on the others.
+        kept_inputs = _snapshot(inputs) if self._inputs else ()
+        kept_outputs = _snapshot(outputs) if self._outputs else ()
         item = (request_id, timestamp_ns, kept_inputs, kept_outputs, reason, rows)
         with self._lock:
             counts = self._counts
@@ -537,6 +540,14 @@ class CaptureWriter:
                 "of error; every occurrence counts in write_errors.",
                 self.model, self.version, operation, self.directory, error,
             )  # fmt: skip
+
+
+def _snapshot(arrays: Sequence[Any]) -> Sequence[Any]:
+    """Copies of a request's arrays; anything else passes unchanged, for the writer to reject."""
+    try:
+        return tuple(array.copy() if isinstance(array, np.ndarray) else array for array in arrays)
+    except Exception:  # a malformed request must not fail the caller: the writer rejects it
+        return arrays
 
 
 def _column(tensor: _Tensor, arrays: list[np.ndarray], counts: list[int], total: int, *, verified: bool) -> pa.Array:
