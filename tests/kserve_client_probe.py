@@ -81,6 +81,7 @@ async def _rest_infer(client: InferenceRESTClient, url: str, request: InferReque
 
 
 async def probe_rest(url: str) -> dict[str, Any]:
+    """Every route InferenceRESTClient has (live, ready, model ready, infer), JSON and binary."""
     report: dict[str, Any] = {}
     client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=TIMEOUT_S))
     try:
@@ -108,6 +109,7 @@ async def _grpc_infer(client: InferenceGRPCClient, request: InferRequest) -> dic
 
 
 async def probe_grpc(url: str) -> dict[str, Any]:
+    """Every RPC InferenceGRPCClient calls (live, ready, model ready, infer), raw and typed contents."""
     report: dict[str, Any] = {}
     client = InferenceGRPCClient(url, timeout=TIMEOUT_S)
     try:
@@ -128,6 +130,7 @@ async def probe_grpc(url: str) -> dict[str, Any]:
 
 
 def main(arguments: list[str]) -> int:
+    """Run one probe and write its report; the exit status is 0 unless the arguments are wrong."""
     if len(arguments) != 3 or arguments[0] not in ("rest", "grpc"):
         print("usage: kserve_client_probe.py rest|grpc <server url> <report path>", file=sys.stderr)
         return 2
