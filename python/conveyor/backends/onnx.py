@@ -68,6 +68,8 @@ class OnnxBackend(Backend):
         self.model_path = Path(model_path)
         self.providers = session.get_providers()
         self._session: ort.InferenceSession | None = session
+        # onnxruntime's string tensors take str (it would store the repr of a bytes object).
+        self._text_inputs = [i for i, tensor in enumerate(config.inputs) if tensor.datatype == "BYTES"]
         logger.debug("%s: loaded %s on %s", self.label, model_path, ", ".join(self.providers))
 
     def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -75,11 +77,31 @@ class OnnxBackend(Backend):
         session = self._session
         if session is None:
             raise Unavailable(f"{self.label} is closed")
+        if self._text_inputs:
+            inputs = list(inputs)
+            for index in self._text_inputs:
+                inputs[index] = self._as_text(self.input_names[index], inputs[index])
         feeds = dict(zip(self.input_names, inputs))
         try:
             return session.run(self.output_names, feeds)
         except Exception as exc:  # onnxruntime's errors share no base class below Exception
             raise ModelExecutionError(f"{self.label}: onnxruntime: {exc}") from exc
+
+    def _as_text(self, name: str, array: np.ndarray) -> np.ndarray:
+        """A BYTES batch input as the UTF-8 text onnxruntime's string tensors hold."""
+        text = np.empty(array.shape, dtype=object)
+        flat = text.reshape(-1)
+        for index, item in enumerate(array.reshape(-1)):
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                try:
+                    item = bytes(item).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ModelExecutionError(
+                        f"{self.label}: input '{name}' element {index} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start}); onnxruntime string tensors hold UTF-8 text only"
+                    ) from None
+            flat[index] = item
+        return text
 
     def close(self) -> None:
         # Dropping the last reference frees the session; a run in flight holds its own.
