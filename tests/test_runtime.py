@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -339,6 +340,10 @@ def test_model_stats_report_batches_and_percentiles():
         assert 0 <= stats[key]["p50"] <= stats[key]["p99"]
 
 
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="under AddressSanitizer freed memory waits in its quarantine, so RSS grows by design",
+)
 def test_steady_state_reuses_pooled_memory_and_rss_stays_flat():
     pool = conveyor.MemoryPool()
     with conveyor.Runtime(pool=pool) as rt:

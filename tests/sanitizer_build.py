@@ -1,0 +1,97 @@
+"""The sanitizer builds of the core, shared by the C++ unit tests and the sanitized binding tests.
+
+Each sanitizer has one CMake build directory under build/ in the source checkout, so
+reruns are incremental and the two test files that use the AddressSanitizer build
+configure it identically (no rebuild back and forth). Needs cmake and ninja on PATH
+(the test extra installs both) and a source checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUTPUT_TAIL_CHARS = 20_000
+BUILD_DIRS = {"thread": "cpp-tests-tsan", "address": "cpp-tests-asan"}
+
+
+def require_source_checkout() -> None:
+    if not (REPO_ROOT / "cpp" / "tests" / "CMakeLists.txt").is_file():
+        pytest.skip("not a source checkout: cpp/ is not next to tests/")
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not on PATH: install the test extra (pip install '.[test]')")
+    return path
+
+
+def run(command: list[str], what: str, env: dict[str, str] | None = None, timeout_s: int = 1800,
+        cwd: Path = REPO_ROOT) -> str:
+    """Run `command`, failing the test with the output's tail when it exits non-zero."""
+    result = subprocess.run(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout_s, check=False,
+    )  # fmt: skip
+    output = result.stdout[-OUTPUT_TAIL_CHARS:]
+    assert result.returncode == 0, f"{what} exited with {result.returncode}:\n{output}"
+    return result.stdout
+
+
+def build_dir(sanitizer: str) -> Path:
+    return REPO_ROOT / "build" / BUILD_DIRS[sanitizer]
+
+
+def sanitized_package_dir() -> Path:
+    """Where the AddressSanitizer build keeps its own copy of the conveyor package."""
+    return build_dir("address") / "site"
+
+
+def configure_and_build(sanitizer: str, target: str) -> Path:
+    """Configure the sanitizer's build directory (the same way every time) and build `target`."""
+    cmake, ninja = tool("cmake"), tool("ninja")
+    directory = build_dir(sanitizer)
+    options = [
+        "-DCMAKE_BUILD_TYPE=Debug",
+        "-DCONVEYOR_BUILD_TESTS=ON",
+        "-DCONVEYOR_CUDA=OFF",
+        f"-DCONVEYOR_SANITIZER={sanitizer}",
+    ]
+    if sanitizer == "address":  # the extension too: the binding tests run against it
+        import pybind11
+
+        options += [
+            "-DCONVEYOR_BUILD_PYTHON=ON",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCONVEYOR_PYTHON_MODULE_DIR={sanitized_package_dir() / 'conveyor'}",
+        ]
+    else:
+        options.append("-DCONVEYOR_BUILD_PYTHON=OFF")
+    run(
+        [cmake, "-S", str(REPO_ROOT), "-B", str(directory), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *options],
+        f"cmake configure ({sanitizer})",
+    )
+    run([cmake, "--build", str(directory), "--target", target], f"build {target} ({sanitizer})")
+    return directory
+
+
+def compiler_runtime(directory: Path, library: str) -> str:
+    """The path of a compiler runtime library (libasan.so) of the compiler the build used."""
+    cache = (directory / "CMakeCache.txt").read_text()
+    compiler = next(
+        line.split("=", 1)[1] for line in cache.splitlines() if line.startswith("CMAKE_CXX_COMPILER:")
+    )
+    path = subprocess.run(
+        [compiler, f"-print-file-name={library}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not os.path.isabs(path) or not os.path.exists(path):
+        pytest.fail(f"{compiler} does not know where {library} is (got {path!r}): install the compiler's sanitizer runtime")
+    return path

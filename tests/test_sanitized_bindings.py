@@ -1,0 +1,83 @@
+"""The binding-heavy tests again, against an AddressSanitizer build of the extension.
+
+Ownership bugs at the Python/C++ edge (a numpy view outliving its block, a BYTES element
+read after its request dropped it, a completion delivered into a freed queue) rarely
+crash an ordinary build: the pool caches freed blocks and CPython reuses freed objects.
+Here conveyor._core is built with AddressSanitizer (+UBSan) in build/cpp-tests-asan, a
+copy of the package around it, and the tests below run in a child interpreter with the
+sanitizer runtime preloaded and PYTHONMALLOC=malloc, so every Python object is a heap
+block ASan watches and cached pool blocks are poisoned. Any report fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from sanitizer_build import (
+    REPO_ROOT,
+    compiler_runtime,
+    configure_and_build,
+    require_source_checkout,
+    run,
+    sanitized_package_dir,
+)
+
+# The tests that cross the edge most: the runtime and its loop bridge, pipelines,
+# BYTES through both protocols, failing models under load, abandoned event loops.
+SANITIZED_TESTS = [
+    "tests/test_edge_ownership.py",
+    "tests/test_runtime.py",
+    "tests/test_pipeline_steps.py",
+    "tests/test_native_backend.py",
+]
+
+SANITIZER_ENV = {
+    # Python's own allocations live until exit: leak checking would report them all.
+    "ASAN_OPTIONS": "detect_leaks=0 halt_on_error=1 abort_on_error=0 exitcode=86",
+    "UBSAN_OPTIONS": "print_stacktrace=1 halt_on_error=1",
+    "PYTHONMALLOC": "malloc",
+}
+
+
+def _copy_package() -> None:
+    """The conveyor sources beside the sanitized _core (the build writes only _core there)."""
+    target = sanitized_package_dir() / "conveyor"
+    source = REPO_ROOT / "python" / "conveyor"
+    ignore = shutil.ignore_patterns("_core*.so", "__pycache__", "example_models")
+    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+    examples = target / "example_models"
+    if not examples.exists():
+        examples.symlink_to(REPO_ROOT / "examples" / "models", target_is_directory=True)
+
+
+@pytest.mark.slow
+def test_binding_tests_pass_under_address_sanitizer() -> None:
+    require_source_checkout()
+    build_dir = configure_and_build("address", "_core")
+    _copy_package()
+    env = {
+        **os.environ,
+        **SANITIZER_ENV,
+        # The runtime first; libstdc++ with it, or ASan cannot find __cxa_throw to intercept
+        # (the interpreter itself does not link libstdc++).
+        "LD_PRELOAD": " ".join(compiler_runtime(build_dir, name) for name in ("libasan.so", "libstdc++.so")),
+        "PYTHONPATH": os.pathsep.join([str(sanitized_package_dir()), str(REPO_ROOT / "tests")]),
+    }
+    command = [
+        # --capture=sys: a sanitizer report goes to the real stderr, not a capture file.
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys", "--rootdir", str(REPO_ROOT),
+        "-c", str(REPO_ROOT / "pyproject.toml"), *SANITIZED_TESTS,
+    ]  # fmt: skip
+    output = run(command, "the binding tests under AddressSanitizer", env=env, timeout_s=1800)
+    assert "ERROR: AddressSanitizer" not in output and "runtime error:" not in output, output[-20_000:]
+    assert " passed" in output and " failed" not in output, output[-20_000:]
+    # The child imported the sanitized module, not an installed or in-tree one.
+    assert str(sanitized_package_dir()) in run(
+        [sys.executable, "-c", "import conveyor._core as core; print(core.__file__)"],
+        "locating the sanitized module",
+        env=env,
+    )
