@@ -114,7 +114,7 @@ def _send_known_traffic(rt: conveyor.Runtime, model: _GatedModel) -> None:
     busy.start()
     model.entered.acquire()  # the only instance is busy from here on
     with pytest.raises(DeadlineExceeded):
-        rt.infer("gated", _rows(1), timeout_ms=1)
+        rt.infer("gated", _rows(1), timeout_us=1000)
 
     async def queue_then_cancel_one() -> None:
         cancelled = asyncio.ensure_future(rt.infer_async("gated", _rows(1)))

@@ -160,7 +160,7 @@ def test_deadline_fires_while_the_only_instance_is_busy():
         busy, busy_out = _in_thread(rt.infer, "slow", _row(1))
         model.entered.acquire()
         with pytest.raises(DeadlineExceeded, match="deadline"):
-            rt.infer("slow", _row(2), timeout_ms=1)
+            rt.infer("slow", _row(2), timeout_us=1000)
         model.release.set()
         busy.join()
         stats = rt.model_stats("slow")
@@ -292,8 +292,8 @@ def test_bad_inputs_say_what_was_expected():
             rt.infer("double", {"x": np.zeros((9, 4), np.float32)})
         with pytest.raises(InvalidInput, match="priority 3"):
             rt.infer("double", _row(1), priority=3)
-        with pytest.raises(InvalidInput, match="timeout_ms"):
-            rt.infer("double", _row(1), timeout_ms=0)
+        with pytest.raises(InvalidInput, match="timeout_us"):
+            rt.infer("double", _row(1), timeout_us=0)
         with pytest.raises(ModelNotFound, match="^Request for unknown model: 'nope' is not found"):
             rt.infer("nope", _row(1))
         with pytest.raises(ModelNotFound, match="^Request for unknown model: .double. version 5 is not found"):

@@ -442,18 +442,19 @@ class Runtime:
         *,
         version: int | None = None,
         priority: int | None = None,
-        timeout_ms: float | None = None,
+        timeout_us: int | None = None,
         request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request (a leading batch dimension of n >= 1 rows) and wait for it.
 
-        priority: 1 is the highest level, None the model's default. timeout_ms: the
-        request fails with DeadlineExceeded if it has not started by then. request_id:
+        priority: 1 is the highest level, None the model's default. timeout_us: the
+        request fails with DeadlineExceeded if it has not started within that many
+        microseconds (None: the model's default_timeout_us). request_id:
         the id captured rows and delayed labels (`add_feedback`) refer to.
         """
         loaded = self._resolve(model, version)
         arrays = loaded.order_inputs(inputs)
-        batch, offset, rows = loaded.batcher.infer(arrays, priority or 0, _timeout_us(timeout_ms))
+        batch, offset, rows = loaded.batcher.infer(arrays, priority or 0, _checked_timeout_us(timeout_us))
         outputs, at, count = batch, offset, rows
         if loaded.finish is not None:  # this request's rows only: each row is made once
             outputs, at, count = loaded.finish(batch, offset, rows), 0, -1
@@ -469,7 +470,7 @@ class Runtime:
         *,
         version: int | None = None,
         priority: int | None = None,
-        timeout_ms: float | None = None,
+        timeout_us: int | None = None,
         request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """infer() for asyncio: safe from any event loop, many calls in flight at once."""
@@ -478,7 +479,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop) or self._bridge_for(loop)
         future = loop.create_future()
-        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _timeout_us(timeout_ms))
+        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _checked_timeout_us(timeout_us))
         bridge.pending[batcher_id] = (future, loaded, arrays, request_id)
         try:
             return await future
@@ -591,12 +592,16 @@ def _detach_bridge(bridge: _LoopBridge) -> None:
         bridge.loop.call_soon_threadsafe(bridge.detach)
 
 
-def _timeout_us(timeout_ms: float | None) -> int:
-    if timeout_ms is None:
+def _checked_timeout_us(timeout_us: int | None) -> int:
+    """The batcher's timeout argument: -1 for the model's default, else microseconds >= 1."""
+    if timeout_us is None:
         return -1
-    if not timeout_ms > 0:
-        raise InvalidInput(f"timeout_ms must be > 0 (or None for the model's default), got {timeout_ms!r}")
-    return max(1, int(timeout_ms * 1000))
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, np.integer)) or timeout_us < 1:
+        raise InvalidInput(
+            f"timeout_us must be an integer number of microseconds >= 1 (or None for the model's default), "
+            f"got {timeout_us!r}"
+        )
+    return int(timeout_us)
 
 
 def _percentiles_us(histogram: dict[str, int]) -> dict[str, float]:

@@ -77,7 +77,7 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         handle = self.handle(request.model_name, request.model_version)
-        priority, timeout_ms = _schedule_parameters(request.parameters)
+        priority, timeout_us = _schedule_parameters(request.parameters)
         inputs = {}
         for tensor in request.inputs:
             if tensor.name in inputs:
@@ -87,7 +87,7 @@ class DataPlane:
         # to .../feedback refer to it).
         request_id = request.id or new_request_id()
         results = await self.runtime.infer_async(
-            handle, inputs, priority=priority, timeout_ms=timeout_ms, request_id=request_id
+            handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id
         )
         return InferResponse(
             model_name=handle.name,
@@ -180,15 +180,16 @@ def _parse_version(version: str | int | None) -> int | None:
     return number
 
 
-def _schedule_parameters(parameters: dict[str, Any]) -> tuple[int | None, float | None]:
-    """The schedule-policy parameters: priority (1 highest) and timeout in microseconds."""
+def _schedule_parameters(parameters: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The schedule-policy parameters: priority (1 highest, None the default) and timeout_us
+    (None: the model's default; the protocol's 0 means the same)."""
     priority = parameters.get("priority")
     timeout_us = parameters.get("timeout")
     if priority is not None and (type(priority) is not int or priority < 0):
         raise InvalidInput(f"parameter 'priority' must be an integer >= 0, got {priority!r}")
     if timeout_us is not None and (type(timeout_us) is not int or timeout_us < 0):
         raise InvalidInput(f"parameter 'timeout' must be an integer number of microseconds >= 0, got {timeout_us!r}")
-    return priority or None, (timeout_us / 1000 if timeout_us else None)
+    return priority or None, (timeout_us or None)
 
 
 def _duration(count: int, ns: int) -> dict[str, int]:
