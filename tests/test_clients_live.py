@@ -415,7 +415,7 @@ def _kserve_report(transport: str, url: str, tmp_path: Path) -> dict[str, Any]:
     # Not importorskip: importing kserve here would break tritonclient.grpc in this
     # process (both register package `inference` in protobuf's default pool).
     if importlib.util.find_spec("kserve") is None:
-        pytest.skip("kserve is not installed (pip install '.[kserve-client]' brings KServe's client)")
+        pytest.skip("kserve is not installed: the test extra brings KServe's client (pip install '.[test]')")
     report_path = tmp_path / f"kserve-{transport}.json"
     result = subprocess.run([sys.executable, str(PROBE), transport, url, str(report_path)],
                             capture_output=True, text=True, timeout=DEADLINE_S * 2)
