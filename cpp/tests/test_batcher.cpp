@@ -1,5 +1,6 @@
 // The batcher with real threads; the test command runs these under ThreadSanitizer.
 // Synchronisation is explicit (gates and latches), never sleeps.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -446,3 +447,51 @@ TEST_CASE("batcher: running out of memory after the executor returns fails that 
   CHECK_EQ(s.in_flight, uint64_t{0});
 }
 
+
+TEST_CASE("batcher: cancel, deadlines and stop racing dispatch answer every request exactly once") {
+  constexpr int kThreads = 6, kPerThread = 400;
+  BatcherOptions o = options(8, 100);
+  o.instance_count = 2;
+  o.max_queue_size = 100000;
+  Batcher b(o, twice_plus_one, nullptr);
+  auto received = std::make_shared<std::vector<Completion>>();
+  auto sink = std::make_shared<RecordingSink>(received);
+  std::atomic<int> accepted{0}, refused{0};
+  std::atomic<int> started{0};
+  std::vector<std::thread> threads;
+  std::vector<std::vector<float>> data(kThreads, std::vector<float>{1, 2});
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      ++started;
+      for (int i = 0; i < kPerThread; ++i) {
+        try {
+          // Every third request has a deadline short enough to expire while queued.
+          const uint64_t id = b.submit({borrow(data[t], 1)}, sink, 0, i % 3 == 0 ? 1 : 0);
+          ++accepted;
+          if (i % 5 == 0) b.cancel(id);  // queued or already running: either answer is fine
+        } catch (const Error& e) {
+          CHECK(e.code() == ErrorCode::kUnavailable);  // stop() won the race
+          ++refused;
+        }
+      }
+    });
+  }
+  while (started.load() < kThreads) std::this_thread::yield();
+  b.stop(true);
+  for (auto& th : threads) th.join();
+  CHECK_EQ(accepted.load() + refused.load(), kThreads * kPerThread);
+  CHECK_EQ(received->size(), static_cast<size_t>(accepted.load()));
+  std::vector<uint64_t> ids;
+  for (const Completion& c : *received) {
+    ids.push_back(c.request_id);
+    const bool known = c.code == ErrorCode::kOk || c.code == ErrorCode::kCancelled ||
+                       c.code == ErrorCode::kDeadlineExceeded;
+    CHECK(known);
+    if (c.code == ErrorCode::kOk) CHECK_EQ(value_at(c, 0, 1), 5.0f);
+  }
+  std::sort(ids.begin(), ids.end());
+  CHECK(std::adjacent_find(ids.begin(), ids.end()) == ids.end());  // no request answered twice
+  BatcherStats s = b.stats();
+  CHECK_EQ(s.succeeded + s.cancelled + s.expired, static_cast<uint64_t>(accepted.load()));
+  CHECK_EQ(s.in_flight, uint64_t{0});
+}
