@@ -1,0 +1,35 @@
+"""Deployment between versions of a model: rollout configuration and request routing.
+
+- `rollout_config`: the `[rollout]` table of config.toml (`RolloutConfig`) and the check
+  of the versions it names against the served ones (`resolve_versions`).
+
+Names are loaded on first use: conveyor.config imports `rollout_config` to build
+ModelConfig, and importing every sibling here would pull them (and their imports) into
+every config load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RolloutConfig": "rollout_config",
+    "RolloutVersions": "rollout_config",
+    "CanaryStep": "rollout_config",
+    "Arm": "rollout_config",
+    "StickyConfig": "rollout_config",
+    "InvalidCheck": "rollout_config",
+    "parse_rollout_config": "rollout_config",
+    "register_checks_validator": "rollout_config",
+    "resolve_versions": "rollout_config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'conveyor.deploy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"conveyor.deploy.{module}"), name)
