@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from conveyor.deploy.rollout_config import ROLLOUT_NAME_PATTERN, ROUTE_KEY_HEADER_PATTERN, RolloutConfig
 from conveyor.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -411,6 +412,8 @@ class ModelConfig(_Strict):
     capture: CaptureConfig | None = None
     feedback: FeedbackConfig | None = None
     retraining: RetrainingConfig | None = None
+    # Rolling a new version out: canary, A/B/n, shadow, blue-green (examples/README.md, "Rollouts").
+    rollout: RolloutConfig | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -633,6 +636,8 @@ _PATTERN_DESCRIPTIONS = {
     DEVICE_PATTERN: "'cpu', 'cuda' or 'cuda:N'",
     FEATURE_NAME_PATTERN: "a feature name: a tensor name, optionally with an element index ('x' or 'x[3]')",
     WEBHOOK_URL_PATTERN: "an http:// or https:// URL",
+    ROLLOUT_NAME_PATTERN: "a rollout name: letters, digits, '_', '.' or '-', starting with a letter or digit, at most 64 characters",
+    ROUTE_KEY_HEADER_PATTERN: "a lowercase header name: letters, digits, '_', '.' or '-'",
 }
 
 _EXPECTED_BY_ERROR_TYPE = {
