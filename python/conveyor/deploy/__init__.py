@@ -2,6 +2,10 @@
 
 - `rollout_config`: the `[rollout]` table of config.toml (`RolloutConfig`) and the check
   of the versions it names against the served ones (`resolve_versions`).
+- `router`: per request, the version that answers and whether a shadow copy is made
+  (`RouteTable`, `Router`, `RouteDecision`).
+- `judge`: the rollout's checks (`parse_checks`), their evidence (`RolloutStatistics`) and
+  the verdict at each look (`evaluate` -> `Judgement`); statistics in `sequential`.
 
 Names are loaded on first use: conveyor.config imports `rollout_config` to build
 ModelConfig, and importing every sibling here would pull them (and their imports) into
@@ -23,6 +27,17 @@ _EXPORTS = {
     "parse_rollout_config": "rollout_config",
     "register_checks_validator": "rollout_config",
     "resolve_versions": "rollout_config",
+    "RouteDecision": "router",
+    "RouteTable": "router",
+    "Router": "router",
+    "route_key_hash": "router",
+    "Check": "judge",
+    "CheckDecision": "judge",
+    "Judgement": "judge",
+    "RolloutStatistics": "judge",
+    "evaluate": "judge",
+    "parse_checks": "judge",
+    "validate_check_tables": "judge",
 }
 
 __all__ = sorted(_EXPORTS)
