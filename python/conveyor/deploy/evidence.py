@@ -59,8 +59,9 @@ def bucket_upper_bounds() -> np.ndarray:
     bucket = np.arange(BUCKETS, dtype=np.int64)
     shift = np.maximum(bucket // SUB_BUCKETS - 1, 0)
     sub = bucket % SUB_BUCKETS
-    bounds = ((SUB_BUCKETS + sub) << shift) + ((1 << shift) - 1)
-    bounds = bounds.astype(np.float64)  # the top buckets pass 2**63: float keeps them ordered
+    # In float64: the top buckets pass 2**63; below 2**53 (104 days in ns) every bound is exact.
+    scale = np.ldexp(1.0, shift)
+    bounds = (SUB_BUCKETS + sub) * scale + (scale - 1.0)
     bounds[:SUB_BUCKETS] = bucket[:SUB_BUCKETS]
     return bounds
 
