@@ -16,6 +16,7 @@ void init_kernels(py::module_& m);
 void init_cuda_kernels(py::module_& m);
 void init_monitor(py::module_& m);
 void init_drift(py::module_& m);
+void init_router(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_kernels(m);
   conveyor::bindings::init_cuda_kernels(m);
   conveyor::bindings::init_drift(m);
+  conveyor::bindings::init_router(m);
 }
