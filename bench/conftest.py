@@ -47,6 +47,7 @@ class _Comparison:
     candidate: _Side | None = None
     baseline: _Side | None = None
     goal_speedup: float | None = None  # baseline / candidate the candidate should reach
+    calls: int | None = None  # calls per timed round: the report adds the difference per call
 
 
 def _median_s(benchmark: Any) -> float | None:
@@ -71,12 +72,23 @@ class RatioReport:
         return self.comparisons.setdefault(name, _Comparison(module=module))
 
     def candidate(
-        self, name: str, benchmark: Any, *, label: str = "candidate", goal_speedup: float | None = None
+        self,
+        name: str,
+        benchmark: Any,
+        *,
+        label: str = "candidate",
+        goal_speedup: float | None = None,
+        calls: int | None = None,
     ) -> None:
-        """Records benchmark (already run) as the candidate; goal_speedup is baseline/candidate."""
+        """Records benchmark (already run) as the candidate; goal_speedup is baseline/candidate.
+
+        `calls`: how many calls one timed round makes; the report then also prints the
+        time the candidate adds per call, (candidate - baseline) / calls.
+        """
         comparison = self._get(name, _module_of(benchmark))
         comparison.candidate = _Side(label, _median_s(benchmark))
         comparison.goal_speedup = goal_speedup
+        comparison.calls = calls
 
     def baseline(self, name: str, benchmark: Any, *, label: str = "baseline") -> None:
         """Records benchmark (already run) as the baseline the candidate is compared with."""
@@ -98,6 +110,9 @@ class RatioReport:
                 f"{c.baseline.label} {_format_s(c.baseline.median_s)} (medians): "
                 f"speedup {speedup:.2f}x"
             )
+            if c.calls:
+                added_s = (c.candidate.median_s - c.baseline.median_s) / c.calls
+                line += f", adds {added_s * 1e9:+.0f} ns per call"
             if c.goal_speedup is not None:
                 verdict = "met" if speedup >= c.goal_speedup else "NOT met"
                 line += f", goal >= {c.goal_speedup:.2f}x {verdict}"
