@@ -259,9 +259,9 @@ def _only_known_metrics(checks: list[dict]) -> None:
 
 @pytest.fixture
 def checks_validator():
-    register_checks_validator(_only_known_metrics)
+    previous = register_checks_validator(_only_known_metrics)
     yield
-    register_checks_validator(None)
+    register_checks_validator(previous)
 
 
 @pytest.mark.usefixtures("checks_validator")

@@ -67,14 +67,16 @@ ChecksValidator = Callable[[list[dict[str, Any]]], None]
 _checks_validator: ChecksValidator | None = None
 
 
-def register_checks_validator(validator: ChecksValidator | None) -> None:
+def register_checks_validator(validator: ChecksValidator | None) -> ChecksValidator | None:
     """Makes every later RolloutConfig validate its `checks` with `validator` (None: only tables).
 
     The validator takes the raw list of check tables and raises `InvalidCheck` for the
-    first bad one; it must not modify the list.
+    first bad one; it must not modify the list. Returns the validator it replaces, so a
+    caller (a test) can put it back.
     """
     global _checks_validator
-    _checks_validator = validator
+    previous, _checks_validator = _checks_validator, validator
+    return previous
 
 
 def _rule_error(expected: str, got: Any, *, field: str = "", got_text: str | None = None) -> PydanticCustomError:
