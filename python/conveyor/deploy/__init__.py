@@ -6,6 +6,8 @@
   (`RouteTable`, `Router`, `RouteDecision`).
 - `judge`: the rollout's checks (`parse_checks`), their evidence (`RolloutStatistics`) and
   the verdict at each look (`evaluate` -> `Judgement`); statistics in `sequential`.
+- `traffic`: requests in front of the Runtime under a rollout: routing, fallback, shadow
+  copies paired for the judge, counters (`RolloutTraffic`, `route_key_from`).
 
 Names are loaded on first use: conveyor.config imports `rollout_config` to build
 ModelConfig, and importing every sibling here would pull them (and their imports) into
@@ -38,6 +40,10 @@ _EXPORTS = {
     "evaluate": "judge",
     "parse_checks": "judge",
     "validate_check_tables": "judge",
+    "RolloutTraffic": "traffic",
+    "RoutedResult": "traffic",
+    "OutputComparison": "traffic",
+    "route_key_from": "traffic",
 }
 
 __all__ = sorted(_EXPORTS)

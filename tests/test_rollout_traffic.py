@@ -1,0 +1,467 @@
+"""Rollout traffic in front of a real Runtime: routing, named versions, sticky keys,
+fallback, shadow copies and their pairs, bounded shadow slots, counters.
+
+Deterministic: seeded routers, gates (threading.Event) instead of sleeps, a fake clock
+for pair expiry; shares are checked against the binomial 99% band their weight implies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from conveyor.config import parse_model_config
+from conveyor.deploy.evidence import RolloutStatistics
+from conveyor.deploy.rollout_config import RolloutVersions, StickyConfig
+from conveyor.deploy.router import Router, RouteTable
+from conveyor.deploy.traffic import OutputComparison, RolloutTraffic, route_key_from
+from conveyor.errors import ConfigError, ModelExecutionError, ModelNotFound
+from conveyor.runtime import Runtime
+
+MODEL = "m"
+
+
+@dataclass
+class FakeController:
+    """The controller contract traffic relies on, and a record of what it was told."""
+
+    model: str
+    versions: RolloutVersions
+    router: Router
+    name: str = "m-rollout"
+    statistics: RolloutStatistics = field(default_factory=RolloutStatistics)
+    active: bool = True
+    serving_version: int = 1
+    unavailable: list[int] = field(default_factory=list)
+
+    def on_version_unavailable(self, version: int) -> None:
+        self.unavailable.append(version)
+
+
+def _config(outputs: list[dict] | None = None, *, inputs: str = "x", **extra) -> dict:
+    return {
+        "backend": "python",
+        "max_batch_size": 64,
+        "inputs": [{"name": inputs, "datatype": "FP32", "dims": [4]}],
+        "outputs": outputs or [{"name": "y", "datatype": "FP32", "dims": [4]}],
+        **extra,
+    }
+
+
+def _scaled(factor: float):
+    def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"] * factor}
+
+    return model
+
+
+def _row(value: float) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, 4), value, dtype=np.float32)}
+
+
+class GatedModel:
+    """Scales its input; every batch waits at the gate until it opens."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.gate = threading.Event()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.wait()
+        return {"y": inputs["x"] * self.factor}
+
+
+def _failing(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise RuntimeError("challenger is broken")
+
+
+@pytest.fixture
+def runtime():
+    rt = Runtime()
+    rt.add_model(MODEL, _config(), _scaled(1.0), version=1)
+    rt.add_model(MODEL, _config(), _scaled(2.0), version=2)
+    yield rt
+    rt.close()
+
+
+def _controller(table: RouteTable, *, challenger: int = 2, **kwargs) -> FakeController:
+    return FakeController(MODEL, RolloutVersions(1, (challenger,)), Router(table, seed=7), **kwargs)
+
+
+async def _serve(traffic: RolloutTraffic, count: int, *, keys=None, **kwargs) -> list:
+    """`count` requests (row i holds the value i), in flight 500 at a time: below the queue bound."""
+    results: list = []
+    for start in range(0, count, 500):
+        results += await asyncio.gather(
+            *(
+                traffic.infer(
+                    MODEL, _row(float(i)), request_id=f"r{i}", route_key=None if keys is None else keys[i], **kwargs
+                )
+                for i in range(start, min(count, start + 500))
+            )
+        )
+    return results
+
+
+def _binomial_band(n: int, percent: float) -> tuple[float, float]:
+    return binom.interval(0.99, n, percent / 100)
+
+
+# ---- routing -----------------------------------------------------------------------------
+
+
+def test_no_rollout_goes_straight_to_the_runtime(runtime):
+    traffic = RolloutTraffic(runtime)
+    result = asyncio.run(traffic.infer(MODEL, _row(3.0), request_id="a"))
+    assert result.version == 2 and result.rollout_name is None
+    np.testing.assert_array_equal(result.outputs["y"], np.full((1, 4), 6.0, np.float32))
+    named = asyncio.run(traffic.infer(MODEL, _row(3.0), version=1, request_id="b"))
+    assert named.version == 1 and named.rollout_name is None
+    assert traffic.get(MODEL) is None and traffic.counters() == {}
+
+
+def test_routing_follows_the_weights_within_the_binomial_band(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.canary(1, 2, 30, salt="s"))
+    traffic.attach(controller)
+    requests = 3000
+    results = asyncio.run(_serve(traffic, requests))
+    for index, result in enumerate(results):  # each answer is its own, from the version it names
+        assert float(result.outputs["y"][0, 0]) == index * result.version
+    challenger = sum(result.version == 2 for result in results)
+    low, high = _binomial_band(requests, 30)
+    assert low <= challenger <= high
+    assert {result.rollout_name for result in results} == {"m-rollout"}
+    rows = {(row["version"], row["arm"], row["routing"]): row["count"] for row in traffic.counters()[MODEL]["requests"]}
+    assert rows == {(1, "champion", "routed"): requests - challenger, (2, "challenger", "routed"): challenger}
+
+
+def test_ab_arms_follow_their_weights(runtime):
+    runtime.add_model(MODEL, _config(), _scaled(3.0), version=3)
+    traffic = RolloutTraffic(runtime)
+    table = RouteTable.weighted([(1, 50), (2, 30), (3, 20)], salt="ab")
+    traffic.attach(FakeController(MODEL, RolloutVersions(1, (2, 3)), Router(table, seed=3)))
+    requests = 3000
+    shares = Counter(result.version for result in asyncio.run(_serve(traffic, requests)))
+    for version, percent in ((1, 50), (2, 30), (3, 20)):
+        low, high = _binomial_band(requests, percent)
+        assert low <= shares[version] <= high
+
+
+def test_a_named_version_bypasses_routing(runtime):
+    traffic = RolloutTraffic(runtime)
+    traffic.attach(_controller(RouteTable.canary(1, 2, 100, salt="s")))
+    results = asyncio.run(_serve(traffic, 50, version=1))
+    assert {(r.version, r.rollout_name) for r in results} == {(1, None)}
+    assert traffic.counters()[MODEL]["requests"] == [{"version": 1, "arm": "champion", "routing": "named", "count": 50}]
+    with pytest.raises(ModelNotFound, match="version 9"):
+        asyncio.run(traffic.infer(MODEL, _row(1.0), version=9, request_id="x"))
+
+
+def test_sticky_keys_stay_on_one_version(runtime):
+    traffic = RolloutTraffic(runtime)
+    traffic.attach(_controller(RouteTable.canary(1, 2, 50, salt="sticky")))
+    seen: dict[str, set[int]] = {}
+    for key in [f"user-{i}" for i in range(20)]:
+        results = asyncio.run(_serve(traffic, 100, keys=[key] * 100))
+        seen[key] = {result.version for result in results}
+    assert all(len(versions) == 1 for versions in seen.values())
+    assert set().union(*seen.values()) == {1, 2}  # the keys split between both versions
+
+
+def test_the_router_is_read_per_request(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.canary(1, 2, 0.0, salt="s"))
+    traffic.attach(controller)
+    assert {r.version for r in asyncio.run(_serve(traffic, 20))} == {1}
+    controller.router = Router(RouteTable.canary(1, 2, 100, salt="s"), seed=1)
+    assert {r.version for r in asyncio.run(_serve(traffic, 20))} == {2}
+
+
+def test_an_inactive_rollout_serves_its_serving_version(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.canary(1, 2, 100, salt="s"), active=False, serving_version=1)
+    traffic.attach(controller)
+    assert {r.version for r in asyncio.run(_serve(traffic, 20))} == {1}
+
+
+def test_a_missing_routed_version_falls_back_to_the_champion(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.canary(1, 3, 100, salt="s"), challenger=3)
+    traffic.attach(controller)
+    results = asyncio.run(_serve(traffic, 10))
+    assert {(r.version, r.rollout_name) for r in results} == {(1, "m-rollout")}
+    assert controller.unavailable == [3] * 10
+    assert traffic.counters()[MODEL]["fallbacks"] == 10
+
+
+@dataclass
+class TimedController(FakeController):
+    """A controller whose notice takes the wall-clock time and a reason, as the real one does."""
+
+    reasons: list[str] = field(default_factory=list)
+
+    def on_version_unavailable(self, version: int, now: float, reason: str = "unavailable") -> None:
+        assert now > 0
+        self.unavailable.append(version)
+        self.reasons.append(reason)
+
+
+def test_the_controller_hears_of_a_missing_version_with_time_and_reason(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = TimedController(MODEL, RolloutVersions(1, (3,)), Router(RouteTable.canary(1, 3, 100, salt="s"), seed=1))
+    traffic.attach(controller)
+    assert {r.version for r in asyncio.run(_serve(traffic, 3))} == {1}
+    assert controller.unavailable == [3] * 3 and controller.reasons == ["not loaded"] * 3
+
+
+def test_a_missing_champion_is_a_clear_error(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.canary(1, 2, 0.0, salt="s"))
+    traffic.attach(controller)
+    runtime.unload_model(MODEL, 1)
+    with pytest.raises(ModelNotFound, match="champion version 1 .* is not loaded"):
+        asyncio.run(traffic.infer(MODEL, _row(1.0), request_id="x"))
+
+
+def test_one_rollout_per_model(runtime):
+    traffic = RolloutTraffic(runtime)
+    traffic.attach(_controller(RouteTable.canary(1, 2, 10, salt="s")))
+    with pytest.raises(ConfigError, match="already has rollout 'm-rollout' attached"):
+        traffic.attach(_controller(RouteTable.canary(1, 2, 10, salt="s")))
+    traffic.detach(MODEL)
+    with pytest.raises(ModelNotFound, match="has no rollout attached"):
+        traffic.detach(MODEL)
+    with pytest.raises(ConfigError, match="shadow_queue_size"):
+        traffic.attach(_controller(RouteTable.canary(1, 2, 10, salt="s")), shadow_queue_size=0)
+
+
+# ---- shadow ------------------------------------------------------------------------------
+
+
+def _classifier_runtime(flip_every: int) -> Runtime:
+    """Versions 1 and 2 classify a row by its value mod 3 (an INT64 class and its
+    probabilities); version 2 moves every `flip_every`-th value to the next class."""
+
+    def classifier(shift: bool):
+        def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            value = inputs["x"][:, 0].astype(np.int64)
+            classes = (value + (shift & (value % flip_every == 0))) % 3
+            return {"class": classes[:, None], "p": np.eye(3, dtype=np.float32)[classes] * 0.9 + 0.03}
+
+        return model
+
+    rt = Runtime()
+    outputs = [{"name": "class", "datatype": "INT64", "dims": [1]}, {"name": "p", "datatype": "FP32", "dims": [3]}]
+    for version, shift in ((1, False), (2, True)):
+        rt.add_model(MODEL, _config(outputs), classifier(shift), version=version)
+    return rt
+
+
+async def _serve_and_drain(traffic: RolloutTraffic, count: int) -> list:
+    results = await _serve(traffic, count)
+    await traffic.drain_shadows()
+    return results
+
+
+def test_shadow_at_100_percent_pairs_every_request():
+    requests = 200
+    with _classifier_runtime(flip_every=10) as rt:
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller, compared_output="p")
+        results = asyncio.run(_serve_and_drain(traffic, requests))
+    assert {(r.version, r.rollout_name) for r in results} == {(1, "m-rollout")}
+    shadow = traffic.counters()[MODEL]["shadow"]
+    assert shadow == {"sent": requests, "dropped": 0, "failed": 0, "paired": requests, "expired": 0, "in_flight": 0}
+    paired = controller.statistics.paired
+    # "p" is FP32 and declared no classifier: its 3 values per row are compared as scores.
+    assert paired.output_difference.count == 3 * requests
+    assert paired.latency_log_ratio.count == requests
+    assert paired.compared_classes == 0
+
+
+def test_shadow_agreement_of_classifiers_is_recorded():
+    requests = 200
+    with _classifier_runtime(flip_every=10) as rt:
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller)  # the first output: the INT64 class
+        asyncio.run(_serve_and_drain(traffic, requests))
+    paired = controller.statistics.paired
+    flipped = [value for value in range(requests) if value % 10 == 0]
+    assert paired.compared_classes == requests
+    assert paired.agreed_classes == requests - len(flipped)
+    assert paired.flips == dict(Counter((value % 3, (value + 1) % 3) for value in flipped))
+
+
+def test_a_gated_challenger_never_delays_the_champion(runtime):
+    gated = GatedModel(2.0)
+    runtime.add_model(MODEL, _config(), gated, version=2)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    slots, requests = 4, 40
+    traffic.attach(controller, shadow_queue_size=slots)
+
+    async def scenario():
+        answers = []
+        try:
+            for i in range(requests):  # one at a time: each answer arrives while the gate is shut
+                answers.append(await traffic.infer(MODEL, _row(float(i)), request_id=f"r{i}"))
+            counts_while_gated = dict(traffic.counters()[MODEL]["shadow"])
+        finally:
+            gated.gate.set()
+        await traffic.drain_shadows()
+        return answers, counts_while_gated
+
+    answers, gated_counts = asyncio.run(scenario())
+    assert [float(a.outputs["y"][0, 0]) for a in answers] == [float(i) for i in range(requests)]
+    assert gated_counts == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": 0, "expired": 0, "in_flight": slots}
+    final = traffic.counters()[MODEL]["shadow"]
+    assert final == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": slots, "expired": 0, "in_flight": 0}
+    assert controller.statistics.paired.output_difference.count == 4 * slots
+
+
+def test_pending_pairs_expire(runtime):
+    gated = GatedModel(2.0)
+    runtime.add_model(MODEL, _config(), gated, version=2)
+    now = [0.0]
+    traffic = RolloutTraffic(runtime, pair_ttl_s=5.0, clock=lambda: now[0])
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller, shadow_queue_size=8)
+
+    async def scenario():
+        try:
+            await traffic.infer(MODEL, _row(1.0), request_id="old")
+            now[0] = 6.0  # past the first pair's ttl: the next copy's pair evicts it
+            await traffic.infer(MODEL, _row(2.0), request_id="new")
+        finally:
+            gated.gate.set()
+        await traffic.drain_shadows()
+
+    asyncio.run(scenario())
+    assert traffic.counters()[MODEL]["shadow"] == {
+        "sent": 2, "dropped": 0, "failed": 0, "paired": 1, "expired": 1, "in_flight": 0,
+    }  # fmt: skip
+    assert controller.statistics.paired.latency_log_ratio.count == 1
+
+
+def test_a_failing_challenger_counts_errors(runtime):
+    runtime.add_model(MODEL, _config(), _failing, version=2)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+    requests = 30
+
+    async def scenario():
+        results = await _serve(traffic, requests)
+        await traffic.drain_shadows()
+        return results
+
+    results = asyncio.run(scenario())
+    assert len(results) == requests and {r.version for r in results} == {1}
+    shadow = traffic.counters()[MODEL]["shadow"]
+    assert (shadow["sent"], shadow["failed"], shadow["paired"], shadow["in_flight"]) == (requests, requests, 0, 0)
+    # The challenger's batcher counted them: the controller reads them from its stats.
+    assert runtime.model_stats(MODEL, 2)["failed"] == requests
+    assert controller.statistics.paired.latency_log_ratio.count == 0
+
+
+def test_a_copy_that_never_reaches_the_challenger_is_a_challenger_error(runtime):
+    runtime.add_model(MODEL, _config(inputs="other"), _scaled(2.0), version=2)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 3, 100, salt="s"), challenger=3)
+    traffic.attach(controller)
+
+    async def scenario(count: int):
+        await _serve(traffic, count)
+        await traffic.drain_shadows()
+
+    asyncio.run(scenario(5))  # version 3 is not loaded
+    assert controller.unavailable == [3] * 5
+    controller.router = Router(RouteTable.shadow(1, 2, 100, salt="s"), seed=1)
+    asyncio.run(scenario(7))  # version 2 takes input "other", not "x"
+    assert traffic.counters()[MODEL]["shadow"]["failed"] == 12
+    challenger = controller.statistics.challenger
+    assert (challenger.requests, challenger.errors) == (12, 12)
+
+
+def test_a_failing_champion_leaves_no_pending_pair(runtime):
+    runtime.add_model(MODEL, _config(), _failing, version=1)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+
+    async def scenario():
+        with pytest.raises(ModelExecutionError):
+            await traffic.infer(MODEL, _row(1.0), request_id="x")
+        await traffic.drain_shadows()
+
+    asyncio.run(scenario())
+    assert traffic.counters()[MODEL]["shadow"]["paired"] == 0
+    assert traffic._rollouts[MODEL].pending == {}
+
+
+def test_copied_shadow_inputs_are_independent_of_the_callers_buffer(runtime):
+    gated = GatedModel(2.0)
+    runtime.add_model(MODEL, _config(), gated, version=2)
+    traffic = RolloutTraffic(runtime, copy_shadow_inputs=True)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+    buffer = _row(1.0)
+
+    async def scenario():
+        try:
+            await traffic.infer(MODEL, buffer, request_id="x")
+            buffer["x"][:] = 100.0  # the caller reuses its buffer while the copy waits
+        finally:
+            gated.gate.set()
+        await traffic.drain_shadows()
+
+    asyncio.run(scenario())
+    # Champion 1.0 * 1 against challenger 1.0 * 2: a difference of 1 in each of 4 values.
+    assert controller.statistics.paired.output_difference.mean == pytest.approx(1.0)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def test_route_key_from_parameters_and_headers():
+    sticky = StickyConfig()
+    assert route_key_from(sticky, {"conveyor-route-key": "u1"}, {}) == "u1"
+    assert route_key_from(sticky, {"Conveyor-Route-Key": "u1"}, None) == "u1"
+    assert route_key_from(sticky, {"conveyor-route-key": "u1"}, {"conveyor-route-key": 42}) == "42"
+    assert route_key_from(sticky, {}, {"conveyor-route-key": ""}) is None
+    assert route_key_from(sticky, None, None) is None
+    custom = StickyConfig(header="x-user", parameter="user")
+    assert route_key_from(custom, {"x-user": "h"}, {"user": "p"}) == "p"
+    assert route_key_from(StickyConfig(enabled=False), {"conveyor-route-key": "u1"}) is None
+    with pytest.raises(ConfigError, match="expected a routing key"):
+        route_key_from(sticky, None, {"conveyor-route-key": [1, 2]})
+
+
+def _model_config(outputs: list[dict], **extra):
+    return parse_model_config(_config(outputs, **extra), source="<test>", name=MODEL)
+
+
+def test_output_comparison_from_the_config():
+    scores = _model_config([{"name": "y", "datatype": "FP32", "dims": [1]}, {"name": "z", "datatype": "INT64", "dims": [1]}])
+    assert OutputComparison.for_config(scores) == OutputComparison("y", "scores")
+    assert OutputComparison.for_config(scores, "z") == OutputComparison("z", "classes")
+    with pytest.raises(ConfigError, match="'q' is not one of its outputs"):
+        OutputComparison.for_config(scores, "q")
+    probabilities = [{"name": "p", "datatype": "FP32", "dims": [3]}]
+    declared = _model_config(probabilities, monitor={"classifier_outputs": [{"output": "p"}]})
+    comparison = OutputComparison.for_config(declared)
+    assert comparison == OutputComparison("p", "classes")
+    np.testing.assert_array_equal(comparison.values({"p": np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]])}), [1, 0])
+    text = _model_config([{"name": "t", "datatype": "BYTES", "dims": [1]}])
+    assert OutputComparison.for_config(text) is None
+    with pytest.raises(ConfigError, match="is BYTES"):
+        OutputComparison.for_config(text, "t")
