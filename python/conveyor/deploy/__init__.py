@@ -6,6 +6,8 @@
   (`RouteTable`, `Router`, `RouteDecision`).
 - `judge`: the rollout's checks (`parse_checks`), their evidence (`RolloutStatistics`) and
   the verdict at each look (`evaluate` -> `Judgement`); statistics in `sequential`.
+- `controller`: one rollout moved through its strategy on the judge's verdicts, its
+  decision log and its crash-safe saved state (`RolloutController`); files in `rollout_state`.
 - `traffic`: requests in front of the Runtime under a rollout: routing, fallback, shadow
   copies paired for the judge, counters (`RolloutTraffic`, `route_key_from`).
 
@@ -44,6 +46,8 @@ _EXPORTS = {
     "RoutedResult": "traffic",
     "OutputComparison": "traffic",
     "route_key_from": "traffic",
+    "RolloutController": "controller",
+    "RolloutStateError": "controller",
 }
 
 __all__ = sorted(_EXPORTS)
