@@ -453,13 +453,16 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_old_state(tmp_path: Path) -> 
     assert not temporary.exists() and restore(tmp_path, table).step_index == 2
 
 
-def test_a_torn_last_line_of_the_decision_log_is_skipped(tmp_path: Path) -> None:
+def test_a_line_torn_by_a_crash_is_skipped_and_the_next_record_starts_its_own(tmp_path: Path) -> None:
     controller = start(canary_table(FOUR_STEPS), tmp_path)
     controller.pause(now=START + 1)
     log = tmp_path / f"rollout-{MODEL}.audit.jsonl"
     with log.open("a") as stream:
         stream.write('{"event": "rollout", "act')
     assert [r["action"] for r in read_audit(log)] == ["start", "pause"]
+    controller.resume(now=START + 2)
+    assert [r["action"] for r in read_audit(log)] == ["start", "pause", "resume"]
+    assert log.read_text().splitlines()[2] == '{"event": "rollout", "act'
 
 
 def test_status_is_plain_json_with_every_check_statistic() -> None:

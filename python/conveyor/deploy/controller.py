@@ -66,6 +66,7 @@ from conveyor.deploy.rollout_state import (
     save_state,
     state_body,
     state_path,
+    status_document,
 )
 from conveyor.deploy.router import Router, RouteTable
 from conveyor.errors import InvalidInput
@@ -140,7 +141,7 @@ class RolloutController:
         """
         self._setup(model, config, versions, checks, now, state_directory, on_event, router_seed, clock)
         self._ingest(champion_stats, challenger_stats)
-        self._commit(now, "start", "operator", "running", f"{config.strategy} rollout started")
+        self._commit(now, "start", "operator", "none", f"{config.strategy} rollout started")
 
     def _setup(
         self,
@@ -154,32 +155,21 @@ class RolloutController:
         router_seed: int | None,
         clock: Callable[[], float],
     ) -> None:
-        self.model = model
-        self.clock = clock
-        self.config = config
-        self.versions = versions
-        self.checks = tuple(checks)
-        self.name = config.rollout_name(model)
-        self.strategy = config.strategy
+        self.model, self.config, self.versions, self.checks = model, config, versions, tuple(checks)
+        self.name, self.strategy, self.clock = config.rollout_name(model), config.strategy, clock
         self.state_directory = Path(state_directory) if state_directory is not None else None
         if self.state_directory is not None:
             state_path(self.state_directory, model)  # refuses a model name unfit for a file name
-        self.on_event = on_event
-        self.router_seed = router_seed
-        self.state = "running"
-        self.paused_by: str | None = None
-        self.reason = ""
+        self.on_event, self.router_seed = on_event, router_seed
+        self.state, self.paused_by, self.reason = "running", None, ""
         self.serving_version = versions.champion
-        self.step_index = 0
-        self.step_started_at = now
-        self.step_requests_at_start = 0
+        self.step_index, self.step_started_at, self.step_requests_at_start = 0, now, 0
         self.started_at = self.updated_at = now
         self.next_look_at = now + config.interval_s
         self.rollback_window_ends_at: float | None = None
-        self.looks = 0
-        self.action_counts: dict[str, int] = {}
+        self.looks, self.action_counts = 0, {}
         self.last_judgement: Judgement | None = None
-        self.last_record: dict[str, Any] | None = None
+        self.last_record: dict[str, Any] | None = None  # the latest decision
         self.restore_info: dict[str, str] | None = None
         self.statistics = RolloutStatistics.for_checks(self.checks)
         self._baselines: dict[int, dict[str, Any]] = {}
@@ -506,37 +496,17 @@ class RolloutController:
         return record
 
     def status(self) -> dict[str, Any]:
-        """The rollout's state as plain JSON types: what GET /v2/models/{m}/rollout returns."""
-        step = None
-        if self.strategy == "canary":
-            current = self.config.steps[self.step_index]
-            step = {
-                "index": self.step_index, "count": len(self.config.steps), "weight": current.weight,
-                "started_at": self.step_started_at, "duration_s": current.duration_s,
-                "min_requests": current.min_requests, "manual_gate": current.manual_gate,
-                "challenger_requests": self.statistics.challenger.requests - self.step_requests_at_start,
-            }  # fmt: skip
-        table = self._route_table()
-        shadow = {"version": table.shadow_version, "percent": table.shadow_percent} if table.shadow_version else None
-        champion, challenger, paired = self.statistics.champion, self.statistics.challenger, self.statistics.paired
-        return {
-            "model": self.model, "rollout": self.name, "strategy": self.strategy, "state": self.state,
-            "active": self.active, "paused_by": self.paused_by, "reason": self.reason,
-            "champion": self.versions.champion, "challengers": list(self.versions.challengers),
-            "serving_version": self.serving_version, "step": step,
-            "weights": {str(v): w for v, w in sorted(self.weights().items())}, "shadow": shadow,
-            "started_at": self.started_at, "updated_at": self.updated_at, "next_look_at": self.next_look_at,
-            "rollback_window_ends_at": self.rollback_window_ends_at,
-            "last_judgement": self.last_judgement.to_dict() if self.last_judgement is not None else None,
-            "counts": {
-                "looks": self.looks, "actions": dict(self.action_counts),
-                "champion_requests": champion.requests, "champion_errors": champion.errors,
-                "challenger_requests": challenger.requests, "challenger_errors": challenger.errors,
-                "pairs": {"latency": paired.latency_log_ratio.count, "classes": paired.compared_classes,
-                          "outputs": paired.output_difference.count, "labelled": paired.labelled_pairs},
-            },
-            "restore": self.restore_info,
-        }  # fmt: skip
+        """The rollout's state as plain JSON types: what GET /v2/models/{m}/rollout returns.
+
+        Keys: model, rollout (its name), strategy, state, active, paused_by, reason,
+        champion, challengers, serving_version, step (canary: index, count, weight,
+        started_at, duration_s, min_requests, manual_gate, challenger_requests; else null),
+        weights ({"version": percent}), shadow ({version, percent} or null), started_at,
+        updated_at, next_look_at, rollback_window_ends_at, last_judgement (every check's
+        decision and statistic, or null), counts (looks, actions, requests and errors per
+        side, pairs) and restore ({outcome, reason} after a restart, else null).
+        """
+        return status_document(self)
 
     # ---- restart ---------------------------------------------------------------------------
 

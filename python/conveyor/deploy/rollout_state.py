@@ -7,13 +7,15 @@
   crash is ignored (and overwritten by the next save).
 - ``rollout-<model>.audit.jsonl``: one JSON object per line, one line per decision,
   appended with a single write on a descriptor opened with O_APPEND and fsynced. A crash in
-  the middle of a write can leave the last line torn; `read_audit` skips such a line.
+  the middle of a write can leave a torn line; the next append ends it first, and
+  `read_audit` skips it.
 
 The state document is ``{"format": STATE_FORMAT, "format_version": 1, "checksum": "<sha256
 of the canonical body>", "body": {...}}``; `load_state` refuses a file that does not parse,
 has another format or version, or whose body does not match its checksum, with
 `UntrustedState` naming the file and what is wrong. What the body holds is the
-controller's business (see `conveyor.deploy.controller`).
+controller's business: `state_body` writes it and `saved_fields` reads it back;
+`status_document` is the same state as the rollout endpoint shows it.
 
 After a restart, `plan_restore` reads the saved state against the configuration and the
 served versions and says whether the rollout resumes, starts, or falls back to its
@@ -55,6 +57,7 @@ __all__ = [
     "saved_fields",
     "state_body",
     "state_path",
+    "status_document",
 ]
 
 ACTIVE_STATES = ("running", "paused", "switched")
@@ -209,6 +212,42 @@ def state_body(controller: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def status_document(controller: Any) -> dict[str, Any]:
+    """A RolloutController's state in plain JSON types (see `RolloutController.status`)."""
+    statistics, versions, config = controller.statistics, controller.versions, controller.config
+    step = None
+    if controller.strategy == "canary":
+        current = config.steps[controller.step_index]
+        step = {
+            "index": controller.step_index, "count": len(config.steps), "weight": current.weight,
+            "started_at": controller.step_started_at, "duration_s": current.duration_s,
+            "min_requests": current.min_requests, "manual_gate": current.manual_gate,
+            "challenger_requests": statistics.challenger.requests - controller.step_requests_at_start,
+        }  # fmt: skip
+    table = controller.router.table
+    shadow = {"version": table.shadow_version, "percent": table.shadow_percent} if table.shadow_version else None
+    judgement = controller.last_judgement
+    champion, challenger, paired = statistics.champion, statistics.challenger, statistics.paired
+    return {
+        "model": controller.model, "rollout": controller.name, "strategy": controller.strategy,
+        "state": controller.state, "active": controller.active, "paused_by": controller.paused_by,
+        "reason": controller.reason, "champion": versions.champion, "challengers": list(versions.challengers),
+        "serving_version": controller.serving_version, "step": step,
+        "weights": {str(version): percent for version, percent in sorted(controller.weights().items())},
+        "shadow": shadow, "started_at": controller.started_at, "updated_at": controller.updated_at,
+        "next_look_at": controller.next_look_at, "rollback_window_ends_at": controller.rollback_window_ends_at,
+        "last_judgement": judgement.to_dict() if judgement is not None else None,
+        "counts": {
+            "looks": controller.looks, "actions": dict(controller.action_counts),
+            "champion_requests": champion.requests, "champion_errors": champion.errors,
+            "challenger_requests": challenger.requests, "challenger_errors": challenger.errors,
+            "pairs": {"latency": paired.latency_log_ratio.count, "classes": paired.compared_classes,
+                      "outputs": paired.output_difference.count, "labelled": paired.labelled_pairs},
+        },
+        "restore": controller.restore_info,
+    }  # fmt: skip
+
+
 def saved_fields(body: Mapping[str, Any], config: RolloutConfig) -> dict[str, Any]:
     """The controller attributes a saved body gives back, typed and checked.
 
@@ -241,14 +280,18 @@ def saved_fields(body: Mapping[str, Any], config: RolloutConfig) -> dict[str, An
 def append_audit_record(path: Path, record: Mapping[str, Any]) -> None:
     """Appends `record` as one JSON line (one write, O_APPEND) and fsyncs it.
 
+    A line torn by a crash is ended first, so the new record starts a line of its own.
     Raises OSError naming the file when it cannot be written.
     """
     line = (canonical_json(record) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
+            size = os.fstat(descriptor).st_size
+            if size and os.pread(descriptor, 1, size - 1) != b"\n":
+                line = b"\n" + line
             _write_all(descriptor, line)
             os.fsync(descriptor)
         finally:
@@ -261,24 +304,22 @@ def append_audit_record(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
-    """Every whole record of a decision log, in order; a torn last line (a crash) is skipped.
+    """Every whole record of a decision log, in order (none when there is no log).
 
-    Raises UntrustedState for a line that does not parse anywhere but at the end.
+    A line that does not parse is what a crash left in the middle of a write (the log is
+    written only by `append_audit_record`): it is skipped.
     """
     try:
         lines = path.read_bytes().split(b"\n")
     except FileNotFoundError:
         return []
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            continue
+    for line in lines:
         try:
-            records.append(json.loads(line))
+            if line:
+                records.append(json.loads(line))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            if number == len(lines):  # the last line has no newline: a write cut short
-                break
-            raise UntrustedState(f"{path}: line {number} is not a JSON record") from None
+            continue
     return records
 
 
