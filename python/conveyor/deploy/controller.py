@@ -39,10 +39,15 @@ A failing gating check rolls back in every active state, paused included: a paus
 the weights, never the safety net. `now` is wall-clock seconds (Unix time), so that times
 saved before a restart mean the same after it.
 
-Every decision is a record (see `_commit`) appended to ``rollout-<model>.audit.jsonl``
-in the state directory and passed to `on_event`; the state is saved after every decision
-(see `conveyor.deploy.rollout_state` for the files). Counters fed by `tick` between two
-looks are saved with the next look.
+Every decision is a record: event ("rollout"), time, model, rollout, strategy, action
+(start, hold, advance, wait_at_gate, promote, switch, finish, rollback, pause, resume,
+abort, restore, fallback), trigger (judge, operator, clock, version_unavailable,
+restart), reason, previous_state, state, step, weights, serving_version, judgement (every
+check's inputs, statistic, bounds, limit and verdict at that look, or null) and details
+(a canary step's bake: elapsed time and requests against their minimums). It is appended
+to ``rollout-<model>.audit.jsonl`` in the state directory and passed to `on_event`; the
+state is saved after every decision (files: `conveyor.deploy.rollout_state`). Counters
+fed by `tick` between two looks are saved with the next look.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conveyor.deploy.evidence import ArmStatistics, RolloutStatistics
+from conveyor.deploy.counter_feed import CounterFeed
+from conveyor.deploy.evidence import RolloutStatistics
 from conveyor.deploy.judge import Check, Judgement, evaluate
 from conveyor.deploy.rollout_config import RolloutConfig, RolloutVersions, resolve_versions
 from conveyor.deploy.rollout_state import (
@@ -81,30 +87,10 @@ EVENT_NAME = "rollout"
 
 EventCallback = Callable[[dict[str, Any]], None]
 BatcherStats = Mapping[str, Any]
-_COUNTERS = ("succeeded", "failed", "rejected", "expired")
-_HISTOGRAMS = ("total", "queue")
 
 
 class RolloutStateError(InvalidInput):
     """An imperative call the rollout's current state does not allow; the message says what does."""
-
-
-def _counter_snapshot(raw: BatcherStats) -> dict[str, Any]:
-    """The part of a `Batcher.stats()` dict the judge's arms are filled from, copied."""
-    snapshot: dict[str, Any] = {key: int(raw[key]) for key in _COUNTERS}
-    for key in _HISTOGRAMS:
-        snapshot[key] = {"buckets": [(int(bound), int(count)) for bound, count in raw[key]["buckets"]]}
-    return snapshot
-
-
-def _went_back(now: dict[str, Any], before: dict[str, Any]) -> bool:
-    """True when a counter decreased: the batcher was recreated (a reload) and counts from zero."""
-    if any(now[key] < before[key] for key in _COUNTERS):
-        return True
-    return any(
-        sum(count for _, count in now[key]["buckets"]) < sum(count for _, count in before[key]["buckets"])
-        for key in _HISTOGRAMS
-    )
 
 
 class RolloutController:
@@ -172,7 +158,7 @@ class RolloutController:
         self.last_record: dict[str, Any] | None = None  # the latest decision
         self.restore_info: dict[str, str] | None = None
         self.statistics = RolloutStatistics.for_checks(self.checks)
-        self._baselines: dict[int, dict[str, Any]] = {}
+        self._counters = CounterFeed()
         self._table: RouteTable | None = None
         self._apply_routing()
 
@@ -222,7 +208,7 @@ class RolloutController:
 
     def _ingest(self, champion_stats: BatcherStats | None, challenger_stats: Any) -> None:
         if champion_stats is not None:
-            self._add_counters(self.versions.champion, self.statistics.champion, champion_stats)
+            self._counters.add(self.versions.champion, self.statistics.champion, champion_stats)
         if challenger_stats is None:
             return
         per_challenger = [challenger_stats] if isinstance(challenger_stats, Mapping) else list(challenger_stats)
@@ -233,15 +219,7 @@ class RolloutController:
             )
         for version, stats in zip(self.versions.challengers, per_challenger):
             if stats is not None:
-                self._add_counters(version, self.statistics.challenger, stats)
-
-    def _add_counters(self, version: int, arm: ArmStatistics, raw: BatcherStats) -> None:
-        snapshot = _counter_snapshot(raw)
-        previous = self._baselines.get(version)
-        self._baselines[version] = snapshot
-        if previous is None:
-            return  # the start: later counters are added relative to it
-        arm.add_batcher_stats(snapshot, since=None if _went_back(snapshot, previous) else previous)
+                self._counters.add(version, self.statistics.challenger, stats)
 
     def tick(
         self,
@@ -551,5 +529,6 @@ class RolloutController:
         if plan.outcome == "fallback":
             controller._end("aborted", versions.champion, f"champion only after a restart: {plan.reason}")
         action = {"started": "start", "resumed": "restore", "fallback": "fallback"}[plan.outcome]
-        controller._commit(now, action, "restart", plan.previous_state, controller.reason or plan.reason)
+        reason = controller.reason if plan.outcome == "fallback" else plan.reason
+        controller._commit(now, action, "restart", plan.previous_state, reason)
         return controller
