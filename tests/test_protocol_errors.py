@@ -17,6 +17,7 @@ EXPECTED = {
     "DeadlineExceeded": (504, "DEADLINE_EXCEEDED"),
     "Cancelled": (499, "CANCELLED"),
     "ModelExecutionError": (500, "INTERNAL"),
+    "Conflict": (409, "ALREADY_EXISTS"),
     "InternalError": (500, "INTERNAL"),
     "ConveyorError": (500, "INTERNAL"),
 }

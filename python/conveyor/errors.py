@@ -15,6 +15,7 @@ Python-only types (configuration, lookup) subclass the same base.
 | Unavailable         | the runtime or model is stopping or stopped                     |
 | ConfigError         | a config file or repository is invalid (also ValueError)        |
 | ModelNotFound       | no model or version of that name (also LookupError)             |
+| Conflict            | the request clashes with what runs (a second rollout on a model) |
 | InternalError       | a broken invariant inside Conveyor: a bug, please report it     |
 """
 
@@ -39,9 +40,14 @@ class ModelNotFound(ConveyorError, LookupError):
     """No model, or no such version of it, is loaded."""
 
 
+class Conflict(ConveyorError):
+    """The request clashes with something already running; the message says what and how to end it."""
+
+
 __all__ = [
     "Cancelled",
     "ConfigError",
+    "Conflict",
     "ConveyorError",
     "DeadlineExceeded",
     "InternalError",

@@ -30,6 +30,7 @@ from typing import NamedTuple
 from conveyor.errors import (
     Cancelled,
     ConfigError,
+    Conflict,
     ConveyorError,
     DeadlineExceeded,
     InternalError,
@@ -53,6 +54,7 @@ ERROR_STATUSES: dict[type[BaseException], ErrorStatus] = {
     InvalidInput: ErrorStatus(400, "INVALID_ARGUMENT"),
     ConfigError: ErrorStatus(400, "INVALID_ARGUMENT"),  # a config override or load request that is wrong
     ModelNotFound: ErrorStatus(404, "NOT_FOUND"),
+    Conflict: ErrorStatus(409, "ALREADY_EXISTS"),  # e.g. a second rollout on a model that has one
     QueueFull: ErrorStatus(503, "UNAVAILABLE"),
     Unavailable: ErrorStatus(503, "UNAVAILABLE"),
     OutOfMemory: ErrorStatus(503, "RESOURCE_EXHAUSTED"),

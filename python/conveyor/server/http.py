@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {
     200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
+    409: b"Conflict",
     408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests", 499: b"Client Closed Request",
     500: b"Internal Server Error",
     501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout",
