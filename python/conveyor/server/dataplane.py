@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from conveyor.deploy.traffic import route_key_from
 from conveyor.errors import InvalidInput, ModelNotFound, Unavailable
 from conveyor.protocol.classification import classify
 from conveyor.protocol.config_override import config_from_triton_json
@@ -20,6 +22,9 @@ from conveyor.protocol.model_config import model_metadata, triton_model_config
 from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
 from conveyor.runtime import ModelHandle, new_request_id
 from conveyor.server.models import ModelManager
+
+if TYPE_CHECKING:
+    from conveyor.server.rollouts import RolloutManager
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,14 @@ EXTENSIONS = [
 class DataPlane:
     """Health, metadata, inference, statistics and repository control for one server."""
 
-    def __init__(self, models: ModelManager, *, server_version: str) -> None:
+    def __init__(self, models: ModelManager, *, server_version: str, rollouts: RolloutManager | None = None) -> None:
+        """`rollouts`: the server's rollouts; requests naming no version of a model under
+        one are routed by it. None: every request goes straight to the runtime."""
         self.models = models
         self.runtime = models.runtime
         self.server_version = server_version
+        self.rollouts = rollouts
+        self._traffic = rollouts.traffic if rollouts is not None else None
         self.draining = False  # set at shutdown: ready turns false, live stays true
 
     # -- health and metadata -----------------------------------------------------------
@@ -75,14 +84,23 @@ class DataPlane:
 
     # -- inference ---------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, headers: Any = None) -> InferResponse:
+        """Answers one request; its `model_version` is the version that answered.
+
+        A request naming no version of a model under a rollout is routed by the rollout,
+        keyed by `headers` (HTTP headers or gRPC metadata: a mapping, (name, value) pairs,
+        or a callable giving either; read only then), and its response parameters carry
+        "rollout": the rollout's name. One naming a version is served as named (and
+        counted by the rollout's traffic counters).
+        """
+        traffic = self._traffic
+        if traffic is not None:
+            controller = traffic.get(request.model_name)
+            if controller is not None:
+                return await self._infer_routed(request, controller, headers)
         handle = self.handle(request.model_name, request.model_version)
         priority, timeout_us = _schedule_parameters(request.parameters)
-        inputs = {}
-        for tensor in request.inputs:
-            if tensor.name in inputs:
-                raise InvalidInput(f"model '{handle.name}': input '{tensor.name}' is given twice")
-            inputs[tensor.name] = tensor.data
+        inputs = _input_arrays(handle.name, request)
         # Every response carries an id: the client's, or one made here (labels sent later
         # to .../feedback refer to it).
         request_id = request.id or new_request_id()
@@ -94,6 +112,29 @@ class DataPlane:
             model_version=str(handle.version),
             id=request_id,
             outputs=self._outputs(handle, request, results),
+        )
+
+    async def _infer_routed(self, request: InferRequest, controller: Any, headers: Any) -> InferResponse:
+        name = request.model_name
+        version = _parse_version(request.model_version)
+        priority, timeout_us = _schedule_parameters(request.parameters)
+        inputs = _input_arrays(name, request)
+        request_id = request.id or new_request_id()
+        route_key = None
+        if version is None:
+            route_key = route_key_from(controller.config.sticky, _header_mapping(headers), request.parameters)
+        assert self._traffic is not None  # only called when rollouts route
+        result = await self._traffic.infer(
+            name, inputs, version=version, route_key=route_key, request_id=request_id, priority=priority,
+            timeout_us=timeout_us,
+        )  # fmt: skip
+        handle = self.runtime.model(name, result.version)
+        return InferResponse(
+            model_name=name,
+            model_version=str(result.version),
+            id=request_id,
+            outputs=self._outputs(handle, request, result.outputs),
+            parameters={"rollout": result.rollout_name} if result.rollout_name is not None else {},
         )
 
     def _outputs(self, handle: ModelHandle, request: InferRequest, results: dict[str, np.ndarray]) -> list[InferOutput]:
@@ -166,6 +207,29 @@ class DataPlane:
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await asyncio.to_thread(self.models.unload, name)
+
+
+def _input_arrays(model: str, request: InferRequest) -> dict[str, Any]:
+    inputs = {}
+    for tensor in request.inputs:
+        if tensor.name in inputs:
+            raise InvalidInput(f"model '{model}': input '{tensor.name}' is given twice")
+        inputs[tensor.name] = tensor.data
+    return inputs
+
+
+def _header_mapping(headers: Any) -> dict[str, str]:
+    """HTTP headers or gRPC metadata as {lowercase name: text value}."""
+    if headers is None:
+        return {}
+    if callable(headers):
+        headers = headers() or ()
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    mapping = {}
+    for key, value in items:
+        key = key.decode("latin-1") if isinstance(key, bytes) else str(key)
+        mapping[key.lower()] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return mapping
 
 
 def _parse_version(version: str | int | None) -> int | None:

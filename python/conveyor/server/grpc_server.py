@@ -95,7 +95,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -111,7 +111,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request))
+            answers.put_nowait(await self._stream_answer(request, context))
 
         async def read() -> None:
             try:
@@ -137,15 +137,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if self.dataplane.draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
-        response = await self.dataplane.infer(codec.infer_request_from_proto(request))
+        # The metadata is read (for a rollout's routing key) only when a rollout routes the request.
+        response = await self.dataplane.infer(codec.infer_request_from_proto(request), context.invocation_metadata)
         return codec.infer_response_to_proto(response)
 
-    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelStreamInferResponse:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except ConveyorError as exc:
             message = str(exc)
         except Exception as exc:  # a bug: report it on this request, keep serving the stream

@@ -90,6 +90,8 @@ class HttpApp:
         if isinstance(route, Response):
             return route
         try:
+            if route.name == "rollout" and method == b"POST":
+                route = Route("rollout_start", route.model, control=True)  # starting is control
             if route.control and not self.authorized(headers):
                 return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>'")],
                                 headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
@@ -145,6 +147,8 @@ class HttpApp:
                 raise InvalidInput(f"repository {name} request: 'parameters' must be an object")
             await (dp.load_model if name == "load" else dp.unload_model)(model, parameters)
             return json_response({"name": model, name: True})
+        if name.startswith("rollout"):
+            return self._rollout(route, body)
         if name == "metrics":
             if self.metrics is None:
                 return Response(404, [encode_error("metrics are disabled on this port")])
@@ -153,6 +157,21 @@ class HttpApp:
         if name == "models":
             return json_response({"models": sorted(dp.runtime.models())})
         raise InvalidInput(f"unhandled route {name}")
+
+    def _rollout(self, route: Route, body: bytes) -> Response:
+        rollouts = self.dataplane.rollouts
+        model = route.model
+        if rollouts is None:
+            return Response(404, [encode_error("rollouts are not served by this server")])
+        if route.name == "rollout_decisions":
+            return json_response(rollouts.decisions(model))
+        if route.name == "rollout_action":
+            request = _json_object(body, f"rollout {route.action} request") if body.strip() else {}
+            return json_response(rollouts.act(model, route.action, request))
+        if route.name == "rollout":
+            return json_response(rollouts.status(model))
+        table = _json_object(body, "rollout start request") if body.strip() else {}
+        return json_response(rollouts.start(model, table))
 
     async def _infer(self, model: str, version: str, headers: dict[bytes, bytes], body: bytes) -> Response:
         header_length = headers.get(b"inference-header-content-length")
@@ -169,7 +188,7 @@ class HttpApp:
             input_specs=input_specs(handle.config) if header_length_int == 0 else None,
             max_batch_size=handle.config.max_batch_size,
         )
-        response = await self.dataplane.infer(request)
+        response = await self.dataplane.infer(request, headers)
         parts, json_length = encode_infer_response(response)
         if json_length is None:
             return Response(200, parts, compressible=True)

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, ConveyorError, InvalidInput, ModelNotFound, Unavailable
@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 
 ControlMode = Literal["none", "poll", "explicit"]
 CONTROL_MODES: tuple[ControlMode, ...] = ("none", "poll", "explicit")
+
+
+class ModelListener(Protocol):
+    """Told of every load, failed load and unload (on the loading thread, with the manager's lock held)."""
+
+    def model_loaded(self, name: str, config: ModelConfig, versions: list[int]) -> None:
+        """`name` now serves `versions` under `config`."""
+
+    def model_load_failed(self, name: str, versions: list[int], reason: str) -> None:
+        """A load of `name` failed; `versions` still serve."""
+
+    def model_unloaded(self, name: str) -> None:
+        """`name` serves no version any more."""
 
 
 @dataclass
@@ -49,12 +62,21 @@ class ModelRecord:
 class ModelManager:
     """Loads and unloads repository models into a Runtime and reports their states."""
 
-    def __init__(self, repository: ModelRepository, runtime: Runtime, mode: ControlMode = "none") -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        runtime: Runtime,
+        mode: ControlMode = "none",
+        *,
+        listener: ModelListener | None = None,
+    ) -> None:
+        """`listener` hears of loads and unloads (the server's rollouts); its failures are logged."""
         if mode not in CONTROL_MODES:
             raise ConfigError(f"model control mode must be one of {', '.join(CONTROL_MODES)}, got '{mode}'")
         self.repository = repository
         self.runtime = runtime
         self.mode = mode
+        self.listener = listener
         # Loads are slow: _lock serialises loads, unloads and polls, while _state_lock only
         # guards the structure of _records and _expected, so that readiness and the index
         # answer at once (from the event loop) even while a load runs.
@@ -111,10 +133,21 @@ class ModelManager:
             except ConveyorError as exc:
                 record.reason = str(exc)
                 record.state = "READY" if record.versions and previous_state == "READY" else "UNAVAILABLE"
+                self._tell("model_load_failed", name, list(record.versions), str(exc))
                 raise
             finally:
                 if staging is not None:
                     shutil.rmtree(staging.parent, ignore_errors=True)
+            self._tell("model_loaded", name, source.config, list(record.versions))
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Passes a load or unload to the listener; its failure must not undo the load."""
+        if self.listener is None:
+            return
+        try:
+            getattr(self.listener, event)(*args)
+        except Exception:
+            log.exception("model %s: the model listener failed on %s", args[0], event)
 
     def _source(self, name: str, config_override: dict[str, Any] | None, staging: Path | None) -> ModelSource:
         if staging is None and config_override is None:
@@ -160,6 +193,7 @@ class ModelManager:
             finally:
                 record.versions = []
                 record.state, record.reason = "UNAVAILABLE", "unloaded"
+                self._tell("model_unloaded", name)
 
     def poll(self) -> list[str]:
         """Reload models whose files changed, load new ones, unload removed ones.
@@ -174,6 +208,7 @@ class ModelManager:
                 if record.versions:
                     self.runtime.unload_model(name)
                     changed.append(name)
+                    self._tell("model_unloaded", name)
                 with self._state_lock:
                     del self._records[name]
                     self._expected.discard(name)

@@ -14,13 +14,15 @@ class Route:
     name: str
     model: str = ""
     version: str = ""
-    control: bool = False  # repository control: guarded by the API key
+    control: bool = False  # repository and rollout control: guarded by the API key
+    action: str = ""  # rollout_action: promote, pause, resume, abort or rollback
 
 
 _GET_MODEL_ROUTES = {
     "": "model_metadata", "ready": "model_ready", "config": "model_config", "stats": "stats", "monitor": "monitor",
 }  # fmt: skip
 _POST_MODEL_ROUTES = {"infer": "infer", "feedback": "feedback"}
+ROLLOUT_ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
 
 
 def match_route(method: bytes, path: str):
@@ -58,6 +60,8 @@ def _match(parts: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
     if rest == ["models", "stats"]:
         return Route("stats"), get
     model, tail = rest[1], rest[2:]
+    if tail and tail[0] == "rollout" and model:
+        return _match_rollout(model, tail[1:])
     version = ""
     if len(tail) >= 2 and tail[0] == "versions":
         version, tail = tail[1], tail[2:]
@@ -68,6 +72,17 @@ def _match(parts: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
         return Route(_POST_MODEL_ROUTES[action], model, version), post
     name = _GET_MODEL_ROUTES.get(action)
     return (Route(name, model, version), get) if name else None
+
+
+def _match_rollout(model: str, rest: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
+    # /v2/models/{m}/rollout (GET status, POST start), .../decisions (GET), .../{action} (POST)
+    if not rest:
+        return Route("rollout", model), (b"GET", b"POST")
+    if rest == ["decisions"]:
+        return Route("rollout_decisions", model), (b"GET",)
+    if len(rest) == 1 and rest[0] in ROLLOUT_ACTIONS:
+        return Route("rollout_action", model, control=True, action=rest[0]), (b"POST",)
+    return None
 
 
 def _match_repository(rest: list[str], post: tuple[bytes, ...]) -> tuple[Route, tuple[bytes, ...]] | None:

@@ -19,6 +19,7 @@ from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http import HttpApp, start_http_server
 from conveyor.server.models import ControlMode, ModelManager
+from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ServeOptions:
     # Capture files, label files and retraining markers of monitored models, and the
     # references they cannot save beside their version directory.
     data_dir: Path = Path("conveyor-data")
+    # How often active rollouts read their versions' counters and, each interval_s, judge.
+    rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S
 
 
 class Server:
@@ -50,8 +53,12 @@ class Server:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.runtime = Runtime(data_dir=options.data_dir, monitor_factory=create_model_monitor)
-        self.manager = ModelManager(ModelRepository(options.repository), self.runtime, options.model_control_mode)
-        self.dataplane = DataPlane(self.manager, server_version=options.server_version)
+        # Rollout state and decision logs live in <data dir>/rollouts.
+        self.rollouts = RolloutManager(self.runtime, options.data_dir)
+        self.manager = ModelManager(
+            ModelRepository(options.repository), self.runtime, options.model_control_mode, listener=self.rollouts
+        )
+        self.dataplane = DataPlane(self.manager, server_version=options.server_version, rollouts=self.rollouts)
         self.stopping = asyncio.Event()
         self._servers: list = []
         self._grpc = None
@@ -61,9 +68,11 @@ class Server:
 
     async def start(self) -> None:
         o = self.options
+        self.rollouts.bind_loop(asyncio.get_running_loop())
         await asyncio.to_thread(self.manager.start, o.load_models)
         self._log_models()
-        metrics = _metrics_renderer(self.runtime)
+        self.rollouts.start_ticking(o.rollout_tick_interval_s)
+        metrics = _metrics_renderer(self.runtime, self.rollouts)
         self.http_app = HttpApp(
             self.dataplane,
             max_request_bytes=o.max_request_bytes,
@@ -144,6 +153,7 @@ class Server:
                 connection.close_if_idle()
         if grpc_stop is not None:
             await grpc_stop
+        await self.rollouts.close()  # shadow copies in flight finish and are paired
         await asyncio.to_thread(self.runtime.close)
         log.info("stopped")
 
@@ -152,10 +162,12 @@ def _bound_port(server: asyncio.base_events.Server) -> int:
     return server.sockets[0].getsockname()[1]
 
 
-def _metrics_renderer(runtime: Runtime):
+def _metrics_renderer(runtime: Runtime, rollouts: RolloutManager):
     from conveyor.monitor.metrics import make_registry, render_metrics
+    from conveyor.server.rollouts import RolloutCollector
 
     registry = make_registry(runtime)
+    registry.register(RolloutCollector(rollouts))
     return lambda: render_metrics(registry)
 
 

@@ -1,0 +1,524 @@
+"""Rollouts in the server: started, restored, ticked, steered and shown.
+
+`RolloutManager` owns the server's `RolloutTraffic` (the data plane routes through it)
+and one `RolloutController` per model with a rollout, under one lock: the controller has
+none of its own, so ticks, imperative calls and `on_version_unavailable` (which the
+traffic layer also calls, from requests) are serialized here.
+
+- Start: a model whose config.toml has `[rollout]` starts it when loaded (every control
+  mode; in poll mode a changed table replaces the running rollout, a removed one ends
+  it). At the first load after a restart the saved state in `<data dir>/rollouts` is
+  restored: resumed at its step, or champion-only with the reason
+  (`RolloutController.restore`). `start(model, table)` starts one by API call.
+- Refusals: a second rollout on a model with an active one is a `Conflict` (409) naming
+  both; a bad table, an unserved version or an output that cannot be compared is a
+  ConfigError naming the field; nothing changes on a refusal.
+- Ticks: `tick(now)` feeds every active rollout its versions' batcher counters
+  (`Runtime.model_stats(m, v)["raw"]`) and lets the controller judge; `start_ticking`
+  runs it every `tick_interval_s` on the event loop. Tests call `tick` with a chosen
+  `now` on the loop.
+- Versions: a rollout version that is no longer loaded (unloaded, removed, failed to
+  reload) reaches the controller through `on_version_unavailable`.
+- Events: every decision record is logged as one JSON line on the `conveyor.events`
+  logger and posted to the model's webhook when its `[monitor]` names one.
+- `RolloutCollector` adds the rollout families to /metrics.
+
+Threading: the controller's state changes on the event loop. Model loads run on worker
+threads; their notifications are handed to the loop (`bind_loop`) and waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from conveyor.config import ModelConfig
+from conveyor.deploy.checks import parse_checks, validate_check_tables
+from conveyor.deploy.controller import RolloutController
+from conveyor.deploy.rollout_config import (
+    RolloutConfig,
+    RolloutVersions,
+    parse_rollout_config,
+    register_checks_validator,
+    resolve_versions,
+)
+from conveyor.deploy.rollout_state import audit_path, read_audit
+from conveyor.deploy.traffic import OutputComparison, RolloutTraffic
+from conveyor.errors import ConfigError, Conflict, ConveyorError, InvalidInput, ModelNotFound
+from conveyor.monitor.alerts import log_event
+
+log = logging.getLogger(__name__)
+events = logging.getLogger("conveyor.events")
+
+__all__ = ["ACTIONS", "VERDICT_CODES", "RolloutCollector", "RolloutManager"]
+
+# `[[rollout.checks]]` errors name their field at config load from here on.
+register_checks_validator(validate_check_tables)
+
+STATE_SUBDIRECTORY = "rollouts"
+DEFAULT_TICK_INTERVAL_S = 1.0
+ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
+ACTION_BODY_KEYS = ("reason", "version", "full")
+# The last verdict as a gauge value (HELP text of conveyor_rollout_last_verdict).
+VERDICT_CODES = {"pass": 0, "inconclusive": 1, "fail": 2}
+NO_VERDICT = -1
+_WARNING_ACTIONS = frozenset({"rollback", "abort", "fallback"})
+
+
+class _ServerController(RolloutController):
+    """A controller whose `on_version_unavailable` takes the manager's lock.
+
+    The traffic layer calls that method from requests, outside the manager; every other
+    call goes through the manager, which holds the lock. `manager_lock` is set right
+    after construction, before the controller is attached.
+    """
+
+    manager_lock: threading.RLock
+
+    def on_version_unavailable(self, version: int, reason: str = "unavailable", *, now: float | None = None) -> dict[str, Any] | None:
+        with self.manager_lock:
+            return super().on_version_unavailable(version, reason, now=now)
+
+
+@dataclass
+class _Served:
+    controller: _ServerController
+    origin: str  # "config": started from config.toml's [rollout]; "api": by POST
+
+
+def _members(versions: RolloutVersions) -> tuple[int, ...]:
+    return (versions.champion, *versions.challengers)
+
+
+class RolloutManager:
+    """The server's rollouts: one controller per model, one RolloutTraffic, one lock.
+
+    `runtime`: the Runtime serving the versions. `data_dir`: the server's data directory;
+    state and decision logs go to `<data_dir>/rollouts`. `clock`: wall-clock seconds.
+    """
+
+    def __init__(self, runtime: Any, data_dir: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.runtime = runtime
+        self.state_directory = Path(data_dir) / STATE_SUBDIRECTORY
+        self.traffic = RolloutTraffic(runtime)
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._rollouts: dict[str, _Served] = {}
+        self._refused: dict[str, str] = {}  # model -> why its [rollout] table did not start
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: asyncio.Task | None = None
+        self._stopping: asyncio.Event | None = None
+
+    # ---- the event loop --------------------------------------------------------------------
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Controller changes from other threads (model loads) run on `loop` from now on."""
+        self._loop = loop
+
+    def _on_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Runs `function(*args)` on the bound loop and waits for it (directly when already there)."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or _running_loop() is loop:
+            return function(*args)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(function(*args))
+            except BaseException as exc:  # handed to the waiting thread
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result()
+
+    def start_ticking(self, interval_s: float = DEFAULT_TICK_INTERVAL_S) -> None:
+        """Ticks every active rollout each `interval_s` seconds from a task on the running loop."""
+        if not interval_s > 0:
+            raise ConfigError(f"rollout tick interval: expected seconds > 0, got {interval_s!r}")
+        self._stopping = asyncio.Event()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_periodically(interval_s, self._stopping))
+
+    async def _tick_periodically(self, interval_s: float, stopping: asyncio.Event) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(stopping.wait(), interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                self.tick()
+            except Exception:  # a failing tick must not end the ticking
+                log.exception("rollout tick failed")
+
+    async def close(self) -> None:
+        """Stops ticking and waits for the shadow copies in flight (their pairs are recorded)."""
+        if self._ticker is not None and self._stopping is not None:
+            self._stopping.set()
+            await self._ticker
+            self._ticker = None
+        await self.traffic.drain_shadows()
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def _on_event(self, record: dict[str, Any]) -> None:
+        level = logging.WARNING if record.get("action") in _WARNING_ACTIONS else logging.INFO
+        log_event(events, record, level)
+        webhook = self._webhook(record["model"])
+        if webhook is not None:
+            webhook.send(record)
+
+    def _webhook(self, model: str) -> Any:
+        """The webhook sender of the model's monitor ([monitor] webhook_url), or None."""
+        for version in sorted(self.runtime.models().get(model, []), reverse=True):
+            try:
+                monitor = self.runtime.model(model, version).monitor
+            except ModelNotFound:
+                continue
+            webhook = getattr(monitor, "webhook", None)
+            if webhook is not None:
+                return webhook
+        return None
+
+    # ---- notifications from the model manager (worker threads) -----------------------------
+
+    def model_loaded(self, name: str, config: ModelConfig, versions: list[int]) -> None:
+        """A load or reload of `name` succeeded: start, replace, end or check its rollout."""
+        self._on_loop(self._loaded, name, config, sorted(versions))
+
+    def model_load_failed(self, name: str, versions: list[int], reason: str) -> None:
+        """A load of `name` failed; `versions` still serve. A rollout version gone aborts it."""
+        self._on_loop(self._check_versions, name, sorted(versions), f"failed to load ({reason})")
+
+    def model_unloaded(self, name: str) -> None:
+        """`name` no longer serves: its rollout ends and its requests go straight to the runtime."""
+        self._on_loop(self._unloaded, name)
+
+    def _loaded(self, name: str, config: ModelConfig, versions: list[int]) -> None:
+        table = config.rollout
+        with self._lock:
+            served = self._rollouts.get(name)
+            if served is not None and served.controller.active:
+                if table is not None and table != served.controller.config:
+                    self._retire(name, "the [rollout] table of config.toml changed")
+                elif table is None and served.origin == "config":
+                    self._retire(name, "the [rollout] table was removed from config.toml")
+                    return
+                else:
+                    self._check_versions(name, versions, "not loaded after a reload")
+                    return
+            elif served is not None and (table is None or table != served.controller.config):
+                if table is None and served.origin == "api":
+                    return  # a finished API rollout keeps its serving version
+                self.traffic.detach(name)
+                del self._rollouts[name]
+            elif served is not None:
+                return  # the same table, already finished: it stays finished
+            if table is not None:
+                self._start_from_config(name, table, versions)
+
+    def _start_from_config(self, name: str, table: RolloutConfig, versions: list[int]) -> None:
+        source = f"model {name!r} config.toml"
+        try:
+            checks = parse_checks(table.checks, source=source)
+            controller = _ServerController.restore(
+                name, table, checks, served_versions=versions, state_directory=self.state_directory,
+                on_event=self._on_event, clock=self.clock,
+            )  # fmt: skip
+            controller.manager_lock = self._lock
+            self._install(name, controller, "config")
+        except ConveyorError as exc:
+            self._refused[name] = str(exc)
+            log.error("model %s: its [rollout] table was not started: %s", name, exc)
+
+    def _check_versions(self, name: str, versions: list[int], reason: str) -> None:
+        with self._lock:
+            served = self._rollouts.get(name)
+            if served is None:
+                return
+            for version in _members(served.controller.versions):
+                if version not in versions:
+                    served.controller.on_version_unavailable(version, reason, now=self.clock())
+
+    def _unloaded(self, name: str) -> None:
+        with self._lock:
+            served = self._rollouts.pop(name, None)
+            if served is None:
+                return
+            if served.controller.active:
+                served.controller.abort(f"model {name!r} was unloaded", now=self.clock())
+            self.traffic.detach(name)
+
+    def _retire(self, name: str, reason: str) -> None:
+        served = self._rollouts.pop(name)
+        if served.controller.active:
+            served.controller.abort(reason, now=self.clock())
+        self.traffic.detach(name)
+
+    def _install(self, name: str, controller: _ServerController, origin: str) -> None:
+        previous = self._rollouts.pop(name, None)
+        if previous is not None:
+            self.traffic.detach(name)
+        self.traffic.attach(controller)
+        self._rollouts[name] = _Served(controller, origin)
+        self._refused.pop(name, None)
+
+    # ---- ticks -----------------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Feeds every active rollout its counters and lets it judge; returns the records made.
+
+        Call it on the event loop (the traffic layer records shadow pairs there). `now`:
+        wall-clock seconds (default the clock).
+        """
+        now = self.clock() if now is None else float(now)
+        records = []
+        with self._lock:
+            for name, served in list(self._rollouts.items()):
+                controller = served.controller
+                if not controller.active:
+                    continue
+                stats = {version: self._raw_stats(name, version) for version in _members(controller.versions)}
+                missing = [version for version, raw in stats.items() if raw is None]
+                if missing:
+                    for version in missing:
+                        record = controller.on_version_unavailable(version, "not loaded", now=now)
+                        if record is not None:
+                            records.append(record)
+                    continue
+                challengers = [stats[version] for version in controller.versions.challengers]
+                record = controller.tick(now, stats[controller.versions.champion], challengers if len(challengers) > 1 else challengers[0])
+                if record is not None:
+                    records.append(record)
+        return records
+
+    def _raw_stats(self, model: str, version: int) -> dict[str, Any] | None:
+        try:
+            return self.runtime.model_stats(model, version)["raw"]
+        except ModelNotFound:
+            return None
+
+    # ---- what the endpoints call (on the event loop) ----------------------------------------
+
+    def _served(self, model: str) -> _Served:
+        served = self._rollouts.get(model)
+        if served is None:
+            refused = self._refused.get(model)
+            why = f"; its [rollout] table was refused: {refused}" if refused else ""
+            raise ModelNotFound(
+                f"model '{model}' has no rollout{why} (start one with POST /v2/models/{model}/rollout)"
+            )
+        return served
+
+    def controller(self, model: str) -> RolloutController | None:
+        """The controller of `model`'s rollout (active or finished), or None."""
+        served = self._rollouts.get(model)
+        return None if served is None else served.controller
+
+    def status(self, model: str) -> dict[str, Any]:
+        """GET /v2/models/{m}/rollout: the controller's status() and the model's traffic counters."""
+        with self._lock:
+            served = self._served(model)
+            document = served.controller.status()
+            document["traffic"] = self.traffic.counters().get(model, {})
+            return document
+
+    def decisions(self, model: str) -> dict[str, Any]:
+        """GET /v2/models/{m}/rollout/decisions: every decision record, oldest first."""
+        path = audit_path(self.state_directory, model)
+        with self._lock:
+            if model not in self._rollouts and not path.exists():
+                self._served(model)  # raises the 404 that names what to do
+            return {"decisions": read_audit(path) if path.exists() else []}
+
+    def start(self, model: str, table: Mapping[str, Any] | None = None, *, now: float | None = None) -> dict[str, Any]:
+        """Starts a rollout on `model`: `table` (the keys of a [rollout] table) or, when
+        empty, the model's config.toml table. Returns the status.
+
+        Raises Conflict when the model has an active rollout, ModelNotFound when it is
+        not loaded, ConfigError naming the field for a bad table or an unserved version.
+        """
+        source = f"rollout of model {model!r}"
+        with self._lock:
+            served = self._rollouts.get(model)
+            if served is not None and served.controller.active:
+                running = served.controller
+                raise Conflict(
+                    f"model '{model}' already has an active rollout '{running.name}' ({running.strategy}, "
+                    f"{running.state}): end it first with POST /v2/models/{model}/rollout/abort, "
+                    "/rollback or /promote"
+                )
+            loaded = sorted(self.runtime.models().get(model, []))
+            if not loaded:
+                raise ModelNotFound(f"model '{model}' is not loaded: load it before starting a rollout")
+            if table:
+                config, origin = parse_rollout_config(table, source=source), "api"
+            else:
+                config, origin = self.runtime.config(model).rollout, "config"
+                if config is None:
+                    raise InvalidInput(
+                        f"{source}: model '{model}' has no [rollout] table in its config.toml: send one as the "
+                        "body (a JSON object with the keys of a [rollout] table)"
+                    )
+            versions = resolve_versions(config, loaded, source=source)
+            checks = parse_checks(config.checks, source=source)
+            # Refused here, before anything is saved, when shadow pairs would have no output to compare.
+            OutputComparison.for_config(self.runtime.config(model, versions.champion))
+            now = self.clock() if now is None else float(now)
+            challenger_stats = [self._raw_stats(model, version) for version in versions.challengers]
+            controller = _ServerController(
+                model, config, versions, checks, now, self.state_directory, self._on_event,
+                champion_stats=self._raw_stats(model, versions.champion),
+                challenger_stats=challenger_stats if len(challenger_stats) > 1 else challenger_stats[0],
+                clock=self.clock,
+            )  # fmt: skip
+            controller.manager_lock = self._lock
+            self._install(model, controller, origin)
+            return self.status(model)
+
+    def act(self, model: str, action: str, body: Mapping[str, Any] | None = None, *, now: float | None = None) -> dict[str, Any]:
+        """POST /v2/models/{m}/rollout/{action}: one of ACTIONS; returns the status after it.
+
+        `body`: optional {"reason": str, "version": int, "full": bool} ("version" and
+        "full" for promote only). RolloutStateError when the state does not allow it.
+        """
+        if action not in ACTIONS:
+            raise InvalidInput(f"rollout action '{action}' is unknown: use one of {', '.join(ACTIONS)}")
+        reason, version, full = _action_arguments(model, action, body or {})
+        with self._lock:
+            controller = self._served(model).controller
+            now = self.clock() if now is None else float(now)
+            if action == "promote":
+                controller.promote(version=version, full=full, now=now)
+            elif action == "pause":
+                controller.pause(now=now)
+            elif action == "resume":
+                controller.resume(now=now)
+            elif action == "abort":
+                controller.abort(reason or "by the operator", now=now)
+            else:
+                controller.rollback(reason or "by the operator", now=now)
+            return self.status(model)
+
+    def rollouts(self) -> dict[str, RolloutController]:
+        """Every model's controller (active or finished), by model."""
+        with self._lock:
+            return {name: served.controller for name, served in self._rollouts.items()}
+
+
+def _action_arguments(model: str, action: str, body: Mapping[str, Any]) -> tuple[str | None, int | None, bool]:
+    where = f"rollout {action} of model '{model}'"
+    if not isinstance(body, Mapping):
+        raise InvalidInput(f"{where}: expected a JSON object body {{\"reason\", \"version\", \"full\"}} or none")
+    unknown = sorted(set(body) - set(ACTION_BODY_KEYS))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown keys {unknown} (known: {', '.join(ACTION_BODY_KEYS)})")
+    reason, version, full = body.get("reason"), body.get("version"), body.get("full", False)
+    if reason is not None and not isinstance(reason, str):
+        raise InvalidInput(f"{where}: 'reason' must be a string, got {reason!r}")
+    if version is not None and (type(version) is not int or version < 1):
+        raise InvalidInput(f"{where}: 'version' must be a version number >= 1, got {version!r}")
+    if type(full) is not bool:
+        raise InvalidInput(f"{where}: 'full' must be true or false, got {full!r}")
+    if action != "promote" and (version is not None or full):
+        raise InvalidInput(f"{where}: 'version' and 'full' apply to promote only")
+    return reason, version, full
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class RolloutCollector(Collector):
+    """The rollout families of /metrics, read from the traffic counters and controllers at scrape.
+
+    - ``conveyor_rollout_requests_total{model,rollout,version,arm,routing}``: requests by the
+      version that answered, its arm (champion, challenger, other) and routing (routed by
+      the rollout, or named the version).
+    - ``conveyor_rollout_fallbacks_total{model,rollout}``: routed to a version not loaded.
+    - ``conveyor_rollout_shadow_requests_total{model,rollout,outcome}``: sent, dropped, failed,
+      paired, expired; ``conveyor_rollout_shadow_in_flight``.
+    - Per active rollout: ``conveyor_rollout_weight_percent{model,rollout,version,arm}``,
+      ``conveyor_rollout_step{model,rollout}`` (canary step index),
+      ``conveyor_rollout_last_verdict{model,rollout}`` (0 pass, 1 inconclusive, 2 fail, -1 no
+      look yet), ``conveyor_rollout_active{model,rollout,strategy,state}`` (1).
+    """
+
+    def __init__(self, manager: RolloutManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self._manager
+        with manager._lock:
+            counters = manager.traffic.counters()
+            controllers = manager.rollouts()
+            yield from _traffic_families(counters)
+            yield from _controller_families(controllers)
+
+
+def _traffic_families(counters: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "conveyor_rollout_requests", "Requests of models under a rollout, by the version that answered, its arm "
+        "and how it was chosen (routed: by the rollout; named: the request named the version).",
+        labels=("model", "rollout", "version", "arm", "routing"),
+    )  # fmt: skip
+    fallbacks = CounterMetricFamily(
+        "conveyor_rollout_fallbacks", "Requests routed to a version that was not loaded, answered by the champion.",
+        labels=("model", "rollout"),
+    )  # fmt: skip
+    shadow = CounterMetricFamily(
+        "conveyor_rollout_shadow_requests", "Shadow copies to the challenger: sent, dropped (slots full), failed, "
+        "paired with the champion's answer, expired (never paired).",
+        labels=("model", "rollout", "outcome"),
+    )  # fmt: skip
+    in_flight = GaugeMetricFamily("conveyor_rollout_shadow_in_flight", "Shadow copies running now.", labels=("model", "rollout"))
+    for model, entry in sorted(counters.items()):
+        name = entry["rollout"]
+        for row in entry["requests"]:
+            requests.add_metric((model, name, str(row["version"]), row["arm"], row["routing"]), row["count"])
+        fallbacks.add_metric((model, name), entry["fallbacks"])
+        for outcome in ("sent", "dropped", "failed", "paired", "expired"):
+            shadow.add_metric((model, name, outcome), entry["shadow"][outcome])
+        in_flight.add_metric((model, name), entry["shadow"]["in_flight"])
+    yield from (requests, fallbacks, shadow, in_flight)
+
+
+def _controller_families(controllers: Mapping[str, RolloutController]) -> Iterator[Metric]:
+    active = GaugeMetricFamily(
+        "conveyor_rollout_active", "1 for each active rollout, labelled by its strategy and state.",
+        labels=("model", "rollout", "strategy", "state"),
+    )  # fmt: skip
+    weight = GaugeMetricFamily(
+        "conveyor_rollout_weight_percent", "Percent of the requests the rollout routes to each of its versions.",
+        labels=("model", "rollout", "version", "arm"),
+    )  # fmt: skip
+    step = GaugeMetricFamily("conveyor_rollout_step", "The canary step the rollout is at (0 first).", labels=("model", "rollout"))
+    verdict = GaugeMetricFamily(
+        "conveyor_rollout_last_verdict", "The judge's last verdict: 0 pass, 1 inconclusive, 2 fail, -1 no look yet.",
+        labels=("model", "rollout"),
+    )  # fmt: skip
+    for model, controller in sorted(controllers.items()):
+        if not controller.active:
+            continue
+        labels = (model, controller.name)
+        active.add_metric((*labels, controller.strategy, controller.state), 1)
+        for version, percent in sorted(controller.weights().items()):
+            arm = "champion" if version == controller.versions.champion else "challenger"
+            weight.add_metric((*labels, str(version), arm), percent)
+        if controller.strategy == "canary":
+            step.add_metric(labels, controller.step_index)
+        judgement = controller.last_judgement
+        verdict.add_metric(labels, NO_VERDICT if judgement is None else VERDICT_CODES.get(judgement.verdict, NO_VERDICT))
+    yield from (active, weight, step, verdict)
