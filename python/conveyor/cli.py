@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _serve_parser(subparsers)
     _monitor_parser(subparsers)
+    from conveyor.rollout_cli import register_rollout_commands  # it imports this module's helpers
+
+    register_rollout_commands(subparsers)
     return parser
 
 
