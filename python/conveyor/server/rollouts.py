@@ -9,7 +9,8 @@ traffic layer also calls, from requests) are serialized here.
   mode; in poll mode a changed table replaces the running rollout, a removed one ends
   it). At the first load after a restart the saved state in `<data dir>/rollouts` is
   restored: resumed at its step, or champion-only with the reason
-  (`RolloutController.restore`). `start(model, table)` starts one by API call.
+  (`RolloutController.restore`); a rollout started by API call (`start(model, table)`)
+  comes back from the table saved with its state.
 - Refusals: a second rollout on a model with an active one is a `Conflict` (409) naming
   both; a bad table, an unserved version or an output that cannot be compared is a
   ConfigError naming the field; nothing changes on a refusal.
@@ -52,7 +53,7 @@ from conveyor.deploy.rollout_config import (
     register_checks_validator,
     resolve_versions,
 )
-from conveyor.deploy.rollout_state import audit_path, read_audit
+from conveyor.deploy.rollout_state import UntrustedState, audit_path, load_state, read_audit, state_path
 from conveyor.deploy.traffic import OutputComparison, RolloutTraffic
 from conveyor.errors import ConfigError, Conflict, ConveyorError, InvalidInput, ModelNotFound
 from conveyor.monitor.alerts import log_event
@@ -115,6 +116,7 @@ class RolloutManager:
         self._lock = threading.RLock()
         self._rollouts: dict[str, _Served] = {}
         self._refused: dict[str, str] = {}  # model -> why its [rollout] table did not start
+        self._loaded_once: set[str] = set()  # models loaded since the server started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.Task | None = None
         self._stopping: asyncio.Event | None = None
@@ -223,11 +225,29 @@ class RolloutManager:
                 del self._rollouts[name]
             elif served is not None:
                 return  # the same table, already finished: it stays finished
+            first_load = name not in self._loaded_once
+            self._loaded_once.add(name)
             if table is not None:
-                self._start_from_config(name, table, versions)
+                self._restore(name, table, versions, "config", f"model {name!r} config.toml")
+            elif first_load:
+                self._restore_started_by_api(name, versions)
 
-    def _start_from_config(self, name: str, table: RolloutConfig, versions: list[int]) -> None:
-        source = f"model {name!r} config.toml"
+    def _restore_started_by_api(self, name: str, versions: list[int]) -> None:
+        """At a model's first load: a rollout started by POST before a restart comes back from its saved table."""
+        path = state_path(self.state_directory, name)
+        try:
+            body = load_state(path)
+            if body is None:
+                return
+            table = parse_rollout_config(body["config"], source=str(path))
+        except (UntrustedState, ConfigError, KeyError, TypeError) as exc:
+            self._refused[name] = f"the saved rollout {path} cannot be restored: {exc}"
+            log.error("model %s: %s; the model serves by its version policy", name, self._refused[name])
+            return
+        self._restore(name, table, versions, "api", str(path))
+
+    def _restore(self, name: str, table: RolloutConfig, versions: list[int], origin: str, source: str) -> None:
+        """Restores (or starts) `table` on `name`; a refusal is logged and shown by the status endpoint."""
         try:
             checks = parse_checks(table.checks, source=source)
             controller = _ServerController.restore(
@@ -235,10 +255,13 @@ class RolloutManager:
                 on_event=self._on_event, clock=self.clock,
             )  # fmt: skip
             controller.manager_lock = self._lock
-            self._install(name, controller, "config")
+            self._install(name, controller, origin)
+            if controller.active:
+                # Its counters from now on: requests before the first periodic tick count too.
+                self._tick_one(name, controller, self.clock())
         except ConveyorError as exc:
             self._refused[name] = str(exc)
-            log.error("model %s: its [rollout] table was not started: %s", name, exc)
+            log.error("model %s: its rollout (%s) was not started: %s", name, source, exc)
 
     def _check_versions(self, name: str, versions: list[int], reason: str) -> None:
         with self._lock:
@@ -281,25 +304,23 @@ class RolloutManager:
         wall-clock seconds (default the clock).
         """
         now = self.clock() if now is None else float(now)
-        records = []
+        records: list[dict[str, Any]] = []
         with self._lock:
             for name, served in list(self._rollouts.items()):
-                controller = served.controller
-                if not controller.active:
-                    continue
-                stats = {version: self._raw_stats(name, version) for version in _members(controller.versions)}
-                missing = [version for version, raw in stats.items() if raw is None]
-                if missing:
-                    for version in missing:
-                        record = controller.on_version_unavailable(version, "not loaded", now=now)
-                        if record is not None:
-                            records.append(record)
-                    continue
-                challengers = [stats[version] for version in controller.versions.challengers]
-                record = controller.tick(now, stats[controller.versions.champion], challengers if len(challengers) > 1 else challengers[0])
-                if record is not None:
-                    records.append(record)
+                if served.controller.active:
+                    records += self._tick_one(name, served.controller, now)
         return records
+
+    def _tick_one(self, name: str, controller: RolloutController, now: float) -> list[dict[str, Any]]:
+        """One rollout's tick (the lock held): its versions' counters, or the news that one is gone."""
+        stats = {version: self._raw_stats(name, version) for version in _members(controller.versions)}
+        missing = [version for version, raw in stats.items() if raw is None]
+        if missing:
+            records = [controller.on_version_unavailable(version, "not loaded", now=now) for version in missing]
+            return [record for record in records if record is not None]
+        challengers = [stats[version] for version in controller.versions.challengers]
+        record = controller.tick(now, stats[controller.versions.champion], challengers if len(challengers) > 1 else challengers[0])
+        return [] if record is None else [record]
 
     def _raw_stats(self, model: str, version: int) -> dict[str, Any] | None:
         try:
