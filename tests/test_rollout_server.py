@@ -445,3 +445,56 @@ def test_metrics_show_requests_by_arm_and_the_rollout_gauges(served: ServerThrea
     assert metric(text, "conveyor_rollout_weight_percent", **labels, version="2") == 50.0
     assert metric(text, "conveyor_rollout_last_verdict", **labels) == 0
     assert metric(text, "conveyor_rollout_shadow_requests_total", **labels, outcome="dropped") == 0
+
+
+# ---- the model's lifecycle ---------------------------------------------------------------
+
+
+def test_poll_mode_picks_up_a_changed_table_and_a_removed_one(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    write_model(repository, "polled", {1: DOUBLING_PY, 2: DOUBLING_PY})
+    options = ServeOptions(
+        repository=repository, http_port=0, grpc_port=0, model_control_mode="poll", poll_interval_s=3600.0,
+        data_dir=tmp_path / "data", grace_period_s=TIMEOUT_S, rollout_tick_interval_s=3600.0,
+    )  # fmt: skip
+    served = ServerThread(options)
+    try:
+        assert request(served, "GET", "/v2/models/polled/rollout")[0] == 404
+
+        def rewrite(table: str) -> list[str]:
+            (repository / "polled" / "config.toml").write_text(CONFIG + table)
+            return served.server.manager.poll()  # what the poller runs on a worker thread
+
+        assert rewrite('\n[rollout]\nstrategy = "canary"\nchallenger = 2\n[[rollout.steps]]\nweight = 10.0\n') == ["polled"]
+        first = rollout_status(served, "polled")
+        assert (first["rollout"], first["state"], first["weights"]) == ("polled-canary", "running", {"1": 90.0, "2": 10.0})
+
+        rewrite('\n[rollout]\nstrategy = "canary"\nname = "wider"\nchallenger = 2\n[[rollout.steps]]\nweight = 30.0\n')
+        second = rollout_status(served, "polled")
+        assert (second["rollout"], second["state"], second["weights"]) == ("wider", "running", {"1": 70.0, "2": 30.0})
+        decisions = request(served, "GET", "/v2/models/polled/rollout/decisions")[1]["decisions"]
+        assert [(r["rollout"], r["action"]) for r in decisions] == [
+            ("polled-canary", "start"), ("polled-canary", "abort"), ("wider", "start"),
+        ]  # fmt: skip
+        assert "changed" in decisions[1]["reason"]
+
+        rewrite("\n# no rollout any more\n")
+        assert request(served, "GET", "/v2/models/polled/rollout")[0] == 404
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{served.port}")
+        try:
+            assert answered(http_infer(client, "polled", 1.0, key="k")) == ("2", None)
+        finally:
+            client.close()
+    finally:
+        served.stop()
+
+
+def test_unloading_the_model_ends_its_rollout(served: ServerThread) -> None:
+    start(served, "scorer", CANARY)
+    status, _ = request(served, "POST", "/v2/repository/models/scorer/unload", {}, AUTH)
+    assert status == 200
+    assert request(served, "GET", "/v2/models/scorer/rollout")[0] == 404
+    decisions = request(served, "GET", "/v2/models/scorer/rollout/decisions")[1]["decisions"]
+    assert decisions[-1]["action"] == "abort" and "unloaded" in decisions[-1]["reason"]
+    assert request(served, "POST", "/v2/repository/models/scorer/load", {}, AUTH)[0] == 200
+    assert send_keyed(served, "scorer", ["a", "b"]) == {"2": 2}  # served as before, without the rollout
