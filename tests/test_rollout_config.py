@@ -19,6 +19,15 @@ from conveyor.deploy.rollout_config import (
 from conveyor.errors import ConfigError
 from config_files import config_error, write_config
 
+
+@pytest.fixture(autouse=True)
+def table_rules_only():
+    """These tests read the table alone: the judge's check validation (which importing
+    conveyor.server registers for the whole process) is off while they run."""
+    previous = register_checks_validator(None)
+    yield
+    register_checks_validator(previous)
+
 MODEL = """
 backend = "python"
 max_batch_size = 8

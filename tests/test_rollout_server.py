@@ -498,3 +498,12 @@ def test_unloading_the_model_ends_its_rollout(served: ServerThread) -> None:
     assert decisions[-1]["action"] == "abort" and "unloaded" in decisions[-1]["reason"]
     assert request(served, "POST", "/v2/repository/models/scorer/load", {}, AUTH)[0] == 200
     assert send_keyed(served, "scorer", ["a", "b"]) == {"2": 2}  # served as before, without the rollout
+
+
+def test_a_bad_check_in_config_toml_refuses_the_load_with_its_field(served: ServerThread) -> None:
+    repository = served.options.repository
+    table = '\n[rollout]\nstrategy = "shadow"\nchallenger = 2\n[[rollout.checks]]\nname = "mood"\nmetric = "happiness"\n'
+    write_model(repository, "badcheck", {1: DOUBLING_PY, 2: DOUBLING_PY}, table)
+    status, document = request(served, "POST", "/v2/repository/models/badcheck/load", {}, AUTH)
+    assert status == 400 and "rollout.checks[0].metric" in document["error"] and "happiness" in document["error"]
+    assert request(served, "GET", "/v2/models/badcheck/ready")[0] != 200

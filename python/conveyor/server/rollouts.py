@@ -11,6 +11,8 @@ traffic layer also calls, from requests) are serialized here.
   restored: resumed at its step, or champion-only with the reason
   (`RolloutController.restore`); a rollout started by API call (`start(model, table)`)
   comes back from the table saved with its state.
+- Checks: `conveyor.server` registers the judge's check validation with the config at
+  import, so `[[rollout.checks]]` errors name their field when config.toml loads.
 - Refusals: a second rollout on a model with an active one is a `Conflict` (409) naming
   both; a bad table, an unserved version or an output that cannot be compared is a
   ConfigError naming the field; nothing changes on a refusal.
@@ -44,13 +46,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from conveyor.config import ModelConfig
-from conveyor.deploy.checks import parse_checks, validate_check_tables
+from conveyor.deploy.checks import parse_checks
 from conveyor.deploy.controller import RolloutController
 from conveyor.deploy.rollout_config import (
     RolloutConfig,
     RolloutVersions,
     parse_rollout_config,
-    register_checks_validator,
     resolve_versions,
 )
 from conveyor.deploy.rollout_state import UntrustedState, audit_path, load_state, read_audit, state_path
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 events = logging.getLogger("conveyor.events")
 
 __all__ = ["ACTIONS", "VERDICT_CODES", "RolloutCollector", "RolloutManager"]
-
-# `[[rollout.checks]]` errors name their field at config load from here on.
-register_checks_validator(validate_check_tables)
 
 STATE_SUBDIRECTORY = "rollouts"
 DEFAULT_TICK_INTERVAL_S = 1.0
