@@ -82,7 +82,7 @@ class _ServerController(RolloutController):
     after construction, before the controller is attached.
     """
 
-    manager_lock: threading.RLock
+    manager_lock: Any  # the manager's threading.RLock
 
     def on_version_unavailable(self, version: int, reason: str = "unavailable", *, now: float | None = None) -> dict[str, Any] | None:
         with self.manager_lock:
@@ -433,6 +433,28 @@ class RolloutManager:
         with self._lock:
             return {name: served.controller for name, served in self._rollouts.items()}
 
+    def metrics_snapshot(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """(the traffic counters by model, one row per active rollout) read together for /metrics.
+
+        A row: model, rollout, strategy, state, weights ({version: percent}), champion,
+        step (canary: the index, else None) and verdict (the last look's, or None).
+        """
+        with self._lock:
+            rows = []
+            for model, served in sorted(self._rollouts.items()):
+                controller = served.controller
+                if not controller.active:
+                    continue
+                judgement = controller.last_judgement
+                rows.append({
+                    "model": model, "rollout": controller.name, "strategy": controller.strategy,
+                    "state": controller.state, "weights": controller.weights(),
+                    "champion": controller.versions.champion,
+                    "step": controller.step_index if controller.strategy == "canary" else None,
+                    "verdict": None if judgement is None else judgement.verdict,
+                })  # fmt: skip
+            return self.traffic.counters(), rows
+
 
 def _action_arguments(model: str, action: str, body: Mapping[str, Any]) -> tuple[str | None, int | None, bool]:
     where = f"rollout {action} of model '{model}'"
@@ -479,12 +501,9 @@ class RolloutCollector(Collector):
         self._manager = manager
 
     def collect(self) -> Iterator[Metric]:
-        manager = self._manager
-        with manager._lock:
-            counters = manager.traffic.counters()
-            controllers = manager.rollouts()
-            yield from _traffic_families(counters)
-            yield from _controller_families(controllers)
+        counters, rows = self._manager.metrics_snapshot()
+        yield from _traffic_families(counters)
+        yield from _rollout_families(rows)
 
 
 def _traffic_families(counters: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
@@ -514,7 +533,7 @@ def _traffic_families(counters: Mapping[str, Mapping[str, Any]]) -> Iterator[Met
     yield from (requests, fallbacks, shadow, in_flight)
 
 
-def _controller_families(controllers: Mapping[str, RolloutController]) -> Iterator[Metric]:
+def _rollout_families(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     active = GaugeMetricFamily(
         "conveyor_rollout_active", "1 for each active rollout, labelled by its strategy and state.",
         labels=("model", "rollout", "strategy", "state"),
@@ -528,16 +547,13 @@ def _controller_families(controllers: Mapping[str, RolloutController]) -> Iterat
         "conveyor_rollout_last_verdict", "The judge's last verdict: 0 pass, 1 inconclusive, 2 fail, -1 no look yet.",
         labels=("model", "rollout"),
     )  # fmt: skip
-    for model, controller in sorted(controllers.items()):
-        if not controller.active:
-            continue
-        labels = (model, controller.name)
-        active.add_metric((*labels, controller.strategy, controller.state), 1)
-        for version, percent in sorted(controller.weights().items()):
-            arm = "champion" if version == controller.versions.champion else "challenger"
+    for row in rows:
+        labels = (row["model"], row["rollout"])
+        active.add_metric((*labels, row["strategy"], row["state"]), 1)
+        for version, percent in sorted(row["weights"].items()):
+            arm = "champion" if version == row["champion"] else "challenger"
             weight.add_metric((*labels, str(version), arm), percent)
-        if controller.strategy == "canary":
-            step.add_metric(labels, controller.step_index)
-        judgement = controller.last_judgement
-        verdict.add_metric(labels, NO_VERDICT if judgement is None else VERDICT_CODES.get(judgement.verdict, NO_VERDICT))
+        if row["step"] is not None:
+            step.add_metric(labels, row["step"])
+        verdict.add_metric(labels, NO_VERDICT if row["verdict"] is None else VERDICT_CODES.get(row["verdict"], NO_VERDICT))
     yield from (active, weight, step, verdict)
