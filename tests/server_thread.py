@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from conveyor.server.serve import ServeOptions, Server
 
@@ -13,8 +14,10 @@ TIMEOUT_S = 30.0  # bound on every wait; a healthy run takes milliseconds
 class ServerThread:
     """A Server on its own event loop (uvloop when installed) in a daemon thread."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, **server_arguments: Any) -> None:
+        """`server_arguments`: keyword arguments of Server beside the options."""
         self.options = options
+        self.server_arguments = server_arguments
         try:
             import uvloop
         except ImportError:  # plain asyncio works too
@@ -39,7 +42,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         try:
-            self.server = Server(self.options)
+            self.server = Server(self.options, **self.server_arguments)
             await self.server.start()
         except BaseException as exc:  # reported to the test thread
             self.start_error = exc

@@ -33,6 +33,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WIDTH = 4
 INTERVAL_S = 60.0  # the rollouts' look interval; ticks step the clock by more than this
 BROKEN = "version 2 is broken on purpose"
+NO_PERIODIC_TICK_S = 3600.0  # the tests tick by hand
 
 CONFIG = """\
 backend = "python"
@@ -145,9 +146,9 @@ def served(tmp_path: Path, webhook: Webhook) -> Iterator[ServerThread]:
     options = ServeOptions(
         repository=repository, http_port=0, grpc_port=_free_port(), model_control_mode="explicit",
         load_models=["scorer", "flaky", "declared"], data_dir=tmp_path / "data", api_key=API_KEY,
-        grace_period_s=TIMEOUT_S, rollout_tick_interval_s=3600.0,
+        grace_period_s=TIMEOUT_S,
     )  # fmt: skip
-    thread = ServerThread(options)
+    thread = ServerThread(options, rollout_tick_interval_s=NO_PERIODIC_TICK_S)
     try:
         yield thread
     finally:
@@ -455,9 +456,9 @@ def test_poll_mode_picks_up_a_changed_table_and_a_removed_one(tmp_path: Path) ->
     write_model(repository, "polled", {1: DOUBLING_PY, 2: DOUBLING_PY})
     options = ServeOptions(
         repository=repository, http_port=0, grpc_port=0, model_control_mode="poll", poll_interval_s=3600.0,
-        data_dir=tmp_path / "data", grace_period_s=TIMEOUT_S, rollout_tick_interval_s=3600.0,
+        data_dir=tmp_path / "data", grace_period_s=TIMEOUT_S,
     )  # fmt: skip
-    served = ServerThread(options)
+    served = ServerThread(options, rollout_tick_interval_s=NO_PERIODIC_TICK_S)
     try:
         assert request(served, "GET", "/v2/models/polled/rollout")[0] == 404
 
@@ -507,3 +508,12 @@ def test_a_bad_check_in_config_toml_refuses_the_load_with_its_field(served: Serv
     status, document = request(served, "POST", "/v2/repository/models/badcheck/load", {}, AUTH)
     assert status == 400 and "rollout.checks[0].metric" in document["error"] and "happiness" in document["error"]
     assert request(served, "GET", "/v2/models/badcheck/ready")[0] != 200
+
+
+def test_a_table_naming_an_unserved_version_is_refused_and_the_model_serves(served: ServerThread) -> None:
+    repository = served.options.repository
+    write_model(repository, "misnamed", {1: DOUBLING_PY, 2: DOUBLING_PY}, '\n[rollout]\nstrategy = "shadow"\nchallenger = 9\n')
+    assert request(served, "POST", "/v2/repository/models/misnamed/load", {}, AUTH)[0] == 200
+    status, document = request(served, "GET", "/v2/models/misnamed/rollout")
+    assert status == 404 and "rollout.challenger" in document["error"] and "9" in document["error"]
+    assert send_keyed(served, "misnamed", ["a", "b", "c"]) == {"2": 3}

@@ -43,15 +43,16 @@ class ServeOptions:
     # Capture files, label files and retraining markers of monitored models, and the
     # references they cannot save beside their version directory.
     data_dir: Path = Path("conveyor-data")
-    # How often active rollouts read their versions' counters and, each interval_s, judge.
-    rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S
 
 
 class Server:
     """A running server; `run()` returns once a stop signal has drained it."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, *, rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S) -> None:
+        """`rollout_tick_interval_s`: how often active rollouts read their versions' counters
+        (and, each rollout's interval_s, judge); tests that tick by hand push it out."""
         self.options = options
+        self.rollout_tick_interval_s = rollout_tick_interval_s
         self.runtime = Runtime(data_dir=options.data_dir, monitor_factory=create_model_monitor)
         # Rollout state and decision logs live in <data dir>/rollouts.
         self.rollouts = RolloutManager(self.runtime, options.data_dir)
@@ -71,7 +72,7 @@ class Server:
         self.rollouts.bind_loop(asyncio.get_running_loop())
         await asyncio.to_thread(self.manager.start, o.load_models)
         self._log_models()
-        self.rollouts.start_ticking(o.rollout_tick_interval_s)
+        self.rollouts.start_ticking(self.rollout_tick_interval_s)
         metrics = _metrics_renderer(self.runtime, self.rollouts)
         self.http_app = HttpApp(
             self.dataplane,
