@@ -9,6 +9,9 @@
         classifies after, in C++: see examples/models/image_classifier/config.toml)
   churn: features FP32 [-1, 12] -> Gemm(12->16)+Relu -> Gemm(16->2) -> Softmax -> probs FP32 [-1, 2]
         (the monitored example; churn/train.npy is its training data, the monitor's reference)
+  rollout_demo: x FP32 [-1, 8] -> Gemm(8->16)+Relu -> Gemm(16->3) -> Softmax -> probs FP32 [-1, 3]
+        in two versions (the rollout example): version 2 is version 1 with every weight moved
+        by a small seeded step, as a retrained model would be; they agree on most rows.
 
 The weights come from numpy's default generator seeded with 1234, layer by layer,
 so the peer servers in the benchmark harness serve the identical mlp.
@@ -142,11 +145,49 @@ def build_churn() -> onnx.GraphProto:
     )
 
 
+ROLLOUT_DEMO_RETRAIN_STEP = 0.15  # version 2's weights: version 1's plus this times N(0, 1) noise (seed 1236)
+
+
+def build_rollout_demo(version: int) -> onnx.GraphProto:
+    rng = np.random.default_rng(SEED)
+    fc1, fc1_weights = _gemm_layer(rng, "fc1", 8, 16, "x", "h1")
+    fc2, fc2_weights = _gemm_layer(rng, "fc2", 16, 3, "a1", "logits")
+    initializers = fc1_weights + fc2_weights
+    if version > 1:
+        retrain = np.random.default_rng(SEED + 2)
+        initializers = [
+            numpy_helper.from_array(
+                (array + ROLLOUT_DEMO_RETRAIN_STEP * np.abs(array).mean() * retrain.standard_normal(array.shape)).astype(np.float32),
+                tensor.name,
+            )
+            for tensor in initializers
+            for array in [numpy_helper.to_array(tensor)]
+        ]
+    nodes = [
+        fc1,
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        fc2,
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    return helper.make_graph(
+        nodes,
+        "rollout_demo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 3])],
+        initializer=initializers,
+    )
+
+
 GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {
     "mlp": build_mlp,
     "tiny": build_tiny,
     "image_classifier": build_image_classifier,
     "churn": build_churn,
+    "rollout_demo": lambda: build_rollout_demo(1),
+}
+# Versions after the first, by (model, version).
+LATER_VERSION_BUILDERS: dict[tuple[str, int], Callable[[], onnx.GraphProto]] = {
+    ("rollout_demo", 2): lambda: build_rollout_demo(2),
 }
 
 
@@ -169,8 +210,8 @@ def serialize(graph: onnx.GraphProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def model_path(models_dir: Path, name: str) -> Path:
-    return models_dir / name / "1" / "model.onnx"
+def model_path(models_dir: Path, name: str, version: int = 1) -> Path:
+    return models_dir / name / str(version) / "model.onnx"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stale = []
     files = [(model_path(args.models_dir, name), lambda build=build: serialize(build())) for name, build in GRAPH_BUILDERS.items()]
+    files += [(model_path(args.models_dir, name, version), lambda build=build: serialize(build()))
+              for (name, version), build in LATER_VERSION_BUILDERS.items()]
     files += [(args.models_dir / relative, build) for relative, build in DATA_BUILDERS.items()]
     for path, build in files:
         data = build()

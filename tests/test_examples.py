@@ -40,9 +40,11 @@ def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
 
 
 def test_example_repository_loads(repository: ModelRepository) -> None:
-    names = ["churn", "image_classifier", "mlp", "scaler", "tiny"]
+    names = ["churn", "image_classifier", "mlp", "rollout_demo", "scaler", "tiny"]
     assert repository.list_models() == names
-    assert repository.index() == [RepositoryEntry(name, 1, "READY") for name in names]
+    versions = {"rollout_demo": [1, 2]}  # the rollout example serves both of its versions
+    expected = [RepositoryEntry(name, version, "READY") for name in names for version in versions.get(name, [1])]
+    assert repository.index() == expected
     tiny = repository.load_model("tiny").config  # its tensors come from the graph
     assert [(t.name, t.datatype, t.dims) for t in tiny.inputs] == [("x", "FP32", [16])]
     assert [(t.name, t.datatype, t.dims) for t in tiny.outputs] == [("y", "FP32", [16])]
@@ -75,3 +77,23 @@ def test_scaler_standardizes_with_config_parameters(repository: ModelRepository)
     scaled = run_example(repository, "scaler", batch)
     assert scaled.dtype == np.float32
     np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
+def test_the_rollout_example_versions_agree_on_most_rows_and_its_canary_is_valid(repository: ModelRepository) -> None:
+    from conveyor.deploy.judge import parse_checks
+    from conveyor.deploy.rollout_config import resolve_versions
+
+    source = repository.load_model("rollout_demo")
+    batch = np.random.default_rng(0).standard_normal((512, 8)).astype(np.float32) * 4
+    answers = []
+    for version in (1, 2):
+        with create_backend(source.config, source.versions[version]) as backend:
+            (probs,) = backend.execute([batch])
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+        answers.append(probs.argmax(axis=1))
+    agreement = float((answers[0] == answers[1]).mean())
+    assert 0.8 < agreement < 1.0  # a retrained version: mostly the same answers, not all
+    rollout = source.config.rollout
+    assert rollout is not None and rollout.strategy == "canary" and rollout.steps[0].manual_gate
+    assert resolve_versions(rollout, [1, 2], source="example").champion == 1
+    assert [check.name for check in parse_checks(rollout.checks)] == ["errors", "p99"]

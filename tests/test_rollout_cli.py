@@ -25,7 +25,7 @@ from conveyor.rollout_cli import describe_status
 API_KEY = "s3cret"
 STATUS = {
     "model": "mlp", "rollout": "mlp-canary", "strategy": "canary", "state": "paused", "active": True,
-    "paused_by": "gate", "reason": "waiting at the manual gate of step 0", "champion": 1, "challengers": [2],
+    "paused_by": "manual_gate", "reason": "waiting at the manual gate of step 0", "champion": 1, "challengers": [2],
     "serving_version": 1,
     "step": {"index": 0, "count": 2, "weight": 10.0, "started_at": 1.7e9, "duration_s": 60.0, "min_requests": 50,
              "manual_gate": True, "challenger_requests": 73},
@@ -151,7 +151,7 @@ def test_each_post_verb_sends_its_method_path_body_and_key(
     assert request == {"method": "POST", "path": path, "body": body, "authorization": f"Bearer {API_KEY}",
                        "content_type": "application/json"}  # fmt: skip
     out = capsys.readouterr().out
-    assert "rollout mlp-canary of model mlp: canary, paused (gate)" in out
+    assert "rollout mlp-canary of model mlp: canary, paused (manual_gate)" in out
 
 
 def test_start_sends_the_rollout_table_of_a_file(stub: StubServer, tmp_path: Path) -> None:
@@ -183,6 +183,7 @@ def test_status_prints_a_summary_and_json_the_raw_document(stub: StubServer, cap
     out = capsys.readouterr().out
     assert "step 1 of 2: 10%, manual gate; challenger answered 73 of 50 requests needed" in out
     assert "weights: v1 90%, v2 10%" in out
+    assert "next: 'conveyor rollout promote' passes the gate" in out
     assert "errors: pass, error rate: challenger - champion = 0.001 [-0.01, 0.012] vs 0.02" in out
     assert stub.received[0]["method"] == "GET" and stub.received[0]["authorization"] is None
     assert run("status", "mlp", "--json", "--url", _url(stub)) == 0
@@ -252,15 +253,17 @@ def test_report_from_the_server(stub: StubServer, tmp_path: Path, capsys: pytest
 def test_report_offline_from_a_state_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from test_rollout_report import MODEL, canary_that_advanced_and_rolled_back
 
-    canary_that_advanced_and_rolled_back(tmp_path)
-    assert state_path(tmp_path, MODEL).is_file() and audit_path(tmp_path, MODEL).is_file()
+    rollouts = tmp_path / "rollouts"  # where the server keeps them: <data dir>/rollouts
+    canary_that_advanced_and_rolled_back(rollouts)
+    assert state_path(rollouts, MODEL).is_file() and audit_path(rollouts, MODEL).is_file()
     out = tmp_path / "report.html"
-    assert run("report", MODEL, "--state-dir", str(tmp_path), "--out", str(out)) == 0
-    page = out.read_text()
-    assert "rolled_back" in page and 'id="latency"' in page and "request time (ms, log scale)" in page
+    for directory in (rollouts, tmp_path):  # the rollouts directory, or the data directory above it
+        assert run("report", MODEL, "--state-dir", str(directory), "--out", str(out)) == 0
+        page = out.read_text()
+        assert "rolled_back" in page and 'id="latency"' in page and "request time (ms, log scale)" in page
     assert run("report", "nothing", "--state-dir", str(tmp_path), "--out", str(out)) == 1
     assert "no rollout of model 'nothing'" in capsys.readouterr().err
-    state_path(tmp_path, MODEL).write_text("{torn")
+    state_path(rollouts, MODEL).write_text("{torn")
     assert run("report", MODEL, "--state-dir", str(tmp_path), "--out", str(out)) == 1
     assert "cannot use the saved rollout state" in capsys.readouterr().err
     assert run("report", MODEL, "--state-dir", str(tmp_path / "absent"), "--out", str(out)) == 2

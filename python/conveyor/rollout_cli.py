@@ -140,6 +140,10 @@ def describe_status(status: Mapping[str, Any]) -> str:
              f"serving v{status.get('serving_version', '?')}"]  # fmt: skip
     if status.get("reason"):
         lines.append(f"  reason: {status['reason']}")
+    if status.get("state") == "paused":
+        then = ("'conveyor rollout promote' passes the gate" if status.get("paused_by") == "manual_gate"
+                else "'conveyor rollout resume' continues")
+        lines.append(f"  next: {then}; 'conveyor rollout abort' ends the rollout")
     step = status.get("step")
     if isinstance(step, Mapping):
         index, count = step.get("index"), step.get("count")
@@ -247,9 +251,13 @@ def _read_state_directory(directory: Path, model: str) -> tuple[dict[str, Any], 
     from conveyor.errors import ConfigError
 
     if not directory.is_dir():
-        raise RolloutCommandError(f"--state-dir {directory} is not a directory; pass the server's --data-dir", EXIT_USAGE)
+        raise RolloutCommandError(f"--state-dir {directory} is not a directory; pass the server's --data-dir "
+                                  "(its rollouts/ directory holds the files)", EXIT_USAGE)
     try:
         state_file, audit_file = state_path(directory, model), audit_path(directory, model)
+        if not state_file.exists() and not audit_file.exists() and (directory / "rollouts").is_dir():
+            # The server keeps its rollouts in <data dir>/rollouts: the data directory itself will do.
+            state_file, audit_file = state_path(directory / "rollouts", model), audit_path(directory / "rollouts", model)
     except ConfigError as exc:
         raise RolloutCommandError(str(exc), EXIT_USAGE) from None
     try:
@@ -343,8 +351,8 @@ def register_rollout_commands(subparsers: Any) -> None:
         "assets): a summary; the weights over time; each check's statistic against its limit over time with its "
         "confidence bounds; the agreement / flip matrix when a check compares classes; latency per version; and "
         "every decision. From the server at --url (GET .../rollout and .../rollout/decisions), or offline from "
-        "--state-dir, the directory holding rollout-MODEL.json and rollout-MODEL.audit.jsonl (the server's "
-        "--data-dir); only the saved state holds the latency histograms.",
+        "--state-dir: the server's --data-dir (or its rollouts/ directory, which holds rollout-MODEL.json and "
+        "rollout-MODEL.audit.jsonl); only the saved state holds the latency histograms.",
         epilog=ENVIRONMENT_EPILOG,
     )  # fmt: skip
     source = report.add_mutually_exclusive_group()
@@ -352,7 +360,8 @@ def register_rollout_commands(subparsers: Any) -> None:
     report.add_argument("--out", type=Path, metavar="PATH", default=_env("out", None, Path),
                         help="where to write the HTML report (required; env CONVEYOR_OUT)")
     source.add_argument("--state-dir", type=Path, metavar="DIR", default=_env("state-dir", None, Path),
-                        help="read the rollout's saved files from DIR instead of asking a server")
+                        help="read the rollout's saved files from DIR (the server's --data-dir, or its rollouts/ directory) "
+                        "instead of asking a server")
     report.set_defaults(run=run_rollout_verb, verb=_run_report)
 
 

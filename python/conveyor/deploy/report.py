@@ -616,7 +616,7 @@ table.summary th{white-space:nowrap;color:#555;font-weight:600}
 table.numbers td,table.matrix td{font-variant-numeric:tabular-nums;text-align:right}
 table.matrix td,table.matrix th{border:1px solid #ddd;min-width:34px;text-align:center}
 table.matrix td.diagonal{background:#f3f3f3;color:#999}table.matrix th.corner{font-weight:400;color:#555}
-table.decisions td{font-size:13px}table.decisions td:nth-child(1),table.decisions td:nth-child(2){white-space:nowrap}
+table.decisions td{font-size:13px}table.decisions td:not(:last-child){white-space:nowrap}
 tr.bad td{background:#fdecec}tr.good td{background:#eaf6ea}
 .state{padding:1px 6px;border-radius:3px;font-weight:600;background:#eee}
 .state.rolled_back,.state.aborted{background:#fbd5d5;color:#8b0000}.state.promoted{background:#d8f0d8;color:#1d5a1d}
