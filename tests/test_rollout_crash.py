@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import conveyor
@@ -187,6 +186,5 @@ def test_a_killed_canary_resumes_at_its_step_or_falls_back_to_the_champion(repos
         status, log = third.request("GET", f"/v2/models/{MODEL}/rollout/decisions")
         actions = [record["action"] for record in log["decisions"]]
         assert actions[0] == "start" and "advance" in actions and actions[-1] == "fallback"
-        assert np.isfinite(document["updated_at"])
     finally:
         third.stop()

@@ -26,6 +26,7 @@ from prometheus_client import parser as prometheus_parser
 from tritonclient.utils import InferenceServerException
 
 from conveyor.server.serve import ServeOptions
+from processes import free_port
 from server_thread import TIMEOUT_S, ServerThread
 
 API_KEY = "rollout-secret"
@@ -144,7 +145,7 @@ def served(tmp_path: Path, webhook: Webhook) -> Iterator[ServerThread]:
     ])  # fmt: skip
     write_model(repository, "declared", {1: DOUBLING_PY, 2: DOUBLING_PY}, declared)
     options = ServeOptions(
-        repository=repository, http_port=0, grpc_port=_free_port(), model_control_mode="explicit",
+        repository=repository, http_port=0, grpc_port=free_port(), model_control_mode="explicit",
         load_models=["scorer", "flaky", "declared"], data_dir=tmp_path / "data", api_key=API_KEY,
         grace_period_s=TIMEOUT_S,
     )  # fmt: skip
@@ -153,12 +154,6 @@ def served(tmp_path: Path, webhook: Webhook) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
-
-
-def _free_port() -> int:
-    from processes import free_port
-
-    return free_port()
 
 
 # ---- helpers -----------------------------------------------------------------------------
