@@ -12,19 +12,19 @@ its limit over time, with its confidence bounds; the agreement / flip matrix whe
 compares top-1 classes; latency distributions per version (from the judge's saved
 histograms when `statistics` is given, else the quantiles its latency checks reported);
 and the decisions, runs of identical holds folded into one row. No scripts and no
-external assets: the charts are inline SVG. Every value is escaped, and any field may be
-null or missing.
+external assets: the charts are inline SVG (drawn by `report_charts`). Every value is
+escaped, and any field may be null or missing.
 """
 
 from __future__ import annotations
 
-import html
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.deploy.evidence import bucket_upper_bounds
+from conveyor.deploy.report_charts import BAND_COLOR, Plot, elapsed, esc, step_band, ticks, y_range
 
 __all__ = ["render_rollout_report", "status_from_saved_state"]
 
@@ -33,20 +33,14 @@ MAX_DECISION_ROWS = 400  # newest rows kept; the page says how many were left ou
 MAX_MATRIX_CLASSES = 20  # the classes most involved in flips
 SERIES_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#e45756")
 VERDICT_COLORS = {"pass": "#2e8b57", "fail": "#d62728", "inconclusive": "#999999"}
-LIMIT_COLOR, BAND_COLOR, ESTIMATE_COLOR = "#d62728", "#c6dbef", "#2f4b7c"
+LIMIT_COLOR, ESTIMATE_COLOR = "#d62728", "#2f4b7c"
 ACTION_COLORS = {"rollback": "#d62728", "abort": "#d62728", "fallback": "#d62728", "promote": "#2e8b57",
                  "finish": "#2e8b57", "advance": "#222222", "switch": "#222222", "wait_at_gate": "#c99a00",
                  "pause": "#c99a00"}  # fmt: skip
-WIDTH, LEFT, RIGHT = 760, 64, 16  # every chart: its width and margins (px)
-TIME_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 END_PAD = 1.03  # time axes run a little past the last record, so that its mark stays visible
 
 
 # ---------------------------------------------------------------- values
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _number(value: Any) -> float | None:
@@ -74,7 +68,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}g}"
-    return _esc(value)
+    return esc(value)
 
 
 def _time(value: Any) -> str:
@@ -87,153 +81,10 @@ def _time(value: Any) -> str:
         return _fmt(value)
 
 
-def _elapsed(seconds: float) -> str:
-    """Seconds since the start as h:mm:ss (m:ss under an hour)."""
-    whole = int(round(max(seconds, 0.0)))
-    hours, rest = divmod(whole, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def _weights_text(weights: Any) -> str:
     if not isinstance(weights, Mapping) or not weights:
         return "—"
-    return ", ".join(f"v{_esc(v)}: {_fmt(_number(w))}%" for v, w in weights.items())
-
-
-# ---------------------------------------------------------------- SVG pieces
-
-
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high]."""
-    span = high - low if high > low else abs(high) or 1.0
-    raw = span / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
-    first = math.floor(low / step + 1e-9) * step
-    return [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
-
-
-def _tick_text(value: float, step: float) -> str:
-    if abs(value) < step * 1e-6:
-        return "0"
-    return f"{value:.3g}" if abs(value) >= 1e-3 or abs(value) >= step else f"{value:.2e}"
-
-
-class _Plot:
-    """One chart's geometry: data (x, y) to pixels over a plot area inside WIDTH x height."""
-
-    def __init__(self, title: str, height: int, x_range: tuple[float, float], y_range: tuple[float, float],
-                 top: int = 30, bottom: int = 42) -> None:  # fmt: skip
-        self.title, self.height, self.top = title, height, top
-        self.plot_w, self.plot_h = WIDTH - LEFT - RIGHT, height - top - bottom
-        self.x0, self.x1 = x_range if x_range[1] > x_range[0] else (x_range[0] - 1, x_range[0] + 1)
-        self.y0, self.y1 = y_range if y_range[1] > y_range[0] else (y_range[0] - 1, y_range[0] + 1)
-        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-                      f'viewBox="0 0 {WIDTH} {height}" role="img"><title>{_esc(title)}</title>']
-
-    def x(self, value: float) -> float:
-        return LEFT + self.plot_w * (value - self.x0) / (self.x1 - self.x0)
-
-    def y(self, value: float) -> float:
-        clipped = min(max(value, self.y0), self.y1)
-        return self.top + self.plot_h - self.plot_h * (clipped - self.y0) / (self.y1 - self.y0)
-
-    def y_axis(self, ticks: Sequence[float], label: str, text=None) -> None:
-        step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-        for tick in ticks:
-            if self.y0 - 1e-12 <= tick <= self.y1 + 1e-12:
-                y = self.y(tick)
-                shown = text(tick) if text else _tick_text(tick, step)
-                self.parts.append(f'<line x1="{LEFT}" x2="{LEFT + self.plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                                  f'<text x="{LEFT - 5}" y="{y + 4:.1f}" text-anchor="end">{_esc(shown)}</text>')
-        middle = self.top + self.plot_h / 2
-        if label:
-            self.parts.append(f'<text x="12" y="{middle:.1f}" text-anchor="middle" '
-                              f'transform="rotate(-90 12 {middle:.1f})">{_esc(label)}</text>')
-
-    def x_axis(self, labels: Iterable[tuple[float, str]], caption: str) -> None:
-        base = self.top + self.plot_h
-        self.parts.append(f'<line x1="{LEFT}" x2="{LEFT + self.plot_w}" y1="{base}" y2="{base}" class="axis"/>')
-        for value, text in labels:
-            x = self.x(value)
-            anchor = "start" if x < LEFT + 20 else "end" if x > LEFT + self.plot_w - 20 else "middle"
-            self.parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{base}" y2="{base + 4}" class="axis"/>'
-                              f'<text x="{x:.1f}" y="{base + 16}" text-anchor="{anchor}">{_esc(text)}</text>')
-        self.parts.append(f'<text x="{LEFT + self.plot_w / 2:.1f}" y="{base + 34}" text-anchor="middle" class="caption">'
-                          f"{_esc(caption)}</text>")
-
-    def time_axis(self) -> None:
-        """Ticks at round elapsed times (seconds since the start on x)."""
-        step = next((s for s in TIME_STEPS_S if self.x1 / s <= 8), TIME_STEPS_S[-1] * math.ceil(self.x1 / 8 / TIME_STEPS_S[-1]))
-        ticks = [i * step for i in range(int(self.x1 // step) + 1)]
-        self.x_axis(((t, _elapsed(t)) for t in ticks), "time since the rollout started (h:mm:ss)")
-
-    def caption(self, text: str) -> None:
-        """What the y axis measures, above the plot's top left corner."""
-        self.parts.append(f'<text x="{LEFT}" y="{self.top - 8}" class="caption">{_esc(text)}</text>')
-
-    def legend(self, entries: Sequence[tuple[str, str, str]]) -> None:
-        """Entries of (label, color, kind: "line", "dash", "band" or "dot") in a row above the plot."""
-        x = LEFT
-        for label, color, kind in entries:
-            if kind == "band":
-                mark = f'<rect x="{x}" y="8" width="16" height="10" fill="{color}"/>'
-            elif kind == "dot":
-                mark = f'<circle cx="{x + 8}" cy="13" r="4" fill="{color}"/>'
-            else:
-                dash = ' stroke-dasharray="5 3"' if kind == "dash" else ""
-                mark = f'<line x1="{x}" x2="{x + 16}" y1="13" y2="13" stroke="{color}" stroke-width="2.5"{dash}/>'
-            self.parts.append(f'{mark}<text x="{x + 21}" y="17">{_esc(label)}</text>')
-            x += 34 + 6.5 * len(label)
-
-    def path(self, points: Sequence[tuple[float, float | None]], color: str, *, step: bool = False,
-             dash: bool = False, width: float = 2.0) -> None:  # fmt: skip
-        """A line through the points (a step line when `step`); None values break it."""
-        commands, previous = [], None
-        for x_value, y_value in points:
-            if y_value is None:
-                previous = None
-                continue
-            x, y = self.x(x_value), self.y(y_value)
-            if previous is None:
-                commands.append(f"M{x:.1f},{y:.1f}")
-            elif step:
-                commands.append(f"H{x:.1f}V{y:.1f}")
-            else:
-                commands.append(f"L{x:.1f},{y:.1f}")
-            previous = (x, y)
-        if commands:
-            dashes = ' stroke-dasharray="6 4"' if dash else ""
-            self.parts.append(f'<path d="{"".join(commands)}" fill="none" stroke="{color}" '
-                              f'stroke-width="{width}"{dashes}/>')
-
-    def band(self, points: Sequence[tuple[float, float | None, float | None]]) -> None:
-        """A shaded area between lower and upper; a missing bound is the plot's edge (unbounded)."""
-        run: list[tuple[float, float, float]] = []
-        for x_value, lower, upper in [*points, (math.nan, None, None)]:
-            if math.isnan(x_value) or (lower is None and upper is None):
-                if len(run) > 1:
-                    top = " ".join(f"{self.x(x):.1f},{self.y(u):.1f}" for x, _, u in run)
-                    under = " ".join(f"{self.x(x):.1f},{self.y(lo):.1f}" for x, lo, _ in reversed(run))
-                    self.parts.append(f'<polygon points="{top} {under}" fill="{BAND_COLOR}" fill-opacity="0.7"/>')
-                run = []
-                continue
-            run.append((x_value, self.y0 if lower is None else lower, self.y1 if upper is None else upper))
-
-    def svg(self) -> str:
-        return "".join(self.parts) + "</svg>"
-
-
-def _y_range(values: Iterable[float], *, floor: float | None = None, ceiling: float | None = None) -> tuple[float, float]:
-    numbers = [v for v in values if v is not None]
-    low, high = (min(numbers), max(numbers)) if numbers else (0.0, 1.0)
-    pad = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
-    low, high = low - pad, high + pad
-    if floor is not None:
-        low = max(low, floor)
-    if ceiling is not None:
-        high = min(high, ceiling)
-    return low, high
+    return ", ".join(f"v{esc(v)}: {_fmt(_number(w))}%" for v, w in weights.items())
 
 
 # ---------------------------------------------------------------- inputs
@@ -306,11 +157,11 @@ def _summary(status: Mapping, decisions: Sequence[Mapping]) -> str:
     state, shadow = _get(status, "state"), _get(status, "shadow")
     rows = [
         ("strategy", _fmt(_get(status, "strategy"))),
-        ("state", f'<span class="state {_esc(state)}">{_fmt(state)}</span>' + (
+        ("state", f'<span class="state {esc(state)}">{_fmt(state)}</span>' + (
             f" ({_fmt(_get(status, 'paused_by'))})" if _get(status, "paused_by") else "")),
         ("reason", _fmt(_get(status, "reason") or None)),
         ("champion / challengers", f"v{_fmt(_get(status, 'champion'))} / "
-         + (", ".join(f"v{_esc(v)}" for v in _list(_get(status, "challengers"))) or "—")),
+         + (", ".join(f"v{esc(v)}" for v in _list(_get(status, "challengers"))) or "—")),
         ("serving version", f"v{_fmt(_get(status, 'serving_version'))}"),
         ("step", step_text),
         ("weights now", _weights_text(_get(status, "weights"))),
@@ -327,7 +178,7 @@ def _summary(status: Mapping, decisions: Sequence[Mapping]) -> str:
         rows.append(("after the last restart", f"{_fmt(_get(restore, 'outcome'))}: {_fmt(_get(restore, 'reason'))}"))
     traffic = _get(status, "traffic")
     if isinstance(traffic, Mapping) and traffic:
-        rows.append(("traffic", "; ".join(f"{_esc(k)}: {_fmt(v) if not isinstance(v, (Mapping, list)) else _esc(v)}"
+        rows.append(("traffic", "; ".join(f"{esc(k)}: {_fmt(v) if not isinstance(v, (Mapping, list)) else esc(v)}"
                                           for k, v in traffic.items())))
     cells = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
     return f'<section id="summary"><table class="summary">{cells}</table></section>'
@@ -341,20 +192,20 @@ def _weights_chart(status: Mapping, decisions: Sequence[Mapping], start: float |
     end = max(_number(_get(status, "updated_at")) or changes[-1][0], changes[-1][0])
     end = end if end > start else start + 1.0
     versions = sorted({str(v) for _, w in changes for v in w}, key=lambda v: (len(v), v))
-    plot = _Plot("weights over time, stacked", 250, (0.0, (end - start) * END_PAD), (0.0, 100.0))
+    plot = Plot("weights over time, stacked", 250, (0.0, (end - start) * END_PAD), (0.0, 100.0))
     plot.y_axis([0, 25, 50, 75, 100], "percent of requests", lambda v: f"{v:g}%")
     colors = {v: SERIES_COLORS[i % len(SERIES_COLORS)] for i, v in enumerate(versions)}
     below = [0.0] * len(changes)
     for version in versions:  # each version a band stacked on the ones before: weights add up to 100
         above = [low + (_number(w.get(version)) or 0.0) for low, (_, w) in zip(below, changes)]
-        plot.parts.append(_step_band(plot, [t - start for t, _ in changes], plot.x1, below, above, colors[version]))
+        plot.parts.append(step_band(plot, [t - start for t, _ in changes], plot.x1, below, above, colors[version]))
         below = above
     plot.time_axis()
     for d in decisions:
         action, t = _get(d, "action"), _number(_get(d, "time"))
         if action in ACTION_COLORS and t is not None:
             x = plot.x(t - start)
-            plot.parts.append(f'<g><title>{_esc(action)} at {_elapsed(t - start)}: {_esc(_get(d, "reason"))}</title>'
+            plot.parts.append(f'<g><title>{esc(action)} at {elapsed(t - start)}: {esc(_get(d, "reason"))}</title>'
                               f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{plot.top}" y2="{plot.top + plot.plot_h}" '
                               f'stroke="{ACTION_COLORS[action]}" stroke-width="2" stroke-dasharray="3 3"/></g>')
     marked = sorted({a for d in decisions if (a := _get(d, "action")) in ACTION_COLORS})
@@ -366,20 +217,6 @@ def _weights_chart(status: Mapping, decisions: Sequence[Mapping], start: float |
         note = (f"<p>Weights are the versions that answer. Shadow copies are not answers: {copies} "
                 f"{'is' if isinstance(shadow, Mapping) else 'may be'} copied to the challenger and compared.</p>")
     return f'<section id="weights"><h2>Weights over time</h2>{plot.svg()}{note}</section>'
-
-
-def _step_band(plot: _Plot, times: list[float], end: float, lower: list[float], upper: list[float], color: str) -> str:
-    """A band between two step lines (each value held until the next time), up to `end`."""
-    def outline(values: list[float]) -> list[tuple[float, float]]:
-        points = []
-        for i, value in enumerate(values):
-            until = times[i + 1] if i + 1 < len(times) else end
-            points += [(times[i], value), (until, value)]
-        return points
-
-    edge = outline(upper) + outline(lower)[::-1]
-    points = " ".join(f"{plot.x(t):.1f},{plot.y(v):.1f}" for t, v in edge)
-    return f'<polygon points="{points}" fill="{color}" fill-opacity="0.85"/>'
 
 
 def _check_series(judged: Sequence[Mapping]) -> dict[str, list[tuple[float, Mapping]]]:
@@ -398,16 +235,16 @@ def _check_chart(name: str, points: list[tuple[float, Mapping]], start: float) -
     limits = [_number(_get(d, "limit")) for _, d in points]
     lows, highs = [_number(_get(d, "lower")) for _, d in points], [_number(_get(d, "upper")) for _, d in points]
     core = [v for v in estimates + limits if v is not None]
-    low, high = _y_range(core)
+    low, high = y_range(core)
     # Early confidence bounds are very wide: let them widen the axis only so far, then clip.
     reach = max(high - low, abs(high) * 0.1, 1e-12)
     bounded = [v for v in lows + highs if v is not None and low - reach <= v <= high + reach]
-    low, high = _y_range(core + bounded)
+    low, high = y_range(core + bounded)
     last = points[-1][1]
     statistic = _get(last, "statistic") or name
     times = [t - start for t, _ in points]
-    plot = _Plot(f"{name}: {statistic}", 266, (0.0, max(times[-1], 1.0) * END_PAD), (low, high), top=46)
-    plot.y_axis(_ticks(low, high), "")
+    plot = Plot(f"{name}: {statistic}", 266, (0.0, max(times[-1], 1.0) * END_PAD), (low, high), top=46)
+    plot.y_axis(ticks(low, high), "")
     plot.caption(str(statistic))
     plot.time_axis()
     plot.band(list(zip(times, lows, highs)))
@@ -417,14 +254,14 @@ def _check_chart(name: str, points: list[tuple[float, Mapping]], start: float) -
         if estimate is not None:
             color = VERDICT_COLORS.get(_get(decision, "verdict"), "#999999")
             plot.parts.append(f'<circle cx="{plot.x(t - start):.1f}" cy="{plot.y(estimate):.1f}" r="2.5" fill="{color}">'
-                              f'<title>{_esc(_get(decision, "verdict"))} at {_elapsed(t - start)}: '
-                              f'{_fmt(estimate)} ({_esc(_get(decision, "reason"))})</title></circle>')
+                              f'<title>{esc(_get(decision, "verdict"))} at {elapsed(t - start)}: '
+                              f'{_fmt(estimate)} ({esc(_get(decision, "reason"))})</title></circle>')
     verdicts = sorted({v for _, d in points if (v := _get(d, "verdict")) in VERDICT_COLORS})
     plot.legend([("estimate", ESTIMATE_COLOR, "line"), ("confidence sequence", BAND_COLOR, "band"),
                  ("limit", LIMIT_COLOR, "dash")] + [(v, VERDICT_COLORS[v], "dot") for v in verdicts])
     note = "" if any(v is not None for v in estimates) else "<p>No estimate yet: the check has had no data.</p>"
     role = " (report only)" if _get(last, "report_only") else ""
-    return (f'<h3>{_esc(name)}{role}: {_fmt(_get(last, "verdict"))}</h3>'
+    return (f'<h3>{esc(name)}{role}: {_fmt(_get(last, "verdict"))}</h3>'
             f'<p class="rule">{_fmt(_get(last, "rule"))} — {_fmt(_get(last, "test"))}, alpha {_fmt(_get(last, "alpha"))}; '
             f"latest: {_fmt(_get(last, 'estimate'))} in [{_fmt(_get(last, 'lower'))}, {_fmt(_get(last, 'upper'))}] "
             f"against {_fmt(_get(last, 'limit'))}; {_fmt(_get(last, 'reason'))}</p>{note}{plot.svg()}")
@@ -521,7 +358,7 @@ def _latency_section(status: Mapping, statistics: Mapping | None) -> str:
             if found is None:
                 continue
             bounds, counts = found
-            table.append(f"<tr><td>{_esc(label)}</td><td>{kind}</td><td>{sum(counts)}</td>"
+            table.append(f"<tr><td>{esc(label)}</td><td>{kind}</td><td>{sum(counts)}</td>"
                          + "".join(f"<td>{_quantile(bounds, counts, q):.3g}</td>" for q in (0.5, 0.9, 0.99, 0.999)) + "</tr>")
             if key == "request_time":
                 drawn.append((label, bounds, counts))
@@ -529,7 +366,7 @@ def _latency_section(status: Mapping, statistics: Mapping | None) -> str:
         return _latency_from_checks(status)
     low = math.log10(min(b[0] for _, b, _ in drawn) * 0.8)
     high = math.log10(max(b[-1] for _, b, _ in drawn) * 1.25)
-    plot = _Plot("request time per version: share of requests at or below each latency", 260, (low, high), (0.0, 1.0))
+    plot = Plot("request time per version: share of requests at or below each latency", 260, (low, high), (0.0, 1.0))
     plot.y_axis([0, 0.25, 0.5, 0.75, 1.0], "share of requests", lambda v: f"{v * 100:g}%")
     decades = [10.0**e * m for e in range(math.floor(low), math.ceil(high) + 1) for m in (1, 2, 5)]
     plot.x_axis(((math.log10(v), f"{v:g}") for v in decades if low <= math.log10(v) <= high), "request time (ms, log scale)")
@@ -552,7 +389,7 @@ def _latency_from_checks(status: Mapping) -> str:
     for decision in _list(_get(_get(status, "last_judgement"), "decisions")):
         inputs = _get(decision, "inputs") or {}
         if _get(decision, "metric") in ("latency", "queue_time") and "champion_point_ms" in inputs:
-            rows.append(f"<tr><td>{_esc(_get(decision, 'check'))}</td><td>{_esc(_get(decision, 'statistic'))}</td>"
+            rows.append(f"<tr><td>{esc(_get(decision, 'check'))}</td><td>{esc(_get(decision, 'statistic'))}</td>"
                         f"<td>{_fmt(_number(_get(inputs, 'champion_point_ms')))}</td>"
                         f"<td>{_fmt(_number(_get(inputs, 'challenger_point_ms')))}</td></tr>")
     note = ("<p>The latency histograms are kept in the rollout's saved state: render the report with "
@@ -589,9 +426,9 @@ def _decisions_section(decisions: Sequence[Mapping], start: float | None) -> str
     body = []
     for record, run, first_time in rows[left_out:]:
         t, first = _number(_get(record, "time")), _number(first_time)
-        when = _elapsed(t - start) if t is not None and start is not None else "—"
+        when = elapsed(t - start) if t is not None and start is not None else "—"
         if run > 1 and first is not None and t is not None and start is not None:
-            when = f"{_elapsed(first - start)} – {when}"
+            when = f"{elapsed(first - start)} – {when}"
         action = _get(record, "action")
         verdict = _get(_get(record, "judgement"), "verdict")
         css = " class=\"bad\"" if action in ("rollback", "abort", "fallback") else " class=\"good\"" if action in ("promote", "finish") else ""
@@ -642,8 +479,8 @@ def render_rollout_report(
     status = status if isinstance(status, Mapping) else {}
     judged, start = _judged(decisions), _start_time(status, decisions)
     title = f"Rollout report: {_get(status, 'model') or '?'} ({_get(status, 'rollout') or 'unnamed'})"
-    body = [f"<h1>{_esc(title)}</h1>", _summary(status, decisions), _weights_chart(status, decisions, start),
+    body = [f"<h1>{esc(title)}</h1>", _summary(status, decisions), _weights_chart(status, decisions, start),
             _checks_section(judged, start), _flip_matrix(status, judged, statistics),
             _latency_section(status, statistics), _decisions_section(decisions, start)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<style>{STYLE}</style></head><body>{"".join(body)}</body></html>\n')
