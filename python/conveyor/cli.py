@@ -9,71 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from conveyor import __version__
+from conveyor.cli_values import DEFAULT_URL, BadEnv, choice, env, port, positive_float, positive_int
 from conveyor.errors import ConveyorError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_URL = "http://127.0.0.1:8000"  # where `conveyor serve` listens by default
-
-
-class _BadEnv:
-    """A CONVEYOR_* value that did not convert: reported only if its flag is used unset."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __repr__(self) -> str:  # shown by --help as the default
-        return "<invalid environment value>"
-
-
-def _env(flag: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
-    """The default for --flag: CONVEYOR_FLAG from the environment, converted, else `default`."""
-    variable = "CONVEYOR_" + flag.upper().replace("-", "_")
-    raw = os.environ.get(variable)
-    if raw is None:
-        return default
-    try:
-        return convert(raw)
-    except (TypeError, ValueError) as exc:
-        return _BadEnv(f"environment variable {variable}={raw!r} is not valid for --{flag}: {exc}")
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"a port is 0..65535, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"expected an integer > 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"expected a number > 0, got {value}")
-    return value
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def check(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return text
-
-    return check
-
-
 class _AppendOverDefault(argparse.Action):
     """Like action="append", but the first flag replaces the default (CONVEYOR_LOAD_MODEL) instead of extending it."""
 
@@ -92,35 +36,35 @@ def _serve_parser(subparsers: Any) -> None:
         "with dashes as underscores (--http-port: CONVEYOR_HTTP_PORT; --load-model: a comma-separated list). "
         "A flag given on the command line wins.",
     )
-    p.add_argument("repository", nargs="?", type=Path, default=_env("repository", None, Path),
+    p.add_argument("repository", nargs="?", type=Path, default=env("repository", None, Path),
                    help="model repository directory (default: the bundled examples; env CONVEYOR_REPOSITORY)")
-    p.add_argument("--host", default=_env("host", "127.0.0.1"),
+    p.add_argument("--host", default=env("host", "127.0.0.1"),
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--http-port", type=_port, default=_env("http-port", 8000, _port), help="REST port (default 8000)")
-    p.add_argument("--grpc-port", type=_port, default=_env("grpc-port", 8001, _port),
+    p.add_argument("--http-port", type=port, default=env("http-port", 8000, port), help="REST port (default 8000)")
+    p.add_argument("--grpc-port", type=port, default=env("grpc-port", 8001, port),
                    help="gRPC port (default 8001; 0 turns gRPC off)")
-    p.add_argument("--metrics-port", type=_port, default=_env("metrics-port", 0, _port),
+    p.add_argument("--metrics-port", type=port, default=env("metrics-port", 0, port),
                    help="serve /metrics on its own port (default 0: on the HTTP port)")
-    p.add_argument("--model-control-mode", type=_choice(("none", "poll", "explicit")),
-                   default=_env("model-control-mode", "none", _choice(("none", "poll", "explicit"))),
+    p.add_argument("--model-control-mode", type=choice(("none", "poll", "explicit")),
+                   default=env("model-control-mode", "none", choice(("none", "poll", "explicit"))),
                    help="none: load every model at start; poll: also reload what changes on disk; "
                    "explicit: load only --load-model at start, then load/unload through the repository API")
-    p.add_argument("--load-model", action=_AppendOverDefault, default=_env("load-model", [], lambda s: s.split(",")),
+    p.add_argument("--load-model", action=_AppendOverDefault, default=env("load-model", [], lambda s: s.split(",")),
                    metavar="NAME", help="explicit mode: a model to load at start (repeatable)")
-    p.add_argument("--poll-interval-s", type=_positive_float, default=_env("poll-interval-s", 15.0, _positive_float),
+    p.add_argument("--poll-interval-s", type=positive_float, default=env("poll-interval-s", 15.0, positive_float),
                    help="poll mode: seconds between repository scans (default 15)")
-    p.add_argument("--max-request-bytes", type=_positive_int,
-                   default=_env("max-request-bytes", 64 * 1024 * 1024, _positive_int),
+    p.add_argument("--max-request-bytes", type=positive_int,
+                   default=env("max-request-bytes", 64 * 1024 * 1024, positive_int),
                    help="largest request body accepted; bigger ones get 413 (default 64 MiB)")
-    p.add_argument("--api-key", default=_env("api-key", None),
+    p.add_argument("--api-key", default=env("api-key", None),
                    help="require 'Authorization: Bearer KEY' on repository control endpoints (load, unload, index)")
-    p.add_argument("--grace-period-s", type=_positive_float, default=_env("grace-period-s", 30.0, _positive_float),
+    p.add_argument("--grace-period-s", type=positive_float, default=env("grace-period-s", 30.0, positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
-    p.add_argument("--data-dir", type=Path, default=_env("data-dir", Path("conveyor-data"), Path),
+    p.add_argument("--data-dir", type=Path, default=env("data-dir", Path("conveyor-data"), Path),
                    help="where monitored models keep their capture files, label files and retraining markers, "
                    "and references they cannot save beside their version (default ./conveyor-data; "
                    "created when a model needs it)")
-    p.add_argument("--log-level", type=_choice(LOG_LEVELS), default=_env("log-level", "info", _choice(LOG_LEVELS)),
+    p.add_argument("--log-level", type=choice(LOG_LEVELS), default=env("log-level", "info", choice(LOG_LEVELS)),
                    help="logging level: debug, info, warning or error (default info)")
     p.set_defaults(run=_run_serve)
 
@@ -202,19 +146,19 @@ def _monitor_report_parser(subparsers: Any) -> None:
         "A flag given on the command line wins. Exit status: 0 when the report was written, 2 on any error "
         "(the message says what to fix).",
     )
-    p.add_argument("model", nargs="?", metavar="MODEL", default=_env("model", None),
+    p.add_argument("model", nargs="?", metavar="MODEL", default=env("model", None),
                    help="the model's name (env CONVEYOR_MODEL); with --state it must be the file's model")
-    p.add_argument("--version", dest="version", metavar="V", default=_env("version", None),
+    p.add_argument("--version", dest="version", metavar="V", default=env("version", None),
                    help="the model version (default: the server's choice, as for inference)")
-    p.add_argument("--out", type=Path, metavar="PATH", default=_env("out", None, Path),
-                   required=_env("out", None) is None, help="where to write the HTML report (required)")
+    p.add_argument("--out", type=Path, metavar="PATH", default=env("out", None, Path),
+                   required=env("out", None) is None, help="where to write the HTML report (required)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--url", action=_GivenOnCommandLine, default=_env("url", None),
+    source.add_argument("--url", action=_GivenOnCommandLine, default=env("url", None),
                         help=f"the server to ask: GET URL/v2/models/MODEL[/versions/V]/monitor (default {DEFAULT_URL})")
     source.add_argument("--state", type=Path, action=_GivenOnCommandLine, metavar="FILE",
-                        default=_env("state", None, Path),
+                        default=env("state", None, Path),
                         help="read a saved monitor state file (the same JSON document) instead of asking a server")
-    p.add_argument("--timeout-s", type=_positive_float, default=_env("timeout-s", 10.0, _positive_float),
+    p.add_argument("--timeout-s", type=positive_float, default=env("timeout-s", 10.0, positive_float),
                    help="seconds to wait for the server's answer (default 10)")
     p.set_defaults(run=_run_monitor_report, given=frozenset())
 
@@ -261,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     for value in vars(args).values():
-        if isinstance(value, _BadEnv):
+        if isinstance(value, BadEnv):
             print(f"conveyor: {value.message}", file=sys.stderr)
             return 2
     level = getattr(args, "log_level", "info").upper()

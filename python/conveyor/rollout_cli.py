@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from conveyor.cli import DEFAULT_URL, _env, _positive_float, _positive_int
+from conveyor.cli_values import DEFAULT_URL, env, positive_float, positive_int
 
 ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -278,15 +278,15 @@ def _read_state_directory(directory: Path, model: str) -> tuple[dict[str, Any], 
 
 
 def _common(p: argparse.ArgumentParser, *, posts: bool, url_group: Any = None) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL", default=_env("model", None),
+    p.add_argument("model", nargs="?", metavar="MODEL", default=env("model", None),
                    help="the model whose rollout this is (env CONVEYOR_MODEL)")
-    (url_group or p).add_argument("--url", default=_env("url", DEFAULT_URL),
+    (url_group or p).add_argument("--url", default=env("url", DEFAULT_URL),
                                   help=f"the server's HTTP address (default {DEFAULT_URL}; env CONVEYOR_URL)")
     if posts:
-        p.add_argument("--api-key", default=_env("api-key", None),
+        p.add_argument("--api-key", default=env("api-key", None),
                        help="sent as 'Authorization: Bearer KEY' when the server was started with --api-key "
                        "(env CONVEYOR_API_KEY)")
-    p.add_argument("--timeout-s", type=_positive_float, default=_env("timeout-s", 10.0, _positive_float),
+    p.add_argument("--timeout-s", type=positive_float, default=env("timeout-s", 10.0, positive_float),
                    help="seconds to wait for the server's answer (default 10)")
 
 
@@ -309,7 +309,7 @@ def register_rollout_commands(subparsers: Any) -> None:
                              "[rollout] table of that TOML file. Prints the new rollout's status.",
                              epilog=ENVIRONMENT_EPILOG)  # fmt: skip
     _common(start, posts=True)
-    start.add_argument("--file", type=Path, metavar="ROLLOUT.TOML", default=_env("file", None, Path),
+    start.add_argument("--file", type=Path, metavar="ROLLOUT.TOML", default=env("file", None, Path),
                        help="a TOML file holding a [rollout] table (with its [[rollout.steps]] and [[rollout.checks]])")
     start.set_defaults(run=run_rollout_verb, verb=_run_start)
 
@@ -338,11 +338,11 @@ def register_rollout_commands(subparsers: Any) -> None:
                                 f"{more} Prints the rollout's status.")  # fmt: skip
         _common(verb, posts=True)
         if action == "promote":
-            verb.add_argument("--version", type=_positive_int, default=_env("version", None, _positive_int),
+            verb.add_argument("--version", type=positive_int, default=env("version", None, positive_int),
                               help="A/B/n: the version that takes all traffic (needed with several challengers)")
             verb.add_argument("--full", action="store_true", help="canary: promote to 100%% now, skipping later steps")
         if action in ("abort", "rollback"):
-            verb.add_argument("--reason", default=_env("reason", None), help="why, for the decision log")
+            verb.add_argument("--reason", default=env("reason", None), help="why, for the decision log")
         verb.set_defaults(run=run_rollout_verb, verb=_run_action, action=action)
 
     report = verbs.add_parser(
@@ -357,9 +357,9 @@ def register_rollout_commands(subparsers: Any) -> None:
     )  # fmt: skip
     source = report.add_mutually_exclusive_group()
     _common(report, posts=False, url_group=source)
-    report.add_argument("--out", type=Path, metavar="PATH", default=_env("out", None, Path),
+    report.add_argument("--out", type=Path, metavar="PATH", default=env("out", None, Path),
                         help="where to write the HTML report (required; env CONVEYOR_OUT)")
-    source.add_argument("--state-dir", type=Path, metavar="DIR", default=_env("state-dir", None, Path),
+    source.add_argument("--state-dir", type=Path, metavar="DIR", default=env("state-dir", None, Path),
                         help="read the rollout's saved files from DIR (the server's --data-dir, or its rollouts/ directory) "
                         "instead of asking a server")
     report.set_defaults(run=run_rollout_verb, verb=_run_report)
