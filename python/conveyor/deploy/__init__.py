@@ -10,6 +10,8 @@
   decision log and its crash-safe saved state (`RolloutController`); files in `rollout_state`.
 - `traffic`: requests in front of the Runtime under a rollout: routing, fallback, shadow
   copies paired for the judge, counters (`RolloutTraffic`, `route_key_from`).
+- `rollouts`: rollouts of a Runtime in-process (`Rollouts`: start, promote, pause, resume,
+  abort, rollback, status, tick, infer) and the pieces the server's manager shares with it.
 
 Names are loaded on first use: conveyor.config imports `rollout_config` to build
 ModelConfig, and importing every sibling here would pull them (and their imports) into
@@ -48,6 +50,7 @@ _EXPORTS = {
     "route_key_from": "traffic",
     "RolloutController": "controller",
     "RolloutStateError": "controller",
+    "Rollouts": "rollouts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -50,6 +50,7 @@ lock (exact with one loop, as the servers run; the shadow admission alone is loc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -261,11 +262,13 @@ class RolloutTraffic:
 
     `runtime`: the Runtime serving the versions. `pair_ttl_s`: how long a pending shadow
     pair waits for its other half. `clock`: monotonic seconds (tests pass a fake one).
+    `statistics_lock`: a lock held while shadow results reach a controller's statistics
+    (default none: the owner ticks on the requests' event loop, as the server does).
     """
 
     def __init__(
         self, runtime: Any, *, pair_ttl_s: float = DEFAULT_PAIR_TTL_S, copy_shadow_inputs: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, statistics_lock: Any = None,
     ) -> None:  # fmt: skip
         if not pair_ttl_s > 0:
             raise ConfigError(f"pair_ttl_s: expected seconds > 0 for a shadow pair to wait, got {pair_ttl_s!r}")
@@ -273,6 +276,9 @@ class RolloutTraffic:
         self.pair_ttl_s = float(pair_ttl_s)
         self.copy_shadow_inputs = copy_shadow_inputs
         self.clock = clock
+        # Held while shadow results are added to a controller's statistics: an owner that
+        # ticks from another thread than the requests' loop passes the lock its ticks hold.
+        self.statistics_lock = statistics_lock if statistics_lock is not None else contextlib.nullcontext()
         self._rollouts: dict[str, _Rollout] = {}
         self._serials = itertools.count()
 
@@ -441,7 +447,8 @@ class RolloutTraffic:
                 arrays = dict(zip(handle.input_names, handle.order_inputs(inputs)))
             except ConveyorError as exc:  # never reached the challenger's batcher: counted here
                 self._shadow_failed(entry, key, version, exc)
-                controller.statistics.challenger.add_counts(requests=1, errors=1)
+                with self.statistics_lock:
+                    controller.statistics.challenger.add_counts(requests=1, errors=1)
                 if isinstance(exc, ModelNotFound):
                     self._tell_unavailable(entry, version)
                 return
@@ -488,6 +495,10 @@ class RolloutTraffic:
         completed, entry.completed = entry.completed, []
         if not completed:
             return
+        with self.statistics_lock:
+            self._record_completed(entry, completed)
+
+    def _record_completed(self, entry: _Rollout, completed: list) -> None:
         paired = entry.controller.statistics.paired
         paired.record_latencies(
             np.array([champion[1] for champion, _ in completed]), np.array([challenger[1] for _, challenger in completed])

@@ -26,6 +26,10 @@ traffic layer also calls, from requests) are serialized here.
   logger and posted to the model's webhook when its `[monitor]` names one.
 - `RolloutCollector` adds the rollout families to /metrics.
 
+What is not about the server (building a controller, a tick, an action by name, the
+controller that takes the lock) lives in `conveyor.deploy.rollouts`, shared with the
+in-process `Rollouts`.
+
 Threading: the controller's state changes on the event loop. Model loads run on worker
 threads; their notifications are handed to the loop (`bind_loop`) and waited for.
 """
@@ -48,14 +52,18 @@ from prometheus_client.registry import Collector
 from conveyor.config import ModelConfig
 from conveyor.deploy.checks import parse_checks
 from conveyor.deploy.controller import RolloutController
-from conveyor.deploy.rollout_config import (
-    RolloutConfig,
-    RolloutVersions,
-    parse_rollout_config,
-    resolve_versions,
-)
+from conveyor.deploy.rollout_config import RolloutConfig, parse_rollout_config
 from conveyor.deploy.rollout_state import UntrustedState, audit_path, load_state, read_audit, state_path
-from conveyor.deploy.traffic import OutputComparison, RolloutTraffic
+from conveyor.deploy.rollouts import (
+    ACTIONS,
+    STATE_SUBDIRECTORY,
+    LockedController,
+    apply_action,
+    build_controller,
+    rollout_members,
+    tick_rollout,
+)
+from conveyor.deploy.traffic import RolloutTraffic
 from conveyor.errors import ConfigError, Conflict, ConveyorError, InvalidInput, ModelNotFound
 from conveyor.monitor.alerts import log_event
 
@@ -64,9 +72,7 @@ events = logging.getLogger("conveyor.events")
 
 __all__ = ["ACTIONS", "VERDICT_CODES", "RolloutCollector", "RolloutManager"]
 
-STATE_SUBDIRECTORY = "rollouts"
 DEFAULT_TICK_INTERVAL_S = 1.0
-ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
 ACTION_BODY_KEYS = ("reason", "version", "full")
 # The last verdict as a gauge value (HELP text of conveyor_rollout_last_verdict).
 VERDICT_CODES = {"pass": 0, "inconclusive": 1, "fail": 2}
@@ -74,29 +80,10 @@ NO_VERDICT = -1
 _WARNING_ACTIONS = frozenset({"rollback", "abort", "fallback"})
 
 
-class _ServerController(RolloutController):
-    """A controller whose `on_version_unavailable` takes the manager's lock.
-
-    The traffic layer calls that method from requests, outside the manager; every other
-    call goes through the manager, which holds the lock. `manager_lock` is set right
-    after construction, before the controller is attached.
-    """
-
-    manager_lock: Any  # the manager's threading.RLock
-
-    def on_version_unavailable(self, version: int, reason: str = "unavailable", *, now: float | None = None) -> dict[str, Any] | None:
-        with self.manager_lock:
-            return super().on_version_unavailable(version, reason, now=now)
-
-
 @dataclass
 class _Served:
-    controller: _ServerController
+    controller: LockedController
     origin: str  # "config": started from config.toml's [rollout]; "api": by POST
-
-
-def _members(versions: RolloutVersions) -> tuple[int, ...]:
-    return (versions.champion, *versions.challengers)
 
 
 class RolloutManager:
@@ -248,15 +235,15 @@ class RolloutManager:
         """Restores (or starts) `table` on `name`; a refusal is logged and shown by the status endpoint."""
         try:
             checks = parse_checks(table.checks, source=source)
-            controller = _ServerController.restore(
+            controller = LockedController.restore(
                 name, table, checks, served_versions=versions, state_directory=self.state_directory,
                 on_event=self._on_event, clock=self.clock,
             )  # fmt: skip
-            controller.manager_lock = self._lock
+            controller.owner_lock = self._lock
             self._install(name, controller, origin)
             if controller.active:
                 # Its counters from now on: requests before the first periodic tick count too.
-                self._tick_one(name, controller, self.clock())
+                tick_rollout(self.runtime, controller, self.clock())
         except ConveyorError as exc:
             self._refused[name] = str(exc)
             log.error("model %s: its rollout (%s) was not started: %s", name, source, exc)
@@ -266,7 +253,7 @@ class RolloutManager:
             served = self._rollouts.get(name)
             if served is None:
                 return
-            for version in _members(served.controller.versions):
+            for version in rollout_members(served.controller.versions):
                 if version not in versions:
                     served.controller.on_version_unavailable(version, reason, now=self.clock())
 
@@ -285,7 +272,7 @@ class RolloutManager:
             served.controller.abort(reason, now=self.clock())
         self.traffic.detach(name)
 
-    def _install(self, name: str, controller: _ServerController, origin: str) -> None:
+    def _install(self, name: str, controller: LockedController, origin: str) -> None:
         previous = self._rollouts.pop(name, None)
         if previous is not None:
             self.traffic.detach(name)
@@ -306,25 +293,8 @@ class RolloutManager:
         with self._lock:
             for name, served in list(self._rollouts.items()):
                 if served.controller.active:
-                    records += self._tick_one(name, served.controller, now)
+                    records += tick_rollout(self.runtime, served.controller, now)
         return records
-
-    def _tick_one(self, name: str, controller: RolloutController, now: float) -> list[dict[str, Any]]:
-        """One rollout's tick (the lock held): its versions' counters, or the news that one is gone."""
-        stats = {version: self._raw_stats(name, version) for version in _members(controller.versions)}
-        missing = [version for version, raw in stats.items() if raw is None]
-        if missing:
-            records = [controller.on_version_unavailable(version, "not loaded", now=now) for version in missing]
-            return [record for record in records if record is not None]
-        challengers = [stats[version] for version in controller.versions.challengers]
-        record = controller.tick(now, stats[controller.versions.champion], challengers if len(challengers) > 1 else challengers[0])
-        return [] if record is None else [record]
-
-    def _raw_stats(self, model: str, version: int) -> dict[str, Any] | None:
-        try:
-            return self.runtime.model_stats(model, version)["raw"]
-        except ModelNotFound:
-            return None
 
     # ---- what the endpoints call (on the event loop) ----------------------------------------
 
@@ -376,8 +346,7 @@ class RolloutManager:
                     f"{running.state}): end it first with POST /v2/models/{model}/rollout/abort, "
                     "/rollback or /promote"
                 )
-            loaded = sorted(self.runtime.models().get(model, []))
-            if not loaded:
+            if not self.runtime.models().get(model):
                 raise ModelNotFound(f"model '{model}' is not loaded: load it before starting a rollout")
             if table:
                 config, origin = parse_rollout_config(table, source=source), "api"
@@ -388,19 +357,10 @@ class RolloutManager:
                         f"{source}: model '{model}' has no [rollout] table in its config.toml: send one as the "
                         "body (a JSON object with the keys of a [rollout] table)"
                     )
-            versions = resolve_versions(config, loaded, source=source)
-            checks = parse_checks(config.checks, source=source)
-            # Refused here, before anything is saved, when shadow pairs would have no output to compare.
-            OutputComparison.for_config(self.runtime.config(model, versions.champion))
-            now = self.clock() if now is None else float(now)
-            challenger_stats = [self._raw_stats(model, version) for version in versions.challengers]
-            controller = _ServerController(
-                model, config, versions, checks, now, self.state_directory, self._on_event,
-                champion_stats=self._raw_stats(model, versions.champion),
-                challenger_stats=challenger_stats if len(challenger_stats) > 1 else challenger_stats[0],
-                clock=self.clock,
+            controller = build_controller(
+                self.runtime, model, config, source=source, now=self.clock() if now is None else float(now),
+                lock=self._lock, state_directory=self.state_directory, on_event=self._on_event, clock=self.clock,
             )  # fmt: skip
-            controller.manager_lock = self._lock
             self._install(model, controller, origin)
             return self.status(model)
 
@@ -416,16 +376,7 @@ class RolloutManager:
         with self._lock:
             controller = self._served(model).controller
             now = self.clock() if now is None else float(now)
-            if action == "promote":
-                controller.promote(version=version, full=full, now=now)
-            elif action == "pause":
-                controller.pause(now=now)
-            elif action == "resume":
-                controller.resume(now=now)
-            elif action == "abort":
-                controller.abort(reason or "by the operator", now=now)
-            else:
-                controller.rollback(reason or "by the operator", now=now)
+            apply_action(controller, action, reason=reason, version=version, full=full, now=now)
             return self.status(model)
 
     def rollouts(self) -> dict[str, RolloutController]:
