@@ -210,3 +210,16 @@ def test_without_a_data_dir_nothing_is_saved(runtime) -> None:
     rollouts.start(MODEL, CANARY)
     assert rollouts.state_directory is None and rollouts.decisions(MODEL) == []
     rollouts.close()
+
+
+def test_an_ended_rollout_serves_its_outcome_without_routing(rollouts: Rollouts) -> None:
+    rollouts.start(MODEL, {**CANARY, "steps": [{"weight": 100.0}]})
+    rollouts.rollback(MODEL, "drill")
+    # The runtime's own pick would be the newest version (2); the rollback's outcome is 1.
+    after = [rollouts.infer(MODEL, row(float(i)), route_key=f"k{i}") for i in range(10)]
+    assert {(result.version, result.rollout_name) for result in after} == {(1, None)}
+    rollouts.start(MODEL, {**CANARY, "steps": [{"weight": 50.0}]})
+    rollouts.promote(MODEL)
+    after = asyncio.run(serve(rollouts, 20))
+    assert {(result.version, result.rollout_name) for result in after} == {(2, None)}
+    assert rollouts.status(MODEL)["state"] == "promoted"

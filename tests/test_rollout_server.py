@@ -268,7 +268,7 @@ def test_canary_advances_step_by_step_to_promotion(served: ServerThread) -> None
         assert [r["action"] for r in records] == ["promote" if step == 2 else "advance"], records
     document = rollout_status(served, "scorer")
     assert (document["state"], document["serving_version"], document["active"]) == ("promoted", 2, False)
-    # Promoted: everything goes to version 2, still labelled by the rollout that routed it.
+    # Promoted: everything goes to version 2.
     assert send_keyed(served, "scorer", [f"late-{i}" for i in range(10)]) == {"2": 10}
     status, log = request(served, "GET", "/v2/models/scorer/rollout/decisions")
     assert status == 200
@@ -512,3 +512,51 @@ def test_a_table_naming_an_unserved_version_is_refused_and_the_model_serves(serv
     status, document = request(served, "GET", "/v2/models/misnamed/rollout")
     assert status == 404 and "rollout.challenger" in document["error"] and "9" in document["error"]
     assert send_keyed(served, "misnamed", ["a", "b", "c"]) == {"2": 3}
+
+
+# ---- after the end -----------------------------------------------------------------------
+
+
+def answers_over_both(served: ServerThread, model: str, count: int) -> set[tuple[str, str | None]]:
+    """(model_version, rollout parameter) of `count` unnamed requests over HTTP and `count` over gRPC."""
+    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{served.port}")
+    grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{served.options.grpc_port}")
+    try:
+        seen = set()
+        for i in range(count):
+            seen.add(answered(http_infer(http_client, model, float(i), key=f"k{i}")))
+            seen.add(answered(grpc_infer(grpc_client, model, float(i), key=f"k{i}")))
+        return seen
+    finally:
+        http_client.close()
+        grpc_client.close()
+
+
+def test_after_promotion_the_challenger_answers_without_the_rollout_parameter(served: ServerThread) -> None:
+    start(served, "scorer", {**CANARY, "name": "to-promote", "steps": [{"weight": 50.0}]})
+    assert {rollout for _, rollout in answers_over_both(served, "scorer", 10)} == {"to-promote"}
+    status, document = request(served, "POST", "/v2/models/scorer/rollout/promote", None, AUTH)
+    assert status == 200 and (document["state"], document["serving_version"]) == ("promoted", 2), document
+    counted = rollout_status(served, "scorer")["traffic"]["requests"]
+    assert answers_over_both(served, "scorer", 10) == {("2", None)}
+    document = rollout_status(served, "scorer")  # the finished rollout's status stays readable
+    assert (document["rollout"], document["state"], document["active"]) == ("to-promote", "promoted", False)
+    assert document["traffic"]["requests"] == counted  # requests after the end are not the rollout's
+
+
+def test_after_a_rollback_the_champion_answers_though_the_policy_would_pick_the_newest(served: ServerThread) -> None:
+    start(served, "scorer", {**CANARY, "name": "to-roll-back", "steps": [{"weight": 100.0}]})
+    assert answers_over_both(served, "scorer", 5) == {("2", "to-roll-back")}
+    status, document = request(served, "POST", "/v2/models/scorer/rollout/rollback", {"reason": "drill"}, AUTH)
+    assert status == 200 and (document["state"], document["serving_version"]) == ("rolled_back", 1), document
+    # The version policy (all versions, the newest by default) would pick 2; the outcome is 1.
+    assert answers_over_both(served, "scorer", 10) == {("1", None)}
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{served.port}")
+    try:
+        assert answered(http_infer(client, "scorer", 1.0, version="2")) == ("2", None)  # named: as asked
+    finally:
+        client.close()
+    assert rollout_status(served, "scorer")["state"] == "rolled_back"
+    # A new rollout routes (and labels) again.
+    start(served, "scorer", {**CANARY, "name": "second-try", "steps": [{"weight": 100.0}]})
+    assert answers_over_both(served, "scorer", 5) == {("2", "second-try")}

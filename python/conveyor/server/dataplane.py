@@ -91,7 +91,9 @@ class DataPlane:
         keyed by `headers` (HTTP headers or gRPC metadata: a mapping, (name, value) pairs,
         or a callable giving either; read only then), and its response parameters carry
         "rollout": the rollout's name. One naming a version is served as named (and
-        counted by the rollout's traffic counters).
+        counted by the rollout's traffic counters). Once the rollout has ended, a request
+        naming no version gets the outcome's version (the controller's `serving_version`)
+        and no "rollout" parameter.
         """
         traffic = self._traffic
         if traffic is not None:
@@ -121,7 +123,7 @@ class DataPlane:
         inputs = _input_arrays(name, request)
         request_id = request.id or new_request_id()
         route_key = None
-        if version is None:
+        if version is None and controller.active:  # an ended rollout routes nothing
             route_key = route_key_from(controller.config.sticky, _header_mapping(headers), request.parameters)
         assert self._traffic is not None  # only called when rollouts route
         result = await self._traffic.infer(
