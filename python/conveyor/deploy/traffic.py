@@ -16,9 +16,9 @@ What a request gets:
 - A rollout that has ended (promoted, rolled back, aborted) no longer routes: a request
   naming no version goes to the outcome's version, `controller.serving_version` (the
   promoted challenger, or the champion), even where the version policy alone would pick
-  another; it is served like a request without a rollout (`rollout_name` None, not in the
-  rollout's counters). When that version is no longer loaded, the version policy's pick
-  answers. This lasts until the rollout is detached (a new rollout, the model unloaded).
+  another; its answer carries no rollout name (`rollout_name` None) and it is counted as
+  routed to the version that answered. When that version is no longer loaded, the version
+  policy's pick answers. This lasts until the rollout is detached (a new rollout, the model unloaded).
 - Otherwise `controller.router` (re-read per request: the controller swaps in a new
   Router when weights change) picks the version. A routed version that is not loaded
   falls back to the champion, and the controller hears of it through
@@ -357,7 +357,7 @@ class RolloutTraffic:
             return _new_result(RoutedResult, (outputs, version, None))
         controller = entry.controller
         if not controller.active:
-            return await self._infer_ended(controller, model, inputs, request_id, priority, timeout_us)
+            return await self._infer_ended(entry, model, inputs, request_id, priority, timeout_us)
         target, shadow_version = controller.router.route(route_key)
         try:
             handle = runtime.model(model, target)
@@ -370,15 +370,16 @@ class RolloutTraffic:
         return await self._infer_shadowed(entry, handle, shadow_version, inputs, request_id, priority, timeout_us)
 
     async def _infer_ended(
-        self, controller: Any, model: str, inputs: Mapping[str, Any], request_id: str | None,
+        self, entry: _Rollout, model: str, inputs: Mapping[str, Any], request_id: str | None,
         priority: int | None, timeout_us: int | None,
     ) -> RoutedResult:  # fmt: skip
         """A request naming no version of a model whose rollout has ended: the outcome's version answers."""
         runtime = self.runtime
         try:
-            handle = runtime.model(model, controller.serving_version)
+            handle = runtime.model(model, entry.controller.serving_version)
         except ModelNotFound:
             handle = runtime.model(model)
+        entry.routed[handle.version] += 1
         outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
         return _new_result(RoutedResult, (outputs, handle.version, None))
 
