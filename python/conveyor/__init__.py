@@ -6,6 +6,8 @@ The public API:
   batchers (``infer``, ``infer_async``, ``model_stats``), with the learning loop
   (``conveyor.monitor``) for models whose config asks for it (``add_feedback``,
   ``monitor_document``).
+- ``conveyor.deploy.Rollouts``: rollouts (canary, A/B/n, shadow, blue-green) over a
+  ``Runtime``: start, steer, tick, and requests routed through them.
 - ``MemoryPool``: the size-class caching tensor allocator (``empty``, ``stats``, ``trim``).
 - ``ModelConfig``, ``load_model_config``, ``ModelRepository``: the model repository.
 - ``conveyor.errors``: every error Conveyor raises, under ``ConveyorError``.

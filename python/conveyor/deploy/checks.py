@@ -14,6 +14,14 @@ A check is a named metric, a comparison, a rule and its sample rules:
     effect_size = 0.1        # optional: tunes Gaussian-mixture tests (standard deviations)
     report_only = false      # true: recorded, never moves the rollout
 
+    [[rollout.checks]]       # output_drift only: the challenger's outputs against the champion's
+    name = "drift"
+    metric = "output_drift"
+    statistic = "psi"        # "psi" (threshold > 0) or "ks" (threshold in (0, 1))
+    threshold = 0.1
+    bins = 10                # default 10; edges from the champion's first reference_size values
+    reference_size = 1000    # default 1000, at least bins (see conveyor.deploy.output_drift)
+
 Units: latency thresholds in milliseconds and latency tolerances relative (0.1 = 10%
 slower); rates, shares and their tolerances as fractions (0.01 = one percentage point);
 output and MAE figures in the model's output units.
@@ -103,6 +111,11 @@ METRICS: dict[str, MetricSpec] = {
         "mean absolute error against delayed targets, per version (unpaired)", ("champion", "absolute"),
         "higher", "labelled predictions", "output units, > 0", _POSITIVE, gaussian=True,
     ),
+    "output_drift": MetricSpec(
+        "PSI or KS of the challenger's output values against the champion's, binned on the champion's "
+        "first values (shadow pairs; see conveyor.deploy.output_drift)", ("absolute",), "higher",
+        "challenger output values", "psi: > 0; ks: in (0, 1)", _POSITIVE,
+    ),
     "mae_paired": MetricSpec(
         "challenger - champion absolute error on the same labelled requests", ("champion",), "higher",
         "labelled pairs", "", _POSITIVE, gaussian=True,
@@ -110,9 +123,14 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 _DEFAULT_MIN_SAMPLES = 200
+DRIFT_STATISTICS = ("psi", "ks")
+DEFAULT_DRIFT_BINS = 10
+DEFAULT_DRIFT_REFERENCE_SIZE = 1000
+MAX_DRIFT_BINS = 1000
+_DRIFT_KEYS = ("statistic", "bins", "reference_size")
 _KEYS = (
     "name", "metric", "compare", "threshold", "tolerance", "quantile", "min_samples", "no_data", "alpha",
-    "effect_size", "report_only",
+    "effect_size", "report_only", *_DRIFT_KEYS,
 )  # fmt: skip
 
 
@@ -131,6 +149,10 @@ class Check:
     alpha: float
     effect_size: float
     report_only: bool
+    # output_drift only (None for every other metric): "psi" or "ks", and the binning.
+    statistic: str | None = None
+    bins: int | None = None
+    reference_size: int | None = None
 
     @property
     def spec(self) -> MetricSpec:
@@ -139,6 +161,8 @@ class Check:
     def describe_rule(self) -> str:
         """The rule in words, as records and reports print it."""
         what = self.metric if self.quantile is None else f"{self.metric} q{self.quantile:g}"
+        if self.metric == "output_drift":
+            return f"{self.statistic} of challenger against champion outputs ({self.bins} bins) must stay <= {self.threshold:g}"
         if self.compare == "absolute":
             if self.metric == "output_within_tolerance":
                 return f"share of |difference| <= {self.tolerance:g} must stay >= {self.threshold:g}"
@@ -259,11 +283,35 @@ def _parse_check(table: Any, default_alpha: float) -> Check:
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
         raise CheckProblem("min_samples", f"a whole number >= 1 of {spec.sample}", _show(min_samples))
     alpha = _number(table, "alpha", None, "a probability in (0, 1), e.g. 0.01", low=0.0, high=1.0)
+    drift = _drift_settings(table, metric, threshold)
     return Check(
         name=name, metric=metric, compare=compare, threshold=threshold, tolerance=tolerance, quantile=quantile,
         min_samples=min_samples, no_data=no_data, alpha=default_alpha if alpha is None else alpha,
-        effect_size=DEFAULT_EFFECT_SIZE if effect_size is None else effect_size, report_only=report_only,
+        effect_size=DEFAULT_EFFECT_SIZE if effect_size is None else effect_size, report_only=report_only, **drift,
     )  # fmt: skip
+
+
+def _drift_settings(table: Mapping[str, Any], metric: str, threshold: float | None) -> dict[str, Any]:
+    """statistic, bins and reference_size of an output_drift check; refused on any other metric."""
+    if metric != "output_drift":
+        for key in _DRIFT_KEYS:
+            if key in table:
+                raise CheckProblem(key, f"left out: it applies to metric 'output_drift' only, not {metric!r}", _show(table[key]))
+        return {}
+    statistic = table.get("statistic", DRIFT_STATISTICS[0])
+    if statistic not in DRIFT_STATISTICS:
+        raise CheckProblem("statistic", "'psi' (population stability index) or 'ks' (Kolmogorov-Smirnov)", _show(statistic))
+    if statistic == "ks" and threshold is not None and threshold >= 1.0:
+        raise CheckProblem("threshold", "a KS statistic in (0, 1) for statistic = 'ks'", _show(threshold))
+    bins = table.get("bins", DEFAULT_DRIFT_BINS)
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_DRIFT_BINS:
+        raise CheckProblem("bins", f"a whole number of bins from 2 to {MAX_DRIFT_BINS}", _show(bins))
+    reference_size = table.get("reference_size", max(DEFAULT_DRIFT_REFERENCE_SIZE, bins))
+    if isinstance(reference_size, bool) or not isinstance(reference_size, int) or reference_size < bins:
+        raise CheckProblem(
+            "reference_size", f"a whole number of champion values >= bins ({bins}) that fix the bin edges", _show(reference_size)
+        )
+    return {"statistic": statistic, "bins": bins, "reference_size": reference_size}
 
 
 def _required_text(table: Mapping[str, Any], key: str) -> str:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from conveyor.deploy.output_drift import OutputDrift
+
 __all__ = ["ArmStatistics", "Histogram", "PairedStatistics", "RolloutStatistics", "RunningMoments"]
 
 SUB_BUCKET_BITS = 4  # as DurationHistogram::kSubBits in cpp/include/conveyor/stats.h
@@ -258,6 +260,8 @@ class PairedStatistics:
     champion_only_correct: int = 0  # McNemar's discordant pairs, the challenger's losses
     challenger_only_correct: int = 0  # and its wins
     absolute_error_difference: RunningMoments = field(default_factory=RunningMoments)  # |e_chal| - |e_champ|
+    # One per binning (bins, reference_size) of the output_drift checks; for_checks fills it.
+    output_drifts: dict[tuple[int, int], OutputDrift] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.within_tolerances = tuple(float(t) for t in self.within_tolerances)
@@ -275,6 +279,8 @@ class PairedStatistics:
         champion, challenger = np.asarray(champion, np.int64).ravel(), np.asarray(challenger, np.int64).ravel()
         self.compared_classes += int(champion.size)
         self.agreed_classes += int(np.count_nonzero(champion == challenger))
+        for drift in self.output_drifts.values():
+            drift.record(champion, challenger)
         moved = champion != challenger
         if moved.any():
             pairs, counts = np.unique(np.stack([champion[moved], challenger[moved]]), axis=1, return_counts=True)
@@ -289,6 +295,8 @@ class PairedStatistics:
         self.absolute_difference.record(absolute)
         for i, tolerance in enumerate(self.within_tolerances):
             self.within_counts[i] += int(np.count_nonzero(absolute <= tolerance))
+        for drift in self.output_drifts.values():
+            drift.record(champion, challenger)
 
     def record_classification_labels(self, champion: np.ndarray, challenger: np.ndarray, labels: np.ndarray) -> None:
         """Adds both versions' predicted classes for the same requests and their delayed labels."""
@@ -330,6 +338,7 @@ class PairedStatistics:
             "champion_only_correct": self.champion_only_correct,
             "challenger_only_correct": self.challenger_only_correct,
             "absolute_error_difference": self.absolute_error_difference.to_dict(),
+            "output_drifts": [drift.to_dict() for _, drift in sorted(self.output_drifts.items())],
         }
 
     @classmethod
@@ -347,6 +356,7 @@ class PairedStatistics:
             champion_only_correct=int(data["champion_only_correct"]),
             challenger_only_correct=int(data["challenger_only_correct"]),
             absolute_error_difference=RunningMoments.from_dict(data["absolute_error_difference"]),
+            output_drifts={drift.key: drift for drift in map(OutputDrift.from_dict, data.get("output_drifts", []))},
         )
 
 
@@ -360,12 +370,17 @@ class RolloutStatistics:
 
     @classmethod
     def for_checks(cls, checks: Iterable[Any], *, output_unit: float = 1e-9) -> RolloutStatistics:
-        """Empty statistics that count what `checks` need (the output tolerances' shares).
+        """Empty statistics that count what `checks` need (the output tolerances' shares, the
+        output drift bins).
 
         `output_unit`: the resolution of the |output difference| histogram (in output units).
         """
+        checks = list(checks)
         tolerances = sorted({float(c.tolerance) for c in checks if c.metric == "output_within_tolerance"})
-        paired = PairedStatistics(within_tolerances=tuple(tolerances), absolute_difference=Histogram(unit=output_unit))
+        drifts = {(c.bins, c.reference_size): OutputDrift(c.bins, c.reference_size) for c in checks if c.metric == "output_drift"}
+        paired = PairedStatistics(
+            within_tolerances=tuple(tolerances), absolute_difference=Histogram(unit=output_unit), output_drifts=drifts
+        )
         return cls(paired=paired)
 
     def to_dict(self) -> dict[str, Any]:

@@ -353,6 +353,22 @@ def _output_within_tolerance(check: Check, s: RolloutStatistics) -> _Outcome:
     return _share_against_bound(check, within, compared, "share within tolerance", {"pairs": compared}, inputs)
 
 
+def _output_drift(check: Check, s: RolloutStatistics) -> _Outcome:
+    drift = s.paired.output_drifts.get((check.bins, check.reference_size))
+    samples = {"challenger_values": 0 if drift is None else drift.challenger_values}
+    name = "PSI" if check.statistic == "psi" else "binned KS statistic"
+    outcome = _Outcome(
+        f"{name} of challenger against champion outputs", "threshold on the monitor's drift statistic", samples, {},
+        limit=float(check.threshold),
+    )  # fmt: skip
+    if drift is None:
+        return outcome
+    outcome.estimate, outcome.inputs = drift.statistic(check.statistic)
+    outcome.inputs["champion_values"] = drift.champion_values
+    outcome.failed = outcome.estimate > outcome.limit
+    return outcome
+
+
 def _accuracy(check: Check, s: RolloutStatistics) -> _Outcome:
     a, b = s.champion, s.challenger
     if check.compare == "absolute":
@@ -423,6 +439,7 @@ _EVALUATORS = {
     "output_difference_mean": _output_difference_mean,
     "output_difference_quantile": _output_difference_quantile,
     "output_within_tolerance": _output_within_tolerance,
+    "output_drift": _output_drift,
     "accuracy": _accuracy,
     "accuracy_paired": _accuracy_paired,
     "mae": _mae,

@@ -93,6 +93,16 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+def _check_fields(check: Any) -> dict[str, Any]:
+    """A check's fields, without the output_drift settings other metrics leave unset: the
+    fingerprints of checks saved before those settings existed stay the same."""
+    fields = dataclasses.asdict(check)
+    for key in ("statistic", "bins", "reference_size"):
+        if fields.get(key, 0) is None:
+            del fields[key]
+    return fields
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -104,7 +114,7 @@ def config_fingerprint(config: RolloutConfig, checks: Iterable[Any]) -> str:
     """
     described = {
         "config": config.model_dump(mode="json"),
-        "checks": [dataclasses.asdict(check) for check in checks],
+        "checks": [_check_fields(check) for check in checks],
     }
     return _sha256(canonical_json(described))
 
