@@ -31,7 +31,7 @@ import pytest
 
 from conveyor.config import parse_model_config
 from conveyor.deploy.evidence import RolloutStatistics
-from conveyor.deploy.rollout_config import RolloutVersions
+from conveyor.rollout_config import RolloutVersions
 from conveyor.deploy.router import Router, RouteTable
 from conveyor.deploy.traffic import RolloutTraffic
 from conveyor.runtime import Runtime

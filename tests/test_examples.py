@@ -81,7 +81,7 @@ def test_scaler_standardizes_with_config_parameters(repository: ModelRepository)
 
 def test_the_rollout_example_versions_agree_on_most_rows_and_its_canary_is_valid(repository: ModelRepository) -> None:
     from conveyor.deploy.judge import parse_checks
-    from conveyor.deploy.rollout_config import resolve_versions
+    from conveyor.rollout_config import resolve_versions
 
     source = repository.load_model("rollout_demo")
     batch = np.random.default_rng(0).standard_normal((512, 8)).astype(np.float32) * 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.config import load_model_config
-from conveyor.deploy.rollout_config import (
+from conveyor.rollout_config import (
     InvalidCheck,
     RolloutConfig,
     RolloutVersions,

@@ -17,7 +17,7 @@ import pytest
 from conveyor.deploy.controller import RolloutController, RolloutStateError
 from conveyor.deploy.evidence import BUCKETS, bucket_of, bucket_upper_bounds
 from conveyor.deploy.judge import parse_checks
-from conveyor.deploy.rollout_config import RolloutVersions, parse_rollout_config, resolve_versions
+from conveyor.rollout_config import RolloutVersions, parse_rollout_config, resolve_versions
 from conveyor.deploy.rollout_state import TMP_SUFFIX, read_audit, save_state, state_body, state_path
 from conveyor.errors import InvalidInput
 

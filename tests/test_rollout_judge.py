@@ -16,7 +16,7 @@ from scipy.stats.contingency import crosstab
 
 from conveyor.deploy.evidence import BUCKETS, Histogram, RunningMoments, bucket_of, bucket_upper_bounds
 from conveyor.deploy.judge import RolloutStatistics, evaluate, parse_checks, validate_check_tables
-from conveyor.deploy.rollout_config import InvalidCheck
+from conveyor.rollout_config import InvalidCheck
 from conveyor.deploy.sequential import BetaMixture, normal_mixture_radius, quantile_bounds
 from conveyor.errors import ConfigError
 

@@ -21,7 +21,7 @@ from conveyor.deploy.controller import RolloutController
 from conveyor.deploy.evidence import BUCKETS, bucket_of, bucket_upper_bounds
 from conveyor.deploy.judge import parse_checks
 from conveyor.deploy.report import render_rollout_report, status_from_saved_state
-from conveyor.deploy.rollout_config import parse_rollout_config, resolve_versions
+from conveyor.rollout_config import parse_rollout_config, resolve_versions
 from conveyor.deploy.rollout_state import audit_path, load_state, read_audit, state_path
 
 MODEL = "classifier"

@@ -17,7 +17,7 @@ from scipy.stats import binom
 
 import conveyor
 
-from conveyor.deploy.rollout_config import RolloutConfig, resolve_versions
+from conveyor.rollout_config import RolloutConfig, resolve_versions
 from conveyor.deploy.router import (
     POINT_LIMIT,
     RouteDecision,

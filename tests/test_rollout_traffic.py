@@ -18,7 +18,7 @@ from scipy.stats import binom
 
 from conveyor.config import parse_model_config
 from conveyor.deploy.evidence import RolloutStatistics
-from conveyor.deploy.rollout_config import RolloutVersions, StickyConfig
+from conveyor.rollout_config import RolloutVersions, StickyConfig
 from conveyor.deploy.router import Router, RouteTable
 from conveyor.deploy.traffic import OutputComparison, RolloutTraffic, route_key_from
 from conveyor.errors import ConfigError, ModelExecutionError, ModelNotFound

@@ -20,7 +20,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from conveyor.deploy.rollout_config import ROLLOUT_NAME_PATTERN, ROUTE_KEY_HEADER_PATTERN, RolloutConfig
+from conveyor.config_errors import describe, describe_pattern, format_error, rule_error
+from conveyor.rollout_config import RolloutConfig
 from conveyor.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -58,30 +59,6 @@ PositiveInt = Annotated[int, Field(ge=1)]
 ParameterValue = str | int | float | bool
 
 
-def _describe(value: Any) -> str:
-    """A short, TOML-flavoured rendering of a value for error messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, (list, tuple)):
-        text = "[" + ", ".join(_describe(item) for item in value) + "]"
-        return text if len(text) <= 60 else f"an array of {len(value)} items"
-    return f"a {type(value).__name__}"
-
-
-def _rule_error(expected: str, got: Any, *, field: str = "", got_text: str | None = None) -> PydanticCustomError:
-    """A validation failure the message formatter renders as 'expected ..., got ...'.
-
-    `field` extends the location pydantic reports, for checks that a validator of the
-    enclosing table makes about one of its fields; `got_text` replaces the rendering of `got`.
-    """
-    context = {"expected": expected, "got": _describe(got) if got_text is None else got_text, "field": field}
-    return PydanticCustomError("config_rule", "expected {expected}, got {got}", context)
-
-
 class _Strict(BaseModel):
     # strict: TOML values are typed, so "5" for an integer is a mistake worth reporting.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -102,7 +79,7 @@ class TensorConfig(_Strict):
     @classmethod
     def _dims_positive_or_variable(cls, dims: list[int]) -> list[int]:
         if any(dim <= 0 and dim != -1 for dim in dims):
-            raise _rule_error("each dim > 0 or -1 (variable)", dims)
+            raise rule_error("each dim > 0 or -1 (variable)", dims)
         return dims
 
     @property
@@ -133,9 +110,9 @@ class DynamicBatchingConfig(_Strict):
     def _resolve_default_priority(self) -> DynamicBatchingConfig:
         level, levels = self.default_priority_level, self.priority_levels
         if levels == 0 and level != 0:
-            raise _rule_error("0 (priority_levels is 0)", level, field="default_priority_level")
+            raise rule_error("0 (priority_levels is 0)", level, field="default_priority_level")
         if levels > 0 and level > levels:
-            raise _rule_error(f"a level in [1, {levels}] (0: the lowest)", level, field="default_priority_level")
+            raise rule_error(f"a level in [1, {levels}] (0: the lowest)", level, field="default_priority_level")
         if levels > 0 and level == 0:
             self.default_priority_level = levels
         return self
@@ -159,14 +136,14 @@ class VersionPolicy(_Strict):
     @classmethod
     def _all_is_true(cls, serve_all: bool | None) -> bool | None:
         if serve_all is False:
-            raise _rule_error("true (to choose another policy, give 'latest' or 'specific' instead)", serve_all)
+            raise rule_error("true (to choose another policy, give 'latest' or 'specific' instead)", serve_all)
         return serve_all
 
     @field_validator("specific")
     @classmethod
     def _specific_sorted_unique(cls, versions: list[int] | None) -> list[int] | None:
         if versions is not None and not versions:
-            raise _rule_error("at least one version", versions)
+            raise rule_error("at least one version", versions)
         return None if versions is None else sorted(set(versions))
 
     @model_validator(mode="after")
@@ -224,9 +201,9 @@ class PreprocessStep(_Strict):
     @model_validator(mode="after")
     def _channels_agree(self) -> PreprocessStep:
         if len(self.std) != len(self.mean):
-            raise _rule_error(f"{len(self.mean)} values (one per channel, as mean)", self.std, field="std")
+            raise rule_error(f"{len(self.mean)} values (one per channel, as mean)", self.std, field="std")
         if any(value == 0 or not np.isfinite(value) for value in self.std):
-            raise _rule_error("finite, non-zero values", self.std, field="std")
+            raise rule_error("finite, non-zero values", self.std, field="std")
         return self
 
 
@@ -253,16 +230,16 @@ class PostprocessStep(_Strict):
     def _kind_rules(self) -> PostprocessStep:
         needs_k = self.kind in ("softmax_topk", "classification")
         if needs_k and self.k is None:
-            raise _rule_error(f"k: how many classes {self.kind} keeps", None, field="k", got_text="none")
+            raise rule_error(f"k: how many classes {self.kind} keeps", None, field="k", got_text="none")
         if not needs_k and self.k is not None:
-            raise _rule_error(f"no k ({self.kind} keeps every class)", self.k, field="k")
+            raise rule_error(f"no k ({self.kind} keeps every class)", self.k, field="k")
         if self.labels is not None and self.kind != "classification":
-            raise _rule_error("no labels (only classification uses them)", self.labels, field="labels")
+            raise rule_error("no labels (only classification uses them)", self.labels, field="labels")
         count = len(POSTPROCESS_OUTPUT_TYPES[self.kind])
         if not self.outputs and count == 1:
             self.outputs = [self.output]
         if len(self.outputs) != count:
-            raise _rule_error(f"{count} output names", self.outputs, field="outputs")
+            raise rule_error(f"{count} output names", self.outputs, field="outputs")
         return self
 
     @property
@@ -322,12 +299,12 @@ class MonitorConfig(_Strict):
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> MonitorConfig:
         if self.psi_alert < self.psi_warn:
-            raise _rule_error(f"a value >= psi_warn ({self.psi_warn})", self.psi_alert, field="psi_alert")
+            raise rule_error(f"a value >= psi_warn ({self.psi_warn})", self.psi_alert, field="psi_alert")
         if self.window_rows < self.sub_windows:
-            raise _rule_error(f"at least sub_windows ({self.sub_windows}) rows", self.window_rows, field="window_rows")
+            raise rule_error(f"at least sub_windows ({self.sub_windows}) rows", self.window_rows, field="window_rows")
         overlap = sorted(set(self.categorical) & set(self.numeric))
         if overlap:
-            raise _rule_error(
+            raise rule_error(
                 "each name in categorical or in numeric, not in both",
                 None,
                 field="numeric",
@@ -377,7 +354,7 @@ class RetrainingConfig(_Strict):
     @model_validator(mode="after")
     def _some_rule(self) -> RetrainingConfig:
         if self.drift_minutes is None and self.metric_drop is None and self.labeled_rows is None:
-            raise _rule_error("at least one of drift_minutes, metric_drop, labeled_rows", None, got_text="none")
+            raise rule_error("at least one of drift_minutes, metric_drop, labeled_rows", None, got_text="none")
         return self
 
 
@@ -422,16 +399,16 @@ class ModelConfig(_Strict):
         if isinstance(parameters, Mapping):
             for key, value in parameters.items():
                 if not isinstance(value, (str, int, float, bool)):
-                    raise _rule_error("a string, integer, float or boolean", value, field=str(key))
+                    raise rule_error("a string, integer, float or boolean", value, field=str(key))
         return parameters
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ModelConfig:
         self._check_batching_knobs()
         if self.fallback is not None and self.backend != "native":
-            raise _rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
+            raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
         if self.backend == "native" and self.instance_group.device != "cpu":
-            raise _rule_error(
+            raise rule_error(
                 "'cpu' (the native backend runs on the CPU kernels)",
                 self.instance_group.device,
                 field="instance_group.device",
@@ -439,16 +416,16 @@ class ModelConfig(_Strict):
         for field in ("inputs", "outputs"):
             tensors: list[TensorConfig] = getattr(self, field)
             if self.backend == "python" and not tensors:
-                raise _rule_error("at least one tensor (only onnx models may omit them)", [], field=field)
+                raise rule_error("at least one tensor (only onnx models may omit them)", [], field=field)
             seen: set[str] = set()
             for index, tensor in enumerate(tensors):
                 if tensor.name in seen:
-                    raise _rule_error(
+                    raise rule_error(
                         f"a name no other entry of '{field}' uses", tensor.name, field=f"{field}[{index}].name"
                     )
                 seen.add(tensor.name)
                 if field == "inputs" and tensor.labels is not None:
-                    raise _rule_error("no labels (labels belong to outputs)", tensor.labels, field=f"inputs[{index}].labels")
+                    raise rule_error("no labels (labels belong to outputs)", tensor.labels, field=f"inputs[{index}].labels")
         if self.preprocess or self.postprocess:
             self._check_steps()
         self._check_monitoring()
@@ -463,17 +440,17 @@ class ModelConfig(_Strict):
             for field, known in (("inputs", inputs), ("outputs", outputs)):
                 for index, name in enumerate(getattr(monitor, field) or ()):
                     if known and name not in known:
-                        raise _rule_error(f"one of the {field} ({', '.join(known)})", name, field=f"monitor.{field}[{index}]")
+                        raise rule_error(f"one of the {field} ({', '.join(known)})", name, field=f"monitor.{field}[{index}]")
             for index, entry in enumerate(monitor.classifier_outputs):
                 if outputs and entry.output not in outputs:
-                    raise _rule_error(
+                    raise rule_error(
                         f"one of the outputs ({', '.join(outputs)})", entry.output, field=f"monitor.classifier_outputs[{index}].output"
                     )
         if self.feedback is not None and outputs and self.feedback.output not in outputs:
-            raise _rule_error(f"one of the outputs ({', '.join(outputs)})", self.feedback.output, field="feedback.output")
+            raise rule_error(f"one of the outputs ({', '.join(outputs)})", self.feedback.output, field="feedback.output")
         if self.retraining is not None:
             if self.retraining.drift_minutes is not None and (monitor is None or not monitor.enabled):
-                raise _rule_error(
+                raise rule_error(
                     "an enabled [monitor] table (drift_minutes watches its alert)",
                     None,
                     field="retraining.drift_minutes",
@@ -481,7 +458,7 @@ class ModelConfig(_Strict):
                 )
             for rule in ("metric_drop", "labeled_rows"):
                 if getattr(self.retraining, rule) is not None and self.feedback is None:
-                    raise _rule_error(
+                    raise rule_error(
                         f"a [feedback] table ({rule} counts the labels it brings)",
                         None,
                         field=f"retraining.{rule}",
@@ -492,7 +469,7 @@ class ModelConfig(_Strict):
         """Steps read and write the public tensors: names, datatypes and dims must fit."""
         for field in ("inputs", "outputs"):
             if not getattr(self, field):
-                raise _rule_error("the public tensors listed (a model with steps cannot omit them)", [], field=field)
+                raise rule_error("the public tensors listed (a model with steps cannot omit them)", [], field=field)
         inputs = {tensor.name: tensor for tensor in self.inputs}
         seen: set[str] = set()
         for index, step in enumerate(self.preprocess):
@@ -501,11 +478,11 @@ class ModelConfig(_Strict):
             if tensor is None or step.input in seen:
                 known = f"one of the inputs ({', '.join(inputs)})"
                 expected = "an input no other step reads" if tensor else known
-                raise _rule_error(expected, step.input, field=f"{where}.input")
+                raise rule_error(expected, step.input, field=f"{where}.input")
             seen.add(step.input)
             channels = len(step.mean)
             if tensor.datatype != "UINT8" or len(tensor.dims) != 3 or tensor.dims[2] not in (-1, channels):
-                raise _rule_error(
+                raise rule_error(
                     f"input '{tensor.name}' to be UINT8 [height, width, {channels}] (NHWC images)",
                     None,
                     field=f"{where}.input",
@@ -520,12 +497,12 @@ class ModelConfig(_Strict):
                 if tensor is None or name in produced:
                     known = f"one of the outputs ({', '.join(outputs)})"
                     expected = "an output no other step produces" if tensor else known
-                    raise _rule_error(expected, name, field=f"{where}.outputs")
+                    raise rule_error(expected, name, field=f"{where}.outputs")
                 produced.add(name)
                 last = step.last_dim
                 if tensor.datatype != datatype or not tensor.dims or (last is not None and tensor.dims[-1] != last):
                     dims = "[..., " + (str(last) if last is not None else "classes") + "]"
-                    raise _rule_error(
+                    raise rule_error(
                         f"output '{name}' to be {datatype} {dims} ({step.kind})",
                         None,
                         field=f"{where}.outputs",
@@ -537,19 +514,19 @@ class ModelConfig(_Strict):
         sizes = batching.preferred_batch_sizes
         if self.max_batch_size == 0:
             if sizes:
-                raise _rule_error(
+                raise rule_error(
                     "no preferred sizes (max_batch_size is 0: the model does not batch)",
                     sizes,
                     field="dynamic_batching.preferred_batch_sizes",
                 )
             if batching.max_queue_delay_us > 0:
-                raise _rule_error(
+                raise rule_error(
                     "0 (max_batch_size is 0: waiting to form a batch would only add latency)",
                     batching.max_queue_delay_us,
                     field="dynamic_batching.max_queue_delay_us",
                 )
         elif sizes and sizes[-1] > self.max_batch_size:
-            raise _rule_error(
+            raise rule_error(
                 f"sizes in [1, max_batch_size = {self.max_batch_size}]",
                 sizes,
                 field="dynamic_batching.preferred_batch_sizes",
@@ -582,17 +559,17 @@ def parse_model_config(data: dict[str, Any], *, source: str, name: str | None = 
     one it must be the same.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a table of config fields, got {_describe(data)}")
+        raise ConfigError(f"{source}: expected a table of config fields, got {describe(data)}")
     data = dict(data)
     problems: list[str] = []
     if name is not None:
         if "name" in data and data["name"] != name:
-            problems.append(f"field 'name': expected {name!r} (the directory name), got {_describe(data['name'])}")
+            problems.append(f"field 'name': expected {name!r} (the directory name), got {describe(data['name'])}")
         data["name"] = name
     try:
         config = ModelConfig.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_format_error(error) for error in exc.errors())
+        problems.extend(format_error(error, ModelConfig) for error in exc.errors())
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
     _warn_if_threads_exceed_cores(config, source)
@@ -622,78 +599,13 @@ def _warn_if_threads_exceed_cores(config: ModelConfig, source: str) -> None:
         )
 
 
-def _field_path(location: tuple[Any, ...]) -> str:
-    path = ""
-    for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
-_PATTERN_DESCRIPTIONS = {
+# What each pattern's strings are, for error messages.
+for _pattern, _description in {
     MODEL_NAME_PATTERN: "a model name: letters, digits, '_', '.' or '-', starting with a letter or digit, "
     "at most 128 characters",
     TENSOR_NAME_PATTERN: "a tensor name: letters, digits, '_', '.', ':', '/' or '-'",
     DEVICE_PATTERN: "'cpu', 'cuda' or 'cuda:N'",
     FEATURE_NAME_PATTERN: "a feature name: a tensor name, optionally with an element index ('x' or 'x[3]')",
     WEBHOOK_URL_PATTERN: "an http:// or https:// URL",
-    ROLLOUT_NAME_PATTERN: "a rollout name: letters, digits, '_', '.' or '-', starting with a letter or digit, at most 64 characters",
-    ROUTE_KEY_HEADER_PATTERN: "a lowercase header name: letters, digits, '_', '.' or '-'",
-}
-
-_EXPECTED_BY_ERROR_TYPE = {
-    "int_type": "an integer",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "an array",
-    "model_type": "a table",
-    "dict_type": "a table",
-    "string_too_short": "a non-empty string",
-}
-
-
-def _expected(error: Mapping[str, Any]) -> str:
-    kind, context = error["type"], error.get("ctx", {})
-    bound = next((context[key] for key in ("ge", "gt", "le", "lt") if key in context), None)
-    # A float field's bound is a float: its message says "a number" even when given an integer.
-    number = "an integer" if isinstance(error["input"], int) and not isinstance(bound, float) else "a number"
-    comparison = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-    if kind in comparison:
-        shown = format(bound, "g") if isinstance(bound, float) else bound
-        return f"{number} {comparison[kind]} {shown}"
-    if kind == "literal_error":
-        return str(context["expected"])
-    if kind == "string_pattern_mismatch":
-        return _PATTERN_DESCRIPTIONS.get(context["pattern"], f"a string matching {context['pattern']}")
-    return _EXPECTED_BY_ERROR_TYPE.get(kind, error["msg"].removeprefix("Input should be ").lower())
-
-
-def _format_error(error: Mapping[str, Any]) -> str:
-    """One pydantic error as "field 'a.b': expected X, got Y"."""
-    kind, context = error["type"], error.get("ctx", {})
-    location = tuple(error["loc"])
-    if kind == "config_rule":
-        extra = context.get("field", "")
-        path = ".".join(part for part in (_field_path(location), extra) if part)
-        return f"field '{path or '<top level>'}': expected {context['expected']}, got {context['got']}"
-    path = _field_path(location)
-    if kind == "missing":
-        return f"field '{path}': required, but missing"
-    if kind == "extra_forbidden":
-        known = ", ".join(_known_fields(location[:-1]))
-        return f"unknown field '{path}' (known fields: {known})"
-    return f"field '{path}': expected {_expected(error)}, got {_describe(error['input'])}"
-
-
-def _known_fields(location: tuple[Any, ...]) -> list[str]:
-    """The field names of the table at `location` (list indices skipped)."""
-    model: type[BaseModel] = ModelConfig
-    for part in location:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation
-        nested = getattr(annotation, "__args__", (annotation,))[0]
-        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
-            return []
-        model = nested
-    return list(model.model_fields)
+}.items():
+    describe_pattern(_pattern, _description)

@@ -1,7 +1,8 @@
 """Deployment between versions of a model: rollout configuration and request routing.
 
-- `rollout_config`: the `[rollout]` table of config.toml (`RolloutConfig`) and the check
-  of the versions it names against the served ones (`resolve_versions`).
+- `conveyor.rollout_config` (beside conveyor.config, re-exported here): the `[rollout]`
+  table of config.toml (`RolloutConfig`) and the check of the versions it names against
+  the served ones (`resolve_versions`).
 - `router`: per request, the version that answers and whether a shadow copy is made
   (`RouteTable`, `Router`, `RouteDecision`).
 - `judge`: the rollout's checks (`parse_checks`), their evidence (`RolloutStatistics`) and
@@ -13,9 +14,8 @@
 - `rollouts`: rollouts of a Runtime in-process (`Rollouts`: start, promote, pause, resume,
   abort, rollback, status, tick, infer) and the pieces the server's manager shares with it.
 
-Names are loaded on first use: conveyor.config imports `rollout_config` to build
-ModelConfig, and importing every sibling here would pull them (and their imports) into
-every config load.
+Names are loaded on first use, so that importing one module of the package does not pull
+every sibling (and scipy, which the judge needs) with it.
 """
 
 from __future__ import annotations
@@ -24,33 +24,33 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "RolloutConfig": "rollout_config",
-    "RolloutVersions": "rollout_config",
-    "CanaryStep": "rollout_config",
-    "Arm": "rollout_config",
-    "StickyConfig": "rollout_config",
-    "InvalidCheck": "rollout_config",
-    "parse_rollout_config": "rollout_config",
-    "register_checks_validator": "rollout_config",
-    "resolve_versions": "rollout_config",
-    "RouteDecision": "router",
-    "RouteTable": "router",
-    "Router": "router",
-    "route_key_hash": "router",
-    "Check": "judge",
-    "CheckDecision": "judge",
-    "Judgement": "judge",
-    "RolloutStatistics": "judge",
-    "evaluate": "judge",
-    "parse_checks": "judge",
-    "validate_check_tables": "judge",
-    "RolloutTraffic": "traffic",
-    "RoutedResult": "traffic",
-    "OutputComparison": "traffic",
-    "route_key_from": "traffic",
-    "RolloutController": "controller",
-    "RolloutStateError": "controller",
-    "Rollouts": "rollouts",
+    "RolloutConfig": "conveyor.rollout_config",
+    "RolloutVersions": "conveyor.rollout_config",
+    "CanaryStep": "conveyor.rollout_config",
+    "Arm": "conveyor.rollout_config",
+    "StickyConfig": "conveyor.rollout_config",
+    "InvalidCheck": "conveyor.rollout_config",
+    "parse_rollout_config": "conveyor.rollout_config",
+    "register_checks_validator": "conveyor.rollout_config",
+    "resolve_versions": "conveyor.rollout_config",
+    "RouteDecision": "conveyor.deploy.router",
+    "RouteTable": "conveyor.deploy.router",
+    "Router": "conveyor.deploy.router",
+    "route_key_hash": "conveyor.deploy.router",
+    "Check": "conveyor.deploy.judge",
+    "CheckDecision": "conveyor.deploy.judge",
+    "Judgement": "conveyor.deploy.judge",
+    "RolloutStatistics": "conveyor.deploy.judge",
+    "evaluate": "conveyor.deploy.judge",
+    "parse_checks": "conveyor.deploy.judge",
+    "validate_check_tables": "conveyor.deploy.judge",
+    "RolloutTraffic": "conveyor.deploy.traffic",
+    "RoutedResult": "conveyor.deploy.traffic",
+    "OutputComparison": "conveyor.deploy.traffic",
+    "route_key_from": "conveyor.deploy.traffic",
+    "RolloutController": "conveyor.deploy.controller",
+    "RolloutStateError": "conveyor.deploy.controller",
+    "Rollouts": "conveyor.deploy.rollouts",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -60,4 +60,4 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'conveyor.deploy' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"conveyor.deploy.{module}"), name)
+    return getattr(importlib.import_module(module), name)

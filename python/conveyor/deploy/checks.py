@@ -222,7 +222,7 @@ def parse_checks(
 
 def validate_check_tables(tables: list[dict[str, Any]]) -> None:
     """The checks validator for `rollout_config.register_checks_validator`: raises InvalidCheck."""
-    from conveyor.deploy.rollout_config import InvalidCheck
+    from conveyor.rollout_config import InvalidCheck
 
     names: set[str] = set()
     for index, table in enumerate(tables):

@@ -62,7 +62,7 @@ from typing import Any
 from conveyor.deploy.counter_feed import CounterFeed
 from conveyor.deploy.evidence import RolloutStatistics
 from conveyor.deploy.judge import Check, Judgement, evaluate
-from conveyor.deploy.rollout_config import RolloutConfig, RolloutVersions, resolve_versions
+from conveyor.rollout_config import RolloutConfig, RolloutVersions, resolve_versions
 from conveyor.deploy.rollout_state import (
     ACTIVE_STATES,
     FINAL_STATES,

@@ -37,7 +37,7 @@ from typing import Any
 from conveyor.config import MODEL_NAME_PATTERN
 from conveyor.deploy.evidence import RolloutStatistics
 from conveyor.deploy.judge import CheckDecision, Judgement
-from conveyor.deploy.rollout_config import RolloutConfig, RolloutVersions
+from conveyor.rollout_config import RolloutConfig, RolloutVersions
 from conveyor.errors import ConfigError
 
 __all__ = [

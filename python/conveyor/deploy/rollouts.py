@@ -40,7 +40,7 @@ from typing import Any
 
 from conveyor.deploy.checks import parse_checks
 from conveyor.deploy.controller import RolloutController
-from conveyor.deploy.rollout_config import RolloutConfig, RolloutVersions, parse_rollout_config, resolve_versions
+from conveyor.rollout_config import RolloutConfig, RolloutVersions, parse_rollout_config, resolve_versions
 from conveyor.deploy.rollout_state import audit_path, read_audit
 from conveyor.deploy.traffic import OutputComparison, RolloutTraffic, RoutedResult
 from conveyor.errors import ConfigError, Conflict, InvalidInput, ModelNotFound

@@ -40,7 +40,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from conveyor import _core
-from conveyor.deploy.rollout_config import RolloutConfig, RolloutVersions
+from conveyor.rollout_config import RolloutConfig, RolloutVersions
 from conveyor.errors import ConfigError
 
 MASK64 = (1 << 64) - 1

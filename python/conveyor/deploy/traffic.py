@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from conveyor.deploy.rollout_config import RolloutConfig, StickyConfig
+from conveyor.rollout_config import RolloutConfig, StickyConfig
 from conveyor.errors import ConfigError, ConveyorError, ModelNotFound
 from conveyor.runtime import new_request_id
 

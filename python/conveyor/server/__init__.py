@@ -6,6 +6,6 @@ a bad `[[rollout.checks]]` table is refused at load with its field named
 """
 
 from conveyor.deploy.checks import validate_check_tables
-from conveyor.deploy.rollout_config import register_checks_validator
+from conveyor.rollout_config import register_checks_validator
 
 register_checks_validator(validate_check_tables)

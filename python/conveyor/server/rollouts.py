@@ -52,7 +52,7 @@ from prometheus_client.registry import Collector
 from conveyor.config import ModelConfig
 from conveyor.deploy.checks import parse_checks
 from conveyor.deploy.controller import RolloutController
-from conveyor.deploy.rollout_config import RolloutConfig, parse_rollout_config
+from conveyor.rollout_config import RolloutConfig, parse_rollout_config
 from conveyor.deploy.rollout_state import UntrustedState, audit_path, load_state, read_audit, state_path
 from conveyor.deploy.rollouts import (
     ACTIONS,

@@ -37,16 +37,21 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
 
+from conveyor.config_errors import describe, describe_pattern, format_error, rule_error
 from conveyor.errors import ConfigError
 
 STRATEGIES = ("canary", "ab", "shadow", "blue_green")
 Strategy = Literal["canary", "ab", "shadow", "blue_green"]
 
-ROLLOUT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ROLLOUT_NAME_PATTERN = describe_pattern(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    "a rollout name: letters, digits, '_', '.' or '-', starting with a letter or digit, at most 64 characters",
+)
 # HTTP header names (and gRPC metadata keys) are compared lowercase.
-ROUTE_KEY_HEADER_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+ROUTE_KEY_HEADER_PATTERN = describe_pattern(
+    r"^[a-z0-9][a-z0-9_.-]*$", "a lowercase header name: letters, digits, '_', '.' or '-'"
+)
 DEFAULT_ROUTE_KEY = "conveyor-route-key"
 
 DEFAULT_SHADOW_PERCENT = {"shadow": 100.0, "blue_green": 0.0}
@@ -77,17 +82,6 @@ def register_checks_validator(validator: ChecksValidator | None) -> ChecksValida
     global _checks_validator
     previous, _checks_validator = _checks_validator, validator
     return previous
-
-
-def _rule_error(expected: str, got: Any, *, field: str = "", got_text: str | None = None) -> PydanticCustomError:
-    """A failure config.py's formatter renders as "field '<path>.<field>': expected ..., got ..."."""
-    if got_text is None:
-        # conveyor.config imports this module to build ModelConfig; by the time a validator
-        # runs it is fully loaded, so importing it here closes no cycle.
-        from conveyor.config import _describe
-
-        got_text = _describe(got)
-    return PydanticCustomError("config_rule", "expected {expected}, got {got}", {"expected": expected, "got": got_text, "field": field})
 
 
 class _Strict(BaseModel):
@@ -144,9 +138,9 @@ class RolloutConfig(_Strict):
             self._check_arms()
         else:
             if self.challenger is None:
-                raise _rule_error(f"the version to roll out ({strategy} needs one)", None, field="challenger", got_text="none")
+                raise rule_error(f"the version to roll out ({strategy} needs one)", None, field="challenger", got_text="none")
             if self.champion is not None and self.champion == self.challenger:
-                raise _rule_error(f"a version other than champion ({self.champion})", self.challenger, field="challenger")
+                raise rule_error(f"a version other than champion ({self.champion})", self.challenger, field="challenger")
         if strategy == "canary":
             self._check_steps()
         if strategy in DEFAULT_SHADOW_PERCENT and self.shadow_percent is None:
@@ -169,28 +163,28 @@ class RolloutConfig(_Strict):
             value = getattr(self, key)
             if self.strategy not in strategies and value not in (None, []):
                 used_by = " and ".join(strategies)
-                raise _rule_error(f"no {key} (only {used_by} use it; strategy is {self.strategy!r})", value, field=key)
+                raise rule_error(f"no {key} (only {used_by} use it; strategy is {self.strategy!r})", value, field=key)
 
     def _check_arms(self) -> None:
         if len(self.arms) < 2:
-            raise _rule_error("at least two arms ({ version = N, weight = percent })", self.arms, field="arms", got_text=f"{len(self.arms)} arm(s)")
+            raise rule_error("at least two arms ({ version = N, weight = percent })", self.arms, field="arms", got_text=f"{len(self.arms)} arm(s)")
         seen: set[int] = set()
         for index, arm in enumerate(self.arms):
             if arm.version in seen:
-                raise _rule_error("a version no other arm uses", arm.version, field=f"arms[{index}].version")
+                raise rule_error("a version no other arm uses", arm.version, field=f"arms[{index}].version")
             seen.add(arm.version)
         total = math.fsum(arm.weight for arm in self.arms)
         if abs(total - 100.0) > WEIGHT_SUM_TOLERANCE:
             weights = " + ".join(format(arm.weight, "g") for arm in self.arms)
-            raise _rule_error("weights adding up to 100 (percent of requests)", None, field="arms", got_text=f"{weights} = {total:g}")
+            raise rule_error("weights adding up to 100 (percent of requests)", None, field="arms", got_text=f"{weights} = {total:g}")
 
     def _check_steps(self) -> None:
         if not self.steps:
-            raise _rule_error("at least one step ([[rollout.steps]] with a weight)", [], field="steps")
+            raise rule_error("at least one step ([[rollout.steps]] with a weight)", [], field="steps")
         for index in range(1, len(self.steps)):
             before, weight = self.steps[index - 1].weight, self.steps[index].weight
             if weight <= before:
-                raise _rule_error(
+                raise rule_error(
                     f"a weight above steps[{index - 1}].weight ({before:g}): steps go up in order",
                     None,
                     field=f"steps[{index}].weight",
@@ -203,7 +197,7 @@ class RolloutConfig(_Strict):
         try:
             _checks_validator(self.checks)
         except InvalidCheck as bad:
-            raise _rule_error(bad.expected, None, field=f"checks[{bad.index}].{bad.key}", got_text=bad.got) from None
+            raise rule_error(bad.expected, None, field=f"checks[{bad.index}].{bad.key}", got_text=bad.got) from None
 
     def rollout_name(self, model: str) -> str:
         """The rollout's name: `name`, else "<model>-<strategy>" (labels metrics and responses)."""
@@ -260,12 +254,10 @@ def resolve_versions(rollout: RolloutConfig, served: Iterable[int], *, source: s
 
 def parse_rollout_config(data: Mapping[str, Any], *, source: str) -> RolloutConfig:
     """Validates a `[rollout]` table given on its own; errors read as in config.toml."""
-    from conveyor.config import _describe, _format_error  # see _rule_error: no import cycle at call time
-
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: field 'rollout': expected a table, got {_describe(data)}")
+        raise ConfigError(f"{source}: field 'rollout': expected a table, got {describe(data)}")
     try:
         return RolloutConfig.model_validate(dict(data))
     except ValidationError as exc:
-        problems = [_format_error({**error, "loc": ("rollout", *error["loc"])}) for error in exc.errors()]
+        problems = [format_error(error, RolloutConfig, prefix=("rollout",)) for error in exc.errors()]
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems)) from None
