@@ -337,7 +337,7 @@ class FailingDisk:
 
     def __init__(self) -> None:
         self.error: OSError | None = None
-        self.real = capture_files._write_all
+        self.real = capture_files.write_all
 
     def write_all(self, fd: int, data: memoryview) -> None:
         if self.error is not None:
@@ -350,7 +350,7 @@ def test_disk_errors_are_logged_once_counted_and_survived(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     disk = FailingDisk()
-    monkeypatch.setattr(capture_files, "_write_all", disk.write_all)
+    monkeypatch.setattr(capture_files, "write_all", disk.write_all)
     writer = make_writer(tmp_path)
     with caplog.at_level(logging.ERROR, logger="conveyor.monitor.capture"):
         disk.error = PermissionError(errno.EACCES, "Permission denied")  # the segment cannot even be created
@@ -379,7 +379,7 @@ def test_a_segment_that_cannot_be_cut_back_is_compacted_and_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk = FailingDisk()
-    monkeypatch.setattr(capture_files, "_write_all", disk.write_all)
+    monkeypatch.setattr(capture_files, "write_all", disk.write_all)
     writer = make_writer(tmp_path)
     send(writer, "a")
     writer.flush()

@@ -37,8 +37,9 @@ from typing import Any
 from conveyor.config import MODEL_NAME_PATTERN
 from conveyor.deploy.evidence import RolloutStatistics
 from conveyor.deploy.judge import CheckDecision, Judgement
-from conveyor.rollout_config import RolloutConfig, RolloutVersions
+from conveyor.durable_files import fsync_directory, write_all
 from conveyor.errors import ConfigError
+from conveyor.rollout_config import RolloutConfig, RolloutVersions
 
 __all__ = [
     "ACTIVE_STATES",
@@ -119,24 +120,6 @@ def config_fingerprint(config: RolloutConfig, checks: Iterable[Any]) -> str:
     return _sha256(canonical_json(described))
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Makes a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_all(descriptor: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view) :]
-
-
 def save_state(path: Path, body: Mapping[str, Any]) -> None:
     """Replaces the state at `path` with `body`, crash-safely (tmp, fsync, rename, fsync dir).
 
@@ -154,12 +137,12 @@ def save_state(path: Path, body: Mapping[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(descriptor, data)
+            write_all(descriptor, data)
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
         os.replace(temporary, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
@@ -302,12 +285,12 @@ def append_audit_record(path: Path, record: Mapping[str, Any]) -> None:
             size = os.fstat(descriptor).st_size
             if size and os.pread(descriptor, 1, size - 1) != b"\n":
                 line = b"\n" + line
-            _write_all(descriptor, line)
+            write_all(descriptor, line)
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
         if not existed:
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OSError(exc.errno, f"cannot append to the rollout decision log {path}: {reason}") from exc

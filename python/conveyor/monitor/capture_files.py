@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conveyor.durable_files import fsync_directory, write_all
 from conveyor.errors import InvalidInput
 
 try:
@@ -36,20 +37,6 @@ BASE_FIELDS = [
     pa.field("request_id", pa.string()), pa.field("row", pa.int32()), pa.field("timestamp", TIMESTAMP_TYPE),
     pa.field("model", pa.string()), pa.field("version", pa.int64()), pa.field("reason", pa.string()),
 ]  # fmt: skip
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    """Writes every byte of data to fd (os.write may write less than asked)."""
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 def _try_lock(path: Path) -> int | None:
@@ -111,9 +98,9 @@ def _compact(segment: Path, compression: str) -> Path | None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # the segment stays: a later recover() compacts it
         raise
-    _fsync_directory(segment.parent)
+    fsync_directory(segment.parent)
     segment.unlink()
-    _fsync_directory(segment.parent)
+    fsync_directory(segment.parent)
     return final
 
 
@@ -199,7 +186,7 @@ class _Segment:
         try:
             if fcntl is not None:
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
-            _write_all(self.fd, memoryview(schema.serialize()))
+            write_all(self.fd, memoryview(schema.serialize()))
         except BaseException:
             os.close(self.fd)
             path.unlink(missing_ok=True)
@@ -212,7 +199,7 @@ class _Segment:
         """Appends one batch; on failure cuts the file back to its last whole batch, then raises."""
         try:
             data = batch.serialize()
-            _write_all(self.fd, memoryview(data))
+            write_all(self.fd, memoryview(data))
         except OSError:
             self.broken = True  # stays set if even the cut fails: the caller then gives the segment up
             os.ftruncate(self.fd, self.bytes)

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from conveyor.durable_files import fsync_directory
 from conveyor.errors import ConfigError, InvalidInput
 
 __all__ = ["REASONS", "RetrainingPolicy", "write_marker"]
@@ -169,20 +170,8 @@ def write_marker(
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OSError(exc.errno, f"cannot write a retraining marker in {directory}: {reason}") from exc
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
