@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conveyor.deploy.controller import RolloutController, RolloutStateError
+from conveyor.deploy.controller import REPEATED_HOLD_RECORD_S, RolloutController, RolloutStateError
 from conveyor.deploy.evidence import BUCKETS, bucket_of, bucket_upper_bounds
 from conveyor.deploy.judge import parse_checks
-from conveyor.rollout_config import RolloutVersions, parse_rollout_config, resolve_versions
 from conveyor.deploy.rollout_state import TMP_SUFFIX, read_audit, save_state, state_body, state_path
 from conveyor.errors import InvalidInput
+from conveyor.rollout_config import RolloutVersions, parse_rollout_config, resolve_versions
 
 MODEL = "churn"
 START = 1_700_000_000.0  # wall-clock seconds, as the server's clock gives them
@@ -155,7 +155,12 @@ def test_no_traffic_holds_forever_and_never_advances() -> None:
         controller = start(table)
         traffic = Traffic(controller, seed=2)
         records = traffic.run(500, requests=0)
-        assert len(records) == 500 and {r["action"] for r in records} == {"hold"}
+        assert {r["action"] for r in records} == {"hold"} and controller.action_counts["hold"] == 500
+        # Every look holds; an unchanged hold is logged again only every REPEATED_HOLD_RECORD_S.
+        times = [r["time"] for r in records]
+        assert times[0] == controller.started_at + INTERVAL_S
+        assert all(later - earlier == REPEATED_HOLD_RECORD_S for earlier, later in zip(times, times[1:]))
+        assert len(records) == 500 * INTERVAL_S // REPEATED_HOLD_RECORD_S
         assert controller.step_index == 0 and controller.weights()[2] == 10.0 and controller.active
     # With checks, the judge says why; without any, the controller's own bake rule does.
     assert "needs 1" in records[-1]["reason"]
@@ -228,8 +233,11 @@ def test_ab_holds_its_weights_until_promoted() -> None:
         for version, batcher in batchers.items():
             batcher.serve(rng, int(REQUESTS_PER_LOOK * controller.weights()[version] / 100), BASE_ERROR_RATE)
         record = controller.tick(START + look * INTERVAL_S, batchers[1].stats(), [batchers[2].stats(), batchers[3].stats()])
-        assert record["action"] == "hold" and record["weights"] == {"1": 50.0, "2": 30.0, "3": 20.0}
-    assert record["judgement"]["verdict"] == "pass" and controller.statistics.challenger.requests > 0
+        # None: an unchanged hold, counted but not logged again (REPEATED_HOLD_RECORD_S).
+        assert record is None or (record["action"] == "hold" and record["weights"] == {"1": 50.0, "2": 30.0, "3": 20.0})
+        assert controller.weights() == {1: 50.0, 2: 30.0, 3: 20.0}
+    assert controller.action_counts == {"start": 1, "hold": 30}
+    assert controller.last_judgement.verdict == "pass" and controller.statistics.challenger.requests > 0
     shares = {version: 0 for version in (1, 2, 3)}
     for key in KEYS:
         shares[controller.router.route(key).version] += 1

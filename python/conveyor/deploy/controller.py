@@ -84,6 +84,8 @@ __all__ = ["ACTIVE_STATES", "FINAL_STATES", "RolloutController", "RolloutStateEr
 PAUSED_BY_OPERATOR = "operator"
 PAUSED_AT_GATE = "manual_gate"
 EVENT_NAME = "rollout"
+# An unchanged hold is recorded again only after this long: a heartbeat in the decision log.
+REPEATED_HOLD_RECORD_S = 600.0
 
 EventCallback = Callable[[dict[str, Any]], None]
 BatcherStats = Mapping[str, Any]
@@ -156,6 +158,10 @@ class RolloutController:
         self.looks, self.action_counts = 0, {}
         self.last_judgement: Judgement | None = None
         self.last_record: dict[str, Any] | None = None  # the latest decision
+        # (what a hold looked like, when it was recorded): identical holds are recorded at
+        # most every REPEATED_HOLD_RECORD_S, so a rollout waiting at a gate for weeks
+        # does not grow its decision log (and the events log) by a line every look.
+        self._recorded_hold: tuple[tuple[Any, ...], float] | None = None
         self.restore_info: dict[str, str] | None = None
         self.statistics = RolloutStatistics.for_checks(self.checks)
         self._counters = CounterFeed()
@@ -232,7 +238,10 @@ class RolloutController:
         `champion_stats`/`challenger_stats` are `Batcher.stats()` dicts (cumulative; None
         when not read this time); for A/B/n, `challenger_stats` is a list in
         `versions.challengers` order. Returns the decision record when the judge looked or
-        the blue-green window closed, else None. An inactive controller does nothing.
+        the blue-green window closed, else None; None too for a hold identical to the
+        last hold recorded (same state, step and verdicts) less than
+        REPEATED_HOLD_RECORD_S before, which is counted but neither logged nor handed
+        on. An inactive controller does nothing.
         """
         if not self.active:
             return None
@@ -462,6 +471,10 @@ class RolloutController:
             "judgement": judgement.to_dict() if judgement is not None else None,
             "details": details or {},
         }  # fmt: skip
+        if self._repeats_recorded_hold(record, now):
+            if self.state_directory is not None:  # the evidence moved on: the saved state follows
+                save_state(state_path(self.state_directory, self.model), state_body(self))
+            return None
         self.last_record = record
         if self.state_directory is not None:
             append_audit_record(audit_path(self.state_directory, self.model), record)
@@ -472,6 +485,21 @@ class RolloutController:
             except Exception:  # the sink's failure must not undo or block the decision
                 logger.exception("rollout %s: the event callback failed on a %s record", self.name, action)
         return record
+
+    def _repeats_recorded_hold(self, record: dict[str, Any], now: float) -> bool:
+        """True for a hold like the last one recorded (same state, step and verdicts) within
+        REPEATED_HOLD_RECORD_S of it: counted, but neither logged nor handed on."""
+        if record["action"] != "hold":
+            self._recorded_hold = None
+            return False
+        decisions = (record["judgement"] or {}).get("decisions", [])
+        signature = (record["state"], record["step"], tuple((d["check"], d["verdict"]) for d in decisions))
+        if self._recorded_hold is not None:
+            last_signature, recorded_at = self._recorded_hold
+            if signature == last_signature and now - recorded_at < REPEATED_HOLD_RECORD_S:
+                return True
+        self._recorded_hold = (signature, now)
+        return False
 
     def status(self) -> dict[str, Any]:
         """The rollout's state as plain JSON types: what GET /v2/models/{m}/rollout returns.
