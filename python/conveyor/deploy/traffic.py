@@ -99,13 +99,17 @@ _new_result = tuple.__new__
 
 
 def route_key_from(
-    sticky: StickyConfig, headers: Mapping[str, str] | None = None, parameters: Mapping[str, Any] | None = None
+    sticky: StickyConfig,
+    headers: Mapping[str, str] | Callable[[str], str | None] | None = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> str | None:
     """A request's routing key under a rollout's sticky settings, or None (route at random).
 
     The request parameter `sticky.parameter` wins over the header (HTTP) or metadata
     (gRPC) `sticky.header`: it is the most specific. Header names match in any case.
-    Numbers are keyed by their decimal text; an empty value is no key.
+    Numbers are keyed by their decimal text; an empty value is no key. `headers` is a
+    mapping, or a function giving one header's value by its lowercase name (so that a
+    front end looks headers up only when the key is read from one).
     """
     if not sticky.enabled:
         return None
@@ -118,6 +122,8 @@ def route_key_from(
                     f"integer), got {type(value).__name__}"
                 )
             return str(value)
+    if callable(headers):
+        return headers(sticky.header) or None
     if headers:
         value = headers.get(sticky.header)
         if value is None:

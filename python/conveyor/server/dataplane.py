@@ -124,7 +124,9 @@ class DataPlane:
         request_id = request.id or new_request_id()
         route_key = None
         if version is None and controller.active:  # an ended rollout routes nothing
-            route_key = route_key_from(controller.config.sticky, _header_mapping(headers), request.parameters)
+            route_key = route_key_from(
+                controller.config.sticky, lambda name: _header_value(headers, name), request.parameters
+            )
         assert self._traffic is not None  # only called when rollouts route
         result = await self._traffic.infer(
             name, inputs, version=version, route_key=route_key, request_id=request_id, priority=priority,
@@ -220,18 +222,22 @@ def _input_arrays(model: str, request: InferRequest) -> dict[str, Any]:
     return inputs
 
 
-def _header_mapping(headers: Any) -> dict[str, str]:
-    """HTTP headers or gRPC metadata as {lowercase name: text value}."""
+def _header_value(headers: Any, name: str) -> str | None:
+    """The value of header (or gRPC metadata key) `name`, lowercase, from what a front end
+    passed: a mapping, (name, value) pairs, or a callable giving either; the last one
+    given wins. Names compare in any case, bytes are read as latin-1. Nothing is copied:
+    called only when the rollout's routing key is read from a header."""
     if headers is None:
-        return {}
+        return None
     if callable(headers):
         headers = headers() or ()
     items = headers.items() if isinstance(headers, Mapping) else headers
-    mapping = {}
+    found = None
     for key, value in items:
         key = key.decode("latin-1") if isinstance(key, bytes) else str(key)
-        mapping[key.lower()] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-    return mapping
+        if key.lower() == name:
+            found = value
+    return found.decode("latin-1") if isinstance(found, bytes) else (None if found is None else str(found))
 
 
 def _parse_version(version: str | int | None) -> int | None:
