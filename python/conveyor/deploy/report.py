@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.deploy.evidence import bucket_upper_bounds
 from conveyor.deploy.report_charts import BAND_COLOR, Plot, elapsed, esc, step_band, ticks, y_range
+from conveyor.report_values import cell as _fmt
+from conveyor.report_values import finite as _number
+from conveyor.report_values import get as _get
+from conveyor.report_values import utc_time
 
 __all__ = ["render_rollout_report", "status_from_saved_state"]
 
@@ -43,42 +46,12 @@ END_PAD = 1.03  # time axes run a little past the last record, so that its mark 
 # ---------------------------------------------------------------- values
 
 
-def _number(value: Any) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value) if math.isfinite(value) else None
-    except OverflowError:
-        return None
-
-
-def _get(mapping: Any, key: str) -> Any:
-    return mapping.get(key) if isinstance(mapping, Mapping) else None
-
-
 def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return esc(value)
-
-
 def _time(value: Any) -> str:
-    seconds = _number(value)
-    if seconds is None:
-        return "—"
-    try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return _fmt(value)
+    return "—" if _number(value) is None else utc_time(value)
 
 
 def _weights_text(weights: Any) -> str:

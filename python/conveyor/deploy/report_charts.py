@@ -7,20 +7,16 @@ Time axes are seconds since the rollout started, labelled h:mm:ss at round steps
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+
+from conveyor.report_values import esc
 
 __all__ = ["BAND_COLOR", "Plot", "elapsed", "esc", "step_band", "ticks", "y_range"]
 
 WIDTH, LEFT, RIGHT = 760, 64, 16  # every chart: its width and margins (px)
 TIME_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 BAND_COLOR = "#c6dbef"
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def elapsed(seconds: float) -> str:

@@ -9,7 +9,6 @@ absent (before the reference is ready most statistics are null).
 from __future__ import annotations
 
 import contextlib
-import html
 import http.client
 import json
 import math
@@ -23,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Unavailable
+from conveyor.report_values import cell as _fmt
+from conveyor.report_values import esc as _esc
+from conveyor.report_values import finite as _finite
+from conveyor.report_values import get as _get
+from conveyor.report_values import utc_time as _time
 
 REQUIRED_KEYS = ("model", "version", "time", "reference", "verdict", "features")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -172,50 +176,9 @@ def create_report(model: str, out: str | os.PathLike[str], *, version: str | Non
 
 # ---------------------------------------------------------------- formatting values
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _finite(value: Any) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value) if math.isfinite(value) else None
-    except OverflowError:  # an integer beyond float range
-        return None
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    """A cell's text, escaped: numbers to `digits` significant digits, null as a dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return _esc(value)
-
-
 def _percent(value: Any) -> str:
     number = _finite(value)
     return _fmt(value) if number is None else f"{number * 100:.3g}%"
-
-
-def _time(value: Any) -> str:
-    number = _finite(value)
-    if number is None:
-        return _fmt(value)
-    try:
-        return datetime.fromtimestamp(number, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (OverflowError, OSError, ValueError):
-        return _fmt(value)
-
-
-def _get(mapping: Any, key: str) -> Any:
-    return mapping.get(key) if isinstance(mapping, Mapping) else None
 
 
 def _names(values: Any, limit: int = 50) -> str:
