@@ -242,19 +242,27 @@ def _smoothed_share_moments(successes: int, trials: int) -> tuple[float, float, 
 # ---- metrics -----------------------------------------------------------------------------
 
 
-def _error_rate(check: Check, s: RolloutStatistics) -> _Outcome:
-    b = s.challenger
+def _share_check(
+    check: Check, what: str, hits: str, trials: str, champion: tuple[int, int], challenger: tuple[int, int]
+) -> _Outcome:
+    """A share (`hits` per `trials`: errors per request, correct answers per label) of the
+    challenger, against an absolute bound or against the champion's share."""
+    (a_hits, a_trials), (b_hits, b_trials) = champion, challenger
     if check.compare == "absolute":
-        inputs = {"challenger_requests": b.requests, "challenger_errors": b.errors}
-        return _share_against_bound(check, b.errors, b.requests, "challenger error rate", {"challenger": b.requests}, inputs)
-    a = s.champion
+        inputs = {f"challenger_{trials}": b_trials, f"challenger_{hits}": b_hits}
+        return _share_against_bound(check, b_hits, b_trials, f"challenger {what}", {"challenger": b_trials}, inputs)
     outcome = _Outcome(
-        "error rate: challenger - champion", "two-proportion normal-mixture confidence sequence",
-        {"champion": a.requests, "challenger": b.requests},
-        {"champion_requests": a.requests, "champion_errors": a.errors,
-         "challenger_requests": b.requests, "challenger_errors": b.errors},
+        f"{what}: challenger - champion", "two-proportion normal-mixture confidence sequence",
+        {"champion": a_trials, "challenger": b_trials},
+        {f"champion_{trials}": a_trials, f"champion_{hits}": a_hits,
+         f"challenger_{trials}": b_trials, f"challenger_{hits}": b_hits},
     )  # fmt: skip
-    return _two_sample(check, _smoothed_share_moments(a.errors, a.requests), _smoothed_share_moments(b.errors, b.requests), outcome)
+    return _two_sample(check, _smoothed_share_moments(a_hits, a_trials), _smoothed_share_moments(b_hits, b_trials), outcome)
+
+
+def _error_rate(check: Check, s: RolloutStatistics) -> _Outcome:
+    a, b = s.champion, s.challenger
+    return _share_check(check, "error rate", "errors", "requests", (a.errors, a.requests), (b.errors, b.requests))
 
 
 def _latency_from(histogram_of):
@@ -371,16 +379,7 @@ def _output_drift(check: Check, s: RolloutStatistics) -> _Outcome:
 
 def _accuracy(check: Check, s: RolloutStatistics) -> _Outcome:
     a, b = s.champion, s.challenger
-    if check.compare == "absolute":
-        inputs = {"challenger_labelled": b.labelled, "challenger_correct": b.correct}
-        return _share_against_bound(check, b.correct, b.labelled, "challenger accuracy", {"challenger": b.labelled}, inputs)
-    outcome = _Outcome(
-        "accuracy: challenger - champion", "two-proportion normal-mixture confidence sequence",
-        {"champion": a.labelled, "challenger": b.labelled},
-        {"champion_labelled": a.labelled, "champion_correct": a.correct,
-         "challenger_labelled": b.labelled, "challenger_correct": b.correct},
-    )  # fmt: skip
-    return _two_sample(check, _smoothed_share_moments(a.correct, a.labelled), _smoothed_share_moments(b.correct, b.labelled), outcome)
+    return _share_check(check, "accuracy", "correct", "labelled", (a.correct, a.labelled), (b.correct, b.labelled))
 
 
 def _accuracy_paired(check: Check, s: RolloutStatistics) -> _Outcome:
