@@ -24,6 +24,7 @@ import pytest
 
 import conveyor
 from processes import DEADLINE_S, free_port, wait_for
+from rollout_models import DOUBLING_PY, TWO_VERSION_CONFIG
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(signal, "SIGKILL"), reason="needs Linux and SIGKILL"
@@ -33,26 +34,7 @@ PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]  # the conveyor th
 MODEL = "scorer"
 WIDTH = 4
 
-CONFIG = """\
-backend = "python"
-max_batch_size = 8
-
-[version_policy]
-all = true
-
-[[inputs]]
-name = "x"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-dims = [4]
-
-[dynamic_batching]
-max_queue_delay_us = 0
-
+CONFIG = TWO_VERSION_CONFIG + """
 [rollout]
 strategy = "canary"
 champion = 1
@@ -67,16 +49,6 @@ min_requests = 5
 weight = 50.0
 min_requests = 1000000
 """
-
-DOUBLING_PY = """\
-import numpy as np
-
-
-class Model:
-    def execute(self, inputs):
-        return {"y": inputs["x"] * np.float32(2.0)}
-"""
-
 
 class Server:
     """One `conveyor serve` subprocess on a free port; its output goes to a log file."""

@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from conveyor.server.serve import ServeOptions
 from processes import free_port
+from rollout_models import DOUBLING_PY, TWO_VERSION_CONFIG
 from server_thread import TIMEOUT_S, ServerThread
 
 API_KEY = "rollout-secret"
@@ -36,35 +37,7 @@ INTERVAL_S = 60.0  # the rollouts' look interval; ticks step the clock by more t
 BROKEN = "version 2 is broken on purpose"
 NO_PERIODIC_TICK_S = 3600.0  # the tests tick by hand
 
-CONFIG = """\
-backend = "python"
-max_batch_size = 8
-
-[version_policy]
-all = true
-
-[[inputs]]
-name = "x"
-datatype = "FP32"
-dims = [4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-dims = [4]
-
-[dynamic_batching]
-max_queue_delay_us = 0
-"""
-
-DOUBLING_PY = """\
-import numpy as np
-
-
-class Model:
-    def execute(self, inputs):
-        return {"y": inputs["x"] * np.float32(2.0)}
-"""
+CONFIG = TWO_VERSION_CONFIG
 
 FAILING_PY = f"""\
 class Model:
