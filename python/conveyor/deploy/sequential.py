@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 __all__ = ["BetaMixture", "normal_mixture_radius", "quantile_bounds"]
 
@@ -82,6 +81,9 @@ class BetaMixture:
 
     def log_evidence(self, successes: np.ndarray | float, trials: float, p0: float) -> np.ndarray | float:
         """log M_n(p0) for s successes in n trials (vectorised over `successes`). Needs 0 < p0 < 1."""
+        # scipy (some 0.2 s to import) only once a rollout is judged, not at every server start.
+        from scipy import special
+
         a, b = self.prior_a, self.prior_b
         failures = trials - successes
         return (
