@@ -16,6 +16,7 @@ path: their buffers are written as they are.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -406,6 +407,7 @@ def _decompress(headers: dict[bytes, bytes], body: bytes, limit: int) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=64)  # clients send the same few values on every request
 def accepted_compression(accept_encoding: bytes) -> bytes | None:
     """b"gzip" or b"deflate", whichever an Accept-Encoding value rates higher (gzip on a tie), or None.
 
@@ -437,11 +439,11 @@ def accepted_compression(accept_encoding: bytes) -> bytes | None:
 async def _compress(response: Response, accept_encoding: bytes) -> None:
     """Compress `response`'s body in place when the client accepts gzip or deflate and it is worth it."""
     response.headers.append(b"Vary: Accept-Encoding")  # the body depends on the header
+    size = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in response.body)
+    if size < MIN_COMPRESSED_BODY_BYTES:  # most answers: the header is not even read
+        return
     encoding = accepted_compression(accept_encoding)
     if encoding is None:
-        return
-    size = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in response.body)
-    if size < MIN_COMPRESSED_BODY_BYTES:
         return
     if size >= COMPRESS_OFF_LOOP_BYTES:
         compressed = await asyncio.to_thread(_compressed_body, response.body, encoding)
