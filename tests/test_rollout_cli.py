@@ -281,3 +281,70 @@ def test_every_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_describe_status_tolerates_a_sparse_document() -> None:
     text = describe_status({"model": "m", "state": "promoted", "last_judgement": None, "step": None})
     assert text.startswith("rollout ? of model m: ?, promoted") and "last look: none yet" in text
+
+
+# ---- conveyor serve --rollout-tick-interval-s ---------------------------------------------
+
+
+def _serve_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> Any:
+    """The ServeOptions `conveyor serve` builds from `flags` (the server itself is not started)."""
+    import conveyor.server.serve as serve
+
+    captured = []
+    monkeypatch.setattr(serve, "run_server", captured.append)
+    assert main(["serve", str(tmp_path), *flags]) == 0
+    (options,) = captured
+    return options
+
+
+def test_serve_takes_the_rollout_tick_interval_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CONVEYOR_ROLLOUT_TICK_INTERVAL_S", raising=False)
+    assert _serve_options(monkeypatch, tmp_path).rollout_tick_interval_s == 1.0
+    assert _serve_options(monkeypatch, tmp_path, "--rollout-tick-interval-s", "0.25").rollout_tick_interval_s == 0.25
+    monkeypatch.setenv("CONVEYOR_ROLLOUT_TICK_INTERVAL_S", "5")
+    assert _serve_options(monkeypatch, tmp_path).rollout_tick_interval_s == 5.0
+    assert _serve_options(monkeypatch, tmp_path, "--rollout-tick-interval-s", "2").rollout_tick_interval_s == 2.0
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("0", "a finite number of seconds > 0, got '0'"),
+    ("-1", "a finite number of seconds > 0, got '-1'"),
+    ("inf", "a finite number of seconds > 0, got 'inf'"),
+    ("nan", "a finite number of seconds > 0, got 'nan'"),
+    ("soon", "a number of seconds, e.g. 0.5, got 'soon'"),
+])  # fmt: skip
+def test_a_bad_rollout_tick_interval_is_refused_with_what_to_pass(
+    value: str, message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CONVEYOR_ROLLOUT_TICK_INTERVAL_S", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tmp_path), "--rollout-tick-interval-s", value])
+    assert exit_info.value.code == 2
+    assert f"--rollout-tick-interval-s: expected {message}" in capsys.readouterr().err
+    monkeypatch.setenv("CONVEYOR_ROLLOUT_TICK_INTERVAL_S", value)
+    assert main(["serve", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"CONVEYOR_ROLLOUT_TICK_INTERVAL_S={value!r} is not valid for --rollout-tick-interval-s" in error
+    assert message in error
+
+
+def test_serve_help_documents_the_rollout_tick_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rollout-tick-interval-s SECONDS" in text and "active rollouts read their versions' counters" in text
+
+
+def test_the_server_ticks_at_the_options_interval_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from conveyor.errors import ConfigError
+    from conveyor.server.serve import Server, ServeOptions
+
+    options = ServeOptions(repository=tmp_path, data_dir=tmp_path / "data", rollout_tick_interval_s=0.5)
+    assert Server(options).rollout_tick_interval_s == 0.5
+    assert Server(options, rollout_tick_interval_s=7.0).rollout_tick_interval_s == 7.0  # an explicit argument wins
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="rollout tick interval: expected a finite number of seconds > 0"):
+            Server(ServeOptions(repository=tmp_path, rollout_tick_interval_s=bad))

@@ -66,6 +66,24 @@ def _serve_parser(subparsers: Any) -> None:
                    "created when a model needs it)")
     p.add_argument("--log-level", type=choice(LOG_LEVELS), default=env("log-level", "info", choice(LOG_LEVELS)),
                    help="logging level: debug, info, warning or error (default info)")
+
+    class BadSeconds(argparse.ArgumentTypeError, ValueError):
+        """argparse prints an ArgumentTypeError's message; `env` reports a ValueError's."""
+
+    def tick_interval_s(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise BadSeconds(f"expected a number of seconds, e.g. 0.5, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise BadSeconds(f"expected a finite number of seconds > 0, got {text!r}")
+        return value
+
+    p.add_argument("--rollout-tick-interval-s", type=tick_interval_s, metavar="SECONDS",
+                   default=env("rollout-tick-interval-s", 1.0, tick_interval_s),
+                   help="how often active rollouts read their versions' counters and check whether a look is due "
+                   "(default 1; each rollout's judge looks every interval_s of its [rollout] table, so this bounds "
+                   "how late a look can be)")
     p.set_defaults(run=_run_serve)
 
 
@@ -91,6 +109,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         grace_period_s=args.grace_period_s,
         server_version=__version__,
         data_dir=args.data_dir,
+        rollout_tick_interval_s=args.rollout_tick_interval_s,
     )
     logging.getLogger("conveyor").info("conveyor %s serving %s", __version__, repository)
     try:

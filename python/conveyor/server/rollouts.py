@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -70,7 +71,7 @@ from conveyor.monitor.alerts import log_event
 log = logging.getLogger(__name__)
 events = logging.getLogger("conveyor.events")
 
-__all__ = ["ACTIONS", "VERDICT_CODES", "RolloutCollector", "RolloutManager"]
+__all__ = ["ACTIONS", "VERDICT_CODES", "RolloutCollector", "RolloutManager", "checked_tick_interval_s"]
 
 DEFAULT_TICK_INTERVAL_S = 1.0
 ACTION_BODY_KEYS = ("reason", "version", "full")
@@ -78,6 +79,16 @@ ACTION_BODY_KEYS = ("reason", "version", "full")
 VERDICT_CODES = {"pass": 0, "inconclusive": 1, "fail": 2}
 NO_VERDICT = -1
 _WARNING_ACTIONS = frozenset({"rollback", "abort", "fallback"})
+
+
+def checked_tick_interval_s(interval_s: Any) -> float:
+    """`interval_s` as float seconds; ConfigError unless it is a finite number > 0."""
+    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s < math.inf:
+        raise ConfigError(
+            f"rollout tick interval: expected a finite number of seconds > 0 (--rollout-tick-interval-s, "
+            f"CONVEYOR_ROLLOUT_TICK_INTERVAL_S), got {interval_s!r}"
+        )
+    return float(interval_s)
 
 
 @dataclass
@@ -130,8 +141,7 @@ class RolloutManager:
 
     def start_ticking(self, interval_s: float = DEFAULT_TICK_INTERVAL_S) -> None:
         """Ticks every active rollout each `interval_s` seconds from a task on the running loop."""
-        if not interval_s > 0:
-            raise ConfigError(f"rollout tick interval: expected seconds > 0, got {interval_s!r}")
+        interval_s = checked_tick_interval_s(interval_s)
         self._stopping = asyncio.Event()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_periodically(interval_s, self._stopping))
 

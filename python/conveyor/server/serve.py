@@ -19,7 +19,7 @@ from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http import HttpApp, start_http_server
 from conveyor.server.models import ControlMode, ModelManager
-from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager
+from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, checked_tick_interval_s
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,21 @@ class ServeOptions:
     # Capture files, label files and retraining markers of monitored models, and the
     # references they cannot save beside their version directory.
     data_dir: Path = Path("conveyor-data")
+    # How often active rollouts read their versions' counters and see whether a look is due.
+    rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S
 
 
 class Server:
     """A running server; `run()` returns once a stop signal has drained it."""
 
-    def __init__(self, options: ServeOptions, *, rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S) -> None:
+    def __init__(self, options: ServeOptions, *, rollout_tick_interval_s: float | None = None) -> None:
         """`rollout_tick_interval_s`: how often active rollouts read their versions' counters
-        (and, each rollout's interval_s, judge); tests that tick by hand push it out."""
+        (and, each rollout's interval_s, judge); None takes the options' value. Tests that
+        tick by hand push it out. Raises ConfigError unless it is a finite number > 0."""
         self.options = options
-        self.rollout_tick_interval_s = rollout_tick_interval_s
+        if rollout_tick_interval_s is None:
+            rollout_tick_interval_s = options.rollout_tick_interval_s
+        self.rollout_tick_interval_s = checked_tick_interval_s(rollout_tick_interval_s)
         self.runtime = Runtime(data_dir=options.data_dir, monitor_factory=create_model_monitor)
         # Rollout state and decision logs live in <data dir>/rollouts.
         self.rollouts = RolloutManager(self.runtime, options.data_dir)
