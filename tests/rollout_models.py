@@ -32,3 +32,42 @@ class Model:
     def execute(self, inputs):
         return {"y": inputs["x"] * np.float32(2.0)}
 """
+
+# A classifier in two versions with delayed labels: INT64 class per row; a test appends its tables.
+LABELLED_CONFIG = """\
+backend = "python"
+max_batch_size = 100
+
+[version_policy]
+all = true
+
+[[inputs]]
+name = "x"
+datatype = "FP32"
+dims = [1]
+
+[[outputs]]
+name = "label"
+datatype = "INT64"
+dims = [1]
+
+[dynamic_batching]
+max_queue_delay_us = 0
+
+[feedback]
+kind = "classification"
+output = "label"
+"""
+
+
+def classifier_py(wrong_below: int) -> str:
+    """A model.py predicting each row's class (its x), wrong by one for the classes below `wrong_below`."""
+    return f"""\
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        classes = inputs["x"][:, 0].astype(np.int64)
+        return {{"label": np.where(classes < {wrong_below}, classes + 1, classes)[:, None]}}
+"""

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from conveyor.server.serve import ServeOptions
 from processes import free_port
-from rollout_models import DOUBLING_PY, TWO_VERSION_CONFIG
+from rollout_models import DOUBLING_PY, LABELLED_CONFIG, TWO_VERSION_CONFIG, classifier_py
 from server_thread import TIMEOUT_S, ServerThread
 
 API_KEY = "rollout-secret"
@@ -347,6 +347,49 @@ def test_a_table_in_config_toml_starts_at_load(served: ServerThread) -> None:
         "declared-canary", "running", 1, {"1": 50.0, "2": 50.0},
     )  # fmt: skip
     assert document["restore"]["outcome"] == "started"
+
+
+def test_posted_labels_reach_the_version_that_answered_and_roll_back_a_less_accurate_canary(served: ServerThread) -> None:
+    repository, rows = served.options.repository, 100
+    (repository / "graded").mkdir()
+    (repository / "graded" / "config.toml").write_text(LABELLED_CONFIG)
+    for version, wrong_below in ((1, 2), (2, 5)):  # 98% and 95% accurate: the challenger 3 points worse
+        (repository / "graded" / str(version)).mkdir()
+        (repository / "graded" / str(version) / "model.py").write_text(classifier_py(wrong_below))
+    assert request(served, "POST", "/v2/repository/models/graded/load", {}, AUTH)[0] == 200
+    start(served, "graded", {
+        "strategy": "canary", "champion": 1, "challenger": 2, "interval_s": INTERVAL_S,
+        "steps": [{"weight": 50.0, "min_requests": 5}],
+        "checks": [{"name": "accuracy", "metric": "accuracy", "compare": "champion", "min_samples": 500}],
+    })  # fmt: skip
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{served.port}")
+    by_version: dict[str, int] = {}
+    try:
+        for i in range(40):
+            tensor = triton_http.InferInput("x", [rows, 1], "FP32")
+            tensor.set_data_from_numpy(np.arange(rows, dtype=np.float32)[:, None])
+            result = client.infer("graded", [tensor], request_id=f"req-{i}", headers={"conveyor-route-key": f"user-{i}"})
+            version, rollout = answered(result)
+            assert rollout is not None
+            by_version[version] = by_version.get(version, 0) + 1
+    finally:
+        client.close()
+    assert min(by_version.get("1", 0), by_version.get("2", 0)) * rows >= 500, by_version
+    labels = [{"id": f"req-{i}/{row}", "label": row} for i in range(40) for row in range(rows)]
+    status, answer = request(served, "POST", "/v2/models/graded/feedback", labels + [{"id": "nobody", "label": 1}, {"id": "x"}])
+    assert status == 200, answer
+    assert {key: answer[key] for key in ("joined", "duplicates", "late", "unknown", "invalid")} == {
+        "joined": 40 * rows, "duplicates": 0, "late": 0, "unknown": 1, "invalid": 1,
+    }  # fmt: skip
+    status, again = request(served, "POST", "/v2/models/graded/feedback", labels[:10])
+    assert (status, again["duplicates"], again["joined"]) == (200, 10, 0)
+    arms = on_loop(served, lambda: served.server.rollouts.controller("graded").statistics)
+    assert (arms.champion.labelled, arms.challenger.labelled) == (by_version["1"] * rows, by_version["2"] * rows)
+    records = tick(served, time.time() + INTERVAL_S + 1, "graded")
+    assert [(r["action"], r["trigger"]) for r in records] == [("rollback", "judge")], records
+    (decision,) = records[0]["judgement"]["decisions"]
+    assert (decision["check"], decision["verdict"]) == ("accuracy", "fail")
+    assert decision["inputs"]["challenger_labelled"] == by_version["2"] * rows
 
 
 # ---- refusals, endpoints, metrics --------------------------------------------------------

@@ -6,6 +6,7 @@
     result.outputs, result.version, result.rollout_name
     rollouts.tick()                     # feeds counters to every active rollout and lets it judge
     rollouts.promote("m") / pause("m") / resume("m") / abort("m", reason) / rollback("m", reason)
+    rollouts.add_feedback("m", [{"id": "r-1", "label": 3}])   # delayed labels reach the judge
     rollouts.status("m")                # the same document as GET /v2/models/{m}/rollout
     rollouts.close()
 
@@ -18,6 +19,11 @@ that both share them (the runtime layer below does not import deploy).
   rollout goes straight to the runtime. Once a rollout has ended, its model's requests go
   to the outcome's version (`serving_version`) and carry no rollout name; see
   `RolloutTraffic`.
+- Labels: `add_feedback` joins each delayed label at the version that answered its
+  request (every label counted once) and, while the rollout is active, adds it to that
+  version's arm of the judge's statistics: the unpaired `accuracy` and `mae` checks of a
+  canary or A/B/n rollout read them. In shadow mode the champion answered, so its store
+  joins the label (paired labels are the traffic layer's).
 - Ticks: `tick(now=None)` is explicit; `start_ticking(interval_s)` runs it from a daemon
   thread until `stop_ticking()` or `close()`. A tick looks at a rollout's checks every
   `interval_s` of its table, so ticking more often only reads counters more often.
@@ -32,11 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from conveyor.deploy.checks import parse_checks
 from conveyor.deploy.controller import RolloutController
@@ -48,8 +57,11 @@ from conveyor.errors import ConfigError, Conflict, InvalidInput, ModelNotFound
 __all__ = [
     "LockedController",
     "Rollouts",
+    "add_rollout_feedback",
     "apply_action",
     "build_controller",
+    "feedback_stores",
+    "record_joined_labels",
     "rollout_members",
     "tick_rollout",
     "version_counters",
@@ -101,6 +113,83 @@ def tick_rollout(runtime: Any, controller: RolloutController, now: float) -> lis
     challengers = [stats[version] for version in controller.versions.challengers]
     record = controller.tick(now, stats[controller.versions.champion], challengers if len(challengers) > 1 else challengers[0])
     return [] if record is None else [record]
+
+
+def record_joined_labels(controller: RolloutController, rows: list[dict[str, Any]]) -> None:
+    """Adds joined feedback rows (`FeedbackStore` sink rows) to the arm of the version that
+    answered each: the champion's arm or the challengers'. Rows of other versions, rows
+    whose prediction is not finite (the store keeps them out of its metric too), and
+    rows after the rollout ended are left out. The caller holds the owner's lock."""
+    if not controller.active:
+        return
+    arms = {controller.versions.champion: controller.statistics.champion}
+    arms.update((version, controller.statistics.challenger) for version in controller.versions.challengers)
+    # (arm, classification?) -> (predictions, labels): one record call per arm and kind.
+    gathered: dict[tuple[int, bool], tuple[Any, list[float], list[float]]] = {}
+    for row in rows:
+        arm = arms.get(row["version"])
+        classification = "correct" in row
+        if arm is None or not math.isfinite(row["prediction"]):
+            continue
+        _, predicted, labels = gathered.setdefault((id(arm), classification), (arm, [], []))
+        predicted.append(row["prediction"])
+        labels.append(row["label"])
+    for (_, classification), (arm, predicted, labels) in gathered.items():
+        record = arm.record_classification_labels if classification else arm.record_regression_labels
+        record(np.asarray(predicted, np.float64), np.asarray(labels, np.float64))
+
+
+def feedback_stores(runtime: Any, controller: RolloutController, version: int | None) -> list[Any]:
+    """The feedback stores labels for `controller`'s model may join in, the first to try first.
+
+    `version` given: that version's store alone (ModelNotFound when it is not loaded).
+    Otherwise the rollout's champion, its challengers, then the model's other loaded
+    versions, newest first: a label reaches the version that answered its request even
+    when the request named a version outside the rollout. Versions without [feedback]
+    are skipped; InvalidInput when none has it.
+    """
+    model = controller.model
+    if version is not None:
+        candidates = [version]
+    else:
+        members = rollout_members(controller.versions)
+        others = sorted(set(runtime.models().get(model, [])) - set(members), reverse=True)
+        candidates = [*members, *others]
+    stores = []
+    for candidate in candidates:
+        try:
+            monitor = runtime.model(model, candidate).monitor
+        except ModelNotFound:
+            if version is not None:
+                raise
+            continue
+        store = getattr(monitor, "feedback", None)
+        if store is not None:
+            stores.append(store)
+    if not stores:
+        named = f" version {version}" if version is not None else ""
+        raise InvalidInput(f"model '{model}'{named} takes no feedback: add a [feedback] table to its config.toml")
+    return stores
+
+
+def add_rollout_feedback(runtime: Any, controller: RolloutController, labels: Any, *, version: int | None, lock: Any) -> dict[str, Any]:
+    """Delayed labels for a model with a rollout (active or ended): POST .../feedback.
+
+    Each label joins in the store of the version that answered its request id (see
+    `feedback_stores`; `version` names one), every label counted once in the answer (the
+    counts of joined, duplicate, late, unknown and invalid labels, and `errors`). While
+    the rollout is active the joined labels also reach its judge, under `lock`: each in
+    the arm of the version that answered, where the `accuracy` and `mae` checks read them.
+    """
+    from conveyor.monitor.feedback import add_labels_to_versions  # the monitor layer, only when labels come
+
+    stores = feedback_stores(runtime, controller, version)
+
+    def judge_them(rows: list[dict[str, Any]]) -> None:
+        with lock:
+            record_joined_labels(controller, rows)
+
+    return add_labels_to_versions(stores, labels, on_joined=judge_them)
 
 
 def build_controller(
@@ -358,6 +447,20 @@ class Rollouts:
                 thread.start()
                 self._loop, self._loop_thread = loop, thread
             return self._loop
+
+    def add_feedback(self, model: str, labels: Any, *, version: int | None = None) -> dict[str, Any]:
+        """Delayed labels (`[{"id": request id, "label": ...}, ...]`) for earlier requests.
+
+        For a model with a rollout each label joins at the version that answered its
+        request, and while the rollout is active its judge counts it in that version's arm
+        (`add_rollout_feedback`); `Runtime.add_feedback` would try one version only. A
+        model without a rollout: `Runtime.add_feedback`. Returns the counts of joined,
+        duplicate, late, unknown and invalid labels.
+        """
+        controller = self._controllers.get(model)
+        if controller is None:
+            return self.runtime.add_feedback(model, labels, version=version)
+        return add_rollout_feedback(self.runtime, controller, labels, version=version, lock=self._lock)
 
     async def drain_shadows(self, model: str | None = None) -> None:
         """Waits for the shadow copies started on this event loop and records their pairs."""

@@ -18,6 +18,11 @@ Pending predictions expire `ttl_s` after they were recorded, checked lazily on e
 call (and by `expire`); beyond `max_pending` the oldest are evicted and counted as
 expired too. The recent labeled and recent expired ids are each bounded by
 `max_pending` as well, so memory stays bounded whatever clients send.
+
+Under a rollout several versions of a model answer, each recording into its own store:
+`add_labels_to_versions` hands each label to the store that recorded its id, still
+counting every label exactly once, and `on_joined` hands the joined rows to a caller
+that wants them (the rollout's judge: realized accuracy or MAE per version).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from conveyor.errors import ConfigError, InvalidInput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeedbackStore"]
+__all__ = ["FeedbackStore", "add_labels_to_versions"]
 
 KINDS = ("classification", "regression")
 METRIC_BY_KIND = {"classification": "accuracy", "regression": "mae"}
@@ -155,29 +160,52 @@ class FeedbackStore:
 
     # -- labels ---------------------------------------------------------------------------
 
-    def add_labels(self, items: Iterable[Mapping[str, Any]] | Mapping[str, Any]) -> dict:
+    def add_labels(
+        self,
+        items: Iterable[Mapping[str, Any]] | Mapping[str, Any],
+        *,
+        on_joined: Callable[[list[dict]], None] | None = None,
+    ) -> dict:
         """Join labels ({"id": request id, "label": class index or name, or a number}).
 
         `items`: a list of such objects, or one object. Returns the count of each outcome
         and `errors`, one message per invalid item (its index and what is wrong). Raises
-        InvalidInput when `items` is neither a list nor an object.
+        InvalidInput when `items` is neither a list nor an object. `on_joined`: called
+        with the rows joined by this call (as the sink gets them), after the sink, outside
+        the lock; its failure is logged, never raised (the labels are joined already).
         """
-        batch = _as_list(items)
-        parsed: list[tuple[str, float | int]] = []
-        errors: list[str] = []
-        for index, item in enumerate(batch):
+        outcome, errors, _ = self._add_indexed(list(enumerate(_as_list(items))), on_joined=on_joined)
+        return {**outcome, "errors": _listed_errors(errors)}
+
+    def _add_indexed(
+        self,
+        indexed: list[tuple[int, Any]],
+        *,
+        pass_unknown: bool = False,
+        on_joined: Callable[[list[dict]], None] | None = None,
+    ) -> tuple[dict[str, int], list[tuple[int, str]], list[tuple[int, Any]]]:
+        """Joins (index in the caller's body, item) pairs: (outcome counts, (index, error)
+        of each invalid item, the items whose id this store never saw).
+
+        `pass_unknown`: an id this store does not know is handed back instead of counted
+        as unknown, for the next version's store to try (`add_labels_to_versions`).
+        """
+        parsed: list[tuple[int, Any, str, float | int]] = []
+        errors: list[tuple[int, str]] = []
+        for index, item in indexed:
             result = self._parse_item(index, item)
             if isinstance(result, str):
-                errors.append(result)
+                errors.append((index, result))
             else:
-                parsed.append(result)
+                parsed.append((index, item, *result))
         outcome = {"joined": 0, "duplicates": 0, "late": 0, "unknown": 0, "invalid": len(errors)}
         rows: list[dict] = []
+        passed: list[tuple[int, Any]] = []
         now = self._clock()
         label_timestamp_ns = self._wall_clock_ns()
         with self._lock:
             self._expire_locked(now)
-            for request_id, label in parsed:
+            for index, item, request_id, label in parsed:
                 entry = self._pending.pop(request_id, None)
                 if entry is not None:
                     rows.append(self._join_locked(request_id, entry, label, label_timestamp_ns))
@@ -186,15 +214,20 @@ class FeedbackStore:
                     outcome["duplicates"] += 1
                 elif request_id in self._expired:
                     outcome["late"] += 1
+                elif pass_unknown:
+                    passed.append((index, item))
                 else:
                     outcome["unknown"] += 1
             for key, count in outcome.items():
                 self._counts[key] += count
         if rows and self._sink is not None:
             self._deliver(rows)
-        if len(errors) > MAX_ERRORS:
-            errors = errors[:MAX_ERRORS] + [f"... and {len(errors) - MAX_ERRORS} more invalid items"]
-        return {**outcome, "errors": errors}
+        if rows and on_joined is not None:
+            try:
+                on_joined(rows)
+            except Exception:  # as for the sink: the labels are joined, a retry would only duplicate them
+                logger.exception("feedback listener failed on %d joined rows", len(rows))
+        return outcome, errors, passed
 
     def _parse_item(self, index: int, item: Any) -> tuple[str, float | int] | str:
         """(request id, label as class index or float), or the error message for the item."""
@@ -320,6 +353,47 @@ class FeedbackStore:
                 "window_labels": count,
                 "reference_value": self._reference_value,
             }
+
+
+def add_labels_to_versions(
+    stores: Sequence[FeedbackStore],
+    items: Iterable[Mapping[str, Any]] | Mapping[str, Any],
+    *,
+    on_joined: Callable[[list[dict]], None] | None = None,
+) -> dict:
+    """Labels for predictions of several versions of one model: each joins where its id was recorded.
+
+    `stores`: the versions' stores, the one to try first first (when two versions recorded
+    the same id, as a shadow copy does, the first one joins it). Each label is tried on
+    the stores in order until one knows its id (pending, labeled or expired); a label no
+    store knows is counted unknown once. Every item is thus counted exactly once over all
+    stores, in the answer `FeedbackStore.add_labels` gives (item indices refer to `items`).
+    An item is parsed by the first store that sees it (class names may differ between
+    versions). `on_joined` is called by each store with the rows it joined.
+    Raises InvalidInput when `items` is neither a list nor an object, ValueError without stores.
+    """
+    if not stores:
+        raise ValueError("add_labels_to_versions needs at least one feedback store")
+    remaining = list(enumerate(_as_list(items)))
+    total = {"joined": 0, "duplicates": 0, "late": 0, "unknown": 0, "invalid": 0}
+    errors: list[tuple[int, str]] = []
+    for position, store in enumerate(stores):
+        last = position == len(stores) - 1
+        outcome, found, remaining = store._add_indexed(remaining, pass_unknown=not last, on_joined=on_joined)
+        for key, count in outcome.items():
+            total[key] += count
+        errors += found
+        if not remaining:
+            break
+    return {**total, "errors": _listed_errors(sorted(errors))}
+
+
+def _listed_errors(errors: list[tuple[int, str]]) -> list[str]:
+    """The answer's error messages, at most MAX_ERRORS of them and a line saying how many more."""
+    messages = [message for _, message in errors]
+    if len(messages) > MAX_ERRORS:
+        return messages[:MAX_ERRORS] + [f"... and {len(messages) - MAX_ERRORS} more invalid items"]
+    return messages
 
 
 def _as_list(items: Any) -> list:

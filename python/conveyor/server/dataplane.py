@@ -174,7 +174,12 @@ class DataPlane:
         return self.runtime.monitor_document(handle.name, version=handle.version, window=window)
 
     async def feedback(self, name: str, version: str, labels: Any) -> dict[str, Any]:
-        """Delayed labels for earlier requests, joined by request id."""
+        """Delayed labels for earlier requests, joined by request id.
+
+        A model with a rollout: each label joins at the version that answered its request
+        (and reaches the rollout's judge); otherwise at the named or default version."""
+        if self.rollouts is not None and self.rollouts.controller(name) is not None:
+            return self.rollouts.add_feedback(name, labels, version=_parse_version(version))
         handle = self.handle(name, version)
         return self.runtime.add_feedback(handle.name, labels, version=handle.version)
 

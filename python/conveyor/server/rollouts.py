@@ -22,6 +22,8 @@ traffic layer also calls, from requests) are serialized here.
   `now` on the loop.
 - Versions: a rollout version that is no longer loaded (unloaded, removed, failed to
   reload) reaches the controller through `on_version_unavailable`.
+- Labels: `add_feedback` (the data plane's feedback route, for a model with a rollout)
+  joins each delayed label at the version that answered it and feeds the judge's arms.
 - Events: every decision record is logged as one JSON line on the `conveyor.events`
   logger and posted to the model's webhook when its `[monitor]` names one.
 - `RolloutCollector` adds the rollout families to /metrics.
@@ -59,6 +61,7 @@ from conveyor.deploy.rollouts import (
     ACTIONS,
     STATE_SUBDIRECTORY,
     LockedController,
+    add_rollout_feedback,
     apply_action,
     build_controller,
     rollout_members,
@@ -388,6 +391,16 @@ class RolloutManager:
             now = self.clock() if now is None else float(now)
             apply_action(controller, action, reason=reason, version=version, full=full, now=now)
             return self.status(model)
+
+    def add_feedback(self, model: str, labels: Any, *, version: int | None = None) -> dict[str, Any]:
+        """POST /v2/models/{m}[/versions/{v}]/feedback for a model with a rollout (active or ended).
+
+        Each label joins at the version that answered its request id (every label counted
+        once in the answer) and, while the rollout is active, the judge counts it in that
+        version's arm (`add_rollout_feedback`). ModelNotFound when `model` has no rollout.
+        """
+        controller = self._served(model).controller
+        return add_rollout_feedback(self.runtime, controller, labels, version=version, lock=self._lock)
 
     def rollouts(self) -> dict[str, RolloutController]:
         """Every model's controller (active or finished), by model."""
