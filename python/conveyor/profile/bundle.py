@@ -288,9 +288,9 @@ def write_bundle(directory: str | os.PathLike[str], document: dict[str, Any], ar
         directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{name: np.asarray(array) for name, array in arrays.items()})
-        _write_atomically(directory / LATENCIES_FILE_NAME, buffer.getvalue())
+        write_file_atomically(directory / LATENCIES_FILE_NAME, buffer.getvalue())
         text = json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n"
-        _write_atomically(where, text.encode("utf-8"))
+        write_file_atomically(where, text.encode("utf-8"))
     except OSError as exc:
         raise BundleError(f"cannot write the bundle to {directory}: {exc.strerror or exc}; pass another --out") from None
     return directory
@@ -307,7 +307,7 @@ def _check_arrays(document: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
                               f"{np.shape(ok)}; they hold one entry per query")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_file_atomically(path: Path, data: bytes) -> None:
     """Replaces `path` with `data`: temporary file, fsync, rename, directory fsync."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
