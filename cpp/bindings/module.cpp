@@ -17,6 +17,7 @@ void init_cuda_kernels(py::module_& m);
 void init_monitor(py::module_& m);
 void init_drift(py::module_& m);
 void init_router(py::module_& m);
+void init_loadgen(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -33,4 +34,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_cuda_kernels(m);
   conveyor::bindings::init_drift(m);
   conveyor::bindings::init_router(m);
+  conveyor::bindings::init_loadgen(m);
 }
