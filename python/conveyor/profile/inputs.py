@@ -383,6 +383,11 @@ class InProcessClient:
     def server_config(self) -> dict[str, Any] | None:
         return None  # the caller has the ModelConfig itself
 
+    def batch_counts(self) -> dict[int, int] | None:
+        """Batches run so far by size, from the batcher's statistics."""
+        histogram = self.runtime.model_stats(self.handle).get("batch_size_histogram") or {}
+        return {int(size): int(count) for size, count in histogram.items()}
+
     def infer(self, sample: Sample) -> Sample:
         # Copies: the runtime hands out views of a pooled batch output.
         return {name: np.array(array) for name, array in self.runtime.infer(self.handle, sample).items()}
@@ -452,6 +457,13 @@ class HttpClient:
 
     def signature(self) -> ModelSignature:
         return ModelSignature.from_metadata(self.call("GET", self._model_path()), self.server_config())
+
+    def batch_counts(self) -> dict[int, int] | None:
+        """Batches run so far by size, from the statistics extension (None where the server has none)."""
+        try:
+            return batch_counts_of(self.call("GET", self._model_path("/stats")))
+        except InputError:
+            return None
 
     def infer(self, sample: Sample) -> Sample:
         from conveyor.protocol.json_tensors import array_from_json, utf8_strings
@@ -539,6 +551,16 @@ class GrpcClient:
             config["max_batch_size"] = int(config.get("max_batch_size", 0))
         return ModelSignature.from_metadata(document, config)
 
+    def batch_counts(self) -> dict[int, int] | None:
+        from google.protobuf import json_format
+
+        try:
+            response = self._call("ModelStatistics", self._pb.ModelStatisticsRequest(name=self.model,
+                                                                                     version=self.version))
+        except InputError:
+            return None
+        return batch_counts_of(json_format.MessageToDict(response, preserving_proto_field_name=True))
+
     def infer(self, sample: Sample) -> Sample:
         from conveyor.protocol.binary import array_from_raw, raw_view, serialize_bytes
 
@@ -556,6 +578,19 @@ class GrpcClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def batch_counts_of(statistics: Any) -> dict[int, int] | None:
+    """Batches by size from a v2 statistics document (Triton's batch_stats), summed over versions; None if absent."""
+    try:
+        counts: dict[int, int] = {}
+        for model in statistics["model_stats"]:
+            for entry in model.get("batch_stats") or []:
+                size = int(entry["batch_size"])
+                counts[size] = counts.get(size, 0) + int(entry["compute_infer"]["count"])
+        return counts
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _datatype_of(array: np.ndarray) -> str:
