@@ -156,3 +156,44 @@ def test_summary_lines_show_the_interval_and_flags() -> None:
     assert "p99_ms: 3 (95% interval 2.5 to 3.5, CV 5.0%)" in lines
     assert any("FAILED: this machine or configuration changes the answers" in line for line in lines)
     assert lines[-2:] == ["warning: the generator was busy", "bundle written to out"]
+
+
+# ---------------------------------------------------------------- end to end, with the native generator
+
+
+def test_end_to_end_in_process_server_scenario(tmp_path: Path) -> None:
+    code = main(["mlp", "--repository", str(EXAMPLES), "--scenario", "server", "--target-qps", "300",
+                 "--duration-s", "0.15", "--min-queries", "40", "--warmup-s", "0.05", "--repetitions", "2",
+                 "--samples", "8", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    bundle = read_bundle(tmp_path)
+    for index, run in enumerate(bundle.runs):
+        assert run["queries"] == 46 and run["errors"] == 0  # 0.15 s at 300/s: 45 gaps
+        assert run["offered_qps"] == pytest.approx(300.0, rel=1e-6)  # the schedule spans exactly (n - 1) / rate
+        latency = bundle.run_latencies_ns(index)
+        assert len(latency) == run["queries"] and (latency > 0).all() and bundle.run_ok(index).all()
+    answered = sum(int(size) * count for size, count in bundle["batch_sizes"].items())
+    assert answered >= sum(run["queries"] for run in bundle.runs)  # warm-up batches count too
+    assert bundle["utilisation"]["process_cpu_percent"] is not None
+
+
+def test_end_to_end_over_http_offline(tmp_path: Path) -> None:
+    from conveyor.server.serve import ServeOptions
+    from server_thread import ServerThread
+
+    served = ServerThread(ServeOptions(repository=EXAMPLES, http_port=0, grpc_port=0,
+                                       model_control_mode="explicit", load_models=["mlp"]))  # fmt: skip
+    try:
+        code = main(["mlp", "--url", f"http://127.0.0.1:{served.port}", "--repository", str(EXAMPLES),
+                     "--scenario", "offline", "--duration-s", "0.1", "--min-queries", "50", "--warmup-s", "0.02",
+                     "--repetitions", "1", "--samples", "4", "--out", str(tmp_path)])  # fmt: skip
+    finally:
+        served.stop()
+    assert code == 0
+    bundle = read_bundle(tmp_path)
+    target = bundle["target"]
+    assert target["kind"] == "http" and target["version"] == "1" and target["settings"]["max_batch_size"] == 64
+    assert target["model_sha256"] == file_sha256(EXAMPLES / "mlp" / "1" / "model.onnx")
+    assert bundle.runs[0]["errors"] == 0 and bundle.runs[0]["queries"] >= 50
+    assert bundle["summary"]["metric"] == "throughput_samples_per_s" and bundle["summary"]["value"] > 0
+    assert sum(bundle["batch_sizes"].values()) > 0  # from the server's statistics extension

@@ -174,8 +174,15 @@ def test_server_runs_are_reproducible_from_the_seed_and_differ_between_repetitio
 def test_server_schedule_covers_the_minimum_duration_and_count() -> None:
     driver = SimulatedDriver()
     schedule = server_schedule(driver, 100.0, 1.0, 10, seed=1)
-    assert schedule[-1] >= 1e9 and schedule[-2] < 1e9  # cut just past the minimum duration
+    assert len(schedule) == 101 and schedule[-1] == 1e9  # (count - 1) / rate spans the minimum duration
     assert len(server_schedule(driver, 100.0, 0.01, 500, seed=1)) == 500
+
+    class ShortDraws(SimulatedDriver):
+        def poisson_schedule(self, rate_qps: float, count: int, seed: int) -> np.ndarray:
+            return super().poisson_schedule(rate_qps * 1.5, count, seed)  # spans only 2/3 of what was asked
+
+    longer = server_schedule(ShortDraws(), 100.0, 1.0, 10, seed=1)
+    assert longer[-1] >= 1e9 and len(longer) > 150
 
 
 def test_derived_seeds_are_stable_across_runs_and_machines() -> None:

@@ -392,7 +392,9 @@ def progress_display(stream: Any = None) -> Iterator[Callable[[str, float], None
 def _number(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "—"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+    return str(value)
 
 
 def summary_lines(document: dict[str, Any], out: Path, warnings: list[str]) -> list[str]:
@@ -505,6 +507,8 @@ def bench(args: argparse.Namespace) -> int:
         samples, inputs = load_samples(args, target.signature)
         accuracy = run_accuracy(args, target, samples)
         driver = make_driver(target, samples, args)
+        if hasattr(driver, "close"):
+            stack.callback(driver.close)
         before = target.client.batch_counts()
         with Utilisation() as utilisation, progress_display() as progress:
             result = run_scenario(driver, settings, progress)

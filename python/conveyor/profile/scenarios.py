@@ -95,6 +95,10 @@ class LoadgenDriver:
         self.timeout_s = timeout_s
         self.max_outstanding = max_outstanding
 
+    def close(self) -> None:
+        """Closes the target (its connections); the driver is unusable afterwards."""
+        self.target.close()
+
     def poisson_schedule(self, rate_qps: float, count: int, seed: int) -> np.ndarray:
         return self._loadgen.poisson_schedule(rate_qps, count, seed)
 
@@ -246,16 +250,16 @@ def combine(parts: Sequence[Measurement]) -> Measurement:
 def server_schedule(driver: LoadDriver, rate_qps: float, min_duration_s: float, min_queries: int, seed: int) -> np.ndarray:
     """A Poisson schedule at `rate_qps` spanning at least `min_duration_s` with at least `min_queries` queries.
 
-    It is cut just after the first arrival at or past the minimum duration (LoadGen generates
-    queries for the minimum duration), and never shorter than `min_queries`.
+    The native generator's schedules span exactly (count - 1) / rate, so count = rate x
+    duration + 1 reaches the minimum duration and offers exactly the target rate; a
+    generator whose draw falls short gets more queries from the same seed.
     """
-    count = max(min_queries, math.ceil(rate_qps * min_duration_s * 1.1) + 16)
+    count = max(min_queries, math.ceil(rate_qps * min_duration_s) + 1)
     while True:
         schedule = np.asarray(driver.poisson_schedule(rate_qps, count, seed), dtype=np.int64)
-        reached = np.flatnonzero(schedule >= int(min_duration_s * 1e9))
-        if len(reached):
-            return schedule[: max(min_queries, int(reached[0]) + 1)]
-        count *= 2  # an unlucky draw fell short: a longer schedule from the same seed
+        if schedule[-1] >= int(min_duration_s * 1e9):
+            return schedule
+        count = math.ceil(count * 1.1) + 1
 
 
 def sample_order(driver: LoadDriver, count: int, seed: int) -> np.ndarray:
@@ -368,11 +372,14 @@ def run_document(settings: ScenarioSettings, measurement: Measurement, repetitio
     return document
 
 
-def warnings_of(measurement: Measurement, target_qps: float | None, what: str) -> list[str]:
-    """What makes a measurement suspect: a generator too busy, sends late, the offered rate off target, errors."""
+def warnings_of(measurement: Measurement, target_qps: float | None, what: str, *, offline: bool = False) -> list[str]:
+    """What makes a measurement suspect: a generator too busy, sends late, the offered rate off target, errors.
+
+    Offline runs skip the overhead check: with everything due at once the generator only sends.
+    """
     found = []
     overhead = measurement.generator_overhead
-    if overhead is not None and overhead > OVERHEAD_WARNING:
+    if overhead is not None and overhead > OVERHEAD_WARNING and not offline:
         found.append(f"{what}: the load generator spent {overhead:.0%} of its time on its own work (over "
                      f"{OVERHEAD_WARNING:.0%}): it may not keep up, so the target may look slower than it is")
     if target_qps and measurement.sent_qps and abs(measurement.sent_qps / target_qps - 1) > RATE_TOLERANCE:
@@ -416,7 +423,8 @@ def run_scenario(driver: LoadDriver, settings: ScenarioSettings, progress: Progr
         key = f"run{repetition}"
         runs.append(run_document(settings, measurement, repetition, seed, key))
         arrays[f"{key}_latency_ns"], arrays[f"{key}_ok"] = measurement.latency_ns, measurement.ok
-        warnings += warnings_of(measurement, settings.target_qps, f"repetition {repetition + 1}")
+        warnings += warnings_of(measurement, settings.target_qps if settings.name == "server" else None,
+                                f"repetition {repetition + 1}", offline=settings.name == "offline")
         measurements.append(measurement)
         rate_estimate = measurement.queries / measurement.duration_s if measurement.duration_s > 0 else rate_estimate
     say("done", 1.0)
