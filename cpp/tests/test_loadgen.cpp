@@ -288,7 +288,7 @@ HttpResponseParser::State feed_all(HttpResponseParser& p, const std::string& byt
 
 TEST_CASE("loadgen: the HTTP parser reads a response however it is split") {
   const std::string ok =
-      "HTTP/1.1 200 OK\r\ncontent-length: 27\r\ninference-header-content-length: 19\r\n\r\n"
+      "HTTP/1.1 200 OK\r\ncontent-length: 26\r\ninference-header-content-length: 18\r\n\r\n"
       "{\"model_name\":\"m\"}\x01\x02\x03\x04\x05\x06\x07\x08";
   for (size_t piece : {size_t{1}, size_t{7}, ok.size()}) {
     HttpResponseParser p;
@@ -300,7 +300,7 @@ TEST_CASE("loadgen: the HTTP parser reads a response however it is split") {
   }
   const std::string chunked =
       "HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-      "a;ext=1\r\n{\"error\": \r\n12\r\n\"no such \\\"model\\\"\"}\r\n0\r\nx-trailer: 1\r\n\r\n";
+      "a;ext=1\r\n{\"error\": \r\n14\r\n\"no such \\\"model\\\"\"}\r\n0\r\nx-trailer: 1\r\n\r\n";
   for (size_t piece : {size_t{1}, size_t{5}, chunked.size()}) {
     HttpResponseParser p;
     size_t used = 0;
