@@ -197,3 +197,45 @@ def test_end_to_end_over_http_offline(tmp_path: Path) -> None:
     assert bundle.runs[0]["errors"] == 0 and bundle.runs[0]["queries"] >= 50
     assert bundle["summary"]["metric"] == "throughput_samples_per_s" and bundle["summary"]["value"] > 0
     assert sum(bundle["batch_sizes"].values()) > 0  # from the server's statistics extension
+
+
+class Terminal:
+    """A stream that says it is a terminal and keeps what was written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def test_progress_is_plain_lines_on_a_terminal_without_rich(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rich.progress", None)  # as if rich were not installed
+    terminal = Terminal()
+    with bench_cli.progress_display(terminal) as progress:
+        progress("warm-up", 0.0)
+        progress("repetition 1 of 3", 0.0)
+    assert terminal.text == "  warm-up\n  repetition 1 of 3\n"
+
+
+def test_progress_is_silent_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    with bench_cli.progress_display() as progress:
+        progress("warm-up", 0.5)
+    assert capsys.readouterr().err == ""
+
+
+def test_utilisation_measures_cpu_while_it_runs() -> None:
+    with bench_cli.Utilisation() as meter:
+        sum(i * i for i in range(200_000))
+    document = meter.document()
+    assert document["process_cpu_percent"] > 0 and document["cpus"] >= 1
+    assert document["cpu_percent"] is None or 0 <= document["cpu_percent"] <= 100

@@ -89,6 +89,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                        "instead (http://host:port, or host:port for gRPC)")
     where.add_argument("--protocol", type=choice(("http", "grpc")), default=env("protocol", "http", choice(("http", "grpc"))),
                        help="how to talk to --url: http (default) or grpc")
+    where.add_argument("--connections", type=positive_int, default=env("connections", 16, positive_int),
+                       help="--url: HTTP keep-alive connections (one request in flight on each) or gRPC channels the "
+                       "generator opens (default 16); raise it when rate x latency nears it")
     where.add_argument("--model-version", type=positive_int, default=env("model-version", None, positive_int),
                        help="the version to measure (default: the newest)")
     load = p.add_argument_group("load")
@@ -297,9 +300,11 @@ def make_driver(target: OpenedTarget, samples: list[dict[str, np.ndarray]], args
     if target.kind == "in-process":
         handle = loadgen.InProcessTarget(target.runtime, target.model, samples, version=version)
     elif target.kind == "grpc":
-        handle = loadgen.GrpcTarget(target.url, target.model, samples, version=None if version is None else str(version))
+        handle = loadgen.GrpcTarget(target.url, target.model, samples, version=None if version is None else str(version),
+                                    channels=args.connections)  # fmt: skip
     else:
-        handle = loadgen.HttpTarget(target.url, target.model, samples, version=None if version is None else str(version))
+        handle = loadgen.HttpTarget(target.url, target.model, samples, version=None if version is None else str(version),
+                                    connections=args.connections)  # fmt: skip
     return LoadgenDriver(handle, len(samples), timeout_s=args.timeout_s)
 
 
