@@ -24,8 +24,9 @@ dimension), converted once: no Python runs per request.
   reopened; a keep-alive connection found closed before any answer is retried once.
 - `GrpcTarget`: grpcio's `ModelInfer.future()` per request, called from the C++ schedule
   (the GIL is taken per send and per answer). Its ceiling is that of grpcio in Python:
-  about 2,700 requests/s sent by the generator on this 2-vCPU machine (bench/bench_loadgen.py,
-  offline against a no-op gRPC servicer in-process); use HTTP or in-process beyond that.
+  about 2,500 requests/s sent and answered on a 2-vCPU machine (bench/bench_loadgen.py:
+  offline, 256 in flight, against a no-op servicer in a subprocess), against 65k/s for the
+  native HTTP client and 460k/s in-process in the same run; use those beyond it.
 
 Targets bound the requests in flight: the batcher's queue size (a full queue would
 reject), the HTTP connections; the generator waits for a free slot (the wait counts as
@@ -330,15 +331,19 @@ class GrpcTarget(_TargetBase):
             ) from None
         self._calls = [inference_pb2_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in self._channels]
         self._next = 0
+        self._in_flight: set[Any] = set()
         super().__init__(_core.CallbackLoadTarget(self._send, len(self._requests), 0), len(self._requests))
         self.url = url
         self.model = model
 
     def _send(self, sample: int, ticket: Any) -> None:
-        # Called by the generator with the GIL taken, once per request.
+        # Called by the generator with the GIL taken, once per request. The future is held
+        # until it is done: grpcio cancels a call whose future is garbage-collected.
         call = self._calls[self._next]
         self._next = (self._next + 1) % len(self._calls)
-        call.future(self._requests[sample]).add_done_callback(_grpc_done(ticket))
+        future = call.future(self._requests[sample])
+        self._in_flight.add(future)
+        future.add_done_callback(_grpc_done(ticket, self._in_flight))
 
     def _close_channels(self) -> None:
         for channel in self._channels:
@@ -358,8 +363,9 @@ def _grpc_request(pb2: Any, model: str, version: str | None, tensors: list) -> A
     return request
 
 
-def _grpc_done(ticket: Any) -> Callable[[Any], None]:
+def _grpc_done(ticket: Any, in_flight: set[Any]) -> Callable[[Any], None]:
     def done(future: Any) -> None:
+        in_flight.discard(future)
         if future.cancelled():
             ticket.complete(False, "gRPC call cancelled")
             return
