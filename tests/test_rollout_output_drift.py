@@ -82,6 +82,8 @@ def test_psi_and_ks_match_numpy_and_scipy_on_the_documented_bins() -> None:
 
     edges = np.unique(np.quantile(champion[:800], np.arange(1, 12) / 12))
     np.testing.assert_array_equal(drift.edges, edges)
+    # The first 800 champion values fix the edges; both sides count from the next value on.
+    champion, challenger = champion[800:], challenger[800:]
     champion_counts = np.bincount(np.searchsorted(edges, champion, side="right"), minlength=edges.size + 1)
     challenger_counts = np.bincount(np.searchsorted(edges, challenger, side="right"), minlength=edges.size + 1)
     np.testing.assert_array_equal(drift.champion_counts, champion_counts)
@@ -128,13 +130,15 @@ def test_a_shifted_challenger_is_caught_and_an_identical_one_passes(statistic: s
     judgement = evaluate(checks, shifted, NOW)
     (decision,) = judgement.decisions
     assert (judgement.action, decision.verdict) == ("rollback", "fail"), decision
-    assert decision.estimate > threshold and decision.samples == {"challenger_values": 4000}
+    assert decision.lower > threshold and decision.samples == {"challenger_values": 3000}  # after the 1000 of the edges
+    assert decision.lower <= decision.estimate <= decision.upper
 
     checks, identical = statistics_for(drift_check(statistic=statistic, threshold=threshold))
     record_in_chunks(identical, champion, champion.copy())
     judgement = evaluate(checks, identical, NOW)
     assert (judgement.action, judgement.decisions[0].verdict) == ("advance", "pass")
     assert judgement.decisions[0].estimate == pytest.approx(0.0, abs=1e-12)
+    assert judgement.decisions[0].lower == 0.0 and judgement.decisions[0].upper > 0.0
 
 
 def test_no_verdict_before_the_reference_fills_and_the_minimum_sample() -> None:
@@ -147,7 +151,7 @@ def test_no_verdict_before_the_reference_fills_and_the_minimum_sample() -> None:
     decision = evaluate(checks, statistics, NOW).decisions[0]
     assert decision.verdict == "inconclusive" and "below the minimum sample" in decision.reason
     restored = RolloutStatistics.from_dict(statistics.to_dict())
-    assert restored.paired.output_drifts[(10, 1000)].challenger_values == 1800
+    assert restored.paired.output_drifts[(10, 1000)].challenger_values == 800  # the values after the first 1000
 
 
 def test_classifier_outputs_drift_by_class() -> None:
@@ -201,3 +205,84 @@ def _shadow_rollout_outcome(challenger_shift: float, statistic: str) -> str:
 def test_a_shadow_rollout_rolls_back_a_drifting_challenger_and_promotes_an_identical_one(statistic: str) -> None:
     assert _shadow_rollout_outcome(1.0, statistic) == "rollback"
     assert _shadow_rollout_outcome(0.0, statistic) == "promote"
+
+
+# ---- valid under repeated looks ----------------------------------------------------------
+
+LOOKS, VALUES_PER_LOOK, REFERENCE = 20, 150, 200
+SIZE = REFERENCE + LOOKS * VALUES_PER_LOOK
+
+
+def _first_failure(champion: np.ndarray, challenger: np.ndarray, check) -> int | None:
+    """Feeds one simulated rollout through the judge look by look: the challenger values
+    counted when the check first failed, or None."""
+    statistics = RolloutStatistics.for_checks([check])
+    statistics.paired.record_scores(champion[:REFERENCE], challenger[:REFERENCE])  # fixes the edges
+    for look in range(LOOKS):
+        at = REFERENCE + look * VALUES_PER_LOOK
+        statistics.paired.record_scores(champion[at : at + VALUES_PER_LOOK], challenger[at : at + VALUES_PER_LOOK])
+        (decision,) = evaluate([check], statistics, NOW + look).decisions
+        if decision.verdict == "fail":
+            return decision.samples["challenger_values"]
+    return None
+
+
+def _drift_check(statistic: str, threshold: float):
+    (check,) = parse_checks([drift_check(statistic=statistic, threshold=threshold, reference_size=REFERENCE,
+                                         min_samples=VALUES_PER_LOOK, alpha=0.05)])  # fmt: skip
+    return check
+
+
+@pytest.mark.parametrize(("statistic", "threshold"), [("ks", 0.001), ("psi", 0.001)])
+def test_identical_distributions_are_failed_in_at_most_5_percent_of_200_rollouts_over_20_looks(
+    statistic: str, threshold: float
+) -> None:
+    """A/A: two independent draws of one distribution, judged at every look. The true drift
+    is 0, so a threshold near 0 is the hardest case: the check's rule (`bounds`' lower end
+    above the threshold, as the judge applies it) fails only where the confidence sequence
+    lost the truth, at most 10 of 200 rollouts; the same threshold on the estimate, the
+    rule before, fails most of them."""
+    check = _drift_check(statistic, threshold)
+    rng = np.random.default_rng(2026)
+    failed = naive = 0
+    for _ in range(200):
+        champion, challenger = rng.normal(size=SIZE), rng.normal(size=SIZE)
+        drift = OutputDrift(check.bins, check.reference_size)
+        drift.record(champion[:REFERENCE], challenger[:REFERENCE])
+        ever = fixed_rule = False
+        for look in range(LOOKS):
+            at = REFERENCE + look * VALUES_PER_LOOK
+            drift.record(champion[at : at + VALUES_PER_LOOK], challenger[at : at + VALUES_PER_LOOK])
+            ever = ever or drift.bounds(statistic, check.alpha)[0] > threshold
+            fixed_rule = fixed_rule or drift.statistic(statistic)[0] > threshold
+        failed += ever
+        naive += fixed_rule
+    assert failed <= 10, f"{failed} of 200 identical rollouts failed"
+    assert naive >= 150, naive  # the test has teeth
+
+
+@pytest.mark.parametrize(("statistic", "shift", "caught_by"), [("ks", 0.6, 2000), ("psi", 0.8, 3000)])
+def test_a_shifted_challenger_is_caught_as_the_looks_go_on(statistic: str, shift: float, caught_by: int) -> None:
+    """Shifts of 0.6 and 0.8 standard deviations: KS about 0.24, PSI about 0.55, against 0.1."""
+    check = _drift_check(statistic, 0.1)
+    rng = np.random.default_rng(7)
+    caught = [_first_failure(rng.normal(size=SIZE), rng.normal(shift, 1.0, size=SIZE), check) for _ in range(20)]
+    assert all(n is not None and n <= caught_by for n in caught), caught
+
+
+def test_the_confidence_sequence_of_a_proportion_holds_at_every_look() -> None:
+    from conveyor.deploy.sequential import binomial_confidence_sequence
+
+    rng = np.random.default_rng(4)
+    trials = np.arange(1, 3001)
+    escaped = 0
+    for p in np.linspace(0.01, 0.99, 200):  # one stream per p, looked at after every draw
+        successes = np.cumsum(rng.random(trials.size) < p)
+        lower, upper = binomial_confidence_sequence(successes, trials, 0.05)
+        escaped += bool(np.any((lower > p) | (upper < p)))
+        assert np.all(lower <= successes / trials) and np.all(successes / trials <= upper)
+    assert escaped <= 10, escaped
+    # Fixed-sample Clopper-Pearson intervals at 95% each are narrower: this one pays for every look.
+    lower, upper = binomial_confidence_sequence(np.array([300]), 1000, 0.05)
+    exact = stats.binomtest(300, 1000).proportion_ci(0.95)
+    assert lower[0] < exact.low and upper[0] > exact.high

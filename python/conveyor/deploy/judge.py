@@ -366,14 +366,17 @@ def _output_drift(check: Check, s: RolloutStatistics) -> _Outcome:
     samples = {"challenger_values": 0 if drift is None else drift.challenger_values}
     name = "PSI" if check.statistic == "psi" else "binned KS statistic"
     outcome = _Outcome(
-        f"{name} of challenger against champion outputs", "threshold on the monitor's drift statistic", samples, {},
+        f"{name} of challenger against champion outputs",
+        "confidence sequence of the drift (Chernoff bounds per bin, union over sample sizes)", samples, {},
         limit=float(check.threshold),
     )  # fmt: skip
     if drift is None:
         return outcome
     outcome.estimate, outcome.inputs = drift.statistic(check.statistic)
     outcome.inputs["champion_values"] = drift.champion_values
-    outcome.failed = outcome.estimate > outcome.limit
+    if drift.champion_values and drift.challenger_values:
+        outcome.lower, outcome.upper = drift.bounds(check.statistic, check.alpha)
+        outcome.failed = outcome.lower > outcome.limit  # shown above the threshold, at any number of looks
     return outcome
 
 

@@ -6,7 +6,7 @@ here keep their level however often, and whenever, they are looked at, because e
 nonnegative (super)martingale under its null and Ville's inequality bounds the chance that
 it ever crosses 1/alpha by alpha. Their confidence sequences hold at every look at once.
 
-Three tools, all pure functions of counts and running moments:
+Four tools, all pure functions of counts and running moments:
 
 - `BetaMixture`: the exact test and confidence sequence of one proportion (Bernoulli
   observations), by Robbins' beta-binomial mixture of likelihood ratios. Used for a share
@@ -18,6 +18,8 @@ Three tools, all pure functions of counts and running moments:
   approximately Gaussian with known information (1 / variance), by the normal mixture of
   Brownian likelihood ratios. Used for differences of means and of proportions (Welch's
   and the two-proportion setting, unpaired) and for means of paired differences.
+- `binomial_confidence_sequence`: the beta mixture's sequence for many proportions at
+  once, vectorised: the bins of the output_drift check (`conveyor.deploy.output_drift`).
 
 scipy supplies the special functions (log beta); it has no sequential tests, which is the
 part written here. Fixed-sample counterparts (scipy.stats.binomtest, ttest_ind) are what
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BetaMixture", "normal_mixture_radius", "quantile_bounds"]
+__all__ = ["BetaMixture", "binomial_confidence_sequence", "normal_mixture_radius", "quantile_bounds"]
 
 # Bisection steps for the reported bounds of a proportion: 2**-36 (about 1e-11) of the unit interval.
 _BISECTION_STEPS = 36
@@ -208,3 +210,85 @@ def normal_mixture_radius(information: float, alpha: float, effect_scale: float)
     rho = 1.0 / (effect_scale * effect_scale)
     spread = information + rho
     return math.sqrt(spread * (2.0 * math.log(1.0 / alpha) + math.log(spread / rho))) / information
+
+
+def binomial_confidence_sequence(
+    successes: np.ndarray,
+    trials: int | np.ndarray,
+    delta: float,
+    *,
+    center: float | np.ndarray = 0.5,
+    strength: float = 10.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper): a (1 - delta) confidence sequence for each proportion behind `successes`.
+
+    Vectorised: `successes` (any shape) counts successes among `trials` (one number, or
+    one per entry); each entry gets its own sequence, each valid on its own at level
+    delta (a caller wanting them to hold together divides its alpha among them,
+    Bonferroni). An entry with no trials gets (0, 1).
+
+    It is `BetaMixture`'s sequence, prior Beta(center * strength, (1 - center) * strength)
+    (`center` one number or one per entry, fixed before the data: the proportion expected
+    when nothing is wrong; the weak default `strength` costs little anywhere), computed
+    for many proportions at once. Derivation: the mixture likelihood ratio
+    M_n(p) = B(a + s, b + n - s) / (B(a, b) p**s (1 - p)**(n - s)) is a nonnegative
+    martingale of mean 1 under p, so by Ville's inequality P(exists n: M_n(p) >= 1/delta)
+    <= delta: {p : M_n(p) < 1/delta} holds p at every n at once, looked at or not. With
+    p_hat = s / n and kl the Bernoulli Kullback-Leibler divergence,
+    -log(p**s (1 - p)**(n - s)) = n kl(p_hat, p) - n (p_hat log p_hat + (1 - p_hat) log(1 - p_hat)),
+    so the set is {p : n kl(p_hat, p) < c_n} with
+    c_n = log(1 / delta) - log(B(a + s, b + n - s) / B(a, b)) + n (p_hat log p_hat + (1 - p_hat) log(1 - p_hat)),
+    an interval around p_hat (kl(p_hat, .) is convex, 0 at p_hat, and c_n >= log(1/delta)
+    since M_n(p_hat) <= 1). Its ends are roots of kl(p_hat, p) = c_n / n, found by Newton's
+    method from outside the set (`_kl_lower_end`), whose every iterate is a valid end.
+    Assumptions: independent Bernoulli draws with a fixed p. The price of looking at
+    every n: at n = 10,000, p_hat = 0.3 and delta = 0.05 the interval is 1.9 times as
+    wide as the fixed-sample 95% Clopper-Pearson interval.
+    """
+    from scipy import special  # as in BetaMixture.log_evidence: imported when first judged
+
+    counts = np.asarray(successes, np.float64)
+    n = np.broadcast_to(np.asarray(trials, np.float64), counts.shape).ravel()
+    observed = n > 0
+    n = np.where(observed, n, 1.0)
+    successes_flat = np.clip(counts.ravel(), 0.0, n)
+    estimate = successes_flat / n
+    prior = np.clip(np.broadcast_to(np.asarray(center, np.float64), counts.shape).ravel(), 1e-12, 1.0 - 1e-12)
+    a, b = prior * strength, (1.0 - prior) * strength
+    log_marginal = special.betaln(a + successes_flat, b + n - successes_flat) - special.betaln(a, b)
+    bar = (math.log(1.0 / delta) - log_marginal) / n + special.xlogy(estimate, estimate) + special.xlogy(1.0 - estimate, 1.0 - estimate)
+    # kl(a, p) = kl(1 - a, 1 - p): the upper end for a is 1 - the lower end for 1 - a.
+    ends = _kl_lower_end(np.concatenate([estimate, 1.0 - estimate]), np.concatenate([bar, bar]))
+    lower, mirrored = np.split(ends, 2)
+    lower, upper = np.where(observed, lower, 0.0), np.where(observed, 1.0 - mirrored, 1.0)
+    return lower.reshape(counts.shape), upper.reshape(counts.shape)
+
+
+# Newton steps from the starts below: 6 reach a relative error of 2e-9 on a grid of counts
+# from n = 10 to 10**6; 8 reach the rounding of kl itself.
+_NEWTON_STEPS = 8
+
+
+def _kl_lower_end(estimate: np.ndarray, bar: np.ndarray) -> np.ndarray:
+    """The smallest p <= a with kl(a, p) <= bar, for each a in `estimate` (0 where a = 0).
+
+    Newton's method on h(p) = kl(a, p) - bar, convex and decreasing on (0, a): from a
+    start with h >= 0 each tangent's zero also has h >= 0 and lies further right, so the
+    iterates rise to the root and never pass it. Starts (both have h >= 0, the larger is
+    taken): Pinsker's kl(a, p) >= 2 (a - p)**2 gives a - sqrt(bar / 2); dropping the
+    nonnegative -(1 - a) log(1 - p) gives a exp(-(bar - (1 - a) log(1 - a)) / a).
+    """
+    positive = estimate > 0.0
+    a = np.where(positive, estimate, 0.5)  # a = 0 has the end 0; 0.5 keeps its lane finite meanwhile
+    complement = 1.0 - a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy_part = np.where(complement > 0.0, complement * np.log(complement), 0.0)  # (1-a) log(1-a)
+    negative_entropy = a * np.log(a) + entropy_part
+    start = np.maximum(a - np.sqrt(bar / 2.0), a * np.exp(-(bar - entropy_part) / a))
+    p = np.maximum(start, 1e-300)
+    offset = negative_entropy - bar
+    for _ in range(_NEWTON_STEPS):
+        h = offset - a * np.log(p) - complement * np.log1p(-p)
+        step = h * p * (1.0 - p) / np.maximum(a - p, 1e-300)  # -h / h', h' = (p - a) / (p (1 - p))
+        p = np.minimum(p + np.maximum(step, 0.0), a)
+    return np.where(positive, p, 0.0)
