@@ -26,8 +26,8 @@ often, and whenever, the judge looks. Derivation:
 
 - Each bin's probability (PSI) or each interior edge's cumulative probability (KS) is a
   proportion, estimated from one side's counts; `sequential.binomial_confidence_sequence`
-  (Robbins' beta mixture, its prior centred where the edges put it when nothing drifts:
-  1/B per bin, k/B at the k-th of B - 1 edges, worth `PRIOR_STRENGTH` values) gives it an
+  (Robbins' beta mixture, its prior centred where the edges put it when nothing drifts,
+  with B bins 1/B per bin and k/B at the k-th edge, worth `PRIOR_STRENGTH` values) gives it an
   interval that holds at every sample size at once with probability
   1 - alpha / (2 K), K the number of bins (PSI) or interior edges (KS). By the union
   bound all 2 K intervals, both sides', hold together, at every look, with probability
