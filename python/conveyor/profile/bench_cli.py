@@ -87,7 +87,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                        "with --url, only used to hash the model's files")
     where.add_argument("--url", default=env("url", None), help="measure MODEL on a KServe v2 server at this address "
                        "instead (http://host:port, or host:port for gRPC)")
-    where.add_argument("--protocol", type=choice(("http", "grpc")), default=env("protocol", "http", choice(("http", "grpc"))),
+    protocols = choice(("http", "grpc"))
+    where.add_argument("--protocol", type=protocols, default=env("protocol", "http", protocols),
                        help="how to talk to --url: http (default) or grpc")
     where.add_argument("--connections", type=positive_int, default=env("connections", 16, positive_int),
                        help="--url: HTTP keep-alive connections (one request in flight on each) or gRPC channels the "
@@ -226,7 +227,8 @@ def settings_of_served(config: dict[str, Any] | None) -> dict[str, Any]:
     return {"backend": config.get("backend") or config.get("platform"), "max_batch_size": config.get("max_batch_size"),
             "max_queue_delay_us": _int_or_none(batching.get("max_queue_delay_microseconds")),
             "preferred_batch_sizes": batching.get("preferred_batch_size") or [],
-            "instance_count": _int_or_none(groups[0].get("count")), "parameters": config.get("parameters") or {}}  # fmt: skip
+            "instance_count": _int_or_none(groups[0].get("count")),
+            "parameters": config.get("parameters") or {}}  # fmt: skip
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -297,14 +299,14 @@ def make_driver(target: OpenedTarget, samples: list[dict[str, np.ndarray]], args
     from conveyor.profile.scenarios import LoadgenDriver
 
     version = target.version
+    wire_version = None if version is None else str(version)
     if target.kind == "in-process":
         handle = loadgen.InProcessTarget(target.runtime, target.model, samples, version=version)
     elif target.kind == "grpc":
-        handle = loadgen.GrpcTarget(target.url, target.model, samples, version=None if version is None else str(version),
-                                    channels=args.connections)  # fmt: skip
+        handle = loadgen.GrpcTarget(target.url, target.model, samples, version=wire_version, channels=args.connections)
     else:
-        handle = loadgen.HttpTarget(target.url, target.model, samples, version=None if version is None else str(version),
-                                    connections=args.connections)  # fmt: skip
+        handle = loadgen.HttpTarget(target.url, target.model, samples, version=wire_version,
+                                    connections=args.connections)
     return LoadgenDriver(handle, len(samples), timeout_s=args.timeout_s)
 
 
@@ -435,7 +437,8 @@ def summary_lines(document: dict[str, Any], out: Path, warnings: list[str]) -> l
     if accuracy is not None:
         verdict = "passed" if accuracy["passed"] else "FAILED: this machine or configuration changes the answers"
         lines.append(f"accuracy against {accuracy['reference']}: {verdict} (max abs difference "
-                     f"{_number(accuracy['max_abs_difference'])}, top-1 agreement {_number(accuracy['top1_agreement'])})")
+                     f"{_number(accuracy['max_abs_difference'])}, top-1 agreement "
+                     f"{_number(accuracy['top1_agreement'])})")
     lines += [f"warning: {warning}" for warning in warnings]
     lines.append(f"bundle written to {out}")
     return lines
@@ -522,7 +525,8 @@ def bench(args: argparse.Namespace) -> int:
         "software": software_versions(), "target": target.document(), "scenario": result.scenario,
         "runs": result.runs, "peak": result.peak, "summary": result.summary, "accuracy": accuracy,
         "batch_sizes": batch_sizes, "utilisation": utilisation.document(), "machine": machine_fingerprint(),
-        "inputs": inputs, "warnings": result.warnings, "command": ["conveyor", "bench", *args.argv] if hasattr(args, "argv") else sys.argv,
+        "inputs": inputs, "warnings": result.warnings,
+        "command": ["conveyor", "bench", *args.argv] if hasattr(args, "argv") else sys.argv,
     }  # fmt: skip
     out = write_bundle(args.out or default_out(args.model, settings.name), document, result.arrays)
     print("\n".join(summary_lines(document, out, result.warnings)))

@@ -292,7 +292,8 @@ def write_bundle(directory: str | os.PathLike[str], document: dict[str, Any], ar
         text = json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n"
         write_file_atomically(where, text.encode("utf-8"))
     except OSError as exc:
-        raise BundleError(f"cannot write the bundle to {directory}: {exc.strerror or exc}; pass another --out") from None
+        raise BundleError(f"cannot write the bundle to {directory}: {exc.strerror or exc}; "
+                          "pass another --out") from None
     return directory
 
 

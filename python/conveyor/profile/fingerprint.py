@@ -237,7 +237,8 @@ def _cgroup(proc: Path, sys_root: Path) -> dict[str, Any]:
             quota = None if fields[0] == "max" else _ratio(_int(fields[0]), _int(fields[1]))
             break
     else:
-        for quota_path, period_path in zip(candidates("cpu", "cpu.cfs_quota_us"), candidates("cpu", "cpu.cfs_period_us")):
+        v1_files = zip(candidates("cpu", "cpu.cfs_quota_us"), candidates("cpu", "cpu.cfs_period_us"))
+        for quota_path, period_path in v1_files:
             quota_us, period_us = _int(_read(quota_path)), _int(_read(period_path))
             if quota_us is not None:
                 quota = _ratio(quota_us, period_us) if quota_us > 0 else None

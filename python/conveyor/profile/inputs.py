@@ -196,7 +196,9 @@ def _read_parquet(path: Path) -> dict[str, list[np.ndarray]]:
     return {name: [np.asarray(value) for value in table.column(name).to_pylist()] for name in table.column_names}
 
 
-def _samples_from_columns(columns: Mapping[str, list[np.ndarray]], signature: ModelSignature, path: Path) -> list[Sample]:
+def _samples_from_columns(
+    columns: Mapping[str, list[np.ndarray]], signature: ModelSignature, path: Path
+) -> list[Sample]:
     expected = [spec.name for spec in signature.inputs]
     if sorted(columns) != sorted(expected):
         raise InputError(f"--inputs {path} holds {sorted(columns)}, but model '{signature.model}' takes inputs "
@@ -285,7 +287,9 @@ def read_reference(path: Path, signature: ModelSignature) -> Reference:
             index, _, name = rest.partition("/")
             if kind in ("input", "output") and index.isdigit():
                 array = archive[key]
-                found.setdefault((kind, int(index)), {})[name] = array.astype(object) if array.dtype.kind == "S" else array
+                if array.dtype.kind == "S":  # BYTES were stored fixed-width
+                    array = array.astype(object)
+                found.setdefault((kind, int(index)), {})[name] = array
         count = 1 + max((i for _, i in found), default=-1)
         inputs = [found.get(("input", i), {}) for i in range(count)]
         outputs = [found.get(("output", i), {}) for i in range(count)]
@@ -298,7 +302,8 @@ def read_reference(path: Path, signature: ModelSignature) -> Reference:
     for index, sample in enumerate(reference.inputs):
         if sorted(sample) != sorted(expected):
             raise InputError(f"--reference {path}, sample {index}: inputs {sorted(sample)}, but model "
-                             f"'{signature.model}' takes {sorted(expected)}: the reference was written for another model")
+                             f"'{signature.model}' takes {sorted(expected)}: the reference was written for another "
+                             "model")
     return reference
 
 
@@ -331,7 +336,8 @@ def check_accuracy(reference: Reference, infer: Callable[[Sample], Sample], *, r
             got, want = np.asarray(got), np.asarray(want)
             if want.dtype.kind in "biuf" and got.dtype.kind in "biuf":
                 if want.size:
-                    difference = max(difference, float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))))
+                    gap = np.abs(got.astype(np.float64) - want.astype(np.float64))
+                    difference = max(difference, float(np.max(gap)))
                 if want.ndim >= 1 and want.shape[-1] > 1 and want.dtype.kind == "f":
                     top1[0] += int(np.count_nonzero(np.argmax(got, -1) == np.argmax(want, -1)))
                     top1[1] += int(np.prod(want.shape[:-1]))

@@ -86,7 +86,9 @@ class LoadDriver(Protocol):
 class LoadgenDriver:
     """A LoadDriver over the native generator's target (InProcessTarget, HttpTarget or GrpcTarget)."""
 
-    def __init__(self, target: Any, sample_count: int, *, timeout_s: float = 60.0, max_outstanding: int = 65536) -> None:
+    def __init__(
+        self, target: Any, sample_count: int, *, timeout_s: float = 60.0, max_outstanding: int = 65536
+    ) -> None:
         from conveyor.profile import loadgen
 
         self._loadgen = loadgen
@@ -220,7 +222,8 @@ def measurement_of(run: LoadRunLike, *, open_loop: bool) -> Measurement:
     if open_loop and len(scheduled) > 1 and scheduled[-1] > scheduled[0]:
         offered = (len(scheduled) - 1) / ((scheduled[-1] - scheduled[0]) / 1e9)
         sent_ns = np.asarray(run.sent_ns)
-        span = (sent_ns.max() - sent_ns.min()) / 1e9
+        sent_ns = sent_ns[sent_ns >= 0]  # -1: never sent
+        span = (sent_ns.max() - sent_ns.min()) / 1e9 if len(sent_ns) > 1 else 0.0
         sent = (len(sent_ns) - 1) / span if span > 0 else None
     return Measurement(latency, np.asarray(run.ok, dtype=bool).copy(), int(run.duration_ns), int(run.samples_per_query),
                        offered, sent, float(run.generator_overhead), int(run.late_sends), dict(run.errors))  # fmt: skip
@@ -247,7 +250,9 @@ def combine(parts: Sequence[Measurement]) -> Measurement:
 # ---------------------------------------------------------------- running the load
 
 
-def server_schedule(driver: LoadDriver, rate_qps: float, min_duration_s: float, min_queries: int, seed: int) -> np.ndarray:
+def server_schedule(
+    driver: LoadDriver, rate_qps: float, min_duration_s: float, min_queries: int, seed: int
+) -> np.ndarray:
     """A Poisson schedule at `rate_qps` spanning at least `min_duration_s` with at least `min_queries` queries.
 
     The native generator's schedules span exactly (count - 1) / rate, so count = rate x
@@ -446,7 +451,7 @@ class PeakSearch:
 
 def search_peak(passes: Callable[[float], bool], start_qps: float, *, precision: float, step: float = 2.0,
                 max_trials: int = 40, floor_ratio: float = 1 / 1024) -> PeakSearch:  # fmt: skip
-    """The highest rate for which `passes(rate)` holds, to within `precision` (relative), as LoadGen's FindPeakPerformance.
+    """The highest rate for which `passes(rate)` holds, to within `precision` (relative): FindPeakPerformance.
 
     Bracket: from `start_qps` multiply by `step` while rates pass (or divide while they fail,
     down to `floor_ratio` of the start); then bisect [highest pass, lowest fail] until
