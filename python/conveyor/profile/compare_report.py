@@ -186,9 +186,8 @@ METHOD_NOTES = (
     "A verdict is better or worse only when the whole 95% interval of the ratio lies on one side of 1; "
     "otherwise the two are indistinguishable at 95%.",
     "Capacity: the highest Poisson rate whose p99 met the objective with errors under the bound (bench --find-peak); "
-    "its interval comes from the repetitions (below 8 repetitions, t-distributed draws of their geometric mean on "
-    "the log scale; from 8 on, their mean with the repetitions resampled) or, with one repetition, from "
-    "resampling each find-peak trial's queries.",
+    "its interval comes from the repetitions (t-distributed draws of the mean below 8 repetitions, resampled "
+    "repetitions from 8 on) or, with one repetition, from resampling each find-peak trial's queries.",
     "p99: from the raw latencies at a load both bundles ran, counted from each query's scheduled send; with two or "
     "more runs each, a two-stage bootstrap (runs resampled, each run's p99 redrawn from its queries).",
     "Cost per 1,000 inferences = USD per hour / (3,600 × inferences per second) × 1,000; its interval is the "
@@ -260,7 +259,7 @@ def _svg(figure: Any) -> str:
 
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "conveyor-compare"}):
-        figure.savefig(buffer, format="svg", metadata={"Date": None})
+        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
     return re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)
 
@@ -275,14 +274,6 @@ def _new_figure(height_in: float, columns: int = 1) -> tuple[Any, Any]:
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     return figure, axes
-
-
-def _plain_log_axis(axis: Any) -> None:
-    """A log axis labelled 0.1, 1, 10, 100 rather than powers of ten (no mathtext: faster, plainer)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_formatter(NullFormatter())
 
 
 def _color(result: CompareResult, label: str) -> str:
@@ -318,7 +309,6 @@ def throughput_p99_plot(result: CompareResult) -> str | None:
     for objective in sorted(objectives):
         ax.axhline(objective, color="#d62728", linestyle="--", linewidth=1, label=f"objective p99 ≤ {objective:g} ms")
     ax.set_yscale("log")
-    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("offered load (queries/s)")
     ax.set_ylabel("p99 latency (ms, log scale)")
     ax.set_title("Throughput against p99 (hollow: trial failed the objective)", fontsize=10)
@@ -348,7 +338,6 @@ def latency_cdf_plot(result: CompareResult) -> str | None:
             ax.step(x, y, where="post", color=_color(result, label), label=f"{label} ({len(latencies)} queries)")
         ax.axhline(0.99, color="#999999", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
-        _plain_log_axis(ax.xaxis)
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("latency from scheduled send (ms, log scale)")
         ax.set_ylabel("share of queries at or below")
