@@ -239,3 +239,15 @@ def test_utilisation_measures_cpu_while_it_runs() -> None:
     document = meter.document()
     assert document["process_cpu_percent"] > 0 and document["cpus"] >= 1
     assert document["cpu_percent"] is None or 0 <= document["cpu_percent"] <= 100
+
+
+def test_end_to_end_in_process_multi_stream(tmp_path: Path) -> None:
+    code = main(["mlp", "--repository", str(EXAMPLES), "--scenario", "multi-stream", "--duration-s", "0.05",
+                 "--min-queries", "20", "--warmup-s", "0.02", "--repetitions", "1", "--samples", "8",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    bundle = read_bundle(tmp_path)
+    run = bundle.runs[0]
+    assert run["queries"] >= 20 and run["samples"] == 8 * run["queries"] and run["duration_s"] >= 0.05
+    assert bundle["summary"]["metric"] == "p99_ms" and run["latency_ms"]["p99"] > 0
+    assert max(int(size) for size in bundle["batch_sizes"]) <= 8  # one query's 8 requests at a time

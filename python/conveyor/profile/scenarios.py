@@ -504,11 +504,40 @@ def start_rate(driver: LoadDriver, settings: ScenarioSettings) -> float:
     return max(1.0, rate / 2)
 
 
+@dataclass
+class PeakTrials:
+    """find-peak's trials: each a server-scenario run at one rate, judged against the objective and recorded."""
+
+    driver: LoadDriver
+    settings: ScenarioSettings
+    say: Progress
+    documents: list[dict[str, Any]] = field(default_factory=list)  # the bundle's peak.trials
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # trial<j>_latency_ns, trial<j>_ok
+
+    def run(self, rate: float, repetition: int, seed: int) -> tuple[bool, Measurement]:
+        """One trial at `rate`: passed when p99 <= the objective and errors <= 0.1%."""
+        settings, index = self.settings, len(self.documents)
+        self.say(f"repetition {repetition + 1} of {settings.repetitions}, trial {index + 1}: {rate:.1f} queries/s",
+                 repetition / settings.repetitions)  # fmt: skip
+        measurement = run_open(self.driver, rate, settings.min_duration_s, settings.queries,
+                               derive_seed(seed, index, "schedule"))  # fmt: skip
+        p99 = measurement.percentile_ms(0.99)
+        passed = bool(p99 <= float(settings.slo_p99_ms) and measurement.error_rate <= MAX_ERROR_RATE)
+        self.documents.append({"rate_qps": rate, "p99_ms": p99, "error_rate": measurement.error_rate, "passed": passed,
+                               "repetition": repetition, "sent_qps": measurement.sent_qps,
+                               "generator_overhead": measurement.generator_overhead,
+                               "late_sends": measurement.late_sends})  # fmt: skip
+        self.arrays[f"trial{index}_latency_ns"] = measurement.latency_ns
+        self.arrays[f"trial{index}_ok"] = measurement.ok
+        return passed, measurement
+
+
 def find_peak(driver: LoadDriver, settings: ScenarioSettings, progress: Progress | None = None) -> ScenarioResult:
     """Per repetition, the highest server-scenario rate whose p99 meets the objective with errors under 0.1%.
 
     The first search starts from --target-qps (or a burst's estimate) and doubles; later ones
-    start from the previous capacity with a 25% step, which brackets in a trial or two.
+    start from the previous capacity with a 25% step, which brackets in a trial or two. Each
+    repetition's run in the bundle is its trial at the capacity found.
     """
     say = progress or (lambda text, done: None)
     slo_ms = float(settings.slo_p99_ms)  # checked by ScenarioSettings
@@ -516,55 +545,44 @@ def find_peak(driver: LoadDriver, settings: ScenarioSettings, progress: Progress
     start = start_rate(driver, settings)
     say("warm-up", 0.0)
     warm_up(driver, settings, start)
-    trial_documents: list[dict[str, Any]] = []
-    arrays: dict[str, np.ndarray] = {}
+    trials = PeakTrials(driver, settings, say)
     runs: list[dict[str, Any]] = []
     capacities: list[float] = []
     warnings: list[str] = []
     measurements: list[Measurement] = []
     for repetition in range(settings.repetitions):
-        best: dict[str, Any] = {"rate": -1.0, "measurement": None}
         seed = derive_seed(settings.seed, repetition, "schedule")
+        passing: dict[float, Measurement] = {}
 
         def passes(rate: float) -> bool:
-            index = len(trial_documents)
-            say(f"repetition {repetition + 1} of {settings.repetitions}, trial {index + 1}: {rate:.1f} queries/s",
-                repetition / settings.repetitions)  # fmt: skip
-            measurement = run_open(driver, rate, settings.min_duration_s, settings.queries,
-                                   derive_seed(seed, index, "schedule"))  # fmt: skip
-            p99 = measurement.percentile_ms(0.99)
-            passed = bool(p99 <= slo_ms and measurement.error_rate <= MAX_ERROR_RATE)
-            trial_documents.append({"rate_qps": rate, "p99_ms": p99, "error_rate": measurement.error_rate,
-                                    "passed": passed, "repetition": repetition, "sent_qps": measurement.sent_qps,
-                                    "generator_overhead": measurement.generator_overhead,
-                                    "late_sends": measurement.late_sends})  # fmt: skip
-            arrays[f"trial{index}_latency_ns"], arrays[f"trial{index}_ok"] = measurement.latency_ns, measurement.ok
-            if passed and rate > best["rate"]:
-                best.update(rate=rate, measurement=measurement)
+            passed, measurement = trials.run(rate, repetition, seed)
+            if passed:
+                passing[rate] = measurement
             return passed
 
         search = search_peak(passes, start, precision=settings.peak_precision,
                              step=2.0 if repetition == 0 else 1.25, max_trials=settings.max_peak_trials)  # fmt: skip
+        what = f"repetition {repetition + 1}"
         if search.exhausted:
-            warnings.append(f"repetition {repetition + 1}: find-peak stopped after {len(search.trials)} trials "
-                            f"before the bracket narrowed to {settings.peak_precision:.0%}")
+            warnings.append(f"{what}: find-peak stopped after {len(search.trials)} trials before the bracket "
+                            f"narrowed to {settings.peak_precision:.0%}")
         if search.capacity_qps is None:
             lowest = min(rate for rate, _ in search.trials)
-            warnings.append(f"repetition {repetition + 1}: no rate met p99 <= {slo_ms:g} ms with errors under "
-                            f"{MAX_ERROR_RATE:.1%}, down to {lowest:.2f} queries/s: the objective is out of reach")
+            warnings.append(f"{what}: no rate met p99 <= {slo_ms:g} ms with errors under {MAX_ERROR_RATE:.1%}, "
+                            f"down to {lowest:.2f} queries/s: the objective is out of reach")
             continue
         capacities.append(search.capacity_qps)
         start = search.capacity_qps
-        measurement = best["measurement"]
+        measurement = passing[search.capacity_qps]
         key = f"run{len(runs)}"
         runs.append(run_document(settings, measurement, repetition, seed, key))
-        arrays[f"{key}_latency_ns"], arrays[f"{key}_ok"] = measurement.latency_ns, measurement.ok
-        warnings += warnings_of(measurement, search.capacity_qps, f"repetition {repetition + 1} at capacity")
+        trials.arrays[f"{key}_latency_ns"], trials.arrays[f"{key}_ok"] = measurement.latency_ns, measurement.ok
+        warnings += warnings_of(measurement, search.capacity_qps, f"{what} at capacity")
         measurements.append(measurement)
     say("done", 1.0)
-    stats = summarize_repetitions(capacities)
     peak = {"slo_p99_ms": slo_ms, "max_error_rate": MAX_ERROR_RATE,
-            "capacity_qps": stats.mean if capacities else None, "capacity_qps_per_repetition": capacities,
-            "precision": settings.peak_precision, "trials": trial_documents}  # fmt: skip
-    return ScenarioResult(settings.to_document(), runs, peak, summarize(settings, runs, capacities), arrays, warnings,
-                          measurements)  # fmt: skip
+            "capacity_qps": summarize_repetitions(capacities).mean if capacities else None,
+            "capacity_qps_per_repetition": capacities, "precision": settings.peak_precision,
+            "trials": trials.documents}  # fmt: skip
+    return ScenarioResult(settings.to_document(), runs, peak, summarize(settings, runs, capacities), trials.arrays,
+                          warnings, measurements)  # fmt: skip
