@@ -543,7 +543,9 @@ class GrpcClient:
             response = self._call("ModelConfig", self._pb.ModelConfigRequest(name=self.model, version=self.version))
         except InputError:
             return None
-        return json_format.MessageToDict(response.config, preserving_proto_field_name=True)
+        # Zeros too (a max_queue_delay of 0 is a setting, not an absence).
+        return json_format.MessageToDict(response.config, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)  # fmt: skip
 
     def signature(self) -> ModelSignature:
         from google.protobuf import json_format
