@@ -155,6 +155,15 @@ def test_resampled_quantile_matches_resampling_the_data() -> None:
         assert np.quantile(shortcut, q) == pytest.approx(np.quantile(direct, q), rel=0.03)
 
 
+def test_quantile_positions_are_the_nearest_rank_of_the_bench_statistics() -> None:
+    from conveyor.profile.statistics import nearest_rank
+
+    for n in (1, 7, 99, 100, 101, 662, 1000):
+        values = np.arange(n, dtype=np.float64)
+        for q in (0.5, 0.9, 0.99):
+            assert values[quantile_index(n, q)] == nearest_rank(values, q)
+
+
 def test_expanded_alpha_widens_small_samples_and_tends_to_the_nominal() -> None:
     assert expanded_alpha(3) < 1e-5  # three repetitions: the whole range of the resamples
     assert 0.001 < expanded_alpha(5) < 0.01
@@ -185,7 +194,7 @@ def test_a_faster_machine_is_better_on_capacity_and_p99_with_intervals_that_hold
     truth = (600.0 - LN100 / 0.05) / (400.0 - LN100 / 0.05)  # the closed-form capacities under p99 <= 50 ms
     assert capacity.estimate.low < truth < capacity.estimate.high
     assert capacity.estimate.value == pytest.approx(truth, rel=0.05)
-    assert "t-distributed" in capacity.estimate.method  # three repetitions: too few to resample
+    assert "geometric mean; t-distributed draws" in capacity.estimate.method  # three repetitions: too few to resample
     p99 = comparison.p99
     assert p99.verdict == "better" and p99.estimate.high < 1.0  # lower latency at the same 100 queries/s
     assert p99.estimate.value == pytest.approx((400.0 - 100.0) / (600.0 - 100.0), rel=0.1)  # M/M/1 at 100/s

@@ -13,14 +13,16 @@ The first bundle is the baseline; every other bundle is a candidate compared wit
 - **Ratios with bootstrap 95% intervals** and a verdict per metric: better, worse or
   indistinguishable. What is resampled (all seeded, so a comparison is reproducible):
   - capacity, when both bundles hold at least two repetitions: the per-repetition
-    capacities, the statistic being the ratio of their means. Run-to-run variation is
+    capacities, the statistic being the ratio of their centres. Run-to-run variation is
     what separates machines on a shared host, and the repetitions are its only samples.
-    With eight or more repetitions each they are resampled (independently per bundle,
-    expanded percentile: Hesterberg's widening of small-sample percentile intervals).
+    With eight or more repetitions each they are resampled (independently per bundle; the
+    centre is the mean; expanded percentile: Hesterberg's widening of small-sample
+    percentile intervals).
     With fewer they cannot be: any resampling comparison of three against three claims at
     most 90% confidence, since all three of one bundle exceed all three of the other with
-    probability 1/10 by chance alone. So each bundle's mean is drawn from its t distribution
-    (mean, standard error, n - 1 degrees of freedom): a parametric bootstrap of the ratio.
+    probability 1/10 by chance alone. So each bundle's geometric mean is drawn from its t
+    distribution on the log scale (mean and standard error of the logs, n - 1 degrees of
+    freedom): a parametric bootstrap of the ratio, whose draws are never negative.
   - capacity, when a bundle has a single repetition: the queries of every find-peak trial,
     resampled (p99 and error rate recomputed, the trial passing again or not), capacity
     being the highest passing rate. This measures the sampling noise of each trial's
@@ -55,6 +57,7 @@ import numpy as np
 
 from conveyor.errors import ConveyorError
 from conveyor.profile.bundle import Bundle
+from conveyor.profile.statistics import NS_PER_MS, answered_latencies, nearest_rank
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -288,25 +291,38 @@ def resample_means(values: Sequence[float], rng: np.random.Generator, resamples:
 
 def mean_draws(values: Sequence[float], rng: np.random.Generator, resamples: int,
                parametric: bool) -> np.ndarray:  # fmt: skip
-    """Bootstrap draws of the mean of `values` (n >= 2): resampled, or from its t distribution."""
+    """Bootstrap draws of the centre of `values` (n >= 2, all > 0 when parametric).
+
+    Resampled: the arithmetic mean. Parametric: the geometric mean, drawn on the log scale
+    from its t distribution (mean and standard error of the logs, n - 1 degrees of
+    freedom), so a draw is never negative and a ratio of two is symmetric in log terms.
+    """
     if not parametric:
         return resample_means(values, rng, resamples)
+    logs = np.log(np.asarray(values, dtype=np.float64))
+    standard_error = logs.std(ddof=1) / math.sqrt(len(logs))
+    return np.exp(logs.mean() + standard_error * rng.standard_t(len(logs) - 1, resamples))
+
+
+def centre(values: Sequence[float], parametric: bool) -> float:
+    """The point estimate `mean_draws` resamples: geometric mean when parametric, else the mean."""
     data = np.asarray(values, dtype=np.float64)
-    standard_error = data.std(ddof=1) / math.sqrt(len(data))
-    return data.mean() + standard_error * rng.standard_t(len(data) - 1, resamples)
+    return float(np.exp(np.log(data).mean())) if parametric else float(data.mean())
 
 
-def repetitions_method(n_values: Sequence[int]) -> tuple[bool, float, str]:
-    """(parametric, alpha, words) for bootstrapping means of repetitions counted `n_values`."""
-    n = min(n_values)
-    if n >= NONPARAMETRIC_MIN_REPETITIONS:
-        return False, expanded_alpha(n), f"bootstrap over repetitions (n = {n}, expanded percentile)"
-    return True, 1 - CONFIDENCE, f"t-distributed draws of the mean (n = {n}: too few repetitions to resample)"
+def repetitions_method(samples: Sequence[Sequence[float]]) -> tuple[bool, float, str]:
+    """(parametric, alpha, words) for bootstrapping the centres of these sets of repetitions."""
+    n = min(len(values) for values in samples)
+    positive = all(v > 0 for values in samples for v in values)
+    if n >= NONPARAMETRIC_MIN_REPETITIONS or not positive:
+        return False, expanded_alpha(n), f"mean; bootstrap over repetitions (n = {n}, expanded percentile)"
+    return True, 1 - CONFIDENCE, (f"geometric mean; t-distributed draws on the log scale (n = {n}: too few "
+                                  "repetitions to resample)")
 
 
 def quantile_index(n: int, q: float) -> int:
-    """The 0-based order statistic of the `q` quantile of n values (the inverted-CDF definition)."""
-    return min(max(math.ceil(q * n), 1), n) - 1
+    """The 0-based position of the nearest-rank `q` quantile among n sorted values (statistics.nearest_rank's)."""
+    return min(max(1, math.ceil(q * n - 1e-9)), n) - 1
 
 
 def resample_quantile(sorted_values: np.ndarray, q: float, rng: np.random.Generator, resamples: int) -> np.ndarray:
@@ -324,9 +340,7 @@ def resample_quantile(sorted_values: np.ndarray, q: float, rng: np.random.Genera
 
 def latencies_ms(latency_ns: np.ndarray) -> np.ndarray:
     """Per-query latencies in ms, sorted; a query never answered (-1) as +inf."""
-    values = np.asarray(latency_ns, dtype=np.float64) / 1e6
-    values[np.asarray(latency_ns) < 0] = np.inf
-    return np.sort(values)
+    return np.sort(answered_latencies(latency_ns) / NS_PER_MS)
 
 
 def verdict(low: float | None, high: float | None, higher_is_better: bool) -> str:
@@ -377,9 +391,9 @@ def estimate_bundle(bundle: Bundle, measured: Measured, rng: np.random.Generator
     """The bundle's value of its metric with a 95% interval (the method says how; see the module docstring)."""
     values = measured.per_repetition
     if len(values) >= 2:
-        parametric, alpha, words = repetitions_method([len(values)])
+        parametric, alpha, words = repetitions_method([values])
         low, high = _interval(mean_draws(values, rng, resamples, parametric), alpha)
-        return Estimate(float(np.mean(values)), low, high, f"mean of {len(values)} repetitions; interval: {words}")
+        return Estimate(centre(values, parametric), low, high, f"{len(values)} repetitions, {words}")
     if measured.metric == "capacity_qps" and (draws := _trial_capacity_draws(bundle, rng, resamples)) is not None:
         low, high = _interval(draws, 1 - CONFIDENCE)
         return Estimate(_recorded_capacity(bundle), low, high,
@@ -476,11 +490,11 @@ def compare_primary(base: BundleView, cand: BundleView, seed: int, resamples: in
     load = _objective_text(mb.objective) if mb.objective else None
     nb, nc = len(mb.per_repetition), len(mc.per_repetition)
     if nb >= 2 and nc >= 2:
-        parametric, alpha, words = repetitions_method([nb, nc])
+        parametric, alpha, words = repetitions_method([mb.per_repetition, mc.per_repetition])
         draws_b = mean_draws(mb.per_repetition, _rng(seed, 1, 0), resamples, parametric)
         draws_c = mean_draws(mc.per_repetition, _rng(seed, 1, 1), resamples, parametric)
-        method = f"ratio of means of {nc} and {nb} repetitions; {words}"
-        return _ratio(mb.metric, float(np.mean(mb.per_repetition)), float(np.mean(mc.per_repetition)),
+        method = f"ratio over {nc} and {nb} repetitions of the {words}"
+        return _ratio(mb.metric, centre(mb.per_repetition, parametric), centre(mc.per_repetition, parametric),
                       draws_b, draws_c, alpha, method, load)
     if mb.metric == "capacity_qps":
         draws_b = _trial_capacity_draws(base.bundle, _rng(seed, 2, 0), resamples)
@@ -554,7 +568,7 @@ def _common_trial(base: Bundle, cand: Bundle) -> tuple[int, int] | None:
 
 
 def _p99(sorted_ms: np.ndarray) -> float:
-    return float(sorted_ms[quantile_index(len(sorted_ms), 0.99)])
+    return nearest_rank(sorted_ms, 0.99)
 
 
 def p99_draws(runs: Sequence[np.ndarray], rng: np.random.Generator, resamples: int) -> np.ndarray:

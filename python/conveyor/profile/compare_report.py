@@ -186,8 +186,9 @@ METHOD_NOTES = (
     "A verdict is better or worse only when the whole 95% interval of the ratio lies on one side of 1; "
     "otherwise the two are indistinguishable at 95%.",
     "Capacity: the highest Poisson rate whose p99 met the objective with errors under the bound (bench --find-peak); "
-    "its interval comes from the repetitions (t-distributed draws of the mean below 8 repetitions, resampled "
-    "repetitions from 8 on) or, with one repetition, from resampling each find-peak trial's queries.",
+    "its interval comes from the repetitions (below 8 repetitions, t-distributed draws of their geometric mean on "
+    "the log scale; from 8 on, their mean with the repetitions resampled) or, with one repetition, from "
+    "resampling each find-peak trial's queries.",
     "p99: from the raw latencies at a load both bundles ran, counted from each query's scheduled send; with two or "
     "more runs each, a two-stage bootstrap (runs resampled, each run's p99 redrawn from its queries).",
     "Cost per 1,000 inferences = USD per hour / (3,600 × inferences per second) × 1,000; its interval is the "
@@ -259,7 +260,7 @@ def _svg(figure: Any) -> str:
 
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "conveyor-compare"}):
-        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
     text = buffer.getvalue()
     return re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)
 
@@ -274,6 +275,15 @@ def _new_figure(height_in: float, columns: int = 1) -> tuple[Any, Any]:
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     return figure, axes
+
+
+def _plain_log_axis(axis: Any) -> None:
+    """A log axis ticked at 1, 2, 5 x powers of ten and labelled as plain numbers (no mathtext: faster, plainer)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _color(result: CompareResult, label: str) -> str:
@@ -292,7 +302,6 @@ def throughput_p99_plot(result: CompareResult) -> str | None:
                         key=lambda t: t["rate_qps"])  # fmt: skip
         if trials:
             rates, p99s = [t["rate_qps"] for t in trials], [t["p99_ms"] for t in trials]
-            ax.plot(rates, p99s, color=color, linewidth=0.8, alpha=0.5)
             ax.scatter(rates, p99s, s=22, color=color, label=f"{view.label}: find-peak trials")
             failed = [(r, p) for r, p, t in zip(rates, p99s, trials) if not t["passed"]]
             if failed:
@@ -309,9 +318,10 @@ def throughput_p99_plot(result: CompareResult) -> str | None:
     for objective in sorted(objectives):
         ax.axhline(objective, color="#d62728", linestyle="--", linewidth=1, label=f"objective p99 ≤ {objective:g} ms")
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("offered load (queries/s)")
     ax.set_ylabel("p99 latency (ms, log scale)")
-    ax.set_title("Throughput against p99 (hollow: trial failed the objective)", fontsize=10)
+    ax.set_title("p99 against offered load: each find-peak trial (hollow: failed the objective) and run", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     return _svg(figure)
 
@@ -338,6 +348,7 @@ def latency_cdf_plot(result: CompareResult) -> str | None:
             ax.step(x, y, where="post", color=_color(result, label), label=f"{label} ({len(latencies)} queries)")
         ax.axhline(0.99, color="#999999", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("latency from scheduled send (ms, log scale)")
         ax.set_ylabel("share of queries at or below")
@@ -405,13 +416,14 @@ def batch_size_plot(result: CompareResult) -> str | None:
         return None
     sizes = sorted({size for _, counts in recorded for size in counts})
     figure, (ax,) = _new_figure(3.0)
-    width = 0.8 / len(recorded)
+    width = min(0.8 / len(recorded), 0.3)
     for i, (label, counts) in enumerate(recorded):
         total = sum(counts.values())
         x = np.arange(len(sizes)) + (i - (len(recorded) - 1) / 2) * width
         ax.bar(x, [100.0 * counts.get(s, 0) / total for s in sizes], width, color=_color(result, label),
                label=f"{label} ({total} batches)")  # fmt: skip
     ax.set_xticks(np.arange(len(sizes)), [str(s) for s in sizes])
+    ax.set_xlim(-0.7, len(sizes) - 0.3)
     ax.set_xlabel("batch size")
     ax.set_ylabel("share of batches (%)")
     ax.set_title("Batch sizes the batcher formed", fontsize=10)
@@ -419,28 +431,40 @@ def batch_size_plot(result: CompareResult) -> str | None:
     return _svg(figure)
 
 
+def _utilisation(view: BundleView) -> list[float | None]:
+    """[host CPU, this process's CPU, GPU] in percent of the machine's CPUs (GPU: percent busy)."""
+    recorded = view.document.get("utilisation") or {}
+
+    def value(key: str) -> float | None:
+        found = recorded.get(key)
+        return float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+
+    process, cpus = value("process_cpu_percent"), value("cpus")  # written by conveyor bench beside the contract's
+    return [value("cpu_percent"), process / cpus if process is not None and cpus else None, value("gpu_percent")]
+
+
 def utilisation_plot(result: CompareResult) -> str | None:
-    """Mean CPU and GPU utilisation during the runs, per bundle (horizontal bars, one pair per bundle)."""
-    kinds = [("cpu_percent", "CPU", "#4c78a8"), ("gpu_percent", "GPU", "#54a24b")]
-    values = [(v.label, [(v.document.get("utilisation") or {}).get(key) for key, _, _ in kinds]) for v in result.views]
-    present = [k for k in range(len(kinds)) if any(isinstance(vals[k], (int, float)) for _, vals in values)]
+    """Mean CPU (the host's, and the measuring process's where recorded) and GPU utilisation, per bundle."""
+    kinds = [("host CPU", "#4c78a8"), ("this process's CPU", "#9ecae9"), ("GPU", "#54a24b")]
+    values = [(view.label, _utilisation(view)) for view in result.views]
+    present = [k for k in range(len(kinds)) if any(vals[k] is not None for _, vals in values)]
     if not present:
         return None
-    figure, (ax,) = _new_figure(0.7 + 0.45 * len(values) * len(present))
+    figure, (ax,) = _new_figure(0.8 + 0.3 * len(values) * len(present))
     height = 0.8 / len(present)
     positions = np.arange(len(values))[::-1]
     for offset, k in enumerate(present):
-        heights = [vals[k] if isinstance(vals[k], (int, float)) else 0.0 for _, vals in values]
-        y = positions + (offset - (len(present) - 1) / 2) * height
-        ax.barh(y, heights, height, color=kinds[k][2], label=f"{kinds[k][1]} %")
-        for yy, value in zip(y, heights):
-            ax.annotate(f" {value:.0f}%", (value, yy), va="center", fontsize=7, color="#333333")
+        heights = [vals[k] if vals[k] is not None else 0.0 for _, vals in values]
+        y = positions - (offset - (len(present) - 1) / 2) * height
+        ax.barh(y, heights, height, color=kinds[k][1], label=kinds[k][0])
+        for yy, (_, vals) in zip(y, values):
+            text = "not recorded" if vals[k] is None else f"{vals[k]:.0f}%"
+            ax.annotate(f" {text}", (vals[k] or 0.0, yy), va="center", fontsize=7, color="#333333")
     ax.set_yticks(positions, [label for label, _ in values], fontsize=8)
-    ax.set_xlabel("mean utilisation during the runs (%; CPU: 100 per core busy)")
+    ax.set_xlabel("mean during the runs, % of the machine's CPUs (GPU: % busy)")
     ax.set_title("CPU / GPU utilisation", fontsize=10)
-    top = max((v for _, vals in values for v in vals if isinstance(v, (int, float))), default=100.0)
-    ax.set_xlim(0, max(top, 1.0) * 1.25)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlim(0, 125)
+    ax.legend(fontsize=7, loc="lower right")
     return _svg(figure)
 
 
