@@ -149,9 +149,10 @@ def test_canary_report_shows_the_steps_the_rollback_and_every_check(canary: tupl
     checks = re.search(r'<section id="checks">(.*?)</section>', page).group(1)
     assert checks.count("<svg") == 2 and "<h3>errors: fail</h3>" in checks and "<h3>p99:" in checks
     assert checks.count("<polygon") >= 2 and "confidence sequence" in checks
-    # latency distributions of both arms from the saved histograms
+    # latency distributions of both versions from the status's per-version histograms
     latency = re.search(r'<section id="latency">(.*?)</section>', page).group(1)
-    assert "champion v1" in latency and "challenger v2" in latency and latency.count("<tr>") == 5
+    assert "v1 (champion)" in latency and "v2 (challenger)" in latency and latency.count("<tr>") == 5
+    assert "<svg" in latency and "since the rollout started" in latency
     # the decisions: holds folded, the rollback row marked
     table = re.search(r'<section id="decisions">(.*?)</section>', page).group(1)
     assert f"{len(decisions)} decisions" in table and '<tr class="bad">' in table
@@ -175,14 +176,34 @@ def test_shadow_report_has_the_flip_matrix_from_the_saved_statistics(shadow: tup
     assert "100% of requests is copied to the challenger" in _text(page)
 
 
-def test_from_the_server_documents_alone_the_matrix_and_latency_come_from_the_checks(
+def test_the_status_holds_each_versions_latency_since_the_start_and_survives_a_save(
+    canary: tuple[RolloutController, Path],
+) -> None:
+    controller, directory = canary
+    status = controller.status()
+    per_version = status["per_version"]
+    assert set(per_version) == {"1", "2"}
+    assert per_version["1"]["requests"] == status["counts"]["champion_requests"]
+    assert per_version["2"]["requests"] == status["counts"]["challenger_requests"]  # the only challenger: its arm
+    arm = controller.statistics.challenger.request_time.to_dict()
+    assert per_version["2"]["request_time"] == arm and per_version["2"]["queue_time"]["buckets"]
+    json.dumps(status)  # plain JSON, as the server sends it
+    body, decisions, _ = _report_inputs(directory)
+    assert status_from_saved_state(body, decisions)["per_version"]["2"]["request_time"] == arm
+
+
+def test_from_the_server_documents_alone_latency_is_per_version_and_the_matrix_from_the_checks(
     canary: tuple[RolloutController, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     controller, directory = canary
     decisions = read_audit(audit_path(directory, MODEL))
     page = render_rollout_report({**controller.status(), "traffic": {"champion": 1, "challenger": 2}}, decisions)
     latency = re.search(r'<section id="latency">(.*?)</section>', page).group(1)
-    assert "--state-dir" in latency and "<td>p99</td>" in latency and "<svg" not in latency
+    assert "<svg" in latency and "v1 (champion)" in latency and "v2 (challenger)" in latency
+    # A status without per-version histograms (an older server) falls back to the checks' quantiles.
+    older = {key: value for key, value in controller.status().items() if key != "per_version"}
+    latency = re.search(r'<section id="latency">(.*?)</section>', render_rollout_report(older, decisions)).group(1)
+    assert "<td>p99</td>" in latency and "<svg" not in latency and "No latency histogram yet" in latency
     shadow_dir = tmp_path_factory.mktemp("shadow")
     shadow = shadow_with_flips(shadow_dir)
     page = render_rollout_report(shadow.status(), read_audit(audit_path(shadow_dir, MODEL)))
@@ -229,6 +250,8 @@ def test_the_page_renders_in_headless_chromium(scenario: str, tmp_path: Path) ->
     build = canary_that_advanced_and_rolled_back if scenario == "canary" else shadow_with_flips
     controller = build(tmp_path)
     body, decisions, statistics = _report_inputs(tmp_path)
+    if scenario == "canary":  # as `conveyor rollout report --url` renders it: the server's documents alone
+        statistics = None
     page = tmp_path / "report.html"
     page.write_text(render_rollout_report(controller.status(), decisions, statistics))
     png = tmp_path / "report.png"
@@ -245,6 +268,8 @@ def test_the_page_renders_in_headless_chromium(scenario: str, tmp_path: Path) ->
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'p2'}",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert dom.returncode == 0 and dom.stdout.count("<svg") == page.read_text().count("<svg") >= 3
+    latency = re.search(r'<section id="latency">(.*?)</section>', dom.stdout, re.S).group(1)
+    assert latency.count("<svg") == 1 and "v1 (champion)" in latency  # the distributions, per version
 
 
 def test_a_run_of_alike_holds_is_one_row_of_the_decisions() -> None:

@@ -223,3 +223,19 @@ def test_an_ended_rollout_serves_its_outcome_without_routing(rollouts: Rollouts)
     after = asyncio.run(serve(rollouts, 20))
     assert {(result.version, result.rollout_name) for result in after} == {(2, None)}
     assert rollouts.status(MODEL)["state"] == "promoted"
+
+
+def test_the_status_shows_each_versions_requests_and_latency_since_the_start(rollouts: Rollouts) -> None:
+    asyncio.run(serve(rollouts, 30))  # before the rollout: not its evidence
+    rollouts.start(MODEL, CANARY)
+    results = asyncio.run(serve(rollouts, 200, keys=[f"k{i}" for i in range(200)]))
+    answered = Counter(result.version for result in results)
+    before = rollouts.status(MODEL)["per_version"]
+    assert {version: entry["requests"] for version, entry in before.items()} == {"1": 0, "2": 0}  # not ticked yet
+    rollouts.tick(START + 1.0)  # reads the counters (no look: the interval has not passed)
+    per_version = rollouts.status(MODEL)["per_version"]
+    assert {version: entry["requests"] for version, entry in per_version.items()} == {"1": answered[1], "2": answered[2]}
+    for version in ("1", "2"):
+        histogram = per_version[version]["request_time"]
+        assert histogram["unit"] == 1e-9 and sum(count for _, count in histogram["buckets"]) == answered[int(version)]
+        assert sum(count for _, count in per_version[version]["queue_time"]["buckets"]) == answered[int(version)]

@@ -392,6 +392,22 @@ def test_posted_labels_reach_the_version_that_answered_and_roll_back_a_less_accu
     assert decision["inputs"]["challenger_labelled"] == by_version["2"] * rows
 
 
+def test_rollout_report_from_the_url_draws_each_versions_latency(served: ServerThread, tmp_path: Path) -> None:
+    from conveyor.cli import main
+
+    start(served, "scorer", {**CANARY, "steps": [{"weight": 50.0, "min_requests": 5}]})
+    counts = send_keyed(served, "scorer", [f"report-{i}" for i in range(40)])
+    tick(served, time.time() + INTERVAL_S + 1, "scorer")
+    per_version = rollout_status(served, "scorer")["per_version"]
+    assert {version: entry["requests"] for version, entry in per_version.items()} == counts
+    assert all(sum(n for _, n in per_version[v]["request_time"]["buckets"]) == counts[v] for v in counts)
+    out = tmp_path / "report.html"
+    assert main(["rollout", "report", "scorer", "--url", f"http://127.0.0.1:{served.port}", "--out", str(out)]) == 0
+    latency = out.read_text().split('<section id="latency">', 1)[1].split("</section>", 1)[0]
+    assert latency.count("<svg") == 1 and "v1 (champion)" in latency and "v2 (challenger)" in latency
+    assert f"v2 (challenger) ({counts['2']} requests)" in latency
+
+
 # ---- refusals, endpoints, metrics --------------------------------------------------------
 
 

@@ -352,7 +352,7 @@ def register_rollout_commands(subparsers: Any) -> None:
         "confidence bounds; the agreement / flip matrix when a check compares classes; latency per version; and "
         "every decision. From the server at --url (GET .../rollout and .../rollout/decisions), or offline from "
         "--state-dir: the server's --data-dir (or its rollouts/ directory, which holds rollout-MODEL.json and "
-        "rollout-MODEL.audit.jsonl); only the saved state holds the latency histograms.",
+        "rollout-MODEL.audit.jsonl). Both hold the latency histograms of every version.",
         epilog=ENVIRONMENT_EPILOG,
     )  # fmt: skip
     source = report.add_mutually_exclusive_group()

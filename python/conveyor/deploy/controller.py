@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.deploy.counter_feed import CounterFeed
-from conveyor.deploy.evidence import RolloutStatistics
+from conveyor.deploy.evidence import ArmStatistics, RolloutStatistics
 from conveyor.deploy.judge import Check, Judgement, evaluate
 from conveyor.rollout_config import RolloutConfig, RolloutVersions, resolve_versions
 from conveyor.deploy.rollout_state import (
@@ -100,7 +100,8 @@ class RolloutController:
 
     Public attributes (read them; change them only through the methods): `model`, `name`,
     `config`, `versions`, `checks`, `strategy`, `state`, `router`, `statistics`,
-    `serving_version`, `last_judgement`. See the module docstring for the behaviour.
+    `version_statistics` (per version: requests, errors, request and queue time since the
+    start), `serving_version`, `last_judgement`. See the module docstring for the behaviour.
     """
 
     def __init__(
@@ -164,6 +165,9 @@ class RolloutController:
         self._recorded_hold: tuple[tuple[Any, ...], float] | None = None
         self.restore_info: dict[str, str] | None = None
         self.statistics = RolloutStatistics.for_checks(self.checks)
+        # Each version's own counters and latency histograms since the rollout started (the
+        # judge's challenger arm pools the challengers): what the status shows per version.
+        self.version_statistics = {version: ArmStatistics() for version in (versions.champion, *versions.challengers)}
         self._counters = CounterFeed()
         self._table: RouteTable | None = None
         self._apply_routing()
@@ -214,7 +218,8 @@ class RolloutController:
 
     def _ingest(self, champion_stats: BatcherStats | None, challenger_stats: Any) -> None:
         if champion_stats is not None:
-            self._counters.add(self.versions.champion, self.statistics.champion, champion_stats)
+            champion = self.versions.champion
+            self._counters.add(champion, champion_stats, self.statistics.champion, self.version_statistics[champion])
         if challenger_stats is None:
             return
         per_challenger = [challenger_stats] if isinstance(challenger_stats, Mapping) else list(challenger_stats)
@@ -225,7 +230,7 @@ class RolloutController:
             )
         for version, stats in zip(self.versions.challengers, per_challenger):
             if stats is not None:
-                self._counters.add(version, self.statistics.challenger, stats)
+                self._counters.add(version, stats, self.statistics.challenger, self.version_statistics[version])
 
     def tick(
         self,
@@ -510,7 +515,11 @@ class RolloutController:
         weights ({"version": percent}), shadow ({version, percent} or null), started_at,
         updated_at, next_look_at, rollback_window_ends_at, last_judgement (every check's
         decision and statistic, or null), counts (looks, actions, requests and errors per
-        side, pairs) and restore ({outcome, reason} after a restart, else null).
+        side, pairs), restore ({outcome, reason} after a restart, else null) and
+        per_version ({"version": {requests, errors, request_time, queue_time}}: each
+        version's answered requests, errors and histograms of request and queue time in
+        seconds since the rollout started, as `evidence.Histogram.to_dict` writes them;
+        fed from the version's batcher counters at every tick).
         """
         return status_document(self)
 
@@ -552,6 +561,8 @@ class RolloutController:
         controller._setup(model, config, versions, checks, now, state_directory, on_event, router_seed, clock)
         if plan.fields is not None:
             vars(controller).update(plan.fields)
+            for version in (controller.versions.champion, *controller.versions.challengers):
+                controller.version_statistics.setdefault(version, ArmStatistics())  # a file from before they were saved
             controller._apply_routing()
         controller.restore_info = {"outcome": plan.outcome, "reason": plan.reason}
         if plan.outcome == "fallback":

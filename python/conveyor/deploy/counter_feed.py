@@ -46,11 +46,14 @@ class CounterFeed:
     def __init__(self) -> None:
         self._last: dict[int, dict[str, Any]] = {}
 
-    def add(self, version: int, arm: ArmStatistics, raw: Mapping[str, Any]) -> None:
-        """Adds to `arm` what `version`'s batcher counted since its previous snapshot."""
+    def add(self, version: int, raw: Mapping[str, Any], *arms: ArmStatistics) -> None:
+        """Adds to each of `arms` what `version`'s batcher counted since its previous snapshot
+        (the judge's arm, and the version's own statistics)."""
         snapshot = counter_snapshot(raw)
         previous = self._last.get(version)
         self._last[version] = snapshot
         if previous is None:
             return  # the start: later snapshots are added relative to it
-        arm.add_batcher_stats(snapshot, since=None if went_back(snapshot, previous) else previous)
+        since = None if went_back(snapshot, previous) else previous
+        for arm in arms:
+            arm.add_batcher_stats(snapshot, since=since)

@@ -9,8 +9,10 @@ holds (the saved body of ``rollout-<m>.json`` and the records of ``rollout-<m>.a
 
 The page: a summary; the weights over time (a step chart); each check's statistic against
 its limit over time, with its confidence bounds; the agreement / flip matrix when a check
-compares top-1 classes; latency distributions per version (from the judge's saved
-histograms when `statistics` is given, else the quantiles its latency checks reported);
+compares top-1 classes; latency distributions per version (from the status's
+`per_version` histograms, which the server's status and the saved state both hold; for an
+older saved state, per arm from the judge's `statistics`; else the quantiles its latency
+checks reported);
 and the decisions, runs of identical holds folded into one row. No scripts and no
 external assets: the charts are inline SVG (drawn by `report_charts`). Every value is
 escaped, and any field may be null or missing.
@@ -110,7 +112,7 @@ def status_from_saved_state(body: Mapping[str, Any], decisions: Sequence[Mapping
         "weights": _get(last, "weights"), "shadow": shadow, "started_at": _get(body, "started_at"),
         "updated_at": _get(body, "updated_at"), "last_judgement": _get(body, "last_judgement"),
         "counts": {"looks": _get(body, "looks"), "actions": _get(body, "action_counts"), **counts},
-        "restore": _get(body, "restore"),
+        "restore": _get(body, "restore"), "per_version": _get(body, "version_statistics"),
     }  # fmt: skip
 
 
@@ -321,13 +323,31 @@ def _quantile(bounds: list[float], counts: list[int], q: float) -> float:
     return bounds[-1]
 
 
-def _latency_section(status: Mapping, statistics: Mapping | None) -> str:
+def _latency_sources(status: Mapping, statistics: Mapping | None) -> tuple[list[tuple[str, Any]], str]:
+    """(label, histograms of one version or arm) to draw, and where they come from.
+
+    Per version from the status's per_version (the server's status and newer saved
+    states); else per arm from the judge's saved statistics; else nothing."""
     champion, challengers = _get(status, "champion"), _list(_get(status, "challengers"))
-    arms = [(f"champion v{champion}", "champion"), (f"challenger {', '.join(f'v{c}' for c in challengers)}".strip(), "challenger")]
+    per_version = _get(status, "per_version")
+    if isinstance(per_version, Mapping) and any(_histogram(_get(e, "request_time")) for e in per_version.values()):
+        ordered = [str(v) for v in [champion, *challengers] if str(v) in per_version]
+        ordered += sorted((v for v in per_version if v not in ordered), key=lambda v: (len(v), v))
+        role = {str(champion): " (champion)", **{str(c): " (challenger)" for c in challengers}}
+        note = ("Per version, from each version's batcher counters since the rollout started "
+                "(the core's buckets, each at most 1/16 of its value wide).")
+        return [(f"v{v}{role.get(v, '')}", per_version[v]) for v in ordered], note
+    arms = [(f"champion v{champion}", _get(statistics, "champion")),
+            (f"challenger {', '.join(f'v{c}' for c in challengers)}".strip(), _get(statistics, "challenger"))]
+    return arms, "From the judge's saved histograms, per arm (the core's buckets, each at most 1/16 of its value wide)."
+
+
+def _latency_section(status: Mapping, statistics: Mapping | None) -> str:
+    sources, source_note = _latency_sources(status, statistics)
     drawn, table = [], []
-    for label, side in arms:
+    for label, histograms in sources:
         for kind, key in (("request time", "request_time"), ("queue time", "queue_time")):
-            found = _histogram(_get(_get(statistics, side), key))
+            found = _histogram(_get(histograms, key))
             if found is None:
                 continue
             bounds, counts = found
@@ -352,8 +372,7 @@ def _latency_section(status: Mapping, statistics: Mapping | None) -> str:
     plot.legend([(f"{label} ({sum(c)} requests)", SERIES_COLORS[i % len(SERIES_COLORS)], "line")
                  for i, (label, _, c) in enumerate(drawn)])  # fmt: skip
     head = "<tr><th>version</th><th>measure</th><th>requests</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th></tr>"
-    note = "<p>From the judge's saved histograms (the core's buckets, each at most 1/16 of its value wide).</p>"
-    return (f'<section id="latency"><h2>Latency per version</h2>{note}{plot.svg()}'
+    return (f'<section id="latency"><h2>Latency per version</h2><p>{source_note}</p>{plot.svg()}'
             f'<table class="numbers">{head}{"".join(table)}</table></section>')
 
 
@@ -365,8 +384,8 @@ def _latency_from_checks(status: Mapping) -> str:
             rows.append(f"<tr><td>{esc(_get(decision, 'check'))}</td><td>{esc(_get(decision, 'statistic'))}</td>"
                         f"<td>{_fmt(_number(_get(inputs, 'champion_point_ms')))}</td>"
                         f"<td>{_fmt(_number(_get(inputs, 'challenger_point_ms')))}</td></tr>")
-    note = ("<p>The latency histograms are kept in the rollout's saved state: render the report with "
-            "<code>--state-dir</code> (the server's data directory) to see the distributions.</p>")
+    note = ("<p>No latency histogram yet: no version has answered a request since the rollout started "
+            "(or the status comes from a server or saved state that does not keep them).</p>")
     if not rows:
         return f'<section id="latency"><h2>Latency per version</h2>{note}<p>No latency check has reported.</p></section>'
     head = "<tr><th>check</th><th>statistic</th><th>champion ms</th><th>challenger ms</th></tr>"
@@ -446,7 +465,8 @@ def render_rollout_report(
 
     `status`: the rollout endpoint's document (or `status_from_saved_state`); `decisions`:
     the decision-log records, oldest first; `statistics`: the saved state's judge statistics
-    (`RolloutStatistics.to_dict()`), which add the latency distributions and the full flip matrix.
+    (`RolloutStatistics.to_dict()`), which add the full flip matrix (and the latency per arm for
+    a state saved before the status held histograms per version).
     """
     decisions = [d for d in decisions if isinstance(d, Mapping)]
     status = status if isinstance(status, Mapping) else {}

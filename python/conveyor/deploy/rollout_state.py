@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.config import MODEL_NAME_PATTERN
-from conveyor.deploy.evidence import RolloutStatistics
+from conveyor.deploy.evidence import ArmStatistics, RolloutStatistics
 from conveyor.deploy.judge import CheckDecision, Judgement
 from conveyor.durable_files import fsync_directory, write_all
 from conveyor.errors import ConfigError
@@ -190,8 +190,9 @@ def state_body(controller: Any) -> dict[str, Any]:
     """What is saved of a RolloutController: identity, configuration, position, evidence.
 
     Besides SAVED_ATTRIBUTES: model, name, strategy, the config's fingerprint and the config
-    itself (for a reader), the versions, the last judgement, the statistics (`to_dict`) and
-    how the controller came back after its last restart (`restore`).
+    itself (for a reader), the versions, the last judgement, the statistics (`to_dict`),
+    how the controller came back after its last restart (`restore`) and each version's own
+    counters and latency histograms (`version_statistics`; absent from older files).
     """
     judgement = controller.last_judgement
     return {
@@ -202,6 +203,7 @@ def state_body(controller: Any) -> dict[str, Any]:
         **{name: getattr(controller, name) for name in SAVED_ATTRIBUTES},
         "last_judgement": judgement.to_dict() if judgement is not None else None,
         "statistics": controller.statistics.to_dict(), "restore": controller.restore_info,
+        "version_statistics": {str(v): arm.to_dict() for v, arm in sorted(controller.version_statistics.items())},
     }  # fmt: skip
 
 
@@ -238,6 +240,15 @@ def status_document(controller: Any) -> dict[str, Any]:
                       "outputs": paired.output_difference.count, "labelled": paired.labelled_pairs},
         },
         "restore": controller.restore_info,
+        "per_version": {str(v): _version_document(arm) for v, arm in sorted(controller.version_statistics.items())},
+    }  # fmt: skip
+
+
+def _version_document(arm: ArmStatistics) -> dict[str, Any]:
+    """One version's entry of the status's per_version: its counters and latency histograms."""
+    return {
+        "requests": arm.requests, "errors": arm.errors,
+        "request_time": arm.request_time.to_dict(), "queue_time": arm.queue_time.to_dict(),
     }  # fmt: skip
 
 
@@ -267,6 +278,7 @@ def saved_fields(body: Mapping[str, Any], config: RolloutConfig) -> dict[str, An
         "rollback_window_ends_at": float(window) if window is not None else None, "looks": int(body["looks"]),
         "action_counts": {str(action): int(n) for action, n in body["action_counts"].items()},
         "last_judgement": judgement, "statistics": RolloutStatistics.from_dict(body["statistics"]),
+        "version_statistics": {int(v): ArmStatistics.from_dict(arm) for v, arm in body.get("version_statistics", {}).items()},
     }  # fmt: skip
 
 
