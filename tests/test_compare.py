@@ -88,8 +88,8 @@ def make_bundle(
     runs, arrays, trials, capacities = [], {}, [], []
     for repetition in range(repetitions):
         mu = service_rate_qps * (1.0 + cv * rng.standard_normal())
-        if find_peak:
-            capacities.append(_find_peak(rng, mu, slo_p99_ms, queries, repetition, trials, arrays))
+        if find_peak and (capacity := _find_peak(rng, mu, slo_p99_ms, queries, repetition, trials, arrays)) > 0:
+            capacities.append(capacity)  # as bench does, a repetition where no rate passed has no capacity
         rate = target_qps if scenario == "server" else 0.0
         latency = _latencies_ns(rng, mu, rate, queries) if scenario != "offline" else (rng.random(queries) * 1e9).astype(np.int64)
         key = f"run{repetition}"
@@ -102,9 +102,10 @@ def make_bundle(
                      "early_stopping": {"percentile": 0.99, "estimate_ms": None, "queries_needed": 0, "enough": True},
                      "generator_overhead": 0.01, "late_sends": 0, "latencies_key": key})  # fmt: skip
     if find_peak:
-        peak = {"slo_p99_ms": slo_p99_ms, "max_error_rate": 0.001, "capacity_qps": max(capacities),
+        peak = {"slo_p99_ms": slo_p99_ms, "max_error_rate": 0.001, "capacity_qps": max(capacities, default=None),
                 "capacity_qps_per_repetition": capacities, "trials": trials}  # fmt: skip
-        summary = {"metric": "capacity_qps", "value": float(np.mean(capacities)), "ci95": None, "cv": None}
+        value = float(np.mean(capacities)) if capacities else None
+        summary = {"metric": "capacity_qps", "value": value, "ci95": None, "cv": None}
     else:
         peak = None
         metric = {"single-stream": "p90_ms", "multi-stream": "p99_ms", "offline": "throughput_samples_per_s",
@@ -255,6 +256,19 @@ def test_different_objectives_are_not_ranked(tmp_path: Path) -> None:
     result = compare_bundles([(str(base), read_bundle(base)), (str(cand), read_bundle(cand))])
     assert result.comparisons[0].primary.verdict == "not compared"
     assert "objectives differ" in result.comparisons[0].primary.note
+
+
+def test_a_bundle_that_met_the_objective_at_no_rate_is_not_ranked_and_says_why(tmp_path: Path) -> None:
+    base = make_bundle(tmp_path / "a", service_rate_qps=400.0, slo_p99_ms=50.0)
+    cand = make_bundle(tmp_path / "b", service_rate_qps=10.0, slo_p99_ms=50.0, target_qps=5.0)  # p99 ~0.9 s at best
+    result = compare_bundles([(str(base), read_bundle(base)), (str(cand), read_bundle(cand))])
+    assert result.views[1].measured.estimate.value is None
+    primary = result.comparisons[0].primary
+    assert primary.verdict == "not compared" and "b: no rate met the objective" in primary.note
+    found, unjudged = regressions(result, "capacity", 5.0)
+    assert unjudged == [] and len(found) == 1 and found[0].startswith("b: no rate met the objective")
+    swapped = compare_bundles([(str(cand), read_bundle(cand)), (str(base), read_bundle(base))])
+    assert regressions(swapped, "capacity", 5.0)[0] == []  # no capacity to lose: nothing to judge against
 
 
 def test_latency_at_different_server_rates_falls_back_to_common_find_peak_trials(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ HIGHER_IS_BETTER = {"capacity_qps": True, "throughput_samples_per_s": True, "p90
 METRIC_NAMES = {"capacity_qps": "capacity (queries/s at the objective)", "throughput_samples_per_s": "throughput (samples/s)",
                 "p90_ms": "p90 latency (ms)", "p99_ms": "p99 latency (ms)"}  # fmt: skip
 VERDICTS = ("better", "worse", "indistinguishable", "not compared")
+NO_CAPACITY = "no rate met the objective (find-peak found no capacity): bench with a looser --slo-p99-ms"
 
 
 class CompareInputError(ConveyorError, ValueError):
@@ -390,6 +391,8 @@ def _recorded_capacity(bundle: Bundle) -> float | None:
 def estimate_bundle(bundle: Bundle, measured: Measured, rng: np.random.Generator, resamples: int) -> Estimate:
     """The bundle's value of its metric with a 95% interval (the method says how; see the module docstring)."""
     values = measured.per_repetition
+    if measured.metric == "capacity_qps" and _recorded_capacity(bundle) is None:
+        return Estimate(None, method=NO_CAPACITY)
     if len(values) >= 2:
         parametric, alpha, words = repetitions_method([values])
         low, high = _interval(mean_draws(values, rng, resamples, parametric), alpha)
@@ -488,6 +491,9 @@ def compare_primary(base: BundleView, cand: BundleView, seed: int, resamples: in
         return _not_compared(mc.metric, f"the objectives differ ({_objective_text(mb.objective)} against "
                              f"{_objective_text(mc.objective)}): capacities at different objectives do not compare")
     load = _objective_text(mb.objective) if mb.objective else None
+    for view in (base, cand):
+        if view.measured.metric == "capacity_qps" and view.measured.estimate.value is None:
+            return _not_compared(mb.metric, f"{view.label}: {NO_CAPACITY}", load)
     nb, nc = len(mb.per_repetition), len(mc.per_repetition)
     if nb >= 2 and nc >= 2:
         parametric, alpha, words = repetitions_method([mb.per_repetition, mc.per_repetition])
@@ -625,6 +631,10 @@ def _gpus(value: Any) -> Any:
                      f"CUDA {g.get('cuda')})" if isinstance(g, Mapping) else str(g) for g in value)  # fmt: skip
 
 
+def _joined(value: Any) -> Any:
+    return " ".join(str(v) for v in value) if isinstance(value, list) else value
+
+
 def _virtualization(value: Any) -> Any:
     if not isinstance(value, Mapping):
         return None
@@ -643,7 +653,10 @@ FINGERPRINT_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("cgroup CPU quota (cores)", "machine.cgroup.cpu_quota_cores", None),
     ("cgroup memory limit (bytes)", "machine.cgroup.memory_limit_bytes", None),
     ("ISA path of conveyor's kernels", "machine.cpu.isa_path", None),
+    ("CPU flags of interest", "machine.cpu.flags", _joined),
+    ("CPU frequency (MHz)", "machine.cpu.frequency_mhz", None),
     ("frequency governor", "machine.cpu.governor", None),
+    ("NUMA nodes", "machine.numa_nodes", None),
     ("memory", "machine.host_memory_capacity", None),
     ("accelerator", "machine.accelerator_model_name", None),
     ("GPUs", "machine.gpus", _gpus),
@@ -651,6 +664,7 @@ FINGERPRINT_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("operating system", "machine.operating_system", None),
     ("conveyor", "software.conveyor_version", None),
     ("git commit", "software.git_commit", None),
+    ("git tree had local changes", "software.git_dirty", None),
     ("python", "software.python", None),
     ("numpy", "software.numpy", None),
     ("onnxruntime", "software.onnxruntime", None),
@@ -719,26 +733,26 @@ def _labels(paths: Sequence[str]) -> list[str]:
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def _machine(bundle: Bundle, given: str, label: str, machines: Mapping[str, str]) -> tuple[str | None, str]:
-    for key in (given, label, str(bundle.path)):
-        if key in machines:
-            return machines[key], "--machine"
+def _names_bundle(key: str, given: str, label: str, bundle: Bundle) -> bool:
+    """Whether a --machine key names this bundle: its path as given, its label, or the same directory."""
+    if key in (given, label, str(bundle.path)):
+        return True
     resolved = bundle.path.resolve()
+    return Path(key).resolve() in (resolved, resolved / "bundle.json")
+
+
+def _machine(bundle: Bundle, given: str, label: str, machines: Mapping[str, str]) -> tuple[str | None, str]:
+    """(machine name, where it came from): --machine first, else the fingerprint's system_name."""
     for key, name in machines.items():
-        if Path(key).resolve() in (resolved, resolved / "bundle.json"):
+        if _names_bundle(key, given, label, bundle):
             return name, "--machine"
     name = _path(bundle.document, "machine.system_name")
     return (str(name), "fingerprint system_name") if isinstance(name, str) and name else (None, "unknown")
 
 
 def _unmatched_machine_keys(views: Sequence[BundleView], machines: Mapping[str, str]) -> list[str]:
-    matched = set()
-    for key in machines:
-        for view in views:
-            if key in (view.given_path, view.label, str(view.bundle.path)) or Path(key).resolve() in (
-                    view.bundle.path.resolve(), view.bundle.path.resolve() / "bundle.json"):  # fmt: skip
-                matched.add(key)
-    return [key for key in machines if key not in matched]
+    return [key for key in machines
+            if not any(_names_bundle(key, v.given_path, v.label, v.bundle) for v in views)]  # fmt: skip
 
 
 def _accuracy_failure(document: Mapping[str, Any]) -> str | None:
@@ -837,17 +851,29 @@ def _compare_pair(base: BundleView, cand: BundleView, different_models: bool, se
     return Comparison(base.label, cand.label, primary, p99, latencies, flags)
 
 
+def _lost_capacity(base: BundleView, cand: BundleView) -> bool:
+    """The candidate met the objective at no rate where the baseline had a capacity under the same objective."""
+    mb, mc = base.measured, cand.measured
+    return (mb.metric == mc.metric == "capacity_qps" and mb.objective == mc.objective
+            and mb.estimate.value is not None and mc.estimate.value is None)  # fmt: skip
+
+
 def regressions(result: CompareResult, metric: str, tolerance_percent: float) -> tuple[list[str], list[str]]:
     """(regressions beyond `tolerance_percent` with 95% confidence, comparisons that could not be judged).
 
     `metric`: "capacity" (the compared metric: capacity, or the summary metric) or "p99". A
-    candidate whose accuracy check failed is a regression whatever its speed.
+    candidate whose accuracy check failed is a regression whatever its speed, and so is one
+    that met the objective at no rate where the baseline had a capacity.
     """
     found, unjudged = [], []
     margin = tolerance_percent / 100.0
     for comparison, view in zip(result.comparisons, result.views[1:]):
         if view.not_ranked:
             found.append(f"{view.label}: {view.not_ranked}")
+            continue
+        if metric == "capacity" and _lost_capacity(result.baseline, view):
+            found.append(f"{view.label}: {NO_CAPACITY}, while the baseline had "
+                         f"{result.baseline.measured.estimate.value:.4g} queries/s")  # fmt: skip
             continue
         ratio = comparison.primary if metric == "capacity" else comparison.p99
         name = METRIC_NAMES.get(ratio.metric, ratio.metric)

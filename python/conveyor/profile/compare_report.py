@@ -23,10 +23,9 @@ import numpy as np
 from conveyor.errors import ConveyorError
 from conveyor.profile.compare import (
     METRIC_NAMES,
-    CompareResult,
-    Comparison,
-    Estimate,
     BundleView,
+    CompareResult,
+    Estimate,
 )
 from conveyor.report_values import cell, esc
 
