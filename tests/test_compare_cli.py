@@ -33,16 +33,22 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_reports_are_written_and_the_verdicts_printed(bundles: dict[str, str], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    markdown, page = tmp_path / "out" / "compare.md", tmp_path / "out" / "compare.html"
+    markdown, page, data = (tmp_path / "out" / f"compare.{ext}" for ext in ("md", "html", "json"))
     code = main([bundles["base"], bundles["slower"], "--prices", str(EXAMPLE_PRICES),
                  "--machine", f"{bundles['base']}=c7i.xlarge", "--machine", f"{bundles['slower']}=m7i.xlarge",
-                 "--markdown", str(markdown), "--html", str(page)])  # fmt: skip
+                 "--markdown", str(markdown), "--html", str(page), "--json", str(data)])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "slower capacity (queries/s at the objective):" in out and "worse" in out
     assert "per 1,000 inferences" in out and f"wrote the Markdown report to {markdown}" in out
     assert "wrote the HTML report (6 plots)" in out
     assert "c7i.xlarge" in markdown.read_text() and page.read_text().count("<svg") == 6
+    document = json.loads(data.read_text())
+    assert [b["price"]["name"] for b in document["bundles"]] == ["c7i.xlarge", "m7i.xlarge"]
+    capacity = document["comparisons"][0]["ratios"][0]
+    assert capacity["metric"] == "capacity_qps" and capacity["verdict"] == "worse"
+    low, high = capacity["ratio"]["ci95"]
+    assert low <= capacity["ratio"]["value"] <= high < 1.0
 
 
 def test_a_regression_beyond_the_tolerance_exits_1(bundles: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

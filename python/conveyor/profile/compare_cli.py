@@ -1,10 +1,10 @@
 """`conveyor compare BUNDLE...`: bench bundles side by side, priced, with a CI gate.
 
     conveyor compare base/ cand/ [--prices FILE] [--machine BUNDLE=NAME ...] [--markdown FILE] [--html FILE]
-                     [--fail-on-regression PCT] [--metric capacity|p99] [--allow-different-models]
+                     [--json FILE] [--fail-on-regression PCT] [--metric capacity|p99] [--allow-different-models]
 
 The first bundle is the baseline. A few lines go to stdout (each bundle's value, each
-candidate's ratios and verdicts); --markdown and --html write the full reports. Exit
+candidate's ratios and verdicts); --markdown, --html and --json write the full reports. Exit
 status: 0 done; 1 a candidate regressed beyond --fail-on-regression PCT with 95%
 confidence (or failed its accuracy check); 2 the comparison could not be made as asked
 (not a bundle, a newer bundle format, a price table without a bundle's machine, bundles
@@ -15,6 +15,7 @@ of different models, a gate that cannot judge). cli.py registers the verb
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", type=Path, metavar="FILE", default=env("html", None, Path),
                    help="write the report as one self-contained HTML page with plots to FILE (needs matplotlib: "
                    "pip install 'conveyor-serve[profile]')")
+    p.add_argument("--json", type=Path, metavar="FILE", default=env("json", None, Path),
+                   help="write the comparison's numbers (values, intervals, verdicts, fingerprints) as JSON to FILE")
     p.add_argument("--fail-on-regression", type=percent, metavar="PCT",
                    default=env("fail-on-regression", None, percent),
                    help="exit 1 when a candidate's --metric is worse than the baseline's by more than PCT percent "
@@ -127,7 +130,7 @@ def _write(path: Path, text: str, what: str) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Runs `conveyor compare`: prints the verdicts, writes the reports, applies the gate; returns the exit status."""
-    from conveyor.profile.compare_report import render_html, render_markdown, render_text, svg_count
+    from conveyor.profile.compare_report import render_html, render_markdown, render_text, result_document, svg_count
 
     for value in vars(args).values():
         if isinstance(value, BadEnv):
@@ -140,6 +143,9 @@ def run_compare(args: argparse.Namespace) -> int:
         if args.markdown is not None:
             _write(args.markdown, render_markdown(result), "Markdown report")
             print(f"wrote the Markdown report to {args.markdown}")
+        if args.json is not None:
+            _write(args.json, json.dumps(result_document(result), indent=2, allow_nan=False) + "\n", "JSON report")
+            print(f"wrote the comparison as JSON to {args.json}")
         if args.html is not None:
             page = render_html(result)
             _write(args.html, page, "HTML report")

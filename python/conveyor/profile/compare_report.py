@@ -224,6 +224,40 @@ def render_markdown(result: CompareResult) -> str:
     return "\n".join(parts)
 
 
+def _plain(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None  # JSON has no infinity: null
+
+
+def _estimate_document(estimate: Estimate) -> dict[str, Any]:
+    return {"value": _plain(estimate.value), "ci95": [_plain(estimate.low), _plain(estimate.high)]
+            if estimate.has_interval else None, "method": estimate.method}  # fmt: skip
+
+
+def result_document(result: CompareResult) -> dict[str, Any]:
+    """The comparison as plain JSON-able data: what the reports show, for scripts and CI pipelines."""
+    bundles = []
+    for view in result.views:
+        price = view.price
+        bundles.append({
+            "label": view.label, "path": view.given_path, "machine": view.machine, "machine_from": view.machine_from,
+            "metric": view.measured.metric, "per_repetition": view.measured.per_repetition,
+            "estimate": _estimate_document(view.measured.estimate),
+            "inferences_per_s": _estimate_document(view.inferences_per_s),
+            "price": None if price is None else {"name": price.name, "usd_per_hour": price.usd_per_hour,
+                                                 "dated": price.dated, "region": price.region, "source": price.source},
+            "usd_per_1000_inferences": _estimate_document(view.cost_per_1000), "not_ranked": view.not_ranked,
+        })  # fmt: skip
+    comparisons = [{"baseline": c.baseline, "candidate": c.candidate, "flags": c.flags, "ratios": [
+        {"metric": r.metric, "higher_is_better": r.higher_is_better, "ratio": _estimate_document(r.estimate),
+         "verdict": r.verdict, "baseline_value": _plain(r.baseline_value), "candidate_value": _plain(r.candidate_value),
+         "load": r.load, "note": r.note} for r in (c.primary, c.p99)]} for c in result.comparisons]  # fmt: skip
+    fingerprint = [{"field": row.name, "source": row.source, "values": row.values, "differs": row.differs}
+                   for row in result.fingerprint]  # fmt: skip
+    return {"baseline": result.baseline.label, "bundles": bundles, "comparisons": comparisons,
+            "fingerprint": fingerprint, "warnings": result.warnings, "different_models": result.different_models,
+            "bootstrap": {"resamples": result.resamples, "seed": result.seed, "confidence": 0.95}}  # fmt: skip
+
+
 def render_text(result: CompareResult) -> str:
     """A few lines for a terminal: each bundle's value and cost, each candidate's verdicts."""
     lines = []
