@@ -13,6 +13,7 @@ import pytest
 
 import conveyor
 from conveyor.deploy import Rollouts
+from conveyor.deploy.report import render_rollout_report
 from conveyor.errors import InvalidInput, ModelNotFound
 from conveyor.monitor.feedback import FeedbackStore, add_labels_to_versions
 
@@ -152,6 +153,12 @@ def test_labels_reach_each_versions_arm_and_the_accuracy_check_rolls_back_a_wors
         statistics = rollouts.controller(MODEL).statistics
         assert (statistics.champion.labelled, statistics.challenger.labelled) == (answered[1] * ROWS, answered[2] * ROWS)
         assert statistics.champion.correct == answered[1] * 98 and statistics.challenger.correct == answered[2] * 95
+        per_version = rollouts.status(MODEL)["per_version"]  # realized accuracy per version
+        assert (per_version["1"]["labelled"], per_version["1"]["accuracy"]) == (answered[1] * ROWS, pytest.approx(0.98))
+        assert (per_version["2"]["labelled"], per_version["2"]["accuracy"]) == (answered[2] * ROWS, pytest.approx(0.95))
+        assert per_version["2"]["mae"] is None
+        summary = render_rollout_report(rollouts.status(MODEL), [])
+        assert f"v1: accuracy 0.98 over {answered[1] * ROWS} labels; v2: accuracy 0.95 over {answered[2] * ROWS} labels" in summary
         (record,) = rollouts.tick(NOW + 61.0)
         assert (record["action"], record["trigger"]) == ("rollback", "judge"), record["reason"]
         (decision,) = record["judgement"]["decisions"]
@@ -189,6 +196,9 @@ def test_regression_labels_feed_the_mae_check_and_a_named_version_takes_its_own_
         statistics = rollouts.controller(MODEL).statistics
         assert statistics.champion.absolute_error.count == answered[1] * ROWS
         assert statistics.challenger.absolute_error.mean == pytest.approx(0.4, abs=1e-5)
+        per_version = rollouts.status(MODEL)["per_version"]
+        assert per_version["1"]["mae"] == pytest.approx(0.1, abs=1e-5) and per_version["1"]["accuracy"] is None
+        assert per_version["2"]["regression_labels"] == answered[2] * ROWS
         named = rollouts.infer(MODEL, {"x": np.ones((1, 1), np.float32)}, version=2, request_id="named")
         assert named.version == 2
         assert rollouts.add_feedback(MODEL, [{"id": "named", "label": 1.0}], version=1)["unknown"] == 1

@@ -516,10 +516,12 @@ class RolloutController:
         updated_at, next_look_at, rollback_window_ends_at, last_judgement (every check's
         decision and statistic, or null), counts (looks, actions, requests and errors per
         side, pairs), restore ({outcome, reason} after a restart, else null) and
-        per_version ({"version": {requests, errors, request_time, queue_time}}: each
-        version's answered requests, errors and histograms of request and queue time in
-        seconds since the rollout started, as `evidence.Histogram.to_dict` writes them;
-        fed from the version's batcher counters at every tick).
+        per_version ({"version": {requests, errors, request_time, queue_time, labelled,
+        accuracy, regression_labels, mae}}: each version's answered requests, errors and
+        histograms of request and queue time in seconds since the rollout started, as
+        `evidence.Histogram.to_dict` writes them, fed from its batcher counters at every
+        tick; and its realized accuracy or MAE over the delayed labels joined since the
+        start, null before any).
         """
         return status_document(self)
 

@@ -148,6 +148,9 @@ def _summary(status: Mapping, decisions: Sequence[Mapping]) -> str:
         ("started / updated", f"{_time(_get(status, 'started_at'))} / {_time(_get(status, 'updated_at'))}"),
         ("decisions", f"{len(decisions)} recorded, {_fmt(_get(counts, 'looks'))} looks by the judge"),
     ]  # fmt: skip
+    quality = _realized_quality(_get(status, "per_version"))
+    if quality:
+        rows.append(("delayed labels", quality))
     restore = _get(status, "restore")
     if isinstance(restore, Mapping):
         rows.append(("after the last restart", f"{_fmt(_get(restore, 'outcome'))}: {_fmt(_get(restore, 'reason'))}"))
@@ -157,6 +160,19 @@ def _summary(status: Mapping, decisions: Sequence[Mapping]) -> str:
                                           for k, v in traffic.items())))
     cells = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
     return f'<section id="summary"><table class="summary">{cells}</table></section>'
+
+
+def _realized_quality(per_version: Any) -> str:
+    """Each version's realized accuracy or MAE over its delayed labels, for the summary ('' when none)."""
+    if not isinstance(per_version, Mapping):
+        return ""
+    parts = []
+    for version, entry in per_version.items():
+        if _number(_get(entry, "accuracy")) is not None:
+            parts.append(f"v{esc(version)}: accuracy {_fmt(_number(_get(entry, 'accuracy')))} over {_fmt(_get(entry, 'labelled'))} labels")
+        if _number(_get(entry, "mae")) is not None:
+            parts.append(f"v{esc(version)}: MAE {_fmt(_number(_get(entry, 'mae')))} over {_fmt(_get(entry, 'regression_labels'))} labels")
+    return "; ".join(parts)
 
 
 def _weights_chart(status: Mapping, decisions: Sequence[Mapping], start: float | None) -> str:

@@ -245,10 +245,14 @@ def status_document(controller: Any) -> dict[str, Any]:
 
 
 def _version_document(arm: ArmStatistics) -> dict[str, Any]:
-    """One version's entry of the status's per_version: its counters and latency histograms."""
+    """One version's entry of the status's per_version: counters, latency histograms and
+    the realized quality of its delayed labels (null before any)."""
+    errors = arm.absolute_error
     return {
         "requests": arm.requests, "errors": arm.errors,
         "request_time": arm.request_time.to_dict(), "queue_time": arm.queue_time.to_dict(),
+        "labelled": arm.labelled, "accuracy": arm.correct / arm.labelled if arm.labelled else None,
+        "regression_labels": errors.count, "mae": errors.mean if errors.count else None,
     }  # fmt: skip
 
 

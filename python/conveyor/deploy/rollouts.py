@@ -117,26 +117,26 @@ def tick_rollout(runtime: Any, controller: RolloutController, now: float) -> lis
 
 def record_joined_labels(controller: RolloutController, rows: list[dict[str, Any]]) -> None:
     """Adds joined feedback rows (`FeedbackStore` sink rows) to the arm of the version that
-    answered each: the champion's arm or the challengers'. Rows of other versions, rows
+    answered each (the champion's arm or the challengers') and to that version's own
+    statistics (its realized accuracy or MAE in the status). Rows of other versions, rows
     whose prediction is not finite (the store keeps them out of its metric too), and
     rows after the rollout ended are left out. The caller holds the owner's lock."""
     if not controller.active:
         return
     arms = {controller.versions.champion: controller.statistics.champion}
     arms.update((version, controller.statistics.challenger) for version in controller.versions.challengers)
-    # (arm, classification?) -> (predictions, labels): one record call per arm and kind.
-    gathered: dict[tuple[int, bool], tuple[Any, list[float], list[float]]] = {}
+    # (version, classification?) -> (predictions, labels): one record call per version and kind.
+    gathered: dict[tuple[int, bool], tuple[list[float], list[float]]] = {}
     for row in rows:
-        arm = arms.get(row["version"])
-        classification = "correct" in row
-        if arm is None or not math.isfinite(row["prediction"]):
+        if row["version"] not in arms or not math.isfinite(row["prediction"]):
             continue
-        _, predicted, labels = gathered.setdefault((id(arm), classification), (arm, [], []))
+        predicted, labels = gathered.setdefault((row["version"], "correct" in row), ([], []))
         predicted.append(row["prediction"])
         labels.append(row["label"])
-    for (_, classification), (arm, predicted, labels) in gathered.items():
-        record = arm.record_classification_labels if classification else arm.record_regression_labels
-        record(np.asarray(predicted, np.float64), np.asarray(labels, np.float64))
+    for (version, classification), (predicted, labels) in gathered.items():
+        values = np.asarray(predicted, np.float64), np.asarray(labels, np.float64)
+        for arm in (arms[version], controller.version_statistics[version]):
+            (arm.record_classification_labels if classification else arm.record_regression_labels)(*values)
 
 
 def feedback_stores(runtime: Any, controller: RolloutController, version: int | None) -> list[Any]:
