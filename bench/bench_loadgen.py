@@ -300,7 +300,7 @@ def _serve_grpc_echo() -> None:
     from conveyor.protocol.grpc import inference_pb2, inference_pb2_grpc
 
     class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-        def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802 (the protocol's name)
+        def ModelInfer(self, request: Any, context: Any) -> Any:
             return inference_pb2.ModelInferResponse(model_name=request.model_name)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from processes import DEADLINE_S, free_port, wait_for
 
 import conveyor
 from conveyor import _core
 from conveyor.errors import InvalidInput, ModelNotFound, Unavailable
 from conveyor.profile import loadgen
 from conveyor.runtime import Runtime
+from processes import DEADLINE_S, free_port, wait_for
 
 PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]
 EXAMPLES = conveyor.example_repository()
@@ -332,7 +332,8 @@ def test_http_wrong_model_gives_errors_not_a_crash(serve: _Serve) -> None:
 
 def test_http_unreachable_url_raises_a_clear_error() -> None:
     port = free_port()  # nothing listens there
-    with pytest.raises(Unavailable, match=rf"HTTP target http://127.0.0.1:{port}: .*cannot connect.*is the server running"):
+    expected = rf"HTTP target http://127.0.0.1:{port}: .*cannot connect.*is the server running"
+    with pytest.raises(Unavailable, match=expected):
         loadgen.HttpTarget(f"http://127.0.0.1:{port}", "scaler", _samples(1), connect_timeout_s=DEADLINE_S)
     with pytest.raises(InvalidInput, match="no TLS"):
         loadgen.HttpTarget("https://127.0.0.1:443", "scaler", _samples(1))

@@ -47,7 +47,7 @@ import json
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 
@@ -150,7 +150,7 @@ class _TargetBase:
     def close(self) -> None:
         self._native = None
 
-    def __enter__(self) -> _TargetBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
