@@ -377,6 +377,9 @@ def test_state_round_trip_resumes_at_the_same_step_with_the_same_statistics(tmp_
     assert restored.status()["restore"]["outcome"] == "resumed" and restored.state == "paused"
     assert (restored.step_index, restored.weights(), restored.paused_by) == (1, {1: 75.0, 2: 25.0}, "operator")
     assert restored.statistics.to_dict() == controller.statistics.to_dict()
+    per_version = {version: arm.to_dict() for version, arm in controller.version_statistics.items()}
+    assert {version: arm.to_dict() for version, arm in restored.version_statistics.items()} == per_version
+    assert per_version[2]["requests"] == controller.statistics.challenger.requests > 0
     assert restored.last_judgement == controller.last_judgement
     before, after = controller.status(), restored.status()
     for key in ("restore", "updated_at", "counts"):
@@ -384,6 +387,19 @@ def test_state_round_trip_resumes_at_the_same_step_with_the_same_statistics(tmp_
     assert before == after
     assert [restored.router.route(k) for k in KEYS] == [controller.router.route(k) for k in KEYS]
     assert read_audit(tmp_path / f"rollout-{MODEL}.audit.jsonl")[-1]["action"] == "restore"
+
+
+def test_a_state_saved_before_per_version_statistics_resumes_with_them_empty(tmp_path: Path) -> None:
+    table = canary_table(FOUR_STEPS)
+    controller = start(table, tmp_path)
+    Traffic(controller, seed=1).run(3)
+    body = state_body(controller)
+    del body["version_statistics"]
+    save_state(state_path(tmp_path, MODEL), body)
+    restored = restore(tmp_path, table)
+    assert restored.status()["restore"]["outcome"] == "resumed"
+    assert {version: entry["requests"] for version, entry in restored.status()["per_version"].items()} == {"1": 0, "2": 0}
+    assert restored.statistics.to_dict() == controller.statistics.to_dict()
 
 
 def test_a_finished_rollout_stays_finished_and_a_new_table_starts_anew(tmp_path: Path) -> None:
