@@ -24,9 +24,10 @@ dimension), converted once: no Python runs per request.
   reopened; a keep-alive connection found closed before any answer is retried once.
 - `GrpcTarget`: grpcio's `ModelInfer.future()` per request, called from the C++ schedule
   (the GIL is taken per send and per answer). Its ceiling is that of grpcio in Python:
-  about 2,500 requests/s sent and answered on a 2-vCPU machine (bench/bench_loadgen.py:
-  offline, 256 in flight, against a no-op servicer in a subprocess), against 65k/s for the
-  native HTTP client and 460k/s in-process in the same run; use those beyond it.
+  about 2,500 requests/s answered on a 2-vCPU machine (bench/bench_loadgen.py: offline,
+  256 in flight, against a no-op servicer in a subprocess), and about 4,300/s sent with no
+  bound on the requests in flight (then grpcio's servers cancel part of the flood), against
+  65k/s for the native HTTP client and 460k/s in-process in the same run; use those beyond it.
 
 Targets bound the requests in flight: the batcher's queue size (a full queue would
 reject), the HTTP connections; the generator waits for a free slot (the wait counts as
