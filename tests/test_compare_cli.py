@@ -114,3 +114,16 @@ def test_the_example_price_table_reads_and_every_entry_is_dated() -> None:
     prices = read_price_table(EXAMPLE_PRICES)
     assert len(prices) >= 10 and all(p.dated and p.region and p.source for p in prices.values())
     assert {"m7i.xlarge", "n2-standard-4", "Standard_D4s_v5", "g4dn.xlarge"} <= set(prices)
+
+
+def test_flags_from_the_environment_are_checked(bundles: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setenv("CONVEYOR_METRIC", "p50")
+    assert main([bundles["base"], bundles["same"]]) == 2
+    assert "CONVEYOR_METRIC='p50' is not one of capacity, p99" in capsys.readouterr().err
+    monkeypatch.setenv("CONVEYOR_METRIC", "p99")
+    monkeypatch.setenv("CONVEYOR_FAIL_ON_REGRESSION", "5")
+    assert main([bundles["base"], bundles["slower"]]) == 1  # the p99 gate, from the environment
+    monkeypatch.setenv("CONVEYOR_FAIL_ON_REGRESSION", "lots")
+    assert main([bundles["base"], bundles["same"]]) == 2
+    assert "CONVEYOR_FAIL_ON_REGRESSION='lots' is not valid for --fail-on-regression" in capsys.readouterr().err

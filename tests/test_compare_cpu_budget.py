@@ -35,7 +35,7 @@ ROWS, WIDTH, LAYERS = 128, 256, 12  # about 100 M multiply-adds per request: mil
 PYTHON_PATH = str(Path(__file__).resolve().parent.parent / "python")
 MIN_CORES_DELIVERED = 1.6
 BENCH_ARGS = ["--scenario", "server", "--find-peak", "--slo-p99-ms", "100", "--target-qps", "40", "--duration-s",
-              "0.25", "--min-queries", "40", "--warmup-s", "0.2", "--repetitions", "3", "--peak-precision", "0.08",
+              "0.2", "--min-queries", "30", "--warmup-s", "0.2", "--repetitions", "3", "--peak-precision", "0.15",
               "--samples", "8"]  # fmt: skip
 
 

@@ -62,7 +62,7 @@ from conveyor.profile.statistics import NS_PER_MS, answered_latencies, nearest_r
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 20_260_101  # fixed: the same bundles always give the same intervals
-NONPARAMETRIC_MIN_REPETITIONS = 8  # fewer per bundle: the mean is drawn from its t distribution instead
+NONPARAMETRIC_MIN_REPETITIONS = 8  # fewer: the geometric mean is drawn from its t distribution (log scale)
 COMPARABLE_LOAD_TOLERANCE = 0.05  # offered rates within 5% count as the same load
 CLOSED_LOOP_SCENARIOS = ("single-stream", "multi-stream")
 HIGHER_IS_BETTER = {"capacity_qps": True, "throughput_samples_per_s": True, "p90_ms": False, "p99_ms": False}

@@ -27,20 +27,25 @@ from conveyor.errors import ConveyorError
 EXIT_REGRESSION, EXIT_USAGE = 1, 2
 METRICS = ("capacity", "p99")
 EPILOG = (
-    "Every flag can also be set by an environment variable: CONVEYOR_ and the flag's name in capitals with dashes "
-    "as underscores (--prices: CONVEYOR_PRICES). Exit status: 0 done; 1 a candidate regressed beyond "
+    "Every flag that takes one value can also be set by an environment variable: CONVEYOR_ and the flag's name in "
+    "capitals with dashes as underscores (--prices: CONVEYOR_PRICES); --machine is given on the command line only. "
+    "Exit status: 0 done; 1 a candidate regressed beyond "
     "--fail-on-regression (or failed its accuracy check); 2 bad input, or a gate that cannot judge."
 )
 
 
+class _BadValue(argparse.ArgumentTypeError, ValueError):
+    """A flag value argparse shows with its message (and cli_values.env reports for an environment variable)."""
+
+
 def percent(text: str) -> float:
-    """A tolerance in percent: 0 to 100."""
+    """A tolerance in percent: 0 to below 100."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to below 100, got {text!r}") from None
+        raise _BadValue(f"expected a percentage from 0 to below 100, got {text!r}") from None
     if not 0.0 <= value < 100.0:
-        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to below 100, got {value:g}")
+        raise _BadValue(f"expected a percentage from 0 to below 100, got {value:g}")
     return value
 
 
@@ -136,6 +141,10 @@ def run_compare(args: argparse.Namespace) -> int:
         if isinstance(value, BadEnv):
             print(f"conveyor compare: error: {value.message}", file=sys.stderr)
             return EXIT_USAGE
+    if args.metric not in METRICS:  # argparse checks choices on the command line, not an environment default
+        print(f"conveyor compare: error: environment variable CONVEYOR_METRIC={args.metric!r} is not one of "
+              f"{', '.join(METRICS)}", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     try:
         started = time.perf_counter()
         result, found, unjudged = _compare(args)
