@@ -110,17 +110,20 @@ def _regressor(error: float):
     return execute
 
 
-def _runtime(kind: str, champion, challenger) -> conveyor.Runtime:
-    datatype = "INT64" if kind == "classification" else "FP32"
-    config = {
+def _config(kind: str) -> dict:
+    """One output, "label", joined with delayed labels of `kind`."""
+    return {
         "backend": "python", "max_batch_size": ROWS,
         "inputs": [{"name": "x", "datatype": "FP32", "dims": [1]}],
-        "outputs": [{"name": "label", "datatype": datatype, "dims": [1]}],
+        "outputs": [{"name": "label", "datatype": "INT64" if kind == "classification" else "FP32", "dims": [1]}],
         "feedback": {"kind": kind, "output": "label"},
     }  # fmt: skip
+
+
+def _runtime(kind: str, champion, challenger) -> conveyor.Runtime:
     runtime = conveyor.Runtime()
-    runtime.add_model(MODEL, config, champion, version=1)
-    runtime.add_model(MODEL, config, challenger, version=2)
+    runtime.add_model(MODEL, _config(kind), champion, version=1)
+    runtime.add_model(MODEL, _config(kind), challenger, version=2)
     return runtime
 
 
@@ -229,6 +232,22 @@ def test_a_model_without_feedback_says_so_and_one_without_a_rollout_goes_to_the_
         rollouts.start("plain", _canary({"name": "mae", "metric": "mae", "tolerance": 0.05}))
         with pytest.raises(InvalidInput, match=r"model 'plain' takes no feedback: add a \[feedback\] table"):
             rollouts.add_feedback("plain", [{"id": "x", "label": 1.0}])
+    finally:
+        rollouts.close()
+        runtime.close()
+
+
+def test_a_label_for_a_version_outside_the_rollout_joins_there_and_stays_out_of_the_judge() -> None:
+    runtime = _runtime("regression", _regressor(0.0), _regressor(0.0))
+    runtime.add_model(MODEL, _config("regression"), _regressor(0.5), version=3)
+    rollouts = Rollouts(runtime, clock=lambda: NOW)
+    try:
+        rollouts.start(MODEL, _canary({"name": "mae", "metric": "mae", "tolerance": 0.05}))
+        assert rollouts.infer(MODEL, {"x": np.ones((1, 1), np.float32)}, version=3, request_id="side").version == 3
+        assert rollouts.add_feedback(MODEL, [{"id": "side", "label": 1.0}])["joined"] == 1
+        assert runtime.model(MODEL, 3).monitor.feedback.snapshot()["value"] == pytest.approx(0.5)
+        statistics = rollouts.controller(MODEL).statistics
+        assert statistics.champion.absolute_error.count == statistics.challenger.absolute_error.count == 0
     finally:
         rollouts.close()
         runtime.close()

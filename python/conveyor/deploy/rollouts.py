@@ -384,8 +384,8 @@ class Rollouts:
 
         A failing tick is logged by the thread and the next one still runs.
         """
-        if not interval_s > 0:
-            raise ConfigError(f"rollout tick interval: expected seconds > 0, got {interval_s!r}")
+        if not 0 < interval_s < math.inf:
+            raise ConfigError(f"rollout tick interval: expected a finite number of seconds > 0, got {interval_s!r}")
         with self._lock:
             if self._ticker is not None:
                 raise Conflict("rollouts are already ticking: call stop_ticking() before starting again")
