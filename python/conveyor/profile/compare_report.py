@@ -150,6 +150,8 @@ def trace_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
                          f"{where}: {measured.source}"])  # fmt: skip
         recorded_field = "peak.capacity_qps" if measured.metric == "capacity_qps" else "summary.value"
         rows.append([view.label, f"{measured.metric} as recorded", number(measured.recorded), f"{where}: {recorded_field}"])
+        rows.append([view.label, f"{measured.metric} compared [95% interval]", with_interval(measured.estimate),
+                     f"computed from the above: {measured.estimate.method or 'no interval'}"])  # fmt: skip
         for i, run in enumerate(document["runs"]):
             latency = run.get("latency_ms") or {}
             rows.append([view.label, f"run {i}: offered / achieved queries/s, p99 ms",
