@@ -368,8 +368,10 @@ def add_labels_to_versions(
     the stores in order until one knows its id (pending, labeled or expired); a label no
     store knows is counted unknown once. Every item is thus counted exactly once over all
     stores, in the answer `FeedbackStore.add_labels` gives (item indices refer to `items`).
-    An item is parsed by the first store that sees it (class names may differ between
-    versions). `on_joined` is called by each store with the rows it joined.
+    Each store parses the items it is handed: an item invalid for the first store is
+    counted invalid there; one a later store cannot parse (its version names the classes
+    differently) is counted invalid by that store. `on_joined` is called by each store
+    with the rows it joined.
     Raises InvalidInput when `items` is neither a list nor an object, ValueError without stores.
     """
     if not stores:
