@@ -15,7 +15,7 @@ import conveyor
 from conveyor.deploy import Rollouts
 from conveyor.deploy.report import render_rollout_report
 from conveyor.errors import InvalidInput, ModelNotFound
-from conveyor.monitor.feedback import FeedbackStore, add_labels_to_versions
+from conveyor.monitor.feedback import FeedbackStore
 
 NOW = 1_700_000_000.0
 ROWS = 100  # rows per request: the classes 0..99, each request the same mix
@@ -45,10 +45,10 @@ def test_each_label_joins_at_the_store_that_recorded_its_id_and_is_counted_once(
     second.record("b1", 4.0, 2, 0)
     second.record("b2", 5.0, 2, 0)
     joined: list[dict] = []
-    answer = add_labels_to_versions([first, second], [
+    answer = first.add_labels([
         {"id": "b1", "label": 4}, {"id": "a1", "label": 0}, {"id": "a0", "label": 1}, {"id": "gone", "label": 2},
         {"id": "never", "label": 1}, {"id": "b2"}, {"id": "b2", "label": "five"}, "not an object",
-    ], on_joined=joined.extend)  # fmt: skip
+    ], then=[second], on_joined=joined.extend)  # fmt: skip
     assert {key: answer[key] for key in ("joined", "duplicates", "late", "unknown", "invalid")} == {
         "joined": 2, "duplicates": 1, "late": 1, "unknown": 1, "invalid": 3,
     }  # fmt: skip
@@ -68,10 +68,10 @@ def test_an_id_recorded_by_two_versions_joins_at_the_first_only() -> None:
     challenger = FeedbackStore(kind="regression")
     champion.record("shadowed", 1.5, 1, 0)
     challenger.record("shadowed", 2.5, 2, 0)  # a shadow copy answered the same request
-    answer = add_labels_to_versions([champion, challenger], {"id": "shadowed", "label": 2.0})
+    answer = champion.add_labels({"id": "shadowed", "label": 2.0}, then=[challenger])
     assert (answer["joined"], answer["unknown"]) == (1, 0)
     assert champion.snapshot()["value"] == pytest.approx(0.5) and challenger.snapshot()["pending"] == 1
-    again = add_labels_to_versions([champion, challenger], [{"id": "shadowed", "label": 2.0}])
+    again = champion.add_labels([{"id": "shadowed", "label": 2.0}], then=[challenger])
     assert again["duplicates"] == 1
 
 
@@ -84,10 +84,8 @@ def test_a_failing_listener_is_logged_and_the_labels_stay_joined(caplog: pytest.
 
     assert store.add_labels([{"id": "r", "label": 1}], on_joined=broken)["joined"] == 1
     assert "feedback listener failed on 1 joined rows" in caplog.text
-    with pytest.raises(ValueError, match="at least one feedback store"):
-        add_labels_to_versions([], [])
     with pytest.raises(InvalidInput, match="expected a list of objects"):
-        add_labels_to_versions([store], "r")
+        store.add_labels("r", then=[FeedbackStore(kind="classification")])
 
 
 # ---- in-process: Rollouts.add_feedback feeds the judge -------------------------------------

@@ -181,15 +181,13 @@ def add_rollout_feedback(runtime: Any, controller: RolloutController, labels: An
     the rollout is active the joined labels also reach its judge, under `lock`: each in
     the arm of the version that answered, where the `accuracy` and `mae` checks read them.
     """
-    from conveyor.monitor.feedback import add_labels_to_versions  # the monitor layer, only when labels come
-
-    stores = feedback_stores(runtime, controller, version)
+    first, *others = feedback_stores(runtime, controller, version)
 
     def judge_them(rows: list[dict[str, Any]]) -> None:
         with lock:
             record_joined_labels(controller, rows)
 
-    return add_labels_to_versions(stores, labels, on_joined=judge_them)
+    return first.add_labels(labels, then=others, on_joined=judge_them)
 
 
 def build_controller(

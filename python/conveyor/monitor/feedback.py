@@ -20,9 +20,9 @@ expired too. The recent labeled and recent expired ids are each bounded by
 `max_pending` as well, so memory stays bounded whatever clients send.
 
 Under a rollout several versions of a model answer, each recording into its own store:
-`add_labels_to_versions` hands each label to the store that recorded its id, still
-counting every label exactly once, and `on_joined` hands the joined rows to a caller
-that wants them (the rollout's judge: realized accuracy or MAE per version).
+`add_labels(items, then=[other versions' stores])` hands each label to the store that
+recorded its id, still counting every label exactly once, and `on_joined` hands the
+joined rows to a caller that wants them (the rollout's judge: accuracy or MAE per version).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from conveyor.errors import ConfigError, InvalidInput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeedbackStore", "add_labels_to_versions"]
+__all__ = ["FeedbackStore"]
 
 KINDS = ("classification", "regression")
 METRIC_BY_KIND = {"classification": "accuracy", "regression": "mae"}
@@ -164,18 +164,40 @@ class FeedbackStore:
         self,
         items: Iterable[Mapping[str, Any]] | Mapping[str, Any],
         *,
+        then: Sequence[FeedbackStore] = (),
         on_joined: Callable[[list[dict]], None] | None = None,
     ) -> dict:
         """Join labels ({"id": request id, "label": class index or name, or a number}).
 
         `items`: a list of such objects, or one object. Returns the count of each outcome
         and `errors`, one message per invalid item (its index and what is wrong). Raises
-        InvalidInput when `items` is neither a list nor an object. `on_joined`: called
-        with the rows joined by this call (as the sink gets them), after the sink, outside
-        the lock; its failure is logged, never raised (the labels are joined already).
+        InvalidInput when `items` is neither a list nor an object.
+
+        `then`: the stores of other versions of the model (under a rollout several answer),
+        tried in order for the labels whose id this store never saw (not pending, labeled
+        or expired here): each label is joined by the first store that knows its id (when
+        two recorded it, as a shadow copy does, the first), and a label none knows is
+        unknown, so every item is counted exactly once over all the stores. Each store
+        parses the items it is handed: one a later store cannot parse (its version names
+        the classes differently) is counted invalid there.
+
+        `on_joined`: called by each store with the rows it joined (as the sink gets them),
+        after the sink, outside the lock; its failure is logged, never raised (the labels
+        are joined already, and an error would make the client send them again).
         """
-        outcome, errors, _ = self._add_indexed(list(enumerate(_as_list(items))), on_joined=on_joined)
-        return {**outcome, "errors": _listed_errors(errors)}
+        stores = [self, *then]
+        remaining = list(enumerate(_as_list(items)))
+        total = {"joined": 0, "duplicates": 0, "late": 0, "unknown": 0, "invalid": 0}
+        errors: list[tuple[int, str]] = []
+        for position, store in enumerate(stores):
+            last = position == len(stores) - 1
+            outcome, found, remaining = store._add_indexed(remaining, pass_unknown=not last, on_joined=on_joined)
+            for key, count in outcome.items():
+                total[key] += count
+            errors += found
+            if not remaining:
+                break
+        return {**total, "errors": _listed_errors(sorted(errors))}
 
     def _add_indexed(
         self,
@@ -188,7 +210,7 @@ class FeedbackStore:
         of each invalid item, the items whose id this store never saw).
 
         `pass_unknown`: an id this store does not know is handed back instead of counted
-        as unknown, for the next version's store to try (`add_labels_to_versions`).
+        as unknown, for the next version's store to try (`add_labels(..., then=...)`).
         """
         parsed: list[tuple[int, Any, str, float | int]] = []
         errors: list[tuple[int, str]] = []
@@ -353,41 +375,6 @@ class FeedbackStore:
                 "window_labels": count,
                 "reference_value": self._reference_value,
             }
-
-
-def add_labels_to_versions(
-    stores: Sequence[FeedbackStore],
-    items: Iterable[Mapping[str, Any]] | Mapping[str, Any],
-    *,
-    on_joined: Callable[[list[dict]], None] | None = None,
-) -> dict:
-    """Labels for predictions of several versions of one model: each joins where its id was recorded.
-
-    `stores`: the versions' stores, the one to try first first (when two versions recorded
-    the same id, as a shadow copy does, the first one joins it). Each label is tried on
-    the stores in order until one knows its id (pending, labeled or expired); a label no
-    store knows is counted unknown once. Every item is thus counted exactly once over all
-    stores, in the answer `FeedbackStore.add_labels` gives (item indices refer to `items`).
-    Each store parses the items it is handed: an item invalid for the first store is
-    counted invalid there; one a later store cannot parse (its version names the classes
-    differently) is counted invalid by that store. `on_joined` is called by each store
-    with the rows it joined.
-    Raises InvalidInput when `items` is neither a list nor an object, ValueError without stores.
-    """
-    if not stores:
-        raise ValueError("add_labels_to_versions needs at least one feedback store")
-    remaining = list(enumerate(_as_list(items)))
-    total = {"joined": 0, "duplicates": 0, "late": 0, "unknown": 0, "invalid": 0}
-    errors: list[tuple[int, str]] = []
-    for position, store in enumerate(stores):
-        last = position == len(stores) - 1
-        outcome, found, remaining = store._add_indexed(remaining, pass_unknown=not last, on_joined=on_joined)
-        for key, count in outcome.items():
-            total[key] += count
-        errors += found
-        if not remaining:
-            break
-    return {**total, "errors": _listed_errors(sorted(errors))}
 
 
 def _listed_errors(errors: list[tuple[int, str]]) -> list[str]:
