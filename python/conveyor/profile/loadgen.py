@@ -44,6 +44,7 @@ counted as the target's latency.
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -315,7 +316,7 @@ class GrpcTarget(_TargetBase):
             raise InvalidInput(f"channels must be >= 1, got {channels}")
         host, port, _ = _split_url(url, 8001, "gRPC")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._requests = [_grpc_request(inference_pb2, model, version, t) for t in _wire_tensors(samples)]
+        requests = [_grpc_request(inference_pb2, model, version, t) for t in _wire_tensors(samples)]
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         # Distinct channel arguments keep grpcio from sharing one subchannel (one TCP connection).
         self._channels = [
@@ -330,21 +331,10 @@ class GrpcTarget(_TargetBase):
                 f"gRPC target {url}: cannot connect to {address} within {connect_timeout_s} s: is the server "
                 "running, and is this its gRPC port (conveyor serve: 8001 by default)?"
             ) from None
-        self._calls = [inference_pb2_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in self._channels]
-        self._next = 0
-        self._in_flight: set[Any] = set()
-        super().__init__(_core.CallbackLoadTarget(self._send, len(self._requests), 0), len(self._requests))
+        calls = [inference_pb2_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in self._channels]
+        super().__init__(_core.CallbackLoadTarget(_grpc_sender(calls, requests), len(requests), 0), len(requests))
         self.url = url
         self.model = model
-
-    def _send(self, sample: int, ticket: Any) -> None:
-        # Called by the generator with the GIL taken, once per request. The future is held
-        # until it is done: grpcio cancels a call whose future is garbage-collected.
-        call = self._calls[self._next]
-        self._next = (self._next + 1) % len(self._calls)
-        future = call.future(self._requests[sample])
-        self._in_flight.add(future)
-        future.add_done_callback(_grpc_done(ticket, self._in_flight))
 
     def _close_channels(self) -> None:
         for channel in self._channels:
@@ -354,6 +344,21 @@ class GrpcTarget(_TargetBase):
         if self._native is not None:
             self._close_channels()
         super().close()
+
+
+def _grpc_sender(calls: list[Any], requests: list[Any]) -> Callable[[int, Any], None]:
+    """send(sample, ticket) over the channels in turn. A closure, not a method: the native
+    target holds it, and a reference back to the GrpcTarget would be a cycle no GC sees."""
+    in_flight: set[Any] = set()  # grpcio cancels a call whose future is garbage-collected
+    turn = itertools.cycle(calls)
+
+    def send(sample: int, ticket: Any) -> None:
+        # Called by the generator with the GIL taken, once per request.
+        future = next(turn).future(requests[sample])
+        in_flight.add(future)
+        future.add_done_callback(_grpc_done(ticket, in_flight))
+
+    return send
 
 
 def _grpc_request(pb2: Any, model: str, version: str | None, tensors: list) -> Any:
