@@ -130,7 +130,7 @@ void init_loadgen(py::module_& m) {
         return result_to_python(result);
       },
       py::arg("target"), py::arg("schedule_ns"), py::arg("sample_indices") = py::none(),
-      py::arg("max_outstanding") = 65536, py::arg("timeout_ns") = 60'000'000'000, py::arg("spin_ns") = 50'000);
+      py::arg("max_outstanding") = 65536, py::arg("timeout_ns") = 60'000'000'000, py::arg("spin_ns") = 10'000);
 
   m.def(
       "run_closed_loop",

@@ -34,7 +34,7 @@ reject), the HTTP connections; the generator waits for a free slot (the wait cou
 latency) rather than overrunning them.
 
 Additions to the interface agreed for `conveyor bench` (nothing removed or renamed):
-`run_open_loop(..., spin_us=50.0)`; `connect_timeout_s` on the network targets;
+`run_open_loop(..., spin_us=10.0)`; `connect_timeout_s` on the network targets;
 `sample_count` and `close()` (and `with`) on every target; LoadRun's `busy_ns`,
 `active_ns`, `queries`, `offered_rate_qps`, `sent_rate_qps` and `error_count`. In a
 closed loop a query's scheduled time is the moment the generator issues it, right after
@@ -403,7 +403,7 @@ def _timeout_ns(timeout_s: float) -> int:
 
 def run_open_loop(
     target: Target, schedule_ns: np.ndarray, *, sample_indices: np.ndarray | None = None,
-    max_outstanding: int = 65536, timeout_s: float = DEFAULT_TIMEOUT_S, spin_us: float = 50.0,
+    max_outstanding: int = 65536, timeout_s: float = DEFAULT_TIMEOUT_S, spin_us: float = 10.0,
 ) -> LoadRun:  # fmt: skip
     """Send query i at schedule_ns[i] (sample sample_indices[i], or i % sample_count).
 
@@ -411,7 +411,9 @@ def run_open_loop(
     target takes it. At most `max_outstanding` requests (and the target's own bound) are in
     flight; a query waits for a free slot up to `timeout_s`, and answers are waited for up
     to `timeout_s` after the last send. `spin_us`: how long before each due time the
-    generator stops sleeping and spins (more: fewer late sends, more CPU taken from the target).
+    generator stops sleeping and spins. More means fewer late sends and more CPU taken from
+    the target: on 2 vCPUs, 10 us sends on time at the median and within about 20 us at
+    p99; 50 us halves that p99 for about twice the client CPU per request at 10k/s.
     """
     if max_outstanding < 1:
         raise InvalidInput(f"max_outstanding must be >= 1, got {max_outstanding}")
