@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     from conveyor.rollout_cli import register_rollout_commands  # it imports this module's helpers
 
     register_rollout_commands(subparsers)
+    from conveyor.profile.bench_cli import register_bench_commands
+    from conveyor.profile.compare_cli import register_compare_commands
+
+    register_bench_commands(subparsers)
+    register_compare_commands(subparsers)
     return parser
 
 
