@@ -5,10 +5,10 @@ the GIL released for the whole run, and sends each query at its scheduled time (
 until `spin_us` before, then spins; the first sends follow the schedule, there is no
 start-up burst). Latency is counted from the SCHEDULED time, so a send held back by a busy
 generator or a full target still counts its wait (no coordinated omission). Each run
-reports the generator's own overhead (the share of its time from the first due time to
-its last send spent sending rather than waiting: near 1 means it could not keep up, and
-offline runs, where everything is due at once, are 1 by design) and its late sends
-(more than 100 us after their due time).
+reports the generator's own overhead (the share of its wall time from the first due time
+to its last send spent sending rather than waiting for a due time or a free slot: near 1
+means it could not keep up; a CPU-starved generator shows it too) and its late sends (more
+than 100 us after their due time).
 
 Targets own a pool of samples, each one request's inputs (`{name: array}` with the batch
 dimension), converted once: no Python runs per request.
@@ -24,10 +24,11 @@ dimension), converted once: no Python runs per request.
   reopened; a keep-alive connection found closed before any answer is retried once.
 - `GrpcTarget`: grpcio's `ModelInfer.future()` per request, called from the C++ schedule
   (the GIL is taken per send and per answer). Its ceiling is that of grpcio in Python:
-  about 2,500 requests/s answered on a 2-vCPU machine (bench/bench_loadgen.py: offline,
-  256 in flight, against a no-op servicer in a subprocess), and about 4,300/s sent with no
-  bound on the requests in flight (then grpcio's servers cancel part of the flood), against
-  65k/s for the native HTTP client and 460k/s in-process in the same run; use those beyond it.
+  2,500 to 4,700 requests/s answered on a 2-vCPU machine, depending on what else runs
+  there (bench/bench_loadgen.py: offline, 256 in flight, against a no-op servicer in a
+  subprocess), and about 4,300/s sent with no bound on the requests in flight (grpcio's
+  servers then cancel part of the flood); the native HTTP client did 65k-100k/s and the
+  in-process target 460k-800k/s in the same runs. Use those beyond a few thousand per second.
 
 Targets bound the requests in flight: the batcher's queue size (a full queue would
 reject), the HTTP connections; the generator waits for a free slot (the wait counts as
