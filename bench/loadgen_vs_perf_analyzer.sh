@@ -119,13 +119,15 @@ def med(rate, gen, key):
     return statistics.median(values) if values else float("nan")
 print(f"model {sys.argv[2]} over HTTP (binary tensors), Poisson arrivals; medians over the rounds")
 print()
-print("| rate req/s | generator | infer/s | p50 ms | p99 ms | conveyor / perf_analyzer: infer/s | p50 | p99 |")
-print("|---|---|---|---|---|---|---|---|")
+print("| rate req/s | generator | infer/s | p50 ms | p99 ms | conveyor / perf_analyzer: infer/s | p50 | p99 "
+      "| conveyor sent/s | its overhead | late sends |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for rate in dict.fromkeys(r["rate"] for r in rows):
     pa = [med(rate, "perf_analyzer", k) for k in ("infer_per_s", "p50_ms", "p99_ms")]
-    cv = [med(rate, "conveyor", k) for k in ("infer_per_s", "p50_ms", "p99_ms")]
-    print(f"| {rate} | perf_analyzer | {pa[0]:.0f} | {pa[1]:.3f} | {pa[2]:.3f} | | | |")
+    cv = [med(rate, "conveyor", k) for k in ("infer_per_s", "p50_ms", "p99_ms", "sent_per_s", "overhead", "late_sends")]
+    print(f"| {rate} | perf_analyzer | {pa[0]:.0f} | {pa[1]:.3f} | {pa[2]:.3f} | | | | | | |")
     ratios = " | ".join(f"{c / p:.3f}" if p == p and p else "n/a" for c, p in zip(cv, pa))
-    print(f"| {rate} | conveyor | {cv[0]:.0f} | {cv[1]:.3f} | {cv[2]:.3f} | {ratios} |")
+    print(f"| {rate} | conveyor | {cv[0]:.0f} | {cv[1]:.3f} | {cv[2]:.3f} | {ratios} | {cv[3]:.1f} | {cv[4]:.3f} "
+          f"| {cv[5]:.0f} |")
 EOF
 log "results in $OUT"
