@@ -1,8 +1,8 @@
 """Rollout traffic in front of a real Runtime: routing, named versions, sticky keys,
 fallback, shadow copies and their pairs, bounded shadow slots, counters.
 
-Deterministic: seeded routers, gates (threading.Event) instead of sleeps, a fake clock
-for pair expiry; shares are checked against the binomial 99% band their weight implies.
+Deterministic: seeded routers, gates (threading.Event) instead of sleeps, waits on the
+mirror going idle; shares are checked against the binomial 99% band their weight implies.
 """
 
 from __future__ import annotations
@@ -279,7 +279,9 @@ def test_shadow_at_100_percent_pairs_every_request():
         results = asyncio.run(_serve_and_drain(traffic, requests))
     assert {(r.version, r.rollout_name) for r in results} == {(1, "m-rollout")}
     shadow = traffic.counters()[MODEL]["shadow"]
-    assert shadow == {"sent": requests, "dropped": 0, "failed": 0, "paired": requests, "expired": 0, "in_flight": 0}
+    assert shadow == {
+        "sent": requests, "dropped": 0, "failed": 0, "paired": requests, "incomparable": 0, "unrecorded": 0, "in_flight": 0,
+    }  # fmt: skip
     paired = controller.statistics.paired
     # "p" is FP32 and declared no classifier: its 3 values per row are compared as scores.
     assert paired.output_difference.count == 3 * requests
@@ -322,34 +324,31 @@ def test_a_gated_challenger_never_delays_the_champion(runtime):
 
     answers, gated_counts = asyncio.run(scenario())
     assert [float(a.outputs["y"][0, 0]) for a in answers] == [float(i) for i in range(requests)]
-    assert gated_counts == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": 0, "expired": 0, "in_flight": slots}
+    idle = {"incomparable": 0, "unrecorded": 0}
+    assert gated_counts == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": 0, **idle, "in_flight": slots}
     final = traffic.counters()[MODEL]["shadow"]
-    assert final == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": slots, "expired": 0, "in_flight": 0}
+    assert final == {"sent": slots, "dropped": requests - slots, "failed": 0, "paired": slots, **idle, "in_flight": 0}
     assert controller.statistics.paired.output_difference.count == 4 * slots
 
 
-def test_pending_pairs_expire(runtime):
-    gated = GatedModel(2.0)
-    runtime.add_model(MODEL, _config(), gated, version=2)
-    now = [0.0]
-    traffic = RolloutTraffic(runtime, pair_ttl_s=5.0, clock=lambda: now[0])
+def test_pairs_past_the_unread_bound_are_counted_unrecorded(runtime):
+    runtime.add_model(MODEL, _config(), _scaled(2.0), version=2)
+    traffic = RolloutTraffic(runtime, max_unread_pairs=3)
     controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
-    traffic.attach(controller, shadow_queue_size=8)
+    traffic.attach(controller)
 
     async def scenario():
-        try:
-            await traffic.infer(MODEL, _row(1.0), request_id="old")
-            now[0] = 6.0  # past the first pair's ttl: the next copy's pair evicts it
-            await traffic.infer(MODEL, _row(2.0), request_id="new")
-        finally:
-            gated.gate.set()
+        for i in range(5):  # one at a time: each copy is its own batch of one row
+            await traffic.infer(MODEL, _row(float(i)), request_id=f"r{i}")
+        link = traffic._rollouts[MODEL].link
+        await asyncio.get_running_loop().run_in_executor(None, link.mirror.wait_idle)
+        counts = dict(traffic.counters()[MODEL]["shadow"])
         await traffic.drain_shadows()
+        return counts
 
-    asyncio.run(scenario())
-    assert traffic.counters()[MODEL]["shadow"] == {
-        "sent": 2, "dropped": 0, "failed": 0, "paired": 1, "expired": 1, "in_flight": 0,
-    }  # fmt: skip
-    assert controller.statistics.paired.latency_log_ratio.count == 1
+    before_recording = asyncio.run(scenario())
+    assert (before_recording["paired"], before_recording["unrecorded"]) == (5, 2)
+    assert controller.statistics.paired.latency_log_ratio.count == 3
 
 
 def test_a_failing_challenger_counts_errors(runtime):
@@ -386,10 +385,11 @@ def test_a_copy_that_never_reaches_the_challenger_is_a_challenger_error(runtime)
     asyncio.run(scenario(5))  # version 3 is not loaded
     assert controller.unavailable == [3] * 5
     controller.router = Router(RouteTable.shadow(1, 2, 100, salt="s"), seed=1)
-    asyncio.run(scenario(7))  # version 2 takes input "other", not "x"
+    asyncio.run(scenario(7))  # version 2 takes input "other", not "x": no copy can be made
     assert traffic.counters()[MODEL]["shadow"]["failed"] == 12
     challenger = controller.statistics.challenger
     assert (challenger.requests, challenger.errors) == (12, 12)
+    assert runtime.model_stats(MODEL, 2)["requests"] == 0  # nothing reached its batcher
 
 
 def test_a_failing_champion_leaves_no_pending_pair(runtime):
@@ -404,14 +404,14 @@ def test_a_failing_champion_leaves_no_pending_pair(runtime):
         await traffic.drain_shadows()
 
     asyncio.run(scenario())
-    assert traffic.counters()[MODEL]["shadow"]["paired"] == 0
-    assert traffic._rollouts[MODEL].pending == {}
+    shadow = traffic.counters()[MODEL]["shadow"]
+    assert (shadow["sent"], shadow["paired"], shadow["in_flight"]) == (0, 0, 0)  # a failed batch is not copied
 
 
-def test_copied_shadow_inputs_are_independent_of_the_callers_buffer(runtime):
+def test_shadow_copies_are_independent_of_the_callers_buffer(runtime):
     gated = GatedModel(2.0)
     runtime.add_model(MODEL, _config(), gated, version=2)
-    traffic = RolloutTraffic(runtime, copy_shadow_inputs=True)
+    traffic = RolloutTraffic(runtime)
     controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
     traffic.attach(controller)
     buffer = _row(1.0)
@@ -427,6 +427,115 @@ def test_copied_shadow_inputs_are_independent_of_the_callers_buffer(runtime):
     asyncio.run(scenario())
     # Champion 1.0 * 1 against challenger 1.0 * 2: a difference of 1 in each of 4 values.
     assert controller.statistics.paired.output_difference.mean == pytest.approx(1.0)
+
+
+def test_text_inputs_are_copied_with_their_own_references():
+    """BYTES rows point at the champion request's objects: the copy keeps them alive."""
+
+    def length(scale: int):
+        def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"n": np.array([[len(t) * scale] for t in inputs["text"][:, 0]], np.int64)}
+
+        return model
+
+    config = {
+        "backend": "python", "max_batch_size": 16,
+        "inputs": [{"name": "text", "datatype": "BYTES", "dims": [1]}],
+        "outputs": [{"name": "n", "datatype": "INT64", "dims": [1]}],
+    }  # fmt: skip
+    requests = 120
+    with Runtime() as rt:
+        rt.add_model(MODEL, config, length(1), version=1)
+        rt.add_model(MODEL, config, length(1), version=2)
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller)
+
+        async def scenario():
+            answers = await asyncio.gather(*(
+                traffic.infer(MODEL, {"text": np.array([[b"w" * (i % 7 + 1)]], dtype=object)}, request_id=f"t{i}")
+                for i in range(requests)
+            ))  # fmt: skip
+            await traffic.drain_shadows()
+            return answers
+
+        answers = asyncio.run(scenario())
+    assert [int(a.outputs["n"][0, 0]) for a in answers] == [i % 7 + 1 for i in range(requests)]
+    paired = controller.statistics.paired
+    assert (paired.compared_classes, paired.agreed_classes) == (requests, requests)
+
+
+def test_a_reloaded_challenger_is_mirrored_anew(runtime):
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+
+    async def scenario():
+        await _serve(traffic, 10)
+        await traffic.drain_shadows()
+        first = traffic._rollouts[MODEL].link
+        runtime.add_model(MODEL, _config(), _scaled(3.0), version=2)  # replaces version 2: a new batcher
+        traffic._check_challenger(traffic._rollouts[MODEL])  # what the recording timer does every PAIR_RECORD_DELAY_S
+        await _serve(traffic, 10)
+        await traffic.drain_shadows()
+        return first, traffic._rollouts[MODEL].link
+
+    first, second = asyncio.run(scenario())
+    assert second is not first and second.challenger_batcher is runtime.model(MODEL, 2).batcher
+    shadow = traffic.counters()[MODEL]["shadow"]
+    assert (shadow["sent"], shadow["paired"], shadow["failed"]) == (20, 20, 0)
+    # Ten copies answered by version 2 at twice the input, ten at three times.
+    assert controller.statistics.paired.output_difference.count == 4 * 20
+
+
+def test_detaching_stops_copying_and_still_records_the_copies_in_flight(runtime):
+    gated = GatedModel(2.0)
+    runtime.add_model(MODEL, _config(), gated, version=2)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+
+    async def scenario():
+        try:
+            for i in range(3):
+                await traffic.infer(MODEL, _row(float(i)), request_id=f"r{i}")
+            traffic.detach(MODEL)
+            # Straight to the runtime, uncopied (version 1: version 2, the policy's pick, is gated).
+            after = await traffic.infer(MODEL, _row(9.0), version=1, request_id="after")
+        finally:
+            gated.gate.set()
+        await traffic.drain_shadows()
+        return after
+
+    after = asyncio.run(scenario())
+    assert after.rollout_name is None
+    assert controller.statistics.paired.latency_log_ratio.count == 3
+    assert runtime.model_stats(MODEL, 2)["requests"] == 3
+
+
+def test_a_classification_step_is_compared_by_its_class_index():
+    config = _config(
+        [{"name": "label", "datatype": "BYTES", "dims": [1]}],
+        postprocess=[{"kind": "classification", "output": "scores", "k": 1, "outputs": ["label"]}],
+    )
+
+    def scores(shift: int):
+        def model(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            classes = (inputs["x"][:, 0].astype(np.int64) + shift) % 3
+            return {"scores": np.eye(3, dtype=np.float32)[classes]}
+
+        return model
+
+    with Runtime() as rt:
+        rt.add_model(MODEL, config, scores(0), version=1)
+        rt.add_model(MODEL, config, scores(1), version=2)
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller)
+        asyncio.run(_serve_and_drain(traffic, 30))
+    paired = controller.statistics.paired
+    assert (paired.compared_classes, paired.agreed_classes) == (30, 0)
+    assert paired.flips == {(c, (c + 1) % 3): 10 for c in range(3)}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -453,14 +562,16 @@ def _model_config(outputs: list[dict], **extra):
 def test_output_comparison_from_the_config():
     scores = _model_config([{"name": "y", "datatype": "FP32", "dims": [1]}, {"name": "z", "datatype": "INT64", "dims": [1]}])
     assert OutputComparison.for_config(scores) == OutputComparison("y", "scores")
+    assert OutputComparison.for_config(scores).reading == "values"
     assert OutputComparison.for_config(scores, "z") == OutputComparison("z", "classes")
+    assert OutputComparison.for_config(scores, "z").reading == "first_value"
     with pytest.raises(ConfigError, match="'q' is not one of its outputs"):
         OutputComparison.for_config(scores, "q")
     probabilities = [{"name": "p", "datatype": "FP32", "dims": [3]}]
     declared = _model_config(probabilities, monitor={"classifier_outputs": [{"output": "p"}]})
     comparison = OutputComparison.for_config(declared)
     assert comparison == OutputComparison("p", "classes")
-    np.testing.assert_array_equal(comparison.values({"p": np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]])}), [1, 0])
+    assert (comparison.reading, comparison.batch_output) == ("argmax", "p")
     text = _model_config([{"name": "t", "datatype": "BYTES", "dims": [1]}])
     assert OutputComparison.for_config(text) is None
     with pytest.raises(ConfigError, match="is BYTES"):

@@ -176,10 +176,17 @@ void check_monitor_flags_spec(const std::vector<TensorSpec>& outputs) {
 
 // Dropping the last Python reference joins the batcher's threads, which may need the
 // GIL to finish a Python batch: release it while they do.
+// Deleting a batcher joins its threads, which may need the GIL: release it if this
+// thread holds it (the last reference may also go on a thread without it: a Mirror
+// released by set_mirror, which runs without the GIL).
 struct ReleaseGilDelete {
   void operator()(Batcher* b) const {
-    py::gil_scoped_release nogil;
-    delete b;
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      delete b;
+    } else {
+      delete b;
+    }
   }
 };
 
@@ -249,11 +256,15 @@ void init_batcher(py::module_& m) {
       .def(
           "submit",
           [](Batcher& b, const py::tuple& inputs, std::shared_ptr<CompletionQueue> queue, int priority,
-             int64_t timeout_us) {
+             int64_t timeout_us, uint64_t mirror_tag) {
             // The batcher holds the inputs and the queue until the completion is drained.
-            return b.submit(hold_inputs(b, inputs), std::move(queue), priority, timeout_us);
+            return b.submit(hold_inputs(b, inputs), std::move(queue), priority, timeout_us, mirror_tag);
           },
-          py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1)
+          py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+          py::arg("mirror_tag") = 0, "mirror_tag: nonzero copies the request to the attached Mirror after its batch.")
+      .def("set_mirror", &Batcher::set_mirror, py::arg("mirror"),
+           // Waits for a batch being offered to the old mirror, which may need the GIL.
+           py::call_guard<py::gil_scoped_release>(), "Attaches the Mirror tagged requests are copied to (None: none).")
       .def(
           "infer",
           [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {

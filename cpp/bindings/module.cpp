@@ -18,6 +18,7 @@ void init_monitor(py::module_& m);
 void init_drift(py::module_& m);
 void init_router(py::module_& m);
 void init_loadgen(py::module_& m);
+void init_mirror(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -35,4 +36,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_drift(m);
   conveyor::bindings::init_router(m);
   conveyor::bindings::init_loadgen(m);
+  conveyor::bindings::init_mirror(m);
 }

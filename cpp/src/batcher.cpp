@@ -163,22 +163,15 @@ void Batcher::validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_
   *shape_key = hash_dims(inputs, first_dim);
 }
 
-uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
-                         int64_t timeout_us) {
+Batcher::Entry Batcher::prepare(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
+                               int64_t timeout_us, uint64_t mirror_tag, int* level) {
   if (!sink) {
-    counters_->rejected.fetch_add(1, std::memory_order_relaxed);
     throw Error(ErrorCode::kInvalidInput, "[batcher] model '" + options_.model_name + "': submit needs a completion sink");
   }
   int64_t rows = 1;
   uint64_t shape_key = 0;
-  int level = 0;
-  try {
-    validate(inputs, &rows, &shape_key);
-    level = resolve_level(priority);
-  } catch (const Error&) {
-    counters_->rejected.fetch_add(1, std::memory_order_relaxed);
-    throw;
-  }
+  validate(inputs, &rows, &shape_key);
+  *level = resolve_level(priority);
   const int64_t timeout = timeout_us < 0 ? options_.default_timeout_us : timeout_us;
   const TimePoint now = Clock::now();
   Entry entry;
@@ -191,38 +184,80 @@ uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionS
   entry.request.enqueue_time = now;
   entry.request.deadline = entry.view.deadline;
   entry.request.sink = std::move(sink);
+  entry.request.mirror_tag = mirror_tag;
+  return entry;
+}
 
-  uint64_t id;
+void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, uint64_t* first_id) {
+  const size_t n = entries.size();
   bool earlier_deadline = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!accepting_) {
-      counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       throw Error(ErrorCode::kUnavailable, "[batcher] model '" + options_.model_name +
                                                "' is stopping and accepts no new requests");
     }
-    if (queued_ >= options_.max_queue_size) {
-      counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+    if (queued_ + n > options_.max_queue_size) {
+      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       throw Error(ErrorCode::kQueueFull,
                   "[batcher] model '" + options_.model_name + "': queue full (" + std::to_string(queued_) +
                       " requests queued, max_queue_size " + std::to_string(options_.max_queue_size) +
                       "); retry later or raise dynamic_batching.max_queue_size");
     }
-    id = g_next_request_id.fetch_add(1, std::memory_order_relaxed);
-    entry.request.id = id;
-    if (entry.view.deadline != kNoDeadline) {
-      earlier_deadline = deadlines_.empty() || entry.view.deadline < deadlines_.begin()->first;
-      entry.request.deadline_it = deadlines_.emplace(entry.view.deadline, id);
-      entry.request.has_deadline = true;
+    for (size_t i = 0; i < n; ++i) {
+      Entry& entry = entries[i];
+      const uint64_t id = g_next_request_id.fetch_add(1, std::memory_order_relaxed);
+      if (i == 0 && first_id != nullptr) *first_id = id;
+      entry.request.id = id;
+      if (entry.view.deadline != kNoDeadline) {
+        earlier_deadline = earlier_deadline || deadlines_.empty() || entry.view.deadline < deadlines_.begin()->first;
+        entry.request.deadline_it = deadlines_.emplace(entry.view.deadline, id);
+        entry.request.has_deadline = true;
+      }
+      levels_[levels[i]].push_back(std::move(entry));
     }
-    levels_[level].push_back(std::move(entry));
-    ++queued_;
-    counters_->requests.fetch_add(1, std::memory_order_relaxed);
-    counters_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    queued_ += n;
+    counters_->requests.fetch_add(n, std::memory_order_relaxed);
+    counters_->in_flight.fetch_add(n, std::memory_order_relaxed);
   }
-  work_cv_.notify_one();
+  if (n > 1) {
+    work_cv_.notify_all();
+  } else {
+    work_cv_.notify_one();
+  }
   if (earlier_deadline) deadline_cv_.notify_one();
+}
+
+uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
+                         int64_t timeout_us, uint64_t mirror_tag) {
+  std::vector<Entry> entries(1);
+  std::vector<int> levels(1);
+  try {
+    entries[0] = prepare(std::move(inputs), std::move(sink), priority, timeout_us, mirror_tag, &levels[0]);
+  } catch (const Error&) {
+    counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+    throw;
+  }
+  uint64_t id = 0;
+  enqueue(entries, levels, &id);
   return id;
+}
+
+void Batcher::submit_group(std::vector<Submission> group) {
+  if (group.empty()) return;
+  std::vector<Entry> entries;
+  std::vector<int> levels(group.size());
+  try {
+    entries.reserve(group.size());
+    for (size_t i = 0; i < group.size(); ++i) {
+      entries.push_back(prepare(std::move(group[i].inputs), std::move(group[i].sink), 0, -1, 0, &levels[i]));
+    }
+  } catch (const Error&) {
+    counters_->rejected.fetch_add(group.size(), std::memory_order_relaxed);
+    throw;
+  }
+  enqueue(entries, levels, nullptr);
 }
 
 Completion Batcher::infer(std::vector<Tensor> inputs, int priority, int64_t timeout_us) {
@@ -382,7 +417,6 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
     return;
   }
   const TimePoint t2 = Clock::now();
-  inputs.clear();  // hand the pooled batch inputs back before completing
 
   const bool batching = options_.max_batch_size > 0;
   std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done;
@@ -409,6 +443,8 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
          "[batcher] model '" + options_.model_name + "': could not complete the batch: " + e.what());
     return;
   }
+  offer_to_mirror(batch, inputs, batching ? rows : 0, done.front().second.outputs, t0, t2);
+  inputs.clear();  // hand the pooled batch inputs back before completing
   for (size_t i = 0; i < batch.size(); ++i) done[i].second.request_inputs = std::move(batch[i].inputs);
   Counters& c = *counters_;
   for (const Request& r : batch) c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
@@ -432,6 +468,47 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
       std::memory_order_relaxed);
   batch.clear();
   deliver_grouped(std::move(done));
+}
+
+void Batcher::set_mirror(std::shared_ptr<Mirror> mirror) {
+  if (mirror && mirror->challenger().get() == this) {
+    throw Error(ErrorCode::kInvalidInput, "[batcher] model '" + options_.model_name + "': a batcher cannot mirror to itself");
+  }
+  std::shared_ptr<Mirror> old;
+  {
+    std::lock_guard<std::mutex> lock(mirror_mu_);
+    old = std::move(mirror_);
+    mirror_ = std::move(mirror);
+  }
+}
+
+void Batcher::offer_to_mirror(const std::vector<Request>& batch, const std::vector<Tensor>& inputs, int64_t rows,
+                              const std::shared_ptr<const BatchOutputs>& outputs, TimePoint started,
+                              TimePoint ready) noexcept {
+  bool tagged = false;
+  for (const Request& r : batch) tagged = tagged || r.mirror_tag != 0;
+  if (!tagged) return;
+  std::lock_guard<std::mutex> lock(mirror_mu_);
+  if (!mirror_) return;
+  try {
+    std::vector<MirroredRequest> requests;
+    std::vector<Tensor> keep_alive;
+    int64_t offset = 0;
+    for (const Request& r : batch) {
+      if (r.mirror_tag != 0) {
+        requests.push_back({rows > 0 ? offset : 0, rows > 0 ? r.rows : 1, r.mirror_tag,
+                            elapsed_ns(r.enqueue_time, started), elapsed_ns(r.enqueue_time, ready)});
+        // BYTES rows point at objects the request's own inputs own.
+        for (const Tensor& t : r.inputs) {
+          if (t.dtype == DType::kBytes) keep_alive.push_back(t);
+        }
+      }
+      offset += r.rows;
+    }
+    mirror_->offer(inputs, rows, outputs, requests, std::move(keep_alive));
+  } catch (const std::exception&) {
+    // No memory to describe the copy: the shadow loses it, the champion's requests go on.
+  }
 }
 
 void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) noexcept {

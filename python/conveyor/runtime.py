@@ -48,7 +48,7 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request",
+        "monitor", "per_request", "batch_output_names",
     )  # fmt: skip
 
     def __init__(
@@ -73,6 +73,8 @@ class ModelHandle:
         self.per_request = monitor is not None and monitor.per_request
         outputs = core_output_specs(config, steps)
         watched = monitor is not None and monitor.core is not None
+        # The batcher's outputs by name, in its order (a rollout's shadow compares one of them).
+        self.batch_output_names = tuple(spec[0] for spec in outputs)
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
@@ -472,14 +474,19 @@ class Runtime:
         priority: int | None = None,
         timeout_us: int | None = None,
         request_id: str | None = None,
+        mirror_tag: int = 0,
     ) -> dict[str, np.ndarray]:
-        """infer() for asyncio: safe from any event loop, many calls in flight at once."""
+        """infer() for asyncio: safe from any event loop, many calls in flight at once.
+
+        mirror_tag: nonzero copies the request to the `_core.Mirror` attached to the
+        version's batcher once its batch has run (a rollout's shadow, `deploy.traffic`).
+        """
         loaded = self._resolve(model, version)
         arrays = loaded.order_inputs(inputs)
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop) or self._bridge_for(loop)
         future = loop.create_future()
-        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _checked_timeout_us(timeout_us))
+        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _checked_timeout_us(timeout_us), mirror_tag)
         bridge.pending[batcher_id] = (future, loaded, arrays, request_id)
         try:
             return await future

@@ -18,7 +18,9 @@
 //
 // Lock order: the GIL (in the bindings) before mu_, never the reverse: nothing holds
 // mu_ while waiting for the GIL, and no Python-owned tensor is dropped while mu_ is
-// held. mu_ before any leaf lock (memory pool, completion queue, monitor).
+// held. mu_ before any leaf lock (memory pool, completion queue, monitor). mirror_mu_
+// is taken without mu_, and before the GIL (a refused copy may drop BYTES owners while
+// holding it): set_mirror must be called without the GIL.
 #pragma once
 
 #include <condition_variable>
@@ -35,6 +37,7 @@
 #include "conveyor/batch_policy.h"
 #include "conveyor/completion.h"
 #include "conveyor/memory_pool.h"
+#include "conveyor/mirror.h"
 #include "conveyor/stats.h"
 #include "conveyor/tensor.h"
 
@@ -102,9 +105,20 @@ class Batcher {
 
   // Queues a request; returns its id (unique in the process). priority: 0 = the default level, else 1..levels.
   // timeout_us: < 0 the default timeout, 0 none, > 0 a deadline that far from now.
+  // mirror_tag: nonzero to copy the request to the attached Mirror (a rollout's shadow)
+  // once its batch has run; the tag comes back with the pair. Without a mirror it is ignored.
   // Throws kInvalidInput (names, dtypes, shapes, batch size), kQueueFull, kUnavailable.
   uint64_t submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority = 0,
-                  int64_t timeout_us = -1);
+                  int64_t timeout_us = -1, uint64_t mirror_tag = 0);
+  // One request of a group submitted at once (submit_group).
+  struct Submission {
+    std::vector<Tensor> inputs;
+    std::shared_ptr<CompletionSink> sink;
+  };
+  // Queues every request of `group` at the default priority and timeout, under one lock
+  // and with one wake-up, or none of them: throws as submit() does (counting all of
+  // them rejected) when one is invalid or the queue has no room for all.
+  void submit_group(std::vector<Submission> group);
   // submit() and block until the completion arrives.
   Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
   // Drops a queued request and completes it with kCancelled; false when it is no longer
@@ -117,6 +131,10 @@ class Batcher {
   BatcherStats stats() const;
   const BatcherOptions& options() const noexcept { return options_; }
 
+  // Attaches the mirror tagged requests are copied to (null: none). Returns once no
+  // batch uses the previous one any more. The mirror's challenger must not be this batcher.
+  void set_mirror(std::shared_ptr<Mirror> mirror);
+
  private:
   struct Request {
     uint64_t id = 0;
@@ -127,6 +145,7 @@ class Batcher {
     std::shared_ptr<CompletionSink> sink;
     std::multimap<TimePoint, uint64_t>::iterator deadline_it;
     bool has_deadline = false;
+    uint64_t mirror_tag = 0;
   };
   struct Entry {
     PendingView view;
@@ -135,6 +154,11 @@ class Batcher {
   class Snapshot;
 
   void validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_t* shape_key) const;
+  // A validated queue entry (throws kInvalidInput); its level goes to *level.
+  Entry prepare(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority, int64_t timeout_us,
+                uint64_t mirror_tag, int* level);
+  // Queues the entries (ids assigned; the first to *first_id) or throws kUnavailable / kQueueFull.
+  void enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, uint64_t* first_id);
   int resolve_level(int priority) const;
   // Removes the requests at `first` and then at `second` (positions of one snapshot)
   // from the queue, in the order given. mu_ held.
@@ -153,6 +177,9 @@ class Batcher {
   // (kOutOfMemory, outputs released); one that throws again loses them, counted in
   // stats().undelivered. Never throws: no exception leaves a batcher thread.
   void deliver_grouped(std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done) noexcept;
+  // Hands a succeeded batch's tagged requests to the mirror, if one is attached.
+  void offer_to_mirror(const std::vector<Request>& batch, const std::vector<Tensor>& inputs, int64_t rows,
+                       const std::shared_ptr<const BatchOutputs>& outputs, TimePoint started, TimePoint ready) noexcept;
 
   const BatcherOptions options_;
   const BatchPolicy policy_;
@@ -171,6 +198,10 @@ class Batcher {
 
   std::vector<std::thread> instances_;
   std::thread deadline_thread_;
+  // Held while a batch is offered to the mirror, and to swap it: set_mirror returns only
+  // when no instance uses the old one. Never held with mu_.
+  std::mutex mirror_mu_;
+  std::shared_ptr<Mirror> mirror_;  // guarded by mirror_mu_
   std::once_flag stop_once_;
 
   struct Counters;

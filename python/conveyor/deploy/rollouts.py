@@ -245,14 +245,14 @@ class Rollouts:
     `runtime`: the Runtime serving the versions. `data_dir`: state and decision logs go
     to `<data_dir>/rollouts` (default: the runtime's `data_dir`; with neither, nothing is
     saved and a rollout does not survive the process). `clock`: wall-clock seconds for
-    calls made without `now`. `on_event`: receives every decision record.
-    `copy_shadow_inputs`: shadow copies take their own copy of the inputs (pass True when
-    you reuse input buffers after a call returns).
+    calls made without `now`. `on_event`: receives every decision record. Shadow
+    copies are made from the batch's own copy of the inputs: a caller may reuse its input
+    buffers as soon as a call returns.
     """
 
     def __init__(
         self, runtime: Any, data_dir: str | Path | None = None, *, clock: Callable[[], float] = time.time,
-        on_event: EventCallback | None = None, copy_shadow_inputs: bool = False,
+        on_event: EventCallback | None = None,
     ) -> None:  # fmt: skip
         self.runtime = runtime
         base = data_dir if data_dir is not None else getattr(runtime, "data_dir", None)
@@ -260,7 +260,7 @@ class Rollouts:
         self.clock = clock
         self.on_event = on_event
         self._lock = threading.RLock()
-        self.traffic = RolloutTraffic(runtime, copy_shadow_inputs=copy_shadow_inputs, statistics_lock=self._lock)
+        self.traffic = RolloutTraffic(runtime, statistics_lock=self._lock)
         self._controllers: dict[str, LockedController] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None

@@ -23,33 +23,36 @@ What a request gets:
   Router when weights change) picks the version. A routed version that is not loaded
   falls back to the champion, and the controller hears of it through
   `on_version_unavailable(version)` (or `(version, now, reason)`) when it has that method.
-- When the decision says copy, the same inputs go to the shadow version from a task of
-  their own. At most `shadow_queue_size` copies are in flight per rollout; past that a
-  copy is dropped and counted. The answer never waits for its copy.
+- When the decision says copy, the request is tagged for the shadow and the champion
+  answers it as usual: the copy is made in the core, batch by batch (see below). The
+  answer never waits for its copy.
 
-Shadow inputs are not copied: the batcher holds a reference to each request's arrays
-(`hold_inputs` in the batcher binding) and copies them once, into the challenger's
-batch. The server decodes fresh arrays per request, so nothing writes to them after the
-call. An in-process caller that reuses its input buffers after `infer` returns passes
-`copy_shadow_inputs=True` (one copy per shadowed request).
+Shadow copies (`_core.Mirror`, conveyor/mirror.h). The champion's batcher, once a batch
+has run, submits that batch's tagged rows, already gathered into its pooled input
+tensors, to the challenger's batcher as one request, and pairs both versions' outputs
+row by row when the challenger answers: no task, future or Python call per copied
+request, and nothing of it on the event loop. The copy is of the gathered batch, so a
+caller may reuse its input buffers as soon as `infer` returns. At most
+`shadow_queue_size` copied rows are in flight per rollout; past that, or when the
+challenger's queue is full, a copy is dropped and counted.
 
-Pairs. Each copied request opens a pending pair keyed by its request id (with a serial
-number, so a client reusing an id never crosses pairs). When both answers are in, the
-pair feeds `controller.statistics.paired`: each side's latency (the time its own
-`infer_async` took, measured on the event loop) and its outputs (see `OutputComparison`).
-Pairs are recorded in groups (`PAIR_RECORD_DELAY_S` after the first, or at
-`PAIR_RECORD_BATCH` pairs; `drain_shadows` records at once): numpy's fixed cost per call
-is paid per group, not per request. Pending pairs are bounded (twice the shadow slots; the oldest is
-evicted) and expire after `pair_ttl_s`; both count as "expired".
+Pairs. Each paired row carries both sides' latencies (the champion's: queued and computed;
+the challenger's: the same queue wait, then the copy's own time) and the compared output's
+values (see `OutputComparison`). They are recorded into `controller.statistics.paired`
+every `PAIR_RECORD_DELAY_S` on the event loop that made the first copy (`drain_shadows`
+records at once): numpy's fixed cost is paid per recording, not per request. For a
+champion that takes delayed labels, the latest pairs' top values are kept by request id
+(`shadow_prediction`), for the label join.
 
 Errors of a copy. A copy the challenger's batcher failed, rejected or let expire is
 already in its `Batcher.stats()`, which the controller reads for the challenger's error
-rate. A copy that failed before reaching that batcher (the version is not loaded, the
-inputs do not fit its config) is added to `statistics.challenger` as one answered request
-and one error. Every failed copy is counted under "failed".
+rate. A copy that could not be made at all (the version is not loaded, or does not take
+the champion's inputs) is added to `statistics.challenger` as one answered request and one
+error. Every failed copy is counted under "failed". A challenger that is reloaded is
+mirrored anew; one that is unloaded is reported to the controller.
 
 Threading: `infer` runs on event loops; counters are plain integers updated without a
-lock (exact with one loop, as the servers run; the shadow admission alone is locked).
+lock (exact with one loop, as the servers run); the mirrors count in the core.
 """
 
 from __future__ import annotations
@@ -59,17 +62,17 @@ import contextlib
 import inspect
 import itertools
 import logging
-import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from conveyor.rollout_config import RolloutConfig, StickyConfig
+from conveyor import _core
 from conveyor.errors import ConfigError, ConveyorError, ModelNotFound
+from conveyor.rollout_config import RolloutConfig, StickyConfig
 from conveyor.runtime import new_request_id
 
 log = logging.getLogger(__name__)
@@ -77,11 +80,14 @@ log = logging.getLogger(__name__)
 __all__ = ["OutputComparison", "RolloutTraffic", "RoutedResult", "route_key_from"]
 
 DEFAULT_SHADOW_QUEUE_SIZE = RolloutConfig.model_fields["shadow_queue_size"].default
-DEFAULT_PAIR_TTL_S = 60.0
-# Recording costs tens of microseconds of numpy per call whatever its size, so completed
-# pairs are recorded together: this long after the first of them, or at this many.
+# Recording costs tens of microseconds of numpy per call whatever its size, so paired
+# rows are recorded together, this often.
 PAIR_RECORD_DELAY_S = 0.05
-PAIR_RECORD_BATCH = 1024
+# Paired rows a mirror keeps between two recordings: some 10 s of copies at 6k/s.
+DEFAULT_MAX_UNREAD_PAIRS = 65536
+# Shadow pairs kept by request id for the delayed-label join.
+MAX_REMEMBERED_IDS = 65536
+SHADOW_COUNTS = ("sent", "dropped", "failed", "paired", "incomparable", "unrecorded", "in_flight")
 _INTEGER_DATATYPES = frozenset({"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
 
 
@@ -140,8 +146,11 @@ class OutputComparison:
     `kind` "classes": the top-1 class per row is compared (agreement and flips); an
     integer output gives it directly (its first value per row: argmax's index, or the
     best of a top-k), scores or probabilities by their argmax over the last axis, and a
-    `classification` postprocess output ("score:index:label" text) by the index of its
-    first entry. `kind` "scores": every value is compared (differences).
+    `classification` postprocess output ("score:index:label" text) by its index, which
+    the batch carries as the INT64 output "<name>:index". `kind` "scores": every value is
+    compared (differences). `batch_output` names the output in the batchers' outputs and
+    `reading` how the core reads it (`_core.Mirror`'s compare: "first_value", "argmax",
+    "values").
 
     `for_config` picks, unless told the output: the model's first output (a BYTES output
     is skipped unless a classification step made it; a softmax_topk's scores give way to
@@ -151,7 +160,8 @@ class OutputComparison:
 
     output: str
     kind: str  # "classes" | "scores"
-    top1: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False)
+    reading: str = field(default="values", compare=False)
+    batch_output: str = field(default="", compare=False)
 
     @classmethod
     def for_config(cls, config: Any, output: str | None = None) -> OutputComparison | None:
@@ -171,58 +181,25 @@ class OutputComparison:
                 output = step.outputs[1]  # the indices, best first
         tensor, step = tensors[output], steps.get(output)
         if step is not None and step.kind == "classification":
-            return cls(output, "classes", _top1_of_classification_text)
+            return cls(output, "classes", "first_value", f"{output}:index")
         if tensor.datatype in _INTEGER_DATATYPES:
-            return cls(output, "classes", _top1_of_indices)
+            return cls(output, "classes", "first_value", output)
         classifiers = {c.output for c in config.monitor.classifier_outputs} if config.monitor else set()
         if config.feedback is not None and config.feedback.kind == "classification":
             classifiers.add(config.feedback.output)
         if output in classifiers or (step is not None and step.kind == "softmax"):
-            return cls(output, "classes", _top1_of_scores)
+            return cls(output, "classes", "argmax", output)
         if tensor.datatype == "BYTES":
             raise ConfigError(
                 f"model '{config.name}': output '{output}' is BYTES; a shadow compares numbers or "
                 "classes: name a numeric output to compare"
             )
-        return cls(output, "scores")
-
-    def values(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """What is compared for one answer: top-1 classes, or the values flattened."""
-        array = outputs[self.output]
-        return self.top1(array) if self.top1 is not None else np.asarray(array, np.float64).ravel()
+        return cls(output, "scores", "values", output)
 
 
 def _comparable(tensor: Any, steps: Mapping[str, Any]) -> bool:
     step = steps.get(tensor.name)
     return tensor.datatype != "BYTES" or (step is not None and step.kind == "classification")
-
-
-def _top1_of_indices(array: np.ndarray) -> np.ndarray:
-    return (array[..., 0] if array.ndim > 1 else array).astype(np.int64).ravel()
-
-
-def _top1_of_scores(array: np.ndarray) -> np.ndarray:
-    return np.argmax(array, axis=-1).ravel()
-
-
-def _top1_of_classification_text(array: np.ndarray) -> np.ndarray:
-    firsts = array[..., 0] if array.ndim > 1 else array
-    return np.array([int(_text(entry).split(":", 2)[1]) for entry in firsts.ravel()], np.int64)
-
-
-def _text(entry: Any) -> str:
-    return entry.decode() if isinstance(entry, bytes) else str(entry)
-
-
-class _Pair:
-    """Both halves of one shadowed request as they come in: (values, seconds) per side."""
-
-    __slots__ = ("deadline", "champion", "challenger")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.champion: tuple[np.ndarray | None, float] | None = None
-        self.challenger: tuple[np.ndarray | None, float] | None = None
 
 
 def _unavailable_notifier(controller: Any) -> Callable[[int], Any] | None:
@@ -245,53 +222,64 @@ def _unavailable_notifier(controller: Any) -> Callable[[int], Any] | None:
 
 
 class _Rollout:
-    """One attached rollout: its controller, counters, shadow slots and pending pairs."""
+    """One attached rollout: its controller, counters and shadow mirror."""
 
-    def __init__(self, controller: Any, shadow_queue_size: int, comparison: OutputComparison | None) -> None:
+    def __init__(self, controller: Any, shadow_queue_size: int, comparison: OutputComparison | None, remember_ids: bool) -> None:
         self.controller = controller
         self.name: str = controller.name
         self.shadow_queue_size = shadow_queue_size
-        # A pending pair waits for its copy (at most shadow_queue_size in flight) or for its
-        # answer: twice the slots leaves room for both before the oldest is evicted.
-        self.max_pending_pairs = 2 * shadow_queue_size
         self.comparison = comparison
         self.notify_unavailable = _unavailable_notifier(controller)
         self.routed: defaultdict[int, int] = defaultdict(int)  # version -> requests the router (or serving_version) sent it
         self.named: defaultdict[int, int] = defaultdict(int)  # version -> requests naming it
         self.fallbacks = 0  # routed to a version that was not loaded: answered by the champion
-        self.shadow = {"sent": 0, "dropped": 0, "failed": 0, "paired": 0, "expired": 0}
-        self.shadow_in_flight = 0
-        self.admission = threading.Lock()
-        self.tasks: set[asyncio.Task] = set()
-        self.pending: dict[tuple[str, int], _Pair] = {}
-        # Completed pairs waiting for the once-per-loop-turn record: (champion, challenger) halves.
-        self.completed: list[tuple[tuple[np.ndarray | None, float], tuple[np.ndarray | None, float]]] = []
+        # Copies that never reached a mirror (the challenger not loaded, or not taking the
+        # champion's inputs); the mirrors count the rest.
+        self.unlinked_failures = 0
+        self.link: _Link | None = None
+        self.retired: list[_Link] = []  # earlier links whose copies may still be in flight
+        self.retired_counts: Counter[str] = Counter()  # the counts of earlier links, forgotten since
+        self.tags = itertools.count(1)
+        # With delayed labels to pair (the champion takes feedback): tag -> request id, and
+        # the latest shadow pairs' top values by request id, both bounded.
+        self.remember_ids = remember_ids
+        self.tag_ids: dict[int, str] = {}
+        self.predictions: dict[str, tuple[float, float]] = {}
+        self.recording: asyncio.TimerHandle | None = None
+        self.attached = True
+
+
+@dataclass
+class _Link:
+    """A champion batcher mirrored to a challenger batcher, and what it compares."""
+
+    champion_batcher: Any
+    challenger_batcher: Any
+    challenger_version: int
+    mirror: Any  # _core.Mirror
 
 
 class RolloutTraffic:
     """Routes requests of models under a rollout and feeds their shadow pairs to the judge.
 
-    `runtime`: the Runtime serving the versions. `pair_ttl_s`: how long a pending shadow
-    pair waits for its other half. `clock`: monotonic seconds (tests pass a fake one).
-    `statistics_lock`: a lock held while shadow results reach a controller's statistics
-    (default none: the owner ticks on the requests' event loop, as the server does).
+    `runtime`: the Runtime serving the versions. `statistics_lock`: a lock held while
+    shadow pairs reach a controller's statistics (default none: the owner ticks on the
+    requests' event loop, as the server does). `max_unread_pairs`: paired rows a mirror
+    keeps between two recordings (past that they are counted as unrecorded).
     """
 
     def __init__(
-        self, runtime: Any, *, pair_ttl_s: float = DEFAULT_PAIR_TTL_S, copy_shadow_inputs: bool = False,
-        clock: Callable[[], float] = time.monotonic, statistics_lock: Any = None,
+        self, runtime: Any, *, statistics_lock: Any = None, max_unread_pairs: int = DEFAULT_MAX_UNREAD_PAIRS,
     ) -> None:  # fmt: skip
-        if not pair_ttl_s > 0:
-            raise ConfigError(f"pair_ttl_s: expected seconds > 0 for a shadow pair to wait, got {pair_ttl_s!r}")
+        if isinstance(max_unread_pairs, bool) or not isinstance(max_unread_pairs, int) or max_unread_pairs < 1:
+            raise ConfigError(f"max_unread_pairs: expected an integer >= 1, got {max_unread_pairs!r}")
         self.runtime = runtime
-        self.pair_ttl_s = float(pair_ttl_s)
-        self.copy_shadow_inputs = copy_shadow_inputs
-        self.clock = clock
+        self.max_unread_pairs = max_unread_pairs
         # Held while shadow results are added to a controller's statistics: an owner that
         # ticks from another thread than the requests' loop passes the lock its ticks hold.
         self.statistics_lock = statistics_lock if statistics_lock is not None else contextlib.nullcontext()
         self._rollouts: dict[str, _Rollout] = {}
-        self._serials = itertools.count()
+        self._detached: list[_Rollout] = []  # detached with copies whose pairs are not recorded yet
 
     # ---- the registry ---------------------------------------------------------------------
 
@@ -321,15 +309,25 @@ class RolloutTraffic:
         if isinstance(shadow_queue_size, bool) or not isinstance(shadow_queue_size, int) or shadow_queue_size < 1:
             raise ConfigError(f"shadow_queue_size: expected an integer >= 1, got {shadow_queue_size!r}")
         comparison = OutputComparison.for_config(champion_config, compared_output)
-        self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison)
+        remember_ids = champion_config.feedback is not None
+        self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison, remember_ids)
 
     def detach(self, model: str) -> None:
         """Stops routing `model`: its requests go straight to the runtime again.
 
-        Shadow copies in flight finish; their pairs still feed the detached controller.
+        No request is copied any more; copies in flight finish, and their pairs still feed
+        the detached controller (at its next recording, or `drain_shadows`).
         """
-        if self._rollouts.pop(model, None) is None:
+        entry = self._rollouts.pop(model, None)
+        if entry is None:
             raise ModelNotFound(f"model '{model}' has no rollout attached (attached: {sorted(self._rollouts) or 'none'})")
+        entry.attached = False
+        if entry.link is not None:
+            entry.link.champion_batcher.set_mirror(None)
+            entry.retired.append(entry.link)
+            entry.link = None
+        if entry.retired:
+            self._detached.append(entry)
 
     def get(self, model: str) -> Any:
         """The controller attached to `model`, or None."""
@@ -414,142 +412,189 @@ class RolloutTraffic:
         self, entry: _Rollout, handle: Any, shadow_version: int, inputs: Mapping[str, Any],
         request_id: str | None, priority: int | None, timeout_us: int | None,
     ) -> RoutedResult:  # fmt: skip
-        runtime = self.runtime
-        key = self._admit_shadow(entry, shadow_version, inputs, request_id, priority, timeout_us)
-        started = time.perf_counter()
-        try:
-            outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
-        except BaseException:
-            if key is not None:
-                entry.pending.pop(key, None)
-            raise
-        if key is not None:
-            self._add_half(entry, key, "champion", outputs, time.perf_counter() - started)
+        """The champion answers; its batcher copies the request to the challenger's (a `_core.Mirror`)."""
+        link = entry.link
+        if link is None or link.champion_batcher is not handle.batcher or link.challenger_version != shadow_version:
+            link = self._link(entry, handle, shadow_version)
+        tag = 0
+        if link is not None:
+            tag = next(entry.tags)
+            if entry.remember_ids:
+                self._remember(entry, tag, request_id)
+        outputs = await self.runtime.infer_async(
+            handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id, mirror_tag=tag
+        )
         return RoutedResult(outputs, handle.version, entry.name)
 
-    def _admit_shadow(
-        self, entry: _Rollout, shadow_version: int, inputs: Mapping[str, Any],
-        request_id: str | None, priority: int | None, timeout_us: int | None,
-    ) -> tuple[str, int] | None:  # fmt: skip
-        """Takes a shadow slot and starts the copy's task; None (counted) when the slots are full."""
-        with entry.admission:
-            if entry.shadow_in_flight >= entry.shadow_queue_size:
-                entry.shadow["dropped"] += 1
-                return None
-            entry.shadow_in_flight += 1
-            entry.shadow["sent"] += 1
-        if request_id is None:
-            request_id = new_request_id()
-        key = (request_id, next(self._serials))
-        self._open_pair(entry, key)
-        if self.copy_shadow_inputs:
-            inputs = {name: np.array(value, copy=True) for name, value in inputs.items()}
-        coroutine = self._shadow(entry, key, shadow_version, inputs, priority, timeout_us)
-        task = asyncio.get_running_loop().create_task(coroutine)
-        entry.tasks.add(task)
-        task.add_done_callback(entry.tasks.discard)
-        return key
+    # ---- the shadow mirror ---------------------------------------------------------------
 
-    def _open_pair(self, entry: _Rollout, key: tuple[str, int]) -> None:
-        pending, now = entry.pending, self.clock()
-        while pending:
-            oldest = next(iter(pending))
-            if pending[oldest].deadline > now and len(pending) < entry.max_pending_pairs:
-                break
-            del pending[oldest]
-            entry.shadow["expired"] += 1
-        pending[key] = _Pair(now + self.pair_ttl_s)
-
-    async def _shadow(
-        self, entry: _Rollout, key: tuple[str, int], version: int, inputs: Mapping[str, Any],
-        priority: int | None, timeout_us: int | None,
-    ) -> None:  # fmt: skip
+    def _link(self, entry: _Rollout, champion: Any, version: int) -> _Link | None:
+        """Mirrors the champion's batcher to version `version`'s; None (the copy counted as
+        a challenger error) when that version is not loaded or does not take the champion's inputs."""
         runtime, controller = self.runtime, entry.controller
         try:
-            try:
-                handle = runtime.model(controller.model, version)
-                arrays = dict(zip(handle.input_names, handle.order_inputs(inputs)))
-            except ConveyorError as exc:  # never reached the challenger's batcher: counted here
-                self._shadow_failed(entry, key, version, exc)
-                with self.statistics_lock:
-                    controller.statistics.challenger.add_counts(requests=1, errors=1)
-                if isinstance(exc, ModelNotFound):
-                    self._tell_unavailable(entry, version)
-                return
-            started = time.perf_counter()
-            try:
-                outputs = await runtime.infer_async(handle, arrays, priority=priority, timeout_us=timeout_us, request_id=key[0])
-            except Exception as exc:  # in the challenger's Batcher.stats() already
-                self._shadow_failed(entry, key, version, exc)
-                return
-            self._add_half(entry, key, "challenger", outputs, time.perf_counter() - started)
-        finally:
-            with entry.admission:
-                entry.shadow_in_flight -= 1
+            challenger = runtime.model(controller.model, version)
+            mirror = self._mirror(entry, champion, challenger)
+        except ConveyorError as exc:
+            self._unlinked_failure(entry, version, exc)
+            return None
+        self._unlink(entry)
+        champion.batcher.set_mirror(mirror)
+        entry.link = _Link(champion.batcher, challenger.batcher, version, mirror)
+        if entry.recording is None:
+            self._schedule_recording(entry)
+        return entry.link
 
-    def _shadow_failed(self, entry: _Rollout, key: tuple[str, int], version: int, exc: Exception) -> None:
-        entry.shadow["failed"] += 1
-        entry.pending.pop(key, None)
-        log.debug("rollout %s: shadow copy of request %s to version %d failed: %s", entry.name, key[0], version, exc)
-
-    def _add_half(self, entry: _Rollout, key: tuple[str, int], side: str, outputs: Mapping[str, np.ndarray], seconds: float) -> None:
-        pair = entry.pending.get(key)
-        if pair is None:  # expired, evicted, or the other side failed
-            return
-        values = None
-        if entry.comparison is not None:
+    def _mirror(self, entry: _Rollout, champion: Any, challenger: Any) -> Any:
+        """A `_core.Mirror` copying the champion's rows to the challenger; ConfigError when
+        the challenger cannot take them (other inputs, or batching where the champion does not)."""
+        mine, theirs = champion.config, challenger.config
+        signature = [(t.name, t.datatype, list(t.dims)) for t in mine.inputs]
+        if [(t.name, t.datatype, list(t.dims)) for t in theirs.inputs] != signature:
+            raise ConfigError(
+                f"rollout '{entry.name}': version {challenger.version} takes inputs "
+                f"{[(t.name, t.datatype, list(t.dims)) for t in theirs.inputs]}, the champion {signature}: "
+                "a shadow copy needs the same inputs"
+            )
+        if (mine.max_batch_size > 0) != (theirs.max_batch_size > 0):
+            raise ConfigError(
+                f"rollout '{entry.name}': version {challenger.version} has max_batch_size {theirs.max_batch_size}, "
+                f"the champion {mine.max_batch_size}: a shadow copy needs both to batch, or neither"
+            )
+        comparison, compare, indices = entry.comparison, "none", (-1, -1)
+        if comparison is not None:
             try:
-                values = entry.comparison.values(outputs)
-            except (KeyError, IndexError, ValueError, TypeError) as exc:
-                log.warning("rollout %s: %s output of request %s cannot be compared: %s", entry.name, side, key[0], exc)
-        setattr(pair, side, (values, seconds))
-        if pair.champion is None or pair.challenger is None:
-            return
-        del entry.pending[key]
-        entry.shadow["paired"] += 1
-        completed = entry.completed
-        if not completed:
-            asyncio.get_running_loop().call_later(PAIR_RECORD_DELAY_S, self._record_pairs, entry)
-        completed.append((pair.champion, pair.challenger))
-        if len(completed) >= PAIR_RECORD_BATCH:
-            self._record_pairs(entry)
+                indices = (
+                    champion.batch_output_names.index(comparison.batch_output),
+                    challenger.batch_output_names.index(comparison.batch_output),
+                )
+                compare = comparison.reading
+            except ValueError:
+                log.warning(
+                    "rollout %s: version %d has no output '%s' to compare: its shadow pairs compare latency only",
+                    entry.name, challenger.version, comparison.output,
+                )  # fmt: skip
+                indices = (-1, -1)
+        return _core.Mirror(
+            challenger=challenger.batcher, slots=entry.shadow_queue_size, champion_output=indices[0],
+            challenger_output=indices[1], compare=compare, max_unread_rows=self.max_unread_pairs,
+        )  # fmt: skip
 
-    def _record_pairs(self, entry: _Rollout) -> None:
-        """Feeds the pairs completed since the last record to the judge's statistics."""
-        completed, entry.completed = entry.completed, []
-        if not completed:
+    def _unlink(self, entry: _Rollout) -> None:
+        link = entry.link
+        if link is None:
             return
+        link.champion_batcher.set_mirror(None)
+        entry.retired.append(link)
+        entry.link = None
+
+    def _unlinked_failure(self, entry: _Rollout, version: int, exc: ConveyorError) -> None:
+        entry.unlinked_failures += 1
         with self.statistics_lock:
-            self._record_completed(entry, completed)
+            entry.controller.statistics.challenger.add_counts(requests=1, errors=1)
+        if entry.unlinked_failures == 1:
+            log.warning("rollout %s: shadow copies to version %d fail: %s", entry.name, version, exc)
+        if isinstance(exc, ModelNotFound):
+            self._tell_unavailable(entry, version)
 
-    def _record_completed(self, entry: _Rollout, completed: list) -> None:
+    def _remember(self, entry: _Rollout, tag: int, request_id: str | None) -> None:
+        tag_ids = entry.tag_ids
+        if len(tag_ids) >= MAX_REMEMBERED_IDS:
+            del tag_ids[next(iter(tag_ids))]
+        tag_ids[tag] = request_id if request_id is not None else new_request_id()
+
+    def shadow_prediction(self, model: str, request_id: str) -> tuple[float, float] | None:
+        """The (champion, challenger) top value of a recent shadow pair by its request id
+        (a class, or the first output value), for pairing delayed labels; None when unknown.
+
+        Kept only for models whose champion takes feedback, for the last
+        `MAX_REMEMBERED_IDS` pairs.
+        """
+        entry = self._rollouts.get(model)
+        return None if entry is None else entry.predictions.get(request_id)
+
+    def _schedule_recording(self, entry: _Rollout) -> None:
+        loop = asyncio.get_running_loop()
+        entry.recording = loop.call_later(PAIR_RECORD_DELAY_S, self._recording_due, entry)
+
+    def _recording_due(self, entry: _Rollout) -> None:
+        entry.recording = None
+        self._check_challenger(entry)
+        self._record(entry)
+        busy = entry.link is not None or any(link.mirror.stats()["in_flight"] for link in entry.retired)
+        if busy:
+            self._schedule_recording(entry)
+        elif not entry.attached and entry in self._detached:
+            self._detached.remove(entry)
+
+    def _check_challenger(self, entry: _Rollout) -> None:
+        """Unlinks a mirror whose challenger was unloaded or reloaded (the next copy links anew)."""
+        link = entry.link
+        if link is None:
+            return
+        try:
+            current = self.runtime.model(entry.controller.model, link.challenger_version).batcher
+        except ModelNotFound:
+            current = None
+        if current is not link.challenger_batcher:
+            self._unlink(entry)
+
+    def _record(self, entry: _Rollout) -> None:
+        """Feeds the rows paired since the last recording to the judge's statistics; forgets
+        retired mirrors with nothing left in flight (keeping their counts)."""
+        finished = [link for link in entry.retired if not link.mirror.stats()["in_flight"]]
+        links = ([entry.link] if entry.link is not None else []) + entry.retired
+        for link in links:
+            pairs = link.mirror.drain()
+            if len(pairs["tags"]):
+                with self.statistics_lock:
+                    self._record_pairs(entry, pairs)
+        for link in finished:
+            entry.retired.remove(link)
+            for key, value in link.mirror.stats().items():
+                entry.retired_counts[key] += value
+
+    def _record_pairs(self, entry: _Rollout, pairs: Mapping[str, np.ndarray]) -> None:
         paired = entry.controller.statistics.paired
-        paired.record_latencies(
-            np.array([champion[1] for champion, _ in completed]), np.array([challenger[1] for _, challenger in completed])
-        )
+        paired.record_latencies(pairs["champion_ns"] * 1e-9, pairs["challenger_ns"] * 1e-9)
         comparison = entry.comparison
-        if comparison is None:
-            return
-        champion_values, challenger_values = [], []
-        for (champion, _), (challenger, _) in completed:
-            if champion is not None and challenger is not None and champion.shape == challenger.shape:
-                champion_values.append(champion)
-                challenger_values.append(challenger)
-        if not champion_values:
-            return
-        record = paired.record_classes if comparison.kind == "classes" else paired.record_scores
-        record(np.concatenate(champion_values), np.concatenate(challenger_values))
+        if comparison is not None and len(pairs["champion_values"]):
+            if comparison.kind == "classes":
+                paired.record_classes(pairs["champion_values"].astype(np.int64), pairs["challenger_values"].astype(np.int64))
+            else:
+                paired.record_scores(pairs["champion_values"], pairs["challenger_values"])
+        if entry.remember_ids:
+            self._keep_predictions(entry, pairs)
+
+    def _keep_predictions(self, entry: _Rollout, pairs: Mapping[str, np.ndarray]) -> None:
+        tag_ids, predictions = entry.tag_ids, entry.predictions
+        compared = pairs["compared"]
+        tags = pairs["tags"][compared].tolist()
+        for tag, mine, theirs in zip(tags, pairs["champion_first"].tolist(), pairs["challenger_first"].tolist()):
+            request_id = tag_ids.pop(tag, None)
+            if request_id is None:
+                continue
+            if len(predictions) >= MAX_REMEMBERED_IDS:
+                del predictions[next(iter(predictions))]
+            predictions[request_id] = (mine, theirs)
+        for tag in pairs["tags"][~compared].tolist():
+            tag_ids.pop(tag, None)
 
     async def drain_shadows(self, model: str | None = None) -> None:
-        """Waits for the shadow copies this event loop started (for `model`, or all) and
-        records their pairs; for tests and an orderly shutdown."""
+        """Waits for the shadow copies in flight (of `model`, or all) and records their
+        pairs; for tests and an orderly shutdown."""
         loop = asyncio.get_running_loop()
-        entries = list(self._rollouts.values()) if model is None else [self._rollouts[model]]
+        if model is None:
+            entries = list(self._rollouts.values()) + list(self._detached)
+        else:
+            entries = [self._rollouts[model]] + [e for e in self._detached if e.controller.model == model]
         for entry in entries:
-            tasks = [task for task in entry.tasks if task.get_loop() is loop]
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            self._record_pairs(entry)
+            links = ([entry.link] if entry.link is not None else []) + entry.retired
+            for link in links:
+                await loop.run_in_executor(None, link.mirror.wait_idle)
+            self._record(entry)
+            if not entry.attached and entry in self._detached:
+                self._detached.remove(entry)
 
     # ---- metrics --------------------------------------------------------------------------
 
@@ -559,8 +604,11 @@ class RolloutTraffic:
         `requests` rows: {"version", "arm" ("champion" | "challenger" | "other"),
         "routing" ("routed": by the router or serving_version, "named": the request named
         the version), "count"}; `fallbacks`: routed to a version not loaded, answered by
-        the champion (counted under the champion's "routed" too); `shadow`: sent,
-        dropped (slots full), failed, paired, expired, in_flight.
+        the champion (counted under the champion's "routed" too); `shadow`, in rows
+        copied: sent, dropped (no slot, or the challenger's queue full), failed (the
+        challenger failed it, refused it, or was not there to take it), paired (answered by
+        both), incomparable (paired without comparable outputs), unrecorded (paired while
+        too many pairs waited to be recorded), in_flight.
         """
         out = {}
         for model, entry in self._rollouts.items():
@@ -570,6 +618,13 @@ class RolloutTraffic:
                 for version, count in sorted(counts.items()):
                     arm = "champion" if version == versions.champion else "challenger" if version in versions.challengers else "other"
                     rows.append({"version": version, "arm": arm, "routing": routing, "count": count})
-            shadow = dict(entry.shadow, in_flight=entry.shadow_in_flight)
-            out[model] = {"rollout": entry.name, "requests": rows, "fallbacks": entry.fallbacks, "shadow": shadow}
+            out[model] = {"rollout": entry.name, "requests": rows, "fallbacks": entry.fallbacks, "shadow": _shadow_counts(entry)}
         return out
+
+
+def _shadow_counts(entry: _Rollout) -> dict[str, int]:
+    totals = Counter(entry.retired_counts)
+    for link in ([entry.link] if entry.link is not None else []) + entry.retired:
+        totals.update(link.mirror.stats())
+    totals["failed"] += entry.unlinked_failures
+    return {key: int(totals[key]) for key in SHADOW_COUNTS}

@@ -463,8 +463,8 @@ class RolloutCollector(Collector):
       version that answered, its arm (champion, challenger, other) and routing (routed by
       the rollout, or named the version).
     - ``conveyor_rollout_fallbacks_total{model,rollout}``: routed to a version not loaded.
-    - ``conveyor_rollout_shadow_requests_total{model,rollout,outcome}``: sent, dropped, failed,
-      paired, expired; ``conveyor_rollout_shadow_in_flight``.
+    - ``conveyor_rollout_shadow_requests_total{model,rollout,outcome}``: rows copied, by outcome
+      (sent, dropped, failed, paired, incomparable, unrecorded); ``conveyor_rollout_shadow_in_flight``.
     - Per active rollout: ``conveyor_rollout_weight_percent{model,rollout,version,arm}``,
       ``conveyor_rollout_step{model,rollout}`` (canary step index),
       ``conveyor_rollout_last_verdict{model,rollout}`` (0 pass, 1 inconclusive, 2 fail, -1 no
@@ -491,17 +491,18 @@ def _traffic_families(counters: Mapping[str, Mapping[str, Any]]) -> Iterator[Met
         labels=("model", "rollout"),
     )  # fmt: skip
     shadow = CounterMetricFamily(
-        "conveyor_rollout_shadow_requests", "Shadow copies to the challenger: sent, dropped (slots full), failed, "
-        "paired with the champion's answer, expired (never paired).",
+        "conveyor_rollout_shadow_requests", "Rows copied to the challenger: sent, dropped (no slot or its queue "
+        "full), failed, paired with the champion's answer, incomparable (paired, outputs not comparable), "
+        "unrecorded (paired while too many waited to be recorded).",
         labels=("model", "rollout", "outcome"),
     )  # fmt: skip
-    in_flight = GaugeMetricFamily("conveyor_rollout_shadow_in_flight", "Shadow copies running now.", labels=("model", "rollout"))
+    in_flight = GaugeMetricFamily("conveyor_rollout_shadow_in_flight", "Rows copied to the challenger and not answered yet.", labels=("model", "rollout"))
     for model, entry in sorted(counters.items()):
         name = entry["rollout"]
         for row in entry["requests"]:
             requests.add_metric((model, name, str(row["version"]), row["arm"], row["routing"]), row["count"])
         fallbacks.add_metric((model, name), entry["fallbacks"])
-        for outcome in ("sent", "dropped", "failed", "paired", "expired"):
+        for outcome in ("sent", "dropped", "failed", "paired", "incomparable", "unrecorded"):
             shadow.add_metric((model, name, outcome), entry["shadow"][outcome])
         in_flight.add_metric((model, name), entry["shadow"]["in_flight"])
     yield from (requests, fallbacks, shadow, in_flight)
