@@ -31,6 +31,34 @@ from processes import DEADLINE_S, free_port, wait_for
 PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]
 EXAMPLES = conveyor.example_repository()
 
+# A model of BYTES strings: it fails on anything but bytes, so a mangled encoding shows as errors.
+WORDS_CONFIG = """\
+backend = "python"
+max_batch_size = 8
+
+[[inputs]]
+name = "text"
+datatype = "BYTES"
+dims = [1]
+
+[[outputs]]
+name = "length"
+datatype = "INT64"
+dims = [1]
+"""
+WORDS_MODEL = """\
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        items = inputs["text"][:, 0]
+        if not all(isinstance(item, bytes) and item.startswith(b"word") for item in items):
+            raise ValueError(f"expected bytes starting with 'word', got {list(items)!r}")
+        return {"length": np.array([[len(item)] for item in items], dtype=np.int64)}
+"""
+WORD_SAMPLES = [{"text": np.array([[f"word {i}".encode()]], dtype=object)} for i in range(3)]
+
 
 def _samples(count: int, width: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
@@ -115,6 +143,17 @@ def test_in_process_multi_stream_sends_eight_per_query(examples_runtime: Runtime
     assert run.samples_per_query == 8 and run.ok.all() and run.queries == 25
     assert examples_runtime.model("scaler").batcher.stats()["requests"] - requests_before == 200
     assert np.all(run.scheduled_ns[1:] >= run.completed_ns[:-1])  # each query after the last answer of the one before
+
+
+def test_in_process_bytes_samples_reach_a_python_model(tmp_path: Path) -> None:
+    model_dir = tmp_path / "words"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.toml").write_text(WORDS_CONFIG)
+    (model_dir / "1" / "model.py").write_text(WORDS_MODEL)
+    with Runtime.from_repository(tmp_path, models=["words"]) as runtime:
+        target = loadgen.InProcessTarget(runtime, "words", WORD_SAMPLES)
+        run = loadgen.run_open_loop(target, np.zeros(60, dtype=np.int64), timeout_s=DEADLINE_S)
+    assert run.ok.all(), run.errors
 
 
 # ---------------------------------------------------------------- engine semantics
@@ -275,6 +314,9 @@ class _Serve:
     def __init__(self, workdir: Path) -> None:
         root = workdir / "models"
         shutil.copytree(EXAMPLES / "scaler", root / "scaler")
+        (root / "words" / "1").mkdir(parents=True)
+        (root / "words" / "config.toml").write_text(WORDS_CONFIG)
+        (root / "words" / "1" / "model.py").write_text(WORDS_MODEL)
         self.http_port, self.grpc_port = free_port(), free_port()
         self.log_path = workdir / "serve.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
@@ -321,6 +363,16 @@ def test_http_answers_every_query(serve: _Serve) -> None:
     assert closed.ok.all()
 
 
+def test_http_sends_bytes_tensors_and_versioned_paths(serve: _Serve) -> None:
+    url = f"http://127.0.0.1:{serve.http_port}"
+    with loadgen.HttpTarget(url, "words", WORD_SAMPLES, version="1", connections=2) as target:
+        run = loadgen.run_closed_loop(target, queries=12, samples_per_query=2, timeout_s=DEADLINE_S)
+    assert run.ok.all(), run.errors
+    with loadgen.HttpTarget(url, "words", WORD_SAMPLES, version="7", connections=1) as target:
+        missing = loadgen.run_closed_loop(target, queries=2, timeout_s=DEADLINE_S)
+    assert not missing.ok.any() and "version 7" in next(iter(missing.errors))
+
+
 def test_http_wrong_model_gives_errors_not_a_crash(serve: _Serve) -> None:
     with loadgen.HttpTarget(f"127.0.0.1:{serve.http_port}", "no_such_model", _samples(2), connections=2) as target:
         run = loadgen.run_open_loop(target, np.zeros(20, dtype=np.int64), timeout_s=DEADLINE_S)
@@ -346,6 +398,9 @@ def test_grpc_answers_every_query_and_counts_errors(serve: _Serve) -> None:
     with loadgen.GrpcTarget(url, "scaler", _samples(4), channels=2, connect_timeout_s=DEADLINE_S) as target:
         run = loadgen.run_open_loop(target, loadgen.poisson_schedule(500.0, 100, 9), timeout_s=DEADLINE_S)
     assert run.ok.all() and run.errors == {}
+    with loadgen.GrpcTarget(url, "words", WORD_SAMPLES, version="1", connect_timeout_s=DEADLINE_S) as target:
+        words = loadgen.run_closed_loop(target, queries=6, samples_per_query=3, timeout_s=DEADLINE_S)
+    assert words.ok.all(), words.errors
     with loadgen.GrpcTarget(url, "no_such_model", _samples(1), channels=1, connect_timeout_s=DEADLINE_S) as target:
         wrong = loadgen.run_closed_loop(target, queries=5, timeout_s=DEADLINE_S)
     assert not wrong.ok.any()
