@@ -1,5 +1,14 @@
 """The native load generator under `conveyor bench`: schedules, targets and runs.
 
+Additions to the interface agreed for `conveyor bench` (nothing removed or renamed):
+`run_open_loop(..., spin_us=10.0)`; `connect_timeout_s` on the network targets;
+`sample_count` and `close()` (and `with`) on every target; LoadRun's `busy_ns`,
+`active_ns`, `queries`, `offered_rate_qps`, `sent_rate_qps` and `error_count`. In a
+closed loop a query's scheduled time is the moment the generator issues it, right after
+the previous answer (as in MLPerf's single-stream), so the generator's wake-up is not
+counted as the target's latency. `poisson_schedule` rescales its exponential gaps so that
+the schedule spans exactly (count - 1) / rate: a schedule's offered rate is the target.
+
 The hot loop is C++ (conveyor/loadgen.h): the calling thread becomes the generator, with
 the GIL released for the whole run, and sends each query at its scheduled time (it sleeps
 until `spin_us` before, then spins; the first sends follow the schedule, there is no
@@ -33,14 +42,6 @@ dimension), converted once: no Python runs per request.
 Targets bound the requests in flight: the batcher's queue size (a full queue would
 reject), the HTTP connections; the generator waits for a free slot (the wait counts as
 latency) rather than overrunning them.
-
-Additions to the interface agreed for `conveyor bench` (nothing removed or renamed):
-`run_open_loop(..., spin_us=10.0)`; `connect_timeout_s` on the network targets;
-`sample_count` and `close()` (and `with`) on every target; LoadRun's `busy_ns`,
-`active_ns`, `queries`, `offered_rate_qps`, `sent_rate_qps` and `error_count`. In a
-closed loop a query's scheduled time is the moment the generator issues it, right after
-the previous answer (as in MLPerf's single-stream), so the generator's wake-up is not
-counted as the target's latency.
 """
 
 from __future__ import annotations
