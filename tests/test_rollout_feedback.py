@@ -8,6 +8,8 @@ server's rollout tests (test_rollout_server.py).
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -246,6 +248,69 @@ def test_a_label_for_a_version_outside_the_rollout_joins_there_and_stays_out_of_
         assert runtime.model(MODEL, 3).monitor.feedback.snapshot()["value"] == pytest.approx(0.5)
         statistics = rollouts.controller(MODEL).statistics
         assert statistics.champion.absolute_error.count == statistics.challenger.absolute_error.count == 0
+    finally:
+        rollouts.close()
+        runtime.close()
+
+
+# ---- shadow: labels pair both versions' predictions (McNemar) ------------------------------
+
+
+def _shadow(check: dict) -> dict:
+    return {
+        "strategy": "shadow", "champion": 1, "challenger": 2, "interval_s": 60.0, "shadow_percent": 100.0,
+        "checks": [check],
+    }  # fmt: skip
+
+
+def _shadow_send_and_label(rollouts: Rollouts, requests: int) -> dict:
+    """`requests` requests of the classes 0..ROWS-1 answered by the champion and copied to the
+    challenger, then every row's true label."""
+    batch = np.arange(ROWS, dtype=np.float32)[:, None]
+
+    async def send() -> None:
+        for i in range(requests):
+            result = await rollouts.infer_async(MODEL, {"x": batch}, request_id=f"req-{i}")
+            assert result.version == 1
+        await rollouts.drain_shadows()
+
+    asyncio.run(send())
+    labels = [{"id": f"req-{i}/{row}", "label": row} for i in range(requests) for row in range(ROWS)]
+    return rollouts.add_feedback(MODEL, labels)
+
+
+def test_shadow_labels_pair_both_predictions_and_mcnemar_catches_a_worse_challenger() -> None:
+    runtime = _runtime("classification", _classifier(wrong_below=2), _classifier(wrong_below=5))  # 98% and 95%
+    rollouts = Rollouts(runtime, clock=lambda: NOW)
+    try:
+        check = {"name": "paired accuracy", "metric": "accuracy_paired", "tolerance": 0.0, "min_samples": 500}
+        rollouts.start(MODEL, _shadow(check))
+        answer = _shadow_send_and_label(rollouts, 20)
+        assert (answer["joined"], answer["unknown"]) == (20 * ROWS, 0)  # the champion's store joined them all
+        paired = rollouts.controller(MODEL).statistics.paired
+        # Classes 2..4 are right for the champion only; no class is right for the challenger only.
+        assert (paired.labelled_pairs, paired.champion_only_correct, paired.challenger_only_correct) == (20 * ROWS, 20 * 3, 0)
+        (record,) = rollouts.tick(NOW + 61.0)
+        assert (record["action"], record["trigger"]) == ("rollback", "judge"), record["reason"]
+        (decision,) = record["judgement"]["decisions"]
+        # McNemar's exact test: every discordant pair is one the challenger got wrong.
+        assert decision["verdict"] == "fail" and decision["estimate"] == pytest.approx(1.0)
+    finally:
+        rollouts.close()
+        runtime.close()
+
+
+def test_shadow_labels_of_an_equally_accurate_challenger_pass() -> None:
+    runtime = _runtime("classification", _classifier(wrong_below=2), _classifier(wrong_below=2))
+    rollouts = Rollouts(runtime, clock=lambda: NOW)
+    try:
+        check = {"name": "paired accuracy", "metric": "accuracy_paired", "tolerance": 0.01, "min_samples": 500}
+        rollouts.start(MODEL, _shadow(check))
+        _shadow_send_and_label(rollouts, 20)
+        paired = rollouts.controller(MODEL).statistics.paired
+        assert (paired.labelled_pairs, paired.champion_only_correct, paired.challenger_only_correct) == (20 * ROWS, 0, 0)
+        (record,) = rollouts.tick(NOW + 61.0)
+        assert record["judgement"]["decisions"][0]["verdict"] == "pass", record["reason"]
     finally:
         rollouts.close()
         runtime.close()

@@ -23,7 +23,8 @@ that both share them (the runtime layer below does not import deploy).
   request (every label counted once) and, while the rollout is active, adds it to that
   version's arm of the judge's statistics: the unpaired `accuracy` and `mae` checks of a
   canary or A/B/n rollout read them. In shadow mode the champion answered, so its store
-  joins the label (paired labels are the traffic layer's).
+  joins the label; when the shadow challenger answered the same request, the label also
+  feeds the paired evidence (McNemar's test) with both predictions.
 - Ticks: `tick(now=None)` is explicit; `start_ticking(interval_s)` runs it from a daemon
   thread until `stop_ticking()` or `close()`. A tick looks at a rollout's checks every
   `interval_s` of its table, so ticking more often only reads counters more often.
@@ -37,6 +38,7 @@ that both share them (the runtime layer below does not import deploy).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -115,14 +117,23 @@ def tick_rollout(runtime: Any, controller: RolloutController, now: float) -> lis
     return [] if record is None else [record]
 
 
-def record_joined_labels(controller: RolloutController, rows: list[dict[str, Any]]) -> None:
+def record_joined_labels(
+    controller: RolloutController, rows: list[dict[str, Any]],
+    shadow_prediction: Callable[[str], tuple[float, float] | None] | None = None,
+) -> None:  # fmt: skip
     """Adds joined feedback rows (`FeedbackStore` sink rows) to the arm of the version that
     answered each (the champion's arm or the challengers') and to that version's own
     statistics (its realized accuracy or MAE in the status). Rows of other versions, rows
     whose prediction is not finite (the store keeps them out of its metric too), and
-    rows after the rollout ended are left out. The caller holds the owner's lock."""
+    rows after the rollout ended are left out. The caller holds the owner's lock.
+
+    `shadow_prediction(request_id)`: the (champion, challenger) prediction of a shadow
+    pair (`RolloutTraffic.shadow_prediction`); a champion's row that has one also feeds the
+    paired evidence (McNemar's discordant pairs, paired absolute errors)."""
     if not controller.active:
         return
+    if shadow_prediction is not None:
+        record_paired_labels(controller, rows, shadow_prediction)
     arms = {controller.versions.champion: controller.statistics.champion}
     arms.update((version, controller.statistics.challenger) for version in controller.versions.challengers)
     # (version, classification?) -> (predictions, labels): one record call per version and kind.
@@ -137,6 +148,29 @@ def record_joined_labels(controller: RolloutController, rows: list[dict[str, Any
         values = np.asarray(predicted, np.float64), np.asarray(labels, np.float64)
         for arm in (arms[version], controller.version_statistics[version]):
             (arm.record_classification_labels if classification else arm.record_regression_labels)(*values)
+
+
+def record_paired_labels(
+    controller: RolloutController, rows: list[dict[str, Any]], shadow_prediction: Callable[[str], tuple[float, float] | None],
+) -> None:  # fmt: skip
+    """The champion's joined labels whose requests were also answered by the shadow
+    challenger, added to the paired evidence with both predictions."""
+    champion = controller.versions.champion
+    gathered: dict[bool, tuple[list[float], list[float], list[float]]] = {}
+    for row in rows:
+        if row["version"] != champion:
+            continue
+        pair = shadow_prediction(row["request_id"])
+        if pair is None or not math.isfinite(pair[1]) or not math.isfinite(row["prediction"]):
+            continue
+        mine, theirs, labels = gathered.setdefault("correct" in row, ([], [], []))
+        mine.append(row["prediction"])
+        theirs.append(pair[1])
+        labels.append(row["label"])
+    paired = controller.statistics.paired
+    for classification, columns in gathered.items():
+        mine, theirs, labels = (np.asarray(column, np.float64) for column in columns)
+        (paired.record_classification_labels if classification else paired.record_regression_labels)(mine, theirs, labels)
 
 
 def feedback_stores(runtime: Any, controller: RolloutController, version: int | None) -> list[Any]:
@@ -172,20 +206,25 @@ def feedback_stores(runtime: Any, controller: RolloutController, version: int | 
     return stores
 
 
-def add_rollout_feedback(runtime: Any, controller: RolloutController, labels: Any, *, version: int | None, lock: Any) -> dict[str, Any]:
+def add_rollout_feedback(
+    runtime: Any, controller: RolloutController, labels: Any, *, version: int | None, lock: Any,
+    shadow_prediction: Callable[[str], tuple[float, float] | None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Delayed labels for a model with a rollout (active or ended): POST .../feedback.
 
     Each label joins in the store of the version that answered its request id (see
     `feedback_stores`; `version` names one), every label counted once in the answer (the
     counts of joined, duplicate, late, unknown and invalid labels, and `errors`). While
     the rollout is active the joined labels also reach its judge, under `lock`: each in
-    the arm of the version that answered, where the `accuracy` and `mae` checks read them.
+    the arm of the version that answered, where the `accuracy` and `mae` checks read them,
+    and, for requests a shadow challenger answered too (`shadow_prediction`), the paired
+    evidence of McNemar's test.
     """
     first, *others = feedback_stores(runtime, controller, version)
 
     def judge_them(rows: list[dict[str, Any]]) -> None:
         with lock:
-            record_joined_labels(controller, rows)
+            record_joined_labels(controller, rows, shadow_prediction)
 
     return first.add_labels(labels, then=others, on_joined=judge_them)
 
@@ -458,7 +497,10 @@ class Rollouts:
         controller = self._controllers.get(model)
         if controller is None:
             return self.runtime.add_feedback(model, labels, version=version)
-        return add_rollout_feedback(self.runtime, controller, labels, version=version, lock=self._lock)
+        return add_rollout_feedback(
+            self.runtime, controller, labels, version=version, lock=self._lock,
+            shadow_prediction=functools.partial(self.traffic.shadow_prediction, model),
+        )  # fmt: skip
 
     async def drain_shadows(self, model: str | None = None) -> None:
         """Waits for the shadow copies started on this event loop and records their pairs."""

@@ -309,7 +309,10 @@ class RolloutTraffic:
         if isinstance(shadow_queue_size, bool) or not isinstance(shadow_queue_size, int) or shadow_queue_size < 1:
             raise ConfigError(f"shadow_queue_size: expected an integer >= 1, got {shadow_queue_size!r}")
         comparison = OutputComparison.for_config(champion_config, compared_output)
-        remember_ids = champion_config.feedback is not None
+        # Shadow pairs pair delayed labels (McNemar's test) when they compare the output the
+        # champion's [feedback] judges, read the same way (argmax / index, or the value).
+        feedback = champion_config.feedback
+        remember_ids = feedback is not None and comparison is not None and comparison.output == feedback.output
         self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison, remember_ids)
 
     def detach(self, model: str) -> None:
@@ -567,17 +570,29 @@ class RolloutTraffic:
             self._keep_predictions(entry, pairs)
 
     def _keep_predictions(self, entry: _Rollout, pairs: Mapping[str, np.ndarray]) -> None:
+        """Keeps the compared rows' top values by the ids the feedback store records: the
+        request id for a one-row request, "<id>/<row>" for each row of a larger one."""
+        tags, compared = pairs["tags"], pairs["compared"]
+        if not len(tags):
+            return
+        # A request's rows are consecutive and share its tag: runs of equal tags.
+        starts = np.flatnonzero(np.r_[True, tags[1:] != tags[:-1]])
+        lengths = np.diff(np.r_[starts, len(tags)])
+        row_in_request = np.arange(len(tags)) - np.repeat(starts, lengths)
+        request_rows = np.repeat(lengths, lengths)
         tag_ids, predictions = entry.tag_ids, entry.predictions
-        compared = pairs["compared"]
-        tags = pairs["tags"][compared].tolist()
-        for tag, mine, theirs in zip(tags, pairs["champion_first"].tolist(), pairs["challenger_first"].tolist()):
-            request_id = tag_ids.pop(tag, None)
+        columns = (
+            tags[compared].tolist(), row_in_request[compared].tolist(), request_rows[compared].tolist(),
+            pairs["champion_first"].tolist(), pairs["challenger_first"].tolist(),
+        )  # fmt: skip
+        for tag, row, rows, mine, theirs in zip(*columns):
+            request_id = tag_ids.get(tag)
             if request_id is None:
                 continue
             if len(predictions) >= MAX_REMEMBERED_IDS:
                 del predictions[next(iter(predictions))]
-            predictions[request_id] = (mine, theirs)
-        for tag in pairs["tags"][~compared].tolist():
+            predictions[request_id if rows == 1 else f"{request_id}/{row}"] = (mine, theirs)
+        for tag in tags[starts].tolist():
             tag_ids.pop(tag, None)
 
     async def drain_shadows(self, model: str | None = None) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import threading
@@ -400,7 +401,10 @@ class RolloutManager:
         version's arm (`add_rollout_feedback`). ModelNotFound when `model` has no rollout.
         """
         controller = self._served(model).controller
-        return add_rollout_feedback(self.runtime, controller, labels, version=version, lock=self._lock)
+        return add_rollout_feedback(
+            self.runtime, controller, labels, version=version, lock=self._lock,
+            shadow_prediction=functools.partial(self.traffic.shadow_prediction, model),
+        )  # fmt: skip
 
     def rollouts(self) -> dict[str, RolloutController]:
         """Every model's controller (active or finished), by model."""
