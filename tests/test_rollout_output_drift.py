@@ -183,7 +183,8 @@ def _shadow_rollout_outcome(challenger_shift: float, statistic: str) -> str:
                         "bins": 10, "reference_size": 400, "min_samples": 800}],
         })  # fmt: skip
         rng = np.random.default_rng(1)
-        rows = rng.normal(0.0, 1.0, (300, 1, 4)).astype(np.float32)
+        # Output drift counts one value per request (its first): 1200 requests of 4 values.
+        rows = rng.normal(0.0, 1.0, (1200, 1, 4)).astype(np.float32)
 
         async def send() -> None:
             for start in range(0, len(rows), 100):

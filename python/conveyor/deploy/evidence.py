@@ -274,29 +274,44 @@ class PairedStatistics:
         challenger = np.maximum(np.asarray(challenger_seconds, np.float64), 1e-9)
         self.latency_log_ratio.record(np.log(challenger) - np.log(champion))
 
-    def record_classes(self, champion: np.ndarray, challenger: np.ndarray) -> None:
-        """Adds both versions' top-1 classes for the same requests: agreement and flips."""
+    def record_classes(
+        self, champion: np.ndarray, challenger: np.ndarray, *, drift_values: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        """Adds both versions' top-1 classes for the same requests: agreement and flips.
+
+        `drift_values`: what output drift counts, one value per request and version
+        (default: the classes given, for one class per request).
+        """
         champion, challenger = np.asarray(champion, np.int64).ravel(), np.asarray(challenger, np.int64).ravel()
         self.compared_classes += int(champion.size)
         self.agreed_classes += int(np.count_nonzero(champion == challenger))
-        for drift in self.output_drifts.values():
-            drift.record(champion, challenger)
+        self._record_drift(drift_values or (champion, challenger))
         moved = champion != challenger
         if moved.any():
             pairs, counts = np.unique(np.stack([champion[moved], challenger[moved]]), axis=1, return_counts=True)
             for (source, target), count in zip(pairs.T.tolist(), counts.tolist()):
                 self.flips[(source, target)] = self.flips.get((source, target), 0) + count
 
-    def record_scores(self, champion: np.ndarray, challenger: np.ndarray) -> None:
-        """Adds both versions' outputs (scores or regression values) for the same requests."""
+    def record_scores(
+        self, champion: np.ndarray, challenger: np.ndarray, *, drift_values: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
+        """Adds both versions' outputs (scores or regression values) for the same requests.
+
+        `drift_values`: what output drift counts, one value per request and version: its
+        bounds count independent observations, so a request with several output values
+        gives one (default: the values given, for one value per request).
+        """
         difference = np.asarray(challenger, np.float64).ravel() - np.asarray(champion, np.float64).ravel()
         self.output_difference.record(difference)
         absolute = np.abs(difference)
         self.absolute_difference.record(absolute)
         for i, tolerance in enumerate(self.within_tolerances):
             self.within_counts[i] += int(np.count_nonzero(absolute <= tolerance))
+        self._record_drift(drift_values or (champion, challenger))
+
+    def _record_drift(self, values: tuple[np.ndarray, np.ndarray]) -> None:
         for drift in self.output_drifts.values():
-            drift.record(champion, challenger)
+            drift.record(*values)
 
     def record_classification_labels(self, champion: np.ndarray, challenger: np.ndarray, labels: np.ndarray) -> None:
         """Adds both versions' predicted classes for the same requests and their delayed labels."""

@@ -562,10 +562,15 @@ class RolloutTraffic:
         paired.record_latencies(pairs["champion_ns"] * 1e-9, pairs["challenger_ns"] * 1e-9)
         comparison = entry.comparison
         if comparison is not None and len(pairs["champion_values"]):
+            # Output drift counts one value per request: the first compared one.
+            drift_values = pairs["champion_first"], pairs["challenger_first"]
             if comparison.kind == "classes":
-                paired.record_classes(pairs["champion_values"].astype(np.int64), pairs["challenger_values"].astype(np.int64))
+                paired.record_classes(
+                    pairs["champion_values"].astype(np.int64), pairs["challenger_values"].astype(np.int64),
+                    drift_values=(drift_values[0].astype(np.int64), drift_values[1].astype(np.int64)),
+                )  # fmt: skip
             else:
-                paired.record_scores(pairs["champion_values"], pairs["challenger_values"])
+                paired.record_scores(pairs["champion_values"], pairs["challenger_values"], drift_values=drift_values)
         if entry.remember_ids:
             self._keep_predictions(entry, pairs)
 
