@@ -140,6 +140,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                       help="largest absolute output difference that still passes (default 0.001)")
     data.add_argument("--min-top1-agreement", type=_fraction, default=env("min-top1-agreement", 0.99, _fraction),
                       help="share of samples whose top class must agree with the reference (default 0.99)")
+    official = p.add_argument_group("MLPerf LoadGen")
+    official.add_argument("--mlperf", action="store_true", default=env("mlperf", False, _boolean),
+                          help="after the native runs, drive the same target and scenario through MLCommons' LoadGen "
+                          "(pip install 'conveyor-serve[mlperf]'), write its official logs to the bundle's mlperf/ "
+                          "and its parsed result, with its agreement with the native generator, under \"mlperf\"")
+    official.add_argument("--mlperf-trace", action="store_true", default=env("mlperf-trace", False, _boolean),
+                          help="--mlperf: also keep LoadGen's mlperf_log_trace.json (large: megabytes per second)")
     p.add_argument("--out", type=Path, metavar="DIR", default=env("out", None, Path),
                    help="the bundle directory to write (default: bench-MODEL-SCENARIO-TIME in the current directory)")
 
@@ -439,9 +446,26 @@ def summary_lines(document: dict[str, Any], out: Path, warnings: list[str]) -> l
         lines.append(f"accuracy against {accuracy['reference']}: {verdict} (max abs difference "
                      f"{_number(accuracy['max_abs_difference'])}, top-1 agreement "
                      f"{_number(accuracy['top1_agreement'])})")
+    lines += mlperf_lines(document.get("mlperf"))
     lines += [f"warning: {warning}" for warning in warnings]
     lines.append(f"bundle written to {out}")
     return lines
+
+
+def mlperf_lines(block: dict[str, Any] | None) -> list[str]:
+    """--mlperf's line: LoadGen's verdict and headline number, and its ratio to the native generator's."""
+    if block is None:
+        return []
+    metric = block.get("metric") or {}
+    text = f"MLPerf LoadGen {block.get('loadgen_version') or ''}: {block.get('result')}"
+    if block.get("capacity_qps") is not None:
+        text += f", capacity {block['capacity_qps']:.1f} queries/s ({len(block['trials'])} trials)"
+    elif metric.get("value") is not None:
+        text += f", {metric['name']}: {_number(metric['value'], 4)}" + (" ms" if metric.get("unit") == "ms" else "")
+    agreement = block.get("agreement") or {}
+    if agreement.get("ratio") is not None:
+        text += f"; {agreement['ratio']:.3f} x the native generator's {agreement['metric']}"
+    return [text + f" (logs in {block.get('log_directory')}/)"]
 
 
 # ---------------------------------------------------------------- running it
@@ -510,6 +534,11 @@ def bench(args: argparse.Namespace) -> int:
     if args.model is None:
         raise BenchError("MODEL is required: pass the model's name (or set CONVEYOR_MODEL)")
     settings = scenario_settings(args)
+    out = args.out or default_out(args.model, settings.name)
+    if args.mlperf:
+        from conveyor.profile.mlperf import import_loadgen
+
+        import_loadgen()  # a missing LoadGen fails before any load is sent
     with contextlib.ExitStack() as stack:
         target = open_target(args, stack)
         samples, inputs = load_samples(args, target.signature)
@@ -521,14 +550,15 @@ def bench(args: argparse.Namespace) -> int:
         with Utilisation() as utilisation, progress_display() as progress:
             result = run_scenario(driver, settings, progress)
         batch_sizes = _batch_sizes(before, target.client.batch_counts())
+        official = run_mlperf(args, target, samples, settings, result, out) if args.mlperf else None
     document = {
         "software": software_versions(), "target": target.document(), "scenario": result.scenario,
         "runs": result.runs, "peak": result.peak, "summary": result.summary, "accuracy": accuracy,
         "batch_sizes": batch_sizes, "utilisation": utilisation.document(), "machine": machine_fingerprint(),
-        "inputs": inputs, "warnings": result.warnings,
+        "inputs": inputs, "warnings": result.warnings, "mlperf": official,
         "command": ["conveyor", "bench", *args.argv] if hasattr(args, "argv") else sys.argv,
     }  # fmt: skip
-    out = write_bundle(args.out or default_out(args.model, settings.name), document, result.arrays)
+    out = write_bundle(out, document, result.arrays)
     print("\n".join(summary_lines(document, out, result.warnings)))
     if accuracy is not None and not accuracy["passed"]:
         return EXIT_ACCURACY
@@ -537,17 +567,29 @@ def bench(args: argparse.Namespace) -> int:
     return EXIT_OBJECTIVE if missed else EXIT_OK
 
 
+def run_mlperf(args: argparse.Namespace, target: OpenedTarget, samples: list[dict[str, np.ndarray]], settings: Any,
+               result: Any, out: Path) -> dict[str, Any]:  # fmt: skip
+    """--mlperf: LoadGen on the same target and scenario, logs in <bundle>/mlperf/; the bundle's "mlperf" block."""
+    from conveyor.profile.mlperf import bench_mlperf, sender_factory
+
+    senders = sender_factory(target.kind, samples, model=target.model, version=target.version, runtime=target.runtime,
+                             url=target.url, connections=args.connections, timeout_s=args.timeout_s)  # fmt: skip
+    return bench_mlperf(senders, len(samples), settings, result, Path(out) / "mlperf", trace=args.mlperf_trace,
+                        timeout_s=args.timeout_s)  # fmt: skip
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """The verb's entry point: runs `bench`, printing any error with what to do; returns the exit status."""
     from conveyor.errors import ConfigError, ModelNotFound
     from conveyor.profile.bundle import BundleError
     from conveyor.profile.inputs import InputError, TargetUnreachable
+    from conveyor.profile.mlperf import LoadgenMissing
 
     try:
         return bench(args)
     except BenchError as exc:
         message, code = str(exc), exc.exit_code
-    except (InputError, TargetUnreachable, ConfigError, ModelNotFound) as exc:
+    except (InputError, TargetUnreachable, ConfigError, ModelNotFound, LoadgenMissing) as exc:
         message, code = str(exc), EXIT_USAGE
     except BundleError as exc:
         message, code = str(exc), EXIT_FAILED
