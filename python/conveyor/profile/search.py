@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Configuration = dict[str, Any]
+# The capacity (> 0); a configuration that meets the objective at no rate scores below 0, the closer to 0
+# the nearer it came, so the climb still heads toward the objective when nothing meets it yet.
 Evaluate = Callable[[Configuration], float]
 
 BACKENDS = ("onnx", "native")
@@ -383,7 +385,7 @@ def quick_search(space: SearchSpace, evaluate: Evaluate, predict: Callable[[Conf
             if len(log.trials) >= budget:
                 break
             score = trial(candidate)
-            if score > current_score * (1 + min_gain) or (current_score <= 0 < score):
+            if score > current_score + min_gain * abs(current_score):
                 current, current_score, last_move, moved = candidate, score, (knob, direction), True
                 break
         if moved:
