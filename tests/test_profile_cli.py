@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conveyor.config import load_model_config
 from conveyor.profile import profile_cli
 from conveyor.profile.profile_cli import main, toml_text
@@ -18,7 +17,14 @@ from conveyor.profile.search import configuration_key
 from test_profile_search import BALANCED, Surface
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
-SPACE = ["--set", "max_batch_size=1,4,16,64", "--set", "max_queue_delay_us=0,500", "--set", "threads=1,2"]
+SPACE = [
+    "--set",
+    "max_batch_size=1,4,16,64",
+    "--set",
+    "max_queue_delay_us=0,500",
+    "--set",
+    "threads=1,2",
+]
 # (batch size 1, or 4/16/64 x (no delay, or 500 us x preferred none/half)) x 8 instance/thread pairs x 2 backends
 # x 2 pinnings = 10 x 8 x 4 = 320 configurations
 SURFACE = Surface("smooth", BALANCED)
@@ -27,19 +33,35 @@ SURFACE = Surface("smooth", BALANCED)
 class SimulatedRunner:
     """Trials from a simulated capacity surface; `outcome(configuration)` may turn one into a failure."""
 
-    def __init__(self, outcome: Callable[[dict], dict | None] | None = None, interrupt_after: int | None = None):
+    def __init__(
+        self,
+        outcome: Callable[[dict], dict | None] | None = None,
+        interrupt_after: int | None = None,
+    ):
         self.outcome = outcome or (lambda configuration: None)
         self.interrupt_after = interrupt_after
         self.calls: list[tuple[str, str]] = []
         self.calibrated: list[Any] = []
         self.closed = False
 
-    def calibrate(self, keys: list[tuple[str, str, int]], max_batch_size: int) -> list[list[Any]]:
+    def calibrate(
+        self, keys: list[tuple[str, str, int]], max_batch_size: int
+    ) -> list[list[Any]]:
         self.calibrated.append((keys, max_batch_size))
         sizes = [1, 2, 4, 8, 16, 32, 64]
-        return [[b, d, t, size, SURFACE.machine.batch_s(b, t, size)] for b, d, t in keys for size in sizes]
+        return [
+            [b, d, t, size, SURFACE.machine.batch_s(b, t, size)]
+            for b, d, t in keys
+            for size in sizes
+        ]
 
-    def run(self, configuration: dict, seed: int, start_qps: float | None, purpose: str = "search") -> TrialRecord:
+    def run(
+        self,
+        configuration: dict,
+        seed: int,
+        start_qps: float | None,
+        purpose: str = "search",
+    ) -> TrialRecord:
         if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
             raise KeyboardInterrupt
         self.calls.append((configuration_key(configuration), purpose))
@@ -62,7 +84,9 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> Callable[..., SimulatedRunner]
     monkeypatch.setattr(profile_cli, "allowed_cpus", lambda: 4)
     monkeypatch.setattr(profile_cli, "detect_gpu", lambda: False)
     holder: dict[str, SimulatedRunner] = {"runner": SimulatedRunner()}
-    monkeypatch.setattr(profile_cli, "make_runner", lambda model, settings: holder["runner"])
+    monkeypatch.setattr(
+        profile_cli, "make_runner", lambda model, settings: holder["runner"]
+    )
 
     def use(runner: SimulatedRunner | None = None) -> SimulatedRunner:
         holder["runner"] = runner or SimulatedRunner()
@@ -72,7 +96,17 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> Callable[..., SimulatedRunner]
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    return ["mlp", "--repository", str(EXAMPLES), "--slo-p99-ms", "10", *SPACE, "--out", str(out), *extra]
+    return [
+        "mlp",
+        "--repository",
+        str(EXAMPLES),
+        "--slo-p99-ms",
+        "10",
+        *SPACE,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_quick_profile_writes_a_config_that_loads_the_pareto_set_and_the_why(
@@ -82,25 +116,42 @@ def test_quick_profile_writes_a_config_that_loads_the_pareto_set_and_the_why(
     report = json.loads((tmp_path / "profile.json").read_text())
     searched = [call for call in runner.calls if call[1] == "search"]
     assert report["space_size"] == 320
-    assert len(searched) == report["trial_count"]["search"] <= report["space_size"] // 10
-    assert [purpose for _, purpose in runner.calls[-6:]] == ["rerun"] * 3 + ["baseline"] * 3
+    assert (
+        len(searched) == report["trial_count"]["search"] <= report["space_size"] // 10
+    )
+    assert [purpose for _, purpose in runner.calls[-6:]] == ["rerun"] * 3 + [
+        "baseline"
+    ] * 3
     assert runner.closed and runner.calibrated[0][1] == 64
     winner = report["winner"]
     assert winner["ci95"] is not None and len(winner["capacities_qps"]) == 3
     assert report["baseline"]["capacity_qps"] > 0
     config = load_model_config(tmp_path / "config.toml", name="mlp")
     chosen = winner["configuration"]
-    assert config.backend == chosen["backend"] and config.max_batch_size == chosen["max_batch_size"]
+    assert (
+        config.backend == chosen["backend"]
+        and config.max_batch_size == chosen["max_batch_size"]
+    )
     assert config.instance_group.count == chosen["instance_count"]
     assert config.dynamic_batching.max_queue_delay_us == chosen["max_queue_delay_us"]
-    threads = config.native.threads if config.backend == "native" else config.onnx.intra_op_threads
+    threads = (
+        config.native.threads
+        if config.backend == "native"
+        else config.onnx.intra_op_threads
+    )
     assert threads == chosen["threads"]
     capacities = [point["capacity_qps"] for point in report["pareto"]]
     assert capacities == sorted(capacities, reverse=True) and report["pareto"]
-    varied = [effect for effect in report["knob_effects"] if effect["spread"] is not None]
+    varied = [
+        effect for effect in report["knob_effects"] if effect["spread"] is not None
+    ]
     assert varied and all(len(effect["values"]) >= 2 for effect in varied)
     out = capsys.readouterr().out
-    assert "recommended: backend" in out and "Pareto set" in out and "why (capacity spread" in out
+    assert (
+        "recommended: backend" in out
+        and "Pareto set" in out
+        and "why (capacity spread" in out
+    )
 
 
 def test_an_interrupted_profile_resumes_without_repeating_a_trial(
@@ -108,7 +159,9 @@ def test_an_interrupted_profile_resumes_without_repeating_a_trial(
     first = simulated(SimulatedRunner(interrupt_after=5))
     assert main(_args(tmp_path)) == 130
     lines = (tmp_path / "checkpoint.jsonl").read_text().splitlines()
-    assert [json.loads(line)["kind"] for line in lines] == ["header", "calibration"] + ["trial"] * 5
+    assert [json.loads(line)["kind"] for line in lines] == ["header", "calibration"] + [
+        "trial"
+    ] * 5
     second = simulated()
     assert main(_args(tmp_path)) == 0
     assert not second.calibrated  # the calibration came from the checkpoint
@@ -117,8 +170,15 @@ def test_an_interrupted_profile_resumes_without_repeating_a_trial(
     whole = simulated()
     assert main(_args(fresh_dir)) == 0
     assert sorted(first.calls + second.calls) == sorted(whole.calls)
-    resumed = json.loads((tmp_path / "profile.json").read_text())["winner"]["configuration"]
-    assert resumed == json.loads((fresh_dir / "profile.json").read_text())["winner"]["configuration"]
+    resumed = json.loads((tmp_path / "profile.json").read_text())["winner"][
+        "configuration"
+    ]
+    assert (
+        resumed
+        == json.loads((fresh_dir / "profile.json").read_text())["winner"][
+            "configuration"
+        ]
+    )
 
 
 def test_a_checkpoint_of_another_objective_is_refused_unless_fresh(
@@ -136,9 +196,17 @@ def test_failed_crashed_and_hung_trials_are_recorded_and_skipped(
         tmp_path: Path, simulated: Callable[..., SimulatedRunner], capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     def outcome(configuration: dict) -> dict | None:
         if configuration["instance_count"] == 2:
-            return {"status": "timed out", "capacity_qps": 0.0, "error": "the trial did not finish within 120 s"}
+            return {
+                "status": "timed out",
+                "capacity_qps": 0.0,
+                "error": "the trial did not finish within 120 s",
+            }
         if configuration["backend"] == "native" and configuration["threads"] == 2:
-            return {"status": "crashed", "capacity_qps": 0.0, "error": "the worker died (exit status -11)"}
+            return {
+                "status": "crashed",
+                "capacity_qps": 0.0,
+                "error": "the worker died (exit status -11)",
+            }
         return None
 
     simulated(SimulatedRunner(outcome))
@@ -159,7 +227,9 @@ def test_an_objective_nothing_meets_names_the_closest_and_what_to_relax(
     simulated(SimulatedRunner(unmet))
     assert main(_args(tmp_path)) == 4
     err = capsys.readouterr().err
-    assert "no configuration met p99 <= 10 ms" in err and "p99 12.10 ms (21% over)" in err
+    assert (
+        "no configuration met p99 <= 10 ms" in err and "p99 12.10 ms (21% over)" in err
+    )
     assert "--slo-p99-ms 14.6" in err
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["winner"] is None and len(report["closest"]) == 3
@@ -169,8 +239,20 @@ def test_an_objective_nothing_meets_names_the_closest_and_what_to_relax(
 def test_exhaustive_search_measures_every_configuration(
         tmp_path: Path, simulated: Callable[..., SimulatedRunner]) -> None:  # fmt: skip
     runner = simulated()
-    small = ["--set", "backend=onnx", "--set", "pinning=none", "--set", "threads=1", "--set", "instance_count=1,2"]
-    assert main([*_args(tmp_path), *small, "--search", "exhaustive", "--repetitions", "2"]) == 0
+    small = [
+        "--set",
+        "backend=onnx",
+        "--set",
+        "pinning=none",
+        "--set",
+        "threads=1",
+        "--set",
+        "instance_count=1,2",
+    ]
+    assert (
+        main([*_args(tmp_path), *small, "--search", "exhaustive", "--repetitions", "2"])
+        == 0
+    )
     report = json.loads((tmp_path / "profile.json").read_text())
     searched = {key for key, purpose in runner.calls if purpose == "search"}
     assert len(searched) == report["space_size"] == report["trial_count"]["search"]
@@ -181,7 +263,10 @@ def test_a_memory_limit_makes_bigger_configurations_infeasible(
     simulated()
     assert main([*_args(tmp_path), "--max-memory-mb", "15"]) == 0
     winner = json.loads((tmp_path / "profile.json").read_text())["winner"]
-    assert winner["configuration"]["instance_count"] * winner["configuration"]["threads"] == 1
+    assert (
+        winner["configuration"]["instance_count"] * winner["configuration"]["threads"]
+        == 1
+    )
 
 
 @pytest.mark.parametrize(("argv", "message"), [
