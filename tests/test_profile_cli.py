@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tomllib
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from conveyor.config import load_model_config
 from conveyor.profile import profile_cli
-from conveyor.profile.profile_cli import main, toml_text
+from conveyor.profile.profile_cli import main, progress_display, toml_text
 from conveyor.profile.profile_trials import TrialRecord, describe_model
 from conveyor.profile.search import configuration_key
 from test_profile_search import BALANCED, Surface
@@ -289,3 +290,35 @@ def test_toml_text_round_trips_a_config_with_tables_and_arrays_of_tables() -> No
     odd = {"name": "a \"quoted\" é", "ratio": 0.25, "flag": True, "sizes": [1, 2], "t": {"u": {"v": 1}},
            "rows": [{"k": "x"}, {"k": "y"}]}  # fmt: skip
     assert tomllib.loads(toml_text(odd)) == odd
+
+
+def test_when_only_memory_stands_in_the_way_the_message_says_to_raise_the_limit(
+    tmp_path: Path,
+    simulated: Callable[..., SimulatedRunner],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    simulated()
+    assert main([*_args(tmp_path), "--max-memory-mb", "5"]) == 4
+    err = capsys.readouterr().err
+    assert "used more memory than --max-memory-mb 5 (the least: 10.0 MB)" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_with_an_eta_on_a_terminal_and_one_line_per_trial_otherwise() -> (
+    None
+):
+    terminal = _Terminal()
+    with progress_display(4, terminal) as say:
+        say("search: one", 0)
+        say("search: two", 2)
+    assert "2/4" in terminal.getvalue() and "ETA" in terminal.getvalue()
+    plain = io.StringIO()
+    with progress_display(4, plain) as say:
+        say("running", 0)
+        say("done one", 1)
+        say("running", 1)
+    assert plain.getvalue() == "  [1/4] done one\n"
