@@ -10,6 +10,8 @@
   evidence summarises (chi-square on 2x2 tables, numpy quantiles, binomial tests, t-tests):
   what a judge that kept every sample would pay at each look.
 Evidence: 50,000 requests per arm, 20,000 shadow pairs, 5,000 labels per arm and pair.
+A second group swaps the MAE check for an anytime-valid output-drift check (PSI, 10 bins),
+the most expensive one, against scipy's two-sample KS test on the raw values in its place.
 The ratio is printed at the end; nothing here asserts a timing.
 """
 
@@ -27,6 +29,7 @@ REQUESTS_PER_ARM = 50_000
 PAIRS = 20_000
 LABELS = 5_000
 GROUP = "judge: one evaluation of 10 checks"
+GROUP_DRIFT = "judge: 10 checks, one of them output drift"
 
 CHECKS = [
     {"name": "errors", "metric": "error_rate", "tolerance": 0.0},
@@ -68,9 +71,21 @@ def raw():
     return data
 
 
+CHECKS_WITH_DRIFT = [*CHECKS[:-1], {"name": "drift", "metric": "output_drift", "statistic": "psi", "threshold": 0.1}]
+
+
 @pytest.fixture(scope="module")
 def evidence(raw):
-    checks = parse_checks(CHECKS)
+    return _evidence(raw, CHECKS)
+
+
+@pytest.fixture(scope="module")
+def evidence_with_drift(raw):
+    return _evidence(raw, CHECKS_WITH_DRIFT)
+
+
+def _evidence(raw, tables):
+    checks = parse_checks(tables)
     statistics = RolloutStatistics.for_checks(checks)
     for name in ("champion", "challenger"):
         arm, samples = getattr(statistics, name), raw[name]
@@ -126,3 +141,25 @@ def test_scipy_from_raw_samples(benchmark, ratio_report, raw):
     results = benchmark(_scipy_from_raw, raw)
     assert len(results) == 10
     ratio_report.baseline(GROUP, benchmark, label="scipy fixed-sample tests on raw samples")
+
+
+def test_judge_evaluation_with_output_drift(benchmark, ratio_report, evidence_with_drift):
+    checks, statistics = evidence_with_drift
+    benchmark.group = GROUP_DRIFT
+    judgement = benchmark(evaluate, checks, statistics, 0.0)
+    assert len(judgement.decisions) == 10
+    ratio_report.candidate(GROUP_DRIFT, benchmark, label="judge.evaluate with an output-drift check")
+    print(f"\none evaluation of 10 checks with output drift: {benchmark.stats.stats.median * 1e3:.3f} ms (median); goal < 1 ms")
+
+
+def _scipy_with_drift(raw) -> list[float]:
+    p_values = _scipy_from_raw(raw)[:-1]
+    pairs = raw["pairs"]
+    p_values.append(stats.ks_2samp(pairs["champion_score"], pairs["challenger_score"]).pvalue)
+    return p_values
+
+
+def test_scipy_with_drift_from_raw_samples(benchmark, ratio_report, raw):
+    benchmark.group = GROUP_DRIFT
+    assert len(benchmark(_scipy_with_drift, raw)) == 10
+    ratio_report.baseline(GROUP_DRIFT, benchmark, label="scipy fixed-sample tests on raw samples (KS for drift)")

@@ -48,8 +48,8 @@ CAP_INTERVAL_MS=${CAP_INTERVAL_MS:-3000}
 SLOW_MS=${SLOW_MS:-50}
 QUEUE=${QUEUE:-16}
 BACKEND=${BACKEND:-python}
-[[ $BACKEND == onnx ]] && VARIANTS=${VARIANTS:-"A B"} || VARIANTS=${VARIANTS:-"A B C"}
-[[ $BACKEND == onnx && $VARIANTS == *C* ]] && { echo "variant C (a challenger that sleeps) needs BACKEND=python" >&2; exit 2; }
+[[ $BACKEND != python ]] && VARIANTS=${VARIANTS:-"A B"} || VARIANTS=${VARIANTS:-"A B C"}
+[[ $BACKEND != python && $VARIANTS == *C* ]] && { echo "variant C (a challenger that sleeps) needs BACKEND=python" >&2; exit 2; }
 STAMP=${STAMP:-$(date -u +%Y%m%dT%H%M%SZ)}
 OUT=${OUT:-$PEERS/results/shadow-$STAMP}
 mkdir -p "$OUT"
@@ -85,7 +85,7 @@ max_queue_delay_us = 0
 count = 1
 $2
 EOF
-  if [[ $BACKEND == onnx ]]; then
+  if [[ $BACKEND != python ]]; then
     cp "$ROOT/examples/models/mlp/1/model.onnx" "$d/1/model.onnx"
     cp "$ROOT/examples/models/mlp/1/model.onnx" "$d/2/model.onnx"
     return

@@ -273,20 +273,22 @@ def _latency_from(histogram_of):
             return _quantile_against_bound(check, challenger, 1e3, f"challenger q{quantile:g} (ms)", "challenger")
         champion = histogram_of(s.champion)
         strength = max(float(check.min_samples), _MIN_BETA_STRENGTH)
+        buckets_b, buckets_a = challenger.nonempty(), champion.nonempty()
         # Each arm's needed side at alpha/2: a false failure needs one of the two to be wrong.
-        low_b, high_b = quantile_bounds(*challenger.nonempty(), quantile, check.alpha / 2, strength)
-        low_a, high_a = quantile_bounds(*champion.nonempty(), quantile, check.alpha / 2, strength)
+        low_b, high_b = quantile_bounds(*buckets_b, quantile, check.alpha / 2, strength)
+        low_a, high_a = quantile_bounds(*buckets_a, quantile, check.alpha / 2, strength)
+        point_a, point_b = _point_quantile_of(*buckets_a, quantile), _point_quantile_of(*buckets_b, quantile)
         outcome = _Outcome(
             f"q{quantile:g} ratio: challenger / champion", "quantile confidence sequences (beta-binomial mixture)",
             {"champion": champion.total, "challenger": challenger.total},
             {"champion_quantile_ms": [finite_or_none(low_a * 1e3), finite_or_none(high_a * 1e3)],
              "challenger_quantile_ms": [finite_or_none(low_b * 1e3), finite_or_none(high_b * 1e3)],
-             "champion_point_ms": finite_or_none(_point_quantile(champion, quantile) * 1e3),
-             "challenger_point_ms": finite_or_none(_point_quantile(challenger, quantile) * 1e3)},
+             "champion_point_ms": finite_or_none(point_a * 1e3),
+             "challenger_point_ms": finite_or_none(point_b * 1e3)},
             limit=1.0 + check.tolerance,
         )  # fmt: skip
         if champion.total and challenger.total:
-            outcome.estimate = _point_quantile(challenger, quantile) / max(_point_quantile(champion, quantile), 1e-300)
+            outcome.estimate = point_b / max(point_a, 1e-300)
             outcome.lower = low_b / high_a if high_a > 0 else 0.0
             outcome.upper = high_b / low_a if low_a > 0 else math.inf
             outcome.failed = outcome.lower > outcome.limit
@@ -297,7 +299,11 @@ def _latency_from(histogram_of):
 
 def _point_quantile(histogram: Histogram, quantile: float) -> float:
     """The upper bound of the bucket holding the quantile, as the core reports percentiles."""
-    edges, counts = histogram.nonempty()
+    return _point_quantile_of(*histogram.nonempty(), quantile)
+
+
+def _point_quantile_of(edges: np.ndarray, counts: np.ndarray, quantile: float) -> float:
+    """`_point_quantile` from a histogram's non-empty buckets (`Histogram.nonempty()`)."""
     if not len(counts):
         return math.nan
     cumulative = np.cumsum(counts)
@@ -309,13 +315,14 @@ def _quantile_against_bound(check: Check, histogram: Histogram, scale: float, st
     """A quantile against an absolute upper bound (`scale` converts to the threshold's units)."""
     quantile = float(check.quantile)
     strength = max(float(check.min_samples), _MIN_BETA_STRENGTH)
+    buckets = histogram.nonempty()
     outcome = _Outcome(
         statistic, "quantile confidence sequence (beta-binomial mixture)", {side: histogram.total},
-        {"buckets": int((histogram.counts > 0).sum())}, limit=float(check.threshold),
+        {"buckets": len(buckets[1])}, limit=float(check.threshold),
     )  # fmt: skip
     if histogram.total:
-        lower, upper = quantile_bounds(*histogram.nonempty(), quantile, check.alpha, strength)
-        outcome.estimate = _point_quantile(histogram, quantile) * scale
+        lower, upper = quantile_bounds(*buckets, quantile, check.alpha, strength)
+        outcome.estimate = _point_quantile_of(*buckets, quantile) * scale
         outcome.lower, outcome.upper = lower * scale, upper * scale
         outcome.failed = outcome.lower > outcome.limit
     return outcome
