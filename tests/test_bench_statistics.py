@@ -101,7 +101,9 @@ def test_repetition_interval_and_cv_by_hand() -> None:
     summary = summarize_repetitions([1.0, 2.0, 3.0])
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 df) * s / sqrt(n), s = 1
     assert summary.mean == 2.0 and summary.cv == pytest.approx(0.5)
-    assert summary.ci95 == pytest.approx((2.0 - half, 2.0 + half))
+    assert summary.ci95 == pytest.approx((max(2.0 - half, 0.0), 2.0 + half))  # 2 - 2.48: clipped at 0
+    signed = summarize_repetitions([-1.0, 0.0, 1.0])  # values that may be negative keep the plain interval
+    assert signed.ci95 == pytest.approx((-half, half))
     single = summarize_repetitions([5.0, math.nan])
     assert single.count == 1 and single.ci95 is None and single.cv is None
     assert summarize_repetitions([]).count == 0

@@ -182,7 +182,11 @@ class RepetitionSummary:
 
 
 def summarize_repetitions(values: Sequence[float], confidence: float = 0.95) -> RepetitionSummary:
-    """Mean, t-interval and CV of one metric's value per repetition (NaN and inf values left out)."""
+    """Mean, t-interval and CV of one metric's value per repetition (NaN and inf values left out).
+
+    The interval of non-negative values (rates, latencies) starts at 0 at the lowest: with
+    few, spread repetitions the plain t-interval would reach below it.
+    """
     data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     count = len(data)
     if count == 0:
@@ -195,7 +199,10 @@ def summarize_repetitions(values: Sequence[float], confidence: float = 0.95) -> 
     deviation = float(data.std(ddof=1))
     half = float(student_t.ppf(0.5 + confidence / 2, count - 1)) * deviation / math.sqrt(count)
     cv = deviation / abs(mean) if mean != 0 else None
-    return RepetitionSummary(mean, (mean - half, mean + half), cv, count)
+    low = mean - half
+    if (data >= 0).all():  # rates and latencies: the mean cannot be negative, nor its interval
+        low = max(low, 0.0)
+    return RepetitionSummary(mean, (low, mean + half), cv, count)
 
 
 # ---------------------------------------------------------------- bootstrap (for compare)
