@@ -11,6 +11,13 @@ and writes everything (with LoadGen's logs) under --out.
     python bench/mlperf_agreement.py mlp --slo-p99-ms 2                  # in-process
     python bench/mlperf_agreement.py mlp --slo-p99-ms 5 --serve          # over HTTP, a `conveyor serve` it starts
     python bench/mlperf_agreement.py mlp --slo-p99-ms 5 --url http://127.0.0.1:8000
+    python bench/mlperf_agreement.py mlp --hidden 2048 --slo-p99-ms 20 --serve   # a heavier mlp (64-2048-2048-10)
+
+Both generators must outrun the target for the capacities to be the target's: the native
+one does up to ~100k/s, LoadGen's Python path (its binding's issue callback, then this
+package's senders) a few thousand per second over HTTP and a few tens of thousands
+in-process on 2 vCPUs. --hidden N measures the example mlp rebuilt with N-wide hidden
+layers, a model slow enough for both.
 
 A benchmark, not a test: it reports, it never fails on a number.
 """
@@ -19,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -31,11 +40,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
-from conveyor.profile import bench_cli, mlperf, scenarios  # noqa: E402
-from conveyor.profile.statistics import summarize_repetitions  # noqa: E402
+from conveyor.profile import bench_cli, mlperf, scenarios
+from conveyor.profile.statistics import summarize_repetitions
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,15 +60,46 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", type=float, default=0.02, help="searches stop within this share (default 0.02)")
     p.add_argument("--start-qps", type=float, help="where both searches start (default: half an offline burst's rate)")
     p.add_argument("--connections", type=int, default=16, help="HTTP connections of either generator (default 16)")
+    p.add_argument("--hidden", type=int, help="rebuild the example mlp with hidden layers this wide (a slower model)")
     p.add_argument("--out", type=Path, help="where to write agreement.json and LoadGen's logs (default: a temp dir)")
     return p.parse_args(argv)
 
 
-def bench_args(args: argparse.Namespace, url: str | None) -> argparse.Namespace:
+def model_repository(args: argparse.Namespace, work: Path) -> Path:
+    """The example models, or a repository of just the model with --hidden N: mlp's layers made N wide."""
+    if args.hidden is None:
+        return ROOT / "examples" / "models"
+    if args.model != "mlp":
+        raise SystemExit("--hidden rebuilds the example mlp: pass mlp as the model")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_models
+    from onnx import helper
+
+    rng = np.random.default_rng(make_models.SEED)
+    widths = [64, args.hidden, args.hidden, 10]
+    nodes, weights, inputs = [], [], "x"
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+        gemm, initializers = make_models._gemm_layer(rng, f"fc{layer}", fan_in, fan_out, inputs, f"h{layer}")
+        nodes.append(gemm)
+        weights += initializers
+        inputs = f"h{layer}"
+        if layer < len(widths) - 1:
+            nodes.append(helper.make_node("Relu", [inputs], [f"a{layer}"], name=f"relu{layer}"))
+            inputs = f"a{layer}"
+    nodes.append(helper.make_node("Softmax", [inputs], ["probs"], axis=-1, name="softmax"))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", 1, ["batch", 64])],
+                              [helper.make_tensor_value_info("probs", 1, ["batch", 10])], initializer=weights)  # fmt: skip
+    repository = work / "models"
+    shutil.copytree(ROOT / "examples" / "models" / "mlp", repository / "mlp")
+    make_models.model_path(repository, "mlp").write_bytes(make_models.serialize(graph))
+    return repository
+
+
+def bench_args(args: argparse.Namespace, url: str | None, repository: Path) -> argparse.Namespace:
     """The bench's own flags for this target: its target-opening and sample functions are reused as they are."""
     parser = argparse.ArgumentParser()
     bench_cli.register_bench_commands(parser.add_subparsers())
-    flags = ["bench", args.model, "--repository", str(ROOT / "examples" / "models"), "--find-peak",
+    flags = ["bench", args.model, "--repository", str(repository), "--find-peak",
              "--slo-p99-ms", str(args.slo_p99_ms), "--duration-s", str(args.duration_s), "--repetitions", "1",
              "--peak-precision", str(args.precision), "--connections", str(args.connections)]  # fmt: skip
     if url:
@@ -66,17 +108,17 @@ def bench_args(args: argparse.Namespace, url: str | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def served(model: str) -> Any:
-    """`conveyor serve` of one example model on a free port, in a subprocess; yields its URL."""
-    work = Path(tempfile.mkdtemp(prefix="conveyor-mlperf-agreement-"))
-    shutil.copytree(ROOT / "examples" / "models" / model, work / "models" / model)
+def served(model: str, repository: Path, work: Path) -> Any:
+    """`conveyor serve` of one model of `repository` on a free port, in a subprocess; yields its URL."""
+    if not (work / "models" / model).exists():
+        shutil.copytree(repository / model, work / "models" / model)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {"PYTHONPATH": str(ROOT / "python")}
     command = [sys.executable, "-m", "conveyor", "serve", str(work / "models"), "--http-port", str(port),
                "--grpc-port", "0", "--data-dir", str(work / "data"), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(command, env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -90,11 +132,10 @@ def served(model: str) -> Any:
     finally:
         server.terminate()
         server.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def measure(args: argparse.Namespace, url: str | None, out: Path) -> dict[str, Any]:
-    options = bench_args(args, url)
+def measure(args: argparse.Namespace, url: str | None, repository: Path, out: Path) -> dict[str, Any]:
+    options = bench_args(args, url, repository)
     with contextlib.ExitStack() as stack:
         target = bench_cli.open_target(options, stack)
         samples, _ = bench_cli.load_samples(options, target.signature)
@@ -141,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="mlperf-agreement-"))
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(served(args.model)) if args.serve else args.url
-        report = measure(args, url, out)
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conveyor-mlperf-agreement-")))
+        repository = model_repository(args, work)
+        url = stack.enter_context(served(args.model, repository, work)) if args.serve else args.url
+        report = measure(args, url, repository, out)
+    report["hidden"] = args.hidden
     (out / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
     interval = report["ratio_ci95"]
     print(f"{report['model']} ({report['target']}), p99 <= {args.slo_p99_ms:g} ms: LoadGen / native capacity = "

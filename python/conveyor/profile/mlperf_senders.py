@@ -177,7 +177,13 @@ class _HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        answer = parse_http_response(self.buffer)
+        try:
+            answer = parse_http_response(self.buffer)
+        except ValueError as exc:  # not HTTP: fail the query, drop the connection (reopened for the next)
+            self._finish(f"malformed HTTP answer: {exc}")
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if answer is None:
             return
         consumed, error, keep_alive = answer
@@ -203,6 +209,7 @@ class _HttpConnection(asyncio.Protocol):
 def parse_http_response(buffer: bytes | bytearray) -> tuple[int, str | None, bool] | None:
     """(bytes consumed, None or the error, keep-alive) once `buffer` holds a whole response, else None.
 
+    ValueError when the bytes are not an HTTP/1.x response.
     Framing by Content-Length or chunked transfer encoding. An answer is ok when its status
     is 2xx and its JSON part (the whole body, or the binary extension's JSON header) has no
     "error" key, as the native HTTP target judges it.
@@ -212,7 +219,9 @@ def parse_http_response(buffer: bytes | bytearray) -> tuple[int, str | None, boo
         return None
     lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if not parts[0].startswith("HTTP/1.") or len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"status line {lines[0][:80]!r}")
+    status = int(parts[1])
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
