@@ -138,6 +138,11 @@ def test_a_file_that_is_no_summary_is_refused_with_where_to_look(tmp_path: Path)
         mlperf.parse_summary(tmp_path / "missing.txt")
 
 
+def test_an_answer_that_is_not_http_is_refused() -> None:
+    with pytest.raises(ValueError, match="status line 'SSH-2.0-OpenSSH'"):
+        parse_http_response(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
 @pytest.mark.parametrize(
     ("answer", "error", "keep_alive"),
     [
@@ -150,11 +155,6 @@ def test_a_file_that_is_no_summary_is_refused_with_where_to_look(tmp_path: Path)
         (b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: 2\r\nContent-Length: 9\r\n\r\n{}\"error\"", None, True),
     ],
 )  # fmt: skip
-def test_an_answer_that_is_not_http_is_refused() -> None:
-    with pytest.raises(ValueError, match="status line 'SSH-2.0-OpenSSH'"):
-        parse_http_response(b"SSH-2.0-OpenSSH\r\n\r\n")
-
-
 def test_http_answers_are_framed_and_judged(answer: bytes, error: str | None, keep_alive: bool) -> None:
     # The next answer's first bytes may follow in the same read: only this answer is consumed.
     assert parse_http_response(answer + b"HTTP/1.1") == (len(answer), error, keep_alive)
