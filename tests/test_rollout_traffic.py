@@ -429,6 +429,27 @@ def test_shadow_copies_are_independent_of_the_callers_buffer(runtime):
     assert controller.statistics.paired.output_difference.mean == pytest.approx(1.0)
 
 
+def test_draining_waits_for_the_copies_in_flight_at_most_the_timeout(runtime):
+    gated = GatedModel(2.0)
+    runtime.add_model(MODEL, _config(), gated, version=2)
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+
+    async def scenario():
+        try:
+            await traffic.infer(MODEL, _row(1.0), request_id="r")
+            stuck = await traffic.drain_shadows(timeout_s=0.01)  # the copy cannot finish: the gate is shut
+            unrecorded = controller.statistics.paired.latency_log_ratio.count
+        finally:
+            gated.gate.set()
+        return stuck, unrecorded, await traffic.drain_shadows(timeout_s=None)
+
+    stuck, unrecorded, drained = asyncio.run(scenario())
+    assert (stuck, unrecorded) == (False, 0)
+    assert drained and controller.statistics.paired.latency_log_ratio.count == 1
+
+
 def test_text_inputs_are_copied_with_their_own_references():
     """BYTES rows point at the champion request's objects: the copy keeps them alive."""
 

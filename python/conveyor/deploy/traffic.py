@@ -600,21 +600,31 @@ class RolloutTraffic:
         for tag in tags[starts].tolist():
             tag_ids.pop(tag, None)
 
-    async def drain_shadows(self, model: str | None = None) -> None:
+    async def drain_shadows(self, model: str | None = None, *, timeout_s: float | None = None) -> bool:
         """Waits for the shadow copies in flight (of `model`, or all) and records their
-        pairs; for tests and an orderly shutdown."""
+        pairs; for tests and an orderly shutdown. `timeout_s`: the longest wait for each
+        rollout's copies (None: as long as they take); returns False when copies were
+        still in flight at the end (their pairs are not recorded: logged)."""
         loop = asyncio.get_running_loop()
         if model is None:
             entries = list(self._rollouts.values()) + list(self._detached)
         else:
             entries = [self._rollouts[model]] + [e for e in self._detached if e.controller.model == model]
+        wait_s = -1.0 if timeout_s is None else float(timeout_s)
+        idle = True
         for entry in entries:
             links = ([entry.link] if entry.link is not None else []) + entry.retired
             for link in links:
-                await loop.run_in_executor(None, link.mirror.wait_idle)
+                if not await loop.run_in_executor(None, link.mirror.wait_idle, wait_s):
+                    idle = False
+                    log.warning(
+                        "rollout %s: %d shadow rows still in flight after %.1f s; their pairs are not recorded",
+                        entry.name, link.mirror.stats()["in_flight"], wait_s,
+                    )  # fmt: skip
             self._record(entry)
             if not entry.attached and entry in self._detached:
                 self._detached.remove(entry)
+        return idle
 
     # ---- metrics --------------------------------------------------------------------------
 

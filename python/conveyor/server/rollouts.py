@@ -161,13 +161,14 @@ class RolloutManager:
             except Exception:  # a failing tick must not end the ticking
                 log.exception("rollout tick failed")
 
-    async def close(self) -> None:
-        """Stops ticking and waits for the shadow copies in flight (their pairs are recorded)."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stops ticking and waits for the shadow copies in flight (their pairs are recorded),
+        at most `timeout_s` per rollout (None: as long as they take)."""
         if self._ticker is not None and self._stopping is not None:
             self._stopping.set()
             await self._ticker
             self._ticker = None
-        await self.traffic.drain_shadows()
+        await self.traffic.drain_shadows(timeout_s=timeout_s)
 
     # ---- events ----------------------------------------------------------------------------
 

@@ -159,7 +159,8 @@ class Server:
                 connection.close_if_idle()
         if grpc_stop is not None:
             await grpc_stop
-        await self.rollouts.close()  # shadow copies in flight finish and are paired
+        # Shadow copies in flight finish and are paired, within the grace period.
+        await self.rollouts.close(timeout_s=self.options.grace_period_s)
         await asyncio.to_thread(self.runtime.close)
         log.info("stopped")
 
