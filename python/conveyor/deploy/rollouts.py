@@ -468,8 +468,9 @@ class Rollouts:
     ) -> RoutedResult:  # fmt: skip
         """`infer_async`, blocking: do not call it from a running event loop (await infer_async there)."""
         if self.traffic.get(model) is None:
-            outputs = self.runtime.infer(model, inputs, version=version, priority=priority, timeout_us=timeout_us, request_id=request_id)
-            return RoutedResult(outputs, self.runtime.model(model, version).version, None)
+            handle = self.runtime.model(model, version)
+            outputs = self.runtime.infer(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
+            return RoutedResult(outputs, handle.version, None, handle)
         coroutine = self.infer_async(
             model, inputs, version=version, route_key=route_key, request_id=request_id, priority=priority,
             timeout_us=timeout_us,

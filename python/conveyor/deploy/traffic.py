@@ -92,11 +92,13 @@ _INTEGER_DATATYPES = frozenset({"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT
 
 
 class RoutedResult(NamedTuple):
-    """One answered request: its outputs, the version that answered, the rollout that routed it."""
+    """One answered request: its outputs, the version that answered, the rollout that routed
+    it, and that version's handle (its config names the outputs' datatypes)."""
 
     outputs: dict[str, np.ndarray]
     version: int
     rollout_name: str | None  # None: no rollout routed it (none active, or a named version)
+    handle: Any = None
 
 
 # Per request, `_new_result(RoutedResult, (...))` skips the generated __new__'s argument
@@ -356,12 +358,12 @@ class RolloutTraffic:
         if entry is None:
             handle = runtime.model(model, version)
             outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
-            return _new_result(RoutedResult, (outputs, handle.version, None))
+            return _new_result(RoutedResult, (outputs, handle.version, None, handle))
         if version is not None:
             handle = runtime.model(model, version)
             entry.named[version] += 1
             outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
-            return _new_result(RoutedResult, (outputs, version, None))
+            return _new_result(RoutedResult, (outputs, version, None, handle))
         controller = entry.controller
         if not controller.active:
             return await self._infer_ended(entry, model, inputs, request_id, priority, timeout_us)
@@ -373,7 +375,7 @@ class RolloutTraffic:
         entry.routed[handle.version] += 1
         if shadow_version is None or shadow_version == handle.version:
             outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
-            return _new_result(RoutedResult, (outputs, handle.version, entry.name))
+            return _new_result(RoutedResult, (outputs, handle.version, entry.name, handle))
         return await self._infer_shadowed(entry, handle, shadow_version, inputs, request_id, priority, timeout_us)
 
     async def _infer_ended(
@@ -388,7 +390,7 @@ class RolloutTraffic:
             handle = runtime.model(model)
         entry.routed[handle.version] += 1
         outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
-        return _new_result(RoutedResult, (outputs, handle.version, None))
+        return _new_result(RoutedResult, (outputs, handle.version, None, handle))
 
     def _fall_back(self, entry: _Rollout, model: str, missing: int) -> Any:
         champion = entry.controller.versions.champion
@@ -427,7 +429,7 @@ class RolloutTraffic:
         outputs = await self.runtime.infer_async(
             handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id, mirror_tag=tag
         )
-        return RoutedResult(outputs, handle.version, entry.name)
+        return _new_result(RoutedResult, (outputs, handle.version, entry.name, handle))
 
     # ---- the shadow mirror ---------------------------------------------------------------
 

@@ -132,7 +132,7 @@ class DataPlane:
             name, inputs, version=version, route_key=route_key, request_id=request_id, priority=priority,
             timeout_us=timeout_us,
         )  # fmt: skip
-        handle = self.runtime.model(name, result.version)
+        handle = result.handle  # the version that answered, even if unloaded meanwhile
         return InferResponse(
             model_name=name,
             model_version=str(result.version),
