@@ -9,37 +9,14 @@
 
 #include "allocation_hooks.h"
 #include "check.h"
+#include "gate.h"
 #include "conveyor/batcher.h"
 
 using namespace conveyor;
+using conveyor::testing::Gate;
 
 namespace {
 
-// A gate the executor can wait on, and a count of executor entries the test can wait for.
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void pass() {
-    std::unique_lock<std::mutex> lock(mu_);
-    ++entered_;
-    cv_.notify_all();
-    cv_.wait(lock, [this] { return open_; });
-  }
-  void wait_entered(int n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return entered_ >= n; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-  int entered_ = 0;
-};
 
 BatcherOptions options(int64_t max_batch, int64_t delay_us = 0) {
   BatcherOptions o;

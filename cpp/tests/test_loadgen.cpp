@@ -17,40 +17,18 @@
 #include <vector>
 
 #include "check.h"
+#include "gate.h"
 #include "conveyor/loadgen.h"
 #include "conveyor/memory_pool.h"
 
 using namespace conveyor;
+using conveyor::testing::Gate;
 using namespace conveyor::loadgen;
 
 namespace {
 
 constexpr int64_t kTimeoutNs = 30'000'000'000;  // a bound on waits; healthy runs take milliseconds
 
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void pass() {
-    std::unique_lock<std::mutex> lock(mu_);
-    ++entered_;
-    cv_.notify_all();
-    cv_.wait(lock, [this] { return open_; });
-  }
-  void wait_entered(int n) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return entered_ >= n; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-  int entered_ = 0;
-};
 
 BatcherOptions options(int64_t max_batch) {
   BatcherOptions o;
