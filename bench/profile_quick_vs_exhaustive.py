@@ -37,9 +37,7 @@ SMALL_SPACE = ["backend=onnx,native", "max_batch_size=8,32,64", "instance_count=
                "preferred_batch_sizes=none", "threads=1", "pinning=none"]  # fmt: skip
 
 
-def run_profile(
-    model: str, slo_ms: float, out: Path, extra: list[str]
-) -> tuple[dict[str, Any], float, int]:
+def run_profile(model: str, slo_ms: float, out: Path, extra: list[str]) -> tuple[dict[str, Any], float, int]:
     """One `conveyor profile` run; (its profile.json, seconds taken, exit status)."""
     argv = [
         model,
@@ -55,11 +53,7 @@ def run_profile(
     started = time.monotonic()
     code = profile_main(argv)
     seconds = time.monotonic() - started
-    report = (
-        json.loads((out / "profile.json").read_text())
-        if (out / "profile.json").exists()
-        else {}
-    )
+    report = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() else {}
     return report, seconds, code
 
 
@@ -77,18 +71,12 @@ def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return a["capacity_qps"] / b["capacity_qps"]
 
 
-def measure_model(
-    model: str, slo_ms: float, base: Path, common: list[str], small_space: list[str]
-) -> dict[str, Any]:
+def measure_model(model: str, slo_ms: float, base: Path, common: list[str], small_space: list[str]) -> dict[str, Any]:
     sets = [item for knob in small_space for item in ("--set", knob)]
-    quick, quick_s, quick_code = run_profile(
-        model, slo_ms, base / f"{model}-quick", common
-    )
+    quick, quick_s, quick_code = run_profile(model, slo_ms, base / f"{model}-quick", common)
     small_sweep, sweep_s, _ = run_profile(model, slo_ms, base / f"{model}-small-exhaustive",
                                           [*common, *sets, "--search", "exhaustive"])  # fmt: skip
-    small_quick, small_quick_s, _ = run_profile(
-        model, slo_ms, base / f"{model}-small-quick", [*common, *sets]
-    )
+    small_quick, small_quick_s, _ = run_profile(model, slo_ms, base / f"{model}-small-quick", [*common, *sets])
     return {
         "model": model, "slo_p99_ms": slo_ms, "exit_status": quick_code,
         "default_space": {"size": quick.get("space_size"), "trials": quick.get("trial_count"), "seconds": quick_s,
@@ -123,11 +111,7 @@ def report_lines(results: list[dict[str, Any]]) -> list[str]:
             f"{small['exhaustive']['seconds']:.0f} s -> {capacity_text(small['exhaustive']['winner'])}; quick "
             f"{small['quick']['trials']} in {small['quick']['seconds']:.0f} s -> "
             f"{capacity_text(small['quick']['winner'])}; quick / exhaustive "
-            + (
-                f"{small['quick_over_exhaustive']:.2f}"
-                if small["quick_over_exhaustive"]
-                else "—"
-            ),
+            + (f"{small['quick_over_exhaustive']:.2f}" if small["quick_over_exhaustive"] else "—"),
             "",
         ]
     return lines
@@ -145,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--probe-duration-s", default="0.3")
     parser.add_argument("--repetitions", default="3")
-    parser.add_argument(
-        "--small-space", nargs="*", default=SMALL_SPACE, metavar="KNOB=VALUES"
-    )
+    parser.add_argument("--small-space", nargs="*", default=SMALL_SPACE, metavar="KNOB=VALUES")
     parser.add_argument(
         "--out",
         type=Path,
@@ -176,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr if args.out is None else sys.stdout,
     )
     if args.out is not None:
-        (args.out / "results.json").write_text(
-            json.dumps(results, indent=2, default=str) + "\n"
-        )
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

@@ -45,16 +45,10 @@ class SimulatedRunner:
         self.calibrated: list[Any] = []
         self.closed = False
 
-    def calibrate(
-        self, keys: list[tuple[str, str, int]], max_batch_size: int
-    ) -> list[list[Any]]:
+    def calibrate(self, keys: list[tuple[str, str, int]], max_batch_size: int) -> list[list[Any]]:
         self.calibrated.append((keys, max_batch_size))
         sizes = [1, 2, 4, 8, 16, 32, 64]
-        return [
-            [b, d, t, size, SURFACE.machine.batch_s(b, t, size)]
-            for b, d, t in keys
-            for size in sizes
-        ]
+        return [[b, d, t, size, SURFACE.machine.batch_s(b, t, size)] for b, d, t in keys for size in sizes]
 
     def run(
         self,
@@ -85,9 +79,7 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> Callable[..., SimulatedRunner]
     monkeypatch.setattr(profile_cli, "allowed_cpus", lambda: 4)
     monkeypatch.setattr(profile_cli, "detect_gpu", lambda: False)
     holder: dict[str, SimulatedRunner] = {"runner": SimulatedRunner()}
-    monkeypatch.setattr(
-        profile_cli, "make_runner", lambda model, settings: holder["runner"]
-    )
+    monkeypatch.setattr(profile_cli, "make_runner", lambda model, settings: holder["runner"])
 
     def use(runner: SimulatedRunner | None = None) -> SimulatedRunner:
         holder["runner"] = runner or SimulatedRunner()
@@ -117,42 +109,26 @@ def test_quick_profile_writes_a_config_that_loads_the_pareto_set_and_the_why(
     report = json.loads((tmp_path / "profile.json").read_text())
     searched = [call for call in runner.calls if call[1] == "search"]
     assert report["space_size"] == 320
-    assert (
-        len(searched) == report["trial_count"]["search"] <= report["space_size"] // 10
-    )
-    assert [purpose for _, purpose in runner.calls[-6:]] == ["rerun"] * 3 + [
-        "baseline"
-    ] * 3
+    assert len(searched) == report["trial_count"]["search"] <= report["space_size"] // 10
+    assert [purpose for _, purpose in runner.calls[-12:]] == ["rerun"] * 9 + ["baseline"] * 3
+    assert len(report["finalists"]) == 3 and report["trial_count"]["rerun"] == 9
     assert runner.closed and runner.calibrated[0][1] == 64
     winner = report["winner"]
     assert winner["ci95"] is not None and len(winner["capacities_qps"]) == 3
     assert report["baseline"]["capacity_qps"] > 0
     config = load_model_config(tmp_path / "config.toml", name="mlp")
     chosen = winner["configuration"]
-    assert (
-        config.backend == chosen["backend"]
-        and config.max_batch_size == chosen["max_batch_size"]
-    )
+    assert config.backend == chosen["backend"] and config.max_batch_size == chosen["max_batch_size"]
     assert config.instance_group.count == chosen["instance_count"]
     assert config.dynamic_batching.max_queue_delay_us == chosen["max_queue_delay_us"]
-    threads = (
-        config.native.threads
-        if config.backend == "native"
-        else config.onnx.intra_op_threads
-    )
+    threads = config.native.threads if config.backend == "native" else config.onnx.intra_op_threads
     assert threads == chosen["threads"]
     capacities = [point["capacity_qps"] for point in report["pareto"]]
     assert capacities == sorted(capacities, reverse=True) and report["pareto"]
-    varied = [
-        effect for effect in report["knob_effects"] if effect["spread"] is not None
-    ]
+    varied = [effect for effect in report["knob_effects"] if effect["spread"] is not None]
     assert varied and all(len(effect["values"]) >= 2 for effect in varied)
     out = capsys.readouterr().out
-    assert (
-        "recommended: backend" in out
-        and "Pareto set" in out
-        and "why (capacity spread" in out
-    )
+    assert "recommended: backend" in out and "Pareto set" in out and "why (capacity spread" in out
 
 
 def test_an_interrupted_profile_resumes_without_repeating_a_trial(
@@ -160,9 +136,7 @@ def test_an_interrupted_profile_resumes_without_repeating_a_trial(
     first = simulated(SimulatedRunner(interrupt_after=5))
     assert main(_args(tmp_path)) == 130
     lines = (tmp_path / "checkpoint.jsonl").read_text().splitlines()
-    assert [json.loads(line)["kind"] for line in lines] == ["header", "calibration"] + [
-        "trial"
-    ] * 5
+    assert [json.loads(line)["kind"] for line in lines] == ["header", "calibration"] + ["trial"] * 5
     second = simulated()
     assert main(_args(tmp_path)) == 0
     assert not second.calibrated  # the calibration came from the checkpoint
@@ -171,15 +145,8 @@ def test_an_interrupted_profile_resumes_without_repeating_a_trial(
     whole = simulated()
     assert main(_args(fresh_dir)) == 0
     assert sorted(first.calls + second.calls) == sorted(whole.calls)
-    resumed = json.loads((tmp_path / "profile.json").read_text())["winner"][
-        "configuration"
-    ]
-    assert (
-        resumed
-        == json.loads((fresh_dir / "profile.json").read_text())["winner"][
-            "configuration"
-        ]
-    )
+    resumed = json.loads((tmp_path / "profile.json").read_text())["winner"]["configuration"]
+    assert resumed == json.loads((fresh_dir / "profile.json").read_text())["winner"]["configuration"]
 
 
 def test_a_checkpoint_of_another_objective_is_refused_unless_fresh(
@@ -228,9 +195,7 @@ def test_an_objective_nothing_meets_names_the_closest_and_what_to_relax(
     simulated(SimulatedRunner(unmet))
     assert main(_args(tmp_path)) == 4
     err = capsys.readouterr().err
-    assert (
-        "no configuration met p99 <= 10 ms" in err and "p99 12.10 ms (21% over)" in err
-    )
+    assert "no configuration met p99 <= 10 ms" in err and "p99 12.10 ms (21% over)" in err
     assert "--slo-p99-ms 14.6" in err
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["winner"] is None and len(report["closest"]) == 3
@@ -250,10 +215,7 @@ def test_exhaustive_search_measures_every_configuration(
         "--set",
         "instance_count=1,2",
     ]
-    assert (
-        main([*_args(tmp_path), *small, "--search", "exhaustive", "--repetitions", "2"])
-        == 0
-    )
+    assert main([*_args(tmp_path), *small, "--search", "exhaustive", "--repetitions", "2"]) == 0
     report = json.loads((tmp_path / "profile.json").read_text())
     searched = {key for key, purpose in runner.calls if purpose == "search"}
     assert len(searched) == report["space_size"] == report["trial_count"]["search"]
@@ -264,10 +226,7 @@ def test_a_memory_limit_makes_bigger_configurations_infeasible(
     simulated()
     assert main([*_args(tmp_path), "--max-memory-mb", "15"]) == 0
     winner = json.loads((tmp_path / "profile.json").read_text())["winner"]
-    assert (
-        winner["configuration"]["instance_count"] * winner["configuration"]["threads"]
-        == 1
-    )
+    assert winner["configuration"]["instance_count"] * winner["configuration"]["threads"] == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -308,9 +267,7 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_is_a_bar_with_an_eta_on_a_terminal_and_one_line_per_trial_otherwise() -> (
-    None
-):
+def test_progress_is_a_bar_with_an_eta_on_a_terminal_and_one_line_per_trial_otherwise() -> None:
     terminal = _Terminal()
     with progress_display(4, terminal) as say:
         say("search: one", 0)
@@ -322,3 +279,24 @@ def test_progress_is_a_bar_with_an_eta_on_a_terminal_and_one_line_per_trial_othe
         say("done one", 1)
         say("running", 1)
     assert plain.getvalue() == "  [1/4] done one\n"
+
+
+def test_the_winner_is_chosen_on_repeated_measurements_not_one_lucky_trial(
+    tmp_path: Path, simulated: Callable[..., SimulatedRunner]
+) -> None:
+    """One configuration's search trial is lucky (10x); measured again it is ordinary, and another wins."""
+    lucky = "backend=onnx,device=cpu,max_batch_size=1,"
+    runner = simulated()
+    original = runner.run
+
+    def run(configuration: dict, seed: int, start_qps: float | None, purpose: str = "search") -> TrialRecord:
+        record = original(configuration, seed, start_qps, purpose)
+        if purpose == "search" and configuration_key(configuration).startswith(lucky):
+            record.capacity_qps *= 1000
+        return record
+
+    runner.run = run  # type: ignore[method-assign]
+    assert main([*_args(tmp_path), "--search", "exhaustive", "--set", "instance_count=1", "--set", "threads=1"]) == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert any(configuration_key(f["configuration"]).startswith(lucky) for f in report["finalists"])
+    assert not configuration_key(report["winner"]["configuration"]).startswith(lucky)

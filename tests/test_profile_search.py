@@ -51,15 +51,10 @@ class Machine:
 
     fixed_s: dict[str, float]
     per_row_s: dict[str, float]
-    thread_scaling: float = (
-        0.7  # speed-up with t threads: t ** scaling on the rows' share
-    )
+    thread_scaling: float = 0.7  # speed-up with t threads: t ** scaling on the rows' share
 
     def batch_s(self, backend: str, threads: int, rows: int) -> float:
-        return (
-            self.fixed_s[backend]
-            + self.per_row_s[backend] * max(1, rows) / threads**self.thread_scaling
-        )
+        return self.fixed_s[backend] + self.per_row_s[backend] * max(1, rows) / threads**self.thread_scaling
 
     def timings(
         self,
@@ -82,18 +77,12 @@ class Surface:
     machine: Machine
     contention_power: float = 1.5  # the cost model assumes 1
     headroom: float = 2.6  # p99 ~ delay + headroom x t(b); the cost model assumes 2
-    delay_gain: float = (
-        0.06  # throughput gained per log2 of (1 + delay / 250 us), batching fuller
-    )
-    pinning_gain: float = (
-        0.04  # with threads <= CPUs; pinning oversubscribed threads loses 12%
-    )
+    delay_gain: float = 0.06  # throughput gained per log2 of (1 + delay / 250 us), batching fuller
+    pinning_gain: float = 0.04  # with threads <= CPUs; pinning oversubscribed threads loses 12%
     ceiling_qps: float = math.inf  # e.g. the generator or memory bandwidth
     noise: float = 0.03
     distortion: dict[str, float] | None = None  # calibration's bias per backend
-    small_batch_bonus: float = (
-        0.0  # many instances of small batches win (cache effects)
-    )
+    small_batch_bonus: float = 0.0  # many instances of small batches win (cache effects)
 
     def capacity(self, configuration: dict, seed: int) -> float:
         c = configuration
@@ -109,31 +98,23 @@ class Surface:
             seconds = self.machine.batch_s(c["backend"], t, batch) * contention
             if effective_delay + self.headroom * seconds * 1000 <= SLO_MS:
                 rate = n * batch / seconds * 0.65
-                rate *= 1 + self.small_batch_bonus * (n - 1) / max(
-                    1, math.log2(batch) + 1
-                )
+                rate *= 1 + self.small_batch_bonus * (n - 1) / max(1, math.log2(batch) + 1)
                 best = max(best, rate)
             batch *= 2
         if best == 0.0:
             return 0.0
-        best *= 1 + self.delay_gain * math.log2(1 + c["max_queue_delay_us"] / 250) * (
-            0.7 if preferred else 1.0
-        )
+        best *= 1 + self.delay_gain * math.log2(1 + c["max_queue_delay_us"] / 250) * (0.7 if preferred else 1.0)
         if c["pinning"] == "cores":
             best *= 0.88 if oversubscribed else 1 + self.pinning_gain
         best = min(best, self.ceiling_qps)
         return best * _noise(seed, configuration_key(c), self.noise)
 
     def cost_model(self, seed: int) -> CostModel:
-        timings = self.machine.timings(
-            [1, 2, 4, 8, 16, 32, 64, 128], [1, 2, 4], seed, self.distortion or {}
-        )
+        timings = self.machine.timings([1, 2, 4, 8, 16, 32, 64, 128], [1, 2, 4], seed, self.distortion or {})
         return CostModel(timings, SLO_MS / 1000, CPUS)
 
 
-BALANCED = Machine(
-    fixed_s={"onnx": 60e-6, "native": 25e-6}, per_row_s={"onnx": 12e-6, "native": 14e-6}
-)
+BALANCED = Machine(fixed_s={"onnx": 60e-6, "native": 25e-6}, per_row_s={"onnx": 12e-6, "native": 14e-6})
 HEAVY = Machine(
     fixed_s={"onnx": 150e-6, "native": 80e-6},
     per_row_s={"onnx": 90e-6, "native": 70e-6},
@@ -192,17 +173,13 @@ def test_the_test_spaces_are_large_enough_for_the_claim(name: str) -> None:
 
 
 @pytest.mark.parametrize("space_name", SPACES)
-@pytest.mark.parametrize(
-    "surface", SURFACES, ids=lambda surface: surface.name.split(":")[0]
-)
+@pytest.mark.parametrize("surface", SURFACES, ids=lambda surface: surface.name.split(":")[0])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_quick_search_reaches_97_percent_of_the_sweep_in_a_tenth_of_its_trials(space_name: str, surface: Surface,
                                                                                seed: int) -> None:  # fmt: skip
     space = _space(space_name)
     size = len(space.configurations())
-    evaluate: Callable[[dict], float] = lambda configuration: surface.capacity(
-        configuration, seed
-    )
+    evaluate: Callable[[dict], float] = lambda configuration: surface.capacity(configuration, seed)
     model = surface.cost_model(seed)
     sweep = exhaustive_search(space, evaluate, model.predict)
     quick = quick_search(space, evaluate, model.predict)
@@ -210,14 +187,10 @@ def test_quick_search_reaches_97_percent_of_the_sweep_in_a_tenth_of_its_trials(s
     assert len(quick.trials) <= size // 10
     best, found = sweep.best[1], quick.best[1]
     assert best > 0
-    assert found >= 0.97 * best, (
-        f"{surface.name}: quick found {found:.0f}, the sweep {best:.0f} ({found / best:.1%})"
-    )
+    assert found >= 0.97 * best, f"{surface.name}: quick found {found:.0f}, the sweep {best:.0f} ({found / best:.1%})"
 
 
-def test_quick_search_never_evaluates_a_configuration_twice_nor_past_its_budget() -> (
-    None
-):
+def test_quick_search_never_evaluates_a_configuration_twice_nor_past_its_budget() -> None:
     surface, space = SURFACES[0], _space()
     calls: list[str] = []
 
@@ -234,34 +207,24 @@ def test_a_failing_configuration_scores_zero_and_the_climb_goes_on() -> None:
     surface, space = SURFACES[0], _space()
 
     def evaluate(configuration: dict) -> float:
-        return (
-            0.0
-            if configuration["instance_count"] == 2
-            else surface.capacity(configuration, 4)
-        )
+        return 0.0 if configuration["instance_count"] == 2 else surface.capacity(configuration, 4)
 
     model = surface.cost_model(4)
     best = exhaustive_search(space, evaluate).best[1]
     assert quick_search(space, evaluate, model.predict).best[1] >= 0.97 * best
 
 
-def test_the_cost_model_interpolates_between_measured_batch_sizes_and_extends_linearly() -> (
-    None
-):
+def test_the_cost_model_interpolates_between_measured_batch_sizes_and_extends_linearly() -> None:
     model = CostModel({("onnx", "cpu", 1): {1: 1e-3, 4: 4e-3, 16: 8e-3}}, 0.1, 2)
     assert model.batch_seconds("onnx", "cpu", 1, 2) == pytest.approx(2e-3)
     assert model.batch_seconds("onnx", "cpu", 1, 32) == pytest.approx(16e-3)
-    assert model.batch_seconds("onnx", "cpu", 2, 4) == pytest.approx(
-        4e-3
-    )  # more threads than measured: no gain
+    assert model.batch_seconds("onnx", "cpu", 2, 4) == pytest.approx(4e-3)  # more threads than measured: no gain
     assert model.batch_seconds("native", "cpu", 1, 4) is None
     configuration = {"backend": "onnx", "device": "cpu", "max_batch_size": 16, "max_queue_delay_us": 0,
                      "instance_count": 1, "threads": 1}  # fmt: skip
     # batch 16 fits (2 x 8 ms <= 100 ms): 0.7 x 16 / 8 ms = 1400 queries/s
     assert model.predict(configuration) == pytest.approx(1400)
-    tight = CostModel(
-        model.compute_s, 0.005, 2
-    )  # only batch 1 fits 5 ms: 0.7 x 1 / 1 ms
+    tight = CostModel(model.compute_s, 0.005, 2)  # only batch 1 fits 5 ms: 0.7 x 1 / 1 ms
     assert tight.predict(configuration) == pytest.approx(700)
 
 
@@ -289,9 +252,7 @@ def test_neighbours_move_one_knob_one_step() -> None:
             assert neighbour["max_batch_size"] == (8 if direction < 0 else 32)
 
 
-def test_defaults_never_offer_a_gpu_on_a_cpu_only_host_and_refuse_one_asked_for() -> (
-    None
-):
+def test_defaults_never_offer_a_gpu_on_a_cpu_only_host_and_refuse_one_asked_for() -> None:
     space = build_space(backends=["onnx"], cpus=2, model_max_batch_size=8, slo_p99_ms=5)
     assert {c["device"] for c in space.configurations()} == {"cpu"}
     with pytest.raises(SpaceError, match="no GPU"):
@@ -325,21 +286,15 @@ def test_overrides_and_limits_shape_the_space() -> None:
                         overrides=["max_batch_size=16", "threads=1"])  # fmt: skip
     assert {c["instance_count"] for c in space.configurations()} == {1, 2}
     assert {c["max_batch_size"] for c in space.configurations()} == {16}
-    with pytest.raises(
-        SpaceError, match="native backend is not available: it has a Conv"
-    ):
+    with pytest.raises(SpaceError, match="native backend is not available: it has a Conv"):
         build_space(backends=["onnx"], cpus=2, model_max_batch_size=8, slo_p99_ms=5, overrides=["backend=native"],
                     unavailable={"native": "it has a Conv"})  # fmt: skip
     with pytest.raises(SpaceError, match="no configuration fits"):
         build_space(backends=["onnx"], cpus=2, model_max_batch_size=8, slo_p99_ms=5, max_threads=1,
                     overrides=["threads=2"])  # fmt: skip
-    not_batching = build_space(
-        backends=["onnx"], cpus=2, model_max_batch_size=0, slo_p99_ms=5
-    )
+    not_batching = build_space(backends=["onnx"], cpus=2, model_max_batch_size=0, slo_p99_ms=5)
     assert {c["max_batch_size"] for c in not_batching.configurations()} == {0}
-    assert (
-        default_budget(576) == 57 and default_budget(20) == 8 and default_budget(5) == 5
-    )
+    assert default_budget(576) == 57 and default_budget(20) == 8 and default_budget(5) == 5
 
 
 def _scored(capacity: float, p99: float, memory: float, **knobs: object) -> Scored:
@@ -352,9 +307,7 @@ def _scored(capacity: float, p99: float, memory: float, **knobs: object) -> Scor
     return Scored(configuration | knobs, capacity, p99, memory)
 
 
-def test_winner_takes_the_least_memory_among_near_ties_and_none_when_nothing_passes() -> (
-    None
-):
+def test_winner_takes_the_least_memory_among_near_ties_and_none_when_nothing_passes() -> None:
     big = _scored(1000, 9, 300, max_batch_size=64)
     lean = _scored(985, 9, 120, max_batch_size=32)  # within 3%: wins on memory
     slow = _scored(900, 5, 50, max_batch_size=8)

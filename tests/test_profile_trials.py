@@ -33,44 +33,22 @@ KNOBS = {"backend": "native", "device": "cpu", "max_batch_size": 32, "max_queue_
 
 def test_describe_model_finds_which_backends_run_it() -> None:
     mlp = describe_model(EXAMPLES, "mlp")
-    assert (
-        mlp.backends == ("onnx", "native")
-        and mlp.version == 1
-        and mlp.max_batch_size == 64
-    )
+    assert mlp.backends == ("onnx", "native") and mlp.version == 1 and mlp.max_batch_size == 64
     assert mlp.file_data["backend"] == "onnx" and "inputs" in mlp.config_data
 
 
 def test_knobs_land_in_the_config_fields_the_runtime_reads() -> None:
     model = describe_model(EXAMPLES, "image_classifier")
     config = model_config_for(model, KNOBS)
-    assert (
-        config.backend == "native"
-        and config.max_batch_size == 32
-        and config.native.threads == 1
-    )
-    assert (
-        config.dynamic_batching.max_queue_delay_us == 500
-        and config.dynamic_batching.preferred_batch_sizes == [16]
-    )
+    assert config.backend == "native" and config.max_batch_size == 32 and config.native.threads == 1
+    assert config.dynamic_batching.max_queue_delay_us == 500 and config.dynamic_batching.preferred_batch_sizes == [16]
     assert config.instance_group.count == 2 and config.preprocess and config.postprocess
-    onnx = model_config_for(
-        model, KNOBS | {"backend": "onnx", "threads": 2, "inter_op_threads": 2}
-    )
+    onnx = model_config_for(model, KNOBS | {"backend": "onnx", "threads": 2, "inter_op_threads": 2})
     assert onnx.onnx.intra_op_threads == 2 and onnx.onnx.inter_op_threads == 2
-    assert (
-        model_config_for(model, {}).max_batch_size == 64
-    )  # {}: the model as configured
+    assert model_config_for(model, {}).max_batch_size == 64  # {}: the model as configured
     written = apply_knobs(model.file_data, KNOBS)
-    assert (
-        parse_model_config(
-            written, source="test", name="image_classifier"
-        ).instance_group.count
-        == 2
-    )
-    assert (
-        "inputs" in written and model.file_data["instance_group"]["count"] == 1
-    )  # the original is untouched
+    assert parse_model_config(written, source="test", name="image_classifier").instance_group.count == 2
+    assert "inputs" in written and model.file_data["instance_group"]["count"] == 1  # the original is untouched
 
 
 def test_a_model_that_does_not_batch_keeps_max_batch_size_zero() -> None:
@@ -82,9 +60,7 @@ def test_a_model_that_does_not_batch_keeps_max_batch_size_zero() -> None:
         KNOBS | {"backend": "python", "max_batch_size": 0, "max_queue_delay_us": 0},
     )
     config = parse_model_config(written, source="test", name="m")
-    assert (
-        config.max_batch_size == 0 and config.dynamic_batching.max_queue_delay_us == 0
-    )
+    assert config.max_batch_size == 0 and config.dynamic_batching.max_queue_delay_us == 0
 
 
 def test_the_worker_answers_records_errors_and_survives_hangs_and_crashes() -> None:
@@ -95,9 +71,7 @@ def test_the_worker_answers_records_errors_and_survives_hangs_and_crashes() -> N
             worker.call(int, ("not a number",), 60)
         with pytest.raises(TrialTimeout, match="did not finish within 0.5 s"):
             worker.call(time.sleep, (3600,), 0.5)
-        assert (
-            worker.call(os.path.join, ("c", "d"), 60) == "c/d"
-        )  # a new worker took over
+        assert worker.call(os.path.join, ("c", "d"), 60) == "c/d"  # a new worker took over
         with pytest.raises(TrialCrashed, match="exit status 3"):
             worker.call(os._exit, (3,), 60)
         assert worker.call(abs, (-2,), 60) == 2
@@ -132,9 +106,7 @@ def test_the_memory_sampler_sees_the_resident_set_grow() -> None:
 
 
 def test_cost_model_rows_become_a_cost_model() -> None:
-    model = cost_model_from(
-        [["onnx", "cpu", 1, 1, 0.001], ["onnx", "cpu", 1, 8, 0.002]], 10.0, 2
-    )
+    model = cost_model_from([["onnx", "cpu", 1, 1, 0.001], ["onnx", "cpu", 1, 8, 0.002]], 10.0, 2)
     assert model.batch_seconds("onnx", "cpu", 1, 8) == 0.002 and model.slo_p99_s == 0.01
 
 
@@ -159,17 +131,9 @@ def test_a_real_trial_and_calibration_in_the_worker_and_a_timeout_recorded() -> 
         )
         assert record.status == "ok", record.error
         assert record.capacity_qps > 0 and record.p99_ms <= 20.0 and record.probes >= 2
-        assert (
-            record.memory_mb is not None
-            and record.pool_reserved_mb is not None
-            and record.seconds > 0
-        )
+        assert record.memory_mb is not None and record.pool_reserved_mb is not None and record.seconds > 0
         runner.settings = TrialSettings(slo_p99_ms=20.0, timeout_s=0.001)
         hung = runner.run(KNOBS, 2, None)
-        assert (
-            hung.status == "timed out"
-            and "did not finish" in hung.error
-            and hung.score == 0.0
-        )
+        assert hung.status == "timed out" and "did not finish" in hung.error and hung.score == 0.0
     finally:
         runner.close()

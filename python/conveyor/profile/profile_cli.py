@@ -9,8 +9,9 @@ is the highest Poisson arrival rate whose p99 meets the objective with errors un
 
 `--search quick` (the default) calibrates a cost model from compute time per batch size,
 then hill-climbs from its best predictions within 10% of the space; `--search exhaustive`
-measures every configuration. The winner and the model's own configuration are then
-measured `--repetitions` times more and reported with 95% intervals. Written to --out: the
+measures every configuration. One short trial is noisy and the best of many noisy values is
+biased upward, so the search's `--finalists` best and the model's own configuration are
+measured `--repetitions` times more: the highest mean wins, reported with its 95% interval. Written to --out: the
 recommended config.toml (the model's own file with the winning knobs), profile.json (every
 trial, the Pareto set of capacity, p99 and memory, how much each knob mattered), and
 checkpoint.jsonl, from which an interrupted run resumes without repeating a trial.
@@ -42,9 +43,7 @@ from conveyor.errors import ConveyorError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OBJECTIVE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 CHECKPOINT_NAME = "checkpoint.jsonl"
-FAILED_SCORE = (
-    -1e9
-)  # a trial that failed, crashed or timed out: below any configuration that ran
+FAILED_SCORE = -1e9  # a trial that failed, crashed or timed out: below any configuration that ran
 CHECKPOINT_FORMAT = "conveyor-profile-checkpoint"
 SEARCH_CHOICES = ("quick", "exhaustive")
 EPILOG = (
@@ -142,8 +141,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-memory-mb",
         type=positive_float,
         default=env("max-memory-mb", None, positive_float),
-        help="configurations whose memory (peak RSS growth while loaded and under load) passes this "
-        "are infeasible",
+        help="configurations whose memory (peak RSS growth while loaded and under load) passes this are infeasible",
     )
     trials = p.add_argument_group("trials")
     trials.add_argument(
@@ -175,8 +173,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "95%% intervals (default 3)",
     )
     trials.add_argument(
-        "--seed", type=int, default=env("seed", 0, int), help="base seed (default 0)"
+        "--finalists",
+        type=positive_int,
+        default=env("finalists", 3, positive_int),
+        help="the best configurations of the search measured --repetitions times more; the highest mean wins "
+        "(default 3)",
     )
+    trials.add_argument("--seed", type=int, default=env("seed", 0, int), help="base seed (default 0)")
     p.add_argument(
         "--out",
         type=Path,
@@ -245,18 +248,12 @@ class Checkpoint:
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
-                if number == len(
-                    lines
-                ):  # a line cut short by an interruption: the trial runs again
+                if number == len(lines):  # a line cut short by an interruption: the trial runs again
                     break
-                raise ProfileError(
-                    f"{self.path}, line {number}: not a checkpoint line; pass --fresh to start over"
-                )
+                raise ProfileError(f"{self.path}, line {number}: not a checkpoint line; pass --fresh to start over")
         saved = entries[0] if entries else {}
         if saved.get("kind") != "header" or saved.get("format") != CHECKPOINT_FORMAT:
-            raise ProfileError(
-                f"{self.path} is not a conveyor profile checkpoint: pass --fresh, or another --out"
-            )
+            raise ProfileError(f"{self.path} is not a conveyor profile checkpoint: pass --fresh, or another --out")
         differing = sorted(key for key in header if saved.get(key) != header[key])
         if differing:
             raise ProfileError(f"{self.path} was written for a different profile (it differs in "
@@ -266,9 +263,7 @@ class Checkpoint:
                 self.calibration = entry["rows"]
             elif entry.get("kind") == "trial":
                 self.records.append(TrialRecord.from_document(entry["record"]))
-        with self.path.open(
-            "w", encoding="utf-8"
-        ) as file:  # drop a cut-short last line before appending
+        with self.path.open("w", encoding="utf-8") as file:  # drop a cut-short last line before appending
             for entry in entries:
                 file.write(json.dumps(entry) + "\n")
 
@@ -288,11 +283,7 @@ class Checkpoint:
 
     def find(self, key: str, purpose: str, seed: int | None = None) -> Any:
         for record in self.records:
-            if (
-                record.key == key
-                and record.purpose == purpose
-                and (seed is None or record.seed == seed)
-            ):
+            if record.key == key and record.purpose == purpose and (seed is None or record.seed == seed):
                 return record
         return None
 
@@ -312,9 +303,7 @@ def _plain(value: Any) -> Any:
 
 
 @contextmanager
-def progress_display(
-    total: int, stream: Any = None
-) -> Iterator[Callable[[str, int], None]]:
+def progress_display(total: int, stream: Any = None) -> Iterator[Callable[[str, int], None]]:
     """A progress callback (what ran, trials done): a rich bar with ETA on a terminal, plain lines otherwise."""
     stream = stream or sys.stderr
     if not getattr(stream, "isatty", lambda: False)():
@@ -341,9 +330,7 @@ def progress_display(
                TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=Console(file=stream)) as progress:
         task = progress.add_task("profiling", total=total)
-        yield lambda text, done: progress.update(
-            task, description=text[:60], completed=done
-        )
+        yield lambda text, done: progress.update(task, description=text[:60], completed=done)
 
 
 # ---------------------------------------------------------------- the profile
@@ -372,16 +359,12 @@ class Profiler:
         ratios = sorted(
             r.capacity_qps / self.cost_model.predict(r.configuration)
             for r in self.checkpoint.records
-            if r.status == "ok"
-            and r.configuration
-            and self.cost_model.predict(r.configuration) > 0
+            if r.status == "ok" and r.configuration and self.cost_model.predict(r.configuration) > 0
         )
         scale = ratios[len(ratios) // 2] if ratios else 1.0
         return predicted * scale if predicted > 0 else None
 
-    def measure(
-        self, configuration: dict[str, Any], purpose: str, repetition: int = 0
-    ) -> Any:
+    def measure(self, configuration: dict[str, Any], purpose: str, repetition: int = 0) -> Any:
         """The configuration's record: from the checkpoint when it was measured before, else a new trial."""
         from conveyor.profile.search import configuration_key
 
@@ -390,9 +373,7 @@ class Profiler:
         record = self.checkpoint.find(key, purpose, seed)
         if record is None:
             self.say(f"{purpose}: {key or 'the model as configured'}", self.trials_done)
-            record = self.runner.run(
-                configuration, seed, self.start_rate(configuration), purpose
-            )
+            record = self.runner.run(configuration, seed, self.start_rate(configuration), purpose)
             self.checkpoint.save(record)
         self.trials_done += 1
         self.say(f"{purpose}: {_record_text(record)}", self.trials_done)
@@ -405,11 +386,7 @@ class Profiler:
         --max-memory-mb (-memory / limit), so the climb heads toward what would fit.
         """
         limit = self.args.max_memory_mb
-        if (
-            limit is not None
-            and record.memory_mb is not None
-            and record.memory_mb > limit
-        ):
+        if limit is not None and record.memory_mb is not None and record.memory_mb > limit:
             return -record.memory_mb / limit
         if record.status == "ok":
             return record.capacity_qps
@@ -433,10 +410,7 @@ class Profiler:
         )
 
     def repeat(self, configuration: dict[str, Any], purpose: str) -> list[Any]:
-        return [
-            self.measure(configuration, purpose, repetition)
-            for repetition in range(self.args.repetitions)
-        ]
+        return [self.measure(configuration, purpose, repetition) for repetition in range(self.args.repetitions)]
 
 
 def _record_text(record: Any) -> str:
@@ -507,13 +481,9 @@ def profile(args: argparse.Namespace) -> int:
     from conveyor.profile.search import SpaceError, build_space
 
     if args.model is None:
-        raise ProfileError(
-            "MODEL is required: pass the model's name (or set CONVEYOR_MODEL)"
-        )
+        raise ProfileError("MODEL is required: pass the model's name (or set CONVEYOR_MODEL)")
     if args.slo_p99_ms is None:
-        raise ProfileError(
-            "--slo-p99-ms is required: the p99 latency objective in milliseconds"
-        )
+        raise ProfileError("--slo-p99-ms is required: the p99 latency objective in milliseconds")
     repository = args.repository or example_repository()
     model = describe_model(repository, args.model, args.model_version)
     cpus, gpu = allowed_cpus(), detect_gpu()
@@ -539,21 +509,13 @@ def profile(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         if checkpoint.calibration is None:
-            checkpoint.save_calibration(
-                runner.calibrate(
-                    calibration_keys(space), max(space.values["max_batch_size"])
-                )
-            )
+            checkpoint.save_calibration(runner.calibrate(calibration_keys(space), max(space.values["max_batch_size"])))
         cost_model = cost_model_from(checkpoint.calibration, args.slo_p99_ms, cpus)
         size = len(space.configurations())
         from conveyor.profile.search import default_budget
 
-        budget = (
-            size
-            if args.search == "exhaustive"
-            else min(size, args.max_trials or default_budget(size))
-        )
-        with progress_display(budget + 2 * args.repetitions) as say:
+        budget = size if args.search == "exhaustive" else min(size, args.max_trials or default_budget(size))
+        with progress_display(budget + (args.finalists + 1) * args.repetitions) as say:
             profiler = Profiler(args, model, space, runner, checkpoint, cost_model, say)
             log = profiler.search()
             report = _finish(profiler, log, time.monotonic() - started)
@@ -573,23 +535,16 @@ def _model_file(model: Any) -> str:
 
 
 def _finish(profiler: Profiler, log: Any, search_seconds: float) -> dict[str, Any]:
-    """Re-measures the winner and the model's own configuration; the report's document."""
-    from conveyor.profile.search import (
-        Scored,
-        choose_winner,
-        configuration_key,
-        knob_effects,
-        pareto_front,
-    )
+    """Re-measures the search's finalists and the model's own configuration; the report's document.
+
+    The winner is the finalist with the highest mean capacity over its repetitions (memory
+    breaks near-ties), not the highest single search trial.
+    """
+    from conveyor.profile.search import Scored, choose_winner, configuration_key, finalists, knob_effects, pareto_front
     from conveyor.profile.statistics import summarize_repetitions
 
-    records = [
-        profiler.checkpoint.find(configuration_key(c), "search") for c, _ in log.trials
-    ]
-    scored = [
-        Scored(r.configuration, max(0.0, profiler.score(r)), r.p99_ms, r.memory_mb)
-        for r in records
-    ]
+    records = [profiler.checkpoint.find(configuration_key(c), "search") for c, _ in log.trials]
+    scored = [Scored(r.configuration, max(0.0, profiler.score(r)), r.p99_ms, r.memory_mb) for r in records]
     winner = choose_winner(scored)
     args = profiler.args
     report: dict[str, Any] = {
@@ -604,38 +559,48 @@ def _finish(profiler: Profiler, log: Any, search_seconds: float) -> dict[str, An
     }  # fmt: skip
     if winner is None:
         report["closest"] = _closest(records, args.slo_p99_ms)
-        over_memory = [
-            r.memory_mb for r in records if r.status == "ok" and r.memory_mb is not None
-        ]
+        over_memory = [r.memory_mb for r in records if r.status == "ok" and r.memory_mb is not None]
         report["least_memory_mb_meeting_objective"] = min(over_memory, default=None)
         report["seconds"] = search_seconds
         return report
-    repeated = profiler.repeat(winner.configuration, "rerun")
+    confirmed = []
+    for candidate in finalists(scored, args.finalists):
+        summary = _summary(profiler.repeat(candidate.configuration, "rerun"), summarize_repetitions)
+        confirmed.append((candidate, summary))
     baseline = profiler.repeat({}, "baseline")
-    report["winner"] = {"configuration": winner.configuration, "search_capacity_qps": winner.capacity_qps,
-                        "memory_mb": winner.memory_mb, **_summary(repeated, summarize_repetitions)}  # fmt: skip
+    report["finalists"] = [{"configuration": c.configuration, "search_capacity_qps": c.capacity_qps, **summary}
+                           for c, summary in confirmed]  # fmt: skip
+    remeasured = [Scored(c.configuration, summary["capacity_qps"] or 0.0, c.p99_ms, _mean(summary["memory_mb"]))
+                  for c, summary in confirmed]  # fmt: skip
+    chosen = choose_winner(remeasured)
+    report["seconds"] = search_seconds
+    report["trial_count"] = {"search": len(log.trials), "rerun": len(confirmed) * args.repetitions,
+                             "baseline": len(baseline)}  # fmt: skip
     report["baseline"] = _summary(baseline, summarize_repetitions)
+    if chosen is None:  # every finalist missed the objective when measured again
+        report["unconfirmed"] = True
+        report["closest"] = _closest(records, args.slo_p99_ms)
+        return report
+    summary = next(summary for c, summary in confirmed if c.configuration == chosen.configuration)
+    winner = next(c for c, _ in confirmed if c.configuration == chosen.configuration)
+    report["winner"] = {"configuration": winner.configuration, "search_capacity_qps": winner.capacity_qps,
+                        "memory_mb": chosen.memory_mb, **summary}  # fmt: skip
     report["pareto"] = [{"configuration": s.configuration, "capacity_qps": s.capacity_qps, "p99_ms": s.p99_ms,
                          "memory_mb": s.memory_mb} for s in pareto_front(scored)]  # fmt: skip
     report["knob_effects"] = [{"knob": e.knob, "spread": e.spread, "values": [[v, c] for v, c in e.values]}
                               for e in knob_effects(winner, scored)]  # fmt: skip
-    report["seconds"] = search_seconds
-    report["trial_count"] = {
-        "search": len(log.trials),
-        "rerun": len(repeated),
-        "baseline": len(baseline),
-    }
     return report
 
 
-def _summary(
-    records: list[Any], summarize: Callable[[list[float]], Any]
-) -> dict[str, Any]:
+def _mean(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _summary(records: list[Any], summarize: Callable[[list[float]], Any]) -> dict[str, Any]:
     capacities = [r.score for r in records]
     stats = summarize(capacities)
-    failures = [
-        f"{r.status}: {r.error}" for r in records if r.status not in ("ok", "unmet")
-    ]
+    failures = [f"{r.status}: {r.error}" for r in records if r.status not in ("ok", "unmet")]
     return {"capacity_qps": stats.mean, "ci95": list(stats.ci95) if stats.ci95 else None, "cv": stats.cv,
             "capacities_qps": capacities, "p99_ms": [r.p99_ms for r in records],
             "memory_mb": [r.memory_mb for r in records], "failures": failures}  # fmt: skip
@@ -661,11 +626,7 @@ def toml_text(data: Mapping[str, Any]) -> str:
 
 def _emit_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
     def is_table_array(value: Any) -> bool:
-        return (
-            isinstance(value, list)
-            and bool(value)
-            and all(isinstance(item, Mapping) for item in value)
-        )
+        return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
 
     for key, value in table.items():
         if not isinstance(value, Mapping) and not is_table_array(value):
@@ -684,11 +645,7 @@ def _emit_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> 
 
 
 def _toml_key(key: str) -> str:
-    return (
-        key
-        if key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-        else json.dumps(key)
-    )
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
 
 
 def _toml_value(value: Any) -> str:
@@ -698,19 +655,13 @@ def _toml_value(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return (
-            repr(value)
-            if math.isfinite(value)
-            else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
         )
     if isinstance(value, str):
-        return json.dumps(
-            value, ensure_ascii=False
-        )  # a JSON string is a valid TOML basic string
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise ProfileError(
-        f"cannot write {value!r} ({type(value).__name__}) to TOML", EXIT_FAILED
-    )
+    raise ProfileError(f"cannot write {value!r} ({type(value).__name__}) to TOML", EXIT_FAILED)
 
 
 def recommended_config_text(model: Any, report: dict[str, Any]) -> str:
@@ -726,11 +677,7 @@ def recommended_config_text(model: Any, report: dict[str, Any]) -> str:
     header = [
         f"# Recommended by `conveyor profile` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} for p99 <= "
         f"{report['slo_p99_ms']:g} ms: {winner['capacity_qps']:,.0f} queries/s"
-        + (
-            f" (95% interval {interval[0]:,.0f} to {interval[1]:,.0f})"
-            if interval
-            else ""
-        )
+        + (f" (95% interval {interval[0]:,.0f} to {interval[1]:,.0f})" if interval else "")
         + f"; the configuration before: {report['baseline']['capacity_qps']:,.0f} queries/s.",
         f"# The winning knobs: {_knobs_text(winner['configuration'])}. Comments of the original file are not kept.",
     ]
@@ -740,19 +687,13 @@ def recommended_config_text(model: Any, report: dict[str, Any]) -> str:
             "field for it: pin the server's process (taskset) to get the measured capacity."
         )
     text = "\n".join(header) + "\n\n" + toml_text(data)
-    parse_model_config(
-        tomllib.loads(text), source="the recommended config.toml", name=model.name
-    )
+    parse_model_config(tomllib.loads(text), source="the recommended config.toml", name=model.name)
     return text
 
 
 def _knobs_text(configuration: Mapping[str, Any], only: Any = None) -> str:
     """`knob value, ...` (only the knobs named in `only`, when given)."""
-    shown = [
-        (name, value)
-        for name, value in configuration.items()
-        if only is None or name in only
-    ]
+    shown = [(name, value) for name, value in configuration.items() if only is None or name in only]
     return ", ".join(f"{name} {value}" for name, value in shown) or "as configured"
 
 
@@ -767,27 +708,18 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     lines = [
         f"{report['model']} v{report['version']}, p99 <= {report['slo_p99_ms']:g} ms: {len(trials)} of "
         f"{report['space_size']} configurations measured ({report['search']} search) in "
-        f"{report['seconds']:.0f} s"
-        + (f"; {len(failed)} failed and were skipped" if failed else "")
+        f"{report['seconds']:.0f} s" + (f"; {len(failed)} failed and were skipped" if failed else "")
     ]
     winner, baseline = report["winner"], report["baseline"]
     varying = _varying(report)
-    fixed = {
-        name: values[0]
-        for name, values in report["space"].items()
-        if name not in varying
-    }
+    fixed = {name: values[0] for name, values in report["space"].items() if name not in varying}
     lines.append(
         f"recommended: {_knobs_text(winner['configuration'], varying)}"
         + (f" (fixed: {_knobs_text(fixed)})" if fixed else "")
     )
     lines.append(
         f"  capacity {_interval_text(winner)}; the configuration before: {_interval_text(baseline)}"
-        + (
-            f" (x{winner['capacity_qps'] / baseline['capacity_qps']:.2f})"
-            if baseline["capacity_qps"]
-            else ""
-        )
+        + (f" (x{winner['capacity_qps'] / baseline['capacity_qps']:.2f})" if baseline["capacity_qps"] else "")
     )
     lines.append("Pareto set (capacity, p99 at capacity, memory):")
     for point in report["pareto"][:8]:
@@ -795,15 +727,11 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
             f"  {point['capacity_qps']:>10,.0f} queries/s  {_ms(point['p99_ms']):>9}  "
             f"{_mb(point['memory_mb']):>8}  {_knobs_text(point['configuration'], varying)}"
         )
-    lines.append(
-        "why (capacity spread when one knob varies around the winner, as a share of its capacity):"
-    )
+    lines.append("why (capacity spread when one knob varies around the winner, as a share of its capacity):")
     for effect in report["knob_effects"]:
         if effect["spread"] is None:
             continue
-        values = ", ".join(
-            f"{value}: {capacity:,.0f}" for value, capacity in effect["values"]
-        )
+        values = ", ".join(f"{value}: {capacity:,.0f}" for value, capacity in effect["values"])
         lines.append(f"  {effect['knob']:<22} {effect['spread']:>6.0%}  ({values})")
     lines.append(f"wrote {out / 'config.toml'} and {out / 'profile.json'}")
     return lines
@@ -812,9 +740,7 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
 def _interval_text(summary: Mapping[str, Any]) -> str:
     interval = summary.get("ci95")
     text = f"{summary['capacity_qps']:,.0f} queries/s"
-    return text + (
-        f" (95% interval {interval[0]:,.0f} to {interval[1]:,.0f})" if interval else ""
-    )
+    return text + (f" (95% interval {interval[0]:,.0f} to {interval[1]:,.0f})" if interval else "")
 
 
 def _mb(value: float | None) -> str:
@@ -831,14 +757,16 @@ def unmet_message(report: dict[str, Any]) -> str:
         return (f"every configuration measured that met p99 <= {slo:g} ms used more memory than --max-memory-mb "
                 f"{limit:g} (the least: {least_memory:.1f} MB): raise --max-memory-mb, or fix smaller knobs with --set "
                 "(max_batch_size, instance_count)")  # fmt: skip
+    if report.get("unconfirmed"):
+        return (f"the search's best configurations met p99 <= {slo:g} ms once but not when measured again: the "
+                "machine may be too busy for steady measurements (run it on an idle machine, or with longer "
+                "--probe-duration-s), or relax --slo-p99-ms")  # fmt: skip
     if not closest:
         return (
             f"no configuration met p99 <= {slo:g} ms, and none gave a latency to compare (every trial failed: "
             "see profile.json's trials for the errors)"
         )
-    lines = [
-        f"no configuration met p99 <= {slo:g} ms with errors under 0.1% at any rate; the closest:"
-    ]
+    lines = [f"no configuration met p99 <= {slo:g} ms with errors under 0.1% at any rate; the closest:"]
     for entry in closest:
         lines.append(
             f"  p99 {entry['best_p99_ms']:.2f} ms ({entry['miss']:.0%} over) at "
@@ -852,19 +780,13 @@ def unmet_message(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(
-    args: argparse.Namespace, model: Any, out: Path, report: dict[str, Any]
-) -> int:
+def _write_outputs(args: argparse.Namespace, model: Any, out: Path, report: dict[str, Any]) -> int:
     report["command"] = ["conveyor", "profile", *getattr(args, "argv", [])]
-    (out / "profile.json").write_text(
-        json.dumps(_plain(report), indent=2) + "\n", encoding="utf-8"
-    )
+    (out / "profile.json").write_text(json.dumps(_plain(report), indent=2) + "\n", encoding="utf-8")
     if report["winner"] is None:
         print(f"conveyor profile: {unmet_message(report)}", file=sys.stderr)
         return EXIT_OBJECTIVE
-    (out / "config.toml").write_text(
-        recommended_config_text(model, report), encoding="utf-8"
-    )
+    (out / "config.toml").write_text(recommended_config_text(model, report), encoding="utf-8")
     print("\n".join(summary_lines(report, out)))
     return EXIT_OK
 

@@ -67,12 +67,8 @@ class ProfiledModel:
     name: str
     version: int
     version_dir: Path
-    config_data: dict[
-        str, Any
-    ]  # the loaded config (onnx tensors filled in), TOML-shaped
-    file_data: dict[
-        str, Any
-    ]  # config.toml as the user wrote it: what the recommendation edits
+    config_data: dict[str, Any]  # the loaded config (onnx tensors filled in), TOML-shaped
+    file_data: dict[str, Any]  # config.toml as the user wrote it: what the recommendation edits
     backends: tuple[str, ...]  # backends that can run it
     unavailable: dict[str, str]  # backend -> why it cannot
 
@@ -81,9 +77,7 @@ class ProfiledModel:
         return int(self.config_data.get("max_batch_size", 0))
 
 
-def describe_model(
-    repository: Path, name: str, version: int | None = None
-) -> ProfiledModel:
+def describe_model(repository: Path, name: str, version: int | None = None) -> ProfiledModel:
     """Loads a model's description from its repository; ConfigError/ModelNotFound say what is wrong."""
     import tomllib
 
@@ -116,23 +110,16 @@ def _backends(config: Any, version_dir: Path) -> tuple[tuple[str, ...], dict[str
         from conveyor.backends.native_plan import plan_graph
 
         plan_graph(onnx.load(str(model_file)), str(model_file))
-    except (
-        ConfigError
-    ) as exc:  # UnsupportedGraph names the node and op the kernels lack
+    except ConfigError as exc:  # UnsupportedGraph names the node and op the kernels lack
         return ("onnx",), {"native": str(exc)}
     except Exception as exc:  # noqa: BLE001  (an unreadable graph: onnxruntime will say more when it loads)
         return ("onnx",), {"native": f"the graph could not be planned ({exc})"}
     return ("onnx", "native"), {}
 
 
-def apply_knobs(
-    data: Mapping[str, Any], configuration: Configuration
-) -> dict[str, Any]:
+def apply_knobs(data: Mapping[str, Any], configuration: Configuration) -> dict[str, Any]:
     """A TOML-shaped config with the configuration's knobs set (the rest as given)."""
-    result = {
-        key: (dict(value) if isinstance(value, Mapping) else value)
-        for key, value in data.items()
-    }
+    result = {key: (dict(value) if isinstance(value, Mapping) else value) for key, value in data.items()}
     backend = configuration["backend"]
     result["backend"] = backend
     if backend != "native":
@@ -140,9 +127,7 @@ def apply_knobs(
     batches = int(data.get("max_batch_size", 0)) > 0
     result["max_batch_size"] = configuration["max_batch_size"] if batches else 0
     batching = result.setdefault("dynamic_batching", {})
-    batching["max_queue_delay_us"] = (
-        configuration["max_queue_delay_us"] if batches else 0
-    )
+    batching["max_queue_delay_us"] = configuration["max_queue_delay_us"] if batches else 0
     batching["preferred_batch_sizes"] = preferred_sizes(configuration["preferred_batch_sizes"],
                                                         result["max_batch_size"])  # fmt: skip
     group = result.setdefault("instance_group", {})
@@ -161,17 +146,9 @@ def model_config_for(model: ProfiledModel, configuration: Configuration) -> Any:
     """The validated ModelConfig of the model with the configuration's knobs ({}: as configured)."""
     from conveyor.config import parse_model_config
 
-    data = (
-        apply_knobs(model.config_data, configuration)
-        if configuration
-        else dict(model.config_data)
-    )
-    what = (
-        configuration_key(configuration) if configuration else "its own configuration"
-    )
-    return parse_model_config(
-        data, source=f"model '{model.name}' with {what}", name=model.name
-    )
+    data = apply_knobs(model.config_data, configuration) if configuration else dict(model.config_data)
+    what = configuration_key(configuration) if configuration else "its own configuration"
+    return parse_model_config(data, source=f"model '{model.name}' with {what}", name=model.name)
 
 
 # ---------------------------------------------------------------- what a trial records
@@ -197,18 +174,12 @@ class TrialRecord:
     """One configuration's measurement, as the checkpoint stores it."""
 
     configuration: Configuration
-    status: (
-        str  # ok (met at some rate), unmet (met at no rate), failed, crashed, timed out
-    )
+    status: str  # ok (met at some rate), unmet (met at no rate), failed, crashed, timed out
     capacity_qps: float = 0.0
     p99_ms: float | None = None  # at the capacity
-    best_p99_ms: float | None = (
-        None  # the lowest p99 of any probe: how close an unmet objective came
-    )
+    best_p99_ms: float | None = None  # the lowest p99 of any probe: how close an unmet objective came
     lowest_rate_qps: float | None = None
-    memory_mb: float | None = (
-        None  # peak resident-set growth while loaded and under load
-    )
+    memory_mb: float | None = None  # peak resident-set growth while loaded and under load
     pool_reserved_mb: float | None = None
     mean_batch_size: float | None = None
     probes: int = 0
@@ -231,11 +202,7 @@ class TrialRecord:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> TrialRecord:
-        fields = {
-            name: document[name]
-            for name in cls.__dataclass_fields__
-            if name in document
-        }
+        fields = {name: document[name] for name in cls.__dataclass_fields__ if name in document}
         return cls(**fields)
 
 
@@ -248,9 +215,7 @@ class MemorySampler:
     def __init__(self) -> None:
         self.baseline_bytes = self.peak_bytes = _resident_bytes()
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._sample, name="profile-memory", daemon=True
-        )
+        self._thread = threading.Thread(target=self._sample, name="profile-memory", daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_INTERVAL_S):
@@ -312,9 +277,7 @@ def _prepare_worker() -> None:
 
 
 @contextmanager
-def _loaded(
-    model: ProfiledModel, configuration: Configuration
-) -> Iterator[tuple[Any, Any]]:
+def _loaded(model: ProfiledModel, configuration: Configuration) -> Iterator[tuple[Any, Any]]:
     """A Runtime (own memory pool) serving the model with the configuration's knobs; closed on exit."""
     from conveyor import Runtime
     from conveyor.memory import MemoryPool
@@ -336,15 +299,11 @@ def _loaded(
             runtime.close()
 
 
-def _samples(
-    runtime: Any, model: ProfiledModel, count: int, seed: int
-) -> list[dict[str, np.ndarray]]:
+def _samples(runtime: Any, model: ProfiledModel, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     from conveyor.profile.inputs import ModelSignature, generate_samples
 
     handle = runtime.model(model.name, model.version)
-    return generate_samples(
-        ModelSignature.from_config(handle.config, model.version), count, seed
-    )
+    return generate_samples(ModelSignature.from_config(handle.config, model.version), count, seed)
 
 
 def run_trial_in_process(model: ProfiledModel, configuration: Configuration, settings: TrialSettings, seed: int,
@@ -373,9 +332,7 @@ def run_trial_in_process(model: ProfiledModel, configuration: Configuration, set
             "mean_batch_size": stats["mean_batch_size"]}  # fmt: skip
 
 
-def bounded_peak(
-    driver: Any, scenario: Any, seed: int, max_halvings: int
-) -> dict[str, Any]:
+def bounded_peak(driver: Any, scenario: Any, seed: int, max_halvings: int) -> dict[str, Any]:
     """find-peak's bracket and bisection (scenarios.search_peak), going at most `max_halvings` below the start.
 
     A configuration that misses the objective far below its predicted rate is not worth
@@ -404,11 +361,7 @@ def bounded_peak(
     search = search_peak(passes, start, precision=scenario.peak_precision, step=2.0,
                          max_trials=scenario.max_peak_trials, floor_ratio=2.0**-max_halvings)  # fmt: skip
     probes = trials.documents
-    finite = [
-        p["p99_ms"]
-        for p in probes
-        if p["p99_ms"] is not None and math.isfinite(p["p99_ms"])
-    ]
+    finite = [p["p99_ms"] for p in probes if p["p99_ms"] is not None and math.isfinite(p["p99_ms"])]
     capacity = search.capacity_qps
     at_capacity = passing.get(capacity) if capacity is not None else None
     return {
@@ -439,10 +392,7 @@ def calibrate_in_process(model: ProfiledModel, keys: Sequence[tuple[str, str, in
             sample = _samples(runtime, model, 1, 0)[0]
             batches = model.max_batch_size > 0
             for size in sizes:
-                request = {
-                    name: np.repeat(array, size, axis=0) if batches else array
-                    for name, array in sample.items()
-                }
+                request = {name: np.repeat(array, size, axis=0) if batches else array for name, array in sample.items()}
                 for _ in range(2):  # warm: first runs allocate and fill caches
                     runtime.infer(model.name, request, version=model.version)
                 times = []
@@ -454,15 +404,11 @@ def calibrate_in_process(model: ProfiledModel, keys: Sequence[tuple[str, str, in
     return rows
 
 
-def cost_model_from(
-    rows: Sequence[Sequence[Any]], slo_p99_ms: float, cpus: int
-) -> CostModel:
+def cost_model_from(rows: Sequence[Sequence[Any]], slo_p99_ms: float, cpus: int) -> CostModel:
     """The CostModel of calibration rows (as calibrate_in_process returns and the checkpoint stores them)."""
     compute: dict[tuple[str, str, int], dict[int, float]] = {}
     for backend, device, threads, size, seconds in rows:
-        compute.setdefault((str(backend), str(device), int(threads)), {})[int(size)] = (
-            float(seconds)
-        )
+        compute.setdefault((str(backend), str(device), int(threads)), {})[int(size)] = float(seconds)
     return CostModel(compute, slo_p99_ms / 1000, cpus)
 
 
@@ -502,9 +448,7 @@ class TrialWorker:
         child.close()
         self._connection = parent
 
-    def call(
-        self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float
-    ) -> Any:
+    def call(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
         """`function(*args)` in the worker; TrialTimeout, TrialCrashed or TrialFailed when it does not return."""
         if self._process is None or not self._process.is_alive():
             self._start()
@@ -514,14 +458,10 @@ class TrialWorker:
             answer = self._connection.recv() if ready else None
         except (EOFError, OSError, BrokenPipeError):
             code = self._stop()
-            raise TrialCrashed(
-                f"the trial's worker process died (exit status {code})"
-            ) from None
+            raise TrialCrashed(f"the trial's worker process died (exit status {code})") from None
         if answer is None:
             self._stop()
-            raise TrialTimeout(
-                f"the trial did not finish within {timeout_s:g} s; it was stopped"
-            )
+            raise TrialTimeout(f"the trial did not finish within {timeout_s:g} s; it was stopped")
         kind, value = answer
         if kind == "error":
             raise TrialFailed(value)
@@ -541,11 +481,7 @@ class TrialWorker:
 
     def close(self) -> None:
         """Asks the worker to finish, and stops it if it does not."""
-        if (
-            self._process is not None
-            and self._process.is_alive()
-            and self._connection is not None
-        ):
+        if self._process is not None and self._process.is_alive() and self._connection is not None:
             try:
                 self._connection.send(None)
                 self._process.join(timeout=5)
@@ -562,17 +498,13 @@ class TrialRunner:
         self.settings = settings
         self.worker = TrialWorker()
 
-    def calibrate(
-        self, keys: Sequence[tuple[str, str, int]], max_batch_size: int
-    ) -> list[list[Any]]:
+    def calibrate(self, keys: Sequence[tuple[str, str, int]], max_batch_size: int) -> list[list[Any]]:
         """Compute time per batch size for each (backend, device, threads); ConveyorError if it cannot be measured."""
         try:
             rows = self.worker.call(calibrate_in_process, (self.model, list(keys), max_batch_size),
                                     self.settings.timeout_s * max(1, len(keys)))  # fmt: skip
         except (TrialTimeout, TrialCrashed, TrialFailed) as exc:
-            raise ConveyorError(
-                f"measuring the compute time per batch size failed: {exc}"
-            ) from None
+            raise ConveyorError(f"measuring the compute time per batch size failed: {exc}") from None
         return [list(row) for row in rows]
 
     def run(

@@ -61,9 +61,7 @@ ORDINAL_KNOBS = frozenset(
         "inter_op_threads",
     }
 )
-TIE_TOLERANCE = (
-    0.03  # capacities this close (relative) count as a tie, broken by memory
-)
+TIE_TOLERANCE = 0.03  # capacities this close (relative) count as a tie, broken by memory
 
 
 class SpaceError(ValueError):
@@ -72,9 +70,7 @@ class SpaceError(ValueError):
 
 def configuration_key(configuration: Mapping[str, Any]) -> str:
     """A canonical text key of a configuration (knobs in KNOB_ORDER): checkpoints and caches use it."""
-    return ",".join(
-        f"{name}={configuration[name]}" for name in KNOB_ORDER if name in configuration
-    )
+    return ",".join(f"{name}={configuration[name]}" for name in KNOB_ORDER if name in configuration)
 
 
 def preferred_sizes(choice: str, max_batch_size: int) -> list[int]:
@@ -107,24 +103,16 @@ class SearchSpace:
         result = dict(configuration)
         if result["max_batch_size"] <= 1:
             result["max_queue_delay_us"] = min(self.values["max_queue_delay_us"])
-        if (
-            result["max_queue_delay_us"] == 0
-        ):  # the batcher dispatches at once: preferred sizes never apply
+        if result["max_queue_delay_us"] == 0:  # the batcher dispatches at once: preferred sizes never apply
             result["preferred_batch_sizes"] = self.values["preferred_batch_sizes"][0]
-        sizes = preferred_sizes(
-            result["preferred_batch_sizes"], result["max_batch_size"]
-        )
-        for choice in self.values[
-            "preferred_batch_sizes"
-        ]:  # the first choice naming the same sizes
+        sizes = preferred_sizes(result["preferred_batch_sizes"], result["max_batch_size"])
+        for choice in self.values["preferred_batch_sizes"]:  # the first choice naming the same sizes
             if preferred_sizes(choice, result["max_batch_size"]) == sizes:
                 result["preferred_batch_sizes"] = choice
                 break
         if result["backend"] != "onnx":
             result["inter_op_threads"] = min(self.values["inter_op_threads"])
-        if (
-            result["device"] != "cpu"
-        ):  # pinning the host threads of a GPU model is not searched
+        if result["device"] != "cpu":  # pinning the host threads of a GPU model is not searched
             result["pinning"] = self.values["pinning"][0]
         return result
 
@@ -135,10 +123,7 @@ class SearchSpace:
         threads = configuration["instance_count"] * configuration["threads"]
         if threads > self.max_compute_threads:
             return f"{threads} compute threads, over {self.max_compute_threads}"
-        if (
-            configuration["max_batch_size"] <= 1
-            and configuration["max_queue_delay_us"] > 0
-        ):
+        if configuration["max_batch_size"] <= 1 and configuration["max_queue_delay_us"] > 0:
             return "a queue delay without batching"
         if configuration["device"] != "cpu" and configuration["backend"] != "onnx":
             return "the native backend runs on the CPU only"
@@ -161,9 +146,7 @@ class SearchSpace:
         walk(0, {})
         return list(found.values())
 
-    def neighbours(
-        self, configuration: Configuration
-    ) -> list[tuple[str, int, Configuration]]:
+    def neighbours(self, configuration: Configuration) -> list[tuple[str, int, Configuration]]:
         """Valid configurations one knob away: (knob, direction, configuration); ordinal knobs move one step."""
         out: list[tuple[str, int, Configuration]] = []
         own = configuration_key(configuration)
@@ -173,19 +156,12 @@ class SearchSpace:
                 continue
             at = values.index(configuration[name])
             if name in ORDINAL_KNOBS:
-                steps = [
-                    (at + step, step)
-                    for step in (-1, 1)
-                    if 0 <= at + step < len(values)
-                ]
+                steps = [(at + step, step) for step in (-1, 1) if 0 <= at + step < len(values)]
             else:
                 steps = [(other, 0) for other in range(len(values)) if other != at]
             for index, direction in steps:
                 candidate = self.canonical({**configuration, name: values[index]})
-                if (
-                    self.problem(candidate) is None
-                    and configuration_key(candidate) != own
-                ):
+                if self.problem(candidate) is None and configuration_key(candidate) != own:
                     out.append((name, direction, candidate))
         return out
 
@@ -206,11 +182,7 @@ def default_values(*, backends: Sequence[str], cpus: int, model_max_batch_size: 
         batch_sizes: tuple[int, ...] = (0,)
     else:
         batch_sizes = (1, 2, 4, 8, 16, 32, 64, 128)
-    delays = tuple(
-        delay
-        for delay in (0, 500, 2000)
-        if delay == 0 or delay <= slo_p99_ms * 1000 / 2
-    )
+    delays = tuple(delay for delay in (0, 500, 2000) if delay == 0 or delay <= slo_p99_ms * 1000 / 2)
     counts = tuple(range(1, max(1, min(cpus, 8)) + 1))
     threads = tuple(2**power for power in range(8) if 2**power <= max(1, cpus))
     return {
@@ -218,9 +190,7 @@ def default_values(*, backends: Sequence[str], cpus: int, model_max_batch_size: 
         "device": ("cpu", "cuda") if gpu else ("cpu",),
         "max_batch_size": batch_sizes,
         "max_queue_delay_us": delays if model_max_batch_size else (0,),
-        "preferred_batch_sizes": ("none", "half")
-        if model_max_batch_size
-        else ("none",),
+        "preferred_batch_sizes": ("none", "half") if model_max_batch_size else ("none",),
         "instance_count": counts,
         "threads": threads,
         "inter_op_threads": (1,),
@@ -233,31 +203,23 @@ def parse_override(text: str) -> tuple[str, tuple[Any, ...]]:
     name, equals, raw = text.partition("=")
     name = name.strip().replace("-", "_")
     if not equals or not raw.strip():
-        raise SpaceError(
-            f"--set {text!r}: expected KNOB=VALUE[,VALUE...], e.g. --set max_batch_size=8,16"
-        )
+        raise SpaceError(f"--set {text!r}: expected KNOB=VALUE[,VALUE...], e.g. --set max_batch_size=8,16")
     if name not in KNOB_ORDER:
-        raise SpaceError(
-            f"--set {text!r}: unknown knob {name!r}; knobs: {', '.join(KNOB_ORDER)}"
-        )
+        raise SpaceError(f"--set {text!r}: unknown knob {name!r}; knobs: {', '.join(KNOB_ORDER)}")
     values: list[Any] = []
     for item in (part.strip() for part in raw.split(",")):
         if name in ORDINAL_KNOBS:
             try:
                 value: Any = int(item)
             except ValueError:
-                raise SpaceError(
-                    f"--set {text!r}: {name} takes whole numbers, got {item!r}"
-                ) from None
+                raise SpaceError(f"--set {text!r}: {name} takes whole numbers, got {item!r}") from None
             if value < (0 if name in ("max_batch_size", "max_queue_delay_us") else 1):
                 raise SpaceError(f"--set {text!r}: {name} value {value} is too small")
         else:
             choices = {"backend": BACKENDS, "device": ("cpu", "cuda"), "preferred_batch_sizes": PREFERRED_CHOICES,
                        "pinning": PINNING_CHOICES}[name]  # fmt: skip
             if item not in choices:
-                raise SpaceError(
-                    f"--set {text!r}: {name} is one of {', '.join(choices)}, got {item!r}"
-                )
+                raise SpaceError(f"--set {text!r}: {name} is one of {', '.join(choices)}, got {item!r}")
             value = item
         if value not in values:
             values.append(value)
@@ -280,12 +242,8 @@ def build_space(*, backends: Sequence[str], cpus: int, model_max_batch_size: int
         if name == "backend":
             for backend in chosen:
                 if backend not in backends:
-                    reason = (unavailable or {}).get(
-                        backend, "it cannot run this model"
-                    )
-                    raise SpaceError(
-                        f"--set {text!r}: the {backend} backend is not available: {reason}"
-                    )
+                    reason = (unavailable or {}).get(backend, "it cannot run this model")
+                    raise SpaceError(f"--set {text!r}: the {backend} backend is not available: {reason}")
         if name == "device" and "cuda" in chosen and not gpu:
             raise SpaceError(f"--set {text!r}: this machine has no GPU that onnxruntime can use; profile on the GPU "
                              "machine, or leave device out")  # fmt: skip
@@ -295,16 +253,11 @@ def build_space(*, backends: Sequence[str], cpus: int, model_max_batch_size: int
         values[name] = chosen
     if not values["backend"]:
         raise SpaceError(
-            "no backend can run this model: "
-            + "; ".join(f"{k}: {v}" for k, v in (unavailable or {}).items())
+            "no backend can run this model: " + "; ".join(f"{k}: {v}" for k, v in (unavailable or {}).items())
         )
-    limit_instances = (
-        max_instances if max_instances is not None else max(values["instance_count"])
-    )
+    limit_instances = max_instances if max_instances is not None else max(values["instance_count"])
     limit_threads = max_threads if max_threads is not None else max(cpus, 1) * 2
-    return SearchSpace(
-        values, max_compute_threads=limit_threads, max_instances=limit_instances
-    )
+    return SearchSpace(values, max_compute_threads=limit_threads, max_instances=limit_instances)
 
 
 # ---------------------------------------------------------------- the cost model
@@ -323,26 +276,16 @@ class CostModel:
     compute_s: Mapping[tuple[str, str, int], Mapping[int, float]]
     slo_p99_s: float
     cpus: int
-    utilisation: float = (
-        0.7  # the load at which p99 typically stays within the objective
-    )
+    utilisation: float = 0.7  # the load at which p99 typically stays within the objective
 
-    def batch_seconds(
-        self, backend: str, device: str, threads: int, batch: int
-    ) -> float | None:
+    def batch_seconds(self, backend: str, device: str, threads: int, batch: int) -> float | None:
         """t(batch): interpolated log-log between measured sizes, linear in rows beyond them; None unmeasured."""
         measured = self.compute_s.get((backend, device, threads))
         if not measured:
-            fewer = [
-                t
-                for (b, d, t) in self.compute_s
-                if (b, d) == (backend, device) and t < threads
-            ]
+            fewer = [t for (b, d, t) in self.compute_s if (b, d) == (backend, device) and t < threads]
             if not fewer:
                 return None
-            return self.batch_seconds(
-                backend, device, max(fewer), batch
-            )  # more threads: no speed-up assumed
+            return self.batch_seconds(backend, device, max(fewer), batch)  # more threads: no speed-up assumed
         sizes = sorted(measured)
         if batch in measured:
             return measured[batch]
@@ -353,9 +296,7 @@ class CostModel:
         low = max(size for size in sizes if size < batch)
         high = min(size for size in sizes if size > batch)
         share = math.log(batch / low) / math.log(high / low)
-        return math.exp(
-            math.log(measured[low]) * (1 - share) + math.log(measured[high]) * share
-        )
+        return math.exp(math.log(measured[low]) * (1 - share) + math.log(measured[high]) * share)
 
     def predict(self, configuration: Configuration) -> float:
         """Predicted capacity (queries/s) under the objective; 0 when no batch size fits it."""
@@ -363,12 +304,8 @@ class CostModel:
         contention = max(1.0, instances * threads / max(1, self.cpus))
         delay_s = configuration["max_queue_delay_us"] / 1e6
         best = 0.0
-        for batch in batch_sizes_up_to(
-            configuration["max_batch_size"]
-        ):  # 0 (no batching): one row at a time
-            seconds = self.batch_seconds(
-                configuration["backend"], configuration["device"], threads, batch
-            )
+        for batch in batch_sizes_up_to(configuration["max_batch_size"]):  # 0 (no batching): one row at a time
+            seconds = self.batch_seconds(configuration["backend"], configuration["device"], threads, batch)
             if seconds is None:
                 return 0.0
             seconds *= contention
@@ -379,11 +316,7 @@ class CostModel:
 
 def batch_sizes_up_to(max_batch_size: int) -> list[int]:
     """Powers of two below `max_batch_size`, then it: the batch sizes the cost model considers."""
-    sizes = [
-        2**power
-        for power in range(max(1, max_batch_size).bit_length())
-        if 2**power < max_batch_size
-    ]
+    sizes = [2**power for power in range(max(1, max_batch_size).bit_length()) if 2**power < max_batch_size]
     return [*sizes, max(1, max_batch_size)]
 
 
@@ -406,15 +339,11 @@ class SearchLog:
         return max(self.trials, key=lambda trial: trial[1], default=None)
 
 
-def ranked_by_prediction(
-    space: SearchSpace, predict: Callable[[Configuration], float]
-) -> list[Configuration]:
+def ranked_by_prediction(space: SearchSpace, predict: Callable[[Configuration], float]) -> list[Configuration]:
     """The space's configurations, best predicted first (ties in the space's fixed order)."""
     configurations = space.configurations()
     predictions = [predict(configuration) for configuration in configurations]
-    order = sorted(
-        range(len(configurations)), key=lambda index: (-predictions[index], index)
-    )
+    order = sorted(range(len(configurations)), key=lambda index: (-predictions[index], index))
     return [configurations[index] for index in order]
 
 
@@ -422,11 +351,7 @@ def exhaustive_search(space: SearchSpace, evaluate: Evaluate,
                       predict: Callable[[Configuration], float] | None = None) -> SearchLog:  # fmt: skip
     """Evaluates every configuration (in predicted order when a cost model is given)."""
     log = SearchLog()
-    ordered = (
-        ranked_by_prediction(space, predict)
-        if predict is not None
-        else space.configurations()
-    )
+    ordered = ranked_by_prediction(space, predict) if predict is not None else space.configurations()
     for configuration in ordered:
         log.record(configuration, evaluate(configuration))
     return log
@@ -447,11 +372,7 @@ def quick_search(space: SearchSpace, evaluate: Evaluate, predict: Callable[[Conf
     restarts from the best-predicted configuration that is not a neighbour of any visited one.
     """
     ranked = ranked_by_prediction(space, predict)
-    budget = (
-        default_budget(len(ranked))
-        if max_trials is None
-        else max(1, min(max_trials, len(ranked)))
-    )
+    budget = default_budget(len(ranked)) if max_trials is None else max(1, min(max_trials, len(ranked)))
     predictions = {configuration_key(c): predict(c) for c in ranked}
     log = SearchLog()
 
@@ -468,9 +389,7 @@ def quick_search(space: SearchSpace, evaluate: Evaluate, predict: Callable[[Conf
     last_move: tuple[str, int] | None = None
     while len(log.trials) < budget:
         moved = False
-        for knob, direction, candidate in _ordered_neighbours(
-            space, current, predictions, last_move
-        ):
+        for knob, direction, candidate in _ordered_neighbours(space, current, predictions, last_move):
             if configuration_key(candidate) in log.scores:
                 continue
             if len(log.trials) >= budget:
@@ -493,9 +412,7 @@ def quick_search(space: SearchSpace, evaluate: Evaluate, predict: Callable[[Conf
         if score > current_score:
             current, current_score = restart, score
         else:
-            current = (
-                restart  # climb its neighbourhood too; the best seen is kept in the log
-            )
+            current = restart  # climb its neighbourhood too; the best seen is kept in the log
             current_score = score
         last_move = None
     return log
@@ -523,9 +440,7 @@ def _ordered_neighbours(space: SearchSpace, current: Configuration, predictions:
 
     def priority(entry: tuple[str, int, Configuration]) -> tuple[int, float]:
         knob, direction, candidate = entry
-        momentum = (
-            last_move is not None and (knob, direction) == last_move and direction != 0
-        )
+        momentum = last_move is not None and (knob, direction) == last_move and direction != 0
         return (
             0 if momentum else 1,
             -predictions.get(configuration_key(candidate), 0.0),
@@ -534,9 +449,7 @@ def _ordered_neighbours(space: SearchSpace, current: Configuration, predictions:
     return sorted(neighbours, key=priority)
 
 
-def _restart_point(
-    space: SearchSpace, ranked: Sequence[Configuration], log: SearchLog
-) -> Configuration | None:
+def _restart_point(space: SearchSpace, ranked: Sequence[Configuration], log: SearchLog) -> Configuration | None:
     """The best-predicted unvisited configuration at least two knobs from every visited one (else any unvisited)."""
     visited = [configuration for configuration, _ in log.trials]
     fallback = None
@@ -562,19 +475,13 @@ class Scored:
     memory_mb: float | None
 
 
-def choose_winner(
-    results: Sequence[Scored], tie_tolerance: float = TIE_TOLERANCE
-) -> Scored | None:
+def choose_winner(results: Sequence[Scored], tie_tolerance: float = TIE_TOLERANCE) -> Scored | None:
     """The highest capacity; among those within `tie_tolerance` of it, the least memory (then capacity)."""
     feasible = [result for result in results if result.capacity_qps > 0]
     if not feasible:
         return None
     best = max(result.capacity_qps for result in feasible)
-    close = [
-        result
-        for result in feasible
-        if result.capacity_qps >= best * (1 - tie_tolerance)
-    ]
+    close = [result for result in feasible if result.capacity_qps >= best * (1 - tie_tolerance)]
     return min(
         close,
         key=lambda r: (
@@ -582,6 +489,19 @@ def choose_winner(
             -r.capacity_qps,
         ),
     )
+
+
+def finalists(results: Sequence[Scored], count: int) -> list[Scored]:
+    """The `count` highest-capacity distinct configurations that met the objective: the ones measured again.
+
+    One short trial per configuration is noisy; the best of many noisy values is biased
+    upward (the winner's curse), so the choice is made on repeated measurements of a few.
+    """
+    unique: dict[str, Scored] = {}
+    for result in sorted(results, key=lambda r: -r.capacity_qps):
+        if result.capacity_qps > 0:
+            unique.setdefault(configuration_key(result.configuration), result)
+    return list(unique.values())[:count]
 
 
 def pareto_front(results: Iterable[Scored]) -> list[Scored]:
@@ -609,9 +529,7 @@ class KnobEffect:
 
     knob: str
     values: list[tuple[Any, float]]  # (value, capacity) measured, the winner's included
-    spread: (
-        float | None
-    )  # (highest - lowest) / the winner's capacity; None when the knob was not varied
+    spread: float | None  # (highest - lowest) / the winner's capacity; None when the knob was not varied
 
 
 def knob_effects(winner: Scored, results: Sequence[Scored]) -> list[KnobEffect]:
