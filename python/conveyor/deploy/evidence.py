@@ -92,9 +92,16 @@ class Histogram:
         self.counts += np.bincount(bucket_of(scaled.astype(np.uint64)), minlength=BUCKETS)
 
     def add_core_buckets(self, buckets: Iterable[tuple[int, int]], *, sign: int = 1) -> None:
-        """Adds (sign=-1: removes) the core's `(upper bound, count)` pairs, in units of `unit`."""
-        for upper_bound, count in buckets:
-            self.counts[int(bucket_of(np.array([upper_bound]))[0])] += sign * int(count)
+        """Adds (sign=-1: removes) the core's `(upper bound, count)` pairs, in units of `unit`.
+
+        One vectorised pass: a rollout's tick adds every version's histograms on the event loop.
+        """
+        pairs = list(buckets)
+        if not pairs:
+            return
+        bounds = np.fromiter((bound for bound, _ in pairs), dtype=np.uint64, count=len(pairs))
+        counts = np.fromiter((count for _, count in pairs), dtype=np.int64, count=len(pairs))
+        np.add.at(self.counts, bucket_of(bounds), sign * counts)
 
     def nonempty(self) -> tuple[np.ndarray, np.ndarray]:
         """(upper bounds in the caller's units, counts) of the non-empty buckets, ascending.
