@@ -271,6 +271,16 @@ def test_a_bundle_that_met_the_objective_at_no_rate_is_not_ranked_and_says_why(t
     assert regressions(swapped, "capacity", 5.0)[0] == []  # no capacity to lose: nothing to judge against
 
 
+def test_ratios_without_enough_comparable_resamples_are_not_compared() -> None:
+    from conveyor.profile.compare import _ratio
+
+    both_zero = np.zeros(100)
+    ratio = _ratio("capacity_qps", 1.0, 1.0, both_zero, both_zero, 0.05, "test")
+    assert ratio.verdict == "not compared" and "no interval" in ratio.note
+    mostly = _ratio("capacity_qps", 1.0, 2.0, np.ones(100), np.full(100, 2.0), 0.05, "test")
+    assert (mostly.estimate.low, mostly.estimate.high, mostly.verdict) == (2.0, 2.0, "better")
+
+
 def test_latency_at_different_server_rates_falls_back_to_common_find_peak_trials(tmp_path: Path) -> None:
     base = make_bundle(tmp_path / "a", service_rate_qps=400.0, target_qps=100.0)
     cand = make_bundle(tmp_path / "b", service_rate_qps=400.0, target_qps=300.0, seed=3)

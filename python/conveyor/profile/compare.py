@@ -477,6 +477,9 @@ def _ratio(metric: str, base: float | None, cand: float | None, base_draws: np.n
     with np.errstate(divide="ignore", invalid="ignore"):
         draws = cand_draws / base_draws
     draws = np.where(np.isinf(draws) & np.isinf(cand_draws) & np.isinf(base_draws), np.nan, draws)
+    if np.count_nonzero(np.isnan(draws)) > alpha / 2 * len(draws):  # too many resamples with no ratio to bound it
+        return _not_compared(metric, "too many resamples had no ratio (both sides unbounded, or both met the "
+                             "objective at no rate): no interval", load)  # fmt: skip
     low, high = _interval(draws, alpha)
     return Ratio(metric, higher, Estimate(cand / base, low, high, method), verdict(low, high, higher), base, cand, load)
 
