@@ -255,7 +255,7 @@ def test_in_process_offline_writes_the_logs_and_the_bundle_carries_the_result(tm
     assert main(["mlp", *SHORT, "--scenario", "offline", "--mlperf", "--out", str(tmp_path)]) == 0
     block = check_block(tmp_path, "Offline")
     assert block["metric"]["name"] == "Samples per second" and block["samples_per_s"] > 0
-    assert block["queries_completed"] >= 50  # one query of all the samples, each answered
+    assert block["samples_completed"] >= 50  # one query of all the samples, each answered
     assert block["agreement"]["metric"] == "samples_per_s"
 
 
@@ -267,7 +267,7 @@ def test_in_process_server_takes_the_rate_bound_and_seeds_from_the_bench(tmp_pat
     assert parameters["target_qps"] == 400 and parameters["target_latency (ns)"] == 50_000_000
     seeds = mlperf.loadgen_seeds(3)
     assert {name: parameters[name] for name in seeds} == seeds
-    assert block["queries_completed"] == logged_queries(tmp_path / "mlperf")
+    assert block["samples_completed"] == logged_queries(tmp_path / "mlperf")
     assert block["agreement"]["metric"] == "completed_qps"
 
 
@@ -285,7 +285,7 @@ def test_http_server_scenario_against_conveyor_serve(tmp_path: Path, loadgen: An
     assert code in (0, 4)
     block = check_block(tmp_path, "Server")
     assert read_bundle(tmp_path)["target"]["kind"] == "http"
-    assert block["queries_completed"] == logged_queries(tmp_path / "mlperf")
+    assert block["samples_completed"] == logged_queries(tmp_path / "mlperf")
 
 
 def test_grpc_single_stream_against_conveyor_serve(tmp_path: Path, loadgen: Any) -> None:
@@ -303,7 +303,7 @@ def test_grpc_single_stream_against_conveyor_serve(tmp_path: Path, loadgen: Any)
     assert code == 0
     block = check_block(tmp_path, "SingleStream")
     assert block["metric"]["unit"] == "ms" and block["agreement"]["metric"] == "p90_ms"
-    assert block["queries_completed"] == logged_queries(tmp_path / "mlperf")
+    assert block["samples_completed"] == logged_queries(tmp_path / "mlperf")
 
 
 def test_find_peak_searches_with_loadgen_timing_each_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -169,7 +169,7 @@ def test_settings(lg: Any, settings: MlperfSettings, sample_count: int) -> Any:
 
 
 class _Responses:
-    """Completes queries to LoadGen (empty responses: performance mode reads no data) and counts them."""
+    """Completes query samples to LoadGen (empty responses: performance mode reads no data) and counts them."""
 
     def __init__(self, lg: Any) -> None:
         self._lg = lg
@@ -201,7 +201,8 @@ def run_loadgen(make_sender: SenderFactory, sample_count: int, settings: MlperfS
     sender = make_sender(responses.complete)
 
     def issue(query_ids: list[int], sample_indices: list[int]) -> None:
-        # An exception escaping into LoadGen's thread would end the process: fail the queries instead.
+        # Senders do not raise; should one, an exception escaping into LoadGen's thread would end the
+        # process, and a query never completed would hang the test: fail the queries instead.
         try:
             sender.send(query_ids, sample_indices)
         except Exception as exc:  # noqa: BLE001
@@ -225,7 +226,7 @@ def run_loadgen(make_sender: SenderFactory, sample_count: int, settings: MlperfS
         (out_dir / TRACE_FILE).unlink(missing_ok=True)  # LoadGen creates it (empty) either way
     result = parse_summary(out_dir / SUMMARY_FILE)
     failed = responses.errors.total
-    result.update({"queries_completed": responses.completed, "errors": failed,
+    result.update({"samples_completed": responses.completed, "errors": failed,
                    "error_rate": failed / responses.completed if responses.completed else 0.0,
                    "error_messages": dict(responses.errors.counts), "settings": settings.document(),
                    "logs": sorted(p.name for p in out_dir.iterdir() if p.is_file())})  # fmt: skip
