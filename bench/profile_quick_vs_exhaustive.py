@@ -4,15 +4,15 @@ quick search against an exhaustive sweep of the same small space.
 For each model (the example mlp and image_classifier, each with a p99 objective near a few
 times its compute time per batch plus what a shared machine adds to a p99):
 
-1. quick search over the default space: the recommended configuration's capacity (re-measured
-   --repetitions times, 95% interval) against the configuration the model ships with, the
-   trial count and the time taken;
+1. quick search over the default space: the recommended configuration's capacity (the search's
+   three finalists re-measured --repetitions times, the best mean with its 95% interval) against
+   the configuration the model ships with (measured as often), the trial count and the time taken;
 2. a small space (24 configurations unless --small-space says otherwise), searched
    exhaustively and quickly, each run with fresh trials: quick's winner against the sweep's
    winner (both re-measured), and their trial counts.
 
 Capacities are this machine's and load-dependent (a shared 2-CPU box is noisy): read the
-ratios, each measured in the same run. Usage:
+ratios, each measured in the same run, with the intervals and the uptime load printed beside them. Usage:
 
     PYTHONPATH=python python bench/profile_quick_vs_exhaustive.py [--models mlp image_classifier]
         [--slo-p99-ms mlp=5 image_classifier=10] [--probe-duration-s 0.3] [--out DIR]
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -100,7 +101,7 @@ def report_lines(results: list[dict[str, Any]]) -> list[str]:
             f"## {result['model']} at p99 <= {result['slo_p99_ms']:g} ms",
             (
                 f"- default space: {default['size']} configurations, quick search {trials.get('search')} trials "
-                f"(+{trials.get('rerun')} re-runs of the winner, +{trials.get('baseline')} of the shipped config) in "
+                f"(+{trials.get('rerun')} re-runs of the 3 finalists, +{trials.get('baseline')} of the shipped config) in "
                 f"{default['seconds']:.0f} s"
             ),
             f"- recommended: {capacity_text(default['winner'])} queries/s; shipped config: "
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [measure_model(model, objectives.get(model, 5.0), base, common, args.small_space)
                    for model in args.models]  # fmt: skip
     print("\n".join(report_lines(results)))
+    print(f"load average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())}")
     print(
         json.dumps(results, indent=2, default=str),
         file=sys.stderr if args.out is None else sys.stdout,
