@@ -334,3 +334,10 @@ def test_knob_effects_measure_the_spread_around_the_winner() -> None:
     assert effects["instance_count"].spread == pytest.approx(0.05)
     assert effects["threads"].spread is None
     assert knob_effects(winner, results)[0].knob == "max_batch_size"
+
+
+def test_a_python_model_searches_batching_and_instances_only() -> None:
+    space = build_space(backends=["python"], cpus=2, model_max_batch_size=8, slo_p99_ms=5)
+    configurations = space.configurations()
+    assert {(c["backend"], c["threads"], c["inter_op_threads"]) for c in configurations} == {("python", 1, 1)}
+    assert {c["instance_count"] for c in configurations} == {1, 2}

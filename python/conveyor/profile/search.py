@@ -1,7 +1,8 @@
 """The configuration search behind `conveyor profile`: the space, a cost model, quick and exhaustive search.
 
 Pure logic, no model and no clock: a search calls `evaluate(configuration) -> score`
-(the capacity at the objective, 0 for a configuration that failed or met it at no rate)
+(the capacity at the objective; 0 or less for a configuration that failed or met it at no
+rate, the nearer 0 the closer it came)
 and tests drive it with simulated capacity surfaces.
 
 - `SearchSpace`: the knobs (backend, max_batch_size, max_queue_delay_us, preferred batch
@@ -33,7 +34,7 @@ Configuration = dict[str, Any]
 # the nearer it came, so the climb still heads toward the objective when nothing meets it yet.
 Evaluate = Callable[[Configuration], float]
 
-BACKENDS = ("onnx", "native")
+BACKENDS = ("onnx", "native", "python")  # python: only for a model written in Python (no threads to tune)
 # The batcher dispatches early when the rows reach the largest preferred size, and only while it
 # would otherwise wait out a queue delay: a preferred size is one below max_batch_size.
 PREFERRED_CHOICES = ("none", "half", "quarter")
@@ -112,6 +113,8 @@ class SearchSpace:
                 break
         if result["backend"] != "onnx":
             result["inter_op_threads"] = min(self.values["inter_op_threads"])
+        if result["backend"] == "python":  # the model's own code decides its threads
+            result["threads"] = min(self.values["threads"])
         if result["device"] != "cpu":  # pinning the host threads of a GPU model is not searched
             result["pinning"] = self.values["pinning"][0]
         return result
