@@ -88,14 +88,20 @@ struct MirrorState {
   mutable std::condition_variable idle_cv;
   MirrorStats stats;   // guarded by mu
   MirrorPairs unread;  // guarded by mu
+  // What answered copies held (the champion's and the challenger's outputs, BYTES owners),
+  // released by drain(): its caller holds the GIL, which releasing a Python-owned tensor
+  // would otherwise take on a batcher thread, twice per batch. Past kMaxReleased the
+  // copy releases them itself.
+  std::vector<std::shared_ptr<const void>> released;  // guarded by mu
+  static constexpr size_t kMaxReleased = 4096;
 };
 
 namespace {
 
 // What the copies of one champion batch share: the champion's outputs and what their
-// inputs point at, alive until the last of them is answered.
+// inputs point at, alive until the last of them is answered. (No reference to the
+// state: the state's `released` may hold the group.)
 struct CopyGroup {
-  std::shared_ptr<MirrorState> state;
   std::shared_ptr<const BatchOutputs> champion;
   std::vector<Tensor> keep_alive;
   Clock::time_point submitted;
@@ -104,21 +110,41 @@ struct CopyGroup {
 // Receives the challenger's answer to one copied request and pairs its rows.
 class CopySink final : public CompletionSink {
  public:
-  CopySink(std::shared_ptr<CopyGroup> group, const MirroredRequest& request)
-      : group_(std::move(group)), request_(request) {}
+  CopySink(std::shared_ptr<MirrorState> state, std::shared_ptr<CopyGroup> group, const MirroredRequest& request)
+      : state_(std::move(state)), group_(std::move(group)), request_(request) {}
 
   void deliver(std::vector<Completion>&& completions) override {
     const int64_t elapsed =
         std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - group_->submitted).count();
     for (Completion& c : completions) record(c, elapsed);
-    // The group (the champion's outputs, BYTES owners) may go with this sink, after the
-    // state's lock: owners may take the GIL.
-    group_.reset();
+    release(completions);
   }
 
  private:
+  // Hands what the copy held to drain()'s caller when there is room; else it goes here,
+  // after the state's lock (owners may take the GIL).
+  void release(std::vector<Completion>& completions) noexcept {
+    std::vector<std::shared_ptr<const void>> held;
+    try {
+      held.reserve(1 + completions.size());
+      held.push_back(std::move(group_));
+      for (Completion& c : completions) {
+        if (c.outputs) held.push_back(std::move(c.outputs));
+      }
+      std::lock_guard<std::mutex> lock(state_->mu);
+      auto& released = state_->released;
+      if (released.size() + held.size() <= MirrorState::kMaxReleased) {
+        released.insert(released.end(), std::make_move_iterator(held.begin()), std::make_move_iterator(held.end()));
+        held.clear();
+      }
+    } catch (const std::bad_alloc&) {
+      // No room to hand them over: released here.
+    }
+    group_.reset();
+  }
+
   void record(const Completion& c, int64_t elapsed) {
-    MirrorState& state = *group_->state;
+    MirrorState& state = *state_;
     const MirrorOptions& o = state.options;
     const auto rows = static_cast<uint64_t>(request_.rows);
     const bool ok = c.code == ErrorCode::kOk && c.outputs != nullptr;
@@ -176,6 +202,7 @@ class CopySink final : public CompletionSink {
     if (s.in_flight_rows == 0) state.idle_cv.notify_all();
   }
 
+  const std::shared_ptr<MirrorState> state_;
   std::shared_ptr<CopyGroup> group_;
   const MirroredRequest request_;
 };
@@ -242,7 +269,6 @@ void Mirror::offer(const std::vector<Tensor>& inputs, int64_t rows, const std::s
   ErrorCode refused = ErrorCode::kOk;
   try {
     auto group = std::make_shared<CopyGroup>();
-    group->state = state_;
     group->champion = outputs;
     group->keep_alive = std::move(keep_alive);
     group->submitted = Clock::now();
@@ -253,7 +279,7 @@ void Mirror::offer(const std::vector<Tensor>& inputs, int64_t rows, const std::s
       Batcher::Submission copy;
       copy.inputs.reserve(inputs.size());
       for (const Tensor& t : inputs) copy.inputs.push_back(rows > 0 ? row_slice(t, r.row_offset, r.rows) : t);
-      copy.sink = std::make_shared<CopySink>(group, r);
+      copy.sink = std::make_shared<CopySink>(state_, group, r);
       copies.push_back(std::move(copy));
     }
     challenger_->submit_group(std::move(copies));
@@ -275,8 +301,13 @@ void Mirror::offer(const std::vector<Tensor>& inputs, int64_t rows, const std::s
 
 MirrorPairs Mirror::drain() {
   MirrorPairs out;
-  std::lock_guard<std::mutex> lock(state_->mu);
-  std::swap(out, state_->unread);
+  std::vector<std::shared_ptr<const void>> released;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    std::swap(out, state_->unread);
+    std::swap(released, state_->released);
+  }
+  released.clear();  // here, on the caller's thread, after the lock
   return out;
 }
 

@@ -104,7 +104,9 @@ class Mirror {
   void offer(const std::vector<Tensor>& inputs, int64_t rows, const std::shared_ptr<const BatchOutputs>& outputs,
              const std::vector<MirroredRequest>& requests, std::vector<Tensor> keep_alive) noexcept;
 
-  // Takes the paired rows recorded so far.
+  // Takes the paired rows recorded so far, and releases what answered copies held
+  // (outputs, BYTES owners) on the calling thread: call it where dropping a Python-owned
+  // tensor is cheap (the bindings hold the GIL).
   MirrorPairs drain();
   // Waits until no copy is in flight; false when timeout_us passed first (< 0: forever).
   bool wait_idle(int64_t timeout_us) const;
