@@ -20,10 +20,12 @@ LoadGen's logs, under --out.
     python bench/mlperf_agreement.py mlp --hidden 2048 --slo-p99-ms 20 --serve   # a heavier mlp (64-2048-2048-10)
 
 Both generators must outrun the target for the capacities to be the target's: the native
-one does up to ~100k/s, LoadGen's Python path (its binding's issue callback, then this
-package's senders) a few thousand per second over HTTP and a few tens of thousands
-in-process on 2 vCPUs. --hidden N measures the example mlp rebuilt with N-wide hidden
-layers, a model slow enough for both.
+one does 200k+ queries/s in-process, LoadGen's Python path (its binding's issue callback,
+about 15 us of CPU per query, then this package's senders) some tens of thousands per
+second in-process and about 5k/s over HTTP on 2 vCPUs (--loadgen-ceiling measures
+LoadGen alone). Where generator and target share the cores, the generator's CPU per query
+also comes out of the target's capacity. --hidden N measures the example mlp rebuilt with
+N-wide hidden layers, a model slow enough for both.
 
 A benchmark, not a test: it reports, it never fails on a number.
 """
