@@ -216,9 +216,9 @@ class _Client(asyncio.Protocol):
 def test_http_asyncio_aiohttp(benchmark, ratio_report, http_echo, loop) -> None:
     import aiohttp
 
-    from conveyor.profile.loadgen import _wire_tensors, http_infer_request
+    from conveyor.profile.loadgen import wire_tensors, http_infer_request
 
-    raw = http_infer_request("127.0.0.1", str(http_echo), "/", _wire_tensors(_samples())[0])
+    raw = http_infer_request("127.0.0.1", str(http_echo), "/", wire_tensors(_samples())[0])
     head, body = raw.split(b"\r\n\r\n", 1)
     header_length = next(line for line in head.split(b"\r\n") if line.startswith(b"Inference-Header")).split(b": ")[1]
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": header_length.decode()}
@@ -244,9 +244,9 @@ def test_http_asyncio_aiohttp(benchmark, ratio_report, http_echo, loop) -> None:
 
 
 def test_http_asyncio_raw(benchmark, ratio_report, http_echo, loop) -> None:
-    from conveyor.profile.loadgen import _wire_tensors, http_infer_request
+    from conveyor.profile.loadgen import wire_tensors, http_infer_request
 
-    request = http_infer_request("127.0.0.1", str(http_echo), "/v2/models/noop/infer", _wire_tensors(_samples())[0])
+    request = http_infer_request("127.0.0.1", str(http_echo), "/v2/models/noop/infer", wire_tensors(_samples())[0])
 
     async def one_round_async() -> None:
         budget = [REQUESTS, 0]  # requests left to send, requests in flight

@@ -205,7 +205,7 @@ def _checked(samples: Sequence[Sample]) -> Sequence[Sample]:
     return samples
 
 
-def _wire_tensors(samples: Sequence[Sample]) -> list[list[tuple[str, str, list[int], bytes]]]:
+def wire_tensors(samples: Sequence[Sample]) -> list[list[tuple[str, str, list[int], bytes]]]:
     """Per sample: (name, v2 datatype, shape, little-endian bytes) per input, as they travel."""
     wire = []
     for index, sample in enumerate(_checked(samples)):
@@ -230,7 +230,7 @@ def _wire_tensors(samples: Sequence[Sample]) -> list[list[tuple[str, str, list[i
     return wire
 
 
-def _split_url(url: str, default_port: int, what: str) -> tuple[str, str, str]:
+def split_url(url: str, default_port: int, what: str) -> tuple[str, str, str]:
     """(host, port, path prefix) of `url` ("http://host:port[/prefix]" or "host:port")."""
     text = url if "://" in url else f"http://{url}"
     parts = urllib.parse.urlsplit(text)
@@ -248,7 +248,8 @@ def _split_url(url: str, default_port: int, what: str) -> tuple[str, str, str]:
     return parts.hostname, str(port), parts.path.rstrip("/")
 
 
-def _model_path(model: str, version: str | None) -> str:
+def model_path(model: str, version: str | None) -> str:
+    """The KServe v2 path of a model (and version), quoted: "/v2/models/{m}[/versions/{v}]"."""
     path = "/v2/models/" + urllib.parse.quote(model, safe="")
     if version is not None:
         path += "/versions/" + urllib.parse.quote(str(version), safe="")
@@ -285,9 +286,9 @@ class HttpTarget(_TargetBase):
     ) -> None:  # fmt: skip
         if connections < 1:
             raise InvalidInput(f"connections must be >= 1, got {connections}")
-        host, port, prefix = _split_url(url, 80, "HTTP")
-        path = prefix + _model_path(model, version) + "/infer"
-        requests = [http_infer_request(host, port, path, tensors) for tensors in _wire_tensors(samples)]
+        host, port, prefix = split_url(url, 80, "HTTP")
+        path = prefix + model_path(model, version) + "/infer"
+        requests = [http_infer_request(host, port, path, tensors) for tensors in wire_tensors(samples)]
         try:
             native = _core.HttpLoadTarget(host, port, requests, connections, max(1, round(connect_timeout_s * 1000)))
         except Unavailable as exc:
@@ -316,9 +317,9 @@ class GrpcTarget(_TargetBase):
 
         if channels < 1:
             raise InvalidInput(f"channels must be >= 1, got {channels}")
-        host, port, _ = _split_url(url, 8001, "gRPC")
+        host, port, _ = split_url(url, 8001, "gRPC")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        requests = [_grpc_request(inference_pb2, model, version, t) for t in _wire_tensors(samples)]
+        requests = [grpc_infer_request(inference_pb2, model, version, t) for t in wire_tensors(samples)]
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         # Distinct channel arguments keep grpcio from sharing one subchannel (one TCP connection).
         self._channels = [
@@ -363,7 +364,8 @@ def _grpc_sender(calls: list[Any], requests: list[Any]) -> Callable[[int, Any], 
     return send
 
 
-def _grpc_request(pb2: Any, model: str, version: str | None, tensors: list) -> Any:
+def grpc_infer_request(pb2: Any, model: str, version: str | None, tensors: list) -> Any:
+    """A ModelInferRequest of `pb2` (the v2 protocol's messages) carrying `wire_tensors` rows as raw contents."""
     request = pb2.ModelInferRequest(model_name=model, model_version="" if version is None else str(version))
     for name, datatype, shape, payload in tensors:
         request.inputs.add(name=name, datatype=datatype, shape=shape)

@@ -277,9 +277,9 @@ class HttpSender:
 
         if connections < 1:
             raise InvalidInput(f"connections must be >= 1, got {connections}")
-        self.host, self.port, prefix = loadgen._split_url(url, 80, "HTTP")
-        path = prefix + loadgen._model_path(model, version) + "/infer"
-        self._requests = [loadgen.http_infer_request(self.host, self.port, path, t) for t in loadgen._wire_tensors(samples)]
+        self.host, self.port, prefix = loadgen.split_url(url, 80, "HTTP")
+        path = prefix + loadgen.model_path(model, version) + "/infer"
+        self._requests = [loadgen.http_infer_request(self.host, self.port, path, t) for t in loadgen.wire_tensors(samples)]
         self.url, self._complete, self.timeout_s = url, complete, timeout_s
         self._incoming: collections.deque[tuple[int, int]] = collections.deque()  # from LoadGen's thread
         self._backlog: collections.deque[tuple[int, int]] = collections.deque()  # the loop's, waiting for a connection
@@ -416,9 +416,9 @@ class GrpcSender:
 
         if channels < 1:
             raise InvalidInput(f"channels must be >= 1, got {channels}")
-        host, port, _ = loadgen._split_url(url, 8001, "gRPC")
+        host, port, _ = loadgen.split_url(url, 8001, "gRPC")
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._requests = [loadgen._grpc_request(inference_pb2, model, version, t) for t in loadgen._wire_tensors(samples)]
+        self._requests = [loadgen.grpc_infer_request(inference_pb2, model, version, t) for t in loadgen.wire_tensors(samples)]
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         self._channels = [grpc.insecure_channel(address, options=[*options, ("conveyor.channel_index", i)])
                           for i in range(channels)]  # fmt: skip
