@@ -216,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_rollout_commands(subparsers)
     from conveyor.profile.bench_cli import register_bench_commands
     from conveyor.profile.compare_cli import register_compare_commands
+    from conveyor.profile.profile_cli import register_profile_commands
 
     register_bench_commands(subparsers)
+    register_profile_commands(subparsers)
     register_compare_commands(subparsers)
     return parser
 
