@@ -6,6 +6,8 @@ per module; every call goes through `compare_cli.main`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 from pathlib import Path
 
@@ -31,6 +33,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {name: str(path) for name, path in made.items()}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="the HTML report draws with matplotlib: pip install '.[profile]'")
 def test_reports_are_written_and_the_verdicts_printed(bundles: dict[str, str], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     markdown, page, data = (tmp_path / "out" / f"compare.{ext}" for ext in ("md", "html", "json"))

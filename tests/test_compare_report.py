@@ -7,6 +7,8 @@ not asserted.
 
 from __future__ import annotations
 
+import importlib.util
+
 import re
 import shutil
 import subprocess
@@ -30,6 +32,11 @@ from conveyor.profile.compare_report import (
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PRICES = {"small-box": Price("small-box", 0.0893, "2025-06", "public on-demand list price", "us-east-1"),
           "big-box": Price("big-box", 0.1785, "2025-06")}  # fmt: skip
+
+NEEDS_MATPLOTLIB = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="the HTML report draws with matplotlib: pip install '.[profile]'",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,7 @@ def test_dollars_are_fixed_point_with_three_significant_digits() -> None:
         "$0.0000804", "$0.0123", "$1.50", "$12.35", "$1234"]  # fmt: skip
 
 
+@NEEDS_MATPLOTLIB
 def test_html_page_has_every_plot_as_inline_svg_and_no_external_assets(result: CompareResult) -> None:
     page = render_html(result)
     sections = re.findall(r'<section id="([^"]+)">', page)
@@ -82,6 +90,7 @@ def test_html_page_has_every_plot_as_inline_svg_and_no_external_assets(result: C
     assert "two-cores vs one-core" in _text(page)  # the CDF panel's title
 
 
+@NEEDS_MATPLOTLIB
 def test_html_without_prices_or_latencies_says_what_is_missing(tmp_path: Path) -> None:
     base = make_bundle(tmp_path / "a", service_rate_qps=400.0, scenario="offline", find_peak=False)
     cand = make_bundle(tmp_path / "b", service_rate_qps=500.0, scenario="offline", find_peak=False)
@@ -93,6 +102,7 @@ def test_html_without_prices_or_latencies_says_what_is_missing(tmp_path: Path) -
     assert svg_count(page) == 3  # throughput per bundle, batch sizes, utilisation
 
 
+@NEEDS_MATPLOTLIB
 def test_every_value_from_a_bundle_is_escaped(tmp_path: Path) -> None:
     odd = "<script>alert(1)</script>"
     base = make_bundle(tmp_path / "a&b", service_rate_qps=400.0, system_name=odd)
@@ -110,6 +120,7 @@ def test_a_missing_matplotlib_is_a_clear_error_naming_the_extra(result: CompareR
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+@NEEDS_MATPLOTLIB
 def test_the_page_renders_in_headless_chromium(result: CompareResult, tmp_path: Path) -> None:
     page = tmp_path / "compare.html"
     page.write_text(render_html(result), encoding="utf-8")
