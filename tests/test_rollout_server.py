@@ -291,6 +291,12 @@ def test_shadow_pairs_outputs_and_the_champion_answers(served: ServerThread) -> 
         for i in range(30):
             assert answered(http_infer(http_client, "scorer", float(i))) == ("1", "scorer-shadow")
             assert answered(grpc_infer(grpc_client, "scorer", float(i))) == ("1", "scorer-shadow")
+        # Statistics without a version list every version (Triton's answer): perf_analyzer
+        # merges them and finds the champion that answered, though the newest is version 2.
+        for stats in (http_client.get_inference_statistics("scorer")["model_stats"],
+                      grpc_client.get_inference_statistics("scorer", as_json=True)["model_stats"]):  # fmt: skip
+            counts = {entry["version"]: int(entry["inference_count"]) for entry in stats}
+            assert set(counts) == {"1", "2"} and counts["1"] >= 60, counts
     finally:
         http_client.close()
         grpc_client.close()

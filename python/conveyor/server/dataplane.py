@@ -186,9 +186,17 @@ class DataPlane:
     # -- statistics --------------------------------------------------------------------
 
     def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
-        """The statistics extension: cumulative counts and durations per model version."""
-        if name:
+        """The statistics extension: cumulative counts and durations per model version.
+
+        No version named: every loaded version of the model (as Triton answers), so a
+        client that merges statistics finds the version that answered, whichever the
+        version policy or a rollout picked.
+        """
+        if name and version:
             handles = [self.handle(name, version)]
+        elif name:
+            latest = self.handle(name, "")  # ModelNotFound, with its message, for an unknown model
+            handles = [self.runtime.model(latest.name, v) for v in self.runtime.models().get(latest.name, [latest.version])]
         else:
             handles = [self.runtime.model(n, v) for n, versions in self.runtime.models().items() for v in versions]
         return {"model_stats": [_model_statistics(h, self.runtime.model_stats(h)["raw"]) for h in handles]}
