@@ -6,11 +6,13 @@
 #
 # One model `m` (backend python, max_batch_size 64, dynamic batching with no added wait,
 # one instance per version, x FP32[64] -> probs FP32[10], a small numpy MLP) in versions
-# 1 and 2, served three ways, each from its own repository:
-#   A  no rollout: version 1 answers (the baseline)
+# 1 and 2, served three (or four) ways, each from its own repository:
+#   A  no rollout: the newest version answers (the baseline; both do the same work)
 #   B  [rollout] shadow, shadow_percent = 100, version 2 does the same work as version 1
 #   C  [rollout] shadow, shadow_percent = 100, version 2 sleeps SLOW_MS per batch (far too
 #      slow to keep up), shadow_queue_size = QUEUE
+#   D  (VARIANTS="A B C D") [rollout] shadow, shadow_percent = 0: the routed path and the
+#      rollout's periodic work, with nothing copied
 # 1. Capacity: closed-loop load on A at increasing concurrency (CAP_CONC); capacity = the
 #    highest throughput seen.
 # 2. At half of it, a fixed request rate (perf_analyzer --request-rate-range R:R), p50/p99 of
@@ -122,6 +124,7 @@ SHADOW=$'\n[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = 100'
 make_repo "$WORK/A" "" 0
 make_repo "$WORK/B" "$SHADOW" 0
 [[ $VARIANTS == *C* ]] && make_repo "$WORK/C" "$SHADOW"$'\n'"shadow_queue_size = $QUEUE" "$SLOW_MS"
+[[ $VARIANTS == *D* ]] && make_repo "$WORK/D" $'\n[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = 0' 0
 
 # ---- servers ------------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -235,7 +238,8 @@ print()
 print("| variant | infer/s | p50 ms | p99 ms | p99 / A | champion failed | shadow sent | dropped | failed | paired | rounds p99 ms |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 a99 = med("A", "p99_ms")
-for v, what in (("A", "no rollout"), ("B", "shadow 100%"), ("C", "shadow 100%, slow challenger")):
+for v, what in (("A", "no rollout"), ("B", "shadow 100%"), ("C", "shadow 100%, slow challenger"),
+                ("D", "shadow 0%: routed, nothing copied")):
     if not any(r["variant"] == v for r in rows):
         continue
     p99 = med(v, "p99_ms")
