@@ -26,13 +26,16 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import conveyor
 from conveyor.profile.bundle import read_bundle
 from conveyor.profile.compare import compare_bundles
 
 pytestmark = pytest.mark.slow
 
 ROWS, WIDTH, LAYERS = 128, 256, 12  # about 100 M multiply-adds per request: milliseconds of one core
-PYTHON_PATH = str(Path(__file__).resolve().parent.parent / "python")
+# The directory holding the conveyor package these tests import: the installed one in CI,
+# the source tree with an in-tree build (PYTHONPATH=python) in development.
+PYTHON_PATH = str(Path(conveyor.__file__).resolve().parents[1])
 MIN_CORES_DELIVERED = 1.6
 BENCH_ARGS = ["--scenario", "server", "--find-peak", "--slo-p99-ms", "100", "--target-qps", "40", "--duration-s",
               "0.3", "--min-queries", "80", "--warmup-s", "0.5", "--repetitions", "4", "--peak-precision", "0.1",
