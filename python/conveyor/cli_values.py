@@ -5,7 +5,9 @@ Shared by every group of subcommands (cli.py, rollout_cli.py), so none imports a
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +64,21 @@ def choice(choices: tuple[str, ...]) -> Callable[[str], str]:
         return text
 
     return check
+
+
+def run_verb(register: Callable[[Any], None], verb: str, argv: list[str] | None = None) -> int:
+    """`conveyor VERB` on its own (a verb module's `main`): parses `argv` (default
+    sys.argv[1:], without the verb) with the parser `register` adds, reports a
+    CONVEYOR_* value that did not convert (exit 2), and runs the verb; returns its status.
+    The arguments stay on the namespace as `argv`, for a result that records its command.
+    """
+    parser = argparse.ArgumentParser(prog="conveyor")
+    register(parser.add_subparsers(title="commands", metavar="COMMAND"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args([verb, *argv])
+    args.argv = argv
+    for value in vars(args).values():
+        if isinstance(value, BadEnv):
+            print(f"conveyor {verb}: error: {value.message}", file=sys.stderr)
+            return 2
+    return args.run(args)

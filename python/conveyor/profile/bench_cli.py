@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.cli_values import BadEnv, choice, env, positive_float, positive_int
+from conveyor.cli_values import choice, env, positive_float, positive_int, run_verb
 from conveyor.errors import ConveyorError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCURACY, EXIT_OBJECTIVE = 0, 1, 2, 3, 4
@@ -168,16 +168,7 @@ def register_bench_commands(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`conveyor bench` on its own: parses `argv` and runs it, returning the exit status."""
-    parser = argparse.ArgumentParser(prog="conveyor")
-    register_bench_commands(parser.add_subparsers())
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(["bench", *argv])
-    args.argv = argv
-    for value in vars(args).values():
-        if isinstance(value, BadEnv):
-            print(f"conveyor bench: error: {value.message}", file=sys.stderr)
-            return EXIT_USAGE
-    return args.run(args)
+    return run_verb(register_bench_commands, "bench", argv)
 
 
 # ---------------------------------------------------------------- the target

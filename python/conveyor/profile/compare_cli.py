@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conveyor.cli_values import BadEnv, env, positive_int
+from conveyor.cli_values import BadEnv, env, positive_int, run_verb
 from conveyor.errors import ConveyorError
 
 EXIT_REGRESSION, EXIT_USAGE = 1, 2
@@ -174,10 +174,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`conveyor compare` on its own: `argv` is the verb's arguments (default sys.argv[1:]), without "compare"."""
-    parser = argparse.ArgumentParser(prog="conveyor")
-    register_compare_commands(parser.add_subparsers(title="commands", metavar="COMMAND"))
-    args = parser.parse_args(["compare", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
+    return run_verb(register_compare_commands, "compare", argv)
 
 
 if __name__ == "__main__":

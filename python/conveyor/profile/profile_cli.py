@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conveyor.cli_values import BadEnv, choice, env, positive_float, positive_int
+from conveyor.cli_values import choice, env, positive_float, positive_int, run_verb
 from conveyor.errors import ConveyorError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OBJECTIVE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
@@ -210,16 +210,7 @@ def register_profile_commands(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`conveyor profile` on its own: parses `argv` and runs it, returning the exit status."""
-    parser = argparse.ArgumentParser(prog="conveyor")
-    register_profile_commands(parser.add_subparsers())
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(["profile", *argv])
-    args.argv = argv
-    for value in vars(args).values():
-        if isinstance(value, BadEnv):
-            print(f"conveyor profile: error: {value.message}", file=sys.stderr)
-            return EXIT_USAGE
-    return args.run(args)
+    return run_verb(register_profile_commands, "profile", argv)
 
 
 # ---------------------------------------------------------------- the checkpoint
