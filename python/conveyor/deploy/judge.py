@@ -297,13 +297,9 @@ def _latency_from(histogram_of):
     return evaluate_quantile
 
 
-def _point_quantile(histogram: Histogram, quantile: float) -> float:
-    """The upper bound of the bucket holding the quantile, as the core reports percentiles."""
-    return _point_quantile_of(*histogram.nonempty(), quantile)
-
-
 def _point_quantile_of(edges: np.ndarray, counts: np.ndarray, quantile: float) -> float:
-    """`_point_quantile` from a histogram's non-empty buckets (`Histogram.nonempty()`)."""
+    """The upper bound of the bucket holding the quantile, as the core reports percentiles,
+    from a histogram's non-empty buckets (`Histogram.nonempty()`)."""
     if not len(counts):
         return math.nan
     cumulative = np.cumsum(counts)
