@@ -18,11 +18,14 @@
 # 2. At half of it, a fixed request rate (perf_analyzer --request-rate-range R:R), p50/p99 of
 #    A, B and C in alternating rounds (A B C A B C ...), each from a fresh server; the
 #    report is the median over the rounds. Per run the server's /metrics gives the
-#    champion's failed requests and the shadow copies sent/dropped/failed/paired.
+#    champion's failed requests and the shadow copies sent/dropped/failed/paired, and
+#    /proc the server's CPU time (all threads) per request the clients sent.
 #
-# BACKEND=onnx serves examples/models/mlp/1/model.onnx (the same MLP shape, run by onnxruntime,
-# no Python in the batch) as both versions instead, for A and B only: it tells the cost of the
-# shadow machinery apart from that of a second Python backend contending for the interpreter.
+# BACKEND=onnx serves examples/models/mlp/1/model.onnx (the same MLP shape, run by onnxruntime
+# through its Python API, which releases the GIL while it computes) as both versions instead;
+# BACKEND=native serves it on the C++ kernels, no GIL taken per batch. Both for A, B and D
+# only: they tell the cost of the shadow machinery apart from that of a second Python backend
+# contending for the interpreter.
 #
 # PEER_HARNESS_DIR (default ../shared/peers next to this checkout) holds pa.sh, which runs
 # the perf_analyzer binary that its run_all.sh sets up in $PEERS; PERF_ANALYZER=/path/to/
@@ -153,6 +156,9 @@ start_server() {  # variant run-tag
   echo "server $1 did not become ready; see $OUT/server_$2.log" >&2
   exit 1
 }
+# the server process's CPU time (all its threads, user + system) in clock ticks
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER/stat"; }
 target() { [[ $PROTO == grpc ]] && echo "127.0.0.1:$G" || echo "127.0.0.1:$H"; }
 pa() {  # csv log perf_analyzer-args...
   local csv=$1 logf=$2; shift 2
@@ -170,12 +176,13 @@ print(f'{float(row["Inferences/Second"]):.1f} {float(row["p50 latency"]) / 1000:
 EOF
 }
 # the counters this benchmark reads from /metrics -> "errors_v1 (failed, rejected, expired,
-# cancelled) ok_v1 sent dropped failed paired"
+# cancelled) ok_v1 ok_v2 sent dropped failed paired"
 counters() {
   curl -s "http://127.0.0.1:$H/metrics" | python3 -c '
 import re, sys
 want = {"failed_v1": r"^conveyor_requests_total\{.*outcome=\"(failed|rejected|expired|cancelled)\".*version=\"1\"",
         "ok_v1": r"^conveyor_requests_total\{.*outcome=\"success\".*version=\"1\"",
+        "ok_v2": r"^conveyor_requests_total\{.*outcome=\"success\".*version=\"2\"",
         "sent": r"^conveyor_rollout_shadow_requests_total\{.*outcome=\"sent\"",
         "dropped": r"^conveyor_rollout_shadow_requests_total\{.*outcome=\"dropped\"",
         "failed": r"^conveyor_rollout_shadow_requests_total\{.*outcome=\"failed\"",
@@ -207,20 +214,25 @@ RATE=${RATE:-$(python3 -c "print(int($CAP / 2))")}
 log "capacity $CAP infer/s -> fixed rate $RATE req/s"
 
 # ---- 2. A/B/C at half capacity ----------------------------------------------------------------
-echo "round,variant,rate,infer_per_s,p50_ms,p99_ms,champion_ok,champion_failed,shadow_sent,shadow_dropped,shadow_failed,shadow_paired,pa_status" > "$OUT/runs.csv"
+echo "round,variant,rate,infer_per_s,p50_ms,p99_ms,server_cpu_us_per_request,champion_ok,champion_failed,shadow_sent,shadow_dropped,shadow_failed,shadow_paired,pa_status" > "$OUT/runs.csv"
 for r in $(seq 1 "$ROUNDS"); do
   for v in $VARIANTS; do
     start_server "$v" "$v$r"
     pa "$OUT/warm_$v$r.csv" "$OUT/warm_$v$r.log" --request-rate-range "$RATE:$RATE" --max-threads 16 \
       --measurement-interval 1000 || true
-    read -r f0 ok0 s0 d0 x0 p0 < <(counters)
+    read -r f0 ok0 oktwo0 s0 d0 x0 p0 < <(counters)
+    cpu0=$(cpu_ticks)
     status=ok
     pa "$OUT/rate_$v$r.csv" "$OUT/rate_$v$r.log" --request-rate-range "$RATE:$RATE" --max-threads 16 \
       --measurement-interval "$INTERVAL_MS" || status=failed
-    read -r f1 ok1 s1 d1 x1 p1 < <(counters)
+    cpu1=$(cpu_ticks)
+    read -r f1 ok1 oktwo1 s1 d1 x1 p1 < <(counters)
+    # the requests the clients sent: version 2 answers them in A (the newest), version 1 otherwise
+    if [[ $v == A ]]; then served=$((oktwo1 - oktwo0)); else served=$((ok1 - ok0)); fi
+    cpu_us=$(python3 -c "print(f'{($cpu1 - $cpu0) / $CLK_TCK / max($served, 1) * 1e6:.1f}')")
     if [[ $status == ok ]]; then read -r tput p50 p99 < <(csv_row "$OUT/rate_$v$r.csv"); else tput=nan p50=nan p99=nan; fi
-    echo "$r,$v,$RATE,$tput,$p50,$p99,$((ok1 - ok0)),$((f1 - f0)),$((s1 - s0)),$((d1 - d0)),$((x1 - x0)),$((p1 - p0)),$status" >> "$OUT/runs.csv"
-    log "round $r $v: $tput infer/s, p50 $p50 ms, p99 $p99 ms; champion failed $((f1 - f0)); shadow sent $((s1 - s0)) dropped $((d1 - d0)) paired $((p1 - p0))"
+    echo "$r,$v,$RATE,$tput,$p50,$p99,$cpu_us,$served,$((f1 - f0)),$((s1 - s0)),$((d1 - d0)),$((x1 - x0)),$((p1 - p0)),$status" >> "$OUT/runs.csv"
+    log "round $r $v: $tput infer/s, p50 $p50 ms, p99 $p99 ms, server CPU $cpu_us us/request; champion failed $((f1 - f0)); shadow sent $((s1 - s0)) dropped $((d1 - d0)) paired $((p1 - p0))"
     stop_server
   done
 done
@@ -235,17 +247,17 @@ tot = lambda v, k: sum(int(r[k]) for r in rows if r["variant"] == v)
 print(f"capacity (variant A, {proto} backend, closed loop): {float(cap):.0f} infer/s; fixed rate {rate} req/s; "
       f"medians over {max(int(r['round']) for r in rows)} rounds")
 print()
-print("| variant | infer/s | p50 ms | p99 ms | p99 / A | champion failed | shadow sent | dropped | failed | paired | rounds p99 ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-a99 = med("A", "p99_ms")
+print("| variant | infer/s | p50 ms | p99 ms | p99 / A | server CPU us/request | CPU / A | champion failed | shadow sent | dropped | failed | paired | rounds p99 ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+a99, acpu = med("A", "p99_ms"), med("A", "server_cpu_us_per_request")
 for v, what in (("A", "no rollout"), ("B", "shadow 100%"), ("C", "shadow 100%, slow challenger"),
                 ("D", "shadow 0%: routed, nothing copied")):
     if not any(r["variant"] == v for r in rows):
         continue
-    p99 = med(v, "p99_ms")
+    p99, cpu = med(v, "p99_ms"), med(v, "server_cpu_us_per_request")
     each = " / ".join(r["p99_ms"] for r in rows if r["variant"] == v)
     print(f"| {v} ({what}) | {med(v, 'infer_per_s'):.0f} | {med(v, 'p50_ms'):.2f} | {p99:.2f} | {p99 / a99:.3f} | "
-          f"{tot(v, 'champion_failed')} | {tot(v, 'shadow_sent')} | {tot(v, 'shadow_dropped')} | {tot(v, 'shadow_failed')} | "
+          f"{cpu:.0f} | {cpu / acpu:.3f} | {tot(v, 'champion_failed')} | {tot(v, 'shadow_sent')} | {tot(v, 'shadow_dropped')} | {tot(v, 'shadow_failed')} | "
           f"{tot(v, 'shadow_paired')} | {each} |")
 EOF
 log "results: $OUT"

@@ -443,8 +443,11 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
          "[batcher] model '" + options_.model_name + "': could not complete the batch: " + e.what());
     return;
   }
-  offer_to_mirror(batch, inputs, batching ? rows : 0, done.front().second.outputs, t0, t2);
-  inputs.clear();  // hand the pooled batch inputs back before completing
+  // Shadow copies are described now (the requests still hold their inputs) and offered
+  // once the champion's requests are completed: waking the challenger must not delay them.
+  MirrorOffer copies = describe_copies(batch, t0, t2);
+  const std::shared_ptr<const BatchOutputs> batch_outputs = done.front().second.outputs;
+  if (copies.requests.empty()) inputs.clear();  // hand the pooled batch inputs back before completing
   for (size_t i = 0; i < batch.size(); ++i) done[i].second.request_inputs = std::move(batch[i].inputs);
   Counters& c = *counters_;
   for (const Request& r : batch) c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
@@ -468,6 +471,7 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
       std::memory_order_relaxed);
   batch.clear();
   deliver_grouped(std::move(done));
+  if (!copies.requests.empty()) offer_to_mirror(std::move(copies), inputs, batching ? rows : 0, batch_outputs);
 }
 
 void Batcher::set_mirror(std::shared_ptr<Mirror> mirror) {
@@ -482,33 +486,38 @@ void Batcher::set_mirror(std::shared_ptr<Mirror> mirror) {
   }
 }
 
-void Batcher::offer_to_mirror(const std::vector<Request>& batch, const std::vector<Tensor>& inputs, int64_t rows,
-                              const std::shared_ptr<const BatchOutputs>& outputs, TimePoint started,
-                              TimePoint ready) noexcept {
+Batcher::MirrorOffer Batcher::describe_copies(const std::vector<Request>& batch, TimePoint started,
+                                              TimePoint ready) const noexcept {
+  MirrorOffer offer;
   bool tagged = false;
   for (const Request& r : batch) tagged = tagged || r.mirror_tag != 0;
-  if (!tagged) return;
-  std::lock_guard<std::mutex> lock(mirror_mu_);
-  if (!mirror_) return;
+  if (!tagged) return offer;
+  const bool batching = options_.max_batch_size > 0;
   try {
-    std::vector<MirroredRequest> requests;
-    std::vector<Tensor> keep_alive;
     int64_t offset = 0;
     for (const Request& r : batch) {
       if (r.mirror_tag != 0) {
-        requests.push_back({rows > 0 ? offset : 0, rows > 0 ? r.rows : 1, r.mirror_tag,
-                            elapsed_ns(r.enqueue_time, started), elapsed_ns(r.enqueue_time, ready)});
+        offer.requests.push_back({batching ? offset : 0, batching ? r.rows : 1, r.mirror_tag,
+                                  elapsed_ns(r.enqueue_time, started), elapsed_ns(r.enqueue_time, ready)});
         // BYTES rows point at objects the request's own inputs own.
         for (const Tensor& t : r.inputs) {
-          if (t.dtype == DType::kBytes) keep_alive.push_back(t);
+          if (t.dtype == DType::kBytes) offer.keep_alive.push_back(t);
         }
       }
       offset += r.rows;
     }
-    mirror_->offer(inputs, rows, outputs, requests, std::move(keep_alive));
   } catch (const std::exception&) {
     // No memory to describe the copy: the shadow loses it, the champion's requests go on.
+    offer = MirrorOffer{};
   }
+  return offer;
+}
+
+void Batcher::offer_to_mirror(MirrorOffer copies, const std::vector<Tensor>& inputs, int64_t rows,
+                              const std::shared_ptr<const BatchOutputs>& outputs) noexcept {
+  std::lock_guard<std::mutex> lock(mirror_mu_);
+  if (!mirror_) return;
+  mirror_->offer(inputs, rows, outputs, copies.requests, std::move(copies.keep_alive));
 }
 
 void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) noexcept {

@@ -177,15 +177,18 @@ TEST_CASE("mirror: a copy the challenger's full queue refuses is dropped, not fa
   champion->submit({owned_rows({1, 1})}, q, 0, -1, 1);
   gate.wait_entered(1);  // the first copy runs, held at the gate
   champion->submit({owned_rows({2, 2})}, q, 0, -1, 2);
-  answered(2);  // the second copy was submitted before its champion answer: it waits in the queue
+  answered(2);
+  // Copies are offered once their champion answers are delivered: wait for the second
+  // to be sent (it waits in the challenger's queue, which is then full).
+  while (mirror->stats().sent_rows < 2) std::this_thread::yield();
   champion->submit({owned_rows({3, 3})}, q, 0, -1, 3);
   answered(1);
+  champion->stop(true);  // its worker has offered the third copy
   MirrorStats s = mirror->stats();
   CHECK_EQ(s.dropped_rows, uint64_t{1});
   CHECK_EQ(s.failed_rows, uint64_t{0});
   CHECK_EQ(challenger->stats().rejected, uint64_t{1});
   gate.open();
-  champion->stop(true);
   mirror->wait_idle(-1);
   CHECK_EQ(mirror->stats().paired_rows, uint64_t{2});
 }

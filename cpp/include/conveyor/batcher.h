@@ -177,9 +177,16 @@ class Batcher {
   // (kOutOfMemory, outputs released); one that throws again loses them, counted in
   // stats().undelivered. Never throws: no exception leaves a batcher thread.
   void deliver_grouped(std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done) noexcept;
-  // Hands a succeeded batch's tagged requests to the mirror, if one is attached.
-  void offer_to_mirror(const std::vector<Request>& batch, const std::vector<Tensor>& inputs, int64_t rows,
-                       const std::shared_ptr<const BatchOutputs>& outputs, TimePoint started, TimePoint ready) noexcept;
+  // A succeeded batch's shadow copies: its tagged requests (empty: none) and what their
+  // BYTES rows point into. Described before the batch's requests are completed (they
+  // still hold their inputs), handed to the mirror, if one is attached, after.
+  struct MirrorOffer {
+    std::vector<MirroredRequest> requests;
+    std::vector<Tensor> keep_alive;
+  };
+  MirrorOffer describe_copies(const std::vector<Request>& batch, TimePoint started, TimePoint ready) const noexcept;
+  void offer_to_mirror(MirrorOffer copies, const std::vector<Tensor>& inputs, int64_t rows,
+                       const std::shared_ptr<const BatchOutputs>& outputs) noexcept;
 
   const BatcherOptions options_;
   const BatchPolicy policy_;
