@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from conveyor.config import load_model_config
 from conveyor.profile import profile_cli
-from conveyor.profile.profile_cli import main, progress_display, toml_text
+from conveyor.profile.profile_cli import main, progress_display
+from conveyor.toml_text import toml_text
 from conveyor.profile.profile_trials import TrialRecord, describe_model
 from conveyor.profile.search import configuration_key
 from test_profile_search import BALANCED, Surface

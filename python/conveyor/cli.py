@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench_commands(subparsers)
     register_profile_commands(subparsers)
     register_compare_commands(subparsers)
+    from conveyor.triton_import import register_import_triton_command
+
+    register_import_triton_command(subparsers)
     return parser
 
 

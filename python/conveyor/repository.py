@@ -5,6 +5,9 @@
 <root>/<name>/<version>/model.onnx   (backends onnx and native; model.py for backend python)
 ```
 Versions are directories named by a positive integer; anything else is ignored.
+A model laid out for Triton loads unchanged: config.pbtxt stands in for config.toml
+(protocol/triton_pbtxt.py), and a directory with neither whose versions hold
+model.onnx is served as Triton auto-completes it (backend onnx, the graph's signature).
 The repository only reads files: it finds, validates and describes models, and the
 runtime loads them.
 """
@@ -18,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.backends import MODEL_FILE_NAMES, fill_config_from_onnx
-from conveyor.config import CONFIG_FILE_NAME, MODEL_NAME_PATTERN, ModelConfig, load_model_config
+from conveyor.config import CONFIG_FILE_NAME, MODEL_NAME_PATTERN, ModelConfig, load_model_config, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound
+from conveyor.protocol.triton_pbtxt import TRITON_CONFIG_FILE_NAME, read_config_pbtxt
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class FileStamp:
 class ModelFingerprint:
     """Changes whenever a model's config or a file in a version dir changes."""
 
-    config: FileStamp | None  # None: no config.toml
+    config: FileStamp | None  # None: no config.toml (nor config.pbtxt)
     versions: tuple[tuple[int, tuple[FileStamp, ...]], ...]  # (version, files) ascending
 
 
@@ -69,6 +73,7 @@ class _Inspection:
     config: ModelConfig
     served: dict[int, Path]  # selected by the policy and holding the model file
     problems: dict[int, str]  # selected by the policy but not loadable
+    ignored: tuple[str, ...] = ()  # config.pbtxt fields Conveyor does not honour
 
 
 class ModelRepository:
@@ -93,6 +98,11 @@ class ModelRepository:
     def load_model(self, name: str) -> ModelSource:
         """Config and served versions of `name`; raises ConfigError when none can be served."""
         inspection = self._inspect(name)
+        if inspection.ignored:
+            logger.warning(
+                "model '%s': %s sets fields Conveyor does not honour, served without them: %s",
+                name, TRITON_CONFIG_FILE_NAME, "; ".join(inspection.ignored),
+            )  # fmt: skip
         for version, problem in inspection.problems.items():
             logger.warning("model '%s' version %d is not loaded: %s", name, version, problem)
         if not inspection.served:
@@ -130,10 +140,7 @@ class ModelRepository:
 
     def _inspect(self, name: str) -> _Inspection:
         directory = self.model_dir(name)
-        config_path = directory / CONFIG_FILE_NAME
-        if not config_path.is_file():
-            raise ConfigError(f"{config_path}: missing; every model needs a {CONFIG_FILE_NAME}")
-        config = load_model_config(config_path, name=name)
+        config, ignored = self._config(directory, name)
         model_file = MODEL_FILE_NAMES[config.backend]
         version_dirs = self._version_dirs(directory)
         selected = config.version_policy.select(list(version_dirs))
@@ -147,7 +154,24 @@ class ModelRepository:
         for version in config.version_policy.specific or ():
             if version not in version_dirs:
                 problems[version] = f"no version directory {directory / str(version)}"
-        return _Inspection(config, served, problems)
+        return _Inspection(config, served, problems, ignored)
+
+    def _config(self, directory: Path, name: str) -> tuple[ModelConfig, tuple[str, ...]]:
+        """The model's config.toml, else its Triton config.pbtxt, else Triton's auto-complete
+        of an ONNX model; with the config.pbtxt fields not honoured."""
+        config_path = directory / CONFIG_FILE_NAME
+        if config_path.is_file():
+            return load_model_config(config_path, name=name), ()
+        triton_path = directory / TRITON_CONFIG_FILE_NAME
+        if triton_path.is_file():
+            triton = read_config_pbtxt(triton_path, name=name)
+            return parse_model_config(triton.fields, source=str(triton_path), name=name), tuple(triton.ignored)
+        if any((version / MODEL_FILE_NAMES["onnx"]).is_file() for version in self._version_dirs(directory).values()):
+            return parse_model_config({"backend": "onnx"}, source=str(directory), name=name), ()
+        raise ConfigError(
+            f"{config_path}: missing; every model needs a {CONFIG_FILE_NAME} (or Triton's {TRITON_CONFIG_FILE_NAME}, "
+            f"or version directories holding {MODEL_FILE_NAMES['onnx']})"
+        )
 
     def _version_dirs(self, directory: Path) -> dict[int, Path]:
         return {
@@ -157,7 +181,7 @@ class ModelRepository:
         }
 
     def _fingerprint(self, directory: Path) -> ModelFingerprint:
-        config_stamp = _stamp(directory / CONFIG_FILE_NAME)
+        config_stamp = _stamp(directory / CONFIG_FILE_NAME) or _stamp(directory / TRITON_CONFIG_FILE_NAME)
         versions = []
         for version, version_dir in sorted(self._version_dirs(directory).items()):
             stamps = (_stamp(path) for path in version_dir.iterdir() if path.is_file())

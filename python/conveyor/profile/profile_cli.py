@@ -40,6 +40,7 @@ from typing import Any
 
 from conveyor.cli_values import choice, env, positive_float, positive_int, run_verb
 from conveyor.errors import ConveyorError
+from conveyor.toml_text import toml_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OBJECTIVE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 CHECKPOINT_NAME = "checkpoint.jsonl"
@@ -606,53 +607,6 @@ def _closest(records: list[Any], slo_ms: float) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- outputs
-
-
-def toml_text(data: Mapping[str, Any]) -> str:
-    """A TOML-shaped dict (tables, arrays of tables, scalars, lists of scalars) as TOML text."""
-    lines: list[str] = []
-    _emit_table(lines, [], data)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _emit_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
-    def is_table_array(value: Any) -> bool:
-        return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
-
-    for key, value in table.items():
-        if not isinstance(value, Mapping) and not is_table_array(value):
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            lines += ["", f"[{'.'.join(_toml_key(part) for part in [*path, key])}]"]
-            _emit_table(lines, [*path, key], value)
-        elif is_table_array(value):
-            for item in value:
-                lines += [
-                    "",
-                    f"[[{'.'.join(_toml_key(part) for part in [*path, key])}]]",
-                ]
-                _emit_table(lines, [*path, key], item)
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return (
-            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
-        )
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise ProfileError(f"cannot write {value!r} ({type(value).__name__}) to TOML", EXIT_FAILED)
 
 
 def recommended_config_text(model: Any, report: dict[str, Any]) -> str:

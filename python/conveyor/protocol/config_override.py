@@ -1,8 +1,13 @@
-"""Triton model config JSON to Conveyor's config dict: the repository extension's load override.
+"""Triton model config JSON to Conveyor's config dict.
 
 A load request may carry `parameters.config`, a whole Triton ModelConfig as JSON.
-This maps the fields Conveyor has onto config.toml's keys and refuses the rest by
-name, so an override never half-applies silently.
+`config_from_triton_json` maps the fields Conveyor has onto config.toml's keys and
+refuses the rest by name, so an override never half-applies silently.
+
+`read_triton_config` is the lenient form a Triton repository's config.pbtxt goes
+through (triton_pbtxt.py): the same mapping, but a field Conveyor does not honour is
+returned by name, for one warning per model, instead of failing the load. Values that
+are wrong (a bad datatype, a non-integer) fail either way.
 """
 
 from __future__ import annotations
@@ -50,12 +55,21 @@ _BACKENDS_BY_PLATFORM = {"onnxruntime_onnx": "onnx", "python": "python"}
 class _Problems:
     """Collects every problem of an override so that one ConfigError reports them all."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, lenient: bool = False) -> None:
         self.source = source
+        self.lenient = lenient
         self.messages: list[str] = []
+        self.ignored: list[str] = []  # lenient: the fields not honoured, with why
 
     def add(self, field: str, message: str) -> None:
         self.messages.append(f"{self.source}: field '{field}': {message}")
+
+    def unsupported(self, field: str, message: str) -> None:
+        """A field Conveyor does not honour: an error, or (lenient) a field to warn about."""
+        if self.lenient:
+            self.ignored.append(f"{field} ({message})")
+        else:
+            self.add(field, message)
 
     def raise_if_any(self) -> None:
         if self.messages:
@@ -76,8 +90,20 @@ def config_from_triton_json(
     backend nor platform).
     """
     source = source or f"model '{name}': load parameter 'config'"
-    document = _load_json(config, source)
-    problems = _Problems(source)
+    result, _ = _convert(_load_json(config, source), _Problems(source))
+    return result
+
+
+def read_triton_config(document: Mapping[str, Any], *, source: str) -> tuple[dict[str, Any], list[str]]:
+    """A parsed Triton model config as config.toml's keys, and the fields it sets that
+    Conveyor does not honour ("field (why)"), for the caller to warn about.
+
+    Invalid values are a ConfigError naming each field, as in `config_from_triton_json`.
+    """
+    return _convert(document, _Problems(source, lenient=True))
+
+
+def _convert(document: Mapping[str, Any], problems: _Problems) -> tuple[dict[str, Any], list[str]]:
     result: dict[str, Any] = {}
     for key, value in document.items():
         reader = _TOP_LEVEL_READERS.get(key)
@@ -86,10 +112,10 @@ def config_from_triton_json(
         elif key in _TOP_LEVEL_DEFAULTS:
             _expect_default(key, value, _TOP_LEVEL_DEFAULTS[key], problems)
         else:
-            problems.add(key, f"unknown or unsupported (Conveyor reads: {', '.join(_TOP_LEVEL_READERS)})")
+            problems.unsupported(key, f"unknown or unsupported (Conveyor reads: {', '.join(_TOP_LEVEL_READERS)})")
     _reconcile_backend(document, result, problems)
     problems.raise_if_any()
-    return result
+    return result, problems.ignored
 
 
 def _load_json(config: str | bytes | Mapping[str, Any], source: str) -> Mapping[str, Any]:
@@ -104,15 +130,15 @@ def _load_json(config: str | bytes | Mapping[str, Any], source: str) -> Mapping[
 
 
 def _expect_default(field: str, value: Any, default: Any, problems: _Problems) -> None:
-    """Report `value` unless it equals `default`; an object may leave keys of a default object out."""
+    """Report `value` as unsupported unless it equals `default`; an object may leave keys of a default object out."""
     if isinstance(default, Mapping) and default and isinstance(value, Mapping):
         for key, item in value.items():
             if key in default:
                 _expect_default(f"{field}.{key}", item, default[key], problems)
             else:
-                problems.add(f"{field}.{key}", "unknown or unsupported")
+                problems.unsupported(f"{field}.{key}", "unknown or unsupported")
     elif value != default:
-        problems.add(field, f"not supported by Conveyor except at its default {json.dumps(default)}")
+        problems.unsupported(field, f"not supported by Conveyor except at its default {json.dumps(default)}")
 
 
 def _integer(value: Any, field: str, problems: _Problems) -> int | None:
@@ -137,7 +163,7 @@ def _check_keys(entry: Any, field: str, known: Iterable[str], defaults: Mapping[
             if defaults[key] is not None:  # None: any value is fine (a name, say)
                 _expect_default(f"{field}.{key}", value, defaults[key], problems)
         else:
-            problems.add(f"{field}.{key}", "unknown or unsupported")
+            problems.unsupported(f"{field}.{key}", "unknown or unsupported")
     return True
 
 

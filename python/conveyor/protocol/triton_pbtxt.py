@@ -1,0 +1,296 @@
+"""A Triton repository's config.pbtxt, read into Conveyor's config.
+
+`conveyor serve TRITON_REPO` serves a repository laid out for Triton: a model directory
+with config.pbtxt (protobuf text format of Triton's ModelConfig) instead of config.toml.
+The text is parsed with the protobuf package into the ModelConfig subset the gRPC
+stubs carry (grpc/inference.proto, Triton's field names and numbers), then mapped by
+`read_triton_config` (config_override.py) onto config.toml's keys.
+
+Three kinds of field:
+- honoured: name, backend/platform, max_batch_size, input, output (label_filename),
+  dynamic_batching (preferred sizes, queue delay, priority levels, default queue
+  policy), one instance_group, version_policy, parameters;
+- refused: fields that change what the model computes or how a request maps onto it
+  (sequence batching, ensembles, reshape, ragged batches, batch inputs/outputs,
+  decoupled models, another model file name, Triton python-backend models). The model
+  does not load, with a message saying why; the other models serve;
+- not honoured: everything else the file sets (optimization, model_warmup,
+  response_cache, ...). The model loads and one warning per model lists them all.
+
+A model directory with neither config.toml nor config.pbtxt whose versions hold
+model.onnx is served as Triton auto-completes it: backend onnx, its signature read
+from the graph.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from conveyor.errors import ConfigError
+from conveyor.protocol.config_override import read_triton_config
+from conveyor.protocol.grpc import inference_pb2 as pb
+
+__all__ = ["TRITON_CONFIG_FILE_NAME", "TritonModelConfig", "read_config_pbtxt"]
+
+TRITON_CONFIG_FILE_NAME = "config.pbtxt"
+
+# Top-level or nested fields a model cannot be served correctly with, and why.
+_REFUSED_FIELDS = {
+    "sequence_batching": "stateful sequence batching (correlation ids, implicit state) is not served by Conveyor",
+    "ensemble_scheduling": "Triton ensembles are not served by Conveyor; serve each step as its own model",
+    "batch_input": "batch inputs (values the server computes per batch) are not provided by Conveyor",
+    "batch_output": "batch outputs are not handled by Conveyor",
+    "input.reshape": "Conveyor hands the model the shape the client sends: export the model with that shape",
+    "output.reshape": "Conveyor returns the shape the model produces: export the model with that shape",
+}
+# Boolean fields refused only when true.
+_REFUSED_WHEN_TRUE = {
+    "input.allow_ragged_batch": "ragged batches are not formed by Conveyor: pad the inputs to one shape",
+    "model_transaction_policy.decoupled": "decoupled (streaming) models are not served by Conveyor",
+}
+# Triton's onnxruntime backend parameters -> [onnx] options. Its 0 means "onnxruntime's
+# default" (a thread per core); Conveyor's counts start at 1, so 0 is refused by the schema.
+_ONNXRUNTIME_PARAMETERS = {"intra_op_thread_count": "intra_op_threads", "inter_op_thread_count": "inter_op_threads"}
+# The model file each backend reads in a version directory.
+_MODEL_FILES = {"onnx": "model.onnx"}
+
+
+class TritonModelConfig:
+    """What a config.pbtxt says, as config.toml's keys (`fields`), and what Conveyor does not honour (`ignored`)."""
+
+    def __init__(self, fields: dict[str, Any], ignored: list[str]) -> None:
+        self.fields = fields
+        self.ignored = ignored
+
+
+def read_config_pbtxt(path: Path, *, name: str) -> TritonModelConfig:
+    """Read model `name`'s config.pbtxt at `path`; ConfigError naming the file and field
+    when it does not parse, names a refused feature, or has a wrong value."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    message = pb.ModelConfig()
+    try:
+        paths, declared = _walk(text)
+        text_format.Parse(declared, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: not a Triton model config in protobuf text format: {exc}") from None
+    paths = sorted(set(paths))
+    _refuse(paths, message, source)
+    unknown = [path for path in paths if not _known(pb.ModelConfig.DESCRIPTOR, path)]
+    unknown = [path for path in unknown if not any(path.startswith(outer + ".") for outer in unknown)]
+    document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    fields, ignored = read_triton_config(document, source=source)
+    backend = fields.get("backend")
+    if backend == "python":
+        raise ConfigError(
+            f"{source}: a Triton python-backend model (model.py with a TritonPythonModel class) is not served "
+            "by Conveyor; write the model as a Conveyor python model (a class with execute(inputs) -> outputs, "
+            "see examples/README.md) with a config.toml beside it"
+        )
+    if backend is None:
+        backend = _backend_from_files(Path(path).parent, source)
+        fields["backend"] = backend
+    filename = document.get("default_model_filename", "")
+    if filename and filename != _MODEL_FILES.get(backend, filename):
+        raise ConfigError(
+            f"{source}: field 'default_model_filename': Conveyor reads <version>/{_MODEL_FILES[backend]}; "
+            f"rename {filename!r} in each version directory and drop the field"
+        )
+    if backend == "onnx":
+        _onnxruntime_parameters(fields, source)
+    fields.setdefault("name", name)
+    return TritonModelConfig(fields, sorted(set(ignored) | {f"{path} (unknown or unsupported)" for path in unknown}))
+
+
+def _refuse(paths: list[str], message: pb.ModelConfig, source: str) -> None:
+    reasons = [f"field '{path}': {why}" for path, why in _REFUSED_FIELDS.items() if path in paths]
+    for path, why in _REFUSED_WHEN_TRUE.items():
+        if path == "input.allow_ragged_batch" and any(tensor.allow_ragged_batch for tensor in message.input):
+            reasons.append(f"field '{path}': {why}")
+        elif path == "model_transaction_policy.decoupled" and message.model_transaction_policy.decoupled:
+            reasons.append(f"field '{path}': {why}")
+    if reasons:
+        raise ConfigError("\n".join(f"{source}: {reason}; the model is not loaded" for reason in reasons))
+
+
+def _onnxruntime_parameters(fields: dict[str, Any], source: str) -> None:
+    """Triton's onnxruntime backend reads its thread counts from `parameters`: they become [onnx]'s."""
+    parameters = fields.get("parameters", {})
+    onnx: dict[str, int] = {}
+    for triton_key, our_key in _ONNXRUNTIME_PARAMETERS.items():
+        if triton_key not in parameters:
+            continue
+        value = parameters.pop(triton_key)
+        try:
+            onnx[our_key] = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{source}: field 'parameters.{triton_key}': expected an integer string_value, got {value!r}"
+            ) from None
+    if onnx:
+        fields["onnx"] = onnx
+
+
+def _backend_from_files(directory: Path, source: str) -> str:
+    """The backend Triton would pick from the version directories' files, as it does without backend or platform."""
+    for version in directory.iterdir():
+        if version.is_dir() and (version / "model.onnx").is_file():
+            return "onnx"
+    raise ConfigError(
+        f"{source}: neither 'backend' nor 'platform' is set and no version directory holds model.onnx; "
+        'set backend: "onnxruntime" (the backends Conveyor serves from a Triton repository)'
+    )
+
+
+def _known(descriptor: Descriptor | None, path: str) -> bool:
+    """Whether the dotted field path exists in the ModelConfig subset."""
+    for part in path.split("."):
+        if descriptor is None:
+            return False
+        field = descriptor.fields_by_name.get(part)
+        if field is None:
+            return False
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            descriptor = field.message_type
+        else:
+            descriptor = None  # a scalar: no deeper path
+    return True
+
+
+# ---- the text format's fields, at every depth ------------------------------------------------
+#
+# protobuf's own parser can skip unknown fields, but not every form Triton's configs use
+# for them (a list of messages, `model_warmup [ { ... } ]`). So the text is walked here
+# first: every field it sets is named by its dotted path with its span, and the fields
+# the ModelConfig subset does not declare are blanked out (newlines kept, so the parser's
+# line:column in an error still point into the user's file) before the strict parse.
+
+_TOKEN = re.compile(
+    r"""(?P<space>\s+|\#[^\n]*)"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')"""
+    r"""|(?P<punct>[{}\[\]<>:,;])"""
+    r"""|(?P<word>[^\s{}\[\]<>:,;"'\#]+)"""
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Field:
+    path: str  # dotted, from the top ("input.reshape")
+    start: int  # the span of the whole field: its name, value and separator
+    end: int
+    known: bool  # declared by the ModelConfig subset
+
+
+def _tokens(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            line = text.count("\n", 0, position) + 1
+            column = position - text.rfind("\n", 0, position)
+            raise text_format.ParseError(f"{line}:{column} : unexpected {text[position]!r}")
+        if match.lastgroup != "space":
+            tokens.append(_Token(match.lastgroup or "", match.group(), match.start(), match.end()))
+        position = match.end()
+    return tokens
+
+
+class _Walker:
+    """Names every field of a protobuf text-format message, with its span."""
+
+    def __init__(self, text: str) -> None:
+        self.tokens = _tokens(text)
+        self.at = 0
+        self.fields: list[_Field] = []
+
+    def peek(self) -> str | None:
+        return self.tokens[self.at].text if self.at < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> _Token:
+        if self.at >= len(self.tokens):
+            raise text_format.ParseError(f"unexpected end of text{f', expected {expected!r}' if expected else ''}")
+        token = self.tokens[self.at]
+        if expected is not None and token.text != expected:
+            raise text_format.ParseError(f"expected {expected!r}, got {token.text!r}")
+        self.at += 1
+        return token
+
+    def message(self, path: list[str], descriptor: Descriptor | None, closing: str | None) -> None:
+        while self.peek() is not None and self.peek() != closing:
+            first = self.take()
+            if first.text == "[":  # an extension or an Any's type URL
+                while self.take().text != "]":
+                    pass
+                name, field = "[extension]", None
+            elif first.kind == "word":
+                name = first.text
+                field = None if descriptor is None else descriptor.fields_by_name.get(name)
+            else:
+                raise text_format.ParseError(f"expected a field name, got {first.text!r}")
+            inner = field.message_type if field is not None and field.type == FieldDescriptor.TYPE_MESSAGE else None
+            if self.peek() == ":":
+                self.take()
+            self.value([*path, name], inner)
+            if self.peek() in (",", ";"):
+                self.take()
+            end = self.tokens[self.at - 1].end
+            self.fields.append(_Field(".".join([*path, name]), first.start, end, field is not None))
+        if closing is not None:
+            self.take(closing)
+
+    def value(self, path: list[str], descriptor: Descriptor | None) -> None:
+        opening = self.peek()
+        if opening in ("{", "<"):
+            self.take()
+            self.message(path, descriptor, "}" if opening == "{" else ">")
+        elif opening == "[":
+            self.take()
+            while self.peek() != "]":
+                self.value(path, descriptor)
+                if self.peek() == ",":
+                    self.take()
+            self.take("]")
+        else:
+            token = self.take()
+            if token.kind == "string":
+                while self.peek() is not None and self.tokens[self.at].kind == "string":
+                    self.take()  # adjacent strings concatenate
+            elif token.kind != "word":
+                raise text_format.ParseError(f"expected a value, got {token.text!r}")
+
+
+def _walk(text: str) -> tuple[list[str], str]:
+    """The dotted paths of every field the text sets, and the text with the fields the
+    ModelConfig subset does not declare blanked out."""
+    walker = _Walker(text)
+    walker.message([], pb.ModelConfig.DESCRIPTOR, None)
+    kept = list(text)
+    outermost_unknown = []
+    for field in sorted(walker.fields, key=lambda f: (f.start, -f.end)):
+        if field.known or any(outer.start <= field.start and field.end <= outer.end for outer in outermost_unknown):
+            continue
+        outermost_unknown.append(field)
+        for index in range(field.start, field.end):
+            if kept[index] != "\n":
+                kept[index] = " "
+    return [field.path for field in walker.fields], "".join(kept)
