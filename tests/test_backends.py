@@ -251,7 +251,7 @@ def test_two_versions_load_as_separate_modules(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("source", "error", "message"),
     [
-        ("x = 1\n", ConfigError, "expected a class named 'Model', found none"),
+        ("x = 1\n", ConfigError, "expected a class named 'Model' (or Triton's 'TritonPythonModel'), found none"),
         ("class Model:\n    pass\n", ConfigError, "class 'Model' has no execute(inputs) method"),
         ("import no_such_module_anywhere\n", ModelExecutionError, "raised ModuleNotFoundError"),
         ("def broken(:\n", ModelExecutionError, "raised SyntaxError"),

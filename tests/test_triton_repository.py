@@ -3,8 +3,10 @@ refused features, the one warning per model, and tritonclient against the live s
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,14 +137,6 @@ def test_a_reshaped_input_is_refused(tmp_path: Path) -> None:
         read_config_pbtxt(path, name="m")
 
 
-def test_a_triton_python_backend_model_is_refused_with_what_to_write_instead(tmp_path: Path) -> None:
-    path = tmp_path / "py" / "config.pbtxt"
-    path.parent.mkdir()
-    path.write_text('backend: "python"\nmax_batch_size: 0\n')
-    with pytest.raises(ConfigError, match="TritonPythonModel"):
-        read_config_pbtxt(path, name="py")
-
-
 def test_text_that_is_not_protobuf_text_format_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "m" / "config.pbtxt"
     path.parent.mkdir()
@@ -156,6 +150,87 @@ def test_a_wrong_value_is_an_error_naming_the_field(tmp_path: Path) -> None:
     path = write_model(tmp_path, "m", text) / "config.pbtxt"
     with pytest.raises(ConfigError, match="parameters.intra_op_thread_count"):
         read_config_pbtxt(path, name="m")
+
+
+# ---- Triton python-backend models ------------------------------------------------------------
+
+PYTHON_PBTXT = """
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "INPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+# Written as Triton's python backend documents a model: requests in, one response each.
+ADD_SUB_MODEL = """
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+ARGS, FINALIZED = [], []
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.args = args
+        ARGS.append(args)
+        config = json.loads(args["model_config"])
+        self.dtypes = [pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, name)["data_type"])
+                       for name in ("OUTPUT0", "OUTPUT1")]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            b = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            if np.isnan(a).any():
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("INPUT0 holds NaN")))
+                continue
+            if (a < 0).any():  # a call to another model (BLS)
+                pb_utils.InferenceRequest(model_name="other", inputs=[], requested_output_names=["y"]).exec()
+            outputs = [pb_utils.Tensor("OUTPUT0", (a + b).astype(self.dtypes[0])),
+                       pb_utils.Tensor("OUTPUT1", (a - b).astype(self.dtypes[1]))]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses
+
+    def finalize(self):
+        FINALIZED.append(self.args["model_name"])
+"""
+
+
+def write_python_model(root: Path, name: str = "add_sub") -> Path:
+    directory = root / name
+    (directory / "1").mkdir(parents=True)
+    (directory / "config.pbtxt").write_text(PYTHON_PBTXT)
+    (directory / "1" / "model.py").write_text(ADD_SUB_MODEL)
+    return directory
+
+
+def test_a_triton_python_model_runs_its_initialize_execute_and_finalize(tmp_path: Path) -> None:
+    from conveyor.errors import ModelExecutionError
+    from conveyor.runtime import Runtime
+
+    write_python_model(tmp_path)
+    runtime = Runtime.from_repository(tmp_path, models=["add_sub"])
+    try:
+        a = np.arange(12, dtype=np.float32).reshape(3, 4)
+        b = np.ones((3, 4), np.float32)
+        outputs = runtime.infer("add_sub", {"INPUT0": a, "INPUT1": b})
+        np.testing.assert_array_equal(outputs["OUTPUT0"], a + b)
+        np.testing.assert_array_equal(outputs["OUTPUT1"], a - b)
+        with pytest.raises(ModelExecutionError, match="INPUT0 holds NaN"):
+            runtime.infer("add_sub", {"INPUT0": np.full((1, 4), np.nan, np.float32), "INPUT1": b[:1]})
+        with pytest.raises(ModelExecutionError, match="BLS"):
+            runtime.infer("add_sub", {"INPUT0": -a[:1], "INPUT1": b[:1]})
+        np.testing.assert_array_equal(runtime.infer("add_sub", {"INPUT0": a, "INPUT1": b})["OUTPUT0"], a + b)
+        module = next(m for name, m in sys.modules.items() if name.startswith("_conveyor_model_add_sub"))
+    finally:
+        runtime.close()
+    assert module.FINALIZED == ["add_sub"]
+    (args,) = module.ARGS
+    assert args["model_name"] == "add_sub" and args["model_version"] == "1"
+    assert args["model_repository"] == str(tmp_path / "add_sub")
+    assert json.loads(args["model_config"])["max_batch_size"] == 8
 
 
 # ---- the repository --------------------------------------------------------------------------
@@ -228,6 +303,7 @@ def test_tritonclient_infers_a_triton_repository_model_over_http_and_grpc(
     from test_clients_live import LiveServer
 
     shutil.rmtree(triton_repo / "stateful")  # readiness waits for every model (tested above without a server)
+    write_python_model(triton_repo)
     server = LiveServer(triton_repo, tmp_path)
     try:
         server.wait_ready()
@@ -246,6 +322,14 @@ def test_tritonclient_infers_a_triton_repository_model_over_http_and_grpc(
             names = [tensor["name"] if isinstance(tensor, dict) else tensor.name for tensor in
                      (metadata["inputs"] if isinstance(metadata, dict) else metadata.inputs)]  # fmt: skip
             assert names == ["INPUT0", "INPUT1"]
+            x = np.arange(8, dtype=np.float32).reshape(2, 4)
+            floats = [module.InferInput("INPUT0", [2, 4], "FP32"), module.InferInput("INPUT1", [2, 4], "FP32")]
+            floats[0].set_data_from_numpy(x)
+            floats[1].set_data_from_numpy(x)
+            np.testing.assert_array_equal(client.infer("add_sub", floats).as_numpy("OUTPUT0"), 2 * x)
+            floats[0].set_data_from_numpy(-x - 1)
+            with pytest.raises(Exception, match="BLS"):
+                client.infer("add_sub", floats)
             client.close()
         assert "does not honour" in server.log()
     finally:

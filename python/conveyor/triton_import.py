@@ -106,8 +106,8 @@ def register_import_triton_command(subparsers: Any) -> None:
         "config.pbtxt (or, without one, an ONNX model whose signature is read from the graph at load). "
         "`conveyor serve TRITON_REPO` serves the repository unchanged; import it to add Conveyor's own "
         "fields. Fields Conveyor does not honour are listed at the top of each config.toml; a model with a "
-        "feature Conveyor cannot serve (sequence batching, ensembles, reshape, decoupled models, Triton "
-        "python-backend models) is reported and skipped.",
+        "feature Conveyor cannot serve (sequence batching, ensembles, reshape, ragged or decoupled models) "
+        "is reported and skipped.",
         epilog="Exit status: 0 when every model was written, 1 when some were refused (the others are "
         "written), 2 on a usage error (the message says what to fix).",
     )

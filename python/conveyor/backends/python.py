@@ -1,7 +1,9 @@
 """Models written in Python: a `Model` class in model.py, or an in-process callable.
 
 Both receive a whole batch as `{input name: array}` and return `{output name: array}`;
-what they return is checked against the config before it reaches any request.
+what they return is checked against the config before it reaches any request. A
+model.py written for Triton's python backend (a `TritonPythonModel` class) runs too,
+through `TritonModelAdapter` (triton_python.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from conveyor.backends.base import Backend
+from conveyor.backends.triton_python import TRITON_MODEL_CLASS, TritonModelAdapter, install_utils_module
 from conveyor.config import ModelConfig, TensorConfig
 from conveyor.errors import ConfigError, ModelExecutionError
 
@@ -132,13 +135,22 @@ class PythonBackend(_UserCodeBackend):
         # Registered until close because dataclasses and pickling look a class's
         # module up by name.
         sys.modules[self._module_name] = module
+        install_utils_module()
         self._call_user(spec.loader.exec_module, module, context=f" while importing {self.model_path}")
+        loading = f" while loading {self.model_path}"
         model_class = getattr(module, "Model", None)
+        triton_class = getattr(module, TRITON_MODEL_CLASS, None)
+        if not inspect.isclass(model_class) and inspect.isclass(triton_class):
+            if not callable(getattr(triton_class, "execute", None)):
+                raise ConfigError(f"{self.model_path}: class '{TRITON_MODEL_CLASS}' has no execute(requests) method")
+            return self._call_user(TritonModelAdapter, triton_class, config, self.model_path, self.version,
+                                   context=loading)  # fmt: skip
         if not inspect.isclass(model_class):
-            raise ConfigError(f"{self.model_path}: expected a class named 'Model', found none")
+            raise ConfigError(
+                f"{self.model_path}: expected a class named 'Model' (or Triton's '{TRITON_MODEL_CLASS}'), found none"
+            )
         if not callable(getattr(model_class, "execute", None)):
             raise ConfigError(f"{self.model_path}: class 'Model' has no execute(inputs) method")
-        loading = f" while loading {self.model_path}"
         model = self._call_user(_instantiate, model_class, config, context=loading)
         initialize = getattr(model, "initialize", None)
         if callable(initialize):

@@ -12,8 +12,7 @@ Three kinds of field:
   policy), one instance_group, version_policy, parameters;
 - refused: fields that change what the model computes or how a request maps onto it
   (sequence batching, ensembles, reshape, ragged batches, batch inputs/outputs,
-  decoupled models, another model file name, Triton python-backend models). The model
-  does not load, with a message saying why; the other models serve;
+  decoupled models, another model file name). The model does not load, with a message saying why; the other models serve;
 - not honoured: everything else the file sets (optimization, model_warmup,
   response_cache, ...). The model loads and one warning per model lists them all.
 
@@ -92,12 +91,6 @@ def read_config_pbtxt(path: Path, *, name: str) -> TritonModelConfig:
     document = json_format.MessageToDict(message, preserving_proto_field_name=True)
     fields, ignored = read_triton_config(document, source=source)
     backend = fields.get("backend")
-    if backend == "python":
-        raise ConfigError(
-            f"{source}: a Triton python-backend model (model.py with a TritonPythonModel class) is not served "
-            "by Conveyor; write the model as a Conveyor python model (a class with execute(inputs) -> outputs, "
-            "see examples/README.md) with a config.toml beside it"
-        )
     if backend is None:
         backend = _backend_from_files(Path(path).parent, source)
         fields["backend"] = backend
