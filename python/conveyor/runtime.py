@@ -24,6 +24,7 @@ import numpy as np
 
 from conveyor import _core
 from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
+from conveyor.backends.probe import PROBED_BACKENDS, probe_signature
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InternalError, InvalidInput, ModelNotFound, Unavailable
 from conveyor.pipeline import ModelSteps, read_labels_file
@@ -341,6 +342,12 @@ class Runtime:
             config = backend_config
         else:
             steps.bind(backend_config)
+        if backend_config.backend in PROBED_BACKENDS and fn is None:
+            try:  # before any traffic, and outside the batcher: not counted as a request
+                probe_signature(first.label, backend_config, lambda arrays: first.execute(list(arrays)))
+            except BaseException:
+                first.close()
+                raise
         backends = [first]
         if not first.thread_safe:
             backends += [create_backend(backend_config, version_dir, fn=fn) for _ in range(count - 1)]
