@@ -246,6 +246,15 @@ def test_repository_serves_pbtxt_and_autocompleted_models_beside_a_refused_one(t
     source = repository.load_model("autocomplete")
     assert source.config.backend == "onnx"
     assert [t.name for t in source.config.inputs] == ["INPUT0", "INPUT1"]  # from the graph
+    # Every graph tensor starts with a variable dim and nothing set max_batch_size: it batches.
+    assert source.config.max_batch_size == 32 and source.config.inputs[0].dims == [16]
+
+
+def test_a_config_that_sets_max_batch_size_0_keeps_the_batch_dim_in_its_tensors(tmp_path: Path) -> None:
+    write_model(tmp_path, "unbatched", None)
+    (tmp_path / "unbatched" / "config.toml").write_text('backend = "onnx"\nmax_batch_size = 0\n')
+    config = ModelRepository(tmp_path).load_model("unbatched").config
+    assert config.max_batch_size == 0 and config.inputs[0].dims == [-1, 16]
 
 
 def test_loading_warns_once_listing_every_field_not_honoured(

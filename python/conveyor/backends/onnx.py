@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +15,10 @@ from conveyor.config import TENSOR_NAME_PATTERN, ModelConfig, TensorConfig
 from conveyor.errors import ConfigError, ModelExecutionError, Unavailable
 
 logger = logging.getLogger(__name__)
+
+# max_batch_size for a config that sets none, of a graph whose first dims are all variable
+# (Triton's auto-complete batches such a model too). Rows a request or a batch may hold.
+AUTO_MAX_BATCH_SIZE = 32
 
 DATATYPE_BY_ORT_TYPE = {
     "tensor(bool)": "BOOL",
@@ -193,7 +197,15 @@ def _config_dims(config: ModelConfig, kind: str, graph: GraphTensor, source: str
 def _complete_config(
     config: ModelConfig, inputs: list[GraphTensor], outputs: list[GraphTensor], *, source: str
 ) -> ModelConfig:
-    updates: dict[str, list[TensorConfig]] = {}
+    updates: dict[str, Any] = {}
+    if _batches_by_default(config, inputs, outputs):
+        updates["max_batch_size"] = AUTO_MAX_BATCH_SIZE
+        config = config.model_copy(update=updates)
+        logger.info(
+            "%s: model '%s' batches up to %d rows (the graph's first dims are all variable and config.toml sets "
+            "no max_batch_size; set it to choose, or to 0 to turn batching off)", source, config.name,
+            AUTO_MAX_BATCH_SIZE,
+        )  # fmt: skip
     for field, kind, graph_tensors in (("inputs", "input", inputs), ("outputs", "output", outputs)):
         if getattr(config, field):
             continue
@@ -210,6 +222,15 @@ def _complete_config(
     if updates:
         logger.debug("%s: filled %s of model '%s' from the graph", source, " and ".join(updates), config.name)
     return config.model_copy(update=updates) if updates else config
+
+
+def _batches_by_default(config: ModelConfig, inputs: list[GraphTensor], outputs: list[GraphTensor]) -> bool:
+    """Triton's auto-complete of the batch dimension: a config that declares no tensors and
+    no max_batch_size, for a graph whose every input and output starts with a variable dim."""
+    if "max_batch_size" in config.model_fields_set or config.inputs or config.outputs:
+        return False
+    tensors = inputs + outputs
+    return bool(tensors) and all(tensor.shape and tensor.shape[0] is None for tensor in tensors)
 
 
 def _check_tensors(
