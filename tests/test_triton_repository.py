@@ -343,3 +343,20 @@ def test_tritonclient_infers_a_triton_repository_model_over_http_and_grpc(
         assert "does not honour" in server.log()
     finally:
         server.stop()
+
+
+def test_a_labels_file_whose_count_differs_from_the_classes_is_served_with_a_warning(
+    triton_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conveyor.runtime import Runtime
+    from conveyor.server.models import ModelManager
+
+    text = SIMPLE_PBTXT.replace('{ name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] }',
+                                '{ name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] label_filename: "labels.txt" }')
+    (triton_repo / "simple" / "config.pbtxt").write_text(text)
+    (triton_repo / "simple" / "labels.txt").write_text("a\nb\n")
+    with Runtime() as runtime, caplog.at_level(logging.WARNING, logger="conveyor.server.models"):
+        manager = ModelManager(ModelRepository(triton_repo), runtime, "explicit")
+        manager.load("simple")
+        assert manager.labels("simple", "OUTPUT0") == ["a", "b"]
+    assert any("has 16 classes but its labels file labels.txt has 2 lines" in r.getMessage() for r in caplog.records)

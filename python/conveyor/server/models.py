@@ -254,11 +254,20 @@ class ModelManager:
 
 
 def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
-    return {
+    labels = {
         output.name: read_labels_file(model_dir / output.labels, where=f"model '{config.name}': output '{output.name}'")
         for output in config.outputs
         if output.labels is not None
     }
+    for output in config.outputs:
+        classes = output.dims[-1] if output.dims else -1
+        if output.name in labels and classes > 0 and len(labels[output.name]) != classes:
+            # Served anyway, as Triton does: classes past the labels read "score:index".
+            log.warning(
+                "model '%s': output '%s' has %d classes but its labels file %s has %d lines",
+                config.name, output.name, classes, output.labels, len(labels[output.name]),
+            )  # fmt: skip
+    return labels
 
 
 def _stage_files(name: str, files: dict[str, bytes | str]) -> Path:
