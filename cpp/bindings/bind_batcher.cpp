@@ -263,7 +263,7 @@ void init_batcher(py::module_& m) {
           py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           py::arg("mirror_tag") = 0, "mirror_tag: nonzero copies the request to the attached Mirror after its batch.")
       .def("set_mirror", &Batcher::set_mirror, py::arg("mirror"),
-           // Waits for a batch being offered to the old mirror, which may need the GIL.
+           // Dropping the old mirror may delete its challenger batcher, whose threads may need the GIL.
            py::call_guard<py::gil_scoped_release>(), "Attaches the Mirror tagged requests are copied to (None: none).")
       .def(
           "infer",

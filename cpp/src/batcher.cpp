@@ -445,9 +445,9 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
   }
   // Shadow copies are described now (the requests still hold their inputs) and offered
   // once the champion's requests are completed: waking the challenger must not delay them.
-  MirrorOffer copies = describe_copies(batch, t0, t2);
   const std::shared_ptr<const BatchOutputs> batch_outputs = done.front().second.outputs;
-  if (copies.requests.empty()) inputs.clear();  // hand the pooled batch inputs back before completing
+  MirrorOffer copies = reserve_copies(batch, batch_outputs, t0, t2);
+  if (copies.reserved == 0) inputs.clear();  // hand the pooled batch inputs back before completing
   for (size_t i = 0; i < batch.size(); ++i) done[i].second.request_inputs = std::move(batch[i].inputs);
   Counters& c = *counters_;
   for (const Request& r : batch) c.queue.record(static_cast<uint64_t>(elapsed_ns(r.enqueue_time, t0)));
@@ -471,7 +471,10 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
       std::memory_order_relaxed);
   batch.clear();
   deliver_grouped(std::move(done));
-  if (!copies.requests.empty()) offer_to_mirror(std::move(copies), inputs, batching ? rows : 0, batch_outputs);
+  if (copies.reserved > 0) {
+    copies.mirror->submit(copies.reserved, inputs, batching ? rows : 0, batch_outputs, copies.requests,
+                          std::move(copies.keep_alive));
+  }
 }
 
 void Batcher::set_mirror(std::shared_ptr<Mirror> mirror) {
@@ -486,12 +489,18 @@ void Batcher::set_mirror(std::shared_ptr<Mirror> mirror) {
   }
 }
 
-Batcher::MirrorOffer Batcher::describe_copies(const std::vector<Request>& batch, TimePoint started,
-                                              TimePoint ready) const noexcept {
+Batcher::MirrorOffer Batcher::reserve_copies(const std::vector<Request>& batch,
+                                             const std::shared_ptr<const BatchOutputs>& outputs, TimePoint started,
+                                             TimePoint ready) noexcept {
   MirrorOffer offer;
   bool tagged = false;
   for (const Request& r : batch) tagged = tagged || r.mirror_tag != 0;
   if (!tagged) return offer;
+  {
+    std::lock_guard<std::mutex> lock(mirror_mu_);
+    offer.mirror = mirror_;
+  }
+  if (!offer.mirror) return offer;
   const bool batching = options_.max_batch_size > 0;
   try {
     int64_t offset = 0;
@@ -507,17 +516,10 @@ Batcher::MirrorOffer Batcher::describe_copies(const std::vector<Request>& batch,
       offset += r.rows;
     }
   } catch (const std::exception&) {
-    // No memory to describe the copy: the shadow loses it, the champion's requests go on.
-    offer = MirrorOffer{};
+    return MirrorOffer{};  // no memory to describe the copies: the shadow loses them, the champion goes on
   }
+  offer.reserved = offer.mirror->reserve(outputs, offer.requests);
   return offer;
-}
-
-void Batcher::offer_to_mirror(MirrorOffer copies, const std::vector<Tensor>& inputs, int64_t rows,
-                              const std::shared_ptr<const BatchOutputs>& outputs) noexcept {
-  std::lock_guard<std::mutex> lock(mirror_mu_);
-  if (!mirror_) return;
-  mirror_->offer(inputs, rows, outputs, copies.requests, std::move(copies.keep_alive));
 }
 
 void Batcher::fail(std::vector<Request> requests, ErrorCode code, const std::string& message) noexcept {

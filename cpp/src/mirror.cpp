@@ -241,31 +241,42 @@ Mirror::~Mirror() = default;
 
 void Mirror::offer(const std::vector<Tensor>& inputs, int64_t rows, const std::shared_ptr<const BatchOutputs>& outputs,
                    const std::vector<MirroredRequest>& requests, std::vector<Tensor> keep_alive) noexcept {
-  if (requests.empty()) return;
+  submit(reserve(outputs, requests), inputs, rows, outputs, requests, std::move(keep_alive));
+}
+
+uint64_t Mirror::reserve(const std::shared_ptr<const BatchOutputs>& outputs,
+                         const std::vector<MirroredRequest>& requests) noexcept {
+  if (requests.empty()) return 0;
   if (options_.compare != MirrorCompare::kNone &&
       static_cast<size_t>(options_.champion_output) >= outputs->tensors.size()) {
-    return;  // the compared output is not the champion's: the caller checks it when linking
+    return 0;  // the compared output is not the champion's: the caller checks it when linking
   }
   const int64_t limit = challenger_->options().max_batch_size;
-  uint64_t offered = 0, oversized = 0, wanted = 0;
+  uint64_t offered = 0, oversized = 0;
   for (const MirroredRequest& r : requests) {
     offered += static_cast<uint64_t>(r.rows);
     if (limit > 0 && r.rows > limit) oversized += static_cast<uint64_t>(r.rows);
   }
-  wanted = offered - oversized;
-  {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    MirrorStats& s = state_->stats;
-    s.offered_rows += offered;
-    s.failed_rows += oversized;  // more rows than the challenger's max_batch_size: it could not take them
-    if (wanted == 0) return;
-    if (s.in_flight_rows + wanted > options_.slots) {
-      s.dropped_rows += wanted;
-      return;
-    }
-    s.in_flight_rows += wanted;
-    s.sent_rows += wanted;
+  const uint64_t wanted = offered - oversized;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  MirrorStats& s = state_->stats;
+  s.offered_rows += offered;
+  s.failed_rows += oversized;  // more rows than the challenger's max_batch_size: it could not take them
+  if (wanted == 0) return 0;
+  if (s.in_flight_rows + wanted > options_.slots) {
+    s.dropped_rows += wanted;
+    return 0;
   }
+  s.in_flight_rows += wanted;
+  s.sent_rows += wanted;
+  return wanted;
+}
+
+void Mirror::submit(uint64_t reserved, const std::vector<Tensor>& inputs, int64_t rows,
+                    const std::shared_ptr<const BatchOutputs>& outputs, const std::vector<MirroredRequest>& requests,
+                    std::vector<Tensor> keep_alive) noexcept {
+  if (reserved == 0) return;
+  const int64_t limit = challenger_->options().max_batch_size;
   ErrorCode refused = ErrorCode::kOk;
   try {
     auto group = std::make_shared<CopyGroup>();
@@ -291,11 +302,11 @@ void Mirror::offer(const std::vector<Tensor>& inputs, int64_t rows, const std::s
   }
   std::lock_guard<std::mutex> lock(state_->mu);
   MirrorStats& s = state_->stats;
-  s.in_flight_rows -= wanted;
-  s.sent_rows -= wanted;
+  s.in_flight_rows -= reserved;
+  s.sent_rows -= reserved;
   // A full queue is the challenger being too slow: dropped. Anything else (stopped,
   // inputs it does not take) is the copy failing.
-  (refused == ErrorCode::kQueueFull ? s.dropped_rows : s.failed_rows) += wanted;
+  (refused == ErrorCode::kQueueFull ? s.dropped_rows : s.failed_rows) += reserved;
   if (s.in_flight_rows == 0) state_->idle_cv.notify_all();
 }
 

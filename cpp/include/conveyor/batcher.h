@@ -19,8 +19,8 @@
 // Lock order: the GIL (in the bindings) before mu_, never the reverse: nothing holds
 // mu_ while waiting for the GIL, and no Python-owned tensor is dropped while mu_ is
 // held. mu_ before any leaf lock (memory pool, completion queue, monitor). mirror_mu_
-// is taken without mu_, and before the GIL (a refused copy may drop BYTES owners while
-// holding it): set_mirror must be called without the GIL.
+// only guards the mirror pointer, taken without mu_; set_mirror must be called without
+// the GIL (the old mirror may be the last owner of a batcher whose threads need it).
 #pragma once
 
 #include <condition_variable>
@@ -131,8 +131,10 @@ class Batcher {
   BatcherStats stats() const;
   const BatcherOptions& options() const noexcept { return options_; }
 
-  // Attaches the mirror tagged requests are copied to (null: none). Returns once no
-  // batch uses the previous one any more. The mirror's challenger must not be this batcher.
+  // Attaches the mirror tagged requests are copied to (null: none). A batch already
+  // running keeps the mirror it took: its copies are in that mirror's in-flight rows
+  // until answered (wait for them with its wait_idle). The mirror's challenger must not
+  // be this batcher.
   void set_mirror(std::shared_ptr<Mirror> mirror);
 
  private:
@@ -177,16 +179,18 @@ class Batcher {
   // (kOutOfMemory, outputs released); one that throws again loses them, counted in
   // stats().undelivered. Never throws: no exception leaves a batcher thread.
   void deliver_grouped(std::vector<std::pair<std::shared_ptr<CompletionSink>, Completion>> done) noexcept;
-  // A succeeded batch's shadow copies: its tagged requests (empty: none) and what their
-  // BYTES rows point into. Described before the batch's requests are completed (they
-  // still hold their inputs), handed to the mirror, if one is attached, after.
+  // A succeeded batch's shadow copies: the mirror attached when it ran, its tagged
+  // requests, what their BYTES rows point into, and the rows the mirror reserved for
+  // them (0: nothing to send). Reserved before the batch's requests are completed (they
+  // still hold their inputs, and wait_idle counts the copies), sent after.
   struct MirrorOffer {
+    std::shared_ptr<Mirror> mirror;
     std::vector<MirroredRequest> requests;
     std::vector<Tensor> keep_alive;
+    uint64_t reserved = 0;
   };
-  MirrorOffer describe_copies(const std::vector<Request>& batch, TimePoint started, TimePoint ready) const noexcept;
-  void offer_to_mirror(MirrorOffer copies, const std::vector<Tensor>& inputs, int64_t rows,
-                       const std::shared_ptr<const BatchOutputs>& outputs) noexcept;
+  MirrorOffer reserve_copies(const std::vector<Request>& batch, const std::shared_ptr<const BatchOutputs>& outputs,
+                             TimePoint started, TimePoint ready) noexcept;
 
   const BatcherOptions options_;
   const BatchPolicy policy_;

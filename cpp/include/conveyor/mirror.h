@@ -97,10 +97,21 @@ class Mirror {
   Mirror(const Mirror&) = delete;
   Mirror& operator=(const Mirror&) = delete;
 
-  // Called by the champion's batcher (its instance thread, no lock held) after a batch
-  // succeeded, before its requests are delivered. `inputs`: the batch's gathered inputs;
-  // `rows`: its rows (0 without batching); `requests`: the tagged ones, in batch order;
-  // `keep_alive`: what must live until the copy is answered (BYTES request inputs).
+  // A batch's copies in two steps, so that the champion's requests are delivered between
+  // them while the copies already count as in flight (wait_idle waits for them).
+  // reserve: called by the champion's batcher (its instance thread) after a batch
+  // succeeded, before its requests are delivered; counts the offered rows and takes their
+  // slots. Returns the rows to send (0: none; dropped or failed rows are counted).
+  // `outputs`: the champion's batch outputs; `requests`: the tagged ones, in batch order.
+  uint64_t reserve(const std::shared_ptr<const BatchOutputs>& outputs,
+                   const std::vector<MirroredRequest>& requests) noexcept;
+  // submit: after the delivery, sends the `reserved` rows to the challenger. `inputs`:
+  // the batch's gathered inputs; `rows`: its rows (0 without batching); `keep_alive`:
+  // what must live until the copy is answered (BYTES request inputs).
+  void submit(uint64_t reserved, const std::vector<Tensor>& inputs, int64_t rows,
+              const std::shared_ptr<const BatchOutputs>& outputs, const std::vector<MirroredRequest>& requests,
+              std::vector<Tensor> keep_alive) noexcept;
+  // reserve then submit at once.
   void offer(const std::vector<Tensor>& inputs, int64_t rows, const std::shared_ptr<const BatchOutputs>& outputs,
              const std::vector<MirroredRequest>& requests, std::vector<Tensor> keep_alive) noexcept;
 
