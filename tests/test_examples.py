@@ -25,6 +25,16 @@ def test_committed_models_match_the_build() -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_committed_text_model_matches_the_build() -> None:
+    pytest.importorskip("tokenizers")
+    check = subprocess.run(
+        [sys.executable, str(EXAMPLES_DIR / "make_text_model.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    sizes = [path.stat().st_size for path in (EXAMPLES_DIR / "models" / "text_classifier").rglob("*") if path.is_file()]
+    assert sum(sizes) < 100_000
+
+
 def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
     stale = tmp_path / "mlp" / "1" / "model.onnx"
     stale.parent.mkdir(parents=True)
@@ -40,7 +50,7 @@ def test_check_fails_on_a_stale_model(tmp_path: Path) -> None:
 
 
 def test_example_repository_loads(repository: ModelRepository) -> None:
-    names = ["churn", "image_classifier", "mlp", "rollout_demo", "scaler", "tiny"]
+    names = ["churn", "image_classifier", "mlp", "rollout_demo", "scaler", "text_classifier", "tiny"]
     assert repository.list_models() == names
     versions = {"rollout_demo": [1, 2]}  # the rollout example serves both of its versions
     expected = [RepositoryEntry(name, version, "READY") for name in names for version in versions.get(name, [1])]

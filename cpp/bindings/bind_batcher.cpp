@@ -57,8 +57,9 @@ Executor python_executor(py::function fn, std::vector<std::string> output_names)
       }
       return outputs;
     } catch (py::error_already_set& e) {
-      throw Error(ErrorCode::kModelExecution,
-                  describe_python_error(e, conveyor_error_base()));
+      // InvalidInput from a Python step (tokenize) is the request's fault, not the model's.
+      const ErrorCode code = e.matches(conveyor_invalid_input()) ? ErrorCode::kInvalidInput : ErrorCode::kModelExecution;
+      throw Error(code, describe_python_error(e, conveyor_error_base()));
     }
   };
 }

@@ -225,6 +225,8 @@ py::object make_exception(ErrorCode code, const std::string& message) {
 
 py::handle conveyor_error_base() { return error_types().base; }
 
+py::handle conveyor_invalid_input() { return error_types().invalid_input; }
+
 void register_errors(py::module_& m) {
   auto& t = error_types();
   t.base = new_exception(m, "ConveyorError", PyExc_Exception, "Base of every error Conveyor raises.");

@@ -49,6 +49,8 @@ py::object array_from_tensor(const Tensor& tensor);
 py::object make_exception(ErrorCode code, const std::string& message);
 // conveyor.errors.ConveyorError, the base of every error type.
 py::handle conveyor_error_base();
+// conveyor.errors.InvalidInput: a Python step that refuses a batch keeps the error's code.
+py::handle conveyor_invalid_input();
 void register_errors(py::module_& m);
 
 }  // namespace conveyor::bindings

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from conveyor.config_errors import describe, describe_pattern, format_error, rule_error
+from conveyor.config_steps import POSTPROCESS_OUTPUT_TYPES, TENSOR_NAME_PATTERN, PostprocessStep, PreprocessStep
 from conveyor.rollout_config import RolloutConfig
 from conveyor.errors import ConfigError
 
@@ -30,7 +31,6 @@ CONFIG_FILE_NAME = "config.toml"
 
 # Also the repository's guard against path traversal: a name is one directory level.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-TENSOR_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
 DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]+)$"
 
 Datatype = Literal[
@@ -185,67 +185,6 @@ class NativeOptions(_Strict):
     # Compute threads each instance's kernels may use; instances already run side by
     # side, so one per instance is the default, as for onnx.
     threads: int = Field(default=1, ge=1)
-
-
-class PreprocessStep(_Strict):
-    """A step run in C++ on one public input before the backend sees it (examples/README.md)."""
-
-    kind: Literal["normalize_image"]
-    input: str = Field(pattern=TENSOR_NAME_PATTERN)
-    mean: list[float] = Field(min_length=1)
-    std: list[float] = Field(min_length=1)
-    scale: float = 1.0 / 255.0
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    dtype: Literal["FP32", "FP16"] = "FP32"
-
-    @model_validator(mode="after")
-    def _channels_agree(self) -> PreprocessStep:
-        if len(self.std) != len(self.mean):
-            raise rule_error(f"{len(self.mean)} values (one per channel, as mean)", self.std, field="std")
-        if any(value == 0 or not np.isfinite(value) for value in self.std):
-            raise rule_error("finite, non-zero values", self.std, field="std")
-        return self
-
-
-# Per postprocess kind: the datatypes of the public outputs it produces.
-POSTPROCESS_OUTPUT_TYPES = {
-    "softmax": ("FP32",),
-    "softmax_topk": ("FP32", "INT64"),
-    "argmax": ("INT64",),
-    "classification": ("BYTES",),
-}
-
-
-class PostprocessStep(_Strict):
-    """A step run in C++ on one backend output before the client sees it (examples/README.md)."""
-
-    kind: Literal["softmax", "softmax_topk", "argmax", "classification"]
-    output: str = Field(pattern=TENSOR_NAME_PATTERN)  # the backend's output it reads
-    # The public outputs it produces; default: one, named as `output`.
-    outputs: list[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)]] = []
-    k: int | None = Field(default=None, ge=1)
-    labels: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-    @model_validator(mode="after")
-    def _kind_rules(self) -> PostprocessStep:
-        needs_k = self.kind in ("softmax_topk", "classification")
-        if needs_k and self.k is None:
-            raise rule_error(f"k: how many classes {self.kind} keeps", None, field="k", got_text="none")
-        if not needs_k and self.k is not None:
-            raise rule_error(f"no k ({self.kind} keeps every class)", self.k, field="k")
-        if self.labels is not None and self.kind != "classification":
-            raise rule_error("no labels (only classification uses them)", self.labels, field="labels")
-        count = len(POSTPROCESS_OUTPUT_TYPES[self.kind])
-        if not self.outputs and count == 1:
-            self.outputs = [self.output]
-        if len(self.outputs) != count:
-            raise rule_error(f"{count} output names", self.outputs, field="outputs")
-        return self
-
-    @property
-    def last_dim(self) -> int | None:
-        """The last dim of what it produces: k, 1 (argmax), or None (softmax keeps the shape)."""
-        return self.k if self.k is not None else (1 if self.kind == "argmax" else None)
 
 
 FEATURE_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+(\[[0-9]+\])?$"
@@ -480,7 +419,10 @@ class ModelConfig(_Strict):
                 expected = "an input no other step reads" if tensor else known
                 raise rule_error(expected, step.input, field=f"{where}.input")
             seen.add(step.input)
-            channels = len(step.mean)
+            if step.kind == "tokenize":
+                self._check_tokenize(where, step, tensor, inputs)
+                continue
+            channels = len(step.mean or ())
             if tensor.datatype != "UINT8" or len(tensor.dims) != 3 or tensor.dims[2] not in (-1, channels):
                 raise rule_error(
                     f"input '{tensor.name}' to be UINT8 [height, width, {channels}] (NHWC images)",
@@ -508,6 +450,27 @@ class ModelConfig(_Strict):
                         field=f"{where}.outputs",
                         got_text=f"{tensor.datatype} {tensor.dims}",
                     )
+
+    def _check_tokenize(
+        self, where: str, step: PreprocessStep, tensor: TensorConfig, inputs: dict[str, TensorConfig]
+    ) -> None:
+        """A tokenize step reads one string per row and adds backend inputs of its own."""
+        if self.max_batch_size < 1:
+            raise rule_error(
+                "max_batch_size >= 1 (tokenize produces [batch, tokens] tensors)", self.max_batch_size, field="max_batch_size"
+            )
+        if tensor.datatype != "BYTES" or tensor.dims not in ([1], []):
+            raise rule_error(
+                f"input '{tensor.name}' to be BYTES [1] (one string per row)",
+                None,
+                field=f"{where}.input",
+                got_text=f"{tensor.datatype} {tensor.dims}",
+            )
+        for key, name in zip(("input_ids", "attention_mask", "token_type_ids"), step.produced_inputs):
+            if name in inputs:
+                raise rule_error(
+                    "a name none of the public inputs uses (the step produces it for the backend)", name, field=f"{where}.{key}"
+                )
 
     def _check_batching_knobs(self) -> None:
         batching = self.dynamic_batching

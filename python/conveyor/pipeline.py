@@ -5,13 +5,18 @@ PUBLIC tensors (what clients send and receive); the backend's own tensors are de
 
 - backend inputs: the public inputs in order; one that normalize_image reads keeps its
   name and becomes FP32 or FP16 (the step's dtype), [C, H, W] for layout NCHW or
-  [H, W, C] for NHWC, from the public UINT8 [H, W, C];
+  [H, W, C] for NHWC, from the public UINT8 [H, W, C]; one that tokenize reads (BYTES,
+  one string per row) is replaced by the INT64 [tokens] inputs the step produces
+  (input_ids, attention_mask[, token_type_ids]), in that place;
 - backend outputs: the public outputs no step produces (passed through unchanged), then
   each backend output a postprocess step reads (its `output`), once: FP32, with the dims
   model.onnx gives it (backends onnx and native) or [-1] (one vector per row, python).
 
 The steps are one C++ Pipeline (_core.Pipeline) the batcher composes with the backend's
-executor, so they run on the instance threads without the GIL. Classification is the one
+executor, so they run on the instance threads without the GIL. Tokenize is the one step
+that runs in Python (conveyor.tokenize_step: the tokenizers library has no C API): the
+executor calls it on the instance thread after the C++ preprocess steps and before the
+backend (`backend_inputs`). Classification is the one
 step that ends in Python: the C++ top_k step returns each row's k best scores and their
 indices, and "score:index:label" byte strings are made from them once per batch at
 completion. Python bytes objects can only be made under the GIL, and labels and the text
@@ -30,6 +35,7 @@ from conveyor import _core
 from conveyor.backends import fill_config_from_onnx
 from conveyor.config import ModelConfig, PostprocessStep, TensorConfig
 from conveyor.errors import ConfigError
+from conveyor.tokenize_step import TokenizeStep
 
 __all__ = ["ModelSteps", "format_classes", "read_labels"]
 
@@ -44,8 +50,14 @@ class ModelSteps:
     and `finish` are what the batcher and the runtime need.
     """
 
-    def __init__(self, config: ModelConfig, model_dir: Path | None) -> None:
+    def __init__(self, config: ModelConfig, model_dir: Path | None, *, version_dir: Path | None = None) -> None:
         self.config = config
+        # The steps that run in Python on the instance thread, by the public input they read.
+        self.tokenize: dict[int, TokenizeStep] = {}
+        for index, step in enumerate(config.preprocess):
+            if step.kind == "tokenize":
+                tokenize = TokenizeStep(config, index, [d for d in (version_dir, model_dir) if d is not None])
+                self.tokenize[tokenize.input_index] = tokenize
         self.labels: dict[int, list[str] | None] = {}
         for index, step in enumerate(config.postprocess):
             self.labels[index] = None if step.labels is None else read_labels(config, step, model_dir)
@@ -59,12 +71,15 @@ class ModelSteps:
     def for_config(cls, config: ModelConfig, version_dir: Path | None) -> ModelSteps | None:
         if not (config.preprocess or config.postprocess):
             return None
-        return cls(config, None if version_dir is None else Path(version_dir).parent)
+        if version_dir is None:
+            return cls(config, None)
+        return cls(config, Path(version_dir).parent, version_dir=Path(version_dir))
 
     def backend_config(self, model_file: Path | None) -> ModelConfig:
         """The config the backend is created with: derived tensors, no steps."""
         config = self.config
-        inputs = [self._backend_input(tensor) for tensor in config.inputs]
+        inputs = [new for tensor in config.inputs for new in self._backend_inputs(tensor)]
+        self._check_produced_inputs(model_file, inputs)
         produced = {name for step in config.postprocess for name in step.outputs}
         outputs = [tensor for tensor in config.outputs if tensor.name not in produced]
         sources = list(dict.fromkeys(step.output for step in config.postprocess))
@@ -83,13 +98,51 @@ class ModelSteps:
             outputs.append(graph_outputs.get(name) or TensorConfig(name=name, datatype="FP32", dims=[-1]))
         return config.model_copy(update={"inputs": inputs, "outputs": outputs, "preprocess": [], "postprocess": []})
 
-    def _backend_input(self, tensor: TensorConfig) -> TensorConfig:
+    def _backend_inputs(self, tensor: TensorConfig) -> list[TensorConfig]:
         step = next((s for s in self.config.preprocess if s.input == tensor.name), None)
         if step is None:
-            return tensor
+            return [tensor]
+        if step.kind == "tokenize":
+            return next(t for t in self.tokenize.values() if t.input_name == tensor.name).backend_inputs()
         height, width, channels = tensor.dims
         dims = [channels, height, width] if step.layout == "NCHW" else [height, width, channels]
-        return TensorConfig(name=tensor.name, datatype=step.dtype, dims=dims)
+        return [TensorConfig(name=tensor.name, datatype=str(step.dtype), dims=dims)]
+
+    def _check_produced_inputs(self, model_file: Path | None, inputs: list[TensorConfig]) -> None:
+        """Each input a tokenize step produces must be one the model file takes."""
+        config = self.config
+        if not self.tokenize or config.backend not in ("onnx", "native") or model_file is None or not model_file.is_file():
+            return
+        probe = config.model_copy(update={"inputs": [], "outputs": [], "preprocess": [], "postprocess": []})
+        graph_inputs = [t.name for t in fill_config_from_onnx(probe, model_file).inputs]
+        for index, step in enumerate(config.preprocess):
+            for key, name in zip(("input_ids", "attention_mask", "token_type_ids"), step.produced_inputs):
+                if step.kind == "tokenize" and name not in graph_inputs:
+                    raise ConfigError(
+                        f"{model_file}: field 'preprocess[{index}].{key}': expected one of the model's inputs "
+                        f"({', '.join(graph_inputs)}), got {name!r}"
+                    )
+
+    @property
+    def runs_python(self) -> bool:
+        """True when a step runs in Python: the batch then goes through `backend_inputs`."""
+        return bool(self.tokenize)
+
+    def check_request(self, arrays: tuple[np.ndarray, ...]) -> None:
+        """Refuses (InvalidInput) a request whose inputs a Python step cannot take."""
+        for index, step in self.tokenize.items():
+            step.check_request(arrays[index])
+
+    def backend_inputs(self, inputs: tuple[np.ndarray, ...] | list[np.ndarray], instance: int) -> list[np.ndarray]:
+        """The backend's inputs for a batch (after the C++ preprocess steps), on instance `instance`."""
+        out: list[np.ndarray] = []
+        for index, array in enumerate(inputs):
+            step = self.tokenize.get(index)
+            if step is None:
+                out.append(array)
+            else:
+                out.extend(step.encode(array, instance))
+        return out
 
     def bind(self, backend_config: ModelConfig) -> None:
         """Builds the C++ pipeline against the backend's (completed) tensors."""
@@ -99,10 +152,12 @@ class ModelSteps:
         core = _core.Pipeline(threads=config.native.threads if config.backend == "native" else 1)
         input_names = [t.name for t in config.inputs]
         for step in config.preprocess:
+            if step.kind != "normalize_image":
+                continue
             core.add_normalize_image(
                 input=input_names.index(step.input),
-                mean=step.mean,
-                std=step.std,
+                mean=list(step.mean or ()),
+                std=list(step.std or ()),
                 scale=step.scale,
                 layout=step.layout,
                 dtype=step.dtype,

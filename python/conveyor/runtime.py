@@ -49,7 +49,7 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request", "batch_output_names",
+        "monitor", "per_request", "batch_output_names", "python_steps",
     )  # fmt: skip
 
     def __init__(
@@ -64,8 +64,12 @@ class ModelHandle:
         self.output_names = tuple(t.name for t in config.outputs)
         self._dtypes = tuple(None if t.datatype == "BF16" else t.numpy_dtype for t in config.inputs)
         batching = config.dynamic_batching
-        # A backend with a C++ executor (native) runs batches without Python or the GIL.
-        native = getattr(backends[0], "native_executor", None)
+        # Steps that run in Python (tokenize) turn a batch's public inputs into the backend's
+        # on the instance thread; they check each request before it is queued.
+        self.python_steps = steps if steps is not None and steps.runs_python else None
+        # A backend with a C++ executor (native) runs batches without Python or the GIL,
+        # unless a Python step has to run first.
+        native = None if self.python_steps is not None else getattr(backends[0], "native_executor", None)
         # With steps, the batcher's outputs are the pipeline's; `finish` makes them public.
         self.finish = None if steps is None else steps.finish
         # The monitor (if any) watches the batch in C++; per_request: it also wants each
@@ -97,7 +101,8 @@ class ModelHandle:
     def _execute(self, inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
         # Called by the batcher's instance thread, GIL held, once per batch.
         backend = self.backends[instance if len(self.backends) > 1 else 0]
-        outputs = backend.execute(list(inputs))
+        steps = self.python_steps
+        outputs = backend.execute(list(inputs) if steps is None else steps.backend_inputs(inputs, instance))
         return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
 
     def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
@@ -110,7 +115,10 @@ class ModelHandle:
             raise self._name_error(inputs)
         for array in arrays:
             if type(array) is not np.ndarray or not array.flags.c_contiguous:
-                return self._convert(arrays)
+                arrays = self._convert(arrays)
+                break
+        if self.python_steps is not None:
+            self.python_steps.check_request(arrays)
         return arrays
 
     def _convert(self, arrays: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
