@@ -99,10 +99,11 @@ class PreprocessStep(_Strict):
             raise rule_error("finite, non-zero values", self.std, field="std")
 
     def _check_tokenize(self) -> None:
-        names = self.produced_inputs
-        for key, name in zip(("input_ids", "attention_mask", "token_type_ids"), names):
-            if names.count(name) > 1 or name == self.input:
+        seen = {self.input}
+        for key, name in zip(("input_ids", "attention_mask", "token_type_ids"), self.produced_inputs):
+            if name in seen:
                 raise rule_error("a name no other tensor of the step uses", name, field=key)
+            seen.add(name)
 
     @property
     def produced_inputs(self) -> list[str]:
