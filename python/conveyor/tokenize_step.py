@@ -5,7 +5,8 @@ Python on the instance thread, inside the batch, just before the backend: the wh
 dynamic batch is encoded with one `encode_batch_fast` call, which releases the GIL
 while Rust works. A tokenizer object is borrowed mutably for the length of a call, so
 sharing one between instance threads fails ("Already borrowed"): each instance gets
-its own, configured once at load (truncation, padding) and never mutated after.
+its own, configured once at load (truncation) and never changed after; the step pads
+the int64 arrays itself.
 
 Strings are checked per request before they are queued (`check_request`), so a bad
 string fails its own request only, naming the input and the row in that request; the
@@ -15,6 +16,7 @@ reach the batcher another way.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class TokenizeStep:
         self.max_length = int(step.max_length or 0)
         self.max_bytes = int(step.max_bytes or 0)
         self.path = find_tokenizer_file(config, index, directories)
+        self.pad_id = 0
         self.tokenizers = [self._load(self.path) for _ in range(config.instance_group.count)]
 
     def backend_inputs(self) -> list[TensorConfig]:
@@ -66,21 +69,14 @@ class TokenizeStep:
             raise ConfigError(
                 f"{path}: not a Hugging Face tokenizers file ({exc}); save one with Tokenizer.save()"
             ) from exc
-        step = self.step
-        if step.truncation:
+        if self.step.truncation:
             tokenizer.enable_truncation(self.max_length)
         else:
             tokenizer.no_truncation()
-        # The file's own padding keeps its pad id and token; otherwise id 0, which the
-        # attention mask hides from the model anyway.
-        padding = tokenizer.padding or {}
-        tokenizer.enable_padding(
-            direction="right",
-            pad_id=padding.get("pad_id", 0),
-            pad_type_id=padding.get("pad_type_id", 0),
-            pad_token=padding.get("pad_token", "[PAD]"),
-            length=self.max_length if step.padding == "max_length" else None,
-        )
+        # The step pads the arrays itself (cheaper than padded Encodings); the file's
+        # padding settings only lend their pad id.
+        self.pad_id = int((tokenizer.padding or {}).get("pad_id", 0))
+        tokenizer.no_padding()
         return tokenizer
 
     def check_request(self, column: np.ndarray) -> None:
@@ -132,24 +128,30 @@ class TokenizeStep:
         texts = self.texts(column)
         # One call for the whole batch; it releases the GIL while it encodes.
         encodings = self.tokenizers[instance].encode_batch_fast(texts)
-        width = len(encodings[0].ids)
-        if width > self.max_length:
-            row = next(i for i, e in enumerate(encodings) if sum(e.attention_mask) > self.max_length)
+        rows = [encoding.ids for encoding in encodings]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        longest = int(lengths.max())
+        if longest > self.max_length:
             raise InvalidInput(
-                f"{self.model_label}: input '{self.input_name}' row {row}: "
-                f"{sum(encodings[row].attention_mask)} tokens, over max_length = {self.max_length}; send shorter "
-                "text or set truncation = true in the step"
+                f"{self.model_label}: input '{self.input_name}' row {int(lengths.argmax())}: {longest} tokens, over "
+                f"max_length = {self.max_length}; send shorter text or set truncation = true in the step"
             )
-        arrays = [
-            np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        ]
+        # Padded to the batch's longest row (at least one column, so a batch of empty
+        # strings still makes non-empty tensors) or to max_length; the mask hides the padding.
+        width = self.max_length if self.step.padding == "max_length" else max(1, longest)
+        kept = np.arange(width) < lengths[:, None]
+        arrays = [self._scatter(rows, kept, lengths, self.pad_id), kept.astype(np.int64)]
         if self.step.token_type_ids is not None:
-            arrays.append(np.array([e.type_ids for e in encodings], dtype=np.int64))
-        if width == 0:  # every string empty: one padding column keeps the tensors non-empty
-            pad = (self.tokenizers[instance].padding or {}).get("pad_id", 0)
-            arrays = [np.full((len(texts), 1), pad if i == 0 else 0, dtype=np.int64) for i in range(len(arrays))]
+            arrays.append(self._scatter([e.type_ids for e in encodings], kept, lengths, 0))
         return arrays
+
+    @staticmethod
+    def _scatter(rows: list[list[int]], kept: np.ndarray, lengths: np.ndarray, fill: int) -> np.ndarray:
+        """Ragged rows written left-aligned into an INT64 [rows, width] array of `fill`."""
+        values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        out = np.full(kept.shape, fill, dtype=np.int64)
+        out[kept] = values
+        return out
 
 
 def find_tokenizer_file(config: ModelConfig, index: int, directories: list[Path]) -> Path:
