@@ -16,11 +16,11 @@ The steps are one C++ Pipeline (_core.Pipeline) the batcher composes with the ba
 executor, so they run on the instance threads without the GIL. Tokenize is the one step
 that runs in Python (conveyor.tokenize_step: the tokenizers library has no C API): the
 executor calls it on the instance thread after the C++ preprocess steps and before the
-backend (`backend_inputs`). Classification is the one
-step that ends in Python: the C++ top_k step returns each row's k best scores and their
-indices, and "score:index:label" byte strings are made from them once per batch at
-completion. Python bytes objects can only be made under the GIL, and labels and the text
-format belong with the protocol's other strings; the core stays numeric.
+backend (`backend_inputs`). Classification is the one step that ends in Python: the C++
+top_k step returns each row's k best scores and their indices, and "score:index:label"
+byte strings are made from them once per batch at completion. Python bytes objects can
+only be made under the GIL, and labels and the text format belong with the protocol's
+other strings; the core stays numeric.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ModelSteps:
         """The config the backend is created with: derived tensors, no steps."""
         config = self.config
         inputs = [new for tensor in config.inputs for new in self._backend_inputs(tensor)]
-        self._check_produced_inputs(model_file, inputs)
+        self._check_produced_inputs(model_file)
         produced = {name for step in config.postprocess for name in step.outputs}
         outputs = [tensor for tensor in config.outputs if tensor.name not in produced]
         sources = list(dict.fromkeys(step.output for step in config.postprocess))
@@ -108,7 +108,7 @@ class ModelSteps:
         dims = [channels, height, width] if step.layout == "NCHW" else [height, width, channels]
         return [TensorConfig(name=tensor.name, datatype=str(step.dtype), dims=dims)]
 
-    def _check_produced_inputs(self, model_file: Path | None, inputs: list[TensorConfig]) -> None:
+    def _check_produced_inputs(self, model_file: Path | None) -> None:
         """Each input a tokenize step produces must be one the model file takes."""
         config = self.config
         if not self.tokenize or config.backend not in ("onnx", "native") or model_file is None or not model_file.is_file():
