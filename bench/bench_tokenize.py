@@ -18,6 +18,7 @@ nothing here asserts a timing.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def repositories(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, in
         root = tmp_path_factory.mktemp(f"step_{count}")
         shutil.copytree(EXAMPLE, root / "text_classifier")
         config = root / "text_classifier" / "config.toml"
-        config.write_text(config.read_text().replace("[instance_group]\ncount = 1", f"[instance_group]\ncount = {count}"))
+        config.write_text(re.sub(r"(?m)^count = \d+$", f"count = {count}", config.read_text()))
         out[("step", count)] = root
         root = tmp_path_factory.mktemp(f"per_row_{count}")
         version = root / "text_per_row" / "1"

@@ -2,11 +2,11 @@
 
 `tokenizers` is a Python library (its Rust core has no C API), so this step runs in
 Python on the instance thread, inside the batch, just before the backend: the whole
-dynamic batch is encoded with one `encode_batch_fast` call, which releases the GIL
-while Rust works. A tokenizer object is borrowed mutably for the length of a call, so
-sharing one between instance threads fails ("Already borrowed"): each instance gets
-its own, configured once at load (truncation) and never changed after; the step pads
-the int64 arrays itself.
+dynamic batch is encoded with one `encode_batch` call (`encode_batch_fast` where the
+installed version has it), which releases the GIL while Rust works. A tokenizer
+object is borrowed mutably for the length of a call, so sharing one between instance
+threads fails ("Already borrowed"): each instance gets its own, configured once at load
+(truncation) and never changed after; the step pads the int64 arrays itself.
 
 Strings are checked per request before they are queued (`check_request`), so a bad
 string fails its own request only, naming the input and the row in that request; the
@@ -46,6 +46,9 @@ class TokenizeStep:
         self.path = find_tokenizer_file(config, index, directories)
         self.pad_id = 0
         self.tokenizers = [self._load(self.path) for _ in range(config.instance_group.count)]
+        # encode_batch_fast (tokenizers >= 0.20.1) skips the character offsets, which the
+        # step never reads; encode_batch gives the same ids.
+        self._encode_batch = [getattr(t, "encode_batch_fast", None) or t.encode_batch for t in self.tokenizers]
 
     def backend_inputs(self) -> list[TensorConfig]:
         """The INT64 [batch, tokens] inputs the step hands the backend, in order."""
@@ -127,7 +130,7 @@ class TokenizeStep:
             raise InvalidInput(f"{self.model_label}: input '{self.input_name}' holds no strings (an empty batch)")
         texts = self.texts(column)
         # One call for the whole batch; it releases the GIL while it encodes.
-        encodings = self.tokenizers[instance].encode_batch_fast(texts)
+        encodings = self._encode_batch[instance](texts)
         rows = [encoding.ids for encoding in encodings]
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         longest = int(lengths.max())
