@@ -229,6 +229,11 @@ def tokenize_config(**step: object) -> dict:
         ({}, {"inputs": [{"name": "text", "datatype": "FP32", "dims": [1]}]},
          r"field 'preprocess\[0\]\.input': expected input 'text' to be BYTES \[1\] \(one string per row\), got FP32"),
         ({"input_ids": "text"}, {}, r"field 'preprocess\[0\]\.input_ids': expected a name no other tensor"),
+        ({}, {"inputs": [{"name": "text", "datatype": "BYTES", "dims": [1]}, {"name": "input_ids", "datatype": "INT64", "dims": [-1]}]},
+         r"field 'preprocess\[0\]\.input_ids': expected a name no public input and no other step uses"),
+        ({}, {"inputs": [{"name": "text", "datatype": "BYTES", "dims": [1]}, {"name": "title", "datatype": "BYTES", "dims": [1]}],
+              "preprocess": [{"kind": "tokenize", "input": "text"}, {"kind": "tokenize", "input": "title"}]},
+         r"field 'preprocess\[1\]\.input_ids': expected a name no public input and no other step uses"),
     ],
 )
 def test_config_errors_name_the_field(step: dict, config: dict, message: str) -> None:

@@ -420,7 +420,7 @@ class ModelConfig(_Strict):
                 raise rule_error(expected, step.input, field=f"{where}.input")
             seen.add(step.input)
             if step.kind == "tokenize":
-                self._check_tokenize(where, step, tensor, inputs)
+                self._check_tokenize(index, step, tensor, inputs)
                 continue
             channels = len(step.mean or ())
             if tensor.datatype != "UINT8" or len(tensor.dims) != 3 or tensor.dims[2] not in (-1, channels):
@@ -452,9 +452,10 @@ class ModelConfig(_Strict):
                     )
 
     def _check_tokenize(
-        self, where: str, step: PreprocessStep, tensor: TensorConfig, inputs: dict[str, TensorConfig]
+        self, index: int, step: PreprocessStep, tensor: TensorConfig, inputs: dict[str, TensorConfig]
     ) -> None:
         """A tokenize step reads one string per row and adds backend inputs of its own."""
+        where = f"preprocess[{index}]"
         if self.max_batch_size < 1:
             raise rule_error(
                 "max_batch_size >= 1 (tokenize produces [batch, tokens] tensors)", self.max_batch_size, field="max_batch_size"
@@ -466,10 +467,13 @@ class ModelConfig(_Strict):
                 field=f"{where}.input",
                 got_text=f"{tensor.datatype} {tensor.dims}",
             )
+        earlier = {name for other in self.preprocess[:index] for name in other.produced_inputs}
         for key, name in zip(("input_ids", "attention_mask", "token_type_ids"), step.produced_inputs):
-            if name in inputs:
+            if name in inputs or name in earlier:
                 raise rule_error(
-                    "a name none of the public inputs uses (the step produces it for the backend)", name, field=f"{where}.{key}"
+                    "a name no public input and no other step uses (the step produces it for the backend)",
+                    name,
+                    field=f"{where}.{key}",
                 )
 
     def _check_batching_knobs(self) -> None:
