@@ -1,5 +1,5 @@
 // Bindings of the batcher: option conversion, the executor (a Python callable, adapted,
-// or a NativeGraph, run directly without the GIL), GIL release around waits,
+// or a NativeGraph or TreeEnsemble, run directly without the GIL), GIL release around waits,
 // completions converted to numpy views.
 #include <pybind11/stl.h>
 
@@ -8,6 +8,7 @@
 #include "conveyor/monitor.h"
 #include "conveyor/native_graph.h"
 #include "conveyor/pipeline.h"
+#include "conveyor/trees.h"
 #include "convert.h"
 
 namespace conveyor::bindings {
@@ -232,10 +233,12 @@ void init_batcher(py::module_& m) {
              Executor exec;
              if (py::isinstance<NativeGraph>(executor)) {
                exec = native_graph_executor(executor.cast<std::shared_ptr<NativeGraph>>());
+             } else if (py::isinstance<TreeEnsemble>(executor)) {
+               exec = tree_ensemble_executor(executor.cast<std::shared_ptr<TreeEnsemble>>());
              } else if (PyCallable_Check(executor.ptr())) {
                exec = python_executor(py::reinterpret_borrow<py::function>(executor), std::move(names));
              } else {
-               throw py::type_error("executor must be a callable or a NativeGraph");
+               throw py::type_error("executor must be a callable, a NativeGraph or a TreeEnsemble");
              }
              if (pipeline) exec = pipeline_executor(std::move(pipeline), std::move(exec));
              // Outermost: the monitor sees the public inputs and outputs of every batch.

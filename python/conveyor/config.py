@@ -306,9 +306,9 @@ class ModelConfig(_Strict):
     """
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    backend: Literal["onnx", "python", "native"]
+    backend: Literal["onnx", "python", "native", "trees"]
     max_batch_size: int = Field(default=0, ge=0)
-    # An onnx model may omit these; the repository fills them from the graph.
+    # An onnx, native or trees model may omit these; they are filled from the model file.
     inputs: list[TensorConfig] = []
     outputs: list[TensorConfig] = []
     dynamic_batching: DynamicBatchingConfig = Field(default_factory=DynamicBatchingConfig)
@@ -346,16 +346,16 @@ class ModelConfig(_Strict):
         self._check_batching_knobs()
         if self.fallback is not None and self.backend != "native":
             raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
-        if self.backend == "native" and self.instance_group.device != "cpu":
+        if self.backend in ("native", "trees") and self.instance_group.device != "cpu":
             raise rule_error(
-                "'cpu' (the native backend runs on the CPU kernels)",
+                f"'cpu' (the {self.backend} backend runs on the CPU)",
                 self.instance_group.device,
                 field="instance_group.device",
             )
         for field in ("inputs", "outputs"):
             tensors: list[TensorConfig] = getattr(self, field)
             if self.backend == "python" and not tensors:
-                raise rule_error("at least one tensor (only onnx models may omit them)", [], field=field)
+                raise rule_error("at least one tensor (only onnx, native and trees models may omit them)", [], field=field)
             seen: set[str] = set()
             for index, tensor in enumerate(tensors):
                 if tensor.name in seen:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.backends import MODEL_FILE_NAMES, fill_config_from_onnx
+from conveyor.backends import MODEL_FILE_NAMES, fill_config_from_onnx, model_file_path
 from conveyor.config import CONFIG_FILE_NAME, MODEL_NAME_PATTERN, ModelConfig, load_model_config, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound
 from conveyor.protocol.triton_pbtxt import TRITON_CONFIG_FILE_NAME, read_config_pbtxt
@@ -111,7 +111,7 @@ class ModelRepository:
         config = inspection.config
         if config.backend in ("onnx", "native") and not (config.inputs and config.outputs):
             newest = inspection.served[max(inspection.served)]
-            config = fill_config_from_onnx(config, newest / MODEL_FILE_NAMES[config.backend])
+            config = fill_config_from_onnx(config, model_file_path(config.backend, newest))
         return ModelSource(name=name, config=config, versions=inspection.served)
 
     def index(self) -> list[RepositoryEntry]:
@@ -141,16 +141,20 @@ class ModelRepository:
     def _inspect(self, name: str) -> _Inspection:
         directory = self.model_dir(name)
         config, ignored = self._config(directory, name)
-        model_file = MODEL_FILE_NAMES[config.backend]
         version_dirs = self._version_dirs(directory)
         selected = config.version_policy.select(list(version_dirs))
         served: dict[int, Path] = {}
         problems: dict[int, str] = {}
         for version in selected:
-            if (version_dirs[version] / model_file).is_file():
+            try:
+                model_file = model_file_path(config.backend, version_dirs[version])
+            except ConfigError as exc:  # a trees version with no model file, or several
+                problems[version] = str(exc)
+                continue
+            if model_file.is_file():
                 served[version] = version_dirs[version]
             else:
-                problems[version] = f"missing {model_file} in {version_dirs[version]}"
+                problems[version] = f"missing {model_file.name} in {version_dirs[version]}"
         for version in config.version_policy.specific or ():
             if version not in version_dirs:
                 problems[version] = f"no version directory {directory / str(version)}"
@@ -166,11 +170,11 @@ class ModelRepository:
         if triton_path.is_file():
             triton = read_config_pbtxt(triton_path, name=name)
             return parse_model_config(triton.fields, source=str(triton_path), name=name), tuple(triton.ignored)
-        if any((version / MODEL_FILE_NAMES["onnx"]).is_file() for version in self._version_dirs(directory).values()):
+        if any((version / MODEL_FILE_NAMES["onnx"][0]).is_file() for version in self._version_dirs(directory).values()):
             return parse_model_config({"backend": "onnx"}, source=str(directory), name=name), ()
         raise ConfigError(
             f"{config_path}: missing; every model needs a {CONFIG_FILE_NAME} (or Triton's {TRITON_CONFIG_FILE_NAME}, "
-            f"or version directories holding {MODEL_FILE_NAMES['onnx']})"
+            f"or version directories holding {MODEL_FILE_NAMES['onnx'][0]})"
         )
 
     def _version_dirs(self, directory: Path) -> dict[int, Path]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from conveyor import _core
-from conveyor.backends import MODEL_FILE_NAMES, Backend, create_backend
+from conveyor.backends import Backend, create_backend, model_file_path
 from conveyor.backends.probe import PROBED_BACKENDS, probe_signature
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InternalError, InvalidInput, ModelNotFound, Unavailable
@@ -343,7 +343,7 @@ class Runtime:
             raise Unavailable("the runtime is closed")
         count = config.instance_group.count
         steps = ModelSteps.for_config(config, version_dir)
-        model_file = None if version_dir is None else version_dir / MODEL_FILE_NAMES[config.backend]
+        model_file = None if version_dir is None or steps is None else model_file_path(config.backend, version_dir)
         first = create_backend(config if steps is None else steps.backend_config(model_file), version_dir, fn=fn)
         backend_config = first.config  # an onnx backend fills tensors the config left out
         if steps is None:

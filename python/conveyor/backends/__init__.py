@@ -9,11 +9,19 @@ from conveyor.backends.base import Backend, version_of
 from conveyor.backends.native import NativeBackend, UnsupportedGraph
 from conveyor.backends.onnx import OnnxBackend, fill_config_from_onnx
 from conveyor.backends.python import CallableBackend, ModelFunction, PythonBackend
+from conveyor.backends.trees import TreesBackend
+from conveyor.backends.trees_import import TREE_MODEL_FILES, find_tree_model_file
 from conveyor.config import ModelConfig
 from conveyor.errors import ConfigError
 
-# The file a version directory holds, by config `backend`.
-MODEL_FILE_NAMES = {"onnx": "model.onnx", "python": "model.py", "native": "model.onnx"}
+# The file(s) a version directory may hold, by config `backend`; a trees version holds
+# exactly one of its names (model_file_path finds which).
+MODEL_FILE_NAMES: dict[str, tuple[str, ...]] = {
+    "onnx": ("model.onnx",),
+    "python": ("model.py",),
+    "native": ("model.onnx",),
+    "trees": tuple(TREE_MODEL_FILES),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +33,21 @@ __all__ = [
     "NativeBackend",
     "OnnxBackend",
     "PythonBackend",
+    "TreesBackend",
     "create_backend",
     "fill_config_from_onnx",
+    "model_file_path",
 ]
+
+
+def model_file_path(backend: str, version_dir: Path) -> Path:
+    """The model file of a version directory for `backend` (it may not exist, except for trees).
+
+    A trees version must hold exactly one of its file names: ConfigError names them otherwise.
+    """
+    if backend == "trees":
+        return find_tree_model_file(Path(version_dir))
+    return Path(version_dir) / MODEL_FILE_NAMES[backend][0]
 
 
 def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFunction | None = None) -> Backend:
@@ -37,7 +57,9 @@ def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFu
     if version_dir is None:
         raise ConfigError(f"model '{config.name}': expected a version directory or a callable, got neither")
     version_dir = Path(version_dir)
-    model_path = version_dir / MODEL_FILE_NAMES[config.backend]
+    model_path = model_file_path(config.backend, version_dir)
+    if config.backend == "trees":
+        return TreesBackend(config, model_path, version=version_of(version_dir))
     if config.backend == "onnx":
         return OnnxBackend(config, model_path, version=version_of(version_dir))
     if config.backend == "native":

@@ -200,9 +200,9 @@ class OpenedTarget:
 def _model_file(config: Any, version_dir: Path | None) -> Path | None:
     if config is None or version_dir is None:
         return None
-    from conveyor.backends import MODEL_FILE_NAMES
+    from conveyor.backends import model_file_path
 
-    return version_dir / MODEL_FILE_NAMES[config.backend]
+    return model_file_path(config.backend, version_dir)
 
 
 def settings_of_config(config: Any) -> dict[str, Any]:

@@ -492,7 +492,7 @@ def profile(args: argparse.Namespace) -> int:
     out = args.out or Path(f"profile-{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     header = {"format": CHECKPOINT_FORMAT, "model": model.name, "version": model.version,
-              "model_sha256": file_sha256(model.version_dir / _model_file(model)),
+              "model_sha256": file_sha256(_model_file(model)),
               "config_sha256": config_sha256(model.config_data), "slo_p99_ms": args.slo_p99_ms,
               "settings": _plain({k: v for k, v in vars(settings).items() if k != "slo_p99_ms"}), "seed": args.seed,
               "cpus": cpus}  # fmt: skip
@@ -520,10 +520,10 @@ def profile(args: argparse.Namespace) -> int:
     return _write_outputs(args, model, out, report)
 
 
-def _model_file(model: Any) -> str:
-    from conveyor.backends import MODEL_FILE_NAMES
+def _model_file(model: Any) -> Path:
+    from conveyor.backends import model_file_path
 
-    return MODEL_FILE_NAMES[model.config_data["backend"]]
+    return model_file_path(model.config_data["backend"], model.version_dir)
 
 
 def _finish(profiler: Profiler, log: Any, search_seconds: float) -> dict[str, Any]:

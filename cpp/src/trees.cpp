@@ -1,0 +1,360 @@
+// TreeEnsemble: importing Treelite's node arrays into the flat layout, and the per-batch
+// walk that sums leaf values block by block (a block of rows stays in cache while every
+// tree runs over it).
+#include "conveyor/trees.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "conveyor/error.h"
+
+namespace conveyor {
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& what) {
+  throw Error(ErrorCode::kInvalidInput, "[trees] " + what);
+}
+
+// Rows walked through every tree before the next block starts: 128 rows of 32 features
+// and their margins fit in L1 beside the hot upper levels of the trees.
+constexpr int64_t kRowsPerBlock = 128;
+
+// The float32 t' with (x <= t) == (x <= t') for every float32 x: the largest float <= t.
+float float_at_most(double t) {
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) > t) f = std::nextafter(f, -std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// The float32 t' with (x < t) == (x < t') for every float32 x: the smallest float >= t.
+float float_at_least(double t) {
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+double sigmoid(double alpha, double margin) { return 1.0 / (1.0 + std::exp(-alpha * margin)); }
+
+}  // namespace
+
+TreePostprocessor tree_postprocessor_from_name(std::string_view name) {
+  static const std::pair<std::string_view, TreePostprocessor> kNames[] = {
+      {"identity", TreePostprocessor::kIdentity},
+      {"identity_multiclass", TreePostprocessor::kIdentityMulticlass},
+      {"sigmoid", TreePostprocessor::kSigmoid},
+      {"multiclass_ova", TreePostprocessor::kMulticlassOva},
+      {"softmax", TreePostprocessor::kSoftmax},
+      {"exponential", TreePostprocessor::kExponential},
+      {"exponential_standard_ratio", TreePostprocessor::kExponentialStandardRatio},
+      {"logarithm_one_plus_exp", TreePostprocessor::kLogarithmOnePlusExp},
+      {"signed_square", TreePostprocessor::kSignedSquare},
+      {"hinge", TreePostprocessor::kHinge},
+  };
+  std::string known;
+  for (const auto& [text, value] : kNames) {
+    if (text == name) return value;
+    known += known.empty() ? "" : ", ";
+    known += text;
+  }
+  invalid("unsupported postprocessor '" + std::string(name) + "': expected one of " + known);
+}
+
+TreeOutput tree_output_from_name(std::string_view name) {
+  if (name == "probabilities") return TreeOutput::kProbabilities;
+  if (name == "label") return TreeOutput::kLabel;
+  if (name == "raw_margin") return TreeOutput::kRawMargin;
+  if (name == "leaf_ids") return TreeOutput::kLeafIds;
+  if (name == "prediction") return TreeOutput::kPrediction;
+  invalid("unknown output '" + std::string(name) +
+          "': expected probabilities, label, raw_margin, leaf_ids or prediction");
+}
+
+TreeEnsemble::TreeEnsemble(TreeEnsembleHeader header, std::shared_ptr<MemoryPool> pool)
+    : header_(std::move(header)), pool_(pool ? std::move(pool) : MemoryPool::default_host()) {
+  if (header_.num_feature < 1) invalid("num_feature must be >= 1, got " + std::to_string(header_.num_feature));
+  if (header_.num_margin < 1) invalid("num_margin must be >= 1, got " + std::to_string(header_.num_margin));
+  if (static_cast<int64_t>(header_.base_scores.size()) != header_.num_margin) {
+    invalid("expected " + std::to_string(header_.num_margin) + " base scores (one per margin), got " +
+            std::to_string(header_.base_scores.size()));
+  }
+}
+
+void TreeEnsemble::add_tree(const TreeArrays& tree) {
+  if (finalized_) invalid("add_tree after finalize");
+  const std::string where = "tree " + std::to_string(tree_roots_.size());
+  const int32_t n = tree.num_nodes;
+  const int32_t margins = header_.num_margin;
+  if (n < 1) invalid(where + ": expected at least one node");
+  if (tree.class_id < -1 || tree.class_id >= margins) {
+    invalid(where + ": class_id " + std::to_string(tree.class_id) + " outside [-1, " + std::to_string(margins) + ")");
+  }
+  // A tree adding to every margin of a multi-margin model needs a vector in every leaf.
+  const int32_t leaf_width = (tree.class_id == -1 && margins > 1) ? margins : 1;
+  std::vector<Node> laid;  // the tree in its new order; indices relative to its root
+  std::vector<double> values;
+  std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
+  std::vector<std::pair<int32_t, int32_t>> stack{{0, 0}};  // (Treelite node, new slot)
+  laid.resize(1);
+  while (!stack.empty()) {
+    const auto [id, slot] = stack.back();
+    stack.pop_back();
+    const std::string node = where + " node " + std::to_string(id);
+    if (seen[id]) invalid(node + ": reached twice (the child arrays do not form a tree)");
+    seen[id] = 1;
+    Node out{};
+    if (tree.cleft[id] == -1) {
+      const uint64_t begin = tree.leaf_vector_begin ? tree.leaf_vector_begin[id] : 0;
+      const uint64_t end = tree.leaf_vector_end ? tree.leaf_vector_end[id] : 0;
+      const uint64_t width = end > begin ? end - begin : 0;
+      if (width != 0 && (tree.leaf_vector == nullptr || width != static_cast<uint64_t>(leaf_width))) {
+        invalid(node + ": a leaf vector of " + std::to_string(width) + " values, expected " +
+                std::to_string(leaf_width) + (leaf_width == 1 ? " (the tree adds to one margin)" : " (one per margin)"));
+      }
+      if (width == 0 && leaf_width != 1) {
+        invalid(node + ": a scalar leaf in a tree that adds to all " + std::to_string(margins) + " margins");
+      }
+      out.feature = -1;
+      out.left = static_cast<int32_t>(leaf_values_.size() + values.size());
+      out.leaf_node_id = id;
+      if (width == 0) {
+        values.push_back(tree.leaf_value[id]);
+      } else {
+        values.insert(values.end(), tree.leaf_vector + begin, tree.leaf_vector + end);
+      }
+      laid[slot] = out;
+      continue;
+    }
+    const int32_t left = tree.cleft[id], right = tree.cright[id], feature = tree.split_index[id];
+    if (left <= 0 || left >= n || right <= 0 || right >= n || left == right) {
+      invalid(node + ": child indices " + std::to_string(left) + ", " + std::to_string(right) + " outside [1, " +
+              std::to_string(n) + ")");
+    }
+    if (feature < 0 || feature >= header_.num_feature) {
+      invalid(node + ": feature " + std::to_string(feature) + " outside [0, " + std::to_string(header_.num_feature) + ")");
+    }
+    const double t = tree.threshold[id];
+    if (std::isnan(t)) invalid(node + ": threshold is NaN");
+    // `yes` is the child the test sends a number to when it holds.
+    int32_t yes = left, no = right;
+    switch (static_cast<TreeCompare>(tree.cmp[id])) {
+      case TreeCompare::kLess: out.threshold = float_at_least(t); out.less_equal = 0; break;
+      case TreeCompare::kLessEqual: out.threshold = float_at_most(t); out.less_equal = 1; break;
+      // x > t is !(x <= t) and x >= t is !(x < t) for numbers; NaN takes the default either way.
+      case TreeCompare::kGreater: out.threshold = float_at_most(t); out.less_equal = 1; std::swap(yes, no); break;
+      case TreeCompare::kGreaterEqual: out.threshold = float_at_least(t); out.less_equal = 0; std::swap(yes, no); break;
+      default:
+        invalid(node + ": comparison code " + std::to_string(tree.cmp[id]) +
+                " unsupported (expected <, <=, > or >=; categorical splits are not supported)");
+    }
+    out.feature = feature;
+    out.left = static_cast<int32_t>(laid.size());
+    const int32_t default_child = tree.default_left[id] ? left : right;
+    out.default_left = default_child == yes ? 1 : 0;
+    laid.resize(laid.size() + 2);
+    laid[slot] = out;
+    stack.push_back({no, out.left + 1});
+    stack.push_back({yes, out.left});
+  }
+  // Every node index must have been reached from the root: a cycle would have repeated one.
+  const int32_t root = static_cast<int32_t>(nodes_.size());
+  for (Node& node : laid) {
+    if (node.feature >= 0) node.left += root;
+  }
+  nodes_.insert(nodes_.end(), laid.begin(), laid.end());
+  leaf_values_.insert(leaf_values_.end(), values.begin(), values.end());
+  tree_roots_.push_back(root);
+  tree_class_.push_back(tree.class_id);
+}
+
+void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
+  if (finalized_) invalid("finalize called twice");
+  if (tree_roots_.empty()) invalid("the ensemble has no trees");
+  for (TreeOutput output : outputs) {
+    if ((output == TreeOutput::kProbabilities || output == TreeOutput::kLabel) && !classifier) {
+      invalid("probabilities and label are outputs of classifiers; this model is a regressor (use prediction)");
+    }
+    if (output == TreeOutput::kPrediction && (classifier || header_.num_margin != 1)) {
+      invalid("prediction is the output of a regressor with one margin (use probabilities or raw_margin)");
+    }
+  }
+  const int32_t margins = header_.num_margin;
+  margin_scale_.assign(static_cast<size_t>(margins), 1.0);
+  if (header_.average_tree_output) {
+    std::vector<int64_t> trees_per_margin(static_cast<size_t>(margins), 0);
+    for (int32_t cls : tree_class_) {
+      for (int32_t k = 0; k < margins; ++k) trees_per_margin[k] += (cls == -1 || cls == k) ? 1 : 0;
+    }
+    for (int32_t k = 0; k < margins; ++k) {
+      if (trees_per_margin[k] > 0) margin_scale_[k] = 1.0 / static_cast<double>(trees_per_margin[k]);
+    }
+  }
+  outputs_ = std::move(outputs);
+  classifier_ = classifier;
+  finalized_ = true;
+}
+
+int32_t TreeEnsemble::num_class() const noexcept {
+  return header_.num_margin == 1 && classifier_ ? 2 : header_.num_margin;
+}
+
+inline int32_t TreeEnsemble::walk(int32_t index, const float* row) const noexcept {
+  const Node* node = &nodes_[index];
+  while (node->feature >= 0) {
+    const float x = row[node->feature];
+    const bool yes = std::isnan(x) ? node->default_left != 0
+                                   : (x < node->threshold) | ((node->less_equal != 0) & (x == node->threshold));
+    node = &nodes_[node->left + (yes ? 0 : 1)];
+  }
+  return static_cast<int32_t>(node - nodes_.data());
+}
+
+void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_t* leaf_ids) const {
+  if (!finalized_) invalid("run before finalize");
+  const int64_t features = header_.num_feature;
+  const int32_t width = header_.num_margin;
+  const int32_t trees = num_tree();
+  std::fill(margins, margins + rows * width, 0.0);
+  for (int64_t begin = 0; begin < rows; begin += kRowsPerBlock) {
+    const int64_t end = std::min(rows, begin + kRowsPerBlock);
+    for (int32_t t = 0; t < trees; ++t) {
+      const int32_t root = tree_roots_[t];
+      const int32_t cls = tree_class_[t];
+      const bool every_margin = cls == -1 && width > 1;
+      const int32_t target = cls < 0 ? 0 : cls;
+      for (int64_t r = begin; r < end; ++r) {
+        const Node& leaf = nodes_[walk(root, x + r * features)];
+        const double* value = &leaf_values_[leaf.left];
+        double* acc = margins + r * width;
+        if (every_margin) {
+          for (int32_t k = 0; k < width; ++k) acc[k] += value[k];
+        } else {
+          acc[target] += value[0];
+        }
+        if (leaf_ids != nullptr) leaf_ids[r * trees + t] = leaf.leaf_node_id;
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    double* acc = margins + r * width;
+    for (int32_t k = 0; k < width; ++k) acc[k] = acc[k] * margin_scale_[k] + header_.base_scores[k];
+  }
+}
+
+void TreeEnsemble::postprocess(const double* margin, float* out) const {
+  const int32_t n = header_.num_margin;
+  const double alpha = header_.sigmoid_alpha;
+  double y[1];
+  switch (header_.postprocessor) {
+    case TreePostprocessor::kSoftmax: {
+      const double top = *std::max_element(margin, margin + n);
+      double sum = 0.0;
+      for (int32_t k = 0; k < n; ++k) sum += std::exp(margin[k] - top);
+      for (int32_t k = 0; k < n; ++k) out[k] = static_cast<float>(std::exp(margin[k] - top) / sum);
+      return;
+    }
+    case TreePostprocessor::kMulticlassOva:
+      for (int32_t k = 0; k < n; ++k) out[k] = static_cast<float>(sigmoid(alpha, margin[k]));
+      return;
+    case TreePostprocessor::kIdentity:
+    case TreePostprocessor::kIdentityMulticlass:
+      for (int32_t k = 0; k < n; ++k) out[k] = static_cast<float>(margin[k]);
+      return;
+    default:
+      break;
+  }
+  // The rest map each margin on its own.
+  for (int32_t k = 0; k < n; ++k) {
+    const double m = margin[k];
+    switch (header_.postprocessor) {
+      case TreePostprocessor::kSigmoid: y[0] = sigmoid(alpha, m); break;
+      case TreePostprocessor::kExponential: y[0] = std::exp(m); break;
+      case TreePostprocessor::kExponentialStandardRatio: y[0] = std::exp2(-m / header_.ratio_c); break;
+      case TreePostprocessor::kLogarithmOnePlusExp: y[0] = std::log1p(std::exp(m)); break;
+      case TreePostprocessor::kSignedSquare: y[0] = m * std::fabs(m); break;
+      case TreePostprocessor::kHinge: y[0] = m > 0.0 ? 1.0 : 0.0; break;
+      default: y[0] = m; break;
+    }
+    out[k] = static_cast<float>(y[0]);
+  }
+}
+
+std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
+  if (!finalized_) invalid("run before finalize");
+  if (inputs.size() != 1) invalid("expected 1 input (features), got " + std::to_string(inputs.size()));
+  const Tensor& x = inputs[0];
+  if (x.dtype != DType::kFloat32 || x.shape.ndim() != 2 || x.shape[1] != header_.num_feature) {
+    invalid("expected float32 features [rows, " + std::to_string(header_.num_feature) + "], got " +
+            std::string(dtype_name(x.dtype)) + " " + x.shape.to_string());
+  }
+  const int64_t rows = x.shape[0];
+  const int32_t width = header_.num_margin, classes = num_class(), trees = num_tree();
+  const bool want_leaf_ids = std::find(outputs_.begin(), outputs_.end(), TreeOutput::kLeafIds) != outputs_.end();
+  Tensor scratch = make_pooled_tensor(pool_, DType::kFloat64, Shape{rows, width});
+  double* margin = static_cast<double*>(scratch.data);
+  Tensor leaf_ids;
+  if (want_leaf_ids) leaf_ids = make_pooled_tensor(pool_, DType::kInt32, Shape{rows, trees});
+  margins(static_cast<const float*>(x.data), rows, margin, want_leaf_ids ? static_cast<int32_t*>(leaf_ids.data) : nullptr);
+
+  // Postprocessed values, [rows, classes] (a binary classifier's [1 - p, p]).
+  Tensor probabilities;
+  const bool want_values = std::any_of(outputs_.begin(), outputs_.end(), [](TreeOutput o) {
+    return o == TreeOutput::kProbabilities || o == TreeOutput::kLabel || o == TreeOutput::kPrediction;
+  });
+  if (want_values) {
+    probabilities = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, classes});
+    float* p = static_cast<float*>(probabilities.data);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = p + r * classes;
+      if (classes == 2 && width == 1) {
+        postprocess(margin + r, row + 1);
+        row[0] = 1.0f - row[1];
+      } else {
+        postprocess(margin + r * width, row);
+      }
+    }
+  }
+  std::vector<Tensor> out;
+  out.reserve(outputs_.size());
+  for (TreeOutput output : outputs_) {
+    switch (output) {
+      case TreeOutput::kProbabilities: out.push_back(probabilities); break;
+      case TreeOutput::kPrediction: {
+        Tensor t = probabilities;
+        t.shape = Shape{rows};
+        out.push_back(t);
+        break;
+      }
+      case TreeOutput::kLabel: {
+        Tensor label = make_pooled_tensor(pool_, DType::kInt64, Shape{rows});
+        const float* p = static_cast<const float*>(probabilities.data);
+        int64_t* dst = static_cast<int64_t*>(label.data);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* row = p + r * classes;
+          dst[r] = std::max_element(row, row + classes) - row;
+        }
+        out.push_back(label);
+        break;
+      }
+      case TreeOutput::kRawMargin: {
+        Tensor raw = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, width});
+        float* dst = static_cast<float*>(raw.data);
+        for (int64_t i = 0; i < rows * width; ++i) dst[i] = static_cast<float>(margin[i]);
+        out.push_back(raw);
+        break;
+      }
+      case TreeOutput::kLeafIds: out.push_back(leaf_ids); break;
+    }
+  }
+  return out;
+}
+
+Executor tree_ensemble_executor(std::shared_ptr<const TreeEnsemble> ensemble) {
+  return [ensemble = std::move(ensemble)](const Batch& batch) { return ensemble->run(batch.inputs); };
+}
+
+}  // namespace conveyor

@@ -1,0 +1,316 @@
+// The tree-ensemble evaluator on small hand-built forests: comparison operators (with
+// float64 thresholds), NaN default directions, multi-class and leaf-vector forests,
+// averaging, postprocessors, leaf ids, argument errors, and concurrent runs.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "conveyor/error.h"
+#include "conveyor/trees.h"
+
+using namespace conveyor;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// A tree in Treelite's arrays, owning them; leaves have cleft == -1.
+struct HandTree {
+  std::vector<int32_t> cleft, cright, split_index;
+  std::vector<uint8_t> default_left;
+  std::vector<double> threshold;
+  std::vector<int8_t> cmp;
+  std::vector<double> leaf_value, leaf_vector;
+  std::vector<uint64_t> begin, end;
+  int32_t class_id = 0;
+
+  int32_t split(int32_t feature, double t, TreeCompare op, bool nan_left) {
+    return push(0, 0, feature, nan_left, t, static_cast<int8_t>(op), 0.0);
+  }
+  int32_t leaf(double value) { return push(-1, -1, -1, false, 0.0, 0, value); }
+  int32_t vector_leaf(std::vector<double> values) {
+    const int32_t id = leaf(0.0);
+    begin[id] = leaf_vector.size();
+    leaf_vector.insert(leaf_vector.end(), values.begin(), values.end());
+    end[id] = leaf_vector.size();
+    return id;
+  }
+  void children(int32_t node, int32_t left, int32_t right) {
+    cleft[node] = left;
+    cright[node] = right;
+  }
+  TreeArrays arrays() const {
+    TreeArrays a;
+    a.num_nodes = static_cast<int32_t>(cleft.size());
+    a.cleft = cleft.data();
+    a.cright = cright.data();
+    a.split_index = split_index.data();
+    a.default_left = default_left.data();
+    a.threshold = threshold.data();
+    a.cmp = cmp.data();
+    a.leaf_value = leaf_value.data();
+    a.leaf_vector = leaf_vector.empty() ? nullptr : leaf_vector.data();
+    a.leaf_vector_begin = begin.data();
+    a.leaf_vector_end = end.data();
+    a.class_id = class_id;
+    return a;
+  }
+
+ private:
+  int32_t push(int32_t l, int32_t r, int32_t f, bool dl, double t, int8_t c, double v) {
+    cleft.push_back(l);
+    cright.push_back(r);
+    split_index.push_back(f);
+    default_left.push_back(dl ? 1 : 0);
+    threshold.push_back(t);
+    cmp.push_back(c);
+    leaf_value.push_back(v);
+    begin.push_back(0);
+    end.push_back(0);
+    return static_cast<int32_t>(cleft.size() - 1);
+  }
+};
+
+// One split on feature 0: leaf 10 when the test holds (cleft), 20 otherwise.
+HandTree stump(double t, TreeCompare op, bool nan_left) {
+  HandTree tree;
+  const int32_t root = tree.split(0, t, op, nan_left);
+  const int32_t yes = tree.leaf(10.0), no = tree.leaf(20.0);
+  tree.children(root, yes, no);
+  return tree;
+}
+
+TreeEnsembleHeader header(int32_t features, int32_t margins, const char* post = "identity") {
+  TreeEnsembleHeader h;
+  h.num_feature = features;
+  h.num_margin = margins;
+  h.base_scores.assign(static_cast<size_t>(margins), 0.0);
+  h.postprocessor = tree_postprocessor_from_name(post);
+  return h;
+}
+
+// Margins of one-feature rows through a one-stump ensemble.
+std::vector<double> stump_margins(const HandTree& tree, const std::vector<float>& x) {
+  TreeEnsemble e(header(1, 1));
+  e.add_tree(tree.arrays());
+  e.finalize({TreeOutput::kRawMargin}, false);
+  std::vector<double> out(x.size());
+  e.margins(x.data(), static_cast<int64_t>(x.size()), out.data(), nullptr);
+  return out;
+}
+
+Tensor borrow(std::vector<float>& data, int64_t rows, int64_t cols) {
+  Tensor t;
+  t.dtype = DType::kFloat32;
+  t.shape = Shape{rows, cols};
+  t.data = data.data();
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("trees: < and <= decide equal values differently, > and >= mirror them") {
+  const std::vector<float> x = {0.5f, 1.0f, 2.0f};
+  const auto less = stump_margins(stump(1.0, TreeCompare::kLess, false), x);
+  const auto less_equal = stump_margins(stump(1.0, TreeCompare::kLessEqual, false), x);
+  const auto greater = stump_margins(stump(1.0, TreeCompare::kGreater, false), x);
+  const auto greater_equal = stump_margins(stump(1.0, TreeCompare::kGreaterEqual, false), x);
+  CHECK_EQ(less[0], 10.0);
+  CHECK_EQ(less[1], 20.0);
+  CHECK_EQ(less[2], 20.0);
+  CHECK_EQ(less_equal[1], 10.0);
+  CHECK_EQ(less_equal[2], 20.0);
+  CHECK_EQ(greater[0], 20.0);
+  CHECK_EQ(greater[1], 20.0);
+  CHECK_EQ(greater[2], 10.0);
+  CHECK_EQ(greater_equal[0], 20.0);
+  CHECK_EQ(greater_equal[1], 10.0);
+}
+
+TEST_CASE("trees: float64 thresholds decide float32 inputs as float64 comparisons do") {
+  const double t = 0.1;  // not a float32: 0.1f is slightly above it
+  const float above = 0.1f, below = std::nextafter(0.1f, 0.0f);
+  CHECK(static_cast<double>(above) > t);
+  CHECK(static_cast<double>(below) < t);
+  const std::vector<float> x = {below, above};
+  for (TreeCompare op : {TreeCompare::kLess, TreeCompare::kLessEqual}) {
+    const auto m = stump_margins(stump(t, op, false), x);
+    CHECK_EQ(m[0], 10.0);
+    CHECK_EQ(m[1], 20.0);
+  }
+  for (TreeCompare op : {TreeCompare::kGreater, TreeCompare::kGreaterEqual}) {
+    const auto m = stump_margins(stump(t, op, false), x);
+    CHECK_EQ(m[0], 20.0);
+    CHECK_EQ(m[1], 10.0);
+  }
+}
+
+TEST_CASE("trees: NaN takes the default child whatever the operator") {
+  const std::vector<float> x = {kNaN};
+  for (TreeCompare op : {TreeCompare::kLess, TreeCompare::kLessEqual, TreeCompare::kGreater,
+                         TreeCompare::kGreaterEqual}) {
+    CHECK_EQ(stump_margins(stump(1.0, op, true), x)[0], 10.0);   // cleft
+    CHECK_EQ(stump_margins(stump(1.0, op, false), x)[0], 20.0);  // cright
+  }
+}
+
+TEST_CASE("trees: leaf ids are Treelite's node ids, in tree order") {
+  // Node ids deliberately out of breadth-first order: 0 -> (3, 1), 1 -> (4, 2).
+  HandTree tree;
+  tree.cleft.resize(5, -1);
+  tree.cright.resize(5, -1);
+  tree.split_index = {0, 1, -1, -1, -1};
+  tree.default_left = {0, 1, 0, 0, 0};
+  tree.threshold = {0.0, 5.0, 0.0, 0.0, 0.0};
+  tree.cmp = {2, 3, 0, 0, 0};
+  tree.leaf_value = {0.0, 0.0, 2.0, 3.0, 4.0};
+  tree.begin.assign(5, 0);
+  tree.end.assign(5, 0);
+  tree.children(0, 3, 1);
+  tree.children(1, 4, 2);
+  TreeEnsemble e(header(2, 1));
+  e.add_tree(tree.arrays());
+  e.add_tree(stump(0.0, TreeCompare::kLess, true).arrays());
+  e.finalize({TreeOutput::kLeafIds, TreeOutput::kRawMargin}, false);
+  std::vector<float> x = {-1.0f, 0.0f, 1.0f, 5.0f, 1.0f, 6.0f, 2.0f, kNaN};
+  const auto out = e.run({borrow(x, 4, 2)});
+  CHECK_EQ(out.size(), size_t{2});
+  CHECK(out[0].dtype == DType::kInt32);
+  const int32_t* ids = static_cast<const int32_t*>(out[0].data);
+  const int32_t expected_ids[] = {3, 1, 4, 2, 2, 2, 4, 2};
+  for (int i = 0; i < 8; ++i) CHECK_EQ(ids[i], expected_ids[i]);
+  const float* margin = static_cast<const float*>(out[1].data);
+  CHECK_EQ(margin[0], 13.0f);  // 3 + 10
+  CHECK_EQ(margin[1], 24.0f);  // 5 <= 5: 4 + 20
+  CHECK_EQ(margin[2], 22.0f);  // 2 + 20
+  CHECK_EQ(margin[3], 24.0f);  // NaN takes node 1's default (left, 4); x0 = 2 is not < 0 (20)
+}
+
+TEST_CASE("trees: multi-class softmax sums each class's trees, adds base scores, argmax labels") {
+  TreeEnsembleHeader h = header(1, 3, "softmax");
+  h.base_scores = {0.5, 0.0, -0.5};
+  TreeEnsemble e(h);
+  for (int32_t k = 0; k < 3; ++k) {
+    HandTree tree = stump(0.0, TreeCompare::kLess, false);
+    tree.leaf_value[1] = k;        // x < 0
+    tree.leaf_value[2] = 2.0 - k;  // otherwise
+    tree.class_id = k;
+    e.add_tree(tree.arrays());
+  }
+  e.finalize({TreeOutput::kProbabilities, TreeOutput::kLabel, TreeOutput::kRawMargin}, true);
+  CHECK_EQ(e.num_class(), 3);
+  std::vector<float> x = {-1.0f, 1.0f};
+  const auto out = e.run({borrow(x, 2, 1)});
+  const float* p = static_cast<const float*>(out[0].data);
+  const int64_t* label = static_cast<const int64_t*>(out[1].data);
+  const float* raw = static_cast<const float*>(out[2].data);
+  const double margins[2][3] = {{0.5, 1.0, 1.5}, {2.5, 1.0, -0.5}};
+  for (int r = 0; r < 2; ++r) {
+    double sum = 0.0;
+    for (double m : margins[r]) sum += std::exp(m);
+    for (int k = 0; k < 3; ++k) {
+      CHECK_EQ(raw[r * 3 + k], static_cast<float>(margins[r][k]));
+      CHECK(std::fabs(p[r * 3 + k] - std::exp(margins[r][k]) / sum) < 1e-6);
+    }
+  }
+  CHECK_EQ(label[0], int64_t{2});
+  CHECK_EQ(label[1], int64_t{0});
+}
+
+TEST_CASE("trees: leaf-vector forests average their trees (random forests)") {
+  TreeEnsembleHeader h = header(1, 3, "identity_multiclass");
+  h.average_tree_output = true;
+  TreeEnsemble e(h);
+  for (double shift : {0.0, 0.2}) {
+    HandTree tree;
+    const int32_t root = tree.split(0, 0.0, TreeCompare::kLessEqual, false);
+    const int32_t a = tree.vector_leaf({0.8 - shift, 0.2, shift}), b = tree.vector_leaf({0.0, 0.5, 0.5});
+    tree.children(root, a, b);
+    tree.class_id = -1;
+    e.add_tree(tree.arrays());
+  }
+  e.finalize({TreeOutput::kProbabilities, TreeOutput::kLabel}, true);
+  std::vector<float> x = {0.0f, 3.0f};
+  const auto out = e.run({borrow(x, 2, 1)});
+  const float* p = static_cast<const float*>(out[0].data);
+  const float expected[] = {0.7f, 0.2f, 0.1f, 0.0f, 0.5f, 0.5f};
+  for (int i = 0; i < 6; ++i) CHECK(std::fabs(p[i] - expected[i]) < 1e-6);
+  CHECK_EQ(static_cast<const int64_t*>(out[1].data)[0], int64_t{0});
+  CHECK_EQ(static_cast<const int64_t*>(out[1].data)[1], int64_t{1});  // a tie goes to the first class
+}
+
+TEST_CASE("trees: a binary sigmoid model gives [1 - p, p]; a regressor gives prediction [rows]") {
+  TreeEnsembleHeader h = header(1, 1, "sigmoid");
+  h.base_scores = {-1.0};
+  TreeEnsemble binary(h);
+  binary.add_tree(stump(0.0, TreeCompare::kLess, true).arrays());
+  binary.finalize({TreeOutput::kProbabilities, TreeOutput::kLabel}, true);
+  std::vector<float> x = {kNaN};
+  auto out = binary.run({borrow(x, 1, 1)});
+  const float p = static_cast<float>(1.0 / (1.0 + std::exp(-9.0)));
+  CHECK(out[0].shape == (Shape{1, 2}));
+  CHECK(std::fabs(static_cast<const float*>(out[0].data)[1] - p) < 1e-7);
+  CHECK(std::fabs(static_cast<const float*>(out[0].data)[0] - (1.0f - p)) < 1e-7);
+  CHECK_EQ(static_cast<const int64_t*>(out[1].data)[0], int64_t{1});
+
+  TreeEnsemble regressor(header(1, 1, "exponential"));
+  regressor.add_tree(stump(0.0, TreeCompare::kLess, false).arrays());
+  regressor.finalize({TreeOutput::kPrediction}, false);
+  out = regressor.run({borrow(x, 1, 1)});
+  CHECK(out[0].shape == (Shape{1}));
+  CHECK(std::fabs(static_cast<const float*>(out[0].data)[0] - std::exp(20.0f)) < 1e-7 * std::exp(20.0f));
+}
+
+TEST_CASE("trees: malformed trees, headers, outputs and batches are InvalidInput") {
+  HandTree bad_child = stump(0.0, TreeCompare::kLess, false);
+  bad_child.cright[0] = 7;
+  HandTree bad_feature = stump(0.0, TreeCompare::kLess, false);
+  bad_feature.split_index[0] = 3;
+  HandTree categorical = stump(0.0, TreeCompare::kLess, false);
+  categorical.cmp[0] = 0;
+  HandTree cycle = stump(0.0, TreeCompare::kLess, false);
+  cycle.cleft[0] = 2;
+  TreeEnsemble e(header(2, 1));
+  CHECK_THROWS_CODE(e.add_tree(bad_child.arrays()), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(e.add_tree(bad_feature.arrays()), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(e.add_tree(categorical.arrays()), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(e.add_tree(cycle.arrays()), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(e.finalize({TreeOutput::kRawMargin}, false), ErrorCode::kInvalidInput);  // no trees
+  e.add_tree(stump(0.0, TreeCompare::kLess, false).arrays());
+  CHECK_THROWS_CODE(e.finalize({TreeOutput::kLabel}, false), ErrorCode::kInvalidInput);
+  e.finalize({TreeOutput::kRawMargin}, false);
+  std::vector<float> x(6, 0.0f);
+  CHECK_THROWS_CODE(e.run({borrow(x, 2, 3)}), ErrorCode::kInvalidInput);
+  TreeEnsembleHeader no_base = header(2, 2);
+  no_base.base_scores.clear();
+  CHECK_THROWS_CODE(TreeEnsemble{no_base}, ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(tree_postprocessor_from_name("unknown"), ErrorCode::kInvalidInput);
+}
+
+TEST_CASE("trees: many threads run one ensemble at once and each gets its own answer") {
+  TreeEnsemble e(header(1, 1));
+  for (int t = 0; t < 8; ++t) e.add_tree(stump(t * 0.5, TreeCompare::kLess, t % 2 == 0).arrays());
+  e.finalize({TreeOutput::kRawMargin}, false);
+  std::vector<std::thread> threads;
+  std::vector<int> wrong(4, 0);
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      std::vector<float> x(300);
+      for (size_t r = 0; r < x.size(); ++r) x[r] = static_cast<float>((r + i) % 9) * 0.5f - 0.25f;
+      for (int round = 0; round < 20; ++round) {
+        const auto out = e.run({borrow(x, static_cast<int64_t>(x.size()), 1)});
+        const float* m = static_cast<const float*>(out[0].data);
+        for (size_t r = 0; r < x.size(); ++r) {
+          double expected = 0.0;
+          for (int t = 0; t < 8; ++t) expected += x[r] < t * 0.5f ? 10.0 : 20.0;
+          wrong[i] += m[r] != static_cast<float>(expected);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int w : wrong) CHECK_EQ(w, 0);
+}
