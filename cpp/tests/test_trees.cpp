@@ -152,8 +152,10 @@ TEST_CASE("trees: NaN takes the default child whatever the operator") {
   const std::vector<float> x = {kNaN};
   for (TreeCompare op : {TreeCompare::kLess, TreeCompare::kLessEqual, TreeCompare::kGreater,
                          TreeCompare::kGreaterEqual}) {
-    CHECK_EQ(stump_margins(stump(1.0, op, true), x)[0], 10.0);   // cleft
-    CHECK_EQ(stump_margins(stump(1.0, op, false), x)[0], 20.0);  // cright
+    const double nan_left = stump_margins(stump(1.0, op, true), x)[0];
+    const double nan_right = stump_margins(stump(1.0, op, false), x)[0];
+    CHECK_EQ(nan_left, 10.0);    // cleft
+    CHECK_EQ(nan_right, 20.0);   // cright
   }
 }
 
