@@ -96,12 +96,18 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
   // A tree adding to every margin of a multi-margin model needs a vector in every leaf.
   const int32_t leaf_width = (tree.class_id == -1 && margins > 1) ? margins : 1;
   std::vector<Node> laid;  // the tree in its new order; indices relative to its root
+  std::vector<Leaf> leaves;
   std::vector<double> values;
   std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
-  std::vector<std::pair<int32_t, int32_t>> stack{{0, 0}};  // (Treelite node, new slot)
+  struct Pending {
+    int32_t id, slot, depth;  // Treelite node, its new slot, splits above it
+  };
+  std::vector<Pending> stack{{0, 0, 0}};
+  int32_t depth = 0;
   laid.resize(1);
+  leaves.resize(1);
   while (!stack.empty()) {
-    const auto [id, slot] = stack.back();
+    const auto [id, slot, level] = stack.back();
     stack.pop_back();
     const std::string node = where + " node " + std::to_string(id);
     if (seen[id]) invalid(node + ": reached twice (the child arrays do not form a tree)");
@@ -118,9 +124,11 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
       if (width == 0 && leaf_width != 1) {
         invalid(node + ": a scalar leaf in a tree that adds to all " + std::to_string(margins) + " margins");
       }
-      out.feature = -1;
-      out.left = static_cast<int32_t>(leaf_values_.size() + values.size());
-      out.leaf_node_id = id;
+      out.feature = 0;
+      out.left = slot;
+      out.internal = 0;
+      leaves[slot] = Leaf{static_cast<int32_t>(leaf_values_.size() + values.size()), id};
+      depth = std::max(depth, level);
       if (width == 0) {
         values.push_back(tree.leaf_value[id]);
       } else {
@@ -153,22 +161,30 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
     }
     out.feature = feature;
     out.left = static_cast<int32_t>(laid.size());
+    out.internal = 1;
     const int32_t default_child = tree.default_left[id] ? left : right;
     out.default_left = default_child == yes ? 1 : 0;
     laid.resize(laid.size() + 2);
+    leaves.resize(laid.size());
     laid[slot] = out;
-    stack.push_back({no, out.left + 1});
-    stack.push_back({yes, out.left});
+    stack.push_back({no, out.left + 1, level + 1});
+    stack.push_back({yes, out.left, level + 1});
   }
-  // Every node index must have been reached from the root: a cycle would have repeated one.
   const int32_t root = static_cast<int32_t>(nodes_.size());
-  for (Node& node : laid) {
-    if (node.feature >= 0) node.left += root;
-  }
+  for (Node& node : laid) node.left += root;
   nodes_.insert(nodes_.end(), laid.begin(), laid.end());
+  leaves_.insert(leaves_.end(), leaves.begin(), leaves.end());
   leaf_values_.insert(leaf_values_.end(), values.begin(), values.end());
   tree_roots_.push_back(root);
   tree_class_.push_back(tree.class_id);
+  tree_depth_.push_back(depth);
+  // Balanced enough that walking every row `depth` steps wastes little (depth-wise
+  // growth, as XGBoost's): at most one level deeper than its leaves need.
+  int64_t leaf_count = 0;
+  for (const Node& node : laid) leaf_count += node.internal ? 0 : 1;
+  int32_t needed = 0;
+  while ((int64_t{1} << needed) < leaf_count) ++needed;
+  tree_balanced_.push_back(depth <= needed + 1 ? 1 : 0);
 }
 
 void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
@@ -202,41 +218,129 @@ int32_t TreeEnsemble::num_class() const noexcept {
   return header_.num_margin == 1 && classifier_ ? 2 : header_.num_margin;
 }
 
-inline int32_t TreeEnsemble::walk(int32_t index, const float* row) const noexcept {
-  const Node* node = &nodes_[index];
-  while (node->feature >= 0) {
-    const float x = row[node->feature];
-    const bool yes = std::isnan(x) ? node->default_left != 0
-                                   : (x < node->threshold) | ((node->less_equal != 0) & (x == node->threshold));
-    node = &nodes_[node->left + (yes ? 0 : 1)];
+// One step of a walk: the child a row goes to from `node` (a leaf stays where it is).
+inline int32_t TreeEnsemble::step(const Node& node, const float* row) noexcept {
+  const float x = row[node.feature];
+  // A NaN fails both comparisons, so only the default can send it to `left`.
+  const bool holds = (x < node.threshold) | ((node.less_equal != 0) & (x == node.threshold));
+  const bool yes = holds | (std::isnan(x) & (node.default_left != 0));
+  return node.left + static_cast<int32_t>(!yes & (node.internal != 0));
+}
+
+template <int kLanes>
+void TreeEnsemble::walk_lockstep(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept {
+  const Node* nodes = nodes_.data();
+  const int64_t features = header_.num_feature;
+  const int32_t depth = tree_depth_[tree];
+  for (int64_t first = 0; first + kLanes <= count; first += kLanes) {
+    int32_t at[kLanes];
+    for (int l = 0; l < kLanes; ++l) at[l] = tree_roots_[tree];
+    // Every lane takes `depth` steps: no branch depends on the data.
+    for (int32_t level = 0; level < depth; ++level) {
+      for (int l = 0; l < kLanes; ++l) at[l] = step(nodes[at[l]], x + (first + l) * features);
+    }
+    for (int l = 0; l < kLanes; ++l) reached[first + l] = at[l];
   }
-  return static_cast<int32_t>(node - nodes_.data());
+}
+
+template <int kLanes>
+void TreeEnsemble::walk_refill(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept {
+  const Node* nodes = nodes_.data();
+  const int64_t features = header_.num_feature;
+  const int32_t root = tree_roots_[tree];
+  int32_t at[kLanes];
+  int64_t row[kLanes];  // -1: the lane has no row left
+  int64_t next = 0;
+  int active = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    at[l] = root;
+    row[l] = next < count ? next++ : -1;
+    active += row[l] >= 0;
+  }
+  while (active > 0) {
+    for (int l = 0; l < kLanes; ++l) {
+      if (row[l] < 0) continue;
+      const Node& node = nodes[at[l]];
+      if (!node.internal) {  // this row is done: the lane takes the next one
+        reached[row[l]] = at[l];
+        at[l] = root;
+        row[l] = next < count ? next++ : -1;
+        active -= row[l] < 0;
+        continue;
+      }
+      at[l] = step(node, x + row[l] * features);
+    }
+  }
+}
+
+template <int kLanes>
+void TreeEnsemble::walk_trees(const float* row, int32_t* reached) const noexcept {
+  const Node* nodes = nodes_.data();
+  const int32_t trees = num_tree();
+  int32_t at[kLanes];
+  int32_t tree[kLanes];  // -1: the lane has no tree left
+  int32_t next = 0;
+  int active = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    tree[l] = next < trees ? next++ : -1;
+    at[l] = tree[l] >= 0 ? tree_roots_[tree[l]] : 0;
+    active += tree[l] >= 0;
+  }
+  while (active > 0) {
+    for (int l = 0; l < kLanes; ++l) {
+      if (tree[l] < 0) continue;
+      const Node& node = nodes[at[l]];
+      if (!node.internal) {  // this tree is done: the lane takes the next one
+        reached[tree[l]] = at[l];
+        tree[l] = next < trees ? next++ : -1;
+        at[l] = tree[l] >= 0 ? tree_roots_[tree[l]] : 0;
+        active -= tree[l] < 0;
+        continue;
+      }
+      at[l] = step(node, row);
+    }
+  }
 }
 
 void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_t* leaf_ids) const {
   if (!finalized_) invalid("run before finalize");
+  constexpr int kLanes = 8;
   const int64_t features = header_.num_feature;
   const int32_t width = header_.num_margin;
   const int32_t trees = num_tree();
+  int32_t reached[kRowsPerBlock];
+  std::vector<int32_t> reached_by_tree(static_cast<size_t>(trees));
   std::fill(margins, margins + rows * width, 0.0);
+  // Adds the leaf (node index) row r reached in tree t to its margins.
+  auto add_leaf = [&](int64_t r, int32_t t, int32_t node) {
+    const Leaf& leaf = leaves_[node];
+    const double* value = &leaf_values_[leaf.value_index];
+    double* acc = margins + r * width;
+    const int32_t cls = tree_class_[t];
+    if (cls == -1 && width > 1) {
+      for (int32_t k = 0; k < width; ++k) acc[k] += value[k];
+    } else {
+      acc[cls < 0 ? 0 : cls] += value[0];
+    }
+    if (leaf_ids != nullptr) leaf_ids[r * trees + t] = leaf.node_id;
+  };
   for (int64_t begin = 0; begin < rows; begin += kRowsPerBlock) {
-    const int64_t end = std::min(rows, begin + kRowsPerBlock);
-    for (int32_t t = 0; t < trees; ++t) {
-      const int32_t root = tree_roots_[t];
-      const int32_t cls = tree_class_[t];
-      const bool every_margin = cls == -1 && width > 1;
-      const int32_t target = cls < 0 ? 0 : cls;
-      for (int64_t r = begin; r < end; ++r) {
-        const Node& leaf = nodes_[walk(root, x + r * features)];
-        const double* value = &leaf_values_[leaf.left];
-        double* acc = margins + r * width;
-        if (every_margin) {
-          for (int32_t k = 0; k < width; ++k) acc[k] += value[k];
-        } else {
-          acc[target] += value[0];
-        }
-        if (leaf_ids != nullptr) leaf_ids[r * trees + t] = leaf.leaf_node_id;
+    const int64_t count = std::min(rows - begin, kRowsPerBlock);
+    // Whole groups of kLanes rows go tree by tree, lanes over rows; the few rows left
+    // (all of a small batch) go row by row, lanes over trees.
+    const int64_t grouped = count - count % kLanes;
+    const float* block = x + begin * features;
+    for (int32_t t = 0; grouped > 0 && t < trees; ++t) {
+      if (tree_balanced_[t]) {
+        walk_lockstep<kLanes>(t, block, grouped, reached);
+      } else {
+        walk_refill<kLanes>(t, block, grouped, reached);
       }
+      for (int64_t r = 0; r < grouped; ++r) add_leaf(begin + r, t, reached[r]);
+    }
+    for (int64_t r = begin + grouped; r < begin + count; ++r) {
+      walk_trees<kLanes>(x + r * features, reached_by_tree.data());
+      for (int32_t t = 0; t < trees; ++t) add_leaf(r, t, reached_by_tree[t]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -315,4 +316,92 @@ TEST_CASE("trees: many threads run one ensemble at once and each gets its own an
   }
   for (auto& t : threads) t.join();
   for (int w : wrong) CHECK_EQ(w, 0);
+}
+
+namespace {
+
+// A random tree in Treelite's arrays: `splits` internal nodes, grown at random leaves
+// (so some branches run deep), random operators, float64 thresholds, defaults and ids.
+HandTree random_tree(std::mt19937& rng, int32_t features, int splits) {
+  std::uniform_real_distribution<double> value(-2.0, 2.0);
+  HandTree tree;
+  std::vector<int32_t> open{tree.leaf(value(rng))};
+  for (int s = 0; s < splits; ++s) {
+    const size_t pick = std::uniform_int_distribution<size_t>(0, open.size() - 1)(rng);
+    const int32_t node = open[pick];
+    open.erase(open.begin() + static_cast<std::ptrdiff_t>(pick));
+    tree.split_index[node] = std::uniform_int_distribution<int32_t>(0, features - 1)(rng);
+    tree.threshold[node] = value(rng) * 0.7;
+    tree.cmp[node] = static_cast<int8_t>(std::uniform_int_distribution<int>(2, 5)(rng));
+    tree.default_left[node] = static_cast<uint8_t>(rng() & 1);
+    const int32_t a = tree.leaf(value(rng)), b = tree.leaf(value(rng));
+    tree.children(node, a, b);
+    open.push_back(a);
+    open.push_back(b);
+  }
+  return tree;
+}
+
+// The plain reading of Treelite's arrays: float64 comparisons, NaN to the default child.
+double reference_leaf(const HandTree& tree, const float* row) {
+  int32_t node = 0;
+  while (tree.cleft[node] != -1) {
+    const double x = row[tree.split_index[node]], t = tree.threshold[node];
+    bool left;
+    if (std::isnan(x)) {
+      left = tree.default_left[node] != 0;
+    } else {
+      switch (static_cast<TreeCompare>(tree.cmp[node])) {
+        case TreeCompare::kLess: left = x < t; break;
+        case TreeCompare::kLessEqual: left = x <= t; break;
+        case TreeCompare::kGreater: left = x > t; break;
+        default: left = x >= t; break;
+      }
+    }
+    node = left ? tree.cleft[node] : tree.cright[node];
+  }
+  return tree.leaf_value[node];
+}
+
+}  // namespace
+
+TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees) matches the plain reading") {
+  std::mt19937 rng(5);
+  constexpr int32_t kFeatures = 5;
+  std::vector<HandTree> forest;
+  for (int t = 0; t < 12; ++t) forest.push_back(random_tree(rng, kFeatures, t % 3 == 0 ? 7 : 25));
+  // A full tree of depth 3 (balanced: walked in lockstep).
+  HandTree full;
+  std::vector<int32_t> level{full.split(0, 0.0, TreeCompare::kLess, true)};
+  for (int depth = 0; depth < 3; ++depth) {
+    std::vector<int32_t> below;
+    for (int32_t node : level) {
+      const bool last = depth == 2;
+      const int32_t a = last ? full.leaf(depth + node) : full.split(depth + 1, 0.3 * node, TreeCompare::kLessEqual, false);
+      const int32_t b = last ? full.leaf(-node) : full.split(depth + 2, -0.2 * node, TreeCompare::kGreater, true);
+      full.children(node, a, b);
+      below.push_back(a);
+      below.push_back(b);
+    }
+    level = below;
+  }
+  forest.push_back(full);
+  TreeEnsemble e(header(kFeatures, 1));
+  for (const HandTree& tree : forest) e.add_tree(tree.arrays());
+  e.finalize({TreeOutput::kRawMargin}, false);
+
+  constexpr int64_t kRows = 301;  // blocks of 128, groups of 8, and a tail of 5
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(kRows * kFeatures);
+  for (float& v : x) v = (rng() % 8 == 0) ? kNaN : normal(rng);
+  std::vector<double> together(kRows), alone(kRows);
+  e.margins(x.data(), kRows, together.data(), nullptr);
+  for (int64_t r = 0; r < kRows; ++r) e.margins(x.data() + r * kFeatures, 1, &alone[r], nullptr);
+  int wrong = 0;
+  for (int64_t r = 0; r < kRows; ++r) {
+    double expected = 0.0;
+    for (const HandTree& tree : forest) expected += reference_leaf(tree, x.data() + r * kFeatures);
+    wrong += std::fabs(together[r] - expected) > 1e-9 || std::fabs(alone[r] - expected) > 1e-9;
+  }
+  CHECK_EQ(wrong, 0);
 }

@@ -124,20 +124,37 @@ class TreeEnsemble {
   size_t node_count() const noexcept { return nodes_.size(); }
 
  private:
-  // 16 bytes. Internal: feature >= 0, children at `left` (the test holds) and `left + 1`.
-  // Leaf: feature == -1 and `left` indexes its value(s) in leaf_values_.
+  // 16 bytes. Internal: children at `left` (the test holds) and `left + 1`. Leaf:
+  // `left` is its own index and `internal` is 0, so a walk that goes on past a leaf stays
+  // there (it reads feature 0 and ignores the answer); the walk needs no branch per node.
   struct Node {
-    union {
-      float threshold;       // internal nodes
-      int32_t leaf_node_id;  // leaves: the Treelite node id (the leaf_ids output)
-    };
+    float threshold;
     int32_t feature;
     int32_t left;
-    uint8_t default_left;
-    uint8_t less_equal;  // the test is x <= threshold (else x < threshold)
+    uint8_t default_left;  // NaN goes to `left`
+    uint8_t less_equal;    // the test is x <= threshold (else x < threshold)
+    uint8_t internal;
+  };
+  // Per node, read once a walk ends there (leaves only).
+  struct Leaf {
+    int32_t value_index;  // into leaf_values_
+    int32_t node_id;      // Treelite's node id (the leaf_ids output)
   };
 
-  int32_t walk(int32_t node, const float* row) const noexcept;
+  static int32_t step(const Node& node, const float* row) noexcept;
+  // The leaf (node index) each of `count` rows of x reaches in `tree`, into reached[].
+  // Both walk kLanes rows at once, so their chains of dependent loads overlap.
+  // Lockstep: every lane takes `depth` steps, no data-dependent branch (balanced trees);
+  // count is a multiple of kLanes.
+  template <int kLanes>
+  void walk_lockstep(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
+  // Refill: a lane that reaches its leaf takes the next row (unbalanced, leaf-wise trees,
+  // where lockstep would walk every row as deep as the deepest leaf).
+  template <int kLanes>
+  void walk_refill(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
+  // One row through every tree, kLanes trees at once: reached[t] for each tree t.
+  template <int kLanes>
+  void walk_trees(const float* row, int32_t* reached) const noexcept;
   void postprocess(const double* margin, float* probabilities) const;
 
   const TreeEnsembleHeader header_;
@@ -145,6 +162,9 @@ class TreeEnsemble {
   std::vector<Node> nodes_;
   std::vector<int32_t> tree_roots_;
   std::vector<int32_t> tree_class_;        // -1: the leaf vector adds to every margin
+  std::vector<int32_t> tree_depth_;        // the longest root-to-leaf path, in splits
+  std::vector<uint8_t> tree_balanced_;     // walk it in lockstep (see walk_lockstep)
+  std::vector<Leaf> leaves_;               // per node (same index as nodes_)
   std::vector<double> leaf_values_;        // per leaf: 1 value, or num_margin for trees adding to every margin
   std::vector<double> margin_scale_;       // per margin: 1 / trees adding to it when averaging
   std::vector<TreeOutput> outputs_;
