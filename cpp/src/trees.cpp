@@ -248,27 +248,27 @@ void TreeEnsemble::walk_refill(int32_t tree, const float* x, int64_t count, int3
   const Node* nodes = nodes_.data();
   const int64_t features = header_.num_feature;
   const int32_t root = tree_roots_[tree];
+  // Rows numbered count and above are past the end: such a lane walks row count - 1 and
+  // writes reached[count], a spare slot. No branch depends on the data.
   int32_t at[kLanes];
-  int64_t row[kLanes];  // -1: the lane has no row left
-  int64_t next = 0;
-  int active = 0;
+  int64_t row[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     at[l] = root;
-    row[l] = next < count ? next++ : -1;
-    active += row[l] >= 0;
+    row[l] = l;
   }
-  while (active > 0) {
+  int64_t next = kLanes, finished = 0;
+  while (finished < count) {
     for (int l = 0; l < kLanes; ++l) {
-      if (row[l] < 0) continue;
       const Node& node = nodes[at[l]];
-      if (!node.internal) {  // this row is done: the lane takes the next one
-        reached[row[l]] = at[l];
-        at[l] = root;
-        row[l] = next < count ? next++ : -1;
-        active -= row[l] < 0;
-        continue;
-      }
-      at[l] = step(node, x + row[l] * features);
+      const int64_t r = row[l];
+      const bool leaf = node.internal == 0;
+      reached[std::min(r, count)] = at[l];  // final once the lane stands on its leaf
+      finished += leaf & (r < count);
+      const int32_t moved = step(node, x + std::min(r, count - 1) * features);
+      // At a leaf the lane takes the next row and starts it at the root.
+      row[l] = leaf ? next : r;
+      next += leaf;
+      at[l] = leaf ? root : moved;
     }
   }
 }
@@ -308,7 +308,7 @@ void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_
   const int64_t features = header_.num_feature;
   const int32_t width = header_.num_margin;
   const int32_t trees = num_tree();
-  int32_t reached[kRowsPerBlock];
+  int32_t reached[kRowsPerBlock + 1];  // + walk_refill's spare slot
   std::vector<int32_t> reached_by_tree(static_cast<size_t>(trees));
   std::fill(margins, margins + rows * width, 0.0);
   // Adds the leaf (node index) row r reached in tree t to its margins.

@@ -149,7 +149,8 @@ class TreeEnsemble {
   template <int kLanes>
   void walk_lockstep(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
   // Refill: a lane that reaches its leaf takes the next row (unbalanced, leaf-wise trees,
-  // where lockstep would walk every row as deep as the deepest leaf).
+  // where lockstep would walk every row as deep as the deepest leaf); reached[] needs one
+  // spare slot past count.
   template <int kLanes>
   void walk_refill(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
   // One row through every tree, kLanes trees at once: reached[t] for each tree t.
