@@ -151,7 +151,7 @@ def test_field_errors_name_file_field_expected_and_got(
 
 def test_backend_must_be_known(tmp_path: Path) -> None:
     message = config_error(tmp_path, 'backend = "tensorflow"')
-    assert "field 'backend': expected 'onnx', 'python' or 'native', got 'tensorflow'" in message
+    assert "field 'backend': expected 'onnx', 'python', 'native' or 'trees', got 'tensorflow'" in message
 
 
 def test_missing_backend(tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ def test_explicit_name_overrides_directory(tmp_path: Path) -> None:
 
 def test_python_backend_needs_tensors(tmp_path: Path) -> None:
     message = config_error(tmp_path, 'backend = "python"')
-    assert "field 'inputs': expected at least one tensor (only onnx models may omit them), got []" in message
+    assert "field 'inputs': expected at least one tensor (only onnx, native and trees models may omit them), got []" in message
 
 
 def test_preferred_sizes_within_max_batch_size(tmp_path: Path) -> None:

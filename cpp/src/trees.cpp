@@ -109,8 +109,9 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
   while (!stack.empty()) {
     const auto [id, slot, level] = stack.back();
     stack.pop_back();
-    const std::string node = where + " node " + std::to_string(id);
-    if (seen[id]) invalid(node + ": reached twice (the child arrays do not form a tree)");
+    // Named only when something is wrong: most models have many thousand nodes.
+    auto node = [&, id = id] { return where + " node " + std::to_string(id); };
+    if (seen[id]) invalid(node() + ": reached twice (the child arrays do not form a tree)");
     seen[id] = 1;
     Node out{};
     if (tree.cleft[id] == -1) {
@@ -118,11 +119,11 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
       const uint64_t end = tree.leaf_vector_end ? tree.leaf_vector_end[id] : 0;
       const uint64_t width = end > begin ? end - begin : 0;
       if (width != 0 && (tree.leaf_vector == nullptr || width != static_cast<uint64_t>(leaf_width))) {
-        invalid(node + ": a leaf vector of " + std::to_string(width) + " values, expected " +
+        invalid(node() + ": a leaf vector of " + std::to_string(width) + " values, expected " +
                 std::to_string(leaf_width) + (leaf_width == 1 ? " (the tree adds to one margin)" : " (one per margin)"));
       }
       if (width == 0 && leaf_width != 1) {
-        invalid(node + ": a scalar leaf in a tree that adds to all " + std::to_string(margins) + " margins");
+        invalid(node() + ": a scalar leaf in a tree that adds to all " + std::to_string(margins) + " margins");
       }
       out.feature = 0;
       out.left = slot;
@@ -139,14 +140,14 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
     }
     const int32_t left = tree.cleft[id], right = tree.cright[id], feature = tree.split_index[id];
     if (left <= 0 || left >= n || right <= 0 || right >= n || left == right) {
-      invalid(node + ": child indices " + std::to_string(left) + ", " + std::to_string(right) + " outside [1, " +
+      invalid(node() + ": child indices " + std::to_string(left) + ", " + std::to_string(right) + " outside [1, " +
               std::to_string(n) + ")");
     }
     if (feature < 0 || feature >= header_.num_feature) {
-      invalid(node + ": feature " + std::to_string(feature) + " outside [0, " + std::to_string(header_.num_feature) + ")");
+      invalid(node() + ": feature " + std::to_string(feature) + " outside [0, " + std::to_string(header_.num_feature) + ")");
     }
     const double t = tree.threshold[id];
-    if (std::isnan(t)) invalid(node + ": threshold is NaN");
+    if (std::isnan(t)) invalid(node() + ": threshold is NaN");
     // `yes` is the child the test sends a number to when it holds.
     int32_t yes = left, no = right;
     switch (static_cast<TreeCompare>(tree.cmp[id])) {
@@ -156,7 +157,7 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
       case TreeCompare::kGreater: out.threshold = float_at_most(t); out.less_equal = 1; std::swap(yes, no); break;
       case TreeCompare::kGreaterEqual: out.threshold = float_at_least(t); out.less_equal = 0; std::swap(yes, no); break;
       default:
-        invalid(node + ": comparison code " + std::to_string(tree.cmp[id]) +
+        invalid(node() + ": comparison code " + std::to_string(tree.cmp[id]) +
                 " unsupported (expected <, <=, > or >=; categorical splits are not supported)");
     }
     out.feature = feature;
@@ -169,6 +170,10 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
     laid[slot] = out;
     stack.push_back({no, out.left + 1, level + 1});
     stack.push_back({yes, out.left, level + 1});
+  }
+  constexpr size_t kMaxIndex = static_cast<size_t>(std::numeric_limits<int32_t>::max());
+  if (nodes_.size() + laid.size() > kMaxIndex || leaf_values_.size() + values.size() > kMaxIndex) {
+    invalid(where + ": the ensemble would exceed 2^31 nodes or leaf values");
   }
   const int32_t root = static_cast<int32_t>(nodes_.size());
   for (Node& node : laid) node.left += root;

@@ -52,7 +52,6 @@ class TreesBackend(Backend):
         config = complete_tree_config(config, model, source=str(model_path))
         super().__init__(config, version)
         self.model_path = model_path
-        self.num_feature = model.num_feature
         # The batcher's executor: evaluated in C++ on the instance threads.
         self.native_executor: Any = model.build(self.output_names)
         logger.debug(
@@ -65,9 +64,8 @@ class TreesBackend(Backend):
         ensemble = self.native_executor
         if ensemble is None:
             raise Unavailable(f"{self.label} is closed")
-        rows = np.ascontiguousarray(inputs[0], dtype=np.float32)
         try:
-            return ensemble.run([rows.reshape(-1, self.num_feature) if rows.ndim == 1 else rows])
+            return ensemble.run([np.ascontiguousarray(inputs[0], dtype=np.float32)])
         except ConveyorError:  # the core's own errors (InvalidInput for a bad batch) keep their type
             raise
         except Exception as exc:

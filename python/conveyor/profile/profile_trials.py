@@ -98,6 +98,11 @@ def describe_model(repository: Path, name: str, version: int | None = None) -> P
 
 def _backends(config: Any, version_dir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
     """Which backends can run the model: onnx for a model.onnx, native when its graph plans on our kernels."""
+    if config.backend == "trees":
+        return ("trees",), {
+            "onnx": "the model is a tree ensemble",
+            "native": "the model is a tree ensemble",
+        }
     if config.backend == "python":
         return ("python",), {
             "onnx": "the model is Python code",

@@ -34,7 +34,8 @@ Configuration = dict[str, Any]
 # the nearer it came, so the climb still heads toward the objective when nothing meets it yet.
 Evaluate = Callable[[Configuration], float]
 
-BACKENDS = ("onnx", "native", "python")  # python: only for a model written in Python (no threads to tune)
+# python: only for a model written in Python; trees: only for a tree ensemble (neither has threads to tune).
+BACKENDS = ("onnx", "native", "python", "trees")
 # The batcher dispatches early when the rows reach the largest preferred size, and only while it
 # would otherwise wait out a queue delay: a preferred size is one below max_batch_size.
 PREFERRED_CHOICES = ("none", "half", "quarter")
@@ -113,7 +114,7 @@ class SearchSpace:
                 break
         if result["backend"] != "onnx":
             result["inter_op_threads"] = min(self.values["inter_op_threads"])
-        if result["backend"] == "python":  # the model's own code decides its threads
+        if result["backend"] in ("python", "trees"):  # the model's own code, or one thread per instance
             result["threads"] = min(self.values["threads"])
         if result["device"] != "cpu":  # pinning the host threads of a GPU model is not searched
             result["pinning"] = self.values["pinning"][0]
@@ -129,7 +130,7 @@ class SearchSpace:
         if configuration["max_batch_size"] <= 1 and configuration["max_queue_delay_us"] > 0:
             return "a queue delay without batching"
         if configuration["device"] != "cpu" and configuration["backend"] != "onnx":
-            return "the native backend runs on the CPU only"
+            return f"the {configuration['backend']} backend runs on the CPU only"
         return None
 
     def configurations(self) -> list[Configuration]:
