@@ -20,6 +20,8 @@ namespace {
   throw Error(ErrorCode::kInvalidInput, "[trees] " + what);
 }
 
+constexpr float kInfinity = std::numeric_limits<float>::infinity();
+
 // Rows walked through every tree before the next block starts: 128 rows of 32 features
 // and their margins fit in L1 beside the hot upper levels of the trees.
 constexpr int64_t kRowsPerBlock = 128;
@@ -148,17 +150,27 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
     }
     const double t = tree.threshold[id];
     if (std::isnan(t)) invalid(node() + ": threshold is NaN");
-    // `yes` is the child the test sends a number to when it holds.
+    // Every test becomes `x < threshold` on float32; `yes` is the child it sends a number
+    // to when it holds. x > t is !(x <= t) and x >= t is !(x < t) for numbers (NaN takes
+    // the default either way), and x <= t' is x < (the next float after t').
     int32_t yes = left, no = right;
-    switch (static_cast<TreeCompare>(tree.cmp[id])) {
-      case TreeCompare::kLess: out.threshold = float_at_least(t); out.less_equal = 0; break;
-      case TreeCompare::kLessEqual: out.threshold = float_at_most(t); out.less_equal = 1; break;
-      // x > t is !(x <= t) and x >= t is !(x < t) for numbers; NaN takes the default either way.
-      case TreeCompare::kGreater: out.threshold = float_at_most(t); out.less_equal = 1; std::swap(yes, no); break;
-      case TreeCompare::kGreaterEqual: out.threshold = float_at_least(t); out.less_equal = 0; std::swap(yes, no); break;
-      default:
-        invalid(node() + ": comparison code " + std::to_string(tree.cmp[id]) +
-                " unsupported (expected <, <=, > or >=; categorical splits are not supported)");
+    const auto cmp = static_cast<TreeCompare>(tree.cmp[id]);
+    if (cmp != TreeCompare::kLess && cmp != TreeCompare::kLessEqual && cmp != TreeCompare::kGreater &&
+        cmp != TreeCompare::kGreaterEqual) {
+      invalid(node() + ": comparison code " + std::to_string(tree.cmp[id]) +
+              " unsupported (expected <, <=, > or >=; categorical splits are not supported)");
+    }
+    if (cmp == TreeCompare::kGreater || cmp == TreeCompare::kGreaterEqual) std::swap(yes, no);
+    const bool less_equal = cmp == TreeCompare::kLessEqual || cmp == TreeCompare::kGreater;
+    out.threshold = less_equal ? float_at_most(t) : float_at_least(t);
+    if (less_equal) {
+      if (out.threshold < kInfinity) {
+        out.threshold = std::nextafter(out.threshold, kInfinity);
+      } else {
+        // x <= +inf holds for every number, and x < -inf for none: swap the children.
+        out.threshold = -kInfinity;
+        std::swap(yes, no);
+      }
     }
     out.feature = feature;
     out.left = static_cast<int32_t>(laid.size());
@@ -227,7 +239,7 @@ int32_t TreeEnsemble::num_class() const noexcept {
 inline int32_t TreeEnsemble::step(const Node& node, const float* row) noexcept {
   const float x = row[node.feature];
   // A NaN fails both comparisons, so only the default can send it to `left`.
-  const bool holds = (x < node.threshold) | ((node.less_equal != 0) & (x == node.threshold));
+  const bool holds = x < node.threshold;
   const bool yes = holds | (std::isnan(x) & (node.default_left != 0));
   return node.left + static_cast<int32_t>(!yes & (node.internal != 0));
 }
@@ -253,27 +265,34 @@ void TreeEnsemble::walk_refill(int32_t tree, const float* x, int64_t count, int3
   const Node* nodes = nodes_.data();
   const int64_t features = header_.num_feature;
   const int32_t root = tree_roots_[tree];
-  // Rows numbered count and above are past the end: such a lane walks row count - 1 and
-  // writes reached[count], a spare slot. No branch depends on the data.
   int32_t at[kLanes];
   int64_t row[kLanes];
+  const float* data[kLanes];
+  int64_t next = 0;
+  int active = 0;
   for (int l = 0; l < kLanes; ++l) {
     at[l] = root;
-    row[l] = l;
+    row[l] = next < count ? next++ : -1;
+    data[l] = x + std::max<int64_t>(row[l], 0) * features;
+    active += row[l] >= 0;
   }
-  int64_t next = kLanes, finished = 0;
-  while (finished < count) {
+  while (active > 0) {
     for (int l = 0; l < kLanes; ++l) {
       const Node& node = nodes[at[l]];
-      const int64_t r = row[l];
-      const bool leaf = node.internal == 0;
-      reached[std::min(r, count)] = at[l];  // final once the lane stands on its leaf
-      finished += leaf & (r < count);
-      const int32_t moved = step(node, x + std::min(r, count - 1) * features);
-      // At a leaf the lane takes the next row and starts it at the root.
-      row[l] = leaf ? next : r;
-      next += leaf;
-      at[l] = leaf ? root : moved;
+      if (node.internal) {
+        at[l] = step(node, data[l]);
+        continue;
+      }
+      if (row[l] < 0) continue;
+      // This row is done: the lane takes the next one, or stays on the leaf when none is left.
+      reached[row[l]] = at[l];
+      row[l] = next < count ? next++ : -1;
+      if (row[l] < 0) {
+        --active;
+        continue;
+      }
+      at[l] = root;
+      data[l] = x + row[l] * features;
     }
   }
 }

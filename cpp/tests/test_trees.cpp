@@ -405,3 +405,23 @@ TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees)
   }
   CHECK_EQ(wrong, 0);
 }
+
+TEST_CASE("trees: every operator agrees with float64 comparisons at infinities and float limits") {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  constexpr float kMax = std::numeric_limits<float>::max();
+  const double thresholds[] = {-kInf, -1e300, -double{kMax}, 0.1, 1.0, double{kMax}, 1e300, kInf};
+  const std::vector<float> x = {-std::numeric_limits<float>::infinity(), -kMax, std::nextafter(0.1f, 0.0f), 0.1f,
+                                1.0f, std::nextafter(1.0f, 2.0f), kMax, std::numeric_limits<float>::infinity(), kNaN};
+  int wrong = 0;
+  for (double t : thresholds) {
+    for (TreeCompare op : {TreeCompare::kLess, TreeCompare::kLessEqual, TreeCompare::kGreater,
+                           TreeCompare::kGreaterEqual}) {
+      for (bool nan_left : {false, true}) {
+        const HandTree tree = stump(t, op, nan_left);
+        const auto got = stump_margins(tree, x);
+        for (size_t i = 0; i < x.size(); ++i) wrong += got[i] != reference_leaf(tree, &x[i]);
+      }
+    }
+  }
+  CHECK_EQ(wrong, 0);
+}

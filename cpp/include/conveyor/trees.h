@@ -5,8 +5,9 @@
 // postprocessor) at construction, then each tree with add_tree() in Treelite's own node
 // arrays, then finalize() naming the outputs run() returns. add_tree() re-lays each tree
 // out so that a node's right child sits right after its left child and every test reads
-// `x < t` or `x <= t` on float32 (">" and ">=" swap the children; float64 thresholds are
-// rounded to the float32 that decides every float32 input the same way). After
+// `x < t` on float32 (">" and ">=" swap the children, "x <= t" becomes "x < the next
+// float"; float64 thresholds are rounded to the float32 that decides every float32 input
+// the same way). After
 // finalize() the ensemble is immutable and run() may be called from any number of
 // threads at once without locks (the batcher's instances share one ensemble).
 //
@@ -124,7 +125,7 @@ class TreeEnsemble {
   size_t node_count() const noexcept { return nodes_.size(); }
 
  private:
-  // 16 bytes. Internal: children at `left` (the test holds) and `left + 1`. Leaf:
+  // 16 bytes. Internal: children at `left` (x < threshold holds) and `left + 1`. Leaf:
   // `left` is its own index and `internal` is 0, so a walk that goes on past a leaf stays
   // there (it reads feature 0 and ignores the answer); the walk needs no branch per node.
   struct Node {
@@ -132,7 +133,6 @@ class TreeEnsemble {
     int32_t feature;
     int32_t left;
     uint8_t default_left;  // NaN goes to `left`
-    uint8_t less_equal;    // the test is x <= threshold (else x < threshold)
     uint8_t internal;
   };
   // Per node, read once a walk ends there (leaves only).
