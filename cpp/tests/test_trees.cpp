@@ -321,13 +321,14 @@ TEST_CASE("trees: many threads run one ensemble at once and each gets its own an
 namespace {
 
 // A random tree in Treelite's arrays: `splits` internal nodes, grown at random leaves
-// (so some branches run deep), random operators, float64 thresholds, defaults and ids.
-HandTree random_tree(std::mt19937& rng, int32_t features, int splits) {
+// (so some branches run deep) or, as a chain, always at the newest leaf; random
+// operators, float64 thresholds, defaults and ids.
+HandTree random_tree(std::mt19937& rng, int32_t features, int splits, bool chain = false) {
   std::uniform_real_distribution<double> value(-2.0, 2.0);
   HandTree tree;
   std::vector<int32_t> open{tree.leaf(value(rng))};
   for (int s = 0; s < splits; ++s) {
-    const size_t pick = std::uniform_int_distribution<size_t>(0, open.size() - 1)(rng);
+    const size_t pick = chain ? open.size() - 1 : std::uniform_int_distribution<size_t>(0, open.size() - 1)(rng);
     const int32_t node = open[pick];
     open.erase(open.begin() + static_cast<std::ptrdiff_t>(pick));
     tree.split_index[node] = std::uniform_int_distribution<int32_t>(0, features - 1)(rng);
@@ -370,6 +371,8 @@ TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees)
   constexpr int32_t kFeatures = 5;
   std::vector<HandTree> forest;
   for (int t = 0; t < 12; ++t) forest.push_back(random_tree(rng, kFeatures, t % 3 == 0 ? 7 : 25));
+  // Chains: the deepest leaf far below the average one (walked with refilled lanes).
+  for (int t = 0; t < 3; ++t) forest.push_back(random_tree(rng, kFeatures, 30, true));
   // A full tree of depth 3 (balanced: walked in lockstep).
   HandTree full;
   std::vector<int32_t> level{full.split(0, 0.0, TreeCompare::kLess, true)};

@@ -148,9 +148,8 @@ class TreeEnsemble {
   // count is a multiple of kLanes.
   template <int kLanes>
   void walk_lockstep(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
-  // Refill: a lane that reaches its leaf takes the next row (unbalanced, leaf-wise trees,
-  // where lockstep would walk every row as deep as the deepest leaf); reached[] needs one
-  // spare slot past count.
+  // Refill: a lane that reaches its leaf takes the next row (trees whose deepest leaf lies
+  // far below the average one, where lockstep would walk every row as deep as it).
   template <int kLanes>
   void walk_refill(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
   // One row through every tree, kLanes trees at once: reached[t] for each tree t.
@@ -164,7 +163,7 @@ class TreeEnsemble {
   std::vector<int32_t> tree_roots_;
   std::vector<int32_t> tree_class_;        // -1: the leaf vector adds to every margin
   std::vector<int32_t> tree_depth_;        // the longest root-to-leaf path, in splits
-  std::vector<uint8_t> tree_balanced_;     // walk it in lockstep (see walk_lockstep)
+  std::vector<uint8_t> tree_balanced_;     // walk it in lockstep (see kLockstepSlack in trees.cpp)
   std::vector<Leaf> leaves_;               // per node (same index as nodes_)
   std::vector<double> leaf_values_;        // per leaf: 1 value, or num_margin for trees adding to every margin
   std::vector<double> margin_scale_;       // per margin: 1 / trees adding to it when averaging
