@@ -7,6 +7,8 @@ row, an odd count and max_batch_size. A library that is not installed skips its 
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import sys
 import threading
@@ -16,11 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from server_thread import ServerThread
 
 import conveyor
 from conveyor.backends import TreesBackend, create_backend, model_file_path
 from conveyor.config import parse_model_config
 from conveyor.errors import ConfigError, InvalidInput
+from conveyor.server.serve import ServeOptions
 
 treelite = pytest.importorskip("treelite", reason="the trees backend needs treelite (pip install conveyor-serve[trees])")
 gtil = pytest.importorskip("treelite.gtil")
@@ -265,6 +269,9 @@ def test_the_signature_is_filled_from_the_model(binary_model: Path) -> None:
     assert [(t.name, t.datatype, t.dims) for t in config.outputs] == [
         ("probabilities", "FP32", [2]), ("label", "INT64", []), ("raw_margin", "FP32", [1]),
     ]  # fmt: skip
+    # The repository fills it too (what the server's model listeners see before loading).
+    source = conveyor.repository.ModelRepository(binary_model.parents[2]).load_model("xgb")
+    assert source.config.inputs == config.inputs and source.config.outputs == config.outputs
 
 
 def test_without_batching_every_tensor_leads_with_a_variable_row_dim(binary_model: Path) -> None:
@@ -380,3 +387,36 @@ def test_without_treelite_loading_says_how_to_install_it(binary_model: Path, mon
 def test_trees_runs_only_on_the_cpu() -> None:
     with pytest.raises(ConfigError, match="the trees backend runs on the CPU"):
         trees_config(instance_group={"device": "cuda"})
+
+
+def test_over_http_a_row_of_the_wrong_width_is_a_400_and_the_metadata_names_the_backend(
+    binary_model: Path, tmp_path: Path
+) -> None:
+    def post(port: int, rows: np.ndarray) -> tuple[int, dict[str, Any]]:
+        body = {"inputs": [{"name": "features", "shape": list(rows.shape), "datatype": "FP32",
+                            "data": np.nan_to_num(rows).reshape(-1).tolist()}]}  # fmt: skip
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/v2/models/xgb/infer", body=json.dumps(body))
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    options = ServeOptions(repository=binary_model.parents[2], http_port=0, grpc_port=0, data_dir=tmp_path / "data",
+                           grace_period_s=30, server_version="test")  # fmt: skip
+    thread = ServerThread(options)
+    try:
+        status, answer = post(thread.port, np.zeros((2, FEATURES - 1), dtype=np.float32))
+        assert status == 400 and "features" in answer["error"], answer
+        status, answer = post(thread.port, serving_rows()[:3])
+        assert status == 200, answer
+        assert [output["name"] for output in answer["outputs"]] == ["probabilities", "label", "raw_margin"]
+        connection = http.client.HTTPConnection("127.0.0.1", thread.port, timeout=30)
+        connection.request("GET", "/v2/models/xgb")
+        metadata = json.loads(connection.getresponse().read())
+        connection.close()
+        assert metadata["platform"] == "trees"
+        assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, FEATURES]}]
+    finally:
+        thread.stop()

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor.backends import MODEL_FILE_NAMES, fill_config_from_onnx, model_file_path
+from conveyor.backends import MODEL_FILE_NAMES, fill_config_from_onnx, fill_config_from_trees, model_file_path
 from conveyor.config import CONFIG_FILE_NAME, MODEL_NAME_PATTERN, ModelConfig, load_model_config, parse_model_config
 from conveyor.errors import ConfigError, InvalidInput, ModelNotFound
 from conveyor.protocol.triton_pbtxt import TRITON_CONFIG_FILE_NAME, read_config_pbtxt
@@ -109,9 +109,10 @@ class ModelRepository:
             reasons = "; ".join(f"version {version}: {problem}" for version, problem in inspection.problems.items())
             raise ConfigError(f"{self.root / name}: no version to serve ({reasons or 'no version directories'})")
         config = inspection.config
-        if config.backend in ("onnx", "native") and not (config.inputs and config.outputs):
+        if config.backend in ("onnx", "native", "trees") and not (config.inputs and config.outputs):
             newest = inspection.served[max(inspection.served)]
-            config = fill_config_from_onnx(config, model_file_path(config.backend, newest))
+            fill = fill_config_from_trees if config.backend == "trees" else fill_config_from_onnx
+            config = fill(config, model_file_path(config.backend, newest))
         return ModelSource(name=name, config=config, versions=inspection.served)
 
     def index(self) -> list[RepositoryEntry]:

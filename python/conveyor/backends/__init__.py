@@ -9,7 +9,7 @@ from conveyor.backends.base import Backend, version_of
 from conveyor.backends.native import NativeBackend, UnsupportedGraph
 from conveyor.backends.onnx import OnnxBackend, fill_config_from_onnx
 from conveyor.backends.python import CallableBackend, ModelFunction, PythonBackend
-from conveyor.backends.trees import TreesBackend
+from conveyor.backends.trees import TreesBackend, fill_config_from_trees
 from conveyor.backends.trees_import import TREE_MODEL_FILES, find_tree_model_file
 from conveyor.config import ModelConfig
 from conveyor.errors import ConfigError
@@ -36,6 +36,7 @@ __all__ = [
     "TreesBackend",
     "create_backend",
     "fill_config_from_onnx",
+    "fill_config_from_trees",
     "model_file_path",
 ]
 

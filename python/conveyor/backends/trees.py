@@ -36,7 +36,7 @@ from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Una
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_INPUT_NAME", "TreesBackend", "find_tree_model_file", "tree_signature"]
+__all__ = ["DEFAULT_INPUT_NAME", "TreesBackend", "fill_config_from_trees", "find_tree_model_file", "tree_signature"]
 
 DEFAULT_INPUT_NAME = "features"
 
@@ -75,6 +75,13 @@ class TreesBackend(Backend):
         # The batcher holds its own reference to the ensemble while it drains.
         self.native_executor = None
         super().close()
+
+
+def fill_config_from_trees(config: ModelConfig, model_path: Path) -> ModelConfig:
+    """`config` with omitted inputs/outputs read from the tree model (as the onnx backend's auto-complete)."""
+    if config.inputs and config.outputs:
+        return config
+    return complete_tree_config(config, load_tree_model(Path(model_path)), source=str(model_path))
 
 
 def tree_signature(model: TreeModel, max_batch_size: int) -> tuple[TensorConfig, dict[str, TensorConfig]]:
