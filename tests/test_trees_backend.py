@@ -208,6 +208,15 @@ def test_lightgbm_regressor(tmp_path: Path) -> None:
     check_regressor(tmp_path, "lgbr", model_file, x, booster.predict(x))
 
 
+def test_lightgbm_zero_as_missing_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    x_train, score = training_data(missing=False)
+    x_train[np.random.default_rng(0).random(x_train.shape) < 0.2] = 0.0
+    booster = lightgbm_booster({"objective": "binary", "zero_as_missing": True}, (score > 0).astype(np.float32), x_train)
+    write_model(tmp_path, "zeros", "model.txt", lambda path: booster.save_model(str(path)))
+    with pytest.raises(ConfigError, match="zero_as_missing=true.*retrain with zero_as_missing=false"):
+        create_backend(trees_config(), tmp_path / "zeros" / "1")
+
+
 # ---- scikit-learn (through a Treelite checkpoint) -------------------------------------------
 
 

@@ -100,6 +100,8 @@ def load_tree_model(path: Path) -> TreeModel:
         raise ConfigError(f"{path}: not a tree model file; expected one of {', '.join(TREE_MODEL_FILES)}")
     if not path.is_file():
         raise ConfigError(f"{path}: no such model file")
+    if path.name == "model.txt":
+        _check_lightgbm_missing_values(path)
     try:
         if path.name == "model.txt":
             model = treelite.frontend.load_lightgbm_model(path)
@@ -125,6 +127,28 @@ def _import_treelite() -> ModuleType:
             "install it with: pip install conveyor-serve[trees]"
         ) from exc
     return treelite
+
+
+def _check_lightgbm_missing_values(path: Path) -> None:
+    """Refuse splits that treat zero as missing (zero_as_missing=true): Treelite reads them as plain splits.
+
+    LightGBM's text format keeps each split's missing-value rule in bits 2-3 of its
+    decision_type (0: none, 1: zero, 2: NaN).
+    """
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if not line.startswith("decision_type="):
+                    continue
+                for field in line.partition("=")[2].split():
+                    if field.lstrip("-").isdigit() and (int(field) >> 2) & 3 == 1:
+                        raise ConfigError(
+                            f"{path}: the LightGBM model treats zero as a missing value (trained with "
+                            "zero_as_missing=true), which the trees backend cannot reproduce; retrain with "
+                            "zero_as_missing=false and send missing values as NaN"
+                        )
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _describe(path: Path, model: Any) -> TreeModel:
