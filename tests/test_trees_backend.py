@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_thread import ServerThread
 
 import conveyor
 from conveyor.backends import TreesBackend, create_backend, model_file_path
 from conveyor.config import parse_model_config
 from conveyor.errors import ConfigError, InvalidInput
 from conveyor.server.serve import ServeOptions
+from server_thread import ServerThread
 
 treelite = pytest.importorskip("treelite", reason="the trees backend needs treelite (pip install conveyor-serve[trees])")
 gtil = pytest.importorskip("treelite.gtil")
@@ -357,11 +357,10 @@ def test_a_bad_model_file_fails_to_load_while_the_others_serve(binary_model: Pat
     write_model(root, "broken", "model.json", lambda path: path.write_text('{"learner": "not a model"}'))
     with pytest.raises(ConfigError, match=r"Treelite cannot read it as a XGBoost \(JSON\) model"):
         create_backend(trees_config(), root / "broken" / "1")
-    with caplog.at_level(logging.ERROR, logger="conveyor.runtime"):
-        with conveyor.Runtime.from_repository(root) as runtime:
-            assert runtime.infer("xgb", {"features": serving_rows()[:1]})["label"].shape == (1,)
-            with pytest.raises(conveyor.errors.ModelNotFound):
-                runtime.model("broken")
+    with caplog.at_level(logging.ERROR, logger="conveyor.runtime"), conveyor.Runtime.from_repository(root) as runtime:
+        assert runtime.infer("xgb", {"features": serving_rows()[:1]})["label"].shape == (1,)
+        with pytest.raises(conveyor.errors.ModelNotFound):
+            runtime.model("broken")
     assert "model broken failed to load" in caplog.text
 
 
