@@ -205,7 +205,7 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
   tree_depth_.push_back(depth);
   // Walked in lockstep when that wastes little: its deepest leaf at most a few levels
   // below the average leaf (depth-wise growth, as XGBoost's, has every leaf at one depth).
-  tree_balanced_.push_back(depth <= leaf_depth_sum / leaf_count + kLockstepSlack ? 1 : 0);
+  tree_lockstep_.push_back(depth <= leaf_depth_sum / leaf_count + kLockstepSlack ? 1 : 0);
 }
 
 void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
@@ -359,7 +359,7 @@ void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_
     const int64_t grouped = count - count % kLanes;
     const float* block = x + begin * features;
     for (int32_t t = 0; grouped > 0 && t < trees; ++t) {
-      if (tree_balanced_[t]) {
+      if (tree_lockstep_[t]) {
         walk_lockstep<kLanes>(t, block, grouped, reached);
       } else {
         walk_refill<kLanes>(t, block, grouped, reached);

@@ -144,7 +144,8 @@ class TreeEnsemble {
   static int32_t step(const Node& node, const float* row) noexcept;
   // The leaf (node index) each of `count` rows of x reaches in `tree`, into reached[].
   // Both walk kLanes rows at once, so their chains of dependent loads overlap.
-  // Lockstep: every lane takes `depth` steps, no data-dependent branch (balanced trees);
+  // Lockstep: every lane takes `depth` steps, no data-dependent branch (trees whose leaves
+  // lie at similar depths);
   // count is a multiple of kLanes.
   template <int kLanes>
   void walk_lockstep(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
@@ -163,7 +164,7 @@ class TreeEnsemble {
   std::vector<int32_t> tree_roots_;
   std::vector<int32_t> tree_class_;        // -1: the leaf vector adds to every margin
   std::vector<int32_t> tree_depth_;        // the longest root-to-leaf path, in splits
-  std::vector<uint8_t> tree_balanced_;     // walk it in lockstep (see kLockstepSlack in trees.cpp)
+  std::vector<uint8_t> tree_lockstep_;     // walk it in lockstep (see kLockstepSlack in trees.cpp)
   std::vector<Leaf> leaves_;               // per node (same index as nodes_)
   std::vector<double> leaf_values_;        // per leaf: 1 value, or num_margin for trees adding to every margin
   std::vector<double> margin_scale_;       // per margin: 1 / trees adding to it when averaging
