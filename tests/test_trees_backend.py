@@ -330,10 +330,14 @@ def test_a_row_with_the_wrong_number_of_features_is_invalid_input(binary_model: 
 
 
 def test_batches_run_in_cpp_without_calling_python(binary_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_python(self: TreesBackend, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        raise AssertionError("the batcher must run the TreeEnsemble, not Backend.execute")
+    calls: list[int] = []
+    execute = TreesBackend.execute
 
-    monkeypatch.setattr(TreesBackend, "execute", no_python)
+    def counted(self: TreesBackend, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        calls.append(threading.get_ident())
+        return execute(self, inputs)
+
+    monkeypatch.setattr(TreesBackend, "execute", counted)
     x = serving_rows()
     direct = create_backend(trees_config(), binary_model.parent).native_executor.run([x])[0]
     results: dict[int, np.ndarray] = {}
@@ -347,6 +351,8 @@ def test_batches_run_in_cpp_without_calling_python(binary_model: Path, monkeypat
             thread.start()
         for thread in threads:
             thread.join()
+    # Backend.execute ran once, on this thread: the probe batch at load. The batches ran in C++.
+    assert calls == [threading.get_ident()]
     assert sorted(results) == list(range(32))
     for i, got in results.items():
         np.testing.assert_array_equal(got, direct[i : i + 1 + i % 3])
