@@ -10,6 +10,8 @@ The public API:
   ``Runtime``: start, steer, tick, and requests routed through them.
 - ``MemoryPool``: the size-class caching tensor allocator (``empty``, ``stats``, ``trim``).
 - ``ModelConfig``, ``load_model_config``, ``ModelRepository``: the model repository.
+- ``import_model``: a trained model (XGBoost, LightGBM, scikit-learn trees, or a model
+  file) into a repository, checked for parity with its source.
 - ``conveyor.errors``: every error Conveyor raises, under ``ConveyorError``.
 """
 
@@ -22,7 +24,6 @@ from conveyor.examples import example_repository
 from conveyor.memory import MemoryPool
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime as _CoreRuntime
-
 
 
 class Runtime(_CoreRuntime):
@@ -51,6 +52,7 @@ except PackageNotFoundError:  # a source checkout that was not installed
 
 __all__ = [
     "ConveyorError",
+    "import_model",
     "MemoryPool",
     "ModelConfig",
     "ModelRepository",
@@ -60,3 +62,16 @@ __all__ = [
     "example_repository",
     "load_model_config",
 ]
+
+
+def import_model(
+    source: object, *, repository: object, name: str, sample: object = None, tolerance: float | None = None
+) -> object:
+    """Add a trained model (an XGBoost, LightGBM or scikit-learn tree model object, or a
+    model file) to a repository as its next version, checked for parity with the source
+    (conveyor.model_import; also `conveyor import` on the command line)."""
+    from conveyor.model_import import DEFAULT_TOLERANCE
+    from conveyor.model_import import import_model as _import_model
+
+    return _import_model(source, repository=repository, name=name, sample=sample,
+                         tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)  # fmt: skip

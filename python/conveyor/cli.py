@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench_commands(subparsers)
     register_profile_commands(subparsers)
     register_compare_commands(subparsers)
+    from conveyor.model_import import register_import_command
     from conveyor.triton_import import register_import_triton_command
 
+    register_import_command(subparsers)
     register_import_triton_command(subparsers)
     return parser
 
