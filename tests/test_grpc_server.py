@@ -599,6 +599,23 @@ def test_load_with_config_and_files(served: Served, add_one_onnx: Callable[..., 
         client.unload_model("uploaded")
 
 
+@pytest.mark.parametrize(
+    "key", ["file:1/../../escaped.onnx", "file:/etc/model.onnx", "file:01/model.onnx", "file:1/a\0b.onnx",
+            "file:1/" + "a" * 256, "file:model.onnx", "file:1//model.onnx"],
+)  # fmt: skip
+def test_load_refuses_file_parameters_outside_the_model_directory(
+    served: Served, add_one_onnx: Callable[..., bytes], key: str
+) -> None:
+    config = {"name": "uploaded", "backend": "onnxruntime", "max_batch_size": 8,
+              "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}]}  # fmt: skip
+    with pytest.raises(InferenceServerException) as excinfo:
+        served.client.load_model("uploaded", config=json.dumps(config), files={key: add_one_onnx(4)})
+    assert _status(excinfo) == "StatusCode.INVALID_ARGUMENT"
+    assert "must look like 'file:<version>/<file name>'" in str(excinfo.value)
+    assert served.client.is_server_live() and not served.client.is_model_ready("uploaded")
+
+
 def test_load_errors(served: Served) -> None:
     with pytest.raises(InferenceServerException) as excinfo:
         served.client.load_model("no_such_model")

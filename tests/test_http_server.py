@@ -513,6 +513,17 @@ def test_load_and_unload_answer_json(served: ServerThread, client: Any) -> None:
     assert not client.is_model_ready("spare")
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"!!!not base64"', "is not valid base64"), ("12", "must be the file's bytes as a base64 string")],
+)
+def test_load_refuses_file_contents_that_are_not_base64(served: ServerThread, value: str, expected: str) -> None:
+    config = json.dumps(json.dumps({"backend": "onnxruntime", "max_batch_size": 0}))
+    body = b'{"parameters": {"config": ' + config.encode() + b', "file:1/model.onnx": ' + value.encode() + b"}}"
+    status, _, answer = _request(served.port, "POST", "/v2/repository/models/spare/load", body, AUTH)
+    assert status == 400 and expected in json.loads(answer)["error"]
+
+
 def test_load_and_unload(client: Any) -> None:
     client.load_model("spare", headers=AUTH)
     assert client.is_model_ready("spare")

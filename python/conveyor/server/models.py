@@ -14,7 +14,9 @@ Loading blocks (it opens model files): the servers call it from a worker thread.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -271,20 +273,52 @@ def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
 
 
 def _stage_files(name: str, files: dict[str, bytes | str]) -> Path:
-    """Write `file:<version>/<name>` contents into a private directory laid out like a model."""
-    root = Path(tempfile.mkdtemp(prefix="conveyor-load-")) / name
-    root.mkdir()
+    """Write `file:<version>/<name>` contents into a private directory laid out like a model.
+
+    Every key and content is checked before anything is written; a bad one is an
+    InvalidInput naming it, and nothing is left behind.
+    """
+    staged: list[tuple[Path, bytes]] = []
     for key, content in files.items():
-        relative = Path(key.removeprefix("file:"))
-        parts = relative.parts
-        if len(parts) < 2 or not parts[0].isdigit() or any(p in ("..", "") or p.startswith("/") for p in parts):
-            shutil.rmtree(root.parent, ignore_errors=True)
-            raise InvalidInput(
-                f"model '{name}': file parameter '{key}' must look like 'file:<version>/<file name>' "
-                "inside the model directory"
-            )
-        data = base64.b64decode(content) if isinstance(content, str) else content
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        staged.append((_staged_path(name, key), _staged_bytes(name, key, content)))
+    root = Path(tempfile.mkdtemp(prefix="conveyor-load-")) / name
+    try:
+        root.mkdir()
+        for relative, data in staged:
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except OSError as exc:
+        shutil.rmtree(root.parent, ignore_errors=True)
+        raise InvalidInput(f"model '{name}': the file parameters cannot be written: {exc.strerror or exc}") from None
     return root
+
+
+def _staged_path(name: str, key: str) -> Path:
+    """The relative path of a `file:<version>/<name>` parameter, inside the model directory."""
+    relative = key.removeprefix("file:")
+    parts = relative.split("/")
+    valid = (
+        len(parts) >= 2
+        and re.fullmatch(r"[1-9][0-9]*", parts[0]) is not None  # as the repository names versions
+        and all(part not in ("", ".", "..") and len(part.encode()) <= 255 for part in parts)
+        and "\0" not in relative
+        and "\\" not in relative
+    )
+    if not valid:
+        raise InvalidInput(
+            f"model '{name}': file parameter {key!r} must look like 'file:<version>/<file name>' inside the "
+            "model directory (a version number without leading zeros, no '..', no empty or over-long names)"
+        )
+    return Path(*parts)
+
+
+def _staged_bytes(name: str, key: str, content: bytes | str) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if not isinstance(content, str):
+        raise InvalidInput(f"model '{name}': file parameter {key!r} must be the file's bytes as a base64 string")
+    try:
+        return base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"model '{name}': file parameter {key!r} is not valid base64") from None
