@@ -203,7 +203,7 @@ def test_a_triton_style_override_with_quoted_int64s() -> None:
             {"model_transaction_policy": {"decoupled": True}},
             ["field 'model_transaction_policy.decoupled': not supported by Conveyor except at its default false"],
         ),
-        ({"backend": "tensorrt"}, ["field 'backend': expected one of onnxruntime, python, native, trees, got \"tensorrt\""]),
+        ({"backend": "tensorrt"}, ["field 'backend': expected one of onnxruntime, python, native, trees, fil, got \"tensorrt\""]),
         ({"backend": "python", "platform": "onnxruntime_onnx"}, ['contradicts backend "python"']),
         ({"max_batch_size": "eight"}, ["field 'max_batch_size': expected an integer, got \"eight\""]),
         ({"instance_group": [{"count": 1}, {"count": 1}]}, ["expected a list of exactly one group"]),

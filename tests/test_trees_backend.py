@@ -377,7 +377,7 @@ def test_a_version_needs_exactly_one_tree_model_file(binary_model: Path) -> None
         model_file_path("trees", version_dir)
     empty = version_dir.parent / "2"
     empty.mkdir()
-    with pytest.raises(ConfigError, match=r"model.tl \(Treelite checkpoint\); found none"):
+    with pytest.raises(ConfigError, match=r"checkpoint.tl \(Treelite checkpoint\); found none"):
         create_backend(trees_config(), empty)
     problems = [entry.reason for entry in conveyor.repository.ModelRepository(version_dir.parents[1]).index()]
     assert any("found none" in reason for reason in problems)

@@ -77,8 +77,10 @@ TreeOutput tree_output_from_name(std::string_view name) {
   if (name == "raw_margin") return TreeOutput::kRawMargin;
   if (name == "leaf_ids") return TreeOutput::kLeafIds;
   if (name == "prediction") return TreeOutput::kPrediction;
+  if (name == "class_index") return TreeOutput::kClassIndex;
+  if (name == "prediction_column") return TreeOutput::kPredictionColumn;
   invalid("unknown output '" + std::string(name) +
-          "': expected probabilities, label, raw_margin, leaf_ids or prediction");
+          "': expected probabilities, label, raw_margin, leaf_ids, prediction, class_index or prediction_column");
 }
 
 TreeEnsemble::TreeEnsemble(TreeEnsembleHeader header, std::shared_ptr<MemoryPool> pool)
@@ -212,10 +214,14 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
   if (finalized_) invalid("finalize called twice");
   if (tree_roots_.empty()) invalid("the ensemble has no trees");
   for (TreeOutput output : outputs) {
-    if ((output == TreeOutput::kProbabilities || output == TreeOutput::kLabel) && !classifier) {
-      invalid("probabilities and label are outputs of classifiers; this model is a regressor (use prediction)");
+    const bool for_classifiers = output == TreeOutput::kProbabilities || output == TreeOutput::kLabel ||
+                                 output == TreeOutput::kClassIndex;
+    if (for_classifiers && !classifier) {
+      invalid("probabilities, label and class_index are outputs of classifiers; this model is a regressor "
+              "(use prediction)");
     }
-    if (output == TreeOutput::kPrediction && (classifier || header_.num_margin != 1)) {
+    const bool for_regressors = output == TreeOutput::kPrediction || output == TreeOutput::kPredictionColumn;
+    if (for_regressors && (classifier || header_.num_margin != 1)) {
       invalid("prediction is the output of a regressor with one margin (use probabilities or raw_margin)");
     }
   }
@@ -435,7 +441,7 @@ std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
   // Postprocessed values, [rows, classes] (a binary classifier's [1 - p, p]).
   Tensor probabilities;
   const bool want_values = std::any_of(outputs_.begin(), outputs_.end(), [](TreeOutput o) {
-    return o == TreeOutput::kProbabilities || o == TreeOutput::kLabel || o == TreeOutput::kPrediction;
+    return o != TreeOutput::kRawMargin && o != TreeOutput::kLeafIds;
   });
   if (want_values) {
     probabilities = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, classes});
@@ -461,6 +467,12 @@ std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
         out.push_back(t);
         break;
       }
+      case TreeOutput::kPredictionColumn: {
+        Tensor t = probabilities;
+        t.shape = Shape{rows, 1};
+        out.push_back(t);
+        break;
+      }
       case TreeOutput::kLabel: {
         Tensor label = make_pooled_tensor(pool_, DType::kInt64, Shape{rows});
         const float* p = static_cast<const float*>(probabilities.data);
@@ -470,6 +482,17 @@ std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
           dst[r] = std::max_element(row, row + classes) - row;
         }
         out.push_back(label);
+        break;
+      }
+      case TreeOutput::kClassIndex: {
+        Tensor index = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, 1});
+        const float* p = static_cast<const float*>(probabilities.data);
+        float* dst = static_cast<float*>(index.data);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* row = p + r * classes;
+          dst[r] = static_cast<float>(std::max_element(row, row + classes) - row);
+        }
+        out.push_back(index);
         break;
       }
       case TreeOutput::kRawMargin: {

@@ -17,13 +17,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from conveyor.config_errors import describe, describe_pattern, format_error, rule_error
-from conveyor.config_steps import POSTPROCESS_OUTPUT_TYPES, TENSOR_NAME_PATTERN, PostprocessStep, PreprocessStep
-from conveyor.rollout_config import RolloutConfig
+from conveyor.config_steps import (
+    POSTPROCESS_OUTPUT_TYPES,
+    TENSOR_NAME_PATTERN,
+    PostprocessStep,
+    PreprocessStep,
+)
 from conveyor.errors import ConfigError
+from conveyor.rollout_config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +199,22 @@ class NativeOptions(_Strict):
     threads: int = Field(default=1, ge=1)
 
 
+# What a trees model's output may hold (conveyor/trees.h): the default signature's
+# outputs by their own names, and Triton FIL's output__0 forms.
+TreeOutputRole = Literal[
+    "probabilities", "label", "raw_margin", "leaf_ids", "prediction", "class_index", "prediction_column"
+]
+
+
+class TreesOptions(_Strict):
+    """The trees backend's options (backend trees only)."""
+
+    # An output named otherwise than what it holds: output name -> role. "class_index"
+    # (FP32 [1], a classifier's argmax) and "prediction_column" (FP32 [1]) are Triton FIL's
+    # output__0 forms; outputs not listed hold what their names say.
+    outputs: dict[Annotated[str, Field(pattern=TENSOR_NAME_PATTERN)], TreeOutputRole] = {}
+
+
 FEATURE_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+(\[[0-9]+\])?$"
 WEBHOOK_URL_PATTERN = r"^https?://"
 FeatureName = Annotated[str, Field(pattern=FEATURE_NAME_PATTERN)]
@@ -316,6 +344,7 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     native: NativeOptions = Field(default_factory=NativeOptions)
+    trees: TreesOptions = Field(default_factory=TreesOptions)
     # backend native only: serve the model with onnxruntime when its graph holds an op
     # the native kernels cannot run (a warning says which), instead of failing to load.
     fallback: Literal["onnx"] | None = None
@@ -346,6 +375,8 @@ class ModelConfig(_Strict):
         self._check_batching_knobs()
         if self.fallback is not None and self.backend != "native":
             raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
+        if self.trees.outputs and self.backend != "trees":
+            raise rule_error("no output roles (only backend \"trees\" has them)", self.trees.outputs, field="trees.outputs")
         if self.backend in ("native", "trees") and self.instance_group.device != "cpu":
             raise rule_error(
                 f"'cpu' (the {self.backend} backend runs on the CPU)",

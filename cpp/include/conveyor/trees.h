@@ -60,9 +60,13 @@ enum class TreeOutput : uint8_t {
   kRawMargin,      // [rows, margins]: summed leaf values (+ base scores), before the postprocessor
   kLeafIds,        // int32 [rows, trees]: the Treelite node id of the leaf each tree reached
   kPrediction,     // [rows]: a regressor's postprocessed single output
+  // Triton FIL's output__0 forms, for its model repositories served unchanged:
+  kClassIndex,        // [rows, 1]: a classifier's argmax as a float
+  kPredictionColumn,  // [rows, 1]: a regressor's prediction as one column
 };
 
-// "probabilities", "label", "raw_margin", "leaf_ids", "prediction"; throws for others.
+// "probabilities", "label", "raw_margin", "leaf_ids", "prediction", "class_index",
+// "prediction_column"; throws for others.
 TreeOutput tree_output_from_name(std::string_view name);
 
 struct TreeEnsembleHeader {

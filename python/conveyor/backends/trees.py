@@ -30,7 +30,11 @@ from typing import Any
 import numpy as np
 
 from conveyor.backends.base import Backend
-from conveyor.backends.trees_import import TreeModel, find_tree_model_file, load_tree_model
+from conveyor.backends.trees_import import (
+    TreeModel,
+    find_tree_model_file,
+    load_tree_model,
+)
 from conveyor.config import ModelConfig, TensorConfig
 from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Unavailable
 
@@ -53,7 +57,8 @@ class TreesBackend(Backend):
         super().__init__(config, version)
         self.model_path = model_path
         # The batcher's executor: evaluated in C++ on the instance threads.
-        self.native_executor: Any = model.build(self.output_names)
+        roles = config.trees.outputs
+        self.native_executor: Any = model.build([roles.get(name, name) for name in self.output_names])
         logger.debug(
             "%s: loaded %d trees (%d features, %d margins, %s) from %s",
             self.label, model.num_tree, model.num_feature, model.num_margin, model.postprocessor, model_path,
@@ -95,8 +100,10 @@ def tree_signature(model: TreeModel, max_batch_size: int) -> tuple[TensorConfig,
     if model.classifier:
         outputs["probabilities"] = tensor("probabilities", "FP32", [model.num_class])
         outputs["label"] = tensor("label", "INT64", [])
+        outputs["class_index"] = tensor("class_index", "FP32", [1])
     else:
         outputs["prediction"] = tensor("prediction", "FP32", [])
+        outputs["prediction_column"] = tensor("prediction_column", "FP32", [1])
     outputs["raw_margin"] = tensor("raw_margin", "FP32", [model.num_margin])
     outputs["leaf_ids"] = tensor("leaf_ids", "INT32", [model.num_tree])
     return tensor(DEFAULT_INPUT_NAME, "FP32", [model.num_feature]), outputs
@@ -111,15 +118,23 @@ def complete_tree_config(config: ModelConfig, model: TreeModel, *, source: str) 
     else:
         _check_input(config.inputs, model_input, source)
     if not config.outputs:
-        updates["outputs"] = [tensor for name, tensor in model_outputs.items() if name != "leaf_ids"]
+        # The default signature: Triton FIL's forms and leaf_ids only when listed.
+        extra = ("leaf_ids", "class_index", "prediction_column")
+        updates["outputs"] = [tensor for name, tensor in model_outputs.items() if name not in extra]
     else:
+        roles = config.trees.outputs
+        unused = sorted(set(roles) - {tensor.name for tensor in config.outputs})
+        if unused:
+            raise ConfigError(f"{source}: trees.outputs names {unused}, which are not outputs of the config")
         for tensor in config.outputs:
-            expected = model_outputs.get(tensor.name)
+            role = roles.get(tensor.name, tensor.name)
+            expected = model_outputs.get(role)
             if expected is None:
                 raise ConfigError(
-                    f"{source}: output '{tensor.name}': expected one of the model's outputs ({', '.join(model_outputs)})"
+                    f"{source}: output '{tensor.name}': expected one of the model's outputs "
+                    f"({', '.join(model_outputs)}), or a name given a role in [trees] outputs"
                 )
-            _check_tensor("output", tensor, expected, source)
+            _check_tensor("output", tensor, expected.model_copy(update={"name": tensor.name}), source)
     if updates:
         logger.debug("%s: filled %s of model '%s' from the trees", source, " and ".join(updates), config.name)
     return config.model_copy(update=updates) if updates else config

@@ -21,12 +21,17 @@ from conveyor.errors import ConfigError, ConveyorError
 
 __all__ = ["TREE_MODEL_FILES", "TreeModel", "find_tree_model_file", "load_tree_model"]
 
-# The file a trees version directory holds, and the library that wrote it.
+# The file a trees version directory holds, and the library that wrote it; the second
+# group are Triton FIL's default file names, so its model repositories load unchanged.
 TREE_MODEL_FILES = {
     "model.json": "XGBoost (JSON)",
     "model.ubj": "XGBoost (UBJSON)",
     "model.txt": "LightGBM (text)",
     "model.tl": "Treelite checkpoint",
+    "xgboost.json": "XGBoost (JSON)",
+    "xgboost.ubj": "XGBoost (UBJSON)",
+    "xgboost.model": "XGBoost (legacy binary)",
+    "checkpoint.tl": "Treelite checkpoint",
 }
 
 # Treelite's task types (treelite/enum/task_type.h).
@@ -100,13 +105,16 @@ def load_tree_model(path: Path) -> TreeModel:
         raise ConfigError(f"{path}: not a tree model file; expected one of {', '.join(TREE_MODEL_FILES)}")
     if not path.is_file():
         raise ConfigError(f"{path}: no such model file")
-    if path.name == "model.txt":
+    kind = TREE_MODEL_FILES[path.name]
+    if kind.startswith("LightGBM"):
         _check_lightgbm_missing_values(path)
     try:
-        if path.name == "model.txt":
+        if kind.startswith("LightGBM"):
             model = treelite.frontend.load_lightgbm_model(path)
-        elif path.name == "model.tl":
+        elif kind == "Treelite checkpoint":
             model = treelite.Model.deserialize(path)
+        elif kind == "XGBoost (legacy binary)":
+            model = treelite.frontend.load_xgboost_model_legacy_binary(path)
         else:
             model = treelite.frontend.load_xgboost_model(path, format_choice="use_suffix")
     except Exception as exc:  # treelite raises TreeliteError, ValueError or OSError for unreadable files

@@ -48,7 +48,9 @@ _INPUT_DEFAULTS = {
 _OUTPUT_DEFAULTS = {"is_shape_tensor": False, "is_non_linear_format_io": False}
 _DYNAMIC_BATCHING_DEFAULTS = {"preserve_ordering": False, "priority_queue_policy": {}}
 _INSTANCE_GROUP_DEFAULTS = {"name": None, "secondary_devices": [], "profile": [], "passive": False, "host_policy": ""}
-_BACKENDS_BY_TRITON_NAME = {"onnxruntime": "onnx", "python": "python", "native": "native", "trees": "trees"}
+_BACKENDS_BY_TRITON_NAME = {
+    "onnxruntime": "onnx", "python": "python", "native": "native", "trees": "trees", "fil": "trees",
+}  # fmt: skip
 _BACKENDS_BY_PLATFORM = {"onnxruntime_onnx": "onnx", "python": "python"}
 
 

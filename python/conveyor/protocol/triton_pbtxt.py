@@ -7,12 +7,14 @@ stubs carry (grpc/inference.proto, Triton's field names and numbers), then mappe
 `read_triton_config` (config_override.py) onto config.toml's keys.
 
 Three kinds of field:
-- honoured: name, backend/platform, max_batch_size, input, output (label_filename),
-  dynamic_batching (preferred sizes, queue delay, priority levels, default queue
-  policy), one instance_group, version_policy, parameters;
+- honoured: name, backend/platform (onnxruntime, python, and fil: Triton FIL's tree
+  models run on the trees backend, output__0 as FIL gives it), max_batch_size, input,
+  output (label_filename), dynamic_batching (preferred sizes, queue delay, priority
+  levels, default queue policy), one instance_group, version_policy, parameters;
 - refused: fields that change what the model computes or how a request maps onto it
   (sequence batching, ensembles, reshape, ragged batches, batch inputs/outputs,
-  decoupled models, another model file name). The model does not load, with a message saying why; the other models serve;
+  decoupled models, another model file name). The model does not load, with a message
+  saying why; the other models serve;
 - not honoured: everything else the file sets (optimization, model_warmup,
   response_cache, ...). The model loads and one warning per model lists them all.
 
@@ -56,8 +58,17 @@ _REFUSED_WHEN_TRUE = {
 # Triton's onnxruntime backend parameters -> [onnx] options. Its 0 means "onnxruntime's
 # default" (a thread per core); Conveyor's counts start at 1, so 0 is refused by the schema.
 _ONNXRUNTIME_PARAMETERS = {"intra_op_thread_count": "intra_op_threads", "inter_op_thread_count": "inter_op_threads"}
-# The model file each backend reads in a version directory.
-_MODEL_FILES = {"onnx": "model.onnx"}
+# The model files each backend reads in a version directory.
+_MODEL_FILES = {
+    "onnx": ("model.onnx",),
+    "trees": ("model.json", "model.ubj", "model.txt", "model.tl", "xgboost.json", "xgboost.ubj", "xgboost.model",
+              "checkpoint.tl"),
+}  # fmt: skip
+# Triton FIL's model_type values (the trees backend tells the format by the file name).
+_FIL_MODEL_TYPES = ("xgboost", "xgboost_json", "xgboost_ubj", "lightgbm", "treelite_checkpoint")
+# FIL parameters that tune its GPU/CPU kernels: Conveyor's evaluator has no use for them.
+_FIL_TUNING = ("algo", "storage_type", "blocks_per_sm", "threads_per_tree", "use_experimental_optimizations",
+               "transfer_threshold", "cpu_nthread", "xgboost_allow_unknown_field", "layout", "chunk_size")  # fmt: skip
 
 
 class TritonModelConfig:
@@ -95,13 +106,16 @@ def read_config_pbtxt(path: Path, *, name: str) -> TritonModelConfig:
         backend = _backend_from_files(Path(path).parent, source)
         fields["backend"] = backend
     filename = document.get("default_model_filename", "")
-    if filename and filename != _MODEL_FILES.get(backend, filename):
+    if filename and filename not in _MODEL_FILES.get(backend, (filename,)):
         raise ConfigError(
-            f"{source}: field 'default_model_filename': Conveyor reads <version>/{_MODEL_FILES[backend]}; "
+            f"{source}: field 'default_model_filename': Conveyor reads <version>/"
+            f"{' or '.join(_MODEL_FILES[backend])}; "
             f"rename {filename!r} in each version directory and drop the field"
         )
     if backend == "onnx":
         _onnxruntime_parameters(fields, source)
+    if backend == "trees":
+        ignored = ignored + _fil_parameters(fields, source)
     fields.setdefault("name", name)
     return TritonModelConfig(fields, sorted(set(ignored) | {f"{path} (unknown or unsupported)" for path in unknown}))
 
@@ -133,6 +147,45 @@ def _onnxruntime_parameters(fields: dict[str, Any], source: str) -> None:
             ) from None
     if onnx:
         fields["onnx"] = onnx
+
+
+def _fil_parameters(fields: dict[str, Any], source: str) -> list[str]:
+    """Triton FIL's parameters: what output__0 holds becomes the trees backend's output role.
+
+    output_class false: the regression value, FP32 [1]; true: the class index as FP32 [1],
+    or with predict_proba true the class probabilities [classes]. Returns the tuning
+    parameters it leaves out, for the warning.
+    """
+    parameters = fields.get("parameters", {})
+
+    def flag(key: str) -> bool:
+        value = str(parameters.pop(key, "false")).lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"{source}: field 'parameters.{key}': expected \"true\" or \"false\", got {value!r}")
+        return value == "true"
+
+    model_type = parameters.pop("model_type", None)
+    if model_type is not None and model_type not in _FIL_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: field 'parameters.model_type': expected one of {', '.join(_FIL_MODEL_TYPES)}, "
+            f"got {model_type!r}"
+        )
+    classifier, probabilities = flag("output_class"), flag("predict_proba")
+    threshold = parameters.pop("threshold", None)
+    if threshold is not None and float(threshold) != 0.5:
+        raise ConfigError(
+            f"{source}: field 'parameters.threshold': only 0.5 is served by Conveyor; set predict_proba \"true\" "
+            "and apply the threshold to the probabilities in the client"
+        )
+    outputs = fields.get("outputs", [])
+    if len(outputs) != 1:
+        raise ConfigError(
+            f"{source}: a FIL model must declare exactly one output (output__0); Conveyor serves no SHAP outputs"
+        )
+    role = ("probabilities" if probabilities else "class_index") if classifier else "prediction_column"
+    fields["trees"] = {"outputs": {outputs[0]["name"]: role}}
+    return [f"parameters.{key} (FIL tuning: Conveyor's evaluator has no use for it)" for key in _FIL_TUNING
+            if parameters.pop(key, None) is not None]  # fmt: skip
 
 
 def _backend_from_files(directory: Path, source: str) -> str:
