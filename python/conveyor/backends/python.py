@@ -21,7 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from conveyor.backends.base import Backend
-from conveyor.backends.triton_python import TRITON_MODEL_CLASS, TritonModelAdapter, install_utils_module
+from conveyor.backends.triton_python import (
+    TRITON_MODEL_CLASS,
+    UTILS_MODULE,
+    TritonModelAdapter,
+    install_utils_module,
+)
 from conveyor.config import ModelConfig, TensorConfig
 from conveyor.errors import ConfigError, ModelExecutionError
 
@@ -135,7 +140,8 @@ class PythonBackend(_UserCodeBackend):
         # Registered until close because dataclasses and pickling look a class's
         # module up by name.
         sys.modules[self._module_name] = module
-        install_utils_module()
+        if _imports_triton_utils(self.model_path):
+            install_utils_module()
         self._call_user(spec.loader.exec_module, module, context=f" while importing {self.model_path}")
         loading = f" while loading {self.model_path}"
         model_class = getattr(module, "Model", None)
@@ -183,6 +189,14 @@ class CallableBackend(_UserCodeBackend):
 
     def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return self._run_batch(self.fn, inputs)
+
+
+def _imports_triton_utils(path: Path) -> bool:
+    """Whether a model.py names Triton's utility module (then Conveyor's subset is installed under its name)."""
+    try:
+        return UTILS_MODULE in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def _instantiate(model_class: type, config: ModelConfig) -> Any:

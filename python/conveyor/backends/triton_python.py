@@ -30,7 +30,7 @@ from conveyor.backends import triton_python_utils as utils
 from conveyor.config import ModelConfig
 from conveyor.protocol.model_config import triton_model_config
 
-__all__ = ["TRITON_MODEL_CLASS", "TritonModelAdapter", "install_utils_module"]
+__all__ = ["TRITON_MODEL_CLASS", "UTILS_MODULE", "TritonModelAdapter", "install_utils_module"]
 
 TRITON_MODEL_CLASS = "TritonPythonModel"
 UTILS_MODULE = "triton_python_backend_utils"

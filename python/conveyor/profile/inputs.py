@@ -83,8 +83,11 @@ class ModelSignature:
                 batch = 1 if metadata["inputs"] and all(i["shape"][:1] == [-1] for i in metadata["inputs"]) else 0
 
             def specs(key: str) -> tuple[TensorSpec, ...]:
+                # Outputs are optional here: some servers (MLServer) leave undeclared ones out,
+                # and the generator needs only the inputs.
+                tensors = metadata[key] if key == "inputs" else metadata.get(key) or []
                 return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"][1:] if batch else t["shape"]))
-                             for t in metadata[key])  # fmt: skip
+                             for t in tensors)  # fmt: skip
 
             versions = metadata.get("versions") or [None]
             return cls(metadata["name"], versions[-1], batch, specs("inputs"), specs("outputs"))
