@@ -7,6 +7,7 @@
 #include "conveyor/gather.h"
 #include "conveyor/monitor.h"
 #include "conveyor/native_graph.h"
+#include "conveyor/torch_model.h"
 #include "conveyor/pipeline.h"
 #include "conveyor/trees.h"
 #include "convert.h"
@@ -235,10 +236,12 @@ void init_batcher(py::module_& m) {
                exec = native_graph_executor(executor.cast<std::shared_ptr<NativeGraph>>());
              } else if (py::isinstance<TreeEnsemble>(executor)) {
                exec = tree_ensemble_executor(executor.cast<std::shared_ptr<TreeEnsemble>>());
+             } else if (py::isinstance<TorchModel>(executor)) {
+               exec = torch_model_executor(executor.cast<std::shared_ptr<TorchModel>>());
              } else if (PyCallable_Check(executor.ptr())) {
                exec = python_executor(py::reinterpret_borrow<py::function>(executor), std::move(names));
              } else {
-               throw py::type_error("executor must be a callable, a NativeGraph or a TreeEnsemble");
+               throw py::type_error("executor must be a callable, a NativeGraph, a TreeEnsemble or a TorchModel");
              }
              if (pipeline) exec = pipeline_executor(std::move(pipeline), std::move(exec));
              // Outermost: the monitor sees the public inputs and outputs of every batch.

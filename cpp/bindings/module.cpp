@@ -12,6 +12,7 @@ void init_batcher(py::module_& m);
 void init_dense(py::module_& m);
 void init_native(py::module_& m);
 void init_trees(py::module_& m);
+void init_torch(py::module_& m);
 void init_pipeline(py::module_& m);
 void init_kernels(py::module_& m);
 void init_cuda_kernels(py::module_& m);
@@ -29,6 +30,7 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_memory(m);
   conveyor::bindings::init_native(m);
   conveyor::bindings::init_trees(m);
+  conveyor::bindings::init_torch(m);
   conveyor::bindings::init_pipeline(m);
   conveyor::bindings::init_monitor(m);
   conveyor::bindings::init_batcher(m);
