@@ -191,6 +191,14 @@ class OnnxOptions(_Strict):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
 
 
+class TorchOptions(_Strict):
+    """The torch backend's options (backend torch only)."""
+
+    # OpenMP threads each instance's model copy may use; instances already run side by
+    # side, so one per instance is the default, as for onnx.
+    intra_op_threads: int = Field(default=1, ge=1)
+
+
 class NativeOptions(_Strict):
     """The native backend's options (backend native only)."""
 
@@ -334,7 +342,7 @@ class ModelConfig(_Strict):
     """
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    backend: Literal["onnx", "python", "native", "trees"]
+    backend: Literal["onnx", "python", "native", "trees", "torch"]
     max_batch_size: int = Field(default=0, ge=0)
     # An onnx, native or trees model may omit these; they are filled from the model file.
     inputs: list[TensorConfig] = []
@@ -345,6 +353,7 @@ class ModelConfig(_Strict):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     native: NativeOptions = Field(default_factory=NativeOptions)
     trees: TreesOptions = Field(default_factory=TreesOptions)
+    torch: TorchOptions = Field(default_factory=TorchOptions)
     # backend native only: serve the model with onnxruntime when its graph holds an op
     # the native kernels cannot run (a warning says which), instead of failing to load.
     fallback: Literal["onnx"] | None = None
@@ -377,7 +386,7 @@ class ModelConfig(_Strict):
             raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
         if self.trees.outputs and self.backend != "trees":
             raise rule_error("no output roles (only backend \"trees\" has them)", self.trees.outputs, field="trees.outputs")
-        if self.backend in ("native", "trees") and self.instance_group.device != "cpu":
+        if self.backend in ("native", "trees", "torch") and self.instance_group.device != "cpu":
             raise rule_error(
                 f"'cpu' (the {self.backend} backend runs on the CPU)",
                 self.instance_group.device,
@@ -575,14 +584,13 @@ def parse_model_config(data: dict[str, Any], *, source: str, name: str | None = 
 
 
 def _warn_if_threads_exceed_cores(config: ModelConfig, source: str) -> None:
-    if config.backend not in ("onnx", "native") or config.instance_group.device != "cpu":
+    if config.backend not in ("onnx", "native", "torch") or config.instance_group.device != "cpu":
         return
     cores = os.cpu_count() or 1
-    key, per_instance = (
-        ("native.threads", config.native.threads)
-        if config.backend == "native"
-        else ("onnx.intra_op_threads", config.onnx.intra_op_threads)
-    )
+    key, per_instance = {
+        "native": ("native.threads", config.native.threads),
+        "torch": ("torch.intra_op_threads", config.torch.intra_op_threads),
+    }.get(config.backend, ("onnx.intra_op_threads", config.onnx.intra_op_threads))
     threads = config.instance_group.count * per_instance
     if threads > cores:
         logger.warning(

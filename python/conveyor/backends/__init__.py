@@ -9,6 +9,7 @@ from conveyor.backends.base import Backend, version_of
 from conveyor.backends.native import NativeBackend, UnsupportedGraph
 from conveyor.backends.onnx import OnnxBackend, fill_config_from_onnx
 from conveyor.backends.python import CallableBackend, ModelFunction, PythonBackend
+from conveyor.backends.torch_aoti import TorchBackend
 from conveyor.backends.trees import TreesBackend, fill_config_from_trees
 from conveyor.backends.trees_import import TREE_MODEL_FILES, find_tree_model_file
 from conveyor.config import ModelConfig
@@ -21,6 +22,7 @@ MODEL_FILE_NAMES: dict[str, tuple[str, ...]] = {
     "python": ("model.py",),
     "native": ("model.onnx",),
     "trees": tuple(TREE_MODEL_FILES),
+    "torch": ("model.pt2",),
 }
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ __all__ = [
     "NativeBackend",
     "OnnxBackend",
     "PythonBackend",
+    "TorchBackend",
     "TreesBackend",
     "create_backend",
     "fill_config_from_onnx",
@@ -71,4 +74,6 @@ def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFu
                 raise
             logger.warning("model '%s': running on onnxruntime (fallback = \"onnx\"): %s", config.name, exc)
             return OnnxBackend(config, model_path, version=version_of(version_dir))
+    if config.backend == "torch":
+        return TorchBackend(config, model_path, version=version_of(version_dir))
     return PythonBackend(config, model_path, version=version_of(version_dir))

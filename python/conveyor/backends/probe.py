@@ -24,7 +24,7 @@ __all__ = ["PROBED_BACKENDS", "probe_signature"]
 
 # Backends whose signature comes from an artefact (a graph, a tree file), not user code:
 # running them has no side effect, so they are probed. Python models are not.
-PROBED_BACKENDS = frozenset({"onnx", "native", "trees"})
+PROBED_BACKENDS = frozenset({"onnx", "native", "trees", "torch"})
 
 
 Run = Callable[[tuple[np.ndarray, ...]], Sequence[np.ndarray]]
