@@ -1,0 +1,270 @@
+"""The torch backend: .pt2 packages (torch.export + AOTInductor) served from C++.
+
+Packages are exported once per module (compiling takes a while); results are compared
+with eager PyTorch on the same modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import shutil
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install conveyor-serve[torch])")
+
+from conveyor.backends import torch_package  # noqa: E402
+from conveyor.config import parse_model_config  # noqa: E402
+from conveyor.errors import ConfigError  # noqa: E402
+from conveyor.runtime import Runtime  # noqa: E402
+
+MAX_ROWS = 64
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def forward(self, x: Any) -> Any:
+        return self.layers(x)
+
+
+class Pair(torch.nn.Module):
+    """Two inputs (float32, int64) and two outputs (float32, int64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: Any, ids: Any) -> Any:
+        return self.linear(x) + ids.sum(dim=1, keepdim=True).float(), ids * 3 + 1
+
+
+def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool) -> Path:
+    """Export `module` to the package `path`, with a dynamic batch dim up to MAX_ROWS or none."""
+    dynamic_shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
+        names = list(module.forward.__code__.co_varnames[1 : 1 + len(args)])
+        dynamic_shapes = {name: {0: batch} for name in names}
+    with warnings.catch_warnings():  # torch's own deprecation notices while it compiles
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("torch-packages")
+    torch.manual_seed(0)
+    mlp, pair = Mlp().eval(), Pair().eval()
+    with torch.no_grad():
+        return {
+            "mlp": (mlp, export(mlp, (torch.randn(2, 8),), folder / "mlp.pt2", dynamic=True)),
+            "pair": (pair, export(pair, (torch.randn(2, 4), torch.ones(2, 3, dtype=torch.int64)),
+                                  folder / "pair.pt2", dynamic=True)),
+            "fixed": (mlp, export(mlp, (torch.randn(2, 8),), folder / "fixed.pt2", dynamic=False)),
+        }  # fmt: skip
+
+
+def repository(root: Path, entries: dict[str, tuple[Path | bytes, str]]) -> Path:
+    """A repository of torch models: name -> (package file or raw bytes, config.toml body)."""
+    for name, (package, body) in entries.items():
+        (root / name / "1").mkdir(parents=True)
+        target = root / name / "1" / "model.pt2"
+        if isinstance(package, bytes):
+            target.write_bytes(package)
+        else:
+            shutil.copy(package, target)
+        (root / name / "config.toml").write_text('backend = "torch"\n' + body)
+    return root
+
+
+def eager(module: Any, *arrays: np.ndarray) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(a) for a in arrays))
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def test_signature_comes_from_the_package(models: dict[str, Any], tmp_path: Path) -> None:
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], ""), "pair": (models["pair"][1], "max_batch_size = 64\n")})
+    with Runtime.from_repository(root) as runtime:
+        mlp = runtime._resolve("mlp", None).config
+        assert mlp.max_batch_size == 32  # no max_batch_size in config.toml: the auto size, inside the range
+        assert [(t.datatype, t.dims) for t in mlp.inputs] == [("FP32", [8])]
+        assert [(t.name, t.datatype, t.dims) for t in mlp.outputs] == [("output0", "FP32", [4])]
+        pair = runtime._resolve("pair", None).config
+        assert [(t.datatype, t.dims) for t in pair.inputs] == [("FP32", [4]), ("INT64", [3])]
+        assert [(t.datatype, t.dims) for t in pair.outputs] == [("FP32", [2]), ("INT64", [3])]
+
+
+@pytest.mark.parametrize("rows", [1, 7, MAX_ROWS])
+def test_results_match_eager(models: dict[str, Any], tmp_path: Path, rows: int) -> None:
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], "max_batch_size = 64\n"),
+                                 "pair": (models["pair"][1], "max_batch_size = 64\n")})  # fmt: skip
+    rng = np.random.default_rng(rows)
+    with Runtime.from_repository(root) as runtime:
+        x = rng.standard_normal((rows, 8), dtype=np.float32)
+        name = runtime._resolve("mlp", None).input_names[0]
+        result = runtime.infer("mlp", {name: x})
+        np.testing.assert_allclose(result["output0"], eager(models["mlp"][0], x)[0], rtol=1e-5, atol=1e-5)
+        handle = runtime._resolve("pair", None)
+        x = rng.standard_normal((rows, 4), dtype=np.float32)
+        ids = rng.integers(-1000, 1000, (rows, 3), dtype=np.int64)
+        result = runtime.infer("pair", dict(zip(handle.input_names, (x, ids))))
+        expected = eager(models["pair"][0], x, ids)
+        np.testing.assert_allclose(result["output0"], expected[0], rtol=1e-5, atol=1e-4)
+        assert result["output1"].dtype == np.int64
+        np.testing.assert_array_equal(result["output1"], expected[1])
+
+
+def test_declared_tensors_rename_the_model_tensors_by_position(models: dict[str, Any], tmp_path: Path) -> None:
+    body = ('max_batch_size = 8\ninputs = [{ name = "features", datatype = "FP32", dims = [8] }]\n'
+            'outputs = [{ name = "scores", datatype = "FP32", dims = [4] }]\n')  # fmt: skip
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], body)})
+    x = np.ones((2, 8), dtype=np.float32)
+    with Runtime.from_repository(root, models=["mlp"]) as runtime:
+        scores = runtime.infer("mlp", {"features": x})["scores"]
+    np.testing.assert_allclose(scores, eager(models["mlp"][0], x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_declared_dtype_the_model_does_not_take_is_refused(models: dict[str, Any], tmp_path: Path) -> None:
+    body = 'max_batch_size = 8\ninputs = [{ name = "features", datatype = "FP64", dims = [8] }]\n'
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], body)})
+    with pytest.raises(ConfigError, match=r"model.pt2: input 'features'.*declares FP64.*model has FP32"):
+        Runtime.from_repository(root, models=["mlp"])
+
+
+def test_64_concurrent_callers_each_get_their_own_answer(models: dict[str, Any], tmp_path: Path) -> None:
+    body = "max_batch_size = 64\ninstance_group = { count = 2 }\ndynamic_batching = { max_queue_delay_us = 2000 }\n"
+    root = repository(tmp_path, {"pair": (models["pair"][1], body)})
+    callers = 64
+    inputs = [(np.full((1 + i % 3, 4), i, dtype=np.float32), np.full((1 + i % 3, 3), i, dtype=np.int64))
+              for i in range(callers)]  # fmt: skip
+    results: list[Any] = [None] * callers
+    with Runtime.from_repository(root, models=["pair"]) as runtime:
+        names = runtime._resolve("pair", None).input_names
+        start = threading.Barrier(callers)
+
+        def call(index: int) -> None:
+            start.wait()
+            results[index] = runtime.infer("pair", dict(zip(names, inputs[index])))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        async def many() -> list[dict[str, np.ndarray]]:
+            return await asyncio.gather(*(runtime.infer_async("pair", dict(zip(names, pair))) for pair in inputs))
+
+        async_results = asyncio.run(many())
+    for answers in (results, async_results):
+        for (x, ids), result in zip(inputs, answers):
+            expected = eager(models["pair"][0], x, ids)
+            np.testing.assert_allclose(result["output0"], expected[0], rtol=1e-5, atol=1e-4)
+            np.testing.assert_array_equal(result["output1"], expected[1])
+
+
+def test_max_batch_size_above_the_exported_range_is_refused(models: dict[str, Any], tmp_path: Path) -> None:
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], "max_batch_size = 128\n")})
+    with pytest.raises(ConfigError, match=r"max_batch_size = 128 is above .*at most 64 rows.*Dim\('batch', min=1, max=128\)"):
+        Runtime.from_repository(root, models=["mlp"])
+
+
+def test_a_package_without_dynamic_batch_is_refused_when_batching(models: dict[str, Any], tmp_path: Path) -> None:
+    root = repository(tmp_path, {"fixed": (models["fixed"][1], "max_batch_size = 8\n")})
+    with pytest.raises(ConfigError, match=r"exported without a dynamic batch dim.*torch\.export\.Dim\('batch'"):
+        Runtime.from_repository(root, models=["fixed"])
+
+
+def test_a_package_without_dynamic_batch_serves_its_exported_shape(models: dict[str, Any], tmp_path: Path) -> None:
+    root = repository(tmp_path, {"fixed": (models["fixed"][1], "max_batch_size = 0\n")})
+    x = np.arange(16, dtype=np.float32).reshape(2, 8) / 16
+    with Runtime.from_repository(root, models=["fixed"]) as runtime:
+        handle = runtime._resolve("fixed", None)
+        assert [t.dims for t in handle.config.inputs] == [[2, 8]]
+        result = runtime.infer("fixed", {handle.input_names[0]: x})
+    np.testing.assert_allclose(result["output0"], eager(models["fixed"][0], x)[0], rtol=1e-5, atol=1e-5)
+
+
+def damaged_so(package: Path) -> bytes:
+    """The package with its compiled model replaced by bytes no loader can open (as from another build)."""
+    out = Path(str(package) + ".damaged")
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(out, "w") as sink:
+        for item in source.infolist():
+            data = source.read(item)
+            sink.writestr(item, b"\x7fELF not a library" if item.filename.endswith(".so") else data)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["not a zip", "damaged .so"])
+def test_a_broken_package_fails_alone_with_a_clear_message(
+    models: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    broken = b"PK\x03\x04 truncated" if kind == "not a zip" else damaged_so(models["mlp"][1])
+    root = repository(tmp_path, {"broken": (broken, "max_batch_size = 8\n"),
+                                 "mlp": (models["mlp"][1], "max_batch_size = 8\n")})  # fmt: skip
+    expected = "not a readable .pt2 package" if kind == "not a zip" else "the compiled model cannot be loaded"
+    with pytest.raises(ConfigError, match=rf"broken/1/model\.pt2: {expected}"):
+        Runtime.from_repository(root, models=["broken"])
+    with caplog.at_level(logging.ERROR), Runtime.from_repository(root) as runtime:
+        x = np.zeros((1, 8), dtype=np.float32)
+        result = runtime.infer("mlp", {runtime._resolve("mlp", None).input_names[0]: x})
+        assert result["output0"].shape == (1, 4)
+    assert "model broken failed to load" in caplog.text and "broken/1/model.pt2" in caplog.text
+
+
+def test_without_torch_loading_says_how_to_install_it(
+    models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], "max_batch_size = 8\n")})
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch_package.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"pip install conveyor-serve\[torch\]"):
+        Runtime.from_repository(root, models=["mlp"])
+
+
+def test_torch_options_default_to_one_thread_per_instance() -> None:
+    config = parse_model_config({"name": "m", "backend": "torch"}, source="<test>", name="m")
+    assert config.torch.intra_op_threads == 1
+    with pytest.raises(ConfigError, match="intra_op_threads"):
+        parse_model_config({"name": "m", "backend": "torch", "torch": {"intra_op_threads": 0}}, source="<test>",
+                           name="m")  # fmt: skip
+
+
+def test_served_to_an_unmodified_tritonclient(models: dict[str, Any], tmp_path: Path) -> None:
+    httpclient = pytest.importorskip("tritonclient.http")
+    from test_clients_live import LiveServer
+
+    body = ('max_batch_size = 16\ninputs = [{ name = "x", datatype = "FP32", dims = [4] }, '
+            '{ name = "ids", datatype = "INT64", dims = [3] }]\n')  # fmt: skip
+    root = repository(tmp_path / "models", {"pair": (models["pair"][1], body)})
+    server = LiveServer(root, tmp_path)
+    try:
+        server.wait_ready()
+        client = httpclient.InferenceServerClient(server.http_url)
+        x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+        ids = np.arange(9, dtype=np.int64).reshape(3, 3)
+        inputs = [httpclient.InferInput("x", [3, 4], "FP32"), httpclient.InferInput("ids", [3, 3], "INT64")]
+        inputs[0].set_data_from_numpy(x)
+        inputs[1].set_data_from_numpy(ids, binary_data=True)
+        result = client.infer("pair", inputs)
+        expected = eager(models["pair"][0], x, ids)
+        np.testing.assert_allclose(result.as_numpy("output0"), expected[0], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(result.as_numpy("output1"), expected[1])
+    finally:
+        server.stop()
