@@ -46,6 +46,7 @@ struct TorchLibrary {
   std::unordered_map<int, int32_t> torch_dtype_of;  // DType -> torch's dtype code
   std::unordered_map<int32_t, DType> dtype_of;      // torch's dtype code -> DType
   void (*omp_set_num_threads)(int) = nullptr;
+  int (*omp_get_max_threads)() = nullptr;
 
   static const TorchLibrary& open(const std::string& path);
 };
@@ -91,6 +92,8 @@ const TorchLibrary& TorchLibrary::open(const std::string& path) {
   }
   // libgomp came in with libtorch_cpu.so; its thread count is per calling thread.
   lib->omp_set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  lib->omp_get_max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+  if (lib->omp_get_max_threads == nullptr) lib->omp_set_num_threads = nullptr;
   opened = std::move(lib);
   return *opened;
 }
@@ -205,6 +208,25 @@ bool is_contiguous(const int64_t* sizes, const int64_t* strides, int ndim) {
   return true;
 }
 
+// Sets the calling thread's OpenMP thread count for one run and restores it after, so a
+// caller's own thread (run() from Python) keeps its setting.
+class ThreadCount {
+ public:
+  ThreadCount(const TorchLibrary& torch, int threads) : torch_(torch) {
+    if (torch.omp_set_num_threads == nullptr) return;
+    previous_ = torch.omp_get_max_threads();
+    if (previous_ != threads) torch.omp_set_num_threads(threads);
+    else previous_ = 0;
+  }
+  ~ThreadCount() {
+    if (previous_ > 0) torch_.omp_set_num_threads(previous_);
+  }
+
+ private:
+  const TorchLibrary& torch_;
+  int previous_ = 0;
+};
+
 bool aliases_input(const void* data, const std::vector<Tensor>& inputs) {
   const auto* address = static_cast<const char*>(data);
   for (const Tensor& t : inputs) {
@@ -222,13 +244,7 @@ std::vector<Tensor> TorchModel::run(const std::vector<Tensor>& inputs) const {
     throw Error(ErrorCode::kInvalidInput, "[torch] expected " + std::to_string(input_names_.size()) +
                                               " inputs, got " + std::to_string(inputs.size()));
   }
-  if (torch.omp_set_num_threads != nullptr) {
-    thread_local int applied_threads = 0;
-    if (applied_threads != intra_op_threads_) {
-      torch.omp_set_num_threads(intra_op_threads_);
-      applied_threads = intra_op_threads_;
-    }
-  }
+  ThreadCount thread_count(torch, intra_op_threads_);
   std::vector<abi::AtenTensorHandle> in(inputs.size(), nullptr);
   std::vector<abi::AtenTensorHandle> out(output_names_.size(), nullptr);
   HandleGuard in_guard{torch, in};
