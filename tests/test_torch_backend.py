@@ -49,13 +49,33 @@ class Pair(torch.nn.Module):
         return self.linear(x) + ids.sum(dim=1, keepdim=True).float(), ids * 3 + 1
 
 
-def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool) -> Path:
-    """Export `module` to the package `path`, with a dynamic batch dim up to MAX_ROWS or none."""
+class Mixed(torch.nn.Module):
+    """float16 and bool in and out."""
+
+    def forward(self, h: Any, mask: Any) -> Any:
+        return torch.where(mask, h * 2, torch.zeros_like(h)), mask.logical_not()
+
+
+class Encoder(torch.nn.Module):
+    """A small transformer encoder block over [batch, tokens, 16]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+
+    def forward(self, tokens: Any) -> Any:
+        return self.block(tokens)
+
+
+def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool, tokens: bool = False) -> Path:
+    """Export `module` to the package `path`, with a dynamic batch dim up to MAX_ROWS or none
+    (tokens: dim 1 of every input dynamic too, up to 12)."""
     dynamic_shapes = None
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
         names = list(module.forward.__code__.co_varnames[1 : 1 + len(args)])
-        dynamic_shapes = {name: {0: batch} for name in names}
+        dims = {0: batch, 1: torch.export.Dim("tokens", min=1, max=12)} if tokens else {0: batch}
+        dynamic_shapes = {name: dims for name in names}
     with warnings.catch_warnings():  # torch's own deprecation notices while it compiles
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -68,13 +88,17 @@ def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool) -> Pat
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("torch-packages")
     torch.manual_seed(0)
-    mlp, pair = Mlp().eval(), Pair().eval()
+    mlp, pair, mixed, encoder = Mlp().eval(), Pair().eval(), Mixed().eval(), Encoder().eval()
     with torch.no_grad():
         return {
             "mlp": (mlp, export(mlp, (torch.randn(2, 8),), folder / "mlp.pt2", dynamic=True)),
             "pair": (pair, export(pair, (torch.randn(2, 4), torch.ones(2, 3, dtype=torch.int64)),
                                   folder / "pair.pt2", dynamic=True)),
             "fixed": (mlp, export(mlp, (torch.randn(2, 8),), folder / "fixed.pt2", dynamic=False)),
+            "mixed": (mixed, export(mixed, (torch.randn(2, 4).half(), torch.ones(2, 4, dtype=torch.bool)),
+                                    folder / "mixed.pt2", dynamic=True)),
+            "encoder": (encoder, export(encoder, (torch.randn(2, 5, 16),), folder / "encoder.pt2", dynamic=True,
+                                        tokens=True)),
         }  # fmt: skip
 
 
@@ -127,6 +151,30 @@ def test_results_match_eager(models: dict[str, Any], tmp_path: Path, rows: int) 
         np.testing.assert_allclose(result["output0"], expected[0], rtol=1e-5, atol=1e-4)
         assert result["output1"].dtype == np.int64
         np.testing.assert_array_equal(result["output1"], expected[1])
+
+
+@pytest.mark.parametrize("rows", [1, 5, MAX_ROWS])
+def test_float16_bool_and_a_transformer_block_match_eager(models: dict[str, Any], tmp_path: Path, rows: int) -> None:
+    root = repository(tmp_path, {"mixed": (models["mixed"][1], "max_batch_size = 64\n"),
+                                 "encoder": (models["encoder"][1], "max_batch_size = 64\n")})  # fmt: skip
+    rng = np.random.default_rng(rows)
+    with Runtime.from_repository(root) as runtime:
+        mixed = runtime._resolve("mixed", None)
+        assert [(t.datatype, t.dims) for t in mixed.config.outputs] == [("FP16", [4]), ("BOOL", [4])]
+        h = rng.standard_normal((rows, 4)).astype(np.float16)
+        mask = rng.integers(0, 2, (rows, 4)).astype(bool)
+        result = runtime.infer("mixed", dict(zip(mixed.input_names, (h, mask))))
+        expected = eager(models["mixed"][0], h, mask)
+        assert result["output0"].dtype == np.float16 and result["output1"].dtype == np.bool_
+        np.testing.assert_array_equal(result["output0"], expected[0])
+        np.testing.assert_array_equal(result["output1"], expected[1])
+        encoder = runtime._resolve("encoder", None)
+        assert [t.dims for t in encoder.config.inputs] == [[-1, 16]]  # the token dim was exported dynamic
+        assert [t.dims for t in encoder.config.outputs] == [[-1, 16]]
+        for tokens in (3, 12):
+            x = rng.standard_normal((rows, tokens, 16), dtype=np.float32)
+            result = runtime.infer("encoder", {encoder.input_names[0]: x})
+            np.testing.assert_allclose(result["output0"], eager(models["encoder"][0], x)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_declared_tensors_rename_the_model_tensors_by_position(models: dict[str, Any], tmp_path: Path) -> None:
