@@ -67,7 +67,9 @@ class Encoder(torch.nn.Module):
         return self.block(tokens)
 
 
-def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool, tokens: bool = False) -> Path:
+def export(
+    module: Any, args: tuple[Any, ...], path: Path, dynamic: bool, tokens: bool = False, weights_in_so: bool = True
+) -> Path:
     """Export `module` to the package `path`, with a dynamic batch dim up to MAX_ROWS or none
     (tokens: dim 1 of every input dynamic too, up to 12)."""
     dynamic_shapes = None
@@ -80,7 +82,8 @@ def export(module: Any, args: tuple[Any, ...], path: Path, dynamic: bool, tokens
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        configs = {"aot_inductor.package_constants_in_so": weights_in_so}
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return path
 
 
@@ -95,6 +98,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "pair": (pair, export(pair, (torch.randn(2, 4), torch.ones(2, 3, dtype=torch.int64)),
                                   folder / "pair.pt2", dynamic=True)),
             "fixed": (mlp, export(mlp, (torch.randn(2, 8),), folder / "fixed.pt2", dynamic=False)),
+            "external": (mlp, export(mlp, (torch.randn(2, 8),), folder / "external.pt2", dynamic=True,
+                                     weights_in_so=False)),
             "mixed": (mixed, export(mixed, (torch.randn(2, 4).half(), torch.ones(2, 4, dtype=torch.bool)),
                                     folder / "mixed.pt2", dynamic=True)),
             "encoder": (encoder, export(encoder, (torch.randn(2, 5, 16),), folder / "encoder.pt2", dynamic=True,
@@ -273,6 +278,13 @@ def test_a_broken_package_fails_alone_with_a_clear_message(
         result = runtime.infer("mlp", {runtime._resolve("mlp", None).input_names[0]: x})
         assert result["output0"].shape == (1, 4)
     assert "model broken failed to load" in caplog.text and "broken/1/model.pt2" in caplog.text
+
+
+def test_a_package_whose_weights_are_outside_the_model_is_refused(models: dict[str, Any], tmp_path: Path) -> None:
+    # torch's own loader crashes on such a package unless the caller loads the weights first.
+    root = repository(tmp_path, {"external": (models["external"][1], "max_batch_size = 8\n")})
+    with pytest.raises(ConfigError, match=r"external/1/model\.pt2: .*weights are not inside .*package_constants_in_so"):
+        Runtime.from_repository(root, models=["external"])
 
 
 def test_without_torch_loading_says_how_to_install_it(

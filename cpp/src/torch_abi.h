@@ -46,6 +46,14 @@ using ContainerRun = Status (*)(ContainerHandle container, AtenTensorHandle* inp
 using ContainerGetCount = Status (*)(ContainerHandle container, size_t* ret);
 using ContainerGetName = Status (*)(ContainerHandle container, size_t index, const char** ret);
 using ContainerGetCallSpec = Status (*)(ContainerHandle container, const char** in_spec, const char** out_spec);
+using ContainerGetFlag = Status (*)(ContainerHandle container, size_t index, bool* ret);  // constant from_folded
+struct ConstantMapEntry {
+  const char* name;
+  AtenTensorHandle handle;
+};
+// The constants the container holds (borrowed array); use_inactive: the standby buffer.
+using ContainerExtractConstants = Status (*)(ContainerHandle container, const ConstantMapEntry** entries,
+                                             size_t* count, bool use_inactive);
 // The message of the calling thread's last failed call (absent from older packages).
 using GetLastError = Status (*)(const char** message);
 

@@ -149,6 +149,7 @@ TorchModel::TorchModel(const std::string& libtorch_path, const std::string& mode
     };
     input_names_ = names("AOTInductorModelContainerGetNumInputs", "AOTInductorModelContainerGetInputName");
     output_names_ = names("AOTInductorModelContainerGetNumOutputs", "AOTInductorModelContainerGetOutputName");
+    check_weights_loaded(model_so_path);
     auto call_spec = symbol<abi::ContainerGetCallSpec>(model_library_, "AOTInductorModelContainerGetCallSpec",
                                                        model_so_path);
     const char* in_spec = nullptr;
@@ -167,6 +168,29 @@ TorchModel::TorchModel(const std::string& libtorch_path, const std::string& mode
 TorchModel::~TorchModel() {
   if (container_ != nullptr) entry_->container_delete(static_cast<abi::ContainerHandle>(container_));
   if (model_library_ != nullptr) dlclose(model_library_);
+}
+
+void TorchModel::check_weights_loaded(const std::string& model_so_path) const {
+  auto container = static_cast<abi::ContainerHandle>(container_);
+  auto count = symbol<abi::ContainerGetCount>(model_library_, "AOTInductorModelContainerGetNumConstants", model_so_path);
+  auto folded = symbol<abi::ContainerGetFlag>(model_library_, "AOTInductorModelContainerGetConstantFromFolded",
+                                              model_so_path);
+  auto extract = symbol<abi::ContainerExtractConstants>(
+      model_library_, "AOTInductorModelContainerExtractConstantsMapEntries", model_so_path);
+  size_t constants = 0, weights = 0, loaded = 0;
+  if (count(container, &constants) != 0) throw Error(ErrorCode::kInvalidInput, "[torch] cannot read " + model_so_path);
+  for (size_t i = 0; i < constants; ++i) {
+    bool from_folded = false;
+    if (folded(container, i, &from_folded) == 0 && !from_folded) ++weights;
+  }
+  const abi::ConstantMapEntry* entries = nullptr;
+  if (weights > 0 && (extract(container, &entries, &loaded, false) != 0 || loaded == 0)) {
+    // Running such a model reads weights that were never loaded: refuse it instead.
+    throw Error(ErrorCode::kInvalidInput,
+                "[torch] " + model_so_path + ": the model's " + std::to_string(weights) +
+                    " weights are not inside its compiled library (exported with "
+                    "aot_inductor.package_constants_in_so=False); export it with the default, which keeps them there");
+  }
 }
 
 std::string TorchModel::last_error(const char* fallback) const {

@@ -55,6 +55,8 @@ class TorchModel {
  private:
   struct Entry;  // the model .so's entry points
   std::string last_error(const char* fallback) const;
+  // Throws Error(kInvalidInput) when the package kept the weights outside the .so.
+  void check_weights_loaded(const std::string& model_so_path) const;
 
   const TorchLibrary* torch_ = nullptr;  // process-wide, never unloaded
   void* model_library_ = nullptr;
