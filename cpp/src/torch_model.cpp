@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdint>
 #include <mutex>
 #include <unordered_map>
 
@@ -149,7 +150,7 @@ TorchModel::TorchModel(const std::string& libtorch_path, const std::string& mode
     };
     input_names_ = names("AOTInductorModelContainerGetNumInputs", "AOTInductorModelContainerGetInputName");
     output_names_ = names("AOTInductorModelContainerGetNumOutputs", "AOTInductorModelContainerGetOutputName");
-    check_weights_loaded(model_so_path);
+    read_weights(model_so_path);
     auto call_spec = symbol<abi::ContainerGetCallSpec>(model_library_, "AOTInductorModelContainerGetCallSpec",
                                                        model_so_path);
     const char* in_spec = nullptr;
@@ -170,7 +171,7 @@ TorchModel::~TorchModel() {
   if (model_library_ != nullptr) dlclose(model_library_);
 }
 
-void TorchModel::check_weights_loaded(const std::string& model_so_path) const {
+void TorchModel::read_weights(const std::string& model_so_path) {
   auto container = static_cast<abi::ContainerHandle>(container_);
   auto count = symbol<abi::ContainerGetCount>(model_library_, "AOTInductorModelContainerGetNumConstants", model_so_path);
   auto folded = symbol<abi::ContainerGetFlag>(model_library_, "AOTInductorModelContainerGetConstantFromFolded",
@@ -191,6 +192,33 @@ void TorchModel::check_weights_loaded(const std::string& model_so_path) const {
                     " weights are not inside its compiled library (exported with "
                     "aot_inductor.package_constants_in_so=False); export it with the default, which keeps them there");
   }
+  const TorchLibrary& torch = *torch_;
+  for (size_t i = 0; i < loaded; ++i) {
+    void* data = nullptr;
+    int64_t dim = 0;
+    int64_t* sizes = nullptr;
+    int32_t dtype = 0;
+    if (entries[i].handle == nullptr || torch.get_data_ptr(entries[i].handle, &data) != 0 || data == nullptr) continue;
+    torch.get_dim(entries[i].handle, &dim);
+    torch.get_sizes(entries[i].handle, &sizes);
+    torch.get_dtype(entries[i].handle, &dtype);
+    int64_t numel = 1;
+    for (int64_t d = 0; d < dim; ++d) numel *= sizes[d];
+    auto known = torch.dtype_of.find(dtype);
+    // An unknown dtype: assume the widest element, so the range errs towards copying.
+    const size_t element = known == torch.dtype_of.end() ? 16 : dtype_size(known->second);
+    const auto begin = reinterpret_cast<uintptr_t>(data);
+    weight_ranges_.emplace_back(begin, begin + static_cast<uintptr_t>(numel) * element);
+  }
+}
+
+bool TorchModel::aliases_weight(const void* data) const {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  // A linear scan: a model has at most a few hundred weights, and a run costs far more.
+  for (const auto& [begin, end] : weight_ranges_) {
+    if (address >= begin && address < end) return true;
+  }
+  return false;
 }
 
 std::string TorchModel::last_error(const char* fallback) const {
@@ -318,8 +346,10 @@ std::vector<Tensor> TorchModel::run(const std::vector<Tensor>& inputs) const {
     result.shape = Shape(sizes, static_cast<int>(ndim));
     void* data = nullptr;
     torch.get_data_ptr(handle, &data);
-    // A view of an input (an identity output) would outlive the batch's borrowed buffer.
-    if (!is_contiguous(sizes, strides, static_cast<int>(ndim)) || aliases_input(data, inputs)) {
+    // A view of an input (an identity output) would outlive the batch's borrowed buffer,
+    // and a view of a weight the model (whose library holds the weights).
+    if (!is_contiguous(sizes, strides, static_cast<int>(ndim)) || aliases_input(data, inputs) ||
+        aliases_weight(data)) {
       int64_t dense[Shape::kMaxDims];
       contiguous_strides(sizes, static_cast<int>(ndim), dense);
       abi::AtenTensorHandle copy = nullptr;

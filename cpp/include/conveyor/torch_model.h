@@ -13,7 +13,8 @@
 // run() is thread-safe. Inputs are wrapped zero-copy (the batch's pooled buffers) and
 // must be C-contiguous CPU tensors; outputs are returned zero-copy as well, each
 // Tensor owning torch's tensor handle (released when the last view of it goes), except
-// a non-contiguous output, which is copied into a contiguous one first.
+// a non-contiguous output and one that is a view of an input or a weight (memory that
+// the batch or the model owns), which are copied first.
 //
 // Errors: construction and run() throw Error(kInvalidInput) naming the file or the
 // input for what the caller got wrong, and Error(kModelExecution) with torch's
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "conveyor/batcher.h"
@@ -55,8 +57,11 @@ class TorchModel {
  private:
   struct Entry;  // the model .so's entry points
   std::string last_error(const char* fallback) const;
-  // Throws Error(kInvalidInput) when the package kept the weights outside the .so.
-  void check_weights_loaded(const std::string& model_so_path) const;
+  // Records where the weights live; throws Error(kInvalidInput) when the package kept
+  // them outside the .so (they were never loaded).
+  void read_weights(const std::string& model_so_path);
+  // Whether `data` lies inside a weight (an output that is a view of one is copied).
+  bool aliases_weight(const void* data) const;
 
   const TorchLibrary* torch_ = nullptr;  // process-wide, never unloaded
   void* model_library_ = nullptr;
@@ -64,6 +69,7 @@ class TorchModel {
   void* container_ = nullptr;
   std::vector<std::string> input_names_, output_names_;
   std::string in_spec_, out_spec_;
+  std::vector<std::pair<uintptr_t, uintptr_t>> weight_ranges_;  // [begin, end) addresses
   int num_models_ = 1;
   int intra_op_threads_ = 1;
 };
