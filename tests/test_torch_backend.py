@@ -21,10 +21,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install conveyor-serve[torch])")
 
-from conveyor.backends import torch_package  # noqa: E402
-from conveyor.config import parse_model_config  # noqa: E402
-from conveyor.errors import ConfigError  # noqa: E402
-from conveyor.runtime import Runtime  # noqa: E402
+from conveyor.backends import torch_package
+from conveyor.config import parse_model_config
+from conveyor.errors import ConfigError
+from conveyor.runtime import Runtime
 
 MAX_ROWS = 64
 
