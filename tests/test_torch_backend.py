@@ -326,5 +326,11 @@ def test_served_to_an_unmodified_tritonclient(models: dict[str, Any], tmp_path: 
         expected = eager(models["pair"][0], x, ids)
         np.testing.assert_allclose(result.as_numpy("output0"), expected[0], rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(result.as_numpy("output1"), expected[1])
+        metadata = client.get_model_metadata("pair")  # outputs filled from the package
+        assert metadata["platform"] == "pytorch_libtorch"
+        assert client.get_model_config("pair")["backend"] == "pytorch"
+        assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["outputs"]] == [
+            ("output0", "FP32", [-1, 2]), ("output1", "INT64", [-1, 3])
+        ]
     finally:
         server.stop()

@@ -23,11 +23,14 @@ from conveyor.protocol.raw_request import InputSpec
 __all__ = ["config_from_triton_json", "input_specs", "model_metadata", "triton_model_config"]
 
 # v2 metadata `platform` per backend, as Triton reports these backends.
-METADATA_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "python", "native": "native", "trees": "trees"}
+# A torch model reports what Triton's PyTorch backend (which also serves .pt2) reports.
+METADATA_PLATFORMS = {
+    "onnx": "onnxruntime_onnx", "python": "python", "native": "native", "trees": "trees", "torch": "pytorch_libtorch",
+}  # fmt: skip
 # Triton's config names the backend, and the platform only for formats that have one
 # (a python, native or trees model's config has platform "", as Triton's custom backends do).
-TRITON_BACKENDS = {"onnx": "onnxruntime", "python": "python", "native": "native", "trees": "trees"}
-TRITON_CONFIG_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "", "native": "", "trees": ""}
+TRITON_BACKENDS = {"onnx": "onnxruntime", "python": "python", "native": "native", "trees": "trees", "torch": "pytorch"}
+TRITON_CONFIG_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "", "native": "", "trees": "", "torch": "pytorch_libtorch"}
 
 
 def model_metadata(config: ModelConfig, versions: Iterable[int | str]) -> dict[str, Any]:
