@@ -2,7 +2,8 @@
 
 ```
 <root>/<name>/config.toml
-<root>/<name>/<version>/model.onnx   (backends onnx and native; model.py for backend python)
+<root>/<name>/<version>/model.onnx   (backends onnx and native; model.py for backend python;
+                                      model.pt2 for backend torch)
 ```
 Versions are directories named by a positive integer; anything else is ignored.
 A model laid out for Triton loads unchanged: config.pbtxt stands in for config.toml

@@ -15,6 +15,10 @@ different sizes at load (a dim that changes with the inputs' dynamic dims is -1)
 Declared tensors are matched to the model's by position, so config.toml may rename
 them. Batching needs a dynamic first dim on every input, exported with
 `torch.export.Dim("batch", min=1, max=N)`; a max_batch_size above N is refused.
+
+Loading is cheap: measured on 2 vCPUs for a small package, the first load in a process
+took 164 ms (most of it opening libtorch_cpu.so) and later ones 3 ms, against 2.8 s and
+16-20 ms for torch._inductor.aoti_load_package (which imports torch first).
 """
 
 from __future__ import annotations
