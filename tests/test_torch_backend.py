@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install conveyor-serve[torch])")
 
+from conveyor import _core
 from conveyor.backends import torch_package
 from conveyor.config import parse_model_config
 from conveyor.errors import ConfigError
@@ -129,7 +130,10 @@ def eager(module: Any, *arrays: np.ndarray) -> list[np.ndarray]:
 def test_signature_comes_from_the_package(models: dict[str, Any], tmp_path: Path) -> None:
     root = repository(tmp_path, {"mlp": (models["mlp"][1], ""), "pair": (models["pair"][1], "max_batch_size = 64\n")})
     with Runtime.from_repository(root) as runtime:
-        mlp = runtime._resolve("mlp", None).config
+        handle = runtime._resolve("mlp", None)
+        # The batcher runs the C++ model itself (no Python per batch), which the runtime hands it.
+        assert isinstance(handle.backends[0].native_executor, _core.TorchModel)
+        mlp = handle.config
         assert mlp.max_batch_size == 32  # no max_batch_size in config.toml: the auto size, inside the range
         assert [(t.datatype, t.dims) for t in mlp.inputs] == [("FP32", [8])]
         assert [(t.name, t.datatype, t.dims) for t in mlp.outputs] == [("output0", "FP32", [4])]
@@ -207,7 +211,10 @@ def test_64_concurrent_callers_each_get_their_own_answer(models: dict[str, Any],
               for i in range(callers)]  # fmt: skip
     results: list[Any] = [None] * callers
     with Runtime.from_repository(root, models=["pair"]) as runtime:
-        names = runtime._resolve("pair", None).input_names
+        handle = runtime._resolve("pair", None)
+        # Both instances share one loaded package: one backend holding two model copies.
+        assert len(handle.backends) == 1 and handle.backends[0].native_executor.num_models == 2
+        names = handle.input_names
         start = threading.Barrier(callers)
 
         def call(index: int) -> None:
