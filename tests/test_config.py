@@ -317,12 +317,14 @@ def test_config_built_in_code_is_validated() -> None:
         parse_model_config("x", source="code")  # type: ignore[arg-type]
 
 
-def test_oversubscribed_threads_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_oversubscribed_threads_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: str) -> None:
     cores = os.cpu_count() or 1
-    text = f'backend = "onnx"\n[instance_group]\ncount = {cores}\n[onnx]\nintra_op_threads = 2\n'
+    text = f'backend = "{backend}"\n[instance_group]\ncount = {cores}\n[{backend}]\nintra_op_threads = 2\n'
     with caplog.at_level(logging.WARNING, logger="conveyor.config"):
         load_model_config(write_config(tmp_path, text))
     assert "compute threads exceed cores" in caplog.text
+    assert f"{backend}.intra_op_threads (2)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="conveyor.config"):
         load_model_config(write_config(tmp_path, 'backend = "onnx"'))
