@@ -116,6 +116,7 @@ class ModelManager:
             raise InvalidInput(f"model '{name}': files given without a config: pass the model's config too")
         if not files:
             self.repository.model_dir(name)  # InvalidInput or ModelNotFound before any state changes
+        checked = _checked_files(name, files) if files else None  # InvalidInput before any state changes
         with self._lock:
             with self._state_lock:
                 record = self._records.setdefault(name, ModelRecord(name))
@@ -125,8 +126,8 @@ class ModelManager:
             staging: Path | None = None
             try:
                 fingerprint = self.repository.scan_model(name) if not files else None
-                if files:
-                    staging = _stage_files(name, files)
+                if checked is not None:
+                    staging = _stage_files(name, checked)
                 source = self._source(name, config_override, staging)
                 self._apply(record, source, staging)
                 record.fingerprint = fingerprint
@@ -272,15 +273,14 @@ def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
     return labels
 
 
-def _stage_files(name: str, files: dict[str, bytes | str]) -> Path:
-    """Write `file:<version>/<name>` contents into a private directory laid out like a model.
+def _checked_files(name: str, files: dict[str, bytes | str]) -> list[tuple[Path, bytes]]:
+    """The `file:<version>/<name>` parameters as (relative path, bytes); a bad key or content
+    is an InvalidInput naming it (checked before a load changes any state)."""
+    return [(_staged_path(name, key), _staged_bytes(name, key, content)) for key, content in files.items()]
 
-    Every key and content is checked before anything is written; a bad one is an
-    InvalidInput naming it, and nothing is left behind.
-    """
-    staged: list[tuple[Path, bytes]] = []
-    for key, content in files.items():
-        staged.append((_staged_path(name, key), _staged_bytes(name, key, content)))
+
+def _stage_files(name: str, staged: list[tuple[Path, bytes]]) -> Path:
+    """Write checked file parameters into a private directory laid out like a model."""
     root = Path(tempfile.mkdtemp(prefix="conveyor-load-")) / name
     try:
         root.mkdir()
