@@ -104,3 +104,20 @@ def test_unsupported_sources_are_refused_with_what_to_do(tmp_path: Path) -> None
         model = pytest.importorskip("xgboost").XGBRegressor(n_estimators=3, n_jobs=1).fit(x, y)
         conveyor.import_model(model, repository=tmp_path, name="m", sample=x[:, :3])
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_a_pytorch_package_imports_as_torch_with_its_parity(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch", reason="the torch backend needs torch (conveyor-serve[torch])")
+    import warnings
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (torch.randn(2, 6),), dynamic_shapes=({0: batch},))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "net.pt2"))
+    x, _ = data(features=6)
+    result = conveyor.import_model(tmp_path / "net.pt2", repository=tmp_path / "repo", name="net", sample=x[:64])
+    assert result.backend == "torch" and (tmp_path / "repo" / "net" / "1" / "model.pt2").is_file()
+    assert result.max_abs_difference <= 1e-4 and result.rows == 64

@@ -4,7 +4,8 @@ A model trained elsewhere becomes a version directory and a config.toml:
 - XGBoost (a Booster or a scikit-learn-API model; or a saved model.json / .ubj file),
   LightGBM (a Booster or an LGBM* model; or a saved .txt file) and scikit-learn forests
   and gradient boosting (through Treelite's checkpoint) are served by the trees backend;
-- an ONNX file is served by the onnx backend, a Treelite checkpoint (.tl) by trees.
+- an ONNX file is served by the onnx backend, a PyTorch package (.pt2, torch.export +
+  AOTInductor with a dynamic batch dim) by torch, a Treelite checkpoint (.tl) by trees.
 The server never unpickles anything: objects are saved here, in the caller's process,
 in their library's own format.
 
@@ -46,7 +47,7 @@ SAMPLE_ROWS = 256
 TREES_MAX_BATCH_SIZE = 1024
 # A file's suffix -> (backend, the name it takes in the version directory).
 _FILES = {".json": ("trees", "model.json"), ".ubj": ("trees", "model.ubj"), ".txt": ("trees", "model.txt"),
-          ".tl": ("trees", "model.tl"), ".onnx": ("onnx", "model.onnx")}  # fmt: skip
+          ".tl": ("trees", "model.tl"), ".onnx": ("onnx", "model.onnx"), ".pt2": ("torch", "model.pt2")}  # fmt: skip
 _SKLEARN_TREES = ("RandomForestClassifier", "RandomForestRegressor", "ExtraTreesClassifier", "ExtraTreesRegressor",
                   "GradientBoostingClassifier", "GradientBoostingRegressor")  # fmt: skip
 
@@ -163,6 +164,12 @@ def _file_predictor(path: Path) -> Any:
                 import treelite
 
                 return np.asarray(treelite.gtil.predict(treelite.Model.deserialize(str(path)), rows))
+            if path.name == "model.pt2":
+                import torch
+
+                answer = torch._inductor.aoti_load_package(str(path))(torch.from_numpy(np.ascontiguousarray(rows)))
+                first = answer[0] if isinstance(answer, (list, tuple)) else answer
+                return first.detach().numpy()
             import onnxruntime as ort
 
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -265,8 +272,8 @@ def register_import_command(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "import",
         help="add a trained model file to a repository, checked for parity",
-        description="Copy SOURCE (XGBoost model.json/.ubj, LightGBM .txt, a Treelite checkpoint .tl, or an "
-        ".onnx file) into --repository as the next version of --name, with a config.toml when the model has "
+        description="Copy SOURCE (XGBoost model.json/.ubj, LightGBM .txt, a Treelite checkpoint .tl, an .onnx "
+        "file or a PyTorch .pt2 package) into --repository as the next version of --name, with a config.toml when the model has "
         "none; then run it with Conveyor on a sample and compare with the source library's own prediction. "
         "Model objects (XGBoost, LightGBM, scikit-learn forests) import from Python with conveyor.import_model.",
         epilog="Exit status: 0 imported (the parity is printed and written into the config's [parameters]), "
