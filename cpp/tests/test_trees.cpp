@@ -267,6 +267,44 @@ TEST_CASE("trees: a binary sigmoid model gives [1 - p, p]; a regressor gives pre
   CHECK(std::fabs(static_cast<const float*>(out[0].data)[0] - std::exp(20.0f)) < 1e-7 * std::exp(20.0f));
 }
 
+TEST_CASE("trees: Triton FIL's forms: class_index and prediction_column are one float column") {
+  TreeEnsembleHeader h = header(1, 1, "sigmoid");
+  TreeEnsemble binary(h);
+  binary.add_tree(stump(0.0, TreeCompare::kLess, true).arrays());  // margin 10 (x < 0 or NaN) or 20
+  binary.finalize({TreeOutput::kClassIndex}, true);
+  std::vector<float> x = {-1.0f, kNaN};
+  auto out = binary.run({borrow(x, 2, 1)});
+  CHECK(out[0].dtype == DType::kFloat32);
+  CHECK(out[0].shape == (Shape{2, 1}));
+  CHECK_EQ(static_cast<const float*>(out[0].data)[0], 1.0f);  // sigmoid(10) > 0.5: class 1
+  CHECK_EQ(static_cast<const float*>(out[0].data)[1], 1.0f);
+
+  TreeEnsembleHeader shifted = header(1, 1, "sigmoid");
+  shifted.base_scores = {-15.0};  // margins -5 (x < 0) and 5: classes 0 and 1
+  TreeEnsemble two_classes(shifted);
+  two_classes.add_tree(stump(0.0, TreeCompare::kLess, true).arrays());
+  two_classes.finalize({TreeOutput::kClassIndex}, true);
+  std::vector<float> y = {-1.0f, 1.0f};
+  out = two_classes.run({borrow(y, 2, 1)});
+  CHECK_EQ(static_cast<const float*>(out[0].data)[0], 0.0f);
+  CHECK_EQ(static_cast<const float*>(out[0].data)[1], 1.0f);
+
+  TreeEnsemble regressor(header(1, 1));
+  regressor.add_tree(stump(0.0, TreeCompare::kLess, false).arrays());
+  regressor.finalize({TreeOutput::kPredictionColumn, TreeOutput::kPrediction}, false);
+  out = regressor.run({borrow(y, 2, 1)});
+  CHECK(out[0].shape == (Shape{2, 1}));
+  CHECK(out[1].shape == (Shape{2}));
+  CHECK_EQ(static_cast<const float*>(out[0].data)[0], 10.0f);
+  CHECK_EQ(static_cast<const float*>(out[0].data)[1], 20.0f);
+  // The forms are for their kind of model only.
+  TreeEnsemble wrong(header(1, 1));
+  wrong.add_tree(stump(0.0, TreeCompare::kLess, false).arrays());
+  CHECK_THROWS_CODE(wrong.finalize({TreeOutput::kClassIndex}, false), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(tree_output_from_name("output__0"), ErrorCode::kInvalidInput);
+  CHECK(tree_output_from_name("prediction_column") == TreeOutput::kPredictionColumn);
+}
+
 TEST_CASE("trees: malformed trees, headers, outputs and batches are InvalidInput") {
   HandTree bad_child = stump(0.0, TreeCompare::kLess, false);
   bad_child.cright[0] = 7;
