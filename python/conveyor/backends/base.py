@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from conveyor.config import ModelConfig
-from conveyor.errors import InvalidInput, Unavailable
+from conveyor.errors import ConveyorError, InvalidInput, ModelExecutionError, Unavailable
 
 
 class Backend(abc.ABC):
@@ -69,6 +69,35 @@ class Backend(abc.ABC):
                 f"{self.label}: expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
                 f"got {len(inputs)}"
             )
+
+
+class CoreExecutorBackend(Backend):
+    """A backend whose batches run in C++: `native_executor` (a NativeGraph, TreeEnsemble or
+    TorchModel) is what the runtime hands the batcher, so batches take no GIL; `execute`
+    runs the same object from Python, for callers outside the batcher (the probe at load)."""
+
+    native_executor: Any = None
+
+    def _arrays(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The inputs as the C++ object takes them (default: contiguous float32)."""
+        return [np.ascontiguousarray(x, dtype=np.float32) for x in inputs]
+
+    def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self._check_callable(inputs)
+        executor = self.native_executor
+        if executor is None:
+            raise Unavailable(f"{self.label} is closed")
+        try:
+            return executor.run(self._arrays(inputs))
+        except ConveyorError:  # the core's own errors (InvalidInput for a bad batch) keep their type
+            raise
+        except Exception as exc:
+            raise ModelExecutionError(f"{self.label}: {exc}") from exc
+
+    def close(self) -> None:
+        # The batcher holds its own reference to the executor while it drains.
+        self.native_executor = None
+        super().close()
 
 
 def version_of(version_dir: Path) -> int | None:

@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 
 from conveyor import _core
-from conveyor.backends.base import Backend
+from conveyor.backends.base import CoreExecutorBackend
 from conveyor.backends.native_plan import GraphPlan, UnsupportedGraph, plan_graph
 from conveyor.backends.onnx import GraphTensor, _check_tensors, _complete_config
 from conveyor.config import ModelConfig
-from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Unavailable
+from conveyor.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _ORT_TYPE_NAMES = {
 }  # fmt: skip
 
 
-class NativeBackend(Backend):
+class NativeBackend(CoreExecutorBackend):
     kind = "native"
     # NativeGraph.run keeps no state between calls: one graph serves every instance.
     thread_safe = True
@@ -65,22 +65,6 @@ class NativeBackend(Backend):
         )
         logger.debug("%s: planned %s into %d native steps", self.label, model_path, len(plan.steps))
 
-    def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        self._check_callable(inputs)
-        graph = self.native_executor
-        if graph is None:
-            raise Unavailable(f"{self.label} is closed")
-        try:
-            return graph.run([np.ascontiguousarray(x, dtype=np.float32) for x in inputs])
-        except ConveyorError:  # the core's own errors (InvalidInput for a bad batch) keep their type
-            raise
-        except Exception as exc:
-            raise ModelExecutionError(f"{self.label}: {exc}") from exc
-
-    def close(self) -> None:
-        # The batcher holds its own reference to the graph while it drains.
-        self.native_executor = None
-        super().close()
 
 
 def build_native_graph(plan: GraphPlan, input_names: list[str], output_names: list[str], *, threads: int = 1) -> Any:

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from conveyor import _core
-from conveyor.backends.base import Backend
+from conveyor.backends.base import CoreExecutorBackend
 from conveyor.backends.onnx import AUTO_MAX_BATCH_SIZE
 from conveyor.backends.torch_package import InputSignature, libtorch_path, read_package
 from conveyor.config import NUMPY_DTYPE_BY_DATATYPE, TENSOR_NAME_PATTERN, ModelConfig, TensorConfig
-from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Unavailable
+from conveyor.errors import ConfigError, ConveyorError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ __all__ = ["TorchBackend"]
 _DATATYPE_BY_NUMPY = {np.dtype(dtype): name for name, dtype in NUMPY_DTYPE_BY_DATATYPE.items() if name != "BYTES"}
 
 
-class TorchBackend(Backend):
+class TorchBackend(CoreExecutorBackend):
     kind = "torch"
     # TorchModel.run may be called from every instance thread at once (one model copy each).
     thread_safe = True
@@ -70,26 +70,11 @@ class TorchBackend(Backend):
         self.native_executor: Any = model
         logger.debug("%s: loaded %s (%d model copies)", self.label, model_path, model.num_models)
 
-    def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        self._check_callable(inputs)
-        model = self.native_executor
-        if model is None:
-            raise Unavailable(f"{self.label} is closed")
-        arrays = [
+    def _arrays(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [
             np.ascontiguousarray(x) if t.datatype == "BF16" else np.ascontiguousarray(x, dtype=t.numpy_dtype)
             for t, x in zip(self.config.inputs, inputs)
         ]  # fmt: skip
-        try:
-            return model.run(arrays)
-        except ConveyorError:  # the core's own errors keep their type
-            raise
-        except Exception as exc:
-            raise ModelExecutionError(f"{self.label}: {exc}") from exc
-
-    def close(self) -> None:
-        # The batcher holds its own reference to the model while it drains.
-        self.native_executor = None
-        super().close()
 
 
 def _complete_config(

@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.backends.base import Backend
+from conveyor.backends.base import CoreExecutorBackend
 from conveyor.backends.trees_import import (
     TreeModel,
     find_tree_model_file,
     load_tree_model,
 )
 from conveyor.config import ModelConfig, TensorConfig
-from conveyor.errors import ConfigError, ConveyorError, ModelExecutionError, Unavailable
+from conveyor.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_INPUT_NAME", "TreesBackend", "fill_config_from_trees", "find
 DEFAULT_INPUT_NAME = "features"
 
 
-class TreesBackend(Backend):
+class TreesBackend(CoreExecutorBackend):
     kind = "trees"
     # TreeEnsemble.run keeps no state between calls: one ensemble serves every instance.
     thread_safe = True
@@ -64,22 +64,8 @@ class TreesBackend(Backend):
             self.label, model.num_tree, model.num_feature, model.num_margin, model.postprocessor, model_path,
         )  # fmt: skip
 
-    def execute(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        self._check_callable(inputs)
-        ensemble = self.native_executor
-        if ensemble is None:
-            raise Unavailable(f"{self.label} is closed")
-        try:
-            return ensemble.run([np.ascontiguousarray(inputs[0], dtype=np.float32)])
-        except ConveyorError:  # the core's own errors (InvalidInput for a bad batch) keep their type
-            raise
-        except Exception as exc:
-            raise ModelExecutionError(f"{self.label}: {exc}") from exc
-
-    def close(self) -> None:
-        # The batcher holds its own reference to the ensemble while it drains.
-        self.native_executor = None
-        super().close()
+    def _arrays(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.ascontiguousarray(inputs[0], dtype=np.float32)]
 
 
 def fill_config_from_trees(config: ModelConfig, model_path: Path) -> ModelConfig:
