@@ -13,6 +13,8 @@
 #      slow to keep up), shadow_queue_size = QUEUE
 #   D  (VARIANTS="A B C D") [rollout] shadow, shadow_percent = 0: the routed path and the
 #      rollout's periodic work, with nothing copied
+#   N  (VARIANTS="A B N") as B, with shadow_cpu_priority = "normal": the challenger competes
+#      for CPU at the champion's priority instead of the idle class B runs it in
 # 1. Capacity: closed-loop load on A at increasing concurrency (CAP_CONC); capacity = the
 #    highest throughput seen.
 # 2. At half of it, a fixed request rate (perf_analyzer --request-rate-range R:R), p50/p99 of
@@ -127,6 +129,7 @@ SHADOW=$'\n[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = 100'
 make_repo "$WORK/A" "" 0
 make_repo "$WORK/B" "$SHADOW" 0
 [[ $VARIANTS == *C* ]] && make_repo "$WORK/C" "$SHADOW"$'\n'"shadow_queue_size = $QUEUE" "$SLOW_MS"
+[[ $VARIANTS == *N* ]] && make_repo "$WORK/N" "$SHADOW"$'\nshadow_cpu_priority = "normal"' 0
 [[ $VARIANTS == *D* ]] && make_repo "$WORK/D" $'\n[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = 0' 0
 
 # ---- servers ------------------------------------------------------------------------------
@@ -251,7 +254,8 @@ print("| variant | infer/s | p50 ms | p99 ms | p99 / A | server CPU us/request |
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 a99, acpu = med("A", "p99_ms"), med("A", "server_cpu_us_per_request")
 for v, what in (("A", "no rollout"), ("B", "shadow 100%"), ("C", "shadow 100%, slow challenger"),
-                ("D", "shadow 0%: routed, nothing copied")):
+                ("D", "shadow 0%: routed, nothing copied"),
+                ("N", "shadow 100%, challenger at normal CPU priority")):
     if not any(r["variant"] == v for r in rows):
         continue
     p99, cpu = med(v, "p99_ms"), med(v, "server_cpu_us_per_request")

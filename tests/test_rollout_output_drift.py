@@ -179,6 +179,9 @@ def _shadow_rollout_outcome(challenger_shift: float, statistic: str) -> str:
     try:
         rollouts.start("scorer", {
             "strategy": "shadow", "champion": 1, "challenger": 2, "interval_s": 60.0, "shadow_percent": 100.0,
+            # Every copy must be paired: at normal priority a busy machine cannot starve the challenger
+            # (at idle priority it may, and copies past the queue are dropped, as they should be).
+            "shadow_cpu_priority": "normal",
             "checks": [{"name": "drift", "metric": "output_drift", "statistic": statistic, "threshold": 0.1,
                         "bins": 10, "reference_size": 400, "min_samples": 800}],
         })  # fmt: skip

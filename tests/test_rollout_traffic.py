@@ -8,6 +8,7 @@ mirror going idle; shares are checked against the binomial 99% band their weight
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+from conveyor import _core
 from conveyor.config import parse_model_config
 from conveyor.deploy.evidence import RolloutStatistics
-from conveyor.rollout_config import RolloutVersions, StickyConfig
+from conveyor.rollout_config import RolloutConfig, RolloutVersions, StickyConfig, parse_rollout_config
 from conveyor.deploy.router import Router, RouteTable
-from conveyor.deploy.traffic import OutputComparison, RolloutTraffic, route_key_from
+from conveyor.deploy.traffic import OutputComparison, RolloutTraffic, route_key_from, shadow_runs_idle
 from conveyor.errors import ConfigError, ModelExecutionError, ModelNotFound
 from conveyor.runtime import Runtime
 
@@ -597,3 +599,118 @@ def test_output_comparison_from_the_config():
     assert OutputComparison.for_config(text) is None
     with pytest.raises(ConfigError, match="is BYTES"):
         OutputComparison.for_config(text, "t")
+
+
+# ---- the challenger's CPU priority -------------------------------------------------------------
+
+needs_idle_class = pytest.mark.skipif(
+    not hasattr(os, "SCHED_IDLE") or not _core.Batcher.__dict__.get("set_background"),
+    reason="the idle CPU scheduling class is Linux's",
+)
+
+
+class PolicyRecorder:
+    """Scales its input and records the scheduling class of the thread running each batch."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.policies: list[int] = []
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.policies.append(os.sched_getscheduler(0))
+        return {"y": inputs["x"] * self.factor}
+
+
+def _recorded_runtime() -> tuple[Runtime, PolicyRecorder, PolicyRecorder]:
+    champion, challenger = PolicyRecorder(1.0), PolicyRecorder(2.0)
+    rt = Runtime()
+    rt.add_model(MODEL, _config(), champion, version=1)
+    rt.add_model(MODEL, _config(), challenger, version=2)
+    return rt, champion, challenger
+
+
+@needs_idle_class
+def test_a_shadow_challenger_answers_copies_at_idle_priority_until_detached():
+    rt, champion, challenger = _recorded_runtime()
+    with rt:
+        traffic = RolloutTraffic(rt)
+        traffic.attach(_controller(RouteTable.shadow(1, 2, 100, salt="s")))
+        asyncio.run(_serve_and_drain(traffic, 50))
+        assert set(champion.policies) == {os.SCHED_OTHER}
+        assert challenger.policies and set(challenger.policies) == {os.SCHED_IDLE}
+        assert traffic.counters()[MODEL]["shadow"]["paired"] == 50
+        traffic.detach(MODEL)
+        challenger.policies.clear()
+        named = asyncio.run(traffic.infer(MODEL, _row(1.0), version=2, request_id="after"))
+    assert named.version == 2 and challenger.policies == [os.SCHED_OTHER]  # new threads, normal priority
+
+
+@needs_idle_class
+def test_a_challenger_that_answers_for_itself_leaves_idle_priority():
+    rt, _, challenger = _recorded_runtime()
+    with rt:
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller)
+        asyncio.run(_serve_and_drain(traffic, 10))
+        assert set(challenger.policies) == {os.SCHED_IDLE}
+        challenger.policies.clear()
+        controller.router = Router(RouteTable.canary(1, 2, 100, salt="s"), seed=1)  # a blue-green switch
+        results = asyncio.run(_serve(traffic, 10))
+    assert {r.version for r in results} == {2}
+    assert set(challenger.policies) == {os.SCHED_OTHER}
+    assert traffic.get(MODEL) is controller  # still attached: only the mirror went
+
+
+@needs_idle_class
+def test_a_finished_rollout_returns_its_challenger_to_normal_priority():
+    rt, _, challenger = _recorded_runtime()
+    with rt:
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        traffic.attach(controller)
+        asyncio.run(_serve_and_drain(traffic, 10))
+        controller.active, controller.serving_version = False, 2  # promoted
+        challenger.policies.clear()
+        results = asyncio.run(_serve(traffic, 5))
+    assert {r.version for r in results} == {2}
+    assert set(challenger.policies) == {os.SCHED_OTHER}
+
+
+_LATENCY_CHECK = {"name": "p99", "metric": "latency", "compare": "absolute", "threshold": 50.0, "quantile": 0.99}
+_PAIRED_LATENCY_CHECK = {"name": "paired", "metric": "latency_paired", "compare": "champion", "tolerance": 0.1}
+_AGREEMENT_CHECK = {"name": "agree", "metric": "agreement", "compare": "absolute", "threshold": 0.98}
+
+
+@pytest.mark.parametrize(
+    ("priority", "checks", "idle"),
+    [
+        ("auto", [], True),
+        ("auto", [_AGREEMENT_CHECK], True),
+        ("auto", [_AGREEMENT_CHECK, _LATENCY_CHECK], False),  # timing the versions needs equal footing
+        ("auto", [_PAIRED_LATENCY_CHECK], False),
+        ("idle", [_LATENCY_CHECK], True),
+        ("normal", [], False),
+    ],
+)
+def test_shadow_cpu_priority_resolves_auto_by_the_checks(priority, checks, idle):
+    config = RolloutConfig(strategy="shadow", challenger=2, shadow_cpu_priority=priority, checks=checks)
+    assert shadow_runs_idle(config) is idle
+    assert shadow_runs_idle(None) is True
+
+
+@needs_idle_class
+def test_a_normal_priority_rollout_leaves_the_challenger_alone():
+    rt, _, challenger = _recorded_runtime()
+    with rt:
+        traffic = RolloutTraffic(rt)
+        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+        controller.config = RolloutConfig(strategy="shadow", challenger=2, shadow_cpu_priority="normal")
+        traffic.attach(controller)
+        asyncio.run(_serve_and_drain(traffic, 10))
+    assert set(challenger.policies) == {os.SCHED_OTHER}
+
+
+def test_shadow_cpu_priority_is_checked():
+    with pytest.raises(ConfigError, match="shadow_cpu_priority"):
+        parse_rollout_config({"strategy": "shadow", "challenger": 2, "shadow_cpu_priority": "low"}, source="m")

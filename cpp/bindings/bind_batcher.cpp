@@ -272,6 +272,10 @@ void init_batcher(py::module_& m) {
       .def("set_mirror", &Batcher::set_mirror, py::arg("mirror"),
            // Dropping the old mirror may delete its challenger batcher, whose threads may need the GIL.
            py::call_guard<py::gil_scoped_release>(), "Attaches the Mirror tagged requests are copied to (None: none).")
+      .def("set_background", &Batcher::set_background, py::arg("background"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Background mode (a shadow challenger): instance threads in the OS's idle scheduling class while on; "
+           "leaving it starts new threads at the caller's priority. Returns whether the idle class is available.")
       .def(
           "infer",
           [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {

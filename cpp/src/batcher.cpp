@@ -6,6 +6,10 @@
 #include <cstdio>
 #include <cstring>
 #include <new>
+#include <system_error>
+
+#include <pthread.h>
+#include <sched.h>
 
 namespace conveyor {
 
@@ -42,6 +46,33 @@ BatchPolicy make_policy(const BatcherOptions& o) {
   p.preferred_batch_sizes = o.preferred_batch_sizes;
   std::sort(p.preferred_batch_sizes.begin(), p.preferred_batch_sizes.end());
   return p;
+}
+
+// Moves the calling thread into the idle scheduling class; false where there is none
+// (not Linux) or it is refused (a seccomp policy, for one).
+bool enter_idle_class() {
+#if defined(__linux__)
+  sched_param param{};
+  param.sched_priority = 0;
+  return pthread_setschedparam(pthread_self(), SCHED_IDLE, &param) == 0;
+#else
+  return false;
+#endif
+}
+
+// Whether a thread of this process may enter the idle class, asked once of a throwaway thread.
+bool idle_class_available() {
+  static const bool available = [] {
+    bool ok = false;
+    try {
+      std::thread probe([&ok] { ok = enter_idle_class(); });
+      probe.join();
+    } catch (const std::system_error&) {
+      return false;
+    }
+    return ok;
+  }();
+  return available;
 }
 
 // Request ids are unique in the process, so one completion queue can serve many models.
@@ -98,8 +129,10 @@ Batcher::Batcher(BatcherOptions options, Executor executor, std::shared_ptr<Memo
   if (!executor_) throw Error(ErrorCode::kInvalidInput, where + "no executor given");
   levels_.resize(std::max(1, options_.priority_levels));
   counters_ = std::make_unique<Counters>(static_cast<size_t>(std::max<int64_t>(options_.max_batch_size, 1)) + 1);
+  instance_busy_.assign(static_cast<size_t>(options_.instance_count), 0);
+  handoff_.resize(static_cast<size_t>(options_.instance_count));
   for (int i = 0; i < options_.instance_count; ++i) {
-    instances_.emplace_back([this, i] { instance_loop(i); });
+    instances_.emplace_back([this, i] { instance_loop(i, 0); });
   }
   deadline_thread_ = std::thread([this] { deadline_loop(); });
 }
@@ -316,10 +349,42 @@ std::vector<Batcher::Request> Batcher::take_expired(TimePoint now) {
   return take(expired, {}).first;
 }
 
-void Batcher::instance_loop(int instance) {
+bool Batcher::take_instance(std::unique_lock<std::mutex>& lock, int instance, uint64_t generation) {
+  const size_t i = static_cast<size_t>(instance);
+  // Superseded before it took over (left and entered background mode again), or abandoned:
+  // it never serves, and the thread that does serve joins it.
+  const auto never = [&] { return generation == abandoned_generation_ || generation < generation_; };
+  handoff_cv_.wait(lock, [&] { return never() || (generation == generation_ && !instance_busy_[i]); });
+  if (never()) return false;
+  instance_busy_[i] = 1;
+  std::vector<std::thread> previous = std::move(handoff_[i]);
+  handoff_[i].clear();
+  if (!previous.empty()) {  // each has left its loop, or is about to: only their return is left
+    lock.unlock();
+    for (auto& t : previous) t.join();
+    lock.lock();
+  }
+  return true;
+}
+
+void Batcher::release_instance(int instance) {
+  instance_busy_[static_cast<size_t>(instance)] = 0;
+  handoff_cv_.notify_all();
+}
+
+void Batcher::instance_loop(int instance, uint64_t generation) {
   std::unique_lock<std::mutex> lock(mu_);
+  if (!take_instance(lock, instance, generation)) return;
+  bool tried_idle = false;  // this thread has asked for the idle scheduling class
   for (;;) {
-    if (!accepting_ && queued_ == 0) return;
+    if (generation != generation_ || (!accepting_ && queued_ == 0)) {
+      release_instance(instance);
+      return;
+    }
+    if (background_ && !tried_idle) {
+      tried_idle = true;
+      enter_idle_class();  // refused (no idle class here): the thread keeps its priority
+    }
     const TimePoint now = Clock::now();
     BatchPolicy policy = policy_;
     if (draining_) policy.max_queue_delay = std::chrono::nanoseconds(0);
@@ -340,6 +405,43 @@ void Batcher::instance_loop(int instance) {
     if (!batch.empty()) run_batch(instance, std::move(batch), decision.rows);
     lock.lock();
   }
+}
+
+bool Batcher::set_background(bool background) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (background == background_ || !accepting_) return idle_class_available();
+  if (background) {
+    background_ = true;
+    lock.unlock();
+    work_cv_.notify_all();  // waiting threads switch before their next batch
+    return idle_class_available();
+  }
+  // New threads at the caller's priority, one per instance, each waiting for its instance.
+  const uint64_t next = ++last_generation_;
+  std::vector<std::thread> fresh;
+  try {
+    for (int i = 0; i < options_.instance_count; ++i) {
+      fresh.emplace_back([this, i, next] { instance_loop(i, next); });
+    }
+  } catch (const std::system_error& e) {
+    abandoned_generation_ = next;  // the threads started so far leave without serving
+    lock.unlock();
+    handoff_cv_.notify_all();
+    for (auto& t : fresh) t.join();
+    throw Error(ErrorCode::kInternal, "[batcher] model '" + options_.model_name +
+                                          "': could not start threads to leave background mode (" + e.what() +
+                                          "); the instances keep running in the idle scheduling class");
+  }
+  generation_ = next;
+  background_ = false;
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    handoff_[i].push_back(std::move(instances_[i]));
+    instances_[i] = std::move(fresh[i]);
+  }
+  lock.unlock();
+  work_cv_.notify_all();     // the replaced threads leave after their batch
+  handoff_cv_.notify_all();  // replacements superseded before they took over leave now
+  return idle_class_available();
 }
 
 void Batcher::deadline_loop() {

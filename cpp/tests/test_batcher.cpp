@@ -5,6 +5,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+
+#include <sched.h>
 #include <vector>
 
 #include "allocation_hooks.h"
@@ -471,4 +473,106 @@ TEST_CASE("batcher: cancel, deadlines and stop racing dispatch answer every requ
   BatcherStats s = b.stats();
   CHECK_EQ(s.succeeded + s.cancelled + s.expired, static_cast<uint64_t>(accepted.load()));
   CHECK_EQ(s.in_flight, uint64_t{0});
+}
+
+namespace {
+
+// What each batch saw: the scheduling class and the thread that ran it.
+struct BatchThreads {
+  std::mutex mu;
+  std::vector<int> policies;
+  std::vector<std::thread::id> threads;
+  void record() {
+    std::lock_guard<std::mutex> lock(mu);
+    policies.push_back(sched_getscheduler(0));
+    threads.push_back(std::this_thread::get_id());
+  }
+};
+
+}  // namespace
+
+TEST_CASE("batcher: background mode runs batches in the idle class; leaving it runs them on new normal threads") {
+  BatchThreads seen;
+  Batcher b(options(4), [&](const Batch& batch) { seen.record(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {1, 2};
+  CHECK(b.infer({borrow(x, 1)}).code == ErrorCode::kOk);
+  const bool idle_class = b.set_background(true);
+  CHECK(b.set_background(true) == idle_class);  // already on: nothing changes
+  CHECK(b.infer({borrow(x, 1)}).code == ErrorCode::kOk);
+  b.set_background(false);
+  Completion last = b.infer({borrow(x, 1)});
+  CHECK(last.code == ErrorCode::kOk);
+  CHECK_EQ(value_at(last, 0, 1), 5.0f);
+  CHECK_EQ(seen.policies.size(), size_t{3});
+  if (seen.policies.size() != 3) return;
+  CHECK_EQ(seen.policies[0], SCHED_OTHER);
+  CHECK_EQ(seen.policies[1], idle_class ? SCHED_IDLE : SCHED_OTHER);
+  CHECK_EQ(seen.policies[2], SCHED_OTHER);
+  CHECK(seen.threads[0] == seen.threads[1]);  // entering: the same thread switches
+  CHECK(seen.threads[2] != seen.threads[1]);  // leaving: a new thread took over
+}
+
+TEST_CASE("batcher: leaving background mode mid-batch: the new thread waits, an instance never runs two batches") {
+  Gate gate;
+  std::atomic<int> running{0}, most{0}, batches{0};
+  Batcher b(options(1), [&](const Batch& batch) {
+    const int now = ++running;
+    int seen = most.load();
+    while (now > seen && !most.compare_exchange_weak(seen, now)) {}
+    if (++batches == 1) gate.pass();
+    --running;
+    return twice_plus_one(batch);
+  }, nullptr);
+  auto w1 = std::make_shared<CompletionWaiter>(), w2 = std::make_shared<CompletionWaiter>(),
+       w3 = std::make_shared<CompletionWaiter>();
+  std::vector<float> x1 = {1, 1}, x2 = {2, 2}, x3 = {3, 3};
+  b.submit({borrow(x1, 1)}, w1);
+  gate.wait_entered(1);  // batch 1 runs, held
+  b.set_background(true);
+  b.submit({borrow(x2, 1)}, w2);  // queued behind it
+  b.set_background(false);        // returns at once; the replacement waits for the instance
+  b.submit({borrow(x3, 1)}, w3);
+  gate.open();
+  Completion c1 = w1->wait(), c2 = w2->wait(), c3 = w3->wait();
+  CHECK(c1.code == ErrorCode::kOk);
+  CHECK(c2.code == ErrorCode::kOk);
+  CHECK(c3.code == ErrorCode::kOk);
+  CHECK_EQ(value_at(c3, 0, 0), 7.0f);
+  CHECK_EQ(most.load(), 1);
+  CHECK_EQ(batches.load(), 3);
+}
+
+TEST_CASE("batcher: background mode toggled under load answers every request once; stop joins every thread") {
+  constexpr int kThreads = 6, kPerThread = 150, kToggles = 40;
+  BatcherOptions o = options(8);
+  o.instance_count = 2;
+  Batcher b(o, twice_plus_one, nullptr);
+  std::atomic<int> wrong{0}, errors{0};
+  std::atomic<bool> done{false};
+  std::thread toggler([&] {
+    for (int i = 0; i < kToggles && !done.load(); ++i) b.set_background(i % 2 == 0);
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        std::vector<float> x = {float(t), float(i)};
+        Completion c = b.infer({borrow(x, 1)});
+        if (c.code != ErrorCode::kOk) {
+          ++errors;
+        } else if (value_at(c, 0, 0) != 2.0f * t + 1 || value_at(c, 0, 1) != 2.0f * i + 1) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  done = true;
+  toggler.join();
+  CHECK_EQ(wrong.load(), 0);
+  CHECK_EQ(errors.load(), 0);
+  CHECK_EQ(b.stats().succeeded, uint64_t{kThreads * kPerThread});
+  b.stop();
+  b.set_background(true);  // after stop: nothing changes, no thread is started
+  b.set_background(false);
 }

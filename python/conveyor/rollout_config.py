@@ -125,6 +125,10 @@ class RolloutConfig(_Strict):
     steps: list[CanaryStep] = []
     shadow_percent: float | None = Field(default=None, ge=0, le=100)
     shadow_queue_size: int = Field(default=1024, ge=1)
+    # The challenger's CPU priority while it answers shadow copies: "idle" (the OS's idle
+    # scheduling class: only CPU time nothing else wants), "normal", or "auto": idle unless
+    # a check compares latency or queue time, which needs both versions on equal footing.
+    shadow_cpu_priority: Literal["auto", "idle", "normal"] = "auto"
     rollback_window_s: float | None = Field(default=None, ge=0)
     interval_s: float = Field(default=10.0, gt=0)
     sticky: StickyConfig = Field(default_factory=StickyConfig)

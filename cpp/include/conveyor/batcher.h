@@ -137,6 +137,18 @@ class Batcher {
   // be this batcher.
   void set_mirror(std::shared_ptr<Mirror> mirror);
 
+  // Background mode, for a challenger that only answers a rollout's shadow copies: its
+  // instance threads run in the OS's idle scheduling class (Linux SCHED_IDLE), so they
+  // take only CPU time no other thread of the machine wants and never delay the
+  // champion. Each thread switches before its next batch. Leaving it starts new instance
+  // threads at the caller's priority (an unprivileged thread may enter the idle class
+  // but not leave it); each takes over its instance once the thread it replaces has
+  // finished its batch, so an instance never runs two batches at once. Returns whether
+  // this machine has the idle class (false: the threads keep their priority). Does
+  // nothing once stop() has begun. Throws kInternal when replacement threads cannot be
+  // started (the old ones keep serving, in the idle class).
+  bool set_background(bool background);
+
  private:
   struct Request {
     uint64_t id = 0;
@@ -167,7 +179,11 @@ class Batcher {
   std::pair<std::vector<Request>, std::vector<Request>> take(const std::vector<QueuePos>& first,
                                                              const std::vector<QueuePos>& second);
   std::vector<Request> take_expired(TimePoint now);  // mu_ held
-  void instance_loop(int instance);
+  // Serves instance `instance` as thread generation `generation` (see set_background).
+  void instance_loop(int instance, uint64_t generation);
+  // Waits (mu_ held) until this generation owns the instance; false: it never will.
+  bool take_instance(std::unique_lock<std::mutex>& lock, int instance, uint64_t generation);
+  void release_instance(int instance);  // mu_ held
   void deadline_loop();
   void run_batch(int instance, std::vector<Request> batch, int64_t rows);
   std::vector<Tensor> gather(const std::vector<Request>& batch);
@@ -207,7 +223,18 @@ class Batcher {
   bool draining_ = false;                         // guarded by mu_: dispatch without delay
   bool stopped_ = false;                          // guarded by mu_: threads must exit
 
-  std::vector<std::thread> instances_;
+  // Background mode (set_background), guarded by mu_. Instance threads belong to a
+  // generation; a thread whose generation is no longer current leaves after its batch
+  // and hands its instance, and its own std::thread to join, to its replacement.
+  bool background_ = false;
+  uint64_t generation_ = 0;       // the generation that serves
+  uint64_t last_generation_ = 0;  // the newest started (generations are never reused)
+  uint64_t abandoned_generation_ = UINT64_MAX;  // replacements that could not all start
+  std::vector<char> instance_busy_;             // a thread is serving the instance
+  std::vector<std::vector<std::thread>> handoff_;  // per instance: replaced threads, joined by the next to serve
+  std::condition_variable handoff_cv_;          // an instance freed, or replacements abandoned
+
+  std::vector<std::thread> instances_;  // modified only under mu_ while accepting_
   std::thread deadline_thread_;
   // Held while a batch is offered to the mirror, and to swap it: set_mirror returns only
   // when no instance uses the old one. Never held with mu_.

@@ -40,7 +40,7 @@ from typing import Any
 
 from conveyor.errors import ConfigError
 
-__all__ = ["METRICS", "Check", "MetricSpec", "parse_checks", "validate_check_tables"]
+__all__ = ["METRICS", "TIMING_METRICS", "Check", "MetricSpec", "parse_checks", "validate_check_tables"]
 
 COMPARISONS = ("champion", "absolute")
 NO_DATA_RULES = ("hold", "fail")
@@ -62,6 +62,9 @@ class MetricSpec:
     takes_quantile: bool = False
     gaussian: bool = False  # tested with the normal mixture (effect_size applies)
 
+
+# Metrics that time the versions: comparing them needs both at the same CPU priority.
+TIMING_METRICS = frozenset({"latency", "queue_time", "latency_paired"})
 
 _SHARE = (0.0, 1.0)
 _POSITIVE = (0.0, math.inf)

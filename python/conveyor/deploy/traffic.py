@@ -36,6 +36,17 @@ caller may reuse its input buffers as soon as `infer` returns. At most
 `shadow_queue_size` copied rows are in flight per rollout; past that, or when the
 challenger's queue is full, a copy is dropped and counted.
 
+CPU priority. While it answers copies, the challenger's batcher is in background mode
+(`Batcher.set_background`): its instance threads run in the OS's idle scheduling class, so
+they take only CPU time the champion and everything else leave, and a copy never delays
+an answer; on a saturated machine copies queue up and are dropped, counted. That is the
+rollout's `shadow_cpu_priority` ("idle"; "auto", the default, is idle unless a check times
+the versions: latency, queue time or paired latency compare fairly only at equal priority;
+"normal" never). The challenger leaves background mode, on new threads at normal priority,
+as soon as the mirror is unlinked or the challenger answers a routed request itself (a
+blue-green switch, a promotion), and when the rollout ends or is detached. Requests that
+name the challenger's version while it copies run at its idle priority too.
+
 Pairs. Each paired row carries both sides' latencies (the champion's: queued and computed;
 the challenger's: the same queue wait, then the copy's own time) and the compared output's
 values (see `OutputComparison`). They are recorded into `controller.statistics.paired`
@@ -71,6 +82,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from conveyor import _core
+from conveyor.deploy.checks import TIMING_METRICS
 from conveyor.errors import ConfigError, ConveyorError, ModelNotFound
 from conveyor.rollout_config import RolloutConfig, StickyConfig
 from conveyor.runtime import new_request_id
@@ -201,6 +213,16 @@ class OutputComparison:
         return cls(output, "scores", "values", output)
 
 
+def shadow_runs_idle(rollout: RolloutConfig | None) -> bool:
+    """Whether the challenger answers shadow copies in the idle scheduling class: the
+    rollout's `shadow_cpu_priority`, where "auto" is idle unless a check times the versions."""
+    priority = "auto" if rollout is None else rollout.shadow_cpu_priority
+    if priority != "auto":
+        return priority == "idle"
+    checks = () if rollout is None else rollout.checks
+    return not any(isinstance(check, Mapping) and check.get("metric") in TIMING_METRICS for check in checks)
+
+
 def _comparable(tensor: Any, steps: Mapping[str, Any]) -> bool:
     step = steps.get(tensor.name)
     return tensor.datatype != "BYTES" or (step is not None and step.kind == "classification")
@@ -228,10 +250,14 @@ def _unavailable_notifier(controller: Any) -> Callable[[int], Any] | None:
 class _Rollout:
     """One attached rollout: its controller, counters and shadow mirror."""
 
-    def __init__(self, controller: Any, shadow_queue_size: int, comparison: OutputComparison | None, remember_ids: bool) -> None:
+    def __init__(
+        self, controller: Any, shadow_queue_size: int, comparison: OutputComparison | None, remember_ids: bool,
+        shadow_idle: bool,
+    ) -> None:  # fmt: skip
         self.controller = controller
         self.name: str = controller.name
         self.shadow_queue_size = shadow_queue_size
+        self.shadow_idle = shadow_idle  # the challenger answers copies in the idle scheduling class
         self.comparison = comparison
         self.notify_unavailable = _unavailable_notifier(controller)
         self.routed: defaultdict[int, int] = defaultdict(int)  # version -> requests the router (or serving_version) sent it
@@ -251,6 +277,7 @@ class _Rollout:
         self.predictions: dict[str, tuple[float, float]] = {}
         self.recording: asyncio.TimerHandle | None = None
         self.attached = True
+        self.warned_no_idle = False
 
 
 @dataclass
@@ -305,10 +332,10 @@ class RolloutTraffic:
                 "detach it before attaching another"
             )
         champion_config = self.runtime.model(model, controller.versions.champion).config
+        rollout = getattr(controller, "config", None)
+        if not isinstance(rollout, RolloutConfig):
+            rollout = champion_config.rollout
         if shadow_queue_size is None:
-            rollout = getattr(controller, "config", None)
-            if not isinstance(rollout, RolloutConfig):
-                rollout = champion_config.rollout
             shadow_queue_size = rollout.shadow_queue_size if rollout is not None else DEFAULT_SHADOW_QUEUE_SIZE
         if isinstance(shadow_queue_size, bool) or not isinstance(shadow_queue_size, int) or shadow_queue_size < 1:
             raise ConfigError(f"shadow_queue_size: expected an integer >= 1, got {shadow_queue_size!r}")
@@ -317,7 +344,7 @@ class RolloutTraffic:
         # champion's [feedback] judges, read the same way (argmax / index, or the value).
         feedback = champion_config.feedback
         remember_ids = feedback is not None and comparison is not None and comparison.output == feedback.output
-        self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison, remember_ids)
+        self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison, remember_ids, shadow_runs_idle(rollout))
 
     def detach(self, model: str) -> None:
         """Stops routing `model`: its requests go straight to the runtime again.
@@ -329,10 +356,7 @@ class RolloutTraffic:
         if entry is None:
             raise ModelNotFound(f"model '{model}' has no rollout attached (attached: {sorted(self._rollouts) or 'none'})")
         entry.attached = False
-        if entry.link is not None:
-            entry.link.champion_batcher.set_mirror(None)
-            entry.retired.append(entry.link)
-            entry.link = None
+        self._unlink(entry)
         if entry.retired:
             self._detached.append(entry)
 
@@ -376,6 +400,9 @@ class RolloutTraffic:
             handle = self._fall_back(entry, model, target)
         entry.routed[handle.version] += 1
         if shadow_version is None or shadow_version == handle.version:
+            link = entry.link
+            if link is not None and link.challenger_batcher is handle.batcher:
+                self._unlink(entry)  # the challenger answers for itself now (a switch): at normal priority
             outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
             return _new_result(RoutedResult, (outputs, handle.version, entry.name, handle))
         return await self._infer_shadowed(entry, handle, shadow_version, inputs, request_id, priority, timeout_us)
@@ -390,6 +417,8 @@ class RolloutTraffic:
             handle = runtime.model(model, entry.controller.serving_version)
         except ModelNotFound:
             handle = runtime.model(model)
+        if entry.link is not None:
+            self._unlink(entry)  # no more copies; a promoted challenger answers at normal priority
         entry.routed[handle.version] += 1
         outputs = await runtime.infer_async(handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id)
         return _new_result(RoutedResult, (outputs, handle.version, None, handle))
@@ -448,6 +477,12 @@ class RolloutTraffic:
         self._unlink(entry)
         champion.batcher.set_mirror(mirror)
         entry.link = _Link(champion.batcher, challenger.batcher, version, mirror)
+        if entry.shadow_idle and not challenger.batcher.set_background(True) and not entry.warned_no_idle:
+            entry.warned_no_idle = True
+            log.warning(
+                "rollout %s: this machine has no idle CPU scheduling class: version %d answers shadow copies "
+                "at normal priority, competing with the champion for CPU", entry.name, version,
+            )  # fmt: skip
         if entry.recording is None:
             self._schedule_recording(entry)
         return entry.link
@@ -494,6 +529,14 @@ class RolloutTraffic:
         link.champion_batcher.set_mirror(None)
         entry.retired.append(link)
         entry.link = None
+        if entry.shadow_idle:
+            self._leave_background(entry, link)
+
+    def _leave_background(self, entry: _Rollout, link: _Link) -> None:
+        try:
+            link.challenger_batcher.set_background(False)
+        except ConveyorError as exc:  # no threads to be had: it keeps serving, in the idle class
+            log.error("rollout %s: version %d stays at idle CPU priority: %s", entry.name, link.challenger_version, exc)
 
     def _unlinked_failure(self, entry: _Rollout, version: int, exc: ConveyorError) -> None:
         entry.unlinked_failures += 1
@@ -526,6 +569,8 @@ class RolloutTraffic:
 
     def _recording_due(self, entry: _Rollout) -> None:
         entry.recording = None
+        if entry.link is not None and not entry.controller.active:
+            self._unlink(entry)  # the rollout ended: no more copies; the challenger back to normal priority
         self._check_challenger(entry)
         self._record(entry)
         busy = entry.link is not None or any(link.mirror.stats()["in_flight"] for link in entry.retired)
