@@ -12,6 +12,8 @@ The public API:
 - ``ModelConfig``, ``load_model_config``, ``ModelRepository``: the model repository.
 - ``import_model``: a trained model (XGBoost, LightGBM, scikit-learn trees, or a model
   file) into a repository, checked for parity with its source.
+- ``export_torch``: a PyTorch module into a repository as a compiled ``.pt2`` with a
+  dynamic batch dim, checked for parity with eager PyTorch.
 - ``conveyor.errors``: every error Conveyor raises, under ``ConveyorError``.
 """
 
@@ -52,7 +54,6 @@ except PackageNotFoundError:  # a source checkout that was not installed
 
 __all__ = [
     "ConveyorError",
-    "import_model",
     "MemoryPool",
     "ModelConfig",
     "ModelRepository",
@@ -60,6 +61,8 @@ __all__ = [
     "__version__",
     "errors",
     "example_repository",
+    "export_torch",
+    "import_model",
     "load_model_config",
 ]
 
@@ -75,3 +78,19 @@ def import_model(
 
     return _import_model(source, repository=repository, name=name, sample=sample,
                          tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)  # fmt: skip
+
+
+def export_torch(
+    factory: object, *, example_inputs: object, repository: object, name: str, max_batch_size: int | None = None,
+    tolerance: float | None = None,
+) -> object:  # fmt: skip
+    """Export a PyTorch model ("FILE.py:FUNCTION", a function returning a torch.nn.Module, or the module)
+    as the next .pt2 version of `name` in `repository`, with a dynamic batch dim, checked for parity
+    with eager PyTorch on `example_inputs` (conveyor.torch_export; also `conveyor export-torch`)."""
+    from conveyor import torch_export
+
+    return torch_export.export_torch(
+        factory, example_inputs=example_inputs, repository=repository, name=name,
+        max_batch_size=torch_export.DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
+        tolerance=torch_export.DEFAULT_TOLERANCE if tolerance is None else tolerance,
+    )  # fmt: skip

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_import_command(subparsers)
     register_import_triton_command(subparsers)
+    from conveyor.torch_export import register_export_torch_command
+
+    register_export_torch_command(subparsers)
     return parser
 
 

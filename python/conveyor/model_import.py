@@ -21,10 +21,12 @@ removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +74,10 @@ def import_model(
     from the signature. ConfigError when the source is not supported, or its parity
     fails the tolerance (nothing is left behind then).
     """
-    if not re.fullmatch(MODEL_NAME_PATTERN, name):
-        raise ConfigError(f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-'")
-    model_dir = Path(repository) / name
-    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    version_dir = model_dir / str(max(versions, default=0) + 1)
-    created_config = not (model_dir / CONFIG_FILE_NAME).is_file()
-    version_dir.mkdir(parents=True)
-    try:
+    with new_version(repository, name) as (model_dir, version_dir, created_config):
         backend, predict = _write(source, version_dir)
-        config = _config(model_dir, backend, created_config)
+        config = write_config(model_dir, backend, created_config,
+                              {"max_batch_size": TREES_MAX_BATCH_SIZE} if backend == "trees" else {})  # fmt: skip
         result = _parity(config, version_dir, predict, sample, backend)
         if not result.max_abs_difference <= tolerance:
             raise ConfigError(
@@ -89,12 +85,35 @@ def import_model(
                 f"{result.max_abs_difference:.3g} on {result.rows} rows, over the tolerance {tolerance:g}"
                 + (f" (class agreement {result.class_agreement:.2%})" if result.class_agreement is not None else "")
             )
-        _record(model_dir, config, result, _describe(source))
+        recorded: dict[str, Any] = {"import_source": _describe(source),
+                                    "import_max_abs_difference": result.max_abs_difference}  # fmt: skip
+        if result.class_agreement is not None:
+            recorded["import_class_agreement"] = result.class_agreement
+        record_parameters(model_dir, recorded)
         return result
+
+
+@contextlib.contextmanager
+def new_version(repository: Path, name: str) -> Iterator[tuple[Path, Path, bool]]:
+    """Creates the next version directory of model `name`; yields (model dir, version dir, whether the
+    model had no config.toml yet). On any error inside the block, the version directory and a config
+    the block created are removed again, so a failed import or export leaves nothing behind."""
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise ConfigError(f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-'")
+    model_dir = Path(repository) / name
+    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    version_dir = model_dir / str(max(versions, default=0) + 1)
+    created_config = not (model_dir / CONFIG_FILE_NAME).is_file()
+    created_dir = not model_dir.exists()
+    version_dir.mkdir(parents=True)
+    try:
+        yield model_dir, version_dir, created_config
     except BaseException:
         shutil.rmtree(version_dir, ignore_errors=True)
         if created_config:
             (model_dir / CONFIG_FILE_NAME).unlink(missing_ok=True)
+        if created_dir:
+            shutil.rmtree(model_dir, ignore_errors=True)
         raise
 
 
@@ -180,12 +199,12 @@ def _file_predictor(path: Path) -> Any:
     return predict
 
 
-def _config(model_dir: Path, backend: str, create: bool) -> Any:
+def write_config(model_dir: Path, backend: str, create: bool, settings: dict[str, Any]) -> Any:
+    """The model's config: written (backend and `settings`) when `create`, else read and checked to
+    name the same backend."""
     path = model_dir / CONFIG_FILE_NAME
     if create:
-        data: dict[str, Any] = {"backend": backend}
-        if backend == "trees":
-            data["max_batch_size"] = TREES_MAX_BATCH_SIZE
+        data: dict[str, Any] = {"backend": backend, **settings}
         path.write_text(toml_text(data), encoding="utf-8")
     config = load_model_config(path, name=model_dir.name)
     if config.backend != backend:
@@ -247,15 +266,11 @@ def _sample_rows(sample: Any, tensor: Any, max_batch_size: int) -> np.ndarray:
     return rows
 
 
-def _record(model_dir: Path, config: Any, result: ImportResult, source: str) -> None:
-    """Writes the parity into the config's [parameters] (the rest of the file kept as it was)."""
+def record_parameters(model_dir: Path, values: dict[str, Any]) -> None:
+    """Writes `values` into the config's [parameters] (the rest of the file kept as it was)."""
     path = model_dir / CONFIG_FILE_NAME
     data = tomllib.loads(path.read_text(encoding="utf-8"))
-    parameters = data.setdefault("parameters", {})
-    parameters["import_source"] = source
-    parameters["import_max_abs_difference"] = result.max_abs_difference
-    if result.class_agreement is not None:
-        parameters["import_class_agreement"] = result.class_agreement
+    data.setdefault("parameters", {}).update(values)
     text = toml_text(data)
     parse_model_config(tomllib.loads(text), source=str(path), name=model_dir.name)
     path.write_text(text, encoding="utf-8")
