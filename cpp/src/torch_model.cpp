@@ -2,8 +2,12 @@
 #include "conveyor/torch_model.h"
 
 #include <dlfcn.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -29,6 +33,50 @@ Fn symbol(void* library, const char* name, const std::string& file) {
 std::string dlerror_text() {
   const char* text = dlerror();
   return text == nullptr ? "unknown dlopen error" : text;
+}
+
+// The whole pages inside the read-only segments (PT_LOAD without PF_W) of the loaded
+// object named `name` at load address `base`; `found` false when it is not loaded.
+struct SegmentSearch {
+  ElfW(Addr) base;
+  std::string name;
+  std::vector<std::pair<uintptr_t, uintptr_t>> pages;
+  bool found = false;
+};
+
+int collect_read_only_pages(struct dl_phdr_info* info, size_t, void* data) {
+  auto* search = static_cast<SegmentSearch*>(data);
+  if (info->dlpi_addr != search->base || info->dlpi_name == nullptr || search->name != info->dlpi_name) return 0;
+  search->found = true;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  for (ElfW(Half) i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& header = info->dlpi_phdr[i];
+    if (header.p_type != PT_LOAD || (header.p_flags & PF_W) != 0) continue;
+    const uintptr_t begin = (info->dlpi_addr + header.p_vaddr + page - 1) / page * page;
+    const uintptr_t end = (info->dlpi_addr + header.p_vaddr + header.p_memsz) / page * page;
+    if (end > begin) search->pages.emplace_back(begin, end);
+  }
+  return 1;
+}
+
+// Unloads a compiled model library, and frees its memory when the loader keeps it.
+// torch's compiled models define GNU unique symbols, which make glibc ignore dlclose: the
+// library (with the weights inside it, read in place) stays mapped for the life of the
+// process. Its read-only pages were never written, so dropping them is safe (a later
+// access, e.g. by its exit handlers, reads them from the file again) and returns the
+// memory they hold; its writable pages (relocated data included) are left alone.
+void close_model_library(void* library) {
+  struct link_map* map = nullptr;
+  if (dlinfo(library, RTLD_DI_LINKMAP, &map) != 0 || map == nullptr || map->l_name == nullptr) {
+    dlclose(library);
+    return;
+  }
+  SegmentSearch search{map->l_addr, map->l_name, {}};
+  dlclose(library);
+  dl_iterate_phdr(collect_read_only_pages, &search);
+  for (const auto& [begin, end] : search.pages) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  }
 }
 
 }  // namespace
@@ -168,7 +216,7 @@ TorchModel::TorchModel(const std::string& libtorch_path, const std::string& mode
 
 TorchModel::~TorchModel() {
   if (container_ != nullptr) entry_->container_delete(static_cast<abi::ContainerHandle>(container_));
-  if (model_library_ != nullptr) dlclose(model_library_);
+  if (model_library_ != nullptr) close_model_library(model_library_);
 }
 
 void TorchModel::read_weights(const std::string& model_so_path) {
