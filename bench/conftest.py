@@ -67,6 +67,7 @@ class RatioReport:
 
     def __init__(self) -> None:
         self.comparisons: dict[str, _Comparison] = {}
+        self.figures: dict[str, tuple[str, str]] = {}
 
     def _get(self, name: str, module: str) -> _Comparison:
         return self.comparisons.setdefault(name, _Comparison(module=module))
@@ -94,8 +95,12 @@ class RatioReport:
         """Records benchmark (already run) as the baseline the candidate is compared with."""
         self._get(name, _module_of(benchmark)).baseline = _Side(label, _median_s(benchmark))
 
+    def figure(self, name: str, text: str, *, module: str) -> None:
+        """A figure a benchmark measured itself (e.g. paired timings from C++), printed as it is."""
+        self.figures[name] = (module, text)
+
     def lines(self) -> list[str]:
-        out = []
+        out = [f"{module}: {name}: {text}" for name, (module, text) in sorted(self.figures.items())]
         for name, c in sorted(self.comparisons.items(), key=lambda item: (item[1].module, item[0])):
             head = f"{c.module}: {name}:"
             if c.candidate is None or c.baseline is None:
@@ -139,7 +144,7 @@ def ratio_report(request: pytest.FixtureRequest) -> RatioReport:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     report = config.stash.get(_REPORT, None)
-    if report is None or not report.comparisons:
+    if report is None or not (report.comparisons or report.figures):
         return
     terminalreporter.section("candidate vs baseline, measured in this run")
     for line in report.lines():

@@ -44,6 +44,21 @@ void init_torch(py::module_& m) {
             return out;
           },
           py::arg("inputs"), "Run one batch: C-contiguous arrays in the model's input order; a list of arrays out.")
+      .def(
+          "time_runs",
+          [](const TorchModel& model, const py::sequence& arrays, int iterations) {
+            std::vector<Tensor> inputs = hold_arrays(arrays, "input");
+            TorchModel::RunTimings timings;
+            {
+              // The timed runs compute on arrays this call holds.
+              py::gil_scoped_release nogil;
+              timings = model.time_runs(inputs, iterations);
+            }
+            return py::make_tuple(timings.model_run_ns, timings.backend_run_ns);
+          },
+          py::arg("inputs"), py::arg("iterations"),
+          "For benchmarks: (model_run_ns, backend_run_ns), `iterations` interleaved pairs of per-batch times: the "
+          "compiled model's own run on handles made beforehand, and run() as the batcher calls it.")
       .def_property_readonly("input_names", &TorchModel::input_names)
       .def_property_readonly("output_names", &TorchModel::output_names)
       .def_property_readonly("in_spec", &TorchModel::in_spec, "The input pytree spec torch.export recorded (JSON).")

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -419,6 +420,55 @@ std::vector<Tensor> TorchModel::run(const std::vector<Tensor>& inputs) const {
     results.push_back(std::move(result));
   }
   return results;
+}
+
+TorchModel::RunTimings TorchModel::time_runs(const std::vector<Tensor>& inputs, int iterations) const {
+  using Clock = std::chrono::steady_clock;
+  const TorchLibrary& torch = *torch_;
+  if (inputs.size() != input_names_.size() || iterations < 1) {
+    throw Error(ErrorCode::kInvalidInput, "[torch] time_runs: expected " + std::to_string(input_names_.size()) +
+                                              " inputs and iterations >= 1");
+  }
+  // The model's own runs use the same thread count as run() sets.
+  ThreadCount thread_count(torch, intra_op_threads_);
+  RunTimings timings;
+  timings.model_run_ns.reserve(static_cast<size_t>(iterations));
+  timings.backend_run_ns.reserve(static_cast<size_t>(iterations));
+  std::vector<abi::AtenTensorHandle> in(inputs.size(), nullptr);
+  std::vector<abi::AtenTensorHandle> out(output_names_.size(), nullptr);
+  HandleGuard in_guard{torch, in};
+  HandleGuard out_guard{torch, out};
+  for (int i = 0; i < iterations; ++i) {
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      const Tensor& t = inputs[k];
+      int64_t strides[Shape::kMaxDims];
+      contiguous_strides(t.shape.data(), t.shape.ndim(), strides);
+      if (torch.create_tensor_from_blob(t.data, t.shape.ndim(), t.shape.data(), strides, 0,
+                                        torch.torch_dtype_of.at(static_cast<int>(t.dtype)), torch.device_type_cpu, 0,
+                                        &in[k]) != 0) {
+        throw Error(ErrorCode::kModelExecution, "[torch] cannot wrap input '" + input_names_[k] + "'");
+      }
+    }
+    const auto model_start = Clock::now();
+    const abi::Status status = entry_->run(static_cast<abi::ContainerHandle>(container_), in.data(), in.size(),
+                                           out.data(), out.size(), nullptr, nullptr);
+    const auto model_end = Clock::now();
+    std::fill(in.begin(), in.end(), nullptr);  // taken by the container
+    if (status != 0) throw Error(ErrorCode::kModelExecution, "[torch] the compiled model failed: " + last_error("?"));
+    for (auto& handle : out) {
+      torch.delete_tensor(handle);
+      handle = nullptr;
+    }
+    const auto backend_start = Clock::now();
+    std::vector<Tensor> results = run(inputs);
+    const auto backend_end = Clock::now();
+    results.clear();
+    timings.model_run_ns.push_back(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(model_end - model_start).count());
+    timings.backend_run_ns.push_back(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(backend_end - backend_start).count());
+  }
+  return timings;
 }
 
 Executor torch_model_executor(std::shared_ptr<const TorchModel> model) {

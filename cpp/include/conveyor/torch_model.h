@@ -46,6 +46,16 @@ class TorchModel {
   // One batch: inputs in the model's input order; outputs in its output order.
   std::vector<Tensor> run(const std::vector<Tensor>& inputs) const;
 
+  // For measuring the backend's cost per batch (bench/bench_torch.py): `iterations` pairs of
+  // timed runs on `inputs`, interleaved, in nanoseconds each. model_run_ns: the compiled
+  // model's own AOTInductorModelContainerRun, on input handles made before the timing.
+  // backend_run_ns: run(), as the batcher's instance thread calls it (inputs wrapped,
+  // outputs inspected and wrapped). Neither times deleting the outputs.
+  struct RunTimings {
+    std::vector<int64_t> model_run_ns, backend_run_ns;
+  };
+  RunTimings time_runs(const std::vector<Tensor>& inputs, int iterations) const;
+
   const std::vector<std::string>& input_names() const noexcept { return input_names_; }
   const std::vector<std::string>& output_names() const noexcept { return output_names_; }
   // The pytree specs torch.export recorded (JSON text), for logs and signature checks.
