@@ -196,6 +196,18 @@ def test_declared_tensors_rename_the_model_tensors_by_position(models: dict[str,
     np.testing.assert_allclose(scores, eager(models["mlp"][0], x)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_declared_variable_dim_takes_the_model_size(models: dict[str, Any], tmp_path: Path) -> None:
+    # As for the output a postprocess step reads, which the config cannot size before the load.
+    body = 'max_batch_size = 8\noutputs = [{ name = "scores", datatype = "FP32", dims = [-1] }]\n'
+    root = repository(tmp_path, {"mlp": (models["mlp"][1], body)})
+    with Runtime.from_repository(root, models=["mlp"]) as runtime:
+        assert [(t.name, t.dims) for t in runtime._resolve("mlp", None).config.outputs] == [("scores", [4])]
+    body = 'max_batch_size = 8\noutputs = [{ name = "scores", datatype = "FP32", dims = [5] }]\n'
+    root = repository(tmp_path / "fixed", {"mlp": (models["mlp"][1], body)})
+    with pytest.raises(ConfigError, match=r"output 'scores' .*declares FP32 \[5\], the model has FP32 \[4\]"):
+        Runtime.from_repository(root, models=["mlp"])
+
+
 def test_a_declared_dtype_the_model_does_not_take_is_refused(models: dict[str, Any], tmp_path: Path) -> None:
     body = 'max_batch_size = 8\ninputs = [{ name = "features", datatype = "FP64", dims = [8] }]\n'
     root = repository(tmp_path, {"mlp": (models["mlp"][1], body)})

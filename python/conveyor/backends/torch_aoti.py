@@ -157,22 +157,32 @@ def _check_batch_range(
 
 
 def _merge(declared: list[TensorConfig], model: list[TensorConfig], kind: str, source: str) -> list[TensorConfig]:
-    """The declared tensors checked against the model's (by position), or the model's."""
+    """The declared tensors checked against the model's (by position), or the model's.
+
+    A dim either side leaves variable (-1) matches any size; a declared -1 takes the
+    model's size where the model's is fixed (e.g. the output a postprocess step reads,
+    which the config cannot size before the model is loaded).
+    """
     if not declared:
         for tensor in model:
             if not re.fullmatch(TENSOR_NAME_PATTERN, tensor.name):
                 raise ConfigError(f"{source}: {kind} '{tensor.name}' has an unservable name; list the {kind}s in "
                                   "config.toml")  # fmt: skip
         return model
+    merged = []
     for position, (mine, theirs) in enumerate(zip(declared, model)):
-        compatible = len(mine.dims) == len(theirs.dims) and all(t in (-1, d) for d, t in zip(mine.dims, theirs.dims))
+        compatible = len(mine.dims) == len(theirs.dims) and all(
+            -1 in (d, t) or d == t for d, t in zip(mine.dims, theirs.dims)
+        )
         if mine.datatype != theirs.datatype or not compatible:
             raise ConfigError(
                 f"{source}: {kind} '{mine.name}' (position {position}, the model's '{theirs.name}'): the config "
                 f"declares {mine.datatype} {mine.dims}, the model has {theirs.datatype} {theirs.dims} (-1 = "
                 "variable, batch dim excluded when batching)"
             )
-    return declared
+        dims = [t if d == -1 else d for d, t in zip(mine.dims, theirs.dims)]
+        merged.append(mine if dims == mine.dims else mine.model_copy(update={"dims": dims}))
+    return merged
 
 
 def _measure_outputs(
