@@ -228,3 +228,31 @@ def test_without_torch_the_message_says_what_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(ConfigError, match=r"needs PyTorch, which is not installed: .*pip install conveyor-serve\[torch\]"):
         conveyor.export_torch("m.py:build", example_inputs=["2x8:float32"], repository=".", name="m")
+
+
+def test_the_text_example_as_pt2_answers_as_its_onnx_version(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers", reason="the text example needs tokenizers (conveyor-serve[text])")
+    import shutil
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        import make_text_model
+    finally:
+        sys.path.remove(str(examples))
+    models = tmp_path / "models"
+    for path, build in make_text_model.files(models):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(build())
+    shutil.copy(examples / "models" / "text_classifier" / "config.toml", models / "text_classifier")
+    make_text_model.write_pt2(models)
+    texts = np.array([["The striker scored a late goal"], ["Rain, snow and fog all day"], ["crème brûlée au café"],
+                      [""], ["word " * 60]], dtype=object)  # fmt: skip
+    with Runtime.from_repository(models) as runtime:
+        onnx = runtime.infer("text_classifier", {"text": texts})
+        pt2 = runtime.infer("text_classifier_pt2", {"text": texts})
+    # Rows of at most 32 tokens: the same answers (the .pt2 config truncates longer rows at 32).
+    np.testing.assert_allclose(pt2["probs"][:4], onnx["probs"][:4], rtol=1e-5, atol=1e-6)
+    assert [t.split(b":")[2] for t in pt2["topic"][:3, 0]] == [b"sport", b"weather", b"food"]
+    config = tomllib.loads((models / "text_classifier_pt2" / "config.toml").read_text())
+    assert config["backend"] == "torch" and config["parameters"]["export_max_abs_difference"] <= 1e-4
