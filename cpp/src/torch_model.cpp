@@ -8,7 +8,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -49,6 +48,16 @@ int collect_read_only_pages(struct dl_phdr_info* info, size_t, void* data) {
   auto* search = static_cast<SegmentSearch*>(data);
   if (info->dlpi_addr != search->base || info->dlpi_name == nullptr || search->name != info->dlpi_name) return 0;
   search->found = true;
+  // Text relocations write into read-only segments while loading: then none is left as the file has it.
+  for (ElfW(Half) i = 0; i < info->dlpi_phnum; ++i) {
+    if (info->dlpi_phdr[i].p_type != PT_DYNAMIC) continue;
+    const auto* entry = reinterpret_cast<const ElfW(Dyn)*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+    for (; entry->d_tag != DT_NULL; ++entry) {
+      if (entry->d_tag == DT_TEXTREL || (entry->d_tag == DT_FLAGS && (entry->d_un.d_val & DF_TEXTREL) != 0)) {
+        return 1;
+      }
+    }
+  }
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   for (ElfW(Half) i = 0; i < info->dlpi_phnum; ++i) {
     const ElfW(Phdr)& header = info->dlpi_phdr[i];

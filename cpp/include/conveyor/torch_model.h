@@ -16,6 +16,11 @@
 // a non-contiguous output and one that is a view of an input or a weight (memory that
 // the batch or the model owns), which are copied first.
 //
+// Destruction deletes the container and closes the model .so. glibc keeps such a library
+// loaded (torch's compiled code defines GNU unique symbols), so the pages of its
+// read-only segments, where the weights live, are released by hand (madvise): the
+// memory a loaded model held returns to the system when it is unloaded.
+//
 // Errors: construction and run() throw Error(kInvalidInput) naming the file or the
 // input for what the caller got wrong, and Error(kModelExecution) with torch's
 // message when the compiled model fails ("[torch] ...").
