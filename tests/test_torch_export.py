@@ -202,6 +202,13 @@ def test_bad_input_ends_with_a_message_saying_what_to_fix(
     assert not (tmp_path / "repo").exists()
 
 
+def test_an_invalid_model_name_is_refused_before_exporting(models_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"invalid model name 'bad name'"):
+        conveyor.export_torch(f"{models_file}:build", example_inputs=["2x8:float32"], repository=tmp_path,
+                              name="bad name")  # fmt: skip
+    assert list(tmp_path.iterdir()) == [models_file]
+
+
 def test_example_specs_make_seeded_data_of_the_asked_dtype(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((3, 2), np.float16))
     arrays = example_arrays(["4x8:float32", "4x5:int64:100:200", "4:bool", tmp_path / "x.npy"])

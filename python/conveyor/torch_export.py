@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.backends.torch_package import INSTALL_ADVICE
+from conveyor.config import MODEL_NAME_PATTERN
 from conveyor.errors import ConfigError
 from conveyor.model_import import new_version, record_parameters, write_config
 
@@ -87,7 +88,9 @@ def export_torch(
     """
     torch = _import_torch()
     if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        raise ConfigError(f"max_batch_size (--max-batch-size) must be >= 1, got {max_batch_size}")
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):  # before the minutes of exporting, not after
+        raise ConfigError(f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-'")
     described = factory if isinstance(factory, str) else _describe(factory)
     module = _module(torch, factory, described)
     arrays = example_arrays(example_inputs)
