@@ -4,8 +4,13 @@ A model trained elsewhere becomes a version directory and a config.toml:
 - XGBoost (a Booster or a scikit-learn-API model; or a saved model.json / .ubj file),
   LightGBM (a Booster or an LGBM* model; or a saved .txt file) and scikit-learn forests
   and gradient boosting (through Treelite's checkpoint) are served by the trees backend;
+- other scikit-learn estimators and Pipelines (through skl2onnx, ZipMap off), CatBoost
+  models with numeric features (its own ONNX export) and Keras 3 models
+  (`Model.export(format="onnx")`) are converted to ONNX for the onnx backend
+  (conveyor.model_import_onnx);
 - an ONNX file is served by the onnx backend, a PyTorch package (.pt2, torch.export +
   AOTInductor with a dynamic batch dim) by torch, a Treelite checkpoint (.tl) by trees.
+A config.toml written by the import holds the signature the loaded model declared.
 The server never unpickles anything: objects are saved here, in the caller's process,
 in their library's own format.
 
@@ -33,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from conveyor import model_import_onnx
 from conveyor.config import (
     CONFIG_FILE_NAME,
     MODEL_NAME_PATTERN,
@@ -47,9 +53,13 @@ __all__ = ["ImportResult", "import_model", "register_import_command"]
 DEFAULT_TOLERANCE = 1e-4
 SAMPLE_ROWS = 256
 TREES_MAX_BATCH_SIZE = 1024
+# max_batch_size of a model converted here to ONNX (its batch dim is variable).
+CONVERTED_MAX_BATCH_SIZE = 1024
 # A file's suffix -> (backend, the name it takes in the version directory).
 _FILES = {".json": ("trees", "model.json"), ".ubj": ("trees", "model.ubj"), ".txt": ("trees", "model.txt"),
           ".tl": ("trees", "model.tl"), ".onnx": ("onnx", "model.onnx"), ".pt2": ("torch", "model.pt2")}  # fmt: skip
+# A framework (its top-level module) -> the conveyor.model_import_onnx function converting its models.
+_ONNX_CONVERTERS = {"sklearn": "sklearn_to_onnx", "catboost": "catboost_to_onnx", "keras": "keras_to_onnx"}
 _SKLEARN_TREES = ("RandomForestClassifier", "RandomForestRegressor", "ExtraTreesClassifier", "ExtraTreesRegressor",
                   "GradientBoostingClassifier", "GradientBoostingRegressor")  # fmt: skip
 
@@ -75,10 +85,10 @@ def import_model(
     fails the tolerance (nothing is left behind then).
     """
     with new_version(repository, name) as (model_dir, version_dir, created_config):
-        backend, predict = _write(source, version_dir)
-        config = write_config(model_dir, backend, created_config,
-                              {"max_batch_size": TREES_MAX_BATCH_SIZE} if backend == "trees" else {})  # fmt: skip
-        result = _parity(config, version_dir, predict, sample, backend)
+        backend, predict, max_batch_size = _write(source, version_dir)
+        settings = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+        config = write_config(model_dir, backend, created_config, settings)
+        result, loaded = _parity(config, version_dir, predict, sample, backend)
         if not result.max_abs_difference <= tolerance:
             raise ConfigError(
                 f"import of {_describe(source)} refused: Conveyor's answers differ from the source's by up to "
@@ -89,7 +99,7 @@ def import_model(
                                     "import_max_abs_difference": result.max_abs_difference}  # fmt: skip
         if result.class_agreement is not None:
             recorded["import_class_agreement"] = result.class_agreement
-        record_parameters(model_dir, recorded)
+        record_parameters(model_dir, recorded, signature=loaded if created_config else None)
         return result
 
 
@@ -120,8 +130,9 @@ def new_version(repository: Path, name: str) -> Iterator[tuple[Path, Path, bool]
 # ---- writing the version ----------------------------------------------------------------------
 
 
-def _write(source: Any, version_dir: Path) -> tuple[str, Any]:
-    """Saves the source into `version_dir`; returns its backend and its own predict(rows)."""
+def _write(source: Any, version_dir: Path) -> tuple[str, Any, int | None]:
+    """Saves the source into `version_dir`; returns its backend, its own predict(rows) and the
+    max_batch_size a new config takes (None: the backend's default)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -131,26 +142,30 @@ def _write(source: Any, version_dir: Path) -> tuple[str, Any]:
                               f"{', '.join(_FILES)} (or pass the model object to conveyor.import_model)")  # fmt: skip
         backend, target = _FILES[path.suffix]
         shutil.copyfile(path, version_dir / target)
-        return backend, _file_predictor(version_dir / target)
+        max_batch_size = TREES_MAX_BATCH_SIZE if backend == "trees" else None
+        return backend, _file_predictor(version_dir / target), max_batch_size
     kind = type(source)
     module = kind.__module__.split(".")[0]
     if module == "xgboost":
         booster = source.get_booster() if hasattr(source, "get_booster") else source
         booster.save_model(str(version_dir / "model.json"))
-        return "trees", _object_predictor(source)
+        return "trees", _object_predictor(source), TREES_MAX_BATCH_SIZE
     if module == "lightgbm":
         booster = source.booster_ if hasattr(source, "booster_") else source
         booster.save_model(str(version_dir / "model.txt"))
-        return "trees", _object_predictor(source)
+        return "trees", _object_predictor(source), TREES_MAX_BATCH_SIZE
     if module == "sklearn" and kind.__name__ in _SKLEARN_TREES:
         import treelite.sklearn
 
         treelite.sklearn.import_model(source).serialize(str(version_dir / "model.tl"))
-        return "trees", _object_predictor(source)
+        return "trees", _object_predictor(source), TREES_MAX_BATCH_SIZE
+    converter = _ONNX_CONVERTERS.get(module)
+    if converter is not None:
+        predict = getattr(model_import_onnx, converter)(source, version_dir / "model.onnx")
+        return "onnx", predict, CONVERTED_MAX_BATCH_SIZE
     raise ConfigError(
-        f"cannot import {_describe(source)}: supported are XGBoost and LightGBM models, scikit-learn "
-        f"{', '.join(_SKLEARN_TREES)}, and model files ({', '.join(_FILES)}); export other models to ONNX "
-        "and import the .onnx file"
+        f"cannot import {_describe(source)}: supported are XGBoost, LightGBM, scikit-learn, CatBoost and Keras 3 "
+        f"models, and model files ({', '.join(_FILES)}); export other models to ONNX and import the .onnx file"
     )
 
 
@@ -215,21 +230,26 @@ def write_config(model_dir: Path, backend: str, create: bool, settings: dict[str
 # ---- parity ------------------------------------------------------------------------------------
 
 
-def _parity(config: Any, version_dir: Path, predict: Any, sample: Any, backend: str) -> ImportResult:
+def _parity(config: Any, version_dir: Path, predict: Any, sample: Any, backend: str) -> tuple[ImportResult, Any]:
+    """Conveyor's answers on the sample against the source's; also the config the model loaded with."""
     from conveyor.runtime import Runtime
 
     with Runtime() as runtime:
         runtime.add_model(config.name, config, model_dir=version_dir, version=int(version_dir.name))
         handle = runtime.model(config.name)
-        input_tensor = handle.config.inputs[0]
-        rows = _sample_rows(sample, input_tensor, handle.config.max_batch_size)
-        batch = max(1, handle.config.max_batch_size)
+        loaded = handle.config
+        input_tensor = loaded.inputs[0]
+        rows = _sample_rows(sample, input_tensor, loaded.max_batch_size)
+        batch = max(1, loaded.max_batch_size)
         answers = [runtime.infer(config.name, {input_tensor.name: rows[start : start + batch]})
                    for start in range(0, len(rows), batch)]  # fmt: skip
     ours = {key: np.concatenate([a[key] for a in answers]) for key in answers[0]}
     theirs = predict(rows)
     if theirs is None:  # the library that wrote the file is not installed: nothing to compare with
-        return ImportResult(version_dir, backend, 0.0, None, len(rows))
+        return ImportResult(version_dir, backend, 0.0, None, len(rows)), loaded
+    if isinstance(theirs, dict):
+        difference, agreement = _compare_outputs(ours, theirs, len(rows))
+        return ImportResult(version_dir, backend, difference, agreement, len(rows)), loaded
     compared = ours.get("probabilities", ours.get("prediction", next(iter(ours.values()))))
     compared = np.asarray(compared, np.float64).reshape(len(rows), -1)
     theirs = np.asarray(theirs, np.float64).reshape(len(rows), -1)
@@ -243,7 +263,45 @@ def _parity(config: Any, version_dir: Path, predict: Any, sample: Any, backend: 
         mine = compared.argmax(axis=1) if compared.shape[1] > 1 else (compared[:, 0] > 0.5)
         source = theirs.argmax(axis=1) if theirs.shape[1] > 1 else (theirs[:, 0] > 0.5)
         agreement = float(np.mean(mine == source))
-    return ImportResult(version_dir, backend, difference, agreement, len(rows))
+    return ImportResult(version_dir, backend, difference, agreement, len(rows)), loaded
+
+
+def _compare_outputs(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], rows: int) -> tuple[float, Any]:
+    """The source's answers by output name: `label` gives the class agreement, the others the difference.
+
+    A classifier with labels only (no predict_proba) is compared on its labels: a difference
+    of 0 when every label agrees, else the largest numeric gap (inf for text labels).
+    """
+    for name in theirs:
+        if name not in ours:
+            raise ConfigError(f"parity: the converted model has no output {name!r} (it has {', '.join(ours)})")
+    agreement = None
+    if "label" in theirs:
+        mine, source = _labels(ours["label"]).reshape(rows), _labels(theirs["label"]).reshape(rows)
+        agreement = float(np.mean(mine == source)) if rows else 1.0
+    difference = 0.0
+    for name, answer in theirs.items():
+        if name == "label" and len(theirs) > 1:
+            continue
+        mine = np.asarray(ours[name]).reshape(rows, -1)
+        source = np.asarray(answer).reshape(rows, -1)
+        if mine.shape != source.shape:
+            raise ConfigError(
+                f"parity: Conveyor answers {mine.shape[1]} values per row in {name!r}, the source {source.shape[1]}"
+            )
+        if name == "label" and not (np.issubdtype(mine.dtype, np.number) and np.issubdtype(source.dtype, np.number)):
+            difference = 0.0 if agreement == 1.0 else float("inf")
+        elif rows:
+            difference = max(difference, float(np.max(np.abs(mine.astype(np.float64) - source.astype(np.float64)))))
+    return difference, agreement
+
+
+def _labels(values: np.ndarray) -> np.ndarray:
+    """Class labels comparable across sources: text as str (a BYTES output holds bytes)."""
+    values = np.asarray(values)
+    if values.dtype == object or values.dtype.kind in "SU":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)])
+    return values
 
 
 def _sample_rows(sample: Any, tensor: Any, max_batch_size: int) -> np.ndarray:
@@ -266,10 +324,15 @@ def _sample_rows(sample: Any, tensor: Any, max_batch_size: int) -> np.ndarray:
     return rows
 
 
-def record_parameters(model_dir: Path, values: dict[str, Any]) -> None:
-    """Writes `values` into the config's [parameters] (the rest of the file kept as it was)."""
+def record_parameters(model_dir: Path, values: dict[str, Any], *, signature: Any = None) -> None:
+    """Writes `values` into the config's [parameters] (the rest of the file kept as it was), and
+    `signature`'s inputs and outputs (the config the model loaded with) into a config this import wrote."""
     path = model_dir / CONFIG_FILE_NAME
     data = tomllib.loads(path.read_text(encoding="utf-8"))
+    if signature is not None:
+        data.setdefault("max_batch_size", signature.max_batch_size)
+        data["inputs"] = [tensor.model_dump(exclude_none=True) for tensor in signature.inputs]
+        data["outputs"] = [tensor.model_dump(exclude_none=True) for tensor in signature.outputs]
     data.setdefault("parameters", {}).update(values)
     text = toml_text(data)
     parse_model_config(tomllib.loads(text), source=str(path), name=model_dir.name)
@@ -290,7 +353,8 @@ def register_import_command(subparsers: Any) -> None:
         description="Copy SOURCE (XGBoost model.json/.ubj, LightGBM .txt, a Treelite checkpoint .tl, an .onnx "
         "file or a PyTorch .pt2 package) into --repository as the next version of --name, with a config.toml when the model has "
         "none; then run it with Conveyor on a sample and compare with the source library's own prediction. "
-        "Model objects (XGBoost, LightGBM, scikit-learn forests) import from Python with conveyor.import_model.",
+        "Model objects (XGBoost, LightGBM, scikit-learn estimators and pipelines, CatBoost, Keras 3) import from "
+        "Python with conveyor.import_model.",
         epilog="Exit status: 0 imported (the parity is printed and written into the config's [parameters]), "
         "1 refused (the parity failed the tolerance; nothing is left behind), 2 a usage error.",
     )
