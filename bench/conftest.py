@@ -68,6 +68,12 @@ class RatioReport:
     def __init__(self) -> None:
         self.comparisons: dict[str, _Comparison] = {}
         self.figures: dict[str, tuple[str, str]] = {}
+        self.notes: list[str] = []  # printed after the comparisons, each once
+
+    def note(self, text: str) -> None:
+        """A line for the end of the run about what was measured (a converter's quirk, a skipped side)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _get(self, name: str, module: str) -> _Comparison:
         return self.comparisons.setdefault(name, _Comparison(module=module))
@@ -137,7 +143,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_REPORT] = RatioReport()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # one report per run; module fixtures may add notes to it
 def ratio_report(request: pytest.FixtureRequest) -> RatioReport:
     return request.config.stash[_REPORT]
 
@@ -149,6 +155,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("candidate vs baseline, measured in this run")
     for line in report.lines():
         terminalreporter.write_line(line)
+    for note in report.notes:
+        terminalreporter.write_line(f"note: {note}")
 
 
 @pytest.fixture(scope="module")
