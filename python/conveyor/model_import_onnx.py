@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +158,13 @@ def keras_to_onnx(model: Any, path: Path) -> Predictor:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-class _converter_notices_quiet(warnings.catch_warnings):
+@contextmanager
+def _converter_notices_quiet() -> Iterator[None]:
     """Silences the converters' own deprecation and tracing notices, which the caller cannot act on
     (the parity check judges the converted model)."""
-
-    def __enter__(self) -> Any:
-        entered = super().__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return entered
+        yield
 
 
 def _catboost_is_classifier(model: Any) -> bool:
