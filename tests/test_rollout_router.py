@@ -219,3 +219,22 @@ def test_initial_tables_from_the_config() -> None:
     table = RouteTable.initial(blue_green, resolve_versions(blue_green, [1, 2], source="m"), "m")
     assert (table.arms, table.shadow_version, table.shadow_percent) == (((1, 100.0),), 2, 0.0)
     assert {Router(table, seed=1).route().shadow_version for _ in range(1000)} == {None}
+
+
+@pytest.mark.parametrize(
+    ("table", "keyed"),
+    [
+        (RouteTable.shadow(1, 2, 100.0), False),  # every request copied, the champion answers all
+        (RouteTable.shadow(1, 2, 0.0), False),
+        (RouteTable.shadow(1, 2, 30.0), True),  # a key decides whether it is copied
+        (RouteTable.canary(1, 2, 100.0), False),
+        (RouteTable.canary(1, 2, 10.0), True),
+        (RouteTable.canary(1, 2, 10.0, sticky=False), False),
+        (RouteTable.weighted([(1, 50.0), (2, 50.0)]), True),
+    ],
+)
+def test_a_router_says_whether_a_key_can_change_its_decision(table: RouteTable, keyed: bool) -> None:
+    router = Router(table, seed=5)
+    assert router.keyed is keyed
+    if not keyed and table.sticky:  # then every key gets the same decision
+        assert {router.route(f"user-{i}") for i in range(200)} == {router.route(None)}

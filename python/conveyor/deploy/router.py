@@ -149,6 +149,16 @@ class RouteTable:
             return cls.canary(champion, challenger, rollout.steps[0].weight, salt=salt, sticky=sticky)
         return cls.shadow(champion, challenger, rollout.shadow_percent or 0.0, salt=salt, sticky=sticky)
 
+    def decides_by_key(self) -> bool:
+        """Whether a routing key can change a decision: False when sticky is off, or when one
+        arm takes every request and every request is copied or none is (a shadow at 0 or
+        100%), so a caller may skip reading the key."""
+        if not self.sticky:
+            return False
+        single_arm = sum(1 for _, percent in self.arms if percent > 0) == 1
+        all_or_none_copied = self.shadow_version is None or self.shadow_percent in (0.0, 100.0)
+        return not (single_arm and all_or_none_copied)
+
     def arm_bounds(self) -> list[int]:
         """Cumulative upper point bounds, one per arm; the last is POINT_LIMIT."""
         bounds, cumulative = [], Fraction(0)
@@ -201,6 +211,7 @@ class Router:
             raise ConfigError(f"router: expected implementation 'native' or 'python', got {implementation!r}")
         self.table = table
         self.implementation = implementation
+        self.keyed = table.decides_by_key()  # False: route(key) gives the same for every key
         seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed & MASK64
         args = (table.arm_bounds(), table.shadow_bound(), salt_basis(table.salt), table.sticky, seed)
         decider = _NativeRouter(*args) if implementation == "native" else _PythonDecider(*args)

@@ -123,7 +123,8 @@ class DataPlane:
         inputs = _input_arrays(name, request)
         request_id = request.id or new_request_id()
         route_key = None
-        if version is None and controller.active:  # an ended rollout routes nothing
+        # An ended rollout routes nothing; a router whose decisions no key changes needs none.
+        if version is None and controller.active and controller.router.keyed:
             route_key = route_key_from(
                 controller.config.sticky, lambda name: _header_value(headers, name), request.parameters
             )
