@@ -97,11 +97,12 @@ def test_64_threads_each_get_their_own_answers_and_batches_form():
         first_batch_held = threading.Event()
 
         def model(inputs):
-            # Hold the first batch until most callers are queued behind it, so that the
-            # batches after it are formed under real contention.
+            # Hold the first batch until every other caller is queued behind it, so that the
+            # batches after it are formed under real contention. (Waiting for a fixed share
+            # queued could wait forever: the first batch may already hold most callers.)
             if not first_batch_held.is_set():
                 first_batch_held.set()
-                while rt.model_stats("echo")["queue_depth"] < threads_n // 2:
+                while rt.model_stats("echo")["queue_depth"] < threads_n - len(inputs["x"]):
                     time.sleep(0.0005)
             return {"y": inputs["x"] + 0.5}
 
