@@ -37,7 +37,9 @@
 #   with onnx), ROUNDS (3), INTERVAL_MS (5000; each point is three
 #   windows), CAP_CONC ("1 2 4 8 16 32"), CAP_INTERVAL_MS (3000), RATE (capacity/2, measured),
 #   SLOW_MS (50), QUEUE (16), PEERS (~/.cache/conveyor-peers), OUT (results directory,
-#   default $PEERS/results/shadow-<stamp>).
+#   default $PEERS/results/shadow-<stamp>), SERVER_CPUS and CLIENT_CPUS (taskset CPU lists,
+#   default unset: both anywhere; e.g. SERVER_CPUS=0 CLIENT_CPUS=1 keeps the generator off
+#   the server's core, as on a machine with cores to spare for it).
 # Servers listen on free loopback ports, each in its own session, and are stopped by
 # their process group; the model repositories live in a temporary directory removed at exit.
 # With the defaults the run takes about 5 minutes on 2 vCPUs.
@@ -148,7 +150,7 @@ trap cleanup EXIT
 start_server() {  # variant run-tag
   H=$(free_port); G=$(free_port)
   rm -rf "$WORK/data-$2"
-  setsid python3 -m conveyor serve "$WORK/$1" --http-port "$H" --grpc-port "$G" \
+  setsid ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} python3 -m conveyor serve "$WORK/$1" --http-port "$H" --grpc-port "$G" \
     --data-dir "$WORK/data-$2" --log-level warning > "$OUT/server_$2.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 120); do
@@ -167,7 +169,7 @@ pa() {  # csv log perf_analyzer-args...
   local csv=$1 logf=$2; shift 2
   local fmt=()
   [[ $PROTO == http ]] && fmt=(--input-tensor-format binary --output-tensor-format binary)
-  "$PA" -m m -u "$(target)" -i "$PROTO" -b 1 --percentile 99 --stability-percentage 1000 \
+  ${CLIENT_CPUS:+taskset -c "$CLIENT_CPUS"} "$PA" -m m -u "$(target)" -i "$PROTO" -b 1 --percentile 99 --stability-percentage 1000 \
     --max-trials 3 "${fmt[@]}" -f "$csv" "$@" > "$logf" 2>&1
 }
 # one perf_analyzer CSV row -> "infer_per_s p50_ms p99_ms"
