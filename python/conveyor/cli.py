@@ -55,7 +55,27 @@ def _serve_parser(subparsers: Any) -> None:
                    help="poll mode: seconds between repository scans (default 15)")
     p.add_argument("--max-request-bytes", type=positive_int,
                    default=env("max-request-bytes", 64 * 1024 * 1024, positive_int),
-                   help="largest request body accepted; bigger ones get 413 (default 64 MiB)")
+                   help="largest request body accepted, after decompression; bigger ones get 413 (default 64 MiB)")
+    p.add_argument("--max-header-bytes", type=positive_int, default=env("max-header-bytes", 64 * 1024, positive_int),
+                   help="largest request line and headers together; bigger ones get 431 (default 65536)")
+    p.add_argument("--max-header-count", type=positive_int, default=env("max-header-count", 100, positive_int),
+                   help="most headers in one request; more get 431 (default 100)")
+    p.add_argument("--max-connections", type=positive_int, default=env("max-connections", 1024, positive_int),
+                   help="most open HTTP connections; one more is answered 503 and closed (default 1024)")
+    p.add_argument("--max-json-depth", type=positive_int, default=env("max-json-depth", 100, positive_int),
+                   help="deepest nesting of arrays and objects in a JSON body; deeper gets 400 (default 100)")
+    p.add_argument("--max-request-chunks", type=positive_int,
+                   default=env("max-request-chunks", 65536, positive_int),
+                   help="most chunks in a 'Transfer-Encoding: chunked' body; more get 413 (default 65536)")
+    p.add_argument("--idle-timeout-s", type=positive_float, default=env("idle-timeout-s", 60.0, positive_float),
+                   help="close an HTTP connection that has had no request under way for this long (default 60)")
+    p.add_argument("--request-read-timeout-s", type=positive_float,
+                   default=env("request-read-timeout-s", 60.0, positive_float),
+                   help="answer 408 and close when a request's headers and body have not all arrived this long "
+                   "after its first byte: slow clients cannot hold connections (default 60)")
+    p.add_argument("--grpc-max-message-bytes", type=positive_int,
+                   default=env("grpc-max-message-bytes", 64 * 1024 * 1024, positive_int),
+                   help="largest gRPC message received or sent; bigger ones get RESOURCE_EXHAUSTED (default 64 MiB)")
     p.add_argument("--api-key", default=env("api-key", None),
                    help="require 'Authorization: Bearer KEY' on repository control endpoints (load, unload, index)")
     p.add_argument("--grace-period-s", type=positive_float, default=env("grace-period-s", 30.0, positive_float),
@@ -105,6 +125,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         load_models=list(args.load_model),
         poll_interval_s=args.poll_interval_s,
         max_request_bytes=args.max_request_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_header_count=args.max_header_count,
+        max_connections=args.max_connections,
+        max_json_depth=args.max_json_depth,
+        max_request_chunks=args.max_request_chunks,
+        idle_timeout_s=args.idle_timeout_s,
+        request_read_timeout_s=args.request_read_timeout_s,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
         api_key=args.api_key,
         grace_period_s=args.grace_period_s,
         server_version=__version__,

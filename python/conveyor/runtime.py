@@ -141,11 +141,11 @@ class ModelHandle:
         expected, got = set(self.input_names), set(inputs)
         parts = []
         if expected - got:
-            parts.append(f"missing {sorted(expected - got)}")
+            parts.append(f"missing {_few(sorted(expected - got))}")
         if got - expected:
-            parts.append(f"unexpected {sorted(got - expected)}")
+            parts.append(f"unexpected {_few(sorted(got - expected, key=str))}")
         return InvalidInput(
-            f"model '{self.name}': expected inputs {list(self.input_names)}, got {sorted(got, key=str)} "
+            f"model '{self.name}': expected inputs {list(self.input_names)}, got {_few(sorted(got, key=str))} "
             f"({'; '.join(parts)})"
         )
 
@@ -635,3 +635,13 @@ def _percentiles_us(histogram: dict[str, int]) -> dict[str, float]:
         "p90": histogram["p90_ns"] / 1000,
         "p99": histogram["p99_ns"] / 1000,
     }
+
+
+_NAMES_IN_AN_ERROR = 10
+
+
+def _few(names: list) -> str:
+    """At most _NAMES_IN_AN_ERROR names: a request with 10^5 inputs must not get a megabyte of error back."""
+    if len(names) <= _NAMES_IN_AN_ERROR:
+        return str(names)
+    return f"{str(names[:_NAMES_IN_AN_ERROR])[:-1]}, ... and {len(names) - _NAMES_IN_AN_ERROR} more]"

@@ -70,13 +70,15 @@ def decode_infer_request(
     model_version: str,
     input_specs: Sequence[InputSpec] | None = None,
     max_batch_size: int = 0,
+    max_json_depth: int | None = None,
 ) -> InferRequest:
     """Decode an infer request body; every malformation raises InvalidInput saying where.
 
     `header_length` is the Inference-Header-Content-Length value (None when absent:
     the whole body is JSON). `input_specs` and `max_batch_size` describe the model's
     inputs (see `model_config.input_specs`); only the raw form (header length 0),
-    which has no JSON to name its input, needs them.
+    which has no JSON to name its input, needs them. `max_json_depth` bounds the
+    nesting of the JSON (None: orjson's own bound of 1024).
     """
     total = len(body) if isinstance(body, bytes) else memoryview(body).nbytes
     if header_length == 0:
@@ -96,6 +98,8 @@ def decode_infer_request(
     else:
         header = body[:header_length]
     document = _parse_json(header, whole_body=header_length is None)
+    if max_json_depth is not None:
+        check_json_depth(document, max_json_depth, "the request's JSON", scalar_lists_end=True)
     if not isinstance(document, dict):
         raise InvalidInput(f"the request's JSON must be an object, got {describe(document)}")
     request = InferRequest(model_name=model_name, model_version=model_version)
@@ -111,6 +115,32 @@ def decode_infer_request(
     binary_start = total if header_length is None else header_length
     request.inputs = _read_inputs(headers, body, binary_start, total, has_header_length=header_length is not None)
     return request
+
+
+def check_json_depth(value: Any, limit: int, what: str, *, scalar_lists_end: bool = False) -> None:
+    """Raise InvalidInput if arrays and objects nest deeper than `limit` in `value` (a parsed document).
+
+    Iterative, so any depth is safe to measure. `scalar_lists_end`: a list whose first item is
+    not an array or object is taken to hold scalars only, so a tensor's `data` of millions of
+    numbers costs one look (an irregular list is refused later by the tensor decoder anyway).
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if type(item) is dict:
+            children = item.values()
+        elif type(item) is list:
+            if scalar_lists_end and item and type(item[0]) not in (list, dict):
+                continue
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise InvalidInput(
+                f"{what} nests arrays and objects more than {limit} deep; flatten it, or raise the limit with "
+                "--max-json-depth"
+            )
+        stack.extend((child, depth + 1) for child in children if type(child) in (list, dict))
 
 
 def _given(parameters: Any) -> Any:
@@ -144,6 +174,8 @@ def _parse_json(buffer: bytes | memoryview, *, whole_body: bool) -> Any:
         return json.loads(bytes(buffer))
     except (ValueError, RecursionError):
         pass
+    if "depth" in error.msg:  # orjson reads at most 1024 levels
+        raise InvalidInput("the request's JSON nests arrays and objects more than 1024 deep; flatten it")
     if whole_body and error.pos > 0 and _is_json(buffer[: error.pos]):
         raise InvalidInput(
             f"the body goes on after its JSON ends at byte {error.pos}: a body with binary data needs the "

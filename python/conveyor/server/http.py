@@ -22,13 +22,20 @@ import json
 import logging
 import zlib
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 import httptools
+import orjson
 
 from conveyor.errors import InvalidInput
-from conveyor.protocol.http_codec import decode_infer_request, encode_error, encode_infer_response
+from conveyor.protocol.http_codec import (
+    check_json_depth,
+    decode_infer_request,
+    encode_error,
+    encode_infer_response,
+)
 from conveyor.protocol.model_config import input_specs
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.responses import Response, error_response, json_response
@@ -38,12 +45,13 @@ log = logging.getLogger(__name__)
 
 _REASONS = {
     200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
-    409: b"Conflict",
+    409: b"Conflict", 431: b"Request Header Fields Too Large",
     408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests", 499: b"Client Closed Request",
     500: b"Internal Server Error",
     501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 _MAX_PIPELINED = 64  # requests queued on one connection before reading pauses
+_LINGER_S = 2.0  # how long a refused request's connection is read (and dropped) before it is closed
 
 # The 2xx bodies of the health routes (the v2 REST spec's objects; KServe's client reads them).
 _LIVE_BODY = b'{"live":true}'
@@ -59,6 +67,27 @@ COMPRESS_OFF_LOOP_BYTES = 256 * 1024
 _COMPRESSION_LEVEL = 1
 
 
+# Headers a request may carry once only: two values for one of these are read differently by
+# different parsers (request smuggling, a bypassed check), so the request is refused.
+_SINGLE_HEADERS = frozenset({
+    b"content-length", b"transfer-encoding", b"content-encoding", b"inference-header-content-length",
+    b"authorization", b"host", b"expect",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may ask of the HTTP server; each is a `conveyor serve` flag of the same name."""
+
+    max_header_bytes: int = 64 * 1024  # request line and headers together; more gets 431
+    max_header_count: int = 100  # header lines; more gets 431
+    max_connections: int = 1024  # open client connections; the next one is answered 503 and closed
+    max_json_depth: int = 100  # nesting of a JSON body's arrays and objects; deeper gets 400
+    max_request_chunks: int = 65536  # chunks of a chunked body; more gets 413
+    idle_timeout_s: float = 60.0  # a keep-alive connection with no request under way is closed after this
+    request_read_timeout_s: float = 60.0  # a request not fully read this long after its first byte gets 408
+
+
 class HttpApp:
     """Routes requests to the data plane; shared by every connection of one server."""
 
@@ -69,9 +98,11 @@ class HttpApp:
         max_request_bytes: int,
         api_key: str | None = None,
         metrics: Any = None,
+        limits: HttpLimits = HttpLimits(),
     ) -> None:
         self.dataplane = dataplane
         self.max_request_bytes = max_request_bytes
+        self.limits = limits
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics  # callable () -> (body bytes, content type str), or None
         self.in_flight = 0
@@ -132,17 +163,14 @@ class HttpApp:
             window = parse_qs(query.decode("latin-1")).get("window", ["rows"])[-1]
             return json_response(dp.monitor(model, version, window))
         if name == "feedback":
-            try:
-                labels = json.loads(body)
-            except ValueError as exc:
-                raise InvalidInput(f"feedback of model '{model}': malformed JSON: {exc}") from None
+            labels = self._json(body, f"feedback of model '{model}'")
             return json_response(await dp.feedback(model, version, labels))
         if name == "index":
-            request = _json_object(body, "repository index request") if body else {}
+            request = self._json_object(body, "repository index request") if body else {}
             # The index lists the repository directory: off the event loop.
             return json_response(await asyncio.to_thread(dp.repository_index, bool(request.get("ready", False))))
         if name in ("load", "unload"):
-            request = _json_object(body, f"repository {name} request") if body else {}
+            request = self._json_object(body, f"repository {name} request") if body else {}
             parameters = request.get("parameters") or {}
             if not isinstance(parameters, dict):
                 raise InvalidInput(f"repository {name} request: 'parameters' must be an object")
@@ -159,6 +187,26 @@ class HttpApp:
             return json_response({"models": sorted(dp.runtime.models())})
         raise InvalidInput(f"unhandled route {name}")
 
+    def _json(self, body: bytes, what: str) -> Any:
+        """A JSON body, its nesting bounded by --max-json-depth (a deep one must not exhaust the stack)."""
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if "depth" in str(exc):  # orjson stops at 1024 levels
+                check_json_depth(_TOO_DEEP, self.limits.max_json_depth, what)
+            try:  # the json module also reads NaN and Infinity
+                value = json.loads(body)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidInput(f"{what}: malformed JSON: {exc}") from None
+        check_json_depth(value, self.limits.max_json_depth, what)
+        return value
+
+    def _json_object(self, body: bytes, what: str) -> dict[str, Any]:
+        value = self._json(body, what)
+        if not isinstance(value, dict):
+            raise InvalidInput(f"{what}: expected a JSON object")
+        return value
+
     def _rollout(self, route: Route, body: bytes) -> Response:
         rollouts = self.dataplane.rollouts
         model = route.model
@@ -167,11 +215,11 @@ class HttpApp:
         if route.name == "rollout_decisions":
             return json_response(rollouts.decisions(model))
         if route.name == "rollout_action":
-            request = _json_object(body, f"rollout {route.action} request") if body.strip() else {}
+            request = self._json_object(body, f"rollout {route.action} request") if body.strip() else {}
             return json_response(rollouts.act(model, route.action, request))
         if route.name == "rollout":
             return json_response(rollouts.status(model))
-        table = _json_object(body, "rollout start request") if body.strip() else {}
+        table = self._json_object(body, "rollout start request") if body.strip() else {}
         return json_response(rollouts.start(model, table))
 
     async def _infer(self, model: str, version: str, headers: dict[bytes, bytes], body: bytes) -> Response:
@@ -188,6 +236,7 @@ class HttpApp:
             model_version=version,
             input_specs=input_specs(handle.config) if header_length_int == 0 else None,
             max_batch_size=handle.config.max_batch_size,
+            max_json_depth=self.limits.max_json_depth,
         )
         response = await self.dataplane.infer(request, headers)
         parts, json_length = encode_infer_response(response)
@@ -204,14 +253,11 @@ def _not_ready_reason(dataplane: DataPlane) -> str:
             "(POST /v2/repository/index lists each model's state and reason)")
 
 
-def _json_object(body: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
-        raise InvalidInput(f"{what}: malformed JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{what}: expected a JSON object")
-    return value
+
+
+_TOO_DEEP: list = []
+for _ in range(1025):
+    _TOO_DEEP = [_TOO_DEEP]  # stands for a document orjson found too deep to read
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -228,6 +274,9 @@ class HttpProtocol(asyncio.Protocol):
         self.continue_owed = False  # a 100 Continue to send once earlier answers are out
         self.reading = True
         self.failed = False  # an unreadable request was seen: later bytes are ignored
+        self.in_message = False  # between a request's first byte and its last
+        self.in_head = False  # between a request's first byte and the end of its headers
+        self.timer: asyncio.TimerHandle | None = None  # the idle or the request-read timeout
         self._reset()
 
     def _reset(self) -> None:
@@ -235,41 +284,127 @@ class HttpProtocol(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.body_bytes = 0
+        self.head_bytes = 0  # the request line and the headers read so far
+        self.head_fed = 0  # bytes of whole packets fed to the parser inside the head
+        self.header_count = 0
+        self.chunks = 0
         self.rejected = False
+
+    def _arm(self, delay_s: float, callback: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _idle_timeout(self) -> None:
+        # An idle keep-alive connection (or one opened and never used) holds a socket and
+        # a slot of --max-connections: give them back.
+        self.timer = None
+        if not self.busy and not self.pending and not self.in_message and self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def _read_timeout(self) -> None:
+        # Slow headers or a slow body (slowloris): the request is answered 408 and the connection closed.
+        self.timer = None
+        if self.in_message and not self.failed:
+            self._fail(408, f"the request was not fully received within {self.app.limits.request_read_timeout_s:g} s "
+                            "(--request-read-timeout-s)")
 
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        limits = self.app.limits
+        if len(self.app.connections) >= limits.max_connections:
+            log.warning("refused a connection: %d are open (--max-connections)", len(self.app.connections))
+            self.failed = True
+            self._write(Response(503, [encode_error(
+                f"the server has {limits.max_connections} connections open, its limit; retry later, or raise "
+                "the limit with --max-connections")]), keep_alive=False)
+            return
         self.app.connections.add(self)
+        self._arm(limits.idle_timeout_s, self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
+        self._disarm()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return
+        head_only = self.in_head  # this packet starts inside a head: if the head goes on after it, all of it is head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
+        else:
+            if head_only and self.in_head and not self.failed:
+                # httptools keeps a header line until it ends: bound what it may hold.
+                self.head_fed += len(data)
+                if self.head_fed > self.app.limits.max_header_bytes:
+                    self._head_too_large()
 
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._reset()
+        self.in_message = self.in_head = True
+        self._arm(self.app.limits.request_read_timeout_s, self._read_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > self.app.limits.max_header_bytes and not self.failed:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
+        if self.failed:
+            return
+        self.header_count += 1
+        self.head_bytes += len(name) + len(value) + 4
+        limits = self.app.limits
+        if self.header_count > limits.max_header_count:
+            self._fail(431, f"the request has more than {limits.max_header_count} headers (--max-header-count)")
+            return
+        if self.head_bytes > limits.max_header_bytes:
+            self._head_too_large()
+            return
+        name = name.lower()
+        if name in self.headers and name in _SINGLE_HEADERS:
+            self._fail(400, f"the request has two {name.decode('latin-1')} headers; send it once")
+            return
+        self.headers[name] = value
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+        limit = self.app.limits.max_request_chunks
+        # The last, empty chunk only ends the body: it is not counted.
+        if self.chunks > limit + 1 and not self.rejected and not self.failed:
+            self.rejected = True
+            self._fail(413, f"the request body comes in more than {limit} chunks; send fewer, larger chunks "
+                            "(--max-request-chunks)")
+
+    def _head_too_large(self) -> None:
+        self._fail(431, f"the request line and headers are over {self.app.limits.max_header_bytes} bytes "
+                        "(--max-header-bytes)")
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         if self.failed:
+            return
+        encoding = self.headers.get(b"transfer-encoding")
+        if encoding is not None and encoding.strip().lower() != b"chunked":
+            # Only "chunked" alone: other codings, and lists of them, are read differently by proxies.
+            self._fail(400, f"Transfer-Encoding '{encoding.decode('latin-1')}' is not supported; send the body "
+                            "with Content-Length or 'Transfer-Encoding: chunked' (Content-Encoding: gzip compresses)")
             return
         length = self.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.app.max_request_bytes:
@@ -292,8 +427,10 @@ class HttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = self.in_head = False
         if self.rejected or self.failed:
             return
+        self._disarm()
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         request = (self.parser.get_method(), self.url, self.headers, body, self.parser.should_keep_alive())
         self.pending.append(request)
@@ -342,6 +479,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.reading = True
                 self.transport.resume_reading()
         self.busy = False
+        if not self.in_message and not self.pending and self.transport is not None:
+            self._arm(self.app.limits.idle_timeout_s, self._idle_timeout)
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         transport = self.transport
@@ -359,7 +498,16 @@ class HttpProtocol(asyncio.Protocol):
         head.append(b"\r\n")
         transport.writelines([b"".join(head), *response.body])
         if not keep_alive:
-            transport.close()
+            if self.failed and transport.can_write_eof():
+                # The client may still be sending the request refused here: closing at once would
+                # reset the connection, and a reset can destroy the answer before it is read. So
+                # stop writing, read and drop what comes, and close a moment later.
+                transport.write_eof()
+                if not self.reading:
+                    transport.resume_reading()
+                self.loop.call_later(_LINGER_S, transport.close)
+            else:
+                transport.close()
             self.transport = None
 
     def _reject_too_large(self, size: int) -> None:

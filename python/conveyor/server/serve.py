@@ -17,7 +17,7 @@ from conveyor.monitor import create_model_monitor
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
-from conveyor.server.http import HttpApp, start_http_server
+from conveyor.server.http import HttpApp, HttpLimits, start_http_server
 from conveyor.server.models import ControlMode, ModelManager
 from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, checked_tick_interval_s
 
@@ -37,6 +37,15 @@ class ServeOptions:
     load_models: list[str] = field(default_factory=list)  # explicit mode: models loaded at start
     poll_interval_s: float = 15.0
     max_request_bytes: int = 64 * 1024 * 1024
+    # What one HTTP client may ask (see HttpLimits) and the largest gRPC message either way.
+    max_header_bytes: int = HttpLimits.max_header_bytes
+    max_header_count: int = HttpLimits.max_header_count
+    max_connections: int = HttpLimits.max_connections
+    max_json_depth: int = HttpLimits.max_json_depth
+    max_request_chunks: int = HttpLimits.max_request_chunks
+    idle_timeout_s: float = HttpLimits.idle_timeout_s
+    request_read_timeout_s: float = HttpLimits.request_read_timeout_s
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
     api_key: str | None = None
     grace_period_s: float = 30.0
     server_version: str = "0"
@@ -84,23 +93,33 @@ class Server:
             max_request_bytes=o.max_request_bytes,
             api_key=o.api_key,
             metrics=metrics if o.metrics_port == 0 else None,
+            limits=self.http_limits(),
         )
         http_server = await start_http_server(self.http_app, o.host, o.http_port)
         self._servers.append(http_server)
         self.http_port = _bound_port(http_server)
         log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, self.http_port)
         if o.metrics_port:
-            metrics_app = HttpApp(self.dataplane, max_request_bytes=4096, metrics=metrics)
+            metrics_app = HttpApp(self.dataplane, max_request_bytes=4096, metrics=metrics, limits=self.http_limits())
             metrics_server = await start_http_server(metrics_app, o.host, o.metrics_port)
             self._servers.append(metrics_server)
             log.info("metrics listening on http://%s:%d/metrics", o.host, _bound_port(metrics_server))
         if o.grpc_port:
             from conveyor.server.grpc_server import start_grpc_server
 
-            self._grpc = await start_grpc_server(self.dataplane, o.host, o.grpc_port, max_message_bytes=o.max_request_bytes)
+            self._grpc = await start_grpc_server(self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes)
             log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
         if o.model_control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def http_limits(self) -> HttpLimits:
+        o = self.options
+        return HttpLimits(
+            max_header_bytes=o.max_header_bytes, max_header_count=o.max_header_count,
+            max_connections=o.max_connections, max_json_depth=o.max_json_depth,
+            max_request_chunks=o.max_request_chunks, idle_timeout_s=o.idle_timeout_s,
+            request_read_timeout_s=o.request_read_timeout_s,
+        )
 
     def _log_models(self) -> None:
         for row in self.manager.index():
