@@ -350,7 +350,8 @@ def test_poll_mode_adds_a_version_and_survives_a_broken_one(
         return next((row for row in rows if row["reason"]), None)
 
     row = wait_for(failure_reported, "the index to report version 3's failure", process=served.process)
-    assert str(model_dir / "3" / "model.onnx") in row["reason"], row
+    # The reason names the file inside the repository, never the repository's path on the server.
+    assert "<repository>/adder/3/model.onnx" in row["reason"] and str(model_dir) not in row["reason"], row
     assert served.infer("adder", [[0.0] * 4]) == [2.0] * 4
     assert served.status("/v2/models/adder/versions/2/ready") == 200
     assert served.status("/v2/models/adder/versions/3/ready") != 200

@@ -77,7 +77,9 @@ def _serve_parser(subparsers: Any) -> None:
                    default=env("grpc-max-message-bytes", 64 * 1024 * 1024, positive_int),
                    help="largest gRPC message received or sent; bigger ones get RESOURCE_EXHAUSTED (default 64 MiB)")
     p.add_argument("--api-key", default=env("api-key", None),
-                   help="require 'Authorization: Bearer KEY' on repository control endpoints (load, unload, index)")
+                   help="require 'Authorization: Bearer KEY' (HTTP header or gRPC metadata) on every control "
+                   "route: repository index, load and unload, starting and steering rollouts; inference, health, "
+                   "metadata, statistics and metrics stay open (default: no key, every route open; see SECURITY.md)")
     p.add_argument("--grace-period-s", type=positive_float, default=env("grace-period-s", 30.0, positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
     p.add_argument("--data-dir", type=Path, default=env("data-dir", Path("conveyor-data"), Path),

@@ -93,7 +93,8 @@ class ModelRepository:
             raise InvalidInput(f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-'")
         directory = self.root / name
         if not directory.is_dir():
-            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+            # The repository's path is left out: this message reaches clients of the servers.
+            raise ModelNotFound(f"model '{name}' is not in the repository (no directory of that name)")
         return directory
 
     def load_model(self, name: str) -> ModelSource:

@@ -22,6 +22,7 @@ from conveyor.protocol.model_config import model_metadata, triton_model_config
 from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
 from conveyor.runtime import ModelHandle, new_request_id
 from conveyor.server.models import ModelManager
+from conveyor.server.responses import redact
 
 if TYPE_CHECKING:
     from conveyor.server.rollouts import RolloutManager
@@ -205,7 +206,9 @@ class DataPlane:
     # -- repository control ------------------------------------------------------------
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        return self.models.index(ready_only)
+        # A failed load's reason may name files on the server: not for clients.
+        return [{**row, "reason": redact(row["reason"])} if row.get("reason") else row
+                for row in self.models.index(ready_only)]
 
     async def load_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         if self.draining:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from conveyor.protocol.grpc import codec
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
 from conveyor.server.dataplane import DataPlane
+from conveyor.server.responses import client_message
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,16 @@ HEALTH_WATCH_INTERVAL_S = 1.0
 # Requests of one ModelStreamInfer stream that may be running or answered but not yet
 # sent; past it the stream is not read (gRPC flow control then holds the client back).
 STREAM_MAX_IN_FLIGHT = 128
+
+# RPCs anyone who can reach the port may call. Every other method (the repository's index,
+# load and unload, and any RPC added later) needs 'authorization: Bearer <api key>'
+# metadata when the server has an API key: deny by default, as on the HTTP routes.
+OPEN_RPCS = frozenset(
+    {f"/{SERVICE_NAME}/{name}" for name in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer",
+        "ModelStreamInfer", "ModelStatistics",
+    )} | {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+)  # fmt: skip
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -46,10 +58,10 @@ def _rpc(handler: _Handler) -> _Handler:
         try:
             return await handler(self, request, context)
         except ConveyorError as exc:
-            code, message = grpc.StatusCode[grpc_code_for(exc)], str(exc)
+            code, message = grpc.StatusCode[grpc_code_for(exc)], client_message(exc)
         except Exception as exc:  # a bug: report it on this call, keep serving
             log.exception("unexpected error in gRPC %s", handler.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            code, message = grpc.StatusCode.INTERNAL, client_message(exc)
         await context.abort(code, message)
 
     return guarded
@@ -148,10 +160,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except ConveyorError as exc:
-            message = str(exc)
+            message = client_message(exc)
         except Exception as exc:  # a bug: report it on this request, keep serving the stream
             log.exception("unexpected error in a gRPC ModelStreamInfer request")
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            message = client_message(exc)
         failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                        id=request.id)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
@@ -222,16 +234,54 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
 
 
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC outside OPEN_RPCS with UNAUTHENTICATED unless the call carries the API key."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = api_key.encode()
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                token = value if isinstance(value, bytes) else value.encode()
+                scheme, _, token = token.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected)
+        return False
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_RPCS or self._authorized(details.invocation_metadata):
+            return handler
+        return _refusal(handler, details.method)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    message = (f"{method} needs 'authorization: Bearer <api key>' metadata (the key the server was started with: "
+               "--api-key)")
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]  # fmt: skip
+    return kind(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
 async def start_grpc_server(
-    dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int
+    dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService and health on host:port; returns the started server.
 
     Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
-    in flight get up to `grace_s` seconds. Raises OSError naming the address when it
+    in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
+    it (ApiKeyInterceptor). Raises OSError naming the address when it
     cannot be bound (for instance, the port is taken).
     """
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),

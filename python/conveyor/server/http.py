@@ -39,7 +39,7 @@ from conveyor.protocol.http_codec import (
 from conveyor.protocol.model_config import input_specs
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.responses import Response, error_response, json_response
-from conveyor.server.routes import Route, match_route
+from conveyor.server.routes import Route, match_route, needs_api_key
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,9 @@ class HttpApp:
         try:
             if route.name == "rollout" and method == b"POST":
                 route = Route("rollout_start", route.model, control=True)  # starting is control
-            if route.control and not self.authorized(headers):
-                return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>'")],
+            if needs_api_key(route) and not self.authorized(headers):
+                return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>' "
+                                                   "(the key the server was started with: --api-key)")],
                                 headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
             if self.dataplane.draining and route.name in ("infer", "feedback", "load", "unload"):
                 return Response(503, [encode_error("the server is shutting down and accepts no new requests")])

@@ -32,6 +32,11 @@ from conveyor.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+# Backends whose model files run code when loaded (model.py, torch packages and their
+# pickles, compiled libraries): their files come from the repository only, never from the
+# `file:` parameters of a load request.
+CODE_BEARING_BACKENDS = frozenset({"python", "torch"})
+
 ControlMode = Literal["none", "poll", "explicit"]
 CONTROL_MODES: tuple[ControlMode, ...] = ("none", "poll", "explicit")
 
@@ -161,10 +166,18 @@ class ModelManager:
             # Triton's overrides often name no backend: keep the one the repository config names.
             override["backend"] = self.repository.load_model(name).config.backend
         config = parse_model_config(override, source=f"config override for model '{name}'", name=name)
+        if staging is not None and config.backend in CODE_BEARING_BACKENDS:
+            raise InvalidInput(
+                f"model '{name}': a load request cannot upload files for backend '{config.backend}': its model "
+                "files run code when loaded (Python source, pickles, shared libraries); put the model in the "
+                "repository instead"
+            )
         available = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0")
         chosen = config.version_policy.select(available)
         if not chosen:
-            raise ConfigError(f"model '{name}': no version directory to serve under {root} (found {available})")
+            # The directory is not named: errors go to clients, and paths on the server are none of theirs.
+            where = "among the uploaded files" if staging is not None else "in its repository directory"
+            raise ConfigError(f"model '{name}': no version directory to serve {where} (found {available})")
         return ModelSource(name=name, config=config, versions={v: root / str(v) for v in chosen})
 
     def _apply(self, record: ModelRecord, source: ModelSource, staging: Path | None) -> None:

@@ -24,6 +24,20 @@ _GET_MODEL_ROUTES = {
 _POST_MODEL_ROUTES = {"infer": "infer", "feedback": "feedback"}
 ROLLOUT_ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
 
+# Routes anyone who can reach the port may call: health, metadata, statistics and
+# monitoring reads, inference and its feedback. Every other route (repository index, load
+# and unload, starting and steering rollouts, and any route added later) needs the API key
+# when the server has one: the guard is deny-by-default, so a new control route cannot
+# slip through unguarded.
+OPEN_ROUTES = frozenset({
+    "live", "ready", "server_metadata", "models", "model_metadata", "model_ready", "model_config", "stats",
+    "monitor", "metrics", "infer", "feedback", "rollout", "rollout_decisions",
+})  # fmt: skip
+
+
+def needs_api_key(route: Route) -> bool:
+    return route.control or route.name not in OPEN_ROUTES
+
 
 def match_route(method: bytes, path: str):
     """A Route, or a ready Response for unknown paths (404) and wrong methods (405)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http import HttpApp, HttpLimits, start_http_server
 from conveyor.server.models import ControlMode, ModelManager
+from conveyor.server.responses import hide_paths
 from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, checked_tick_interval_s
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class Server:
 
     async def start(self) -> None:
         o = self.options
+        hide_paths({
+            o.repository: "<repository>", o.data_dir: "<data dir>", tempfile.gettempdir(): "<temporary directory>",
+            Path.home(): "<home>",
+        })  # fmt: skip
         self.rollouts.bind_loop(asyncio.get_running_loop())
         await asyncio.to_thread(self.manager.start, o.load_models)
         self._log_models()
@@ -107,7 +113,9 @@ class Server:
         if o.grpc_port:
             from conveyor.server.grpc_server import start_grpc_server
 
-            self._grpc = await start_grpc_server(self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes)
+            self._grpc = await start_grpc_server(
+                self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key
+            )
             log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
         if o.model_control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())

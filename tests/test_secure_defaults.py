@@ -1,0 +1,276 @@
+"""Secure defaults of `conveyor serve`, checked from the route tables of both protocols.
+
+Every HTTP route the router can produce and every RPC of the gRPC services is found
+by walking them (not listed by hand), then called on a real server that has an API
+key: each control route and RPC must refuse a call without the key, on every alias of
+its path. A route or RPC added later is guarded by default; one made open must be added
+to the reviewed lists below, or this test fails. The server also must not leak its
+directories in errors, nor grow metric series for model names it does not serve.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import http.client
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import conveyor
+import conveyor.server.routes as routes
+from conveyor.cli import build_parser
+from conveyor.protocol.grpc import inference_pb2 as pb
+from conveyor.server.grpc_server import OPEN_RPCS, SERVICE_NAME
+from conveyor.server.serve import ServeOptions
+from processes import DEADLINE_S, free_port, wait_for
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "examples" / "models"
+API_KEY = "s3cret-key"
+GRPC_MAX_MESSAGE_BYTES = 1 << 20
+
+# Reviewed: what anyone who can reach the port may call. (route name, method)
+OPEN_HTTP = {
+    ("live", "GET"), ("ready", "GET"), ("server_metadata", "GET"), ("models", "GET"), ("model_metadata", "GET"),
+    ("model_ready", "GET"), ("model_config", "GET"), ("stats", "GET"), ("monitor", "GET"), ("metrics", "GET"),
+    ("infer", "POST"), ("feedback", "POST"), ("rollout", "GET"), ("rollout_decisions", "GET"),
+}  # fmt: skip
+OPEN_GRPC = {
+    f"/{SERVICE_NAME}/{name}" for name in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer",
+        "ModelStreamInfer", "ModelStatistics",
+    )
+} | {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}  # fmt: skip
+
+
+def walk_http_routes() -> dict[tuple[str, str], str]:
+    """(route name, method) -> a path that reaches it, found by feeding the router paths built from
+    every path segment its source names (all paths of up to 3 segments after /v2, and 300,000
+    random ones of 4 to 6: a fixed seed, so the walk is the same on every run)."""
+    source = Path(routes.__file__).read_text()
+    vocabulary = {"tiny", "1"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            vocabulary.update(s for s in node.value.split("/") if s and s.replace("_", "").replace("-", "").isalnum())
+    words = sorted(vocabulary)
+    found: dict[tuple[str, str], str] = {}
+
+    def look(parts: list[str]) -> None:
+        path = "/" + "/".join(parts)
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            route = routes.match_route(method.encode(), path)
+            if isinstance(route, routes.Route):
+                name = "rollout_start" if (route.name, method) == ("rollout", "POST") else route.name
+                found.setdefault((name, method), path)
+
+    look([])
+    look(["v2"])
+    for first in words:
+        look([first])
+        for second in words:
+            look(["v2", first, second])
+            for third in words:
+                look(["v2", first, second, third])
+        look(["v2", first])
+    rng = random.Random(0)
+    for _ in range(300_000):
+        look(["v2", *(rng.choice(words) for _ in range(rng.randint(4, 6)))])
+    return found
+
+
+HTTP_ROUTES = walk_http_routes()
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port, self.grpc_port = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+        env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
+        command = [
+            sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--http-port", str(self.port),
+            "--grpc-port", str(self.grpc_port), "--data-dir", str(root / "data"), "--model-control-mode", "explicit",
+            "--load-model", "tiny", "--api-key", API_KEY, "--grpc-max-message-bytes", str(GRPC_MAX_MESSAGE_BYTES),
+        ]  # fmt: skip
+        self.log_path = root / "serve.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+                ) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
+        try:
+            connection.putrequest(method, path, skip_accept_encoding=True)  # the path goes out as written
+            for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def ready(self) -> bool:
+        try:
+            return self.request("GET", "/v2/health/ready")[0] == 200
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("secure")
+    for model in ("tiny", "text_classifier"):
+        shutil.copytree(REPOSITORY / model, root / "repo" / model)
+    served = Server(root)
+    try:
+        wait_for(served.ready, "the server to be ready", process=served.process)
+        yield served
+    finally:
+        served.process.kill()
+        served.process.wait(DEADLINE_S)
+
+
+def test_the_defaults_listen_on_loopback_only() -> None:
+    args = build_parser().parse_args(["serve"]) if "CONVEYOR_HOST" not in os.environ else None
+    if args is not None:
+        assert args.host == "127.0.0.1"
+    assert ServeOptions(repository=Path(".")).host == "127.0.0.1"
+
+
+def test_the_walk_finds_every_route_and_each_is_reviewed() -> None:
+    names = {name for name, _ in HTTP_ROUTES}
+    # The walk must reach the routes known today; a route it finds that is neither open (reviewed
+    # above) nor refused without the key fails test_control_routes_refuse_calls_without_the_key.
+    assert {"index", "load", "unload", "rollout_start", "rollout_action", "infer", "rollout_decisions"} <= names
+    assert {name for name, _ in OPEN_HTTP} == set(routes.OPEN_ROUTES) - {"rollout_start"}
+    assert OPEN_GRPC == OPEN_RPCS
+
+
+def _aliases(path: str) -> list[str]:
+    """Other spellings of `path`: a trailing or doubled slash, a percent-encoded letter, a query."""
+    head, _, last = path.rpartition("/")
+    encoded = f"{head}/%{ord(last[0]):02X}{last[1:]}" if last else path
+    return [path, path + "/", "/" + path, path + "?x=1", encoded, path.replace("/v2/", "/v2//", 1),
+            path.replace("/", "%2F").replace("%2F", "/", 1)]
+
+
+@pytest.mark.parametrize(("name", "method"), sorted(k for k in HTTP_ROUTES if k not in OPEN_HTTP))
+def test_control_routes_refuse_calls_without_the_key(server: Server, name: str, method: str) -> None:
+    path = HTTP_ROUTES[(name, method)]
+    for alias in _aliases(path):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                        {"Authorization": f"Basic {base64.b64encode(API_KEY.encode()).decode()}"}):
+            status, body = server.request(method, alias, b"{}", headers)
+            # Refused by the guard, or a path the router does not know: nothing else.
+            refused = status == 401 or (status == 404 and b"no route for" in body)
+            assert refused and (alias != path or status == 401), (name, method, alias, headers, status, body)
+    status, body = server.request(method, path, b"{}", {"Authorization": f"Bearer {API_KEY}"})
+    assert status != 401, body
+
+
+@pytest.mark.parametrize(("name", "method"), sorted(k for k in HTTP_ROUTES if k in OPEN_HTTP))
+def test_open_routes_need_no_key(server: Server, name: str, method: str) -> None:
+    status, body = server.request(method, HTTP_ROUTES[(name, method)], b"{}")
+    assert status != 401 and status < 500, (name, status, body)
+
+
+def _grpc_methods() -> list[tuple[str, object]]:
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return [(f"/{SERVICE_NAME}/{m.name}", m) for m in service.methods]
+
+
+def test_every_grpc_rpc_outside_the_open_list_needs_the_key(server: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        for path, method in _grpc_methods():
+            if path in OPEN_GRPC:
+                continue
+            request_type = getattr(pb, method.input_type.name)
+            kind = channel.stream_stream if method.client_streaming else channel.unary_unary
+            call = kind(path, request_serializer=request_type.SerializeToString, response_deserializer=lambda b: b)
+            for metadata in ((), (("authorization", "Bearer wrong"),)):
+                payload = iter([request_type()]) if method.client_streaming else request_type()
+                with pytest.raises(grpc.RpcError) as refused:
+                    result = call(payload, metadata=metadata, timeout=DEADLINE_S)
+                    if method.client_streaming:
+                        list(result)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (path, refused.value.details())
+                assert "--api-key" in refused.value.details()
+        index = channel.unary_unary(f"/{SERVICE_NAME}/RepositoryIndex",
+                                    request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+                                    response_deserializer=pb.RepositoryIndexResponse.FromString)
+        answer = index(pb.RepositoryIndexRequest(), metadata=(("authorization", f"Bearer {API_KEY}"),),
+                       timeout=DEADLINE_S)
+        assert "tiny" in {row.name for row in answer.models}
+
+
+def test_grpc_messages_over_the_limit_are_refused(server: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        infer = channel.unary_unary(f"/{SERVICE_NAME}/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        request = pb.ModelInferRequest(model_name="tiny", raw_input_contents=[bytes(GRPC_MAX_MESSAGE_BYTES + 1)])
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(request, timeout=DEADLINE_S)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert server.ready()
+
+
+def _load(server: Server, model: str, parameters: dict) -> tuple[int, dict]:
+    status, body = server.request("POST", f"/v2/repository/models/{model}/load",
+                                  json.dumps({"parameters": parameters}).encode(),
+                                  {"Authorization": f"Bearer {API_KEY}"})
+    return status, json.loads(body)
+
+
+def test_no_route_fetches_a_url_or_loads_code_from_a_request(server: Server) -> None:
+    status, body = _load(server, "tiny", {"url": "http://127.0.0.1:1/model.onnx"})
+    assert status == 400 and "unknown parameters" in body["error"]
+    model_py = base64.b64encode(b"import os\nos.system('touch /tmp/owned')\n").decode()
+    config = {"backend": "python", "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}]}
+    status, body = _load(server, "evil", {"config": json.dumps(config), "file:1/model.py": model_py})
+    assert status == 400 and "run code when loaded" in body["error"], body
+
+
+def test_errors_name_no_directory_of_the_server(server: Server) -> None:
+    answers = [
+        _load(server, "missing", {})[1],
+        _load(server, "tiny", {"config": json.dumps({"backend": "onnxruntime",
+                                                     "version_policy": {"specific": {"versions": [7]}}})})[1],
+        _load(server, "upload", {"config": json.dumps({"backend": "onnxruntime"}),
+                                 "file:x/model.onnx": base64.b64encode(b"x").decode()})[1],
+        json.loads(server.request("POST", "/v2/repository/index", b"{}",
+                                  {"Authorization": f"Bearer {API_KEY}"})[1]),
+        json.loads(server.request("GET", "/v2/models/missing/config")[1]),
+        json.loads(server.request("POST", "/v2/models/tiny/infer", b'{"inputs": 1}')[1]),
+    ]
+    text = json.dumps(answers)
+    for private in (str(server.root), os.path.realpath(server.root), str(Path.home())):
+        assert private not in text, text
+
+
+def _series(server: Server) -> set[str]:
+    status, body = server.request("GET", "/metrics")
+    assert status == 200
+    return {line.rpartition(" ")[0] for line in body.decode().splitlines() if line and not line.startswith("#")}
+
+
+def test_unknown_model_names_create_no_metric_series(server: Server) -> None:
+    before = _series(server)
+    for index in range(50):
+        name = f"no-such-model-{index}"
+        server.request("POST", f"/v2/models/{name}/infer", b'{"inputs": []}')
+        server.request("GET", f"/v2/models/{name}/stats")
+        server.request("POST", f"/v2/models/{name}/feedback", b"{}")
+        server.request("GET", f"/v2/models/{name}/versions/9/ready")
+    after = _series(server)
+    assert not any("no-such-model" in series for series in after)
+    assert after == before, sorted(after ^ before)
