@@ -92,21 +92,22 @@ HTTP_ROUTES = walk_http_routes()
 class Server:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port, self.grpc_port = free_port(), free_port()
+        self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
         command = [
             sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--http-port", str(self.port),
             "--grpc-port", str(self.grpc_port), "--data-dir", str(root / "data"), "--model-control-mode", "explicit",
             "--load-model", "tiny", "--api-key", API_KEY, "--grpc-max-message-bytes", str(GRPC_MAX_MESSAGE_BYTES),
+            "--metrics-port", str(self.metrics_port),
         ]  # fmt: skip
         self.log_path = root / "serve.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-                ) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+                port: int | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=DEADLINE_S)
         try:
             connection.putrequest(method, path, skip_accept_encoding=True)  # the path goes out as written
             for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
@@ -180,6 +181,25 @@ def test_control_routes_refuse_calls_without_the_key(server: Server, name: str, 
 def test_open_routes_need_no_key(server: Server, name: str, method: str) -> None:
     status, body = server.request(method, HTTP_ROUTES[(name, method)], b"{}")
     assert status != 401 and status < 500, (name, status, body)
+
+
+def test_the_metrics_port_serves_nothing_but_metrics_and_health(server: Server) -> None:
+    # A second port must not be a way around the key: it serves none of the other routes.
+    for (name, method), path in sorted(HTTP_ROUTES.items()):
+        status, body = server.request(method, path, b"{}", port=server.metrics_port)
+        if name in ("metrics", "live", "ready"):
+            assert status == 200, (name, body)
+        else:
+            assert status == 404 and b"--http-port" in body, (name, method, path, status, body)
+
+
+def test_api_key_scope_all_keys_everything_but_the_health_probes() -> None:
+    for name, method in HTTP_ROUTES:
+        route = routes.Route(name)
+        assert routes.needs_api_key(route, "all") == (name not in ("live", "ready")), name
+        assert routes.needs_api_key(route, "control") == ((name, method) not in OPEN_HTTP), name
+    args = build_parser().parse_args(["serve", "--api-key", "k", "--api-key-scope", "all"])
+    assert args.api_key_scope == "all"
 
 
 def _grpc_methods() -> list[tuple[str, object]]:
@@ -258,7 +278,7 @@ def test_errors_name_no_directory_of_the_server(server: Server) -> None:
 
 
 def _series(server: Server) -> set[str]:
-    status, body = server.request("GET", "/metrics")
+    status, body = server.request("GET", "/metrics", port=server.metrics_port)
     assert status == 200
     return {line.rpartition(" ")[0] for line in body.decode().splitlines() if line and not line.startswith("#")}
 

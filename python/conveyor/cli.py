@@ -80,6 +80,11 @@ def _serve_parser(subparsers: Any) -> None:
                    help="require 'Authorization: Bearer KEY' (HTTP header or gRPC metadata) on every control "
                    "route: repository index, load and unload, starting and steering rollouts; inference, health, "
                    "metadata, statistics and metrics stay open (default: no key, every route open; see SECURITY.md)")
+    p.add_argument("--api-key-scope", type=choice(("control", "all")),
+                   default=env("api-key-scope", "control", choice(("control", "all"))),
+                   help="which routes --api-key guards: control (default: inference, health, metadata, statistics "
+                   "and metrics open) or all (everything but the health probes /v2/health/live and ready, and the "
+                   "gRPC ServerLive, ServerReady and grpc.health.v1)")
     p.add_argument("--grace-period-s", type=positive_float, default=env("grace-period-s", 30.0, positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
     p.add_argument("--data-dir", type=Path, default=env("data-dir", Path("conveyor-data"), Path),
@@ -136,6 +141,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         request_read_timeout_s=args.request_read_timeout_s,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         api_key=args.api_key,
+        api_key_scope=args.api_key_scope,
         grace_period_s=args.grace_period_s,
         server_version=__version__,
         data_dir=args.data_dir,

@@ -47,6 +47,12 @@ OPEN_RPCS = frozenset(
     )} | {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
 )  # fmt: skip
 
+# With --api-key-scope all, only the health RPCs stay open.
+HEALTH_RPCS = frozenset({
+    f"/{SERVICE_NAME}/ServerLive", f"/{SERVICE_NAME}/ServerReady", "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+})  # fmt: skip
+
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -237,8 +243,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC outside OPEN_RPCS with UNAUTHENTICATED unless the call carries the API key."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str, scope: str = "control") -> None:
         self._expected = api_key.encode()
+        self._open = HEALTH_RPCS if scope == "all" else OPEN_RPCS
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -250,7 +257,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method in OPEN_RPCS or self._authorized(details.invocation_metadata):
+        if handler is None or details.method in self._open or self._authorized(details.invocation_metadata):
             return handler
         return _refusal(handler, details.method)
 
@@ -271,17 +278,18 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
 
 
 async def start_grpc_server(
-    dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None
+    dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None,
+    api_key_scope: str = "control",
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService and health on host:port; returns the started server.
 
     Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
     in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
-    it (ApiKeyInterceptor). Raises OSError naming the address when it
+    it (outside HEALTH_RPCS with `api_key_scope` "all"; see ApiKeyInterceptor). Raises OSError naming the address when it
     cannot be bound (for instance, the port is taken).
     """
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+        interceptors=[ApiKeyInterceptor(api_key, api_key_scope)] if api_key else None,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),

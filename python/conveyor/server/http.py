@@ -99,8 +99,13 @@ class HttpApp:
         api_key: str | None = None,
         metrics: Any = None,
         limits: HttpLimits = HttpLimits(),
+        only_routes: frozenset[str] | None = None,
+        api_key_scope: str = "control",
     ) -> None:
+        """`only_routes`: the route names this app serves (None: all); the others are answered 404."""
         self.dataplane = dataplane
+        self.only_routes = only_routes
+        self.api_key_scope = api_key_scope
         self.max_request_bytes = max_request_bytes
         self.limits = limits
         self.api_key = api_key.encode() if api_key else None
@@ -121,10 +126,14 @@ class HttpApp:
         route = match_route(method, path.decode("latin-1"))
         if isinstance(route, Response):
             return route
+        if self.only_routes is not None and route.name not in self.only_routes:
+            served = ", ".join(sorted(self.only_routes))
+            return Response(404, [encode_error(f"this port serves only these routes: {served}; "
+                                               "the others are on the HTTP port (--http-port)")])
         try:
             if route.name == "rollout" and method == b"POST":
                 route = Route("rollout_start", route.model, control=True)  # starting is control
-            if needs_api_key(route) and not self.authorized(headers):
+            if needs_api_key(route, self.api_key_scope) and not self.authorized(headers):
                 return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>' "
                                                    "(the key the server was started with: --api-key)")],
                                 headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])

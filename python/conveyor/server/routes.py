@@ -35,7 +35,16 @@ OPEN_ROUTES = frozenset({
 })  # fmt: skip
 
 
-def needs_api_key(route: Route) -> bool:
+# With --api-key-scope all, only these stay open: probes need no key.
+HEALTH_ROUTES = frozenset({"live", "ready"})
+API_KEY_SCOPES = ("control", "all")
+
+
+def needs_api_key(route: Route, scope: str = "control") -> bool:
+    """Whether `route` needs the API key (when the server has one): `scope` "control" keys the
+    routes outside OPEN_ROUTES, "all" keys every route but the health probes."""
+    if scope == "all":
+        return route.name not in HEALTH_ROUTES
     return route.control or route.name not in OPEN_ROUTES
 
 

@@ -25,6 +25,8 @@ from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, ch
 
 log = logging.getLogger(__name__)
 
+METRICS_PORT_ROUTES = frozenset({"metrics", "live", "ready"})
+
 
 @dataclass
 class ServeOptions:
@@ -49,6 +51,7 @@ class ServeOptions:
     request_read_timeout_s: float = HttpLimits.request_read_timeout_s
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     api_key: str | None = None
+    api_key_scope: str = "control"  # "control": control routes need the key; "all": all but health
     grace_period_s: float = 30.0
     server_version: str = "0"
     # Capture files, label files and retraining markers of monitored models, and the
@@ -98,15 +101,26 @@ class Server:
             self.dataplane,
             max_request_bytes=o.max_request_bytes,
             api_key=o.api_key,
+            api_key_scope=o.api_key_scope,
             metrics=metrics if o.metrics_port == 0 else None,
             limits=self.http_limits(),
         )
+        if o.api_key is None and o.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "listening on %s with no API key: anyone who can reach the ports can load and unload models "
+                "and steer rollouts; set --api-key (and --api-key-scope all to key inference too)", o.host,
+            )
         http_server = await start_http_server(self.http_app, o.host, o.http_port)
         self._servers.append(http_server)
         self.http_port = _bound_port(http_server)
         log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, self.http_port)
         if o.metrics_port:
-            metrics_app = HttpApp(self.dataplane, max_request_bytes=4096, metrics=metrics, limits=self.http_limits())
+            # The metrics port serves the scrape and health only: no other route may be
+            # reachable through a second port (where a guard could be forgotten).
+            metrics_app = HttpApp(
+                self.dataplane, max_request_bytes=4096, metrics=metrics, limits=self.http_limits(),
+                api_key=o.api_key, api_key_scope=o.api_key_scope, only_routes=METRICS_PORT_ROUTES,
+            )
             metrics_server = await start_http_server(metrics_app, o.host, o.metrics_port)
             self._servers.append(metrics_server)
             log.info("metrics listening on http://%s:%d/metrics", o.host, _bound_port(metrics_server))
@@ -114,7 +128,8 @@ class Server:
             from conveyor.server.grpc_server import start_grpc_server
 
             self._grpc = await start_grpc_server(
-                self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key
+                self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key,
+                api_key_scope=o.api_key_scope,
             )
             log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
         if o.model_control_mode == "poll":
