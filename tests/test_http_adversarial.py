@@ -321,3 +321,34 @@ def test_connections_over_the_limit_are_refused_with_503(server: Server) -> None
         for sock in held:
             sock.close()
     wait_for(server.live, "the server to take connections again once the held ones closed")
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+def test_memory_stays_bounded_over_repeated_attacks(server: Server) -> None:
+    """Triton's bar (L0_http): 100 refused gzip bombs grow RSS by under 32 MiB. Here bombs, chunk
+    floods, nesting bombs and oversized bodies together: 80 attacks of warm-up first (the allocator's
+    high-water mark settles there, up to ~30 MiB above the start), then 160 more must add under 32 MiB
+    (measured: nothing)."""
+    attacks = [
+        request("POST", "/v2/models/tiny/infer", _BOMB, [("Content-Encoding", "gzip")]),
+        chunked(MAX_REQUEST_CHUNKS + 1),
+        request("POST", "/v2/repository/index", nested(250_000)),
+        request("POST", "/v2/models/tiny/infer", body_of_size(MAX_REQUEST_BYTES + 1)),
+    ]
+    for _ in range(20):
+        for data in attacks:
+            server.exchange(data)
+    before = _rss_bytes(server.process.pid)
+    for _ in range(40):
+        for data in attacks:
+            server.exchange(data)
+    growth = _rss_bytes(server.process.pid) - before
+    assert growth < 32 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over 160 refused attacks"
+    assert server.live()
