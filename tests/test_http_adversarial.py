@@ -110,7 +110,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def request(method: str, path: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: t", "Connection: close"]
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     headers = list(headers or [])
     if not any(name.lower() in ("content-length", "transfer-encoding") for name, _ in headers):
         headers.append(("Content-Length", str(len(body))))

@@ -109,7 +109,8 @@ class Server:
                 port: int | None = None) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=DEADLINE_S)
         try:
-            connection.putrequest(method, path, skip_accept_encoding=True)  # the path goes out as written
+            # The path goes out as written; a Host given in `headers` replaces http.client's.
+            connection.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
             for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
                 connection.putheader(name, value)
             connection.endheaders(body)
@@ -166,6 +167,12 @@ def _aliases(path: str) -> list[str]:
 @pytest.mark.parametrize(("name", "method"), sorted(k for k in HTTP_ROUTES if k not in OPEN_HTTP))
 def test_control_routes_refuse_calls_without_the_key(server: Server, name: str, method: str) -> None:
     path = HTTP_ROUTES[(name, method)]
+    for other in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        reached = routes.match_route(other.encode(), path)
+        if isinstance(reached, routes.Route) and (reached.name, other) in OPEN_HTTP:
+            continue  # the same path answers an open route for this method (GET of a rollout's status)
+        status, body = server.request(other, path, b"{}")
+        assert status in (401, 405), (name, other, path, status, body)
     for alias in _aliases(path):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
                         {"Authorization": f"Basic {base64.b64encode(API_KEY.encode()).decode()}"}):
@@ -200,6 +207,25 @@ def test_api_key_scope_all_keys_everything_but_the_health_probes() -> None:
         assert routes.needs_api_key(route, "control") == ((name, method) not in OPEN_HTTP), name
     args = build_parser().parse_args(["serve", "--api-key", "k", "--api-key-scope", "all"])
     assert args.api_key_scope == "all"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Host": "evil.example"}, {"Host": "rebound.example:80"}],
+    ids=["cross-site origin", "opaque origin", "rebound host", "rebound host with port"],
+)
+def test_control_routes_refuse_what_a_web_page_could_send(server: Server, headers: dict[str, str]) -> None:
+    # Cross-site request forgery and DNS rebinding: refused even with the key (a page could hold it).
+    status, body = server.request("POST", "/v2/repository/index", b"{}",
+                                  {"Authorization": f"Bearer {API_KEY}", **headers})
+    assert status == 403, body
+    status, _ = server.request("POST", "/v2/repository/index", b"{}",
+                               {"Authorization": f"Bearer {API_KEY}", "Origin": f"http://127.0.0.1:{server.port}"})
+    assert status == 200
+    status, _ = server.request("POST", "/v2/models/tiny/infer",
+                               json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
+                                                       "data": [0.0] * 16}]}).encode(), headers)
+    assert status == 200  # inference is not a control route
 
 
 def _grpc_methods() -> list[tuple[str, object]]:

@@ -44,7 +44,7 @@ from conveyor.server.routes import Route, match_route, needs_api_key
 log = logging.getLogger(__name__)
 
 _REASONS = {
-    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
     409: b"Conflict", 431: b"Request Header Fields Too Large",
     408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests", 499: b"Client Closed Request",
     500: b"Internal Server Error",
@@ -101,11 +101,13 @@ class HttpApp:
         limits: HttpLimits = HttpLimits(),
         only_routes: frozenset[str] | None = None,
         api_key_scope: str = "control",
+        loopback_only: bool = False,
     ) -> None:
         """`only_routes`: the route names this app serves (None: all); the others are answered 404."""
         self.dataplane = dataplane
         self.only_routes = only_routes
         self.api_key_scope = api_key_scope
+        self.loopback_only = loopback_only  # listening on a loopback address only
         self.max_request_bytes = max_request_bytes
         self.limits = limits
         self.api_key = api_key.encode() if api_key else None
@@ -133,7 +135,10 @@ class HttpApp:
         try:
             if route.name == "rollout" and method == b"POST":
                 route = Route("rollout_start", route.model, control=True)  # starting is control
-            if needs_api_key(route, self.api_key_scope) and not self.authorized(headers):
+            guarded = needs_api_key(route, self.api_key_scope)
+            if guarded and (refusal := self._browser_refusal(headers)) is not None:
+                return Response(403, [encode_error(refusal)])
+            if guarded and not self.authorized(headers):
                 return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>' "
                                                    "(the key the server was started with: --api-key)")],
                                 headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
@@ -142,6 +147,23 @@ class HttpApp:
             return await self._dispatch(route, headers, body, query)
         except Exception as exc:  # every failure becomes this request's error response
             return error_response(exc)
+
+    def _browser_refusal(self, headers: dict[bytes, bytes]) -> str | None:
+        """Why a control request looks sent by a web page the user visited, or None.
+
+        A page can make a browser POST to a server on the user's machine (cross-site request
+        forgery), or point its own domain at 127.0.0.1 (DNS rebinding). The first carries an
+        Origin other than the server's Host; the second a Host that is not a loopback name.
+        """
+        host = headers.get(b"host", b"").lower()
+        origin = headers.get(b"origin")
+        if origin is not None and origin.lower().partition(b"://")[2].rstrip(b"/") != host:
+            return ("control routes do not take cross-origin requests (the Origin header names another site); "
+                    "call them from a script or the command line, not a web page")
+        if self.loopback_only and _host_name(host) not in _LOOPBACK_NAMES:
+            return (f"this server listens on loopback only, and control routes need a Host of localhost or "
+                    f"127.0.0.1, not {host.decode('latin-1')!r} (a rebound DNS name); use http://127.0.0.1:<port>")
+        return None
 
     async def _dispatch(self, route: Route, headers: dict[bytes, bytes], body: bytes, query: bytes = b"") -> Response:
         dp = self.dataplane
@@ -254,6 +276,16 @@ class HttpApp:
             return Response(200, parts, compressible=True)
         return Response(200, parts, b"application/octet-stream",
                         [b"Inference-Header-Content-Length: %d" % json_length], compressible=True)
+
+
+_LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"::1"})
+
+
+def _host_name(host: bytes) -> bytes:
+    """The name of a Host header value, without its port (an IPv6 address loses its brackets)."""
+    if host.startswith(b"["):
+        return host[1:].partition(b"]")[0]
+    return host.rpartition(b":")[0] if b":" in host else host
 
 
 def _not_ready_reason(dataplane: DataPlane) -> str:

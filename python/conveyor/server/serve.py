@@ -8,6 +8,7 @@ batchers' own threads.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import tempfile
@@ -102,10 +103,11 @@ class Server:
             max_request_bytes=o.max_request_bytes,
             api_key=o.api_key,
             api_key_scope=o.api_key_scope,
+            loopback_only=_is_loopback(o.host),
             metrics=metrics if o.metrics_port == 0 else None,
             limits=self.http_limits(),
         )
-        if o.api_key is None and o.host not in ("127.0.0.1", "::1", "localhost"):
+        if o.api_key is None and not _is_loopback(o.host):
             log.warning(
                 "listening on %s with no API key: anyone who can reach the ports can load and unload models "
                 "and steer rollouts; set --api-key (and --api-key-scope all to key inference too)", o.host,
@@ -205,6 +207,13 @@ class Server:
         await self.rollouts.close(timeout_s=self.options.grace_period_s)
         await asyncio.to_thread(self.runtime.close)
         log.info("stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _bound_port(server: asyncio.base_events.Server) -> int:
