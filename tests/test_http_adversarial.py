@@ -21,9 +21,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import conveyor
+import pytest
 from processes import DEADLINE_S, free_port, wait_for
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -187,17 +186,17 @@ CORPUS = [
     ("65,537 chunks", chunked(MAX_REQUEST_CHUNKS + 1), 413, "--max-request-chunks"),
     ("10^6 chunks", chunked(10**6), 413, "--max-request-chunks"),
     ("Content-Length with Transfer-Encoding (smuggling)",
-     b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"0\r\n\r\nGET /v2 HTTP/1.1\r\nHost: t\r\n\r\n", 400, "Content-Length"),
+     (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+      b"0\r\n\r\nGET /v2 HTTP/1.1\r\nHost: t\r\n\r\n"), 400, "Content-Length"),
     ("duplicate Content-Length (smuggling)",
-     b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
-     b"GET /v2 HTTP/1.1\r\nHost: t\r\n\r\n", 400, "Content-Length"),
+     (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
+      b"GET /v2 HTTP/1.1\r\nHost: t\r\n\r\n"), 400, "Content-Length"),
     ("Transfer-Encoding other than chunked (smuggling)",
      b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400,
      "Transfer-Encoding"),
     ("two Transfer-Encoding headers (smuggling)",
-     b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
-     b"\r\n0\r\n\r\n", 400, "transfer-encoding"),
+     (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+      b"\r\n\r\n0\r\n\r\n"), 400, "transfer-encoding"),
     ("two Inference-Header-Content-Length headers",
      request("POST", "/v2/models/tiny/infer", json.dumps({"inputs": [X]}).encode(),
              [("Inference-Header-Content-Length", "0"), ("Inference-Header-Content-Length", "10")]), 400,

@@ -22,13 +22,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import conveyor
 import grpc
 import pytest
-
-import conveyor
-import conveyor.server.routes as routes
 from conveyor.cli import build_parser
 from conveyor.protocol.grpc import inference_pb2 as pb
+from conveyor.server import routes
 from conveyor.server.grpc_server import OPEN_RPCS, SERVICE_NAME
 from conveyor.server.serve import ServeOptions
 from processes import DEADLINE_S, free_port, wait_for

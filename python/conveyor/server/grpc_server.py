@@ -285,8 +285,8 @@ async def start_grpc_server(
 
     Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
     in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
-    it (outside HEALTH_RPCS with `api_key_scope` "all"; see ApiKeyInterceptor). Raises OSError naming the address when it
-    cannot be bound (for instance, the port is taken).
+    it (outside HEALTH_RPCS with `api_key_scope` "all"; see ApiKeyInterceptor). Raises
+    OSError naming the address when it cannot be bound (for instance, the port is taken).
     """
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(api_key, api_key_scope)] if api_key else None,

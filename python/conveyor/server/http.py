@@ -44,7 +44,8 @@ from conveyor.server.routes import Route, match_route, needs_api_key
 log = logging.getLogger(__name__)
 
 _REASONS = {
-    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed",
     409: b"Conflict", 431: b"Request Header Fields Too Large",
     408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests", 499: b"Client Closed Request",
     500: b"Internal Server Error",
