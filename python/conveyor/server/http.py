@@ -319,7 +319,13 @@ class HttpProtocol(asyncio.Protocol):
         self.failed = False  # an unreadable request was seen: later bytes are ignored
         self.in_message = False  # between a request's first byte and its last
         self.in_head = False  # between a request's first byte and the end of its headers
-        self.timer: asyncio.TimerHandle | None = None  # the idle or the request-read timeout
+        # The timeouts cost a clock read per request: one watchdog per connection looks at
+        # these at each deadline, and at least every `watch_interval_s`.
+        self.message_started: float | None = None  # when the request being read began
+        self.idle_since: float | None = None  # when the connection last had nothing to do
+        limits = app.limits
+        self.watch_interval_s = min(limits.idle_timeout_s, limits.request_read_timeout_s) / 2
+        self.watchdog: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -333,30 +339,33 @@ class HttpProtocol(asyncio.Protocol):
         self.chunks = 0
         self.rejected = False
 
-    def _arm(self, delay_s: float, callback: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay_s, callback)
+    def _watch(self) -> None:
+        """Answer 408 to a request read too slowly (slowloris: slow headers or a slow body), and
+        close a connection idle too long (it holds a socket and a slot of --max-connections).
 
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _idle_timeout(self) -> None:
-        # An idle keep-alive connection (or one opened and never used) holds a socket and
-        # a slot of --max-connections: give them back.
-        self.timer = None
-        if not self.busy and not self.pending and not self.in_message and self.transport is not None:
-            self.transport.close()
-            self.transport = None
-
-    def _read_timeout(self) -> None:
-        # Slow headers or a slow body (slowloris): the request is answered 408 and the connection closed.
-        self.timer = None
-        if self.in_message and not self.failed:
-            self._fail(408, f"the request was not fully received within {self.app.limits.request_read_timeout_s:g} s "
-                            "(--request-read-timeout-s)")
+        Each fires between its timeout and 1.5 times it (the watchdog's interval is half the
+        shorter timeout; a request that begins just after a look is seen at the next).
+        """
+        self.watchdog = None
+        if self.transport is None or self.failed:
+            return
+        limits, now = self.app.limits, self.loop.time()
+        next_look = now + self.watch_interval_s
+        if self.message_started is not None:
+            deadline = self.message_started + limits.request_read_timeout_s
+            if now >= deadline:
+                self._fail(408, f"the request was not fully received within {limits.request_read_timeout_s:g} s "
+                                "(--request-read-timeout-s)")
+                return
+            next_look = min(next_look, deadline)
+        elif self.idle_since is not None and not self.busy and not self.pending:
+            deadline = self.idle_since + limits.idle_timeout_s
+            if now >= deadline:
+                self.transport.close()
+                self.transport = None
+                return
+            next_look = min(next_look, deadline)
+        self.watchdog = self.loop.call_at(next_look, self._watch)
 
     # -- asyncio callbacks -----------------------------------------------------------
 
@@ -371,11 +380,14 @@ class HttpProtocol(asyncio.Protocol):
                 "the limit with --max-connections")]), keep_alive=False)
             return
         self.app.connections.add(self)
-        self._arm(limits.idle_timeout_s, self._idle_timeout)
+        self.idle_since = self.loop.time()
+        self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.app.connections.discard(self)
-        self._disarm()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -400,7 +412,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset()
         self.in_message = self.in_head = True
-        self._arm(self.app.limits.request_read_timeout_s, self._read_timeout)
+        self.message_started = self.loop.time()
+        self.idle_since = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -471,9 +484,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_message = self.in_head = False
+        self.message_started = None
         if self.rejected or self.failed:
             return
-        self._disarm()
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         request = (self.parser.get_method(), self.url, self.headers, body, self.parser.should_keep_alive())
         self.pending.append(request)
@@ -522,8 +535,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.reading = True
                 self.transport.resume_reading()
         self.busy = False
-        if not self.in_message and not self.pending and self.transport is not None:
-            self._arm(self.app.limits.idle_timeout_s, self._idle_timeout)
+        if not self.in_message and not self.pending:
+            self.idle_since = self.loop.time()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         transport = self.transport
