@@ -181,7 +181,8 @@ def test_serve_help_documents_every_flag() -> None:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("CONVEYOR_HTTP_PORT", "abc"), ("CONVEYOR_HTTP_PORT", "70000"), ("CONVEYOR_MODEL_CONTROL_MODE", "sometimes"),
-     ("CONVEYOR_MAX_REQUEST_BYTES", "-5")],
+     ("CONVEYOR_MAX_REQUEST_BYTES", "-5"), ("CONVEYOR_MAX_CONNECTIONS", "0"), ("CONVEYOR_IDLE_TIMEOUT_S", "never"),
+     ("CONVEYOR_GRPC_MAX_MESSAGE_BYTES", "1e9"), ("CONVEYOR_API_KEY_SCOPE", "some")],
 )
 def test_bad_environment_value_exits_naming_the_variable(variable: str, value: str) -> None:
     result = _conveyor("serve", env=_environment(**{variable: value}))
