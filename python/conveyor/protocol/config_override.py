@@ -126,6 +126,8 @@ def _load_json(config: str | bytes | Mapping[str, Any], source: str) -> Mapping[
             config = json.loads(config)
         except ValueError as exc:
             raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+        except RecursionError:  # a config nests a few levels; a bomb of nesting must not be a 500
+            raise ConfigError(f"{source}: the JSON nests too deep to be a model config") from None
     if not isinstance(config, Mapping):
         raise ConfigError(f"{source}: expected a JSON object of model config fields, got {type(config).__name__}")
     return config
