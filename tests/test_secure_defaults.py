@@ -316,6 +316,13 @@ def test_unknown_model_names_create_no_metric_series(server: Server) -> None:
         server.request("GET", f"/v2/models/{name}/stats")
         server.request("POST", f"/v2/models/{name}/feedback", b"{}")
         server.request("GET", f"/v2/models/{name}/versions/9/ready")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        infer = channel.unary_unary(f"/{SERVICE_NAME}/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        for index in range(50):
+            with pytest.raises(grpc.RpcError):
+                infer(pb.ModelInferRequest(model_name=f"no-such-model-grpc-{index}"), timeout=DEADLINE_S)
     after = _series(server)
     assert not any("no-such-model" in series for series in after)
     assert after == before, sorted(after ^ before)
