@@ -24,7 +24,7 @@ from prometheus_client import parser as prometheus_parser
 from tritonclient.utils import InferenceServerException
 
 import conveyor
-from conveyor.server import http as http_server
+from conveyor.server import compression
 from conveyor.server.serve import ServeOptions
 from server_thread import ServerThread
 
@@ -411,14 +411,14 @@ def test_metrics_are_compressed_when_accepted(served: ServerThread) -> None:
 
 def test_large_answer_is_compressed_off_the_event_loop(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []
-    compress = http_server._compressed_body
+    compress = compression._compressed_body
 
     def recording(parts: list[Any], encoding: bytes) -> bytes:
         threads.append(threading.current_thread().name)
         return compress(parts, encoding)
 
-    monkeypatch.setattr(http_server, "_compressed_body", recording)
-    monkeypatch.setattr(http_server, "COMPRESS_OFF_LOOP_BYTES", 0)  # every compressed answer counts as large
+    monkeypatch.setattr(compression, "_compressed_body", recording)
+    monkeypatch.setattr(compression, "COMPRESS_OFF_LOOP_BYTES", 0)  # every compressed answer counts as large
     body = _tiny_infer_body(64, binary_out=True)
     status, headers, answer = _request(served.port, "POST", "/v2/models/tiny/infer", body, {"Accept-Encoding": "gzip"})
     assert status == 200 and headers["content-encoding"] == "gzip"
@@ -438,7 +438,7 @@ def test_large_answer_is_compressed_off_the_event_loop(served: ServerThread, mon
      (b"identity", None), (b"", None), (b"gzip;q=nonsense", None), (b"gzip ; q=0.3 ; x=1", b"gzip")],
 )
 def test_accept_encoding_negotiation(accept_encoding: bytes, chosen: bytes | None) -> None:
-    assert http_server.accepted_compression(accept_encoding) == chosen
+    assert compression.accepted_compression(accept_encoding) == chosen
 
 
 # -- statistics and metrics -----------------------------------------------------------
