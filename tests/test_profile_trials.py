@@ -22,7 +22,6 @@ from conveyor.profile.profile_trials import (
     cost_model_from,
     describe_model,
     model_config_for,
-    pinned_new_threads,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -79,23 +78,12 @@ def test_the_worker_answers_records_errors_and_survives_hangs_and_crashes() -> N
         worker.close()
 
 
-def test_pinning_pins_the_threads_started_in_the_block_one_per_cpu() -> None:
-    cpus = sorted(os.sched_getaffinity(0))
-    release = threading.Event()
-    started: list[threading.Thread] = []
-    with pinned_new_threads(True):
-        for _ in range(2):
-            thread = threading.Thread(target=release.wait)
-            thread.start()
-            started.append(thread)
-    try:
-        pins = [os.sched_getaffinity(thread.native_id) for thread in started]
-        assert pins == [{cpus[0]}, {cpus[1 % len(cpus)]}]
-        assert os.sched_getaffinity(0) == set(cpus)  # the calling thread stays free
-    finally:
-        release.set()
-        for thread in started:
-            thread.join()
+def test_pinning_is_written_into_the_config() -> None:
+    model = describe_model(EXAMPLES, "image_classifier")
+    for pinning in ("cores", "none"):
+        written = apply_knobs(model.file_data, {**KNOBS, "pinning": pinning})
+        config = parse_model_config(written, source="test", name="image_classifier")
+        assert config.instance_group.cpu_pinning == pinning
 
 
 def test_the_memory_sampler_sees_the_resident_set_grow() -> None:

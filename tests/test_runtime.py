@@ -365,3 +365,31 @@ def test_steady_state_reuses_pooled_memory_and_rss_stays_flat():
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+@pytest.mark.parametrize("pinning", ["cores", "none"])
+def test_cpu_pinning_runs_each_instance_on_its_own_cpu(pinning: str) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: set[tuple[int, frozenset[int]]] = set()
+    barrier = threading.Barrier(2)
+
+    def model(inputs):
+        seen.add((threading.get_native_id(), frozenset(os.sched_getaffinity(0))))
+        barrier.wait()  # both instances hold a batch at once: each runs one
+        return {"y": inputs["x"]}
+
+    config = {**_config(max_batch_size=1), "instance_group": {"count": 2, "cpu_pinning": pinning}}
+    with conveyor.Runtime() as rt:
+        rt.add_model("pinned", config, model)
+
+        async def two() -> None:
+            await asyncio.gather(*(rt.infer_async("pinned", _row(float(i))) for i in range(2)))
+
+        asyncio.run(two())
+    assert len({thread for thread, _ in seen}) == 2
+    affinities = sorted((sorted(cpus_) for _, cpus_ in seen))
+    if pinning == "none":
+        assert affinities == [cpus, cpus]
+    else:  # instance i on the i-th allowed CPU, round robin
+        assert affinities == sorted([[cpus[0]], [cpus[1 % len(cpus)]]])

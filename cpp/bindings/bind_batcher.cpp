@@ -209,7 +209,7 @@ void init_batcher(py::module_& m) {
                        py::object executor, int64_t max_batch_size, int64_t max_queue_delay_us,
                        std::vector<int64_t> preferred_batch_sizes, size_t max_queue_size, int priority_levels,
                        int default_priority_level, int64_t default_timeout_us, int instance_count,
-                       std::shared_ptr<MemoryPool> pool, std::shared_ptr<Pipeline> pipeline,
+                       bool pin_instances, std::shared_ptr<MemoryPool> pool, std::shared_ptr<Pipeline> pipeline,
                        std::shared_ptr<monitor::Monitor> monitor) {
              BatcherOptions o;
              o.model_name = model_name;
@@ -223,6 +223,7 @@ void init_batcher(py::module_& m) {
              o.default_priority_level = default_priority_level;
              o.default_timeout_us = default_timeout_us;
              o.instance_count = instance_count;
+             o.pin_instances = pin_instances;
              if (monitor) check_monitor_flags_spec(o.outputs);
              // With a pipeline the executor returns the backend's outputs, not these; the
              // monitor's flags are not the executor's either.
@@ -255,8 +256,10 @@ void init_batcher(py::module_& m) {
            py::arg("max_batch_size"), py::arg("max_queue_delay_us") = 0,
            py::arg("preferred_batch_sizes") = std::vector<int64_t>{}, py::arg("max_queue_size") = 1024,
            py::arg("priority_levels") = 0, py::arg("default_priority_level") = 0,
-           py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1, py::arg("pool") = nullptr,
+           py::arg("default_timeout_us") = 0, py::arg("instance_count") = 1,
+           py::arg("pin_instances") = false, py::arg("pool") = nullptr,
            py::arg("pipeline") = nullptr, py::arg("monitor") = nullptr,
+           "pin_instances: instance i's thread runs on the i-th CPU the process may use (round robin). "
            "monitor: a Monitor observing every batch in C++ (no GIL); the outputs must then end with "
            "('__monitor_flags', 'UINT8', [1]), which carries the per-row flag bytes ([rows, 1] when batching, [1] "
            "otherwise).")

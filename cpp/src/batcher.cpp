@@ -60,6 +60,34 @@ bool enter_idle_class() {
 #endif
 }
 
+// The CPUs this process may run on, in order (empty where that cannot be read).
+std::vector<int> allowed_cpus() {
+  std::vector<int> cpus;
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+    }
+  }
+#endif
+  return cpus;
+}
+
+// Pins the calling thread to one CPU; false where it cannot (then it runs anywhere allowed).
+bool pin_to_cpu(int cpu) {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+#else
+  (void)cpu;
+  return false;
+#endif
+}
+
 // Whether a thread of this process may enter the idle class, asked once of a throwaway thread.
 bool idle_class_available() {
   static const bool available = [] {
@@ -129,6 +157,7 @@ Batcher::Batcher(BatcherOptions options, Executor executor, std::shared_ptr<Memo
   if (!executor_) throw Error(ErrorCode::kInvalidInput, where + "no executor given");
   levels_.resize(std::max(1, options_.priority_levels));
   counters_ = std::make_unique<Counters>(static_cast<size_t>(std::max<int64_t>(options_.max_batch_size, 1)) + 1);
+  if (options_.pin_instances) instance_cpus_ = allowed_cpus();
   instance_busy_.assign(static_cast<size_t>(options_.instance_count), 0);
   handoff_.resize(static_cast<size_t>(options_.instance_count));
   for (int i = 0; i < options_.instance_count; ++i) {
@@ -375,6 +404,9 @@ void Batcher::release_instance(int instance) {
 void Batcher::instance_loop(int instance, uint64_t generation) {
   std::unique_lock<std::mutex> lock(mu_);
   if (!take_instance(lock, instance, generation)) return;
+  if (!instance_cpus_.empty()) {  // refused (the CPU left the process's set meanwhile): runs unpinned
+    pin_to_cpu(instance_cpus_[static_cast<size_t>(instance) % instance_cpus_.size()]);
+  }
   bool tried_idle = false;  // this thread has asked for the idle scheduling class
   for (;;) {
     if (generation != generation_ || (!accepting_ && queued_ == 0)) {

@@ -135,6 +135,10 @@ class InstanceGroupConfig(_Strict):
 
     count: int = Field(default=1, ge=1)
     device: str = Field(default="cpu", pattern=DEVICE_PATTERN)
+    # "cores": instance i's thread runs on the i-th CPU the server may use (round robin), so
+    # instances do not migrate; with one compute thread per instance (onnx intra_op_threads,
+    # native threads, torch intra_op_threads = 1) the model's compute runs there too.
+    cpu_pinning: Literal["none", "cores"] = "none"
 
 
 class VersionPolicy(_Strict):

@@ -93,6 +93,7 @@ class ModelHandle:
             default_priority_level=batching.default_priority_level,
             default_timeout_us=batching.default_timeout_us,
             instance_count=config.instance_group.count,
+            pin_instances=config.instance_group.cpu_pinning == "cores",
             pool=pool,
             pipeline=None if steps is None else steps.core,
             **({"monitor": monitor.core} if watched else {}),

@@ -61,6 +61,9 @@ struct BatcherOptions {
   int default_priority_level = 0; // 0: the lowest level
   int64_t default_timeout_us = 0; // 0: requests have no deadline unless they ask for one
   int instance_count = 1;
+  // Pin instance i's thread to the i-th CPU (round robin) of those the process may use when
+  // the batcher is made; with one compute thread per instance that is the model's compute too.
+  bool pin_instances = false;
 };
 
 // What the executor sees: batch inputs in the model's input order.
@@ -234,6 +237,7 @@ class Batcher {
   std::vector<std::vector<std::thread>> handoff_;  // per instance: replaced threads, joined by the next to serve
   std::condition_variable handoff_cv_;          // an instance freed, or replacements abandoned
 
+  std::vector<int> instance_cpus_;  // pin_instances: the CPU each instance's thread runs on
   std::vector<std::thread> instances_;  // modified only under mu_ while accepting_
   std::thread deadline_thread_;
   // Held while a batch is offered to the mirror, and to swap it: set_mirror returns only

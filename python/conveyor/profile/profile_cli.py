@@ -626,11 +626,6 @@ def recommended_config_text(model: Any, report: dict[str, Any]) -> str:
         + f"; the configuration before: {report['baseline']['capacity_qps']:,.0f} queries/s.",
         f"# The winning knobs: {_knobs_text(winner['configuration'])}. Comments of the original file are not kept.",
     ]
-    if winner["configuration"].get("pinning") == "cores":
-        header.append(
-            "# The profile pinned the model's threads one per CPU (pinning = cores); config.toml has no "
-            "field for it: pin the server's process (taskset) to get the measured capacity."
-        )
     text = "\n".join(header) + "\n\n" + toml_text(data)
     parse_model_config(tomllib.loads(text), source="the recommended config.toml", name=model.name)
     return text

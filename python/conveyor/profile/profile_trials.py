@@ -138,6 +138,7 @@ def apply_knobs(data: Mapping[str, Any], configuration: Configuration) -> dict[s
     group = result.setdefault("instance_group", {})
     group["count"] = configuration["instance_count"]
     group["device"] = configuration["device"]
+    group["cpu_pinning"] = configuration.get("pinning", "none")
     if backend == "onnx":
         onnx_options = result.setdefault("onnx", {})
         onnx_options["intra_op_threads"] = configuration["threads"]
@@ -248,27 +249,6 @@ def _resident_bytes() -> int:
         return 0
 
 
-@contextmanager
-def pinned_new_threads(enabled: bool) -> Iterator[None]:
-    """Pins the threads started inside the block (the model's instances and compute threads) one per CPU.
-
-    Round robin over the CPUs this process may use; threads started later (the load
-    generator's) stay free. Linux only; elsewhere, or when disabled, it does nothing.
-    """
-    task_dir = Path("/proc/self/task")
-    if not enabled or not task_dir.is_dir() or not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = set(os.listdir(task_dir))
-    yield
-    cpus = sorted(os.sched_getaffinity(0))
-    for index, tid in enumerate(sorted(set(os.listdir(task_dir)) - before, key=int)):
-        try:
-            os.sched_setaffinity(int(tid), {cpus[index % len(cpus)]})
-        except OSError:  # the thread ended meanwhile
-            continue
-
-
 def _prepare_worker() -> None:
     """Quiets the config's thread warning and imports the serving modules before memory is measured."""
     # Thread counts over the cores are searched on purpose: the warning would repeat per trial.
@@ -292,13 +272,7 @@ def _loaded(model: ProfiledModel, configuration: Configuration) -> Iterator[tupl
     with tempfile.TemporaryDirectory(prefix="conveyor-profile-") as data_dir:
         runtime = Runtime(pool=pool, data_dir=data_dir)
         try:
-            with pinned_new_threads(configuration.get("pinning") == "cores"):
-                runtime.add_model(
-                    model.name,
-                    config,
-                    version=model.version,
-                    model_dir=model.version_dir,
-                )
+            runtime.add_model(model.name, config, version=model.version, model_dir=model.version_dir)
             yield runtime, pool
         finally:
             runtime.close()

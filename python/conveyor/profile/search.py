@@ -52,7 +52,7 @@ KNOB_HELP = {
     "instance_count": "execution instances running batches side by side",
     "threads": "compute threads per instance (onnx: intra_op_threads; native: native.threads)",
     "inter_op_threads": "onnxruntime inter-op threads (the onnx backend runs graphs sequentially, so 1 by default)",
-    "pinning": "none, or cores: the model's threads pinned one per CPU, round robin",
+    "pinning": "none, or cores: each instance's thread pinned to its own CPU, round robin ([instance_group] cpu_pinning)",
 }
 ORDINAL_KNOBS = frozenset(
     {
