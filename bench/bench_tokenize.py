@@ -4,7 +4,8 @@
 
 Both serve the example text_classifier (examples/models/text_classifier) through the
 Runtime at 64 concurrent callers, one string per request, with the same batching,
-instance count (1, then 2) and softmax step:
+instance count (1, then 2), softmax step and public output (probs; the example's "topic"
+label strings are left out, as the baseline makes none):
 - candidate: the config's tokenize step (one `encode_batch_fast` per batch, GIL released
   while it encodes, ids written into the batch's int64 arrays), then backend "onnx";
 - baseline: backend "python", whose model calls `tokenizer.encode` per row, pads the
@@ -116,7 +117,11 @@ def repositories(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, in
         root = tmp_path_factory.mktemp(f"step_{count}")
         shutil.copytree(EXAMPLE, root / "text_classifier")
         config = root / "text_classifier" / "config.toml"
-        config.write_text(re.sub(r"(?m)^count = \d+$", f"count = {count}", config.read_text()))
+        text = re.sub(r"(?m)^count = \d+$", f"count = {count}", config.read_text())
+        # The same public outputs as the baseline: probs only (no "topic" label strings).
+        text = re.sub(r'(?ms)^\[\[outputs\]\]\nname = "topic".*?(?=^\[)', "", text)
+        text = re.sub(r'(?ms)^\[\[postprocess\]\]\nkind = "classification".*?(?=^\[)', "", text)
+        config.write_text(text)
         out[("step", count)] = root
         root = tmp_path_factory.mktemp(f"per_row_{count}")
         version = root / "text_per_row" / "1"
