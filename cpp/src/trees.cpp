@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -31,6 +32,10 @@ constexpr float kInfinity = std::numeric_limits<float>::infinity();
 // and their margins fit in L1 beside the hot upper levels of the trees.
 constexpr int64_t kRowsPerBlock = 128;
 
+// Trees a single row walks at once (add_row): enough independent chains of loads to hide
+// their latency, few enough that every lane's node index stays in a register.
+constexpr int kTreesPerGroup = 8;
+
 // The float32 t' with (x <= t) == (x <= t') for every float32 x: the largest float <= t.
 float float_at_most(double t) {
   float f = static_cast<float>(t);
@@ -44,6 +49,22 @@ float float_at_least(double t) {
   if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
   return f;
 }
+
+// A float's place in the order of floats as an int32: a < b == order_key(a) < order_key(b)
+// for every float that is not NaN (-0 and +0 both map to +0's key).
+int32_t order_key(float v) {
+  if (v == 0.0f) v = 0.0f;
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits >= 0 ? bits : bits ^ 0x7fffffff;
+}
+
+// Keys of a NaN in add_row: below every threshold's key (the test holds: left) or at least
+// every one (right). Leaves hold kLeafThreshold, which every key reaches: a lane on a leaf
+// steps to left + 1, the leaf itself.
+constexpr int32_t kNanLeft = std::numeric_limits<int32_t>::min();
+constexpr int32_t kNanRight = std::numeric_limits<int32_t>::max();
+constexpr int32_t kLeafThreshold = std::numeric_limits<int32_t>::min();
 
 double sigmoid(double alpha, double margin) { return 1.0 / (1.0 + std::exp(-alpha * margin)); }
 
@@ -236,6 +257,27 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
       if (trees_per_margin[k] > 0) margin_scale_[k] = 1.0 / static_cast<double>(trees_per_margin[k]);
     }
   }
+  for (size_t first = 0; first < tree_depth_.size(); first += kTreesPerGroup) {
+    const size_t last = std::min(tree_depth_.size(), first + kTreesPerGroup);
+    group_depth_.push_back(*std::max_element(tree_depth_.begin() + first, tree_depth_.begin() + last));
+  }
+  // order_key(-inf) is above kNanLeft and kLeafThreshold, order_key(+inf) below kNanRight.
+  row_nodes_.resize(nodes_.size());
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    const Node& node = nodes_[i];
+    RowNode& out = row_nodes_[i];
+    if (node.internal) {
+      out.threshold = order_key(node.threshold);
+      out.column = node.feature + (node.default_left ? header_.num_feature : 0);
+      out.left = node.left;
+    } else {
+      out.threshold = kLeafThreshold;
+      out.column = 0;
+      out.left = static_cast<int32_t>(i) - 1;
+    }
+  }
+  const Node* leaf = std::find_if(nodes_.data(), nodes_.data() + nodes_.size(), [](const Node& n) { return !n.internal; });
+  idle_leaf_ = static_cast<int32_t>(leaf - nodes_.data());  // every tree has a leaf
   outputs_ = std::move(outputs);
   classifier_ = classifier;
   finalized_ = true;
@@ -307,33 +349,74 @@ void TreeEnsemble::walk_refill(int32_t tree, const float* x, int64_t count, int3
   }
 }
 
-template <int kLanes>
-void TreeEnsemble::walk_trees(const float* row, int32_t* reached) const noexcept {
-  const Node* nodes = nodes_.data();
-  const int32_t trees = num_tree();
-  int32_t at[kLanes];
-  int32_t tree[kLanes];  // -1: the lane has no tree left
-  int32_t next = 0;
-  int active = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    tree[l] = next < trees ? next++ : -1;
-    at[l] = tree[l] >= 0 ? tree_roots_[tree[l]] : 0;
-    active += tree[l] >= 0;
+inline void TreeEnsemble::add_leaf(double* margin, int32_t tree, int32_t node, int32_t* leaf_ids) const noexcept {
+  const Leaf& leaf = leaves_[node];
+  const double* value = &leaf_values_[leaf.value_index];
+  const int32_t width = header_.num_margin;
+  const int32_t cls = tree_class_[tree];
+  if (cls == -1 && width > 1) {
+    for (int32_t k = 0; k < width; ++k) margin[k] += value[k];
+  } else {
+    margin[cls < 0 ? 0 : cls] += value[0];
   }
-  while (active > 0) {
-    for (int l = 0; l < kLanes; ++l) {
-      if (tree[l] < 0) continue;
-      const Node& node = nodes[at[l]];
-      if (!node.internal) {  // this tree is done: the lane takes the next one
-        reached[tree[l]] = at[l];
-        tree[l] = next < trees ? next++ : -1;
-        at[l] = tree[l] >= 0 ? tree_roots_[tree[l]] : 0;
-        active -= tree[l] < 0;
-        continue;
+  if (leaf_ids != nullptr) leaf_ids[tree] = leaf.node_id;
+}
+
+void TreeEnsemble::add_row(const float* row, double* margin, int32_t* leaf_ids) const {
+  constexpr int kLanes = kTreesPerGroup;
+  const int32_t features = header_.num_feature;
+  // The row as order keys twice: columns [0, features) send NaN right, [features, 2 *
+  // features) send it left (RowNode::column picks one per node).
+  constexpr int32_t kStackKeys = 1024;
+  int32_t stack_keys[kStackKeys];
+  std::unique_ptr<int32_t[]> heap_keys;
+  int32_t* keys = stack_keys;
+  if (2 * features > kStackKeys) {
+    heap_keys = std::make_unique<int32_t[]>(2 * static_cast<size_t>(features));
+    keys = heap_keys.get();
+  }
+  for (int32_t f = 0; f < features; ++f) {
+    const float v = row[f];
+    const bool nan = std::isnan(v);
+    const int32_t key = order_key(nan ? 0.0f : v);
+    keys[f] = nan ? kNanRight : key;
+    keys[features + f] = nan ? kNanLeft : key;
+  }
+  const RowNode* nodes = row_nodes_.data();
+  const int32_t* roots = tree_roots_.data();
+  const int32_t trees = num_tree();
+  // One margin: every tree adds its leaf's one value to it.
+  const int32_t width = header_.num_margin;
+  double sum = margin[0];
+  for (int32_t first = 0; first < trees; first += kLanes) {
+    const int32_t count = std::min<int32_t>(kLanes, trees - first);
+    int32_t at[kLanes];
+    for (int l = 0; l < kLanes; ++l) at[l] = l < count ? roots[first + l] : idle_leaf_;
+    // The next group's roots load while this group walks.
+    for (int32_t t = first + kLanes; t < std::min(trees, first + 2 * kLanes); ++t) {
+      __builtin_prefetch(nodes + roots[t]);
+    }
+    const int32_t depth = group_depth_[first / kLanes];
+    for (int32_t level = 0; level < depth; ++level) {
+      bool internal = false;
+      for (int l = 0; l < kLanes; ++l) {
+        const RowNode& node = nodes[at[l]];
+        internal |= node.threshold != kLeafThreshold;
+        at[l] = node.left + (keys[node.column] >= node.threshold);
       }
-      at[l] = step(node, row);
+      if (!internal) break;  // every lane stood on its leaf (and stays there)
+    }
+    if (width == 1) {
+      // A local sum keeps the adds (in tree order) off a chain through memory.
+      for (int32_t l = 0; l < count; ++l) sum += leaf_values_[leaves_[at[l]].value_index];
+      if (leaf_ids != nullptr) {
+        for (int32_t l = 0; l < count; ++l) leaf_ids[first + l] = leaves_[at[l]].node_id;
+      }
+    } else {
+      for (int32_t l = 0; l < count; ++l) add_leaf(margin, first + l, at[l], leaf_ids);
     }
   }
+  if (width == 1) margin[0] = sum;
 }
 
 void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_t* leaf_ids) const {
@@ -343,21 +426,8 @@ void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_
   const int32_t width = header_.num_margin;
   const int32_t trees = num_tree();
   int32_t reached[kRowsPerBlock];
-  std::vector<int32_t> reached_by_tree(static_cast<size_t>(trees));
   std::fill(margins, margins + rows * width, 0.0);
-  // Adds the leaf (node index) row r reached in tree t to its margins.
-  auto add_leaf = [&](int64_t r, int32_t t, int32_t node) {
-    const Leaf& leaf = leaves_[node];
-    const double* value = &leaf_values_[leaf.value_index];
-    double* acc = margins + r * width;
-    const int32_t cls = tree_class_[t];
-    if (cls == -1 && width > 1) {
-      for (int32_t k = 0; k < width; ++k) acc[k] += value[k];
-    } else {
-      acc[cls < 0 ? 0 : cls] += value[0];
-    }
-    if (leaf_ids != nullptr) leaf_ids[r * trees + t] = leaf.node_id;
-  };
+  auto ids = [&](int64_t r) { return leaf_ids != nullptr ? leaf_ids + r * trees : nullptr; };
   for (int64_t begin = 0; begin < rows; begin += kRowsPerBlock) {
     const int64_t count = std::min(rows - begin, kRowsPerBlock);
     // Whole groups of kLanes rows go tree by tree, lanes over rows; the few rows left
@@ -370,11 +440,10 @@ void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_
       } else {
         walk_refill<kLanes>(t, block, grouped, reached);
       }
-      for (int64_t r = 0; r < grouped; ++r) add_leaf(begin + r, t, reached[r]);
+      for (int64_t r = 0; r < grouped; ++r) add_leaf(margins + (begin + r) * width, t, reached[r], ids(begin + r));
     }
     for (int64_t r = begin + grouped; r < begin + count; ++r) {
-      walk_trees<kLanes>(x + r * features, reached_by_tree.data());
-      for (int32_t t = 0; t < trees; ++t) add_leaf(r, t, reached_by_tree[t]);
+      add_row(x + r * features, margins + r * width, ids(r));
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -432,20 +501,50 @@ std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
   const int64_t rows = x.shape[0];
   const int32_t width = header_.num_margin, classes = num_class(), trees = num_tree();
   const bool want_leaf_ids = std::find(outputs_.begin(), outputs_.end(), TreeOutput::kLeafIds) != outputs_.end();
-  Tensor scratch = make_pooled_tensor(pool_, DType::kFloat64, Shape{rows, width});
-  double* margin = static_cast<double*>(scratch.data);
-  Tensor leaf_ids;
-  if (want_leaf_ids) leaf_ids = make_pooled_tensor(pool_, DType::kInt32, Shape{rows, trees});
-  margins(static_cast<const float*>(x.data), rows, margin, want_leaf_ids ? static_cast<int32_t*>(leaf_ids.data) : nullptr);
-
   // Postprocessed values, [rows, classes] (a binary classifier's [1 - p, p]).
-  Tensor probabilities;
   const bool want_values = std::any_of(outputs_.begin(), outputs_.end(), [](TreeOutput o) {
     return o != TreeOutput::kRawMargin && o != TreeOutput::kLeafIds;
   });
+  // One pooled block holds the margins and every output, each region 64-byte aligned: one
+  // allocation per call, which matters at a row or two. The outputs keep it alive.
+  const auto urows = static_cast<size_t>(rows);
+  size_t end = 0;
+  auto region = [&end](size_t bytes) {
+    const size_t at = end;
+    end += (bytes + 63) / 64 * 64;
+    return at;
+  };
+  auto output_bytes = [&](TreeOutput output) -> size_t {
+    switch (output) {
+      case TreeOutput::kLabel: return urows * sizeof(int64_t);
+      case TreeOutput::kClassIndex: return urows * sizeof(float);
+      case TreeOutput::kRawMargin: return urows * static_cast<size_t>(width) * sizeof(float);
+      default: return 0;  // views of the shared regions
+    }
+  };
+  const size_t margin_at = region(urows * static_cast<size_t>(width) * sizeof(double));
+  const size_t leaf_ids_at = want_leaf_ids ? region(urows * static_cast<size_t>(trees) * sizeof(int32_t)) : 0;
+  const size_t values_at = want_values ? region(urows * static_cast<size_t>(classes) * sizeof(float)) : 0;
+  const size_t outputs_at = end;
+  for (TreeOutput output : outputs_) region(output_bytes(output));
+  std::shared_ptr<Block> block = pool_->allocate(end);
+  char* const base = static_cast<char*>(block->data);
+  const Device device = pool_->device();
+  auto tensor = [&](DType dtype, const Shape& shape, size_t at) {
+    Tensor t;
+    t.dtype = dtype;
+    t.shape = shape;
+    t.data = base + at;
+    t.device = device;
+    t.owner = block;
+    return t;
+  };
+
+  double* margin = reinterpret_cast<double*>(base + margin_at);
+  int32_t* leaf_ids = want_leaf_ids ? reinterpret_cast<int32_t*>(base + leaf_ids_at) : nullptr;
+  margins(static_cast<const float*>(x.data), rows, margin, leaf_ids);
+  float* p = reinterpret_cast<float*>(base + values_at);
   if (want_values) {
-    probabilities = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, classes});
-    float* p = static_cast<float*>(probabilities.data);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = p + r * classes;
       if (classes == 2 && width == 1) {
@@ -458,51 +557,38 @@ std::vector<Tensor> TreeEnsemble::run(const std::vector<Tensor>& inputs) const {
   }
   std::vector<Tensor> out;
   out.reserve(outputs_.size());
+  end = outputs_at;
   for (TreeOutput output : outputs_) {
+    const size_t at = region(output_bytes(output));
     switch (output) {
-      case TreeOutput::kProbabilities: out.push_back(probabilities); break;
-      case TreeOutput::kPrediction: {
-        Tensor t = probabilities;
-        t.shape = Shape{rows};
-        out.push_back(t);
-        break;
-      }
-      case TreeOutput::kPredictionColumn: {
-        Tensor t = probabilities;
-        t.shape = Shape{rows, 1};
-        out.push_back(t);
-        break;
-      }
+      case TreeOutput::kProbabilities: out.push_back(tensor(DType::kFloat32, Shape{rows, classes}, values_at)); break;
+      case TreeOutput::kPrediction: out.push_back(tensor(DType::kFloat32, Shape{rows}, values_at)); break;
+      case TreeOutput::kPredictionColumn: out.push_back(tensor(DType::kFloat32, Shape{rows, 1}, values_at)); break;
       case TreeOutput::kLabel: {
-        Tensor label = make_pooled_tensor(pool_, DType::kInt64, Shape{rows});
-        const float* p = static_cast<const float*>(probabilities.data);
-        int64_t* dst = static_cast<int64_t*>(label.data);
+        int64_t* dst = reinterpret_cast<int64_t*>(base + at);
         for (int64_t r = 0; r < rows; ++r) {
           const float* row = p + r * classes;
           dst[r] = std::max_element(row, row + classes) - row;
         }
-        out.push_back(label);
+        out.push_back(tensor(DType::kInt64, Shape{rows}, at));
         break;
       }
       case TreeOutput::kClassIndex: {
-        Tensor index = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, 1});
-        const float* p = static_cast<const float*>(probabilities.data);
-        float* dst = static_cast<float*>(index.data);
+        float* dst = reinterpret_cast<float*>(base + at);
         for (int64_t r = 0; r < rows; ++r) {
           const float* row = p + r * classes;
           dst[r] = static_cast<float>(std::max_element(row, row + classes) - row);
         }
-        out.push_back(index);
+        out.push_back(tensor(DType::kFloat32, Shape{rows, 1}, at));
         break;
       }
       case TreeOutput::kRawMargin: {
-        Tensor raw = make_pooled_tensor(pool_, DType::kFloat32, Shape{rows, width});
-        float* dst = static_cast<float*>(raw.data);
+        float* dst = reinterpret_cast<float*>(base + at);
         for (int64_t i = 0; i < rows * width; ++i) dst[i] = static_cast<float>(margin[i]);
-        out.push_back(raw);
+        out.push_back(tensor(DType::kFloat32, Shape{rows, width}, at));
         break;
       }
-      case TreeOutput::kLeafIds: out.push_back(leaf_ids); break;
+      case TreeOutput::kLeafIds: out.push_back(tensor(DType::kInt32, Shape{rows, trees}, leaf_ids_at)); break;
     }
   }
   return out;

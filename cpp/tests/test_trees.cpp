@@ -408,7 +408,8 @@ TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees)
   std::mt19937 rng(5);
   constexpr int32_t kFeatures = 5;
   std::vector<HandTree> forest;
-  for (int t = 0; t < 12; ++t) forest.push_back(random_tree(rng, kFeatures, t % 3 == 0 ? 7 : 25));
+  // 17 trees in all: single rows walk them 8 at a time, the last group with one tree.
+  for (int t = 0; t < 13; ++t) forest.push_back(random_tree(rng, kFeatures, t % 3 == 0 ? 7 : 25));
   // Chains: the deepest leaf far below the average one (walked with refilled lanes).
   for (int t = 0; t < 3; ++t) forest.push_back(random_tree(rng, kFeatures, 30, true));
   // A full tree of depth 3 (balanced: walked in lockstep).
@@ -450,17 +451,24 @@ TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees)
 TEST_CASE("trees: every operator agrees with float64 comparisons at infinities and float limits") {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   constexpr float kMax = std::numeric_limits<float>::max();
-  const double thresholds[] = {-kInf, -1e300, -double{kMax}, 0.1, 1.0, double{kMax}, 1e300, kInf};
-  const std::vector<float> x = {-std::numeric_limits<float>::infinity(), -kMax, std::nextafter(0.1f, 0.0f), 0.1f,
-                                1.0f, std::nextafter(1.0f, 2.0f), kMax, std::numeric_limits<float>::infinity(), kNaN};
+  constexpr float kTiny = std::numeric_limits<float>::denorm_min();
+  const double thresholds[] = {-kInf, -1e300, -double{kMax}, -0.0, 0.0, double{kTiny}, 0.1, 1.0, double{kMax}, 1e300, kInf};
+  // Zeros of both signs, the smallest subnormals and a NaN with its sign bit set as well.
+  const std::vector<float> x = {-std::numeric_limits<float>::infinity(), -kMax, -kTiny, -0.0f, 0.0f, kTiny,
+                                std::nextafter(0.1f, 0.0f), 0.1f, 1.0f, std::nextafter(1.0f, 2.0f), kMax,
+                                std::numeric_limits<float>::infinity(), kNaN, -kNaN};
   int wrong = 0;
   for (double t : thresholds) {
     for (TreeCompare op : {TreeCompare::kLess, TreeCompare::kLessEqual, TreeCompare::kGreater,
                            TreeCompare::kGreaterEqual}) {
       for (bool nan_left : {false, true}) {
         const HandTree tree = stump(t, op, nan_left);
-        const auto got = stump_margins(tree, x);
-        for (size_t i = 0; i < x.size(); ++i) wrong += got[i] != reference_leaf(tree, &x[i]);
+        const auto got = stump_margins(tree, x);  // 8 rows at once, then one by one
+        for (size_t i = 0; i < x.size(); ++i) {
+          const double expected = reference_leaf(tree, &x[i]);
+          wrong += got[i] != expected;
+          wrong += stump_margins(tree, {x[i]})[0] != expected;  // a batch of one row
+        }
       }
     }
   }

@@ -139,6 +139,15 @@ class TreeEnsemble {
     uint8_t default_left;  // NaN goes to `left`
     uint8_t internal;
   };
+  // The node again for add_row, whose row is int32 keys ordered as the floats are, twice
+  // (NaN as the lowest key, then as the highest): one integer test per step, no NaN check.
+  // Internal: children at `left` (key < threshold) and `left + 1`. Leaf: `left` is its own
+  // index - 1 and no key is below `threshold`, so a lane there stays.
+  struct RowNode {
+    int32_t threshold;  // order key of Node::threshold; a leaf's is the lowest int32
+    int32_t column;     // feature, + num_feature when NaN goes to `left`
+    int32_t left;
+  };
   // Per node, read once a walk ends there (leaves only).
   struct Leaf {
     int32_t value_index;  // into leaf_values_
@@ -157,9 +166,14 @@ class TreeEnsemble {
   // far below the average one, where lockstep would walk every row as deep as it).
   template <int kLanes>
   void walk_refill(int32_t tree, const float* x, int64_t count, int32_t* reached) const noexcept;
-  // One row through every tree, kLanes trees at once: reached[t] for each tree t.
-  template <int kLanes>
-  void walk_trees(const float* row, int32_t* reached) const noexcept;
+  // One row through every tree, adding each tree's leaf to `margin` (num_margin values)
+  // in tree order and, when leaf_ids is not null, its node id to leaf_ids[t]. Trees go
+  // kTreesPerGroup (trees.cpp) at a time in lockstep with no branch per tree: a group
+  // stops at its deepest tree's depth, or sooner once every lane stands on a leaf (one
+  // branch per level).
+  void add_row(const float* row, double* margin, int32_t* leaf_ids) const;
+  // Adds the leaf (node index) tree t reached to a row's margins and leaf ids.
+  void add_leaf(double* margin, int32_t tree, int32_t node, int32_t* leaf_ids) const noexcept;
   void postprocess(const double* margin, float* probabilities) const;
 
   const TreeEnsembleHeader header_;
@@ -169,6 +183,9 @@ class TreeEnsemble {
   std::vector<int32_t> tree_class_;        // -1: the leaf vector adds to every margin
   std::vector<int32_t> tree_depth_;        // the longest root-to-leaf path, in splits
   std::vector<uint8_t> tree_lockstep_;     // walk it in lockstep (see kLockstepSlack in trees.cpp)
+  std::vector<int32_t> group_depth_;       // per group of trees (add_row): its deepest tree's depth
+  int32_t idle_leaf_ = 0;                  // a leaf: where add_row parks lanes with no tree
+  std::vector<RowNode> row_nodes_;         // nodes_ again, for add_row
   std::vector<Leaf> leaves_;               // per node (same index as nodes_)
   std::vector<double> leaf_values_;        // per leaf: 1 value, or num_margin for trees adding to every margin
   std::vector<double> margin_scale_;       // per margin: 1 / trees adding to it when averaging
