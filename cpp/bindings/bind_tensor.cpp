@@ -99,19 +99,20 @@ DType dtype_from_numpy(const py::dtype& dtype, const char* what) {
 }
 
 py::dtype numpy_dtype(DType dtype) {
+  // dtype::of looks the type number up; a format string would be parsed on every call.
   switch (dtype) {
-    case DType::kBool: return py::dtype("?");
-    case DType::kUInt8: return py::dtype("u1");
-    case DType::kUInt16: return py::dtype("u2");
-    case DType::kUInt32: return py::dtype("u4");
-    case DType::kUInt64: return py::dtype("u8");
-    case DType::kInt8: return py::dtype("i1");
-    case DType::kInt16: return py::dtype("i2");
-    case DType::kInt32: return py::dtype("i4");
-    case DType::kInt64: return py::dtype("i8");
+    case DType::kBool: return py::dtype::of<bool>();
+    case DType::kUInt8: return py::dtype::of<uint8_t>();
+    case DType::kUInt16: return py::dtype::of<uint16_t>();
+    case DType::kUInt32: return py::dtype::of<uint32_t>();
+    case DType::kUInt64: return py::dtype::of<uint64_t>();
+    case DType::kInt8: return py::dtype::of<int8_t>();
+    case DType::kInt16: return py::dtype::of<int16_t>();
+    case DType::kInt32: return py::dtype::of<int32_t>();
+    case DType::kInt64: return py::dtype::of<int64_t>();
     case DType::kFloat16: return py::dtype("f2");
-    case DType::kFloat32: return py::dtype("f4");
-    case DType::kFloat64: return py::dtype("f8");
+    case DType::kFloat32: return py::dtype::of<float>();
+    case DType::kFloat64: return py::dtype::of<double>();
     case DType::kBytes: return py::dtype("O");
     case DType::kBFloat16: break;
   }
@@ -191,7 +192,11 @@ py::object bytes_array_copy(const Tensor& tensor, const std::vector<py::ssize_t>
 
 }  // namespace
 
-py::object array_from_tensor(const Tensor& tensor) {
+namespace {
+
+// array_from_tensor; `shared_base` (null: none yet) is the capsule made for the previous
+// tensor of the same call, reused when this tensor has the same owner.
+py::object array_with_base(const Tensor& tensor, py::object* shared_base, const void** shared_owner) {
   if (tensor.device.kind == DeviceKind::kCUDA) {
     throw Error(ErrorCode::kInvalidInput, "[tensor] a CUDA tensor has no numpy view");
   }
@@ -208,6 +213,8 @@ py::object array_from_tensor(const Tensor& tensor) {
   if (std::get_deleter<PythonObjectDeleter>(tensor.owner)) {
     // Owned by a Python object: the view's base is that object (no capsule needed).
     base = py::reinterpret_borrow<py::object>(static_cast<PyObject*>(tensor.owner.get()));
+  } else if (shared_base != nullptr && *shared_base && *shared_owner == tensor.owner.get()) {
+    base = *shared_base;
   } else {
     auto* holder = new std::shared_ptr<void>(tensor.owner);
     base = py::reinterpret_steal<py::object>(PyCapsule_New(holder, "conveyor.owner", release_capsule));
@@ -215,8 +222,26 @@ py::object array_from_tensor(const Tensor& tensor) {
       delete holder;
       throw py::error_already_set();
     }
+    if (shared_base != nullptr) {
+      *shared_base = base;
+      *shared_owner = tensor.owner.get();
+    }
   }
   return py::array(dtype, shape, {}, tensor.data, base);
+}
+
+}  // namespace
+
+py::object array_from_tensor(const Tensor& tensor) { return array_with_base(tensor, nullptr, nullptr); }
+
+py::list arrays_from_tensors(const std::vector<Tensor>& tensors) {
+  py::list arrays(tensors.size());
+  py::object shared_base;
+  const void* shared_owner = nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    arrays[i] = array_with_base(tensors[i], &shared_base, &shared_owner);
+  }
+  return arrays;
 }
 
 py::object make_exception(ErrorCode code, const std::string& message) {

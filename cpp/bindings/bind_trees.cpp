@@ -100,16 +100,15 @@ void init_trees(py::module_& m) {
       .def(
           "run",
           [](const TreeEnsemble& e, const py::sequence& arrays) {
-            std::vector<Tensor> inputs = hold_arrays(arrays, "input");
+            // Borrowed: `arrays` outlives the call, and run() returns only memory of its own.
+            std::vector<Tensor> inputs = borrow_arrays(arrays, "input");
             std::vector<Tensor> outputs;
             {
               // Pure tree walking on arrays this call holds.
               py::gil_scoped_release nogil;
               outputs = e.run(inputs);
             }
-            py::list out;
-            for (const Tensor& t : outputs) out.append(array_from_tensor(t));
-            return out;
+            return arrays_from_tensors(outputs);
           },
           py::arg("inputs"), "Run one batch: [float32 features [rows, num_feature]] in, the finalized outputs out.")
       .def_property_readonly("num_feature", &TreeEnsemble::num_feature)

@@ -44,6 +44,9 @@ std::vector<Tensor> hold_arrays(const py::sequence& arrays, const char* what);
 // so for BYTES a new object array with its own reference to each element is returned.
 // A tensor with no owner is refused (InternalError): a view of it could dangle.
 py::object array_from_tensor(const Tensor& tensor);
+// array_from_tensor over each tensor, as a list; tensors with one owner (the outputs of
+// one pooled block) share one capsule as their arrays' base.
+py::list arrays_from_tensors(const std::vector<Tensor>& tensors);
 
 // The conveyor.errors instance for a core error (used for errors delivered as values).
 py::object make_exception(ErrorCode code, const std::string& message);
