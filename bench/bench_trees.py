@@ -4,7 +4,8 @@
 
 Two models on 32 float features (10% missing): XGBoost, 200 trees of depth 6, and
 LightGBM, 200 trees of 31 leaves, both binary classifiers. One thread on every side:
-Conveyor's TreeEnsemble.run (what the batcher calls, without the GIL), GTIL with
+Conveyor's TreeEnsemble.run (what the batcher calls, without the GIL; configured to
+return the probabilities alone, the one output onnxruntime is asked for), GTIL with
 nthread=1, xgboost's inplace_predict with nthread=1, lightgbm's predict(num_threads=1),
 onnxruntime on the model converted by onnxmltools (intra- and inter-op threads 1,
 sequential execution) and, for LightGBM, lleaves (the model compiled with LLVM for this
@@ -132,7 +133,13 @@ def sides(
     framework = request.param
     directory = tmp_path_factory.mktemp(framework)
     path, library = (_xgboost if framework == "xgboost" else _lightgbm)(directory)
-    config = parse_model_config({"backend": "trees", "max_batch_size": 1024}, source="bench", name=framework)
+    # onnxruntime is asked for the probabilities alone; Conveyor's config lists that one
+    # output too, so each side hands one array back per call (the default signature would
+    # add label and raw_margin: two more arrays, computed and returned).
+    probabilities = {"name": "probabilities", "datatype": "FP32", "dims": [2]}
+    config = parse_model_config(
+        {"backend": "trees", "max_batch_size": 1024, "outputs": [probabilities]}, source="bench", name=framework
+    )
     ensemble = create_backend(config, directory).native_executor
     model = treelite.frontend.load_lightgbm_model(path) if path.suffix == ".txt" else treelite.frontend.load_xgboost_model(path)
     x, _ = _data(max(BATCHES), 1)
