@@ -133,7 +133,7 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
     int32_t id, slot, depth;  // Treelite node, its new slot, splits above it
   };
   std::vector<Pending> stack{{0, 0, 0}};
-  int32_t depth = 0;
+  int32_t depth = 0, shallowest = std::numeric_limits<int32_t>::max();
   int64_t leaf_depth_sum = 0, leaf_count = 0;
   laid.resize(1);
   leaves.resize(1);
@@ -161,6 +161,7 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
       out.internal = 0;
       leaves[slot] = Leaf{static_cast<int32_t>(leaf_values_.size() + values.size()), id};
       depth = std::max(depth, level);
+      shallowest = std::min(shallowest, level);
       leaf_depth_sum += level;
       ++leaf_count;
       if (width == 0) {
@@ -226,6 +227,7 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
   tree_roots_.push_back(root);
   tree_class_.push_back(tree.class_id);
   tree_depth_.push_back(depth);
+  tree_shallowest_.push_back(shallowest);
   // Walked in lockstep when that wastes little: its deepest leaf at most a few levels
   // below the average leaf (depth-wise growth, as XGBoost's, has every leaf at one depth).
   tree_lockstep_.push_back(depth <= leaf_depth_sum / leaf_count + kLockstepSlack ? 1 : 0);
@@ -260,6 +262,7 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
   for (size_t first = 0; first < tree_depth_.size(); first += kTreesPerGroup) {
     const size_t last = std::min(tree_depth_.size(), first + kTreesPerGroup);
     group_depth_.push_back(*std::max_element(tree_depth_.begin() + first, tree_depth_.begin() + last));
+    group_unchecked_.push_back(*std::max_element(tree_shallowest_.begin() + first, tree_shallowest_.begin() + last));
   }
   // order_key(-inf) is above kNanLeft and kLeafThreshold, order_key(+inf) below kNanRight.
   row_nodes_.resize(nodes_.size());
@@ -274,6 +277,12 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
       out.threshold = kLeafThreshold;
       out.column = 0;
       out.left = static_cast<int32_t>(i) - 1;
+    }
+  }
+  if (header_.num_margin == 1) {
+    node_value_.assign(nodes_.size(), 0.0);
+    for (size_t i = 0; i < nodes_.size(); ++i) {
+      if (!nodes_[i].internal) node_value_[i] = leaf_values_[leaves_[i].value_index];
     }
   }
   const Node* leaf = std::find_if(nodes_.data(), nodes_.data() + nodes_.size(), [](const Node& n) { return !n.internal; });
@@ -397,7 +406,16 @@ void TreeEnsemble::add_row(const float* row, double* margin, int32_t* leaf_ids) 
       __builtin_prefetch(nodes + roots[t]);
     }
     const int32_t depth = group_depth_[first / kLanes];
-    for (int32_t level = 0; level < depth; ++level) {
+    // No lane reaches a leaf before `unchecked` levels (its tree's shallowest leaf): those
+    // steps need no check.
+    const int32_t unchecked = group_unchecked_[first / kLanes];
+    for (int32_t level = 0; level < unchecked; ++level) {
+      for (int l = 0; l < kLanes; ++l) {
+        const RowNode& node = nodes[at[l]];
+        at[l] = node.left + (keys[node.column] >= node.threshold);
+      }
+    }
+    for (int32_t level = unchecked; level < depth; ++level) {
       bool internal = false;
       for (int l = 0; l < kLanes; ++l) {
         const RowNode& node = nodes[at[l]];
@@ -408,7 +426,7 @@ void TreeEnsemble::add_row(const float* row, double* margin, int32_t* leaf_ids) 
     }
     if (width == 1) {
       // A local sum keeps the adds (in tree order) off a chain through memory.
-      for (int32_t l = 0; l < count; ++l) sum += leaf_values_[leaves_[at[l]].value_index];
+      for (int32_t l = 0; l < count; ++l) sum += node_value_[at[l]];
       if (leaf_ids != nullptr) {
         for (int32_t l = 0; l < count; ++l) leaf_ids[first + l] = leaves_[at[l]].node_id;
       }

@@ -183,10 +183,13 @@ class TreeEnsemble {
   std::vector<int32_t> tree_class_;        // -1: the leaf vector adds to every margin
   std::vector<int32_t> tree_depth_;        // the longest root-to-leaf path, in splits
   std::vector<uint8_t> tree_lockstep_;     // walk it in lockstep (see kLockstepSlack in trees.cpp)
+  std::vector<int32_t> tree_shallowest_;   // the shortest root-to-leaf path, in splits
   std::vector<int32_t> group_depth_;       // per group of trees (add_row): its deepest tree's depth
+  std::vector<int32_t> group_unchecked_;   // per group: the deepest of its trees' shallowest leaves
   int32_t idle_leaf_ = 0;                  // a leaf: where add_row parks lanes with no tree
   std::vector<RowNode> row_nodes_;         // nodes_ again, for add_row
   std::vector<Leaf> leaves_;               // per node (same index as nodes_)
+  std::vector<double> node_value_;         // one-margin models: per node, its leaf's value (add_row)
   std::vector<double> leaf_values_;        // per leaf: 1 value, or num_margin for trees adding to every margin
   std::vector<double> margin_scale_;       // per margin: 1 / trees adding to it when averaging
   std::vector<TreeOutput> outputs_;
