@@ -50,21 +50,22 @@ float float_at_least(double t) {
   return f;
 }
 
-// A float's place in the order of floats as an int32: a < b == order_key(a) < order_key(b)
-// for every float that is not NaN (-0 and +0 both map to +0's key).
-int32_t order_key(float v) {
+// A float's place in the order of floats as a uint32: a < b == order_key(a) < order_key(b)
+// for every float that is not NaN (-0 and +0 both map to +0's key). Keys of numbers lie
+// strictly between 0 and UINT32_MAX (order_key(-inf) is 0x007fffff, order_key(+inf) 0xff800000).
+uint32_t order_key(float v) {
   if (v == 0.0f) v = 0.0f;
-  int32_t bits;
+  uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
-  return bits >= 0 ? bits : bits ^ 0x7fffffff;
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
 }
 
 // Keys of a NaN in add_row: below every threshold's key (the test holds: left) or at least
-// every one (right). Leaves hold kLeafThreshold, which every key reaches: a lane on a leaf
-// steps to left + 1, the leaf itself.
-constexpr int32_t kNanLeft = std::numeric_limits<int32_t>::min();
-constexpr int32_t kNanRight = std::numeric_limits<int32_t>::max();
-constexpr int32_t kLeafThreshold = std::numeric_limits<int32_t>::min();
+// every one (right). Leaves hold kLeafThreshold, which no key is below: a lane on a leaf
+// steps to `right`, the leaf itself.
+constexpr uint32_t kNanLeft = 0;
+constexpr uint32_t kNanRight = std::numeric_limits<uint32_t>::max();
+constexpr uint32_t kLeafThreshold = 0;
 
 double sigmoid(double alpha, double margin) { return 1.0 / (1.0 + std::exp(-alpha * margin)); }
 
@@ -264,7 +265,6 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
     group_depth_.push_back(*std::max_element(tree_depth_.begin() + first, tree_depth_.begin() + last));
     group_unchecked_.push_back(*std::max_element(tree_shallowest_.begin() + first, tree_shallowest_.begin() + last));
   }
-  // order_key(-inf) is above kNanLeft and kLeafThreshold, order_key(+inf) below kNanRight.
   row_nodes_.resize(nodes_.size());
   for (size_t i = 0; i < nodes_.size(); ++i) {
     const Node& node = nodes_[i];
@@ -272,11 +272,11 @@ void TreeEnsemble::finalize(std::vector<TreeOutput> outputs, bool classifier) {
     if (node.internal) {
       out.threshold = order_key(node.threshold);
       out.column = node.feature + (node.default_left ? header_.num_feature : 0);
-      out.left = node.left;
+      out.right = node.left + 1;
     } else {
       out.threshold = kLeafThreshold;
       out.column = 0;
-      out.left = static_cast<int32_t>(i) - 1;
+      out.right = static_cast<int32_t>(i);
     }
   }
   if (header_.num_margin == 1) {
@@ -377,17 +377,17 @@ void TreeEnsemble::add_row(const float* row, double* margin, int32_t* leaf_ids) 
   // The row as order keys twice: columns [0, features) send NaN right, [features, 2 *
   // features) send it left (RowNode::column picks one per node).
   constexpr int32_t kStackKeys = 1024;
-  int32_t stack_keys[kStackKeys];
-  std::unique_ptr<int32_t[]> heap_keys;
-  int32_t* keys = stack_keys;
+  uint32_t stack_keys[kStackKeys];
+  std::unique_ptr<uint32_t[]> heap_keys;
+  uint32_t* keys = stack_keys;
   if (2 * features > kStackKeys) {
-    heap_keys = std::make_unique<int32_t[]>(2 * static_cast<size_t>(features));
+    heap_keys = std::make_unique<uint32_t[]>(2 * static_cast<size_t>(features));
     keys = heap_keys.get();
   }
   for (int32_t f = 0; f < features; ++f) {
     const float v = row[f];
     const bool nan = std::isnan(v);
-    const int32_t key = order_key(nan ? 0.0f : v);
+    const uint32_t key = order_key(nan ? 0.0f : v);
     keys[f] = nan ? kNanRight : key;
     keys[features + f] = nan ? kNanLeft : key;
   }
@@ -412,17 +412,19 @@ void TreeEnsemble::add_row(const float* row, double* margin, int32_t* leaf_ids) 
     for (int32_t level = 0; level < unchecked; ++level) {
       for (int l = 0; l < kLanes; ++l) {
         const RowNode& node = nodes[at[l]];
-        at[l] = node.left + (keys[node.column] >= node.threshold);
+        at[l] = node.right - (keys[node.column] < node.threshold);
       }
     }
     for (int32_t level = unchecked; level < depth; ++level) {
-      bool internal = false;
+      // A step from an internal node always moves; from a leaf it never does.
+      int32_t moved = 0;
       for (int l = 0; l < kLanes; ++l) {
         const RowNode& node = nodes[at[l]];
-        internal |= node.threshold != kLeafThreshold;
-        at[l] = node.left + (keys[node.column] >= node.threshold);
+        const int32_t next = node.right - (keys[node.column] < node.threshold);
+        moved |= next ^ at[l];
+        at[l] = next;
       }
-      if (!internal) break;  // every lane stood on its leaf (and stays there)
+      if (moved == 0) break;  // every lane stood on its leaf (and stays there)
     }
     if (width == 1) {
       // A local sum keeps the adds (in tree order) off a chain through memory.

@@ -139,14 +139,14 @@ class TreeEnsemble {
     uint8_t default_left;  // NaN goes to `left`
     uint8_t internal;
   };
-  // The node again for add_row, whose row is int32 keys ordered as the floats are, twice
+  // The node again for add_row, whose row is uint32 keys ordered as the floats are, twice
   // (NaN as the lowest key, then as the highest): one integer test per step, no NaN check.
-  // Internal: children at `left` (key < threshold) and `left + 1`. Leaf: `left` is its own
-  // index - 1 and no key is below `threshold`, so a lane there stays.
+  // Internal: children at `right - 1` (key < threshold) and `right`. Leaf: `right` is its
+  // own index and no key is below `threshold`, so a lane there stays.
   struct RowNode {
-    int32_t threshold;  // order key of Node::threshold; a leaf's is the lowest int32
-    int32_t column;     // feature, + num_feature when NaN goes to `left`
-    int32_t left;
+    uint32_t threshold;  // order key of Node::threshold; a leaf's is 0
+    int32_t column;      // feature, + num_feature when NaN goes left
+    int32_t right;
   };
   // Per node, read once a walk ends there (leaves only).
   struct Leaf {
