@@ -34,7 +34,7 @@ constexpr int64_t kRowsPerBlock = 128;
 
 // Trees a single row walks at once (add_row): enough independent chains of loads to hide
 // their latency, few enough that every lane's node index stays in a register.
-constexpr int kTreesPerGroup = 8;
+constexpr int kTreesPerGroup = 12;
 
 // The float32 t' with (x <= t) == (x <= t') for every float32 x: the largest float <= t.
 float float_at_most(double t) {

@@ -408,7 +408,7 @@ TEST_CASE("trees: every walk (lanes over rows, refilled lanes, lanes over trees)
   std::mt19937 rng(5);
   constexpr int32_t kFeatures = 5;
   std::vector<HandTree> forest;
-  // 17 trees in all: single rows walk them 8 at a time, the last group with one tree.
+  // 17 trees in all: single rows walk them in groups (12 at a time), the last group part-filled.
   for (int t = 0; t < 13; ++t) forest.push_back(random_tree(rng, kFeatures, t % 3 == 0 ? 7 : 25));
   // Chains: the deepest leaf far below the average one (walked with refilled lanes).
   for (int t = 0; t < 3; ++t) forest.push_back(random_tree(rng, kFeatures, 30, true));
