@@ -474,3 +474,27 @@ TEST_CASE("trees: every operator agrees with float64 comparisons at infinities a
   }
   CHECK_EQ(wrong, 0);
 }
+
+TEST_CASE("trees: a single row wider than the walk's stack buffer splits on its last features") {
+  constexpr int32_t kFeatures = 700;  // twice that many keys: more than the stack holds
+  TreeEnsemble e(header(kFeatures, 1));
+  for (bool nan_left : {true, false}) {
+    HandTree tree;
+    const int32_t root = tree.split(kFeatures - 1, 0.5, TreeCompare::kLess, nan_left);
+    const int32_t yes = tree.leaf(nan_left ? 1.0 : 10.0), no = tree.leaf(nan_left ? 2.0 : 20.0);
+    tree.children(root, yes, no);
+    e.add_tree(tree.arrays());
+  }
+  e.finalize({TreeOutput::kRawMargin}, false);
+  std::vector<float> x(kFeatures, 0.0f);
+  double margin = 0.0;
+  x.back() = 0.25f;
+  e.margins(x.data(), 1, &margin, nullptr);
+  CHECK_EQ(margin, 11.0);
+  x.back() = 0.75f;
+  e.margins(x.data(), 1, &margin, nullptr);
+  CHECK_EQ(margin, 22.0);
+  x.back() = kNaN;  // the first tree sends NaN left, the second right
+  e.margins(x.data(), 1, &margin, nullptr);
+  CHECK_EQ(margin, 21.0);
+}
