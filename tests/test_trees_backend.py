@@ -358,6 +358,21 @@ def test_batches_run_in_cpp_without_calling_python(binary_model: Path, monkeypat
         np.testing.assert_array_equal(got, direct[i : i + 1 + i % 3])
 
 
+def test_run_outputs_outlive_the_call_and_each_other(binary_model: Path) -> None:
+    # One pooled block holds every output of a call; each array keeps it alive on its own.
+    ensemble = create_backend(trees_config(), binary_model.parent).native_executor
+    x = serving_rows()
+    probabilities, label, raw_margin = ensemble.run([x])
+    expected = probabilities.copy()
+    np.testing.assert_array_equal(label, expected.argmax(axis=1))
+    del label, raw_margin
+    for _ in range(4):  # calls that would reuse the block, had it gone back to the pool
+        ensemble.run([x[:1]])
+        ensemble.run([x])
+    np.testing.assert_array_equal(probabilities, expected)
+    np.testing.assert_array_equal(ensemble.run([x[:1]])[0], expected[:1])
+
+
 def test_a_bad_model_file_fails_to_load_while_the_others_serve(binary_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = binary_model.parents[2]
     write_model(root, "broken", "model.json", lambda path: path.write_text('{"learner": "not a model"}'))
