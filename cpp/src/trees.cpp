@@ -460,7 +460,11 @@ void TreeEnsemble::margins(const float* x, int64_t rows, double* margins, int32_
       } else {
         walk_refill<kLanes>(t, block, grouped, reached);
       }
-      for (int64_t r = 0; r < grouped; ++r) add_leaf(margins + (begin + r) * width, t, reached[r], ids(begin + r));
+      if (width == 1 && leaf_ids == nullptr) {
+        for (int64_t r = 0; r < grouped; ++r) margins[begin + r] += node_value_[reached[r]];
+      } else {
+        for (int64_t r = 0; r < grouped; ++r) add_leaf(margins + (begin + r) * width, t, reached[r], ids(begin + r));
+      }
     }
     for (int64_t r = begin + grouped; r < begin + count; ++r) {
       add_row(x + r * features, margins + r * width, ids(r));
