@@ -208,6 +208,35 @@ def test_lightgbm_regressor(tmp_path: Path) -> None:
     check_regressor(tmp_path, "lgbr", model_file, x, booster.predict(x))
 
 
+def _relevance(score: np.ndarray) -> np.ndarray:
+    """Graded relevance 0-3 from the score, for the ranking objectives."""
+    return np.digitize(score, np.quantile(score, [0.25, 0.5, 0.75])).astype(np.float32)
+
+
+def test_xgboost_ranker_serves_its_scores(tmp_path: Path) -> None:
+    xgb = pytest.importorskip("xgboost")
+    x_train, score = training_data()
+    train = xgb.DMatrix(x_train, label=_relevance(score), missing=np.nan)
+    train.set_group([20] * (len(x_train) // 20))  # 20 queries of 20 documents
+    params = {"objective": "rank:pairwise", "max_depth": 4, "eta": 0.3, "nthread": 1, "seed": 0}
+    booster = xgb.train(params, train, num_boost_round=12)
+    model_file = write_model(tmp_path, "xgbrank", "model.json", lambda path: booster.save_model(str(path)))
+    x = serving_rows()
+    check_regressor(tmp_path, "xgbrank", model_file, x, booster.predict(xgb.DMatrix(x, missing=np.nan)))
+
+
+def test_lightgbm_ranker_serves_its_scores(tmp_path: Path) -> None:
+    lgb = pytest.importorskip("lightgbm")
+    x_train, score = training_data()
+    params = {"objective": "lambdarank", "num_leaves": 15, "learning_rate": 0.2, "num_threads": 1, "verbose": -1,
+              "seed": 0, "min_data_in_leaf": 5}  # fmt: skip
+    train = lgb.Dataset(x_train, label=_relevance(score), group=[20] * (len(x_train) // 20))
+    booster = lgb.train(params, train, num_boost_round=12)
+    model_file = write_model(tmp_path, "lgbrank", "model.txt", lambda path: booster.save_model(str(path)))
+    x = serving_rows()
+    check_regressor(tmp_path, "lgbrank", model_file, x, booster.predict(x))
+
+
 def test_lightgbm_zero_as_missing_is_refused_with_what_to_do(tmp_path: Path) -> None:
     x_train, score = training_data(missing=False)
     x_train[np.random.default_rng(0).random(x_train.shape) < 0.2] = 0.0
