@@ -42,23 +42,13 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 WORK=$(mktemp -d /tmp/conveyor-lg-vs-pa.XXXXXX)
 mkdir -p "$WORK/models"
 cp -r "$ROOT/examples/models/$MODEL" "$WORK/models/"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-H=$(free_port)
-setsid python3 -m conveyor serve "$WORK/models" --http-port "$H" --grpc-port 0 --data-dir "$WORK/data" \
-  --log-level warning > "$OUT/server.log" 2>&1 &
-SERVER=$!
-cleanup() {
-  kill -TERM "$SERVER" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.5; done
-  kill -KILL -- "-$SERVER" 2>/dev/null || true
-  rm -rf "$WORK"
-}
+source "$HERE/server_control.sh"
+cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
-for _ in $(seq 1 120); do
-  curl -sf "http://127.0.0.1:$H/v2/models/$MODEL/ready" > /dev/null && break
-  kill -0 "$SERVER" 2>/dev/null || { echo "the server exited; see $OUT/server.log" >&2; exit 1; }
-  sleep 0.5
-done
+H=$(free_port)
+start_in_session "$OUT/server.log" python3 -m conveyor serve "$WORK/models" --http-port "$H" --grpc-port 0 \
+  --data-dir "$WORK/data" --log-level warning
+wait_ready "http://127.0.0.1:$H/v2/models/$MODEL/ready" "$OUT/server.log"
 
 pa_run() {  # rate csv log
   "$PA" -m "$MODEL" -u "127.0.0.1:$H" -i http -b 1 --input-tensor-format binary --output-tensor-format binary \

@@ -135,31 +135,15 @@ make_repo "$WORK/B" "$SHADOW" 0
 [[ $VARIANTS == *D* ]] && make_repo "$WORK/D" $'\n[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = 0' 0
 
 # ---- servers ------------------------------------------------------------------------------
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SERVER=""
-stop_server() {
-  [[ -z $SERVER ]] && return 0
-  kill -TERM "$SERVER" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.5; done
-  kill -KILL -- "-$SERVER" 2>/dev/null || true
-  wait "$SERVER" 2>/dev/null || true
-  SERVER=""
-}
+source "$HERE/server_control.sh"
 cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
 start_server() {  # variant run-tag
   H=$(free_port); G=$(free_port)
   rm -rf "$WORK/data-$2"
-  setsid ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} python3 -m conveyor serve "$WORK/$1" --http-port "$H" --grpc-port "$G" \
-    --data-dir "$WORK/data-$2" --log-level warning > "$OUT/server_$2.log" 2>&1 &
-  SERVER=$!
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$H/v2/models/m/ready" > /dev/null && return 0
-    kill -0 "$SERVER" 2>/dev/null || break
-    sleep 0.5
-  done
-  echo "server $1 did not become ready; see $OUT/server_$2.log" >&2
-  exit 1
+  start_in_session "$OUT/server_$2.log" ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} python3 -m conveyor serve "$WORK/$1" \
+    --http-port "$H" --grpc-port "$G" --data-dir "$WORK/data-$2" --log-level warning
+  wait_ready "http://127.0.0.1:$H/v2/models/m/ready" "$OUT/server_$2.log"
 }
 # the server process's CPU time (all its threads, user + system) in clock ticks
 CLK_TCK=$(getconf CLK_TCK)

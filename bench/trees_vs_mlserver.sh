@@ -68,35 +68,19 @@ booster.save_model(str(theirs / "model.json"))
 EOF
 
 # ---- servers ------------------------------------------------------------------------------
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SERVER=""
-stop_server() {
-  [[ -z $SERVER ]] && return 0
-  kill -TERM -- "-$SERVER" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.5; done
-  kill -KILL -- "-$SERVER" 2>/dev/null || true
-  wait "$SERVER" 2>/dev/null || true
-  SERVER=""
-}
+source "$HERE/server_control.sh"
 cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
 start_server() {  # conveyor|mlserver
   H=$(free_port); G=$(free_port)
   if [[ $1 == conveyor ]]; then
-    setsid python3 -m conveyor serve "$WORK/conveyor" --http-port "$H" --grpc-port "$G" \
-      --data-dir "$WORK/data" --log-level warning > "$OUT/server_$1.log" 2>&1 &
+    start_in_session "$OUT/server_$1.log" python3 -m conveyor serve "$WORK/conveyor" --http-port "$H" --grpc-port "$G" \
+      --data-dir "$WORK/data" --log-level warning
   else
-    (cd "$WORK/mlserver" && MLSERVER_HTTP_PORT=$H MLSERVER_GRPC_PORT=$G exec setsid "$VENV/bin/mlserver" start .) \
-      > "$OUT/server_$1.log" 2>&1 &
+    start_in_session "$OUT/server_$1.log" env -C "$WORK/mlserver" MLSERVER_HTTP_PORT="$H" MLSERVER_GRPC_PORT="$G" \
+      "$VENV/bin/mlserver" start .
   fi
-  SERVER=$!
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$H/v2/models/trees/ready" > /dev/null && return 0
-    kill -0 "$SERVER" 2>/dev/null || break
-    sleep 0.5
-  done
-  echo "server $1 did not become ready; see $OUT/server_$1.log" >&2
-  exit 1
+  wait_ready "http://127.0.0.1:$H/v2/models/trees/ready" "$OUT/server_$1.log"
 }
 measure() {  # server round scenario connections
   local tag="$1_r$2_$3_c$4"
