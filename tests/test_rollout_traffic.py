@@ -629,6 +629,17 @@ def _recorded_runtime() -> tuple[Runtime, PolicyRecorder, PolicyRecorder]:
     return rt, champion, challenger
 
 
+def _shadow_copied(rt: Runtime, challenger: PolicyRecorder) -> tuple[RolloutTraffic, FakeController]:
+    """A 100% shadow attached and ten requests copied, the challenger seen at idle priority; its record cleared."""
+    traffic = RolloutTraffic(rt)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+    asyncio.run(_serve_and_drain(traffic, 10))
+    assert set(challenger.policies) == {os.SCHED_IDLE}
+    challenger.policies.clear()
+    return traffic, controller
+
+
 @needs_idle_class
 def test_a_shadow_challenger_answers_copies_at_idle_priority_until_detached():
     rt, champion, challenger = _recorded_runtime()
@@ -649,12 +660,7 @@ def test_a_shadow_challenger_answers_copies_at_idle_priority_until_detached():
 def test_a_challenger_that_answers_for_itself_leaves_idle_priority():
     rt, _, challenger = _recorded_runtime()
     with rt:
-        traffic = RolloutTraffic(rt)
-        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
-        traffic.attach(controller)
-        asyncio.run(_serve_and_drain(traffic, 10))
-        assert set(challenger.policies) == {os.SCHED_IDLE}
-        challenger.policies.clear()
+        traffic, controller = _shadow_copied(rt, challenger)
         controller.router = Router(RouteTable.canary(1, 2, 100, salt="s"), seed=1)  # a blue-green switch
         results = asyncio.run(_serve(traffic, 10))
     assert {r.version for r in results} == {2}
@@ -666,12 +672,8 @@ def test_a_challenger_that_answers_for_itself_leaves_idle_priority():
 def test_a_finished_rollout_returns_its_challenger_to_normal_priority():
     rt, _, challenger = _recorded_runtime()
     with rt:
-        traffic = RolloutTraffic(rt)
-        controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
-        traffic.attach(controller)
-        asyncio.run(_serve_and_drain(traffic, 10))
+        traffic, controller = _shadow_copied(rt, challenger)
         controller.active, controller.serving_version = False, 2  # promoted
-        challenger.policies.clear()
         results = asyncio.run(_serve(traffic, 5))
     assert {r.version for r in results} == {2}
     assert set(challenger.policies) == {os.SCHED_OTHER}

@@ -61,7 +61,7 @@ def sklearn_to_onnx(model: Any, path: Path) -> Predictor:
                 if "zipmap" not in str(exc):
                     raise
                 onnx_model = convert_sklearn(model, initial_types=initial_types)
-    except Exception as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShapeCalculator, ...
+    except Exception as exc:  # skl2onnx's failures have no common base class (RuntimeError, NotImplementedError, its own)
         raise ConfigError(
             f"skl2onnx cannot convert the scikit-learn {type(model).__name__} ({type(exc).__name__}: {exc}); "
             "Conveyor imports estimators and pipelines that take one table of numbers and that skl2onnx "

@@ -285,7 +285,7 @@ def _export(torch: Any, module: Any, arrays: list[np.ndarray], max_batch_size: i
         if fixed:
             raise ConfigError(
                 f"{described}: torch.export cannot make the batch dim dynamic: the model fixes it to "
-                f"{fixed.group(1)} rows (a reshape or view with a hard-coded batch size?); let forward take any "
+                f"{fixed.group(1)} rows (most likely a reshape or view with a hard-coded batch size); let forward take any "
                 "number of rows, e.g. x.reshape(x.shape[0], -1)"
             ) from exc
         first = " ".join(line.strip() for line in message.splitlines()[:4] if line.strip())
