@@ -73,13 +73,7 @@ void init_trees(py::module_& m) {
             tree.leaf_vector = leaf_vector.size() ? leaf_vector.data() : nullptr;
             tree.leaf_vector_begin = column_data(leaf_vector_begin, n, "leaf_vector_begin");
             tree.leaf_vector_end = column_data(leaf_vector_end, n, "leaf_vector_end");
-            const uint64_t vector_size = static_cast<uint64_t>(leaf_vector.size());
-            for (py::ssize_t i = 0; i < n; ++i) {
-              if (tree.leaf_vector_end[i] > vector_size || tree.leaf_vector_begin[i] > tree.leaf_vector_end[i]) {
-                throw Error(ErrorCode::kInvalidInput, "[trees] node " + std::to_string(i) +
-                                                          ": leaf vector range outside the leaf_vector array");
-              }
-            }
+            tree.leaf_vector_size = static_cast<uint64_t>(leaf_vector.size());
             tree.class_id = class_id;
             e.add_tree(tree);
           },

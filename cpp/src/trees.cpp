@@ -121,6 +121,13 @@ void TreeEnsemble::add_tree(const TreeArrays& tree) {
   const int32_t n = tree.num_nodes;
   const int32_t margins = header_.num_margin;
   if (n < 1) invalid(where + ": expected at least one node");
+  if (tree.leaf_vector_begin != nullptr && tree.leaf_vector_end != nullptr) {
+    for (int32_t i = 0; i < n; ++i) {
+      if (tree.leaf_vector_end[i] > tree.leaf_vector_size || tree.leaf_vector_begin[i] > tree.leaf_vector_end[i]) {
+        invalid(where + " node " + std::to_string(i) + ": leaf vector range outside the leaf_vector array");
+      }
+    }
+  }
   if (tree.class_id < -1 || tree.class_id >= margins) {
     invalid(where + ": class_id " + std::to_string(tree.class_id) + " outside [-1, " + std::to_string(margins) + ")");
   }

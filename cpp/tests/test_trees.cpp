@@ -54,6 +54,7 @@ struct HandTree {
     a.cmp = cmp.data();
     a.leaf_value = leaf_value.data();
     a.leaf_vector = leaf_vector.empty() ? nullptr : leaf_vector.data();
+    a.leaf_vector_size = leaf_vector.size();
     a.leaf_vector_begin = begin.data();
     a.leaf_vector_end = end.data();
     a.class_id = class_id;

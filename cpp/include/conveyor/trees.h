@@ -95,6 +95,7 @@ struct TreeArrays {
   const int8_t* cmp = nullptr;
   const double* leaf_value = nullptr;
   const double* leaf_vector = nullptr;  // may be null when no leaf has a vector
+  uint64_t leaf_vector_size = 0;         // values in leaf_vector; every node's [begin, end) lies within
   const uint64_t* leaf_vector_begin = nullptr;
   const uint64_t* leaf_vector_end = nullptr;
   int32_t class_id = 0;  // the margin this tree adds to; -1: every margin (leaf vectors)
