@@ -53,6 +53,26 @@ float value_at(const Completion& c, int64_t row, int col) {
   return p[(c.row_offset + row) * 2 + col];
 }
 
+// `threads` callers, each inferring `per_thread` rows (thread, i) of y = 2x + 1 and counting
+// failed requests and answers that are not their own.
+void infer_from_threads(Batcher& b, int threads, int per_thread, std::atomic<int>& wrong, std::atomic<int>& errors) {
+  std::vector<std::thread> callers;
+  for (int t = 0; t < threads; ++t) {
+    callers.emplace_back([&, t] {
+      for (int i = 0; i < per_thread; ++i) {
+        std::vector<float> x = {float(t), float(i)};
+        Completion c = b.infer({borrow(x, 1)});
+        if (c.code != ErrorCode::kOk) {
+          ++errors;
+        } else if (value_at(c, 0, 0) != 2.0f * t + 1 || value_at(c, 0, 1) != 2.0f * i + 1) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : callers) th.join();
+}
+
 }  // namespace
 
 TEST_CASE("batcher: a request gets its own rows of the batch output") {
@@ -71,21 +91,7 @@ TEST_CASE("batcher: many threads, every request answered once with its own answe
   o.instance_count = 2;
   Batcher b(o, twice_plus_one, nullptr);
   std::atomic<int> wrong{0}, errors{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int i = 0; i < kPerThread; ++i) {
-        std::vector<float> x = {float(t), float(i)};
-        Completion c = b.infer({borrow(x, 1)});
-        if (c.code != ErrorCode::kOk) {
-          ++errors;
-        } else if (value_at(c, 0, 0) != 2.0f * t + 1 || value_at(c, 0, 1) != 2.0f * i + 1) {
-          ++wrong;
-        }
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
+  infer_from_threads(b, kThreads, kPerThread, wrong, errors);
   CHECK_EQ(wrong.load(), 0);
   CHECK_EQ(errors.load(), 0);
   BatcherStats s = b.stats();
@@ -552,21 +558,7 @@ TEST_CASE("batcher: background mode toggled under load answers every request onc
   std::thread toggler([&] {
     for (int i = 0; i < kToggles && !done.load(); ++i) b.set_background(i % 2 == 0);
   });
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int i = 0; i < kPerThread; ++i) {
-        std::vector<float> x = {float(t), float(i)};
-        Completion c = b.infer({borrow(x, 1)});
-        if (c.code != ErrorCode::kOk) {
-          ++errors;
-        } else if (value_at(c, 0, 0) != 2.0f * t + 1 || value_at(c, 0, 1) != 2.0f * i + 1) {
-          ++wrong;
-        }
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
+  infer_from_threads(b, kThreads, kPerThread, wrong, errors);
   done = true;
   toggler.join();
   CHECK_EQ(wrong.load(), 0);
