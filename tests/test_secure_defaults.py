@@ -28,7 +28,7 @@ import pytest
 from conveyor.cli import build_parser
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.server import routes
-from conveyor.server.grpc_server import OPEN_RPCS, SERVICE_NAME
+from conveyor.server.grpc_server import HEALTH_RPCS, OPEN_RPCS, SERVICE_NAME
 from conveyor.server.serve import ServeOptions
 from processes import DEADLINE_S, free_port, wait_for
 
@@ -89,7 +89,7 @@ HTTP_ROUTES = walk_http_routes()
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *extra_args: str) -> None:
         self.root = root
         self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
@@ -98,7 +98,7 @@ class Server:
             sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--http-port", str(self.port),
             "--grpc-port", str(self.grpc_port), "--data-dir", str(root / "data"), "--model-control-mode", "explicit",
             "--load-model", "tiny", "--api-key", API_KEY, "--grpc-max-message-bytes", str(GRPC_MAX_MESSAGE_BYTES),
-            "--metrics-port", str(self.metrics_port),
+            "--metrics-port", str(self.metrics_port), *extra_args,
         ]  # fmt: skip
         self.log_path = root / "serve.log"
         with open(self.log_path, "wb") as log:
@@ -125,18 +125,26 @@ class Server:
             return False
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("secure")
+def _serve(root: Path, *extra_args: str) -> Iterator[Server]:
     for model in ("tiny", "text_classifier"):
         shutil.copytree(REPOSITORY / model, root / "repo" / model)
-    served = Server(root)
+    served = Server(root, *extra_args)
     try:
         wait_for(served.ready, "the server to be ready", process=served.process)
         yield served
     finally:
         served.process.kill()
         served.process.wait(DEADLINE_S)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(tmp_path_factory.mktemp("secure"))
+
+
+@pytest.fixture(scope="module")
+def server_keying_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(tmp_path_factory.mktemp("secure-all"), "--api-key-scope", "all")
 
 
 def test_the_defaults_listen_on_loopback_only() -> None:
@@ -206,6 +214,68 @@ def test_api_key_scope_all_keys_everything_but_the_health_probes() -> None:
         assert routes.needs_api_key(route, "control") == ((name, method) not in OPEN_HTTP), name
     args = build_parser().parse_args(["serve", "--api-key", "k", "--api-key-scope", "all"])
     assert args.api_key_scope == "all"
+
+
+def test_api_key_scope_all_keys_every_route_of_a_running_server_but_health(server_keying_all: Server) -> None:
+    server, key = server_keying_all, {"Authorization": f"Bearer {API_KEY}"}
+    for (name, method), path in sorted(HTTP_ROUTES.items()):
+        status, body = server.request(method, path, b"{}")
+        if name in routes.HEALTH_ROUTES:
+            assert status == 200, (name, body)
+            continue
+        assert status == 401 and b"--api-key" in body, (name, method, path, status, body)
+        status, body = server.request(method, path, b"{}", key)
+        assert status != 401 and status < 500, (name, method, path, status, body)
+    status, body = server.request("GET", "/metrics", port=server.metrics_port)
+    assert status == 401, body  # the scrape needs the key too
+    assert server.request("GET", "/metrics", headers=key, port=server.metrics_port)[0] == 200
+    assert server.request("GET", "/v2/health/ready", port=server.metrics_port)[0] == 200
+
+
+def test_api_key_scope_all_keys_every_rpc_but_health(server_keying_all: Server) -> None:
+    server = server_keying_all
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        methods = _grpc_methods()
+        assert {path for path, _ in methods} & HEALTH_RPCS == {f"/{SERVICE_NAME}/ServerLive",
+                                                               f"/{SERVICE_NAME}/ServerReady"}
+        for path, method in methods:
+            request_type = getattr(pb, method.input_type.name)
+            kind = channel.stream_stream if method.client_streaming else channel.unary_unary
+            call = kind(path, request_serializer=request_type.SerializeToString, response_deserializer=lambda b: b)
+            payload = iter([request_type()]) if method.client_streaming else request_type()
+            if path in HEALTH_RPCS:
+                call(payload, timeout=DEADLINE_S)  # open: raises if it were keyed
+                continue
+            with pytest.raises(grpc.RpcError) as refused:
+                result = call(payload, timeout=DEADLINE_S)
+                if method.client_streaming:
+                    list(result)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (path, refused.value.details())
+        infer = channel.unary_unary(f"/{SERVICE_NAME}/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        request = pb.ModelInferRequest(model_name="tiny", inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="x", datatype="FP32", shape=[1, 16], contents=pb.InferTensorContents(fp32_contents=[0.0] * 16))])
+        answer = infer(request, metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=DEADLINE_S)
+        assert answer.model_name == "tiny"
+        health = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)
+        health(b"", timeout=DEADLINE_S)  # open: raises if it were keyed
+
+
+def test_ids_the_server_makes_cannot_be_guessed_from_one_another(server: Server) -> None:
+    # Feedback labels a prediction by its id: if one client could work out the id of the
+    # next prediction from its own (a counter), it could label other clients' predictions.
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16}]})
+    ids = []
+    for _ in range(100):
+        status, answer = server.request("POST", "/v2/models/tiny/infer", body.encode())
+        assert status == 200, answer
+        ids.append(json.loads(answer)["id"])
+    assert len(set(ids)) == len(ids)
+    for earlier, later in zip(ids, ids[1:]):
+        assert len(later) >= 32, later  # 128 bits in hex
+        assert len(os.path.commonprefix([earlier, later])) < 8, (earlier, later)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import itertools
 import logging
 import os
 import threading
@@ -174,13 +173,13 @@ def core_output_specs(config: ModelConfig, steps: ModelSteps | None) -> list[tup
     return list(steps.core_outputs) if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs]
 
 
-_request_ids = itertools.count(1)
-_REQUEST_ID_PREFIX = os.urandom(4).hex()
-
-
 def new_request_id() -> str:
-    """A process-unique id for a request that came without one (responses carry it)."""
-    return f"{_REQUEST_ID_PREFIX}-{next(_request_ids)}"
+    """An id for a request that came without one (responses carry it): 128 random bits.
+
+    Not a counter: feedback labels a prediction by its id, so an id one client can guess
+    from its own (the next number) would let it label another client's predictions.
+    """
+    return os.urandom(16).hex()
 
 
 class _LoopBridge:
