@@ -19,6 +19,8 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +130,7 @@ class Server:
 def _serve(root: Path, *extra_args: str) -> Iterator[Server]:
     for model in ("tiny", "text_classifier"):
         shutil.copytree(REPOSITORY / model, root / "repo" / model)
+    shutil.copytree(REPOSITORY / "tiny", root / "repo" / "model..1")  # dots inside a name are no traversal
     served = Server(root, *extra_args)
     try:
         wait_for(served.ready, "the server to be ready", process=served.process)
@@ -396,3 +399,54 @@ def test_unknown_model_names_create_no_metric_series(server: Server) -> None:
     after = _series(server)
     assert not any("no-such-model" in series for series in after)
     assert after == before, sorted(after ^ before)
+
+
+# Triton's list of names that must not reach the filesystem (ModelNameValidationTest), and more.
+TRAVERSAL_NAMES = [
+    "../etc", "a/../b", "../../etc/passwd", "model/..", "..", ".", "/etc/passwd", "model/subdir", "model/", " ..",
+    ".. ", "", " ", "a" * 256, "tiny\0", "..\\tiny", "%2e%2e", "tiny/../../x",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", TRAVERSAL_NAMES)
+def test_model_names_that_could_leave_the_repository_are_refused(server: Server, name: str) -> None:
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    for action in ("load", "unload"):
+        path = f"/v2/repository/models/{urllib.parse.quote(name, safe='')}/{action}"
+        status, body = server.request("POST", path, b"{}", key)
+        # The name as one encoded segment: refused by name; spelled with "/", no route matches.
+        assert status in (400, 404), (name, action, status, body)
+        # Unload touches no file (as in Triton, it needs no name check): "not loaded" is right too.
+        refusals = (b"invalid model name", b"no route for", *([b"is not loaded"] if action == "unload" else []))
+        assert any(refusal in body for refusal in refusals), (name, action, body)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        load = channel.unary_unary(f"/{SERVICE_NAME}/RepositoryModelLoad",
+                                   request_serializer=pb.RepositoryModelLoadRequest.SerializeToString,
+                                   response_deserializer=pb.RepositoryModelLoadResponse.FromString)
+        with pytest.raises(grpc.RpcError) as refused:
+            load(pb.RepositoryModelLoadRequest(model_name=name), metadata=(("authorization", f"Bearer {API_KEY}"),),
+                 timeout=DEADLINE_S)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.value.details())
+    assert server.ready()
+
+
+def test_a_name_with_dots_inside_is_a_name(server: Server) -> None:
+    status, body = _load(server, "model..1", {})
+    assert status == 200, body
+    document = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}]}
+    status, body = server.request("POST", "/v2/models/model..1/infer", json.dumps(document).encode())
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("relative", [
+    "../{marker}", "1/../../{marker}", "1/../../../{marker}", "/tmp/{marker}", "1//{marker}", "1/./{marker}",
+    "1/{marker}\0", "1/" + "a" * 256, "01/{marker}", "1", "1/..\\{marker}", "{marker}",
+])  # fmt: skip
+def test_load_file_parameters_cannot_write_outside_the_model(server: Server, relative: str) -> None:
+    marker = f"written-by-a-load-{random.Random(relative).getrandbits(64):016x}"
+    key = "file:" + relative.format(marker=marker)
+    config = json.dumps({"backend": "onnxruntime", "max_batch_size": 0})
+    status, body = _load(server, "tiny", {"config": config, key: base64.b64encode(b"x").decode()})
+    assert status == 400 and "must look like 'file:<version>/<file name>'" in body["error"], (key, status, body)
+    for directory in (server.root, Path(tempfile.gettempdir()), Path("/tmp")):
+        assert not list(directory.rglob(f"*{marker}*")), (key, directory)
