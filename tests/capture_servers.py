@@ -10,10 +10,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +309,133 @@ def tear_like_a_kill_mid_write(segment: Path) -> None:
     (segment.parent / f"{stem}{TMP_SUFFIX}").write_bytes(b"PAR1" + bytes(100))
 
 
+
+
+def message_ends(segment: Path) -> list[int]:
+    """The byte offset where each complete IPC message of a segment ends: the schema's, then each batch's."""
+    source = pa.BufferReader(pa.py_buffer(segment.read_bytes()))
+    reader = pa.ipc.MessageReader.open_stream(source)
+    ends = []
+    while True:
+        try:
+            reader.read_next_message()
+        except (StopIteration, pa.ArrowException, OSError):  # the end, or a torn message
+            return ends
+        ends.append(source.tell())
+
+
+def batch_request_ids(segment: Path) -> list[list[str]]:
+    """The request ids of each complete record batch of a segment, in order."""
+    reader = pa.ipc.open_stream(pa.py_buffer(segment.read_bytes()))
+    batches = []
+    while True:
+        try:
+            batches.append(reader.read_next_batch().column("request_id").to_pylist())
+        except (StopIteration, pa.ArrowException, OSError):
+            return batches
+
+
+TEARS = ("truncate", "garbage", "none", "half-batch")  # taken in turn, so any 4 rounds do each once
+
+
+@dataclass
+class KillRound:
+    """One incarnation of the server in a kill campaign, from its start to its SIGKILL."""
+
+    flushed: int  # rows_written the server reported just before the kill: on disk (fsync="always")
+    sent: set[str]  # ids whose request went out
+    answered: set[str]  # ids answered 200
+    tear: str  # what was done to the newest segment after the kill: none, truncate, garbage, half-batch
+    torn_ids: set[str] = field(default_factory=set)  # rows of the batch a truncation cut: they must be gone
+    ready_s: float = 0.0  # from the start of the process to the model answering ready
+
+
+@dataclass
+class KillCampaign:
+    """What a kill campaign sent and what its capture directory holds at the end."""
+
+    directory: Path
+    rounds: list[KillRound]
+    rows: dict[str, tuple[np.ndarray, np.ndarray]]  # every captured row, read from the final files
+
+
+def run_kill_campaign(root: Path, *, seed: int, kills: int, rotate_mb: float = 0.02) -> KillCampaign:
+    """SIGKILLs a capturing server `kills` times at seeded points of a steady stream, restarting it
+    each time and tearing the newest segment on some rounds, then stops the last one with SIGTERM.
+
+    Each restart must come up ready with nothing but finished files in the capture directory.
+    The points are counts of rows written (no clock), drawn from random.Random(seed).
+    """
+    rng = random.Random(seed)
+    servers = CaptureServers(root)
+    rounds: list[KillRound] = []
+    first = 0
+    directory: Path | None = None
+    try:
+        for _ in range(kills):
+            server, ready_s = _start_after_recovery(servers, rotate_mb, directory)
+            directory = Path(server.capture()["directory"])
+            stream = Stream(server.port, first)
+            try:
+                target = rng.randint(30, 240)
+                flushed = wait_for(
+                    lambda: (written := server.capture()["rows_written"]) >= target and written,
+                    f"{target} captured rows to be flushed", server.process,
+                )  # fmt: skip
+                assert stream.running(), f"the stream ended before the kill: {stream.failures}"
+                server.process.send_signal(signal.SIGKILL)
+                assert server.process.wait(DEADLINE_S) == -signal.SIGKILL
+            finally:
+                stream.join()
+            assert all(map(cut_off, stream.failures)), stream.failures
+            first = max(int(request_id[1:]) for request_id in stream.sent) + 1
+            tear, torn_ids = _tear_newest_segment(directory, TEARS[(seed + len(rounds)) % len(TEARS)], rng)
+            rounds.append(KillRound(flushed, set(stream.sent), set(stream.answered), tear, torn_ids, ready_s))
+        last, _ = _start_after_recovery(servers, rotate_mb, directory)
+        directory = Path(last.capture()["directory"])
+        last.process.send_signal(signal.SIGTERM)
+        assert last.process.wait(DEADLINE_S) == 0, last.log()
+        logs = [server.log() for server in servers.servers]
+        assert not any("Traceback" in text for text in logs), "\n".join(logs)
+    finally:
+        servers.stop_all()
+    return KillCampaign(directory, rounds, read_rows(directory))
+
+
+def _start_after_recovery(servers: CaptureServers, rotate_mb: float, directory: Path | None) -> tuple[Server, float]:
+    """A restarted server, once ready; the leftovers of the last kill are finished files by then."""
+    started = time.monotonic()
+    server = servers.start(rotate_mb)
+    ready_s = time.monotonic() - started
+    if directory is not None:
+        kinds = files_by_kind(directory)
+        # The new writer opens its segment with its first row: at ready, only finished files remain.
+        assert kinds["segment"] == [] and kinds["tmp"] == [] and kinds["other"] == [], kinds
+        read_rows(directory)  # every file readable, no id twice
+    return server, ready_s
+
+
+def _tear_newest_segment(directory: Path, tear: str, rng: random.Random) -> tuple[str, set[str]]:
+    """Tears the newest segment the kill left as a kill mid-write (or a torn disk write) could:
+    cut inside its last batch, garbage appended, or half a batch appended with a stale .parquet.tmp.
+    Returns what was done ("none" when there was no segment to tear) and the ids of the batch a cut removed."""
+    segments = [
+        path for path in files_by_kind(directory)["segment"]
+        if not path.with_name(path.name[: -len(SEGMENT_SUFFIX)] + PARQUET_SUFFIX).exists()
+    ]  # fmt: skip  (a segment already renamed to Parquet is deleted by recovery, whatever its bytes)
+    if not segments or tear == "none":
+        return "none", set()
+    segment = max(segments)
+    if tear == "garbage":
+        with open(segment, "ab") as file:
+            file.write(rng.randbytes(rng.randint(1, 512)))
+        return tear, set()
+    if tear == "half-batch":
+        tear_like_a_kill_mid_write(segment)
+        return tear, set()
+    ends = message_ends(segment)
+    if len(ends) < 2:  # the schema alone: nothing to cut into
+        return "none", set()
+    torn_ids = set(batch_request_ids(segment)[-1])
+    os.truncate(segment, rng.randint(ends[-2] + 1, ends[-1] - 1))
+    return tear, torn_ids

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +399,117 @@ def test_a_segment_that_cannot_be_cut_back_is_compacted_and_replaced(
     writer.close()
     assert [pq.read_table(f).column("request_id").to_pylist() for f in writer.files()] == [["a"], ["b"]]
     assert writer.stats()["segments"] == 2 and leftovers(tmp_path) == []
+
+
+WIDE = 16384  # FP32 elements a row in the file-size-limit tests: 64 KiB, so kept rows would show in memory
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int | None], None]]:
+    """Sets this process's RLIMIT_FSIZE soft limit (None: back to the original); restored at teardown.
+
+    SIGXFSZ is ignored meanwhile, so a write past the limit fails with EFBIG as on a full
+    disk instead of killing the process. Works for root too, unlike a read-only directory.
+    """
+    resource = pytest.importorskip("resource")
+    if not hasattr(signal, "SIGXFSZ"):
+        pytest.skip("needs SIGXFSZ (POSIX) to turn writes past RLIMIT_FSIZE into EFBIG")
+    original = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def set_limit(soft_bytes: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (original[0] if soft_bytes is None else soft_bytes, original[1]))
+
+    try:
+        yield set_limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, original)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def send_wide(writer: CaptureWriter, request_id: str, seed: int) -> bool:
+    """One request of a WIDE model: x random (incompressible, so Parquet is about as big as the segment)."""
+    x = np.random.default_rng(seed).standard_normal((1, WIDE)).astype(np.float32)
+    return writer.submit(request_id, TS, [x], [np.zeros((1, 1), np.float32)], "sampled")
+
+
+def test_a_full_disk_drops_rows_without_keeping_them_and_capture_resumes_when_space_returns(
+    tmp_path: Path, file_size_limit: Callable[[int | None], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = make_writer(tmp_path, inputs=[("x", "FP32", [WIDE])], rotate_bytes=1 << 30)
+    send_wide(writer, "before", 0)
+    writer.flush()
+    (segment,) = tmp_path.glob("*.arrows.partial")
+    with caplog.at_level(logging.INFO, logger="conveyor.monitor.capture"):
+        file_size_limit(segment.stat().st_size + 1000)  # the next batch does not fit
+        send_wide(writer, "full-0", 1)
+        writer.flush()  # the first failure allocates what failing costs: measure from here
+        tracemalloc.start()
+        arrow_before = pa.total_allocated_bytes()
+        for index in range(1, 65):  # 4 MiB of rows
+            send_wide(writer, f"full-{index}", index)
+            writer.flush()
+        traced, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        arrow_growth = pa.total_allocated_bytes() - arrow_before
+        stats = writer.stats()
+        assert (stats["rows_written"], stats["rows_dropped"], stats["rows_dropped_disk_error"]) == (1, 65, 65)
+        assert stats["queued_rows"] == 0
+        # Nothing of the dropped rows stays: 64 of them are 4 MiB (the bound leaves room for the allocator).
+        assert traced < 1 << 20 and arrow_growth < 1 << 20, (traced, arrow_growth)
+        file_size_limit(None)  # space returns: no restart, no call
+        for index in range(3):
+            send_wide(writer, f"after-{index}", 100 + index)
+            writer.flush()
+    records = [r for r in caplog.records if r.name == "conveyor.monitor.capture"]
+    assert [r.levelno for r in records] == [logging.ERROR, logging.WARNING], [r.getMessage() for r in records]
+    assert "File too large" in records[0].getMessage()  # EFBIG, what the limit gives
+    assert "65 rows" in records[1].getMessage() and "resumed" in records[1].getMessage()
+    writer.close()
+    assert read_capture(tmp_path).column("request_id").to_pylist() == ["before", "after-0", "after-1", "after-2"]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_compaction_that_failed_for_a_full_disk_is_retried_once_writes_succeed(
+    tmp_path: Path, file_size_limit: Callable[[int | None], None]
+) -> None:
+    writer = make_writer(tmp_path, inputs=[("x", "FP32", [WIDE])], rotate_bytes=1 << 30)
+    for index in range(4):
+        send_wide(writer, f"first-{index}", index)
+        writer.flush()
+    (segment,) = tmp_path.glob("*.arrows.partial")
+    file_size_limit(segment.stat().st_size // 2)  # Parquet of the same random rows does not fit either
+    assert writer.rotate() is None  # the compaction failed: the segment stays, its rows are not lost
+    assert segment.exists() and not list(tmp_path.glob("*.parquet*"))
+    file_size_limit(None)
+    send_wide(writer, "second", 10)
+    writer.flush()  # a write succeeds: the failed compaction is retried, with no restart
+    second = writer.rotate()
+    assert second is not None
+    assert sorted(path.name for path in writer.files()) == sorted(
+        [segment.name.replace(".arrows.partial", ".parquet"), second.name]
+    )
+    writer.close()
+    assert leftovers(tmp_path) == []
+    ids = read_capture(tmp_path).column("request_id").to_pylist()
+    assert ids == ["first-0", "first-1", "first-2", "first-3", "second"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to a 0o555 directory anyway")
+def test_a_read_only_directory_drops_rows_and_capture_resumes_when_it_is_writable(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path, rotate_bytes=1 << 30)
+    send(writer, "before")
+    writer.rotate()
+    tmp_path.chmod(0o555)
+    try:
+        send(writer, "denied")
+        writer.flush()
+        assert writer.stats()["rows_dropped_disk_error"] == 1
+    finally:
+        tmp_path.chmod(0o755)
+    send(writer, "after")
+    writer.close()
+    assert read_capture(tmp_path).column("request_id").to_pylist() == ["before", "after"]
 
 
 def write_segment(directory: Path, batches: int) -> Path:

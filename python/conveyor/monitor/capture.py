@@ -49,7 +49,9 @@ import pyarrow as pa
 
 from conveyor.config import MODEL_NAME_PATTERN, NUMPY_DTYPE_BY_DATATYPE
 from conveyor.errors import ConfigError
-from conveyor.monitor.capture_files import BASE_FIELDS, SEGMENT_SUFFIX, TIMESTAMP_TYPE, _compact, _Segment, read_capture, recover
+from conveyor.monitor.capture_files import (
+    BASE_FIELDS, SEGMENT_SUFFIX, TIMESTAMP_TYPE, _compact, _compact_leftover, _Segment, read_capture, recover,
+)  # fmt: skip
 
 __all__ = ["CaptureWriter", "read_capture", "recover"]
 
@@ -57,7 +59,14 @@ log = logging.getLogger(__name__)
 
 FSYNC_POLICIES = ("always", "interval", "never")
 PARQUET_CODECS = ("zstd", "snappy", "lz4", "gzip", "brotli", "none")
-_COUNTERS = ("rows_submitted", "rows_written", "rows_dropped", "segments", "bytes_written", "write_errors")
+# Why rows are dropped: the queue was full (or the writer closed), the request did not match the
+# declared tensors, the disk refused the write (full, read-only, I/O error), a writer bug.
+DROP_REASONS = ("queue_full", "invalid", "disk_error", "writer_error")
+_COUNTERS = (
+    "rows_submitted", "rows_written", "rows_dropped", "segments", "bytes_written", "write_errors",
+    *(f"rows_dropped_{reason}" for reason in DROP_REASONS),
+)  # fmt: skip
+ERROR_LOG_INTERVAL_S = 60.0  # a kind of disk error is logged at most once per interval
 _DTYPES = {**NUMPY_DTYPE_BY_DATATYPE, "BF16": np.dtype(np.uint16)}  # BF16 travels as bit patterns
 _BUILD_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -114,8 +123,11 @@ class CaptureWriter:
 
     inputs/outputs declare the model's tensors as (name, v2 datatype, per-row dims);
     submit() takes arrays in that order. Counters (``stats()``): rows_submitted =
-    rows_written + rows_dropped + rows still queued. Disk errors are logged once per
-    kind and counted; the writer keeps going and drops rows until writes succeed.
+    rows_written + rows_dropped + rows still queued; rows_dropped_<reason> splits
+    rows_dropped by DROP_REASONS. A disk error (full, read-only) never reaches the caller
+    and keeps nothing: the rows are dropped and counted, the error is logged at most once
+    per kind and ERROR_LOG_INTERVAL_S, and the writer keeps trying: the first write that
+    succeeds logs how many rows were dropped, and retries the compactions that failed.
 
     Close it (or use it as a context manager): a writer never closed leaves its last
     segment for ``recover()``.
@@ -173,7 +185,10 @@ class CaptureWriter:
         self._rotate_waiters: list[concurrent.futures.Future] = []
         self._closing = False
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._logged_kinds: set[tuple[str, Any]] = set()
+        self._logged_kinds: set[tuple[str, Any]] = set()  # invalid requests: logged once at WARNING
+        self._error_logged_at: dict[tuple[str, Any], float] = {}  # disk error kind -> monotonic time
+        self._outage: dict[str, Any] | None = None  # since the first disk error after a success
+        self._uncompacted: list[Path] = []  # segments whose compaction failed, retried once writes succeed
         # Owned by the writer thread alone.
         self._segment: _Segment | None = None
         self._housekeeping_due = 0.0
@@ -213,6 +228,7 @@ class CaptureWriter:
             counts["rows_submitted"] += rows
             if self._closing or self._queued_rows + rows > self._max_queue_rows:
                 counts["rows_dropped"] += rows
+                counts["rows_dropped_queue_full"] += rows
                 return False
             if not self._queue:
                 self._batch_due = time.monotonic() + self._flush_interval_s
@@ -311,7 +327,7 @@ class CaptureWriter:
                 log.exception("[capture] model '%s' v%d: capture writer bug; rows dropped", self.model, self.version)
                 with self._lock:
                     self._counts["write_errors"] += 1
-                    self._counts["rows_dropped"] += sum(item[5] for item in items) - self._accounted
+                    self._drop_locked("writer_error", sum(item[5] for item in items) - self._accounted)
             finally:
                 for waiter in rotations:
                     waiter.set_result(compaction)
@@ -393,7 +409,7 @@ class CaptureWriter:
         self._accounted += item[5]
         with self._lock:
             self._counts["write_errors"] += 1
-            self._counts["rows_dropped"] += item[5]
+            self._drop_locked("invalid", item[5])
             first = ("invalid", None) not in self._logged_kinds
             self._logged_kinds.add(("invalid", None))
         log.log(
@@ -475,6 +491,12 @@ class CaptureWriter:
         with self._lock:
             self._counts["rows_written"] += rows
             self._counts["bytes_written"] += self._segment.bytes - before
+            outage, self._outage = self._outage, None
+            uncompacted, self._uncompacted = self._uncompacted, []
+        if outage is not None:
+            self._log_resumed(outage)
+        if uncompacted:  # the disk takes writes again: compact what it refused before
+            self._compactions.append(self._compactor.submit(self._retry_compactions, uncompacted))
         if self._segment.bytes >= self._rotate_bytes:
             self._rotate()
 
@@ -519,26 +541,68 @@ class CaptureWriter:
         try:
             return _compact(segment.path, self._compression)
         except Exception as error:  # disk or Arrow errors alike: count, keep the segment, go on
+            with self._lock:
+                self._uncompacted.append(segment.path)
             self._disk_error("compact", error, 0)
             return None
         finally:
             os.close(segment.fd)  # releases the lock: recover() may take the segment from here on
 
+    def _retry_compactions(self, segments: list[Path]) -> None:
+        """Runs on the compaction thread: compacts segments whose compaction failed; a new failure keeps them."""
+        done = 0
+        for segment in segments:
+            try:
+                done += _compact_leftover(segment, self._compression) is not None
+            except Exception as error:
+                with self._lock:
+                    self._uncompacted.append(segment)
+                self._disk_error("compact", error, 0)
+        if done:
+            log.info("[capture] model '%s' v%d: compacted %d segment(s) whose compaction had failed", self.model,
+                     self.version, done)  # fmt: skip
+
+    def _drop_locked(self, reason: str, rows: int) -> None:
+        self._counts["rows_dropped"] += rows
+        self._counts[f"rows_dropped_{reason}"] += rows
+
     def _disk_error(self, operation: str, error: Exception, rows: int) -> None:
+        """Counts a disk error and the rows it drops; logs it unless its kind was logged within ERROR_LOG_INTERVAL_S."""
         kind = (operation, getattr(error, "errno", None) or type(error).__name__)
         if rows:  # only the writer thread drops rows; the compaction thread passes 0
             self._accounted += rows
+        now = time.monotonic()
         with self._lock:
             self._counts["write_errors"] += 1
-            self._counts["rows_dropped"] += rows
-            first = kind not in self._logged_kinds
-            self._logged_kinds.add(kind)
-        if first:
+            self._drop_locked("disk_error", rows)
+            if self._outage is None:
+                self._outage = {"since": time.time(), "rows": 0, "errors": 0, "logged": False}
+            self._outage["rows"] += rows
+            self._outage["errors"] += 1
+            last = self._error_logged_at.get(kind)
+            log_now = last is None or now - last >= ERROR_LOG_INTERVAL_S
+            if log_now:
+                self._error_logged_at[kind] = now
+                self._outage["logged"] = True
+        if log_now:
+            effect = "captured rows are dropped (counted in rows_dropped)" if operation != "compact" else (
+                "the segment stays and is compacted once writes succeed (or by recover() at the next start)"
+            )  # fmt: skip
             log.error(
-                "[capture] model '%s' v%d: %s failed in %s: %s. Captured rows are dropped (counted in rows_dropped) "
-                "until writes succeed; free disk space or fix the directory's permissions. Logged once per kind "
-                "of error; every occurrence counts in write_errors.",
-                self.model, self.version, operation, self.directory, error,
+                "[capture] model '%s' v%d: %s failed in %s: %s. Until writes succeed %s; free disk space or fix "
+                "the directory's permissions. This kind of error is logged at most every %.0f s; every "
+                "occurrence counts in write_errors.",
+                self.model, self.version, operation, self.directory, error, effect, ERROR_LOG_INTERVAL_S,
+            )  # fmt: skip
+
+    def _log_resumed(self, outage: dict[str, Any]) -> None:
+        """After the first write that succeeds following disk errors (only when the outage was logged)."""
+        if outage["logged"]:
+            log.warning(
+                "[capture] model '%s' v%d: capture resumed: writes to %s succeed again; %d rows were dropped "
+                "and %d disk errors counted since %s",
+                self.model, self.version, self.directory, outage["rows"], outage["errors"],
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(outage["since"])),
             )  # fmt: skip
 
 

@@ -104,6 +104,17 @@ def _compact(segment: Path, compression: str) -> Path | None:
     return final
 
 
+def _compact_leftover(segment: Path, compression: str) -> Path | None:
+    """Compacts a segment no live writer holds (see _compact); None when a writer holds it or it is gone."""
+    fd = _try_lock(segment)
+    if fd is None:
+        return None  # in use by a live writer (or just compacted by it)
+    try:
+        return _compact(segment, compression)
+    finally:
+        os.close(fd)
+
+
 def recover(directory: Path, *, compression: str = "zstd") -> list[Path]:
     """Compacts the segments a crashed writer left in directory into Parquet; returns the new files.
 
@@ -117,13 +128,7 @@ def recover(directory: Path, *, compression: str = "zstd") -> list[Path]:
         return []
     recovered = []
     for segment in sorted(directory.glob(f"capture-*{SEGMENT_SUFFIX}")):
-        fd = _try_lock(segment)
-        if fd is None:
-            continue  # in use by a live writer (or just compacted by it)
-        try:
-            path = _compact(segment, compression)
-        finally:
-            os.close(fd)
+        path = _compact_leftover(segment, compression)
         if path is not None:
             recovered.append(path)
     for tmp in sorted(directory.glob(f"capture-*{TMP_SUFFIX}")):

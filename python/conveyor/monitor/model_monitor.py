@@ -32,7 +32,7 @@ from conveyor import _core
 from conveyor.config import ModelConfig
 from conveyor.errors import ConfigError, InvalidInput
 from conveyor.monitor.alerts import WebhookSender, log_event
-from conveyor.monitor.capture import CaptureWriter
+from conveyor.monitor.capture import DROP_REASONS, CaptureWriter
 from conveyor.monitor.features import FLAGS_OUTPUT, Feature, TensorSpec, plan_features
 from conveyor.monitor.feedback import FeedbackStore
 from conveyor.monitor.reference import Reference, build_reference
@@ -509,6 +509,7 @@ class ModelMonitor:
                 "directory": str(self.capture.directory),
                 "rows_written": stats["rows_written"],
                 "rows_dropped": stats["rows_dropped"],
+                "rows_dropped_by_reason": {reason: stats[f"rows_dropped_{reason}"] for reason in DROP_REASONS},
                 "files": [str(f) for f in stats["files"]],
             }
         if self.webhook is not None:

@@ -10,9 +10,10 @@ last window_seconds):
 
 Per model version and window: ``conveyor_drift_model_alert``, ``conveyor_outlier_rate``,
 ``conveyor_monitor_window_rows``; per version: ``conveyor_monitor_reference_ready``,
-``conveyor_monitor_dropped_samples_total{reason}``, capture, feedback, alert-delivery and
-retraining counters. With 50 features a version exports about 820 series; no label
-carries a raw value, only feature names fixed by the config.
+``conveyor_monitor_dropped_samples_total{reason}``, capture (``conveyor_capture_rows_total``,
+``conveyor_capture_dropped_rows_total{reason}``), feedback, alert-delivery and retraining
+counters. With 50 features a version exports about 820 series; no label carries a raw
+value, only feature names fixed by the config.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class MonitorFamilies:
         self.captured = CounterMetricFamily(
             "conveyor_capture_rows_total", "Rows written to the capture files.", labels=MODEL
         )
+        self.capture_dropped = CounterMetricFamily(
+            "conveyor_capture_dropped_rows_total",
+            "Rows chosen for capture but not written, by reason (queue_full, invalid, disk_error, writer_error).",
+            labels=(*MODEL, "reason"),
+        )  # fmt: skip
         self.labels = CounterMetricFamily(
             "conveyor_feedback_labels_total", "Delayed labels received, by outcome.", labels=(*MODEL, "outcome")
         )
@@ -97,8 +103,12 @@ class MonitorFamilies:
         capture = snapshot.get("capture")
         if capture is not None:
             self.captured.add_metric(labels, capture["rows_written"])
-            self.dropped.add_metric((*labels, "capture_queue_full"), capture["rows_dropped"])
-            self.dropped.add_metric((*labels, "capture_write_error"), capture.get("write_errors", 0))
+            queue_full = capture["rows_dropped_queue_full"]
+            self.dropped.add_metric((*labels, "capture_queue_full"), queue_full)
+            self.dropped.add_metric((*labels, "capture_write_error"), capture["rows_dropped"] - queue_full)
+            for key, rows in capture.items():  # rows_dropped_<reason>, one per capture.DROP_REASONS
+                if key.startswith("rows_dropped_"):
+                    self.capture_dropped.add_metric((*labels, key.removeprefix("rows_dropped_")), rows)
         feedback = snapshot.get("feedback")
         if feedback is not None:
             for outcome in ("joined", "duplicates", "late", "unknown", "invalid", "expired"):
@@ -136,7 +146,7 @@ class MonitorFamilies:
     def all(self) -> Iterator[Metric]:
         yield from (
             self.score, self.p_value, self.alert, self.missing, self.out_of_range, self.model_alert,
-            self.outlier_rate, self.window_rows, self.reference_ready, self.dropped, self.captured,
+            self.outlier_rate, self.window_rows, self.reference_ready, self.dropped, self.captured, self.capture_dropped,
             self.labels, self.pending, self.realized, self.alerts, self.triggers,
         )  # fmt: skip
 
