@@ -348,6 +348,7 @@ class KillRound:
     tear: str  # what was done to the newest segment after the kill: none, truncate, garbage, half-batch
     torn_ids: set[str] = field(default_factory=set)  # rows of the batch a truncation cut: they must be gone
     ready_s: float = 0.0  # from the start of the process to the model answering ready
+    stream_s: float = 0.0  # from the first request to the kill
 
 
 @dataclass
@@ -359,7 +360,7 @@ class KillCampaign:
     rows: dict[str, tuple[np.ndarray, np.ndarray]]  # every captured row, read from the final files
 
 
-def run_kill_campaign(root: Path, *, seed: int, kills: int, rotate_mb: float = 0.02) -> KillCampaign:
+def run_kill_campaign(root: Path, *, seed: int, kills: int, rotate_mb: float = 0.05) -> KillCampaign:
     """SIGKILLs a capturing server `kills` times at seeded points of a steady stream, restarting it
     each time and tearing the newest segment on some rounds, then stops the last one with SIGTERM.
 
@@ -376,21 +377,24 @@ def run_kill_campaign(root: Path, *, seed: int, kills: int, rotate_mb: float = 0
             server, ready_s = _start_after_recovery(servers, rotate_mb, directory)
             directory = Path(server.capture()["directory"])
             stream = Stream(server.port, first)
+            streaming = time.monotonic()
             try:
-                target = rng.randint(30, 240)
+                target = rng.randint(50, 1500)  # about 0.1 to 2 s of the stream; rotation every ~1 s
                 flushed = wait_for(
                     lambda: (written := server.capture()["rows_written"]) >= target and written,
                     f"{target} captured rows to be flushed", server.process,
                 )  # fmt: skip
                 assert stream.running(), f"the stream ended before the kill: {stream.failures}"
                 server.process.send_signal(signal.SIGKILL)
+                stream_s = time.monotonic() - streaming
                 assert server.process.wait(DEADLINE_S) == -signal.SIGKILL
             finally:
                 stream.join()
             assert all(map(cut_off, stream.failures)), stream.failures
             first = max(int(request_id[1:]) for request_id in stream.sent) + 1
             tear, torn_ids = _tear_newest_segment(directory, TEARS[(seed + len(rounds)) % len(TEARS)], rng)
-            rounds.append(KillRound(flushed, set(stream.sent), set(stream.answered), tear, torn_ids, ready_s))
+            answered = set(stream.answered)
+            rounds.append(KillRound(flushed, set(stream.sent), answered, tear, torn_ids, ready_s, stream_s))
         last, _ = _start_after_recovery(servers, rotate_mb, directory)
         directory = Path(last.capture()["directory"])
         last.process.send_signal(signal.SIGTERM)
@@ -439,3 +443,26 @@ def _tear_newest_segment(directory: Path, tear: str, rng: random.Random) -> tupl
     torn_ids = set(batch_request_ids(segment)[-1])
     os.truncate(segment, rng.randint(ends[-2] + 1, ends[-1] - 1))
     return tear, torn_ids
+
+
+def check_kill_campaign(campaign: KillCampaign) -> list[int]:
+    """Asserts what a kill campaign must leave; returns the answered rows each kill lost (not counting
+    the rows of a batch cut on purpose).
+
+    read_rows already checked: only finished Parquet files, each readable, no id twice.
+    Per kill: every row the server reported flushed before it is there, except the rows
+    of a batch a deliberate truncation cut, and those are gone (a torn batch is never kept).
+    """
+    rows = campaign.rows
+    sent = set().union(*(kill.sent for kill in campaign.rounds))
+    assert_rows_hold_what_was_sent(rows, sent)
+    lost = []
+    for number, kill in enumerate(campaign.rounds):
+        captured = kill.sent & rows.keys()
+        assert len(captured) >= kill.flushed - len(kill.torn_ids), (
+            f"kill {number} ({kill.tear}): {kill.flushed} rows were flushed before it, "
+            f"{len(kill.torn_ids)} cut on purpose, {len(captured)} recovered"
+        )
+        assert not kill.torn_ids & rows.keys(), f"kill {number}: rows of a torn batch were kept"
+        lost.append(len(kill.answered - rows.keys() - kill.torn_ids))
+    return lost

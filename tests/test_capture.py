@@ -636,6 +636,28 @@ for index in range(10_000_000):
 """
 
 
+FIRST_WRITE_CHILD = """
+import sys
+import numpy as np
+from conveyor.monitor.capture import CaptureWriter
+
+with CaptureWriter(sys.argv[1], model="m", version=1, inputs=[("x", "FP32", [3])], outputs=[]) as writer:
+    before = set(sys.modules)
+    writer.submit("r0", 0, [np.ones((1, 3), np.float32)], [], "sampled")
+    writer.flush()
+    print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_first_write_imports_nothing(tmp_path: Path) -> None:
+    """Lazy imports on the first batch (pyarrow's of pandas: ~0.5 s) would leave a fresh server's first
+    rows that long in memory, lost to a crash; a fresh interpreter shows what the first write imports."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT)}
+    command = [sys.executable, "-c", FIRST_WRITE_CHILD, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert result.stdout.strip() == "[]", f"the first write imported {result.stdout[:300]}"
+
+
 def test_kill_9_loses_no_flushed_row(tmp_path: Path) -> None:
     directory = tmp_path / "capture"
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT)}

@@ -159,6 +159,9 @@ class CaptureWriter:
         except OSError as error:
             raise ConfigError(f"[capture] cannot create the capture directory {self.directory}: {error}") from error
         recover(self.directory, compression=compression)
+        # pyarrow imports pandas on its first conversion (~0.5 s, holding the GIL): paid here, while
+        # the model loads, not by the first batch, whose rows would wait that long to be durable.
+        pa.array(np.zeros(1, np.int64))
         self.model, self.version = model, int(version)
         self._inputs = tuple(declared_in) if capture_inputs else ()
         self._outputs = tuple(declared_out) if capture_outputs else ()
