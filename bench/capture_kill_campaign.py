@@ -50,14 +50,16 @@ def main() -> None:
               f"{rows_per_flush:>10.1f} {kill.ready_s:>7.2f}")  # fmt: skip
     sent = set().union(*(kill.sent for kill in campaign.rounds))
     answered = set().union(*(kill.answered for kill in campaign.rounds))
-    tears = {tear: sum(kill.tear == tear for kill in campaign.rounds) for tear in sorted({k.tear for k in campaign.rounds})}
+    tear_kinds = sorted({kill.tear for kill in campaign.rounds})
+    tears = {tear: sum(kill.tear == tear for kill in campaign.rounds) for tear in tear_kinds}
     ready = [kill.ready_s for kill in campaign.rounds]
     print(f"kills {len(campaign.rounds)} (+1 final start), tears {tears}")
     cut = set().union(*(kill.torn_ids for kill in campaign.rounds))
+    lost_otherwise = len(answered - campaign.rows.keys() - cut)
     print(f"sent {len(sent)}, answered {len(answered)}, captured {len(campaign.rows)} (each once), "
-          f"cut on purpose {len(cut)}, answered and lost otherwise {len(answered - campaign.rows.keys() - cut)}")  # fmt: skip
-    print(f"answered rows lost per kill (not cut): median {statistics.median(lost)}, max {max(lost)}; "
-          f"rows one {FLUSH_INTERVAL_S * 1000:.0f} ms flush interval carries: median {statistics.median(per_flush):.1f}")
+          f"cut on purpose {len(cut)}, answered and lost otherwise {lost_otherwise}")  # fmt: skip
+    print(f"answered rows lost per kill (not cut): median {statistics.median(lost)}, max {max(lost)}; rows one "
+          f"{FLUSH_INTERVAL_S * 1000:.0f} ms flush interval carries: median {statistics.median(per_flush):.1f}")
     print(f"restart to ready: median {statistics.median(ready):.2f} s, max {max(ready):.2f} s")
 
 

@@ -381,8 +381,8 @@ def run_kill_campaign(root: Path, *, seed: int, kills: int, rotate_mb: float = 0
             try:
                 target = rng.randint(50, 1500)  # about 0.1 to 2 s of the stream; rotation every ~1 s
                 flushed = wait_for(
-                    lambda: (written := server.capture()["rows_written"]) >= target and written,
-                    f"{target} captured rows to be flushed", server.process,
+                    lambda server=server, target=target: (written := server.capture()["rows_written"]) >= target
+                    and written, f"{target} captured rows to be flushed", server.process,
                 )  # fmt: skip
                 assert stream.running(), f"the stream ended before the kill: {stream.failures}"
                 server.process.send_signal(signal.SIGKILL)

@@ -146,8 +146,8 @@ class MonitorFamilies:
     def all(self) -> Iterator[Metric]:
         yield from (
             self.score, self.p_value, self.alert, self.missing, self.out_of_range, self.model_alert,
-            self.outlier_rate, self.window_rows, self.reference_ready, self.dropped, self.captured, self.capture_dropped,
-            self.labels, self.pending, self.realized, self.alerts, self.triggers,
+            self.outlier_rate, self.window_rows, self.reference_ready, self.dropped, self.captured,
+            self.capture_dropped, self.labels, self.pending, self.realized, self.alerts, self.triggers,
         )  # fmt: skip
 
 
