@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
+
+import conveyor
 
 DEADLINE_S = 30.0  # bound on every wait; a healthy run takes a fraction of it
 POLL_S = 0.02  # the pause between two looks at a condition waited on
+EXAMPLE_MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 
 def free_port() -> int:
@@ -30,3 +37,25 @@ def wait_for(condition: Callable[[], Any], what: str, process: subprocess.Popen 
             raise AssertionError(f"the server exited with code {process.returncode} while waiting for {what}")
         time.sleep(POLL_S)
     raise AssertionError(f"timed out after {DEADLINE_S} s waiting for {what}")
+
+
+def start_serve(root: Path, flags: list[str], models: Iterable[str] = ("tiny", "text_classifier")) -> subprocess.Popen:
+    """`conveyor serve root/repo <flags>` over copies of the example `models`, logging to root/serve.log.
+
+    The environment's CONVEYOR_* variables are dropped, so that only `flags` configure it.
+    """
+    for model in models:
+        shutil.copytree(EXAMPLE_MODELS / model, root / "repo" / model)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--data-dir", str(root / "data"), *flags]
+    with open(root / "serve.log", "wb") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of process `pid`, read from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")

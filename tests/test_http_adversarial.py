@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import conveyor
 import pytest
-from processes import DEADLINE_S, free_port, wait_for
+from processes import DEADLINE_S, free_port, rss_bytes, start_serve, wait_for
 
-REPOSITORY = Path(__file__).resolve().parents[1] / "examples" / "models"
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADER_COUNT = 50
@@ -82,22 +77,15 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("adversarial")
-    for model in ("tiny", "text_classifier"):
-        shutil.copytree(REPOSITORY / model, root / "repo" / model)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
-    command = [
-        sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--http-port", str(port), "--grpc-port", "0",
-        "--data-dir", str(root / "data"), "--max-request-bytes", str(MAX_REQUEST_BYTES),
+    process = start_serve(root, [
+        "--http-port", str(port), "--grpc-port", "0", "--max-request-bytes", str(MAX_REQUEST_BYTES),
         "--max-header-bytes", str(MAX_HEADER_BYTES), "--max-header-count", str(MAX_HEADER_COUNT),
         "--max-connections", str(MAX_CONNECTIONS), "--max-json-depth", str(MAX_JSON_DEPTH),
         "--max-request-chunks", str(MAX_REQUEST_CHUNKS), "--idle-timeout-s", str(TIMEOUT_S),
         "--request-read-timeout-s", str(TIMEOUT_S),
-    ]  # fmt: skip
+    ])  # fmt: skip
     log_path = root / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     served = Server(process, port, log_path)
     try:
         wait_for(served.live, "the server to be live", process=process)
@@ -325,13 +313,6 @@ def test_connections_over_the_limit_are_refused_with_503(server: Server) -> None
     wait_for(server.live, "the server to take connections again once the held ones closed")
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
 def test_memory_stays_bounded_over_repeated_attacks(server: Server) -> None:
     """Triton's bar (L0_http): 100 refused gzip bombs grow RSS by under 32 MiB. Here bombs, chunk
@@ -347,10 +328,10 @@ def test_memory_stays_bounded_over_repeated_attacks(server: Server) -> None:
     for _ in range(20):
         for data in attacks:
             server.exchange(data)
-    before = _rss_bytes(server.process.pid)
+    before = rss_bytes(server.process.pid)
     for _ in range(40):
         for data in attacks:
             server.exchange(data)
-    growth = _rss_bytes(server.process.pid) - before
+    growth = rss_bytes(server.process.pid) - before
     assert growth < 32 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over 160 refused attacks"
     assert server.live()

@@ -3,8 +3,9 @@
 Thin by design: each RPC decodes its message (conveyor.protocol.grpc.codec), calls
 the data plane the HTTP server also calls, and encodes the answer. It runs on the
 caller's event loop, uvloop or not. Every failure becomes that call's status: a
-ConveyorError gets the code of the shared error table, anything else is INTERNAL
-and logged with its traceback; the server itself never stops because of a request.
+ConveyorError gets the code of the shared error table, bytes that are not the RPC's
+message get INVALID_ARGUMENT, anything else is INTERNAL and logged with its traceback;
+the server itself never stops because of a request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from conveyor.errors import ConveyorError, InvalidInput, Unavailable
 from conveyor.protocol.errors import grpc_code_for
@@ -56,6 +60,10 @@ HEALTH_RPCS = frozenset({
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+class ResponseTooLarge(ConveyorError):
+    """An answer over the server's gRPC message limit: RESOURCE_EXHAUSTED, not a failed send."""
+
+
 def _rpc(handler: _Handler) -> _Handler:
     """Turn every exception of `handler` into the call's gRPC status."""
 
@@ -63,6 +71,8 @@ def _rpc(handler: _Handler) -> _Handler:
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
+        except ResponseTooLarge as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except ConveyorError as exc:
             code, message = grpc.StatusCode[grpc_code_for(exc)], client_message(exc)
         except Exception as exc:  # a bug: report it on this call, keep serving
@@ -74,10 +84,15 @@ def _rpc(handler: _Handler) -> _Handler:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED."""
+    """GRPCInferenceService over one DataPlane. Unlisted RPCs answer UNIMPLEMENTED.
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    `max_message_bytes`: the server's send limit; a larger inference answer is refused
+    with RESOURCE_EXHAUSTED (grpc would fail the send and log an error for each one).
+    """
+
+    def __init__(self, dataplane: DataPlane, max_message_bytes: int | None = None) -> None:
         self.dataplane = dataplane
+        self.max_message_bytes = max_message_bytes
 
     # -- health and metadata -----------------------------------------------------------
 
@@ -116,19 +131,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, context)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming inference: every request of the stream is answered on it.
 
         Requests run side by side (so that they batch together) and are answered in the
         order they complete, each answer carrying its request's id. A request that fails
-        is answered with its error message, and the stream goes on.
+        (undecodable bytes included) is answered with its error message, and the stream goes on.
         """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)  # released once an answer is sent
         running: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest | Undecodable) -> None:
             answers.put_nowait(await self._stream_answer(request, context))
 
         async def read() -> None:
@@ -160,9 +175,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise Unavailable("the server is shutting down and accepts no new requests")
         # The metadata is read (for a rollout's routing key) only when a rollout routes the request.
         response = await self.dataplane.infer(codec.infer_request_from_proto(request), context.invocation_metadata)
-        return codec.infer_response_to_proto(response)
+        message = codec.infer_response_to_proto(response)
+        if self.max_message_bytes is not None and (size := message.ByteSize()) > self.max_message_bytes:
+            raise ResponseTooLarge(
+                f"model '{response.model_name}': the response is {size} bytes, over the server's gRPC message "
+                f"limit of {self.max_message_bytes} bytes (--grpc-max-message-bytes): send fewer rows (or a "
+                "shorter request id) per request, or start the server with a larger limit"
+            )
+        return message
 
-    async def _stream_answer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest | Undecodable, context: Any
+    ) -> pb.ModelStreamInferResponse:
+        if isinstance(request, Undecodable):
+            return pb.ModelStreamInferResponse(error_message=request.message)
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
         except ConveyorError as exc:
@@ -172,7 +198,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             message = client_message(exc)
         failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                        id=request.id)
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+        answer = pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+        if self.max_message_bytes is not None and answer.ByteSize() > self.max_message_bytes:
+            answer.infer_response.id = ""  # an id near the limit: the error must still fit in a message
+        return answer
 
     @_rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
@@ -240,6 +269,116 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
 
 
+class Undecodable:
+    """What a request deserializer gives for bytes that are not its message (see CallGuard)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _total_deserializer(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    # grpc answers a deserializer's exception with UNKNOWN; bad bytes are the caller's error.
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(
+                f"{method}: the request is not a valid protobuf message for this RPC ({exc}); send the messages "
+                "of KServe v2's grpc_predict_v2.proto (or Triton's grpc_service.proto)"
+            )
+
+    return decode
+
+
+class CallGuard(grpc.aio.ServerInterceptor):
+    """Answers undecodable requests with INVALID_ARGUMENT and counts the calls in flight.
+
+    A request stream's undecodable messages arrive as Undecodable items: the servicer
+    answers them (ModelStreamInfer: with the message, on the stream).
+
+    Innermost interceptor: it sees only the registered handlers, so its cache of wrapped
+    handlers holds one entry per method.
+    """
+
+    def __init__(self) -> None:
+        self.calls_in_flight = 0  # read by GrpcCollector; changed only on the server's loop
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        guard = self
+        deserializer = _total_deserializer(handler.request_deserializer, method)
+        if handler.request_streaming:
+            # Undecodable messages of a stream reach the servicer, which answers each on the
+            # stream: aborting here, from the task reading requests, would race its writes.
+            inner = handler.stream_stream or handler.stream_unary
+
+            if handler.response_streaming:
+                async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    guard.calls_in_flight += 1
+                    try:
+                        async for response in inner(requests, context):
+                            yield response
+                    finally:
+                        guard.calls_in_flight -= 1
+            else:
+                async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                    guard.calls_in_flight += 1
+                    try:
+                        return await inner(requests, context)
+                    finally:
+                        guard.calls_in_flight -= 1
+        elif handler.response_streaming:
+            inner = handler.unary_stream
+
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                guard.calls_in_flight += 1
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                finally:
+                    guard.calls_in_flight -= 1
+        else:
+            inner = handler.unary_unary
+
+            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                guard.calls_in_flight += 1
+                try:
+                    return await inner(request, context)
+                finally:
+                    guard.calls_in_flight -= 1
+
+        return _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](
+            behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+
+
+class GrpcCollector(Collector):
+    """conveyor_grpc_calls_in_flight: the gRPC calls a CallGuard has seen start and not end."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Any:
+        gauge = GaugeMetricFamily("conveyor_grpc_calls_in_flight", "gRPC calls being handled (streams included).")
+        gauge.add_metric((), self.guard.calls_in_flight)
+        yield gauge
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC outside OPEN_RPCS with UNAUTHENTICATED unless the call carries the API key."""
 
@@ -269,17 +408,21 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]  # fmt: skip
+    kind = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     return kind(refuse, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
+# (request streaming, response streaming) -> the grpc function making that kind of handler
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+}  # fmt: skip
+
+
 async def start_grpc_server(
     dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None,
-    api_key_scope: str = "control",
+    api_key_scope: str = "control", registry: CollectorRegistry | None = None,
 ) -> grpc.aio.Server:
     """Serve GRPCInferenceService and health on host:port; returns the started server.
 
@@ -287,9 +430,13 @@ async def start_grpc_server(
     in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
     it (outside HEALTH_RPCS with `api_key_scope` "all"; see ApiKeyInterceptor). Raises
     OSError naming the address when it cannot be bound (for instance, the port is taken).
+    `registry` (the /metrics registry) gets the conveyor_grpc_calls_in_flight gauge.
     """
+    guard = CallGuard()
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_ENDED_CALL_FILTER)
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key, api_key_scope)] if api_key else None,
+        # The API key is checked first; CallGuard must see only registered handlers (innermost).
+        interceptors=[ApiKeyInterceptor(api_key, api_key_scope), guard] if api_key else [guard],
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -297,7 +444,7 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, max_message_bytes), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(dataplane), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -309,7 +456,27 @@ async def start_grpc_server(
             errno.EADDRINUSE, f"cannot listen for gRPC on {address}: the port is in use or the address is not local"
         )
     await server.start()
+    if registry is not None:
+        registry.register(GrpcCollector(guard))
     return server
+
+
+class _EndedCallFilter(logging.Filter):
+    """grpc logs an answer sent to a call that ended meanwhile (its deadline passed, its client
+    cancelled) as an ERROR with a traceback: routine for a server, and a way for any client to
+    flood the log. It becomes one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("ExecuteBatchError raised in core"):
+            original = record.getMessage()
+            record.msg = "%s: the answer was not sent (the call ended first: deadline passed or client gone)"
+            record.args = (original,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_ENDED_CALL_FILTER = _EndedCallFilter()  # one instance: addFilter adds it once however many servers start
 
 
 def _check_repository(name: str) -> None:

@@ -97,7 +97,7 @@ class Server:
         await asyncio.to_thread(self.manager.start, o.load_models)
         self._log_models()
         self.rollouts.start_ticking(self.rollout_tick_interval_s)
-        metrics = _metrics_renderer(self.runtime, self.rollouts)
+        registry, metrics = _metrics_renderer(self.runtime, self.rollouts)
         self.http_app = HttpApp(
             self.dataplane,
             max_request_bytes=o.max_request_bytes,
@@ -131,7 +131,7 @@ class Server:
 
             self._grpc = await start_grpc_server(
                 self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key,
-                api_key_scope=o.api_key_scope,
+                api_key_scope=o.api_key_scope, registry=registry,
             )
             log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
         if o.model_control_mode == "poll":
@@ -221,12 +221,13 @@ def _bound_port(server: asyncio.base_events.Server) -> int:
 
 
 def _metrics_renderer(runtime: Runtime, rollouts: RolloutManager):
+    """The /metrics registry (collectors started later join it) and the function rendering it."""
     from conveyor.monitor.metrics import make_registry, render_metrics
     from conveyor.server.rollouts import RolloutCollector
 
     registry = make_registry(runtime)
     registry.register(RolloutCollector(rollouts))
-    return lambda: render_metrics(registry)
+    return registry, lambda: render_metrics(registry)
 
 
 def run_server(options: ServeOptions) -> None:
