@@ -1,0 +1,60 @@
+"""Longer runs of tests/test_grpc_adversarial.py's cancellation storm and HTTP/2 rapid-reset burst.
+
+Starts one `conveyor serve` (the test module's server: tiny, text_classifier and the queue-holding
+"held" model), then runs ROUNDS rounds of each attack, printing after each round how the calls
+ended, the server's RSS (and its growth since the first round), and the in-flight gauges once they
+settle. A leak shows as RSS that keeps climbing round after round; the test suite checks one round.
+
+    PYTHONPATH=python python bench/grpc_adversarial_soak.py [--rounds 10] [--calls 10000] [--resets 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from processes import DEADLINE_S, rss_bytes, wait_for  # noqa: E402
+from test_grpc_adversarial import Server, cancellation_storm, rapid_reset  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of each attack (default 10)")
+    parser.add_argument("--calls", type=int, default=10_000, help="cancelled or expired calls a round")
+    parser.add_argument("--resets", type=int, default=20_000, help="reset HTTP/2 streams a round")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        server = Server(Path(root))
+        try:
+            wait_for(server.ready, "the server to answer gRPC", process=server.process)
+            for name, attack in (("storm", lambda seed: asyncio.run(cancellation_storm(server.address, args.calls,
+                                                                                       seed))),
+                                 ("rapid reset", lambda seed: rapid_reset(server.address, args.resets,
+                                                                          threading.Event()))):  # fmt: skip
+                first = None
+                for round_ in range(args.rounds):
+                    started = time.perf_counter()
+                    ended = attack(round_)
+                    elapsed = time.perf_counter() - started
+                    wait_for(server.idle, "the in-flight gauges to return to 0", process=server.process)
+                    rss = rss_bytes(server.process.pid)
+                    first = rss if first is None else first
+                    print(f"{name} round {round_ + 1}: {elapsed:.1f} s, {dict(sorted(ended.items()))}, "
+                          f"RSS {rss / 2**20:.1f} MiB ({(rss - first) / 2**20:+.1f} MiB since round 1), "
+                          f"in flight after: {server.total('conveyor_requests_in_flight'):.0f} requests, "
+                          f"{server.total('conveyor_grpc_calls_in_flight'):.0f} gRPC calls", flush=True)
+                assert server.answers()
+        finally:
+            server.process.kill()
+            server.process.wait(DEADLINE_S)
+
+
+if __name__ == "__main__":
+    main()
