@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from processes import DEADLINE_S, rss_bytes, wait_for  # noqa: E402
-from test_grpc_adversarial import Server, cancellation_storm, rapid_reset  # noqa: E402
+from processes import DEADLINE_S, rss_bytes, wait_for
+from test_grpc_adversarial import Server, cancellation_storm, rapid_reset
 
 
 def main() -> None:
