@@ -500,8 +500,9 @@ def _grpc_frame(message: bytes) -> bytes:
 def rapid_reset(
     address: str, streams: int, keep_going: threading.Event, started: threading.Event | None = None
 ) -> Counter[str]:
-    """Open ModelInfer streams on raw HTTP/2 connections and reset each at once (RST_STREAM CANCEL),
-    half of them after their message (so that a handler starts). At least `streams` resets, then
+    """Open ModelInfer streams on raw HTTP/2 connections and reset them (RST_STREAM CANCEL): half at
+    once, after their HEADERS; half with the next write, after a whole request to held (their handlers
+    may be running, and their requests queued, by then). At least `streams` resets, then
     on until `keep_going` is cleared; `started` is set once the first resets are written. A
     connection the server ends (GOAWAY, close) is replaced."""
     host, port = address.rsplit(":", 1)
@@ -517,14 +518,25 @@ def rapid_reset(
             seen["connections"] += 1
             sock.setblocking(False)
             try:
+                sent_whole: list[int] = []  # reset with the next write: by then their handlers may run
                 while seen["resets"] < streams or keep_going.is_set():
+                    for stream in sent_whole:
+                        try:
+                            connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+                            seen["resets"] += 1
+                        except h2.exceptions.StreamClosedError:  # held's batch filled: answered already
+                            seen["answered before the reset"] += 1
+                    sent_whole = []
                     for index in range(RESETS_PER_WRITE):
                         stream = connection.get_next_available_stream_id()
-                        connection.send_headers(stream, headers)
                         if index % 2:
-                            connection.send_data(stream, body)
-                        connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
-                    seen["resets"] += RESETS_PER_WRITE
+                            connection.send_headers(stream, headers)
+                            connection.send_data(stream, body, end_stream=True)
+                            sent_whole.append(stream)
+                        else:
+                            connection.send_headers(stream, headers)
+                            connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+                            seen["resets"] += 1
                     sock.setblocking(True)
                     sock.sendall(connection.data_to_send())
                     sock.setblocking(False)
@@ -532,8 +544,8 @@ def rapid_reset(
                         started.set()
                     if _read_ended(sock, connection, seen):
                         break
-            except (ConnectionError, h2.exceptions.ProtocolError):
-                seen["connections ended"] += 1
+            except (ConnectionError, h2.exceptions.ProtocolError) as ended:
+                seen[f"connections ended: {type(ended).__name__}"] += 1
     return seen
 
 
