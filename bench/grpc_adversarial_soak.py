@@ -6,6 +6,7 @@ ended, the server's RSS (and its growth since the first round), and the in-fligh
 settle. A leak shows as RSS that keeps climbing round after round; the test suite checks one round.
 
     PYTHONPATH=python python bench/grpc_adversarial_soak.py [--rounds 10] [--calls 10000] [--resets 20000]
+        [--reset-model held|tiny|none] [--only storm|"rapid reset"]
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds of each attack (default 10)")
     parser.add_argument("--calls", type=int, default=10_000, help="cancelled or expired calls a round")
     parser.add_argument("--resets", type=int, default=20_000, help="reset HTTP/2 streams a round")
+    parser.add_argument("--reset-model", default="held",
+                        help="the model half the reset streams send a whole request to; 'none': headers only")
+    parser.add_argument("--only", choices=["storm", "rapid reset"], help="run one of the two attacks")
     args = parser.parse_args()
+    model = None if args.reset_model == "none" else args.reset_model
     with tempfile.TemporaryDirectory() as root:
         server = Server(Path(root))
         try:
@@ -37,7 +42,9 @@ def main() -> None:
             for name, attack in (("storm", lambda seed: asyncio.run(cancellation_storm(server.address, args.calls,
                                                                                        seed))),
                                  ("rapid reset", lambda seed: rapid_reset(server.address, args.resets,
-                                                                          threading.Event()))):  # fmt: skip
+                                                                          threading.Event(), model=model))):  # fmt: skip
+                if args.only not in (None, name):
+                    continue
                 first = None
                 for round_ in range(args.rounds):
                     started = time.perf_counter()

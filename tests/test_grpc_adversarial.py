@@ -498,17 +498,19 @@ def _grpc_frame(message: bytes) -> bytes:
 
 
 def rapid_reset(
-    address: str, streams: int, keep_going: threading.Event, started: threading.Event | None = None
+    address: str, streams: int, keep_going: threading.Event, started: threading.Event | None = None,
+    model: str | None = "held",
 ) -> Counter[str]:
     """Open ModelInfer streams on raw HTTP/2 connections and reset them (RST_STREAM CANCEL): half at
     once, after their HEADERS; half with the next write, after a whole request to held (their handlers
     may be running, and their requests queued, by then). At least `streams` resets, then
     on until `keep_going` is cleared; `started` is set once the first resets are written. A
-    connection the server ends (GOAWAY, close) is replaced."""
+    connection the server ends (GOAWAY, close) is replaced. `model` None: every stream is reset
+    right after its HEADERS (no handler ever starts)."""
     host, port = address.rsplit(":", 1)
     headers = [(":method", "POST"), (":scheme", "http"), (":path", MODEL_INFER), (":authority", address),
                ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
-    body = _grpc_frame(tiny_request("held").SerializeToString())
+    body = _grpc_frame(tiny_request(model).SerializeToString()) if model is not None else None
     seen: Counter[str] = Counter()
     while seen["resets"] < streams or keep_going.is_set():
         with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as sock:
@@ -529,7 +531,7 @@ def rapid_reset(
                     sent_whole = []
                     for index in range(RESETS_PER_WRITE):
                         stream = connection.get_next_available_stream_id()
-                        if index % 2:
+                        if index % 2 and body is not None:
                             connection.send_headers(stream, headers)
                             connection.send_data(stream, body, end_stream=True)
                             sent_whole.append(stream)
