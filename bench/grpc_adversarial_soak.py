@@ -4,6 +4,8 @@ Starts one `conveyor serve` (the test module's server: tiny, text_classifier and
 "held" model), then runs ROUNDS rounds of each attack, printing after each round how the calls
 ended, the server's RSS (and its growth since the first round), and the in-flight gauges once they
 settle. A leak shows as RSS that keeps climbing round after round; the test suite checks one round.
+The rapid-reset rounds are then repeated against a bare grpc.aio server (one trivial ModelInfer
+handler, no Conveyor) as the baseline, so that growth of grpc's own shows as such.
 
     PYTHONPATH=python python bench/grpc_adversarial_soak.py [--rounds 10] [--calls 10000] [--resets 20000]
         [--reset-model held|tiny|none] [--only storm|"rapid reset"]
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
 import threading
@@ -21,8 +24,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from processes import DEADLINE_S, rss_bytes, wait_for
+from processes import DEADLINE_S, free_port, rss_bytes, wait_for
 from test_grpc_adversarial import Server, cancellation_storm, rapid_reset
+
+BARE_SERVER = """
+import asyncio, sys, grpc
+async def main():
+    server = grpc.aio.server()
+    async def infer(request, context):
+        return b""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def bare_grpc_baseline(rounds: int, resets: int) -> None:
+    """The rapid-reset rounds against a bare grpc.aio server (headers-only resets: it has no model)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        first = None
+        for round_ in range(rounds):
+            started = time.perf_counter()
+            ended = rapid_reset(f"127.0.0.1:{port}", resets, threading.Event(), model=None)
+            rss = rss_bytes(process.pid)
+            first = rss if first is None else first
+            print(f"baseline (bare grpc.aio) rapid reset round {round_ + 1}: {time.perf_counter() - started:.1f} s, "
+                  f"{dict(sorted(ended.items()))}, RSS {rss / 2**20:.1f} MiB ({(rss - first) / 2**20:+.1f} MiB "
+                  "since round 1)", flush=True)
+    finally:
+        process.kill()
+        process.wait(DEADLINE_S)
 
 
 def main() -> None:
@@ -61,6 +99,8 @@ def main() -> None:
         finally:
             server.process.kill()
             server.process.wait(DEADLINE_S)
+    if args.only != "storm":
+        bare_grpc_baseline(args.rounds, args.resets)
 
 
 if __name__ == "__main__":
