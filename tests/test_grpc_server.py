@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import shutil
 import socket
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
-from conveyor.server.grpc_server import InferenceServicer, start_grpc_server
+from conveyor.server.grpc_server import _ENDED_CALL_FILTER, InferenceServicer, start_grpc_server
 from conveyor.server.models import ModelManager
 
 CALL_TIMEOUT_S = 30.0
@@ -672,3 +674,18 @@ def test_servicer_overrides_every_rpc_of_the_generated_base() -> None:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     for method in service.methods:
         assert method.name in vars(InferenceServicer), f"{method.name} is left to protoc's placeholder"
+
+
+def test_a_send_to_an_ended_call_is_one_warning_line() -> None:
+    # grpc logs it as an ERROR with a traceback; any client can cause one by cancelling as the answer goes out.
+    try:
+        raise RuntimeError("Failed execute_batch")
+    except RuntimeError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "server.pyx.pxi", 1,
+                               "ExecuteBatchError raised in core by servicer method [%s]", ("/m/ModelInfer",), exc_info)
+    assert _ENDED_CALL_FILTER.filter(record)
+    assert (record.levelno, record.exc_info) == (logging.WARNING, None)
+    assert record.getMessage().startswith("ExecuteBatchError raised in core by servicer method [/m/ModelInfer]: the answer")
+    other = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "x", 1, "something else", (), exc_info)
+    assert _ENDED_CALL_FILTER.filter(other) and other.levelno == logging.ERROR and other.exc_info is exc_info
