@@ -60,6 +60,8 @@ max_queue_delay_us = 60000000
 
 
 class Server:
+    """`conveyor serve` on tiny, text_classifier and held, with a 1 MiB gRPC message limit."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port, self.grpc_port = free_port(), free_port()
@@ -95,7 +97,7 @@ class Server:
         return "conveyor_grpc_calls_in_flight" in samples and not any(gauges)
 
     def answers(self) -> bool:
-        """A normal ModelInfer on a fresh connection is answered correctly."""
+        """A normal ModelInfer, on a grpc channel (never a raw burst connection), is answered correctly."""
         with grpc.insecure_channel(self.address) as channel:
             response = channel.unary_unary(
                 MODEL_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
@@ -112,6 +114,7 @@ class Server:
 
 
 def tiny_request(model: str = "tiny") -> pb.ModelInferRequest:
+    """A valid request for tiny (or held, the same model): one row of 16 zeros."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=[1, 16])
     request.raw_input_contents.append(bytes(64))
