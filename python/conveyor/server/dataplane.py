@@ -107,9 +107,20 @@ class DataPlane:
         # Every response carries an id: the client's, or one made here (labels sent later
         # to .../feedback refer to it).
         request_id = request.id or new_request_id()
-        results = await self.runtime.infer_async(
-            handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id
-        )
+        try:
+            results = await self.runtime.infer_async(
+                handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id
+            )
+        except Unavailable:
+            # A reload swapped the version out between the lookup and the submit: its batcher
+            # refused the request before running it, so it goes to the version serving now.
+            current = self.handle(request.model_name, request.model_version)
+            if current is handle:
+                raise
+            handle = current
+            results = await self.runtime.infer_async(
+                handle, inputs, priority=priority, timeout_us=timeout_us, request_id=request_id
+            )
         return InferResponse(
             model_name=handle.name,
             model_version=str(handle.version),

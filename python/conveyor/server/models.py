@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from conveyor.config import ModelConfig, parse_model_config
-from conveyor.errors import ConfigError, ConveyorError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.errors import ConfigError, ConveyorError, InvalidInput, ModelExecutionError, ModelNotFound, Unavailable
 from conveyor.pipeline import read_labels_file
 from conveyor.repository import ModelFingerprint, ModelRepository, ModelSource
 from conveyor.runtime import Runtime
@@ -142,6 +142,10 @@ class ModelManager:
                 record.reason = str(exc)
                 record.state = "READY" if record.versions and previous_state == "READY" else "UNAVAILABLE"
                 self._tell("model_load_failed", name, list(record.versions), str(exc))
+                if isinstance(exc, ModelExecutionError):
+                    # The model's own code failed while loading: its files are wrong (400, as
+                    # Triton answers a failed load), not the server (500).
+                    raise ConfigError(str(exc)) from exc
                 raise
             finally:
                 if staging is not None:
@@ -264,9 +268,17 @@ class ModelManager:
         return None if record is None else record.labels.get(output)
 
     def ready(self) -> bool:
-        """Every model the operator asked for is READY (Triton's strict readiness)."""
+        """Every model the operator asked for serves (Triton's strict readiness).
+
+        A model reloading beside the versions it serves counts as serving: a readiness probe
+        must not take the server out of rotation for every reload.
+        """
         with self._state_lock:
-            return all(n in self._records and self._records[n].state == "READY" for n in self._expected)
+            return all(n in self._records and _serving(self._records[n]) for n in self._expected)
+
+
+def _serving(record: ModelRecord) -> bool:
+    return record.state == "READY" or (record.state == "LOADING" and bool(record.versions))
 
 
 def _read_labels(config: ModelConfig, model_dir: Path) -> dict[str, list[str]]:
