@@ -10,8 +10,6 @@ one before, so every reload happens under traffic.
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keepalive_client import Client
 from processes import DEADLINE_S, wait_for
 from server_thread import ServerThread
 
@@ -90,26 +89,6 @@ class Model:
 """
 
 
-class Client:
-    """One keep-alive HTTP connection to the server."""
-
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
-
-    def request(self, method: str, path: str, document: Any = None) -> tuple[int, dict[str, Any]]:
-        body = b"" if document is None else json.dumps(document).encode()
-        self.connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        response = self.connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
-
-    def infer(self, x: float) -> tuple[int, dict[str, Any]]:
-        inputs = [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [x]}]
-        return self.request("POST", f"/v2/models/{MODEL}/infer", {"inputs": inputs})
-
-    def close(self) -> None:
-        self.connection.close()
-
-
 @dataclass
 class Traffic:
     """Client threads inferring in a loop until stopped; every answer is kept."""
@@ -132,7 +111,7 @@ class Traffic:
             sent = 0
             while not self.stop.is_set():
                 x = float(index * 100 + sent % 100)  # exact in FP32, with 1000 * version added
-                status, body = client.infer(x)
+                status, body = client.infer(MODEL, [x])
                 self.answers[index].append((status, body, x))
                 sent += 1
         except BaseException as exc:  # reported by finish()
@@ -291,12 +270,12 @@ def test_the_serving_version_answers_and_the_server_stays_ready_while_a_new_one_
     try:
         wait_for(lambda: [row["state"] for row in _serving_rows(control)] == ["LOADING"], "version 2 to be loading")
         _assert_live_and_ready(control)  # a probe must not take the server out of rotation for a reload
-        assert _answered_version(*control.infer(3.0), 3.0) == 1
+        assert _answered_version(*control.infer(MODEL, [3.0]), 3.0) == 1
     finally:
         gate.touch()
         loader.join(DEADLINE_S)
     assert [status for status, _ in answers] == [200], answers
-    assert _answered_version(*control.infer(3.0), 3.0) == 2
+    assert _answered_version(*control.infer(MODEL, [3.0]), 3.0) == 2
 
 
 def test_a_request_whose_version_is_swapped_out_before_it_is_queued_goes_to_the_new_one(
@@ -317,7 +296,7 @@ def test_a_request_whose_version_is_swapped_out_before_it_is_queued_goes_to_the_
         return await submit(handle, *args, **kwargs)
 
     monkeypatch.setattr(server.runtime, "infer_async", reload_first)
-    assert _answered_version(*control.infer(5.0), 5.0) == 2
+    assert _answered_version(*control.infer(MODEL, [5.0]), 5.0) == 2
     assert swapped == [1]
 
 
@@ -376,4 +355,4 @@ def test_concurrent_loads_and_unloads_answer_only_documented_outcomes(
     _assert_live_and_ready(control)
     assert [(row.get("version"), row["state"]) for row in _serving_rows(control)] == [("1", "READY")]
     assert served.server is not None and served.server.runtime.models() == {MODEL: [1]}
-    assert _answered_version(*control.infer(7.0), 7.0) == 1
+    assert _answered_version(*control.infer(MODEL, [7.0]), 7.0) == 1
