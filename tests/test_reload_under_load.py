@@ -162,10 +162,14 @@ def model_dir(repository_builder: Any) -> Path:
 
 
 @pytest.fixture
-def served(repository_builder: Any, model_dir: Path, tmp_path: Path) -> Iterator[ServerThread]:
+def served(
+    request: pytest.FixtureRequest, repository_builder: Any, model_dir: Path, tmp_path: Path
+) -> Iterator[ServerThread]:
+    """A server in explicit model control, or (parameter "poll") one whose poller the test runs by hand."""
+    mode = getattr(request, "param", "explicit")
     options = ServeOptions(
-        repository=repository_builder.root, http_port=0, grpc_port=0, model_control_mode="explicit",
-        load_models=[MODEL], data_dir=tmp_path / "data",
+        repository=repository_builder.root, http_port=0, grpc_port=0, model_control_mode=mode,
+        load_models=[MODEL] if mode == "explicit" else [], poll_interval_s=3600.0, data_dir=tmp_path / "data",
     )  # fmt: skip
     server = ServerThread(options)
     try:
@@ -181,12 +185,22 @@ def control(served: ServerThread) -> Iterator[Client]:
     client.close()
 
 
-def _reload_under_traffic(control: Client, model_dir: Path, traffic: Traffic, versions: range) -> None:
+def _reload(served: ServerThread, control: Client) -> None:
+    """Load the model again: through the repository API, or as the poller does in poll mode."""
+    assert served.server is not None
+    if served.options.model_control_mode == "poll":
+        assert served.server.manager.poll() == [MODEL]  # what the poller runs on a worker thread
+        return
+    status, body = control.request("POST", f"/v2/repository/models/{MODEL}/load")
+    assert status == 200, body
+
+
+def _reload_under_traffic(served: ServerThread, control: Client, model_dir: Path, traffic: Traffic,
+                          versions: range) -> None:  # fmt: skip
     counts = traffic.wait_for_answers_past([0] * traffic.clients, "the clients' first answers")
     for version in versions:
         _write_version(model_dir, version, VERSIONED_MODEL)
-        status, body = control.request("POST", f"/v2/repository/models/{MODEL}/load")
-        assert status == 200, body
+        _reload(served, control)
         counts = traffic.wait_for_answers_past(counts, f"answers after loading version {version}")
 
 
@@ -202,10 +216,11 @@ def _assert_live_and_ready(control: Client) -> None:
         assert status == 200, (path, body)
 
 
+@pytest.mark.parametrize("served", ["explicit", "poll"], indirect=True)
 def test_reloads_under_load_fail_no_request(served: ServerThread, control: Client, model_dir: Path) -> None:
     traffic = Traffic(served.port, clients=2)
     try:
-        _reload_under_traffic(control, model_dir, traffic, range(2, 2 + RELOADS))
+        _reload_under_traffic(served, control, model_dir, traffic, range(2, 2 + RELOADS))
     finally:
         answers = traffic.finish()
     last = 1 + RELOADS
@@ -227,7 +242,7 @@ def test_a_broken_version_never_replaces_the_serving_one(
 ) -> None:
     traffic = Traffic(served.port, clients=2)
     try:
-        _reload_under_traffic(control, model_dir, traffic, range(2, 4))
+        _reload_under_traffic(served, control, model_dir, traffic, range(2, 4))
         counts = traffic.counts()
         if breakage == "config cannot be read":
             _write_version(model_dir, 4, VERSIONED_MODEL)
