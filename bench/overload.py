@@ -105,8 +105,8 @@ def ms(values: np.ndarray) -> dict[str, float]:
     if len(values) == 0:
         return {"count": 0}
     p50, p99, top = np.percentile(values / 1e6, [50, 99, 100])
-    return {"count": int(len(values)), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2),
-            "max_ms": round(float(top), 2)}  # fmt: skip
+    return {"count": len(values), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2),
+            "max_ms": round(float(top), 2)}
 
 
 def measure_capacity(server: ServedProcess, samples: list[dict[str, np.ndarray]], args: argparse.Namespace) -> float:
@@ -178,7 +178,7 @@ def overload_http(server: ServedProcess, samples: list, capacity: float, args: a
         "accepted_latency_after": ms(latency[run.ok & window(after_at, end_at)]),
         "back_to_normal_s": recovery_s(run, after_at, end_at, baseline_p99),
         "rss_mib": {"start": round(rss_samples[0] / 2**20, 1), "max": round(max(rss_samples) / 2**20, 1),
-                    "end": round(rss_samples[-1] / 2**20, 1)},  # fmt: skip
+                    "end": round(rss_samples[-1] / 2**20, 1)},
         "server_cpu_share": round(server_cpu_share, 2),
         "generator_overhead": round(run.generator_overhead, 3),
         "late_sends": run.late_sends,
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         capacity = measure_capacity(server, samples, args)
         report: dict[str, Any] = {
             "model": {"batch_ms": args.batch_ms, "max_batch": args.max_batch, "queue_size": args.queue_size,
-                      "nominal_capacity_rps": round(args.max_batch * 1000 / args.batch_ms, 1)},  # fmt: skip
+                      "nominal_capacity_rps": round(args.max_batch * 1000 / args.batch_ms, 1)},
             "measured_capacity_rps": round(capacity, 1),
             "http": overload_http(server, samples, capacity, args),
         }
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = [report["http"]] + ([report["grpc"]] if "grpc" in report else [])
     report["pass"] = {
         "refusals_are_503_or_unavailable": all(
-            "queue full" in text and (text.startswith("HTTP 503") or text.startswith("gRPC UNAVAILABLE"))
+            "queue full" in text and text.startswith(("HTTP 503", "gRPC UNAVAILABLE"))
             for part in refusals for text in part["errors"]
         ),
         f"refusal_p99_under_{REFUSAL_BOUND_MS:g}_ms": all(
