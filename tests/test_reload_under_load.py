@@ -10,6 +10,7 @@ one before, so every reload happens under traffic.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from keepalive_client import Client
 from processes import DEADLINE_S, wait_for
 from server_thread import ServerThread
 
+from conveyor.runtime import ModelHandle
 from conveyor.server.serve import ServeOptions
 
 MODEL = "versioned"
@@ -210,6 +212,12 @@ def _serving_rows(control: Client) -> list[dict[str, Any]]:
     return [row for row in rows if row["name"] == MODEL]
 
 
+def _live_versions() -> int:
+    """The model versions of MODEL still in memory, in any server of this process (after a full collection)."""
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if type(obj) is ModelHandle and obj.name == MODEL)
+
+
 def _assert_live_and_ready(control: Client) -> None:
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
         status, body = control.request("GET", path)
@@ -218,6 +226,7 @@ def _assert_live_and_ready(control: Client) -> None:
 
 @pytest.mark.parametrize("served", ["explicit", "poll"], indirect=True)
 def test_reloads_under_load_fail_no_request(served: ServerThread, control: Client, model_dir: Path) -> None:
+    versions_in_memory = _live_versions()
     traffic = Traffic(served.port, clients=2)
     try:
         _reload_under_traffic(served, control, model_dir, traffic, range(2, 2 + RELOADS))
@@ -234,6 +243,7 @@ def test_reloads_under_load_fail_no_request(served: ServerThread, control: Clien
     assert len(seen) > 2, seen  # the clients were answered by versions loaded in between
     assert [(row.get("version"), row["state"]) for row in _serving_rows(control)] == [(str(last), "READY")]
     _assert_live_and_ready(control)
+    assert _live_versions() == versions_in_memory  # every replaced version was freed, its batcher with it
 
 
 @pytest.mark.parametrize("breakage", ["model raises while loading", "config cannot be read"])
@@ -330,6 +340,7 @@ ALLOWED_ANSWERS: dict[str, dict[int, Callable[[str], bool]]] = {
 def test_concurrent_loads_and_unloads_answer_only_documented_outcomes(
     served: ServerThread, control: Client, model_dir: Path
 ) -> None:
+    versions_in_memory = _live_versions()
     outcomes: list[tuple[str, int, str]] = []
     errors: list[BaseException] = []
 
@@ -371,3 +382,4 @@ def test_concurrent_loads_and_unloads_answer_only_documented_outcomes(
     assert [(row.get("version"), row["state"]) for row in _serving_rows(control)] == [("1", "READY")]
     assert served.server is not None and served.server.runtime.models() == {MODEL: [1]}
     assert _answered_version(*control.infer(MODEL, [7.0]), 7.0) == 1
+    assert _live_versions() == versions_in_memory  # every unloaded version was freed

@@ -83,7 +83,7 @@ class ModelHandle:
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
             outputs=outputs + [monitor.flags_output] if watched else outputs,
-            executor=self._execute if native is None else native,
+            executor=_batch_executor(backends, self.python_steps) if native is None else native,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us,
             preferred_batch_sizes=list(batching.preferred_batch_sizes),
@@ -97,13 +97,6 @@ class ModelHandle:
             pipeline=None if steps is None else steps.core,
             **({"monitor": monitor.core} if watched else {}),
         )
-
-    def _execute(self, inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
-        # Called by the batcher's instance thread, GIL held, once per batch.
-        backend = self.backends[instance if len(self.backends) > 1 else 0]
-        steps = self.python_steps
-        outputs = backend.execute(list(inputs) if steps is None else steps.backend_inputs(inputs, instance))
-        return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
 
     def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
         """The inputs as a tuple in config order; names checked, non-arrays converted."""
@@ -166,6 +159,20 @@ class ModelHandle:
             backend.close()
         if self.monitor is not None:
             self.monitor.close()
+
+
+def _batch_executor(backends: list[Backend], steps: ModelSteps | None) -> Callable[[tuple, int], list[np.ndarray]]:
+    """The batcher's executor. A closure, not a method of the ModelHandle: the batcher holds
+    it, and a reference back to the handle would be a cycle through C++ that no garbage
+    collector sees, so every replaced or unloaded version (its batcher, its counters) leaked."""
+
+    def execute(inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
+        # Called by the batcher's instance thread, GIL held, once per batch.
+        backend = backends[instance if len(backends) > 1 else 0]
+        outputs = backend.execute(list(inputs) if steps is None else steps.backend_inputs(inputs, instance))
+        return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
+
+    return execute
 
 
 def core_output_specs(config: ModelConfig, steps: ModelSteps | None) -> list[tuple[str, str, list[int]]]:
