@@ -81,7 +81,7 @@ class Clients:
         self.lock = threading.Lock()
         self.outcomes: Counter[tuple[str, int, str]] = Counter()  # (phase, status, error) -> requests
         self.versions: Counter[tuple[str, int]] = Counter()  # (phase, answering version) -> requests
-        self.latencies_ns: list[int] = []
+        self.latencies_ns: dict[str, list[int]] = {}  # phase -> request latencies
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
         for thread in self.threads:
             thread.start()
@@ -112,7 +112,7 @@ class Clients:
                 self.outcomes[(phase, status, error)] += 1
                 if version > 0:
                     self.versions[(phase, version)] += 1
-                self.latencies_ns.append(elapsed)
+                self.latencies_ns.setdefault(phase, []).append(elapsed)
             sent += 1
         connection.close()
 
@@ -124,7 +124,7 @@ class Clients:
 
 def reload_phase(server: ServedProcess, model_dir: Path, clients: Clients, args: argparse.Namespace) -> dict[str, Any]:
     clients.phase = "reloads"
-    version, load_s, refused = 1, [], Counter()
+    version, load_s, refused, rss_mib = 1, [], Counter(), []
     end = time.monotonic() + args.duration_s
     next_at = time.monotonic()
     while time.monotonic() < end:
@@ -139,8 +139,10 @@ def reload_phase(server: ServedProcess, model_dir: Path, clients: Clients, args:
             continue
         shutil.rmtree(model_dir / str(version))  # no longer served (the policy serves the latest)
         version += 1
+        rss_mib.append(round(server.rss_bytes() / 2**20, 1))
     return {"reloads_done": version - 1, "loads_refused": dict(refused), "serving_version": version,
-            "load_s": percentiles(np.array(load_s) * 1e3, "ms")}
+            "load_s": percentiles(np.array(load_s) * 1e3, "ms"),
+            "rss_mib_every_25_reloads": rss_mib[::25] + rss_mib[-1:]}
 
 
 def broken_phase(server: ServedProcess, model_dir: Path, clients: Clients, serving: int, seconds: float) -> dict:
@@ -172,8 +174,8 @@ def load_unload_phase(server: ServedProcess, clients: Clients, threads: int, rou
         worker.start()
     for worker in workers:
         worker.join()
-    clients.phase = "after"
     final_status, _ = server.request("POST", f"/v2/repository/models/{MODEL}/load")
+    clients.phase = "after"  # served again from here on
     return {"outcomes": [[*key, n] for key, n in sorted(outcomes.items())], "final_load_status": final_status}
 
 
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     for (phase, _, _), n in clients.outcomes.items():
         totals[phase] += n
     report["requests_by_phase"] = dict(totals)
-    report["client_latency"] = percentiles(np.array(clients.latencies_ns) / 1e6, "ms")
+    report["client_latency"] = {phase: percentiles(np.array(values) / 1e6, "ms")
+                                for phase, values in clients.latencies_ns.items()}
     failed_good = sum(n for (phase, status, _), n in clients.outcomes.items()
                       if phase in ("reloads", "broken", "after") and status != 200)  # fmt: skip
     churn_bad = sum(n for (phase, status, _), n in clients.outcomes.items()
