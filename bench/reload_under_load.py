@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from served_process import ServedProcess, pin_to
+from served_process import ServedProcess, pin_to, pinned
 
 MODEL = "versioned"
 WIDTH = 4
@@ -199,7 +199,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broken-s", type=float, default=5.0, help="traffic after the broken load (default 5)")
     parser.add_argument("--threads", type=int, default=8, help="load/unload threads (default 8)")
     parser.add_argument("--rounds", type=int, default=32, help="load+unload pairs per thread (default 32)")
-    parser.add_argument("--server-cpu", type=int, default=0, help="CPU the server runs on (the clients take the others)")
+    parser.add_argument("--server-cpu", type=int, default=-1, help="CPU the server runs on, the clients on the others (-1: no pinning)")
     return parser.parse_args(argv)
 
 
@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     (model_dir / "config.toml").write_text(CONFIG)
     write_version(model_dir, 1, adder_onnx(1))
     server = ServedProcess(work / "models", work / "serve.log", "--model-control-mode", "explicit",
-                           "--load-model", MODEL, "--log-level", "warning", cpus={args.server_cpu})  # fmt: skip
-    pin_to(set(range(64)) - {args.server_cpu})
+                           "--load-model", MODEL, "--log-level", "warning", cpus=pinned(args.server_cpu))  # fmt: skip
+    if args.server_cpu >= 0:
+        pin_to(set(range(64)) - {args.server_cpu})
     report: dict[str, Any] = {"rss_start_mib": round(server.rss_bytes() / 2**20, 1)}
     clients = Clients(server.http_port, args.clients)
     try:

@@ -31,6 +31,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def pinned(cpu: int) -> set[int] | None:
+    """The CPU set of a --server-cpu flag: None (no pinning) when it is negative."""
+    return None if cpu < 0 else {cpu}
+
+
 def pin_to(cpus: set[int]) -> None:
     """Run this process (the load generator) on `cpus` only, where the machine has them."""
     usable = cpus & os.sched_getaffinity(0)
