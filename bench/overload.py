@@ -216,7 +216,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--after-s", type=float, default=30.0, help="light load after (default 30)")
     parser.add_argument("--grpc-s", type=float, default=20.0, help="gRPC overload length, 0 for none (default 20)")
     parser.add_argument("--connections", type=int, default=128, help="HTTP connections (default 128)")
-    parser.add_argument("--server-cpu", type=int, default=-1, help="CPU the server runs on, the generator on the others (-1: no pinning)")
+    parser.add_argument("--server-cpu", type=int, default=-1,
+                        help="CPU the server runs on, the generator on the others (default -1: no pinning)")
     return parser.parse_args(argv)
 
 
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     (model_dir / "1" / "model.py").write_text(MODEL_PY)
     (model_dir / "config.toml").write_text(CONFIG.format(
         max_batch=args.max_batch, width=WIDTH, queue_size=args.queue_size, batch_ms=args.batch_ms))
-    server = ServedProcess(work / "models", work / "serve.log", "--log-level", "warning", cpus=pinned(args.server_cpu))
+    server = ServedProcess(work / "models", work / "serve.log", "--log-level", "warning",
+                           cpus=pinned(args.server_cpu))
     if args.server_cpu >= 0:
         pin_to(set(range(64)) - {args.server_cpu})
     rng = np.random.default_rng(3)

@@ -199,7 +199,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broken-s", type=float, default=5.0, help="traffic after the broken load (default 5)")
     parser.add_argument("--threads", type=int, default=8, help="load/unload threads (default 8)")
     parser.add_argument("--rounds", type=int, default=32, help="load+unload pairs per thread (default 32)")
-    parser.add_argument("--server-cpu", type=int, default=-1, help="CPU the server runs on, the clients on the others (-1: no pinning)")
+    parser.add_argument("--server-cpu", type=int, default=-1,
+                        help="CPU the server runs on, the clients on the others (default -1: no pinning)")
     return parser.parse_args(argv)
 
 
