@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.profile.loadgen import GrpcTarget, HttpTarget, LoadRun, poisson_schedule, run_open_loop
-from served_process import ServedProcess, pin_to, pinned
+from served_process import ServedProcess, latency_report, pin_to, pinned
 
 MODEL = "limited"
 WIDTH = 4
@@ -103,15 +103,6 @@ class RssSampler:
         return self.samples
 
 
-def ms(values: np.ndarray) -> dict[str, float]:
-    """p50, p99 and max of nanosecond latencies, in ms."""
-    if len(values) == 0:
-        return {"count": 0}
-    p50, p99, top = np.percentile(values / 1e6, [50, 99, 100])
-    return {"count": len(values), "p50_ms": round(float(p50), 2), "p99_ms": round(float(p99), 2),
-            "max_ms": round(float(top), 2)}
-
-
 def measure_capacity(server: ServedProcess, samples: list[dict[str, np.ndarray]], args: argparse.Namespace) -> float:
     with HttpTarget(server.url, MODEL, samples, connections=min(16, args.queue_size)) as target:
         run = run_open_loop(target, np.zeros(args.capacity_queries, np.int64))
@@ -173,12 +164,12 @@ def overload_http(server: ServedProcess, samples: list, capacity: float, args: a
         "queries": run.queries,
         "errors": run.errors,
         "overload_accepted_share": round(float((run.ok & overload).sum() / overload.sum()), 3),
-        "refused_latency": ms(latency[~run.ok & sent & overload]),
+        "refused_latency": latency_report(latency[~run.ok & sent & overload]),
         # From the actual send: without the time a starved generator was late (the box is shared).
-        "refused_latency_from_send": ms((run.completed_ns - run.sent_ns)[~run.ok & sent & overload]),
-        "accepted_latency_overload": ms(latency[run.ok & overload]),
-        "accepted_latency_baseline": ms(latency[baseline]),
-        "accepted_latency_after": ms(latency[run.ok & window(after_at, end_at)]),
+        "refused_latency_from_send": latency_report((run.completed_ns - run.sent_ns)[~run.ok & sent & overload]),
+        "accepted_latency_overload": latency_report(latency[run.ok & overload]),
+        "accepted_latency_baseline": latency_report(latency[baseline]),
+        "accepted_latency_after": latency_report(latency[run.ok & window(after_at, end_at)]),
         "back_to_normal_s": recovery_s(run, after_at, end_at, baseline_p99),
         "rss_mib": {"start": round(rss_samples[0] / 2**20, 1), "max": round(max(rss_samples) / 2**20, 1),
                     "end": round(rss_samples[-1] / 2**20, 1)},
@@ -196,9 +187,9 @@ def overload_grpc(server: ServedProcess, samples: list, capacity: float, args: a
         run = run_open_loop(target, schedule, timeout_s=60.0)
     latency, sent = run.latency_ns, run.completed_ns >= 0
     return {"offered_rps": round(rate, 1), "queries": run.queries, "errors": run.errors,
-            "refused_latency": ms(latency[~run.ok & sent]),
-            "refused_latency_from_send": ms((run.completed_ns - run.sent_ns)[~run.ok & sent]),
-            "accepted_latency": ms(latency[run.ok]),
+            "refused_latency": latency_report(latency[~run.ok & sent]),
+            "refused_latency_from_send": latency_report((run.completed_ns - run.sent_ns)[~run.ok & sent]),
+            "accepted_latency": latency_report(latency[run.ok]),
             "server_cpu_share": round((server.cpu_s() - cpu_before) / (run.duration_ns / 1e9), 2),
             "generator_overhead": round(run.generator_overhead, 3), "late_sends": run.late_sends}  # fmt: skip
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from served_process import ServedProcess, pin_to, pinned
+from served_process import ServedProcess, latency_report, pin_to, pinned
 
 MODEL = "versioned"
 WIDTH = 4
@@ -141,7 +141,7 @@ def reload_phase(server: ServedProcess, model_dir: Path, clients: Clients, args:
         version += 1
         rss_mib.append(round(server.rss_bytes() / 2**20, 1))
     return {"reloads_done": version - 1, "loads_refused": dict(refused), "serving_version": version,
-            "load_s": percentiles(np.array(load_s) * 1e3, "ms"),
+            "load": latency_report(np.array(load_s) * 1e9),
             "rss_mib_every_25_reloads": rss_mib[::25] + rss_mib[-1:]}
 
 
@@ -182,13 +182,6 @@ def load_unload_phase(server: ServedProcess, clients: Clients, threads: int, rou
 def rows(outcomes: Counter) -> list[str]:
     """`phase/action status: error -> count` lines, sorted."""
     return [f"{key[0]} {key[1]}: {key[2] or 'ok'} -> {n}" for key, n in sorted(outcomes.items())]
-
-
-def percentiles(values: np.ndarray, unit: str) -> dict[str, float]:
-    if len(values) == 0:
-        return {}
-    p50, p99, top = np.percentile(values, [50, 99, 100])
-    return {f"p50_{unit}": round(float(p50), 2), f"p99_{unit}": round(float(p99), 2), f"max_{unit}": round(float(top), 2)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -233,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for (phase, _, _), n in clients.outcomes.items():
         totals[phase] += n
     report["requests_by_phase"] = dict(totals)
-    report["client_latency"] = {phase: percentiles(np.array(values) / 1e6, "ms")
-                                for phase, values in clients.latencies_ns.items()}
+    report["client_latency"] = {phase: latency_report(np.array(ns)) for phase, ns in clients.latencies_ns.items()}
     failed_good = sum(n for (phase, status, _), n in clients.outcomes.items()
                       if phase in ("reloads", "broken", "after") and status != 200)  # fmt: skip
     churn_bad = sum(n for (phase, status, _), n in clients.outcomes.items()

@@ -2,7 +2,8 @@
 
 Started in a session of its own (so its whole process group can be stopped), optionally
 pinned to chosen CPUs (the load generator takes the others), with the in-tree build when
-there is one. Used by reload_under_load.py and overload.py.
+there is one; and the latency summary both scripts print. Used by reload_under_load.py
+and overload.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from conveyor.profile.statistics import latency_summary_ms
+
 SOURCE = Path(__file__).resolve().parents[1] / "python"
 READY_TIMEOUT_S = 60.0
+
+
+def latency_report(latency_ns: np.ndarray) -> dict[str, float]:
+    """Count, p50, p99 and max in ms (conveyor's own latency summary, rounded)."""
+    if len(latency_ns) == 0:
+        return {"count": 0}
+    summary = latency_summary_ms(np.asarray(latency_ns))
+    return {"count": len(latency_ns), **{f"{key}_ms": round(summary[key], 2) for key in ("p50", "p99", "max")}}
 
 
 def free_port() -> int:
