@@ -1,11 +1,14 @@
 """Model reloads while clients infer, on a real server over HTTP (Triton's L0_lifecycle class).
 
 The model's answer names its version: y = x + 1000 * version, so every answer is checked
-as this request's own and as coming from the version that says it answered. Reloads are
-driven through the repository API (explicit model control): write the next version
-directory, then load. Everything is counted, nothing timed: the clients run until the
-reloads are done, and each reload waits for both clients to have been answered since the
-one before, so every reload happens under traffic.
+as this request's own and as coming from the version that says it answered. A reload
+writes the next version directory, then loads it through the repository API (explicit
+model control) or runs the repository poller by hand (poll mode). Everything is counted,
+nothing timed: the clients loop until the reloads are done, and each reload waits until
+both clients have been answered since the one before. Also: a broken version, a load held
+open at a gate (the old version serves and the server stays ready meanwhile), a request
+whose version is swapped out between its lookup and its submit, 8 threads loading and
+unloading one model, and that no replaced or unloaded version stays in memory.
 """
 
 from __future__ import annotations
