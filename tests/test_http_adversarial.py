@@ -261,6 +261,22 @@ def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
     assert answer.rstrip().endswith(b"]}]}")  # the infer answer comes last
 
 
+def test_a_client_that_half_closes_after_sending_still_gets_every_answer(server: Server) -> None:
+    """A client may shut its sending side once its requests are out (`nc -N` does). Before the fix
+    the server closed at the half-close and dropped the answers to requests it had accepted and
+    was still serving (inference, the repository index); the wire fuzzer half-closes every case."""
+    body = json.dumps({"inputs": [X]}).encode()
+    data = (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            + b"POST /v2/repository/index HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+    with _open(server) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = _read_until_closed(sock)  # returns once the server closes, after both answers
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 200], answer[:2000]
+    assert b'"outputs"' in answer and b'"state":"READY"' in answer
+
+
 def _open(server: Server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S)
 

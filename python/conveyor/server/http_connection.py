@@ -72,6 +72,7 @@ class HttpProtocol(asyncio.Protocol):
         self.continue_owed = False  # a 100 Continue to send once earlier answers are out
         self.reading = True
         self.failed = False  # an unreadable request was seen: later bytes are ignored
+        self.client_done = False  # the client half-closed: answer what it sent, then close
         self.in_message = False  # between a request's first byte and its last
         self.in_head = False  # between a request's first byte and the end of its headers
         # The timeouts cost a clock read per request: one watchdog per connection looks at
@@ -144,6 +145,15 @@ class HttpProtocol(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         self.transport = None
+
+    def eof_received(self) -> bool:
+        """The client has sent all it will (a half-close, as `nc -N` or a shutdown(SHUT_WR) does).
+
+        Requests it sent in full are still answered, then the connection closes; with none
+        owed it closes at once (returning False lets asyncio close it).
+        """
+        self.client_done = True
+        return self.busy or bool(self.pending)
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
@@ -290,7 +300,10 @@ class HttpProtocol(asyncio.Protocol):
                 self.reading = True
                 self.transport.resume_reading()
         self.busy = False
-        if not self.in_message and not self.pending:
+        if self.client_done and self.transport is not None:
+            self.transport.close()  # every request the client sent is answered
+            self.transport = None
+        elif not self.in_message and not self.pending:
             self.idle_since = self.loop.time()
 
     def _write(self, response: Response, keep_alive: bool) -> None:
