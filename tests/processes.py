@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -59,3 +60,44 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS line")
+
+
+class ServeProcess:
+    """A `conveyor serve` subprocess on free ports, over a copy of some example models.
+
+    `flags` are added to the command line; the log (stdout and stderr) goes to `log_path`.
+    """
+
+    def __init__(self, root: Path, models: tuple[str, ...], flags: list[str]) -> None:
+        self.port = free_port()
+        self.log_path = root / "serve.log"
+        self.process = start_serve(root, ["--http-port", str(self.port), "--grpc-port", "0", *flags], models)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get_status(self, path: str) -> int | None:
+        """The status of GET `path` on a fresh connection, or None when the server does not answer."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        except OSError:
+            return None
+        finally:
+            connection.close()
+
+    def live(self) -> bool:
+        return self.get_status("/v2/health/live") == 200
+
+    def wait_live(self) -> None:
+        wait_for(self.live, "the server to be live", process=self.process)
+
+    def stop(self) -> str:
+        """Kill the server and return its log."""
+        self.process.kill()
+        self.process.wait(DEADLINE_S)
+        return self.log_path.read_text(errors="replace")
