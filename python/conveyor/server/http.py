@@ -154,8 +154,11 @@ class HttpApp:
             return json_response(await dp.feedback(model, version, labels))
         if name == "index":
             request = self._json_object(body, "repository index request") if body else {}
+            ready_only = request.get("ready", False)
+            if not isinstance(ready_only, bool):  # "false" would read as true
+                raise InvalidInput(f"repository index request: 'ready' must be true or false, got {ready_only!r}")
             # The index lists the repository directory: off the event loop.
-            return json_response(await asyncio.to_thread(dp.repository_index, bool(request.get("ready", False))))
+            return json_response(await asyncio.to_thread(dp.repository_index, ready_only))
         if name in ("load", "unload"):
             request = self._json_object(body, f"repository {name} request") if body else {}
             parameters = request.get("parameters") or {}
