@@ -149,6 +149,8 @@ CORPUS = [
              json.dumps({"parameters": {"config": "[" * 250_000 + "]" * 250_000}}).encode()), 400, "nests too deep"),
     ("repository index with a non-boolean 'ready' (\"false\" read as true)",
      request("POST", "/v2/repository/index", b'{"ready": "false"}'), 400, "'ready' must be true or false"),
+    ("repository unload whose 'parameters' is false", request("POST", "/v2/repository/models/tiny/unload",
+                                                              b'{"parameters": false}'), 400, "must be an object"),
     ("binary data without Inference-Header-Content-Length",
      request("POST", "/v2/models/tiny/infer",
              json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],

@@ -161,7 +161,8 @@ class HttpApp:
             return json_response(await asyncio.to_thread(dp.repository_index, ready_only))
         if name in ("load", "unload"):
             request = self._json_object(body, f"repository {name} request") if body else {}
-            parameters = request.get("parameters") or {}
+            parameters = request.get("parameters")
+            parameters = {} if parameters is None else parameters  # false, 0 or [] are refused below
             if not isinstance(parameters, dict):
                 raise InvalidInput(f"repository {name} request: 'parameters' must be an object")
             await (dp.load_model if name == "load" else dp.unload_model)(model, parameters)
