@@ -45,8 +45,8 @@ def test_the_campaign_reaches_every_route() -> None:
 def test_no_fuzzed_request_crashes_hangs_or_gets_a_5xx(server: ServeProcess, tmp_path: Path) -> None:
     requests = build_requests(EVERY)
     campaign = run_campaign(server.port, server.process.pid, tmp_path, every=EVERY, requests=requests)
-    assert campaign.cases == mutation_count(requests)
     assert campaign.failures == [], "\n".join(campaign.failures[:20])
+    assert campaign.cases == mutation_count(requests)  # boofuzz skips the rest of a field that keeps failing
     assert campaign.db_failures == 0  # boofuzz's own record agrees
     assert campaign.rss_growth < RSS_GROWTH_LIMIT_BYTES, f"RSS grew by {campaign.rss_growth / 2**20:.1f} MiB"
     # The cases reached the handlers, not only the parser: some were served, some refused for their content.
