@@ -23,8 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from processes import ServeProcess  # noqa: E402
-from wire_fuzz import RSS_GROWTH_LIMIT_BYTES, SERVE_FLAGS, build_requests, mutation_count, run_campaign  # noqa: E402
+from processes import ServeProcess
+from wire_fuzz import (
+    RSS_GROWTH_LIMIT_BYTES,
+    SERVE_FLAGS,
+    build_requests,
+    mutation_count,
+    run_campaign,
+)
 
 
 def main() -> int:

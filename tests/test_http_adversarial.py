@@ -13,13 +13,12 @@ import gzip
 import json
 import re
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import DEADLINE_S, free_port, rss_bytes, start_serve, wait_for
+from processes import DEADLINE_S, ServeProcess, rss_bytes, wait_for
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_HEADER_BYTES = 8 * 1024
@@ -32,9 +31,8 @@ TIMEOUT_S = 2  # the idle and request-read timeouts: cases that wait for a close
 X = {"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.0] * 16}
 
 
-class Server:
-    def __init__(self, process: subprocess.Popen, port: int, log_path: Path) -> None:
-        self.process, self.port, self.log_path = process, port, log_path
+class Server(ServeProcess):
+    """The server of this module, spoken to on raw sockets."""
 
     def exchange(self, data: bytes) -> bytes:
         """Send `data` (from a thread: the server may answer and stop reading before it is all
@@ -76,24 +74,18 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("adversarial")
-    port = free_port()
-    process = start_serve(root, [
-        "--http-port", str(port), "--grpc-port", "0", "--max-request-bytes", str(MAX_REQUEST_BYTES),
-        "--max-header-bytes", str(MAX_HEADER_BYTES), "--max-header-count", str(MAX_HEADER_COUNT),
-        "--max-connections", str(MAX_CONNECTIONS), "--max-json-depth", str(MAX_JSON_DEPTH),
-        "--max-request-chunks", str(MAX_REQUEST_CHUNKS), "--idle-timeout-s", str(TIMEOUT_S),
-        "--request-read-timeout-s", str(TIMEOUT_S),
+    served = Server(tmp_path_factory.mktemp("adversarial"), ("tiny", "text_classifier"), [
+        "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-header-bytes", str(MAX_HEADER_BYTES),
+        "--max-header-count", str(MAX_HEADER_COUNT), "--max-connections", str(MAX_CONNECTIONS),
+        "--max-json-depth", str(MAX_JSON_DEPTH), "--max-request-chunks", str(MAX_REQUEST_CHUNKS),
+        "--idle-timeout-s", str(TIMEOUT_S), "--request-read-timeout-s", str(TIMEOUT_S),
     ])  # fmt: skip
-    log_path = root / "serve.log"
-    served = Server(process, port, log_path)
     try:
-        wait_for(served.live, "the server to be live", process=process)
+        served.wait_live()
         yield served
     finally:
-        process.kill()
-        process.wait(DEADLINE_S)
-    assert "Traceback" not in log_path.read_text(errors="replace"), log_path.read_text(errors="replace")
+        log = served.stop()
+    assert "Traceback" not in log, log
 
 
 def request(method: str, path: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> bytes:

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from conveyor.server import routes
 from processes import ServeProcess
-from wire_fuzz import ROUTES, RSS_GROWTH_LIMIT_BYTES, SERVE_FLAGS, build_requests, mutation_count, run_campaign
+from wire_fuzz import (
+    ROUTES,
+    RSS_GROWTH_LIMIT_BYTES,
+    SERVE_FLAGS,
+    build_requests,
+    mutation_count,
+    run_campaign,
+)
 
 EVERY = 32  # of each field's mutations, fuzz every 32nd: some 15,000 cases
 

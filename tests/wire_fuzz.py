@@ -33,6 +33,7 @@ from pathlib import Path
 
 import boofuzz
 from boofuzz import Block, Delim, Group, Request, Size, Static, String
+from processes import rss_bytes
 
 # The server the campaign expects: explicit model control with `tiny` loaded, so that the
 # repository routes act; request bodies up to 1 MiB (long fuzz strings stay under it or get 413).
@@ -236,31 +237,28 @@ class HalfClosingConnection(boofuzz.ITargetConnection):
 
     def recv(self, max_bytes: int) -> bytes:
         assert self.sock is not None
-        chunks = []
-        while True:
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except TimeoutError:
-                self.hung = True
-                break
-            except OSError:  # reset: whatever came before it is the answer
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        answer, self.hung = read_until_closed(self.sock)
+        return answer
 
     @property
     def info(self) -> str:
         return f"127.0.0.1:{self.port} (half-closing)"
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of process `pid`, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS line for process {pid}")
+def read_until_closed(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the server writes until it closes, and whether the socket's timeout passed first."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            return b"".join(chunks), True
+        except OSError:  # reset: whatever came before it is the answer
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks), False
 
 
 def health_status(port: int) -> int | None:
@@ -269,17 +267,10 @@ def health_status(port: int) -> int | None:
         with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_DEADLINE_S) as sock:
             sock.sendall(HEALTH_REQUEST)
             sock.shutdown(socket.SHUT_WR)
-            answer = HalfClosingConnection.recv.__get__(_Wrapped(sock))(0)
+            answer, _ = read_until_closed(sock)
     except OSError:
         return None
     return _status_of(answer)
-
-
-class _Wrapped:
-    """Lets health_status read with HalfClosingConnection.recv on a socket of its own."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.hung = sock, False
 
 
 def _status_of(answer: bytes) -> int | None:
