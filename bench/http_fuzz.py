@@ -56,7 +56,8 @@ def main() -> int:
     server = ServeProcess(work_dir, ("tiny",), SERVE_FLAGS)
     try:
         server.wait_live()
-        campaign = run_campaign(server.port, server.process.pid, work_dir, every=args.every, requests=requests)
+        campaign = run_campaign(server.port, server.process.pid, work_dir, every=args.every, requests=requests,
+                                progress_every=50_000)
     finally:
         log = server.stop()
     tracebacks = log.count("Traceback")

@@ -24,6 +24,7 @@ import functools
 import gzip
 import json
 import socket
+import sys
 import time
 import zlib
 from collections import Counter
@@ -300,10 +301,11 @@ class Campaign:
 
 def run_campaign(port: int, pid: int, work_dir: Path, *, every: int,
                  requests: list[Request] | None = None, declared_5xx: frozenset[int] = frozenset(),
-                 index_end: int | None = None) -> Campaign:
+                 progress_every: int = 0) -> Campaign:
     """Fuzz the server listening on `port` (process `pid`); boofuzz's results go under `work_dir`.
 
-    `declared_5xx`: 5xx statuses the server may answer by design (none by default)."""
+    `declared_5xx`: 5xx statuses the server may answer by design (none by default); `progress_every`:
+    print a progress line every that many cases (0: none)."""
     campaign = Campaign()
     connection = HalfClosingConnection(port)
 
@@ -318,6 +320,8 @@ def run_campaign(port: int, pid: int, work_dir: Path, *, every: int,
             line = f"{case}: answered {status}: {(session.last_recv or b'')[:300]!r} to {(session.last_send or b'')[:300]!r}"
             campaign.server_errors.append(line)
             _fail(campaign, fuzz_data_logger, line)
+        if progress_every and campaign.cases % progress_every == 0:
+            print(f"{campaign.cases} cases, {len(campaign.failures)} failures", file=sys.stderr, flush=True)
         health = health_status(port)
         if health != 200:
             _fail(campaign, fuzz_data_logger, f"{case}: /v2/health/live answered {health} afterwards")
@@ -329,7 +333,7 @@ def run_campaign(port: int, pid: int, work_dir: Path, *, every: int,
         fuzz_db_keep_only_n_pass_cases=1,  # passing cases are written only before a failure
         receive_data_after_fuzz=True, receive_data_after_each_request=True,
         post_test_case_callbacks=[check_case],
-        index_end=index_end, restart_sleep_time=0, restart_threshold=1, restart_timeout=ANSWER_DEADLINE_S,
+        restart_sleep_time=0, restart_threshold=1, restart_timeout=ANSWER_DEADLINE_S,
     )  # fmt: skip
     for request in requests if requests is not None else build_requests(every):
         session.connect(request)
