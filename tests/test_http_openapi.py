@@ -15,7 +15,6 @@ from importlib import resources
 
 import pytest
 import schemathesis
-import yaml
 from conveyor.server import routes
 from hypothesis import HealthCheck, settings
 from processes import ServeProcess
@@ -40,9 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 
 
 def test_the_document_describes_every_route_of_the_server() -> None:
-    document = yaml.safe_load(SPEC.read_text())
     described = set()
-    for path, item in document["paths"].items():
+    for path, item in schema.raw_schema["paths"].items():
         concrete = path.format(model_name="tiny", model_version="1", action="pause")
         for method in item.keys() - {"parameters"}:
             route = routes.match_route(method.upper().encode(), concrete)
