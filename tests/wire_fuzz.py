@@ -6,16 +6,16 @@ Inference-Header-Content-Length and Content-Encoding values and JSON or binary b
 fuzzable (one field at a time, boofuzz's own deterministic mutation lists). After every case:
 
 - the answer (read until the server closes: each case half-closes its connection once sent,
-  so every case ends without a timeout) must not be a 5xx, nor missing while the server
-  still holds the connection past DEADLINE_S (a hang);
+  so a case ends as soon as the server is done with it) must not be a 5xx, and the server
+  must not hold the connection past ANSWER_DEADLINE_S without answering (a hang);
 - `/v2/health/live` must answer 200 on a fresh connection.
 
 A broken rule is a boofuzz failure (logged to its SQLite results, as Triton counts them)
 and a line of `Campaign.failures`. `run_campaign` returns the figures: cases, failures,
 statuses seen and the server's resident memory before and after.
 
-Used by tests/test_http_wire_fuzz.py (a bounded subset: `every=16`) and by
-bench/http_fuzz.py (every route, every mutation).
+Used by tests/test_http_wire_fuzz.py (every route, every 32nd mutation of each field) and by
+bench/http_fuzz.py (every route, every mutation, and the body variants of every body route).
 """
 
 from __future__ import annotations
@@ -112,12 +112,16 @@ class _EveryNth:
 
 
 class SampledString(_EveryNth, String):
+    """boofuzz's String, every `every`-th mutation."""
+
     def __init__(self, name: str, value: str, every: int) -> None:
         super().__init__(name, value)
         self.every = every
 
 
 class SampledBytes(_EveryNth, boofuzz.Bytes):
+    """boofuzz's Bytes, every `every`-th mutation."""
+
     def __init__(self, name: str, value: bytes, every: int) -> None:
         super().__init__(name, value)
         self.every = every
@@ -177,7 +181,7 @@ def _requests_for(route: RouteCase, every: int) -> list[Request]:
     if route.name in ("infer", "index", "load") or every == 1:
         requests.append(Request(f"{route.name}-chunked", children=(
             *_head(route, every, (Static("te-name", "Transfer-Encoding: "),
-                                     _string("transfer-encoding", "chunked", every), Static("te-end", "\r\n"))),
+                                  _string("transfer-encoding", "chunked", every), Static("te-end", "\r\n"))),
             Static("head-end", "\r\n"),
             Block("body", encoder=_chunked, children=(_string("json", route.body, every),)),
         )))  # fmt: skip
