@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from processes import ServeProcess
+from processes import FUZZ_SERVE_FLAGS, ServeProcess
 from wire_fuzz import (
     RSS_GROWTH_LIMIT_BYTES,
-    SERVE_FLAGS,
     build_requests,
     mutation_count,
     run_campaign,
@@ -53,7 +52,7 @@ def main() -> int:
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="conveyor-http-fuzz-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(requests)} requests, {mutation_count(requests)} cases; results under {work_dir}", flush=True)
-    server = ServeProcess(work_dir, ("tiny",), SERVE_FLAGS)
+    server = ServeProcess(work_dir, ("tiny",), FUZZ_SERVE_FLAGS)
     try:
         server.wait_live()
         campaign = run_campaign(server.port, server.process.pid, work_dir, every=args.every, requests=requests,

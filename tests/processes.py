@@ -62,6 +62,11 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS line")
 
 
+# The server the fuzz tests drive (wire_fuzz, test_http_openapi): explicit model control with
+# `tiny` loaded, so that the repository routes act; bodies up to 1 MiB (long fuzz strings get 413).
+FUZZ_SERVE_FLAGS = ["--model-control-mode", "explicit", "--load-model", "tiny", "--max-request-bytes", str(1 << 20)]
+
+
 class ServeProcess:
     """A `conveyor serve` subprocess on free ports, over a copy of some example models.
 

@@ -10,6 +10,7 @@ document must also describe exactly the routes the server has.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from importlib import resources
 
@@ -17,19 +18,19 @@ import pytest
 import schemathesis
 from conveyor.server import routes
 from hypothesis import HealthCheck, settings
-from processes import ServeProcess
+from processes import FUZZ_SERVE_FLAGS, ServeProcess
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from wire_fuzz import SERVE_FLAGS
 
 SPEC = resources.files("conveyor.server") / "openapi.yaml"
 schema = schemathesis.openapi.from_path(str(SPEC))
-EXAMPLES_PER_OPERATION = 25
+# 25 in CI; a longer run: OPENAPI_EXAMPLES_PER_OPERATION=500 python -m pytest tests/test_http_openapi.py
+EXAMPLES_PER_OPERATION = int(os.environ.get("OPENAPI_EXAMPLES_PER_OPERATION", "25"))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path_factory.mktemp("openapi"), ("tiny",), SERVE_FLAGS)
+    served = ServeProcess(tmp_path_factory.mktemp("openapi"), ("tiny",), FUZZ_SERVE_FLAGS)
     try:
         served.wait_live()
         yield served

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from conveyor.server import routes
-from processes import ServeProcess
+from processes import FUZZ_SERVE_FLAGS, ServeProcess
 from wire_fuzz import (
     ROUTES,
     RSS_GROWTH_LIMIT_BYTES,
-    SERVE_FLAGS,
     build_requests,
     mutation_count,
     run_campaign,
@@ -29,7 +28,7 @@ EVERY = 32  # of each field's mutations, fuzz every 32nd: some 15,000 cases
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path_factory.mktemp("wire-fuzz"), ("tiny",), SERVE_FLAGS)
+    served = ServeProcess(tmp_path_factory.mktemp("wire-fuzz"), ("tiny",), FUZZ_SERVE_FLAGS)
     try:
         served.wait_live()
         yield served

@@ -36,9 +36,6 @@ import boofuzz
 from boofuzz import Block, Delim, Group, Request, Size, Static, String
 from processes import rss_bytes
 
-# The server the campaign expects: explicit model control with `tiny` loaded, so that the
-# repository routes act; request bodies up to 1 MiB (long fuzz strings stay under it or get 413).
-SERVE_FLAGS = ["--model-control-mode", "explicit", "--load-model", "tiny", "--max-request-bytes", str(1 << 20)]
 RSS_GROWTH_LIMIT_BYTES = 32 * 1024 * 1024  # Triton's bar (L0_http) over a whole campaign
 ANSWER_DEADLINE_S = 30.0  # a case whose connection the server neither answers nor closes in this long hangs
 HEALTH_REQUEST = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
