@@ -10,7 +10,7 @@ Prints the cases, duration, failures, statuses seen, 5xx answers and the growth 
 server's resident memory (bar: under 32 MiB), and exits 1 on any failure.
 
 --every N fuzzes every N-th mutation of each field (1, the default, is all of them: some
-530,000 cases, about an hour on 2 cores); --requests limits the run to some request names
+530,000 cases, 5 to 10 minutes on 2 cores); --requests limits the run to some request names
 (see --list). The CI test tests/test_http_wire_fuzz.py runs a bounded subset.
 """
 
