@@ -106,11 +106,3 @@ class ServeProcess:
         self.process.kill()
         self.process.wait(DEADLINE_S)
         return self.log_path.read_text(errors="replace")
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of process `pid`, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS line for process {pid}")
