@@ -122,6 +122,9 @@ class ModelManager:
         if not files:
             self.repository.model_dir(name)  # InvalidInput or ModelNotFound before any state changes
         checked = _checked_files(name, files) if files else None  # InvalidInput before any state changes
+        # The request's own faults (a bad config, files for a backend whose files run code) are
+        # refused before any state changes too: the model is not expected to serve for them.
+        config = self._override_config(name, config_override, uploaded=bool(files))
         with self._lock:
             with self._state_lock:
                 record = self._records.setdefault(name, ModelRecord(name))
@@ -133,7 +136,7 @@ class ModelManager:
                 fingerprint = self.repository.scan_model(name) if not files else None
                 if checked is not None:
                     staging = _stage_files(name, checked)
-                source = self._source(name, config_override, staging)
+                source = self._source(name, config, staging)
                 self._apply(record, source, staging)
                 record.fingerprint = fingerprint
                 record.state = "READY"
@@ -161,21 +164,29 @@ class ModelManager:
         except Exception:
             log.exception("model %s: the model listener failed on %s", args[0], event)
 
-    def _source(self, name: str, config_override: dict[str, Any] | None, staging: Path | None) -> ModelSource:
-        if staging is None and config_override is None:
-            return self.repository.load_model(name)
-        root = staging if staging is not None else self.repository.model_dir(name)
-        override = dict(config_override or {})
-        if "backend" not in override and staging is None:
+    def _override_config(
+        self, name: str, config_override: dict[str, Any] | None, *, uploaded: bool
+    ) -> ModelConfig | None:
+        """The load request's config override, parsed; None without one."""
+        if config_override is None:
+            return None
+        override = dict(config_override)
+        if "backend" not in override and not uploaded:
             # Triton's overrides often name no backend: keep the one the repository config names.
             override["backend"] = self.repository.load_model(name).config.backend
         config = parse_model_config(override, source=f"config override for model '{name}'", name=name)
-        if staging is not None and config.backend in CODE_BEARING_BACKENDS:
+        if uploaded and config.backend in CODE_BEARING_BACKENDS:
             raise InvalidInput(
                 f"model '{name}': a load request cannot upload files for backend '{config.backend}': its model "
                 "files run code when loaded (Python source, pickles, shared libraries); put the model in the "
                 "repository instead"
             )
+        return config
+
+    def _source(self, name: str, config: ModelConfig | None, staging: Path | None) -> ModelSource:
+        if config is None:
+            return self.repository.load_model(name)
+        root = staging if staging is not None else self.repository.model_dir(name)
         available = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and p.name[0] != "0")
         chosen = config.version_policy.select(available)
         if not chosen:
