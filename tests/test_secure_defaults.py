@@ -356,6 +356,7 @@ def test_no_route_fetches_a_url_or_loads_code_from_a_request(server: Server) -> 
               "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}]}
     status, body = _load(server, "evil", {"config": json.dumps(config), "file:1/model.py": model_py})
     assert status == 400 and "run code when loaded" in body["error"], body
+    assert server.ready()  # a refused request changes no state: "evil" is not expected to serve
 
 
 def test_errors_name_no_directory_of_the_server(server: Server) -> None:
