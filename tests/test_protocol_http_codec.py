@@ -282,6 +282,8 @@ MALFORMED_JSON_CASES = [
     (_json({"inputs": [{"name": 3, "datatype": "FP32", "shape": [1], "data": [1]}]}), "inputs[0] has 'name' 3"),
     (_json({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}), "input 'x' has no 'datatype'"),
     (_one_input(datatype="FP8", data=[1]), "input 'x': unknown datatype 'FP8'; expected one of BOOL, UINT8"),
+    (_one_input(datatype=[2, 1], data=[1]), "input 'x': unknown datatype a list; expected one of BOOL, UINT8"),
+    (_one_input(datatype={"a": 1}, data=[1]), "input 'x': unknown datatype an object; expected one of BOOL"),
     (_json({"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}), "input 'x' has no 'shape'"),
     (_one_input(shape=[2, "3"], data=[1]), "input 'x': 'shape' must be a list of integers, got a list"),
     (_one_input(shape=[2, 1.5], data=[1]), "input 'x': 'shape' must be a list of integers"),

@@ -230,7 +230,7 @@ def _input_header(entry: Any, index: int) -> _InputHeader:
         problem = "has no 'name'" if name is None else f"has 'name' {describe(name)}; expected a non-empty string"
         raise InvalidInput(f"inputs[{index}] {problem}")
     datatype = entry.get("datatype")
-    if datatype not in _KNOWN_DATATYPES:
+    if type(datatype) is not str or datatype not in _KNOWN_DATATYPES:  # a list or object is not hashable
         raise _datatype_error(name, datatype)
     shape = entry.get("shape")
     if type(shape) is not list or not _valid_dims(shape):
