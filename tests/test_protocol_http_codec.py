@@ -134,9 +134,13 @@ def test_json_integers_fill_float_tensors() -> None:
 
 def test_non_finite_json_numbers_are_read() -> None:
     # json.dumps and python-rapidjson write NaN / Infinity, which strict JSON parsers refuse.
-    body = b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [3], "data": [NaN, Infinity, -Infinity]}]}'
-    (decoded,) = decode(body).inputs
+    # A complete surrogate pair is one character, read the same on this slower path.
+    body = (b'{"id": "\\ud83d\\ude00", '
+            b'"inputs": [{"name": "x", "datatype": "FP64", "shape": [3], "data": [NaN, Infinity, -Infinity]}]}')
+    request = decode(body)
+    (decoded,) = request.inputs
     assert np.isnan(decoded.data[0]) and decoded.data[1] == np.inf and decoded.data[2] == -np.inf
+    assert request.id == "\U0001f600"
 
 
 def test_empty_tensors_decode_in_both_forms() -> None:
@@ -283,6 +287,9 @@ MALFORMED_JSON_CASES = [
     (_json({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}), "input 'x' has no 'datatype'"),
     (_one_input(datatype="FP8", data=[1]), "input 'x': unknown datatype 'FP8'; expected one of BOOL, UINT8"),
     (_one_input(datatype=[2, 1], data=[1]), "input 'x': unknown datatype a list; expected one of BOOL, UINT8"),
+    # The json module (read after orjson refuses the escape) would let these through to the response.
+    (b'{"id": "\\ud800", "inputs": []}', "the request's JSON has a string with an unpaired UTF-16 surrogate"),
+    (b'{"inputs": [], "outputs": [{"name": "\\udc00"}]}', "has a string with an unpaired UTF-16 surrogate"),
     (_one_input(datatype={"a": 1}, data=[1]), "input 'x': unknown datatype an object; expected one of BOOL"),
     (_json({"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}), "input 'x' has no 'shape'"),
     (_one_input(shape=[2, "3"], data=[1]), "input 'x': 'shape' must be a list of integers, got a list"),

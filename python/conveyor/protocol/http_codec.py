@@ -181,9 +181,12 @@ def _parse_json(buffer: bytes | memoryview, *, whole_body: bool) -> Any:
     # orjson follows RFC 8259 strictly; the json module also reads NaN and Infinity,
     # which json.dumps and python-rapidjson (tritonclient) write for non-finite floats.
     try:
-        return json.loads(bytes(buffer))
+        document = json.loads(bytes(buffer))
     except (ValueError, RecursionError):
         pass
+    else:
+        _refuse_lone_surrogates(document)
+        return document
     if "depth" in error.msg:  # orjson reads at most 1024 levels
         raise InvalidInput("the request's JSON nests arrays and objects more than 1024 deep; flatten it")
     if whole_body and error.pos > 0 and _is_json(buffer[: error.pos]):
@@ -194,6 +197,21 @@ def _parse_json(buffer: bytes | memoryview, *, whole_body: bool) -> Any:
     raise InvalidInput(
         f"the request's JSON is malformed: {error.msg} at line {error.lineno} column {error.colno} (byte {error.pos})"
     )
+
+
+def _refuse_lone_surrogates(document: Any) -> None:
+    """Raise InvalidInput if a string holds half of a UTF-16 surrogate pair.
+
+    orjson refuses "\\ud800" (it is not Unicode); the json module reads it, and a request id,
+    output name or error message holding it could then not be written back as JSON.
+    """
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            "the request's JSON has a string with an unpaired UTF-16 surrogate (such as \\ud800), which is not "
+            "valid Unicode; send the character itself or both halves of its surrogate pair"
+        ) from None
 
 
 def _is_json(buffer: bytes | memoryview) -> bool:
