@@ -95,3 +95,42 @@ def compiler_runtime(directory: Path, library: str) -> str:
     if not os.path.isabs(path) or not os.path.exists(path):
         pytest.fail(f"{compiler} does not know where {library} is (got {path!r}): install the compiler's sanitizer runtime")
     return path
+
+
+# The child interpreter's sanitizer settings. Python's own allocations live until exit:
+# leak checking would report them all.
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0 halt_on_error=1 abort_on_error=0 exitcode=86",
+    "UBSAN_OPTIONS": "print_stacktrace=1 halt_on_error=1",
+    "PYTHONMALLOC": "malloc",
+}
+# What a sanitizer writes when it finds something (ASan's header, UBSan's diagnostic).
+SANITIZER_REPORT_MARKERS = ("ERROR: AddressSanitizer", "runtime error:")
+
+
+def copy_package() -> None:
+    """The conveyor sources beside the sanitized _core (the build writes only _core there)."""
+    target = sanitized_package_dir() / "conveyor"
+    source = REPO_ROOT / "python" / "conveyor"
+    ignore = shutil.ignore_patterns("_core*.so", "__pycache__", "example_models")
+    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+    examples = target / "example_models"
+    if not examples.exists():
+        examples.symlink_to(REPO_ROOT / "examples" / "models", target_is_directory=True)
+
+
+def sanitized_python() -> dict[str, str]:
+    """Build the AddressSanitizer _core, copy the package around it, and return the environment
+    of a child interpreter that imports it with the sanitizer runtime preloaded and
+    PYTHONMALLOC=malloc (every Python object a heap block ASan watches)."""
+    require_source_checkout()
+    directory = configure_and_build("address", "_core")
+    copy_package()
+    return {
+        **os.environ,
+        **SANITIZER_ENV,
+        # The runtime first; libstdc++ with it, or ASan cannot find __cxa_throw to intercept
+        # (the interpreter itself does not link libstdc++).
+        "LD_PRELOAD": " ".join(compiler_runtime(directory, name) for name in ("libasan.so", "libstdc++.so")),
+        "PYTHONPATH": os.pathsep.join([str(sanitized_package_dir()), str(REPO_ROOT / "tests")]),
+    }

@@ -40,47 +40,10 @@ from conveyor.server.dataplane import DataPlane
 from conveyor.server.grpc_server import _ENDED_CALL_FILTER, InferenceServicer, start_grpc_server
 from conveyor.server.models import ModelManager
 
+from echo_model import write_echo_model
+
 CALL_TIMEOUT_S = 30.0
 STARTUP_MODELS = ["mlp", "tiny", "scaler", "echo"]
-
-ECHO_CONFIG = """\
-# BYTES in and out: the upper-cased text and its length.
-backend = "python"
-max_batch_size = 8
-
-[[inputs]]
-name = "text"
-datatype = "BYTES"
-dims = [1]
-
-[[outputs]]
-name = "upper"
-datatype = "BYTES"
-dims = [1]
-
-[[outputs]]
-name = "length"
-datatype = "INT32"
-dims = [1]
-
-[dynamic_batching]
-max_queue_delay_us = 250
-preferred_batch_sizes = [2, 4]
-priority_levels = 2
-max_queue_size = 100
-"""
-
-ECHO_MODEL = """\
-import numpy as np
-
-
-class Model:
-    def execute(self, inputs):
-        text = inputs["text"][:, 0]
-        upper = np.empty((len(text), 1), dtype=object)
-        upper[:, 0] = [item.upper() for item in text]
-        return {"upper": upper, "length": np.array([[len(item)] for item in text], dtype=np.int32)}
-"""
 
 
 class LoopThread:
@@ -121,9 +84,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp("grpc") / "models"
     shutil.copytree(conveyor.example_repository(), root)
     shutil.copytree(root / "tiny", root / "spare")  # loaded and unloaded by the repository tests
-    (root / "echo" / "1").mkdir(parents=True)
-    (root / "echo" / "config.toml").write_text(ECHO_CONFIG)
-    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    write_echo_model(root)
 
     loop = LoopThread(request.param)  # first: skips the uvloop run where uvloop is missing
     runtime = Runtime()

@@ -11,19 +11,16 @@ block ASan watches and cached pool blocks are poisoned. Any report fails the run
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 
 import pytest
 
 from sanitizer_build import (
     REPO_ROOT,
-    compiler_runtime,
-    configure_and_build,
-    require_source_checkout,
+    SANITIZER_REPORT_MARKERS,
     run,
     sanitized_package_dir,
+    sanitized_python,
 )
 
 # The tests that cross the edge most: the runtime and its loop bridge, pipelines,
@@ -37,45 +34,16 @@ SANITIZED_TESTS = [
     "tests/test_trees_backend.py",
 ]
 
-SANITIZER_ENV = {
-    # Python's own allocations live until exit: leak checking would report them all.
-    "ASAN_OPTIONS": "detect_leaks=0 halt_on_error=1 abort_on_error=0 exitcode=86",
-    "UBSAN_OPTIONS": "print_stacktrace=1 halt_on_error=1",
-    "PYTHONMALLOC": "malloc",
-}
-
-
-def _copy_package() -> None:
-    """The conveyor sources beside the sanitized _core (the build writes only _core there)."""
-    target = sanitized_package_dir() / "conveyor"
-    source = REPO_ROOT / "python" / "conveyor"
-    ignore = shutil.ignore_patterns("_core*.so", "__pycache__", "example_models")
-    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
-    examples = target / "example_models"
-    if not examples.exists():
-        examples.symlink_to(REPO_ROOT / "examples" / "models", target_is_directory=True)
-
-
 @pytest.mark.slow
 def test_binding_tests_pass_under_address_sanitizer() -> None:
-    require_source_checkout()
-    build_dir = configure_and_build("address", "_core")
-    _copy_package()
-    env = {
-        **os.environ,
-        **SANITIZER_ENV,
-        # The runtime first; libstdc++ with it, or ASan cannot find __cxa_throw to intercept
-        # (the interpreter itself does not link libstdc++).
-        "LD_PRELOAD": " ".join(compiler_runtime(build_dir, name) for name in ("libasan.so", "libstdc++.so")),
-        "PYTHONPATH": os.pathsep.join([str(sanitized_package_dir()), str(REPO_ROOT / "tests")]),
-    }
+    env = sanitized_python()
     command = [
         # --capture=sys: a sanitizer report goes to the real stderr, not a capture file.
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys", "--rootdir", str(REPO_ROOT),
         "-c", str(REPO_ROOT / "pyproject.toml"), *SANITIZED_TESTS,
     ]  # fmt: skip
     output = run(command, "the binding tests under AddressSanitizer", env=env, timeout_s=1800)
-    assert "ERROR: AddressSanitizer" not in output and "runtime error:" not in output, output[-20_000:]
+    assert not any(marker in output for marker in SANITIZER_REPORT_MARKERS), output[-20_000:]
     assert " passed" in output and " failed" not in output, output[-20_000:]
     # The child imported the sanitized module, not an installed or in-tree one.
     assert str(sanitized_package_dir()) in run(
