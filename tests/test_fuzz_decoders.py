@@ -35,7 +35,8 @@ def test_fuzzed_requests_raise_only_client_errors_under_address_sanitizer(tmp_pa
     # A request for a huge tensor must fail as MemoryError, not abort the run as an ASan report.
     env["ASAN_OPTIONS"] += " allocator_may_return_null=1"
     command = [sys.executable, str(HARNESS), str(tmp_path / "corpus"), f"-runs={RUNS}", "-seed=1",
-               f"-dict={DICTIONARY}", "-max_len=4096", "-print_final_stats=1"]  # fmt: skip
+               f"-dict={DICTIONARY}", "-max_len=4096", "-print_final_stats=1",
+               f"-artifact_prefix={tmp_path}/"]  # fmt: skip
     output = run(command, "the request-decoder fuzzer under AddressSanitizer", env=env, timeout_s=600)
     assert not any(marker in output for marker in SANITIZER_REPORT_MARKERS), output[-20_000:]
     assert f"Done {RUNS} runs" in output, output[-20_000:]

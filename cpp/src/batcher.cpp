@@ -484,8 +484,11 @@ void Batcher::deadline_loop() {
       continue;
     }
     const TimePoint now = Clock::now();
-    if (deadlines_.begin()->first > now) {
-      deadline_cv_.wait_until(lock, deadlines_.begin()->first);
+    // A copy: wait_until reads the time again after waking, when a batch may have erased
+    // the entry (a reference to its key would then be a read of freed memory).
+    const TimePoint earliest = deadlines_.begin()->first;
+    if (earliest > now) {
+      deadline_cv_.wait_until(lock, earliest);
       continue;
     }
     std::vector<Request> expired = take_expired(now);

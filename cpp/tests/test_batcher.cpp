@@ -123,6 +123,31 @@ TEST_CASE("batcher: a queued request's deadline fires while every instance is bu
   CHECK_EQ(b.stats().expired, uint64_t{1});
 }
 
+// The deadline thread sleeps until the earliest deadline; a batch that takes that request
+// erases its deadline meanwhile. Under AddressSanitizer, waiting on a reference to the
+// erased entry's time is a heap-use-after-free when the thread wakes for the next one.
+TEST_CASE("batcher: a request served before its deadline, then another with a deadline") {
+  Gate gate;
+  Batcher b(options(1), [&](const Batch& batch) { gate.pass(); return twice_plus_one(batch); }, nullptr);
+  std::vector<float> x = {1, 1};
+  auto served = std::make_shared<CompletionQueue>();
+  b.submit({borrow(x, 1)}, served);
+  gate.wait_entered(1);  // the only instance is blocked: what follows stays queued
+  b.submit({borrow(x, 1)}, served, 0, /*timeout_us=*/60'000'000);
+  // Expiring this one leaves the deadline thread waiting for the 60 s deadline above.
+  CHECK(b.infer({borrow(x, 1)}, 0, /*timeout_us=*/1).code == ErrorCode::kDeadlineExceeded);
+  gate.open();  // the instance takes the 60 s request, erasing its deadline
+  Completion next = b.infer({borrow(x, 1)}, 0, /*timeout_us=*/60'000'000);  // wakes the deadline thread
+  CHECK(next.code == ErrorCode::kOk);
+  b.stop(true);
+  auto done = served->drain();
+  size_t answered = 0;
+  for (const auto& group : done) {
+    for (const Completion& c : group) answered += c.code == ErrorCode::kOk;
+  }
+  CHECK_EQ(answered, size_t{2});
+}
+
 TEST_CASE("batcher: a full queue rejects at once with QueueFull") {
   Gate gate;
   BatcherOptions o = options(1);
