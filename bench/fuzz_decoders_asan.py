@@ -24,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from sanitizer_build import SANITIZER_REPORT_MARKERS, sanitized_python
+from sanitizer_build import SANITIZER_REPORT_MARKERS, sanitized_fuzzer
 
 HARNESS = REPO_ROOT / "tests" / "fuzz_decoders.py"
 DICTIONARY = REPO_ROOT / "tests" / "fuzz_decoders.dict"
@@ -45,8 +45,7 @@ def _arguments() -> argparse.Namespace:
 def main() -> int:
     """Run the fuzzer once and print its figures; 1 if it found anything."""
     options = _arguments()
-    env = sanitized_python()
-    env["ASAN_OPTIONS"] += " allocator_may_return_null=1"
+    env = sanitized_fuzzer()
     corpus = options.corpus or Path(tempfile.mkdtemp(prefix="fuzz-decoders-corpus-"))
     budget = f"-runs={options.runs}" if options.runs is not None else f"-max_total_time={options.seconds}"
     command = [sys.executable, str(HARNESS), str(corpus), budget, f"-seed={options.seed}", f"-dict={DICTIONARY}",

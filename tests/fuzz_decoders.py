@@ -278,7 +278,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fuzz-decoders-") as scratch:
         target = Target(Path(scratch))
     check_seeds(target)
-    atheris.Setup(sys.argv, target.one_input)
+    atheris.Setup(sys.argv, target.one_input, internal_libfuzzer=True)
     atheris.Fuzz()  # exits the process
 
 

@@ -134,3 +134,25 @@ def sanitized_python() -> dict[str, str]:
         "LD_PRELOAD": " ".join(compiler_runtime(directory, name) for name in ("libasan.so", "libstdc++.so")),
         "PYTHONPATH": os.pathsep.join([str(sanitized_package_dir()), str(REPO_ROOT / "tests")]),
     }
+
+
+def sanitized_fuzzer() -> dict[str, str]:
+    """sanitized_python's environment for an atheris harness: atheris' libFuzzer preloaded
+    ahead of the sanitizer runtime. GCC's libasan defines the coverage callbacks
+    (__sanitizer_cov_*) as no-op weak symbols; loaded first, they would take atheris'
+    counters and comparisons, and libFuzzer would fuzz blind (no coverage, its corpus
+    reduced to nothing). The harness must call atheris.Setup(..., internal_libfuzzer=True)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("atheris")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("atheris is not installed: install the test extra (pip install '.[test]')")
+    libraries = sorted(Path(spec.submodule_search_locations[0]).glob("core_with_libfuzzer*.so"))
+    if not libraries:
+        pytest.fail("atheris has no core_with_libfuzzer library: reinstall it (pip install --force-reinstall atheris)")
+    env = sanitized_python()
+    env["LD_PRELOAD"] = f"{libraries[0]} {env['LD_PRELOAD']}"
+    # verify_asan_link_order: the runtime no longer comes first (it still interposes malloc).
+    # allocator_may_return_null: a request for a huge tensor fails as MemoryError, not as a report.
+    env["ASAN_OPTIONS"] += " verify_asan_link_order=0 allocator_may_return_null=1"
+    return env
