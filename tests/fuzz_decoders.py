@@ -9,7 +9,7 @@ ModelInferRequest), handed to the data plane, whose arrays cross into the compil
 model runs it), and the response encoded for the wire. An input is laid out as
 
     byte 0          the front end (byte % 4: JSON, binary, raw, gRPC) and the model
-                    ((byte // 4) % 3: echo, mixed, mlp)
+                    ((byte // 4) % 3: echo, mixed, mlp; a gRPC message names its own)
     bytes 1-4       binary form only: Inference-Header-Content-Length, int32 little-endian
     the rest        the request body (HTTP) or the serialized message (gRPC)
 

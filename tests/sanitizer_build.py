@@ -8,6 +8,7 @@ configure it identically (no rebuild back and forth). Needs cmake and ninja on P
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -142,8 +143,6 @@ def sanitized_fuzzer() -> dict[str, str]:
     (__sanitizer_cov_*) as no-op weak symbols; loaded first, they would take atheris'
     counters and comparisons, and libFuzzer would fuzz blind (no coverage, its corpus
     reduced to nothing). The harness must call atheris.Setup(..., internal_libfuzzer=True)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("atheris")
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("atheris is not installed: install the test extra (pip install '.[test]')")
