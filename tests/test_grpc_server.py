@@ -430,9 +430,14 @@ def test_typed_bytes_contents_input(served: Served) -> None:
          "negative dimension"),
         (lambda r: (r.inputs.add(name="x", datatype="FP23", shape=[1, 16]), r.raw_input_contents.append(bytes(64))),
          "unknown datatype 'FP23'"),
+        # Empty (a zero dimension), yet beyond what numpy can shape: it raised ValueError, a 500.
+        (lambda r: r.inputs.add(name="x", datatype="BYTES", shape=[2**40, 2**40, 0]).contents.SetInParent(),
+         "has more elements than a tensor can hold"),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[2**40, 2**40, 0]), r.raw_input_contents.append(b"")),
+         "has more elements than a tensor can hold"),
     ],
     ids=["raw-count", "raw-and-contents", "contents-count", "wrong-contents-field", "fp16-typed", "raw-size",
-         "negative-dim", "unknown-datatype"],
+         "negative-dim", "unknown-datatype", "huge-empty-contents", "huge-empty-raw"],
 )
 def test_malformed_requests_are_invalid_argument(served: Served, build: Any, expected: str) -> None:
     request = pb.ModelInferRequest(model_name="tiny")

@@ -295,6 +295,9 @@ MALFORMED_JSON_CASES = [
     (_one_input(shape=[2, "3"], data=[1]), "input 'x': 'shape' must be a list of integers, got a list"),
     (_one_input(shape=[2, 1.5], data=[1]), "input 'x': 'shape' must be a list of integers"),
     (_one_input(shape=[2, -1], data=[1]), "input 'x': shape [2, -1] has a negative dimension; each must be >= 0"),
+    # Empty (a zero dimension), yet beyond what numpy can shape: it raised ValueError, a 500.
+    (_one_input(shape=[2**40, 2**40, 0], data=[]), "input 'x': shape [1099511627776, 1099511627776, 0] has more"),
+    (_one_input(datatype="BYTES", shape=[2**62, 4, 0], data=[]), "has more elements than a tensor can hold"),
     (_one_input(data=[1, 2, 3, 4, 5]), "input 'x': shape [2, 3] needs 6 FP32 elements, got 5"),
     (_one_input(data=[[1, 2, 3], [4, 5]]), "input 'x': 'data' is not a list of FP32 values nested to a regular shape"),
     (_one_input(data=["1", "2", "3", "4", "5", "6"]), "input 'x': FP32 data must be numbers, got strings"),

@@ -22,10 +22,23 @@ from conveyor.protocol.datatypes import ELEMENT_SIZES, NUMPY_DTYPES, numpy_dtype
 
 _LENGTH_PREFIX = struct.Struct("<I")
 _MAX_ELEMENT_BYTES = 2**32 - 1
+# numpy refuses an array whose non-zero dimensions multiply past 2^63 - 1 bytes, even when
+# a zero dimension leaves it empty; 8 bytes is the widest element (FP64, INT64, a BYTES object).
+_MAX_ELEMENTS = (2**63 - 1) // 8
 
 
 def format_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(dim) for dim in shape) + "]"
+
+
+def check_shape_size(shape: Sequence[int], *, where: str) -> None:
+    """Raise InvalidInput if no tensor can have `shape` (its dimensions are already known to be >= 0)."""
+    elements = math.prod(dim for dim in shape if dim)
+    if elements > _MAX_ELEMENTS:
+        raise InvalidInput(
+            f"{where}: shape {format_shape(shape)} has more elements than a tensor can hold (its non-zero "
+            f"dimensions multiply to {elements}, over 2^63 - 1 bytes of 8-byte elements); check the shape"
+        )
 
 
 def expected_byte_size(datatype: str, shape: Sequence[int]) -> int | None:

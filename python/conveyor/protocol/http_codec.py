@@ -27,6 +27,7 @@ from conveyor.errors import InternalError, InvalidInput
 from conveyor.protocol.binary import (
     array_from_raw,
     check_dtype,
+    check_shape_size,
     expected_byte_size,
     format_shape,
     raw_view,
@@ -253,6 +254,7 @@ def _input_header(entry: Any, index: int) -> _InputHeader:
     shape = entry.get("shape")
     if type(shape) is not list or not _valid_dims(shape):
         raise _shape_error(name, shape)
+    check_shape_size(shape, where=f"input '{name}'")
     parameters = entry.get("parameters")
     binary_size = None
     if parameters is None:

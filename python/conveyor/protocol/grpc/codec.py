@@ -19,7 +19,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from conveyor.errors import InvalidInput, ModelExecutionError
-from conveyor.protocol.binary import array_from_raw, format_shape, object_array, raw_view, serialize_bytes
+from conveyor.protocol.binary import (
+    array_from_raw,
+    check_shape_size,
+    format_shape,
+    object_array,
+    raw_view,
+    serialize_bytes,
+)
 from conveyor.protocol.datatypes import numpy_dtype
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.protocol.types import InferInput, InferRequest, InferResponse, RequestedOutput
@@ -100,6 +107,7 @@ def infer_request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
         shape = tuple(tensor.shape)
         if shape and min(shape) < 0:
             raise InvalidInput(f"{where}: shape {format_shape(shape)} has a negative dimension")
+        check_shape_size(shape, where=where)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
