@@ -106,3 +106,17 @@ class ServeProcess:
         self.process.kill()
         self.process.wait(DEADLINE_S)
         return self.log_path.read_text(errors="replace")
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer writes until it closes the connection (or resets it)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import DEADLINE_S, ServeProcess, rss_bytes, wait_for
+from processes import DEADLINE_S, ServeProcess, read_until_closed, rss_bytes, wait_for
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_HEADER_BYTES = 8 * 1024
@@ -40,7 +40,7 @@ class Server(ServeProcess):
         with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE_S) as sock:
             sender = threading.Thread(target=_send_all, args=(sock, data))
             sender.start()
-            received = _read_until_closed(sock)
+            received = read_until_closed(sock)
             sender.join(DEADLINE_S)
         return received
 
@@ -57,19 +57,6 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
     except OSError:  # the server refused the request and closed: expected for some cases
         pass
-
-
-def _read_until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(1 << 16)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +254,7 @@ def test_a_client_that_half_closes_after_sending_still_gets_every_answer(server:
     with _open(server) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
-        answer = _read_until_closed(sock)  # returns once the server closes, after both answers
+        answer = read_until_closed(sock)  # returns once the server closes, after both answers
     statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
     assert statuses == [200, 200], answer[:2000]
     assert b'"outputs"' in answer and b'"state":"READY"' in answer
@@ -279,13 +266,13 @@ def _open(server: Server) -> socket.socket:
 
 def test_an_idle_connection_is_closed(server: Server) -> None:
     with _open(server) as sock:
-        assert _read_until_closed(sock) == b""  # returns when the server closes: after --idle-timeout-s
+        assert read_until_closed(sock) == b""  # returns when the server closes: after --idle-timeout-s
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_its_answer(server: Server) -> None:
     with _open(server) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
-        answer = _read_until_closed(sock)
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"live":true}')
 
 
@@ -298,7 +285,7 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_answer(server: Server
 def test_a_slow_request_gets_408_and_is_closed(server: Server, partial: bytes) -> None:
     with _open(server) as sock:
         sock.sendall(partial)
-        answer = _read_until_closed(sock)
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b"--request-read-timeout-s" in answer
     assert server.live()
@@ -314,7 +301,7 @@ def test_connections_over_the_limit_are_refused_with_503(server: Server) -> None
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
             first = sock.recv(1 << 16)
             if first.startswith(b"HTTP/1.1 503 "):
-                refused = first + _read_until_closed(sock)
+                refused = first + read_until_closed(sock)
                 break
             assert first.startswith(b"HTTP/1.1 200 "), first
         assert refused is not None, f"{MAX_CONNECTIONS + 1} connections were all accepted"

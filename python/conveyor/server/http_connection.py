@@ -75,6 +75,9 @@ class HttpProtocol(asyncio.Protocol):
         self.client_done = False  # the client half-closed: answer what it sent, then close
         self.in_message = False  # between a request's first byte and its last
         self.in_head = False  # between a request's first byte and the end of its headers
+        # Set while the transport holds more unsent bytes than its high-water mark (a client that
+        # reads slower than it asks): no further request is answered until it drains.
+        self.drained: asyncio.Future[None] | None = None
         # The timeouts cost a clock read per request: one watchdog per connection looks at
         # these at each deadline, and at least every `watch_interval_s`.
         self.message_started: float | None = None  # when the request being read began
@@ -145,6 +148,17 @@ class HttpProtocol(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         self.transport = None
+        self.resume_writing()  # the answering task sees the transport gone and ends
+
+    def pause_writing(self) -> None:
+        if self.drained is None:
+            self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None:
+            if not self.drained.done():
+                self.drained.set_result(None)
+            self.drained = None
 
     def eof_received(self) -> bool:
         """The client has sent all it will (a half-close, as `nc -N` or a shutdown(SHUT_WR) does).
@@ -267,6 +281,11 @@ class HttpProtocol(asyncio.Protocol):
     async def _serve_pending(self) -> None:
         app = self.app
         while self.pending and self.transport is not None:
+            if self.drained is not None:
+                # Answers pile up unsent: a client that asks and does not read must not make the
+                # server compute and hold its answers; pipelined requests wait (then reading pauses).
+                await self.drained
+                continue
             request = self.pending.popleft()
             if isinstance(request, Response):
                 self._write(request, keep_alive=False)
