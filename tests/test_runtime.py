@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -339,6 +341,30 @@ def test_model_stats_report_batches_and_percentiles():
     for key in ("queue_time_us", "compute_time_us", "request_time_us"):
         assert stats[key]["count"] == 10
         assert 0 <= stats[key]["p50"] <= stats[key]["p99"]
+
+
+class _Doubler:
+    """Doubles its input; an object, so that a test can watch its lifetime through a weak reference."""
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": inputs["x"] * 2}
+
+
+def test_replaced_and_unloaded_versions_are_freed():
+    # The batcher is a C++ object the garbage collector cannot look into: a reference from
+    # its executor back to the version that owns it would be a cycle nothing ever frees, and
+    # every reload would leak the whole replaced version (backend, model, config, batcher).
+    with conveyor.Runtime() as rt:
+        first, second = _Doubler(), _Doubler()
+        watched = [weakref.ref(first), weakref.ref(second)]
+        rt.add_model("m", _config(), first)
+        assert rt.infer("m", _row(1))["y"][0, 0] == 2
+        rt.add_model("m", _config(), second)  # a reload of the same version replaces the first
+        assert rt.infer("m", _row(2))["y"][0, 0] == 4
+        rt.unload_model("m")
+        del first, second
+        gc.collect()
+        assert [ref() is None for ref in watched] == [True, True]
 
 
 @pytest.mark.skipif(
