@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,15 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+
+
+@contextlib.contextmanager
+def fuzz_server(root: Path) -> Iterator[ServeProcess]:
+    """The live server the fuzz tests drive (FUZZ_SERVE_FLAGS, `tiny`); on exit, its log must hold no traceback."""
+    served = ServeProcess(root, ("tiny",), FUZZ_SERVE_FLAGS)
+    try:
+        served.wait_live()
+        yield served
+    finally:
+        log = served.stop()
+    assert "Traceback" not in log, log[-5000:]

@@ -18,7 +18,7 @@ import pytest
 import schemathesis
 from conveyor.server import routes
 from hypothesis import HealthCheck, settings
-from processes import FUZZ_SERVE_FLAGS, ServeProcess
+from processes import ServeProcess, fuzz_server
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -30,13 +30,8 @@ EXAMPLES_PER_OPERATION = int(os.environ.get("OPENAPI_EXAMPLES_PER_OPERATION", "2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path_factory.mktemp("openapi"), ("tiny",), FUZZ_SERVE_FLAGS)
-    try:
-        served.wait_live()
+    with fuzz_server(tmp_path_factory.mktemp("openapi")) as served:
         yield served
-    finally:
-        log = served.stop()
-    assert "Traceback" not in log, log[-5000:]
 
 
 def test_the_document_describes_every_route_of_the_server() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conveyor.server import routes
-from processes import FUZZ_SERVE_FLAGS, ServeProcess
+from processes import ServeProcess, fuzz_server
 from wire_fuzz import (
     ROUTES,
     RSS_GROWTH_LIMIT_BYTES,
@@ -28,13 +28,8 @@ EVERY = 32  # of each field's mutations, fuzz every 32nd: some 15,000 cases
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path_factory.mktemp("wire-fuzz"), ("tiny",), FUZZ_SERVE_FLAGS)
-    try:
-        served.wait_live()
+    with fuzz_server(tmp_path_factory.mktemp("wire-fuzz")) as served:
         yield served
-    finally:
-        log = served.stop()
-    assert "Traceback" not in log, log[-5000:]
 
 
 def test_the_campaign_reaches_every_route() -> None:
