@@ -305,30 +305,25 @@ def _total_deserializer(deserialize: Callable[[bytes], Any], method: str) -> Cal
     return decode
 
 
-class CallGuard(grpc.aio.ServerInterceptor):
+class CallGuard:
     """Answers undecodable requests with INVALID_ARGUMENT and counts the calls in flight.
 
     A request stream's undecodable messages arrive as Undecodable items: the servicer
     answers them (ModelStreamInfer: with the message, on the stream).
 
-    Innermost interceptor: it sees only the registered handlers, so its cache of wrapped
-    handlers holds one entry per method.
+    It wraps each method handler once, when the service is registered (`register`): an
+    interceptor would cost a coroutine and a lookup on every call.
     """
 
     def __init__(self) -> None:
         self.calls_in_flight = 0  # read by GrpcCollector; changed only on the server's loop
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None:
-            handler = await continuation(details)
-            if handler is None:
-                return None
-            wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
-        return wrapped
+    def register(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Register `servicer` on `server` through a generated `add_*_to_server` function, each
+        method handler wrapped by this guard."""
+        add_to_server(servicer, _GuardedRegistration(server, self))
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         guard = self
         deserializer = _total_deserializer(handler.request_deserializer, method)
         if handler.request_streaming:
@@ -378,6 +373,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
         return _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](
             behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer
         )
+
+
+class _GuardedRegistration:
+    """Stands in for the server in a generated `add_*_to_server` function: the method handlers
+    it is given are registered on the server wrapped by a CallGuard."""
+
+    def __init__(self, server: grpc.aio.Server, guard: CallGuard) -> None:
+        self.server = server
+        self.guard = guard
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, by name, to add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self.guard.wrap(handler, f"/{service}/{name}") for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self.server.add_registered_method_handlers(service, wrapped)
 
 
 class GrpcCollector(Collector):
@@ -448,8 +460,7 @@ async def start_grpc_server(
     guard = CallGuard()
     logging.getLogger("grpc._cython.cygrpc").addFilter(_ENDED_CALL_FILTER)
     server = grpc.aio.server(
-        # The API key is checked first; CallGuard must see only registered handlers (innermost).
-        interceptors=[ApiKeyInterceptor(api_key, api_key_scope), guard] if api_key else [guard],
+        interceptors=[ApiKeyInterceptor(api_key, api_key_scope)] if api_key else None,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -457,8 +468,9 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, max_message_bytes), server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(dataplane), server)
+    guard.register(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                   InferenceServicer(dataplane, max_message_bytes))
+    guard.register(server, health_pb2_grpc.add_HealthServicer_to_server, HealthServicer(dataplane))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
