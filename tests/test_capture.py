@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -495,21 +498,52 @@ def test_a_compaction_that_failed_for_a_full_disk_is_retried_once_writes_succeed
     assert ids == ["first-0", "first-1", "first-2", "first-3", "second"]
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to a 0o555 directory anyway")
-def test_a_read_only_directory_drops_rows_and_capture_resumes_when_it_is_writable(tmp_path: Path) -> None:
-    writer = make_writer(tmp_path, rotate_bytes=1 << 30)
+NOBODY_UID = 65534
+
+
+@contextlib.contextmanager
+def denied(directory: Path, mode: int) -> Iterator[None]:
+    """`directory` given `mode` for the while; root, which ignores modes, runs it with an
+    effective uid of nobody (process-wide: the writer's thread included)."""
+    directory.chmod(mode)
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            os.seteuid(NOBODY_UID)
+        yield
+    finally:
+        if as_root:
+            os.seteuid(0)
+        directory.chmod(0o755)
+
+
+@pytest.fixture
+def open_directory() -> Iterator[Path]:
+    """A directory every user may reach (pytest's own are private to their owner)."""
+    directory = Path(tempfile.mkdtemp())
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="needs POSIX users")
+@pytest.mark.parametrize("mode", [0o555, 0o000], ids=["read-only", "unreadable"])
+def test_a_read_only_directory_drops_rows_and_capture_resumes_when_it_is_writable(
+    open_directory: Path, mode: int
+) -> None:
+    writer = make_writer(open_directory, rotate_bytes=1 << 30)
     send(writer, "before")
     writer.rotate()
-    tmp_path.chmod(0o555)
-    try:
+    with denied(open_directory, mode):
         send(writer, "denied")
         writer.flush()
-        assert writer.stats()["rows_dropped_disk_error"] == 1
-    finally:
-        tmp_path.chmod(0o755)
+        stats = writer.stats()  # the monitor route and the metrics read it: it must not raise
+        assert stats["rows_dropped_disk_error"] == 1
     send(writer, "after")
     writer.close()
-    assert read_capture(tmp_path).column("request_id").to_pylist() == ["before", "after"]
+    assert read_capture(open_directory).column("request_id").to_pylist() == ["before", "after"]
 
 
 def write_segment(directory: Path, batches: int) -> Path:

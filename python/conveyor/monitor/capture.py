@@ -292,7 +292,7 @@ class CaptureWriter:
         """This model version's finished Parquet files in the directory, oldest first."""
         try:
             names = sorted(name for name in os.listdir(self.directory) if self._own_file.fullmatch(name))
-        except FileNotFoundError:  # the directory was removed under the writer: it has no files
+        except OSError:  # removed or made unreadable under the writer: no file it can list
             return []
         return [self.directory / name for name in names]
 
