@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import conveyor
 from conveyor.cli import build_parser
+from conveyor.server.http import HttpLimits
 from conveyor.server.serve import ServeOptions
 from processes import DEADLINE_S, free_port, wait_for
 
@@ -168,7 +169,8 @@ def test_serve_help_documents_every_flag() -> None:
     result = _conveyor("serve", "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    flags = {field.name: "--" + field.name.replace("_", "-") for field in dataclasses.fields(ServeOptions)}
+    fields = [*dataclasses.fields(ServeOptions), *dataclasses.fields(HttpLimits)]
+    flags = {field.name: "--" + field.name.replace("_", "-") for field in fields if field.name != "http_limits"}
     flags["load_models"] = "--load-model"
     flags["repository"] = "repository"
     del flags["server_version"]  # the package's version, not the user's choice

@@ -116,6 +116,7 @@ def _serve_parser(subparsers: Any) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from conveyor.examples import example_repository
+    from conveyor.server.http import HttpLimits
     from conveyor.server.serve import ServeOptions, run_server
 
     repository = args.repository or example_repository()
@@ -132,13 +133,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         load_models=list(args.load_model),
         poll_interval_s=args.poll_interval_s,
         max_request_bytes=args.max_request_bytes,
-        max_header_bytes=args.max_header_bytes,
-        max_header_count=args.max_header_count,
-        max_connections=args.max_connections,
-        max_json_depth=args.max_json_depth,
-        max_request_chunks=args.max_request_chunks,
-        idle_timeout_s=args.idle_timeout_s,
-        request_read_timeout_s=args.request_read_timeout_s,
+        http_limits=HttpLimits(
+            max_header_bytes=args.max_header_bytes,
+            max_header_count=args.max_header_count,
+            max_connections=args.max_connections,
+            max_json_depth=args.max_json_depth,
+            max_request_chunks=args.max_request_chunks,
+            idle_timeout_s=args.idle_timeout_s,
+            request_read_timeout_s=args.request_read_timeout_s,
+        ),
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         api_key=args.api_key,
         api_key_scope=args.api_key_scope,

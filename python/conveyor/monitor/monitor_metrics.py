@@ -24,6 +24,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from conveyor.monitor.capture import DROP_REASONS
+
 MODEL = ("model", "version")
 FEATURE = ("model", "version", "feature", "window")
 WINDOW = ("model", "version", "window")
@@ -106,9 +108,8 @@ class MonitorFamilies:
             queue_full = capture["rows_dropped_queue_full"]
             self.dropped.add_metric((*labels, "capture_queue_full"), queue_full)
             self.dropped.add_metric((*labels, "capture_write_error"), capture["rows_dropped"] - queue_full)
-            for key, rows in capture.items():  # rows_dropped_<reason>, one per capture.DROP_REASONS
-                if key.startswith("rows_dropped_"):
-                    self.capture_dropped.add_metric((*labels, key.removeprefix("rows_dropped_")), rows)
+            for reason in DROP_REASONS:
+                self.capture_dropped.add_metric((*labels, reason), capture[f"rows_dropped_{reason}"])
         feedback = snapshot.get("feedback")
         if feedback is not None:
             for outcome in ("joined", "duplicates", "late", "unknown", "invalid", "expired"):

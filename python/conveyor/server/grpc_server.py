@@ -326,29 +326,11 @@ class CallGuard:
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         guard = self
         deserializer = _total_deserializer(handler.request_deserializer, method)
-        if handler.request_streaming:
-            # Undecodable messages of a stream reach the servicer, which answers each on the
-            # stream: aborting here, from the task reading requests, would race its writes.
-            inner = handler.stream_stream or handler.stream_unary
-
-            if handler.response_streaming:
-                async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    guard.calls_in_flight += 1
-                    try:
-                        async for response in inner(requests, context):
-                            yield response
-                    finally:
-                        guard.calls_in_flight -= 1
-            else:
-                async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                    guard.calls_in_flight += 1
-                    try:
-                        return await inner(requests, context)
-                    finally:
-                        guard.calls_in_flight -= 1
-        elif handler.response_streaming:
-            inner = handler.unary_stream
-
+        inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        # A single request that does not decode is refused here. A request stream is never an
+        # Undecodable: its bad messages reach the servicer, which answers each on the stream
+        # (aborting from the task reading requests would race its writes).
+        if handler.response_streaming:
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -359,8 +341,6 @@ class CallGuard:
                 finally:
                     guard.calls_in_flight -= 1
         else:
-            inner = handler.unary_unary
-
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)

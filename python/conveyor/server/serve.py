@@ -42,14 +42,8 @@ class ServeOptions:
     load_models: list[str] = field(default_factory=list)  # explicit mode: models loaded at start
     poll_interval_s: float = 15.0
     max_request_bytes: int = 64 * 1024 * 1024
-    # What one HTTP client may ask (see HttpLimits) and the largest gRPC message either way.
-    max_header_bytes: int = HttpLimits.max_header_bytes
-    max_header_count: int = HttpLimits.max_header_count
-    max_connections: int = HttpLimits.max_connections
-    max_json_depth: int = HttpLimits.max_json_depth
-    max_request_chunks: int = HttpLimits.max_request_chunks
-    idle_timeout_s: float = HttpLimits.idle_timeout_s
-    request_read_timeout_s: float = HttpLimits.request_read_timeout_s
+    # What one HTTP client may ask, and the largest gRPC message either way.
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     api_key: str | None = None
     api_key_scope: str = "control"  # "control": control routes need the key; "all": all but health
@@ -105,7 +99,7 @@ class Server:
             api_key_scope=o.api_key_scope,
             loopback_only=_is_loopback(o.host),
             metrics=metrics if o.metrics_port == 0 else None,
-            limits=self.http_limits(),
+            limits=o.http_limits,
         )
         if o.api_key is None and not _is_loopback(o.host):
             log.warning(
@@ -120,7 +114,7 @@ class Server:
             # The metrics port serves the scrape and health only: no other route may be
             # reachable through a second port (where a guard could be forgotten).
             metrics_app = HttpApp(
-                self.dataplane, max_request_bytes=4096, metrics=metrics, limits=self.http_limits(),
+                self.dataplane, max_request_bytes=4096, metrics=metrics, limits=o.http_limits,
                 api_key=o.api_key, api_key_scope=o.api_key_scope, only_routes=METRICS_PORT_ROUTES,
             )
             metrics_server = await start_http_server(metrics_app, o.host, o.metrics_port)
@@ -136,15 +130,6 @@ class Server:
             log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
         if o.model_control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())
-
-    def http_limits(self) -> HttpLimits:
-        o = self.options
-        return HttpLimits(
-            max_header_bytes=o.max_header_bytes, max_header_count=o.max_header_count,
-            max_connections=o.max_connections, max_json_depth=o.max_json_depth,
-            max_request_chunks=o.max_request_chunks, idle_timeout_s=o.idle_timeout_s,
-            request_read_timeout_s=o.request_read_timeout_s,
-        )
 
     def _log_models(self) -> None:
         for row in self.manager.index():
