@@ -79,6 +79,14 @@ def test_scikit_learn_linear_models_import_and_their_errors_say_what_to_do(
     assert result.max_abs_difference == 0.0 and result.class_agreement == 1.0
     with pytest.raises(ConfigError, match="not fitted .* fit it first"):
         conveyor.import_model(LogisticRegression(), repository=tmp_path, name="m")
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    custom = make_pipeline(FunctionTransformer(np.abs), LogisticRegression()).fit(x, y)
+    with pytest.raises(ConfigError, match=r"skl2onnx cannot convert the scikit-learn Pipeline \(RuntimeError: .*own "
+                                          r"skl2onnx converter"):
+        conveyor.import_model(custom, repository=tmp_path, name="custom")
+    assert not (tmp_path / "custom").exists() or not any((tmp_path / "custom").iterdir())
     monkeypatch.setitem(sys.modules, "skl2onnx", None)
     missing = r"skl2onnx, which is not installed .*pip install conveyor-serve\[skl2onnx\]"
     with pytest.raises(ConfigError, match=missing):
