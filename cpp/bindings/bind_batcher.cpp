@@ -10,11 +10,10 @@
 #include "conveyor/torch_model.h"
 #include "conveyor/pipeline.h"
 #include "conveyor/trees.h"
+#include "batcher_convert.h"
 #include "convert.h"
 
 namespace conveyor::bindings {
-
-namespace {
 
 std::vector<TensorSpec> tensor_specs(const py::iterable& specs) {
   std::vector<TensorSpec> out;
@@ -25,6 +24,8 @@ std::vector<TensorSpec> tensor_specs(const py::iterable& specs) {
   }
   return out;
 }
+
+namespace {
 
 // "ValueError: message", or just the message for Conveyor's own errors.
 std::string describe_python_error(py::error_already_set& e, py::handle conveyor_error) {
@@ -82,6 +83,8 @@ std::vector<Tensor> hold_inputs(const Batcher& b, const py::tuple& inputs) {
   }
   return tensors;
 }
+
+}  // namespace
 
 py::tuple outputs_to_python(const BatchOutputs& outputs) {
   py::tuple arrays(outputs.tensors.size());
@@ -165,6 +168,8 @@ py::dict stats_to_python(const BatcherStats& s) {
   d["total"] = histogram_to_python(s.total);
   return d;
 }
+
+namespace {
 
 // With monitor=, the executor appends the row flags: the output specs must say so.
 void check_monitor_flags_spec(const std::vector<TensorSpec>& outputs) {

@@ -21,6 +21,7 @@ void init_drift(py::module_& m);
 void init_router(py::module_& m);
 void init_loadgen(py::module_& m);
 void init_mirror(py::module_& m);
+void init_graph(py::module_& m);
 }  // namespace conveyor::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -41,4 +42,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_router(m);
   conveyor::bindings::init_loadgen(m);
   conveyor::bindings::init_mirror(m);
+  conveyor::bindings::init_graph(m);
 }
