@@ -151,7 +151,7 @@ def test_field_errors_name_file_field_expected_and_got(
 
 def test_backend_must_be_known(tmp_path: Path) -> None:
     message = config_error(tmp_path, 'backend = "tensorflow"')
-    assert "field 'backend': expected 'onnx', 'python', 'native', 'trees' or 'torch', got 'tensorflow'" in message
+    assert "field 'backend': expected 'onnx', 'python', 'native', 'trees', 'torch' or 'graph', got 'tensorflow'" in message
 
 
 def test_missing_backend(tmp_path: Path) -> None:

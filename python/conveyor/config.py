@@ -27,8 +27,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from conveyor.config_errors import describe, describe_pattern, format_error, rule_error
+from conveyor.config_errors import describe, describe_missing, describe_pattern, format_error, rule_error
+from conveyor.config_graph import GraphConfig, check_graph_model, fill_graph_backend
 from conveyor.config_steps import (
+    MODEL_NAME_PATTERN,
     POSTPROCESS_OUTPUT_TYPES,
     TENSOR_NAME_PATTERN,
     PostprocessStep,
@@ -41,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE_NAME = "config.toml"
 
-# Also the repository's guard against path traversal: a name is one directory level.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DEVICE_PATTERN = r"^(cpu|cuda|cuda:[0-9]+)$"
 
 Datatype = Literal[
@@ -346,7 +346,9 @@ class ModelConfig(_Strict):
     """
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    backend: Literal["onnx", "python", "native", "trees", "torch"]
+    # "graph": the model is a graph of other models (the [graph] table); a config with
+    # [graph] may leave backend out.
+    backend: Literal["onnx", "python", "native", "trees", "torch", "graph"]
     max_batch_size: int = Field(default=0, ge=0)
     # An onnx, native or trees model may omit these; they are filled from the model file.
     inputs: list[TensorConfig] = []
@@ -372,6 +374,13 @@ class ModelConfig(_Strict):
     retraining: RetrainingConfig | None = None
     # Rolling a new version out: canary, A/B/n, shadow, blue-green (examples/README.md, "Rollouts").
     rollout: RolloutConfig | None = None
+    # A graph of other models of the repository (conveyor.config_graph, conveyor.graph_plan).
+    graph: GraphConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _graph_backend(cls, data: Any) -> Any:
+        return fill_graph_backend(data)
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -385,6 +394,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ModelConfig:
+        check_graph_model(self)
         self._check_batching_knobs()
         if self.fallback is not None and self.backend != "native":
             raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")
@@ -619,3 +629,6 @@ for _pattern, _description in {
     WEBHOOK_URL_PATTERN: "an http:// or https:// URL",
 }.items():
     describe_pattern(_pattern, _description)
+describe_missing(
+    ModelConfig, "backend", "one of 'onnx', 'python', 'native', 'trees' or 'torch'; a model graph gives a [graph] table instead"
+)

@@ -16,12 +16,20 @@ from pydantic_core import PydanticCustomError
 
 # pattern -> what a matching string is, in words (filled by the schemas that use them)
 _PATTERN_DESCRIPTIONS: dict[str, str] = {}
+# (root table, dotted field path) -> what to give when the field is missing
+_MISSING_HINTS: dict[tuple[type[BaseModel], str], str] = {}
 
 
 def describe_pattern(pattern: str, description: str) -> str:
     """Registers what strings matching `pattern` are, for error messages; returns the pattern."""
     _PATTERN_DESCRIPTIONS[pattern] = description
     return pattern
+
+
+def describe_missing(root: type[BaseModel], path: str, hint: str) -> None:
+    """Registers what to give for a required field of `root` at `path`, for when it is missing
+    and the field's name alone does not say (a field that another table may stand in for)."""
+    _MISSING_HINTS[(root, path)] = hint
 
 
 def describe(value: Any) -> str:
@@ -63,7 +71,8 @@ def format_error(error: Mapping[str, Any], root: type[BaseModel], prefix: tuple[
         return f"field '{path or '<top level>'}': expected {context['expected']}, got {context['got']}"
     path = _field_path(shown)
     if kind == "missing":
-        return f"field '{path}': required, but missing"
+        hint = _MISSING_HINTS.get((root, _field_path(location)))
+        return f"field '{path}': required, but missing" + (f" ({hint})" if hint else "")
     if kind == "extra_forbidden":
         known = ", ".join(_known_fields(root, location[:-1]))
         return f"unknown field '{path}' (known fields: {known})"

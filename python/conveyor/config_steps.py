@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from conveyor.config_errors import describe_pattern, rule_error
 
 TENSOR_NAME_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+# Also the repository's guard against path traversal: a name is one directory level.
+# Here rather than in conveyor.config because a graph step names a model too.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # A file in the model's version or model directory: one path level, no leading dot.
 FILE_NAME_PATTERN = describe_pattern(
     r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", "a file name: letters, digits, '_', '.' or '-', not starting with '.'"

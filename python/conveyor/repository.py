@@ -6,6 +6,8 @@
                                       model.pt2 for backend torch)
 ```
 Versions are directories named by a positive integer; anything else is ignored.
+A graph (a config with `[graph]`) has no model file and no version directories: it is
+served as version 1, whose directory is the model directory itself.
 A model laid out for Triton loads unchanged: config.pbtxt stands in for config.toml
 (protocol/triton_pbtxt.py), and a directory with neither whose versions hold
 model.onnx is served as Triton auto-completes it (backend onnx, the graph's signature).
@@ -145,6 +147,8 @@ class ModelRepository:
         directory = self.model_dir(name)
         config, ignored = self._config(directory, name)
         version_dirs = self._version_dirs(directory)
+        if config.backend == "graph":
+            return _Inspection(config, self._graph_version(directory, version_dirs), {}, ignored)
         selected = config.version_policy.select(list(version_dirs))
         served: dict[int, Path] = {}
         problems: dict[int, str] = {}
@@ -162,6 +166,18 @@ class ModelRepository:
             if version not in version_dirs:
                 problems[version] = f"no version directory {directory / str(version)}"
         return _Inspection(config, served, problems, ignored)
+
+    @staticmethod
+    def _graph_version(directory: Path, version_dirs: dict[int, Path]) -> dict[int, Path]:
+        """A graph's one version: its steps are the models, so a version directory would hold
+        nothing the graph reads, and serving it would only hide a misplaced model."""
+        if version_dirs:
+            found = ", ".join(str(version) for version in sorted(version_dirs))
+            raise ConfigError(
+                f"{directory}: a graph has no version directories (found {found}); its version 1 is the "
+                "model directory itself: move the directories out (a step's model is a model directory of its own)"
+            )
+        return {1: directory}
 
     def _config(self, directory: Path, name: str) -> tuple[ModelConfig, tuple[str, ...]]:
         """The model's config.toml, else its Triton config.pbtxt, else Triton's auto-complete

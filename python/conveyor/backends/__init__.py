@@ -48,7 +48,10 @@ def model_file_path(backend: str, version_dir: Path) -> Path:
     """The model file of a version directory for `backend` (it may not exist, except for trees).
 
     A trees version must hold exactly one of its file names: ConfigError names them otherwise.
+    A graph has no model file (its steps are models of their own): ConfigError says so.
     """
+    if backend == "graph":
+        raise ConfigError(f"{version_dir}: a graph has no model file: its steps' models run its rows")
     if backend == "trees":
         return find_tree_model_file(Path(version_dir))
     return Path(version_dir) / MODEL_FILE_NAMES[backend][0]
@@ -56,6 +59,9 @@ def model_file_path(backend: str, version_dir: Path) -> Path:
 
 def create_backend(config: ModelConfig, version_dir: Path | None, *, fn: ModelFunction | None = None) -> Backend:
     """The backend for one model version: `fn` if given, else the version dir's model file."""
+    if config.backend == "graph":
+        # A graph's rows run in its steps' models, planned by conveyor.graph_plan.
+        raise ConfigError(f"model '{config.name}': a graph has no backend: its steps' models run its rows")
     if fn is not None:
         return CallableBackend(config, fn, version=None if version_dir is None else version_of(version_dir))
     if version_dir is None:

@@ -23,14 +23,21 @@ from conveyor.protocol.raw_request import InputSpec
 __all__ = ["config_from_triton_json", "input_specs", "model_metadata", "triton_model_config"]
 
 # v2 metadata `platform` per backend, as Triton reports these backends.
-# A torch model reports what Triton's PyTorch backend (which also serves .pt2) reports.
+# A torch model reports what Triton's PyTorch backend (which also serves .pt2) reports;
+# a graph what Triton reports for its counterpart, an ensemble.
 METADATA_PLATFORMS = {
     "onnx": "onnxruntime_onnx", "python": "python", "native": "native", "trees": "trees", "torch": "pytorch_libtorch",
+    "graph": "ensemble",
 }  # fmt: skip
 # Triton's config names the backend, and the platform only for formats that have one
-# (a python, native or trees model's config has platform "", as Triton's custom backends do).
-TRITON_BACKENDS = {"onnx": "onnxruntime", "python": "python", "native": "native", "trees": "trees", "torch": "pytorch"}
-TRITON_CONFIG_PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "", "native": "", "trees": "", "torch": "pytorch_libtorch"}
+# (a python, native or trees model's config has platform "", as Triton's custom backends do;
+# an ensemble has platform "ensemble" and no backend).
+TRITON_BACKENDS = {
+    "onnx": "onnxruntime", "python": "python", "native": "native", "trees": "trees", "torch": "pytorch", "graph": "",
+}  # fmt: skip
+TRITON_CONFIG_PLATFORMS = {
+    "onnx": "onnxruntime_onnx", "python": "", "native": "", "trees": "", "torch": "pytorch_libtorch", "graph": "ensemble",
+}  # fmt: skip
 
 
 def model_metadata(config: ModelConfig, versions: Iterable[int | str]) -> dict[str, Any]:
