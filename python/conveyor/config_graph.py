@@ -87,13 +87,16 @@ class GraphStepConfig(_Strict):
 class GraphConfig(_Strict):
     """`[graph]`: the graph's public inputs, its outputs (by source tensor) and its steps."""
 
-    inputs: list[TensorName] = Field(min_length=1)
+    inputs: list[TensorName]
     # Graph output -> a tensor, or tensors by preference (per row, the first that has it).
-    outputs: dict[TensorName, TensorName | list[TensorName]] = Field(min_length=1)
-    step: list[GraphStepConfig] = Field(min_length=1)
+    outputs: dict[TensorName, TensorName | list[TensorName]]
+    step: list[GraphStepConfig]
 
     @model_validator(mode="after")
     def _names_unique(self) -> GraphConfig:
+        for key, what in (("inputs", "graph input"), ("outputs", "graph output"), ("step", "[[graph.step]]")):
+            if not getattr(self, key):
+                raise rule_error(f"at least one {what}", getattr(self, key), field=key)
         for index, name in enumerate(self.inputs):
             if name in self.inputs[:index]:
                 raise rule_error("a name no other graph input uses", name, field=f"inputs[{index}]")
