@@ -163,8 +163,8 @@ def test_a_graph_table_with_another_backend_is_refused() -> None:
         (
             {"dynamic_batching": {"max_queue_delay_us": 100}},
             "dynamic_batching.max_queue_delay_us",
-            "0 (a graph does not form batches: each step's model does; for a graph only max_queue_size and "
-            "default_timeout_us apply)",
+            ("0 (a graph does not form batches: each step's model does; for a graph only max_queue_size and "
+            "default_timeout_us apply)"),
             "100",
         ),
         (

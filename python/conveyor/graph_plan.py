@@ -427,10 +427,11 @@ class _Planner:
                 shown = ", ".join(f"'{name}'" for name in step.inputs.values())
                 lines.append(f"step '{step.name}' reads rows of {shown} selected by its when: gathered into the step's request")
             elif gaps:
-                producers = ", ".join(dict.fromkeys(f"'{self.steps[self.tensors[n].step].name}'" for n in gaps))
+                producers = list(dict.fromkeys(f"'{self.steps[self.tensors[n].step].name}'" for n in gaps))
+                steps = ("step " if len(producers) == 1 else "steps ") + ", ".join(producers)
                 shown = ", ".join(f"'{name}'" for name in gaps)
                 lines.append(
-                    f"step '{step.name}' reads rows of {shown} present only where step {producers} ran: "
+                    f"step '{step.name}' reads rows of {shown} present only where {steps} ran: "
                     "gathered into the step's request"
                 )
             if predicate is not None or gaps:
