@@ -841,7 +841,8 @@ uint64_t Graph::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSin
     if (!core->accepting) refuse(ErrorCode::kUnavailable, "the graph is stopping");
     for (size_t s = 0; s < steps; ++s) {
       if (!(*core->bindings)[s]) {
-        refuse(ErrorCode::kUnavailable, "is not ready: step '" + o.steps[s].name + "' (model '" + o.steps[s].model +
+        core->rejected.fetch_add(1, std::memory_order_relaxed);
+        throw Error(ErrorCode::kUnavailable, "[graph] model '" + o.name + "' is not ready: step '" + o.steps[s].name + "' (model '" + o.steps[s].model +
                                             "'): " + core->unbound_reasons[s]);
       }
     }
@@ -931,7 +932,11 @@ BatcherStats Graph::stats() const {
   // A graph does not queue: a request's whole time is its compute, spent in its steps.
   s.total = c.total.snapshot();
   s.compute_infer = s.total;
-  s.queue = s.compute_input = s.compute_output = DurationHistogram().snapshot();
+  // Its queue and the batch phases around compute take no time of their own, for every
+  // request (clients such as perf_analyzer divide each phase by its count).
+  DurationHistogram none;
+  none.record(0, s.total.count);
+  s.queue = s.compute_input = s.compute_output = none.snapshot();
   return s;
 }
 

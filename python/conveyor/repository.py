@@ -119,6 +119,13 @@ class ModelRepository:
             config = fill(config, model_file_path(config.backend, newest))
         return ModelSource(name=name, config=config, versions=inspection.served)
 
+    def is_graph(self, name: str) -> bool:
+        """Whether `name` is a model graph (False when its config cannot be read: loading it says why)."""
+        try:
+            return self._config(self.model_dir(name), name)[0].backend == "graph"
+        except (ConfigError, InvalidInput, ModelNotFound):
+            return False
+
     def index(self) -> list[RepositoryEntry]:
         """Every model and version with its state; a broken model never hides the others."""
         entries: list[RepositoryEntry] = []

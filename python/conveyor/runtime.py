@@ -22,171 +22,25 @@ from typing import Any
 import numpy as np
 
 from conveyor import _core
-from conveyor.backends import Backend, create_backend, model_file_path
+from conveyor.backends import create_backend, model_file_path
 from conveyor.backends.probe import PROBED_BACKENDS, probe_signature
 from conveyor.config import ModelConfig, parse_model_config
 from conveyor.errors import ConfigError, InternalError, InvalidInput, ModelNotFound, Unavailable
+from conveyor.graph_plan import plan_graph
+from conveyor.graph_runtime import GraphHandle, step_model_of
 from conveyor.pipeline import ModelSteps, read_labels_file
+from conveyor.runtime_handle import ModelFunction, core_output_specs
+# Re-exported: the servers and the deploy layer import them from here.
+from conveyor.runtime_handle import ModelHandle as ModelHandle
+from conveyor.runtime_handle import new_request_id as new_request_id
 from conveyor.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
-ModelFunction = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # (config, *, version, inputs, outputs, version_dir, data_dir, labels) -> a model monitor:
 # .core (a _core.Monitor or None), .flags_output, .per_request, .after_request(...),
 # .prime(infer), .start(), .feedback, .add_labels(...), .document(window), .close().
 MonitorFactory = Callable[..., Any]
-
-
-class ModelHandle:
-    """One loaded model version: its config, backend(s) and batcher.
-
-    `Runtime.model(name, version)` returns it; passing it instead of a name to
-    `infer`/`infer_async` skips the lookup. Attributes: name, version, config,
-    input_names, output_names.
-    """
-
-    __slots__ = (
-        "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request", "batch_output_names", "python_steps",
-    )  # fmt: skip
-
-    def __init__(
-        self, name: str, version: int, config: ModelConfig, backends: list[Backend], pool: Any,
-        steps: ModelSteps | None = None, monitor: Any = None,
-    ) -> None:
-        self.name = name
-        self.version = version
-        self.config = config
-        self.backends = backends
-        self.input_names = tuple(t.name for t in config.inputs)
-        self.output_names = tuple(t.name for t in config.outputs)
-        self._dtypes = tuple(None if t.datatype == "BF16" else t.numpy_dtype for t in config.inputs)
-        batching = config.dynamic_batching
-        # Steps that run in Python (tokenize) turn a batch's public inputs into the backend's
-        # on the instance thread; they check each request before it is queued.
-        self.python_steps = steps if steps is not None and steps.runs_python else None
-        # A backend with a C++ executor (native) runs batches without Python or the GIL,
-        # unless a Python step has to run first.
-        native = None if self.python_steps is not None else getattr(backends[0], "native_executor", None)
-        # With steps, the batcher's outputs are the pipeline's; `finish` makes them public.
-        self.finish = None if steps is None else steps.finish
-        # The monitor (if any) watches the batch in C++; per_request: it also wants each
-        # completed request (capture, feedback), with the row flags the batcher appends.
-        self.monitor = monitor
-        self.per_request = monitor is not None and monitor.per_request
-        outputs = core_output_specs(config, steps)
-        watched = monitor is not None and monitor.core is not None
-        # The batcher's outputs by name, in its order (a rollout's shadow compares one of them).
-        self.batch_output_names = tuple(spec[0] for spec in outputs)
-        self.batcher = _core.Batcher(
-            model_name=name,
-            inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
-            outputs=outputs + [monitor.flags_output] if watched else outputs,
-            executor=_batch_executor(backends, self.python_steps) if native is None else native,
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_us=batching.max_queue_delay_us,
-            preferred_batch_sizes=list(batching.preferred_batch_sizes),
-            max_queue_size=batching.max_queue_size,
-            priority_levels=batching.priority_levels,
-            default_priority_level=batching.default_priority_level,
-            default_timeout_us=batching.default_timeout_us,
-            instance_count=config.instance_group.count,
-            pin_instances=config.instance_group.cpu_pinning == "cores",
-            pool=pool,
-            pipeline=None if steps is None else steps.core,
-            **({"monitor": monitor.core} if watched else {}),
-        )
-
-    def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
-        """The inputs as a tuple in config order; names checked, non-arrays converted."""
-        try:
-            arrays = tuple([inputs[name] for name in self.input_names])
-        except (KeyError, TypeError):
-            raise self._name_error(inputs) from None
-        if len(inputs) != len(arrays):
-            raise self._name_error(inputs)
-        for array in arrays:
-            if type(array) is not np.ndarray or not array.flags.c_contiguous:
-                arrays = self._convert(arrays)
-                break
-        if self.python_steps is not None:
-            self.python_steps.check_request(arrays)
-        return arrays
-
-    def _convert(self, arrays: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
-        out = []
-        for name, dtype, value in zip(self.input_names, self._dtypes, arrays):
-            if isinstance(value, np.ndarray):
-                out.append(np.ascontiguousarray(value))
-            else:
-                try:
-                    out.append(np.ascontiguousarray(np.asarray(value, dtype=dtype)))
-                except (TypeError, ValueError) as exc:
-                    raise InvalidInput(f"model '{self.name}': input '{name}' cannot be read as {dtype}: {exc}") from None
-        return tuple(out)
-
-    def _name_error(self, inputs: Any) -> InvalidInput:
-        if not isinstance(inputs, Mapping):
-            return InvalidInput(
-                f"model '{self.name}': inputs must be a mapping of input name to array, got {type(inputs).__name__}"
-            )
-        expected, got = set(self.input_names), set(inputs)
-        parts = []
-        if expected - got:
-            parts.append(f"missing {_few(sorted(expected - got))}")
-        if got - expected:
-            parts.append(f"unexpected {_few(sorted(got - expected, key=str))}")
-        return InvalidInput(
-            f"model '{self.name}': expected inputs {list(self.input_names)}, got {_few(sorted(got, key=str))} "
-            f"({'; '.join(parts)})"
-        )
-
-    def result(self, arrays: tuple[np.ndarray, ...], offset: int, rows: int) -> dict[str, np.ndarray]:
-        if rows < 0 or (offset == 0 and rows == len(arrays[0])):
-            return dict(zip(self.output_names, arrays))
-        end = offset + rows
-        return {name: array[offset:end] for name, array in zip(self.output_names, arrays)}
-
-    def observed(self, request_id: str | None, inputs: tuple, arrays: tuple, offset: int, rows: int, result: dict) -> None:
-        """Hands one completed request to the monitor's capture and feedback."""
-        flags = arrays[-1] if self.monitor.core is not None else None
-        self.monitor.after_request(request_id or new_request_id(), inputs, result, flags, offset, rows)
-
-    def close(self) -> None:
-        self.batcher.stop(drain=True)
-        for backend in self.backends:
-            backend.close()
-        if self.monitor is not None:
-            self.monitor.close()
-
-
-def _batch_executor(backends: list[Backend], steps: ModelSteps | None) -> Callable[[tuple, int], list[np.ndarray]]:
-    """The batcher's executor. A closure, not a method of the ModelHandle: the batcher holds
-    it, and a reference back to the handle would be a cycle through C++ that no garbage
-    collector sees, so every replaced or unloaded version (its batcher, its counters) leaked."""
-
-    def execute(inputs: tuple[np.ndarray, ...], instance: int) -> list[np.ndarray]:
-        # Called by the batcher's instance thread, GIL held, once per batch.
-        backend = backends[instance if len(backends) > 1 else 0]
-        outputs = backend.execute(list(inputs) if steps is None else steps.backend_inputs(inputs, instance))
-        return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
-
-    return execute
-
-
-def core_output_specs(config: ModelConfig, steps: ModelSteps | None) -> list[tuple[str, str, list[int]]]:
-    """The outputs the batcher produces: the pipeline's (with steps) or the config's."""
-    return list(steps.core_outputs) if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs]
-
-
-def new_request_id() -> str:
-    """An id for a request that came without one (responses carry it): 128 random bits.
-
-    Not a counter: feedback labels a prediction by its id, so an id one client can guess
-    from its own (the next number) would let it label another client's predictions.
-    """
-    return os.urandom(16).hex()
 
 
 class _LoopBridge:
@@ -306,7 +160,9 @@ class Runtime:
         """
         runtime = cls(pool=pool, data_dir=data_dir, **options)
         repository = ModelRepository(Path(path))
-        for name in models if models is not None else repository.list_models():
+        names = models if models is not None else repository.list_models()
+        # A graph's steps load before it (the order is otherwise the caller's).
+        for name in sorted(names, key=lambda name: repository.is_graph(name)):
             try:
                 source = repository.load_model(name)
                 for version, version_dir in sorted(source.versions.items()):
@@ -348,6 +204,9 @@ class Runtime:
     ) -> None:
         if self._closed:
             raise Unavailable("the runtime is closed")
+        if config.backend == "graph":
+            self._add_graph(name, version, config)
+            return
         count = config.instance_group.count
         steps = ModelSteps.for_config(config, version_dir)
         model_file = None if version_dir is None or steps is None else model_file_path(config.backend, version_dir)
@@ -383,18 +242,57 @@ class Runtime:
                 loaded.close()
                 raise
             monitor.start()
-        with self._lock:
-            versions = self._models.setdefault(name, {})
-            replaced = versions.get(version)
-            versions[version] = loaded
-            self._latest[name] = versions[max(versions)]
-        if replaced is not None:
-            replaced.close()
+        self._publish(name, version, loaded)
         batching = config.dynamic_batching
         log.debug(
             "loaded model %s version %d (%s backend): max_batch_size=%d max_queue_delay_us=%d instances=%d",
             name, version, config.backend, config.max_batch_size, batching.max_queue_delay_us, count,
         )
+
+    def _add_graph(self, name: str, version: int, config: ModelConfig) -> None:
+        """Loads a graph version: planned against the step models loaded now (ConfigError if it does not fit)."""
+        monitor = None
+        try:
+            # The monitor sees the graph's public tensors, which the plan derives: plan once
+            # without it to learn them (planning reads configs only and starts nothing).
+            planned = plan_graph(config, lambda model, step_version: step_model_of(self.model(model, step_version)))
+            public = config.model_copy(update={"inputs": planned.inputs, "outputs": planned.outputs})
+            monitor = self._create_monitor(name, version, public, None, None)
+            loaded = GraphHandle(name, version, config, planned, self._pool, self.model, monitor)
+        except BaseException:
+            if monitor is not None:
+                monitor.close()
+            raise
+        if monitor is not None:
+            try:
+                monitor.prime(lambda inputs: loaded.batcher.infer(loaded.order_inputs(inputs), 0, -1))
+            except BaseException:
+                loaded.close()
+                raise
+            monitor.start()
+        self._publish(name, version, loaded)
+        log.debug("loaded graph %s version %d: steps %s", name, version, [step for step, _, _ in loaded.plan.steps])
+
+    def _publish(self, name: str, version: int, loaded: ModelHandle) -> None:
+        """Serves `loaded`; graphs using the model are rebound before the version it replaces closes."""
+        with self._lock:
+            versions = self._models.setdefault(name, {})
+            replaced = versions.get(version)
+            versions[version] = loaded
+            self._latest[name] = versions[max(versions)]
+        self._rebind_graphs(name)
+        if replaced is not None:
+            replaced.close()
+
+    def _rebind_graphs(self, model: str) -> None:
+        """Points the steps of every loaded graph that runs `model` at its versions loaded now."""
+        with self._lock:
+            graphs = [
+                handle for versions in self._models.values() for handle in versions.values()
+                if isinstance(handle, GraphHandle) and model in handle.step_models
+            ]  # fmt: skip
+        for graph in graphs:
+            graph.rebind(self.model)
 
     def _create_monitor(
         self, name: str, version: int, config: ModelConfig, steps: ModelSteps | None, version_dir: Path | None
@@ -426,6 +324,7 @@ class Runtime:
                 del self._latest[name]
             else:
                 self._latest[name] = versions[max(versions)]
+        self._rebind_graphs(name)
         for model_version in removed:
             model_version.close()
 
@@ -445,7 +344,7 @@ class Runtime:
         return found
 
     def _resolve(self, model: str | ModelHandle, version: int | None) -> ModelHandle:
-        if type(model) is ModelHandle:
+        if type(model) is ModelHandle or type(model) is GraphHandle:
             return model
         return self.model(model, version)
 
@@ -573,6 +472,7 @@ class Runtime:
             "compute_output_time_us": _percentiles_us(raw["compute_output"]),
             "request_time_us": _percentiles_us(raw["total"]),
             "raw": raw,
+            **({"steps": [_step_stats(step) for step in loaded.step_stats()]} if isinstance(loaded, GraphHandle) else {}),
         }
 
     def close(self) -> None:
@@ -581,7 +481,11 @@ class Runtime:
             if self._closed:
                 return
             self._closed = True
-            versions = [v for per_model in self._models.values() for v in per_model.values()]
+            # Graphs first: their requests in flight still need the step models' batchers.
+            versions = sorted(
+                (v for per_model in self._models.values() for v in per_model.values()),
+                key=lambda handle: not isinstance(handle, GraphHandle),
+            )
             self._models.clear()
             self._latest.clear()
             bridges = list(self._bridges.values())
@@ -633,6 +537,13 @@ def _checked_timeout_us(timeout_us: int | None) -> int:
     return int(timeout_us)
 
 
+def _step_stats(raw: dict[str, Any]) -> dict[str, Any]:
+    """One step of a graph: its counts and the time its model took to answer it."""
+    stats = {key: value for key, value in raw.items() if key != "time"}
+    stats["time_us"] = _percentiles_us(raw["time"])
+    return stats
+
+
 def _percentiles_us(histogram: dict[str, int]) -> dict[str, float]:
     count = histogram["count"]
     return {
@@ -642,13 +553,3 @@ def _percentiles_us(histogram: dict[str, int]) -> dict[str, float]:
         "p90": histogram["p90_ns"] / 1000,
         "p99": histogram["p99_ns"] / 1000,
     }
-
-
-_NAMES_IN_AN_ERROR = 10
-
-
-def _few(names: list) -> str:
-    """At most _NAMES_IN_AN_ERROR names: a request with 10^5 inputs must not get a megabyte of error back."""
-    if len(names) <= _NAMES_IN_AN_ERROR:
-        return str(names)
-    return f"{str(names[:_NAMES_IN_AN_ERROR])[:-1]}, ... and {len(names) - _NAMES_IN_AN_ERROR} more]"

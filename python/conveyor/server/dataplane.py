@@ -20,6 +20,7 @@ from conveyor.protocol.classification import classify
 from conveyor.protocol.config_override import config_from_triton_json
 from conveyor.protocol.model_config import model_metadata, triton_model_config
 from conveyor.protocol.types import InferOutput, InferRequest, InferResponse
+from conveyor.graph_runtime import GraphHandle
 from conveyor.runtime import ModelHandle, new_request_id
 from conveyor.server.models import ModelManager
 from conveyor.server.responses import redact
@@ -65,9 +66,11 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
-            self.handle(name, version)
+            handle = self.handle(name, version)
         except (ModelNotFound, InvalidInput):
             return False
+        if isinstance(handle, GraphHandle) and not handle.ready()[0]:
+            return False  # a step model is not loaded, or its version no longer fits
         return not self.draining
 
     def server_metadata(self) -> dict[str, Any]:
@@ -212,7 +215,7 @@ class DataPlane:
             handles = [self.runtime.model(latest.name, v) for v in self.runtime.models().get(latest.name, [latest.version])]
         else:
             handles = [self.runtime.model(n, v) for n, versions in self.runtime.models().items() for v in versions]
-        return {"model_stats": [_model_statistics(h, self.runtime.model_stats(h)["raw"]) for h in handles]}
+        return {"model_stats": [_model_statistics(h, self.runtime.model_stats(h)) for h in handles]}
 
     # -- repository control ------------------------------------------------------------
 
@@ -296,7 +299,9 @@ def _duration(count: int, ns: int) -> dict[str, int]:
     return {"count": int(count), "ns": int(ns)}
 
 
-def _model_statistics(handle: ModelHandle, raw: dict[str, Any]) -> dict[str, Any]:
+def _model_statistics(handle: ModelHandle, stats: dict[str, Any]) -> dict[str, Any]:
+    """Triton's statistics of one version; a graph's also carry "steps" (Runtime.model_stats')."""
+    raw = stats["raw"]
     batch_stats = []
     for size, batches in enumerate(raw["batch_size_counts"]):
         if batches:
@@ -325,4 +330,5 @@ def _model_statistics(handle: ModelHandle, raw: dict[str, Any]) -> dict[str, Any
         },
         "batch_stats": batch_stats,
         "memory_usage": [],
+        **({"steps": stats["steps"]} if "steps" in stats else {}),
     }

@@ -95,7 +95,8 @@ class ModelManager:
     def start(self, models: list[str] | None = None) -> None:
         """Initial load: every repository model (none/poll), or `models` (explicit)."""
         names = self.repository.list_models() if self.mode != "explicit" else list(models or [])
-        for name in names:
+        # A graph's steps load before it (the order is otherwise the repository's or the caller's).
+        for name in sorted(names, key=self.repository.is_graph):
             try:
                 self.load(name, _startup=True)
             except ConveyorError as exc:
@@ -243,7 +244,8 @@ class ModelManager:
                 with self._state_lock:
                     del self._records[name]
                     self._expected.discard(name)
-            for name, fingerprint in sorted(current.items()):
+            # Graphs last: a graph and its steps that appear together load steps first.
+            for name, fingerprint in sorted(current.items(), key=lambda item: (self.repository.is_graph(item[0]), item[0])):
                 record = self._records.get(name)
                 if record is not None and record.fingerprint == fingerprint:
                     continue

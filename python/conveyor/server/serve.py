@@ -137,6 +137,14 @@ class Server:
                 log.warning("model %s is %s: %s", row["name"], row["state"], row["reason"])
         for name, versions in sorted(self.runtime.models().items()):
             config = self.runtime.config(name)
+            if config.graph is not None:
+                handle = self.runtime.model(name)
+                log.info(
+                    "model %s versions %s: graph of %s, max_batch_size %d; rows copied: %s", name, versions,
+                    " -> ".join(f"{step} ({model})" for step, model, _ in handle.plan.steps), config.max_batch_size,
+                    "; ".join(handle.plan.copies) or "none",
+                )
+                continue
             batching = config.dynamic_batching
             log.info(
                 "model %s versions %s: backend %s, max_batch_size %d, max_queue_delay_us %d, "

@@ -212,7 +212,10 @@ def model_config_to_proto(config: dict[str, Any]) -> pb.ModelConfigResponse:
 
 
 def statistics_to_proto(statistics: dict[str, Any]) -> pb.ModelStatisticsResponse:
-    return from_json_shape(statistics, pb.ModelStatisticsResponse())
+    # A graph's per-step statistics ("steps") have no field in the protocol's message: over
+    # gRPC, a step's own model statistics (its model's name) say what the HTTP form adds.
+    models = [{key: value for key, value in entry.items() if key != "steps"} for entry in statistics["model_stats"]]
+    return from_json_shape({**statistics, "model_stats": models}, pb.ModelStatisticsResponse())
 
 
 def repository_index_to_proto(rows: list[dict[str, Any]]) -> pb.RepositoryIndexResponse:

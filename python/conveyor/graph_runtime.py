@@ -1,0 +1,117 @@
+"""A model graph as the runtime serves it: a version whose requests flow through its steps.
+
+A graph's config has a `[graph]` table (conveyor.config_graph); conveyor.graph_plan checks
+it against the step models loaded now and makes the plan; the plan becomes a C++
+`_core.Graph`, which answers in the shapes a batcher does. So `GraphHandle` is a
+`ModelHandle` whose "batcher" is the graph: `Runtime.infer`, `infer_async`, the servers,
+statistics and monitoring treat it as any model version.
+
+Each step is bound to the batcher of the step model's version (the newest unless the step
+names one). When a step model is loaded, reloaded or unloaded, the runtime rebinds every
+graph using it (`rebind`): requests submitted after that use the new version; a step whose
+model is gone, or whose new version no longer fits the plan, leaves the graph unready
+with that reason until a fitting version is loaded again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from conveyor import _core
+from conveyor.config import ModelConfig
+from conveyor.errors import ConfigError, ConveyorError, ModelNotFound
+from conveyor.graph_plan import GraphPlan, StepModel
+from conveyor.runtime_handle import ModelHandle
+
+__all__ = ["GraphHandle", "step_model_of"]
+
+
+def step_model_of(handle: ModelHandle) -> StepModel:
+    """What a graph plan needs to know of a loaded model version."""
+    return StepModel(
+        name=handle.name,
+        version=handle.version,
+        inputs=[(t.name, t.datatype, list(t.dims)) for t in handle.config.inputs],
+        outputs=[(name, datatype, list(dims)) for name, datatype, dims in handle.batch_outputs],
+        max_batch_size=handle.config.max_batch_size,
+        is_graph=isinstance(handle, GraphHandle),
+        python_finish=handle.finish is not None,
+    )
+
+
+class GraphHandle(ModelHandle):
+    """One loaded graph version: its plan and the C++ graph that runs it."""
+
+    __slots__ = ("plan",)
+
+    def __init__(
+        self, name: str, version: int, config: ModelConfig, plan: GraphPlan, pool: Any,
+        lookup: Callable[[str, int | None], ModelHandle], monitor: Any = None,
+    ) -> None:
+        """`plan`: plan_graph's for `config`; `lookup(model, version)`: a loaded version (ModelNotFound if none)."""
+        # The config clients see (metadata, /config): the public tensors derived from the steps.
+        config = config.model_copy(
+            update={"inputs": plan.inputs, "outputs": plan.outputs, "max_batch_size": plan.max_batch_size}
+        )
+        self.plan: GraphPlan = plan
+        self._init_common(name, version, config, [], None, monitor)
+        self.batch_outputs = tuple((t.name, t.datatype, list(t.dims)) for t in plan.outputs)
+        self.batch_output_names = tuple(t.name for t in plan.outputs)
+        watched = monitor is not None and monitor.core is not None
+        try:
+            self.batcher = _core.Graph(
+                **plan.core, pool=pool, **({"monitor": monitor.core} if watched else {})
+            )
+        except ConveyorError as exc:  # the plan and the core disagree: a defect of the plan, said as the config's
+            raise ConfigError(f"model '{name}': {exc}") from None
+        self.rebind(lookup)
+
+    @property
+    def step_models(self) -> set[str]:
+        """The models this graph's steps run."""
+        return {model for _, model, _ in self.plan.steps}
+
+    def rebind(self, lookup: Callable[[str, int | None], ModelHandle]) -> None:
+        """Binds every step to the version of its model loaded now (or unbinds it, saying why)."""
+        for index, (step, model, version) in enumerate(self.plan.steps):
+            try:
+                handle = lookup(model, version)
+            except ModelNotFound:
+                wanted = f"version {version} of model '{model}'" if version is not None else f"model '{model}'"
+                self.batcher.bind(index, None, f"{wanted} is not loaded")
+                continue
+            problem = self._misfit(index, step_model_of(handle))
+            if problem:
+                self.batcher.bind(index, None, f"model '{model}' version {handle.version} no longer fits: {problem}")
+            else:
+                self.batcher.bind(index, handle.batcher)
+
+    def _misfit(self, index: int, step: StepModel) -> str:
+        """Why a step model's loaded version cannot serve the planned step ('' when it can)."""
+        planned = self.plan.core["steps"][index]
+        if step.is_graph:
+            return "it is a graph"
+        if step.python_finish:
+            return "its outputs are made in Python at completion"
+        if len(step.inputs) != len(planned["inputs"]):
+            return f"it has {len(step.inputs)} inputs, the graph was planned with {len(planned['inputs'])}"
+        outputs = [(name, datatype, list(dims)) for name, datatype, dims in planned["outputs"]]
+        if step.outputs[: len(outputs)] != outputs:
+            return f"its outputs are {step.outputs}, the graph was planned with {outputs}"
+        if step.max_batch_size < self.config.max_batch_size:
+            return f"its max_batch_size {step.max_batch_size} is below the graph's {self.config.max_batch_size}"
+        return ""
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether every step is bound; otherwise the first unbound step and why."""
+        return self.batcher.ready()
+
+    def step_stats(self) -> list[dict[str, Any]]:
+        """Per step: requests and rows sent, rows skipped, failures, defaults used, time to answer."""
+        return self.batcher.step_stats()
+
+    def close(self) -> None:
+        self.batcher.stop(drain=True)
+        if self.monitor is not None:
+            self.monitor.close()
