@@ -205,7 +205,7 @@ class Runtime:
         if self._closed:
             raise Unavailable("the runtime is closed")
         if config.backend == "graph":
-            self._add_graph(name, version, config)
+            self._add_graph(name, version, config, version_dir)
             return
         count = config.instance_group.count
         steps = ModelSteps.for_config(config, version_dir)
@@ -249,15 +249,20 @@ class Runtime:
             name, version, config.backend, config.max_batch_size, batching.max_queue_delay_us, count,
         )
 
-    def _add_graph(self, name: str, version: int, config: ModelConfig) -> None:
-        """Loads a graph version: planned against the step models loaded now (ConfigError if it does not fit)."""
+    def _add_graph(self, name: str, version: int, config: ModelConfig, model_dir: Path | None) -> None:
+        """Loads a graph version: planned against the step models loaded now (ConfigError if it does not fit).
+
+        `model_dir`: the graph's directory (its version 1), where its monitor reference lives.
+        """
         monitor = None
         try:
             # The monitor sees the graph's public tensors, which the plan derives: plan once
             # without it to learn them (planning reads configs only and starts nothing).
             planned = plan_graph(config, lambda model, step_version: step_model_of(self.model(model, step_version)))
-            public = config.model_copy(update={"inputs": planned.inputs, "outputs": planned.outputs})
-            monitor = self._create_monitor(name, version, public, None, None)
+            public = config.model_copy(
+                update={"inputs": planned.inputs, "outputs": planned.outputs, "max_batch_size": planned.max_batch_size}
+            )
+            monitor = self._create_monitor(name, version, public, None, model_dir)
             loaded = GraphHandle(name, version, config, planned, self._pool, self.model, monitor)
         except BaseException:
             if monitor is not None:
