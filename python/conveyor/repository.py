@@ -121,10 +121,24 @@ class ModelRepository:
 
     def is_graph(self, name: str) -> bool:
         """Whether `name` is a model graph (False when its config cannot be read: loading it says why)."""
+        return self.graph_steps(name) is not None
+
+    def with_graph_steps(self, names: list[str]) -> list[str]:
+        """`names` and the models their graphs run, steps first (a graph loads after its steps)."""
+        ordered: list[str] = []
+        for name in names:
+            for step in sorted(self.graph_steps(name) or ()):
+                if step not in ordered and step not in names:
+                    ordered.append(step)
+        return ordered + sorted(names, key=self.is_graph)
+
+    def graph_steps(self, name: str) -> set[str] | None:
+        """The models a graph's steps run; None for a model that is not a graph (or is unreadable)."""
         try:
-            return self._config(self.model_dir(name), name)[0].backend == "graph"
+            config = self._config(self.model_dir(name), name)[0]
         except (ConfigError, InvalidInput, ModelNotFound):
-            return False
+            return None
+        return None if config.graph is None else {step.model for step in config.graph.step}
 
     def index(self) -> list[RepositoryEntry]:
         """Every model and version with its state; a broken model never hides the others."""

@@ -155,14 +155,13 @@ class Runtime:
     ) -> Runtime:
         """A runtime serving every model of a repository (or the named ones).
 
-        A model that fails to load is logged and skipped; the others serve. `options`
-        go to the constructor.
+        A model that fails to load is logged and skipped; the others serve. A graph named
+        in `models` brings the models its steps run. `options` go to the constructor.
         """
         runtime = cls(pool=pool, data_dir=data_dir, **options)
         repository = ModelRepository(Path(path))
-        names = models if models is not None else repository.list_models()
-        # A graph's steps load before it (the order is otherwise the caller's).
-        for name in sorted(names, key=lambda name: repository.is_graph(name)):
+        # A graph's steps load before it (and with it, when only the graph is named).
+        for name in repository.with_graph_steps(models if models is not None else repository.list_models()):
             try:
                 source = repository.load_model(name)
                 for version, version_dir in sorted(source.versions.items()):

@@ -95,8 +95,9 @@ class ModelManager:
     def start(self, models: list[str] | None = None) -> None:
         """Initial load: every repository model (none/poll), or `models` (explicit)."""
         names = self.repository.list_models() if self.mode != "explicit" else list(models or [])
-        # A graph's steps load before it (the order is otherwise the repository's or the caller's).
-        for name in sorted(names, key=self.repository.is_graph):
+        # A graph's steps load before it, and with it when only the graph is named (as Triton
+        # loads an ensemble's composing models).
+        for name in self.repository.with_graph_steps(names):
             try:
                 self.load(name, _startup=True)
             except ConveyorError as exc:
@@ -127,6 +128,11 @@ class ModelManager:
         # refused before any state changes too: the model is not expected to serve for them.
         config = self._override_config(name, config_override, uploaded=bool(files))
         with self._lock:
+            # A graph's step models load first unless they serve already (Triton loads an
+            # ensemble's composing models the same way).
+            for step in sorted(self.repository.graph_steps(name) or ()) if not files else ():
+                if not self._serves(step):
+                    self.load(step, _startup=True)
             with self._state_lock:
                 record = self._records.setdefault(name, ModelRecord(name))
                 self._expected.add(name)
@@ -279,6 +285,11 @@ class ModelManager:
     def labels(self, name: str, output: str) -> list[str] | None:
         record = self._records.get(name)
         return None if record is None else record.labels.get(output)
+
+    def _serves(self, name: str) -> bool:
+        with self._state_lock:
+            record = self._records.get(name)
+            return record is not None and bool(record.versions)
 
     def ready(self) -> bool:
         """Every model the operator asked for serves (Triton's strict readiness).
