@@ -83,7 +83,13 @@ void init_loadgen(py::module_& m) {
              for (py::handle sample : samples) tensors.push_back(hold_arrays(sample.cast<py::tuple>(), "sample input"));
              return std::make_shared<BatcherTarget>(std::move(batcher), std::move(tensors));
            }),
-           py::arg("batcher"), py::arg("samples"), "samples: one tuple of arrays (model input order) per sample.");
+           py::arg("batcher"), py::arg("samples"), "samples: one tuple of arrays (model input order) per sample.")
+      .def(py::init([](std::shared_ptr<Graph> graph, const py::list& samples) {
+             std::vector<std::vector<Tensor>> tensors;
+             for (py::handle sample : samples) tensors.push_back(hold_arrays(sample.cast<py::tuple>(), "sample input"));
+             return std::make_shared<BatcherTarget>(std::move(graph), std::move(tensors));
+           }),
+           py::arg("graph"), py::arg("samples"), "A model graph's target (Graph.submit, from C++).");
 
   py::class_<HttpTarget, Target, std::shared_ptr<HttpTarget>>(
       m, "HttpLoadTarget", "An HTTP/1.1 keep-alive client sending prebuilt requests over N connections.")

@@ -351,10 +351,17 @@ BatcherTarget::BatcherTarget(std::shared_ptr<Batcher> batcher, std::vector<std::
   if (samples_.empty()) throw Error(ErrorCode::kInvalidInput, "[loadgen] the in-process target needs at least one sample");
 }
 
+BatcherTarget::BatcherTarget(std::shared_ptr<Graph> graph, std::vector<std::vector<Tensor>> samples)
+    : graph_(std::move(graph)), samples_(std::move(samples)) {
+  if (!graph_) throw Error(ErrorCode::kInvalidInput, "[loadgen] the in-process target needs a graph");
+  if (samples_.empty()) throw Error(ErrorCode::kInvalidInput, "[loadgen] the in-process target needs at least one sample");
+}
+
 void BatcherTarget::send(const std::shared_ptr<Recorder>& recorder, uint64_t query, size_t sample) {
   try {
     // The copy shares each sample's owner: the batcher keeps it alive until the completion.
-    batcher_->submit(samples_[sample], std::make_shared<RequestSink>(recorder, query));
+    auto sink = std::make_shared<RequestSink>(recorder, query);
+    if (batcher_) batcher_->submit(samples_[sample], std::move(sink)); else graph_->submit(samples_[sample], std::move(sink));
   } catch (const Error& e) {
     recorder->complete(query, false, std::string(error_code_name(e.code())) + ": " + e.what());
   } catch (const std::exception& e) {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "conveyor/batcher.h"
+#include "conveyor/graph.h"
 
 namespace conveyor::loadgen {
 
@@ -148,19 +149,25 @@ RunResult run_open_loop(Target& target, const std::vector<int64_t>& schedule_ns,
 // the queries never issued are recorded as not answered.
 RunResult run_closed_loop(Target& target, size_t queries, int samples_per_query, int64_t timeout_ns);
 
-// Submits straight to a model version's batcher. Each sample is the request's inputs in the
-// model's input order; their owners keep the memory alive (and are only copied per request).
+// Submits straight to a model version's batcher, or to a model graph. Each sample is the
+// request's inputs in the model's input order; their owners keep the memory alive (and are
+// only copied per request).
 class BatcherTarget final : public Target {
  public:
   // Throws Error(kInvalidInput) when there is no sample.
   BatcherTarget(std::shared_ptr<Batcher> batcher, std::vector<std::vector<Tensor>> samples);
+  BatcherTarget(std::shared_ptr<Graph> graph, std::vector<std::vector<Tensor>> samples);
   void send(const std::shared_ptr<Recorder>& recorder, uint64_t query, size_t sample) override;
   size_t sample_count() const noexcept override { return samples_.size(); }
-  // The batcher's queue bound: a full queue would reject, so the generator waits instead.
-  size_t capacity() const noexcept override { return batcher_->options().max_queue_size; }
+  // The queue bound (a graph's: its requests in flight): a full queue would reject, so the
+  // generator waits instead.
+  size_t capacity() const noexcept override {
+    return batcher_ ? batcher_->options().max_queue_size : graph_->options().max_in_flight;
+  }
 
  private:
   const std::shared_ptr<Batcher> batcher_;
+  const std::shared_ptr<Graph> graph_;
   const std::vector<std::vector<Tensor>> samples_;
 };
 

@@ -198,7 +198,8 @@ class OpenedTarget:
 
 
 def _model_file(config: Any, version_dir: Path | None) -> Path | None:
-    if config is None or version_dir is None:
+    # A graph has no file of its own (its config, hashed beside, names its steps).
+    if config is None or version_dir is None or config.backend == "graph":
         return None
     from conveyor.backends import model_file_path
 
