@@ -85,6 +85,12 @@ def describe_model(repository: Path, name: str, version: int | None = None) -> P
     from conveyor.repository import ModelRepository
 
     source = ModelRepository(Path(repository)).load_model(name)
+    if source.config.graph is not None:
+        steps = ", ".join(sorted({step.model for step in source.config.graph.step}))
+        raise ConfigError(
+            f"model '{name}' is a graph: it has no batching or threads of its own to tune (each step runs in its "
+            f"model's batcher); profile its step models instead ({steps}), and measure the graph with conveyor bench"
+        )
     chosen = version if version is not None else max(source.versions)
     if chosen not in source.versions:
         raise ConfigError(f"model '{name}' has no version {chosen} to serve in {repository}; versions: "
