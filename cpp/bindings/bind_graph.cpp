@@ -140,6 +140,10 @@ void init_graph(py::module_& m) {
           // The old binding may hold the last reference to a stopped batcher.
           py::call_guard<py::gil_scoped_release>(),
           "Serve step `step` with `batcher` from the next request on; None unbinds it, quoting `reason`.")
+      .def("bind_arms", &Graph::bind_arms, py::arg("step"), py::arg("batchers"), py::arg("bounds"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Serve step `step` with several versions (a rollout beneath the graph): a step request goes to arm i "
+           "for a random point in [bounds[i-1], bounds[i]) of [0, 2^63) (RouteTable.arm_bounds()).")
       .def(
           "ready",
           [](const Graph& g) {

@@ -11,6 +11,7 @@
 
 #include "conveyor/batch_policy.h"
 #include "conveyor/monitor.h"
+#include "conveyor/router.h"
 
 namespace conveyor {
 
@@ -209,6 +210,12 @@ std::vector<uint8_t> evaluate_predicate(const RowPredicate& predicate, const std
   return stack.empty() ? std::vector<uint8_t>(n, 1) : std::move(stack.back());
 }
 
+struct WeakArms {
+  std::vector<std::weak_ptr<Batcher>> batchers;
+  std::vector<uint64_t> bounds;
+};
+using WeakBindings = std::vector<WeakArms>;
+
 struct Graph::Core {
   GraphOptions options;
   std::shared_ptr<MemoryPool> pool;
@@ -223,7 +230,8 @@ struct Graph::Core {
   std::condition_variable idle_cv;
   std::shared_ptr<const Bindings> bindings;                           // guarded by mu: the graph's own
   // The same batchers, weakly: what requests take (see the header on lifetimes).
-  std::shared_ptr<const std::vector<std::weak_ptr<Batcher>>> weak_bindings;  // guarded by mu
+  std::shared_ptr<const WeakBindings> weak_bindings;                 // guarded by mu
+  mutable std::atomic<uint64_t> route_state{0};  // the arms' random source (router.h's splitmix64)
   std::vector<std::string> unbound_reasons;                           // guarded by mu
   std::unordered_map<uint64_t, std::weak_ptr<Request>> in_flight;     // guarded by mu
   bool accepting = true;                                              // guarded by mu
@@ -248,7 +256,7 @@ struct Graph::Core {
 // the first step is sent.
 struct Graph::Request {
   std::shared_ptr<Core> core;
-  std::shared_ptr<const std::vector<std::weak_ptr<Batcher>>> bindings;
+  std::shared_ptr<const WeakBindings> bindings;
   uint64_t id = 0;
   std::shared_ptr<CompletionSink> sink;
   int priority = 0;
@@ -264,6 +272,7 @@ struct Graph::Request {
   std::vector<uint8_t> step_state;             // per step: 0 waiting, 1 sent, 2 done
   std::vector<int> unmet;                      // per step: steps it still waits for
   std::vector<uint64_t> step_ids;              // per sent step: its batcher request id
+  std::vector<std::weak_ptr<Batcher>> step_batchers;  // per sent step: the arm it went to
   std::vector<TimePoint> step_sent;
   int steps_left = 0;
   int steps_running = 0;
@@ -460,7 +469,16 @@ void launch_ready(const std::shared_ptr<Request>& request, AfterUnlock& after) {
         q.present[slot] = mask;
         q.counts[slot] = count;
       }
-      std::shared_ptr<Batcher> batcher = (*q.bindings)[s].lock();
+      const WeakArms& arms = (*q.bindings)[s];
+      size_t arm = 0;
+      if (arms.batchers.size() > 1) {
+        const uint64_t point =
+            router::mix64(core.route_state.fetch_add(router::kSplitmixIncrement, std::memory_order_relaxed) +
+                          router::kSplitmixIncrement) >> 1;
+        while (arm + 1 < arms.bounds.size() && point >= arms.bounds[arm]) ++arm;
+      }
+      std::shared_ptr<Batcher> batcher = arms.batchers[arm].lock();
+      q.step_batchers[s] = batcher;
       if (!batcher) {
         step_failed(q, s, ErrorCode::kUnavailable, "its model was unloaded while the request ran",
                     mask.empty() ? nullptr : &mask, count, after);
@@ -715,7 +733,8 @@ Graph::Graph(GraphOptions options, std::shared_ptr<MemoryPool> pool, std::shared
     }
   }
   c.bindings = std::make_shared<Bindings>(o.steps.size());
-  c.weak_bindings = std::make_shared<std::vector<std::weak_ptr<Batcher>>>(o.steps.size());
+  c.weak_bindings = std::make_shared<WeakBindings>(o.steps.size());
+  c.route_state.store(static_cast<uint64_t>(Clock::now().time_since_epoch().count()), std::memory_order_relaxed);
   c.unbound_reasons.assign(o.steps.size(), "not bound yet");
   c.size_counts.reset(new std::atomic<uint64_t>[static_cast<size_t>(o.max_batch_size) + 1]());
   c.step_counters.reset(new Core::StepCounters[o.steps.size()]);
@@ -733,26 +752,48 @@ Graph::~Graph() {
 const GraphOptions& Graph::options() const noexcept { return core_->options; }
 
 void Graph::bind(int step, std::shared_ptr<Batcher> batcher, const std::string& reason) {
+  if (!batcher) {
+    bind_arms(step, {}, {});
+    std::lock_guard<std::mutex> lock(core_->mu);
+    if (!reason.empty()) core_->unbound_reasons[step] = reason;
+    return;
+  }
+  bind_arms(step, {std::move(batcher)}, {router::kPointLimit});
+}
+
+void Graph::bind_arms(int step, std::vector<std::shared_ptr<Batcher>> batchers, std::vector<uint64_t> bounds) {
   Core& c = *core_;
   if (step < 0 || step >= static_cast<int>(c.options.steps.size())) {
     invalid(c.where() + "there is no step " + std::to_string(step));
   }
-  if (batcher) {
-    const GraphStep& spec = c.options.steps[step];
+  const GraphStep& spec = c.options.steps[step];
+  const std::string at = c.where() + "step '" + spec.name + "': ";
+  if (batchers.size() != bounds.size()) {
+    invalid(at + std::to_string(batchers.size()) + " arms with " + std::to_string(bounds.size()) + " bounds");
+  }
+  for (size_t i = 0; i < bounds.size(); ++i) {
+    if ((i > 0 && bounds[i] < bounds[i - 1]) || (i + 1 == bounds.size() && bounds[i] != router::kPointLimit)) {
+      invalid(at + "arm bounds must ascend and end at 2^63");
+    }
+  }
+  for (const auto& batcher : batchers) {
+    if (!batcher) invalid(at + "an arm has no batcher");
     const BatcherOptions& b = batcher->options();
     if (b.inputs.size() != spec.input_slots.size() || b.outputs.size() < spec.outputs.size()) {
-      invalid(c.where() + "step '" + spec.name + "': model '" + b.model_name + "' has " + std::to_string(b.inputs.size()) +
-              " inputs and " + std::to_string(b.outputs.size()) + " outputs; the plan expects " +
-              std::to_string(spec.input_slots.size()) + " and " + std::to_string(spec.outputs.size()));
+      invalid(at + "model '" + b.model_name + "' has " + std::to_string(b.inputs.size()) + " inputs and " +
+              std::to_string(b.outputs.size()) + " outputs; the plan expects " + std::to_string(spec.input_slots.size()) +
+              " and " + std::to_string(spec.outputs.size()));
     }
   }
   std::shared_ptr<const Bindings> old;
   {
     std::lock_guard<std::mutex> lock(c.mu);
     auto next = std::make_shared<Bindings>(*c.bindings);
-    (*next)[step] = std::move(batcher);
-    c.unbound_reasons[step] = (*next)[step] ? "" : (reason.empty() ? "its model is not loaded" : reason);
-    c.weak_bindings = std::make_shared<std::vector<std::weak_ptr<Batcher>>>(next->begin(), next->end());
+    (*next)[step] = StepArms{std::move(batchers), std::move(bounds)};
+    auto weak = std::make_shared<WeakBindings>();
+    for (const StepArms& arms : *next) weak->push_back(WeakArms{{arms.batchers.begin(), arms.batchers.end()}, arms.bounds});
+    c.unbound_reasons[step] = (*next)[step].batchers.empty() ? "its model is not loaded" : "";
+    c.weak_bindings = std::move(weak);
     old = std::move(c.bindings);
     c.bindings = std::move(next);
   }
@@ -762,7 +803,7 @@ bool Graph::ready(std::string* reason) const {
   Core& c = *core_;
   std::lock_guard<std::mutex> lock(c.mu);
   for (size_t s = 0; s < c.options.steps.size(); ++s) {
-    if (!(*c.bindings)[s]) {
+    if ((*c.bindings)[s].batchers.empty()) {
       if (reason != nullptr) *reason = "step '" + c.options.steps[s].name + "' (model '" + c.options.steps[s].model + "'): " + c.unbound_reasons[s];
       return false;
     }
@@ -834,13 +875,14 @@ uint64_t Graph::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSin
   q.unmet.resize(steps);
   for (size_t s = 0; s < steps; ++s) q.unmet[s] = static_cast<int>(core->waits_for[s].size());
   q.step_ids.assign(steps, 0);
+  q.step_batchers.resize(steps);
   q.step_sent.resize(steps);
   q.steps_left = static_cast<int>(steps);
   {
     std::lock_guard<std::mutex> lock(core->mu);
     if (!core->accepting) refuse(ErrorCode::kUnavailable, "the graph is stopping");
     for (size_t s = 0; s < steps; ++s) {
-      if (!(*core->bindings)[s]) {
+      if ((*core->bindings)[s].batchers.empty()) {
         core->rejected.fetch_add(1, std::memory_order_relaxed);
         throw Error(ErrorCode::kUnavailable, "[graph] model '" + o.name + "' is not ready: step '" + o.steps[s].name + "' (model '" + o.steps[s].model +
                                             "'): " + core->unbound_reasons[s]);
@@ -886,7 +928,7 @@ bool Graph::cancel(uint64_t request_id) {
     answer_error(*request, ErrorCode::kCancelled, core_->where() + "the request was cancelled", after);
     for (size_t s = 0; s < request->step_state.size(); ++s) {
       if (request->step_state[s] != 1 || request->step_ids[s] == 0) continue;
-      if (auto batcher = (*request->bindings)[s].lock()) queued.emplace_back(std::move(batcher), request->step_ids[s]);
+      if (auto batcher = request->step_batchers[s].lock()) queued.emplace_back(std::move(batcher), request->step_ids[s]);
     }
   }
   finish(core_, *request, after);

@@ -12,6 +12,7 @@
 #include "check.h"
 #include "gate.h"
 #include "conveyor/graph.h"
+#include "conveyor/router.h"
 
 using namespace conveyor;
 using conveyor::testing::Gate;
@@ -446,4 +447,37 @@ TEST_CASE("graph: cancel answers a request at once; stop without drain cancels t
   g.stop(false);
   CHECK_EQ(g.stats().cancelled, 2u);
   CHECK_THROWS_CODE(g.infer({borrow(x, 1)}), ErrorCode::kUnavailable);
+}
+
+TEST_CASE("graph: a step bound to several versions splits its requests by the arms' bounds") {
+  auto v1 = elementwise("m_v1", 1, [](float v) { return v; });
+  auto v2 = elementwise("m_v2", 1, [](float v) { return -v; });
+  GraphOptions o;
+  o.name = "g";
+  o.inputs = {{"x", DType::kFloat32, {1}}};
+  o.outputs = {{"y", DType::kFloat32, {1}}};
+  o.steps = {step("m", {0}, 1)};
+  o.output_sources = {{1}};
+  o.max_batch_size = 16;
+  Graph g(o, nullptr);
+  // Everything to the first arm: the second's range is empty.
+  g.bind_arms(0, {v1, v2}, {router::kPointLimit, router::kPointLimit});
+  std::vector<float> x = {3};
+  for (int i = 0; i < 50; ++i) {
+    Completion c = g.infer({borrow(x, 1)});
+    CHECK_EQ(out_rows(c)[0], 3.0f);
+  }
+  // Half and half: 400 requests reach both versions (each is missed with probability 2^-400).
+  g.bind_arms(0, {v1, v2}, {router::kPointLimit / 2, router::kPointLimit});
+  int first = 0, second = 0;
+  for (int i = 0; i < 400; ++i) {
+    Completion c = g.infer({borrow(x, 1)});
+    const float y = out_rows(c)[0];
+    if (y == 3.0f) ++first; else if (y == -3.0f) ++second;
+  }
+  CHECK_EQ(first + second, 400);
+  CHECK(first > 0 && second > 0);
+  CHECK_EQ(v2->stats().succeeded, static_cast<uint64_t>(second));
+  CHECK_THROWS_CODE(g.bind_arms(0, {v1, v2}, {1, 2}), ErrorCode::kInvalidInput);  // must end at 2^63
+  CHECK_THROWS_CODE(g.bind_arms(0, {v1}, {}), ErrorCode::kInvalidInput);
 }

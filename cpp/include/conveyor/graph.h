@@ -119,6 +119,10 @@ class Graph {
   // Serve step `step` with `batcher` from the next request on; null unbinds it, and a
   // request then fails with kUnavailable quoting `reason`.
   void bind(int step, std::shared_ptr<Batcher> batcher, const std::string& reason = "");
+  // Serve step `step` with several versions of its model (a rollout beneath the graph):
+  // each of the step's requests goes to arm i for a random point (router.h's points) below
+  // bounds[i] and at or above bounds[i - 1]. bounds ascend and the last is router::kPointLimit.
+  void bind_arms(int step, std::vector<std::shared_ptr<Batcher>> batchers, std::vector<uint64_t> bounds);
   // Whether every step is bound; otherwise *reason says which is not and why.
   bool ready(std::string* reason = nullptr) const;
 
@@ -144,7 +148,11 @@ class Graph {
   // Internal (graph.cpp): the state requests share with the graph, and one request in flight.
   struct Core;
   struct Request;
-  using Bindings = std::vector<std::shared_ptr<Batcher>>;
+  struct StepArms {
+    std::vector<std::shared_ptr<Batcher>> batchers;  // empty: unbound
+    std::vector<uint64_t> bounds;                    // one per batcher (router.h's points)
+  };
+  using Bindings = std::vector<StepArms>;
 
  private:
   std::shared_ptr<Core> core_;  // requests in flight hold it too: they may outlive the graph
