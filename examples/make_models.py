@@ -12,9 +12,16 @@
   rollout_demo: x FP32 [-1, 8] -> Gemm(8->16)+Relu -> Gemm(16->3) -> Softmax -> probs FP32 [-1, 3]
         in two versions (the rollout example): version 2 is version 1 with every weight moved
         by a small seeded step, as a retrained model would be; they agree on most rows.
+  classifier_small: image FP32 [-1, 3, 32, 32] -> Flatten -> Gemm(3072->16)+Relu -> Gemm(16->10)
+        -> logits FP32 [-1, 10]   (seed 1237)
+  classifier_large: image FP32 [-1, 3, 32, 32] -> Flatten -> Gemm(3072->64)+Relu -> Gemm(64->32)+Relu
+        -> Gemm(32->10) -> logits FP32 [-1, 10]   (seed 1238)
+        the two steps of the image_cascade graph: the large one sees only the rows the small
+        one is unsure of (examples/models/image_cascade/config.toml).
 
-The weights come from numpy's default generator seeded with 1234, layer by layer,
-so the peer servers in the benchmark harness serve the identical mlp.
+The weights come from numpy's default generator seeded with 1234 (the cascade's two
+classifiers: 1237 and 1238), layer by layer, so the peer servers in the benchmark
+harness serve the identical mlp.
 
 Usage: make_models.py [--check] [--models-dir DIR]
   --check  exit 1 unless the files on disk are exactly what this script builds.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +108,33 @@ def build_image_classifier() -> onnx.GraphProto:
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         initializer=fc1_weights + fc2_weights,
+    )
+
+
+# Each classifier of the cascade has its own seed: two different networks, as two trained ones would be.
+CLASSIFIER_SMALL_SEED = SEED + 3
+CLASSIFIER_LARGE_SEED = SEED + 4
+
+
+def build_image_mlp(name: str, seed: int, hidden: list[int]) -> onnx.GraphProto:
+    """image FP32 [-1, 3, 32, 32] -> Flatten -> (Gemm+Relu per hidden width) -> Gemm(->10) -> logits."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Flatten", ["image"], ["a0"], axis=1, name="flatten")]
+    initializers: list[onnx.TensorProto] = []
+    widths = [3 * 32 * 32, *hidden, 10]
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(widths), start=1):
+        last = layer == len(widths) - 1
+        gemm, weights = _gemm_layer(rng, f"fc{layer}", fan_in, fan_out, f"a{layer - 1}", "logits" if last else f"h{layer}")
+        nodes.append(gemm)
+        initializers += weights
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"h{layer}"], [f"a{layer}"], name=f"relu{layer}"))
+    return helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=initializers,
     )
 
 
@@ -184,6 +219,8 @@ GRAPH_BUILDERS: dict[str, Callable[[], onnx.GraphProto]] = {
     "image_classifier": build_image_classifier,
     "churn": build_churn,
     "rollout_demo": lambda: build_rollout_demo(1),
+    "classifier_small": lambda: build_image_mlp("classifier_small", CLASSIFIER_SMALL_SEED, [16]),
+    "classifier_large": lambda: build_image_mlp("classifier_large", CLASSIFIER_LARGE_SEED, [64, 32]),
 }
 # Versions after the first, by (model, version).
 LATER_VERSION_BUILDERS: dict[tuple[str, int], Callable[[], onnx.GraphProto]] = {

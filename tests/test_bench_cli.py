@@ -92,7 +92,7 @@ def test_accuracy_reference_written_then_checked(tmp_path: Path, simulated: list
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["nope"], "model 'nope' is not in the repository .*; models there: churn, image_classifier, mlp"),
+        (["nope"], "model 'nope' is not in the repository .*; models there: churn, classifier_large, classifier_small, image_cascade, image_classifier, mlp"),
         (["mlp", "--find-peak"], "--find-peak needs the p99 objective: pass --slo-p99-ms"),
         (["mlp", "--scenario", "server"], "needs its arrival rate: pass --target-qps"),
         (["mlp", "--scenario", "offline", "--find-peak", "--slo-p99-ms", "3"], "use --scenario server"),

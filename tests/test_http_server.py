@@ -499,7 +499,9 @@ def _index(client: Any) -> dict[str, dict[str, Any]]:
 
 def test_repository_index(client: Any) -> None:
     rows = _index(client)
-    assert set(rows) == set(STARTUP_MODELS) | {"spare", "spare_mlp", "image_classifier", "churn", "rollout_demo", "text_classifier"}
+    examples = {"image_classifier", "churn", "rollout_demo", "text_classifier", "classifier_small", "classifier_large",
+                "image_cascade"}  # fmt: skip
+    assert set(rows) == set(STARTUP_MODELS) | {"spare", "spare_mlp"} | examples
     assert rows["mlp"]["state"] == "READY" and rows["mlp"]["version"] == "1"
     assert rows["spare"]["state"] == "UNAVAILABLE" and rows["spare"]["reason"]
     assert set(STARTUP_MODELS) <= {row["name"] for row in client.get_model_repository_index(headers=AUTH)}
