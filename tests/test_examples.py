@@ -55,9 +55,10 @@ def test_example_repository_loads(repository: ModelRepository) -> None:
               "text_classifier", "tiny"]  # fmt: skip
     assert repository.list_models() == sorted(models + graphs)
     versions = {"rollout_demo": [1, 2]}  # the rollout example serves both of its versions
-    expected = [RepositoryEntry(name, version, "READY") for name in models for version in versions.get(name, [1])]
-    # A graph's entry depends on the graph engine reading its [graph] table; its steps are checked here.
-    assert [entry for entry in repository.index() if entry.name not in graphs] == expected
+    expected = [
+        RepositoryEntry(name, version, "READY") for name in sorted(models + graphs) for version in versions.get(name, [1])
+    ]  # a graph is version 1
+    assert repository.index() == expected
     tiny = repository.load_model("tiny").config  # its tensors come from the graph
     assert [(t.name, t.datatype, t.dims) for t in tiny.inputs] == [("x", "FP32", [16])]
     assert [(t.name, t.datatype, t.dims) for t in tiny.outputs] == [("y", "FP32", [16])]
@@ -112,7 +113,7 @@ def test_the_rollout_example_versions_agree_on_most_rows_and_its_canary_is_valid
     assert [check.name for check in parse_checks(rollout.checks)] == ["errors", "p99"]
 
 
-def test_the_cascade_steps_answer_probabilities_and_its_threshold_sends_a_minority_of_rows_on() -> None:
+def test_the_cascade_answers_each_row_as_its_step_would_and_sends_a_minority_of_rows_on() -> None:
     import tomllib
 
     from conveyor import Runtime
@@ -122,15 +123,20 @@ def test_the_cascade_steps_answer_probabilities_and_its_threshold_sends_a_minori
     assert graph["step"][1]["when"] == "max(small.probabilities) < 0.22"
     # The seeded random images of examples/README.md, "Model graphs".
     images = np.random.default_rng(0).integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8)
-    with Runtime.from_repository(EXAMPLES_DIR / "models", models=["classifier_small", "classifier_large"]) as runtime:
+    with Runtime.from_repository(EXAMPLES_DIR / "models", models=["image_cascade"]) as runtime:
         answers = {
             model: np.concatenate([runtime.infer(model, {"image": images[i : i + 64]})["probabilities"]
                                    for i in range(0, len(images), 64)])
-            for model in ("classifier_small", "classifier_large")
+            for model in ("classifier_small", "classifier_large", "image_cascade")
         }  # fmt: skip
+        steps = runtime.model_stats("image_cascade")["steps"]
     for probabilities in answers.values():
         assert probabilities.shape == (1024, 10) and probabilities.dtype == np.float32
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     sent_on = answers["classifier_small"].max(axis=1) < 0.22
     assert 0.1 < sent_on.mean() < 0.3, sent_on.mean()  # about 17% on 10,000 images
     assert list(sent_on[:8]) == [False] * 6 + [True, False]  # the README's 8 images: row 6 goes on
+    # Row for row, the graph answers what the step that ran for the row answers.
+    expected = np.where(sent_on[:, None], answers["classifier_large"], answers["classifier_small"])
+    np.testing.assert_array_equal(answers["image_cascade"], expected)
+    assert [(s["step"], s["rows"]) for s in steps] == [("small", 1024), ("large", int(sent_on.sum()))]
