@@ -15,7 +15,7 @@ with that reason until a fitting version is loaded again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from conveyor import _core
@@ -48,6 +48,7 @@ class GraphHandle(ModelHandle):
     def __init__(
         self, name: str, version: int, config: ModelConfig, plan: GraphPlan, pool: Any,
         lookup: Callable[[str, int | None], ModelHandle], monitor: Any = None,
+        routes: Mapping[str, list[tuple[int, int]]] | None = None,
     ) -> None:
         """`plan`: plan_graph's for `config`; `lookup(model, version)`: a loaded version (ModelNotFound if none)."""
         # The config clients see (metadata, /config): the public tensors derived from the steps.
@@ -65,16 +66,29 @@ class GraphHandle(ModelHandle):
             )
         except ConveyorError as exc:  # the plan and the core disagree: a defect of the plan, said as the config's
             raise ConfigError(f"model '{name}': {exc}") from None
-        self.rebind(lookup)
+        self.rebind(lookup, routes)
 
     @property
     def step_models(self) -> set[str]:
         """The models this graph's steps run."""
         return {model for _, model, _ in self.plan.steps}
 
-    def rebind(self, lookup: Callable[[str, int | None], ModelHandle]) -> None:
-        """Binds every step to the version of its model loaded now (or unbinds it, saying why)."""
+    def rebind(
+        self, lookup: Callable[[str, int | None], ModelHandle], routes: Mapping[str, list[tuple[int, int]]] | None = None
+    ) -> None:
+        """Binds every step to the version of its model loaded now (or unbinds it, saying why).
+
+        routes: model -> [(version, upper point bound)] for a model under a rollout
+        (`Runtime.route_graph_steps`): a step naming no version of it is split across those
+        versions. An arm whose version is not loaded, or no longer fits, leaves the step on
+        the newest version alone, as a request routed to a missing version goes to another.
+        """
         for index, (step, model, version) in enumerate(self.plan.steps):
+            arms = (routes or {}).get(model) if version is None else None
+            if arms and len(arms) > 1 and self._bind_arms(index, model, arms, lookup):
+                continue
+            if version is None and arms and len(arms) == 1:
+                version = arms[0][0]  # an ended rollout: its outcome's version answers
             try:
                 handle = lookup(model, version)
             except ModelNotFound:
@@ -86,6 +100,22 @@ class GraphHandle(ModelHandle):
                 self.batcher.bind(index, None, f"model '{model}' version {handle.version} no longer fits: {problem}")
             else:
                 self.batcher.bind(index, handle.batcher)
+
+    def _bind_arms(
+        self, index: int, model: str, arms: list[tuple[int, int]], lookup: Callable[[str, int | None], ModelHandle]
+    ) -> bool:
+        """Binds step `index` across the versions of `arms`; False when one is missing or does not fit."""
+        batchers = []
+        for version, _ in arms:
+            try:
+                handle = lookup(model, version)
+            except ModelNotFound:
+                return False
+            if self._misfit(index, step_model_of(handle)):
+                return False
+            batchers.append(handle.batcher)
+        self.batcher.bind_arms(index, batchers, [bound for _, bound in arms])
+        return True
 
     def _misfit(self, index: int, step: StepModel) -> str:
         """Why a step model's loaded version cannot serve the planned step ('' when it can)."""

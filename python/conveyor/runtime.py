@@ -139,6 +139,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._latest: dict[str, ModelHandle] = {}
+        # model -> [(version, upper point bound)]: how graph steps split across its versions (a rollout).
+        self._step_routes: dict[str, list[tuple[int, int]]] = {}
         self._bridges: dict[asyncio.AbstractEventLoop, _LoopBridge] = {}
         self._closed = False
         _open_runtimes.add(self)
@@ -185,16 +187,20 @@ class Runtime:
         """Serve `fn(inputs: dict) -> dict` (a whole batch per call) as model `name`.
 
         `config` is a ModelConfig or a dict with the keys of config.toml. Without `fn`,
-        the model file is read from `model_dir` (its version directory).
+        the model file is read from `model_dir` (its version directory). A config with a
+        `graph` table is a model graph over models loaded already: it takes no `fn`.
         """
         if not isinstance(config, ModelConfig):
             data = dict(config)
             data.setdefault("name", name)
-            data.setdefault("backend", "python")
+            if "graph" not in data:
+                data.setdefault("backend", "python")
             config = parse_model_config(data, source=f"<config of model '{name}'>", name=name)
         elif config.name != name:
             raise ConfigError(f"model '{name}': the config is named '{config.name}'; the names must agree")
-        if fn is None and model_dir is None:
+        if config.graph is not None and fn is not None:
+            raise ConfigError(f"model '{name}': a graph runs its steps' models: give no `fn`")
+        if fn is None and model_dir is None and config.graph is None:
             raise ConfigError(f"model '{name}': give a callable `fn` or the `model_dir` holding the model file")
         self._add_version(name, version, config, None if model_dir is None else Path(model_dir), fn)
 
@@ -262,7 +268,9 @@ class Runtime:
                 update={"inputs": planned.inputs, "outputs": planned.outputs, "max_batch_size": planned.max_batch_size}
             )
             monitor = self._create_monitor(name, version, public, None, model_dir)
-            loaded = GraphHandle(name, version, config, planned, self._pool, self.model, monitor)
+            with self._lock:
+                routes = dict(self._step_routes)
+            loaded = GraphHandle(name, version, config, planned, self._pool, self.model, monitor, routes)
         except BaseException:
             if monitor is not None:
                 monitor.close()
@@ -288,6 +296,22 @@ class Runtime:
         if replaced is not None:
             replaced.close()
 
+    def route_graph_steps(self, model: str, arms: list[tuple[int, int]] | None) -> None:
+        """Splits the graph steps that run `model` (and name no version) across its versions.
+
+        arms: (version, upper point bound) in range order, as a rollout's route table gives
+        them (`RouteTable.arms` and `arm_bounds()`): each step request of a graph draws a point
+        in [0, 2^63) and goes to the first arm whose bound is above it. None: the newest
+        version again. The rollout machinery (conveyor.deploy.traffic) calls it at every
+        change of weights, so a version rolled out beneath a graph gets the graph's share.
+        """
+        with self._lock:
+            if arms is None:
+                self._step_routes.pop(model, None)
+            else:
+                self._step_routes[model] = list(arms)
+        self._rebind_graphs(model)
+
     def _rebind_graphs(self, model: str) -> None:
         """Points the steps of every loaded graph that runs `model` at its versions loaded now."""
         with self._lock:
@@ -295,8 +319,9 @@ class Runtime:
                 handle for versions in self._models.values() for handle in versions.values()
                 if isinstance(handle, GraphHandle) and model in handle.step_models
             ]  # fmt: skip
+            routes = dict(self._step_routes)
         for graph in graphs:
-            graph.rebind(self.model)
+            graph.rebind(self.model, routes)
 
     def _create_monitor(
         self, name: str, version: int, config: ModelConfig, steps: ModelSteps | None, version_dir: Path | None

@@ -170,6 +170,8 @@ class RolloutController:
         self.version_statistics = {version: ArmStatistics() for version in (versions.champion, *versions.challengers)}
         self._counters = CounterFeed()
         self._table: RouteTable | None = None
+        # Told of every new table (RolloutTraffic routes the model's graph steps by it).
+        self.routing_listeners: list[Callable[[RouteTable], None]] = []
         self._apply_routing()
 
     def _now(self, now: float | None) -> float:
@@ -213,6 +215,11 @@ class RolloutController:
         if table != self._table:
             self.router = Router(table, seed=self.router_seed)
             self._table = table
+            for listener in self.routing_listeners:
+                try:
+                    listener(table)
+                except Exception:  # routing the graphs beneath must never stop the rollout itself
+                    logger.exception("rollout %s: a routing listener failed on the new table", self.name)
 
     # ---- evidence and looks ----------------------------------------------------------------
 

@@ -267,6 +267,8 @@ class _Rollout:
         # champion's inputs); the mirrors count the rest.
         self.unlinked_failures = 0
         self.link: _Link | None = None
+        # Routes the model's graph steps by each new table (the controller's listener), if attached.
+        self.route_graph_steps: Callable[[Any], None] | None = None
         self.retired: list[_Link] = []  # earlier links whose copies may still be in flight
         self.retired_counts: Counter[str] = Counter()  # the counts of earlier links, forgotten since
         self.tags = itertools.count(1)
@@ -345,6 +347,17 @@ class RolloutTraffic:
         feedback = champion_config.feedback
         remember_ids = feedback is not None and comparison is not None and comparison.output == feedback.output
         self._rollouts[model] = _Rollout(controller, shadow_queue_size, comparison, remember_ids, shadow_runs_idle(rollout))
+        # Graphs whose steps run this model follow the rollout's split too (none copy to a shadow).
+        listeners = getattr(controller, "routing_listeners", None)
+        if listeners is not None:
+            runtime = self.runtime
+
+            def route_graph_steps(table: Any) -> None:  # a deploy.router.RouteTable
+                runtime.route_graph_steps(model, list(zip([version for version, _ in table.arms], table.arm_bounds())))
+
+            self._rollouts[model].route_graph_steps = route_graph_steps
+            listeners.append(route_graph_steps)
+            route_graph_steps(controller.router.table)
 
     def detach(self, model: str) -> None:
         """Stops routing `model`: its requests go straight to the runtime again.
@@ -355,6 +368,9 @@ class RolloutTraffic:
         entry = self._rollouts.pop(model, None)
         if entry is None:
             raise ModelNotFound(f"model '{model}' has no rollout attached (attached: {sorted(self._rollouts) or 'none'})")
+        if entry.route_graph_steps is not None:
+            entry.controller.routing_listeners.remove(entry.route_graph_steps)
+            self.runtime.route_graph_steps(model, None)
         entry.attached = False
         self._unlink(entry)
         if entry.retired:
