@@ -9,6 +9,7 @@ gates (events set inside the models) and the batchers' own counters, never sleep
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -200,6 +201,25 @@ def test_cascade_runs_the_costly_step_on_unsure_rows_only(rt: Runtime) -> None:
     assert costly_stats["requests"] == sum(1 for _, bits in masks() if any(bits))
 
 
+def test_infer_async_answers_every_cascade_request_with_its_own_rows(rt: Runtime) -> None:
+    sent = []
+    for index, (_, bits) in enumerate(masks()):
+        x = rows_for(bits, seed=400 + index)
+        x[:, 0] = np.where(bits, 0.5, 0.9)
+        sent.append(x)
+
+    async def run() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(rt.infer_async("cascade", {"x": x}) for x in sent))
+
+    for x, got in zip(sent, asyncio.run(run()), strict=True):
+        first = cheap({"x": x})["p"]
+        p = first.copy()
+        unsure = first.max(axis=1) < 0.6
+        p[unsure] = costly({"x": x[unsure]})["p"]
+        assert_same(got, {"p": p, "first": first}, "cascade infer_async")
+    assert rt.model_stats("cascade")["succeeded"] == len(sent)
+
+
 def test_switch_sends_each_row_to_one_branch(rt: Runtime) -> None:
     for rows, bits in masks():
         x = rows_for(bits, seed=100 + rows)
@@ -328,7 +348,7 @@ def test_unloading_a_step_model_mid_traffic_and_the_rebind(rt: Runtime) -> None:
     graph = rt.model("pipeline")
     wait_for(lambda: not graph.ready()[0], "the graph to lose its step")
     ready, reason = graph.ready()
-    assert "step 'B' (model 'shift')" in reason and "not loaded" in reason
+    assert not ready and "step 'B' (model 'shift')" in reason and "not loaded" in reason
     with pytest.raises(Unavailable, match=r"step 'B' \(model 'shift'\).*not loaded"):
         rt.infer("pipeline", {"x": x})
     gate.release.set()
