@@ -38,15 +38,9 @@ def model_config(inputs=(("x", "FP32", [4]),), outputs=(("y", "FP32", [4]),), ma
     return config
 
 
-def _graphs_have_no_function(inputs: dict) -> dict:
-    raise AssertionError("a graph runs its steps, never a function of its own")
-
-
 def add_graph(runtime: Runtime, name: str, graph: dict[str, Any], **config: Any) -> None:
-    """Loads a graph in-process. add_model asks for `fn` or `model_dir` even for a graph (which
-    reads neither) and defaults the backend to "python", so both are given here."""
-    runtime.add_model(name, {"backend": "graph", "max_batch_size": MAX_ROWS, **config, "graph": graph},
-                      _graphs_have_no_function)
+    """Loads a graph in-process over the step models loaded already."""
+    runtime.add_model(name, {"max_batch_size": MAX_ROWS, **config, "graph": graph})
 
 
 def step(name: str, model: str, inputs: dict[str, str] | None = None, **options: Any) -> dict[str, Any]:
