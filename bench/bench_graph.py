@@ -106,10 +106,17 @@ def _softmax_top(x: np.ndarray, nodes_inits: tuple) -> np.ndarray:
     return probs.max(axis=1)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, ratio_report):
-    """(runtime, rows, threshold): every model and both graphs in one Runtime."""
-    repo = tmp_path_factory.mktemp("graph_repo")
+MODELS = ["a", "b", "fused", "pipe", "cheap", "expensive", "cascade"]
+
+
+def build_repository(repo: Path) -> tuple[np.ndarray, float, float]:
+    """Writes the models and both graphs into `repo` (the native backend's ONNX files).
+
+    Returns (rows, threshold, stop fraction): POOL_ROWS generated rows, the cascade's
+    threshold on the cheap model's top probability, and the fraction of those rows whose
+    top probability reaches it (they stop at the cheap model). bench/graph_peers.py
+    serves the same repository.
+    """
     rng = np.random.default_rng(SEED)
     # Pipeline: a and b, and fused with the same weights (the seeds agree layer by layer).
     a_nodes, a_inits = _mlp(np.random.default_rng(SEED + 1), [64, 64], relu_last=True)
@@ -176,10 +183,18 @@ def served(tmp_path_factory, ratio_report):
         inputs = {{ x = "x" }}
         when = "max(small.y) < {threshold:.6f}"
     """))
-    runtime = conveyor.Runtime.from_repository(repo, models=["a", "b", "fused", "pipe", "cheap", "expensive", "cascade"])
+    return rows, threshold, float(np.mean(top >= threshold))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ratio_report):
+    """(runtime, rows, threshold): every model and both graphs in one Runtime."""
+    repo = tmp_path_factory.mktemp("graph_repo")
+    rows, threshold, stop = build_repository(repo)
+    runtime = conveyor.Runtime.from_repository(repo, models=MODELS)
     ratio_report.note(
         f"cascade threshold: max(cheap softmax) < {threshold:.6f} goes to expensive; "
-        f"{float(np.mean(top >= threshold)):.1%} of the generated rows stop at cheap (numpy reference)"
+        f"{stop:.1%} of the generated rows stop at cheap (numpy reference)"
     )
     with runtime:
         _check_answers(runtime, rows, threshold)
