@@ -815,10 +815,9 @@ uint64_t Graph::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSin
                        int64_t timeout_us) {
   const std::shared_ptr<Core>& core = core_;
   const GraphOptions& o = core->options;
-  const std::string where = core->where();
-  auto refuse = [&](ErrorCode code, const std::string& message) {
+  auto refuse = [&](ErrorCode code, const std::string& message) {  // the prefix is built only for an error
     core->rejected.fetch_add(1, std::memory_order_relaxed);
-    throw Error(code, where + message);
+    throw Error(code, core->where() + message);
   };
   if (!sink) refuse(ErrorCode::kInvalidInput, "submit needs a completion sink");
   if (inputs.size() != o.inputs.size()) {
