@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import json
 import http.client
 import os
 import shutil
@@ -133,3 +135,86 @@ def fuzz_server(root: Path) -> Iterator[ServeProcess]:
     finally:
         log = served.stop()
     assert "Traceback" not in log, log[-5000:]
+
+
+class LiveServer:
+    """One `conveyor serve` subprocess with HTTP and gRPC on free ports; output in a log file.
+
+    `flags` are added to the command line; `ready_model`: wait_ready waits for that model's
+    readiness instead of the server's.
+    """
+
+    def __init__(self, repository: Path, workdir: Path, flags: Iterable[str] = (), ready_model: str | None = None) -> None:
+        self.ready_model = ready_model
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.log_path = workdir / "serve.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+        env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
+        env["CONVEYOR_DATA_DIR"] = str(workdir / "data")
+        command = [sys.executable, "-m", "conveyor", "serve", str(repository),
+                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *flags]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=DEADLINE_S)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def post_json(self, path: str, document: Any) -> tuple[int, Any]:
+        status, _, body = self.request("POST", path, json.dumps(document).encode(),
+                                       {"Content-Type": "application/json"})
+        return status, json.loads(body)
+
+    def request_json(self, method: str, path: str, document: Any = None) -> tuple[int, Any]:
+        """(status, the decoded JSON body or None when empty)."""
+        body = None if document is None else json.dumps(document).encode()
+        status, _, data = self.request(method, path, body, {"Content-Type": "application/json"})
+        return status, json.loads(data) if data else None
+
+    def _http_ready(self) -> bool:
+        path = "/v2/health/ready" if self.ready_model is None else f"/v2/models/{self.ready_model}/ready"
+        try:
+            return self.request("GET", path)[0] == 200
+        except OSError:
+            return False
+
+    def _grpc_ready(self) -> bool:
+        import tritonclient.grpc as grpcclient  # a test extra: imported by the live tests alone
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            if self.ready_model is not None:
+                return client.is_model_ready(self.ready_model, client_timeout=DEADLINE_S)
+            return client.is_server_ready(client_timeout=DEADLINE_S)
+        except InferenceServerException:
+            return False
+        finally:
+            client.close()
+
+    def wait_ready(self) -> None:
+        try:
+            wait_for(self._http_ready, "HTTP readiness", process=self.process)
+            wait_for(self._grpc_ready, "gRPC readiness", process=self.process)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; server log:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(DEADLINE_S)

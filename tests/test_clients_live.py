@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import importlib.util
 import json
-import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,9 +40,8 @@ from tritonclient.utils import InferenceServerException
 import conveyor
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
-from processes import DEADLINE_S, free_port, wait_for
+from processes import DEADLINE_S, LiveServer
 
-PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]  # the conveyor this run imports
 PROBE = Path(__file__).with_name("kserve_client_probe.py")
 
 WORDS_CONFIG = """\
@@ -121,72 +117,6 @@ class Model:
 TINY_X = np.arange(32, dtype=np.float32).reshape(2, 16) / 4  # what kserve_client_probe.py sends to tiny
 WORDS = ["hello", "w\u00f6rld"]  # what kserve_client_probe.py sends to words
 WORDS_BYTES = np.array([[b"conveyor"], [b""], ["\u20ac uro".encode()]], dtype=object)
-
-
-class LiveServer:
-    """One `conveyor serve` subprocess with HTTP and gRPC on free ports; output in a log file."""
-
-    def __init__(self, repository: Path, workdir: Path) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.http_url = f"127.0.0.1:{self.http_port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        self.log_path = workdir / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-        env["PYTHONPATH"] = str(PACKAGE_PARENT)
-        env["CONVEYOR_DATA_DIR"] = str(workdir / "data")
-        command = [sys.executable, "-m", "conveyor", "serve", str(repository),
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=DEADLINE_S)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            connection.close()
-
-    def post_json(self, path: str, document: Any) -> tuple[int, Any]:
-        status, _, body = self.request("POST", path, json.dumps(document).encode(),
-                                       {"Content-Type": "application/json"})
-        return status, json.loads(body)
-
-    def _http_ready(self) -> bool:
-        try:
-            return self.request("GET", "/v2/health/ready")[0] == 200
-        except OSError:
-            return False
-
-    def _grpc_ready(self) -> bool:
-        client = grpcclient.InferenceServerClient(self.grpc_url)
-        try:
-            return client.is_server_ready(client_timeout=DEADLINE_S)
-        except InferenceServerException:
-            return False
-        finally:
-            client.close()
-
-    def wait_ready(self) -> None:
-        try:
-            wait_for(self._http_ready, "HTTP readiness", process=self.process)
-            wait_for(self._grpc_ready, "gRPC readiness", process=self.process)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; server log:\n{self.log()}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(DEADLINE_S)
 
 
 @pytest.fixture(scope="module")

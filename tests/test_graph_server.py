@@ -7,14 +7,8 @@ model raises on a marked row. Expected answers run the step models' own code by 
 
 from __future__ import annotations
 
-import http.client
 import itertools
-import json
-import os
 import queue
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +20,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import conveyor
-from processes import DEADLINE_S, free_port, wait_for
+from processes import DEADLINE_S, LiveServer
 
-PACKAGE_PARENT = Path(conveyor.__file__).resolve().parents[1]  # the conveyor this run imports
 MAX_ROWS = 6
 
 STEP_CONFIG = """\
@@ -142,71 +135,8 @@ def every_mix(max_rows: int) -> Iterator[tuple[bool, ...]]:
         yield from itertools.product((False, True), repeat=rows)
 
 
-class GraphServer:
-    """`conveyor serve` with HTTP and gRPC on free ports, explicit model control; output in a log file."""
-
-    def __init__(self, repository: Path, workdir: Path) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.http_url = f"127.0.0.1:{self.http_port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        self.log_path = workdir / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-        env["PYTHONPATH"] = str(PACKAGE_PARENT)
-        env["CONVEYOR_DATA_DIR"] = str(workdir / "data")
-        command = [sys.executable, "-m", "conveyor", "serve", str(repository),
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--model-control-mode", "explicit", *itertools.chain(*(("--load-model", m) for m in LOADED))]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, method: str, path: str, document: Any = None) -> tuple[int, Any]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=DEADLINE_S)
-        try:
-            body = None if document is None else json.dumps(document).encode()
-            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
-            response = connection.getresponse()
-            data = response.read()
-            return response.status, json.loads(data) if data else None
-        finally:
-            connection.close()
-
-    def _http_ready(self) -> bool:
-        try:
-            return self.request("GET", "/v2/models/cascade/ready")[0] == 200
-        except OSError:
-            return False
-
-    def _grpc_ready(self) -> bool:
-        client = grpcclient.InferenceServerClient(self.grpc_url)
-        try:
-            return client.is_model_ready("cascade", client_timeout=DEADLINE_S)
-        except InferenceServerException:
-            return False
-        finally:
-            client.close()
-
-    def wait_ready(self) -> None:
-        try:
-            wait_for(self._http_ready, "the graph's HTTP readiness", process=self.process)
-            wait_for(self._grpc_ready, "the graph's gRPC readiness", process=self.process)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; server log:\n{self.log()}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(DEADLINE_S)
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphServer]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     workdir = tmp_path_factory.mktemp("graph-server")
     root = workdir / "models"
     for name, source in MODELS.items():
@@ -216,7 +146,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphServer]:
     for name, config in (("cascade", CASCADE_CONFIG), ("exploding", EXPLODING_CONFIG)):
         (root / name).mkdir()
         (root / name / "config.toml").write_text(config)
-    server = GraphServer(root, workdir)
+    flags = ["--model-control-mode", "explicit", *itertools.chain(*(("--load-model", m) for m in LOADED))]
+    server = LiveServer(root, workdir, flags, ready_model="cascade")
     try:
         server.wait_ready()
         yield server
@@ -225,21 +156,21 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GraphServer]:
 
 
 @pytest.fixture(autouse=True)
-def server_survives(live: GraphServer) -> Iterator[None]:
+def server_survives(live: LiveServer) -> Iterator[None]:
     """Each test leaves the server running: a crash is reported with the server's log."""
     yield
     assert live.process.poll() is None, f"the server exited with code {live.process.returncode}:\n{live.log()}"
 
 
 @pytest.fixture()
-def http_client(live: GraphServer) -> Iterator[httpclient.InferenceServerClient]:
+def http_client(live: LiveServer) -> Iterator[httpclient.InferenceServerClient]:
     client = httpclient.InferenceServerClient(live.http_url, network_timeout=DEADLINE_S)
     yield client
     client.close()
 
 
 @pytest.fixture()
-def grpc_client(live: GraphServer) -> Iterator[grpcclient.InferenceServerClient]:
+def grpc_client(live: LiveServer) -> Iterator[grpcclient.InferenceServerClient]:
     client = grpcclient.InferenceServerClient(live.grpc_url)
     yield client
     client.close()
@@ -316,14 +247,14 @@ def test_repository_index_lists_the_graph(http_client) -> None:
     assert index["cascade"]["state"] == "READY"
 
 
-def test_graph_readiness_follows_its_step_model(live: GraphServer, http_client, grpc_client) -> None:
+def test_graph_readiness_follows_its_step_model(live: LiveServer, http_client, grpc_client) -> None:
     x = cascade_rows((True, False), seed=7)
     assert http_client.is_model_ready("cascade") and grpc_client.is_model_ready("cascade")
     http_client.unload_model("costly")
     try:
         assert not http_client.is_model_ready("cascade")
         assert not grpc_client.is_model_ready("cascade")
-        status, body = live.request("POST", "/v2/models/cascade/infer", {
+        status, body = live.request_json("POST", "/v2/models/cascade/infer", {
             "inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]})
         assert status == 503, body
         assert "step 'costly'" in body["error"] and "not loaded" in body["error"], body
@@ -335,7 +266,7 @@ def test_graph_readiness_follows_its_step_model(live: GraphServer, http_client, 
 
 # -- statistics and errors ----------------------------------------------------------------
 
-def test_http_statistics_carry_the_steps(live: GraphServer, http_client, grpc_client) -> None:
+def test_http_statistics_carry_the_steps(live: LiveServer, http_client, grpc_client) -> None:
     x = cascade_rows((True, False, True), seed=9)
     before = http_client.get_inference_statistics("cascade")["model_stats"][0]
     http_client.infer("cascade", _inputs(httpclient, x))
@@ -353,9 +284,9 @@ def test_http_statistics_carry_the_steps(live: GraphServer, http_client, grpc_cl
     assert int(grpc_stats["inference_count"]) >= 3
 
 
-def test_a_raising_step_answers_500_naming_the_step(live: GraphServer, http_client, grpc_client) -> None:
+def test_a_raising_step_answers_500_naming_the_step(live: LiveServer, http_client, grpc_client) -> None:
     x = np.full((2, 4), 13, np.float32)
-    status, body = live.request("POST", "/v2/models/exploding/infer", {
+    status, body = live.request_json("POST", "/v2/models/exploding/infer", {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}]})
     assert status == 500, body
     assert "step 'explode'" in body["error"] and "model 'boom'" in body["error"] and "kaboom" in body["error"]
