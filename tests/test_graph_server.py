@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import queue
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,6 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-import conveyor
 from processes import DEADLINE_S, LiveServer
 
 MAX_ROWS = 6
