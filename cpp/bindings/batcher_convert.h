@@ -14,6 +14,26 @@ namespace conveyor::bindings {
 
 namespace py = pybind11;
 
+// The request's inputs, each holding the tuple as its owner: the batcher (or graph) keeps
+// them alive until the completion is dropped, whatever happens to the caller.
+std::vector<Tensor> hold_request_inputs(const std::vector<TensorSpec>& specs, const py::tuple& inputs);
+
+// The deleter of a batcher or graph held by Python: deleting one joins its threads (or
+// waits for its requests), which may need the GIL to finish a Python batch, so it is
+// released if this thread holds it (the last reference may also go on a thread without
+// it: a Mirror released by set_mirror, which runs without the GIL).
+template <typename T>
+struct DeleteWithoutGil {
+  void operator()(T* object) const {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      delete object;
+    } else {
+      delete object;
+    }
+  }
+};
+
 // [(name, datatype, dims), ...] -> specs.
 std::vector<TensorSpec> tensor_specs(const py::iterable& specs);
 // A batch's outputs as a tuple of numpy arrays.

@@ -67,10 +67,9 @@ Executor python_executor(py::function fn, std::vector<std::string> output_names)
   };
 }
 
-// The request's inputs, each holding the tuple as its owner: the batcher keeps them
-// alive until the completion is dropped, whatever happens to the caller.
-std::vector<Tensor> hold_inputs(const Batcher& b, const py::tuple& inputs) {
-  const auto& specs = b.options().inputs;
+}  // namespace
+
+std::vector<Tensor> hold_request_inputs(const std::vector<TensorSpec>& specs, const py::tuple& inputs) {
   std::vector<Tensor> tensors;
   tensors.reserve(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -83,8 +82,6 @@ std::vector<Tensor> hold_inputs(const Batcher& b, const py::tuple& inputs) {
   }
   return tensors;
 }
-
-}  // namespace
 
 py::tuple outputs_to_python(const BatchOutputs& outputs) {
   py::tuple arrays(outputs.tensors.size());
@@ -182,22 +179,6 @@ void check_monitor_flags_spec(const std::vector<TensorSpec>& outputs) {
   }
 }
 
-// Dropping the last Python reference joins the batcher's threads, which may need the
-// GIL to finish a Python batch: release it while they do.
-// Deleting a batcher joins its threads, which may need the GIL: release it if this
-// thread holds it (the last reference may also go on a thread without it: a Mirror
-// released by set_mirror, which runs without the GIL).
-struct ReleaseGilDelete {
-  void operator()(Batcher* b) const {
-    if (PyGILState_Check()) {
-      py::gil_scoped_release nogil;
-      delete b;
-    } else {
-      delete b;
-    }
-  }
-};
-
 }  // namespace
 
 void init_batcher(py::module_& m) {
@@ -255,7 +236,7 @@ void init_batcher(py::module_& m) {
                exec = monitor::monitor_executor(std::move(monitor), std::move(exec), o.max_batch_size > 0, pool);
              }
              return std::shared_ptr<Batcher>(new Batcher(std::move(o), std::move(exec), std::move(pool)),
-                                             ReleaseGilDelete{});
+                                             DeleteWithoutGil<Batcher>{});
            }),
            py::kw_only(), py::arg("model_name"), py::arg("inputs"), py::arg("outputs"), py::arg("executor"),
            py::arg("max_batch_size"), py::arg("max_queue_delay_us") = 0,
@@ -273,7 +254,7 @@ void init_batcher(py::module_& m) {
           [](Batcher& b, const py::tuple& inputs, std::shared_ptr<CompletionQueue> queue, int priority,
              int64_t timeout_us, uint64_t mirror_tag) {
             // The batcher holds the inputs and the queue until the completion is drained.
-            return b.submit(hold_inputs(b, inputs), std::move(queue), priority, timeout_us, mirror_tag);
+            return b.submit(hold_request_inputs(b.options().inputs, inputs), std::move(queue), priority, timeout_us, mirror_tag);
           },
           py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           py::arg("mirror_tag") = 0, "mirror_tag: nonzero copies the request to the attached Mirror after its batch.")
@@ -287,7 +268,7 @@ void init_batcher(py::module_& m) {
       .def(
           "infer",
           [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {
-            std::vector<Tensor> tensors = hold_inputs(b, inputs);
+            std::vector<Tensor> tensors = hold_request_inputs(b.options().inputs, inputs);
             Completion c;
             {
               // Waiting for the batch: other Python threads (and the model) need the GIL.

@@ -77,34 +77,6 @@ GraphStep step_from_python(const py::dict& d) {
   return s;
 }
 
-// The request's inputs, each holding the tuple as its owner (as the batcher's bindings do).
-std::vector<Tensor> hold_graph_inputs(const Graph& g, const py::tuple& inputs) {
-  const auto& specs = g.options().inputs;
-  std::vector<Tensor> tensors;
-  tensors.reserve(inputs.size());
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const std::string what = "input '" + (i < specs.size() ? specs[i].name : std::to_string(i)) + "'";
-    tensors.push_back(borrow_array(inputs[i], what.c_str()));
-  }
-  if (!tensors.empty()) {
-    std::shared_ptr<void> owner = make_python_owner(py::reinterpret_borrow<py::object>(inputs));
-    for (Tensor& t : tensors) t.owner = owner;
-  }
-  return tensors;
-}
-
-// Deleting a graph waits for its requests, whose steps may need the GIL.
-struct ReleaseGilDelete {
-  void operator()(Graph* g) const {
-    if (PyGILState_Check()) {
-      py::gil_scoped_release nogil;
-      delete g;
-    } else {
-      delete g;
-    }
-  }
-};
-
 }  // namespace
 
 void init_graph(py::module_& m) {
@@ -124,7 +96,7 @@ void init_graph(py::module_& m) {
              o.max_in_flight = max_in_flight;
              o.default_timeout_us = default_timeout_us;
              return std::shared_ptr<Graph>(new Graph(std::move(o), std::move(pool), std::move(monitor)),
-                                           ReleaseGilDelete{});
+                                           DeleteWithoutGil<Graph>{});
            }),
            py::kw_only(), py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("output_sources"),
            py::arg("steps"), py::arg("max_batch_size"), py::arg("max_in_flight") = 1024,
@@ -160,14 +132,14 @@ void init_graph(py::module_& m) {
               throw Error(ErrorCode::kInvalidInput, "[graph] model '" + g.options().name +
                                                         "': a graph's requests cannot be copied to a shadow");
             }
-            return g.submit(hold_graph_inputs(g, inputs), std::move(queue), priority, timeout_us);
+            return g.submit(hold_request_inputs(g.options().inputs, inputs), std::move(queue), priority, timeout_us);
           },
           py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           py::arg("mirror_tag") = 0, "As Batcher.submit (mirror_tag must be 0: a graph has no shadow).")
       .def(
           "infer",
           [](Graph& g, const py::tuple& inputs, int priority, int64_t timeout_us) {
-            std::vector<Tensor> tensors = hold_graph_inputs(g, inputs);
+            std::vector<Tensor> tensors = hold_request_inputs(g.options().inputs, inputs);
             Completion c;
             {
               py::gil_scoped_release nogil;
