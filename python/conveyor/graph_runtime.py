@@ -97,7 +97,11 @@ class GraphHandle(ModelHandle):
                 continue
             problem = self._misfit(index, step_model_of(handle))
             if problem:
-                self.batcher.bind(index, None, f"model '{model}' version {handle.version} no longer fits: {problem}")
+                self.batcher.bind(
+                    index, None,
+                    f"model '{model}' version {handle.version} no longer fits: {problem}; load a version that fits, "
+                    "or reload the graph to plan it against this one",
+                )  # fmt: skip
             else:
                 self.batcher.bind(index, handle.batcher)
 
