@@ -200,9 +200,11 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> str:
             return text if re.search(r'^conveyor_drift_score\{.*model="churn"', text, re.MULTILINE) else None
 
         # The monitor evaluates its windows on its own clock (evaluate_interval_s, 1 s by default).
-        return wait_for(drift_evaluated, "churn's drift evaluation in /metrics", server.process)
+        text = wait_for(drift_evaluated, "churn's drift evaluation in /metrics", server.process)
     finally:
         server.stop()
+    assert "Traceback" not in server.log(), server.log()[-5000:]
+    return text
 
 
 def test_every_query_names_a_metric_the_server_exports(scrape: str) -> None:
