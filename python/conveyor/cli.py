@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     from conveyor.torch_export import register_export_torch_command
 
     register_export_torch_command(subparsers)
+    from conveyor.scaleout.cli import register_kserve_commands
+
+    register_kserve_commands(subparsers)
     return parser
 
 
