@@ -21,19 +21,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import conveyor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
-from kube_schema import check_in_subprocess
-from processes import DEADLINE_S, EXAMPLE_MODELS, free_port, wait_for
-
-import conveyor
 from conveyor.cli import main
-from conveyor.scaleout import CONTAINER_NAME, HTTP_PORT, MODEL_DIR, inference_service, serving_runtime
+from conveyor.scaleout import (
+    CONTAINER_NAME,
+    HTTP_PORT,
+    MODEL_DIR,
+    inference_service,
+    serving_runtime,
+)
 from conveyor.scaleout.chart import DASHBOARD_IN_CHART, DASHBOARD_SOURCE, split_image
 from conveyor.scaleout.kserve import DATA_DIR, kubernetes_name
+from kube_schema import check_in_subprocess
+from processes import DEADLINE_S, EXAMPLE_MODELS, free_port, wait_for
 
 # What KServe's API accepts in protocolVersions (kserve pkg/constants; the SDK's PredictorProtocol
 # enum names three of them, but the SDK cannot be imported here: see tests/kube_schema.py).
@@ -53,7 +58,8 @@ def _write_runtime(tmp_path: Path, *flags: str) -> tuple[dict[str, Any], dict[st
 def test_runtime_validates_against_the_kserve_models(tmp_path: Path, flags: tuple[str, ...], kind: str) -> None:
     runtime, service = _write_runtime(tmp_path, *flags)
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and runtime["kind"] == kind
-    assert check_in_subprocess([(runtime, f"V1alpha1{kind}"), (service, "V1beta1InferenceService")], tmp_path) == ["", ""]
+    checks = [(runtime, f"V1alpha1{kind}"), (service, "V1beta1InferenceService")]
+    assert check_in_subprocess(checks, tmp_path) == ["", ""]
     spec = runtime["spec"]
     assert set(spec["protocolVersions"]) == {"v2", "grpc-v2"} <= KSERVE_PROTOCOLS
     [container] = spec["containers"]
@@ -273,3 +279,11 @@ def test_split_image() -> None:
     assert split_image("conveyor-serve") == ("conveyor-serve", conveyor.__version__)
     assert split_image("host:5000/conveyor") == ("host:5000/conveyor", conveyor.__version__)
     assert split_image("host:5000/conveyor:2") == ("host:5000/conveyor", "2")
+
+
+def test_the_engine_does_not_import_the_scale_out_adapters() -> None:
+    """DESIGN.md: scale-out adapters import the engine, never the reverse; only the command line registers them."""
+    package = Path(conveyor.__file__).resolve().parent
+    importers = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                       if "scaleout" in path.read_text() and path.parent.name != "scaleout")  # fmt: skip
+    assert importers == ["cli.py"]

@@ -121,7 +121,8 @@ def _service_comment(model: str, models: dict[str, str]) -> str:
                "initializer copies it to /mnt/models and Conveyor serves every model in it, this one among them:\n"
                f"  {model} ({models[model]}): POST /v2/models/{model}/infer on the service's URL.")
     if kubernetes_name(model) != model:
-        comment += f"\nThe InferenceService is named {kubernetes_name(model)}: Kubernetes names allow no '_' or capitals."
+        comment += (f"\nThe InferenceService is named {kubernetes_name(model)}: Kubernetes names allow no '_' "
+                    "or capitals.")
     return comment
 
 

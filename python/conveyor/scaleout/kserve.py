@@ -27,6 +27,7 @@ DEFAULT_IMAGE = f"conveyor-serve:{__version__}"  # built from the Dockerfile at 
 DEFAULT_NAME = "conveyor"
 STORAGE_URI_PLACEHOLDER = "s3://YOUR-BUCKET/path/to/model-repository"
 API_GROUP = "serving.kserve.io"
+LABELS = {"app.kubernetes.io/name": "conveyor", "app.kubernetes.io/version": __version__}
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,13 @@ def runtime_container(image: str) -> dict[str, Any]:
     }
 
 
-def serving_runtime(*, name: str = DEFAULT_NAME, image: str = DEFAULT_IMAGE, namespaced: bool = False) -> dict[str, Any]:
+def serving_runtime(*, name: str = DEFAULT_NAME, image: str = DEFAULT_IMAGE,
+                    namespaced: bool = False) -> dict[str, Any]:
     """A ClusterServingRuntime (or, `namespaced`, a ServingRuntime) running Conveyor."""
     return {
         "apiVersion": f"{API_GROUP}/v1alpha1",
         "kind": "ServingRuntime" if namespaced else "ClusterServingRuntime",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "conveyor",
-                                              "app.kubernetes.io/version": __version__}},  # fmt: skip
+        "metadata": {"name": name, "labels": dict(LABELS)},
         "spec": {
             "annotations": {"prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": "/metrics"},
             "supportedModelFormats": supported_model_formats(),
