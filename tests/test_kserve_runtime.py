@@ -110,6 +110,8 @@ def test_cli_errors_exit_non_zero_with_a_clear_message(tmp_path: Path, capsys: p
     assert "model 'bad' cannot be served" in capsys.readouterr().err
     assert main(["kserve", "runtime", "--repository", str(EXAMPLE_MODELS), "--out", str(out), "--model", "nope"]) == 2
     assert "model 'nope' is not in the repository; it holds: churn," in capsys.readouterr().err
+    assert main(["kserve", "chart", "--name", "My_Chart", "--out", str(out)]) == 2
+    assert "--name 'My_Chart' is not a Kubernetes name" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -287,3 +289,13 @@ def test_the_engine_does_not_import_the_scale_out_adapters() -> None:
     importers = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
                        if "scaleout" in path.read_text() and path.parent.name != "scaleout")  # fmt: skip
     assert importers == ["cli.py"]
+
+
+def test_yaml_text_reads_back_as_written() -> None:
+    from conveyor.scaleout.yaml_text import to_yaml
+
+    document = {"words": ["no", "On", "~", "8080", "1Gi", "a: b", "", "-x", "#c", "null", "plain/ok"],
+                "nested": [[1, 2], [{"a": []}], {"b": {}}], "flags": [True, False, None], "n": 0}  # fmt: skip
+    text = to_yaml(document, "a comment\nover two lines")
+    assert text.startswith("# a comment\n# over two lines\n")
+    assert yaml.safe_load(text) == document

@@ -16,6 +16,7 @@ from conveyor import __version__
 CHART_SOURCE = Path(__file__).resolve().parent / "chart"
 DASHBOARD_SOURCE = Path(__file__).resolve().parent / "dashboards" / "conveyor.json"
 DASHBOARD_IN_CHART = Path("dashboards") / "conveyor.json"  # the path templates/dashboard-configmap.yaml reads
+HELMIGNORE = "# Left out of the packaged chart.\n.git/\n*.orig\n*.swp\n*~\n"
 
 
 def split_image(image: str) -> tuple[str, str]:
@@ -30,7 +31,7 @@ def write_chart(out: Path, *, name: str, image: str, models: list[str]) -> bool:
     """Write the chart into `out`; True when the Grafana dashboard was shipped with it."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(CHART_SOURCE / "templates", out / "templates", dirs_exist_ok=True)
-    shutil.copyfile(CHART_SOURCE / ".helmignore", out / ".helmignore")
+    (out / ".helmignore").write_text(HELMIGNORE)
     repository, tag = split_image(image)
     fill = {"name": name, "version": __version__, "image_repository": repository, "image_tag": tag,
             "models": json.dumps(models)}  # fmt: skip

@@ -86,8 +86,12 @@ def _fail(command: str, message: str) -> int:
 
 
 def _models(args: argparse.Namespace) -> dict[str, str]:
+    """The repository's models; ConfigError for a --name Kubernetes would refuse, or a repository that cannot serve."""
     from conveyor.examples import example_repository
 
+    if kubernetes_name(args.name) != args.name:
+        raise ConfigError(f"--name {args.name!r} is not a Kubernetes name: lower-case letters, digits and '-', "
+                          f"starting with a letter, at most 63 characters (e.g. {kubernetes_name(args.name)!r})")
     return repository_models(args.repository or example_repository())
 
 
