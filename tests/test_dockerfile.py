@@ -207,3 +207,13 @@ def test_the_dockerignore_keeps_what_the_build_needs() -> None:
     assert dockerignored("python/conveyor/monitor/__pycache__/metrics.cpython-311.pyc", patterns)
     assert dockerignored("examples/README.md", patterns) and not dockerignored("examples/models/tiny/config.toml", patterns)
     assert dockerignored("tests/test_dockerfile.py", patterns) and dockerignored(".git/HEAD", patterns)
+
+
+def test_the_helm_chart_runs_the_image_as_its_user() -> None:
+    """The chart's pod security context names the Dockerfile's USER id (a read-only root
+    filesystem with another uid could not write the data directory the image prepared)."""
+    user, _, group = values(stages()[-1], "USER")[-1].partition(":")
+    chart_values = (Path(__file__).resolve().parents[1] / "python" / "conveyor" / "scaleout" / "chart"
+                    / "values.yaml.template").read_text()  # fmt: skip
+    assert re.search(rf"^\s*runAsUser: {user}\s*$", chart_values, re.M)
+    assert re.search(rf"^\s*runAsGroup: {group or user}\s*$", chart_values, re.M)
