@@ -10,14 +10,18 @@ from __future__ import annotations
 import itertools
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
+import yaml
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+import conveyor.server
 from processes import DEADLINE_S, LiveServer
 
 MAX_ROWS = 6
@@ -277,6 +281,10 @@ def test_http_statistics_carry_the_steps(live: LiveServer, http_client, grpc_cli
     assert steps["costly"]["rows"] - old["costly"]["rows"] == 2
     assert steps["costly"]["skipped_rows"] - old["costly"]["skipped_rows"] == 1
     assert int(stats["inference_count"]) - int(before["inference_count"]) == 3
+    # The shipped OpenAPI document describes the steps (the route's declared schema).
+    document = yaml.safe_load((Path(conveyor.server.__file__).parent / "openapi.yaml").read_text())
+    schema = {**document["components"]["schemas"]["ModelStatistics"], "components": document["components"]}
+    jsonschema.validate(stats, schema)
     grpc_stats = grpc_client.get_inference_statistics("cascade", as_json=True)["model_stats"][0]
     assert grpc_stats["name"] == "cascade" and "steps" not in grpc_stats
     assert int(grpc_stats["inference_count"]) >= 3
