@@ -97,3 +97,31 @@ def test_profile_refuses_a_graph_and_names_the_step_models_to_profile(
     assert code != 0
     error = capsys.readouterr().err
     assert "is a graph" in error and "profile its step models instead (cheap, costly)" in error
+
+
+def test_a_monitored_graph_observes_and_captures_its_public_rows(repository: Path, tmp_path: Path) -> None:
+    """[monitor] and [capture] on a graph: the C++ monitor sees every answered row (the
+    reference first, read from the graph's directory), and capture writes each request's
+    public inputs and outputs."""
+    from conveyor.monitor.capture_files import read_capture
+
+    reference = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    np.save(repository / "cascade" / "reference.npy", reference)
+    with (repository / "cascade" / "config.toml").open("a") as config:
+        config.write('\n[monitor]\nreference = "reference.npy"\n\n[capture]\nsample_rate = 1.0\n')
+    data = tmp_path / "data"
+    x = np.array([[1, 2], [9, 3], [2, 4]], np.float32)
+    with Runtime.from_repository(repository, models=["cascade"], data_dir=data) as runtime:
+        handle = runtime.model("cascade")
+        assert handle.monitor is not None and handle.monitor.core.rows_observed == len(reference)
+        answers = [runtime.infer("cascade", {"x": x}, request_id=f"r{i}")["y"] for i in range(5)]
+        assert handle.monitor.core.rows_observed == len(reference) + 5 * len(x)
+        assert runtime.monitor_document("cascade")["model"] == "cascade"
+    table = read_capture(data / "cascade" / "v1")
+    assert table.num_rows == 5 * len(x)
+    assert sorted(set(table.column("request_id").to_pylist())) == [f"r{i}" for i in range(5)]
+    order = np.argsort([int(r[1:]) * 10 + row for r, row in zip(table.column("request_id").to_pylist(),
+                                                                table.column("row").to_pylist())])  # fmt: skip
+    captured = np.array(table.column("output.y").to_pylist(), np.float32)[order]
+    np.testing.assert_array_equal(captured, np.concatenate(answers))
+    np.testing.assert_array_equal(np.array(table.column("input.x").to_pylist(), np.float32)[order], np.tile(x, (5, 1)))
