@@ -264,8 +264,10 @@ def test_the_repository_serves_a_graph_as_version_one_its_model_directory(tmp_pa
 
 def test_a_graph_directory_with_version_directories_is_an_error(tmp_path: Path) -> None:
     directory = write_graph(tmp_path)
-    (directory / "1").mkdir()
-    (directory / "3").mkdir()
+    for version in ("1", "3"):
+        (directory / version).mkdir()
+        (directory / version / "model.onnx").write_bytes(b"")
+    (directory / "2").mkdir()  # empty (a Triton ensemble's 1/): ignored
     repository = ModelRepository(tmp_path)
     with pytest.raises(ConfigError) as caught:
         repository.load_model("cascade")

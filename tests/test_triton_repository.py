@@ -115,7 +115,8 @@ def test_simple_pbtxt_maps_onto_the_config_and_lists_what_is_not_honoured(tmp_pa
     ("addition", "expected"),
     [
         ("sequence_batching { }", "'sequence_batching': stateful sequence batching"),
-        ("ensemble_scheduling { step [ { model_name: \"a\" model_version: -1 } ] }", "'ensemble_scheduling'"),
+        ("ensemble_scheduling { step [ { model_name: \"a\" model_version: -1 } ] }",
+         "'ensemble_scheduling': only an ensemble has steps"),
         ("batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: \"N\" data_type: TYPE_INT32 } ]", "'batch_input'"),
         ("model_transaction_policy { decoupled: true }", "'model_transaction_policy.decoupled'"),
         ('default_model_filename: "other.onnx"', "rename 'other.onnx'"),

@@ -6,8 +6,9 @@
                                       model.pt2 for backend torch)
 ```
 Versions are directories named by a positive integer; anything else is ignored.
-A graph (a config with `[graph]`) has no model file and no version directories: it is
-served as version 1, whose directory is the model directory itself.
+A graph (a config with `[graph]`) has no model file and no version directories (an
+empty one, as a Triton ensemble has, is ignored): it is served as version 1, whose
+directory is the model directory itself.
 A model laid out for Triton loads unchanged: config.pbtxt stands in for config.toml
 (protocol/triton_pbtxt.py), and a directory with neither whose versions hold
 model.onnx is served as Triton auto-completes it (backend onnx, the graph's signature).
@@ -191,9 +192,11 @@ class ModelRepository:
     @staticmethod
     def _graph_version(directory: Path, version_dirs: dict[int, Path]) -> dict[int, Path]:
         """A graph's one version: its steps are the models, so a version directory would hold
-        nothing the graph reads, and serving it would only hide a misplaced model."""
-        if version_dirs:
-            found = ", ".join(str(version) for version in sorted(version_dirs))
+        nothing the graph reads, and serving it would only hide a misplaced model. An empty one
+        (a Triton ensemble's `1/`) holds nothing to hide and is ignored."""
+        occupied = {version: path for version, path in version_dirs.items() if any(path.iterdir())}
+        if occupied:
+            found = ", ".join(str(version) for version in sorted(occupied))
             raise ConfigError(
                 f"{directory}: a graph has no version directories (found {found}); its version 1 is the "
                 "model directory itself: move the directories out (a step's model is a model directory of its own)"

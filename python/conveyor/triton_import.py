@@ -4,7 +4,8 @@
 importing writes the equivalent config.toml per model, so the repository can then be
 edited with Conveyor's own fields ([monitor], [rollout], ...). Each model's version
 directories and other files (label files) are copied beside it; its config.pbtxt is
-not. The fields Conveyor does not honour head the config.toml as a comment, and a model
+not; an ensemble's config.toml is a model graph ([graph], its steps as [[graph.step]]).
+The fields Conveyor does not honour head the config.toml as a comment, and a model
 that cannot be served (a refused feature, a bad value) is reported and skipped while
 the others are written.
 """
@@ -105,9 +106,10 @@ def register_import_triton_command(subparsers: Any) -> None:
         description="Copy every model of TRITON_REPO into --out with a config.toml equivalent to its "
         "config.pbtxt (or, without one, an ONNX model whose signature is read from the graph at load). "
         "`conveyor serve TRITON_REPO` serves the repository unchanged; import it to add Conveyor's own "
-        "fields. Fields Conveyor does not honour are listed at the top of each config.toml; a model with a "
-        "feature Conveyor cannot serve (sequence batching, ensembles, reshape, ragged or decoupled models) "
-        "is reported and skipped.",
+        "fields. An ensemble becomes a model graph ([graph] with a [[graph.step]] per ensemble step). "
+        "Fields Conveyor does not honour are listed at the top of each config.toml; a model with a "
+        "feature Conveyor cannot serve (sequence batching, reshape, ragged or decoupled models, an ensemble "
+        "step's model_namespace) is reported and skipped.",
         epilog="Exit status: 0 when every model was written, 1 when some were refused (the others are "
         "written), 2 on a usage error (the message says what to fix).",
     )

@@ -10,10 +10,13 @@ Three kinds of field:
 - honoured: name, backend/platform (onnxruntime, python, and fil: Triton FIL's tree
   models run on the trees backend, output__0 as FIL gives it), max_batch_size, input,
   output (label_filename), dynamic_batching (preferred sizes, queue delay, priority
-  levels, default queue policy), one instance_group, version_policy, parameters;
+  levels, default queue policy), one instance_group, version_policy, parameters, and
+  an ensemble's ensemble_scheduling (platform "ensemble"): it is served as a model graph
+  (config_graph.py), each step a [[graph.step]] whose input_map and output_map become
+  the step's inputs and output aliases, the ensemble's outputs the graph's;
 - refused: fields that change what the model computes or how a request maps onto it
-  (sequence batching, ensembles, reshape, ragged batches, batch inputs/outputs,
-  decoupled models, another model file name). The model does not load, with a message
+  (sequence batching, reshape, ragged batches, batch inputs/outputs, decoupled models,
+  another model file name, an ensemble step's model_namespace). The model does not load, with a message
   saying why; the other models serve;
 - not honoured: everything else the file sets (optimization, model_warmup,
   response_cache, ...). The model loads and one warning per model lists them all.
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, text_format
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from conveyor.errors import ConfigError
 from conveyor.protocol.config_override import read_triton_config
@@ -44,7 +48,6 @@ TRITON_CONFIG_FILE_NAME = "config.pbtxt"
 # Top-level or nested fields a model cannot be served correctly with, and why.
 _REFUSED_FIELDS = {
     "sequence_batching": "stateful sequence batching (correlation ids, implicit state) is not served by Conveyor",
-    "ensemble_scheduling": "Triton ensembles are not served by Conveyor; serve each step as its own model",
     "batch_input": "batch inputs (values the server computes per batch) are not provided by Conveyor",
     "batch_output": "batch outputs are not handled by Conveyor",
     "input.reshape": "Conveyor hands the model the shape the client sends: export the model with that shape",
@@ -97,10 +100,29 @@ def read_config_pbtxt(path: Path, *, name: str) -> TritonModelConfig:
         raise ConfigError(f"{source}: not a Triton model config in protobuf text format: {exc}") from None
     paths = sorted(set(paths))
     _refuse(paths, message, source)
+    ensemble = message.platform == _ENSEMBLE_PLATFORM
+    if "ensemble_scheduling" in paths and not ensemble:
+        raise ConfigError(
+            f"{source}: field 'ensemble_scheduling': only an ensemble has steps; set platform: \"ensemble\" "
+            "(and no backend) or drop the field; the model is not loaded"
+        )
+    if ensemble:
+        paths = [path for path in paths if path.split(".")[0] != "ensemble_scheduling"]
     unknown = [path for path in paths if not _known(pb.ModelConfig.DESCRIPTOR, path)]
     unknown = [path for path in unknown if not any(path.startswith(outer + ".") for outer in unknown)]
     document = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if ensemble:
+        if document.get("backend"):
+            raise ConfigError(
+                f"{source}: field 'backend': an ensemble (platform \"ensemble\") runs no backend of its own, "
+                f"got {document['backend']!r}; the model is not loaded"
+            )
+        document.pop("platform")  # not a backend: the config becomes a graph's
     fields, ignored = read_triton_config(document, source=source)
+    if ensemble:
+        fields["backend"] = "graph"
+        fields["graph"] = _ensemble_graph(text, source)
+        _ensemble_tensors(fields["graph"], fields, source)
     backend = fields.get("backend")
     if backend is None:
         backend = _backend_from_files(Path(path).parent, source)
@@ -118,6 +140,126 @@ def read_config_pbtxt(path: Path, *, name: str) -> TritonModelConfig:
         ignored = ignored + _fil_parameters(fields, source)
     fields.setdefault("name", name)
     return TritonModelConfig(fields, sorted(set(ignored) | {f"{path} (unknown or unsupported)" for path in unknown}))
+
+
+# ---- ensembles: ensemble_scheduling as a [graph] table ----------------------------------------
+#
+# The ModelConfig subset of the gRPC stubs has no EnsembleScheduling, so the walker blanks
+# it; the block is parsed on its own, by protobuf's text format, into the message Triton
+# declares (its field numbers), built here at run time.
+
+_ENSEMBLE_PLATFORM = "ensemble"
+_STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ensemble_type: type[Message] | None = None
+
+
+def _ensemble_message() -> Message:
+    """A message holding Triton's `ensemble_scheduling` field (ModelConfig's field 15)."""
+    global _ensemble_type
+    if _ensemble_type is None:
+        F = descriptor_pb2.FieldDescriptorProto
+        file = descriptor_pb2.FileDescriptorProto(name="conveyor_triton_ensemble.proto",
+                                                  package="conveyor_triton_ensemble", syntax="proto3")  # fmt: skip
+
+        def field(message: Any, name: str, number: int, kind: int, label: int = F.LABEL_OPTIONAL,
+                  type_name: str = "") -> None:  # fmt: skip
+            added = message.field.add(name=name, number=number, type=kind, label=label)
+            if type_name:
+                added.type_name = type_name
+
+        scheduling = file.message_type.add(name="EnsembleScheduling")
+        field(scheduling, "step", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED,
+              ".conveyor_triton_ensemble.EnsembleScheduling.Step")  # fmt: skip
+        step = scheduling.nested_type.add(name="Step")
+        field(step, "model_name", 1, F.TYPE_STRING)
+        field(step, "model_version", 2, F.TYPE_INT64)
+        for number, map_name, entry_name in ((3, "input_map", "InputMapEntry"), (4, "output_map", "OutputMapEntry")):
+            entry = step.nested_type.add(name=entry_name)
+            entry.options.map_entry = True
+            field(entry, "key", 1, F.TYPE_STRING)
+            field(entry, "value", 2, F.TYPE_STRING)
+            field(step, map_name, number, F.TYPE_MESSAGE, F.LABEL_REPEATED,
+                  f".conveyor_triton_ensemble.EnsembleScheduling.Step.{entry_name}")  # fmt: skip
+        field(step, "model_namespace", 5, F.TYPE_STRING)
+        holder = file.message_type.add(name="Holder")
+        field(holder, "ensemble_scheduling", 15, F.TYPE_MESSAGE,
+              type_name=".conveyor_triton_ensemble.EnsembleScheduling")  # fmt: skip
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(file)
+        holder_type = pool.FindMessageTypeByName("conveyor_triton_ensemble.Holder")
+        _ensemble_type = message_factory.GetMessageClass(holder_type)
+    return _ensemble_type()
+
+
+def _ensemble_graph(text: str, source: str) -> dict[str, Any]:
+    """The [graph] table of an ensemble's config.pbtxt, from its ensemble_scheduling block."""
+    walker = _Walker(text)
+    walker.message([], pb.ModelConfig.DESCRIPTOR, None)
+    blocks = [field for field in walker.fields if field.path == "ensemble_scheduling"]
+    if not blocks:
+        raise ConfigError(
+            f"{source}: platform \"ensemble\" without 'ensemble_scheduling': an ensemble needs its steps"
+        )
+    kept = "".join(
+        char if char == "\n" or any(b.start <= i < b.end for b in blocks) else " " for i, char in enumerate(text)
+    )  # line:column of a parse error still point into the file
+    holder = _ensemble_message()
+    try:
+        text_format.Parse(kept, holder)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: field 'ensemble_scheduling': not Triton's EnsembleScheduling: {exc}") from None
+    scheduling = holder.ensemble_scheduling  # type: ignore[attr-defined]
+    if not scheduling.step:
+        raise ConfigError(f"{source}: field 'ensemble_scheduling.step': an ensemble needs at least one step")
+    steps: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for index, step in enumerate(scheduling.step):
+        where = f"{source}: field 'ensemble_scheduling.step[{index}]'"
+        if not step.model_name:
+            raise ConfigError(f"{where}: model_name is empty: name the model the step runs")
+        label = f"{where} (model '{step.model_name}')"
+        if step.model_namespace:
+            raise ConfigError(
+                f"{label}: model_namespace {step.model_namespace!r} is not served by Conveyor (one repository, "
+                "one namespace): drop it and give the model a name of its own; the model is not loaded"
+            )
+        if step.model_version == 0 or step.model_version < -1:
+            raise ConfigError(
+                f"{label}: model_version must be -1 (the newest) or a version >= 1, got {step.model_version}"
+            )
+        base = re.sub(r"[^A-Za-z0-9_]", "_", step.model_name)
+        if not _STEP_NAME.fullmatch(base):
+            base = f"_{base}"
+        name, count = base, 1
+        while name in used:
+            count += 1
+            name = f"{base}_{count}"
+        used.add(name)
+        entry: dict[str, Any] = {"name": name, "model": step.model_name}
+        if step.model_version > 0:
+            entry["version"] = step.model_version
+        entry["inputs"] = dict(sorted(step.input_map.items()))
+        if step.output_map:
+            entry["outputs"] = dict(sorted(step.output_map.items()))
+        steps.append(entry)
+    return {"inputs": [], "outputs": {}, "step": steps}
+
+
+def _ensemble_tensors(graph: dict[str, Any], fields: dict[str, Any], source: str) -> None:
+    """The graph's inputs and outputs: the ensemble's, each output the tensor a step's output_map makes."""
+    graph["inputs"] = [tensor["name"] for tensor in fields.get("inputs", [])]
+    graph["outputs"] = {tensor["name"]: tensor["name"] for tensor in fields.get("outputs", [])}
+    if not graph["inputs"] or not graph["outputs"]:
+        raise ConfigError(
+            f"{source}: an ensemble declares its input and output tensors: add input [...] and output [...]"
+        )
+    produced = {alias for step in graph["step"] for alias in step.get("outputs", {}).values()}
+    for name in graph["outputs"]:
+        if name not in produced:
+            raise ConfigError(
+                f"{source}: ensemble output '{name}': no step's output_map produces it: map a step output to "
+                f"'{name}' (tensors the steps produce: {', '.join(sorted(produced)) or 'none'})"
+            )
 
 
 def _refuse(paths: list[str], message: pb.ModelConfig, source: str) -> None:
