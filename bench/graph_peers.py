@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_graph import build_repository  # noqa: E402
-from served_process import ServedProcess, free_port  # noqa: E402
+from served_process import ServedProcess, free_port, stop_process_group  # noqa: E402
 
 STEP_MODEL = '''
 import sys
@@ -178,13 +177,7 @@ class TritonProcess:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_process_group(self.process)
 
 
 async def _drive(url: str, kind: str, requests: list[np.ndarray], threshold: float, callers: int, seconds: float) -> float:

@@ -56,6 +56,17 @@ def pin_to(cpus: set[int]) -> None:
         os.sched_setaffinity(0, usable)
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to a server started in a session of its own, SIGKILL after 30 s, then reaped."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
 class ServedProcess:
     """One `conveyor serve` on free ports; `stop()` ends its process group."""
 
@@ -113,10 +124,4 @@ class ServedProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        stop_process_group(self.process)

@@ -34,10 +34,26 @@ struct DeleteWithoutGil {
   }
 };
 
-// [(name, datatype, dims), ...] -> specs.
-std::vector<TensorSpec> tensor_specs(const py::iterable& specs);
 // A batch's outputs as a tuple of numpy arrays.
 py::tuple outputs_to_python(const BatchOutputs& outputs);
+
+// infer() on a batcher or graph with the GIL released while it waits: (outputs, row_offset,
+// rows), or the completion's error raised.
+template <typename Target>
+py::tuple infer_to_python(Target& target, const py::tuple& inputs, int priority, int64_t timeout_us) {
+  std::vector<Tensor> tensors = hold_request_inputs(target.options().inputs, inputs);
+  Completion c;
+  {
+    // Waiting for the answer: other Python threads (and a Python model) need the GIL.
+    py::gil_scoped_release nogil;
+    c = target.infer(std::move(tensors), priority, timeout_us);
+  }
+  if (c.code != ErrorCode::kOk) throw Error(c.code, c.message);
+  return py::make_tuple(outputs_to_python(*c.outputs), c.row_offset, c.rows);
+}
+
+// [(name, datatype, dims), ...] -> specs.
+std::vector<TensorSpec> tensor_specs(const py::iterable& specs);
 // count, sum_ns, p50/p90/p99_ns and the non-empty buckets.
 py::dict histogram_to_python(const DurationHistogram::Snapshot& h);
 // The dict Batcher.stats() returns.

@@ -265,20 +265,7 @@ void init_batcher(py::module_& m) {
            py::call_guard<py::gil_scoped_release>(),
            "Background mode (a shadow challenger): instance threads in the OS's idle scheduling class while on; "
            "leaving it starts new threads at the caller's priority. Returns whether the idle class is available.")
-      .def(
-          "infer",
-          [](Batcher& b, const py::tuple& inputs, int priority, int64_t timeout_us) {
-            std::vector<Tensor> tensors = hold_request_inputs(b.options().inputs, inputs);
-            Completion c;
-            {
-              // Waiting for the batch: other Python threads (and the model) need the GIL.
-              py::gil_scoped_release nogil;
-              c = b.infer(std::move(tensors), priority, timeout_us);
-            }
-            if (c.code != ErrorCode::kOk) throw Error(c.code, c.message);
-            return py::make_tuple(outputs_to_python(*c.outputs), c.row_offset, c.rows);
-          },
-          py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+      .def("infer", &infer_to_python<Batcher>, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           "Submit and wait; returns (batch outputs, row_offset, rows), rows -1 meaning all.")
       .def("cancel", &Batcher::cancel, py::arg("request_id"))
       .def("stop", &Batcher::stop, py::arg("drain") = true,

@@ -128,27 +128,12 @@ void init_graph(py::module_& m) {
           "submit",
           [](Graph& g, const py::tuple& inputs, std::shared_ptr<CompletionQueue> queue, int priority,
              int64_t timeout_us, uint64_t mirror_tag) {
-            if (mirror_tag != 0) {
-              throw Error(ErrorCode::kInvalidInput, "[graph] model '" + g.options().name +
-                                                        "': a graph's requests cannot be copied to a shadow");
-            }
-            return g.submit(hold_request_inputs(g.options().inputs, inputs), std::move(queue), priority, timeout_us);
+            return g.submit(hold_request_inputs(g.options().inputs, inputs), std::move(queue), priority, timeout_us,
+                            mirror_tag);
           },
           py::arg("inputs"), py::arg("queue"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           py::arg("mirror_tag") = 0, "As Batcher.submit (mirror_tag must be 0: a graph has no shadow).")
-      .def(
-          "infer",
-          [](Graph& g, const py::tuple& inputs, int priority, int64_t timeout_us) {
-            std::vector<Tensor> tensors = hold_request_inputs(g.options().inputs, inputs);
-            Completion c;
-            {
-              py::gil_scoped_release nogil;
-              c = g.infer(std::move(tensors), priority, timeout_us);
-            }
-            if (c.code != ErrorCode::kOk) throw Error(c.code, c.message);
-            return py::make_tuple(outputs_to_python(*c.outputs), c.row_offset, c.rows);
-          },
-          py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+      .def("infer", &infer_to_python<Graph>, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           "Submit and wait; returns (outputs, row_offset, rows) as Batcher.infer does.")
       .def("cancel", &Graph::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("stop", &Graph::stop, py::arg("drain") = true, py::call_guard<py::gil_scoped_release>())

@@ -657,7 +657,7 @@ bool Graph::ready(std::string* reason) const {
 }
 
 uint64_t Graph::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
-                       int64_t timeout_us) {
+                       int64_t timeout_us, uint64_t mirror_tag) {
   const std::shared_ptr<Core>& core = core_;
   const GraphOptions& o = core->options;
   auto refuse = [&](ErrorCode code, const std::string& message) {  // the prefix is built only for an error
@@ -665,6 +665,7 @@ uint64_t Graph::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSin
     throw Error(code, core->where() + message);
   };
   if (!sink) refuse(ErrorCode::kInvalidInput, "submit needs a completion sink");
+  if (mirror_tag != 0) refuse(ErrorCode::kInvalidInput, "a graph's requests cannot be copied to a shadow");
   if (inputs.size() != o.inputs.size()) {
     refuse(ErrorCode::kInvalidInput, "expected " + std::to_string(o.inputs.size()) + " inputs, got " + std::to_string(inputs.size()));
   }

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from conveyor import __version__
-from conveyor.cli_values import DEFAULT_URL, BadEnv, choice, env, port, positive_float, positive_int
+from conveyor.cli_values import (
+    DEFAULT_URL, BadEnv, choice, env, port, positive_float, positive_int, print_help_and_fail,
+)  # fmt: skip
 from conveyor.errors import ConveyorError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -177,14 +179,10 @@ def _monitor_parser(subparsers: Any) -> None:
         "histograms and PSI over time.",
         epilog="Run 'conveyor monitor report --help' for its flags.",
     )
-    p.set_defaults(run=lambda args: _print_help_and_fail(p))
+    p.set_defaults(run=lambda args: print_help_and_fail(p))
     commands = p.add_subparsers(title="monitor commands", metavar="COMMAND")
     _monitor_report_parser(commands)
 
-
-def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _monitor_report_parser(subparsers: Any) -> None:

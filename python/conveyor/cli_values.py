@@ -14,6 +14,12 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:8000"  # where `conveyor serve` listens by default
 
 
+def print_help_and_fail(parser: argparse.ArgumentParser) -> int:
+    """What a command group given no subcommand does: its help on stderr, exit status 2."""
+    parser.print_help(sys.stderr)
+    return 2
+
+
 class BadEnv:
     """A CONVEYOR_* value that did not convert: reported only if its flag is used unset."""
 

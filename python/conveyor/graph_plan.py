@@ -54,6 +54,13 @@ class GraphPlan:
     steps: list[tuple[str, str, int | None]]  # (step, model, configured version) in core order
     copies: list[str]  # where rows are gathered or scattered, one readable line each
 
+    def public_config(self, config: ModelConfig) -> ModelConfig:
+        """The graph's config as clients see it (metadata, /config, its monitor): the tensors
+        and batch size derived from the steps."""
+        return config.model_copy(
+            update={"inputs": self.inputs, "outputs": self.outputs, "max_batch_size": self.max_batch_size}
+        )
+
 
 StepModelLookup = Callable[[str, int | None], StepModel]
 

@@ -50,15 +50,11 @@ class GraphHandle(ModelHandle):
         lookup: Callable[[str, int | None], ModelHandle], monitor: Any = None,
         routes: Mapping[str, list[tuple[int, int]]] | None = None,
     ) -> None:
-        """`plan`: plan_graph's for `config`; `lookup(model, version)`: a loaded version (ModelNotFound if none)."""
-        # The config clients see (metadata, /config): the public tensors derived from the steps.
-        config = config.model_copy(
-            update={"inputs": plan.inputs, "outputs": plan.outputs, "max_batch_size": plan.max_batch_size}
-        )
+        """`config`: the graph's config with its public tensors (`plan.public_config`); `plan`:
+        plan_graph's for it; `lookup(model, version)`: a loaded version (ModelNotFound if none)."""
         self.plan: GraphPlan = plan
         self._init_common(name, version, config, [], None, monitor)
         self.batch_outputs = tuple((t.name, t.datatype, list(t.dims)) for t in plan.outputs)
-        self.batch_output_names = tuple(t.name for t in plan.outputs)
         watched = monitor is not None and monitor.core is not None
         try:
             self.batcher = _core.Graph(

@@ -126,12 +126,13 @@ class ModelRepository:
 
     def with_graph_steps(self, names: list[str]) -> list[str]:
         """`names` and the models their graphs run, steps first (a graph loads after its steps)."""
+        steps_of = {name: self.graph_steps(name) for name in names}  # each config read once
         ordered: list[str] = []
         for name in names:
-            for step in sorted(self.graph_steps(name) or ()):
-                if step not in ordered and step not in names:
+            for step in sorted(steps_of[name] or ()):
+                if step not in ordered and step not in steps_of:
                     ordered.append(step)
-        return ordered + sorted(names, key=self.is_graph)
+        return ordered + sorted(names, key=lambda name: steps_of[name] is not None)
 
     def graph_steps(self, name: str) -> set[str] | None:
         """The models a graph's steps run; None for a model that is not a graph (or is unreadable)."""

@@ -240,13 +240,7 @@ class Runtime:
             if monitor is not None:
                 monitor.close()
             raise
-        if monitor is not None:
-            try:  # before the version is published, and past capture and feedback: not traffic
-                monitor.prime(lambda inputs: loaded.batcher.infer(loaded.order_inputs(inputs), 0, -1))
-            except BaseException:
-                loaded.close()
-                raise
-            monitor.start()
+        _start_monitor(loaded)
         self._publish(name, version, loaded)
         batching = config.dynamic_batching
         log.debug(
@@ -261,27 +255,18 @@ class Runtime:
         """
         monitor = None
         try:
-            # The monitor sees the graph's public tensors, which the plan derives: plan once
-            # without it to learn them (planning reads configs only and starts nothing).
+            # The monitor sees the graph's public tensors, which the plan derives.
             planned = plan_graph(config, lambda model, step_version: step_model_of(self.model(model, step_version)))
-            public = config.model_copy(
-                update={"inputs": planned.inputs, "outputs": planned.outputs, "max_batch_size": planned.max_batch_size}
-            )
+            public = planned.public_config(config)
             monitor = self._create_monitor(name, version, public, None, model_dir)
             with self._lock:
                 routes = dict(self._step_routes)
-            loaded = GraphHandle(name, version, config, planned, self._pool, self.model, monitor, routes)
+            loaded = GraphHandle(name, version, public, planned, self._pool, self.model, monitor, routes)
         except BaseException:
             if monitor is not None:
                 monitor.close()
             raise
-        if monitor is not None:
-            try:
-                monitor.prime(lambda inputs: loaded.batcher.infer(loaded.order_inputs(inputs), 0, -1))
-            except BaseException:
-                loaded.close()
-                raise
-            monitor.start()
+        _start_monitor(loaded)
         self._publish(name, version, loaded)
         log.debug("loaded graph %s version %d: steps %s", name, version, [step for step, _, _ in loaded.plan.steps])
 
@@ -530,6 +515,20 @@ class Runtime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _start_monitor(loaded: ModelHandle) -> None:
+    """Primes and starts a loaded version's monitor (if any) before the version is published:
+    the reference runs past capture and feedback, so it is not traffic. A failure closes the version."""
+    monitor = loaded.monitor
+    if monitor is None:
+        return
+    try:
+        monitor.prime(lambda inputs: loaded.batcher.infer(loaded.order_inputs(inputs), 0, -1))
+    except BaseException:
+        loaded.close()
+        raise
+    monitor.start()
 
 
 def _feedback_labels(config: ModelConfig, version_dir: Path | None) -> list[str] | None:

@@ -31,7 +31,7 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request", "batch_outputs", "batch_output_names", "python_steps",
+        "monitor", "per_request", "batch_outputs", "python_steps",
     )  # fmt: skip
 
     def __init__(
@@ -48,7 +48,6 @@ class ModelHandle:
         # The batcher's outputs (name, datatype, dims), in its order: a graph step reads them,
         # a rollout's shadow compares one of them.
         self.batch_outputs = tuple(outputs)
-        self.batch_output_names = tuple(spec[0] for spec in outputs)
         self.batcher = _core.Batcher(
             model_name=name,
             inputs=[(t.name, t.datatype, list(t.dims)) for t in config.inputs],
@@ -67,6 +66,11 @@ class ModelHandle:
             pipeline=None if steps is None else steps.core,
             **({"monitor": monitor.core} if watched else {}),
         )
+
+    @property
+    def batch_output_names(self) -> tuple[str, ...]:
+        """The batcher's output names, in its order (a rollout's shadow compares one of them)."""
+        return tuple(spec[0] for spec in self.batch_outputs)
 
     def _init_common(
         self, name: str, version: int, config: ModelConfig, backends: list[Backend], steps: ModelSteps | None,

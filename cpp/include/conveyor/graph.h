@@ -128,10 +128,11 @@ class Graph {
 
   // As Batcher::submit: inputs in the graph's input order, a batch dimension first.
   // priority is handed to every step; timeout_us: < 0 the graph's default, 0 none, > 0
-  // a deadline that far from now, shared by the steps. Throws kInvalidInput,
+  // a deadline that far from now, shared by the steps. mirror_tag: Batcher::submit's, and
+  // must be 0 (a graph's requests are not copied to a shadow). Throws kInvalidInput,
   // kQueueFull, kUnavailable (stopped, or a step unbound).
   uint64_t submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority = 0,
-                  int64_t timeout_us = -1);
+                  int64_t timeout_us = -1, uint64_t mirror_tag = 0);
   Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
   // Completes a request in flight with kCancelled now, and cancels its queued step
   // requests; false when it has already completed.

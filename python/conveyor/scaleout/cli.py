@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conveyor.cli_values import print_help_and_fail
 from conveyor.errors import ConfigError
 from conveyor.scaleout.chart import DASHBOARD_SOURCE, write_chart
 from conveyor.scaleout.kserve import (
@@ -29,15 +30,11 @@ def register_kserve_commands(subparsers: Any) -> None:
         description="Write Kubernetes manifests that run Conveyor: a KServe serving runtime with an "
         "InferenceService example, or a Helm chart of its own (see docs/kserve.md).",
     )
-    p.set_defaults(run=lambda args: _print_help_and_fail(p))
+    p.set_defaults(run=lambda args: print_help_and_fail(p))
     commands = p.add_subparsers(title="kserve commands", metavar="COMMAND")
     _runtime_parser(commands)
     _chart_parser(commands)
 
-
-def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:

@@ -250,11 +250,14 @@ class ModelManager:
                 with self._state_lock:
                     del self._records[name]
                     self._expected.discard(name)
-            # Graphs last: a graph and its steps that appear together load steps first.
-            for name, fingerprint in sorted(current.items(), key=lambda item: (self.repository.is_graph(item[0]), item[0])):
-                record = self._records.get(name)
-                if record is not None and record.fingerprint == fingerprint:
-                    continue
+            stale = [
+                name for name, fingerprint in sorted(current.items())
+                if (record := self._records.get(name)) is None or record.fingerprint != fingerprint
+            ]  # fmt: skip
+            # Graphs last: a graph and its steps that appear together load steps first (only the
+            # changed models' configs are read for that, not the whole repository every poll).
+            for name in sorted(stale, key=self.repository.is_graph):
+                fingerprint = current[name]
                 changed.append(name)
                 try:
                     self.load(name, _startup=True)
