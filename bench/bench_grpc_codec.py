@@ -105,7 +105,8 @@ async def _start_conveyor(port: int) -> Any:
     manager = ModelManager(ModelRepository(conveyor.example_repository()), conveyor.Runtime(), "explicit")
     manager.start(["tiny"])
     dataplane = DataPlane(manager, server_version="bench")
-    return await start_grpc_server(dataplane, "127.0.0.1", port, max_message_bytes=1 << 24)
+    server, _ = await start_grpc_server(dataplane, "127.0.0.1", port, max_message_bytes=1 << 24)
+    return server
 
 
 async def _start_bare(port: int) -> Any:

@@ -92,7 +92,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     manager.start(STARTUP_MODELS)
     dataplane = DataPlane(manager, server_version="test")
     port = _free_port()
-    server = loop.run(start_grpc_server(dataplane, "127.0.0.1", port, max_message_bytes=16 << 20))
+    server, _ = loop.run(start_grpc_server(dataplane, "127.0.0.1", port, max_message_bytes=16 << 20))
     client = triton.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         yield Served(root, port, dataplane, client)

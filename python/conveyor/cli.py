@@ -267,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_export_torch_command(subparsers)
     from conveyor.scaleout.cli import register_kserve_commands
+    from conveyor.scaleout.ray_cli import register_ray_commands
 
     register_kserve_commands(subparsers)
+    register_ray_commands(subparsers)
     return parser
 
 

@@ -29,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from conveyor.config_errors import describe, describe_missing, describe_pattern, format_error, rule_error
 from conveyor.config_graph import GraphConfig, check_graph_model, fill_graph_backend
+from conveyor.config_ray import RayConfig, check_ray_model
 from conveyor.config_steps import (
     MODEL_NAME_PATTERN,
     POSTPROCESS_OUTPUT_TYPES,
@@ -376,6 +377,8 @@ class ModelConfig(_Strict):
     rollout: RolloutConfig | None = None
     # A graph of other models of the repository (conveyor.config_graph, conveyor.graph_plan).
     graph: GraphConfig | None = None
+    # Placement on Ray Serve (`conveyor ray serve`; conveyor.config_ray). The engine ignores it.
+    ray: RayConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -395,6 +398,7 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ModelConfig:
         check_graph_model(self)
+        check_ray_model(self)
         self._check_batching_knobs()
         if self.fallback is not None and self.backend != "native":
             raise rule_error("no fallback (only backend \"native\" falls back)", self.fallback, field="fallback")

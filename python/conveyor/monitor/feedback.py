@@ -199,6 +199,24 @@ class FeedbackStore:
                 break
         return {**total, "errors": _listed_errors(sorted(errors))}
 
+    def join_known(
+        self, items: Any, *, indexed: bool = False
+    ) -> tuple[dict[str, int], list[tuple[int, str]], list[tuple[int, Any]]]:
+        """Join the labels whose id this store knows (pending, labeled or expired here) and
+        hand back the others, for stores in other processes to try (the replicas of a
+        deployment): (outcome counts, (index, error) of each invalid item, the (index,
+        item) pairs this store never saw). `items` as for add_labels, or (index, item)
+        pairs with `indexed`. Finish with `settle` once the others have answered."""
+        pairs = list(items) if indexed else list(enumerate(_as_list(items)))
+        return self._add_indexed(pairs, pass_unknown=True)
+
+    def settle(self, outcome: dict[str, int], errors: list[tuple[int, str]], *, unknown: int) -> dict:
+        """The add_labels answer for labels joined here and elsewhere (`outcome` summed over
+        the stores); `unknown` labels no store knew are counted here."""
+        with self._lock:
+            self._counts["unknown"] += unknown
+        return {**outcome, "unknown": outcome.get("unknown", 0) + unknown, "errors": _listed_errors(sorted(errors))}
+
     def _add_indexed(
         self,
         indexed: list[tuple[int, Any]],

@@ -522,6 +522,33 @@ class ModelMonitor:
             }
         return doc
 
+    def window_state(self, window: str = "rows") -> Any | None:
+        """The statistics of the current window (a mergeable _core.WindowState), or None
+        before the reference is set."""
+        if window not in WINDOW_KINDS:
+            raise InvalidInput(f"window must be one of {', '.join(WINDOW_KINDS)}, got '{window}'")
+        if self.core is None or self.reference is None:
+            return None
+        return self.core.window(window)
+
+    def document_for(self, window: str, state: Any | None) -> dict[str, Any]:
+        """The monitor document with its drift evaluated now over `state` (another window's
+        statistics over this monitor's reference, such as several replicas' merged) instead
+        of the latest evaluation of this monitor's own window."""
+        document = self.document(window)
+        settings = self.settings
+        if settings is None:
+            return document
+        evaluated = None
+        if state is not None and self.reference is not None:
+            report = _core.evaluate_drift(
+                self.core, state, psi_warn=settings.psi_warn, psi_alert=settings.psi_alert,
+                alpha=settings.alpha, correction=settings.correction,
+            )  # fmt: skip
+            evaluated = {"state": state, "report": report}
+        document.update(self._drift_document(settings, window, evaluated))
+        return document
+
     def _drift_document(self, settings: Any, window: str, evaluated: dict[str, Any] | None) -> dict[str, Any]:
         core = self.core
         reference = self.reference

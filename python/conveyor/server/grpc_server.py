@@ -428,8 +428,9 @@ _HANDLER_KINDS = {
 async def start_grpc_server(
     dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None,
     api_key_scope: str = "control", registry: CollectorRegistry | None = None,
-) -> grpc.aio.Server:
-    """Serve GRPCInferenceService and health on host:port; returns the started server.
+) -> tuple[grpc.aio.Server, int]:
+    """Serve GRPCInferenceService and health on host:port (0: any free port); returns the
+    started server and the port it listens on.
 
     Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
     in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
@@ -463,7 +464,7 @@ async def start_grpc_server(
     await server.start()
     if registry is not None:
         registry.register(GrpcCollector(guard))
-    return server
+    return server, bound
 
 
 class _EndedCallFilter(logging.Filter):

@@ -27,6 +27,7 @@ from conveyor.protocol.http_codec import (
     encode_infer_response,
 )
 from conveyor.protocol.model_config import input_specs
+from conveyor.server.compression import BodyTooLarge, compress, decompress
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits, HttpProtocol, start_http_server
 from conveyor.server.responses import Response, error_response, json_response
@@ -77,6 +78,22 @@ class HttpApp:
             return True
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def answer(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
+        """The response to one request as it arrived: the body inflated per Content-Encoding, the
+        answer compressed per Accept-Encoding when it may be. Never raises."""
+        try:
+            body = decompress(headers, body, self.max_request_bytes)
+            response = await self.handle(method, target, headers, body)
+            if response.compressible:
+                accept_encoding = headers.get(b"accept-encoding")
+                if accept_encoding is not None:
+                    await compress(response, accept_encoding)
+        except BodyTooLarge as exc:
+            response = Response(413, [encode_error(str(exc))])
+        except Exception as exc:  # decoding failures and the like: this request only
+            response = error_response(exc)
+        return response
 
     async def handle(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
         path, _, query = target.partition(b"?")
@@ -150,7 +167,7 @@ class HttpApp:
             window = parse_qs(query.decode("latin-1")).get("window", ["rows"])[-1]
             return json_response(dp.monitor(model, version, window))
         if name == "feedback":
-            labels = self._json(body, f"feedback of model '{model}'")
+            labels = self.json_body(body, f"feedback of model '{model}'")
             return json_response(await dp.feedback(model, version, labels))
         if name == "index":
             request = self._json_object(body, "repository index request") if body else {}
@@ -178,7 +195,7 @@ class HttpApp:
             return json_response({"models": sorted(dp.runtime.models())})
         raise InvalidInput(f"unhandled route {name}")
 
-    def _json(self, body: bytes, what: str) -> Any:
+    def json_body(self, body: bytes, what: str) -> Any:
         """A JSON body, its nesting bounded by --max-json-depth (a deep one must not exhaust the stack)."""
         try:
             value = orjson.loads(body)
@@ -193,7 +210,7 @@ class HttpApp:
         return value
 
     def _json_object(self, body: bytes, what: str) -> dict[str, Any]:
-        value = self._json(body, what)
+        value = self.json_body(body, what)
         if not isinstance(value, dict):
             raise InvalidInput(f"{what}: expected a JSON object")
         return value

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from conveyor.protocol.http_codec import encode_error
-from conveyor.server.compression import BodyTooLarge, compress, decompress
-from conveyor.server.responses import Response, error_response
+from conveyor.server.responses import Response
 
 if TYPE_CHECKING:
     from conveyor.server.http import HttpApp
@@ -294,17 +293,7 @@ class HttpProtocol(asyncio.Protocol):
             app.in_flight += 1
             app.idle.clear()
             try:
-                try:
-                    body = decompress(headers, body, app.max_request_bytes)
-                    response = await app.handle(method, url, headers, body)
-                    if response.compressible:
-                        accept_encoding = headers.get(b"accept-encoding")
-                        if accept_encoding is not None:
-                            await compress(response, accept_encoding)
-                except BodyTooLarge as exc:
-                    response = Response(413, [encode_error(str(exc))])
-                except Exception as exc:  # decoding failures and the like: this request only
-                    response = error_response(exc)
+                response = await app.answer(method, url, headers, body)
                 self._write(response, keep_alive and not app.dataplane.draining)
             finally:
                 app.in_flight -= 1

@@ -53,6 +53,9 @@ class ModelListener(Protocol):
     def model_unloaded(self, name: str) -> None:
         """`name` serves no version any more."""
 
+# The index's reason for a repository model the server was never asked to load (explicit mode).
+NOT_LOADED = "not loaded"
+
 
 @dataclass
 class ModelRecord:
@@ -275,7 +278,7 @@ class ModelManager:
             records = dict(self._records)
         rows = []
         for name in sorted(set(records) | set(self.repository.list_models())):
-            record = records.get(name, ModelRecord(name, reason="not loaded"))
+            record = records.get(name, ModelRecord(name, reason=NOT_LOADED))
             if ready_only and record.state != "READY":
                 continue
             if record.versions:

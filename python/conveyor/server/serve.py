@@ -20,7 +20,7 @@ from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http import HttpApp, HttpLimits, start_http_server
-from conveyor.server.models import ControlMode, ModelManager
+from conveyor.server.models import NOT_LOADED, ControlMode, ModelManager
 from conveyor.server.responses import hide_paths
 from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, checked_tick_interval_s
 
@@ -80,8 +80,22 @@ class Server:
         self._poller: asyncio.Task | None = None
         self.http_app: HttpApp | None = None
         self.http_port = options.http_port  # the bound port once started (options may say 0: any free port)
+        self.grpc_port: int | None = None  # the bound gRPC port once listening
 
     async def start(self) -> None:
+        """Load the models, then listen on the options' host and ports."""
+        o = self.options
+        await self.start_engine()
+        await self.start_listeners(o.host, o.http_port, o.grpc_port or None)
+        if o.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def start_engine(self) -> None:
+        """Load the models and build the request handlers (`http_app`, `dataplane`), listening nowhere.
+
+        A host that is not a server of its own (a Ray Serve replica) hands requests to
+        `http_app.handle` and to an InferenceServicer over `dataplane`.
+        """
         o = self.options
         hide_paths({
             o.repository: "<repository>", o.data_dir: "<data dir>", tempfile.gettempdir(): "<temporary directory>",
@@ -91,49 +105,61 @@ class Server:
         await asyncio.to_thread(self.manager.start, o.load_models)
         self._log_models()
         self.rollouts.start_ticking(self.rollout_tick_interval_s)
-        registry, metrics = _metrics_renderer(self.runtime, self.rollouts)
+        self._registry, self._render_metrics = _metrics_renderer(self.runtime, self.rollouts)
         self.http_app = HttpApp(
             self.dataplane,
             max_request_bytes=o.max_request_bytes,
             api_key=o.api_key,
             api_key_scope=o.api_key_scope,
             loopback_only=_is_loopback(o.host),
-            metrics=metrics if o.metrics_port == 0 else None,
+            metrics=self._render_metrics if o.metrics_port == 0 else None,
             limits=o.http_limits,
         )
-        if o.api_key is None and not _is_loopback(o.host):
+
+    async def start_listeners(self, host: str, http_port: int, grpc_port: int | None) -> None:
+        """Listen for HTTP on host:http_port and gRPC on host:grpc_port (None: no gRPC server;
+        0 for either: any free port, then `http_port` and `grpc_port` say which). start_engine first."""
+        o = self.options
+        assert self.http_app is not None, "start_engine() first"
+        if o.api_key is None and not _is_loopback(host):
             log.warning(
                 "listening on %s with no API key: anyone who can reach the ports can load and unload models "
-                "and steer rollouts; set --api-key (and --api-key-scope all to key inference too)", o.host,
+                "and steer rollouts; set --api-key (and --api-key-scope all to key inference too)", host,
             )
-        http_server = await start_http_server(self.http_app, o.host, o.http_port)
+        http_server = await start_http_server(self.http_app, host, http_port)
         self._servers.append(http_server)
         self.http_port = _bound_port(http_server)
-        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", o.host, self.http_port)
+        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", host, self.http_port)
         if o.metrics_port:
-            # The metrics port serves the scrape and health only: no other route may be
-            # reachable through a second port (where a guard could be forgotten).
-            metrics_app = HttpApp(
-                self.dataplane, max_request_bytes=4096, metrics=metrics, limits=o.http_limits,
-                api_key=o.api_key, api_key_scope=o.api_key_scope, only_routes=METRICS_PORT_ROUTES,
-            )
-            metrics_server = await start_http_server(metrics_app, o.host, o.metrics_port)
-            self._servers.append(metrics_server)
-            log.info("metrics listening on http://%s:%d/metrics", o.host, _bound_port(metrics_server))
-        if o.grpc_port:
+            await self.start_metrics_listener(host, o.metrics_port)
+        if grpc_port is not None:
             from conveyor.server.grpc_server import start_grpc_server
 
-            self._grpc = await start_grpc_server(
-                self.dataplane, o.host, o.grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key,
-                api_key_scope=o.api_key_scope, registry=registry,
+            self._grpc, self.grpc_port = await start_grpc_server(
+                self.dataplane, host, grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key,
+                api_key_scope=o.api_key_scope, registry=self._registry,
             )
-            log.info("gRPC (KServe v2) listening on %s:%d", o.host, o.grpc_port)
-        if o.model_control_mode == "poll":
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
+            log.info("gRPC (KServe v2) listening on %s:%d", host, self.grpc_port)
+
+    async def start_metrics_listener(self, host: str, port: int) -> int:
+        """Serve /metrics and the health probes alone on host:port (0: any free port); returns the port.
+
+        No other route is reachable through this port (where a guard could be forgotten).
+        """
+        o = self.options
+        metrics_app = HttpApp(
+            self.dataplane, max_request_bytes=4096, metrics=self._render_metrics, limits=o.http_limits,
+            api_key=o.api_key, api_key_scope=o.api_key_scope, only_routes=METRICS_PORT_ROUTES,
+        )
+        metrics_server = await start_http_server(metrics_app, host, port)
+        self._servers.append(metrics_server)
+        bound = _bound_port(metrics_server)
+        log.info("metrics listening on http://%s:%d/metrics", host, bound)
+        return bound
 
     def _log_models(self) -> None:
         for row in self.manager.index():
-            if row["state"] != "READY":
+            if row["state"] != "READY" and row["reason"] != NOT_LOADED:  # not asked for (explicit mode): no news
                 log.warning("model %s is %s: %s", row["name"], row["state"], row["reason"])
         for name, versions in sorted(self.runtime.models().items()):
             config = self.runtime.config(name)
