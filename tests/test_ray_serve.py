@@ -304,29 +304,72 @@ def test_labels_join_whichever_replica_answered(cluster: RayDeployment) -> None:
     assert (again["joined"], again["duplicates"], again["unknown"]) == (0, 10, 1), again
 
 
-def test_deployment_handles_compose_conveyor_deployments_through_the_object_store(cluster: RayDeployment) -> None:
+WIDE_MODEL = """
+class Model:
+    def __init__(self, config):
+        pass
+
+    def execute(self, inputs):
+        return {"y": inputs["x"] * 2}
+"""
+WIDE_CONFIG = """backend = "python"
+max_batch_size = 4
+[[inputs]]
+name = "x"
+datatype = "FP32"
+dims = [32768]
+[[outputs]]
+name = "y"
+datatype = "FP32"
+dims = [32768]
+[ray]
+num_cpus = 0.1
+"""
+
+
+def test_deployment_handles_compose_conveyor_deployments_through_the_object_store(
+    cluster: RayDeployment, tmp_path: Path
+) -> None:
     from conveyor.scaleout.ray_apps import model_application
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Pipeline:
-        def __init__(self, scaler: Any, tiny: Any) -> None:
-            self.scaler, self.tiny = scaler, tiny
+        def __init__(self, scaler: Any, tiny: Any, wide: Any, probe: Any) -> None:
+            self.scaler, self.tiny, self.wide, self.probe = scaler, tiny, wide, probe
 
         async def __call__(self, values: np.ndarray) -> dict[str, Any]:
             scaled = self.scaler.infer.remote({"x": values})  # unawaited: Serve resolves it in tiny's replica
             return await self.tiny.infer.remote(scaled, rename={"y": "x"})
 
+        async def wide_outputs(self, values: np.ndarray) -> dict[str, Any]:
+            return await self.probe.inspect.remote(self.wide.infer.remote({"x": values}))
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Probe:
+        """What a deployment downstream of a Conveyor deployment receives."""
+
+        async def inspect(self, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+            y = tensors["y"]
+            return {"writeable": bool(y.flags.writeable), "owns_data": bool(y.flags.owndata), "sum": float(y.sum())}
+
     repo = cluster.root / "repo"
+    wide_repo = tmp_path / "repo"
+    (wide_repo / "wide" / "1").mkdir(parents=True)
+    (wide_repo / "wide" / "config.toml").write_text(WIDE_CONFIG)
+    (wide_repo / "wide" / "1" / "model.py").write_text(WIDE_MODEL)
     app = Pipeline.bind(model_application(repo, "scaler", app="pipeline"),
-                        model_application(repo, "tiny", app="pipeline"))
+                        model_application(repo, "tiny", app="pipeline"),
+                        model_application(wide_repo, "wide", app="pipeline", data_dir=tmp_path / "data"),
+                        Probe.bind())  # fmt: skip
     handle = serve.run(app, name="pipeline", route_prefix="/pipeline")
     try:
         values = np.linspace(-3, 3, 8 * 16, dtype=np.float32).reshape(8, 16)
         result = handle.remote(values).result()
         np.testing.assert_allclose(result["y"], (values - 0.5) / 2.0 + 1, rtol=1e-6)
-        # Large tensors travel through the object store: the receiver reads them in place.
-        big = ray.put({"x": np.ones((64, 16), np.float32)})
-        assert not ray.get(big)["x"].flags.writeable
+        # 256 KB of outputs go through the object store: the next deployment reads them in
+        # place (a read-only view of shared memory), not a copy of its own.
+        seen = handle.wide_outputs.remote(np.ones((2, 32768), np.float32)).result()
+        assert seen == {"writeable": False, "owns_data": False, "sum": 2.0 * 2 * 32768}
     finally:
         serve.delete("pipeline")
 
