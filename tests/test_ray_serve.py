@@ -442,3 +442,33 @@ def test_cli_errors_say_what_is_missing(tmp_path: Path) -> None:
         env=_env(), capture_output=True, text=True, timeout=DEADLINE_S,
     )  # fmt: skip
     assert blocked.returncode == 3 and "pip install 'conveyor-serve[ray]'" in blocked.stderr, blocked.stderr
+
+
+def test_api_key_guards_both_proxies(cluster: RayDeployment, tmp_path: Path) -> None:
+    """Serve's proxies run none of conveyor serve's guards: the replica checks the key itself."""
+    from conveyor.scaleout.ray_apps import deploy, plan_deployments
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny_keyed")
+    (repo / "tiny_keyed" / "config.toml").write_text(
+        (EXAMPLE_MODELS / "tiny" / "config.toml").read_text() + "\n[ray]\nnum_cpus = 0.1\n")
+    (plan,) = plan_deployments(repo, api_key="s3cret", api_key_scope="all", data_dir=tmp_path / "data")
+    deploy([plan], timeout_s=DEADLINE_S)
+    try:
+        values = np.ones((1, 16), np.float32)
+        http = httpclient.InferenceServerClient(cluster.http_url)
+        with pytest.raises(Exception, match="Authorization: Bearer"):
+            http.infer("tiny_keyed", _tiny_request(httpclient, values))
+        answer = http.infer("tiny_keyed", _tiny_request(httpclient, values), headers={"Authorization": "Bearer s3cret"})
+        np.testing.assert_array_equal(answer.as_numpy("y"), values + 1)
+        grpc = grpcclient.InferenceServerClient(cluster.grpc_url)
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            grpc.infer("tiny_keyed", _tiny_request(grpcclient, values), headers={"application": "tiny_keyed"})
+        answer = grpc.infer("tiny_keyed", _tiny_request(grpcclient, values),
+                            headers={"application": "tiny_keyed", "authorization": "Bearer s3cret"})
+        np.testing.assert_array_equal(answer.as_numpy("y"), values + 1)
+        assert grpc.is_server_live(headers={"application": "tiny_keyed"})  # health stays open
+        http.close()
+        grpc.close()
+    finally:
+        serve.delete("tiny_keyed")

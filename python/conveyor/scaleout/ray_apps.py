@@ -29,8 +29,8 @@ from conveyor.repository import ModelRepository
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GRPC_SERVICER_FUNCTION", "INGRESS_MODES", "SERVER_APP", "ReplicaSpec", "DeploymentFailed", "DeploymentPlan", "deploy", "deployment_options",
-    "model_application", "plan_deployments", "run_targets", "wait_running",
+    "GRPC_SERVICER_FUNCTION", "INGRESS_MODES", "SERVER_APP", "DeploymentFailed", "DeploymentPlan", "ReplicaSpec",
+    "deploy", "deployment_options", "model_application", "plan_deployments", "run_targets", "wait_running",
 ]
 
 INGRESS_MODES = ("serve", "replica")
@@ -52,6 +52,7 @@ class ReplicaSpec:
     host: str = ""  # the address own listeners bind; "" = the node's address
     data_dir: str = "conveyor-data"
     api_key: str | None = None
+    api_key_scope: str = "control"  # as conveyor serve's --api-key-scope
     server_version: str = "0"
     max_request_bytes: int = 64 * 1024 * 1024
     grpc_max_message_bytes: int = 64 * 1024 * 1024
@@ -97,7 +98,7 @@ def deployment_options(config: ModelConfig) -> dict[str, Any]:
 
 def plan_deployments(
     repository: Path, *, models: list[str] | None = None, ingress: str = "serve", data_dir: Path | None = None,
-    api_key: str | None = None, host: str = "",
+    api_key: str | None = None, api_key_scope: str = "control", host: str = "",
 ) -> list[DeploymentPlan]:
     """The Serve applications for `models` of `repository` (default: every model).
 
@@ -127,7 +128,7 @@ def plan_deployments(
         except ConfigError as exc:
             raise ConfigError(f"model '{name}' cannot be deployed: {exc}") from None
         spec = ReplicaSpec(repository=str(root), app=name, models=(name,), ingress=ingress, host=host,
-                           data_dir=str(data), api_key=api_key)
+                           data_dir=str(data), api_key=api_key, api_key_scope=api_key_scope)
         plans.append(DeploymentPlan(app=name, route_prefix=f"/v2/models/{name}", spec=spec,
                                     options=deployment_options(config)))
     return plans

@@ -18,6 +18,7 @@ from typing import Any
 
 from conveyor.cli_values import print_help_and_fail
 from conveyor.errors import ConfigError
+from conveyor.server.routes import API_KEY_SCOPES
 
 EXIT_USAGE = 2  # a bad flag, repository or config: nothing deployed
 EXIT_NO_RAY = 3  # Ray missing, or its cluster unreachable
@@ -56,7 +57,8 @@ def _serve_parser(commands: Any) -> None:
         "call's 'application' metadata names the model). Waits until every replica is up, then keeps running "
         "until interrupted and deletes the applications (--detach: leaves them running and exits).",
         epilog="Exit status: 0 deployed (and, without --detach, stopped cleanly), 2 a bad flag or repository "
-        "(nothing deployed), 3 Ray missing or its cluster unreachable, 4 a model's replicas could not start.",
+        "(nothing deployed), 3 Ray missing or its cluster unreachable, 4 Serve's proxies or a model's replicas "
+        "could not start.",
     )
     p.add_argument("repository", type=Path, help="the model repository directory (the same as conveyor serve's)")
     p.add_argument("--model", action="append", dest="models", metavar="NAME",
@@ -76,6 +78,9 @@ def _serve_parser(commands: Any) -> None:
                    "(default: conveyor-data beside the repository)")
     p.add_argument("--api-key", default=os.environ.get("CONVEYOR_API_KEY"),
                    help="the key control routes need ('Authorization: Bearer KEY'; default $CONVEYOR_API_KEY)")
+    p.add_argument("--api-key-scope", choices=API_KEY_SCOPES,
+                   default=os.environ.get("CONVEYOR_API_KEY_SCOPE", "control"),
+                   help="'control': the key guards control routes; 'all': every route but health (default control)")
     p.add_argument("--timeout-s", type=float, default=300.0,
                    help="how long to wait for every replica to start (default 300)")
     p.add_argument("--detach", action="store_true", help="exit once deployed, leaving the applications running")
@@ -133,8 +138,10 @@ def connect(address: str) -> None:
             _probe(address)
             ray.init(address=address, log_to_driver=False)
     except ConnectionError as exc:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with `ray start "
-                              "--head`, point --address (or RAY_ADDRESS) at its head, or pass --address local") from None
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with `ray start --head`, point "
+            "--address (or RAY_ADDRESS) at its head, or pass --address local"
+        ) from None
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:
@@ -169,7 +176,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return _fail("serve", RAY_MISSING, EXIT_NO_RAY)
     try:
         plans = plan_deployments(args.repository, models=args.models, ingress=args.ingress,
-                                 data_dir=args.data_dir, api_key=args.api_key, host=args.replica_host)
+                                 data_dir=args.data_dir, api_key=args.api_key, api_key_scope=args.api_key_scope,
+                                 host=args.replica_host)
     except ConfigError as exc:
         return _fail("serve", str(exc), EXIT_USAGE)
     failed = _connected("serve", args.address)
@@ -178,8 +186,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    serve.start(http_options={"host": args.http_host, "port": args.http_port},
-                grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]))
+    try:
+        serve.start(http_options={"host": args.http_host, "port": args.http_port},
+                    grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]))
+    except Exception as exc:  # Ray's own errors: a proxy that did not come up, a port taken
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail("serve", f"Ray Serve could not start its proxies on {args.http_host}:{args.http_port} (HTTP) "
+                     f"and port {args.grpc_port} (gRPC): {type(exc).__name__}: {reason}", EXIT_DEPLOY_FAILED)
     try:
         deploy(plans, timeout_s=args.timeout_s)
     except (DeploymentFailed, TimeoutError) as exc:

@@ -37,7 +37,7 @@ from conveyor.errors import ConveyorError, InvalidInput
 from conveyor.protocol.http_codec import encode_error
 from conveyor.scaleout.ray_apps import ReplicaSpec
 from conveyor.scaleout.ray_hub import POLL_S, hub_actor
-from conveyor.server.grpc_server import InferenceServicer
+from conveyor.server.grpc_server import SERVICE_NAME, ApiKeyInterceptor, InferenceServicer, refusal_message
 from conveyor.server.responses import Response, error_response, json_response
 from conveyor.server.compression import BodyTooLarge, decompress
 from conveyor.server.routes import match_route, needs_api_key
@@ -77,8 +77,13 @@ class _Aborted(Exception):
 
 
 def _grpc_method(name: str) -> Any:
+    path = f"/{SERVICE_NAME}/{name}"
+
     async def method(self: ConveyorReplica, request: Any, grpc_context: Any = None) -> Any:
-        return await getattr(self._servicer, name)(request, _ServeGrpcContext(grpc_context))
+        context = _ServeGrpcContext(grpc_context)
+        if self._api_key_guard is not None and not self._api_key_guard.allows(path, context.invocation_metadata()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal_message(path))
+        return await getattr(self._servicer, name)(request, context)
 
     method.__name__ = name
     method.__doc__ = f"GRPCInferenceService/{name} through Serve's gRPC proxy."
@@ -96,6 +101,7 @@ class ConveyorReplica:
         self.server = Server(ServeOptions(
             repository=Path(spec.repository), host=host, model_control_mode="explicit",
             load_models=list(spec.models), data_dir=Path(spec.data_dir), api_key=spec.api_key,
+            api_key_scope=spec.api_key_scope,
             server_version=spec.server_version, max_request_bytes=spec.max_request_bytes,
             grpc_max_message_bytes=spec.grpc_max_message_bytes,
         ))  # fmt: skip
@@ -106,6 +112,9 @@ class ConveyorReplica:
             await self.server.shutdown()
             raise ModelLoadFailed("; ".join(f"model '{r['name']}' failed to load: {r['reason']}" for r in failed))
         self._servicer = InferenceServicer(self.server.dataplane, spec.grpc_max_message_bytes)
+        # Serve's gRPC proxy runs no interceptor of ours: the key is checked per call, as
+        # `conveyor serve`'s ApiKeyInterceptor does.
+        self._api_key_guard = ApiKeyInterceptor(spec.api_key, spec.api_key_scope) if spec.api_key else None
         endpoints: dict[str, Any] = {"host": host}
         if spec.ingress == "replica":
             await self.server.start_listeners(host, 0, 0)

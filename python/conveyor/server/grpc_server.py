@@ -399,16 +399,25 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected)
         return False
 
+    def allows(self, method: str, metadata: Any) -> bool:
+        """Whether a call of `method` (the full path, /service/Method) with `metadata` may proceed."""
+        return method in self._open or self._authorized(metadata)
+
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method in self._open or self._authorized(details.invocation_metadata):
+        if handler is None or self.allows(details.method, details.invocation_metadata):
             return handler
         return _refusal(handler, details.method)
 
 
+def refusal_message(method: str) -> str:
+    """What a call refused for want of the API key is told."""
+    return (f"{method} needs 'authorization: Bearer <api key>' metadata (the key the server was started with: "
+            "--api-key)")
+
+
 def _refusal(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    message = (f"{method} needs 'authorization: Bearer <api key>' metadata (the key the server was started with: "
-               "--api-key)")
+    message = refusal_message(method)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
