@@ -68,3 +68,22 @@ def test_bad_tables_name_the_field(ray: dict, fields: dict, message: str) -> Non
     with pytest.raises(ConfigError, match="m/config.toml") as caught:
         _config(ray, **fields)
     assert message in str(caught.value)
+
+
+def test_replica_ingress_refuses_autoscaling_it_would_starve(tmp_path) -> None:
+    from conveyor.scaleout.ray_apps import plan_deployments
+
+    model = tmp_path / "repo" / "m"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text("class Model:\n    def execute(self, inputs):\n        return inputs\n")
+    (model / "config.toml").write_text(
+        'backend = "python"\nmax_batch_size = 4\n[[inputs]]\nname = "x"\ndatatype = "FP32"\ndims = [1]\n'
+        '[[outputs]]\nname = "x"\ndatatype = "FP32"\ndims = [1]\n[ray.autoscaling]\nmax_replicas = 2\n')
+    (plan,) = plan_deployments(tmp_path / "repo", ingress="serve")
+    assert plan.options["autoscaling_config"]["max_replicas"] == 2 and plan.route_prefix == "/v2/models/m"
+    with pytest.raises(ConfigError, match="model 'm' cannot be deployed with ingress 'replica'"):
+        plan_deployments(tmp_path / "repo", ingress="replica")
+    with pytest.raises(ConfigError, match="ingress must be one of serve, replica"):
+        plan_deployments(tmp_path / "repo", ingress="proxy")
+    with pytest.raises(ConfigError, match="model 'nope' is not in"):
+        plan_deployments(tmp_path / "repo", models=["nope"])

@@ -121,6 +121,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         ray_cluster.shutdown()
 
 
+def _tiny_copy(tmp_path: Path, name: str, ray_table: str) -> Path:
+    """A repository at tmp_path/repo holding the example tiny as `name`, with `ray_table` added."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE_MODELS / "tiny", repo / name)
+    (repo / name / "config.toml").write_text((EXAMPLE_MODELS / "tiny" / "config.toml").read_text() + "\n" + ray_table)
+    return repo
+
+
 def _tiny_request(client_module: Any, values: np.ndarray, binary: bool = True) -> Any:
     tensor = client_module.InferInput("x", list(values.shape), "FP32")
     if client_module is httpclient:
@@ -258,6 +266,7 @@ def test_merged_monitor_of_two_replicas_equals_one_monitor_over_the_same_rows(
     answered = {r["replica"] for r in cluster.replicas("churn")}
     merged = serve.get_app_handle("churn").cluster_monitor.remote("churn").result()
     assert set(merged["replicas"]["merged"]) == answered and merged["replicas"]["left_out"] == {}
+    assert sum(merged["replicas"]["rows"].values()) == len(rows)  # each replica's share, however Serve split them
 
     repo = tmp_path / "repo"
     shutil.copytree(EXAMPLE_MODELS / "churn", repo / "churn")
@@ -377,10 +386,7 @@ def test_deployment_handles_compose_conveyor_deployments_through_the_object_stor
 def test_replica_ingress_serves_tritonclient_on_each_replicas_own_ports(cluster: RayDeployment, tmp_path: Path) -> None:
     from conveyor.scaleout.ray_apps import deploy, plan_deployments
 
-    repo = tmp_path / "repo"
-    shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny_direct")
-    (repo / "tiny_direct" / "config.toml").write_text(
-        (EXAMPLE_MODELS / "tiny" / "config.toml").read_text() + "\n[ray]\nnum_replicas = 2\nnum_cpus = 0.25\n")
+    repo = _tiny_copy(tmp_path, "tiny_direct", "[ray]\nnum_replicas = 2\nnum_cpus = 0.25\n")
     (plan,) = plan_deployments(repo, ingress="replica", host="127.0.0.1", data_dir=tmp_path / "data")
     deploy([plan], timeout_s=DEADLINE_S)
     try:
@@ -448,10 +454,7 @@ def test_api_key_guards_both_proxies(cluster: RayDeployment, tmp_path: Path) -> 
     """Serve's proxies run none of conveyor serve's guards: the replica checks the key itself."""
     from conveyor.scaleout.ray_apps import deploy, plan_deployments
 
-    repo = tmp_path / "repo"
-    shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny_keyed")
-    (repo / "tiny_keyed" / "config.toml").write_text(
-        (EXAMPLE_MODELS / "tiny" / "config.toml").read_text() + "\n[ray]\nnum_cpus = 0.1\n")
+    repo = _tiny_copy(tmp_path, "tiny_keyed", "[ray]\nnum_cpus = 0.1\n")
     (plan,) = plan_deployments(repo, api_key="s3cret", api_key_scope="all", data_dir=tmp_path / "data")
     deploy([plan], timeout_s=DEADLINE_S)
     try:

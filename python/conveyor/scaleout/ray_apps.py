@@ -127,6 +127,12 @@ def plan_deployments(
                 repo.load_model(step)  # a graph's steps must load too: their errors name the step
         except ConfigError as exc:
             raise ConfigError(f"model '{name}' cannot be deployed: {exc}") from None
+        if ingress == "replica" and config.ray is not None and config.ray.autoscaling is not None:
+            raise ConfigError(
+                f"model '{name}' cannot be deployed with ingress 'replica': its [ray.autoscaling] follows the "
+                "requests through Serve's proxies, and clients of the replicas' own ports bypass them (Serve would "
+                "scale busy replicas down); set [ray] num_replicas, or use ingress 'serve'"
+            )
         spec = ReplicaSpec(repository=str(root), app=name, models=(name,), ingress=ingress, host=host,
                            data_dir=str(data), api_key=api_key, api_key_scope=api_key_scope)
         plans.append(DeploymentPlan(app=name, route_prefix=f"/v2/models/{name}", spec=spec,

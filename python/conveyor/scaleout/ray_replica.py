@@ -243,6 +243,7 @@ class ConveyorReplica:
         )
         merged = own.copy() if own is not None else None
         included, excluded = [self.replica_id], {}
+        rows = {self.replica_id: int(own.rows) if own is not None else 0}
         for replica_id, (ok, value) in sorted(answers.items()):
             if not ok:
                 excluded[replica_id] = value
@@ -261,8 +262,9 @@ class ConveyorReplica:
                     "shared by the replicas ([monitor] reference) makes them mergeable"
                 continue
             included.append(replica_id)
+            rows[replica_id] = int(state.rows)
         document = monitor.document_for(window, merged)
-        document["replicas"] = {"merged": included, "left_out": excluded}
+        document["replicas"] = {"merged": included, "rows": rows, "left_out": excluded}
         return document
 
     async def feedback(self, model: str, labels: Any, *, version: str = "") -> dict[str, Any]:
