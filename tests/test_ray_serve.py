@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         ray_cluster.shutdown()
 
 
+def _http(url: str, *, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one request; the connection closed whatever the answer."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
 def _tiny_copy(tmp_path: Path, name: str, ray_table: str) -> Path:
     """A repository at tmp_path/repo holding the example tiny as `name`, with `ray_table` added."""
     repo = tmp_path / "repo"
@@ -161,20 +174,14 @@ def test_tritonclient_through_serve_http_and_grpc_proxies_every_answer_exact(clu
 
 
 def test_server_routes_answer_for_the_deployment(cluster: RayDeployment) -> None:
-    import urllib.error
-    import urllib.request
-
-    index = urllib.request.urlopen(urllib.request.Request(
-        f"http://{cluster.http_url}/v2/repository/index", method="POST"), timeout=30).read()
+    status, index = _http(f"http://{cluster.http_url}/v2/repository/index", method="POST")
     rows = {row["name"]: row for row in json.loads(index)}
-    assert set(rows) == {"tiny", "churn", "scaler", "mlp"} and rows["tiny"]["state"] == "READY"
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(f"http://{cluster.http_url}/v2/models/nosuch", timeout=30)
-    assert caught.value.code == 404 and "model 'nosuch' is not deployed" in caught.value.read().decode()
-    with pytest.raises(urllib.error.HTTPError) as caught:  # a replica's own load route stays closed
-        urllib.request.urlopen(urllib.request.Request(
-            f"http://{cluster.http_url}/v2/models/tiny/rollout/promote", method="POST"), timeout=30)
-    assert caught.value.code == 405 and "redeploying" in caught.value.read().decode()
+    assert status == 200 and set(rows) == {"tiny", "churn", "scaler", "mlp"} and rows["tiny"]["state"] == "READY"
+    status, body = _http(f"http://{cluster.http_url}/v2/models/nosuch")
+    assert status == 404 and "model 'nosuch' is not deployed" in body.decode()
+    # A replica's own control routes stay closed through Serve.
+    status, body = _http(f"http://{cluster.http_url}/v2/models/tiny/rollout/promote", method="POST")
+    assert status == 405 and "redeploying" in body.decode()
 
 
 def test_replica_killed_mid_load_loses_no_request_and_comes_back(cluster: RayDeployment) -> None:
@@ -287,7 +294,6 @@ def test_merged_monitor_of_two_replicas_equals_one_monitor_over_the_same_rows(
 
 
 def test_labels_join_whichever_replica_answered(cluster: RayDeployment) -> None:
-    import urllib.request
 
     rows = _churn_rows(40, seed=11)
     client = httpclient.InferenceServerClient(cluster.http_url, concurrency=8)
@@ -301,10 +307,10 @@ def test_labels_join_whichever_replica_answered(cluster: RayDeployment) -> None:
     client.close()
 
     def post(items: list[dict]) -> dict:
-        body = json.dumps(items).encode()
-        request = urllib.request.Request(f"http://{cluster.http_url}/v2/models/churn/feedback", data=body,
-                                         method="POST", headers={"Content-Type": "application/json"})
-        return json.loads(urllib.request.urlopen(request, timeout=30).read())
+        status, body = _http(f"http://{cluster.http_url}/v2/models/churn/feedback", method="POST",
+                             body=json.dumps(items).encode(), headers={"Content-Type": "application/json"})
+        assert status == 200, body
+        return json.loads(body)
 
     labels = [{"id": f"label-{i}", "label": i % 2} for i in range(len(rows))]
     first = post(labels)
@@ -473,5 +479,12 @@ def test_api_key_guards_both_proxies(cluster: RayDeployment, tmp_path: Path) -> 
         assert grpc.is_server_live(headers={"application": "tiny_keyed"})  # health stays open
         http.close()
         grpc.close()
+        # The server-wide routes take the latest deployment's key, and list every live model.
+        index = f"http://{cluster.http_url}/v2/repository/index"
+        assert _http(index, method="POST")[0] == 401
+        status, body = _http(index, method="POST", headers={"Authorization": "Bearer s3cret"})
+        names = {row["name"] for row in json.loads(body)}
+        assert status == 200 and {"tiny_keyed", "tiny", "churn"} <= names and "pipeline" not in names
+        assert _http(f"http://{cluster.http_url}/v2/health/live")[0] == 200
     finally:
         serve.delete("tiny_keyed")

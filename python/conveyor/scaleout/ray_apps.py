@@ -53,6 +53,9 @@ class ReplicaSpec:
     data_dir: str = "conveyor-data"
     api_key: str | None = None
     api_key_scope: str = "control"  # as conveyor serve's --api-key-scope
+    # An application of its own at /v2/models/<app> (listed by the server-wide routes), not a
+    # deployment inside someone else's application (model_application).
+    routed: bool = True
     server_version: str = "0"
     max_request_bytes: int = 64 * 1024 * 1024
     grpc_max_message_bytes: int = 64 * 1024 * 1024
@@ -155,8 +158,9 @@ def run_targets(plans: list[DeploymentPlan], *, server_app: bool = True) -> list
                                        route_prefix=plan.route_prefix))
     if server_app:
         server = serve.deployment(ServerRoutes, name=SERVER_APP, num_replicas=1, ray_actor_options={"num_cpus": 0})
-        targets.append(serve.RunTarget(target=server.bind([plan.app for plan in plans]), name=SERVER_APP,
-                                       route_prefix="/v2"))
+        first = plans[0].spec if plans else ReplicaSpec(repository="", app="", models=())
+        routes = server.bind([plan.app for plan in plans], first.server_version, first.api_key, first.api_key_scope)
+        targets.append(serve.RunTarget(target=routes, name=SERVER_APP, route_prefix="/v2"))
     return targets
 
 
@@ -170,7 +174,7 @@ def model_application(repository: Path, model: str, *, app: str | None = None, *
     from conveyor.scaleout.ray_replica import ConveyorReplica
 
     (plan,) = plan_deployments(repository, models=[model], **plan_options)
-    spec = dataclasses.replace(plan.spec, app=app or model)
+    spec = dataclasses.replace(plan.spec, app=app or model, routed=False)
     return serve.deployment(ConveyorReplica, name=model, **plan.options).bind(spec)
 
 

@@ -196,7 +196,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         deploy(plans, timeout_s=args.timeout_s)
     except (DeploymentFailed, TimeoutError) as exc:
-        return _fail("serve", str(exc), EXIT_DEPLOY_FAILED)
+        return _fail("serve", f"{exc} (the applications that did start keep running: `serve status` shows them, "
+                     "`serve delete NAME` removes one)", EXIT_DEPLOY_FAILED)
     apps = [plan.app for plan in plans]
     print(f"deployed {', '.join(apps)} (ingress {args.ingress}): KServe v2 at http://{args.http_host}:"
           f"{args.http_port}/v2/models/<model>, gRPC on port {args.grpc_port} with metadata application=<model>")

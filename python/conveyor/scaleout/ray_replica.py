@@ -125,6 +125,7 @@ class ConveyorReplica:
         self.info = {
             "app": spec.app, "deployment": context.deployment, "models": sorted(self.server.runtime.models()),
             "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "ingress": spec.ingress,
+            "routed": spec.routed,
             **endpoints,
         }  # fmt: skip
         self._hub = hub_actor()

@@ -74,10 +74,7 @@ class HttpApp:
         self.connections: set[HttpProtocol] = set()
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
-        if self.api_key is None:
-            return True
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return bearer_authorized(headers, self.api_key)
 
     async def answer(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
         """The response to one request as it arrived: the body inflated per Content-Encoding, the
@@ -255,6 +252,14 @@ class HttpApp:
 
 
 _LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"::1"})
+
+
+def bearer_authorized(headers: dict[bytes, bytes], api_key: bytes | None) -> bool:
+    """Whether `headers` (lower-case names) carry 'Authorization: Bearer <api_key>'; True without a key."""
+    if api_key is None:
+        return True
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
 def _host_name(host: bytes) -> bytes:
