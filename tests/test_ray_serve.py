@@ -257,19 +257,24 @@ def _churn_rows(count: int, seed: int) -> np.ndarray:
     return reference[rng.integers(0, len(reference), count)] * np.float32(1.3)  # drifted a little
 
 
+def _send_churn(cluster: RayDeployment, rows: np.ndarray, *, rows_per_request: int, prefix: str) -> None:
+    """`rows` to churn through Serve's proxy, 8 requests in flight, request i with id f"{prefix}-{i}"."""
+    client = httpclient.InferenceServerClient(cluster.http_url, concurrency=8)
+    requests = []
+    for i, start in enumerate(range(0, len(rows), rows_per_request)):
+        tensor = httpclient.InferInput("features", [rows_per_request, 12], "FP32")
+        tensor.set_data_from_numpy(rows[start:start + rows_per_request])
+        requests.append(client.async_infer("churn", [tensor], request_id=f"{prefix}-{i}"))
+    for request in requests:
+        request.get_result()
+    client.close()
+
+
 def test_merged_monitor_of_two_replicas_equals_one_monitor_over_the_same_rows(
     cluster: RayDeployment, tmp_path: Path
 ) -> None:
     rows = _churn_rows(400, seed=7)
-    client = httpclient.InferenceServerClient(cluster.http_url, concurrency=8)
-    requests = []
-    for start in range(0, len(rows), 4):
-        tensor = httpclient.InferInput("features", [4, 12], "FP32")
-        tensor.set_data_from_numpy(rows[start:start + 4])
-        requests.append(client.async_infer("churn", [tensor], request_id=f"merge-{start}"))
-    for request in requests:
-        request.get_result()
-    client.close()
+    _send_churn(cluster, rows, rows_per_request=4, prefix="merge")
     answered = {r["replica"] for r in cluster.replicas("churn")}
     merged = serve.get_app_handle("churn").cluster_monitor.remote("churn").result()
     assert set(merged["replicas"]["merged"]) == answered and merged["replicas"]["left_out"] == {}
@@ -296,15 +301,7 @@ def test_merged_monitor_of_two_replicas_equals_one_monitor_over_the_same_rows(
 def test_labels_join_whichever_replica_answered(cluster: RayDeployment) -> None:
 
     rows = _churn_rows(40, seed=11)
-    client = httpclient.InferenceServerClient(cluster.http_url, concurrency=8)
-    requests = []
-    for i in range(len(rows)):
-        tensor = httpclient.InferInput("features", [1, 12], "FP32")
-        tensor.set_data_from_numpy(rows[i:i + 1])
-        requests.append(client.async_infer("churn", [tensor], request_id=f"label-{i}"))
-    for request in requests:
-        request.get_result()
-    client.close()
+    _send_churn(cluster, rows, rows_per_request=1, prefix="label")
 
     def post(items: list[dict]) -> dict:
         status, body = _http(f"http://{cluster.http_url}/v2/models/churn/feedback", method="POST",
