@@ -202,11 +202,14 @@ def _reload(served: ServerThread, control: Client) -> None:
 
 def _reload_under_traffic(served: ServerThread, control: Client, model_dir: Path, traffic: Traffic,
                           versions: range) -> None:  # fmt: skip
-    counts = traffic.wait_for_answers_past([0] * traffic.clients, "the clients' first answers")
+    traffic.wait_for_answers_past([0] * traffic.clients, "the clients' first answers")
     for version in versions:
         _write_version(model_dir, version, VERSIONED_MODEL)
         _reload(served, control)
-        counts = traffic.wait_for_answers_past(counts, f"answers after loading version {version}")
+        # A client has one request in flight at most, and it may have been sent before the
+        # reload: the second answer after it answers a request sent after it.
+        counts = traffic.wait_for_answers_past(traffic.counts(), f"answers after loading version {version}")
+        traffic.wait_for_answers_past(counts, f"an answer to a request sent after loading version {version}")
 
 
 def _serving_rows(control: Client) -> list[dict[str, Any]]:

@@ -203,20 +203,22 @@ class ConveyorReplica:
 
     async def infer(
         self, inputs: dict[str, Any], model: str | None = None, *, version: int | None = None,
-        rename: dict[str, str] | None = None, timeout_us: int | None = None,
+        rename: dict[str, str] | None = None, timeout_us: int | None = None, request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Outputs of one request: `inputs` maps input names to arrays (a DeploymentResponse
         of another Conveyor deployment may stand for it, passed unawaited). `model`: which
         of the deployment's models (needed only when it serves several). `rename` maps a
         tensor name in `inputs` to the input name it feeds (another model's output name to
-        this model's input name); tensors neither named by the model nor renamed are refused."""
+        this model's input name); tensors neither named by the model nor renamed are refused.
+        `request_id`: the id labels for this prediction will name (feedback, capture)."""
         name = model or self._only_model()
         if rename:
             unknown = sorted(set(rename) - set(inputs))
             if unknown:
                 raise InvalidInput(f"rename names tensors the request does not carry: {', '.join(unknown)}")
             inputs = {rename.get(key, key): value for key, value in inputs.items()}
-        return await self.server.runtime.infer_async(name, inputs, version=version, timeout_us=timeout_us)
+        return await self.server.runtime.infer_async(name, inputs, version=version, timeout_us=timeout_us,
+                                                     request_id=request_id)
 
     def _only_model(self) -> str:
         public = self.spec.models
