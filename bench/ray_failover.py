@@ -13,7 +13,8 @@ while it:
 
 It reports every request's outcome: answered right, answered wrong (must be 0), failed
 with a status (which ones: a client may retry them), or not answered within the client's
-timeout (must be 0), per phase, as JSON. Exit status 1 when a request was answered wrong
+timeout (must be 0), per phase (the one in which the request was sent: a request in flight when
+a replica is killed counts in the phase before), as JSON. Exit status 1 when a request was answered wrong
 or hung.
 
     python bench/ray_failover.py --kills 5 --out failover.json
@@ -26,7 +27,6 @@ import collections
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -37,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from served_process import free_port  # noqa: E402
 
 REQUEST_TIMEOUT_S = 30.0
 WAIT_S = 180.0
@@ -48,12 +51,6 @@ def _wait(condition, what: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out after {WAIT_S:g} s waiting for {what}")
         time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> int:
@@ -71,7 +68,7 @@ def main() -> int:
     from ray.cluster_utils import Cluster
     from ray.serve.config import gRPCOptions
 
-    from conveyor.scaleout.ray_apps import GRPC_SERVICER_FUNCTION, deploy, plan_deployments
+    from conveyor.scaleout.ray_apps import GRPC_SERVICER_FUNCTION, deploy, plan_deployments, running_replicas
 
     work = Path(tempfile.mkdtemp(prefix="conveyor-failover-"))
     shutil.copytree(ROOT / "examples" / "models" / "tiny", work / "repo" / "tiny")
@@ -82,7 +79,7 @@ def main() -> int:
     workers = [cluster.add_node(**node_args) for _ in range(2)]
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "python")}},
              log_to_driver=False)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER_FUNCTION]))
     deploy(plan_deployments(work / "repo", data_dir=work / "data"), timeout_s=WAIT_S)
@@ -111,17 +108,13 @@ def main() -> int:
             sent += 1
         connection.close()
 
-    def running() -> int:
-        deployments = serve.status().applications["tiny"].deployments
-        return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values())
-
     def replica_names() -> set[str]:
         return {n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
                 if n["name"].startswith("SERVE_REPLICA::tiny#")}
 
     def recovered(before: set[str]) -> bool:
         # A replica that did not exist before runs, and Serve counts every replica running.
-        return bool(replica_names() - before) and running() == 3
+        return bool(replica_names() - before) and running_replicas("tiny") == 3
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
     for thread in threads:

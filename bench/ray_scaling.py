@@ -195,7 +195,9 @@ def deploy_conveyor(ingress: str, replicas: int, data_dir: Path) -> list[str]:
 def replica_urls(replicas: int, timeout_s: float = 60.0) -> list[str]:
     import ray
 
-    hub = ray.get_actor("conveyor-hub", namespace="conveyor")
+    from conveyor.scaleout.ray_hub import hub_actor
+
+    hub = hub_actor()
     deadline = time.monotonic() + timeout_s
     while True:
         found = [r for r in ray.get(hub.replicas.remote(MODEL)) if r.get("http_port")]
@@ -224,15 +226,12 @@ def delete_apps(apps: list[str]) -> None:
 
 def wait_replica_count(app: str, replicas: int, timeout_s: float = 60.0) -> None:
     """Serve reports RUNNING once the first replicas run; wait until all of them do."""
-    from ray import serve
+    from conveyor.scaleout.ray_apps import running_replicas
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(app)
-        if status is not None:
-            running = sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
-            if running >= replicas:
-                return
+        if running_replicas(app) >= replicas:
+            return
         time.sleep(0.5)
     raise SystemExit(f"application {app}: fewer than {replicas} replicas running after {timeout_s:g} s")
 

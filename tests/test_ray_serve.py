@@ -90,8 +90,9 @@ class RayDeployment:
         return ray.get(hub_actor().replicas.remote(app))
 
     def running_replicas(self, app: str) -> int:
-        deployments = serve.status().applications[app].deployments
-        return sum(d.replica_states.get("RUNNING", 0) for d in deployments.values())
+        from conveyor.scaleout.ray_apps import running_replicas
+
+        return running_replicas(app)
 
 
 @pytest.fixture(scope="module")

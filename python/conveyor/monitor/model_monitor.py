@@ -490,6 +490,15 @@ class ModelMonitor:
 
     def document(self, window: str = "rows") -> dict[str, Any]:
         """The monitor JSON document (GET /v2/models/{m}/monitor)."""
+        return self._document(window, own=True)
+
+    def document_for(self, window: str, state: Any | None) -> dict[str, Any]:
+        """The monitor document with its drift evaluated now over `state` (another window's
+        statistics over this monitor's reference, such as several replicas' merged) instead
+        of the latest evaluation of this monitor's own window."""
+        return self._document(window, own=False, state=state)
+
+    def _document(self, window: str, *, own: bool, state: Any | None = None) -> dict[str, Any]:
         if window not in WINDOW_KINDS:
             raise InvalidInput(f"window must be one of {', '.join(WINDOW_KINDS)}, got '{window}'")
         now = time.time()
@@ -497,8 +506,14 @@ class ModelMonitor:
         settings = self.settings
         if settings is not None:
             with self._lock:
-                evaluated = self._reports.get(window)
+                evaluated = self._reports.get(window) if own else None
                 history = list(self._history)
+            if not own and state is not None and self.reference is not None:
+                report = _core.evaluate_drift(
+                    self.core, state, psi_warn=settings.psi_warn, psi_alert=settings.psi_alert,
+                    alpha=settings.alpha, correction=settings.correction,
+                )  # fmt: skip
+                evaluated = {"state": state, "report": report}
             doc.update(self._drift_document(settings, window, evaluated))
             doc["history"] = history
         if self.feedback is not None:
@@ -530,24 +545,6 @@ class ModelMonitor:
         if self.core is None or self.reference is None:
             return None
         return self.core.window(window)
-
-    def document_for(self, window: str, state: Any | None) -> dict[str, Any]:
-        """The monitor document with its drift evaluated now over `state` (another window's
-        statistics over this monitor's reference, such as several replicas' merged) instead
-        of the latest evaluation of this monitor's own window."""
-        document = self.document(window)
-        settings = self.settings
-        if settings is None:
-            return document
-        evaluated = None
-        if state is not None and self.reference is not None:
-            report = _core.evaluate_drift(
-                self.core, state, psi_warn=settings.psi_warn, psi_alert=settings.psi_alert,
-                alpha=settings.alpha, correction=settings.correction,
-            )  # fmt: skip
-            evaluated = {"state": state, "report": report}
-        document.update(self._drift_document(settings, window, evaluated))
-        return document
 
     def _drift_document(self, settings: Any, window: str, evaluated: dict[str, Any] | None) -> dict[str, Any]:
         core = self.core

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "GRPC_SERVICER_FUNCTION", "INGRESS_MODES", "SERVER_APP", "DeploymentFailed", "DeploymentPlan", "ReplicaSpec",
-    "deploy", "deployment_options", "model_application", "plan_deployments", "run_targets", "wait_running",
+    "deploy", "deployment_options", "model_application", "plan_deployments", "run_targets", "running_replicas", "wait_running",
 ]
 
 INGRESS_MODES = ("serve", "replica")
@@ -56,9 +56,6 @@ class ReplicaSpec:
     # An application of its own at /v2/models/<app> (listed by the server-wide routes), not a
     # deployment inside someone else's application (model_application).
     routed: bool = True
-    server_version: str = "0"
-    max_request_bytes: int = 64 * 1024 * 1024
-    grpc_max_message_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,11 +120,18 @@ def plan_deployments(
         raise ConfigError(f"model '{SERVER_APP}': the name is taken by the server-wide application; rename the model")
     data = Path(data_dir).resolve() if data_dir is not None else root.parent / "conveyor-data"
     plans = []
+    configs: dict[str, ModelConfig] = {}  # each model's config read once, as a model or as a step
+
+    def config_of(model: str) -> ModelConfig:
+        if model not in configs:
+            configs[model] = repo.load_model(model).config
+        return configs[model]
+
     for name in names:
         try:
-            config = repo.load_model(name).config
+            config = config_of(name)
             for step in sorted(repo.graph_steps(name) or ()):
-                repo.load_model(step)  # a graph's steps must load too: their errors name the step
+                config_of(step)  # a graph's steps must load too: their errors name the step
         except ConfigError as exc:
             raise ConfigError(f"model '{name}' cannot be deployed: {exc}") from None
         if ingress == "replica" and config.ray is not None and config.ray.autoscaling is not None:
@@ -158,8 +162,9 @@ def run_targets(plans: list[DeploymentPlan], *, server_app: bool = True) -> list
                                        route_prefix=plan.route_prefix))
     if server_app:
         server = serve.deployment(ServerRoutes, name=SERVER_APP, num_replicas=1, ray_actor_options={"num_cpus": 0})
-        first = plans[0].spec if plans else ReplicaSpec(repository="", app="", models=())
-        routes = server.bind([plan.app for plan in plans], first.server_version, first.api_key, first.api_key_scope)
+        # plan_deployments gives every plan the same key.
+        key, scope = (plans[0].spec.api_key, plans[0].spec.api_key_scope) if plans else (None, "control")
+        routes = server.bind([plan.app for plan in plans], api_key=key, api_key_scope=scope)
         targets.append(serve.RunTarget(target=routes, name=SERVER_APP, route_prefix="/v2"))
     return targets
 
@@ -217,6 +222,16 @@ def wait_running(apps: list[str], *, timeout_s: float) -> None:
             raise TimeoutError(f"applications not running after {timeout_s:g} s: {', '.join(sorted(pending))}")
         if pending:
             time.sleep(0.2)  # polls Serve's controller; deployment takes seconds
+
+
+def running_replicas(app: str) -> int:
+    """Replicas of `app` Serve reports RUNNING (0 for an application it does not know)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
 
 
 def failure_reason(message: str) -> str:

@@ -32,15 +32,15 @@ import numpy as np
 import ray
 from ray import serve
 
-from conveyor import _core
+from conveyor import __version__, _core
 from conveyor.errors import ConveyorError, InvalidInput
 from conveyor.protocol.http_codec import encode_error
 from conveyor.scaleout.ray_apps import ReplicaSpec
 from conveyor.scaleout.ray_hub import POLL_S, hub_actor
 from conveyor.server.grpc_server import SERVICE_NAME, ApiKeyInterceptor, InferenceServicer, refusal_message
-from conveyor.server.responses import Response, error_response, json_response
-from conveyor.server.compression import BodyTooLarge, decompress
-from conveyor.server.routes import match_route, needs_api_key
+from conveyor.server.http import monitor_window
+from conveyor.server.responses import Response, json_response
+from conveyor.server.routes import Route
 from conveyor.server.serve import Server, ServeOptions
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ __all__ = ["ConveyorReplica", "ModelLoadFailed"]
 
 # How long a replica waits for the others' answers (merged monitor, labels joined elsewhere).
 ASK_TIMEOUT_S = 10.0
+# Repository control and rollouts: Serve owns the replicas, so these are redeployments.
+REFUSED_ROUTES = ("load", "unload", "index", "rollout", "rollout_start", "rollout_decisions", "rollout_action")
 
 
 class ModelLoadFailed(RuntimeError):
@@ -101,9 +103,7 @@ class ConveyorReplica:
         self.server = Server(ServeOptions(
             repository=Path(spec.repository), host=host, model_control_mode="explicit",
             load_models=list(spec.models), data_dir=Path(spec.data_dir), api_key=spec.api_key,
-            api_key_scope=spec.api_key_scope,
-            server_version=spec.server_version, max_request_bytes=spec.max_request_bytes,
-            grpc_max_message_bytes=spec.grpc_max_message_bytes,
+            api_key_scope=spec.api_key_scope, server_version=__version__,
         ))  # fmt: skip
         await self.server.start_engine()
         wanted = set(self.server.manager.repository.with_graph_steps(list(spec.models)))
@@ -111,7 +111,13 @@ class ConveyorReplica:
         if failed:
             await self.server.shutdown()
             raise ModelLoadFailed("; ".join(f"model '{r['name']}' failed to load: {r['reason']}" for r in failed))
-        self._servicer = InferenceServicer(self.server.dataplane, spec.grpc_max_message_bytes)
+        # Routes whose answer spans the replicas, and the control routes Serve's model excludes,
+        # answered here once the HTTP app's guards have passed.
+        self.server.http_app.overrides.update(
+            monitor=self._monitor_route, feedback=self._feedback_route,
+            **dict.fromkeys(REFUSED_ROUTES, self._refused_route),
+        )
+        self._servicer = InferenceServicer(self.server.dataplane, self.server.options.grpc_max_message_bytes)
         # Serve's gRPC proxy runs no interceptor of ours: the key is checked per call, as
         # `conveyor serve`'s ApiKeyInterceptor does.
         self._api_key_guard = ApiKeyInterceptor(spec.api_key, spec.api_key_scope) if spec.api_key else None
@@ -147,9 +153,7 @@ class ConveyorReplica:
         headers = dict(request.headers.raw)
         body = await request.body()
         method = scope["method"].encode()
-        response = await self._cluster_route(method, target, headers, body)
-        if response is None:
-            response = await self.server.http_app.answer(method, target, headers, body)
+        response = await self.server.http_app.answer(method, target, headers, body)
         extra = {}
         for line in response.headers:
             key, _, value = line.decode("latin-1").partition(":")
@@ -158,34 +162,19 @@ class ConveyorReplica:
         return StarletteResponse(content, status_code=response.status,
                                  media_type=response.content_type.decode(), headers=extra)
 
-    async def _cluster_route(self, method: bytes, target: bytes, headers: dict, body: bytes) -> Response | None:
-        """The answer to a route whose figures span the replicas (monitor, feedback), or None."""
-        path, _, query = target.partition(b"?")
-        route = match_route(method, path.decode("latin-1"))
-        if isinstance(route, Response):
-            return None
-        if route.name in ("load", "unload", "index") or route.name.startswith("rollout"):
-            return Response(405, [encode_error(
-                f"{route.name} is not available on a Ray Serve deployment: Serve owns the replicas, so a model is "
-                "loaded, replaced or rolled out by redeploying (conveyor ray serve)")])
-        if route.name not in ("monitor", "feedback"):
-            return None
-        app = self.server.http_app
-        if (needs_api_key(route, app.api_key_scope) and not app.authorized(headers)) or (
-            app.dataplane.draining and route.name == "feedback"
-        ):
-            return None  # refused by the app, as anywhere else
-        try:
-            body = decompress(headers, body, app.max_request_bytes)
-            if route.name == "monitor":
-                window = _query_value(query, b"window") or "rows"
-                return json_response(await self.cluster_monitor(route.model, version=route.version, window=window))
-            labels = app.json_body(body, f"feedback of model '{route.model}'")
-            return json_response(await self.feedback(route.model, labels, version=route.version))
-        except BodyTooLarge as exc:
-            return Response(413, [encode_error(str(exc))])
-        except Exception as exc:  # this request's error only
-            return error_response(exc)
+    async def _monitor_route(self, route: Route, body: bytes, query: bytes) -> Response:
+        return json_response(await self.cluster_monitor(route.model, version=route.version,
+                                                        window=monitor_window(query)))
+
+    async def _feedback_route(self, route: Route, body: bytes, query: bytes) -> Response:
+        labels = self.server.http_app.json_body(body, f"feedback of model '{route.model}'")
+        return json_response(await self.feedback(route.model, labels, version=route.version))
+
+    @staticmethod
+    async def _refused_route(route: Route, body: bytes, query: bytes) -> Response:
+        return Response(405, [encode_error(
+            f"{route.name} is not available on a Ray Serve deployment: Serve owns the replicas, so a model is "
+            "loaded, replaced or rolled out by redeploying (conveyor ray serve)")])
 
     # -- Serve's gRPC proxy (GRPCInferenceService, method for method) --------------------
 
@@ -362,12 +351,3 @@ def _combine_label_outcomes(
                 total[key] = total.get(key, 0) + count
         unknown &= {index for index, _ in their_passed}
     return total, len(unknown)
-
-
-def _query_value(query: bytes, key: bytes) -> str | None:
-    for pair in query.split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if name == key:
-            return value.decode("latin-1")
-    return None
-

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from conveyor import __version__
 from conveyor.protocol.http_codec import encode_error
 from conveyor.scaleout.ray_hub import hub_actor
 from conveyor.server.dataplane import EXTENSIONS, SERVER_NAME
@@ -27,11 +28,8 @@ __all__ = ["ServerRoutes"]
 class ServerRoutes:
     """A Serve deployment class answering the server-wide routes over the model applications `apps`."""
 
-    def __init__(
-        self, apps: list[str], server_version: str = "0", api_key: str | None = None, api_key_scope: str = "control",
-    ) -> None:
+    def __init__(self, apps: list[str], api_key: str | None = None, api_key_scope: str = "control") -> None:
         self.apps = sorted(apps)
-        self.server_version = server_version
         self.api_key = api_key.encode() if api_key else None
         self.api_key_scope = api_key_scope
         self._hub = hub_actor()
@@ -54,13 +52,14 @@ class ServerRoutes:
         if route.name == "live":
             return Response(200, [b"{}"])
         if route.name == "ready":
-            missing = [app for app in self.apps if app not in await self._live_counts()]
+            live = await self._live_counts()
+            missing = [app for app in self.apps if app not in live]
             if missing:
                 return Response(400, [encode_error(f"the server is not ready: no live replica of {', '.join(missing)} "
                                                    "(serve.status() says why)")])
             return Response(200, [b"{}"])
         if route.name == "server_metadata":
-            return _json({"name": SERVER_NAME, "version": self.server_version, "extensions": list(EXTENSIONS)})
+            return _json({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
         counts = await self._live_counts()
         apps = sorted(set(self.apps) | set(counts))
         if route.name == "models":

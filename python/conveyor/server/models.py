@@ -53,6 +53,7 @@ class ModelListener(Protocol):
     def model_unloaded(self, name: str) -> None:
         """`name` serves no version any more."""
 
+
 # The index's reason for a repository model the server was never asked to load (explicit mode).
 NOT_LOADED = "not loaded"
 

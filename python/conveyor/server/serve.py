@@ -94,7 +94,7 @@ class Server:
         """Load the models and build the request handlers (`http_app`, `dataplane`), listening nowhere.
 
         A host that is not a server of its own (a Ray Serve replica) hands requests to
-        `http_app.handle` and to an InferenceServicer over `dataplane`.
+        `http_app.answer` and to an InferenceServicer over `dataplane`.
         """
         o = self.options
         hide_paths({
