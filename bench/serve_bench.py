@@ -58,13 +58,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(http_port: int, grpc_port: int) -> subprocess.Popen:
+def start_server(http_port: int, grpc_port: int, extra_arguments: list[str] | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     source = HERE.parent / "python"
     if (source / "conveyor" / "__init__.py").exists() and any((source / "conveyor").glob("_core*.so")):
         env["PYTHONPATH"] = f"{source}{os.pathsep}{env.get('PYTHONPATH', '')}"
     command = [sys.executable, "-m", "conveyor", "serve", "--http-port", str(http_port),
-               "--grpc-port", str(grpc_port), "--log-level", "warning"]
+               "--grpc-port", str(grpc_port), "--log-level", "warning", *(extra_arguments or [])]
     server = subprocess.Popen(command, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

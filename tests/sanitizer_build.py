@@ -64,6 +64,7 @@ def configure_and_build(sanitizer: str, target: str) -> Path:
         "-DCONVEYOR_BUILD_TESTS=ON",
         "-DCONVEYOR_CUDA=OFF",
         f"-DCONVEYOR_SANITIZER={sanitizer}",
+        f"-DPython_EXECUTABLE={sys.executable}",  # its boost-headers package (the native HTTP front end)
     ]
     if sanitizer == "address":  # the extension too: the binding tests run against it
         import pybind11
@@ -71,7 +72,6 @@ def configure_and_build(sanitizer: str, target: str) -> Path:
         options += [
             "-DCONVEYOR_BUILD_PYTHON=ON",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCONVEYOR_PYTHON_MODULE_DIR={sanitized_package_dir() / 'conveyor'}",
         ]
     else:

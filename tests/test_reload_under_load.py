@@ -312,6 +312,9 @@ def test_the_serving_version_answers_and_the_server_stays_ready_while_a_new_one_
 def test_a_request_whose_version_is_swapped_out_before_it_is_queued_goes_to_the_new_one(
     served: ServerThread, control: Client, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if served.options.http_frontend == "native":
+        pytest.skip("the window is held open through Runtime.infer_async, which the native front end does not call "
+                    "(it forwards a request its swapped-out batcher refused: tested in cpp/tests/test_http_frontend.cpp)")
     assert served.server is not None
     server = served.server
     submit = server.runtime.infer_async

@@ -20,6 +20,7 @@ void init_monitor(py::module_& m);
 void init_drift(py::module_& m);
 void init_router(py::module_& m);
 void init_loadgen(py::module_& m);
+void init_http_frontend(py::module_& m);
 void init_mirror(py::module_& m);
 void init_graph(py::module_& m);
 }  // namespace conveyor::bindings
@@ -41,6 +42,7 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_drift(m);
   conveyor::bindings::init_router(m);
   conveyor::bindings::init_loadgen(m);
+  conveyor::bindings::init_http_frontend(m);
   conveyor::bindings::init_mirror(m);
   conveyor::bindings::init_graph(m);
 }

@@ -45,6 +45,11 @@ def _serve_parser(subparsers: Any) -> None:
     p.add_argument("--http-port", type=port, default=env("http-port", 8000, port), help="REST port (default 8000)")
     p.add_argument("--grpc-port", type=port, default=env("grpc-port", 8001, port),
                    help="gRPC port (default 8001; 0 turns gRPC off)")
+    p.add_argument("--http-frontend", type=choice(("python", "native")),
+                   default=env("http-frontend", "python", choice(("python", "native"))),
+                   help="python (default): the Python front end owns the HTTP port; native: a C++ front end owns "
+                   "it and answers inference for models that need no Python per request (no monitor, steps or "
+                   "rollout), forwarding every other request to the Python front end (docs/native-http.md)")
     p.add_argument("--metrics-port", type=port, default=env("metrics-port", 0, port),
                    help="serve /metrics on its own port (default 0: on the HTTP port)")
     p.add_argument("--model-control-mode", type=choice(("none", "poll", "explicit")),
@@ -151,6 +156,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         server_version=__version__,
         data_dir=args.data_dir,
         rollout_tick_interval_s=args.rollout_tick_interval_s,
+        http_frontend=args.http_frontend,
     )
     logging.getLogger("conveyor").info("conveyor %s serving %s", __version__, repository)
     try:

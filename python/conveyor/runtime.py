@@ -142,8 +142,27 @@ class Runtime:
         # model -> [(version, upper point bound)]: how graph steps split across its versions (a rollout).
         self._step_routes: dict[str, list[tuple[int, int]]] = {}
         self._bridges: dict[asyncio.AbstractEventLoop, _LoopBridge] = {}
+        # Called with a model's name after the versions it serves changed (a load, a
+        # reload or an unload), before a replaced version closes.
+        self._change_listeners: list[Callable[[str], None]] = []
         self._closed = False
         _open_runtimes.add(self)
+
+    def add_change_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(model)` whenever the versions `model` serves change (from the
+        thread that changed them, before a replaced version closes)."""
+        self._change_listeners.append(listener)
+
+    def remove_change_listener(self, listener: Callable[[str], None]) -> None:
+        if listener in self._change_listeners:
+            self._change_listeners.remove(listener)
+
+    def _changed(self, name: str) -> None:
+        for listener in list(self._change_listeners):
+            try:
+                listener(name)
+            except Exception:  # a listener's failure must not stop a load or an unload
+                log.exception("model %s: a listener of version changes failed", name)
 
     @property
     def pool(self) -> Any:
@@ -278,6 +297,7 @@ class Runtime:
             versions[version] = loaded
             self._latest[name] = versions[max(versions)]
         self._rebind_graphs(name)
+        self._changed(name)
         if replaced is not None:
             replaced.close()
 
@@ -339,6 +359,7 @@ class Runtime:
             else:
                 self._latest[name] = versions[max(versions)]
         self._rebind_graphs(name)
+        self._changed(name)
         for model_version in removed:
             model_version.close()
 

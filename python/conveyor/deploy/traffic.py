@@ -313,6 +313,8 @@ class RolloutTraffic:
         self.statistics_lock = statistics_lock if statistics_lock is not None else contextlib.nullcontext()
         self._rollouts: dict[str, _Rollout] = {}
         self._detached: list[_Rollout] = []  # detached with copies whose pairs are not recorded yet
+        # Called with a model's name once a rollout routes its requests, and once none does.
+        self.change_listeners: list[Callable[[str], None]] = []
 
     # ---- the registry ---------------------------------------------------------------------
 
@@ -358,6 +360,7 @@ class RolloutTraffic:
             self._rollouts[model].route_graph_steps = route_graph_steps
             listeners.append(route_graph_steps)
             route_graph_steps(controller.router.table)
+        self._notify(model)
 
     def detach(self, model: str) -> None:
         """Stops routing `model`: its requests go straight to the runtime again.
@@ -375,6 +378,14 @@ class RolloutTraffic:
         self._unlink(entry)
         if entry.retired:
             self._detached.append(entry)
+        self._notify(model)
+
+    def _notify(self, model: str) -> None:
+        for listener in list(self.change_listeners):
+            try:
+                listener(model)
+            except Exception:  # a listener's failure must not stop a rollout starting or ending
+                log.exception("model %s: a listener of rollout routing failed", model)
 
     def get(self, model: str) -> Any:
         """The controller attached to `model`, or None."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conveyor.errors import ConfigError
 from conveyor.monitor import create_model_monitor
 from conveyor.repository import ModelRepository
 from conveyor.runtime import Runtime
@@ -54,6 +56,11 @@ class ServeOptions:
     data_dir: Path = Path("conveyor-data")
     # How often active rollouts read their versions' counters and see whether a look is due.
     rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S
+    # "python": the Python front end owns the HTTP port. "native": the C++ data plane owns
+    # it and answers inference for the models that need no Python per request, forwarding
+    # the rest to the Python front end on a loopback port (conveyor.server.native_http).
+    # The default comes from CONVEYOR_HTTP_FRONTEND, so a test suite can run against either.
+    http_frontend: str = field(default_factory=lambda: os.environ.get("CONVEYOR_HTTP_FRONTEND", "python"))
 
 
 class Server:
@@ -64,6 +71,11 @@ class Server:
         (and, each rollout's interval_s, judge); None takes the options' value. Tests that
         tick by hand push it out. Raises ConfigError unless it is a finite number > 0."""
         self.options = options
+        if options.http_frontend not in ("python", "native"):
+            raise ConfigError(
+                f"http_frontend must be 'python' or 'native' (--http-frontend, CONVEYOR_HTTP_FRONTEND), "
+                f"not {options.http_frontend!r}"
+            )
         if rollout_tick_interval_s is None:
             rollout_tick_interval_s = options.rollout_tick_interval_s
         self.rollout_tick_interval_s = checked_tick_interval_s(rollout_tick_interval_s)
@@ -77,6 +89,7 @@ class Server:
         self.stopping = asyncio.Event()
         self._servers: list = []
         self._grpc = None
+        self._native_http = None  # NativeHttpFrontend with --http-frontend native
         self._poller: asyncio.Task | None = None
         self.http_app: HttpApp | None = None
         self.http_port = options.http_port  # the bound port once started (options may say 0: any free port)
@@ -126,10 +139,23 @@ class Server:
                 "listening on %s with no API key: anyone who can reach the ports can load and unload models "
                 "and steer rollouts; set --api-key (and --api-key-scope all to key inference too)", host,
             )
-        http_server = await start_http_server(self.http_app, host, http_port)
-        self._servers.append(http_server)
-        self.http_port = _bound_port(http_server)
-        log.info("HTTP (KServe v2 REST) listening on http://%s:%d", host, self.http_port)
+        if o.http_frontend == "native":
+            from conveyor.server.native_http import NativeHttpFrontend
+
+            # The Python front end answers what the native one forwards, on loopback only.
+            http_server = await start_http_server(self.http_app, "127.0.0.1", 0)
+            self._servers.append(http_server)
+            self._native_http = NativeHttpFrontend(
+                self.runtime, self.rollouts.traffic, host=host, port=http_port, python_port=_bound_port(http_server),
+                max_request_bytes=o.max_request_bytes, limits=o.http_limits,
+                api_key=o.api_key if o.api_key_scope == "all" else None,
+            )  # fmt: skip
+            self.http_port = self._native_http.port
+        else:
+            http_server = await start_http_server(self.http_app, host, http_port)
+            self._servers.append(http_server)
+            self.http_port = _bound_port(http_server)
+        log.info("HTTP (KServe v2 REST, %s front end) listening on http://%s:%d", o.http_frontend, host, self.http_port)
         if o.metrics_port:
             await self.start_metrics_listener(host, o.metrics_port)
         if grpc_port is not None:
@@ -210,6 +236,8 @@ class Server:
         self.dataplane.draining = True
         if self._poller is not None:
             await self._poller
+        if self._native_http is not None:
+            await self._native_http.drain(self.options.grace_period_s)
         for server in self._servers:
             server.close()
         grpc_stop = self._grpc.stop(self.options.grace_period_s) if self._grpc is not None else None
@@ -220,6 +248,8 @@ class Server:
                 log.warning("grace period over with %d HTTP requests unanswered", self.http_app.in_flight)
             for connection in list(self.http_app.connections):
                 connection.close_if_idle()
+        if self._native_http is not None:
+            self._native_http.close()
         if grpc_stop is not None:
             await grpc_stop
         # Shadow copies in flight finish and are paired, within the grace period.

@@ -1,0 +1,60 @@
+// Bindings of the native HTTP front end (conveyor/http_frontend.h): construction and
+// stop release the GIL (the I/O thread may be dropping a Python-owned batch output).
+#include <pybind11/chrono.h>
+#include <pybind11/stl.h>
+
+#include "conveyor/batcher.h"
+#include "conveyor/http_frontend.h"
+#include "convert.h"
+
+namespace conveyor::bindings {
+
+namespace {
+
+std::chrono::steady_clock::duration seconds(double s) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s));
+}
+
+}  // namespace
+
+void init_http_frontend(py::module_& m) {
+  py::class_<HttpFrontend, std::shared_ptr<HttpFrontend>>(
+      m, "HttpFrontend",
+      "The native HTTP/1.1 data plane: v2 inference on its own I/O thread; every other request is forwarded to "
+      "the HTTP server on 127.0.0.1:fallback_port.")
+      .def(py::init([](const std::string& host, int port, int fallback_port, size_t max_body_bytes,
+                       size_t max_header_bytes, size_t max_header_count, size_t max_connections, double idle_timeout_s,
+                       double request_read_timeout_s, std::string api_key) {
+             HttpFrontendOptions options;
+             options.host = host;
+             options.port = port;
+             options.fallback_port = fallback_port;
+             options.max_body_bytes = max_body_bytes;
+             options.max_header_bytes = max_header_bytes;
+             options.max_header_count = max_header_count;
+             options.max_connections = max_connections;
+             options.idle_timeout = seconds(idle_timeout_s);
+             options.request_read_timeout = seconds(request_read_timeout_s);
+             options.api_key = std::move(api_key);
+             py::gil_scoped_release release;
+             return std::make_shared<HttpFrontend>(std::move(options));
+           }),
+           py::arg("host") = "127.0.0.1", py::arg("port") = 0, py::arg("fallback_port") = 0,
+           py::arg("max_body_bytes") = size_t{64} << 20, py::arg("max_header_bytes") = size_t{64} << 10,
+           py::arg("max_header_count") = 100, py::arg("max_connections") = 1024, py::arg("idle_timeout_s") = 60.0,
+           py::arg("request_read_timeout_s") = 60.0, py::arg("api_key") = "")
+      .def_property_readonly("port", &HttpFrontend::port)
+      .def(
+          "add_model",
+          [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher) {
+            f.add_model({std::move(name), version, std::move(batcher)});
+          },
+          py::arg("name"), py::arg("version"), py::arg("batcher"),
+          "Serve the model's inference natively (replacing the version of that name served before).")
+      .def("remove_model", &HttpFrontend::remove_model, py::arg("name"), "Forward the model's requests from now on.")
+      .def("drain", &HttpFrontend::drain, "Stop accepting connections; forward inference from now on.")
+      .def_property_readonly("in_flight", &HttpFrontend::in_flight)
+      .def("stop", &HttpFrontend::stop, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace conveyor::bindings

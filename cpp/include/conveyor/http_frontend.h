@@ -1,0 +1,86 @@
+// The native HTTP/1.1 data plane: KServe v2 inference answered on an I/O thread of its
+// own, with requests handed straight to the models' batchers. Every other route, and an
+// inference request this front end does not serve itself (a model it was not given, a
+// compressed body, a classification output, a key it cannot check), is forwarded as
+// received to the full-featured HTTP server behind it, whose answer is relayed.
+//
+// A request's body is read once (Boost.Beast) into a buffer that the request's input
+// tensors view in place; the batcher copies them once into the batch. Completions come
+// back from the batcher's threads in one deliver() per batch, posted to the I/O thread,
+// which writes each response. No Python runs on this path: a model whose executor needs
+// Python takes the GIL once per batch on its own instance thread.
+//
+// Threading: the constructor binds and starts the I/O thread; add_model, remove_model,
+// port and stop may be called from any thread. Every connection, parser and pending
+// request lives on the I/O thread alone.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace conveyor {
+
+class Batcher;
+
+struct HttpFrontendOptions {
+  std::string host = "127.0.0.1";
+  int port = 0;                             // 0: a free port (see HttpFrontend::port)
+  size_t max_body_bytes = 64u << 20;        // a larger body is answered 413
+  size_t max_header_bytes = 64u << 10;      // request line and headers; more gets 431
+  size_t max_header_count = 100;            // header lines; more gets 431
+  size_t max_connections = 1024;            // the next connection is answered 503 and closed
+  // A keep-alive connection with no request under way is closed after idle_timeout; a
+  // request not fully read request_read_timeout after its head began gets 408.
+  std::chrono::steady_clock::duration idle_timeout = std::chrono::seconds(60);
+  std::chrono::steady_clock::duration request_read_timeout = std::chrono::seconds(60);
+  size_t max_inference_header_bytes = 16u << 20;  // the JSON part of a binary request
+  // Every route this front end does not answer itself is forwarded, as received, to the
+  // HTTP server on 127.0.0.1:fallback_port (the Python front end), and its answer relayed.
+  // 0: such routes are answered 404.
+  int fallback_port = 0;
+  // When set, inference needs 'Authorization: Bearer <api_key>'; a request without it is
+  // forwarded (the server behind answers 401 with its own guard and message).
+  std::string api_key;
+};
+
+// A model version served natively: requests naming the model (and no version, or this
+// one) go to `batcher`. Its tensors must be host tensors of fixed-size datatypes.
+struct FrontendModel {
+  std::string name;
+  int64_t version = 1;
+  std::shared_ptr<Batcher> batcher;
+};
+
+class HttpFrontend {
+ public:
+  // Binds host:port and starts serving. Throws Error(kUnavailable) when it cannot bind.
+  explicit HttpFrontend(HttpFrontendOptions options);
+  ~HttpFrontend();  // stop()
+  HttpFrontend(const HttpFrontend&) = delete;
+  HttpFrontend& operator=(const HttpFrontend&) = delete;
+
+  int port() const noexcept;
+  // Serves `model` natively (replacing the version of that name served before).
+  // Throws Error(kInvalidInput) for a model it cannot serve (BYTES tensors).
+  void add_model(FrontendModel model);
+  // Forwards the model's requests from now on.
+  void remove_model(const std::string& name);
+  // Stops accepting connections; inference requests that arrive on open connections
+  // are forwarded from now on (the server behind refuses them while it drains).
+  void drain();
+  // Inference requests accepted and not answered yet.
+  size_t in_flight() const;
+  // Closes every connection and joins the I/O thread. Requests still in a batcher
+  // complete into nothing. Idempotent.
+  void stop();
+
+  struct Core;
+
+ private:
+  std::shared_ptr<Core> core_;
+};
+
+}  // namespace conveyor

@@ -1,0 +1,970 @@
+// The native HTTP/1.1 data plane (conveyor/http_frontend.h), on Boost.Beast and
+// Boost.JSON.
+#include "conveyor/http_frontend.h"
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/json/src.hpp>  // header-only Boost.JSON: compiled here, in this one translation unit
+
+#include <sys/random.h>
+
+#include <atomic>
+#include <charconv>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <zlib.h>
+
+#include "conveyor/batcher.h"
+#include "conveyor/error.h"
+
+namespace conveyor {
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+
+// Everything runs on one io_context: its executor type, named (not type-erased), so no
+// handler pays for any_io_executor's copies.
+using Executor = asio::io_context::executor_type;
+using Socket = asio::basic_stream_socket<tcp, Executor>;
+using Acceptor = asio::basic_socket_acceptor<tcp, Executor>;
+using Stream = beast::basic_stream<tcp, Executor>;
+
+using RequestBody = http::vector_body<uint8_t>;
+using Request = http::request<RequestBody>;
+using Response = http::response<http::string_body>;
+
+constexpr std::string_view kHeaderLength = "Inference-Header-Content-Length";
+
+unsigned status_for(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kInvalidInput: return 400;
+    case ErrorCode::kQueueFull:
+    case ErrorCode::kUnavailable:
+    case ErrorCode::kOutOfMemory: return 503;
+    case ErrorCode::kDeadlineExceeded: return 504;
+    case ErrorCode::kCancelled: return 499;
+    default: return 500;
+  }
+}
+
+Response json_response(unsigned status, std::string body) {
+  Response res{static_cast<http::status>(status), 11};
+  res.set(http::field::content_type, "application/json");
+  res.body() = std::move(body);
+  return res;
+}
+
+Response error_response(unsigned status, std::string_view message) {
+  json::object doc;
+  doc["error"] = message;
+  return json_response(status, json::serialize(doc));
+}
+
+// Path segments after "/v2", the query dropped.
+std::vector<std::string_view> split_path(std::string_view target) {
+  if (auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
+  std::vector<std::string_view> parts;
+  size_t start = 0;
+  while (start <= target.size()) {
+    size_t end = target.find('/', start);
+    if (end == std::string_view::npos) end = target.size();
+    if (end > start) parts.push_back(target.substr(start, end - start));
+    start = end + 1;
+  }
+  return parts;
+}
+
+// A JSON number as element type T; false when it is not a number of that kind.
+template <class T>
+bool element_from_json(const json::value& v, T* out) {
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_bool()) return false;
+    *out = v.get_bool();
+    return true;
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (v.is_double()) *out = static_cast<T>(v.get_double());
+    else if (v.is_int64()) *out = static_cast<T>(v.get_int64());
+    else if (v.is_uint64()) *out = static_cast<T>(v.get_uint64());
+    else return false;
+    return true;
+  } else {
+    if (v.is_int64()) {
+      const int64_t x = v.get_int64();
+      if constexpr (std::is_unsigned_v<T>) {
+        if (x < 0 || static_cast<uint64_t>(x) > std::numeric_limits<T>::max()) return false;
+      } else {
+        if (x < std::numeric_limits<T>::min() || x > std::numeric_limits<T>::max()) return false;
+      }
+      *out = static_cast<T>(x);
+      return true;
+    }
+    if (v.is_uint64()) {
+      const uint64_t x = v.get_uint64();
+      if (x > static_cast<uint64_t>(std::numeric_limits<T>::max())) return false;
+      *out = static_cast<T>(x);
+      return true;
+    }
+    return false;
+  }
+}
+
+template <class T>
+bool flatten_into(const json::value& v, std::vector<T>* out) {
+  if (v.is_array()) {
+    for (const json::value& item : v.as_array()) {
+      if (!flatten_into(item, out)) return false;
+    }
+    return true;
+  }
+  T x{};
+  if (!element_from_json(v, &x)) return false;
+  out->push_back(x);
+  return true;
+}
+
+// An input given as JSON "data", converted into a buffer of its own.
+template <class T>
+std::shared_ptr<void> json_data(const json::value& data, int64_t count, const std::string& name, void** ptr) {
+  auto values = std::make_shared<std::vector<T>>();
+  values->reserve(static_cast<size_t>(count));
+  if (!flatten_into(data, values.get())) {
+    throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'data' holds a value that is not of its datatype");
+  }
+  if (static_cast<int64_t>(values->size()) != count) {
+    throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'data' has " + std::to_string(values->size()) +
+                                              " elements but its shape holds " + std::to_string(count));
+  }
+  *ptr = values->data();
+  return values;
+}
+
+std::shared_ptr<void> json_input(DType dtype, const json::value& data, int64_t count, const std::string& name,
+                                 void** ptr) {
+  switch (dtype) {
+    case DType::kBool: {
+      // std::vector<bool> is packed: convert through uint8_t, one byte per element.
+      auto values = std::make_shared<std::vector<uint8_t>>();
+      std::vector<bool> bits;
+      if (!flatten_into(data, &bits) || static_cast<int64_t>(bits.size()) != count) {
+        throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'data' does not hold " + std::to_string(count) +
+                                                  " booleans");
+      }
+      values->assign(bits.begin(), bits.end());
+      *ptr = values->data();
+      return values;
+    }
+    case DType::kUInt8: return json_data<uint8_t>(data, count, name, ptr);
+    case DType::kUInt16: return json_data<uint16_t>(data, count, name, ptr);
+    case DType::kUInt32: return json_data<uint32_t>(data, count, name, ptr);
+    case DType::kUInt64: return json_data<uint64_t>(data, count, name, ptr);
+    case DType::kInt8: return json_data<int8_t>(data, count, name, ptr);
+    case DType::kInt16: return json_data<int16_t>(data, count, name, ptr);
+    case DType::kInt32: return json_data<int32_t>(data, count, name, ptr);
+    case DType::kInt64: return json_data<int64_t>(data, count, name, ptr);
+    case DType::kFloat32: return json_data<float>(data, count, name, ptr);
+    case DType::kFloat64: return json_data<double>(data, count, name, ptr);
+    default:
+      throw Error(ErrorCode::kInvalidInput, std::string("input '") + name + "': datatype " + dtype_name(dtype) +
+                                                " is accepted only as binary data by this front end");
+  }
+}
+
+template <class T>
+void append_json_values(const uint8_t* src, int64_t count, json::array* out) {
+  out->reserve(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) {
+    T x;
+    std::memcpy(&x, src + i * sizeof(T), sizeof(T));
+    if constexpr (std::is_same_v<T, uint8_t>) out->emplace_back(static_cast<uint64_t>(x));
+    else out->emplace_back(x);
+  }
+}
+
+void json_output(DType dtype, const uint8_t* src, int64_t count, json::array* out) {
+  switch (dtype) {
+    case DType::kBool:
+      for (int64_t i = 0; i < count; ++i) out->emplace_back(src[i] != 0);
+      return;
+    case DType::kUInt8: return append_json_values<uint8_t>(src, count, out);
+    case DType::kUInt16: return append_json_values<uint16_t>(src, count, out);
+    case DType::kUInt32: return append_json_values<uint32_t>(src, count, out);
+    case DType::kUInt64: return append_json_values<uint64_t>(src, count, out);
+    case DType::kInt8: return append_json_values<int8_t>(src, count, out);
+    case DType::kInt16: return append_json_values<int16_t>(src, count, out);
+    case DType::kInt32: return append_json_values<int32_t>(src, count, out);
+    case DType::kInt64: return append_json_values<int64_t>(src, count, out);
+    case DType::kFloat32: return append_json_values<float>(src, count, out);
+    case DType::kFloat64: return append_json_values<double>(src, count, out);
+    default:
+      throw Error(ErrorCode::kInternal, std::string("output datatype ") + dtype_name(dtype) +
+                                            " cannot be written as JSON by this front end");
+  }
+}
+
+// Answers under this size go out as they are, as from the Python front end (compression.py):
+// compressing one packet's worth costs more than it saves.
+constexpr size_t kMinCompressedBodyBytes = 1024;
+
+// "gzip" or "deflate", whichever an Accept-Encoding value rates higher (gzip on a tie), or
+// empty: codings are rated by their q-values (1 when absent), "*" rates those not named,
+// "x-gzip" is gzip, and q=0 refuses a coding (the rules of compression.accepted_compression).
+std::string_view accepted_compression(std::string_view accept) {
+  double gzip = -1, deflate = -1, wildcard = 0;
+  while (!accept.empty()) {
+    const size_t comma = accept.find(',');
+    std::string_view item = accept.substr(0, comma);
+    accept = comma == std::string_view::npos ? std::string_view{} : accept.substr(comma + 1);
+    const size_t semi = item.find(';');
+    std::string_view coding = item.substr(0, semi);
+    double quality = 1.0;
+    for (std::string_view rest = semi == std::string_view::npos ? std::string_view{} : item.substr(semi + 1);
+         !rest.empty();) {
+      const size_t next = rest.find(';');
+      std::string_view parameter = rest.substr(0, next);
+      rest = next == std::string_view::npos ? std::string_view{} : rest.substr(next + 1);
+      const size_t eq = parameter.find('=');
+      std::string_view key = parameter.substr(0, eq);
+      while (!key.empty() && key.front() == ' ') key.remove_prefix(1);
+      while (!key.empty() && key.back() == ' ') key.remove_suffix(1);
+      if (eq == std::string_view::npos || !beast::iequals(key, "q")) continue;
+      std::string value(parameter.substr(eq + 1));
+      char* end = nullptr;
+      quality = std::strtod(value.c_str(), &end);
+      if (end == value.c_str()) quality = 0.0;
+    }
+    while (!coding.empty() && (coding.front() == ' ' || coding.front() == '\t')) coding.remove_prefix(1);
+    while (!coding.empty() && (coding.back() == ' ' || coding.back() == '\t')) coding.remove_suffix(1);
+    if (beast::iequals(coding, "gzip") || beast::iequals(coding, "x-gzip")) gzip = quality;
+    else if (beast::iequals(coding, "deflate")) deflate = quality;
+    else if (coding == "*") wildcard = quality;
+  }
+  if (gzip < 0) gzip = wildcard;
+  if (deflate < 0) deflate = wildcard;
+  if (gzip > 0 && gzip >= deflate) return "gzip";
+  if (deflate > 0) return "deflate";
+  return {};
+}
+
+// `body` compressed by zlib at its fastest level, as gzip or as a zlib stream ("deflate").
+std::string compressed(const std::string& body, std::string_view encoding) {
+  z_stream z{};
+  if (deflateInit2(&z, 1, Z_DEFLATED, encoding == "gzip" ? 31 : 15, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+    throw Error(ErrorCode::kOutOfMemory, "[http] zlib could not start compressing an answer");
+  }
+  std::string out(deflateBound(&z, body.size()), '\0');
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(body.data()));
+  z.avail_in = static_cast<uInt>(body.size());
+  z.next_out = reinterpret_cast<Bytef*>(out.data());
+  z.avail_out = static_cast<uInt>(out.size());
+  const int status = deflate(&z, Z_FINISH);
+  out.resize(z.total_out);
+  deflateEnd(&z);
+  if (status != Z_STREAM_END) throw Error(ErrorCode::kInternal, "[http] zlib could not compress an answer");
+  return out;
+}
+
+struct OutputChoice {
+  int index;
+  bool binary;
+};
+
+}  // namespace
+
+class Session;
+
+struct PendingRequest {
+  std::shared_ptr<Session> session;
+  std::shared_ptr<const FrontendModel> model;
+  std::string id;
+  std::vector<OutputChoice> outputs;
+  std::string accept_encoding;  // the request's Accept-Encoding, when it had one
+  bool has_accept_encoding = false;
+};
+
+struct HttpFrontend::Core {
+  explicit Core(HttpFrontendOptions o) : options(std::move(o)) {}
+
+  HttpFrontendOptions options;
+  asio::io_context ioc{1};
+  Acceptor acceptor{ioc.get_executor()};
+  std::thread thread;
+  std::shared_ptr<CompletionSink> sink;
+  mutable std::mutex models_mu;
+  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>> models;  // guarded by models_mu
+  std::unordered_map<uint64_t, PendingRequest> pending;  // I/O thread only
+  std::once_flag stop_once;
+  int port = 0;
+  std::atomic<bool> draining{false};
+  size_t connections = 0;  // I/O thread only
+  std::atomic<size_t> in_flight{0};
+
+  void accept();
+  void handle(const std::shared_ptr<Session>& session, Request&& request);
+  // Serves an inference request, or forwards it when it asks for what this front end does not do.
+  void infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model, Request&& request);
+  bool authorized(const Request& request) const;
+  void complete(std::vector<Completion>&& done);
+  std::shared_ptr<const FrontendModel> find(std::string_view name) const {
+    std::lock_guard<std::mutex> lock(models_mu);
+    auto it = models.find(std::string(name));
+    return it == models.end() ? nullptr : it->second;
+  }
+};
+
+// One connection: read a request, answer it, read the next (a pipelined request waits
+// in the read buffer until the answer before it is written). The same limits as the
+// Python front end's (HttpLimits): a connection idle for idle_timeout is closed, a
+// request not read within request_read_timeout of its start gets 408, and so does a
+// response the client does not take within it.
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Socket socket, HttpFrontend::Core* core) : stream_(std::move(socket)), core_(core) {
+    ++core_->connections;
+  }
+  ~Session() { --core_->connections; }
+
+  void start() {
+    beast::error_code ec;
+    stream_.socket().set_option(tcp::no_delay(true), ec);
+    if (core_->connections > core_->options.max_connections) {
+      keep_alive_ = false;
+      respond(error_response(503, "the server has " + std::to_string(core_->options.max_connections) +
+                                      " connections open, its limit; retry later, or raise the limit with "
+                                      "--max-connections"));
+      return;
+    }
+    read();
+  }
+
+  bool open() const { return stream_.socket().is_open(); }
+
+  // Hands `request` to the fallback server over this connection's own upstream
+  // connection (opened on first use, kept while both sides keep it) and relays the answer.
+  void forward(Request&& request) {
+    if (core_->options.fallback_port == 0) {
+      respond(error_response(404, "no route for " + std::string(request.target())));
+      return;
+    }
+    upstream_request_ = std::move(request);
+    upstream_request_->keep_alive(true);
+    if (upstream_ && upstream_->is_open()) {
+      write_upstream();
+      return;
+    }
+    upstream_.emplace(stream_.get_executor());
+    const tcp::endpoint endpoint{asio::ip::make_address("127.0.0.1"),
+                                 static_cast<unsigned short>(core_->options.fallback_port)};
+    upstream_->async_connect(endpoint, [self = shared_from_this()](beast::error_code ec) {
+      if (ec) return self->upstream_failed(ec);
+      beast::error_code ignored;
+      self->upstream_->set_option(tcp::no_delay(true), ignored);
+      self->write_upstream();
+    });
+  }
+
+  void respond(Response&& res) {
+    res.keep_alive(keep_alive_);
+    res.prepare_payload();
+    response_ = std::move(res);
+    stream_.expires_after(core_->options.request_read_timeout);
+    http::async_write(stream_, *response_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->on_write(ec);
+    });
+  }
+
+ private:
+  void write_upstream() {
+    http::async_write(*upstream_, *upstream_request_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) return self->upstream_failed(ec);
+      self->upstream_parser_.emplace();
+      self->upstream_parser_->body_limit(boost::none);
+      http::async_read(*self->upstream_, self->upstream_buffer_, *self->upstream_parser_,
+                       [self](beast::error_code ec, size_t) {
+                         if (ec) return self->upstream_failed(ec);
+                         Response res = self->upstream_parser_->release();
+                         if (!res.keep_alive()) {
+                           self->keep_alive_ = false;  // the server behind closes after this answer
+                           beast::error_code ignored;
+                           self->upstream_->close(ignored);
+                         }
+                         self->upstream_request_.reset();
+                         self->respond(std::move(res));
+                       });
+    });
+  }
+
+  void upstream_failed(beast::error_code ec) {
+    beast::error_code ignored;
+    if (upstream_) upstream_->close(ignored);
+    upstream_request_.reset();
+    keep_alive_ = false;
+    respond(error_response(502, "the server's Python front end did not answer: " + ec.message()));
+  }
+
+  void read() {
+    parser_.emplace();
+    parser_->body_limit(core_->options.max_body_bytes);
+    parser_->header_limit(static_cast<uint32_t>(core_->options.max_header_bytes));
+    // Idle until the first byte, then the whole head: the idle timeout bounds both.
+    stream_.expires_after(core_->options.idle_timeout);
+    http::async_read_header(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) return self->on_read(ec);
+      self->on_header();
+    });
+  }
+
+  void on_header() {
+    const auto& fields = parser_->get();
+    size_t count = 0;
+    for (auto it = fields.begin(); it != fields.end(); ++it) ++count;
+    if (count > core_->options.max_header_count) {
+      return fail(431, "the request has more than " + std::to_string(core_->options.max_header_count) +
+                           " headers (--max-header-count)");
+    }
+    stream_.expires_after(core_->options.request_read_timeout);
+    // A client that sent 'Expect: 100-continue' waits for a 100 before it sends the body.
+    auto expect = fields.find(http::field::expect);
+    if (expect != fields.end() && beast::iequals(expect->value(), "100-continue") && !parser_->is_done()) {
+      parser_->get().erase(http::field::expect);  // answered here: not forwarded
+      continue_ = std::make_shared<http::response<http::empty_body>>(http::status::continue_, 11);
+      http::async_write(stream_, *continue_, [self = shared_from_this()](beast::error_code ec, size_t) {
+        self->continue_.reset();
+        if (ec) return self->close();
+        self->read_body();
+      });
+      return;
+    }
+    read_body();
+  }
+
+  void read_body() {
+    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->on_read(ec);
+    });
+  }
+
+  void on_read(beast::error_code ec) {
+    if (ec == http::error::body_limit) {
+      return fail(413, "request body is over the limit of " + std::to_string(core_->options.max_body_bytes) +
+                           " bytes (--max-request-bytes)");
+    }
+    if (ec == http::error::header_limit) {
+      return fail(431, "the request line and headers are over " + std::to_string(core_->options.max_header_bytes) +
+                           " bytes (--max-header-bytes)");
+    }
+    if (ec == beast::error::timeout) {
+      if (!parser_->got_some()) return close();  // idle: nothing of a request had come
+      const auto seconds = std::chrono::duration<double>(core_->options.request_read_timeout).count();
+      std::ostringstream text;
+      text << "the request was not fully received within " << seconds << " s (--request-read-timeout-s)";
+      return fail(408, text.str());
+    }
+    if (ec == http::error::end_of_stream || ec == asio::error::eof || ec == asio::error::connection_reset ||
+        ec == asio::error::operation_aborted || !parser_->got_some()) {
+      return close();
+    }
+    if (ec) return fail(400, "malformed HTTP request: " + ec.message());
+    stream_.expires_never();  // the model's time is bounded by the request's own deadline
+    Request request = parser_->release();
+    keep_alive_ = request.keep_alive();
+    core_->handle(shared_from_this(), std::move(request));
+  }
+
+  // Answers a request that cannot be read, then closes the connection.
+  void fail(unsigned status, const std::string& message) {
+    keep_alive_ = false;
+    respond(error_response(status, message));
+  }
+
+  void on_write(beast::error_code ec) {
+    response_.reset();
+    if (ec || !keep_alive_) {
+      close();
+      return;
+    }
+    read();
+  }
+
+  void close() {
+    beast::error_code ec;
+    stream_.socket().shutdown(Socket::shutdown_send, ec);
+    stream_.close();
+    if (upstream_) upstream_->close(ec);
+  }
+
+  Stream stream_;
+  HttpFrontend::Core* core_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<RequestBody>> parser_;
+  std::optional<Response> response_;
+  std::shared_ptr<http::response<http::empty_body>> continue_;
+  bool keep_alive_ = true;
+  std::optional<Socket> upstream_;
+  beast::flat_buffer upstream_buffer_;
+  std::optional<Request> upstream_request_;
+  std::optional<http::response_parser<http::string_body>> upstream_parser_;
+};
+
+namespace {
+
+// Posts each batch's completions to the I/O thread.
+class IoSink final : public CompletionSink {
+ public:
+  explicit IoSink(std::weak_ptr<HttpFrontend::Core> core) : core_(std::move(core)) {}
+  void deliver(std::vector<Completion>&& completions) override {
+    std::shared_ptr<HttpFrontend::Core> core = core_.lock();
+    if (!core) return;
+    HttpFrontend::Core* raw = core.get();  // handlers run only while the io_context (a member) lives
+    asio::post(core->ioc, [raw, done = std::move(completions)]() mutable { raw->complete(std::move(done)); });
+  }
+
+ private:
+  std::weak_ptr<HttpFrontend::Core> core_;
+};
+
+}  // namespace
+
+void HttpFrontend::Core::accept() {
+  acceptor.async_accept([this](beast::error_code ec, Socket socket) {
+    if (ec) {
+      if (ec == asio::error::operation_aborted) return;
+    } else {
+      std::make_shared<Session>(std::move(socket), this)->start();
+    }
+    accept();
+  });
+}
+
+void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request&& request) {
+  // POST /v2/models/{model}[/versions/{version}]/infer, for a model served here; the rest goes behind.
+  const std::vector<std::string_view> parts = split_path(request.target());
+  const bool infer_route = request.method() == http::verb::post && (parts.size() == 4 || parts.size() == 6) &&
+                           parts[0] == "v2" && parts[1] == "models" && parts.back() == "infer" &&
+                           (parts.size() == 4 || parts[3] == "versions");
+  std::shared_ptr<const FrontendModel> model = infer_route ? find(parts[2]) : nullptr;
+  if (model && parts.size() == 6) {
+    int64_t version = 0;
+    auto [end, err] = std::from_chars(parts[4].data(), parts[4].data() + parts[4].size(), version);
+    if (err != std::errc() || end != parts[4].data() + parts[4].size() || version != model->version) model = nullptr;
+  }
+  // Compressed bodies, and anything while draining, keep the behind server's handling.
+  if (!model || draining.load(std::memory_order_relaxed) || request.find(http::field::content_encoding) != request.end() ||
+      !authorized(request)) {
+    session->forward(std::move(request));
+    return;
+  }
+  infer(session, std::move(model), std::move(request));
+}
+
+bool HttpFrontend::Core::authorized(const Request& request) const {
+  if (options.api_key.empty()) return true;
+  auto field = request.find(http::field::authorization);
+  if (field == request.end()) return false;
+  std::string_view value = field->value();
+  const size_t space = value.find(' ');
+  if (space == std::string_view::npos || !beast::iequals(value.substr(0, space), "bearer")) return false;
+  std::string_view token = value.substr(space + 1);
+  while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) token.remove_prefix(1);
+  while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
+  // Compared in time independent of where the first difference is.
+  const std::string& key = options.api_key;
+  unsigned char diff = token.size() == key.size() ? 0 : 1;
+  for (size_t i = 0; i < key.size(); ++i) diff |= static_cast<unsigned char>(key[i] ^ (i < token.size() ? token[i] : 0));
+  return diff == 0;
+}
+
+namespace {
+
+// The client's request id, or 128 random bits in hex (an id another client cannot guess:
+// feedback labels a prediction by it).
+std::string new_request_id() {
+  unsigned char bits[16];
+  size_t got = 0;
+  while (got < sizeof bits) {
+    const ssize_t n = getrandom(bits + got, sizeof bits - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw Error(ErrorCode::kInternal, "[http] no random bytes for a request id: " + std::string(std::strerror(errno)));
+    }
+    got += static_cast<size_t>(n);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id(32, '0');
+  for (size_t i = 0; i < sizeof bits; ++i) {
+    id[2 * i] = kHex[bits[i] >> 4];
+    id[2 * i + 1] = kHex[bits[i] & 15];
+  }
+  return id;
+}
+
+const json::object* object_at(const json::object& parent, std::string_view key) {
+  const json::value* v = parent.if_contains(key);
+  return v ? v->if_object() : nullptr;
+}
+
+// Whether the front end behind must answer this request: it asks for something served
+// there alone (a classification output, a BYTES or BF16 tensor, an unknown field's
+// meaning), or it is malformed in a way whose exact message the behind server owns.
+bool needs_full_server(const json::object& root) {
+  const json::value* inputs = root.if_contains("inputs");
+  if (!inputs || !inputs->is_array()) return true;
+  for (const json::value& entry : inputs->get_array()) {
+    const json::object* input = entry.if_object();
+    if (!input) return true;
+    const json::value* datatype = input->if_contains("datatype");
+    if (!datatype || !datatype->is_string()) return true;
+    const json::string& name = datatype->get_string();
+    if (name == "BYTES" || name == "BF16") return true;
+  }
+  if (const json::value* outputs = root.if_contains("outputs")) {
+    if (!outputs->is_array()) return true;
+    for (const json::value& entry : outputs->get_array()) {
+      const json::object* output = entry.if_object();
+      if (!output) return true;
+      if (const json::object* parameters = object_at(*output, "parameters"); parameters && parameters->contains("classification")) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// A schedule parameter: absent, or an integer >= 0 (anything else: InvalidInput naming it).
+int64_t schedule_parameter(const json::object* parameters, std::string_view key, std::string_view what) {
+  if (!parameters) return 0;
+  const json::value* v = parameters->if_contains(key);
+  if (!v) return 0;
+  if (v->is_int64() && v->get_int64() >= 0) return v->get_int64();
+  if (v->is_uint64()) return static_cast<int64_t>(std::min<uint64_t>(v->get_uint64(), INT64_MAX));
+  throw Error(ErrorCode::kInvalidInput, "parameter '" + std::string(key) + "' must be " + std::string(what) + ", got " +
+                                            json::serialize(*v));
+}
+
+}  // namespace
+
+void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model,
+                               Request&& request) {
+  std::vector<uint8_t>& raw = request.body();
+  size_t json_bytes = raw.size();
+  if (auto field = request.find(kHeaderLength); field != request.end()) {
+    const std::string_view text = field->value();
+    size_t value = 0;
+    auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (err != std::errc() || end != text.data() + text.size() || value > raw.size() || value == 0) {
+      session->forward(std::move(request));  // the behind server words every such refusal
+      return;
+    }
+    json_bytes = value;
+  }
+  if (json_bytes > options.max_inference_header_bytes) {
+    session->forward(std::move(request));
+    return;
+  }
+  // The document lives in this stack buffer (and past it, in blocks freed at once on return).
+  unsigned char scratch[4096];
+  json::monotonic_resource resource(scratch, sizeof scratch);
+  boost::system::error_code jec;
+  json::value doc = json::parse(json::string_view(reinterpret_cast<const char*>(raw.data()), json_bytes), jec, &resource);
+  const json::object* root = jec ? nullptr : doc.if_object();
+  if (!root || needs_full_server(*root)) {
+    session->forward(std::move(request));
+    return;
+  }
+  // The body's buffer moves, not its bytes: views into it stay valid.
+  auto body = std::make_shared<std::vector<uint8_t>>(std::move(raw));
+  try {
+    PendingRequest pending_request{session, model, {}, {}, {}, false};
+    if (auto accept = request.find(http::field::accept_encoding); accept != request.end()) {
+      pending_request.accept_encoding = std::string(accept->value());
+      pending_request.has_accept_encoding = true;
+    }
+    if (const json::value* id = root->if_contains("id")) {
+      if (!id->is_string()) throw Error(ErrorCode::kInvalidInput, "'id' must be a string");
+      pending_request.id = std::string(id->get_string());
+    }
+    if (pending_request.id.empty()) pending_request.id = new_request_id();
+    const json::object* request_parameters = object_at(*root, "parameters");
+    const int64_t priority = schedule_parameter(request_parameters, "priority", "an integer >= 0");
+    const int64_t timeout_us =
+        schedule_parameter(request_parameters, "timeout", "an integer number of microseconds >= 0");
+    const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
+    std::vector<Tensor> tensors(specs.size());
+    std::vector<bool> given(specs.size(), false);
+    const json::value* inputs_value = root->if_contains("inputs");
+    if (!inputs_value || !inputs_value->is_array()) throw Error(ErrorCode::kInvalidInput, "'inputs' must be a list");
+    size_t offset = json_bytes;
+    for (const json::value& entry_value : inputs_value->get_array()) {
+      const json::object* entry = entry_value.if_object();
+      const json::value* name_value = entry ? entry->if_contains("name") : nullptr;
+      if (!name_value || !name_value->is_string()) throw Error(ErrorCode::kInvalidInput, "every input needs a 'name'");
+      const std::string name(name_value->get_string());
+      size_t index = 0;
+      while (index < specs.size() && specs[index].name != name) ++index;
+      if (index == specs.size()) {
+        throw Error(ErrorCode::kInvalidInput, "model '" + model->name + "' has no input '" + name + "'");
+      }
+      if (given[index]) throw Error(ErrorCode::kInvalidInput, "input '" + name + "' is given twice");
+      given[index] = true;
+      const json::value* datatype = entry->if_contains("datatype");
+      if (!datatype || !datatype->is_string()) {
+        throw Error(ErrorCode::kInvalidInput, "input '" + name + "' needs a 'datatype'");
+      }
+      Tensor& t = tensors[index];
+      t.dtype = dtype_from_name(std::string(datatype->get_string()));
+      const json::value* shape_value = entry->if_contains("shape");
+      if (!shape_value || !shape_value->is_array()) {
+        throw Error(ErrorCode::kInvalidInput, "input '" + name + "' needs a 'shape' list");
+      }
+      std::vector<int64_t> dims;
+      for (const json::value& d : shape_value->get_array()) {
+        if (!d.is_int64() || d.get_int64() < 0) {
+          throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'shape' must hold non-negative integers");
+        }
+        dims.push_back(d.get_int64());
+      }
+      t.shape = Shape(dims.data(), static_cast<int>(dims.size()));
+      const json::value* binary_size = nullptr;
+      if (const json::value* parameters = entry->if_contains("parameters"); parameters && parameters->is_object()) {
+        binary_size = parameters->get_object().if_contains("binary_data_size");
+      }
+      if (binary_size) {
+        if (!binary_size->is_int64() || binary_size->get_int64() < 0) {
+          throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'binary_data_size' must be a byte count");
+        }
+        const size_t size = static_cast<size_t>(binary_size->get_int64());
+        if (t.dtype == DType::kBytes || size != t.nbytes()) {
+          throw Error(ErrorCode::kInvalidInput, "input '" + name + "': binary_data_size " + std::to_string(size) +
+                                                    " does not match its datatype and shape (" +
+                                                    std::to_string(t.nbytes()) + " bytes)");
+        }
+        if (size > body->size() - offset) {
+          throw Error(ErrorCode::kInvalidInput, "input '" + name + "': the body ends before its binary data");
+        }
+        t.data = body->data() + offset;
+        t.owner = body;
+        offset += size;
+      } else if (const json::value* data = entry->if_contains("data")) {
+        t.owner = json_input(t.dtype, *data, t.shape.numel(), name, &t.data);
+      } else {
+        throw Error(ErrorCode::kInvalidInput, "input '" + name + "' has neither 'data' nor 'binary_data_size'");
+      }
+    }
+    for (size_t i = 0; i < specs.size(); ++i) {
+      if (!given[i]) throw Error(ErrorCode::kInvalidInput, "input '" + specs[i].name + "' is missing");
+    }
+    if (offset != body->size()) {
+      throw Error(ErrorCode::kInvalidInput, "the body holds " + std::to_string(body->size() - offset) +
+                                                " bytes of binary data that no input claims");
+    }
+
+    bool binary_default = false;
+    if (const json::value* parameters = root->if_contains("parameters"); parameters && parameters->is_object()) {
+      if (const json::value* flag = parameters->get_object().if_contains("binary_data_output")) {
+        binary_default = flag->is_bool() && flag->get_bool();
+      }
+    }
+    const std::vector<TensorSpec>& output_specs = model->batcher->options().outputs;
+    if (const json::value* outputs = root->if_contains("outputs"); outputs && outputs->is_array()) {
+      for (const json::value& o : outputs->get_array()) {
+        const json::object* entry = o.if_object();
+        const json::value* name_value = entry ? entry->if_contains("name") : nullptr;
+        if (!name_value || !name_value->is_string()) throw Error(ErrorCode::kInvalidInput, "every output needs a 'name'");
+        int index = 0;
+        while (index < static_cast<int>(output_specs.size()) && output_specs[index].name != name_value->get_string()) {
+          ++index;
+        }
+        if (index == static_cast<int>(output_specs.size())) {
+          throw Error(ErrorCode::kInvalidInput, "model '" + model->name + "' has no output '" +
+                                                    std::string(name_value->get_string()) + "'");
+        }
+        bool binary = binary_default;
+        if (const json::value* parameters = entry->if_contains("parameters"); parameters && parameters->is_object()) {
+          if (const json::value* flag = parameters->get_object().if_contains("binary_data")) {
+            binary = flag->is_bool() && flag->get_bool();
+          }
+        }
+        pending_request.outputs.push_back({index, binary});
+      }
+    } else {
+      for (int i = 0; i < static_cast<int>(output_specs.size()); ++i) pending_request.outputs.push_back({i, binary_default});
+    }
+
+    const uint64_t request_id =
+        model->batcher->submit(std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
+                               timeout_us > 0 ? timeout_us : -1);
+    // The completion is posted to this thread, so it cannot run before this insert.
+    pending.emplace(request_id, std::move(pending_request));
+    in_flight.fetch_add(1, std::memory_order_relaxed);
+    return;
+  } catch (const Error& e) {
+    // A full queue or a stopping pool is answered here with the batcher's words. Any
+    // other refusal (a malformed request, or a version swapped out by a reload between
+    // the lookup and the submit) goes behind, which words it or serves the new version.
+    if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kOutOfMemory) {
+      session->respond(error_response(status_for(e.code()), e.what()));
+      return;
+    }
+  }
+  request.body() = body.use_count() == 1 ? std::move(*body) : *body;
+  session->forward(std::move(request));
+}
+
+void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
+  for (Completion& c : done) {
+    auto it = pending.find(c.request_id);
+    if (it == pending.end()) continue;
+    PendingRequest p = std::move(it->second);
+    pending.erase(it);
+    in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (!p.session->open()) continue;
+    if (c.code != ErrorCode::kOk) {
+      p.session->respond(error_response(status_for(c.code), c.message));
+      continue;
+    }
+    try {
+      // The header document lives in this stack buffer (and past it, in blocks freed at once).
+      unsigned char scratch[2048];
+      json::monotonic_resource resource(scratch, sizeof scratch);
+      json::storage_ptr sp(&resource);
+      json::object head(sp);
+      head["model_name"] = p.model->name;
+      head["model_version"] = std::to_string(p.model->version);
+      head["id"] = p.id;
+      json::array outputs(sp);
+      std::string binary;
+      const std::vector<TensorSpec>& specs = p.model->batcher->options().outputs;
+      for (const OutputChoice& choice : p.outputs) {
+        const Tensor& t = c.outputs->tensors[choice.index];
+        if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
+        Shape shape = t.shape;
+        int64_t first_row = 0;
+        if (c.rows >= 0 && shape.ndim() > 0) {
+          shape[0] = c.rows;
+          first_row = c.row_offset;
+        }
+        const auto* src = static_cast<const uint8_t*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
+        const size_t nbytes = static_cast<size_t>(shape.numel()) * dtype_size(t.dtype);
+        json::object out(sp);
+        out["name"] = specs[choice.index].name;
+        out["datatype"] = dtype_name(t.dtype);
+        json::array dims(sp);
+        for (int d = 0; d < shape.ndim(); ++d) dims.emplace_back(shape[d]);
+        out["shape"] = std::move(dims);
+        if (choice.binary) {
+          json::object parameters(sp);
+          parameters["binary_data_size"] = nbytes;
+          out["parameters"] = std::move(parameters);
+          binary.append(reinterpret_cast<const char*>(src), nbytes);
+        } else {
+          json::array data(sp);
+          json_output(t.dtype, src, shape.numel(), &data);
+          out["data"] = std::move(data);
+        }
+        outputs.emplace_back(std::move(out));
+      }
+      head["outputs"] = std::move(outputs);
+      std::string text = json::serialize(head);
+      Response res{http::status::ok, 11};
+      if (binary.empty()) {
+        res.set(http::field::content_type, "application/json");
+        res.body() = std::move(text);
+      } else {
+        res.set(http::field::content_type, "application/octet-stream");
+        res.set(kHeaderLength, std::to_string(text.size()));
+        text += binary;
+        res.body() = std::move(text);
+      }
+      if (p.has_accept_encoding) {
+        res.set(http::field::vary, "Accept-Encoding");  // the body depends on the header
+        if (res.body().size() >= kMinCompressedBodyBytes) {
+          if (std::string_view encoding = accepted_compression(p.accept_encoding); !encoding.empty()) {
+            res.body() = compressed(res.body(), encoding);
+            res.set(http::field::content_encoding, encoding);
+          }
+        }
+      }
+      p.session->respond(std::move(res));
+    } catch (const std::exception& e) {
+      p.session->respond(error_response(500, e.what()));
+    }
+  }
+}
+
+HttpFrontend::HttpFrontend(HttpFrontendOptions options) : core_(std::make_shared<Core>(std::move(options))) {
+  core_->sink = std::make_shared<IoSink>(core_);
+  beast::error_code ec;
+  const auto address = asio::ip::make_address(core_->options.host, ec);
+  if (ec) throw Error(ErrorCode::kInvalidInput, "[http] '" + core_->options.host + "' is not an IP address");
+  const tcp::endpoint endpoint{address, static_cast<unsigned short>(core_->options.port)};
+  core_->acceptor.open(endpoint.protocol(), ec);
+  if (!ec) core_->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) core_->acceptor.bind(endpoint, ec);
+  if (!ec) core_->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) {
+    throw Error(ErrorCode::kUnavailable, "[http] cannot listen on " + core_->options.host + ":" +
+                                             std::to_string(core_->options.port) + ": " + ec.message());
+  }
+  core_->port = core_->acceptor.local_endpoint().port();
+  core_->accept();
+  core_->thread = std::thread([core = core_.get()] { core->ioc.run(); });
+}
+
+HttpFrontend::~HttpFrontend() { stop(); }
+
+int HttpFrontend::port() const noexcept { return core_->port; }
+
+void HttpFrontend::add_model(FrontendModel model) {
+  if (!model.batcher) throw Error(ErrorCode::kInvalidInput, "[http] model '" + model.name + "' has no batcher");
+  const BatcherOptions& o = model.batcher->options();
+  for (const auto* specs : {&o.inputs, &o.outputs}) {
+    for (const TensorSpec& spec : *specs) {
+      if (spec.dtype == DType::kBytes || spec.dtype == DType::kBFloat16) {
+        throw Error(ErrorCode::kInvalidInput, "[http] model '" + model.name + "': tensor '" + spec.name + "' is " +
+                                                  dtype_name(spec.dtype) + ", which only the Python front end serves");
+      }
+    }
+  }
+  auto shared = std::make_shared<const FrontendModel>(std::move(model));
+  std::lock_guard<std::mutex> lock(core_->models_mu);
+  core_->models[shared->name] = std::move(shared);
+}
+
+void HttpFrontend::remove_model(const std::string& name) {
+  std::lock_guard<std::mutex> lock(core_->models_mu);
+  core_->models.erase(name);
+}
+
+void HttpFrontend::drain() {
+  core_->draining.store(true);
+  asio::post(core_->ioc, [core = core_.get()] {
+    beast::error_code ec;
+    core->acceptor.close(ec);
+  });
+}
+
+size_t HttpFrontend::in_flight() const { return core_->in_flight.load(); }
+
+void HttpFrontend::stop() {
+  std::call_once(core_->stop_once, [this] {
+    asio::post(core_->ioc, [core = core_.get()] {
+      beast::error_code ec;
+      core->acceptor.close(ec);
+      core->pending.clear();
+      core->ioc.stop();
+    });
+    if (core_->thread.joinable()) core_->thread.join();
+  });
+}
+
+}  // namespace conveyor

@@ -1,0 +1,290 @@
+// The native HTTP front end over real sockets, its batcher and a fallback server on
+// threads of their own; the test command runs these under ThreadSanitizer and
+// AddressSanitizer. Clients are blocking Beast clients; no sleeps.
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "conveyor/batcher.h"
+#include "conveyor/http_frontend.h"
+
+using namespace conveyor;
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+
+BatcherOptions model_options() {
+  BatcherOptions o;
+  o.model_name = "double";
+  o.inputs = {{"x", DType::kFloat32, {2}}};
+  o.outputs = {{"y", DType::kFloat32, {2}}};
+  o.max_batch_size = 16;
+  return o;
+}
+
+// y = 2x over a pooled output.
+std::vector<Tensor> twice(const Batch& batch) {
+  const Tensor& x = batch.inputs[0];
+  Tensor y = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, x.shape);
+  const auto* in = static_cast<const float*>(x.data);
+  auto* out = static_cast<float*>(y.data);
+  for (int64_t i = 0; i < x.shape.numel(); ++i) out[i] = 2 * in[i];
+  return {y};
+}
+
+std::shared_ptr<Batcher> make_batcher() {
+  return std::make_shared<Batcher>(model_options(), twice, MemoryPool::default_host());
+}
+
+// A server standing for the Python front end: answers every request 200 with a body
+// naming its method and target, keep-alive, until stopped.
+class FallbackServer {
+ public:
+  FallbackServer() : acceptor_(ioc_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)) {
+    accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+  ~FallbackServer() {
+    asio::post(ioc_, [this] { ioc_.stop(); });
+    thread_.join();
+  }
+  int port() const { return acceptor_.local_endpoint().port(); }
+  int answered() const { return answered_.load(); }
+
+ private:
+  struct Connection : std::enable_shared_from_this<Connection> {
+    Connection(tcp::socket s, std::atomic<int>* answered) : socket(std::move(s)), answered(answered) {}
+    void read() {
+      request = {};
+      http::async_read(socket, buffer, request, [self = shared_from_this()](beast::error_code ec, size_t) {
+        if (ec) return;
+        self->response = {http::status::ok, 11};
+        self->response.body() = "behind: " + std::string(self->request.method_string()) + " " +
+                                std::string(self->request.target()) + " " + std::to_string(self->request.body().size());
+        self->response.keep_alive(true);
+        self->response.prepare_payload();
+        self->answered->fetch_add(1);
+        http::async_write(self->socket, self->response, [self](beast::error_code ec, size_t) {
+          if (!ec) self->read();
+        });
+      });
+    }
+    tcp::socket socket;
+    std::atomic<int>* answered;
+    beast::flat_buffer buffer;
+    http::request<http::string_body> request;
+    http::response<http::string_body> response;
+  };
+
+  void accept() {
+    acceptor_.async_accept([this](beast::error_code ec, tcp::socket s) {
+      if (ec) return;
+      std::make_shared<Connection>(std::move(s), &answered_)->read();
+      accept();
+    });
+  }
+
+  asio::io_context ioc_;
+  tcp::acceptor acceptor_;
+  std::atomic<int> answered_{0};
+  std::thread thread_;
+};
+
+// A blocking keep-alive client.
+class Client {
+ public:
+  explicit Client(int port) : socket_(ioc_) {
+    socket_.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)));
+  }
+  http::response<http::string_body> send(http::verb method, const std::string& target, const std::string& body,
+                                         const std::vector<std::pair<std::string, std::string>>& fields = {}) {
+    http::request<http::string_body> req{method, target, 11};
+    req.set(http::field::host, "127.0.0.1");
+    for (const auto& [name, value] : fields) req.set(name, value);
+    req.body() = body;
+    req.prepare_payload();
+    http::write(socket_, req);
+    http::response<http::string_body> res;
+    http::read(socket_, buffer_, res);
+    return res;
+  }
+
+ private:
+  asio::io_context ioc_;
+  tcp::socket socket_;
+  beast::flat_buffer buffer_;
+};
+
+// A binary request for `double` with the row (a, b); the answer's y is binary.
+std::pair<std::string, std::string> binary_request(float a, float b) {
+  const std::string header =
+      R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"parameters":{"binary_data_size":8}}],)"
+      R"("outputs":[{"name":"y","parameters":{"binary_data":true}}]})";
+  std::string body = header;
+  body.append(reinterpret_cast<const char*>(&a), 4);
+  body.append(reinterpret_cast<const char*>(&b), 4);
+  return {body, std::to_string(header.size())};
+}
+
+// The two floats at the end of a binary answer.
+std::pair<float, float> binary_answer(const std::string& body) {
+  float y[2] = {0, 0};
+  if (body.size() >= 8) std::memcpy(y, body.data() + body.size() - 8, 8);
+  return {y[0], y[1]};
+}
+
+}  // namespace
+
+TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
+  auto batcher = make_batcher();
+  HttpFrontend frontend(HttpFrontendOptions{});
+  frontend.add_model({"double", 1, batcher});
+  constexpr int kThreads = 8, kRequests = 100;
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kThreads; ++t) {
+    clients.emplace_back([&, t] {
+      Client client(frontend.port());
+      for (int i = 0; i < kRequests; ++i) {
+        auto [body, length] = binary_request(static_cast<float>(t), static_cast<float>(i));
+        auto res = client.send(http::verb::post, "/v2/models/double/infer", body,
+                               {{"Inference-Header-Content-Length", length}});
+        const auto [y0, y1] = binary_answer(res.body());
+        if (res.result_int() != 200 || y0 != 2.0f * t || y1 != 2.0f * i) wrong.fetch_add(1);
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  CHECK_EQ(wrong.load(), 0);
+  CHECK_EQ(batcher->stats().succeeded, uint64_t{kThreads * kRequests});
+  CHECK_EQ(frontend.in_flight(), size_t{0});
+  frontend.stop();
+}
+
+TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
+  auto batcher = make_batcher();
+  HttpFrontend frontend(HttpFrontendOptions{});
+  frontend.add_model({"double", 1, batcher});
+  Client client(frontend.port());
+  auto res = client.send(http::verb::post, "/v2/models/double/versions/1/infer",
+                         R"({"id":"r-1","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1.5,-2]}]})");
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK(res.body().find(R"("id":"r-1")") != std::string::npos);
+  CHECK(res.body().find(R"("shape":[1,2])") != std::string::npos);
+  CHECK(res.body().find(R"("data":[3E0,-4E0])") != std::string::npos);
+  // No id given: one is made (32 hex digits), so feedback can name the prediction.
+  res = client.send(http::verb::post, "/v2/models/double/infer",
+                    R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]})");
+  const size_t at = res.body().find(R"("id":")");
+  CHECK(at != std::string::npos);
+  CHECK_EQ(res.body().find('"', at + 6) - (at + 6), size_t{32});
+}
+
+TEST_CASE("http_frontend: what it does not serve goes to the server behind, and the answer comes back") {
+  FallbackServer behind;
+  auto batcher = make_batcher();
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  HttpFrontend frontend(options);
+  frontend.add_model({"double", 1, batcher});
+  Client client(frontend.port());
+  // Another route, a model not given, another version, an invalid request, a gzip body.
+  auto res = client.send(http::verb::get, "/v2/health/ready", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/health/ready 0"));
+  res = client.send(http::verb::post, "/v2/models/other/infer", "{}");
+  CHECK_EQ(res.body(), std::string("behind: POST /v2/models/other/infer 2"));
+  res = client.send(http::verb::post, "/v2/models/double/versions/2/infer", "{}");
+  CHECK_EQ(res.body(), std::string("behind: POST /v2/models/double/versions/2/infer 2"));
+  const std::string missing_input = R"({"inputs":[]})";
+  res = client.send(http::verb::post, "/v2/models/double/infer", missing_input);
+  CHECK_EQ(res.body(), "behind: POST /v2/models/double/infer " + std::to_string(missing_input.size()));
+  res = client.send(http::verb::post, "/v2/models/double/infer", "x", {{"Content-Encoding", "gzip"}});
+  CHECK_EQ(res.body(), std::string("behind: POST /v2/models/double/infer 1"));
+  // Served here: the server behind sees nothing of it.
+  const int before = behind.answered();
+  auto [body, length] = binary_request(1, 2);
+  res = client.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK_EQ(behind.answered(), before);
+  CHECK_EQ(batcher->stats().succeeded, uint64_t{1});
+}
+
+TEST_CASE("http_frontend: a request its stopped batcher refuses goes behind (a version swapped out by a reload)") {
+  FallbackServer behind;
+  auto batcher = make_batcher();
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  HttpFrontend frontend(options);
+  frontend.add_model({"double", 1, batcher});
+  batcher->stop();
+  Client client(frontend.port());
+  auto [body, length] = binary_request(1, 2);
+  auto res = client.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  CHECK_EQ(res.body(), "behind: POST /v2/models/double/infer " + std::to_string(body.size()));
+  // And once removed, every request of the model goes behind.
+  frontend.remove_model("double");
+  res = client.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK_EQ(behind.answered(), 2);
+}
+
+TEST_CASE("http_frontend: limits: a long body gets 413, too many headers 431, an API key is checked") {
+  FallbackServer behind;
+  auto batcher = make_batcher();
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  options.max_body_bytes = 1024;
+  options.max_header_count = 8;
+  options.api_key = "secret";
+  HttpFrontend frontend(options);
+  frontend.add_model({"double", 1, batcher});
+  {
+    Client client(frontend.port());
+    auto res = client.send(http::verb::post, "/v2/models/double/infer", std::string(1025, 'x'));
+    CHECK_EQ(res.result_int(), 413u);
+  }
+  {
+    Client client(frontend.port());
+    std::vector<std::pair<std::string, std::string>> many;
+    for (int i = 0; i < 9; ++i) many.push_back({"X-Header-" + std::to_string(i), "1"});
+    auto res = client.send(http::verb::get, "/v2/health/ready", "", many);
+    CHECK_EQ(res.result_int(), 431u);
+  }
+  Client client(frontend.port());
+  auto [body, length] = binary_request(1, 2);
+  auto res = client.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  CHECK(res.body().rfind("behind:", 0) == 0);  // no key: the server behind answers (401)
+  res = client.send(http::verb::post, "/v2/models/double/infer", body,
+                    {{"Inference-Header-Content-Length", length}, {"Authorization", "Bearer secret"}});
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK_EQ(binary_answer(res.body()).second, 4.0f);
+}
+
+TEST_CASE("http_frontend: drain forwards new requests; stop with requests in a batcher loses no memory") {
+  FallbackServer behind;
+  auto batcher = make_batcher();
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  auto frontend = std::make_unique<HttpFrontend>(options);
+  frontend->add_model({"double", 1, batcher});
+  Client client(frontend->port());
+  CHECK_EQ(client.send(http::verb::get, "/v2/health/live", "").result_int(), 200u);  // the connection is accepted
+  frontend->drain();
+  auto [body, length] = binary_request(1, 2);
+  auto res = client.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  CHECK(res.body().rfind("behind:", 0) == 0);
+  frontend->stop();
+  frontend.reset();  // the batcher outlives it: completions after this go nowhere
+  CHECK_EQ(batcher->stats().succeeded, uint64_t{0});
+}

@@ -1,0 +1,118 @@
+"""`--http-frontend native`: the C++ HTTP data plane in front of the Python one.
+
+The native front end (`_core.HttpFrontend`, cpp/src/http_frontend.cpp) owns the public
+HTTP port and answers inference for the models it is given straight from its I/O thread
+into their batchers, with no Python per request. Everything else (the other routes, and
+any inference request it does not serve itself: a model not given to it, a compressed
+body, a classification output, an invalid request, a server draining) it forwards as
+received to the Python front end, which listens on a loopback port of its own, and
+relays the answer. So every behaviour of the Python front end holds, and the common
+case skips Python.
+
+A model version is served natively when nothing of it needs Python per request: no
+monitor (capture and feedback read each request), no Python steps or output finishing
+(tokenizers, graphs), no rollout routing its requests, and only fixed-size datatypes.
+The table follows loads, unloads, reloads and rollouts as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from conveyor import _core
+from conveyor.errors import ModelNotFound
+from conveyor.runtime_handle import ModelHandle
+from conveyor.runtime import Runtime
+from conveyor.server.http_connection import HttpLimits
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("python", "native")
+_PYTHON_ONLY_DATATYPES = frozenset({"BYTES", "BF16"})
+
+
+def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
+    """Why `handle`'s requests must go through the Python front end, or None."""
+    if not isinstance(handle.batcher, _core.Batcher):
+        return "a model graph is served by the Python front end"
+    if routed:
+        return "a rollout routes its requests"
+    if handle.monitor is not None:
+        return "its monitor reads every request"
+    if handle.finish is not None or handle.python_steps is not None:
+        return "its steps run in Python"
+    tensors = [*handle.config.inputs, *handle.config.outputs]
+    if any(t.datatype in _PYTHON_ONLY_DATATYPES for t in tensors):
+        return "it has BYTES or BF16 tensors"
+    return None
+
+
+def resolve_host(host: str) -> str:
+    """The numeric address the native front end binds for `host` (a name is resolved once)."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve the host {host!r} to listen on: {exc}") from None
+
+
+class NativeHttpFrontend:
+    """The native front end of one server, kept in step with the runtime and its rollouts."""
+
+    def __init__(
+        self, runtime: Runtime, traffic: object | None, *, host: str, port: int, python_port: int,
+        max_request_bytes: int, limits: HttpLimits, api_key: str | None,
+    ) -> None:  # fmt: skip
+        """`python_port`: the loopback port of the Python front end that answers the rest.
+        `limits`: what one client may ask (the Python front end's, applied here first).
+        `api_key`: the key inference needs (None when it needs none)."""
+        self.runtime = runtime
+        self.traffic = traffic
+        self._frontend = _core.HttpFrontend(
+            resolve_host(host), port, fallback_port=python_port, max_body_bytes=max_request_bytes,
+            max_header_bytes=limits.max_header_bytes, max_header_count=limits.max_header_count,
+            max_connections=limits.max_connections, idle_timeout_s=limits.idle_timeout_s,
+            request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
+        )  # fmt: skip
+        self.port = self._frontend.port
+        self._native: dict[str, int] = {}  # model -> version served natively
+        runtime.add_change_listener(self.refresh)
+        if traffic is not None:
+            traffic.change_listeners.append(self.refresh)
+        for name in runtime.models():
+            self.refresh(name)
+
+    def refresh(self, name: str) -> None:
+        """Serve `name`'s latest version natively, or forward its requests, as it now allows."""
+        try:
+            handle = self.runtime.model(name)
+        except ModelNotFound:  # unloaded
+            handle = None
+        routed = self.traffic is not None and self.traffic.get(name) is not None
+        reason = None if handle is None else python_only_reason(handle, routed)
+        if handle is not None and reason is None:
+            self._frontend.add_model(name, handle.version, handle.batcher)
+            if self._native.get(name) != handle.version:
+                log.info("model %s version %d: inference served by the native front end", name, handle.version)
+            self._native[name] = handle.version
+            return
+        self._frontend.remove_model(name)
+        if self._native.pop(name, None) is not None or handle is not None:
+            log.info("model %s: inference served by the Python front end (%s)", name, reason or "unloaded")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting; wait (up to `timeout_s`) for the inference requests it accepted."""
+        self._frontend.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._frontend.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # shutdown only: no completion event crosses into Python
+        if self._frontend.in_flight:
+            log.warning("grace period over with %d native HTTP requests unanswered", self._frontend.in_flight)
+
+    def close(self) -> None:
+        self.runtime.remove_change_listener(self.refresh)
+        if self.traffic is not None and self.refresh in self.traffic.change_listeners:
+            self.traffic.change_listeners.remove(self.refresh)
+        self._frontend.stop()
