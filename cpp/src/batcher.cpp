@@ -250,18 +250,19 @@ Batcher::Entry Batcher::prepare(std::vector<Tensor> inputs, std::shared_ptr<Comp
   return entry;
 }
 
-void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, uint64_t* first_id) {
+void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, std::vector<uint64_t>* ids,
+                      bool count_refusal) {
   const size_t n = entries.size();
   bool earlier_deadline = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!accepting_) {
-      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
+      if (count_refusal) counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       throw Error(ErrorCode::kUnavailable, "[batcher] model '" + options_.model_name +
                                                "' is stopping and accepts no new requests");
     }
     if (queued_ + n > options_.max_queue_size) {
-      counters_->rejected.fetch_add(n, std::memory_order_relaxed);
+      if (count_refusal) counters_->rejected.fetch_add(n, std::memory_order_relaxed);
       throw Error(ErrorCode::kQueueFull,
                   "[batcher] model '" + options_.model_name + "': queue full (" + std::to_string(queued_) +
                       " requests queued, max_queue_size " + std::to_string(options_.max_queue_size) +
@@ -270,7 +271,7 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
     for (size_t i = 0; i < n; ++i) {
       Entry& entry = entries[i];
       const uint64_t id = g_next_request_id.fetch_add(1, std::memory_order_relaxed);
-      if (i == 0 && first_id != nullptr) *first_id = id;
+      if (ids != nullptr) ids->push_back(id);
       entry.request.id = id;
       if (entry.view.deadline != kNoDeadline) {
         earlier_deadline = earlier_deadline || deadlines_.empty() || entry.view.deadline < deadlines_.begin()->first;
@@ -301,9 +302,10 @@ uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionS
     counters_->rejected.fetch_add(1, std::memory_order_relaxed);
     throw;
   }
-  uint64_t id = 0;
-  enqueue(entries, levels, &id);
-  return id;
+  std::vector<uint64_t> ids;
+  ids.reserve(1);
+  enqueue(entries, levels, &ids);
+  return ids[0];
 }
 
 void Batcher::submit_group(std::vector<Submission> group) {
@@ -320,6 +322,56 @@ void Batcher::submit_group(std::vector<Submission> group) {
     throw;
   }
   enqueue(entries, levels, nullptr);
+}
+
+std::vector<Batcher::Outcome> Batcher::submit_each(std::vector<Queued> requests) {
+  std::vector<Outcome> outcomes(requests.size());
+  std::vector<Entry> entries;
+  std::vector<int> levels;
+  std::vector<size_t> positions;  // entries[k] is requests[positions[k]]
+  entries.reserve(requests.size());
+  levels.reserve(requests.size());
+  positions.reserve(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    Queued& q = requests[i];
+    int level = 0;
+    try {
+      entries.push_back(prepare(std::move(q.inputs), std::move(q.sink), q.priority, q.timeout_us, 0, &level));
+    } catch (const Error& e) {
+      counters_->rejected.fetch_add(1, std::memory_order_relaxed);
+      outcomes[i] = {0, e.code(), e.what()};
+      continue;
+    }
+    levels.push_back(level);
+    positions.push_back(i);
+  }
+  if (entries.empty()) return outcomes;
+  std::vector<uint64_t> ids;
+  ids.reserve(entries.size());
+  try {
+    enqueue(entries, levels, &ids, /*count_refusal=*/false);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kQueueFull || entries.size() == 1) {
+      counters_->rejected.fetch_add(entries.size(), std::memory_order_relaxed);
+      for (size_t i : positions) outcomes[i] = {0, e.code(), e.what()};
+      return outcomes;
+    }
+    // Room for only some: one at a time, in order, until the queue is full.
+    for (size_t k = 0; k < entries.size(); ++k) {
+      std::vector<Entry> one(1);
+      one[0] = std::move(entries[k]);
+      std::vector<int> level{levels[k]};
+      try {
+        enqueue(one, level, &ids);
+        outcomes[positions[k]].id = ids.back();
+      } catch (const Error& each) {
+        outcomes[positions[k]] = {0, each.code(), each.what()};
+      }
+    }
+    return outcomes;
+  }
+  for (size_t k = 0; k < positions.size(); ++k) outcomes[positions[k]].id = ids[k];
+  return outcomes;
 }
 
 Completion Batcher::infer(std::vector<Tensor> inputs, int priority, int64_t timeout_us) {

@@ -315,6 +315,19 @@ struct HttpFrontend::Core {
   void infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model, Request&& request);
   bool authorized(const Request& request) const;
   void complete(std::vector<Completion>&& done);
+  // Hands the requests staged in this round of reads to their batchers, a group per model.
+  void submit_staged();
+
+  // An inference request read and checked, waiting for the end of the round of reads.
+  struct Staged {
+    std::shared_ptr<const FrontendModel> model;
+    Batcher::Queued queued;
+    PendingRequest pending;
+    Request request;  // its body moved out: put back to forward it
+    std::shared_ptr<std::vector<uint8_t>> body;
+  };
+  std::vector<Staged> staged;  // I/O thread only
+  bool flush_posted = false;   // I/O thread only: submit_staged is posted
   std::shared_ptr<const FrontendModel> find(std::string_view name) const {
     std::lock_guard<std::mutex> lock(models_mu);
     auto it = models.find(std::string(name));
@@ -586,25 +599,32 @@ bool HttpFrontend::Core::authorized(const Request& request) const {
 
 namespace {
 
-// The client's request id, or 128 random bits in hex (an id another client cannot guess:
-// feedback labels a prediction by it).
+// An id for a request that came without one: 128 random bits in hex, an id another client
+// cannot guess (feedback labels a prediction by it). The bits are drawn from the kernel
+// 256 ids at a time, not with a system call per request.
 std::string new_request_id() {
-  unsigned char bits[16];
-  size_t got = 0;
-  while (got < sizeof bits) {
-    const ssize_t n = getrandom(bits + got, sizeof bits - got, 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw Error(ErrorCode::kInternal, "[http] no random bytes for a request id: " + std::string(std::strerror(errno)));
+  static constexpr size_t kIdBytes = 16, kPoolBytes = kIdBytes * 256;
+  thread_local unsigned char pool[kPoolBytes];
+  thread_local size_t next = kPoolBytes;
+  if (next == kPoolBytes) {
+    size_t got = 0;
+    while (got < kPoolBytes) {
+      const ssize_t n = getrandom(pool + got, kPoolBytes - got, 0);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        throw Error(ErrorCode::kInternal, "[http] no random bytes for a request id: " + std::string(std::strerror(errno)));
+      }
+      got += static_cast<size_t>(n);
     }
-    got += static_cast<size_t>(n);
+    next = 0;
   }
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string id(32, '0');
-  for (size_t i = 0; i < sizeof bits; ++i) {
-    id[2 * i] = kHex[bits[i] >> 4];
-    id[2 * i + 1] = kHex[bits[i] & 15];
+  std::string id(2 * kIdBytes, '0');
+  for (size_t i = 0; i < kIdBytes; ++i) {
+    id[2 * i] = kHex[pool[next + i] >> 4];
+    id[2 * i + 1] = kHex[pool[next + i] & 15];
   }
+  next += kIdBytes;
   return id;
 }
 
@@ -800,24 +820,57 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
       for (int i = 0; i < static_cast<int>(output_specs.size()); ++i) pending_request.outputs.push_back({i, binary_default});
     }
 
-    const uint64_t request_id =
-        model->batcher->submit(std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
-                               timeout_us > 0 ? timeout_us : -1);
-    // The completion is posted to this thread, so it cannot run before this insert.
-    pending.emplace(request_id, std::move(pending_request));
-    in_flight.fetch_add(1, std::memory_order_relaxed);
-    return;
-  } catch (const Error& e) {
-    // A full queue or a stopping pool is answered here with the batcher's words. Any
-    // other refusal (a malformed request, or a version swapped out by a reload between
-    // the lookup and the submit) goes behind, which words it or serves the new version.
-    if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kOutOfMemory) {
-      session->respond(error_response(status_for(e.code()), e.what()));
-      return;
+    // Queued at the end of this round of reads, with the other requests read in it.
+    Batcher::Queued queued{std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
+                           timeout_us > 0 ? timeout_us : -1};
+    staged.push_back({std::move(model), std::move(queued), std::move(pending_request), std::move(request), body});
+    if (!flush_posted) {
+      flush_posted = true;
+      asio::post(ioc, [this] { submit_staged(); });
     }
+    return;
+  } catch (const Error&) {
+    // A request this front end finds invalid goes behind, which words the refusal.
   }
   request.body() = body.use_count() == 1 ? std::move(*body) : *body;
   session->forward(std::move(request));
+}
+
+void HttpFrontend::Core::submit_staged() {
+  flush_posted = false;
+  std::vector<Staged> work;
+  work.swap(staged);
+  std::vector<char> done(work.size(), 0);
+  for (size_t first = 0; first < work.size(); ++first) {
+    if (done[first]) continue;
+    // Every request of this round for the model of work[first], in arrival order.
+    const std::shared_ptr<const FrontendModel> model = work[first].model;
+    std::vector<size_t> group;
+    std::vector<Batcher::Queued> queued;
+    for (size_t i = first; i < work.size(); ++i) {
+      if (done[i] || work[i].model != model) continue;
+      done[i] = 1;
+      group.push_back(i);
+      queued.push_back(std::move(work[i].queued));
+    }
+    std::vector<Batcher::Outcome> outcomes = model->batcher->submit_each(std::move(queued));
+    for (size_t k = 0; k < group.size(); ++k) {
+      Staged& s = work[group[k]];
+      const Batcher::Outcome& outcome = outcomes[k];
+      if (outcome.id != 0) {
+        // The completion is posted to this thread, so it cannot run before this insert.
+        pending.emplace(outcome.id, std::move(s.pending));
+        in_flight.fetch_add(1, std::memory_order_relaxed);
+      } else if (outcome.code == ErrorCode::kQueueFull || outcome.code == ErrorCode::kOutOfMemory) {
+        s.pending.session->respond(error_response(status_for(outcome.code), outcome.message));
+      } else {
+        // Invalid, or a version swapped out by a reload between the lookup and the submit
+        // (its batcher stopping): behind, which words the refusal or serves the new version.
+        s.request.body() = s.body.use_count() == 1 ? std::move(*s.body) : *s.body;
+        s.pending.session->forward(std::move(s.request));
+      }
+    }
+  }
 }
 
 void HttpFrontend::Core::complete(std::vector<Completion>&& done) {

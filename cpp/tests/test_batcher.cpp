@@ -593,3 +593,56 @@ TEST_CASE("batcher: background mode toggled under load answers every request onc
   b.set_background(true);  // after stop: nothing changes, no thread is started
   b.set_background(false);
 }
+
+TEST_CASE("batcher: submit_each queues a round together, refuses an invalid request alone, fills the queue in order") {
+  Gate gate;
+  std::atomic<int> batches{0};
+  std::vector<int64_t> sizes;
+  std::mutex sizes_mu;
+  BatcherOptions o = options(8);
+  o.max_queue_size = 3;
+  Batcher b(o, [&](const Batch& batch) {
+    if (++batches == 1) gate.pass();  // the first batch is held: the rest queue behind it
+    {
+      std::lock_guard<std::mutex> lock(sizes_mu);
+      sizes.push_back(batch.rows);
+    }
+    return twice_plus_one(batch);
+  }, nullptr);
+  std::vector<float> held = {0, 0};
+  auto held_waiter = std::make_shared<CompletionWaiter>();
+  b.submit({borrow(held, 1)}, held_waiter);
+  gate.wait_entered(1);
+
+  std::vector<std::vector<float>> rows = {{1, 1}, {2, 2}, {3, 3}, {4, 4}, {5, 5}};
+  std::vector<std::shared_ptr<CompletionWaiter>> waiters;
+  std::vector<Batcher::Queued> round;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    waiters.push_back(std::make_shared<CompletionWaiter>());
+    Tensor t = borrow(rows[i], 1);
+    if (i == 1) t.dtype = DType::kInt32;  // invalid: refused alone
+    round.push_back({{t}, waiters.back(), 0, -1});
+  }
+  std::vector<Batcher::Outcome> outcomes = b.submit_each(std::move(round));
+  CHECK_EQ(outcomes.size(), size_t{5});
+  CHECK(outcomes[0].id != 0);
+  CHECK(outcomes[1].id == 0 && outcomes[1].code == ErrorCode::kInvalidInput);
+  CHECK(outcomes[2].id != 0);
+  CHECK(outcomes[3].id != 0);  // the queue holds 3: requests 0, 2 and 3
+  CHECK(outcomes[4].id == 0 && outcomes[4].code == ErrorCode::kQueueFull);
+  CHECK(outcomes[1].message.find("expected datatype FP32") != std::string::npos);
+  gate.open();
+  CHECK(held_waiter->wait().code == ErrorCode::kOk);
+  for (size_t i : {size_t{0}, size_t{2}, size_t{3}}) {
+    Completion c = waiters[i]->wait();
+    CHECK(c.code == ErrorCode::kOk);
+    CHECK_EQ(value_at(c, 0, 0), 2 * rows[i][0] + 1);
+  }
+  b.stop();
+  std::lock_guard<std::mutex> lock(sizes_mu);
+  CHECK_EQ(sizes.size(), size_t{2});  // the held batch, then the whole round in one batch
+  if (sizes.size() == 2) CHECK_EQ(sizes[1], int64_t{3});
+  const BatcherStats stats = b.stats();
+  CHECK_EQ(stats.rejected, uint64_t{2});
+  CHECK_EQ(stats.succeeded, uint64_t{4});
+}

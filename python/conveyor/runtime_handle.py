@@ -7,6 +7,7 @@ Kept apart from conveyor.runtime (which re-exports ModelHandle) so that a graph 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -176,13 +177,28 @@ def core_output_specs(config: ModelConfig, steps: ModelSteps | None) -> list[tup
     return list(steps.core_outputs) if steps else [(t.name, t.datatype, list(t.dims)) for t in config.outputs]
 
 
+_ID_BYTES = 16
+_IDS_PER_DRAW = 256
+_random_pool = threading.local()  # per thread: random bytes drawn ahead, and where the next id starts
+
+
 def new_request_id() -> str:
     """An id for a request that came without one (responses carry it): 128 random bits.
 
     Not a counter: feedback labels a prediction by its id, so an id one client can guess
     from its own (the next number) would let it label another client's predictions.
+    The bits come from os.urandom, drawn 256 ids at a time per thread: os.urandom releases
+    the GIL around its system call, and one release per request hands the GIL to a
+    batcher thread waiting to run a batch, which then runs before the event loop has
+    queued the requests that would have joined it (measured: mean batch 10 down to 3-8).
     """
-    return os.urandom(16).hex()
+    pool = _random_pool
+    offset = getattr(pool, "offset", _ID_BYTES * _IDS_PER_DRAW)
+    if offset >= _ID_BYTES * _IDS_PER_DRAW:
+        pool.bytes = os.urandom(_ID_BYTES * _IDS_PER_DRAW)
+        offset = 0
+    pool.offset = offset + _ID_BYTES
+    return pool.bytes[offset:offset + _ID_BYTES].hex()
 
 
 _NAMES_IN_AN_ERROR = 10

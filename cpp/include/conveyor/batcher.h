@@ -122,6 +122,25 @@ class Batcher {
   // and with one wake-up, or none of them: throws as submit() does (counting all of
   // them rejected) when one is invalid or the queue has no room for all.
   void submit_group(std::vector<Submission> group);
+  // One request of submit_each: its own priority and timeout (as submit takes them).
+  struct Queued {
+    std::vector<Tensor> inputs;
+    std::shared_ptr<CompletionSink> sink;
+    int priority = 0;
+    int64_t timeout_us = -1;
+  };
+  // What submit_each did with one request: queued (id > 0), or refused (code, message).
+  struct Outcome {
+    uint64_t id = 0;
+    ErrorCode code = ErrorCode::kOk;
+    std::string message;
+  };
+  // Queues requests that arrived together (a front end's read round) with one lock and
+  // one wake-up, so that a waiting instance sees them all and batches them. Unlike
+  // submit_group each is judged alone: an invalid request is refused without keeping
+  // the others out, and when the queue has room for only some, the first ones are queued
+  // and the rest refused with kQueueFull. Never throws for a request's sake.
+  std::vector<Outcome> submit_each(std::vector<Queued> requests);
   // submit() and block until the completion arrives.
   Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
   // Drops a queued request and completes it with kCancelled; false when it is no longer
@@ -174,8 +193,10 @@ class Batcher {
   // A validated queue entry (throws kInvalidInput); its level goes to *level.
   Entry prepare(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority, int64_t timeout_us,
                 uint64_t mirror_tag, int* level);
-  // Queues the entries (ids assigned; the first to *first_id) or throws kUnavailable / kQueueFull.
-  void enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, uint64_t* first_id);
+  // Queues the entries (ids assigned, in order, to *ids when given) or throws kUnavailable / kQueueFull,
+  // counting them rejected unless !count_refusal (the caller tries again or counts them itself).
+  void enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, std::vector<uint64_t>* ids,
+               bool count_refusal = true);
   int resolve_level(int priority) const;
   // Removes the requests at `first` and then at `second` (positions of one snapshot)
   // from the queue, in the order given. mu_ held.
