@@ -18,7 +18,6 @@ shared machine is not). The last lines give the medians over rounds and the rati
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import shlex
@@ -31,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_bench import batch_counters, free_port, start_server
+from serve_bench import batch_counters, free_port, run_perf_analyzer, start_server, write_csv
 
 FRONTENDS = ("python", "native")
 WIDTHS = {"tiny": 16, "mlp": 64}  # the example models' input width (FP32 [1, width])
@@ -86,21 +85,6 @@ def run_wrk(script: Path, port: int, model: str, concurrency: int, seconds: floa
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
     latencies = {q: float(v) * _UNIT_MS[u] for q, v, u in _WRK_LATENCY.findall(out)}
     return rate, latencies["50"], latencies["99"]
-
-
-def run_perf_analyzer(command: list[str], port: int, model: str, concurrency: int, seconds: float) -> tuple[float, float, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "pa.csv"
-        args = [*command, "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http", "-b", "1",
-                "--input-tensor-format", "binary", "--output-tensor-format", "binary",
-                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval",
-                str(int(seconds * 1000)), "--stability-percentage", "1000", "--max-trials", "3",
-                "--percentile", "99", "-f", str(out)]
-        result = subprocess.run(args, capture_output=True, text=True)
-        if result.returncode != 0 or not out.exists():
-            raise RuntimeError(f"perf_analyzer failed ({result.returncode}): {result.stdout[-500:]}{result.stderr[-500:]}")
-        row = list(csv.DictReader(out.open()))[-1]
-    return float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000
 
 
 def measure_point(tool: str, run, frontend: str, server: subprocess.Popen, port: int, model: str, concurrency: int,
@@ -172,7 +156,8 @@ def main() -> int:
                                 if tool == "wrk":
                                     run = lambda: run_wrk(scripts[model], port, model, concurrency, args.seconds)  # noqa: E731
                                 else:
-                                    run = lambda: run_perf_analyzer(command, port, model, concurrency, args.seconds)  # noqa: E731
+                                    run = lambda: run_perf_analyzer(  # noqa: E731
+                                        command, model, f"127.0.0.1:{port}", "http", concurrency, args.seconds)
                                 points.append(measure_point(tool, run, frontend, server, port, model, concurrency, round_))
     finally:
         for server, _ in servers.values():
@@ -181,11 +166,7 @@ def main() -> int:
             server.wait(timeout=60)
     summarize(points)
     if args.csv:
-        with args.csv.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(Point.__dataclass_fields__)
-            for p in points:
-                writer.writerow([getattr(p, name) for name in Point.__dataclass_fields__])
+        write_csv(args.csv, points)
     return 0
 
 

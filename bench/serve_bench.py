@@ -182,12 +182,18 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     if args.csv:
-        with args.csv.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(Point.__dataclass_fields__)
-            for p in points:
-                writer.writerow([getattr(p, name) for name in Point.__dataclass_fields__])
+        write_csv(args.csv, points)
     return 0
+
+
+def write_csv(path: Path, points: list) -> None:
+    """One row per point (a dataclass), its fields as the header."""
+    fields = list(type(points[0]).__dataclass_fields__) if points else []
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for point in points:
+            writer.writerow([getattr(point, name) for name in fields])
 
 
 if __name__ == "__main__":

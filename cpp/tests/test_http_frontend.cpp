@@ -144,6 +144,18 @@ std::pair<float, float> binary_answer(const std::string& body) {
   return {y[0], y[1]};
 }
 
+// A front end serving `double` natively, with the fallback server behind it.
+struct Served {
+  explicit Served(HttpFrontendOptions options = {}) : batcher(make_batcher()) {
+    options.fallback_port = behind.port();
+    frontend = std::make_unique<HttpFrontend>(options);
+    frontend->add_model({"double", 1, batcher});
+  }
+  FallbackServer behind;
+  std::shared_ptr<Batcher> batcher;
+  std::unique_ptr<HttpFrontend> frontend;
+};
+
 }  // namespace
 
 TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
@@ -192,12 +204,10 @@ TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
 }
 
 TEST_CASE("http_frontend: what it does not serve goes to the server behind, and the answer comes back") {
-  FallbackServer behind;
-  auto batcher = make_batcher();
-  HttpFrontendOptions options;
-  options.fallback_port = behind.port();
-  HttpFrontend frontend(options);
-  frontend.add_model({"double", 1, batcher});
+  Served served;
+  auto& behind = served.behind;
+  auto& batcher = served.batcher;
+  HttpFrontend& frontend = *served.frontend;
   Client client(frontend.port());
   // Another route, a model not given, another version, an invalid request, a gzip body.
   auto res = client.send(http::verb::get, "/v2/health/ready", "");
@@ -221,12 +231,10 @@ TEST_CASE("http_frontend: what it does not serve goes to the server behind, and 
 }
 
 TEST_CASE("http_frontend: a request its stopped batcher refuses goes behind (a version swapped out by a reload)") {
-  FallbackServer behind;
-  auto batcher = make_batcher();
-  HttpFrontendOptions options;
-  options.fallback_port = behind.port();
-  HttpFrontend frontend(options);
-  frontend.add_model({"double", 1, batcher});
+  Served served;
+  auto& behind = served.behind;
+  auto& batcher = served.batcher;
+  HttpFrontend& frontend = *served.frontend;
   batcher->stop();
   Client client(frontend.port());
   auto [body, length] = binary_request(1, 2);
@@ -240,15 +248,12 @@ TEST_CASE("http_frontend: a request its stopped batcher refuses goes behind (a v
 }
 
 TEST_CASE("http_frontend: limits: a long body gets 413, too many headers 431, an API key is checked") {
-  FallbackServer behind;
-  auto batcher = make_batcher();
   HttpFrontendOptions options;
-  options.fallback_port = behind.port();
   options.max_body_bytes = 1024;
   options.max_header_count = 8;
   options.api_key = "secret";
-  HttpFrontend frontend(options);
-  frontend.add_model({"double", 1, batcher});
+  Served served(options);
+  HttpFrontend& frontend = *served.frontend;
   {
     Client client(frontend.port());
     auto res = client.send(http::verb::post, "/v2/models/double/infer", std::string(1025, 'x'));
@@ -272,12 +277,9 @@ TEST_CASE("http_frontend: limits: a long body gets 413, too many headers 431, an
 }
 
 TEST_CASE("http_frontend: drain forwards new requests; stop with requests in a batcher loses no memory") {
-  FallbackServer behind;
-  auto batcher = make_batcher();
-  HttpFrontendOptions options;
-  options.fallback_port = behind.port();
-  auto frontend = std::make_unique<HttpFrontend>(options);
-  frontend->add_model({"double", 1, batcher});
+  Served served;
+  auto& batcher = served.batcher;
+  auto& frontend = served.frontend;
   Client client(frontend->port());
   CHECK_EQ(client.send(http::verb::get, "/v2/health/live", "").result_int(), 200u);  // the connection is accepted
   frontend->drain();

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 
 from conveyor import _core
 from conveyor.errors import ModelNotFound
@@ -43,6 +44,8 @@ def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
         return "its monitor reads every request"
     if handle.finish is not None or handle.python_steps is not None:
         return "its steps run in Python"
+    if handle.config.instance_group.device != "cpu":
+        return "it runs on a GPU (the Python front end reads device outputs)"
     tensors = [*handle.config.inputs, *handle.config.outputs]
     if any(t.datatype in _PYTHON_ONLY_DATATYPES for t in tensors):
         return "it has BYTES or BF16 tensors"
@@ -76,7 +79,10 @@ class NativeHttpFrontend:
             request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
         )  # fmt: skip
         self.port = self._frontend.port
-        self._native: dict[str, int] = {}  # model -> version served natively
+        self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
+        # Loads (on worker threads) and rollouts (on the loop) change models at once: each
+        # refresh reads the state and applies it whole, so the last one leaves the truth.
+        self._lock = threading.Lock()
         runtime.add_change_listener(self.refresh)
         if traffic is not None:
             traffic.change_listeners.append(self.refresh)
@@ -85,6 +91,10 @@ class NativeHttpFrontend:
 
     def refresh(self, name: str) -> None:
         """Serve `name`'s latest version natively, or forward its requests, as it now allows."""
+        with self._lock:
+            self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
         try:
             handle = self.runtime.model(name)
         except ModelNotFound:  # unloaded
