@@ -372,18 +372,11 @@ class Session : public std::enable_shared_from_this<Session> {
     upstream_request_ = std::move(request);
     upstream_request_->keep_alive(true);
     if (upstream_ && upstream_->is_open()) {
+      upstream_reused_ = true;
       write_upstream();
       return;
     }
-    upstream_.emplace(stream_.get_executor());
-    const tcp::endpoint endpoint{asio::ip::make_address("127.0.0.1"),
-                                 static_cast<unsigned short>(core_->options.fallback_port)};
-    upstream_->async_connect(endpoint, [self = shared_from_this()](beast::error_code ec) {
-      if (ec) return self->upstream_failed(ec);
-      beast::error_code ignored;
-      self->upstream_->set_option(tcp::no_delay(true), ignored);
-      self->write_upstream();
-    });
+    connect_upstream();
   }
 
   void respond(Response&& res) {
@@ -397,7 +390,22 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  void connect_upstream() {
+    upstream_reused_ = false;
+    upstream_buffer_.clear();
+    upstream_.emplace(stream_.get_executor());
+    const tcp::endpoint endpoint{asio::ip::make_address("127.0.0.1"),
+                                 static_cast<unsigned short>(core_->options.fallback_port)};
+    upstream_->async_connect(endpoint, [self = shared_from_this()](beast::error_code ec) {
+      if (ec) return self->upstream_failed(ec);
+      beast::error_code ignored;
+      self->upstream_->set_option(tcp::no_delay(true), ignored);
+      self->write_upstream();
+    });
+  }
+
   void write_upstream() {
+    upstream_parser_.reset();
     http::async_write(*upstream_, *upstream_request_, [self = shared_from_this()](beast::error_code ec, size_t) {
       if (ec) return self->upstream_failed(ec);
       self->upstream_parser_.emplace();
@@ -420,6 +428,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void upstream_failed(beast::error_code ec) {
     beast::error_code ignored;
     if (upstream_) upstream_->close(ignored);
+    // A kept connection the server behind closed while idle (its --idle-timeout-s) fails
+    // before any answer: the request was never read there, so it goes again on a new one.
+    if (upstream_reused_ && !(upstream_parser_ && upstream_parser_->got_some())) {
+      connect_upstream();
+      return;
+    }
     upstream_request_.reset();
     keep_alive_ = false;
     respond(error_response(502, "the server's Python front end did not answer: " + ec.message()));
@@ -524,6 +538,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::shared_ptr<http::response<http::empty_body>> continue_;
   bool keep_alive_ = true;
   std::optional<Socket> upstream_;
+  bool upstream_reused_ = false;  // the request goes on a connection an earlier one used
   beast::flat_buffer upstream_buffer_;
   std::optional<Request> upstream_request_;
   std::optional<http::response_parser<http::string_body>> upstream_parser_;

@@ -48,10 +48,13 @@ std::shared_ptr<Batcher> make_batcher() {
 }
 
 // A server standing for the Python front end: answers every request 200 with a body
-// naming its method and target, keep-alive, until stopped.
+// naming its method and target, keep-alive, until stopped. With `close_when_idle` it
+// closes each connection once it has answered, as an idle timeout would, though its
+// answer said keep-alive.
 class FallbackServer {
  public:
-  FallbackServer() : acceptor_(ioc_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)) {
+  explicit FallbackServer(bool close_when_idle = false)
+      : acceptor_(ioc_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)), close_when_idle_(close_when_idle) {
     accept();
     thread_ = std::thread([this] { ioc_.run(); });
   }
@@ -64,7 +67,8 @@ class FallbackServer {
 
  private:
   struct Connection : std::enable_shared_from_this<Connection> {
-    Connection(tcp::socket s, std::atomic<int>* answered) : socket(std::move(s)), answered(answered) {}
+    Connection(tcp::socket s, std::atomic<int>* answered, bool close_when_idle)
+        : socket(std::move(s)), answered(answered), close_when_idle(close_when_idle) {}
     void read() {
       request = {};
       http::async_read(socket, buffer, request, [self = shared_from_this()](beast::error_code ec, size_t) {
@@ -76,12 +80,18 @@ class FallbackServer {
         self->response.prepare_payload();
         self->answered->fetch_add(1);
         http::async_write(self->socket, self->response, [self](beast::error_code ec, size_t) {
-          if (!ec) self->read();
+          if (ec) return;
+          if (self->close_when_idle) {
+            self->socket.close(ec);
+            return;
+          }
+          self->read();
         });
       });
     }
     tcp::socket socket;
     std::atomic<int>* answered;
+    bool close_when_idle;
     beast::flat_buffer buffer;
     http::request<http::string_body> request;
     http::response<http::string_body> response;
@@ -90,13 +100,14 @@ class FallbackServer {
   void accept() {
     acceptor_.async_accept([this](beast::error_code ec, tcp::socket s) {
       if (ec) return;
-      std::make_shared<Connection>(std::move(s), &answered_)->read();
+      std::make_shared<Connection>(std::move(s), &answered_, close_when_idle_)->read();
       accept();
     });
   }
 
   asio::io_context ioc_;
   tcp::acceptor acceptor_;
+  bool close_when_idle_;
   std::atomic<int> answered_{0};
   std::thread thread_;
 };
@@ -289,4 +300,18 @@ TEST_CASE("http_frontend: drain forwards new requests; stop with requests in a b
   frontend->stop();
   frontend.reset();  // the batcher outlives it: completions after this go nowhere
   CHECK_EQ(batcher->stats().succeeded, uint64_t{0});
+}
+
+TEST_CASE("http_frontend: a kept connection the server behind closed while idle: the request goes on a new one") {
+  FallbackServer behind(/*close_when_idle=*/true);
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  HttpFrontend frontend(options);
+  Client client(frontend.port());
+  for (int i = 0; i < 3; ++i) {
+    auto res = client.send(http::verb::get, "/v2/models/double/stats", "");
+    CHECK_EQ(res.result_int(), 200u);
+    CHECK_EQ(res.body(), std::string("behind: GET /v2/models/double/stats 0"));
+  }
+  CHECK_EQ(behind.answered(), 3);
 }
