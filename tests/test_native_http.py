@@ -1,5 +1,6 @@
-"""`--http-frontend native`: which requests the C++ front end answers itself, which it
-forwards to the Python front end, and the HTTP suites run against it.
+"""`--http-frontend native` (the default): which requests the C++ front end answers itself,
+which it forwards to the Python front end, and the HTTP suites run against the Python front
+end alone (`--http-frontend python`).
 
 Whether a request reached Python is read from the Python front end: every inference
 request it answers goes through `HttpApp._infer`; one the native front end answers never does.
@@ -28,7 +29,7 @@ from server_thread import ServerThread
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 TESTS = Path(__file__).resolve().parent
 
-# The test files that talk to a server over HTTP; each runs unchanged against the native front end.
+# The test files that talk to a server over HTTP; each runs unchanged against either front end.
 HTTP_SUITES = (
     "test_http_server.py", "test_http_adversarial.py", "test_http_wire_fuzz.py", "test_http_openapi.py",
     "test_clients_live.py", "test_metrics.py", "test_reload_under_load.py", "test_rollout_server.py",
@@ -123,11 +124,11 @@ def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, pyth
     # Unloaded, it leaves the rollout; loaded again, with no [rollout] started, it is native.
 
 
-@pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "native", reason="already the native run")
-def test_the_http_suites_pass_against_the_native_front_end() -> None:
-    """The HTTP test files, unchanged, against `--http-frontend native` (the rest of the run
-    tests the Python front end); they pick it up from CONVEYOR_HTTP_FRONTEND."""
-    env = dict(os.environ, CONVEYOR_HTTP_FRONTEND="native")
+@pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "python", reason="already the Python front end's run")
+def test_the_http_suites_pass_against_the_python_front_end() -> None:
+    """The HTTP test files, unchanged, against `--http-frontend python` (the rest of the run
+    tests the native front end, the default); they pick it up from CONVEYOR_HTTP_FRONTEND."""
+    env = dict(os.environ, CONVEYOR_HTTP_FRONTEND="python")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(TESTS / name) for name in HTTP_SUITES)],
         env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,

@@ -35,10 +35,10 @@ using tcp = asio::ip::tcp;
 
 // Everything runs on one io_context: its executor type, named (not type-erased), so no
 // handler pays for any_io_executor's copies.
-using Executor = asio::io_context::executor_type;
-using Socket = asio::basic_stream_socket<tcp, Executor>;
-using Acceptor = asio::basic_socket_acceptor<tcp, Executor>;
-using Stream = beast::basic_stream<tcp, Executor>;
+using IoExecutor = asio::io_context::executor_type;
+using Socket = asio::basic_stream_socket<tcp, IoExecutor>;
+using Acceptor = asio::basic_socket_acceptor<tcp, IoExecutor>;
+using Stream = beast::basic_stream<tcp, IoExecutor>;
 
 using RequestBody = http::vector_body<uint8_t>;
 using Request = http::request<RequestBody>;
@@ -298,6 +298,9 @@ struct HttpFrontend::Core {
   HttpFrontendOptions options;
   asio::io_context ioc{1};
   Acceptor acceptor{ioc.get_executor()};
+  // Keeps run() going while nothing waits on a socket: after drain() closes the listener,
+  // the requests in the batchers still have answers to post here.
+  asio::executor_work_guard<IoExecutor> keep_running{ioc.get_executor()};
   std::thread thread;
   std::shared_ptr<CompletionSink> sink;
   mutable std::mutex models_mu;
@@ -378,6 +381,10 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     connect_upstream();
   }
+
+  // The next answer is an accepted inference request's: the front end counts it in
+  // flight until the answer is written (or the connection fails), so a drain waits for it.
+  void answering_inference() { answering_inference_ = true; }
 
   void respond(Response&& res) {
     res.keep_alive(keep_alive_);
@@ -516,6 +523,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_write(beast::error_code ec) {
     response_.reset();
+    if (answering_inference_) {
+      answering_inference_ = false;
+      core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    }
     if (ec || !keep_alive_) {
       close();
       return;
@@ -537,6 +548,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<Response> response_;
   std::shared_ptr<http::response<http::empty_body>> continue_;
   bool keep_alive_ = true;
+  bool answering_inference_ = false;
   std::optional<Socket> upstream_;
   bool upstream_reused_ = false;  // the request goes on a connection an earlier one used
   beast::flat_buffer upstream_buffer_;
@@ -839,6 +851,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     Batcher::Queued queued{std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
                            timeout_us > 0 ? timeout_us : -1};
     staged.push_back({std::move(model), std::move(queued), std::move(pending_request), std::move(request), body});
+    in_flight.fetch_add(1, std::memory_order_relaxed);  // from here until its answer is written
     if (!flush_posted) {
       flush_posted = true;
       asio::post(ioc, [this] { submit_staged(); });
@@ -875,10 +888,11 @@ void HttpFrontend::Core::submit_staged() {
       if (outcome.id != 0) {
         // The completion is posted to this thread, so it cannot run before this insert.
         pending.emplace(outcome.id, std::move(s.pending));
-        in_flight.fetch_add(1, std::memory_order_relaxed);
       } else if (outcome.code == ErrorCode::kQueueFull || outcome.code == ErrorCode::kOutOfMemory) {
+        s.pending.session->answering_inference();
         s.pending.session->respond(error_response(status_for(outcome.code), outcome.message));
       } else {
+        in_flight.fetch_sub(1, std::memory_order_relaxed);  // the server behind answers it now
         // Invalid, or a version swapped out by a reload between the lookup and the submit
         // (its batcher stopping): behind, which words the refusal or serves the new version.
         s.request.body() = s.body.use_count() == 1 ? std::move(*s.body) : *s.body;
@@ -894,8 +908,11 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
     if (it == pending.end()) continue;
     PendingRequest p = std::move(it->second);
     pending.erase(it);
-    in_flight.fetch_sub(1, std::memory_order_relaxed);
-    if (!p.session->open()) continue;
+    if (!p.session->open()) {
+      in_flight.fetch_sub(1, std::memory_order_relaxed);
+      continue;
+    }
+    p.session->answering_inference();  // in flight until its answer is written
     if (c.code != ErrorCode::kOk) {
       p.session->respond(error_response(status_for(c.code), c.message));
       continue;
@@ -1029,6 +1046,7 @@ void HttpFrontend::stop() {
       beast::error_code ec;
       core->acceptor.close(ec);
       core->pending.clear();
+      core->keep_running.reset();
       core->ioc.stop();
     });
     if (core_->thread.joinable()) core_->thread.join();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "check.h"
+#include "gate.h"
 #include "conveyor/batcher.h"
 #include "conveyor/http_frontend.h"
 
@@ -314,4 +315,27 @@ TEST_CASE("http_frontend: a kept connection the server behind closed while idle:
     CHECK_EQ(res.body(), std::string("behind: GET /v2/models/double/stats 0"));
   }
   CHECK_EQ(behind.answered(), 3);
+}
+
+TEST_CASE("http_frontend: a request in its batcher when the front end drains is still answered") {
+  conveyor::testing::Gate gate;
+  auto batcher = std::make_shared<Batcher>(model_options(), [&](const Batch& batch) {
+    gate.pass();
+    return twice(batch);
+  }, MemoryPool::default_host());
+  HttpFrontend frontend(HttpFrontendOptions{});
+  frontend.add_model({"double", 1, batcher});
+  http::response<http::string_body> res;
+  std::thread client([&] {
+    Client c(frontend.port());
+    auto [body, length] = binary_request(3, 4);
+    res = c.send(http::verb::post, "/v2/models/double/infer", body, {{"Inference-Header-Content-Length", length}});
+  });
+  gate.wait_entered(1);  // the request is in its batch
+  CHECK_EQ(frontend.in_flight(), size_t{1});  // counted from before it was queued
+  frontend.drain();      // the listener closes: nothing waits on a socket any more
+  gate.open();
+  client.join();
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK_EQ(binary_answer(res.body()).second, 8.0f);
 }

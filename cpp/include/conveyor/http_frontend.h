@@ -71,7 +71,7 @@ class HttpFrontend {
   // Stops accepting connections; inference requests that arrive on open connections
   // are forwarded from now on (the server behind refuses them while it drains).
   void drain();
-  // Inference requests accepted and not answered yet.
+  // Inference requests accepted whose answers are not written yet.
   size_t in_flight() const;
   // Closes every connection and joins the I/O thread. Requests still in a batcher
   // complete into nothing. Idempotent.
