@@ -46,11 +46,12 @@ def wait_for(condition: Callable[[], Any], what: str, process: subprocess.Popen 
 def start_serve(root: Path, flags: list[str], models: Iterable[str] = ("tiny", "text_classifier")) -> subprocess.Popen:
     """`conveyor serve root/repo <flags>` over copies of the example `models`, logging to root/serve.log.
 
-    The environment's CONVEYOR_* variables are dropped, so that only `flags` configure it.
+    The environment's CONVEYOR_* variables are dropped, so that only `flags` configure it,
+    except CONVEYOR_HTTP_FRONTEND, which picks the front end a whole test run is about.
     """
     for model in models:
         shutil.copytree(EXAMPLE_MODELS / model, root / "repo" / model)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_") or k == "CONVEYOR_HTTP_FRONTEND"}
     env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
     command = [sys.executable, "-m", "conveyor", "serve", str(root / "repo"), "--data-dir", str(root / "data"), *flags]
     with open(root / "serve.log", "wb") as log:
@@ -150,7 +151,7 @@ class LiveServer:
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = workdir / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_") or k == "CONVEYOR_HTTP_FRONTEND"}
         env["PYTHONPATH"] = str(Path(conveyor.__file__).resolve().parents[1])
         env["CONVEYOR_DATA_DIR"] = str(workdir / "data")
         command = [sys.executable, "-m", "conveyor", "serve", str(repository),

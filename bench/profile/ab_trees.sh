@@ -7,11 +7,11 @@
 #          -DCMAKE_BUILD_TYPE=Release -DCONVEYOR_CUDA=OFF && cmake --build build)
 #        bench/profile/ab_trees.sh /tmp/wt-old . 3
 #
-# Env: PA (perf_analyzer command; default `bash /work/shared/peers/pa.sh`), MODEL (tiny), C (32),
+# Env: PA (perf_analyzer command; default $PERF_ANALYZER, else perf_analyzer on PATH), MODEL (tiny), C (32),
 #      PORTS ("19100 19200"; gRPC on port+1), OUT (/tmp/conveyor-ab).
 set -euo pipefail
 OLD=$(cd "$1" && pwd); NEW=$(cd "$2" && pwd); ROUNDS=${3:-3}
-PA=${PA:-${PERF_ANALYZER:-bash /work/shared/peers/pa.sh}}
+PA=${PA:-${PERF_ANALYZER:-perf_analyzer}}
 MODEL=${MODEL:-tiny}; C=${C:-32}; OUT=${OUT:-/tmp/conveyor-ab}
 read -r P_OLD P_NEW <<<"${PORTS:-19100 19200}"
 HZ=$(getconf CLK_TCK)
@@ -20,7 +20,8 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait' EXIT
 start() {  # tree port
   rm -rf "$OUT/data-$2"
-  (cd "$1" && PYTHONPATH=python exec python -m conveyor serve --http-port "$2" --grpc-port $(($2 + 1)) \
+  # The Python front end in both (a checkout from before --http-frontend ignores the variable).
+  (cd "$1" && CONVEYOR_HTTP_FRONTEND=python PYTHONPATH=python exec python -m conveyor serve --http-port "$2" --grpc-port $(($2 + 1)) \
     --log-level warning --model-control-mode explicit --load-model tiny --load-model mlp \
     --data-dir "$OUT/data-$2" >"$OUT/server-$2.log" 2>&1) &
   pids+=($!)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-PATHS = [("http_binary", "HTTP binary"), ("http_json", "HTTP JSON"), ("grpc", "gRPC"), ("native_http", "native HTTP (prototype)")]
+PATHS = [("http_binary", "HTTP binary"), ("http_json", "HTTP JSON"), ("grpc", "gRPC"), ("native_http", "native HTTP (binary)")]
 
 
 def load(outdir: str, path: str, kind: str):

@@ -3,31 +3,31 @@
 #
 #   bench/profile/profile_paths.sh [OUTDIR]          # from the repository root
 #
-# Starts `conveyor serve` (tiny and mlp from examples/models) and, for each path, drives `tiny`
-# with perf_analyzer at concurrency 32:
+# Starts `conveyor serve --http-frontend python` (tiny and mlp from examples/models) and, for
+# each path, drives `tiny` with perf_analyzer at concurrency 32; the path native_http starts a
+# second server with the native front end (the default) and drives it with HTTP binary requests:
 #   1. measure: perf_analyzer (3 s windows, 3 trials); infer/s from its csv, mean batch and
 #      server CPU per request from the model's stats and /proc/PID/stat (utime+stime) before/after;
 #   2. profile: under the same load, py-spy (--native, raw collapsed stacks) for PROFILE_SECONDS, then
 #      perf record (cpu-clock, every thread) for PROFILE_SECONDS;
 # then buckets the stacks (bucket_stacks.py, perf_split.py) and prints the table (make_table.py).
 #
-# Env: PA (perf_analyzer command; default `bash /work/shared/peers/pa.sh`, or $PERF_ANALYZER),
-#      HTTP_PORT (19000), GRPC_PORT (19001), MODEL (tiny), C (32), PROFILE_SECONDS (8),
-#      PATHS ("http_binary http_json grpc"),
-#      NATIVE_PID, NATIVE_PORT, STATS_PORT: also profile an already running native HTTP front end
-#      (process NATIVE_PID, infer on NATIVE_PORT, model stats on STATS_PORT) driven by wrk with
-#      bench/profile/tiny.lua; that process is neither started nor stopped here.
+# Env: PA (perf_analyzer command; default $PERF_ANALYZER, else perf_analyzer on PATH; the peer
+#      harness's is `bash ../shared/peers/pa.sh`), HTTP_PORT (19000), GRPC_PORT (19001),
+#      NATIVE_PORT (19010), MODEL (tiny), C (32), PROFILE_SECONDS (8),
+#      PATHS ("http_binary http_json grpc native_http").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/conveyor-profile}
 mkdir -p "$OUT"
-PA=${PA:-${PERF_ANALYZER:-bash /work/shared/peers/pa.sh}}
+PA=${PA:-${PERF_ANALYZER:-perf_analyzer}}
 HTTP_PORT=${HTTP_PORT:-19000}
 GRPC_PORT=${GRPC_PORT:-19001}
+NATIVE_PORT=${NATIVE_PORT:-19010}
 MODEL=${MODEL:-tiny}
 C=${C:-32}
 DUR=${PROFILE_SECONDS:-8}
-PATHS=${PATHS:-http_binary http_json grpc}
+PATHS=${PATHS:-http_binary http_json grpc native_http}
 HZ=$(getconf CLK_TCK)
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -40,6 +40,7 @@ pa_args() {  # perf_analyzer arguments for path $1
     http_binary) echo "-i http -u 127.0.0.1:$HTTP_PORT --input-tensor-format binary --output-tensor-format binary" ;;
     http_json) echo "-i http -u 127.0.0.1:$HTTP_PORT --input-tensor-format json --output-tensor-format json" ;;
     grpc) echo "-i grpc -u 127.0.0.1:$GRPC_PORT" ;;
+    native_http) echo "-i http -u 127.0.0.1:$NATIVE_PORT --input-tensor-format binary --output-tensor-format binary" ;;
   esac
 }
 run_pa() {  # path csv
@@ -88,28 +89,27 @@ profile() {  # path pid load-loop-command...
   python bench/profile/perf_split.py "$OUT/$path.perf.data" --pid "$pid" --us-per-request "$us" --json "$OUT/$path.perf.json"
 }
 
-if [[ -n ${PATHS// /} ]]; then
-  rm -rf "$OUT/data"
-  PYTHONPATH=python setsid python -m conveyor serve --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" \
+start_server() {  # front end, http port, grpc port, data dir; prints the pid
+  PYTHONPATH=python setsid python -m conveyor serve --http-frontend "$1" --http-port "$2" --grpc-port "$3" \
     --log-level warning --model-control-mode explicit --load-model tiny --load-model mlp \
-    --data-dir "$OUT/data" >"$OUT/server.log" 2>&1 &
-  SERVER=$!
-  trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-  for _ in $(seq 120); do curl -sf -o /dev/null "127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
-  echo "server pid $SERVER, commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- cpp python || echo ' (tree modified)')"
-  run_pa http_binary "$OUT/warmup.csv"
-  for path in $PATHS; do
-    measure "$path" "$SERVER" "$HTTP_PORT" run_pa "$path" "$OUT/$path.csv"
-    profile "$path" "$SERVER" run_pa "$path" "$OUT/$path.loop.csv"
-  done
-fi
+    --data-dir "$4" >"$4.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 120); do curl -sf -o /dev/null "127.0.0.1:$2/v2/health/ready" && break; sleep 0.5; done
+  echo "$pid"
+}
 
-if [[ -n ${NATIVE_PID:-} ]]; then
-  WRK="wrk -t1 -c$C -d${DUR}s -s bench/profile/tiny.lua http://127.0.0.1:${NATIVE_PORT}/v2/models/$MODEL/infer"
-  rm -f "$OUT/native_http.csv"
-  measure native_http "$NATIVE_PID" "$STATS_PORT" $WRK
-  profile native_http "$NATIVE_PID" $WRK
-fi
+rm -rf "$OUT/data" "$OUT/data-native"
+SERVER=$(start_server python "$HTTP_PORT" "$GRPC_PORT" "$OUT/data")
+NATIVE=$(start_server native "$NATIVE_PORT" 0 "$OUT/data-native")
+trap 'kill -INT $SERVER $NATIVE 2>/dev/null; wait $SERVER $NATIVE 2>/dev/null || true' EXIT
+echo "servers: python pid $SERVER, native pid $NATIVE, commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- cpp python || echo ' (tree modified)')"
+run_pa http_binary "$OUT/warmup.csv"
+run_pa native_http "$OUT/warmup-native.csv"
+for path in $PATHS; do
+  if [[ $path == native_http ]]; then pid=$NATIVE port=$NATIVE_PORT; else pid=$SERVER port=$HTTP_PORT; fi
+  measure "$path" "$pid" "$port" run_pa "$path" "$OUT/$path.csv"
+  profile "$path" "$pid" run_pa "$path" "$OUT/$path.loop.csv"
+done
 
 echo
 python bench/profile/make_table.py "$OUT"
