@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <zlib.h>
@@ -296,8 +297,13 @@ struct HttpFrontend::Core {
   explicit Core(HttpFrontendOptions o) : options(std::move(o)) {}
 
   HttpFrontendOptions options;
-  asio::io_context ioc{1};
+  // Shared with the completion sink, which posts to it from batcher threads: the sink never
+  // holds the Core, so the Core (and the batchers its models hold) is never released on a
+  // batcher thread, where the last reference to a batcher would join that very thread.
+  std::shared_ptr<asio::io_context> io = std::make_shared<asio::io_context>(1);
+  asio::io_context& ioc = *io;
   Acceptor acceptor{ioc.get_executor()};
+  std::unordered_set<Session*> sessions;  // I/O thread only: closed by stop()
   // Keeps run() going while nothing waits on a socket: after drain() closes the listener,
   // the requests in the batchers still have answers to post here.
   asio::executor_work_guard<IoExecutor> keep_running{ioc.get_executor()};
@@ -347,8 +353,15 @@ class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Socket socket, HttpFrontend::Core* core) : stream_(std::move(socket)), core_(core) {
     ++core_->connections;
+    core_->sessions.insert(this);
   }
-  ~Session() { --core_->connections; }
+  ~Session() {
+    --core_->connections;
+    core_->sessions.erase(this);
+  }
+
+  // Closes the connection: its pending operations end (operation_aborted) and release it.
+  void shut() { close(); }
 
   void start() {
     beast::error_code ec;
@@ -561,16 +574,17 @@ namespace {
 // Posts each batch's completions to the I/O thread.
 class IoSink final : public CompletionSink {
  public:
-  explicit IoSink(std::weak_ptr<HttpFrontend::Core> core) : core_(std::move(core)) {}
+  IoSink(std::shared_ptr<asio::io_context> io, HttpFrontend::Core* core) : io_(std::move(io)), core_(core) {}
+  // The handler runs on the I/O thread, which only runs until stop() joins it, and the Core
+  // is destroyed only after that: a handler posted later is destroyed with the io_context,
+  // never run.
   void deliver(std::vector<Completion>&& completions) override {
-    std::shared_ptr<HttpFrontend::Core> core = core_.lock();
-    if (!core) return;
-    HttpFrontend::Core* raw = core.get();  // handlers run only while the io_context (a member) lives
-    asio::post(core->ioc, [raw, done = std::move(completions)]() mutable { raw->complete(std::move(done)); });
+    asio::post(*io_, [core = core_, done = std::move(completions)]() mutable { core->complete(std::move(done)); });
   }
 
  private:
-  std::weak_ptr<HttpFrontend::Core> core_;
+  std::shared_ptr<asio::io_context> io_;
+  HttpFrontend::Core* core_;
 };
 
 }  // namespace
@@ -987,7 +1001,7 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
 }
 
 HttpFrontend::HttpFrontend(HttpFrontendOptions options) : core_(std::make_shared<Core>(std::move(options))) {
-  core_->sink = std::make_shared<IoSink>(core_);
+  core_->sink = std::make_shared<IoSink>(core_->io, core_.get());
   beast::error_code ec;
   const auto address = asio::ip::make_address(core_->options.host, ec);
   if (ec) throw Error(ErrorCode::kInvalidInput, "[http] '" + core_->options.host + "' is not an IP address");
@@ -1046,8 +1060,12 @@ void HttpFrontend::stop() {
       beast::error_code ec;
       core->acceptor.close(ec);
       core->pending.clear();
+      core->staged.clear();
       core->keep_running.reset();
-      core->ioc.stop();
+      // Every connection closed: the handlers of their operations, queued by now, run
+      // (aborted) and release the sessions here, on this thread, before run() stops.
+      for (Session* session : std::vector<Session*>(core->sessions.begin(), core->sessions.end())) session->shut();
+      asio::post(core->ioc, [core] { core->ioc.stop(); });
     });
     if (core_->thread.joinable()) core_->thread.join();
   });

@@ -192,7 +192,6 @@ TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answe
   for (auto& c : clients) c.join();
   CHECK_EQ(wrong.load(), 0);
   CHECK_EQ(batcher->stats().succeeded, uint64_t{kThreads * kRequests});
-  CHECK_EQ(frontend.in_flight(), size_t{0});
   frontend.stop();
 }
 

@@ -6,8 +6,8 @@ into their batchers, with no Python per request. Everything else (the other rout
 any inference request it does not serve itself: a model not given to it, a compressed
 body, a classification output, an invalid request, a server draining) it forwards as
 received to the Python front end, which listens on a loopback port of its own, and
-relays the answer. So every behaviour of the Python front end holds, and the common
-case skips Python.
+relays the answer. So every route keeps the Python front end's behaviour, and the common
+case skips Python (docs/native-http.md lists the edge cases of the wire that still differ).
 
 A model version is served natively when nothing of it needs Python per request: no
 monitor (capture and feedback read each request), no Python steps or output finishing
