@@ -158,11 +158,7 @@ class Runtime:
             self._change_listeners.remove(listener)
 
     def _changed(self, name: str) -> None:
-        for listener in list(self._change_listeners):
-            try:
-                listener(name)
-            except Exception:  # a listener's failure must not stop a load or an unload
-                log.exception("model %s: a listener of version changes failed", name)
+        notify_listeners(self._change_listeners, name, "version changes")
 
     @property
     def pool(self) -> Any:
@@ -536,6 +532,16 @@ class Runtime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def notify_listeners(listeners: list[Callable[[str], None]], model: str, what: str) -> None:
+    """Call each of `listeners` with `model`; one that raises is logged, and the others still run
+    (a listener's failure must not stop the load, unload or rollout that called them)."""
+    for listener in list(listeners):
+        try:
+            listener(model)
+        except Exception:
+            log.exception("model %s: a listener of %s failed", model, what)
 
 
 def _start_monitor(loaded: ModelHandle) -> None:

@@ -85,7 +85,7 @@ from conveyor import _core
 from conveyor.deploy.checks import TIMING_METRICS
 from conveyor.errors import ConfigError, ConveyorError, ModelNotFound
 from conveyor.rollout_config import RolloutConfig, StickyConfig
-from conveyor.runtime import new_request_id
+from conveyor.runtime import new_request_id, notify_listeners
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +381,7 @@ class RolloutTraffic:
         self._notify(model)
 
     def _notify(self, model: str) -> None:
-        for listener in list(self.change_listeners):
-            try:
-                listener(model)
-            except Exception:  # a listener's failure must not stop a rollout starting or ending
-                log.exception("model %s: a listener of rollout routing failed", model)
+        notify_listeners(self.change_listeners, model, "rollout routing")
 
     def get(self, model: str) -> Any:
         """The controller attached to `model`, or None."""

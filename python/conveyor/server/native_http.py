@@ -30,7 +30,6 @@ from conveyor.server.http_connection import HttpLimits
 
 log = logging.getLogger(__name__)
 
-FRONTENDS = ("python", "native")
 _PYTHON_ONLY_DATATYPES = frozenset({"BYTES", "BF16"})
 
 

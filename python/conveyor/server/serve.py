@@ -29,6 +29,7 @@ from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, ch
 log = logging.getLogger(__name__)
 
 METRICS_PORT_ROUTES = frozenset({"metrics", "live", "ready"})
+HTTP_FRONTENDS = ("python", "native")  # ServeOptions.http_frontend (the CLI names them too)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Server:
         (and, each rollout's interval_s, judge); None takes the options' value. Tests that
         tick by hand push it out. Raises ConfigError unless it is a finite number > 0."""
         self.options = options
-        if options.http_frontend not in ("python", "native"):
+        if options.http_frontend not in HTTP_FRONTENDS:
             raise ConfigError(
                 f"http_frontend must be 'python' or 'native' (--http-frontend, CONVEYOR_HTTP_FRONTEND), "
                 f"not {options.http_frontend!r}"
