@@ -231,6 +231,11 @@ class Server:
         """(open file descriptors, threads outside gRPC's worker pool) of the server process."""
         return self.stats.num_fds(), sum(name != GRPC_POOL_THREAD for name in self.thread_names())
 
+    def only_listening(self) -> bool:
+        """Whether every TCP socket of the server is a listening one (no connection is open)."""
+        connections = getattr(self.stats, "net_connections", None) or self.stats.connections  # psutil < 6
+        return all(c.status == psutil.CONN_LISTEN for c in connections(kind="tcp"))
+
     def grpc_pool(self) -> int:
         """Threads in gRPC's EventEngine worker pool."""
         return self.thread_names().count(GRPC_POOL_THREAD)
@@ -304,6 +309,9 @@ def start_server(root: Path, max_connections: int = MAX_CONNECTIONS) -> Server:
             sock.sendall(big_request())
             sock.recv(1)
         served.metrics()
+        # The warm-up's connections are closed by the server once it reads their end (and, with the
+        # native front end, the loopback connections it opened for them to the Python front end).
+        wait_for(served.only_listening, "the warm-up's connections closed", process)
         served.baseline, served.baseline_details = served.usage(), served.details()
         served.most_pool = GRPC_POOL_GROWTH * served.grpc_pool()
         served.settles()

@@ -1,5 +1,6 @@
-"""`--http-frontend native`: which requests the C++ front end answers itself, which it
-forwards to the Python front end, and the HTTP suites run against it.
+"""The native front end (the default; `--http-frontend native`): which requests the C++
+front end answers itself, which it forwards to the Python front end, the text of its
+answers, and the HTTP suites run against the Python front end too.
 
 Whether a request reached Python is read from the Python front end: every inference
 request it answers goes through `HttpApp._infer`; one the native front end answers never does.
@@ -28,7 +29,7 @@ from server_thread import ServerThread
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 TESTS = Path(__file__).resolve().parent
 
-# The test files that talk to a server over HTTP; each runs unchanged against the native front end.
+# The test files that talk to a server over HTTP; each runs unchanged against both front ends.
 HTTP_SUITES = (
     "test_http_server.py", "test_http_adversarial.py", "test_http_wire_fuzz.py", "test_http_openapi.py",
     "test_clients_live.py", "test_metrics.py", "test_reload_under_load.py", "test_rollout_server.py",
@@ -37,14 +38,30 @@ HTTP_SUITES = (
 )  # fmt: skip
 
 
+# A model that answers its inputs (each datatype the native front end writes as JSON).
+ECHO_TYPES = {"f32": "FP32", "f64": "FP64", "i64": "INT64", "u8": "UINT8", "flag": "BOOL"}
+ECHO_CONFIG = "backend = \"python\"\nmax_batch_size = 0\n" + "".join(
+    f'\n[[{kind}]]\nname = "{name}{suffix}"\ndatatype = "{datatype}"\ndims = [-1]\n'
+    for name, datatype in ECHO_TYPES.items() for kind, suffix in (("inputs", ""), ("outputs", "_out"))
+)  # fmt: skip
+ECHO_PY = """\
+class Model:
+    def execute(self, inputs):
+        return {name + "_out": value for name, value in inputs.items()}
+"""
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("native-repo")
     for name in ("tiny", "churn", "rollout_demo"):
         shutil.copytree(EXAMPLES / name, root / name)
+    (root / "echo" / "1").mkdir(parents=True)
+    (root / "echo" / "config.toml").write_text(ECHO_CONFIG)
+    (root / "echo" / "1" / "model.py").write_text(ECHO_PY)
     thread = ServerThread(ServeOptions(
         repository=root, http_port=0, grpc_port=0, data_dir=root / "data", model_control_mode="explicit",
-        load_models=["tiny", "churn"], http_frontend="native",
+        load_models=["tiny", "churn", "echo"], http_frontend="native",
     ))  # fmt: skip
     yield thread
     thread.stop()
@@ -100,6 +117,77 @@ def test_an_invalid_request_is_worded_by_python(served: ServerThread, python_ans
     assert python_answers == ["tiny"]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"parameters": {"binary_data_output": {}}},
+        {"parameters": {"binary_data_output": "yes"}},
+        {"parameters": {"priority": 1.5}},
+        {"parameters": {"timeout": -1}},
+        {"parameters": {"tags": ["a"]}},
+        {"parameters": []},
+        {"outputs": [{"name": "y", "parameters": {"binary_data": 1}}]},
+        {"outputs": [{"name": "y"}, {"name": "y"}]},
+        {"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}]},
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0] * 16,
+                     "parameters": {"binary_data_size": 64}}]},
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0] * 16,
+                     "parameters": {"shared_memory_region": "r"}}]},
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2**62, 2**62], "data": [0] * 16}]},
+    ],
+    ids=["binary_data_output {}", "binary_data_output 'yes'", "priority 1.5", "timeout -1", "a list parameter",
+         "parameters a list", "binary_data 1", "an output twice", "a shared-memory output", "data and binary size",
+         "a shared-memory input", "a shape past 2^63 elements"],
+)  # fmt: skip
+def test_what_the_python_front_end_refuses_is_forwarded_to_it(
+    served: ServerThread, python_answers: list[str], change: dict[str, Any]
+) -> None:
+    """The native front end accepts no request the Python front end would refuse: each goes
+    behind, which refuses it in its own words."""
+    document = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0] * 16}], **change}
+    status, body = _post(served.port, "/v2/models/tiny/infer", document)
+    assert status == 400, body
+    assert python_answers == ["tiny"]
+
+
+def _random_bits(generator: np.random.Generator, dtype: type, count: int) -> np.ndarray:
+    """Values of every exponent, sign, subnormals, zeros, infinities and NaN among them."""
+    unsigned = np.uint32 if np.dtype(dtype).itemsize == 4 else np.uint64
+    values = generator.integers(0, np.iinfo(unsigned).max, count, dtype=unsigned, endpoint=True).view(dtype)
+    specials = [0.0, -0.0, 1.0, 2.0, 0.1, 1e-5, 1e-6, 1e-7, 1e13, 1e15, 1e16, 1e22, 1e23, 123456.789,
+                np.inf, -np.inf, np.nan, np.finfo(dtype).max, np.finfo(dtype).tiny, np.finfo(dtype).smallest_subnormal]
+    finite = values[np.isfinite(values)]
+    return np.concatenate([np.array(specials, dtype=dtype), values, (finite % 1e6).round(3), finite / 7])
+
+
+def test_json_numbers_are_written_as_the_python_front_end_writes_them(
+    served: ServerThread, python_answers: list[str]
+) -> None:
+    """Every output value's text is orjson's (the Python front end's encoder): the same
+    shortest digits and the same notation, e.g. 2.0, 0.00001, 1e-7 and 1.5e+300."""
+    import orjson
+
+    generator = np.random.default_rng(17)
+    arrays = {"f32": _random_bits(generator, np.float32, 4000), "f64": _random_bits(generator, np.float64, 4000),
+              "i64": generator.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 500, dtype=np.int64),
+              "u8": np.arange(256, dtype=np.uint8), "flag": np.array([True, False, True])}  # fmt: skip
+    inputs = [{"name": name, "datatype": ECHO_TYPES[name], "shape": [len(array)],
+               "parameters": {"binary_data_size": array.nbytes}} for name, array in arrays.items()]  # fmt: skip
+    header = json.dumps({"inputs": inputs}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{served.port}/v2/models/echo/infer",
+        data=header + b"".join(array.tobytes() for array in arrays.values()),
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read()
+    assert python_answers == []
+    for name, array in arrays.items():
+        expected = b'"name":"%s_out","datatype":"%s","shape":[%d],"data":%s}' % (
+            name.encode(), ECHO_TYPES[name].encode(), len(array), orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
+        assert expected in text, (name, text[:2000])
+
+
 def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, python_answers: list[str]) -> None:
     port = served.port
     assert _post(port, "/v2/repository/models/tiny/unload", {})[0] == 200
@@ -123,44 +211,15 @@ def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, pyth
     # Unloaded, it leaves the rollout; loaded again, with no [rollout] started, it is native.
 
 
-# What the native front end does not do as the Python front end does yet: these cases of the
-# HTTP test files fail against it and are left out of its run below (each is the next work).
-NATIVE_GAPS = {
-    # A chunked body of more than --max-request-chunks chunks gets 400 from Beast, not 413.
-    "test_http_adversarial.py::test_refused_with_a_clear_4xx_and_the_server_lives[65,537 chunks]":
-        "the chunk count limit",
-    "test_http_adversarial.py::test_refused_with_a_clear_4xx_and_the_server_lives[10^6 chunks]":
-        "the chunk count limit",
-    "test_http_adversarial.py::test_refused_with_a_clear_4xx_and_the_server_lives[Content-Length with "
-    "Transfer-Encoding (smuggling)]": "the smuggling refusal's status and words",
-    "test_http_adversarial.py::test_refused_with_a_clear_4xx_and_the_server_lives[obs-fold header]":
-        "obs-fold headers are accepted, not refused",
-    "test_http_adversarial.py::test_refused_with_a_clear_4xx_and_the_server_lives[malformed chunk extension]":
-        "a malformed chunk extension closes without an answer",
-    # Beast's stream timeouts close the socket, so the 408 is never written.
-    "test_http_adversarial.py::test_a_slow_request_gets_408_and_is_closed[slow headers]": "408 on a slow head",
-    "test_http_adversarial.py::test_a_slow_request_gets_408_and_is_closed[slow body]": "408 on a slow body",
-    "test_misbehaving_clients.py::test_a_half_closed_client_gets_its_answer": "answers to half-closed clients",
-    # The kept loopback connections to the Python front end count against the fd baseline.
-    "test_misbehaving_clients.py": "the fd and thread baseline with kept loopback connections",
-    "test_http_openapi.py::test_the_server_answers_as_its_openapi_document_says[POST /v2/models/{model_name}/infer]":
-        "answers checked against the OpenAPI document",
-    "test_http_openapi.py::test_the_server_answers_as_its_openapi_document_says[POST /v2/models/{model_name}/"
-    "versions/{model_version}/infer]": "answers checked against the OpenAPI document",
-}  # fmt: skip
-
-
-@pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "native", reason="already the native run")
-def test_the_http_suites_pass_against_the_native_front_end() -> None:
-    """The HTTP test files, unchanged, against `--http-frontend native` (the rest of the run
-    tests the Python front end); in-process servers and `conveyor serve` subprocesses pick it
-    up from CONVEYOR_HTTP_FRONTEND. The cases of NATIVE_GAPS are left out."""
-    env = dict(os.environ, CONVEYOR_HTTP_FRONTEND="native")
-    left_out = [arg for gap in NATIVE_GAPS for arg in ("--deselect", f"tests/{gap}")
-                if "::" in gap]  # fmt: skip
-    files = [str(TESTS / name) for name in HTTP_SUITES if name not in NATIVE_GAPS]
+@pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "python", reason="already the Python run")
+def test_the_http_suites_pass_against_the_python_front_end() -> None:
+    """The HTTP test files, unchanged, against `--http-frontend python` (the rest of the run
+    tests the default, native front end); in-process servers and `conveyor serve`
+    subprocesses pick it up from CONVEYOR_HTTP_FRONTEND."""
+    env = dict(os.environ, CONVEYOR_HTTP_FRONTEND="python")
+    files = [str(TESTS / name) for name in HTTP_SUITES]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *left_out],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
         env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -23,8 +23,8 @@ void init_http_frontend(py::module_& m) {
       "The native HTTP/1.1 data plane: v2 inference on its own I/O thread; every other request is forwarded to "
       "the HTTP server on 127.0.0.1:fallback_port.")
       .def(py::init([](const std::string& host, int port, int fallback_port, size_t max_body_bytes,
-                       size_t max_header_bytes, size_t max_header_count, size_t max_connections, double idle_timeout_s,
-                       double request_read_timeout_s, std::string api_key) {
+                       size_t max_header_bytes, size_t max_header_count, size_t max_connections, size_t max_request_chunks,
+                       double idle_timeout_s, double request_read_timeout_s, std::string api_key) {
              HttpFrontendOptions options;
              options.host = host;
              options.port = port;
@@ -33,6 +33,7 @@ void init_http_frontend(py::module_& m) {
              options.max_header_bytes = max_header_bytes;
              options.max_header_count = max_header_count;
              options.max_connections = max_connections;
+             options.max_request_chunks = max_request_chunks;
              options.idle_timeout = seconds(idle_timeout_s);
              options.request_read_timeout = seconds(request_read_timeout_s);
              options.api_key = std::move(api_key);
@@ -41,7 +42,8 @@ void init_http_frontend(py::module_& m) {
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 0, py::arg("fallback_port") = 0,
            py::arg("max_body_bytes") = size_t{64} << 20, py::arg("max_header_bytes") = size_t{64} << 10,
-           py::arg("max_header_count") = 100, py::arg("max_connections") = 1024, py::arg("idle_timeout_s") = 60.0,
+           py::arg("max_header_count") = 100, py::arg("max_connections") = 1024, py::arg("max_request_chunks") = 65536,
+           py::arg("idle_timeout_s") = 60.0,
            py::arg("request_read_timeout_s") = 60.0, py::arg("api_key") = "")
       .def_property_readonly("port", &HttpFrontend::port)
       .def(

@@ -11,6 +11,10 @@
 
 #include <atomic>
 #include <charconv>
+#include <cctype>
+#include <cmath>
+#include <cstring>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -40,6 +44,7 @@ using IoExecutor = asio::io_context::executor_type;
 using Socket = asio::basic_stream_socket<tcp, IoExecutor>;
 using Acceptor = asio::basic_socket_acceptor<tcp, IoExecutor>;
 using Stream = beast::basic_stream<tcp, IoExecutor>;
+using Timer = asio::basic_waitable_timer<std::chrono::steady_clock, asio::wait_traits<std::chrono::steady_clock>, IoExecutor>;
 
 using RequestBody = http::vector_body<uint8_t>;
 using Request = http::request<RequestBody>;
@@ -138,7 +143,7 @@ bool flatten_into(const json::value& v, std::vector<T>* out) {
 template <class T>
 std::shared_ptr<void> json_data(const json::value& data, int64_t count, const std::string& name, void** ptr) {
   auto values = std::make_shared<std::vector<T>>();
-  values->reserve(static_cast<size_t>(count));
+  values->reserve(static_cast<size_t>(std::min<int64_t>(count, int64_t{1} << 16)));  // the shape may lie
   if (!flatten_into(data, values.get())) {
     throw Error(ErrorCode::kInvalidInput, "input '" + name + "': 'data' holds a value that is not of its datatype");
   }
@@ -181,21 +186,97 @@ std::shared_ptr<void> json_input(DType dtype, const json::value& data, int64_t c
   }
 }
 
+// A float as the Python front end's encoder (orjson) writes it, so that both front ends
+// answer the same text: the shortest digits that read back as the same value, positional
+// from 1e-5 (1e-6 for FP32) up to below 1e16 (1e13 for FP32) with at least one decimal
+// ("2.0"), otherwise "d.ddde+x" / "d.ddde-x"; NaN and infinities as null.
 template <class T>
-void append_json_values(const uint8_t* src, int64_t count, json::array* out) {
-  out->reserve(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) {
-    T x;
-    std::memcpy(&x, src + i * sizeof(T), sizeof(T));
-    if constexpr (std::is_same_v<T, uint8_t>) out->emplace_back(static_cast<uint64_t>(x));
-    else out->emplace_back(x);
+void append_float(T v, std::string* out) {
+  if (!std::isfinite(v)) {
+    *out += "null";
+    return;
+  }
+  char text[48];
+  const auto written = std::to_chars(text, text + sizeof text, v, std::chars_format::scientific);
+  std::string_view s(text, static_cast<size_t>(written.ptr - text));  // [-]d[.ddd]e(+|-)xx
+  if (s.front() == '-') {
+    *out += '-';
+    s.remove_prefix(1);
+  }
+  const size_t e = s.find('e');
+  char digits[24];
+  size_t length = 0;
+  for (char c : s.substr(0, e)) {
+    if (c != '.') digits[length++] = c;
+  }
+  int exponent = 0;
+  std::string_view power = s.substr(e + 1);
+  const bool negative_power = power.front() == '-';
+  power.remove_prefix(1);
+  std::from_chars(power.data(), power.data() + power.size(), exponent);
+  if (negative_power) exponent = -exponent;
+  constexpr int kMostWhole = std::is_same_v<T, float> ? 13 : 16;
+  constexpr int kFewestLeadingZeros = std::is_same_v<T, float> ? -6 : -5;
+  const std::string_view d(digits, length);
+  const int whole = exponent + 1;  // value = 0.<digits> x 10^whole
+  const int n = static_cast<int>(length);
+  if (whole >= n && whole <= kMostWhole) {
+    *out += d;
+    out->append(static_cast<size_t>(whole - n), '0');
+    *out += ".0";
+  } else if (whole > 0 && whole <= kMostWhole) {
+    *out += d.substr(0, static_cast<size_t>(whole));
+    *out += '.';
+    *out += d.substr(static_cast<size_t>(whole));
+  } else if (whole > kFewestLeadingZeros && whole <= 0) {
+    *out += "0.";
+    out->append(static_cast<size_t>(-whole), '0');
+    *out += d;
+  } else {
+    *out += d.front();
+    if (n > 1) {
+      *out += '.';
+      *out += d.substr(1);
+    }
+    *out += exponent >= 0 ? "e+" : "e";
+    *out += std::to_string(exponent);
   }
 }
 
-void json_output(DType dtype, const uint8_t* src, int64_t count, json::array* out) {
+template <class T>
+void append_json_values(const uint8_t* src, int64_t count, std::string* out) {
+  char text[24];
+  for (int64_t i = 0; i < count; ++i) {
+    if (i) *out += ',';
+    T x;
+    std::memcpy(&x, src + i * sizeof(T), sizeof(T));
+    if constexpr (std::is_floating_point_v<T>) {
+      append_float(x, out);
+    } else {
+      const auto written = std::to_chars(text, text + sizeof text, x);
+      out->append(text, written.ptr);
+    }
+  }
+}
+
+// The datatypes this front end writes as JSON "data"; a request asking for another as JSON
+// is forwarded.
+bool json_writable(DType dtype) {
+  switch (dtype) {
+    case DType::kBool: case DType::kUInt8: case DType::kUInt16: case DType::kUInt32: case DType::kUInt64:
+    case DType::kInt8: case DType::kInt16: case DType::kInt32: case DType::kInt64:
+    case DType::kFloat32: case DType::kFloat64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Appends `count` elements as the comma-separated items of a JSON array.
+void json_output(DType dtype, const uint8_t* src, int64_t count, std::string* out) {
   switch (dtype) {
     case DType::kBool:
-      for (int64_t i = 0; i < count; ++i) out->emplace_back(src[i] != 0);
+      for (int64_t i = 0; i < count; ++i) *out += i ? (src[i] ? ",true" : ",false") : (src[i] ? "true" : "false");
       return;
     case DType::kUInt8: return append_json_values<uint8_t>(src, count, out);
     case DType::kUInt16: return append_json_values<uint16_t>(src, count, out);
@@ -212,6 +293,9 @@ void json_output(DType dtype, const uint8_t* src, int64_t count, json::array* ou
                                             " cannot be written as JSON by this front end");
   }
 }
+
+// Appends `text` as a JSON string (quoted, escaped).
+void append_json_string(std::string_view text, std::string* out) { *out += json::serialize(json::string_view(text)); }
 
 // Answers under this size go out as they are, as from the Python front end (compression.py):
 // compressing one packet's worth costs more than it saves.
@@ -351,12 +435,20 @@ struct HttpFrontend::Core {
 // response the client does not take within it.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Socket socket, HttpFrontend::Core* core) : stream_(std::move(socket)), core_(core) {
+  Session(Socket socket, HttpFrontend::Core* core)
+      : stream_(std::move(socket)), core_(core), deadline_(stream_.get_executor()) {
     ++core_->connections;
     core_->sessions.insert(this);
+    count_chunk_ = [this](std::uint64_t size, beast::string_view, beast::error_code& ec) {
+      // The last, empty chunk only ends the body: it is not counted.
+      if (size != 0 && ++chunks_ > core_->options.max_request_chunks) {
+        too_many_chunks_ = true;
+        ec = http::error::bad_chunk;
+      }
+    };
   }
   ~Session() {
-    --core_->connections;
+    if (counted_) --core_->connections;
     core_->sessions.erase(this);
   }
 
@@ -459,16 +551,49 @@ class Session : public std::enable_shared_from_this<Session> {
     respond(error_response(502, "the server's Python front end did not answer: " + ec.message()));
   }
 
+  // Reads the next request: its head first (Beast parses it once it is whole), then its body.
   void read() {
     parser_.emplace();
     parser_->body_limit(core_->options.max_body_bytes);
     parser_->header_limit(static_cast<uint32_t>(core_->options.max_header_bytes));
+    parser_->on_chunk_header(count_chunk_);
+    chunks_ = 0;
+    too_many_chunks_ = false;
+    scanned_ = 0;
+    stream_.expires_never();  // the stream's own timeouts bound writes alone
     // Idle until the first byte, then the whole head: the idle timeout bounds both.
-    stream_.expires_after(core_->options.idle_timeout);
-    http::async_read_header(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      if (ec) return self->on_read(ec);
-      self->on_header();
-    });
+    arm(core_->options.idle_timeout);
+    read_head();
+  }
+
+  // Parses the head once the buffer holds all of it, reading until it does. Before Beast
+  // sees it, the head is checked for what Beast would accept and the Python front end
+  // refuses: a folded header line (obs-fold), which Beast unfolds.
+  void read_head() {
+    // Empty lines before a request line are skipped (RFC 9112, section 2.2).
+    while (buffer_.size() >= 2 && head_view().substr(0, 2) == "\r\n") buffer_.consume(2);
+    const std::string_view head = head_view();
+    const size_t end = head.find("\r\n\r\n", scanned_ > 3 ? scanned_ - 3 : 0);
+    const size_t limit = end == std::string_view::npos ? head.size() : end + 2;
+    for (size_t at = head.find("\r\n", scanned_); at != std::string_view::npos && at + 2 < limit;
+         at = head.find("\r\n", at + 2)) {
+      if (head[at + 2] == ' ' || head[at + 2] == '\t') {
+        return fail(400, "malformed HTTP request: Unexpected whitespace after header value");
+      }
+    }
+    scanned_ = limit >= 2 ? limit - 2 : 0;
+    if (!head.empty()) {
+      beast::error_code ec;
+      buffer_.consume(parser_->put(buffer_.data(), ec));  // nothing, until the head is whole
+      if (ec && ec != http::error::need_more) return on_read(ec);
+      if (parser_->is_header_done()) return on_header();
+      if (head.size() > core_->options.max_header_bytes) return on_read(http::error::header_limit);
+    }
+    read_more(&Session::read_head);
+  }
+
+  std::string_view head_view() const {
+    return {static_cast<const char*>(buffer_.data().data()), buffer_.size()};
   }
 
   void on_header() {
@@ -479,7 +604,8 @@ class Session : public std::enable_shared_from_this<Session> {
       return fail(431, "the request has more than " + std::to_string(core_->options.max_header_count) +
                            " headers (--max-header-count)");
     }
-    stream_.expires_after(core_->options.request_read_timeout);
+    arm(core_->options.request_read_timeout);
+    parser_->eager(true);
     // A client that sent 'Expect: 100-continue' waits for a 100 before it sends the body.
     auto expect = fields.find(http::field::expect);
     if (expect != fields.end() && beast::iequals(expect->value(), "100-continue") && !parser_->is_done()) {
@@ -495,13 +621,104 @@ class Session : public std::enable_shared_from_this<Session> {
     read_body();
   }
 
+  // Parses the body from the buffer, reading until the request is whole.
   void read_body() {
-    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      self->on_read(ec);
+    while (!parser_->is_done() && buffer_.size() > 0) {
+      beast::error_code ec;
+      const size_t used = parser_->put(buffer_.data(), ec);
+      buffer_.consume(used);
+      if (ec == http::error::need_more) {
+        if (used == 0 && parser_->chunked() && unterminated_chunk_extension()) {
+          return fail(400, "malformed HTTP request: Invalid character in chunk extensions quoted value");
+        }
+        break;
+      }
+      if (ec) return on_read(ec);
+    }
+    if (parser_->is_done()) return on_read({});
+    read_more(&Session::read_body);
+  }
+
+  // Whether the buffer starts with a whole chunk line that Beast still waits on: one whose
+  // quoted extension value is not closed on its line (Beast reads the quote on past the
+  // line's end, for a closing quote that may never come; a quoted string holds no CR or LF).
+  bool unterminated_chunk_extension() const {
+    std::string_view data = head_view();
+    if (data.substr(0, 2) == "\r\n") data.remove_prefix(2);  // the end of the chunk before
+    const size_t eol = data.find("\r\n");
+    const size_t semicolon = data.find(';');
+    if (eol == std::string_view::npos || semicolon == std::string_view::npos || semicolon == 0 || semicolon > eol) {
+      return false;
+    }
+    for (char c : data.substr(0, semicolon)) {  // the chunk size, then optional white space
+      if (!std::isxdigit(static_cast<unsigned char>(c)) && c != ' ' && c != '\t') return false;
+    }
+    return true;
+  }
+
+  // Reads more of the request into the buffer, then calls `next`. While a request is being
+  // answered (busy), the connection is still read, so that a client that resets it is seen
+  // at once and its connection closed; what it sends meanwhile (pipelined requests) is
+  // kept, up to kMaxReadAhead bytes. A client that shuts its sending side down still gets
+  // the answer it waits for.
+  void read_more(void (Session::*next)()) {
+    next_ = next;
+    if (reading_) return;  // the read under way goes on to next_
+    if (busy_ && buffer_.size() >= kMaxReadAhead) return;  // no reading ahead past the bound
+    if (peer_closed_) {
+      if (!busy_) close();  // nothing more will come
+      return;
+    }
+    reading_ = true;
+    stream_.async_read_some(buffer_.prepare(kReadBytes), [self = shared_from_this()](beast::error_code ec, size_t n) {
+      self->reading_ = false;
+      self->buffer_.commit(n);
+      if (self->busy_) {
+        if (ec == asio::error::eof) {
+          self->peer_closed_ = true;
+        } else if (ec) {
+          self->close();
+        } else {
+          self->read_more(self->next_);
+        }
+        return;
+      }
+      if (self->timed_out_) return self->on_read(beast::error::timeout);
+      if (ec == asio::error::eof) {
+        // The client closed its side: a request it left unfinished is dropped without an
+        // answer, as the Python front end drops it.
+        return self->close();
+      }
+      if (ec) return self->on_read(ec);
+      if (self->next_) ((*self).*(self->next_))();
     });
   }
 
+  // The next deadline of the request being read: when it passes, the read is cancelled and
+  // answered 408 (or, on an idle connection, closed). Beast's own stream timeouts would
+  // close the socket before the 408 could be written.
+  void arm(std::chrono::steady_clock::duration after) {
+    timed_out_ = false;
+    deadline_.expires_after(after);
+    deadline_.async_wait([self = shared_from_this(), generation = ++generation_](beast::error_code ec) {
+      if (ec || generation != self->generation_) return;
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      self->stream_.socket().cancel(ignored);
+    });
+  }
+
+  void disarm() {
+    ++generation_;
+    deadline_.cancel();
+  }
+
   void on_read(beast::error_code ec) {
+    disarm();
+    if (too_many_chunks_) {
+      return fail(413, "the request body comes in more than " + std::to_string(core_->options.max_request_chunks) +
+                           " chunks; send fewer, larger chunks (--max-request-chunks)");
+    }
     if (ec == http::error::body_limit) {
       return fail(413, "request body is over the limit of " + std::to_string(core_->options.max_body_bytes) +
                            " bytes (--max-request-bytes)");
@@ -510,22 +727,28 @@ class Session : public std::enable_shared_from_this<Session> {
       return fail(431, "the request line and headers are over " + std::to_string(core_->options.max_header_bytes) +
                            " bytes (--max-header-bytes)");
     }
-    if (ec == beast::error::timeout) {
-      if (!parser_->got_some()) return close();  // idle: nothing of a request had come
+    if (timed_out_ || ec == beast::error::timeout) {
+      if (!parser_->got_some() && buffer_.size() == 0) return close();  // idle: nothing of a request had come
       const auto seconds = std::chrono::duration<double>(core_->options.request_read_timeout).count();
       std::ostringstream text;
       text << "the request was not fully received within " << seconds << " s (--request-read-timeout-s)";
       return fail(408, text.str());
     }
-    if (ec == http::error::end_of_stream || ec == asio::error::eof || ec == asio::error::connection_reset ||
-        ec == asio::error::operation_aborted || !parser_->got_some()) {
-      return close();
+    if (ec == asio::error::connection_reset || ec == asio::error::operation_aborted) return close();
+    // Both a length and chunks: the words of the Python front end's parser.
+    const auto& fields = parser_->get();
+    if (ec == http::error::bad_transfer_encoding && fields.find(http::field::content_length) != fields.end()) {
+      return fail(400, "malformed HTTP request: Transfer-Encoding can't be present with Content-Length");
+    }
+    if (ec == http::error::bad_content_length && fields.find(http::field::transfer_encoding) != fields.end()) {
+      return fail(400, "malformed HTTP request: Content-Length can't be present with Transfer-Encoding");
     }
     if (ec) return fail(400, "malformed HTTP request: " + ec.message());
-    stream_.expires_never();  // the model's time is bounded by the request's own deadline
     Request request = parser_->release();
     keep_alive_ = request.keep_alive();
+    busy_ = true;
     core_->handle(shared_from_this(), std::move(request));
+    if (!reading_) read_more(nullptr);  // watches the connection while the answer is made
   }
 
   // Answers a request that cannot be read, then closes the connection.
@@ -536,6 +759,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_write(beast::error_code ec) {
     response_.reset();
+    busy_ = false;
     if (answering_inference_) {
       answering_inference_ = false;
       core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
@@ -548,16 +772,36 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void close() {
+    disarm();
+    if (counted_) {  // a connection closed no longer counts, though a request of it may still be in a model
+      counted_ = false;
+      --core_->connections;
+    }
     beast::error_code ec;
     stream_.socket().shutdown(Socket::shutdown_send, ec);
     stream_.close();
     if (upstream_) upstream_->close(ec);
   }
 
+  static constexpr size_t kReadBytes = 64 << 10;      // asked of the socket per read
+  static constexpr size_t kMaxReadAhead = 64 << 10;   // read while a request is being answered
+
   Stream stream_;
   HttpFrontend::Core* core_;
+  Timer deadline_;
+  uint64_t generation_ = 0;  // of the armed deadline: a deadline that passes after a re-arm does nothing
+  bool timed_out_ = false;
+  bool counted_ = true;       // in core_->connections: until closed
+  bool busy_ = false;         // a request read is being answered
+  bool reading_ = false;      // a read of the socket is under way
+  bool peer_closed_ = false;  // the client shut its sending side down
+  void (Session::*next_)() = nullptr;  // what the read under way goes on to
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<RequestBody>> parser_;
+  std::function<void(std::uint64_t, beast::string_view, beast::error_code&)> count_chunk_;
+  size_t chunks_ = 0;
+  bool too_many_chunks_ = false;
+  size_t scanned_ = 0;  // of the buffered head: checked for folded lines up to here
   std::optional<Response> response_;
   std::shared_ptr<http::response<http::empty_body>> continue_;
   bool keep_alive_ = true;
@@ -674,15 +918,45 @@ const json::object* object_at(const json::object& parent, std::string_view key) 
   return v ? v->if_object() : nullptr;
 }
 
+// Whether a tensor of the request lives in a registered shared-memory region.
+bool in_shared_memory(const json::object& tensor) {
+  const json::object* parameters = object_at(tensor, "parameters");
+  return parameters && parameters->contains("shared_memory_region");
+}
+
+// Whether a "parameters" field (absent counts) is one the Python front end accepts: null, or
+// an object of strings, numbers and booleans.
+bool plain_parameters(const json::object& parent) {
+  const json::value* v = parent.if_contains("parameters");
+  if (!v || v->is_null()) return true;
+  const json::object* parameters = v->if_object();
+  if (!parameters) return false;
+  for (const auto& item : *parameters) {
+    const json::value& x = item.value();
+    if (!x.is_string() && !x.is_number() && !x.is_bool()) return false;
+  }
+  return true;
+}
+
+// Whether `key` of a parameters object is absent or a boolean.
+bool absent_or_bool(const json::object* parameters, std::string_view key) {
+  const json::value* v = parameters ? parameters->if_contains(key) : nullptr;
+  return !v || v->is_bool();
+}
+
 // Whether the front end behind must answer this request: it asks for something served
-// there alone (a classification output, a BYTES or BF16 tensor, an unknown field's
-// meaning), or it is malformed in a way whose exact message the behind server owns.
+// there alone (a tensor in shared memory, a classification output, a BYTES or BF16
+// tensor), or it is malformed in a way whose exact message the behind server owns (this
+// front end forwards every request it would refuse, so both refuse in the same words).
 bool needs_full_server(const json::object& root) {
+  if (!plain_parameters(root) || !absent_or_bool(object_at(root, "parameters"), "binary_data_output")) return true;
   const json::value* inputs = root.if_contains("inputs");
   if (!inputs || !inputs->is_array()) return true;
   for (const json::value& entry : inputs->get_array()) {
     const json::object* input = entry.if_object();
-    if (!input) return true;
+    if (!input || !plain_parameters(*input) || in_shared_memory(*input)) return true;
+    const json::object* parameters = object_at(*input, "parameters");
+    if (parameters && parameters->contains("binary_data_size") && input->contains("data")) return true;
     const json::value* datatype = input->if_contains("datatype");
     if (!datatype || !datatype->is_string()) return true;
     const json::string& name = datatype->get_string();
@@ -690,12 +964,20 @@ bool needs_full_server(const json::object& root) {
   }
   if (const json::value* outputs = root.if_contains("outputs")) {
     if (!outputs->is_array()) return true;
+    std::vector<std::string_view> names;
     for (const json::value& entry : outputs->get_array()) {
       const json::object* output = entry.if_object();
-      if (!output) return true;
-      if (const json::object* parameters = object_at(*output, "parameters"); parameters && parameters->contains("classification")) {
+      if (!output || !plain_parameters(*output) || in_shared_memory(*output)) return true;
+      const json::object* parameters = object_at(*output, "parameters");
+      if (!absent_or_bool(parameters, "binary_data") || (parameters && parameters->contains("classification"))) {
         return true;
       }
+      const json::value* name = output->if_contains("name");
+      if (!name || !name->is_string()) return true;
+      for (std::string_view seen : names) {
+        if (seen == name->get_string()) return true;
+      }
+      names.push_back(name->get_string());
     }
   }
   return false;
@@ -736,7 +1018,10 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
   unsigned char scratch[4096];
   json::monotonic_resource resource(scratch, sizeof scratch);
   boost::system::error_code jec;
-  json::value doc = json::parse(json::string_view(reinterpret_cast<const char*>(raw.data()), json_bytes), jec, &resource);
+  json::parse_options parse_options;
+  parse_options.numbers = json::number_precision::precise;  // every double as Python reads it
+  json::value doc =
+      json::parse(json::string_view(reinterpret_cast<const char*>(raw.data()), json_bytes), jec, &resource, parse_options);
   const json::object* root = jec ? nullptr : doc.if_object();
   if (!root || needs_full_server(*root)) {
     session->forward(std::move(request));
@@ -795,6 +1080,12 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
         dims.push_back(d.get_int64());
       }
       t.shape = Shape(dims.data(), static_cast<int>(dims.size()));
+      int64_t elements = 1;  // of the non-zero dimensions: at most (2^63 - 1) / 8, as the Python front end says
+      for (int64_t d : dims) {
+        if (d && (__builtin_mul_overflow(elements, d, &elements) || elements > INT64_MAX / 8)) {
+          throw Error(ErrorCode::kInvalidInput, "input '" + name + "': more elements than a tensor can hold");
+        }
+      }
       const json::value* binary_size = nullptr;
       if (const json::value* parameters = entry->if_contains("parameters"); parameters && parameters->is_object()) {
         binary_size = parameters->get_object().if_contains("binary_data_size");
@@ -860,6 +1151,11 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     } else {
       for (int i = 0; i < static_cast<int>(output_specs.size()); ++i) pending_request.outputs.push_back({i, binary_default});
     }
+    for (const OutputChoice& choice : pending_request.outputs) {
+      if (!choice.binary && !json_writable(output_specs[choice.index].dtype)) {
+        throw Error(ErrorCode::kInvalidInput, "an output this front end cannot write as JSON");
+      }
+    }
 
     // Queued at the end of this round of reads, with the other requests read in it.
     Batcher::Queued queued{std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
@@ -871,8 +1167,8 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
       asio::post(ioc, [this] { submit_staged(); });
     }
     return;
-  } catch (const Error&) {
-    // A request this front end finds invalid goes behind, which words the refusal.
+  } catch (const std::exception&) {
+    // A request this front end finds invalid (or cannot hold) goes behind, which words the refusal.
   }
   request.body() = body.use_count() == 1 ? std::move(*body) : *body;
   session->forward(std::move(request));
@@ -932,17 +1228,19 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
       continue;
     }
     try {
-      // The header document lives in this stack buffer (and past it, in blocks freed at once).
-      unsigned char scratch[2048];
-      json::monotonic_resource resource(scratch, sizeof scratch);
-      json::storage_ptr sp(&resource);
-      json::object head(sp);
-      head["model_name"] = p.model->name;
-      head["model_version"] = std::to_string(p.model->version);
-      head["id"] = p.id;
-      json::array outputs(sp);
+      // The header, written as the Python front end writes it (the same keys in the same order).
+      std::string text;
+      text.reserve(256);
+      text += "{\"model_name\":";
+      append_json_string(p.model->name, &text);
+      text += ",\"model_version\":\"";
+      text += std::to_string(p.model->version);
+      text += "\",\"id\":";
+      append_json_string(p.id, &text);
+      text += ",\"outputs\":[";
       std::string binary;
       const std::vector<TensorSpec>& specs = p.model->batcher->options().outputs;
+      bool first_output = true;
       for (const OutputChoice& choice : p.outputs) {
         const Tensor& t = c.outputs->tensors[choice.index];
         if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
@@ -954,26 +1252,28 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
         }
         const auto* src = static_cast<const uint8_t*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
         const size_t nbytes = static_cast<size_t>(shape.numel()) * dtype_size(t.dtype);
-        json::object out(sp);
-        out["name"] = specs[choice.index].name;
-        out["datatype"] = dtype_name(t.dtype);
-        json::array dims(sp);
-        for (int d = 0; d < shape.ndim(); ++d) dims.emplace_back(shape[d]);
-        out["shape"] = std::move(dims);
+        text += first_output ? "{\"name\":" : ",{\"name\":";
+        first_output = false;
+        append_json_string(specs[choice.index].name, &text);
+        text += ",\"datatype\":\"";
+        text += dtype_name(t.dtype);
+        text += "\",\"shape\":[";
+        for (int d = 0; d < shape.ndim(); ++d) {
+          if (d) text += ',';
+          text += std::to_string(shape[d]);
+        }
         if (choice.binary) {
-          json::object parameters(sp);
-          parameters["binary_data_size"] = nbytes;
-          out["parameters"] = std::move(parameters);
+          text += "],\"parameters\":{\"binary_data_size\":";
+          text += std::to_string(nbytes);
+          text += "}}";
           binary.append(reinterpret_cast<const char*>(src), nbytes);
         } else {
-          json::array data(sp);
-          json_output(t.dtype, src, shape.numel(), &data);
-          out["data"] = std::move(data);
+          text += "],\"data\":[";
+          json_output(t.dtype, src, shape.numel(), &text);
+          text += "]}";
         }
-        outputs.emplace_back(std::move(out));
       }
-      head["outputs"] = std::move(outputs);
-      std::string text = json::serialize(head);
+      text += "]}";
       Response res{http::status::ok, 11};
       if (binary.empty()) {
         res.set(http::field::content_type, "application/json");

@@ -46,10 +46,11 @@ def _serve_parser(subparsers: Any) -> None:
     p.add_argument("--grpc-port", type=port, default=env("grpc-port", 8001, port),
                    help="gRPC port (default 8001; 0 turns gRPC off)")
     p.add_argument("--http-frontend", type=choice(("python", "native")),
-                   default=env("http-frontend", "python", choice(("python", "native"))),
-                   help="python (default): the Python front end owns the HTTP port; native: a C++ front end owns "
-                   "it and answers inference for models that need no Python per request (no monitor, steps or "
-                   "rollout), forwarding every other request to the Python front end (docs/native-http.md)")
+                   default=env("http-frontend", "native", choice(("python", "native"))),
+                   help="native (default): a C++ front end owns the HTTP port and answers inference for models "
+                   "that need no Python per request (no monitor, steps or rollout), forwarding every other "
+                   "request to the Python front end on a loopback port; python: the Python front end owns the "
+                   "port and answers everything (docs/native-http.md; env CONVEYOR_HTTP_FRONTEND)")
     p.add_argument("--metrics-port", type=port, default=env("metrics-port", 0, port),
                    help="serve /metrics on its own port (default 0: on the HTTP port)")
     p.add_argument("--model-control-mode", type=choice(("none", "poll", "explicit")),

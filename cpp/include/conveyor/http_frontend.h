@@ -32,6 +32,7 @@ struct HttpFrontendOptions {
   size_t max_header_bytes = 64u << 10;      // request line and headers; more gets 431
   size_t max_header_count = 100;            // header lines; more gets 431
   size_t max_connections = 1024;            // the next connection is answered 503 and closed
+  size_t max_request_chunks = 65536;        // chunks of a chunked body (the last, empty one aside); more gets 413
   // A keep-alive connection with no request under way is closed after idle_timeout; a
   // request not fully read request_read_timeout after its head began gets 408.
   std::chrono::steady_clock::duration idle_timeout = std::chrono::seconds(60);

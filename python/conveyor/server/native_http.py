@@ -74,7 +74,8 @@ class NativeHttpFrontend:
         self._frontend = _core.HttpFrontend(
             resolve_host(host), port, fallback_port=python_port, max_body_bytes=max_request_bytes,
             max_header_bytes=limits.max_header_bytes, max_header_count=limits.max_header_count,
-            max_connections=limits.max_connections, idle_timeout_s=limits.idle_timeout_s,
+            max_connections=limits.max_connections, max_request_chunks=limits.max_request_chunks,
+            idle_timeout_s=limits.idle_timeout_s,
             request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
         )  # fmt: skip
         self.port = self._frontend.port

@@ -57,11 +57,12 @@ class ServeOptions:
     data_dir: Path = Path("conveyor-data")
     # How often active rollouts read their versions' counters and see whether a look is due.
     rollout_tick_interval_s: float = DEFAULT_TICK_INTERVAL_S
-    # "python": the Python front end owns the HTTP port. "native": the C++ data plane owns
-    # it and answers inference for the models that need no Python per request, forwarding
-    # the rest to the Python front end on a loopback port (conveyor.server.native_http).
-    # The default comes from CONVEYOR_HTTP_FRONTEND, so a test suite can run against either.
-    http_frontend: str = field(default_factory=lambda: os.environ.get("CONVEYOR_HTTP_FRONTEND", "python"))
+    # "native" (the default): the C++ data plane owns the HTTP port and answers inference
+    # for the models that need no Python per request, forwarding the rest to the Python
+    # front end on a loopback port (conveyor.server.native_http). "python": the Python
+    # front end owns the port. CONVEYOR_HTTP_FRONTEND sets the default, so a test suite can
+    # run against either.
+    http_frontend: str = field(default_factory=lambda: os.environ.get("CONVEYOR_HTTP_FRONTEND", "native"))
 
 
 class Server:
