@@ -188,6 +188,67 @@ def test_json_numbers_are_written_as_the_python_front_end_writes_them(
         assert expected in text, (name, text[:2000])
 
 
+@pytest.fixture
+def python_paths(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of every request the Python front end answered."""
+    seen: list[str] = []
+    handle = HttpApp.handle
+
+    async def counting(self: HttpApp, method: bytes, target: bytes, *args: Any) -> Any:
+        seen.append(target.decode())
+        return await handle(self, method, target, *args)
+
+    monkeypatch.setattr(HttpApp, "handle", counting)
+    return seen
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.mark.parametrize(
+    ("path", "spelled_for_python"),
+    [
+        ("/v2/health/live", None),
+        ("/v2", "/%76%32"),
+        ("/v2/models/tiny", "/v2/models/tin%79"),
+        ("/v2/models/tiny/versions/1", "/v2/models/tin%79/versions/1"),
+        ("/v2/models/tiny/ready", "/v2/models/tin%79/ready"),
+        ("/v2/models/tiny/versions/1/ready", "/v2/models/tin%79/versions/1/ready"),
+    ],
+)
+def test_health_and_metadata_are_answered_natively_as_python_answers_them(
+    served: ServerThread, python_paths: list[str], path: str, spelled_for_python: str | None
+) -> None:
+    """Liveness, the server's metadata, and a native model's metadata and readiness never reach
+    Python; the same route spelled so that the native front end does not recognise it (an
+    escaped letter, which the Python front end decodes) is answered there, with the same body."""
+    status, body = _get(served.port, path)
+    assert status == 200 and python_paths == [], (body, python_paths)
+    if spelled_for_python is not None:
+        assert _get(served.port, spelled_for_python) == (200, body)
+        assert python_paths == [spelled_for_python]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v2/health/ready", "/v2/models/tiny/versions/2", "/v2/models/churn", "/v2/models/tiny/config", "/v2//models/tiny",
+     "/v2/models/tiny/versions/1/stats"],
+)  # fmt: skip
+def test_other_health_and_metadata_routes_are_forwarded(
+    served: ServerThread, python_paths: list[str], path: str
+) -> None:
+    """Server readiness (it depends on every model the operator asked for), another version,
+    a model served by Python, config, statistics, and a path the Python front end splits
+    differently (an empty segment) are answered by the Python front end."""
+    _get(served.port, path)
+    assert python_paths == [path]
+
+
 def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, python_answers: list[str]) -> None:
     port = served.port
     assert _post(port, "/v2/repository/models/tiny/unload", {})[0] == 200

@@ -48,11 +48,13 @@ void init_http_frontend(py::module_& m) {
       .def_property_readonly("port", &HttpFrontend::port)
       .def(
           "add_model",
-          [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher) {
-            f.add_model({std::move(name), version, std::move(batcher)});
-          },
-          py::arg("name"), py::arg("version"), py::arg("batcher"),
-          "Serve the model's inference natively (replacing the version of that name served before).")
+          [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher,
+             std::string metadata) { f.add_model({std::move(name), version, std::move(batcher), std::move(metadata)}); },
+          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "",
+          "Serve the model's inference natively (replacing the version of that name served before), and its "
+          "readiness and, when `metadata` (the body of its metadata route) is given, its metadata.")
+      .def("set_server_metadata", &HttpFrontend::set_server_metadata, py::arg("body"),
+           "Answer GET /v2 with `body` from now on.")
       .def("remove_model", &HttpFrontend::remove_model, py::arg("name"), "Forward the model's requests from now on.")
       .def("drain", &HttpFrontend::drain, "Stop accepting connections; forward inference from now on.")
       .def_property_readonly("in_flight", &HttpFrontend::in_flight)

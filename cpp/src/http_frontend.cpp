@@ -394,7 +394,13 @@ struct HttpFrontend::Core {
   std::thread thread;
   std::shared_ptr<CompletionSink> sink;
   mutable std::mutex models_mu;
-  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>> models;  // guarded by models_mu
+  struct NameHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view name) const noexcept { return std::hash<std::string_view>{}(name); }
+  };
+  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>>
+      models;                   // guarded by models_mu
+  std::string server_metadata;  // guarded by models_mu: the body of GET /v2, once given
   std::unordered_map<uint64_t, PendingRequest> pending;  // I/O thread only
   std::once_flag stop_once;
   int port = 0;
@@ -423,7 +429,7 @@ struct HttpFrontend::Core {
   bool flush_posted = false;   // I/O thread only: submit_staged is posted
   std::shared_ptr<const FrontendModel> find(std::string_view name) const {
     std::lock_guard<std::mutex> lock(models_mu);
-    auto it = models.find(std::string(name));
+    auto it = models.find(name);  // no string made: the map looks up by view
     return it == models.end() ? nullptr : it->second;
   }
 };
@@ -844,25 +850,75 @@ void HttpFrontend::Core::accept() {
   });
 }
 
+namespace {
+
+// Whether a request's path splits as the Python front end splits it: it strips the slashes at
+// both ends and keeps the empty segments of "//" inside (which then match no route), where
+// split_path drops them.
+bool no_empty_segment(std::string_view target) {
+  if (auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
+  while (!target.empty() && target.front() == '/') target.remove_prefix(1);
+  while (!target.empty() && target.back() == '/') target.remove_suffix(1);
+  return target.find("//") == std::string_view::npos;
+}
+
+// Whether `text` is `version` written as the Python front end reads a version (int()).
+bool names_version(std::string_view text, int64_t version) {
+  int64_t value = 0;
+  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  return err == std::errc() && end == text.data() + text.size() && value == version;
+}
+
+}  // namespace
+
 void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request&& request) {
-  // POST /v2/models/{model}[/versions/{version}]/infer, for a model served here; the rest goes behind.
+  // Anything while draining keeps the behind server's handling (it refuses new inference).
   const std::vector<std::string_view> parts = split_path(request.target());
-  const bool infer_route = request.method() == http::verb::post && (parts.size() == 4 || parts.size() == 6) &&
-                           parts[0] == "v2" && parts[1] == "models" && parts.back() == "infer" &&
-                           (parts.size() == 4 || parts[3] == "versions");
-  std::shared_ptr<const FrontendModel> model = infer_route ? find(parts[2]) : nullptr;
-  if (model && parts.size() == 6) {
-    int64_t version = 0;
-    auto [end, err] = std::from_chars(parts[4].data(), parts[4].data() + parts[4].size(), version);
-    if (err != std::errc() || end != parts[4].data() + parts[4].size() || version != model->version) model = nullptr;
+  if (draining.load(std::memory_order_relaxed) || parts.empty() || parts[0] != "v2" ||
+      !no_empty_segment(request.target())) {
+    return session->forward(std::move(request));
   }
-  // Compressed bodies, and anything while draining, keep the behind server's handling.
-  if (!model || draining.load(std::memory_order_relaxed) || request.find(http::field::content_encoding) != request.end() ||
-      !authorized(request)) {
-    session->forward(std::move(request));
-    return;
+  // /v2/models/{model}[/versions/{version}]/<action>, for the version served here.
+  std::shared_ptr<const FrontendModel> model;
+  std::string_view action;
+  if (parts.size() >= 3 && parts.size() <= 6 && parts[1] == "models") {
+    const bool versioned = parts.size() >= 5 && parts[3] == "versions";
+    const size_t action_at = versioned ? 5 : 3;
+    if (parts.size() <= action_at + 1 && (versioned || parts.size() <= 4)) {
+      model = find(parts[2]);
+      if (model && versioned && !names_version(parts[4], model->version)) model = nullptr;
+      if (parts.size() == action_at + 1) action = parts[action_at];
+    }
   }
-  infer(session, std::move(model), std::move(request));
+  if (request.method() == http::verb::post) {
+    // Compressed bodies keep the behind server's handling.
+    if (!model || action != "infer" || request.find(http::field::content_encoding) != request.end() ||
+        !authorized(request)) {
+      return session->forward(std::move(request));
+    }
+    return infer(session, std::move(model), std::move(request));
+  }
+  if (request.method() == http::verb::get) {
+    // Health and metadata, answered as the Python front end answers them: liveness always
+    // (a process that answers is live), the rest for the models served here and the server.
+    if (parts.size() == 3 && parts[1] == "health" && parts[2] == "live") {
+      return session->respond(json_response(200, R"({"live":true})"));
+    }
+    if (authorized(request)) {
+      if (parts.size() == 1) {
+        std::lock_guard<std::mutex> lock(models_mu);
+        if (!server_metadata.empty()) return session->respond(json_response(200, server_metadata));
+      } else if (model && action.empty() && !model->metadata.empty()) {
+        return session->respond(json_response(200, model->metadata));
+      } else if (model && action == "ready") {
+        std::string body = R"({"name":)";
+        append_json_string(model->name, &body);
+        body += R"(,"ready":true})";
+        return session->respond(json_response(200, std::move(body)));
+      }
+    }
+  }
+  session->forward(std::move(request));
 }
 
 bool HttpFrontend::Core::authorized(const Request& request) const {
@@ -1337,6 +1393,11 @@ void HttpFrontend::add_model(FrontendModel model) {
   auto shared = std::make_shared<const FrontendModel>(std::move(model));
   std::lock_guard<std::mutex> lock(core_->models_mu);
   core_->models[shared->name] = std::move(shared);
+}
+
+void HttpFrontend::set_server_metadata(std::string body) {
+  std::lock_guard<std::mutex> lock(core_->models_mu);
+  core_->server_metadata = std::move(body);
 }
 
 void HttpFrontend::remove_model(const std::string& name) {

@@ -1,5 +1,6 @@
-// The native HTTP/1.1 data plane: KServe v2 inference answered on an I/O thread of its
-// own, with requests handed straight to the models' batchers. Every other route, and an
+// The native HTTP/1.1 data plane: KServe v2 inference, liveness, and the metadata and
+// readiness of the models it serves, answered on an I/O thread of its own, with inference
+// requests handed straight to the models' batchers. Every other route, and an
 // inference request this front end does not serve itself (a model it was not given, a
 // compressed body, a classification output, a key it cannot check), is forwarded as
 // received to the full-featured HTTP server behind it, whose answer is relayed.
@@ -53,6 +54,9 @@ struct FrontendModel {
   std::string name;
   int64_t version = 1;
   std::shared_ptr<Batcher> batcher;
+  // The body of GET /v2/models/{name}[/versions/{version}] (the server behind's answer,
+  // rendered by it); empty: that route is forwarded.
+  std::string metadata;
 };
 
 class HttpFrontend {
@@ -69,6 +73,8 @@ class HttpFrontend {
   void add_model(FrontendModel model);
   // Forwards the model's requests from now on.
   void remove_model(const std::string& name);
+  // The body of GET /v2 (server metadata), answered here from now on.
+  void set_server_metadata(std::string body);
   // Stops accepting connections; inference requests that arrive on open connections
   // are forwarded from now on (the server behind refuses them while it drains).
   void drain();

@@ -2,7 +2,8 @@
 
 The native front end (`_core.HttpFrontend`, cpp/src/http_frontend.cpp) owns the public
 HTTP port and answers inference for the models it is given straight from its I/O thread
-into their batchers, with no Python per request. Everything else (the other routes, and
+into their batchers, with no Python per request; it also answers liveness, the server's
+metadata, and those models' metadata and readiness (bodies rendered here, once). Everything else (the other routes, and
 any inference request it does not serve itself: a model not given to it, a compressed
 body, a classification output, an invalid request, a server draining) it forwards as
 received to the Python front end, which listens on a loopback port of its own, and
@@ -23,10 +24,12 @@ import socket
 import threading
 
 from conveyor import _core
-from conveyor.errors import ModelNotFound
+from conveyor.errors import ConveyorError, ModelNotFound
 from conveyor.runtime_handle import ModelHandle
 from conveyor.runtime import Runtime
+from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits
+from conveyor.server.responses import json_response
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,11 @@ def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
     return None
 
 
+def _json_body(payload: object) -> str:
+    """The body the Python front end answers `payload` with."""
+    return b"".join(json_response(payload).body).decode()
+
+
 def resolve_host(host: str) -> str:
     """The numeric address the native front end binds for `host` (a name is resolved once)."""
     try:
@@ -63,14 +71,16 @@ class NativeHttpFrontend:
     """The native front end of one server, kept in step with the runtime and its rollouts."""
 
     def __init__(
-        self, runtime: Runtime, traffic: object | None, *, host: str, port: int, python_port: int,
-        max_request_bytes: int, limits: HttpLimits, api_key: str | None,
+        self, runtime: Runtime, traffic: object | None, dataplane: DataPlane, *, host: str, port: int,
+        python_port: int, max_request_bytes: int, limits: HttpLimits, api_key: str | None,
     ) -> None:  # fmt: skip
-        """`python_port`: the loopback port of the Python front end that answers the rest.
+        """`dataplane`: renders the metadata answered here, as the Python front end renders it.
+        `python_port`: the loopback port of the Python front end that answers the rest.
         `limits`: what one client may ask (the Python front end's, applied here first).
         `api_key`: the key inference needs (None when it needs none)."""
         self.runtime = runtime
         self.traffic = traffic
+        self.dataplane = dataplane
         self._frontend = _core.HttpFrontend(
             resolve_host(host), port, fallback_port=python_port, max_body_bytes=max_request_bytes,
             max_header_bytes=limits.max_header_bytes, max_header_count=limits.max_header_count,
@@ -79,6 +89,7 @@ class NativeHttpFrontend:
             request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
         )  # fmt: skip
         self.port = self._frontend.port
+        self._frontend.set_server_metadata(_json_body(dataplane.server_metadata()))
         self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
         # Loads (on worker threads) and rollouts (on the loop) change models at once: each
         # refresh reads the state and applies it whole, so the last one leaves the truth.
@@ -102,7 +113,11 @@ class NativeHttpFrontend:
         routed = self.traffic is not None and self.traffic.get(name) is not None
         reason = None if handle is None else python_only_reason(handle, routed)
         if handle is not None and reason is None:
-            self._frontend.add_model(name, handle.version, handle.batcher)
+            try:
+                metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version)))
+            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
+                metadata = ""
+            self._frontend.add_model(name, handle.version, handle.batcher, metadata)
             if self._native.get(name) != handle.version:
                 log.info("model %s version %d: inference served by the native front end", name, handle.version)
             self._native[name] = handle.version

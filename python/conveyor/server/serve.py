@@ -148,7 +148,8 @@ class Server:
             http_server = await start_http_server(self.http_app, "127.0.0.1", 0)
             self._servers.append(http_server)
             self._native_http = NativeHttpFrontend(
-                self.runtime, self.rollouts.traffic, host=host, port=http_port, python_port=_bound_port(http_server),
+                self.runtime, self.rollouts.traffic, self.dataplane, host=host, port=http_port,
+                python_port=_bound_port(http_server),
                 max_request_bytes=o.max_request_bytes, limits=o.http_limits,
                 api_key=o.api_key if o.api_key_scope == "all" else None,
             )  # fmt: skip
