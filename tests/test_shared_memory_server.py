@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
 import gate_model
@@ -52,8 +52,9 @@ class Served:
             shutil.copytree(EXAMPLE_MODELS / model, root / "repo" / model)
         write_echo_model(root / "repo")
         gate_model.write_gate_model(root / "repo")
+        # The Python front end, whatever CONVEYOR_HTTP_FRONTEND says: it is the one that maps regions.
         options = ServeOptions(repository=root / "repo", http_port=0, grpc_port=free_port(), data_dir=root / "data",
-                               api_key=api_key, max_shared_memory_regions=max_regions)
+                               api_key=api_key, max_shared_memory_regions=max_regions, http_frontend="python")
         self.thread = ServerThread(options)
         assert self.thread.server is not None
         self.server = self.thread.server
@@ -178,8 +179,6 @@ def test_grpc_client_infers_at_offsets_inside_one_region(served: Served, regions
 
 
 def pb_region_status(name: str, key: str, offset: int, byte_size: int) -> Any:
-    from tritonclient.grpc import service_pb2
-
     return service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(name=name, key=key, offset=offset,
                                                                       byte_size=byte_size)
 
@@ -488,7 +487,7 @@ def test_perf_analyzer_with_system_shared_memory(protocol: str, tmp_path: Path) 
     perf_analyzer = _perf_analyzer()
     repository = tmp_path / "repo"
     shutil.copytree(EXAMPLE_MODELS / "tiny", repository / "tiny")
-    server = LiveServer(repository, tmp_path)
+    server = LiveServer(repository, tmp_path, ["--http-frontend", "python"])
     try:
         server.wait_ready()
         url = server.http_url if protocol == "http" else server.grpc_url
@@ -525,7 +524,5 @@ def test_grpc_region_status_message_matches_tritons() -> None:
     message = pb.SystemSharedMemoryStatusResponse()
     message.regions["r"].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(name="r", key="/k", offset=1,
                                                                                      byte_size=2))
-    from tritonclient.grpc import service_pb2
-
     theirs = service_pb2.SystemSharedMemoryStatusResponse.FromString(message.SerializeToString())
     assert theirs.regions["r"] == pb_region_status("r", "/k", 1, 2)
