@@ -489,7 +489,7 @@ def test_unknown_version_and_repository(served: Served) -> None:
 
 def test_unimplemented_rpc(served: Served) -> None:
     with pytest.raises(InferenceServerException) as excinfo:
-        served.client.get_system_shared_memory_status()
+        served.client.get_log_settings()
     assert _status(excinfo) == "StatusCode.UNIMPLEMENTED"
 
 

@@ -37,12 +37,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
 def test_the_document_describes_every_route_of_the_server() -> None:
     described = set()
     for path, item in schema.raw_schema["paths"].items():
-        concrete = path.format(model_name="tiny", model_version="1", action="pause")
+        concrete = path.format(model_name="tiny", model_version="1", action="pause", region_name="r")
         for method in item.keys() - {"parameters"}:
             route = routes.match_route(method.upper().encode(), concrete)
             assert isinstance(route, routes.Route), (method, path)
             described.add("rollout_start" if (route.name, method) == ("rollout", "post") else route.name)
-    assert described == set(routes.OPEN_ROUTES) | {"index", "load", "unload", "rollout_start", "rollout_action"}
+    shared_memory = {f"{kind}_shared_memory_{action}" for kind in ("system", "cuda")
+                     for action in ("status", "register", "unregister")}
+    assert described == set(routes.OPEN_ROUTES) | {"index", "load", "unload", "rollout_start", "rollout_action",
+                                                   *shared_memory}
 
 
 @schema.parametrize()

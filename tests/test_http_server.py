@@ -220,8 +220,12 @@ def test_server_metadata_lists_only_what_is_implemented(client: Any, served: Ser
     assert {"binary_tensor_data", "classification", "model_repository", "model_configuration",
             "statistics", "schedule_policy"} <= extensions
     # What is not built is not advertised: clients feature-detect with this list.
-    assert not extensions & {"system_shared_memory", "cuda_shared_memory", "sequence", "trace", "logging"}
-    assert _request(served.port, "GET", "/v2/systemsharedmemory/status")[0] == 404
+    assert "system_shared_memory" in extensions
+    assert not extensions & {"cuda_shared_memory", "sequence", "trace", "logging"}
+    # Served, as a control route (this server has an API key).
+    assert _request(served.port, "GET", "/v2/systemsharedmemory/status")[0] == 401
+    assert _request(served.port, "GET", "/v2/systemsharedmemory/status", headers=AUTH)[::2] == (200, b"[]")
+    assert _request(served.port, "GET", "/v2/trace/setting")[0] == 404
 
 
 def test_model_metadata(client: Any) -> None:
@@ -703,8 +707,10 @@ def test_unknown_path_is_404_and_wrong_method_405(served: ServerThread) -> None:
 @pytest.mark.parametrize(
     ("path", "body"),
     [("/v2/repository/index", b"{}"), ("/v2/repository/models/spare/load", b"{}"),
-     ("/v2/repository/models/spare/unload", b"{}")],
-    ids=["index", "load", "unload"],
+     ("/v2/repository/models/spare/unload", b"{}"),
+     ("/v2/systemsharedmemory/region/r/register", b'{"key": "/r", "byte_size": 64}'),
+     ("/v2/systemsharedmemory/unregister", b""), ("/v2/cudasharedmemory/region/r/register", b"{}")],
+    ids=["index", "load", "unload", "shm-register", "shm-unregister", "cuda-shm-register"],
 )
 def test_control_endpoints_need_the_api_key(served: ServerThread, path: str, body: bytes) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):

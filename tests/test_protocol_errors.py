@@ -11,6 +11,7 @@ EXPECTED = {
     "InvalidInput": (400, "INVALID_ARGUMENT"),
     "ConfigError": (400, "INVALID_ARGUMENT"),
     "ModelNotFound": (404, "NOT_FOUND"),
+    "NotFound": (404, "NOT_FOUND"),
     "QueueFull": (503, "UNAVAILABLE"),
     "Unavailable": (503, "UNAVAILABLE"),
     "OutOfMemory": (503, "RESOURCE_EXHAUSTED"),

@@ -15,6 +15,7 @@ from conveyor.protocol import (
     InferOutput,
     InferResponse,
     InputSpec,
+    SharedMemoryRef,
     decode_infer_request,
     encode_error,
     encode_infer_response,
@@ -211,6 +212,42 @@ def test_input_parameters_pass_through_without_binary_data_size() -> None:
     assert decoded.parameters == {"tag": "a"} and decoded.data.tolist() == [5]
 
 
+def test_shared_memory_inputs_and_outputs_are_read_beside_binary_ones() -> None:
+    """An input in shared memory has no data in the body; the binary inputs after it keep their bytes."""
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7, 8], dtype=np.int16)
+    document = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 24}},
+            {"name": "s", "datatype": "INT64", "shape": [1, 2], "parameters": {
+                "shared_memory_region": "in", "shared_memory_offset": 64, "shared_memory_byte_size": 16, "tag": 1}},
+            {"name": "b", "datatype": "INT16", "shape": [2], "parameters": {"binary_data_size": 4}},
+        ],
+        "outputs": [{"name": "y", "parameters": {"binary_data": False, "shared_memory_region": "out",
+                                                  "shared_memory_byte_size": 40}}],
+    }
+    header = _json(document)
+    request = decode(header + a.tobytes() + b.tobytes(), len(header))
+    first, shared, last = request.inputs
+    np.testing.assert_array_equal(first.data, a)
+    np.testing.assert_array_equal(last.data, b)
+    assert shared.data is None and shared.parameters == {"tag": 1}
+    assert shared.shared_memory == SharedMemoryRef("in", 64, 16)
+    (output,) = request.outputs
+    assert output.shared_memory == SharedMemoryRef("out", 0, 40) and output.parameters == {}
+
+
+def test_outputs_written_to_shared_memory_carry_metadata_only() -> None:
+    """As Triton answers: name, datatype and shape, no data and no parameters (Triton's C++ client
+    reads any output parameters as holding binary_data_size)."""
+    written = InferOutput("y", "FP32", (1, 2), np.ones((1, 2), np.float32), binary_data=True,
+                          shared_memory=SharedMemoryRef("out", 0, 8))
+    plain = InferOutput("z", "INT8", (1,), np.array([3], np.int8), binary_data=True)
+    buffers, header_length = encode_infer_response(response(written, plain))
+    header, rest = parse_body(buffers, header_length)
+    assert header["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [1, 2]}
+    assert header["outputs"][1]["parameters"] == {"binary_data_size": 1} and rest == b"\x03"
+
+
 # --- decoding: the raw binary form ------------------------------------------------------
 
 
@@ -330,7 +367,35 @@ MALFORMED_JSON_CASES = [
         "input 'x': binary_data_size must be an integer >= 0, got '24'",
     ),
     (_one_input(parameters={"binary_data_size": -4}), "binary_data_size must be an integer >= 0, got -4"),
-    (_one_input(parameters={"shared_memory_region": "r"}), "input 'x': shared memory inputs are not supported"),
+    (
+        _one_input(parameters={"shared_memory_region": "r"}),
+        "input 'x': 'shared_memory_region' needs 'shared_memory_byte_size' beside it",
+    ),
+    (
+        _one_input(parameters={"shared_memory_byte_size": 24}),
+        "input 'x': parameter 'shared_memory_byte_size' needs 'shared_memory_region' beside it",
+    ),
+    (
+        _one_input(parameters={"shared_memory_region": "", "shared_memory_byte_size": 24}),
+        "input 'x': 'shared_memory_region' must be a region's name (a non-empty string), got ''",
+    ),
+    (
+        _one_input(parameters={"shared_memory_region": "r", "shared_memory_byte_size": 24,
+                               "shared_memory_offset": -8}),
+        "input 'x': 'shared_memory_offset' must be an integer >= 0",
+    ),
+    (
+        _one_input(parameters={"shared_memory_region": "r", "shared_memory_byte_size": -24}),
+        "input 'x': 'shared_memory_byte_size' must be an integer >= 0, got -24",
+    ),
+    (
+        _one_input(parameters={"shared_memory_region": "r", "shared_memory_byte_size": 20}),
+        "input 'x': shared_memory_byte_size is 20 but shape [2, 3] needs 24 bytes of FP32 data",
+    ),
+    (
+        _one_input(data=[1] * 6, parameters={"shared_memory_region": "r", "shared_memory_byte_size": 24}),
+        "input 'x' has both shared memory parameters and 'data'; give one",
+    ),
     (_one_input(parameters=[1]), "input 'x' 'parameters' must be an object, got a list"),
     (
         _one_input(data=[1] * 6, parameters={"k": [1]}),
@@ -373,8 +438,14 @@ MALFORMED_JSON_CASES = [
         "output 'y': parameter 'classification' must be an integer >= 0 (the number of top classes), got -2",
     ),
     (
-        _json({"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r"}}], "inputs": []}),
-        "output 'y': shared memory outputs are not supported",
+        _json({"outputs": [{"name": "y", "parameters": {"shared_memory_region": 7, "shared_memory_byte_size": 4}}],
+               "inputs": []}),
+        "output 'y': 'shared_memory_region' must be a region's name (a non-empty string), got 7",
+    ),
+    (
+        _json({"outputs": [{"name": "y", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 40,
+                                                        "classification": 2}}], "inputs": []}),
+        "output 'y': a classification output cannot be written to shared memory",
     ),
 ]
 

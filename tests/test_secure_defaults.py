@@ -162,6 +162,8 @@ def test_the_walk_finds_every_route_and_each_is_reviewed() -> None:
     # The walk must reach the routes known today; a route it finds that is neither open (reviewed
     # above) nor refused without the key fails test_control_routes_refuse_calls_without_the_key.
     assert {"index", "load", "unload", "rollout_start", "rollout_action", "infer", "rollout_decisions"} <= names
+    assert {f"{kind}_shared_memory_{action}" for kind in ("system", "cuda")
+            for action in ("status", "register", "unregister")} <= names
     assert {name for name, _ in OPEN_HTTP} == set(routes.OPEN_ROUTES) - {"rollout_start"}
     assert OPEN_GRPC == OPEN_RPCS
 

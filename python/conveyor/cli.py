@@ -93,6 +93,10 @@ def _serve_parser(subparsers: Any) -> None:
                    help="which routes --api-key guards: control (default: inference, health, metadata, statistics "
                    "and metrics open) or all (everything but the health probes /v2/health/live and ready, and the "
                    "gRPC ServerLive, ServerReady and grpc.health.v1)")
+    p.add_argument("--max-shared-memory-regions", type=positive_int,
+                   default=env("max-shared-memory-regions", 256, positive_int),
+                   help="most shared-memory regions clients may hold registered at once (Triton's system shared "
+                   "memory extension; each is an open mapping); one more is refused with 400 (default 256)")
     p.add_argument("--grace-period-s", type=positive_float, default=env("grace-period-s", 30.0, positive_float),
                    help="on SIGTERM/SIGINT, how long to let accepted requests finish (default 30)")
     p.add_argument("--data-dir", type=Path, default=env("data-dir", Path("conveyor-data"), Path),
@@ -153,6 +157,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         api_key=args.api_key,
         api_key_scope=args.api_key_scope,
+        max_shared_memory_regions=args.max_shared_memory_regions,
         grace_period_s=args.grace_period_s,
         server_version=__version__,
         data_dir=args.data_dir,

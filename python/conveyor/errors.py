@@ -15,6 +15,7 @@ Python-only types (configuration, lookup) subclass the same base.
 | Unavailable         | the runtime or model is stopping or stopped                     |
 | ConfigError         | a config file or repository is invalid (also ValueError)        |
 | ModelNotFound       | no model or version of that name (also LookupError)             |
+| NotFound            | no shared-memory region of that name (also LookupError)         |
 | Conflict            | the request clashes with what runs (a second rollout on a model) |
 | InternalError       | a broken invariant inside Conveyor: a bug, please report it     |
 """
@@ -40,6 +41,10 @@ class ModelNotFound(ConveyorError, LookupError):
     """No model, or no such version of it, is loaded."""
 
 
+class NotFound(ConveyorError, LookupError):
+    """Something else a request names (a shared-memory region) does not exist; the message names it."""
+
+
 class Conflict(ConveyorError):
     """The request clashes with something already running; the message says what and how to end it."""
 
@@ -54,6 +59,7 @@ __all__ = [
     "InvalidInput",
     "ModelExecutionError",
     "ModelNotFound",
+    "NotFound",
     "OutOfMemory",
     "QueueFull",
     "Unavailable",

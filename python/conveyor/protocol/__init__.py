@@ -16,7 +16,15 @@ from conveyor.protocol.http_codec import (
 )
 from conveyor.protocol.model_config import config_from_triton_json, input_specs, model_metadata, triton_model_config
 from conveyor.protocol.raw_request import InputSpec
-from conveyor.protocol.types import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+from conveyor.protocol.types import (
+    InferInput,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    SharedMemoryRef,
+    uses_shared_memory,
+)
 
 __all__ = [
     "ERROR_STATUSES",
@@ -28,6 +36,7 @@ __all__ = [
     "InferResponse",
     "InputSpec",
     "RequestedOutput",
+    "SharedMemoryRef",
     "classification_output",
     "classify",
     "config_from_triton_json",
@@ -42,4 +51,5 @@ __all__ = [
     "output_is_binary",
     "status_for",
     "triton_model_config",
+    "uses_shared_memory",
 ]

@@ -37,6 +37,7 @@ from conveyor.errors import (
     InvalidInput,
     ModelExecutionError,
     ModelNotFound,
+    NotFound,
     OutOfMemory,
     QueueFull,
     Unavailable,
@@ -54,6 +55,7 @@ ERROR_STATUSES: dict[type[BaseException], ErrorStatus] = {
     InvalidInput: ErrorStatus(400, "INVALID_ARGUMENT"),
     ConfigError: ErrorStatus(400, "INVALID_ARGUMENT"),  # a config override or load request that is wrong
     ModelNotFound: ErrorStatus(404, "NOT_FOUND"),
+    NotFound: ErrorStatus(404, "NOT_FOUND"),  # e.g. the status of a shared-memory region never registered
     Conflict: ErrorStatus(409, "ALREADY_EXISTS"),  # e.g. a second rollout on a model that has one
     QueueFull: ErrorStatus(503, "UNAVAILABLE"),
     Unavailable: ErrorStatus(503, "UNAVAILABLE"),

@@ -38,11 +38,13 @@ from conveyor.protocol.json_tensors import array_from_json, json_from_array, utf
 from conveyor.protocol.raw_request import InputSpec, decode_raw_request
 from conveyor.protocol.request_fields import (
     check_parameters,
+    check_shared_memory_input_size,
     decode_requested_outputs,
     describe,
     request_parameters,
+    shared_memory_ref,
 )
-from conveyor.protocol.types import InferInput, InferOutput, InferRequest, InferResponse
+from conveyor.protocol.types import InferInput, InferOutput, InferRequest, InferResponse, SharedMemoryRef
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 
@@ -59,8 +61,9 @@ class _InputHeader:
     datatype: str
     shape: tuple[int, ...]
     parameters: dict[str, Any]
-    data: Any  # the JSON `data` value; unused when binary_size is not None
+    data: Any  # the JSON `data` value; unused when binary_size or shared_memory is not None
     binary_size: int | None
+    shared_memory: SharedMemoryRef | None = None
 
 
 def decode_infer_request(
@@ -256,21 +259,30 @@ def _input_header(entry: Any, index: int) -> _InputHeader:
         raise _shape_error(name, shape)
     check_shape_size(shape, where=f"input '{name}'")
     parameters = entry.get("parameters")
-    binary_size = None
+    binary_size = shared_memory = None
     if parameters is None:
         parameters = {}
     else:
         parameters = check_parameters(_given(parameters), where=f"input '{name}' 'parameters'")
-        if "shared_memory_region" in parameters:
-            raise InvalidInput(
-                f"input '{name}': shared memory inputs are not supported; send the data as JSON or binary"
-            )
         binary_size = parameters.pop("binary_data_size", None)
+        shared_memory = shared_memory_ref(parameters, where=f"input '{name}'")
+        if shared_memory is not None:
+            _check_shared_memory_input(entry, name, datatype, shape, shared_memory, binary_size)
     if binary_size is not None:
         _check_binary_size(name, datatype, shape, binary_size, has_data="data" in entry)
-    elif "data" not in entry:
+    elif "data" not in entry and shared_memory is None:
         raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-    return _InputHeader(name, datatype, tuple(shape), parameters, entry.get("data"), binary_size)
+    return _InputHeader(name, datatype, tuple(shape), parameters, entry.get("data"), binary_size, shared_memory)
+
+
+def _check_shared_memory_input(
+    entry: dict[str, Any], name: str, datatype: str, shape: list[int], ref: SharedMemoryRef, binary_size: Any
+) -> None:
+    where = f"input '{name}'"
+    if "data" in entry or binary_size is not None:
+        given = "'data'" if "data" in entry else "parameters.binary_data_size"
+        raise InvalidInput(f"{where} has both shared memory parameters and {given}; give one")
+    check_shared_memory_input_size(ref, datatype, shape, where=where)
 
 
 def _valid_dims(shape: list[Any]) -> bool:
@@ -331,13 +343,16 @@ def _read_inputs(
     offset = start
     for header in headers:
         where = f"input '{header.name}'"
-        if header.binary_size is None:
+        if header.shared_memory is not None:
+            data = None  # read from the region by the data plane
+        elif header.binary_size is None:
             data = array_from_json(header.data, header.datatype, header.shape, where=where)
         else:
             end = offset + header.binary_size
             data = array_from_raw(view[offset:end], header.datatype, header.shape, where=where)
             offset = end
-        inputs.append(InferInput(header.name, header.datatype, header.shape, data, header.parameters))
+        inputs.append(InferInput(header.name, header.datatype, header.shape, data, header.parameters,
+                                 header.shared_memory))
     return inputs
 
 
@@ -373,6 +388,8 @@ def _encode_output(output: InferOutput, payloads: list[bytes | memoryview]) -> d
     if array.size != math.prod(output.shape):
         raise InternalError(f"{where}: shape {format_shape(output.shape)} does not match data of shape {array.shape}")
     entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(output.shape)}
+    if output.shared_memory is not None:  # already written to the region: metadata only
+        return entry
     # BF16 has no JSON form; BYTES that are not UTF-8 have none either (JSON strings are text).
     binary = output.binary_data or datatype == "BF16"
     payload: bytes | memoryview | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.errors import InvalidInput
-from conveyor.protocol.types import Parameters, RequestedOutput
+from conveyor.protocol.binary import expected_byte_size, format_shape
+from conveyor.protocol.types import Parameters, RequestedOutput, SharedMemoryRef
 
 # Request parameters the schedule-policy extension defines: integers >= 0 (priority
 # 1 is the highest, 0 the model's default; timeout in microseconds, 0 = none).
@@ -87,20 +88,56 @@ def _requested_output(entry: Any, index: int) -> RequestedOutput:
     parameters = check_parameters(parameters, where=f"output '{name}' 'parameters'")
     binary_data = parameters.pop("binary_data", None)
     classification = parameters.pop("classification", 0)
-    if (
-        "shared_memory_region" in parameters
-        or (binary_data is not None and type(binary_data) is not bool)
-        or type(classification) is not int
-        or classification < 0
-    ):
-        raise _output_parameter_error(name, parameters, binary_data, classification)
-    return RequestedOutput(name, binary_data, classification, parameters)
+    if (binary_data is not None and type(binary_data) is not bool) or type(classification) is not int or classification < 0:
+        raise _output_parameter_error(name, binary_data, classification)
+    shared_memory = shared_memory_ref(parameters, where=f"output '{name}'", classification=classification)
+    return RequestedOutput(name, binary_data, classification, parameters, shared_memory)
 
 
-def _output_parameter_error(name: str, parameters: Parameters, binary_data: Any, classification: Any) -> InvalidInput:
+def shared_memory_ref(parameters: Parameters, *, where: str, classification: int = 0) -> SharedMemoryRef | None:
+    """The tensor's place in a shared-memory region, taken out of its `parameters`; None when it
+    names no region. InvalidInput, saying which parameter and why, when the parameters are wrong.
+
+    `classification`: the output's classification count; top-N classes cannot go to shared
+    memory (the region would hold the scores, not the classes)."""
+    if "shared_memory_region" not in parameters:
+        for stray in ("shared_memory_byte_size", "shared_memory_offset"):
+            if stray in parameters:
+                raise InvalidInput(f"{where}: parameter '{stray}' needs 'shared_memory_region' beside it")
+        return None
+    region = parameters.pop("shared_memory_region")
+    offset = parameters.pop("shared_memory_offset", 0)
+    byte_size = parameters.pop("shared_memory_byte_size", None)
+    if type(region) is not str or not region:
+        raise InvalidInput(f"{where}: 'shared_memory_region' must be a region's name (a non-empty string), "
+                           f"got {describe(region)}")
+    if type(offset) is not int or offset < 0:
+        raise InvalidInput(f"{where}: 'shared_memory_offset' must be an integer >= 0 (bytes from the start of "
+                           f"the registered region), got {describe(offset)}")
+    if byte_size is None:
+        raise InvalidInput(f"{where}: 'shared_memory_region' needs 'shared_memory_byte_size' beside it "
+                           "(the tensor's size in bytes)")
+    if type(byte_size) is not int or byte_size < 0:
+        raise InvalidInput(f"{where}: 'shared_memory_byte_size' must be an integer >= 0, got {describe(byte_size)}")
+    if classification:
+        raise InvalidInput(f"{where}: a classification output cannot be written to shared memory; ask for it as "
+                           "JSON or binary data")
+    return SharedMemoryRef(region, offset, byte_size)
+
+
+def check_shared_memory_input_size(ref: SharedMemoryRef, datatype: str, shape: Any, *, where: str) -> None:
+    """Raise InvalidInput unless a fixed-size input's shared_memory_byte_size is what its shape needs
+    (a BYTES input's size is checked when its elements are read)."""
+    expected = expected_byte_size(datatype, shape)
+    if expected is not None and ref.byte_size != expected:
+        raise InvalidInput(
+            f"{where}: shared_memory_byte_size is {ref.byte_size} but shape {format_shape(shape)} needs "
+            f"{expected} bytes of {datatype} data"
+        )
+
+
+def _output_parameter_error(name: str, binary_data: Any, classification: Any) -> InvalidInput:
     where = f"output '{name}'"
-    if "shared_memory_region" in parameters:
-        return InvalidInput(f"{where}: shared memory outputs are not supported; ask for JSON or binary data")
     if binary_data is not None and type(binary_data) is not bool:
         return InvalidInput(f"{where}: parameter 'binary_data' must be true or false, got {describe(binary_data)}")
     return InvalidInput(

@@ -14,13 +14,26 @@ import numpy as np
 Parameters = dict[str, Any]  # values: str, int, float or bool
 
 
+@dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """Where a tensor lies in a registered shared-memory region (the shared-memory extension's
+    `shared_memory_region`, `shared_memory_offset` and `shared_memory_byte_size` parameters).
+
+    `offset` counts from the start of the region as registered, not of the memory object."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
 @dataclass(slots=True)
 class InferInput:
     name: str
     datatype: str  # v2 name: FP32, INT64, BYTES, ...
     shape: tuple[int, ...]
-    data: np.ndarray  # shaped as `shape`
+    data: np.ndarray | None  # shaped as `shape`; None while the tensor is still in shared memory
     parameters: Parameters = field(default_factory=dict)
+    shared_memory: SharedMemoryRef | None = None  # the data plane reads `data` from there
 
 
 @dataclass(slots=True)
@@ -29,6 +42,7 @@ class RequestedOutput:
     binary_data: bool | None = None  # None: the request-level default
     classification: int = 0  # > 0: return the top-N classes as BYTES "score:index[:label]"
     parameters: Parameters = field(default_factory=dict)
+    shared_memory: SharedMemoryRef | None = None  # written there; the answer carries no data
 
 
 @dataclass(slots=True)
@@ -50,6 +64,10 @@ class InferOutput:
     data: np.ndarray
     binary_data: bool = False
     parameters: Parameters = field(default_factory=dict)
+    # Set when `data` was written into a shared-memory region (byte_size: the bytes written):
+    # the encoders send the output's name, datatype and shape only, as Triton does (with no
+    # parameters either: Triton's C++ client takes any output parameters to hold binary_data_size).
+    shared_memory: SharedMemoryRef | None = None
 
 
 @dataclass(slots=True)
@@ -59,3 +77,10 @@ class InferResponse:
     id: str
     outputs: list[InferOutput]
     parameters: Parameters = field(default_factory=dict)
+
+
+def uses_shared_memory(request: InferRequest) -> bool:
+    """Whether any input or requested output of `request` lies in a shared-memory region."""
+    return any(t.shared_memory is not None for t in request.inputs) or any(
+        o.shared_memory is not None for o in request.outputs
+    )

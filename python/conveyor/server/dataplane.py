@@ -24,6 +24,7 @@ from conveyor.graph_runtime import GraphHandle
 from conveyor.runtime import ModelHandle, new_request_id
 from conveyor.server.models import ModelManager
 from conveyor.server.responses import redact
+from conveyor.server.shared_memory import OutputTarget, SharedMemoryManager
 
 if TYPE_CHECKING:
     from conveyor.server.rollouts import RolloutManager
@@ -40,16 +41,22 @@ EXTENSIONS = [
     "parameters",
     "statistics",
     "schedule_policy",
+    "system_shared_memory",
 ]
 
 
 class DataPlane:
     """Health, metadata, inference, statistics and repository control for one server."""
 
-    def __init__(self, models: ModelManager, *, server_version: str, rollouts: RolloutManager | None = None) -> None:
+    def __init__(
+        self, models: ModelManager, *, server_version: str, rollouts: RolloutManager | None = None,
+        shared_memory: SharedMemoryManager | None = None,
+    ) -> None:
         """`rollouts`: the server's rollouts; requests naming no version of a model under
-        one are routed by it. None: every request goes straight to the runtime."""
+        one are routed by it. None: every request goes straight to the runtime.
+        `shared_memory`: the regions clients register (None: a manager with the default limit)."""
         self.models = models
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryManager()
         self.runtime = models.runtime
         self.server_version = server_version
         self.rollouts = rollouts
@@ -106,7 +113,8 @@ class DataPlane:
                 return await self._infer_routed(request, controller, headers)
         handle = self.handle(request.model_name, request.model_version)
         priority, timeout_us = _schedule_parameters(request.parameters)
-        inputs = _input_arrays(handle.name, request)
+        inputs = self._input_arrays(handle.name, request)
+        targets = self._output_targets(request)
         # Every response carries an id: the client's, or one made here (labels sent later
         # to .../feedback refer to it).
         request_id = request.id or new_request_id()
@@ -128,14 +136,15 @@ class DataPlane:
             model_name=handle.name,
             model_version=str(handle.version),
             id=request_id,
-            outputs=self._outputs(handle, request, results),
+            outputs=self._outputs(handle, request, results, targets),
         )
 
     async def _infer_routed(self, request: InferRequest, controller: Any, headers: Any) -> InferResponse:
         name = request.model_name
         version = _parse_version(request.model_version)
         priority, timeout_us = _schedule_parameters(request.parameters)
-        inputs = _input_arrays(name, request)
+        inputs = self._input_arrays(name, request)
+        targets = self._output_targets(request)
         request_id = request.id or new_request_id()
         route_key = None
         # An ended rollout routes nothing; a router whose decisions no key changes needs none.
@@ -153,11 +162,35 @@ class DataPlane:
             model_name=name,
             model_version=str(result.version),
             id=request_id,
-            outputs=self._outputs(handle, request, result.outputs),
+            outputs=self._outputs(handle, request, result.outputs, targets),
             parameters={"rollout": result.rollout_name} if result.rollout_name is not None else {},
         )
 
-    def _outputs(self, handle: ModelHandle, request: InferRequest, results: dict[str, np.ndarray]) -> list[InferOutput]:
+    def _input_arrays(self, model: str, request: InferRequest) -> dict[str, Any]:
+        inputs = {}
+        for tensor in request.inputs:
+            if tensor.name in inputs:
+                raise InvalidInput(f"model '{model}': input '{tensor.name}' is given twice")
+            if tensor.shared_memory is None:
+                inputs[tensor.name] = tensor.data
+            else:
+                inputs[tensor.name] = self.shared_memory.read(
+                    tensor.shared_memory, tensor.datatype, tensor.shape, where=f"input '{tensor.name}'"
+                )
+        return inputs
+
+    def _output_targets(self, request: InferRequest) -> dict[str, OutputTarget]:
+        """The requested outputs that go to shared memory, checked before the model runs."""
+        return {
+            wanted.name: self.shared_memory.target(wanted.shared_memory, where=f"output '{wanted.name}'")
+            for wanted in request.outputs
+            if wanted.shared_memory is not None
+        }
+
+    def _outputs(
+        self, handle: ModelHandle, request: InferRequest, results: dict[str, np.ndarray],
+        targets: dict[str, OutputTarget],
+    ) -> list[InferOutput]:
         datatypes = {t.name: t.datatype for t in handle.config.outputs}
         default_binary = request.binary_data_output
         if not request.outputs:
@@ -173,7 +206,12 @@ class DataPlane:
                     f"model '{handle.name}' has no output '{wanted.name}' (outputs: {list(handle.output_names)})"
                 )
             binary = default_binary if wanted.binary_data is None else wanted.binary_data
-            if wanted.classification > 0:
+            target = targets.get(wanted.name)
+            if target is not None:
+                datatype = datatypes[wanted.name]
+                written = self.shared_memory.write(target, array, datatype, where=f"output '{wanted.name}'")
+                outputs.append(InferOutput(wanted.name, datatype, array.shape, array, shared_memory=written))
+            elif wanted.classification > 0:
                 labels = self.models.labels(handle.name, wanted.name)
                 batched = handle.config.max_batch_size > 0
                 array = classify(array, wanted.classification, labels=labels, batched=batched)
@@ -242,15 +280,6 @@ class DataPlane:
 
     async def unload_model(self, name: str, parameters: dict[str, Any] | None = None) -> None:
         await asyncio.to_thread(self.models.unload, name)
-
-
-def _input_arrays(model: str, request: InferRequest) -> dict[str, Any]:
-    inputs = {}
-    for tensor in request.inputs:
-        if tensor.name in inputs:
-            raise InvalidInput(f"model '{model}': input '{tensor.name}' is given twice")
-        inputs[tensor.name] = tensor.data
-    return inputs
 
 
 def _header_value(headers: Any, name: str) -> str | None:

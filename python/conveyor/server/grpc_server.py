@@ -29,6 +29,7 @@ from conveyor.protocol.errors import grpc_code_for
 from conveyor.protocol.grpc import codec
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
+from conveyor.protocol.types import uses_shared_memory
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.responses import client_message
 
@@ -69,6 +70,10 @@ class ResponseTooLarge(ConveyorError):
     """An answer over the server's gRPC message limit: RESOURCE_EXHAUSTED, not a failed send."""
 
 
+class Unauthenticated(ConveyorError):
+    """A call that needs the API key came without it: UNAUTHENTICATED."""
+
+
 def _rpc(handler: _Handler) -> _Handler:
     """Turn every exception of `handler` into the call's gRPC status."""
 
@@ -78,6 +83,8 @@ def _rpc(handler: _Handler) -> _Handler:
             return await handler(self, request, context)
         except ResponseTooLarge as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except Unauthenticated as exc:
+            code, message = grpc.StatusCode.UNAUTHENTICATED, str(exc)
         except ConveyorError as exc:
             code, message = grpc.StatusCode[grpc_code_for(exc)], client_message(exc)
         except Exception as exc:  # a bug: report it on this call, keep serving
@@ -93,11 +100,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     `max_message_bytes`: the server's send limit; a larger inference answer is refused
     with RESOURCE_EXHAUSTED (grpc would fail the send and log an error for each one).
+    `api_key`: the server's key, which an inference call that reads or writes shared memory
+    must carry (ModelInfer is open under --api-key-scope control; the regions are not).
     """
 
-    def __init__(self, dataplane: DataPlane, max_message_bytes: int | None = None) -> None:
+    def __init__(self, dataplane: DataPlane, max_message_bytes: int | None = None, api_key: str | None = None) -> None:
         self.dataplane = dataplane
         self.max_message_bytes = max_message_bytes
+        self.api_key = api_key.encode() if api_key else None
 
     # -- health and metadata -----------------------------------------------------------
 
@@ -178,8 +188,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if self.dataplane.draining:
             raise Unavailable("the server is shutting down and accepts no new requests")
+        decoded = codec.infer_request_from_proto(request)
+        if self.api_key is not None and uses_shared_memory(decoded) and not bearer_in_metadata(
+            context.invocation_metadata(), self.api_key
+        ):
+            raise Unauthenticated(refusal_message("inference that reads or writes shared memory"))
         # The metadata is read (for a rollout's routing key) only when a rollout routes the request.
-        response = await self.dataplane.infer(codec.infer_request_from_proto(request), context.invocation_metadata)
+        response = await self.dataplane.infer(decoded, context.invocation_metadata)
         message = codec.infer_response_to_proto(response)
         if self.max_message_bytes is not None and self._may_exceed_limit(message) and (
             (size := message.ByteSize()) > self.max_message_bytes
@@ -249,6 +264,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request.model_name, codec.parameters_from_proto(request.parameters, where=where)
         )
         return pb.RepositoryModelUnloadResponse()
+
+    # -- shared memory (guarded by the API key: not in OPEN_RPCS) ------------------------
+
+    @_rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        rows = self.dataplane.shared_memory.system_status(request.name)
+        return codec.shared_memory_status_to_proto(rows, pb.SystemSharedMemoryStatusResponse)
+
+    @_rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.dataplane.shared_memory.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.dataplane.shared_memory.unregister_system(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_rpc
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        rows = self.dataplane.shared_memory.cuda_status(request.name)
+        return codec.shared_memory_status_to_proto(rows, pb.CudaSharedMemoryStatusResponse)
+
+    @_rpc
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self.dataplane.shared_memory.register_cuda(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @_rpc
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.dataplane.shared_memory.unregister_cuda(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -391,23 +450,25 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._expected = api_key.encode()
         self._open = HEALTH_RPCS if scope == "all" else OPEN_RPCS
 
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                token = value if isinstance(value, bytes) else value.encode()
-                scheme, _, token = token.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected)
-        return False
-
     def allows(self, method: str, metadata: Any) -> bool:
         """Whether a call of `method` (the full path, /service/Method) with `metadata` may proceed."""
-        return method in self._open or self._authorized(metadata)
+        return method in self._open or bearer_in_metadata(metadata, self._expected)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or self.allows(details.method, details.invocation_metadata):
             return handler
         return _refusal(handler, details.method)
+
+
+def bearer_in_metadata(metadata: Any, expected: bytes) -> bool:
+    """Whether call metadata carries 'authorization: Bearer <expected>'."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            token = value if isinstance(value, bytes) else value.encode()
+            scheme, _, token = token.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
+    return False
 
 
 def refusal_message(method: str) -> str:
@@ -459,7 +520,7 @@ async def start_grpc_server(
         ]
     )
     guard.register(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server,
-                   InferenceServicer(dataplane, max_message_bytes))
+                   InferenceServicer(dataplane, max_message_bytes, api_key))
     guard.register(server, health_pb2_grpc.add_HealthServicer_to_server, HealthServicer(dataplane))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -28,6 +28,7 @@ from conveyor.protocol.http_codec import (
     encode_infer_response,
 )
 from conveyor.protocol.model_config import input_specs
+from conveyor.protocol.types import uses_shared_memory
 from conveyor.server.compression import BodyTooLarge, compress, decompress
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits, HttpProtocol, start_http_server
@@ -81,6 +82,19 @@ class HttpApp:
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         return bearer_authorized(headers, self.api_key)
 
+    def _shared_memory_refusal(self, headers: dict[bytes, bytes]) -> Response | None:
+        """The refusal of an infer request that reads or writes shared memory, or None when it may.
+
+        Inference is open under --api-key-scope control, but registered regions are the memory of
+        whoever registered them: with a key, only a caller holding it may have the server read or
+        write them (an open caller could otherwise read a region through an identity model, or
+        overwrite it). Nor may a web page (the browser guard of control routes)."""
+        if (refusal := self._browser_refusal(headers)) is not None:
+            return Response(403, [encode_error(refusal)])
+        if not self.authorized(headers):
+            return _unauthorized("inference that reads or writes shared memory, like registering the regions,")
+        return None
+
     async def answer(self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes) -> Response:
         """The response to one request as it arrived: the body inflated per Content-Encoding, the
         answer compressed per Accept-Encoding when it may be. Never raises."""
@@ -113,9 +127,7 @@ class HttpApp:
             if guarded and (refusal := self._browser_refusal(headers)) is not None:
                 return Response(403, [encode_error(refusal)])
             if guarded and not self.authorized(headers):
-                return Response(401, [encode_error("this endpoint needs 'Authorization: Bearer <api key>' "
-                                                   "(the key the server was started with: --api-key)")],
-                                headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
+                return _unauthorized("this endpoint")
             if self.dataplane.draining and route.name in ("infer", "feedback", "load", "unload"):
                 return Response(503, [encode_error("the server is shutting down and accepts no new requests")])
             return await self._dispatch(route, headers, body, query)
@@ -189,6 +201,8 @@ class HttpApp:
             return json_response({"name": model, name: True})
         if name.startswith("rollout"):
             return self._rollout(route, body)
+        if "_shared_memory_" in name:
+            return self._shared_memory(route, body)
         if name == "metrics":
             if self.metrics is None:
                 return Response(404, [encode_error("metrics are disabled on this port")])
@@ -233,6 +247,24 @@ class HttpApp:
         table = self._json_object(body, "rollout start request") if body.strip() else {}
         return json_response(rollouts.start(model, table))
 
+    def _shared_memory(self, route: Route, body: bytes) -> Response:
+        """The shared-memory extension's routes; success is 200 with an empty body, as Triton answers."""
+        manager = self.dataplane.shared_memory
+        kind, _, action = route.name.partition("_shared_memory_")
+        if action == "status":
+            status = manager.system_status if kind == "system" else manager.cuda_status
+            return json_response(status(route.region))
+        if action == "unregister":
+            (manager.unregister_system if kind == "system" else manager.unregister_cuda)(route.region)
+            return Response(200, [])
+        request = self._json_object(body, f"register request of {kind} shared memory region '{route.region}'")
+        if kind == "cuda":
+            manager.register_cuda(route.region)
+        else:
+            manager.register_system(route.region, request.get("key"), request.get("offset", 0),
+                                    request.get("byte_size"))
+        return Response(200, [])
+
     async def _infer(self, model: str, version: str, headers: dict[bytes, bytes], body: bytes) -> Response:
         header_length = headers.get(b"inference-header-content-length")
         try:
@@ -249,6 +281,8 @@ class HttpApp:
             max_batch_size=handle.config.max_batch_size,
             max_json_depth=self.limits.max_json_depth,
         )
+        if uses_shared_memory(request) and (refusal := self._shared_memory_refusal(headers)) is not None:
+            return refusal
         response = await self.dataplane.infer(request, headers)
         parts, json_length = encode_infer_response(response)
         if json_length is None:
@@ -258,6 +292,12 @@ class HttpApp:
 
 
 _LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"::1"})
+
+
+def _unauthorized(what: str) -> Response:
+    return Response(401, [encode_error(f"{what} needs 'Authorization: Bearer <api key>' (the key the server was "
+                                       "started with: --api-key)")],
+                    headers=[b'WWW-Authenticate: Bearer realm="conveyor"'])
 
 
 def monitor_window(query: bytes) -> str:

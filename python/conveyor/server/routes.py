@@ -14,8 +14,9 @@ class Route:
     name: str
     model: str = ""
     version: str = ""
-    control: bool = False  # repository and rollout control: guarded by the API key
+    control: bool = False  # repository, rollout and shared-memory control: guarded by the API key
     action: str = ""  # rollout_action: promote, pause, resume, abort or rollback
+    region: str = ""  # shared-memory routes: the region named in the path ("" for all)
 
 
 _GET_MODEL_ROUTES = {
@@ -23,10 +24,13 @@ _GET_MODEL_ROUTES = {
 }  # fmt: skip
 _POST_MODEL_ROUTES = {"infer": "infer", "feedback": "feedback"}
 ROLLOUT_ACTIONS = ("promote", "pause", "resume", "abort", "rollback")
+# The shared-memory extension's path prefix -> the kind its route names start with.
+SHARED_MEMORY_KINDS = {"systemsharedmemory": "system", "cudasharedmemory": "cuda"}
 
 # Routes anyone who can reach the port may call: health, metadata, statistics and
 # monitoring reads, inference and its feedback. Every other route (repository index, load
-# and unload, starting and steering rollouts, and any route added later) needs the API key
+# and unload, starting and steering rollouts, shared-memory status, registration and
+# unregistration, and any route added later) needs the API key
 # when the server has one: the guard is deny-by-default, so a new control route cannot
 # slip through unguarded.
 OPEN_ROUTES = frozenset({
@@ -76,6 +80,8 @@ def _match(parts: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
         return Route(rest[1]), get
     if rest[0] == "repository":
         return _match_repository(rest[1:], post)
+    if rest[0] in SHARED_MEMORY_KINDS:
+        return _match_shared_memory(SHARED_MEMORY_KINDS[rest[0]], rest[1:])
     if rest[0] != "models":
         return None
     if rest == ["models"]:
@@ -114,4 +120,17 @@ def _match_repository(rest: list[str], post: tuple[bytes, ...]) -> tuple[Route, 
         return Route("index", control=True), post
     if len(rest) >= 3 and rest[-3] == "models" and rest[-1] in ("load", "unload") and len(rest) <= 4:
         return Route(rest[-1], rest[-2], control=True), post
+    return None
+
+
+def _match_shared_memory(kind: str, rest: list[str]) -> tuple[Route, tuple[bytes, ...]] | None:
+    # /v2/{system,cuda}sharedmemory/status (GET) and .../unregister (POST), for every region;
+    # .../region/{r}/status (GET), .../region/{r}/register and .../region/{r}/unregister (POST).
+    region = ""
+    if len(rest) == 3 and rest[0] == "region" and rest[1]:
+        region, rest = rest[1], rest[2:]
+    if rest == ["status"]:
+        return Route(f"{kind}_shared_memory_status", control=True, region=region), (b"GET",)
+    if rest == ["unregister"] or (rest == ["register"] and region):
+        return Route(f"{kind}_shared_memory_{rest[0]}", control=True, region=region), (b"POST",)
     return None

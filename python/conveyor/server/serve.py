@@ -25,6 +25,7 @@ from conveyor.server.http import HttpApp, HttpLimits, start_http_server
 from conveyor.server.models import NOT_LOADED, ControlMode, ModelManager
 from conveyor.server.responses import hide_paths
 from conveyor.server.rollouts import DEFAULT_TICK_INTERVAL_S, RolloutManager, checked_tick_interval_s
+from conveyor.server.shared_memory import DEFAULT_MAX_REGIONS, SharedMemoryManager
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class ServeOptions:
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     api_key: str | None = None
     api_key_scope: str = "control"  # "control": control routes need the key; "all": all but health
+    # Shared-memory regions clients may hold registered at once (each an open mapping).
+    max_shared_memory_regions: int = DEFAULT_MAX_REGIONS
     grace_period_s: float = 30.0
     server_version: str = "0"
     # Capture files, label files and retraining markers of monitored models, and the
@@ -87,7 +90,10 @@ class Server:
         self.manager = ModelManager(
             ModelRepository(options.repository), self.runtime, options.model_control_mode, listener=self.rollouts
         )
-        self.dataplane = DataPlane(self.manager, server_version=options.server_version, rollouts=self.rollouts)
+        self.dataplane = DataPlane(
+            self.manager, server_version=options.server_version, rollouts=self.rollouts,
+            shared_memory=SharedMemoryManager(options.max_shared_memory_regions),
+        )
         self.stopping = asyncio.Event()
         self._servers: list = []
         self._grpc = None
@@ -258,6 +264,7 @@ class Server:
         # Shadow copies in flight finish and are paired, within the grace period.
         await self.rollouts.close(timeout_s=self.options.grace_period_s)
         await asyncio.to_thread(self.runtime.close)
+        self.dataplane.shared_memory.close()  # after the runtime: no batch reads a region any more
         log.info("stopped")
 
 

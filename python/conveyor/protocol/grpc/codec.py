@@ -29,6 +29,7 @@ from conveyor.protocol.binary import (
 )
 from conveyor.protocol.datatypes import numpy_dtype
 from conveyor.protocol.grpc import inference_pb2 as pb
+from conveyor.protocol.request_fields import check_shared_memory_input_size, shared_memory_ref
 from conveyor.protocol.types import InferInput, InferRequest, InferResponse, RequestedOutput
 
 # Which InferTensorContents field holds each datatype, and the dtype protobuf gives
@@ -92,33 +93,48 @@ def parameters_to_proto(values: dict[str, Any], target: Any, *, where: str) -> N
 
 
 def infer_request_from_proto(message: pb.ModelInferRequest) -> InferRequest:
-    """A ModelInferRequest as the data plane's InferRequest; raw inputs are not copied."""
+    """A ModelInferRequest as the data plane's InferRequest; raw inputs are not copied.
+
+    Inputs in shared memory take no entry of raw_input_contents (as tritonclient sends them):
+    the entries belong, in order, to the other inputs."""
     raw = message.raw_input_contents
     tensors = message.inputs
-    if raw and len(raw) != len(tensors):
-        raise InvalidInput(
-            f"model '{message.model_name}': raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
-            "it needs exactly one per input, in input order"
-        )
+    if raw:
+        outside = sum("shared_memory_region" not in tensor.parameters for tensor in tensors)
+        if len(raw) != outside:
+            which = "inputs" if outside == len(tensors) else "inputs outside shared memory"
+            raise InvalidInput(
+                f"model '{message.model_name}': raw_input_contents has {len(raw)} entries for {outside} {which}; "
+                "it needs exactly one per input, in input order"
+            )
     inputs = []
-    for index, tensor in enumerate(tensors):
+    raw_index = 0
+    for tensor in tensors:
         where = f"model '{message.model_name}': input '{tensor.name}'"
         datatype = tensor.datatype
         shape = tuple(tensor.shape)
         if shape and min(shape) < 0:
             raise InvalidInput(f"{where}: shape {format_shape(shape)} has a negative dimension")
         check_shape_size(shape, where=where)
-        if raw:
+        parameters = parameters_from_proto(tensor.parameters, where=where) if tensor.parameters else {}
+        shared_memory = shared_memory_ref(parameters, where=where) if parameters else None
+        if shared_memory is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"{where} has both shared memory parameters and 'contents'; give one")
+            numpy_dtype(datatype)  # InvalidInput for an unknown datatype
+            check_shared_memory_input_size(shared_memory, datatype, shape, where=where)
+            data = None  # read from the region by the data plane
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"{where}: sets 'contents' while the request uses raw_input_contents; "
                     "use one or the other for all inputs"
                 )
-            data = array_from_raw(raw[index], datatype, shape, where=where)
+            data = array_from_raw(raw[raw_index], datatype, shape, where=where)
+            raw_index += 1
         else:
             data = _array_from_contents(tensor.contents, datatype, shape, where=where)
-        parameters = parameters_from_proto(tensor.parameters, where=where) if tensor.parameters else {}
-        inputs.append(InferInput(tensor.name, datatype, shape, data, parameters))
+        inputs.append(InferInput(tensor.name, datatype, shape, data, parameters, shared_memory))
     outputs = message.outputs
     return InferRequest(
         model_name=message.model_name,
@@ -170,7 +186,9 @@ def _requested_output(model_name: str, output: Any) -> RequestedOutput:
         raise InvalidInput(f"{where}: parameter 'classification' must be an integer >= 0, got {classification!r}")
     # binary_data is HTTP's choice; gRPC outputs are always raw.
     parameters.pop("binary_data", None)
-    return RequestedOutput(output.name, classification=classification, parameters=parameters)
+    shared_memory = shared_memory_ref(parameters, where=where, classification=classification)
+    return RequestedOutput(output.name, classification=classification, parameters=parameters,
+                           shared_memory=shared_memory)
 
 
 def infer_response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
@@ -185,6 +203,12 @@ def infer_response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
     for output in response.outputs:
         where = f"model '{response.model_name}': output '{output.name}'"
         tensor = tensors.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if output.shared_memory is not None:
+            # Written to the region already: metadata only, and an empty entry that keeps
+            # raw_output_contents one per output, as Triton sends it (tritonclient finds an
+            # output's bytes by its index).
+            raw.append(b"")
+            continue
         if output.parameters:
             parameters_to_proto(output.parameters, tensor.parameters, where=where)
         if output.datatype == "BYTES":
@@ -220,3 +244,11 @@ def statistics_to_proto(statistics: dict[str, Any]) -> pb.ModelStatisticsRespons
 
 def repository_index_to_proto(rows: list[dict[str, Any]]) -> pb.RepositoryIndexResponse:
     return from_json_shape({"models": rows}, pb.RepositoryIndexResponse())
+
+
+def shared_memory_status_to_proto(rows: list[dict[str, Any]], message_type: type[Message]) -> Message:
+    """A System- or CudaSharedMemoryStatusResponse holding `rows` (the HTTP status list) by region name."""
+    message = message_type()
+    for row in rows:
+        message.regions[row["name"]].CopyFrom(message_type.RegionStatus(**row))
+    return message
