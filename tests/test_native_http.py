@@ -34,7 +34,7 @@ HTTP_SUITES = (
     "test_http_server.py", "test_http_adversarial.py", "test_http_wire_fuzz.py", "test_http_openapi.py",
     "test_clients_live.py", "test_metrics.py", "test_reload_under_load.py", "test_rollout_server.py",
     "test_graph_server.py", "test_monitor_server.py", "test_overload.py", "test_serve_cli.py",
-    "test_secure_defaults.py", "test_edge_ownership.py", "test_misbehaving_clients.py",
+    "test_secure_defaults.py", "test_edge_ownership.py", "test_misbehaving_clients.py", "test_shared_memory_server.py",
 )  # fmt: skip
 
 

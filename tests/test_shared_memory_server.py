@@ -52,9 +52,9 @@ class Served:
             shutil.copytree(EXAMPLE_MODELS / model, root / "repo" / model)
         write_echo_model(root / "repo")
         gate_model.write_gate_model(root / "repo")
-        # The Python front end, whatever CONVEYOR_HTTP_FRONTEND says: it is the one that maps regions.
+        # Under either front end: the native one forwards every request naming a region.
         options = ServeOptions(repository=root / "repo", http_port=0, grpc_port=free_port(), data_dir=root / "data",
-                               api_key=api_key, max_shared_memory_regions=max_regions, http_frontend="python")
+                               api_key=api_key, max_shared_memory_regions=max_regions)
         self.thread = ServerThread(options)
         assert self.thread.server is not None
         self.server = self.thread.server
@@ -487,7 +487,7 @@ def test_perf_analyzer_with_system_shared_memory(protocol: str, tmp_path: Path) 
     perf_analyzer = _perf_analyzer()
     repository = tmp_path / "repo"
     shutil.copytree(EXAMPLE_MODELS / "tiny", repository / "tiny")
-    server = LiveServer(repository, tmp_path, ["--http-frontend", "python"])
+    server = LiveServer(repository, tmp_path)
     try:
         server.wait_ready()
         url = server.http_url if protocol == "http" else server.grpc_url
