@@ -546,6 +546,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void upstream_failed(beast::error_code ec) {
     beast::error_code ignored;
     if (upstream_) upstream_->close(ignored);
+    if (!open()) return;  // the client went away (closing its connection closed this one too)
     // A kept connection the server behind closed while idle (its --idle-timeout-s) fails
     // before any answer: the request was never read there, so it goes again on a new one.
     if (upstream_reused_ && !(upstream_parser_ && upstream_parser_->got_some())) {
