@@ -53,8 +53,9 @@ void init_http_frontend(py::module_& m) {
           py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "",
           "Serve the model's inference natively (replacing the version of that name served before), and its "
           "readiness and, when `metadata` (the body of its metadata route) is given, its metadata.")
-      .def("set_server_metadata", &HttpFrontend::set_server_metadata, py::arg("body"),
-           "Answer GET /v2 with `body` from now on.")
+      .def("serve_health", &HttpFrontend::serve_health, py::arg("server_metadata"),
+           "The server has started: answer liveness, GET /v2 (with this body) and the metadata and readiness of "
+           "the models served here from now on.")
       .def("remove_model", &HttpFrontend::remove_model, py::arg("name"), "Forward the model's requests from now on.")
       .def("drain", &HttpFrontend::drain, "Stop accepting connections; forward inference from now on.")
       .def_property_readonly("in_flight", &HttpFrontend::in_flight)

@@ -400,7 +400,8 @@ struct HttpFrontend::Core {
   };
   std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>>
       models;                   // guarded by models_mu
-  std::string server_metadata;  // guarded by models_mu: the body of GET /v2, once given
+  std::string server_metadata;  // guarded by models_mu: the body of GET /v2
+  std::atomic<bool> started{false};  // health and metadata are answered here (serve_health)
   std::unordered_map<uint64_t, PendingRequest> pending;  // I/O thread only
   std::once_flag stop_once;
   int port = 0;
@@ -899,16 +900,20 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
     }
     return infer(session, std::move(model), std::move(request));
   }
-  if (request.method() == http::verb::get) {
-    // Health and metadata, answered as the Python front end answers them: liveness always
-    // (a process that answers is live), the rest for the models served here and the server.
+  if (request.method() == http::verb::get && started.load(std::memory_order_acquire)) {
+    // Health and metadata, answered as the Python front end answers them once the server has
+    // started: liveness always, the rest for the models served here and the server.
     if (parts.size() == 3 && parts[1] == "health" && parts[2] == "live") {
       return session->respond(json_response(200, R"({"live":true})"));
     }
     if (authorized(request)) {
       if (parts.size() == 1) {
-        std::lock_guard<std::mutex> lock(models_mu);
-        if (!server_metadata.empty()) return session->respond(json_response(200, server_metadata));
+        std::string body;
+        {
+          std::lock_guard<std::mutex> lock(models_mu);
+          body = server_metadata;
+        }
+        return session->respond(json_response(200, std::move(body)));
       } else if (model && action.empty() && !model->metadata.empty()) {
         return session->respond(json_response(200, model->metadata));
       } else if (model && action == "ready") {
@@ -1396,9 +1401,12 @@ void HttpFrontend::add_model(FrontendModel model) {
   core_->models[shared->name] = std::move(shared);
 }
 
-void HttpFrontend::set_server_metadata(std::string body) {
-  std::lock_guard<std::mutex> lock(core_->models_mu);
-  core_->server_metadata = std::move(body);
+void HttpFrontend::serve_health(std::string server_metadata) {
+  {
+    std::lock_guard<std::mutex> lock(core_->models_mu);
+    core_->server_metadata = std::move(server_metadata);
+  }
+  core_->started.store(true, std::memory_order_release);
 }
 
 void HttpFrontend::remove_model(const std::string& name) {

@@ -73,8 +73,11 @@ class HttpFrontend {
   void add_model(FrontendModel model);
   // Forwards the model's requests from now on.
   void remove_model(const std::string& name);
-  // The body of GET /v2 (server metadata), answered here from now on.
-  void set_server_metadata(std::string body);
+  // The server has started (every listener is up): from now on liveness, GET /v2 (with
+  // `server_metadata` as its body) and the metadata and readiness of the models served
+  // here are answered here. Until then they are forwarded, so that a client waiting for
+  // the server to be live is not told so before all of it listens.
+  void serve_health(std::string server_metadata);
   // Stops accepting connections; inference requests that arrive on open connections
   // are forwarded from now on (the server behind refuses them while it drains).
   void drain();

@@ -89,7 +89,6 @@ class NativeHttpFrontend:
             request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
         )  # fmt: skip
         self.port = self._frontend.port
-        self._frontend.set_server_metadata(_json_body(dataplane.server_metadata()))
         self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
         # Loads (on worker threads) and rollouts (on the loop) change models at once: each
         # refresh reads the state and applies it whole, so the last one leaves the truth.
@@ -125,6 +124,10 @@ class NativeHttpFrontend:
         self._frontend.remove_model(name)
         if self._native.pop(name, None) is not None or handle is not None:
             log.info("model %s: inference served by the Python front end (%s)", name, reason or "unloaded")
+
+    def started(self) -> None:
+        """Every listener of the server is up: answer health and metadata here from now on."""
+        self._frontend.serve_health(_json_body(self.dataplane.server_metadata()))
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting; wait (up to `timeout_s`) for the inference requests it accepted."""

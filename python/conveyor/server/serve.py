@@ -175,6 +175,8 @@ class Server:
                 api_key_scope=o.api_key_scope, registry=self._registry,
             )
             log.info("gRPC (KServe v2) listening on %s:%d", host, self.grpc_port)
+        if self._native_http is not None:
+            self._native_http.started()  # health answered natively only once all of the server listens
 
     async def start_metrics_listener(self, host: str, port: int) -> int:
         """Serve /metrics and the health probes alone on host:port (0: any free port); returns the port.
