@@ -1026,7 +1026,7 @@ bool needs_full_server(const json::object& root) {
   }
   if (const json::value* outputs = root.if_contains("outputs")) {
     if (!outputs->is_array()) return true;
-    std::vector<std::string_view> names;
+    std::unordered_set<std::string_view> names;
     for (const json::value& entry : outputs->get_array()) {
       const json::object* output = entry.if_object();
       if (!output || !plain_parameters(*output) || in_shared_memory(*output)) return true;
@@ -1036,10 +1036,7 @@ bool needs_full_server(const json::object& root) {
       }
       const json::value* name = output->if_contains("name");
       if (!name || !name->is_string()) return true;
-      for (std::string_view seen : names) {
-        if (seen == name->get_string()) return true;
-      }
-      names.push_back(name->get_string());
+      if (!names.insert(name->get_string()).second) return true;  // asked for twice
     }
   }
   return false;
