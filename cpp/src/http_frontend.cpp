@@ -579,8 +579,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // refuses: a folded header line (obs-fold), which Beast unfolds.
   void read_head() {
     // Empty lines before a request line are skipped (RFC 9112, section 2.2).
-    while (buffer_.size() >= 2 && head_view().substr(0, 2) == "\r\n") buffer_.consume(2);
-    const std::string_view head = head_view();
+    while (buffer_.size() >= 2 && buffered().substr(0, 2) == "\r\n") buffer_.consume(2);
+    const std::string_view head = buffered();
     const size_t end = head.find("\r\n\r\n", scanned_ > 3 ? scanned_ - 3 : 0);
     const size_t limit = end == std::string_view::npos ? head.size() : end + 2;
     for (size_t at = head.find("\r\n", scanned_); at != std::string_view::npos && at + 2 < limit;
@@ -600,7 +600,8 @@ class Session : public std::enable_shared_from_this<Session> {
     read_more(&Session::read_head);
   }
 
-  std::string_view head_view() const {
+  // The bytes read and not yet parsed (the start of a head, or the rest of a body).
+  std::string_view buffered() const {
     return {static_cast<const char*>(buffer_.data().data()), buffer_.size()};
   }
 
@@ -651,7 +652,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // quoted extension value is not closed on its line (Beast reads the quote on past the
   // line's end, for a closing quote that may never come; a quoted string holds no CR or LF).
   bool unterminated_chunk_extension() const {
-    std::string_view data = head_view();
+    std::string_view data = buffered();
     if (data.substr(0, 2) == "\r\n") data.remove_prefix(2);  // the end of the chunk before
     const size_t eol = data.find("\r\n");
     const size_t semicolon = data.find(';');
