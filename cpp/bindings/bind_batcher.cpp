@@ -42,7 +42,7 @@ Executor python_executor(py::function fn, std::vector<std::string> output_names)
   auto fn_owner = make_python_owner(std::move(fn));
   return [fn_owner, output_names](const Batch& batch) -> std::vector<Tensor> {
     // The model is Python code: take the GIL for the whole batch.
-    py::gil_scoped_acquire gil;
+    ThreadGil gil;
     auto fn = py::reinterpret_borrow<py::function>(static_cast<PyObject*>(fn_owner.get()));
     try {
       py::tuple args(batch.inputs.size());

@@ -52,7 +52,7 @@ std::vector<int64_t> int64_vector(const py::array_t<int64_t, py::array::c_style 
 loadgen::CallbackTarget::SendFunction python_send(py::function fn) {
   auto fn_owner = make_python_owner(std::move(fn));
   return [fn_owner](std::shared_ptr<loadgen::RequestTicket> ticket, size_t sample) {
-    py::gil_scoped_acquire gil;
+    ThreadGil gil;
     try {
       py::reinterpret_borrow<py::function>(static_cast<PyObject*>(fn_owner.get()))(sample, std::move(ticket));
     } catch (py::error_already_set& e) {

@@ -56,10 +56,34 @@ struct PythonObjectDeleter {
   void operator()(void* obj) const {
     // At interpreter shutdown the object goes with the interpreter: leak instead.
     if (!Py_IsInitialized() || interpreter_finalizing()) return;
-    py::gil_scoped_acquire gil;
+    ThreadGil gil;
     Py_DECREF(static_cast<PyObject*>(obj));
   }
 };
+
+// The thread state ThreadGil keeps for a thread Python did not start, freed when the
+// thread exits (unless the interpreter is going or gone: then it goes with it).
+struct KeptThreadState {
+  PyThreadState* state = nullptr;
+
+  KeptThreadState() {
+    if (PyGILState_GetThisThreadState() != nullptr) return;  // a Python thread, or one that made its own
+    PyGILState_Ensure();           // makes the state (its count at 1: kept) and takes the GIL
+    state = PyEval_SaveThread();   // and gives the GIL back; the state stays this thread's
+  }
+
+  ~KeptThreadState() {
+    if (state == nullptr || !Py_IsInitialized() || interpreter_finalizing()) return;
+    PyEval_RestoreThread(state);
+    PyGILState_Release(PyGILState_UNLOCKED);  // the count reaches 0: the state is freed, the GIL released
+  }
+};
+
+}  // namespace
+
+ThreadGil::KeepThreadState::KeepThreadState() { thread_local KeptThreadState kept; }
+
+namespace {
 
 void release_capsule(PyObject* capsule) {
   delete static_cast<std::shared_ptr<void>*>(PyCapsule_GetPointer(capsule, "conveyor.owner"));

@@ -28,6 +28,27 @@ Tensor borrow_array(py::handle obj, const char* what);
 // borrow_array over a sequence; item i is named "<what> i" in errors.
 std::vector<Tensor> borrow_arrays(const py::sequence& arrays, const char* what);
 
+// The GIL, taken on a thread Python did not start (a batcher instance, the HTTP front
+// end's I/O thread), like py::gil_scoped_acquire. The thread's Python thread state is
+// made the first time and kept until the thread exits: pybind11's makes and frees one per
+// acquisition, and each one maps and unmaps its frame stack (two system calls and a TLB
+// flush per batch, measured at 30-40 us of an idle round trip). The thread's exit frees
+// it, which takes the GIL: whoever joins such a thread must not hold the GIL (the
+// batcher's and the front end's stop and destructor release it already).
+class ThreadGil {
+ public:
+  ThreadGil() = default;
+  ThreadGil(const ThreadGil&) = delete;
+  ThreadGil& operator=(const ThreadGil&) = delete;
+
+ private:
+  struct KeepThreadState {
+    KeepThreadState();  // makes this thread's state once; runs before gil_ takes the GIL
+  };
+  KeepThreadState keep_;
+  py::gil_scoped_acquire gil_;
+};
+
 // An owner that holds a Python object; its release takes the GIL, so it may be dropped
 // on any thread that holds no core lock.
 std::shared_ptr<void> make_python_owner(py::object obj);
