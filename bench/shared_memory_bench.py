@@ -34,7 +34,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from native_http_bench import process_cpu_s
+from native_frontend_bench import process_cpu_s
 from serve_bench import batch_counters, free_port, start_server, write_csv
 
 MODEL = "image_max"

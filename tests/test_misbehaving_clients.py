@@ -50,12 +50,14 @@ RESET_CONNECTIONS = 1000
 KILLED_PROCESSES = 10  # per protocol, each with CALLS_PER_PROCESS calls under way when killed
 CALLS_PER_PROCESS = 2  # 20 HTTP connections in all: under --max-connections
 TIMED_OUT_CALLS = 10
-# gRPC's EventEngine runs its work on a pool of threads of this name that grows while calls
-# keep its threads busy and gives idle ones back only after a while (its "lifeguard" thread
-# decides): the pool is held to a bound instead of its baseline. Every other thread must be
-# back at the baseline.
-GRPC_POOL_THREAD = "event_engine"
-GRPC_POOL_GROWTH = 2  # the pool may be up to this many times its size after warm-up
+# gRPC runs its work on pools of threads that grow while calls keep them busy: grpcio's
+# EventEngine pool ("event_engine"), which gives idle threads back only after a while (its
+# "lifeguard" thread decides), and, under the native gRPC front end, gRPC C++'s executor
+# ("default-executo", up to two threads a core) and timer threads ("grpc_global_tim"), which
+# it keeps once started. The pools are held to a bound instead of their baseline. Every
+# other thread must be back at the baseline.
+GRPC_POOL_THREADS = frozenset({"event_engine", "default-executo", "grpc_global_tim"})
+GRPC_POOL_GROWTH = 2  # the pools may be up to this many times their size after warm-up
 
 HELD_CONFIG = f"""\
 backend = "python"
@@ -229,7 +231,7 @@ class Server:
 
     def usage(self) -> tuple[int, int]:
         """(open file descriptors, threads outside gRPC's worker pool) of the server process."""
-        return self.stats.num_fds(), sum(name != GRPC_POOL_THREAD for name in self.thread_names())
+        return self.stats.num_fds(), sum(name not in GRPC_POOL_THREADS for name in self.thread_names())
 
     def only_listening(self) -> bool:
         """Whether every TCP socket of the server is a listening one (no connection is open)."""
@@ -237,8 +239,8 @@ class Server:
         return all(c.status == psutil.CONN_LISTEN for c in connections(kind="tcp"))
 
     def grpc_pool(self) -> int:
-        """Threads in gRPC's EventEngine worker pool."""
-        return self.thread_names().count(GRPC_POOL_THREAD)
+        """Threads in gRPC's worker pools."""
+        return sum(name in GRPC_POOL_THREADS for name in self.thread_names())
 
     def details(self) -> str:
         """What the fds point at and what the threads are called, for a failure message."""

@@ -21,6 +21,7 @@ void init_drift(py::module_& m);
 void init_router(py::module_& m);
 void init_loadgen(py::module_& m);
 void init_http_frontend(py::module_& m);
+void init_grpc_frontend(py::module_& m);
 void init_mirror(py::module_& m);
 void init_graph(py::module_& m);
 }  // namespace conveyor::bindings
@@ -43,6 +44,7 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_router(m);
   conveyor::bindings::init_loadgen(m);
   conveyor::bindings::init_http_frontend(m);
+  conveyor::bindings::init_grpc_frontend(m);
   conveyor::bindings::init_mirror(m);
   conveyor::bindings::init_graph(m);
 }

@@ -7,7 +7,6 @@
 #include <boost/beast/http.hpp>
 #include <boost/json/src.hpp>  // header-only Boost.JSON: compiled here, in this one translation unit
 
-#include <sys/random.h>
 
 #include <atomic>
 #include <charconv>
@@ -932,49 +931,10 @@ bool HttpFrontend::Core::authorized(const Request& request) const {
   if (options.api_key.empty()) return true;
   auto field = request.find(http::field::authorization);
   if (field == request.end()) return false;
-  std::string_view value = field->value();
-  const size_t space = value.find(' ');
-  if (space == std::string_view::npos || !beast::iequals(value.substr(0, space), "bearer")) return false;
-  std::string_view token = value.substr(space + 1);
-  while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) token.remove_prefix(1);
-  while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) token.remove_suffix(1);
-  // Compared in time independent of where the first difference is.
-  const std::string& key = options.api_key;
-  unsigned char diff = token.size() == key.size() ? 0 : 1;
-  for (size_t i = 0; i < key.size(); ++i) diff |= static_cast<unsigned char>(key[i] ^ (i < token.size() ? token[i] : 0));
-  return diff == 0;
+  return bearer_matches(field->value(), options.api_key);
 }
 
 namespace {
-
-// An id for a request that came without one: 128 random bits in hex, an id another client
-// cannot guess (feedback labels a prediction by it). The bits are drawn from the kernel
-// 256 ids at a time, not with a system call per request.
-std::string new_request_id() {
-  static constexpr size_t kIdBytes = 16, kPoolBytes = kIdBytes * 256;
-  thread_local unsigned char pool[kPoolBytes];
-  thread_local size_t next = kPoolBytes;
-  if (next == kPoolBytes) {
-    size_t got = 0;
-    while (got < kPoolBytes) {
-      const ssize_t n = getrandom(pool + got, kPoolBytes - got, 0);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        throw Error(ErrorCode::kInternal, "[http] no random bytes for a request id: " + std::string(std::strerror(errno)));
-      }
-      got += static_cast<size_t>(n);
-    }
-    next = 0;
-  }
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string id(2 * kIdBytes, '0');
-  for (size_t i = 0; i < kIdBytes; ++i) {
-    id[2 * i] = kHex[pool[next + i] >> 4];
-    id[2 * i + 1] = kHex[pool[next + i] & 15];
-  }
-  next += kIdBytes;
-  return id;
-}
 
 const json::object* object_at(const json::object& parent, std::string_view key) {
   const json::value* v = parent.if_contains(key);

@@ -51,6 +51,12 @@ def _serve_parser(subparsers: Any) -> None:
                    "that need no Python per request (no monitor, steps or rollout), forwarding every other "
                    "request to the Python front end on a loopback port; python: the Python front end owns the "
                    "port and answers everything (docs/native-http.md; env CONVEYOR_HTTP_FRONTEND)")
+    p.add_argument("--grpc-frontend", type=choice(("python", "native")),
+                   default=env("grpc-frontend", None, choice(("python", "native"))),
+                   help="native (the default where conveyor was built with gRPC C++): a C++ front end owns the gRPC "
+                   "port and answers ModelInfer for models that need no Python per request, relaying every other "
+                   "call to the Python gRPC server on a loopback port; python: the Python server owns the port "
+                   "(docs/native-grpc.md; env CONVEYOR_GRPC_FRONTEND)")
     p.add_argument("--metrics-port", type=port, default=env("metrics-port", 0, port),
                    help="serve /metrics on its own port (default 0: on the HTTP port)")
     p.add_argument("--model-control-mode", type=choice(("none", "poll", "explicit")),
@@ -163,6 +169,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         rollout_tick_interval_s=args.rollout_tick_interval_s,
         http_frontend=args.http_frontend,
+        **({"grpc_frontend": args.grpc_frontend} if args.grpc_frontend else {}),
     )
     logging.getLogger("conveyor").info("conveyor %s serving %s", __version__, repository)
     try:

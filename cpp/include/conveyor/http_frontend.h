@@ -22,9 +22,9 @@
 #include <memory>
 #include <string>
 
-namespace conveyor {
+#include "conveyor/frontend_common.h"
 
-class Batcher;
+namespace conveyor {
 
 struct HttpFrontendOptions {
   std::string host = "127.0.0.1";
@@ -46,17 +46,6 @@ struct HttpFrontendOptions {
   // When set, inference needs 'Authorization: Bearer <api_key>'; a request without it is
   // forwarded (the server behind answers 401 with its own guard and message).
   std::string api_key;
-};
-
-// A model version served natively: requests naming the model (and no version, or this
-// one) go to `batcher`. Its tensors must be host tensors of fixed-size datatypes.
-struct FrontendModel {
-  std::string name;
-  int64_t version = 1;
-  std::shared_ptr<Batcher> batcher;
-  // The body of GET /v2/models/{name}[/versions/{version}] (the server behind's answer,
-  // rendered by it); empty: that route is forwarded.
-  std::string metadata;
 };
 
 class HttpFrontend {

@@ -432,14 +432,17 @@ class _GuardedRegistration:
 
 
 class GrpcCollector(Collector):
-    """conveyor_grpc_calls_in_flight: the gRPC calls a CallGuard has seen start and not end."""
+    """conveyor_grpc_calls_in_flight: the gRPC calls a CallGuard has seen start and not end,
+    and those `calls_elsewhere` counts (the native front end's own)."""
 
-    def __init__(self, guard: CallGuard) -> None:
+    def __init__(self, guard: CallGuard, calls_elsewhere: Callable[[], int] | None = None) -> None:
         self.guard = guard
+        self.calls_elsewhere = calls_elsewhere
 
     def collect(self) -> Any:
         gauge = GaugeMetricFamily("conveyor_grpc_calls_in_flight", "gRPC calls being handled (streams included).")
-        gauge.add_metric((), self.guard.calls_in_flight)
+        elsewhere = self.calls_elsewhere() if self.calls_elsewhere is not None else 0
+        gauge.add_metric((), self.guard.calls_in_flight + elsewhere)
         yield gauge
 
 
@@ -498,15 +501,18 @@ _HANDLER_KINDS = {
 async def start_grpc_server(
     dataplane: DataPlane, host: str, port: int, *, max_message_bytes: int, api_key: str | None = None,
     api_key_scope: str = "control", registry: CollectorRegistry | None = None,
+    calls_elsewhere: Callable[[], int] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve GRPCInferenceService and health on host:port (0: any free port); returns the
-    started server and the port it listens on.
+    started server and the port it listens on. A `host` of "unix:/path" listens on that Unix
+    socket instead (the port is then 0).
 
     Stop it with `await server.stop(grace_s)`: new calls are refused at once and calls
     in flight get up to `grace_s` seconds. With `api_key`, the RPCs outside OPEN_RPCS need
     it (outside HEALTH_RPCS with `api_key_scope` "all"; see ApiKeyInterceptor). Raises
     OSError naming the address when it cannot be bound (for instance, the port is taken).
-    `registry` (the /metrics registry) gets the conveyor_grpc_calls_in_flight gauge.
+    `registry` (the /metrics registry) gets the conveyor_grpc_calls_in_flight gauge, which
+    adds the calls `calls_elsewhere` counts (those a native front end answers itself).
     """
     guard = CallGuard()
     logging.getLogger("grpc._cython.cygrpc").addFilter(_ENDED_CALL_FILTER)
@@ -522,7 +528,10 @@ async def start_grpc_server(
     guard.register(server, pb_grpc.add_GRPCInferenceServiceServicer_to_server,
                    InferenceServicer(dataplane, max_message_bytes, api_key))
     guard.register(server, health_pb2_grpc.add_HealthServicer_to_server, HealthServicer(dataplane))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host.startswith("unix:"):
+        address = host  # a Unix socket: the native front end's way to the server behind it
+    else:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
@@ -533,7 +542,7 @@ async def start_grpc_server(
         )
     await server.start()
     if registry is not None:
-        registry.register(GrpcCollector(guard))
+        registry.register(GrpcCollector(guard, calls_elsewhere))
     return server, bound
 
 

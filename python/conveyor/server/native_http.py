@@ -10,10 +10,7 @@ received to the Python front end, which listens on a loopback port of its own, a
 relays the answer. So every route keeps the Python front end's behaviour, and the common
 case skips Python (docs/native-http.md lists the edge cases of the wire that still differ).
 
-A model version is served natively when nothing of it needs Python per request: no
-monitor (capture and feedback read each request), no Python steps or output finishing
-(tokenizers, graphs), no rollout routing its requests, and only fixed-size datatypes.
-The table follows loads, unloads, reloads and rollouts as they happen.
+Which model versions it serves itself: `conveyor.server.native_models`.
 """
 
 from __future__ import annotations
@@ -21,37 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 
 from conveyor import _core
-from conveyor.errors import ConveyorError, ModelNotFound
-from conveyor.runtime_handle import ModelHandle
+from conveyor.errors import ConveyorError
 from conveyor.runtime import Runtime
+from conveyor.runtime_handle import ModelHandle
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits
+from conveyor.server.native_models import NativeModels
 from conveyor.server.responses import json_response
 
 log = logging.getLogger(__name__)
-
-_PYTHON_ONLY_DATATYPES = frozenset({"BYTES", "BF16"})
-
-
-def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
-    """Why `handle`'s requests must go through the Python front end, or None."""
-    if not isinstance(handle.batcher, _core.Batcher):
-        return "a model graph is served by the Python front end"
-    if routed:
-        return "a rollout routes its requests"
-    if handle.monitor is not None:
-        return "its monitor reads every request"
-    if handle.finish is not None or handle.python_steps is not None:
-        return "its steps run in Python"
-    if handle.config.instance_group.device != "cpu":
-        return "it runs on a GPU (the Python front end reads device outputs)"
-    tensors = [*handle.config.inputs, *handle.config.outputs]
-    if any(t.datatype in _PYTHON_ONLY_DATATYPES for t in tensors):
-        return "it has BYTES or BF16 tensors"
-    return None
 
 
 def _json_body(payload: object) -> str:
@@ -67,8 +44,10 @@ def resolve_host(host: str) -> str:
         raise OSError(f"cannot resolve the host {host!r} to listen on: {exc}") from None
 
 
-class NativeHttpFrontend:
-    """The native front end of one server, kept in step with the runtime and its rollouts."""
+class NativeHttpFrontend(NativeModels):
+    """The native HTTP front end of one server, kept in step with the runtime and its rollouts."""
+
+    label = "native HTTP front end"
 
     def __init__(
         self, runtime: Runtime, traffic: object | None, dataplane: DataPlane, *, host: str, port: int,
@@ -78,8 +57,7 @@ class NativeHttpFrontend:
         `python_port`: the loopback port of the Python front end that answers the rest.
         `limits`: what one client may ask (the Python front end's, applied here first).
         `api_key`: the key inference needs (None when it needs none)."""
-        self.runtime = runtime
-        self.traffic = traffic
+        super().__init__(runtime, traffic)
         self.dataplane = dataplane
         self._frontend = _core.HttpFrontend(
             resolve_host(host), port, fallback_port=python_port, max_body_bytes=max_request_bytes,
@@ -89,41 +67,17 @@ class NativeHttpFrontend:
             request_read_timeout_s=limits.request_read_timeout_s, api_key=api_key or "",
         )  # fmt: skip
         self.port = self._frontend.port
-        self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
-        # Loads (on worker threads) and rollouts (on the loop) change models at once: each
-        # refresh reads the state and applies it whole, so the last one leaves the truth.
-        self._lock = threading.Lock()
-        runtime.add_change_listener(self.refresh)
-        if traffic is not None:
-            traffic.change_listeners.append(self.refresh)
-        for name in runtime.models():
-            self.refresh(name)
+        self.follow()
 
-    def refresh(self, name: str) -> None:
-        """Serve `name`'s latest version natively, or forward its requests, as it now allows."""
-        with self._lock:
-            self._refresh(name)
-
-    def _refresh(self, name: str) -> None:
+    def _serve(self, name: str, handle: ModelHandle) -> None:
         try:
-            handle = self.runtime.model(name)
-        except ModelNotFound:  # unloaded
-            handle = None
-        routed = self.traffic is not None and self.traffic.get(name) is not None
-        reason = None if handle is None else python_only_reason(handle, routed)
-        if handle is not None and reason is None:
-            try:
-                metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version)))
-            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
-                metadata = ""
-            self._frontend.add_model(name, handle.version, handle.batcher, metadata)
-            if self._native.get(name) != handle.version:
-                log.info("model %s version %d: inference served by the native front end", name, handle.version)
-            self._native[name] = handle.version
-            return
+            metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version)))
+        except ConveyorError:  # unloaded meanwhile: the next refresh removes it
+            metadata = ""
+        self._frontend.add_model(name, handle.version, handle.batcher, metadata)
+
+    def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)
-        if self._native.pop(name, None) is not None or handle is not None:
-            log.info("model %s: inference served by the Python front end (%s)", name, reason or "unloaded")
 
     def started(self) -> None:
         """Every listener of the server is up: answer health and metadata here from now on."""
@@ -140,7 +94,5 @@ class NativeHttpFrontend:
             log.warning("grace period over with %d native HTTP requests unanswered", self._frontend.in_flight)
 
     def close(self) -> None:
-        self.runtime.remove_change_listener(self.refresh)
-        if self.traffic is not None and self.refresh in self.traffic.change_listeners:
-            self.traffic.change_listeners.remove(self.refresh)
+        self.unfollow()
         self._frontend.stop()

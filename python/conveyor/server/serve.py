@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 METRICS_PORT_ROUTES = frozenset({"metrics", "live", "ready"})
 HTTP_FRONTENDS = ("python", "native")  # ServeOptions.http_frontend (the CLI names them too)
+GRPC_FRONTENDS = ("python", "native")  # ServeOptions.grpc_frontend
+
+
+def default_grpc_frontend() -> str:
+    """CONVEYOR_GRPC_FRONTEND, else native where this install has it (built with gRPC C++), else python."""
+    from conveyor.server.native_grpc import native_grpc_available
+
+    return os.environ.get("CONVEYOR_GRPC_FRONTEND") or ("native" if native_grpc_available() else "python")
 
 
 @dataclass
@@ -66,6 +75,11 @@ class ServeOptions:
     # front end owns the port. CONVEYOR_HTTP_FRONTEND sets the default, so a test suite can
     # run against either.
     http_frontend: str = field(default_factory=lambda: os.environ.get("CONVEYOR_HTTP_FRONTEND", "native"))
+    # "native" (the default where the module was built with gRPC C++): the C++ gRPC front end
+    # owns the gRPC port and answers ModelInfer for those models, relaying every other call
+    # to the Python gRPC server on a loopback port (conveyor.server.native_grpc). "python":
+    # the Python server owns the port. CONVEYOR_GRPC_FRONTEND sets the default.
+    grpc_frontend: str = field(default_factory=default_grpc_frontend)
 
 
 class Server:
@@ -81,6 +95,16 @@ class Server:
                 f"http_frontend must be 'python' or 'native' (--http-frontend, CONVEYOR_HTTP_FRONTEND), "
                 f"not {options.http_frontend!r}"
             )
+        if options.grpc_frontend not in GRPC_FRONTENDS:
+            raise ConfigError(
+                f"grpc_frontend must be 'python' or 'native' (--grpc-frontend, CONVEYOR_GRPC_FRONTEND), "
+                f"not {options.grpc_frontend!r}"
+            )
+        if options.grpc_frontend == "native" and options.grpc_port:
+            from conveyor.server.native_grpc import NOT_BUILT, native_grpc_available
+
+            if not native_grpc_available():
+                raise ConfigError(NOT_BUILT)
         if rollout_tick_interval_s is None:
             rollout_tick_interval_s = options.rollout_tick_interval_s
         self.rollout_tick_interval_s = checked_tick_interval_s(rollout_tick_interval_s)
@@ -98,6 +122,8 @@ class Server:
         self._servers: list = []
         self._grpc = None
         self._native_http = None  # NativeHttpFrontend with --http-frontend native
+        self._native_grpc = None  # NativeGrpcFrontend with --grpc-frontend native
+        self._grpc_socket_dir: Path | None = None  # where the Python gRPC server listens behind it
         self._poller: asyncio.Task | None = None
         self.http_app: HttpApp | None = None
         self.http_port = options.http_port  # the bound port once started (options may say 0: any free port)
@@ -168,15 +194,38 @@ class Server:
         if o.metrics_port:
             await self.start_metrics_listener(host, o.metrics_port)
         if grpc_port is not None:
-            from conveyor.server.grpc_server import start_grpc_server
-
-            self._grpc, self.grpc_port = await start_grpc_server(
-                self.dataplane, host, grpc_port, max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key,
-                api_key_scope=o.api_key_scope, registry=self._registry,
-            )
-            log.info("gRPC (KServe v2) listening on %s:%d", host, self.grpc_port)
+            await self._start_grpc(host, grpc_port)
         if self._native_http is not None:
             self._native_http.started()  # health answered natively only once all of the server listens
+
+    async def _start_grpc(self, host: str, port: int) -> None:
+        from conveyor.server.grpc_server import start_grpc_server
+
+        o = self.options
+        native = o.grpc_frontend == "native"
+        behind = None
+        if native:
+            # The Python server answers what the native one relays, on a Unix socket in a
+            # directory only this user can enter: no port of its own to reach or to leave open.
+            self._grpc_socket_dir = Path(tempfile.mkdtemp(prefix="conveyor-grpc-"))
+            behind = f"unix:{self._grpc_socket_dir / 'python.sock'}"
+        self._grpc, self.grpc_port = await start_grpc_server(
+            self.dataplane, behind or host, 0 if native else port,
+            max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key, api_key_scope=o.api_key_scope,
+            registry=self._registry, calls_elsewhere=self._native_grpc_calls if native else None,
+        )  # fmt: skip
+        if native:
+            from conveyor.server.native_grpc import NativeGrpcFrontend
+
+            self._native_grpc = NativeGrpcFrontend(
+                self.runtime, self.rollouts.traffic, host=host, port=port, python_target=behind,
+                max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key if o.api_key_scope == "all" else None,
+            )  # fmt: skip
+            self.grpc_port = self._native_grpc.port
+        log.info("gRPC (KServe v2, %s front end) listening on %s:%d", o.grpc_frontend, host, self.grpc_port)
+
+    def _native_grpc_calls(self) -> int:
+        return self._native_grpc.in_flight if self._native_grpc is not None else 0
 
     async def start_metrics_listener(self, host: str, port: int) -> int:
         """Serve /metrics and the health probes alone on host:port (0: any free port); returns the port.
@@ -249,9 +298,16 @@ class Server:
             await self._poller
         if self._native_http is not None:
             await self._native_http.drain(self.options.grace_period_s)
+        if self._native_grpc is not None:
+            await self._native_grpc.drain(self.options.grace_period_s)
         for server in self._servers:
             server.close()
-        grpc_stop = self._grpc.stop(self.options.grace_period_s) if self._grpc is not None else None
+        grpc_stop = None
+        if self._grpc is not None:
+            grpc_stop = asyncio.ensure_future(self._grpc.stop(self.options.grace_period_s))
+        if self._native_grpc is not None:
+            # Calls relayed to the Python server end with it (it cancels what the grace leaves).
+            await self._native_grpc.close(self.options.grace_period_s)
         if self.http_app is not None:
             try:
                 await asyncio.wait_for(self.http_app.idle.wait(), self.options.grace_period_s)
@@ -263,6 +319,8 @@ class Server:
             self._native_http.close()
         if grpc_stop is not None:
             await grpc_stop
+        if self._grpc_socket_dir is not None:
+            shutil.rmtree(self._grpc_socket_dir, ignore_errors=True)
         # Shadow copies in flight finish and are paired, within the grace period.
         await self.rollouts.close(timeout_s=self.options.grace_period_s)
         await asyncio.to_thread(self.runtime.close)

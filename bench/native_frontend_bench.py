@@ -1,18 +1,21 @@
-"""The native HTTP front end against the Python one, same tree, same run.
+"""A native front end against the Python one, same tree, same run.
 
-    python bench/native_http_bench.py [--models tiny mlp] [--concurrency 1 32] [--rounds 3]
-                                      [--seconds 3] [--perf-analyzer "CMD"] [--no-wrk]
+    python bench/native_frontend_bench.py [--protocol http|grpc] [--streaming]
+                                          [--models tiny mlp] [--concurrency 1 32] [--rounds 3]
+                                          [--seconds 3] [--perf-analyzer "CMD"] [--no-wrk]
 
 Starts `conveyor serve` twice on the bundled examples (`--http-frontend python` and
-`--http-frontend native`, gRPC off) and, round after round, drives each model at each
-concurrency on one server, then the other, with batch-1 binary-tensor requests:
-perf_analyzer (Triton's C++ client: `--perf-analyzer`, $PERF_ANALYZER or on PATH) and
-wrk (a C client that costs far less CPU per request than perf_analyzer, so it shows the
-server's capacity on 2 shared cores; skipped when not installed). Each point reports
-infer/s, p50 and p99 (perf_analyzer's, or wrk's), the mean batch and the server's CPU per
-request (its utime + stime over the requests it answered: robust where throughput on a
-shared machine is not). The last lines give the medians over rounds and the ratios native
-/ python measured in the same rounds.
+`--http-frontend native`, gRPC off; with `--protocol grpc`, `--grpc-frontend python` and
+`--grpc-frontend native`) and, round after round, drives each model at each concurrency on
+one server, then the other, with batch-1 requests (binary tensors over HTTP):
+perf_analyzer (Triton's C++ client: `--perf-analyzer`, $PERF_ANALYZER or on PATH; with
+`--streaming`, over gRPC's ModelStreamInfer) and, for HTTP, wrk (a C client that costs far
+less CPU per request than perf_analyzer, so it shows the server's capacity on 2 shared
+cores; skipped when not installed). Each point reports infer/s, p50 and p99
+(perf_analyzer's, or wrk's), the mean batch and the server's CPU per request (its utime +
+stime over the requests it answered: robust where throughput on a shared machine is not).
+The last lines give the medians over rounds and the ratios native / python measured in the
+same rounds.
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ def summarize(points: list[Point]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                        help="which front ends: HTTP's (--http-frontend) or gRPC's (--grpc-frontend)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="gRPC only: perf_analyzer --streaming (ModelStreamInfer) instead of unary calls")
     parser.add_argument("--models", nargs="+", choices=sorted(WIDTHS), default=["tiny", "mlp"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--rounds", type=int, default=3)
@@ -130,20 +137,27 @@ def main() -> int:
     parser.add_argument("--no-wrk", action="store_true", help="skip wrk even when it is installed")
     parser.add_argument("--csv", type=Path, help="also write every point to this CSV file")
     args = parser.parse_args()
+    if args.streaming and args.protocol != "grpc":
+        parser.error("--streaming is gRPC's ModelStreamInfer: give --protocol grpc")
     pa_command = args.perf_analyzer or shutil.which("perf_analyzer")
     tools: dict[str, list[str] | None] = {}
     if pa_command:
-        tools["perf_analyzer"] = shlex.split(pa_command)
-    if not args.no_wrk and shutil.which("wrk"):
+        tools["perf_analyzer"] = shlex.split(pa_command) + (["--streaming"] if args.streaming else [])
+    if args.protocol == "http" and not args.no_wrk and shutil.which("wrk"):
         tools["wrk"] = None
     if not tools:
         print("neither perf_analyzer nor wrk found: set PERF_ANALYZER or install wrk", file=sys.stderr)
         return 2
-    servers = {}
+    servers = {}  # front end -> (server, HTTP port (its metrics), the port driven)
     try:
         for frontend in FRONTENDS:
-            port = free_port()
-            servers[frontend] = (start_server(port, 0, ["--http-frontend", frontend]), port)
+            http_port = free_port()
+            if args.protocol == "http":
+                servers[frontend] = (start_server(http_port, 0, ["--http-frontend", frontend]), http_port, http_port)
+            else:
+                grpc_port = free_port()
+                server = start_server(http_port, grpc_port, ["--grpc-frontend", frontend])
+                servers[frontend] = (server, http_port, grpc_port)
         points: list[Point] = []
         with tempfile.TemporaryDirectory() as tmp:
             scripts = {model: wrk_script(model, Path(tmp)) for model in args.models}
@@ -152,17 +166,18 @@ def main() -> int:
                     for model in args.models:
                         for concurrency in args.concurrency:
                             for frontend in FRONTENDS:
-                                server, port = servers[frontend]
+                                server, http_port, port = servers[frontend]
                                 if tool == "wrk":
                                     run = lambda: run_wrk(scripts[model], port, model, concurrency, args.seconds)  # noqa: E731
                                 else:
                                     run = lambda: run_perf_analyzer(  # noqa: E731
-                                        command, model, f"127.0.0.1:{port}", "http", concurrency, args.seconds)
-                                points.append(measure_point(tool, run, frontend, server, port, model, concurrency, round_))
+                                        command, model, f"127.0.0.1:{port}", args.protocol, concurrency, args.seconds)
+                                points.append(measure_point(tool, run, frontend, server, http_port, model, concurrency,
+                                                            round_))
     finally:
-        for server, _ in servers.values():
+        for server, *_ in servers.values():
             server.send_signal(signal.SIGTERM)
-        for server, _ in servers.values():
+        for server, *_ in servers.values():
             server.wait(timeout=60)
     summarize(points)
     if args.csv:

@@ -1,0 +1,53 @@
+// Bindings of the native gRPC front end (conveyor/grpc_frontend.h), when it was built:
+// `_core.GRPC_FRONTEND_BUILT` says whether it was. Construction and stop release the GIL
+// (stopping waits for calls whose batches may run Python).
+#include <pybind11/stl.h>
+
+#include "conveyor/batcher.h"
+#include "convert.h"
+#ifdef CONVEYOR_WITH_GRPC
+#include "conveyor/grpc_frontend.h"
+#endif
+
+namespace conveyor::bindings {
+
+void init_grpc_frontend(py::module_& m) {
+#ifdef CONVEYOR_WITH_GRPC
+  m.attr("GRPC_FRONTEND_BUILT") = true;
+  py::class_<GrpcFrontend, std::shared_ptr<GrpcFrontend>>(
+      m, "GrpcFrontend",
+      "The native gRPC data plane: ModelInfer answered from gRPC C++ threads; every other call is relayed to the "
+      "gRPC server at `fallback` (a gRPC target: unix:/path or 127.0.0.1:port).")
+      .def(py::init([](const std::string& host, int port, std::string fallback, int max_message_bytes,
+                       std::string api_key) {
+             GrpcFrontendOptions options;
+             options.host = host;
+             options.port = port;
+             options.fallback_target = std::move(fallback);
+             options.max_message_bytes = max_message_bytes;
+             options.api_key = std::move(api_key);
+             py::gil_scoped_release release;
+             return std::make_shared<GrpcFrontend>(std::move(options));
+           }),
+           py::arg("host") = "127.0.0.1", py::arg("port") = 0, py::arg("fallback") = "",
+           py::arg("max_message_bytes") = 64 << 20, py::arg("api_key") = "")
+      .def_property_readonly("port", &GrpcFrontend::port)
+      .def(
+          "add_model",
+          [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher) {
+            f.add_model({std::move(name), version, std::move(batcher), {}});
+          },
+          py::arg("name"), py::arg("version"), py::arg("batcher"),
+          "Serve the model's ModelInfer calls natively (replacing the version of that name served before).")
+      .def("remove_model", &GrpcFrontend::remove_model, py::arg("name"), "Relay the model's calls from now on.")
+      .def("drain", &GrpcFrontend::drain, "Relay inference calls from now on (the server behind refuses them).")
+      .def_property_readonly("in_flight", &GrpcFrontend::in_flight)
+      .def("stop", &GrpcFrontend::stop, py::arg("grace_ms") = 0, py::call_guard<py::gil_scoped_release>(),
+           "Stop serving; calls under way are cancelled after grace_ms (native ones are answered when their batch "
+           "completes).");
+#else
+  m.attr("GRPC_FRONTEND_BUILT") = false;
+#endif
+}
+
+}  // namespace conveyor::bindings

@@ -1,0 +1,544 @@
+#include "conveyor/grpc_frontend.h"
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/support/proto_buffer_reader.h>
+#include <grpcpp/support/proto_buffer_writer.h>
+
+#include <atomic>
+#include <climits>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "conveyor/batcher.h"
+#include "conveyor/completion.h"
+#include "conveyor/error.h"
+#include "conveyor/protocol/grpc/inference.pb.h"
+
+namespace conveyor {
+
+namespace {
+
+constexpr std::string_view kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
+
+grpc::StatusCode grpc_code_for(ErrorCode code) {
+  // The same table as the server behind (conveyor/protocol/errors.py).
+  switch (code) {
+    case ErrorCode::kInvalidInput: return grpc::StatusCode::INVALID_ARGUMENT;
+    case ErrorCode::kQueueFull:
+    case ErrorCode::kUnavailable: return grpc::StatusCode::UNAVAILABLE;
+    case ErrorCode::kOutOfMemory: return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case ErrorCode::kDeadlineExceeded: return grpc::StatusCode::DEADLINE_EXCEEDED;
+    case ErrorCode::kCancelled: return grpc::StatusCode::CANCELLED;
+    default: return grpc::StatusCode::INTERNAL;
+  }
+}
+
+// Metadata a client sends that gRPC itself writes on the relayed call (or that no call may set).
+bool relayed_metadata(std::string_view key) {
+  if (key.empty() || key.front() == ':') return false;
+  if (key.substr(0, 5) == "grpc-") return false;
+  return key != "te" && key != "content-type" && key != "user-agent" && key != "host";
+}
+
+// The priority or timeout of a request when it is an integer >= 0 (as the server behind
+// reads it); -1 otherwise.
+int64_t schedule_value(const inference::InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case inference::InferParameter::kInt64Param: return p.int64_param() >= 0 ? p.int64_param() : -1;
+    case inference::InferParameter::kUint64Param:
+      return static_cast<int64_t>(std::min<uint64_t>(p.uint64_param(), INT64_MAX));
+    default: return -1;
+  }
+}
+
+// The index of the spec named `name`, or -1.
+int spec_index(const std::vector<TensorSpec>& specs, const std::string& name) {
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+}  // namespace
+
+struct GrpcFrontend::Core {
+  explicit Core(GrpcFrontendOptions o) : options(std::move(o)) {}
+
+  GrpcFrontendOptions options;
+  int bound_port = 0;
+  // Destroyed in reverse: the server (and its calls) before the service and the stub they use.
+  std::unique_ptr<grpc::GenericStub> upstream;  // the server behind
+  std::unique_ptr<grpc::CallbackGenericService> service;
+  std::unique_ptr<grpc::Server> server;
+
+  std::mutex models_mu;
+  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>> models;  // guarded by models_mu
+
+  std::atomic<bool> draining{false};
+  std::atomic<size_t> in_flight{0};
+  std::mutex stop_mu;
+  bool stopped = false;  // guarded by stop_mu
+
+  std::shared_ptr<const FrontendModel> find_model(const std::string& name) {
+    std::lock_guard<std::mutex> lock(models_mu);
+    auto it = models.find(name);
+    return it == models.end() ? nullptr : it->second;
+  }
+
+  bool authorized(const grpc::GenericCallbackServerContext* ctx) const {
+    if (options.api_key.empty()) return true;
+    const auto& metadata = ctx->client_metadata();
+    auto it = metadata.find("authorization");
+    if (it == metadata.end()) return false;
+    return bearer_matches(std::string_view(it->second.data(), it->second.size()), options.api_key);
+  }
+};
+
+namespace {
+
+using grpc::ByteBuffer;
+
+// One call on the public port. A ModelInfer call's message is read first: a request this
+// front end serves goes to the model's batcher and is answered from its completion; any
+// other call is relayed to the server behind, message by message in both directions.
+//
+// Lifetime: gRPC owns the server half (OnDone is its last callback); the relayed client
+// half (OnDone likewise) holds a reference of its own. The object is deleted when both are done.
+class Call final : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(GrpcFrontend::Core* core, grpc::GenericCallbackServerContext* ctx) : core_(core), ctx_(ctx) {
+    if (ctx_->method() == kModelInfer) {
+      StartRead(&down_message_);  // then OnReadDone decides: served here, or relayed
+    } else {
+      decided_ = true;
+      relay(/*have_first=*/false, /*client_done=*/false);
+    }
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!decided_) {
+      decided_ = true;
+      if (ok && serve_natively()) return;
+      relay(/*have_first=*/ok, /*client_done=*/!ok);
+      return;
+    }
+    // Relaying: the client's next message goes up, or the end of its stream.
+    std::lock_guard<std::mutex> lock(mu_);
+    down_reading_ = false;
+    if (!write_hold_) return;  // the call behind takes no more messages
+    if (ok) {
+      up_->StartWrite(&down_message_);
+    } else {
+      up_->StartWritesDone();
+      drop_write_hold();
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (native_) return;  // the answer's write was its last operation: OnDone follows
+    std::unique_lock<std::mutex> lock(mu_);
+    down_writing_ = false;
+    if (up_done_) {
+      finish_relayed(lock);
+    } else if (ok) {
+      up_->StartRead(&up_message_);  // the read hold is held: only the end of the answers drops it
+    } else {
+      up_->context.TryCancel();  // the client is gone: no more answers are read
+      drop_read_hold();
+    }
+  }
+
+  void OnCancel() override {
+    uint64_t queued = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      if (up_ && !up_done_) up_->context.TryCancel();
+      queued = batcher_id_;
+    }
+    // A native call still queued leaves the queue (counted cancelled) and is answered
+    // CANCELLED at once. gRPC runs no OnDone while OnCancel runs, so this call outlives it.
+    if (queued != 0) model_->batcher->cancel(queued);
+  }
+
+  void OnDone() override { release(); }
+
+  // A native call's completion (on the batcher's thread).
+  void answer(const Completion& c) {
+    core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (c.code != ErrorCode::kOk) {
+      Finish(grpc::Status(grpc_code_for(c.code), c.message));
+      return;
+    }
+    try {
+      inference::ModelInferResponse response;
+      response.set_model_name(model_->name);
+      response.set_model_version(std::to_string(model_->version));
+      response.set_id(id_);
+      const std::vector<TensorSpec>& specs = model_->batcher->options().outputs;
+      for (int index : outputs_) {
+        const Tensor& t = c.outputs->tensors[static_cast<size_t>(index)];
+        if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
+        Shape shape = t.shape;
+        int64_t first_row = 0;
+        if (c.rows >= 0 && shape.ndim() > 0) {
+          shape[0] = c.rows;
+          first_row = c.row_offset;
+        }
+        inference::ModelInferResponse::InferOutputTensor* out = response.add_outputs();
+        out->set_name(specs[static_cast<size_t>(index)].name);
+        out->set_datatype(dtype_name(t.dtype));
+        for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
+        const auto* src = static_cast<const char*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
+        response.add_raw_output_contents()->assign(src, static_cast<size_t>(shape.numel()) * dtype_size(t.dtype));
+      }
+      const size_t size = response.ByteSizeLong();
+      if (size > static_cast<size_t>(core_->options.max_message_bytes)) {
+        Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            "model '" + model_->name + "': the response is " + std::to_string(size) +
+                                " bytes, over the server's gRPC message limit of " +
+                                std::to_string(core_->options.max_message_bytes) +
+                                " bytes (--grpc-max-message-bytes): send fewer rows (or a shorter request id) per "
+                                "request, or start the server with a larger limit"));
+        return;
+      }
+      bool own = false;
+      grpc::Status status = grpc::SerializationTraits<inference::ModelInferResponse>::Serialize(response, &answer_, &own);
+      if (!status.ok()) {
+        Finish(status);
+        return;
+      }
+      StartWriteAndFinish(&answer_, grpc::WriteOptions(), grpc::Status::OK);
+    } catch (const std::exception& e) {
+      Finish(grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what()));
+    }
+  }
+
+ private:
+  // The relayed half: a call to the server behind carrying this call's messages.
+  struct Upstream final : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+    explicit Upstream(Call* owner) : call(owner) {}
+    void OnReadDone(bool ok) override { call->on_up_read(ok); }
+    void OnWriteDone(bool ok) override { call->on_up_write(ok); }
+    void OnDone(const grpc::Status& s) override { call->on_up_done(s); }
+    Call* call;
+    grpc::ClientContext context;
+  };
+
+  // Sinks a native request's completion into its call.
+  struct Answer final : CompletionSink {
+    explicit Answer(Call* owner) : call(owner) {}
+    void deliver(std::vector<Completion>&& completions) override {
+      for (const Completion& c : completions) call->answer(c);
+    }
+    Call* call;
+  };
+
+  // Decodes the ModelInfer request read and submits it to its model's batcher; false
+  // (nothing started) when the request is not one this front end serves.
+  bool serve_natively() {
+    if (core_->draining.load(std::memory_order_relaxed) || !core_->authorized(ctx_)) return false;
+    auto request = std::make_shared<inference::ModelInferRequest>();
+    ByteBuffer bytes(down_message_);  // Deserialize consumes it; relaying needs the message again
+    if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&bytes, request.get()).ok()) {
+      return false;
+    }
+    std::shared_ptr<const FrontendModel> model = core_->find_model(request->model_name());
+    if (!model) return false;
+    if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
+    int64_t priority = 0, timeout_us = 0;
+    for (const auto& [key, value] : request->parameters()) {
+      // A parameter with no value is refused behind; the others are ignored there too.
+      if (value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) return false;
+      if (key == "priority" || key == "timeout") {
+        const int64_t v = schedule_value(value);
+        if (v < 0) return false;  // refused behind, in its words
+        (key == "priority" ? priority : timeout_us) = v;
+      }
+    }
+    const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
+    const auto& raw = request->raw_input_contents();
+    if (request->inputs_size() != static_cast<int>(specs.size()) || raw.size() != request->inputs_size()) return false;
+    std::vector<Tensor> tensors(specs.size());
+    std::vector<bool> given(specs.size(), false);
+    for (int i = 0; i < request->inputs_size(); ++i) {
+      const auto& input = request->inputs(i);
+      if (input.parameters_size() != 0 || input.has_contents()) return false;
+      const int index = spec_index(specs, input.name());
+      if (index < 0 || given[static_cast<size_t>(index)]) return false;
+      given[static_cast<size_t>(index)] = true;
+      Tensor& t = tensors[static_cast<size_t>(index)];
+      try {
+        t.dtype = dtype_from_name(input.datatype());
+      } catch (const Error&) {
+        return false;
+      }
+      if (t.dtype == DType::kBytes || t.dtype == DType::kBFloat16) return false;
+      if (input.shape_size() > Shape::kMaxDims) return false;
+      int64_t elements = 1;
+      for (int64_t d : input.shape()) {
+        if (d < 0 || (d && (__builtin_mul_overflow(elements, d, &elements) || elements > INT64_MAX / 8))) return false;
+      }
+      t.shape = Shape(input.shape().data(), input.shape_size());
+      if (t.nbytes() != raw[i].size()) return false;
+      t.data = const_cast<char*>(raw[i].data());
+      t.owner = request;
+    }
+    const std::vector<TensorSpec>& output_specs = model->batcher->options().outputs;
+    if (request->outputs_size() == 0) {
+      for (size_t i = 0; i < output_specs.size(); ++i) outputs_.push_back(static_cast<int>(i));
+    } else {
+      std::unordered_set<std::string_view> names;
+      for (const auto& output : request->outputs()) {
+        for (const auto& [key, value] : output.parameters()) {
+          // binary_data is HTTP's choice; anything else (classification, shared memory) is served behind.
+          if (key != "binary_data" || value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) {
+            return false;
+          }
+        }
+        const int index = spec_index(output_specs, output.name());
+        if (index < 0 || !names.insert(output.name()).second) return false;
+        outputs_.push_back(index);
+      }
+    }
+    id_ = request->id().empty() ? new_request_id() : request->id();
+    model_ = model;
+    native_ = true;
+    core_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    try {
+      // Under mu_: a cancellation arriving meanwhile sees the id (or the id sees it).
+      std::unique_lock<std::mutex> lock(mu_);
+      batcher_id_ = model->batcher->submit(std::move(tensors), std::make_shared<Answer>(this),
+                                           static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
+                                           timeout_us > 0 ? timeout_us : -1);
+      const bool cancel_now = cancelled_;
+      const uint64_t queued = batcher_id_;
+      lock.unlock();
+      if (cancel_now) model->batcher->cancel(queued);
+    } catch (const Error& e) {
+      core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+      if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kOutOfMemory) {
+        Finish(grpc::Status(grpc_code_for(e.code()), e.what()));
+        return true;
+      }
+      // Invalid, or a version swapped out by a reload (its batcher stopping): the server
+      // behind words the refusal or serves the version loaded now.
+      native_ = false;
+      outputs_.clear();
+      model_.reset();
+      return false;
+    }
+    return true;
+  }
+
+  // Starts relaying this call to the server behind. have_first: the client's first message
+  // (read already) goes up first; client_done: the client ended its stream already.
+  //
+  // Reads and writes on the call behind are started from this call's callbacks, outside
+  // its own: each flow holds it (a gRPC hold) until it starts nothing more, so that it
+  // cannot end (OnDone) under an operation about to start. mu_ orders the two flows.
+  // (gRPC never runs a client reaction inline, so starting one under mu_ cannot re-enter.)
+  void relay(bool have_first, bool client_done) {
+    std::unique_lock<std::mutex> lock(mu_);
+    up_ = new Upstream(this);
+    refs_.fetch_add(1, std::memory_order_relaxed);
+    grpc::ClientContext& context = up_->context;
+    context.set_deadline(ctx_->deadline());
+    for (const auto& [key, value] : ctx_->client_metadata()) {
+      const std::string_view name(key.data(), key.size());
+      if (relayed_metadata(name)) context.AddMetadata(std::string(name), std::string(value.data(), value.size()));
+    }
+    core_->upstream->PrepareBidiStreamingCall(&context, std::string(ctx_->method()), grpc::StubOptions(), up_);
+    read_hold_ = true;
+    write_hold_ = !client_done;
+    up_->AddMultipleHolds(write_hold_ ? 2 : 1);
+    up_->StartRead(&up_message_);
+    if (have_first) {
+      up_->StartWrite(&down_message_);  // its OnWriteDone reads the client's next message
+    } else if (client_done) {
+      up_->StartWritesDone();
+    } else {
+      down_reading_ = true;
+      StartRead(&down_message_);
+    }
+    up_->StartCall();
+  }
+
+  void on_up_write(bool ok) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!write_hold_) return;
+    if (ok) {
+      down_reading_ = true;
+      StartRead(&down_message_);  // the next message of the client (or its end)
+    } else {
+      drop_write_hold();  // the call behind ended: its OnDone finishes this one
+    }
+  }
+
+  void on_up_read(bool ok) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ok) {
+      down_writing_ = true;
+      StartWrite(&up_message_);
+      return;
+    }
+    // The end of its answers: the status follows. A client that keeps its stream open
+    // may never send again, so the read waiting for it must not hold the call behind.
+    drop_read_hold();
+    if (down_reading_ && write_hold_) drop_write_hold();
+  }
+
+  void on_up_done(const grpc::Status& status) {
+    std::unique_lock<std::mutex> lock(mu_);
+    up_status_ = status;
+    up_done_ = true;
+    if (!down_writing_) finish_relayed(lock);
+  }
+
+  void drop_read_hold() {  // mu_ held
+    if (!read_hold_) return;
+    read_hold_ = false;
+    up_->RemoveHold();
+  }
+
+  void drop_write_hold() {  // mu_ held
+    if (!write_hold_) return;
+    write_hold_ = false;
+    up_->RemoveHold();
+  }
+
+  // The call behind ended and no answer is being written: end this call with its status. mu_ held.
+  void finish_relayed(std::unique_lock<std::mutex>& lock) {
+    if (finished_) return;
+    finished_ = true;
+    for (const auto& [key, value] : up_->context.GetServerTrailingMetadata()) {
+      const std::string_view name(key.data(), key.size());
+      if (relayed_metadata(name)) ctx_->AddTrailingMetadata(std::string(name), std::string(value.data(), value.size()));
+    }
+    grpc::Status status = up_status_;
+    lock.unlock();
+    release();     // the relayed half is done (its OnDone has run)
+    Finish(status);  // may run this call's OnDone inline, which may delete it: the last use of this
+  }
+
+  void release() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      delete up_;
+      delete this;
+    }
+  }
+
+  GrpcFrontend::Core* core_;
+  grpc::GenericCallbackServerContext* ctx_;
+  ByteBuffer down_message_;  // the client's message being read or relayed
+  ByteBuffer up_message_;    // the answer of the server behind being relayed
+  ByteBuffer answer_;        // a native call's answer
+  bool decided_ = false;
+  bool native_ = false;
+  Upstream* up_ = nullptr;
+  std::atomic<int> refs_{1};
+  std::mutex mu_;
+  bool read_hold_ = false;     // guarded by mu_: the answers' flow holds the call behind
+  bool write_hold_ = false;    // guarded by mu_: the client messages' flow holds it
+  bool down_reading_ = false;  // guarded by mu_: a read of the client's next message is under way
+  bool down_writing_ = false;  // guarded by mu_: an answer is being written to the client
+  bool up_done_ = false;       // guarded by mu_: the call behind has ended (up_status_ is its status)
+  bool finished_ = false;      // guarded by mu_
+  grpc::Status up_status_;     // guarded by mu_
+  bool cancelled_ = false;      // guarded by mu_: the client cancelled the call
+  uint64_t batcher_id_ = 0;    // guarded by mu_: a native call's request in its batcher (0: none)
+  // A native call.
+  std::shared_ptr<const FrontendModel> model_;
+  std::string id_;
+  std::vector<int> outputs_;
+};
+
+class Service final : public grpc::CallbackGenericService {
+ public:
+  explicit Service(GrpcFrontend::Core* core) : core_(core) {}
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return new Call(core_, ctx);
+  }
+
+ private:
+  GrpcFrontend::Core* core_;
+};
+
+}  // namespace
+
+GrpcFrontend::GrpcFrontend(GrpcFrontendOptions options) : core_(std::make_shared<Core>(std::move(options))) {
+  Core& core = *core_;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);  // the server behind and this one hold the limits
+  args.SetMaxSendMessageSize(-1);
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+  args.SetInt(GRPC_ARG_CLIENT_IDLE_TIMEOUT_MS, INT_MAX);  // one connection for the server's life
+  auto channel = grpc::CreateCustomChannel(core.options.fallback_target, grpc::InsecureChannelCredentials(), args);
+  // Connected now (the server behind listens already), not by the first call relayed.
+  channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  core.upstream = std::make_unique<grpc::GenericStub>(channel);
+  core.service = std::make_unique<Service>(&core);
+
+  grpc::ServerBuilder builder;
+  const std::string& host = core.options.host;
+  const std::string address = (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" +
+                              std::to_string(core.options.port);
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &core.bound_port);
+  builder.SetMaxReceiveMessageSize(core.options.max_message_bytes);
+  builder.SetMaxSendMessageSize(core.options.max_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a taken port fails instead of being shared
+  builder.RegisterCallbackGenericService(core.service.get());
+  core.server = builder.BuildAndStart();
+  if (!core.server || core.bound_port == 0) {
+    throw Error(ErrorCode::kUnavailable,
+                "[grpc] cannot listen for gRPC on " + address + ": the port is in use or the address is not local");
+  }
+}
+
+GrpcFrontend::~GrpcFrontend() { stop(); }
+
+int GrpcFrontend::port() const noexcept { return core_->bound_port; }
+
+void GrpcFrontend::add_model(FrontendModel model) {
+  if (!model.batcher) throw Error(ErrorCode::kInvalidInput, "[grpc] model '" + model.name + "' has no batcher");
+  const BatcherOptions& o = model.batcher->options();
+  for (const auto* specs : {&o.inputs, &o.outputs}) {
+    for (const TensorSpec& spec : *specs) {
+      if (spec.dtype == DType::kBytes || spec.dtype == DType::kBFloat16) {
+        throw Error(ErrorCode::kInvalidInput, "[grpc] model '" + model.name + "': tensor '" + spec.name + "' is " +
+                                                  dtype_name(spec.dtype) + ", which only the Python front end serves");
+      }
+    }
+  }
+  auto shared = std::make_shared<const FrontendModel>(std::move(model));
+  std::lock_guard<std::mutex> lock(core_->models_mu);
+  core_->models[shared->name] = std::move(shared);
+}
+
+void GrpcFrontend::remove_model(const std::string& name) {
+  std::lock_guard<std::mutex> lock(core_->models_mu);
+  core_->models.erase(name);
+}
+
+void GrpcFrontend::drain() { core_->draining.store(true, std::memory_order_relaxed); }
+
+size_t GrpcFrontend::in_flight() const { return core_->in_flight.load(std::memory_order_relaxed); }
+
+void GrpcFrontend::stop(int64_t grace_ms) {
+  std::lock_guard<std::mutex> lock(core_->stop_mu);
+  if (core_->stopped) return;
+  core_->stopped = true;
+  core_->draining.store(true, std::memory_order_relaxed);
+  core_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(grace_ms));
+  core_->server->Wait();
+}
+
+}  // namespace conveyor

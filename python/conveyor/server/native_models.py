@@ -1,0 +1,97 @@
+"""Which models the native front ends serve themselves, kept in step with the server.
+
+A native front end (HTTP, `conveyor.server.native_http`; gRPC, `conveyor.server.native_grpc`)
+answers inference for a model version straight from C++ into its batcher when nothing of
+it needs Python per request: no monitor (capture and feedback read each request), no
+Python steps or output finishing (tokenizers, graphs), no rollout routing its requests, a
+CPU model, and only fixed-size datatypes. `NativeModels` follows loads, unloads, reloads
+and rollouts as they happen and tells its front end which versions to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from conveyor import _core
+from conveyor.errors import ModelNotFound
+from conveyor.runtime import Runtime
+from conveyor.runtime_handle import ModelHandle
+
+log = logging.getLogger(__name__)
+
+_PYTHON_ONLY_DATATYPES = frozenset({"BYTES", "BF16"})
+
+
+def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
+    """Why `handle`'s requests must go through the Python front end, or None."""
+    if not isinstance(handle.batcher, _core.Batcher):
+        return "a model graph is served by the Python front end"
+    if routed:
+        return "a rollout routes its requests"
+    if handle.monitor is not None:
+        return "its monitor reads every request"
+    if handle.finish is not None or handle.python_steps is not None:
+        return "its steps run in Python"
+    if handle.config.instance_group.device != "cpu":
+        return "it runs on a GPU (the Python front end reads device outputs)"
+    tensors = [*handle.config.inputs, *handle.config.outputs]
+    if any(t.datatype in _PYTHON_ONLY_DATATYPES for t in tensors):
+        return "it has BYTES or BF16 tensors"
+    return None
+
+
+class NativeModels:
+    """Keeps a native front end's table of models in step with the runtime and its rollouts.
+
+    Subclasses say how a version is served (`_serve`) and stopped being served (`_unserve`);
+    `label` names the front end in the log.
+    """
+
+    label = "native"
+
+    def __init__(self, runtime: Runtime, traffic: object | None) -> None:
+        self.runtime = runtime
+        self.traffic = traffic
+        self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
+        # Loads (on worker threads) and rollouts (on the loop) change models at once: each
+        # refresh reads the state and applies it whole, so the last one leaves the truth.
+        self._lock = threading.Lock()
+
+    def follow(self) -> None:
+        """Serve what may be served now, and follow every change from now on."""
+        self.runtime.add_change_listener(self.refresh)
+        if self.traffic is not None:
+            self.traffic.change_listeners.append(self.refresh)
+        for name in self.runtime.models():
+            self.refresh(name)
+
+    def unfollow(self) -> None:
+        self.runtime.remove_change_listener(self.refresh)
+        if self.traffic is not None and self.refresh in self.traffic.change_listeners:
+            self.traffic.change_listeners.remove(self.refresh)
+
+    def refresh(self, name: str) -> None:
+        """Serve `name`'s latest version natively, or send its requests behind, as it now allows."""
+        with self._lock:
+            try:
+                handle = self.runtime.model(name)
+            except ModelNotFound:  # unloaded
+                handle = None
+            routed = self.traffic is not None and self.traffic.get(name) is not None
+            reason = None if handle is None else python_only_reason(handle, routed)
+            if handle is not None and reason is None:
+                self._serve(name, handle)
+                if self._native.get(name) != handle.version:
+                    log.info("model %s version %d: inference served by the %s", name, handle.version, self.label)
+                self._native[name] = handle.version
+                return
+            self._unserve(name)
+            if self._native.pop(name, None) is not None or handle is not None:
+                log.info("model %s: inference not served by the %s (%s)", name, self.label, reason or "unloaded")
+
+    def _serve(self, name: str, handle: ModelHandle) -> None:
+        raise NotImplementedError
+
+    def _unserve(self, name: str) -> None:
+        raise NotImplementedError
