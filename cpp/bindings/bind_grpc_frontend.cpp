@@ -3,6 +3,7 @@
 // (stopping waits for calls whose batches may run Python).
 #include <pybind11/stl.h>
 
+#include "batcher_convert.h"
 #include "conveyor/batcher.h"
 #include "convert.h"
 #ifdef CONVEYOR_WITH_GRPC
@@ -27,7 +28,8 @@ void init_grpc_frontend(py::module_& m) {
              options.max_message_bytes = max_message_bytes;
              options.api_key = std::move(api_key);
              py::gil_scoped_release release;
-             return std::make_shared<GrpcFrontend>(std::move(options));
+             // Deleted without the GIL: stopping waits for native calls whose batches may need it.
+             return std::shared_ptr<GrpcFrontend>(new GrpcFrontend(std::move(options)), DeleteWithoutGil<GrpcFrontend>{});
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 0, py::arg("fallback") = "",
            py::arg("max_message_bytes") = 64 << 20, py::arg("api_key") = "")

@@ -1,0 +1,300 @@
+"""The native gRPC front end (the default where conveyor is built with gRPC C++;
+`--grpc-frontend native`): which calls the C++ front end answers itself, which it relays to
+the Python gRPC server, and the gRPC suites run against the Python server alone too.
+
+Whether a call reached Python is read from the Python server: every ModelInfer it answers
+(streamed ones too) goes through `InferenceServicer._infer`; one the native front end
+answers never does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conveyor.protocol.grpc import inference_pb2 as pb
+from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
+from conveyor.server.grpc_server import InferenceServicer
+from conveyor.server.native_grpc import native_grpc_available
+from conveyor.server.serve import ServeOptions
+from processes import free_port
+from server_thread import ServerThread
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+TESTS = Path(__file__).resolve().parent
+
+# The test files that talk to a server over gRPC; each runs unchanged against both front ends.
+# (test_grpc_server.py serves the Python server's own start_grpc_server: it needs no second run.)
+GRPC_SUITES = (
+    "test_grpc_adversarial.py", "test_clients_live.py", "test_misbehaving_clients.py", "test_shared_memory_server.py",
+    "test_secure_defaults.py", "test_rollout_server.py", "test_graph_server.py",
+)  # fmt: skip
+
+needs_native = pytest.mark.skipif(
+    not native_grpc_available(),
+    reason="conveyor was built without gRPC C++ (install libgrpc++-dev, libprotobuf-dev and protobuf-compiler, "
+    "then reinstall): the native gRPC front end is absent",
+)
+
+
+@pytest.mark.skipif(os.environ.get("CONVEYOR_EXPECT_NATIVE_GRPC") != "1", reason="set where gRPC C++ is installed")
+def test_the_native_front_end_is_built_where_grpc_cpp_is_installed() -> None:
+    """CI installs gRPC C++ and sets CONVEYOR_EXPECT_NATIVE_GRPC=1: a build that silently left
+    the front end out would otherwise only show as skipped tests."""
+    assert native_grpc_available()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    if not native_grpc_available():
+        pytest.skip("conveyor was built without gRPC C++: the native gRPC front end is absent")
+    root = tmp_path_factory.mktemp("native-grpc-repo")
+    for name in ("tiny", "churn"):
+        shutil.copytree(EXAMPLES / name, root / name)
+    thread = ServerThread(ServeOptions(
+        repository=root, http_port=0, grpc_port=free_port(), data_dir=root / "data", model_control_mode="explicit",
+        load_models=["tiny", "churn"], grpc_frontend="native",
+    ))  # fmt: skip
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def python_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The models of the ModelInfer calls the Python server answered."""
+    seen: list[str] = []
+    infer = InferenceServicer._infer
+
+    async def counting(self: InferenceServicer, request: pb.ModelInferRequest, context: Any) -> Any:
+        seen.append(request.model_name)
+        return await infer(self, request, context)
+
+    monkeypatch.setattr(InferenceServicer, "_infer", counting)
+    return seen
+
+
+def _address(served: ServerThread) -> str:
+    assert served.server is not None
+    return f"127.0.0.1:{served.server.grpc_port}"
+
+
+def _tiny_request(**fields: Any) -> pb.ModelInferRequest:
+    """A valid request for tiny: one row of 0..15."""
+    request = pb.ModelInferRequest(**{"model_name": "tiny", **fields})
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 16])
+    request.raw_input_contents.append(np.arange(16, dtype=np.float32).tobytes())
+    return request
+
+
+def _call(served: ServerThread, request: pb.ModelInferRequest, metadata: Any = None) -> pb.ModelInferResponse:
+    with grpc.insecure_channel(_address(served)) as channel:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30, metadata=metadata)
+
+
+def _error(served: ServerThread, request: pb.ModelInferRequest, metadata: Any = None) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        _call(served, request, metadata)
+    return caught.value
+
+
+@needs_native
+def test_a_model_needing_no_python_per_call_is_answered_natively(served: ServerThread, python_calls: list[str]) -> None:
+    client = grpcclient.InferenceServerClient(_address(served))
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    given = grpcclient.InferInput("x", [1, 16], "FP32")
+    given.set_data_from_numpy(x)
+    result = client.infer("tiny", [given], request_id="r-7")
+    np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+    assert result.get_response().id == "r-7"
+    assert result.get_response().model_version == "1"
+    response = _call(served, _tiny_request())
+    assert len(response.id) == 32  # made here, as the Python server makes one
+    assert python_calls == []
+
+
+@needs_native
+def test_a_monitored_model_is_answered_by_python(served: ServerThread, python_calls: list[str]) -> None:
+    request = pb.ModelInferRequest(model_name="churn")
+    request.inputs.add(name="features", datatype="FP32", shape=[1, 12])
+    request.raw_input_contents.append(np.zeros(12, np.float32).tobytes())
+    assert _call(served, request).model_name == "churn"
+    assert python_calls == ["churn"]
+
+
+def _with_parameter(key: str, **value: Any) -> pb.ModelInferRequest:
+    request = _tiny_request()
+    request.parameters[key].CopyFrom(pb.InferParameter(**value))
+    return request
+
+
+def _typed_contents() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
+    return request
+
+
+def _output(name: str, **parameters: Any) -> pb.ModelInferRequest:
+    request = _tiny_request()
+    output = request.outputs.add(name=name)
+    for key, value in parameters.items():
+        output.parameters[key].CopyFrom(pb.InferParameter(**value))
+    return request
+
+
+def _twice() -> pb.ModelInferRequest:
+    request = _tiny_request()
+    request.outputs.add(name="y")
+    request.outputs.add(name="y")
+    return request
+
+
+def _shared_memory_input() -> pb.ModelInferRequest:
+    request = _tiny_request()
+    request.inputs[0].parameters["shared_memory_region"].string_param = "r"
+    return request
+
+
+def _short_raw() -> pb.ModelInferRequest:
+    request = _tiny_request()
+    request.raw_input_contents[0] = b"\0" * 60
+    return request
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "request_",
+    [
+        _with_parameter("priority", double_param=1.5),
+        _with_parameter("timeout", int64_param=-1),
+        _with_parameter("priority", bool_param=True),
+        _with_parameter("tags"),  # a parameter with no value set
+        _typed_contents(),
+        _output("y", classification={"int64_param": 2}),
+        _output("y", shared_memory_region={"string_param": "r"}),
+        _output("z"),
+        _twice(),
+        _shared_memory_input(),
+        _short_raw(),
+        _tiny_request(model_version="2"),
+    ],
+    ids=["priority 1.5", "timeout -1", "priority true", "a parameter with no value", "typed contents",
+         "a classification output", "a shared-memory output", "an unknown output", "an output twice",
+         "a shared-memory input", "too few raw bytes", "a version not loaded"],
+)
+def test_calls_it_would_not_serve_exactly_as_python_does_are_relayed(
+    served: ServerThread, python_calls: list[str], request_: pb.ModelInferRequest
+) -> None:
+    """Each is answered (or refused, in its words) by the Python server."""
+    try:
+        _call(served, request_)
+    except grpc.RpcError:
+        pass
+    assert python_calls == ["tiny"]
+
+
+@needs_native
+def test_parameters_python_ignores_are_ignored_here_too(served: ServerThread, python_calls: list[str]) -> None:
+    request = _with_parameter("tags", string_param="a")
+    request.parameters["priority"].int64_param = 1
+    request.parameters["timeout"].int64_param = 10_000_000
+    request.outputs.add(name="y").parameters["binary_data"].bool_param = True
+    assert np.frombuffer(_call(served, request).raw_output_contents[0], np.float32)[0] == 1.0
+    assert python_calls == []
+
+
+@needs_native
+def test_refusals_keep_python_s_status_and_words(served: ServerThread, python_calls: list[str]) -> None:
+    unknown = _error(served, _tiny_request(model_name="nope"))
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    assert "Request for unknown model: 'nope' is not found" in unknown.details()
+    short = _error(served, _short_raw())
+    assert short.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert python_calls == ["nope", "tiny"]
+
+
+@needs_native
+def test_a_stream_is_relayed_and_answered_request_by_request(served: ServerThread, python_calls: list[str]) -> None:
+    answers: list[Any] = []
+    client = grpcclient.InferenceServerClient(_address(served))
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    given = grpcclient.InferInput("x", [1, 16], "FP32")
+    given.set_data_from_numpy(x)
+    for k in range(5):
+        client.async_stream_infer("tiny", [given], request_id=f"s-{k}")
+    client.stop_stream()  # waits for the answers
+    assert sorted(result.get_response().id for result, error in answers if error is None) == [f"s-{k}" for k in range(5)]
+    assert python_calls == ["tiny"] * 5
+
+
+@needs_native
+def test_the_table_follows_unloads_and_loads(served: ServerThread, python_calls: list[str]) -> None:
+    client = grpcclient.InferenceServerClient(_address(served))
+    client.unload_model("tiny")
+    assert _error(served, _tiny_request()).code() == grpc.StatusCode.NOT_FOUND
+    assert python_calls == ["tiny"]
+    client.load_model("tiny")
+    _call(served, _tiny_request())
+    assert python_calls == ["tiny"]  # native again
+
+
+@needs_native
+def test_with_the_key_on_all_calls_a_keyless_call_is_refused_by_python(tmp_path: Path, python_calls: list[str]) -> None:
+    shutil.copytree(EXAMPLES / "tiny", tmp_path / "tiny")
+    thread = ServerThread(ServeOptions(
+        repository=tmp_path, http_port=0, grpc_port=free_port(), data_dir=tmp_path / "data", api_key="k-1",
+        api_key_scope="all", grpc_frontend="native",
+    ))  # fmt: skip
+    try:
+        refused = _error(thread, _tiny_request())
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert python_calls == []  # refused by Python's interceptor, before the servicer
+        _call(thread, _tiny_request(), metadata=[("authorization", "Bearer k-1")])
+        assert python_calls == []  # answered here
+    finally:
+        thread.stop()
+
+
+def test_an_unknown_front_end_is_refused_with_the_flag_named(tmp_path: Path) -> None:
+    from conveyor.errors import ConfigError
+    from conveyor.server.serve import Server
+
+    with pytest.raises(ConfigError, match=r"'python' or 'native' \(--grpc-frontend, CONVEYOR_GRPC_FRONTEND\), not 'go'"):
+        Server(ServeOptions(repository=tmp_path, grpc_frontend="go"))
+
+
+def test_native_without_the_build_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor.errors import ConfigError
+    from conveyor.server import native_grpc
+    from conveyor.server.serve import Server
+
+    monkeypatch.setattr(native_grpc, "native_grpc_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"install libgrpc\+\+-dev.*--grpc-frontend python"):
+        Server(ServeOptions(repository=tmp_path, grpc_frontend="native"))
+    Server(ServeOptions(repository=tmp_path, grpc_frontend="native", grpc_port=0))  # no gRPC: nothing to refuse
+
+
+@needs_native
+@pytest.mark.skipif(os.environ.get("CONVEYOR_GRPC_FRONTEND") == "python", reason="already the Python run")
+def test_the_grpc_suites_pass_against_the_python_front_end() -> None:
+    """The gRPC test files, unchanged, against `--grpc-frontend python` (the rest of the run
+    tests the default, native front end); in-process servers and `conveyor serve`
+    subprocesses pick it up from CONVEYOR_GRPC_FRONTEND."""
+    env = dict(os.environ, CONVEYOR_GRPC_FRONTEND="python")
+    files = [str(TESTS / name) for name in GRPC_SUITES]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+        env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout.splitlines()[-1]
