@@ -222,8 +222,19 @@ def test_refusals_keep_python_s_status_and_words(served: ServerThread, python_ca
     assert python_calls == ["nope", "tiny"]
 
 
+def _stream(served: ServerThread, requests: list[pb.ModelInferRequest | bytes]) -> list[pb.ModelStreamInferResponse]:
+    """The answers to `requests` (messages, or raw bytes sent as they are) on one ModelStreamInfer call."""
+    with grpc.insecure_channel(_address(served)) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        return list(call(iter(requests), timeout=30))
+
+
 @needs_native
-def test_a_stream_is_relayed_and_answered_request_by_request(served: ServerThread, python_calls: list[str]) -> None:
+def test_a_stream_is_answered_here_request_by_request(served: ServerThread, python_calls: list[str]) -> None:
     answers: list[Any] = []
     client = grpcclient.InferenceServerClient(_address(served))
     client.start_stream(callback=lambda result, error: answers.append((result, error)))
@@ -234,7 +245,54 @@ def test_a_stream_is_relayed_and_answered_request_by_request(served: ServerThrea
         client.async_stream_infer("tiny", [given], request_id=f"s-{k}")
     client.stop_stream()  # waits for the answers
     assert sorted(result.get_response().id for result, error in answers if error is None) == [f"s-{k}" for k in range(5)]
-    assert python_calls == ["tiny"] * 5
+    assert all(np.array_equal(result.as_numpy("y"), x + 1) for result, _ in answers)
+    assert python_calls == []
+
+
+@needs_native
+def test_a_stream_s_other_requests_are_answered_behind_each_in_its_turn(
+    served: ServerThread, python_calls: list[str]
+) -> None:
+    """Requests Python must answer (a monitored model, a refusal, bytes that are no request)
+    get Python's answer or error on the same stream, beside the ones answered here."""
+    churn = pb.ModelInferRequest(model_name="churn", id="c-1")
+    churn.inputs.add(name="features", datatype="FP32", shape=[1, 12])
+    churn.raw_input_contents.append(np.zeros(12, np.float32).tobytes())
+    short = _short_raw()
+    short.id = "bad-1"
+    answers = _stream(served, [_tiny_request(id="t-1"), churn, short, b"\xff\xff not a request", _tiny_request(id="t-2")])
+    assert len(answers) == 5
+    by_id = {a.infer_response.id: a for a in answers if a.infer_response.id}
+    assert not by_id["t-1"].error_message and not by_id["t-2"].error_message
+    assert not by_id["c-1"].error_message and by_id["c-1"].infer_response.model_name == "churn"
+    assert "raw_input_contents" in by_id["bad-1"].error_message or "bytes" in by_id["bad-1"].error_message
+    assert by_id["bad-1"].infer_response.model_name == "tiny"
+    undecodable = [a for a in answers if not a.infer_response.id]
+    assert len(undecodable) == 1 and undecodable[0].error_message
+    assert sorted(python_calls) == ["churn", "tiny"]  # the short one reached Python; the bytes did not decode
+
+
+@needs_native
+def test_a_stream_s_answers_match_the_python_server_s(served: ServerThread, python_calls: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same stream of requests, answered here and (with the table emptied) by Python: the
+    same answers, error messages and all."""
+    requests = [_tiny_request(id="a"), _tiny_request(id="b", model_version="1"), _short_raw()]
+    native = _stream(served, requests)
+    assert python_calls == ["tiny"]  # only the short one
+    assert served.server is not None and served.server._native_grpc is not None
+    served.server._native_grpc._unserve("tiny")
+    try:
+        behind = _stream(served, requests)
+    finally:
+        served.server._native_grpc.refresh("tiny")
+    assert python_calls == ["tiny"] * 4
+
+    def key(answer: pb.ModelStreamInferResponse) -> tuple[str, str]:
+        return answer.infer_response.id, answer.error_message
+
+    assert sorted(map(key, native)) == sorted(map(key, behind))
+    assert {a.infer_response.id: a.infer_response for a in native} == {a.infer_response.id: a.infer_response for a in behind}
 
 
 @needs_native

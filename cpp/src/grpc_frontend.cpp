@@ -10,6 +10,7 @@
 #include <atomic>
 #include <climits>
 #include <chrono>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string_view>
@@ -27,6 +28,7 @@ namespace conveyor {
 namespace {
 
 constexpr std::string_view kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
+constexpr std::string_view kModelStreamInfer = "/inference.GRPCInferenceService/ModelStreamInfer";
 
 grpc::StatusCode grpc_code_for(ErrorCode code) {
   // The same table as the server behind (conveyor/protocol/errors.py).
@@ -106,27 +108,160 @@ namespace {
 
 using grpc::ByteBuffer;
 
-// One call on the public port. A ModelInfer call's message is read first: a request this
-// front end serves goes to the model's batcher and is answered from its completion; any
-// other call is relayed to the server behind, message by message in both directions.
+// A ModelInfer request this front end serves itself, decoded: its tensors view the message.
+struct NativeRequest {
+  std::shared_ptr<inference::ModelInferRequest> message;
+  std::shared_ptr<const FrontendModel> model;
+  std::vector<Tensor> tensors;
+  int64_t priority = 0;
+  int64_t timeout_us = 0;
+  std::vector<int> outputs;  // the batcher outputs answered, in the answer's order
+  std::string id;            // the id answered: the client's, or one made here
+};
+
+// Decodes `bytes` (left as they are) into `out` when it is a request this front end serves
+// exactly as the server behind would; false when it is not (relay it: the server behind
+// answers it, or refuses it in its own words).
+bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, NativeRequest* out) {
+  auto request = std::make_shared<inference::ModelInferRequest>();
+  ByteBuffer copy(bytes);  // shares the slices; Deserialize consumes what it is given
+  if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, request.get()).ok()) return false;
+  std::shared_ptr<const FrontendModel> model = core.find_model(request->model_name());
+  if (!model) return false;
+  if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
+  for (const auto& [key, value] : request->parameters()) {
+    // A parameter with no value is refused behind; the others are ignored there too.
+    if (value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) return false;
+    if (key == "priority" || key == "timeout") {
+      const int64_t v = schedule_value(value);
+      if (v < 0) return false;  // refused behind, in its words
+      (key == "priority" ? out->priority : out->timeout_us) = v;
+    }
+  }
+  const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
+  const auto& raw = request->raw_input_contents();
+  if (request->inputs_size() != static_cast<int>(specs.size()) || raw.size() != request->inputs_size()) return false;
+  std::vector<Tensor> tensors(specs.size());
+  std::vector<bool> given(specs.size(), false);
+  for (int i = 0; i < request->inputs_size(); ++i) {
+    const auto& input = request->inputs(i);
+    if (input.parameters_size() != 0 || input.has_contents()) return false;
+    const int index = spec_index(specs, input.name());
+    if (index < 0 || given[static_cast<size_t>(index)]) return false;
+    given[static_cast<size_t>(index)] = true;
+    Tensor& t = tensors[static_cast<size_t>(index)];
+    try {
+      t.dtype = dtype_from_name(input.datatype());
+    } catch (const Error&) {
+      return false;
+    }
+    if (t.dtype == DType::kBytes || t.dtype == DType::kBFloat16) return false;
+    if (input.shape_size() > Shape::kMaxDims) return false;
+    int64_t elements = 1;
+    for (int64_t d : input.shape()) {
+      if (d < 0 || (d && (__builtin_mul_overflow(elements, d, &elements) || elements > INT64_MAX / 8))) return false;
+    }
+    t.shape = Shape(input.shape().data(), input.shape_size());
+    if (t.nbytes() != raw[i].size()) return false;
+    t.data = const_cast<char*>(raw[i].data());
+    t.owner = request;
+  }
+  const std::vector<TensorSpec>& output_specs = model->batcher->options().outputs;
+  std::vector<int> outputs;
+  if (request->outputs_size() == 0) {
+    for (size_t i = 0; i < output_specs.size(); ++i) outputs.push_back(static_cast<int>(i));
+  } else {
+    std::unordered_set<std::string_view> names;
+    for (const auto& output : request->outputs()) {
+      for (const auto& [key, value] : output.parameters()) {
+        // binary_data is HTTP's choice; anything else (classification, shared memory) is served behind.
+        if (key != "binary_data" || value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) {
+          return false;
+        }
+      }
+      const int index = spec_index(output_specs, output.name());
+      if (index < 0 || !names.insert(output.name()).second) return false;
+      outputs.push_back(index);
+    }
+  }
+  out->id = request->id().empty() ? new_request_id() : request->id();
+  out->message = std::move(request);
+  out->model = std::move(model);
+  out->tensors = std::move(tensors);
+  out->outputs = std::move(outputs);
+  return true;
+}
+
+// The answer to a native request from its completion, or the status refusing it (the
+// batcher's error; an answer over the message limit, in the words of the server behind).
+grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_message_bytes,
+                          inference::ModelInferResponse* response) {
+  if (c.code != ErrorCode::kOk) return grpc::Status(grpc_code_for(c.code), c.message);
+  try {
+    response->set_model_name(r.model->name);
+    response->set_model_version(std::to_string(r.model->version));
+    response->set_id(r.id);
+    const std::vector<TensorSpec>& specs = r.model->batcher->options().outputs;
+    for (int index : r.outputs) {
+      const Tensor& t = c.outputs->tensors[static_cast<size_t>(index)];
+      if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
+      Shape shape = t.shape;
+      int64_t first_row = 0;
+      if (c.rows >= 0 && shape.ndim() > 0) {
+        shape[0] = c.rows;
+        first_row = c.row_offset;
+      }
+      inference::ModelInferResponse::InferOutputTensor* out = response->add_outputs();
+      out->set_name(specs[static_cast<size_t>(index)].name);
+      out->set_datatype(dtype_name(t.dtype));
+      for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
+      const auto* src = static_cast<const char*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
+      response->add_raw_output_contents()->assign(src, static_cast<size_t>(shape.numel()) * dtype_size(t.dtype));
+    }
+  } catch (const std::exception& e) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what());
+  }
+  const size_t size = response->ByteSizeLong();
+  if (size > static_cast<size_t>(max_message_bytes)) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "model '" + r.model->name + "': the response is " + std::to_string(size) +
+                            " bytes, over the server's gRPC message limit of " + std::to_string(max_message_bytes) +
+                            " bytes (--grpc-max-message-bytes): send fewer rows (or a shorter request id) per "
+                            "request, or start the server with a larger limit");
+  }
+  return grpc::Status::OK;
+}
+
+void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint64_t* batcher_id) {
+  *batcher_id = r.model->batcher->submit(std::move(r.tensors), std::move(sink),
+                                         static_cast<int>(std::min<int64_t>(r.priority, INT32_MAX)),
+                                         r.timeout_us > 0 ? r.timeout_us : -1);
+}
+
+// One call on the public port (ModelStreamInfer aside: StreamCall). Its first message is
+// read first: a ModelInfer request this front end serves goes to the model's batcher and is
+// answered from its completion; any other call is relayed to the server behind, message by
+// message in both directions.
 //
 // Lifetime: gRPC owns the server half (OnDone is its last callback); the relayed client
 // half (OnDone likewise) holds a reference of its own. The object is deleted when both are done.
 class Call final : public grpc::ServerGenericBidiReactor {
  public:
   Call(GrpcFrontend::Core* core, grpc::GenericCallbackServerContext* ctx) : core_(core), ctx_(ctx) {
-    if (ctx_->method() == kModelInfer) {
-      StartRead(&down_message_);  // then OnReadDone decides: served here, or relayed
-    } else {
-      decided_ = true;
-      relay(/*have_first=*/false, /*client_done=*/false);
-    }
+    // Every call's first message is read before anything else: then OnReadDone decides
+    // (a ModelInfer served here, or relayed), and a call reset before its first message
+    // (a rapid-reset flood) costs no call behind.
+    StartRead(&down_message_);
   }
 
   void OnReadDone(bool ok) override {
     if (!decided_) {
       decided_ = true;
-      if (ok && serve_natively()) return;
+      if (!ok && ctx_->IsCancelled()) {
+        Finish(grpc::Status::CANCELLED);
+        return;
+      }
+      if (ok && ctx_->method() == kModelInfer && serve_natively()) return;
       relay(/*have_first=*/ok, /*client_done=*/!ok);
       return;
     }
@@ -166,7 +301,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
     }
     // A native call still queued leaves the queue (counted cancelled) and is answered
     // CANCELLED at once. gRPC runs no OnDone while OnCancel runs, so this call outlives it.
-    if (queued != 0) model_->batcher->cancel(queued);
+    if (queued != 0) request_.model->batcher->cancel(queued);
   }
 
   void OnDone() override { release(); }
@@ -174,52 +309,17 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // A native call's completion (on the batcher's thread).
   void answer(const Completion& c) {
     core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
-    if (c.code != ErrorCode::kOk) {
-      Finish(grpc::Status(grpc_code_for(c.code), c.message));
+    inference::ModelInferResponse response;
+    grpc::Status status = build_answer(request_, c, core_->options.max_message_bytes, &response);
+    if (status.ok()) {
+      bool own = false;
+      status = grpc::SerializationTraits<inference::ModelInferResponse>::Serialize(response, &answer_, &own);
+    }
+    if (!status.ok()) {
+      Finish(status);
       return;
     }
-    try {
-      inference::ModelInferResponse response;
-      response.set_model_name(model_->name);
-      response.set_model_version(std::to_string(model_->version));
-      response.set_id(id_);
-      const std::vector<TensorSpec>& specs = model_->batcher->options().outputs;
-      for (int index : outputs_) {
-        const Tensor& t = c.outputs->tensors[static_cast<size_t>(index)];
-        if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
-        Shape shape = t.shape;
-        int64_t first_row = 0;
-        if (c.rows >= 0 && shape.ndim() > 0) {
-          shape[0] = c.rows;
-          first_row = c.row_offset;
-        }
-        inference::ModelInferResponse::InferOutputTensor* out = response.add_outputs();
-        out->set_name(specs[static_cast<size_t>(index)].name);
-        out->set_datatype(dtype_name(t.dtype));
-        for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
-        const auto* src = static_cast<const char*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
-        response.add_raw_output_contents()->assign(src, static_cast<size_t>(shape.numel()) * dtype_size(t.dtype));
-      }
-      const size_t size = response.ByteSizeLong();
-      if (size > static_cast<size_t>(core_->options.max_message_bytes)) {
-        Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                            "model '" + model_->name + "': the response is " + std::to_string(size) +
-                                " bytes, over the server's gRPC message limit of " +
-                                std::to_string(core_->options.max_message_bytes) +
-                                " bytes (--grpc-max-message-bytes): send fewer rows (or a shorter request id) per "
-                                "request, or start the server with a larger limit"));
-        return;
-      }
-      bool own = false;
-      grpc::Status status = grpc::SerializationTraits<inference::ModelInferResponse>::Serialize(response, &answer_, &own);
-      if (!status.ok()) {
-        Finish(status);
-        return;
-      }
-      StartWriteAndFinish(&answer_, grpc::WriteOptions(), grpc::Status::OK);
-    } catch (const std::exception& e) {
-      Finish(grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what()));
-    }
+    StartWriteAndFinish(&answer_, grpc::WriteOptions(), grpc::Status::OK);
   }
 
  private:
@@ -246,83 +346,17 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // (nothing started) when the request is not one this front end serves.
   bool serve_natively() {
     if (core_->draining.load(std::memory_order_relaxed) || !core_->authorized(ctx_)) return false;
-    auto request = std::make_shared<inference::ModelInferRequest>();
-    ByteBuffer bytes(down_message_);  // Deserialize consumes it; relaying needs the message again
-    if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&bytes, request.get()).ok()) {
-      return false;
-    }
-    std::shared_ptr<const FrontendModel> model = core_->find_model(request->model_name());
-    if (!model) return false;
-    if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
-    int64_t priority = 0, timeout_us = 0;
-    for (const auto& [key, value] : request->parameters()) {
-      // A parameter with no value is refused behind; the others are ignored there too.
-      if (value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) return false;
-      if (key == "priority" || key == "timeout") {
-        const int64_t v = schedule_value(value);
-        if (v < 0) return false;  // refused behind, in its words
-        (key == "priority" ? priority : timeout_us) = v;
-      }
-    }
-    const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
-    const auto& raw = request->raw_input_contents();
-    if (request->inputs_size() != static_cast<int>(specs.size()) || raw.size() != request->inputs_size()) return false;
-    std::vector<Tensor> tensors(specs.size());
-    std::vector<bool> given(specs.size(), false);
-    for (int i = 0; i < request->inputs_size(); ++i) {
-      const auto& input = request->inputs(i);
-      if (input.parameters_size() != 0 || input.has_contents()) return false;
-      const int index = spec_index(specs, input.name());
-      if (index < 0 || given[static_cast<size_t>(index)]) return false;
-      given[static_cast<size_t>(index)] = true;
-      Tensor& t = tensors[static_cast<size_t>(index)];
-      try {
-        t.dtype = dtype_from_name(input.datatype());
-      } catch (const Error&) {
-        return false;
-      }
-      if (t.dtype == DType::kBytes || t.dtype == DType::kBFloat16) return false;
-      if (input.shape_size() > Shape::kMaxDims) return false;
-      int64_t elements = 1;
-      for (int64_t d : input.shape()) {
-        if (d < 0 || (d && (__builtin_mul_overflow(elements, d, &elements) || elements > INT64_MAX / 8))) return false;
-      }
-      t.shape = Shape(input.shape().data(), input.shape_size());
-      if (t.nbytes() != raw[i].size()) return false;
-      t.data = const_cast<char*>(raw[i].data());
-      t.owner = request;
-    }
-    const std::vector<TensorSpec>& output_specs = model->batcher->options().outputs;
-    if (request->outputs_size() == 0) {
-      for (size_t i = 0; i < output_specs.size(); ++i) outputs_.push_back(static_cast<int>(i));
-    } else {
-      std::unordered_set<std::string_view> names;
-      for (const auto& output : request->outputs()) {
-        for (const auto& [key, value] : output.parameters()) {
-          // binary_data is HTTP's choice; anything else (classification, shared memory) is served behind.
-          if (key != "binary_data" || value.parameter_choice_case() == inference::InferParameter::PARAMETER_CHOICE_NOT_SET) {
-            return false;
-          }
-        }
-        const int index = spec_index(output_specs, output.name());
-        if (index < 0 || !names.insert(output.name()).second) return false;
-        outputs_.push_back(index);
-      }
-    }
-    id_ = request->id().empty() ? new_request_id() : request->id();
-    model_ = model;
+    if (!decode_native(*core_, down_message_, &request_)) return false;
     native_ = true;
     core_->in_flight.fetch_add(1, std::memory_order_relaxed);
     try {
       // Under mu_: a cancellation arriving meanwhile sees the id (or the id sees it).
       std::unique_lock<std::mutex> lock(mu_);
-      batcher_id_ = model->batcher->submit(std::move(tensors), std::make_shared<Answer>(this),
-                                           static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
-                                           timeout_us > 0 ? timeout_us : -1);
+      submit_native(request_, std::make_shared<Answer>(this), &batcher_id_);
       const bool cancel_now = cancelled_;
       const uint64_t queued = batcher_id_;
       lock.unlock();
-      if (cancel_now) model->batcher->cancel(queued);
+      if (cancel_now) request_.model->batcher->cancel(queued);
     } catch (const Error& e) {
       core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
       if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kOutOfMemory) {
@@ -332,8 +366,6 @@ class Call final : public grpc::ServerGenericBidiReactor {
       // Invalid, or a version swapped out by a reload (its batcher stopping): the server
       // behind words the refusal or serves the version loaded now.
       native_ = false;
-      outputs_.clear();
-      model_.reset();
       return false;
     }
     return true;
@@ -455,16 +487,258 @@ class Call final : public grpc::ServerGenericBidiReactor {
   grpc::Status up_status_;     // guarded by mu_
   bool cancelled_ = false;      // guarded by mu_: the client cancelled the call
   uint64_t batcher_id_ = 0;    // guarded by mu_: a native call's request in its batcher (0: none)
-  // A native call.
-  std::shared_ptr<const FrontendModel> model_;
-  std::string id_;
-  std::vector<int> outputs_;
+  NativeRequest request_;  // a native call's request
+};
+
+// A ModelStreamInfer call: each request of the stream is answered on it, in the order the
+// answers come, as the server behind answers a stream. A request this front end serves goes
+// to its batcher; any other is sent behind as a ModelInfer call of its own (with the
+// stream's metadata and deadline), and its answer, or its refusal as the request's error,
+// comes back on the stream. At most kStreamMaxInFlight requests of a stream are running or
+// waiting to be written: past that the stream is not read, and gRPC's flow control holds
+// the client back. Once the client ends its stream and every answer is written, the call
+// ends OK.
+class StreamCall final : public grpc::ServerGenericBidiReactor {
+ public:
+  static constexpr size_t kStreamMaxInFlight = 128;  // as the server behind (STREAM_MAX_IN_FLIGHT)
+
+  StreamCall(GrpcFrontend::Core* core, grpc::GenericCallbackServerContext* ctx) : core_(core), ctx_(ctx) {
+    core_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mu_);
+    read_next();
+  }
+
+  void OnReadDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    reading_ = false;
+    if (!ok || cancelled_) {
+      client_done_ = true;
+      maybe_finish(lock);
+      return;
+    }
+    ByteBuffer message = std::move(incoming_);
+    ++running_;
+    lock.unlock();
+    NativeRequest request;
+    const bool native = !core_->draining.load(std::memory_order_relaxed) && decode_native(*core_, message, &request);
+    std::shared_ptr<inference::ModelInferRequest> decoded = request.message;
+    if (!native || !submit(std::move(request))) relay(std::move(message), std::move(decoded));
+    lock.lock();
+    if (running_ + queued_.size() < kStreamMaxInFlight) read_next();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    writing_ = false;
+    queued_.pop_front();
+    if (!ok) {  // the client is gone: nothing more can be written
+      broken_ = true;
+      queued_.clear();
+    } else if (!queued_.empty()) {
+      writing_ = true;
+      StartWrite(&queued_.front());
+    }
+    if (!reading_ && !client_done_ && !broken_ && running_ + queued_.size() < kStreamMaxInFlight) read_next();
+    maybe_finish(lock);
+  }
+
+  void OnCancel() override {
+    std::vector<std::pair<std::shared_ptr<const FrontendModel>, uint64_t>> queued;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      for (auto& [id, model] : native_) queued.emplace_back(model, id);
+      for (auto& relayed : relayed_) relayed->context.TryCancel();
+    }
+    // gRPC runs no OnDone while OnCancel runs, and the call waits for every answer first.
+    for (auto& [model, id] : queued) model->batcher->cancel(id);
+  }
+
+  void OnDone() override {
+    core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    delete this;
+  }
+
+ private:
+  // A native request's completion (on the batcher's thread).
+  struct Answer final : CompletionSink {
+    Answer(StreamCall* owner, NativeRequest r) : call(owner), request(std::move(r)) {}
+    void deliver(std::vector<Completion>&& completions) override {
+      for (const Completion& c : completions) call->answered(*this, c);
+    }
+    StreamCall* call;
+    NativeRequest request;
+    uint64_t batcher_id = 0;
+  };
+
+  // A request sent behind as a ModelInfer call of its own.
+  struct Relayed {
+    grpc::ClientContext context;
+    ByteBuffer request, response;
+    std::shared_ptr<inference::ModelInferRequest> message;  // null: not a ModelInferRequest
+  };
+
+  void read_next() {  // mu_ held
+    if (reading_ || client_done_ || cancelled_) return;
+    reading_ = true;
+    StartRead(&incoming_);
+  }
+
+  // Submits a decoded request; false when its batcher refuses it (a full queue too): the
+  // server behind then answers it, in its words.
+  bool submit(NativeRequest request) {
+    // The answer holds the request before the batcher may complete it; its batcher id is
+    // set under mu_, which the completion takes before it reads the id.
+    auto answer = std::make_shared<Answer>(this, std::move(request));
+    try {
+      std::lock_guard<std::mutex> lock(mu_);
+      submit_native(answer->request, answer, &answer->batcher_id);
+      native_.emplace(answer->batcher_id, answer->request.model);
+      if (cancelled_) to_cancel_.push_back(answer->batcher_id);
+    } catch (const Error&) {
+      return false;
+    }
+    cancel_pending();
+    return true;
+  }
+
+  void cancel_pending() {
+    std::vector<std::pair<std::shared_ptr<const FrontendModel>, uint64_t>> queued;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (uint64_t id : to_cancel_) {
+        auto it = native_.find(id);
+        if (it != native_.end()) queued.emplace_back(it->second, id);
+      }
+      to_cancel_.clear();
+    }
+    for (auto& [model, id] : queued) model->batcher->cancel(id);
+  }
+
+  void answered(Answer& a, const Completion& c) {
+    inference::ModelStreamInferResponse answer;
+    const grpc::Status status =
+        build_answer(a.request, c, core_->options.max_message_bytes, answer.mutable_infer_response());
+    if (!status.ok()) {
+      answer.Clear();
+      failed(status.error_message(), a.request.message.get(), &answer);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    native_.erase(a.batcher_id);
+    finished_one(std::move(answer), lock);
+  }
+
+  void relay(ByteBuffer message, std::shared_ptr<inference::ModelInferRequest> decoded) {
+    auto* relayed = new Relayed;
+    relayed->request = std::move(message);
+    relayed->message = std::move(decoded);
+    if (!relayed->message) {  // decode_native stopped before parsing, or it is not a ModelInferRequest
+      auto parsed = std::make_shared<inference::ModelInferRequest>();
+      ByteBuffer copy(relayed->request);
+      if (grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, parsed.get()).ok()) {
+        relayed->message = std::move(parsed);
+      }
+    }
+    relayed->context.set_deadline(ctx_->deadline());
+    for (const auto& [key, value] : ctx_->client_metadata()) {
+      const std::string_view name(key.data(), key.size());
+      if (relayed_metadata(name)) {
+        relayed->context.AddMetadata(std::string(name), std::string(value.data(), value.size()));
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      relayed_.insert(relayed);
+      if (cancelled_) relayed->context.TryCancel();
+    }
+    core_->upstream->UnaryCall(&relayed->context, std::string(kModelInfer), grpc::StubOptions(), &relayed->request,
+                               &relayed->response, [this, relayed](grpc::Status status) {
+                                 relayed_done(relayed, status);
+                               });
+  }
+
+  void relayed_done(Relayed* relayed, const grpc::Status& status) {
+    inference::ModelStreamInferResponse answer;
+    bool ok = status.ok();
+    if (ok) {
+      ok = grpc::SerializationTraits<inference::ModelInferResponse>::Deserialize(&relayed->response,
+                                                                                 answer.mutable_infer_response())
+               .ok();
+    }
+    if (!ok) {
+      answer.Clear();
+      failed(status.ok() ? std::string("the answer could not be read") : status.error_message(), relayed->message.get(),
+             &answer);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    relayed_.erase(relayed);
+    delete relayed;
+    finished_one(std::move(answer), lock);
+  }
+
+  // A request's error, answered as the server behind answers it on a stream: the message,
+  // and (when the request could be read) its model, version and id.
+  void failed(const std::string& message, const inference::ModelInferRequest* request,
+              inference::ModelStreamInferResponse* answer) {
+    answer->set_error_message(message);
+    if (request == nullptr) return;
+    inference::ModelInferResponse* r = answer->mutable_infer_response();
+    r->set_model_name(request->model_name());
+    r->set_model_version(request->model_version());
+    r->set_id(request->id());
+    if (answer->ByteSizeLong() > static_cast<size_t>(core_->options.max_message_bytes)) r->clear_id();
+  }
+
+  // One request answered: its answer joins the writes. mu_ held.
+  void finished_one(inference::ModelStreamInferResponse&& answer, std::unique_lock<std::mutex>& lock) {
+    --running_;
+    if (!broken_) {
+      ByteBuffer bytes;
+      bool own = false;
+      if (grpc::SerializationTraits<inference::ModelStreamInferResponse>::Serialize(answer, &bytes, &own).ok()) {
+        queued_.push_back(std::move(bytes));
+        if (!writing_) {
+          writing_ = true;
+          StartWrite(&queued_.front());
+        }
+      }
+    }
+    if (!reading_ && !client_done_ && !broken_ && running_ + queued_.size() < kStreamMaxInFlight) read_next();
+    maybe_finish(lock);
+  }
+
+  // Ends the call once the client's stream has ended (or the call is cancelled or broken)
+  // and every answer is in and written. mu_ held.
+  void maybe_finish(std::unique_lock<std::mutex>& lock) {
+    if (finished_ || running_ != 0 || writing_ || !queued_.empty()) return;
+    if (!client_done_ && !cancelled_ && !broken_) return;
+    finished_ = true;
+    const grpc::Status status =
+        cancelled_ ? grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled") : grpc::Status::OK;
+    lock.unlock();
+    Finish(status);  // may run OnDone inline, which deletes this: the last use of it
+  }
+
+  GrpcFrontend::Core* core_;
+  grpc::GenericCallbackServerContext* ctx_;
+  std::mutex mu_;
+  ByteBuffer incoming_;                                   // the request being read
+  std::deque<ByteBuffer> queued_;                         // guarded by mu_: answers to write, the first being written
+  std::unordered_map<uint64_t, std::shared_ptr<const FrontendModel>> native_;  // guarded by mu_: in batchers
+  std::vector<uint64_t> to_cancel_;                       // guarded by mu_
+  std::unordered_set<Relayed*> relayed_;                  // guarded by mu_: sent behind, unanswered
+  size_t running_ = 0;                                    // guarded by mu_: requests read, not yet answered
+  bool reading_ = false, writing_ = false;                // guarded by mu_
+  bool client_done_ = false, cancelled_ = false, broken_ = false, finished_ = false;  // guarded by mu_
 };
 
 class Service final : public grpc::CallbackGenericService {
  public:
   explicit Service(GrpcFrontend::Core* core) : core_(core) {}
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    // A stream is answered here unless the key it needs is missing: then the server behind
+    // refuses the whole call, as it would.
+    if (ctx->method() == kModelStreamInfer && core_->authorized(ctx)) return new StreamCall(core_, ctx);
     return new Call(core_, ctx);
   }
 

@@ -64,7 +64,8 @@ std::string text_of(const ByteBuffer& buffer) {
 // with "echo: <message>" until the client ends its stream; "/test.Echo/Fail" reads one
 // message and ends the call FAILED_PRECONDITION while the client's stream is still open;
 // any other method answers its one message with "behind: <method> <message> <x-test
-// metadata>", the trailing metadata x-trailer: yes, and OK.
+// metadata>", the trailing metadata x-trailer: yes, and OK (FAILED_PRECONDITION when the
+// x-test metadata is "refuse").
 class BehindServer {
  public:
   BehindServer() {
@@ -103,6 +104,10 @@ class BehindServer {
       std::string tag;
       auto it = ctx_->client_metadata().find("x-test");
       if (it != ctx_->client_metadata().end()) tag.assign(it->second.data(), it->second.size());
+      if (tag == "refuse") {
+        Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "behind refused it"));
+        return;
+      }
       ctx_->AddTrailingMetadata("x-trailer", "yes");
       out_ = bytes_of("behind: " + method + " " + text_of(in_) + " " + tag);
       StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
@@ -337,6 +342,84 @@ TEST_CASE("grpc_frontend: concurrent calls, native and relayed, some cancelled, 
   CHECK_EQ(wrong.load(), 0);
   CHECK_EQ(ended.load(), kThreads * kCalls);
   // Calls whose client gave up end on the server a moment later (cancelled in the queue, or answered).
+  const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (s.frontend->in_flight() != 0 && std::chrono::steady_clock::now() < limit) std::this_thread::yield();
+  CHECK_EQ(s.frontend->in_flight(), size_t{0});
+}
+
+TEST_CASE("grpc_frontend: a stream's requests are each answered, here or behind; a cancelled stream ends") {
+  Setup s;
+  // Writes kRequests requests (every fourth for a model served behind), half-closes, reads every answer.
+  constexpr int kRequests = 200;
+  struct Streamer final : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+    void start(grpc::GenericStub& stub, bool cancel_midway) {
+      cancel_ = cancel_midway;
+      context.AddMetadata("x-test", "refuse");  // relayed requests are refused behind: their errors come back
+      stub.PrepareBidiStreamingCall(&context, "/inference.GRPCInferenceService/ModelStreamInfer", grpc::StubOptions(),
+                                    this);
+      write_next();
+      StartRead(&in);
+      StartCall();
+    }
+    void write_next() {
+      out = bytes_of(infer_request(written % 4 == 3 ? "other" : "double", {float(written), 1.0f},
+                                   "r-" + std::to_string(written)));
+      StartWrite(&out);
+    }
+    void OnWriteDone(bool ok) override {
+      if (!ok) return;
+      if (++written == kRequests / 2 && cancel_) context.TryCancel();
+      if (written < kRequests) {
+        write_next();
+      } else {
+        StartWritesDone();
+      }
+    }
+    void OnReadDone(bool ok) override {
+      if (!ok) return;
+      inference::ModelStreamInferResponse answer;
+      if (answer.ParseFromString(text_of(in))) {
+        if (answer.error_message() == "behind refused it" && answer.infer_response().model_name() == "other") {
+          ++behind;
+        } else if (answer.infer_response().raw_output_contents_size() == 1) {
+          float y[2];
+          std::memcpy(y, answer.infer_response().raw_output_contents(0).data(), sizeof y);
+          const int k = std::stoi(answer.infer_response().id().substr(2));
+          if (y[0] == 2.0f * k && y[1] == 2.0f) ++right;
+        }
+      }
+      ++answers;
+      StartRead(&in);
+    }
+    void OnDone(const grpc::Status& st) override {
+      std::lock_guard<std::mutex> lock(mu);
+      status = st;
+      done = true;
+      cv.notify_all();
+    }
+    grpc::Status wait() {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [this] { return done; });
+      return status;
+    }
+    grpc::ClientContext context;
+    ByteBuffer out, in;
+    int written = 0, answers = 0, right = 0, behind = 0;
+    bool cancel_ = false;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+  };
+  Streamer whole;
+  whole.start(*s.stub, false);
+  CHECK(whole.wait().ok());
+  CHECK_EQ(whole.answers, kRequests);
+  CHECK_EQ(whole.right, kRequests * 3 / 4);
+  CHECK_EQ(whole.behind, kRequests / 4);
+  Streamer cut;
+  cut.start(*s.stub, true);
+  CHECK_EQ(static_cast<int>(cut.wait().error_code()), static_cast<int>(grpc::StatusCode::CANCELLED));
   const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (s.frontend->in_flight() != 0 && std::chrono::steady_clock::now() < limit) std::this_thread::yield();
   CHECK_EQ(s.frontend->in_flight(), size_t{0});
