@@ -8,12 +8,15 @@
 # ---- builder: compiles the C++ core and builds the wheel ---------------------------
 FROM python:3.11-slim-bookworm AS builder
 
+# gRPC C++ and protobuf: the native gRPC front end (docs/native-grpc.md).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake ninja-build \
+    libgrpc++-dev libprotobuf-dev protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*
 
 # A CPU image: no CUDA toolkit here, so the CUDA parts are left out explicitly.
 ENV CONVEYOR_CUDA=OFF \
+    CONVEYOR_GRPC=ON \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -34,6 +37,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CONVEYOR_DATA_DIR=/var/lib/conveyor
+
+# The shared libraries the native gRPC front end was linked with.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgrpc++1.51 libprotobuf32 \
+ && rm -rf /var/lib/apt/lists/*
 
 COPY --from=builder /dist /tmp/dist
 RUN wheel="$(ls /tmp/dist/conveyor_serve-*.whl)" \
