@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,9 @@ from conveyor.server.native_grpc import native_grpc_available
 from conveyor.server.serve import ServeOptions
 from processes import free_port
 from server_thread import ServerThread
+from suite_rerun import rerun_with
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
-TESTS = Path(__file__).resolve().parent
 
 # The test files that talk to a server over gRPC; each runs unchanged against both front ends.
 # (test_grpc_server.py serves the Python server's own start_grpc_server: it needs no second run.)
@@ -348,11 +346,4 @@ def test_the_grpc_suites_pass_against_the_python_front_end() -> None:
     """The gRPC test files, unchanged, against `--grpc-frontend python` (the rest of the run
     tests the default, native front end); in-process servers and `conveyor serve`
     subprocesses pick it up from CONVEYOR_GRPC_FRONTEND."""
-    env = dict(os.environ, CONVEYOR_GRPC_FRONTEND="python")
-    files = [str(TESTS / name) for name in GRPC_SUITES]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
-        env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+    rerun_with("CONVEYOR_GRPC_FRONTEND", "python", GRPC_SUITES)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,9 +23,9 @@ import pytest
 from conveyor.server.http import HttpApp
 from conveyor.server.serve import ServeOptions
 from server_thread import ServerThread
+from suite_rerun import rerun_with
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
-TESTS = Path(__file__).resolve().parent
 
 # The test files that talk to a server over HTTP; each runs unchanged against both front ends.
 HTTP_SUITES = (
@@ -277,14 +275,7 @@ def test_the_http_suites_pass_against_the_python_front_end() -> None:
     """The HTTP test files, unchanged, against `--http-frontend python` (the rest of the run
     tests the default, native front end); in-process servers and `conveyor serve`
     subprocesses pick it up from CONVEYOR_HTTP_FRONTEND."""
-    env = dict(os.environ, CONVEYOR_HTTP_FRONTEND="python")
-    files = [str(TESTS / name) for name in HTTP_SUITES]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
-        env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout.splitlines()[-1]
+    rerun_with("CONVEYOR_HTTP_FRONTEND", "python", HTTP_SUITES)
 
 
 def test_an_unknown_front_end_is_refused_with_the_flag_named(tmp_path: Path) -> None:

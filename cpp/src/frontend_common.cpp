@@ -6,9 +6,38 @@
 #include <cerrno>
 #include <cstring>
 
+#include "conveyor/batcher.h"
 #include "conveyor/error.h"
 
 namespace conveyor {
+
+void FrontendModels::add(FrontendModel model, const char* where) {
+  const std::string tag = std::string(where) + " model '" + model.name + "'";
+  if (!model.batcher) throw Error(ErrorCode::kInvalidInput, tag + " has no batcher");
+  const BatcherOptions& o = model.batcher->options();
+  for (const auto* specs : {&o.inputs, &o.outputs}) {
+    for (const TensorSpec& spec : *specs) {
+      if (spec.dtype == DType::kBytes || spec.dtype == DType::kBFloat16) {
+        throw Error(ErrorCode::kInvalidInput, tag + ": tensor '" + spec.name + "' is " + dtype_name(spec.dtype) +
+                                                  ", which only the Python front end serves");
+      }
+    }
+  }
+  auto shared = std::make_shared<const FrontendModel>(std::move(model));
+  std::lock_guard<std::mutex> lock(mu_);
+  models_[shared->name] = std::move(shared);
+}
+
+void FrontendModels::remove(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  models_.erase(name);
+}
+
+std::shared_ptr<const FrontendModel> FrontendModels::find(std::string_view name) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = models_.find(name);
+  return it == models_.end() ? nullptr : it->second;
+}
 
 std::string new_request_id() {
   static constexpr size_t kIdBytes = 16, kPoolBytes = kIdBytes * 256;

@@ -81,19 +81,12 @@ struct GrpcFrontend::Core {
   std::unique_ptr<grpc::CallbackGenericService> service;
   std::unique_ptr<grpc::Server> server;
 
-  std::mutex models_mu;
-  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>> models;  // guarded by models_mu
+  FrontendModels models;
 
   std::atomic<bool> draining{false};
   std::atomic<size_t> in_flight{0};
   std::mutex stop_mu;
   bool stopped = false;  // guarded by stop_mu
-
-  std::shared_ptr<const FrontendModel> find_model(const std::string& name) {
-    std::lock_guard<std::mutex> lock(models_mu);
-    auto it = models.find(name);
-    return it == models.end() ? nullptr : it->second;
-  }
 
   bool authorized(const grpc::GenericCallbackServerContext* ctx) const {
     if (options.api_key.empty()) return true;
@@ -126,7 +119,7 @@ bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, NativeRequ
   auto request = std::make_shared<inference::ModelInferRequest>();
   ByteBuffer copy(bytes);  // shares the slices; Deserialize consumes what it is given
   if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, request.get()).ok()) return false;
-  std::shared_ptr<const FrontendModel> model = core.find_model(request->model_name());
+  std::shared_ptr<const FrontendModel> model = core.models.find(request->model_name());
   if (!model) return false;
   if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
   for (const auto& [key, value] : request->parameters()) {
@@ -781,26 +774,9 @@ GrpcFrontend::~GrpcFrontend() { stop(); }
 
 int GrpcFrontend::port() const noexcept { return core_->bound_port; }
 
-void GrpcFrontend::add_model(FrontendModel model) {
-  if (!model.batcher) throw Error(ErrorCode::kInvalidInput, "[grpc] model '" + model.name + "' has no batcher");
-  const BatcherOptions& o = model.batcher->options();
-  for (const auto* specs : {&o.inputs, &o.outputs}) {
-    for (const TensorSpec& spec : *specs) {
-      if (spec.dtype == DType::kBytes || spec.dtype == DType::kBFloat16) {
-        throw Error(ErrorCode::kInvalidInput, "[grpc] model '" + model.name + "': tensor '" + spec.name + "' is " +
-                                                  dtype_name(spec.dtype) + ", which only the Python front end serves");
-      }
-    }
-  }
-  auto shared = std::make_shared<const FrontendModel>(std::move(model));
-  std::lock_guard<std::mutex> lock(core_->models_mu);
-  core_->models[shared->name] = std::move(shared);
-}
+void GrpcFrontend::add_model(FrontendModel model) { core_->models.add(std::move(model), "[grpc]"); }
 
-void GrpcFrontend::remove_model(const std::string& name) {
-  std::lock_guard<std::mutex> lock(core_->models_mu);
-  core_->models.erase(name);
-}
+void GrpcFrontend::remove_model(const std::string& name) { core_->models.remove(name); }
 
 void GrpcFrontend::drain() { core_->draining.store(true, std::memory_order_relaxed); }
 

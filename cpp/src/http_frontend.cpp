@@ -392,14 +392,9 @@ struct HttpFrontend::Core {
   asio::executor_work_guard<IoExecutor> keep_running{ioc.get_executor()};
   std::thread thread;
   std::shared_ptr<CompletionSink> sink;
-  mutable std::mutex models_mu;
-  struct NameHash {
-    using is_transparent = void;
-    size_t operator()(std::string_view name) const noexcept { return std::hash<std::string_view>{}(name); }
-  };
-  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>>
-      models;                   // guarded by models_mu
-  std::string server_metadata;  // guarded by models_mu: the body of GET /v2
+  FrontendModels models;
+  mutable std::mutex metadata_mu;
+  std::string server_metadata;  // guarded by metadata_mu: the body of GET /v2
   std::atomic<bool> started{false};  // health and metadata are answered here (serve_health)
   std::unordered_map<uint64_t, PendingRequest> pending;  // I/O thread only
   std::once_flag stop_once;
@@ -427,11 +422,7 @@ struct HttpFrontend::Core {
   };
   std::vector<Staged> staged;  // I/O thread only
   bool flush_posted = false;   // I/O thread only: submit_staged is posted
-  std::shared_ptr<const FrontendModel> find(std::string_view name) const {
-    std::lock_guard<std::mutex> lock(models_mu);
-    auto it = models.find(name);  // no string made: the map looks up by view
-    return it == models.end() ? nullptr : it->second;
-  }
+  std::shared_ptr<const FrontendModel> find(std::string_view name) const { return models.find(name); }
 };
 
 // One connection: read a request, answer it, read the next (a pipelined request waits
@@ -910,7 +901,7 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
       if (parts.size() == 1) {
         std::string body;
         {
-          std::lock_guard<std::mutex> lock(models_mu);
+          std::lock_guard<std::mutex> lock(metadata_mu);
           body = server_metadata;
         }
         return session->respond(json_response(200, std::move(body)));
@@ -1343,34 +1334,17 @@ HttpFrontend::~HttpFrontend() { stop(); }
 
 int HttpFrontend::port() const noexcept { return core_->port; }
 
-void HttpFrontend::add_model(FrontendModel model) {
-  if (!model.batcher) throw Error(ErrorCode::kInvalidInput, "[http] model '" + model.name + "' has no batcher");
-  const BatcherOptions& o = model.batcher->options();
-  for (const auto* specs : {&o.inputs, &o.outputs}) {
-    for (const TensorSpec& spec : *specs) {
-      if (spec.dtype == DType::kBytes || spec.dtype == DType::kBFloat16) {
-        throw Error(ErrorCode::kInvalidInput, "[http] model '" + model.name + "': tensor '" + spec.name + "' is " +
-                                                  dtype_name(spec.dtype) + ", which only the Python front end serves");
-      }
-    }
-  }
-  auto shared = std::make_shared<const FrontendModel>(std::move(model));
-  std::lock_guard<std::mutex> lock(core_->models_mu);
-  core_->models[shared->name] = std::move(shared);
-}
+void HttpFrontend::add_model(FrontendModel model) { core_->models.add(std::move(model), "[http]"); }
 
 void HttpFrontend::serve_health(std::string server_metadata) {
   {
-    std::lock_guard<std::mutex> lock(core_->models_mu);
+    std::lock_guard<std::mutex> lock(core_->metadata_mu);
     core_->server_metadata = std::move(server_metadata);
   }
   core_->started.store(true, std::memory_order_release);
 }
 
-void HttpFrontend::remove_model(const std::string& name) {
-  std::lock_guard<std::mutex> lock(core_->models_mu);
-  core_->models.erase(name);
-}
+void HttpFrontend::remove_model(const std::string& name) { core_->models.remove(name); }
 
 void HttpFrontend::drain() {
   core_->draining.store(true);

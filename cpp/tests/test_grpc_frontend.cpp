@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "check.h"
+#include "doubling_model.h"
 #include "conveyor/batcher.h"
 #include "conveyor/grpc_frontend.h"
 #include "conveyor/protocol/grpc/inference.pb.h"
@@ -28,24 +29,8 @@ namespace {
 
 using grpc::ByteBuffer;
 
-BatcherOptions model_options() {
-  BatcherOptions o;
-  o.model_name = "double";
-  o.inputs = {{"x", DType::kFloat32, {2}}};
-  o.outputs = {{"y", DType::kFloat32, {2}}};
-  o.max_batch_size = 16;
-  return o;
-}
-
-// y = 2x over a pooled output.
-std::vector<Tensor> twice(const Batch& batch) {
-  const Tensor& x = batch.inputs[0];
-  Tensor y = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, x.shape);
-  const auto* in = static_cast<const float*>(x.data);
-  auto* out = static_cast<float*>(y.data);
-  for (int64_t i = 0; i < x.shape.numel(); ++i) out[i] = 2 * in[i];
-  return {y};
-}
+using testing::doubled;
+using testing::doubling_model_options;
 
 ByteBuffer bytes_of(const std::string& text) {
   grpc::Slice slice(text);
@@ -159,6 +144,27 @@ Answer call(grpc::GenericStub& stub, const std::string& method, const std::strin
   return answer;
 }
 
+// A client stream whose end a test waits for.
+struct WaitedStream : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+  void OnDone(const grpc::Status& s) override {
+    std::lock_guard<std::mutex> lock(mu);
+    status = s;
+    done = true;
+    cv.notify_all();
+  }
+  grpc::Status wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return done; });
+    return status;
+  }
+  grpc::ClientContext context;
+  ByteBuffer out, in;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+};
+
 std::string infer_request(const std::string& model, std::vector<float> x, const std::string& id = "") {
   inference::ModelInferRequest request;
   request.set_model_name(model);
@@ -174,7 +180,7 @@ std::string infer_request(const std::string& model, std::vector<float> x, const 
 
 struct Setup {
   BehindServer behind;
-  std::shared_ptr<Batcher> batcher = std::make_shared<Batcher>(model_options(), twice, MemoryPool::default_host());
+  std::shared_ptr<Batcher> batcher = std::make_shared<Batcher>(doubling_model_options(), doubled, MemoryPool::default_host());
   std::unique_ptr<GrpcFrontend> frontend;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<grpc::GenericStub> stub;
@@ -250,7 +256,7 @@ TEST_CASE("grpc_frontend: other calls, other models and requests it would refuse
 TEST_CASE("grpc_frontend: a stream is relayed message by message, and an early end reaches the client") {
   Setup s;
   // A client that writes three messages, reads three echoes, then ends its stream.
-  struct Streamer final : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+  struct Streamer final : WaitedStream {
     void start(grpc::GenericStub& stub, const std::string& method, bool end_after_writes) {
       end_ = end_after_writes;
       stub.PrepareBidiStreamingCall(&context, method, grpc::StubOptions(), this);
@@ -273,26 +279,9 @@ TEST_CASE("grpc_frontend: a stream is relayed message by message, and an early e
       got.push_back(text_of(in));
       StartRead(&in);
     }
-    void OnDone(const grpc::Status& s) override {
-      std::lock_guard<std::mutex> lock(mu);
-      status = s;
-      done = true;
-      cv.notify_all();
-    }
-    grpc::Status wait() {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [this] { return done; });
-      return status;
-    }
-    grpc::ClientContext context;
-    ByteBuffer out, in;
     int written = 0;
     bool end_ = true;
     std::vector<std::string> got;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    grpc::Status status;
   };
   Streamer echo;
   echo.start(*s.stub, "/test.Echo/Stream", true);
@@ -351,7 +340,7 @@ TEST_CASE("grpc_frontend: a stream's requests are each answered, here or behind;
   Setup s;
   // Writes kRequests requests (every fourth for a model served behind), half-closes, reads every answer.
   constexpr int kRequests = 200;
-  struct Streamer final : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
+  struct Streamer final : WaitedStream {
     void start(grpc::GenericStub& stub, bool cancel_midway) {
       cancel_ = cancel_midway;
       context.AddMetadata("x-test", "refuse");  // relayed requests are refused behind: their errors come back
@@ -391,25 +380,8 @@ TEST_CASE("grpc_frontend: a stream's requests are each answered, here or behind;
       ++answers;
       StartRead(&in);
     }
-    void OnDone(const grpc::Status& st) override {
-      std::lock_guard<std::mutex> lock(mu);
-      status = st;
-      done = true;
-      cv.notify_all();
-    }
-    grpc::Status wait() {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [this] { return done; });
-      return status;
-    }
-    grpc::ClientContext context;
-    ByteBuffer out, in;
     int written = 0, answers = 0, right = 0, behind = 0;
     bool cancel_ = false;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    grpc::Status status;
   };
   Streamer whole;
   whole.start(*s.stub, false);

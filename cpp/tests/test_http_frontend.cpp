@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "check.h"
+#include "doubling_model.h"
 #include "gate.h"
 #include "conveyor/batcher.h"
 #include "conveyor/http_frontend.h"
@@ -25,27 +26,11 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
-BatcherOptions model_options() {
-  BatcherOptions o;
-  o.model_name = "double";
-  o.inputs = {{"x", DType::kFloat32, {2}}};
-  o.outputs = {{"y", DType::kFloat32, {2}}};
-  o.max_batch_size = 16;
-  return o;
-}
-
-// y = 2x over a pooled output.
-std::vector<Tensor> twice(const Batch& batch) {
-  const Tensor& x = batch.inputs[0];
-  Tensor y = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, x.shape);
-  const auto* in = static_cast<const float*>(x.data);
-  auto* out = static_cast<float*>(y.data);
-  for (int64_t i = 0; i < x.shape.numel(); ++i) out[i] = 2 * in[i];
-  return {y};
-}
+using testing::doubled;
+using testing::doubling_model_options;
 
 std::shared_ptr<Batcher> make_batcher() {
-  return std::make_shared<Batcher>(model_options(), twice, MemoryPool::default_host());
+  return std::make_shared<Batcher>(doubling_model_options(), doubled, MemoryPool::default_host());
 }
 
 // A server standing for the Python front end: answers every request 200 with a body
@@ -161,7 +146,7 @@ struct Served {
   explicit Served(HttpFrontendOptions options = {}) : batcher(make_batcher()) {
     options.fallback_port = behind.port();
     frontend = std::make_unique<HttpFrontend>(options);
-    frontend->add_model({"double", 1, batcher});
+    frontend->add_model({"double", 1, batcher, {}});
   }
   FallbackServer behind;
   std::shared_ptr<Batcher> batcher;
@@ -173,7 +158,7 @@ struct Served {
 TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher});
+  frontend.add_model({"double", 1, batcher, {}});
   constexpr int kThreads = 8, kRequests = 100;
   std::atomic<int> wrong{0};
   std::vector<std::thread> clients;
@@ -198,7 +183,7 @@ TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answe
 TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher});
+  frontend.add_model({"double", 1, batcher, {}});
   Client client(frontend.port());
   auto res = client.send(http::verb::post, "/v2/models/double/versions/1/infer",
                          R"({"id":"r-1","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1.5,-2]}]})");
@@ -318,12 +303,12 @@ TEST_CASE("http_frontend: a kept connection the server behind closed while idle:
 
 TEST_CASE("http_frontend: a request in its batcher when the front end drains is still answered") {
   conveyor::testing::Gate gate;
-  auto batcher = std::make_shared<Batcher>(model_options(), [&](const Batch& batch) {
+  auto batcher = std::make_shared<Batcher>(doubling_model_options(), [&](const Batch& batch) {
     gate.pass();
-    return twice(batch);
+    return doubled(batch);
   }, MemoryPool::default_host());
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher});
+  frontend.add_model({"double", 1, batcher, {}});
   http::response<http::string_body> res;
   std::thread client([&] {
     Client c(frontend.port());

@@ -3,9 +3,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 
 namespace conveyor {
 
@@ -20,6 +23,27 @@ struct FrontendModel {
   // The body of GET /v2/models/{name}[/versions/{version}] (the server behind's answer,
   // rendered by it); empty: that route is forwarded.
   std::string metadata;
+};
+
+// The models a native front end serves, by name: looked up from its threads, changed from
+// any thread.
+class FrontendModels {
+ public:
+  // Serves `model` (replacing the version of that name served before). Throws
+  // Error(kInvalidInput) for a model a native front end cannot serve: no batcher, or a
+  // BYTES or BF16 tensor (the Python front ends serve those). `where` tags the message.
+  void add(FrontendModel model, const char* where);
+  void remove(const std::string& name);
+  // The model of that name, or null; no string is made for the lookup.
+  std::shared_ptr<const FrontendModel> find(std::string_view name) const;
+
+ private:
+  struct NameHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view name) const noexcept { return std::hash<std::string_view>{}(name); }
+  };
+  mutable std::mutex mu_;
+  std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>> models_;  // guarded by mu_
 };
 
 // An id for a request that came without one: 128 random bits in hex, an id another client

@@ -17,7 +17,6 @@ model versions it serves: `conveyor.server.native_models`.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from conveyor import _core
 from conveyor.errors import ConfigError
@@ -25,8 +24,6 @@ from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
 from conveyor.server.native_http import resolve_host
 from conveyor.server.native_models import NativeModels
-
-log = logging.getLogger(__name__)
 
 NOT_BUILT = (
     "the native gRPC front end was not built into this install (gRPC C++ was not found when it was built): "
@@ -72,17 +69,6 @@ class NativeGrpcFrontend(NativeModels):
     def in_flight(self) -> int:
         """Inference calls answered here that are under way."""
         return self._frontend.in_flight
-
-    async def drain(self, timeout_s: float) -> None:
-        """Relay inference from now on (the Python server refuses it); wait (up to
-        `timeout_s`) for the calls answered here that are under way."""
-        self._frontend.drain()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._frontend.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # shutdown only: no completion event crosses into Python
-        if self._frontend.in_flight:
-            log.warning("grace period over with %d native gRPC calls unanswered", self._frontend.in_flight)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop serving: calls still under way (relayed ones too) are cancelled after `grace_s`."""

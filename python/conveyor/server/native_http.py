@@ -15,8 +15,6 @@ Which model versions it serves itself: `conveyor.server.native_models`.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import socket
 
 from conveyor import _core
@@ -27,8 +25,6 @@ from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits
 from conveyor.server.native_models import NativeModels
 from conveyor.server.responses import json_response
-
-log = logging.getLogger(__name__)
 
 
 def _json_body(payload: object) -> str:
@@ -82,16 +78,6 @@ class NativeHttpFrontend(NativeModels):
     def started(self) -> None:
         """Every listener of the server is up: answer health and metadata here from now on."""
         self._frontend.serve_health(_json_body(self.dataplane.server_metadata()))
-
-    async def drain(self, timeout_s: float) -> None:
-        """Stop accepting; wait (up to `timeout_s`) for the inference requests it accepted."""
-        self._frontend.drain()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._frontend.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # shutdown only: no completion event crosses into Python
-        if self._frontend.in_flight:
-            log.warning("grace period over with %d native HTTP requests unanswered", self._frontend.in_flight)
 
     def close(self) -> None:
         self.unfollow()

@@ -10,6 +10,7 @@ and rollouts as they happen and tells its front end which versions to serve.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
@@ -44,8 +45,9 @@ def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
 class NativeModels:
     """Keeps a native front end's table of models in step with the runtime and its rollouts.
 
-    Subclasses say how a version is served (`_serve`) and stopped being served (`_unserve`);
-    `label` names the front end in the log.
+    Subclasses say how a version is served (`_serve`) and stopped being served (`_unserve`),
+    and hold the front end as `_frontend` (its `drain()` and `in_flight`); `label` names the
+    front end in the log.
     """
 
     label = "native"
@@ -95,3 +97,14 @@ class NativeModels:
 
     def _unserve(self, name: str) -> None:
         raise NotImplementedError
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no more inference here (it goes behind, where the Python front end refuses it
+        while the server drains); wait (up to `timeout_s`) for what was accepted here."""
+        self._frontend.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._frontend.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # shutdown only: no completion event crosses into Python
+        if self._frontend.in_flight:
+            log.warning("grace period over with %d requests of the %s unanswered", self._frontend.in_flight, self.label)
