@@ -255,7 +255,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
         return;
       }
       if (ok && ctx_->method() == kModelInfer && serve_natively()) return;
-      relay(/*have_first=*/ok, /*client_done=*/!ok);
+      relay(/*have_first=*/ok);
       return;
     }
     // Relaying: the client's next message goes up, or the end of its stream.
@@ -364,14 +364,14 @@ class Call final : public grpc::ServerGenericBidiReactor {
     return true;
   }
 
-  // Starts relaying this call to the server behind. have_first: the client's first message
-  // (read already) goes up first; client_done: the client ended its stream already.
+  // Starts relaying this call to the server behind, once its first message is read.
+  // have_first: that message goes up first; otherwise the client ended its stream without one.
   //
   // Reads and writes on the call behind are started from this call's callbacks, outside
   // its own: each flow holds it (a gRPC hold) until it starts nothing more, so that it
   // cannot end (OnDone) under an operation about to start. mu_ orders the two flows.
   // (gRPC never runs a client reaction inline, so starting one under mu_ cannot re-enter.)
-  void relay(bool have_first, bool client_done) {
+  void relay(bool have_first) {
     std::unique_lock<std::mutex> lock(mu_);
     up_ = new Upstream(this);
     refs_.fetch_add(1, std::memory_order_relaxed);
@@ -383,16 +383,13 @@ class Call final : public grpc::ServerGenericBidiReactor {
     }
     core_->upstream->PrepareBidiStreamingCall(&context, std::string(ctx_->method()), grpc::StubOptions(), up_);
     read_hold_ = true;
-    write_hold_ = !client_done;
+    write_hold_ = have_first;
     up_->AddMultipleHolds(write_hold_ ? 2 : 1);
     up_->StartRead(&up_message_);
     if (have_first) {
       up_->StartWrite(&down_message_);  // its OnWriteDone reads the client's next message
-    } else if (client_done) {
-      up_->StartWritesDone();
     } else {
-      down_reading_ = true;
-      StartRead(&down_message_);
+      up_->StartWritesDone();
     }
     up_->StartCall();
   }
