@@ -54,8 +54,9 @@ def _serve_parser(subparsers: Any) -> None:
     p.add_argument("--grpc-frontend", type=choice(("python", "native")),
                    default=env("grpc-frontend", None, choice(("python", "native"))),
                    help="native (the default where conveyor was built with gRPC C++): a C++ front end owns the gRPC "
-                   "port and answers ModelInfer for models that need no Python per request, relaying every other "
-                   "call to the Python gRPC server on a loopback port; python: the Python server owns the port "
+                   "port and answers ModelInfer and ModelStreamInfer for models that need no Python per request, "
+                   "relaying every other call to the Python gRPC server behind it on a private Unix socket; "
+                   "python: the Python server owns the port "
                    "(docs/native-grpc.md; env CONVEYOR_GRPC_FRONTEND)")
     p.add_argument("--metrics-port", type=port, default=env("metrics-port", 0, port),
                    help="serve /metrics on its own port (default 0: on the HTTP port)")

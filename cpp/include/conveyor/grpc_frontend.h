@@ -1,7 +1,9 @@
 // The native gRPC data plane: KServe v2 ModelInfer (GRPCInferenceService, as Triton's
 // clients and perf_analyzer call it) answered by gRPC C++ threads, with each request's
 // tensors viewed in place in the decoded message and handed straight to the model's
-// batcher. Every other call (the other RPCs, streams, health, and any ModelInfer this front
+// batcher; ModelStreamInfer likewise, request by request (a request of a stream it does
+// not serve goes behind as a ModelInfer of its own, its answer or refusal coming back on the
+// stream). Every other call (the other RPCs, health, and any ModelInfer this front
 // end does not serve itself: a model it was not given, a tensor in shared memory, typed
 // contents, a classification output, a key it cannot check, a request it would refuse) is
 // relayed as received, message by message, to the full-featured gRPC server behind it,

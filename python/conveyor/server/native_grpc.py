@@ -1,9 +1,10 @@
 """`--grpc-frontend native`: the C++ gRPC data plane in front of the Python one.
 
 The native front end (`_core.GrpcFrontend`, cpp/src/grpc_frontend.cpp) owns the public
-gRPC port and answers ModelInfer for the models it is given from gRPC C++ threads
-straight into their batchers, with no Python per call. Every other call (the other RPCs,
-ModelStreamInfer, health, and any ModelInfer it does not serve itself: a model not given
+gRPC port and answers ModelInfer and ModelStreamInfer for the models it is given from
+gRPC C++ threads straight into their batchers, with no Python per call (a request of a
+stream it does not serve goes behind as a ModelInfer of its own). Every other call (the
+other RPCs, health, and any ModelInfer it does not serve itself: a model not given
 to it, a tensor in shared memory, typed contents, a classification output, a request it
 would refuse, a server draining) it relays message by message to the Python gRPC server,
 which listens on a Unix socket of its own, and relays the answers, the status and the
