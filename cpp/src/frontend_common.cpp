@@ -39,6 +39,18 @@ std::shared_ptr<const FrontendModel> FrontendModels::find(std::string_view name)
   return it == models_.end() ? nullptr : it->second;
 }
 
+OutputRows output_rows(const Tensor& t, const Completion& c) {
+  if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
+  Shape shape = t.shape;
+  int64_t first_row = 0;
+  if (c.rows >= 0 && shape.ndim() > 0) {
+    shape[0] = c.rows;
+    first_row = c.row_offset;
+  }
+  const auto* data = static_cast<const uint8_t*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
+  return {shape, data, static_cast<size_t>(shape.numel()) * dtype_size(t.dtype)};
+}
+
 std::string new_request_id() {
   static constexpr size_t kIdBytes = 16, kPoolBytes = kIdBytes * 256;
   thread_local unsigned char pool[kPoolBytes];

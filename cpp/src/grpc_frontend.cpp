@@ -197,19 +197,12 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
     const std::vector<TensorSpec>& specs = r.model->batcher->options().outputs;
     for (int index : r.outputs) {
       const Tensor& t = c.outputs->tensors[static_cast<size_t>(index)];
-      if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
-      Shape shape = t.shape;
-      int64_t first_row = 0;
-      if (c.rows >= 0 && shape.ndim() > 0) {
-        shape[0] = c.rows;
-        first_row = c.row_offset;
-      }
+      const auto [shape, src, nbytes] = output_rows(t, c);
       inference::ModelInferResponse::InferOutputTensor* out = response->add_outputs();
       out->set_name(specs[static_cast<size_t>(index)].name);
       out->set_datatype(dtype_name(t.dtype));
       for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
-      const auto* src = static_cast<const char*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
-      response->add_raw_output_contents()->assign(src, static_cast<size_t>(shape.numel()) * dtype_size(t.dtype));
+      response->add_raw_output_contents()->assign(reinterpret_cast<const char*>(src), nbytes);
     }
   } catch (const std::exception& e) {
     return grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what());
@@ -514,7 +507,7 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     std::shared_ptr<inference::ModelInferRequest> decoded = request.message;
     if (!native || !submit(std::move(request))) relay(std::move(message), std::move(decoded));
     lock.lock();
-    if (running_ + queued_.size() < kStreamMaxInFlight) read_next();
+    read_next();
   }
 
   void OnWriteDone(bool ok) override {
@@ -528,7 +521,7 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
       writing_ = true;
       StartWrite(&queued_.front());
     }
-    if (!reading_ && !client_done_ && !broken_ && running_ + queued_.size() < kStreamMaxInFlight) read_next();
+    read_next();
     maybe_finish(lock);
   }
 
@@ -568,8 +561,10 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     std::shared_ptr<inference::ModelInferRequest> message;  // null: not a ModelInferRequest
   };
 
-  void read_next() {  // mu_ held
-    if (reading_ || client_done_ || cancelled_) return;
+  // Reads the client's next request unless a read is under way, the stream is over, or
+  // kStreamMaxInFlight of its requests are running or waiting to be written. mu_ held.
+  void read_next() {
+    if (reading_ || client_done_ || cancelled_ || broken_ || running_ + queued_.size() >= kStreamMaxInFlight) return;
     reading_ = true;
     StartRead(&incoming_);
   }
@@ -580,29 +575,17 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     // The answer holds the request before the batcher may complete it; its batcher id is
     // set under mu_, which the completion takes before it reads the id.
     auto answer = std::make_shared<Answer>(this, std::move(request));
+    bool cancel_now = false;
     try {
       std::lock_guard<std::mutex> lock(mu_);
       submit_native(answer->request, answer, &answer->batcher_id);
       native_.emplace(answer->batcher_id, answer->request.model);
-      if (cancelled_) to_cancel_.push_back(answer->batcher_id);
+      cancel_now = cancelled_;  // OnCancel ran before this request reached native_
     } catch (const Error&) {
       return false;
     }
-    cancel_pending();
+    if (cancel_now) answer->request.model->batcher->cancel(answer->batcher_id);
     return true;
-  }
-
-  void cancel_pending() {
-    std::vector<std::pair<std::shared_ptr<const FrontendModel>, uint64_t>> queued;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (uint64_t id : to_cancel_) {
-        auto it = native_.find(id);
-        if (it != native_.end()) queued.emplace_back(it->second, id);
-      }
-      to_cancel_.clear();
-    }
-    for (auto& [model, id] : queued) model->batcher->cancel(id);
   }
 
   void answered(Answer& a, const Completion& c) {
@@ -693,7 +676,7 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
         }
       }
     }
-    if (!reading_ && !client_done_ && !broken_ && running_ + queued_.size() < kStreamMaxInFlight) read_next();
+    read_next();
     maybe_finish(lock);
   }
 
@@ -715,7 +698,6 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
   ByteBuffer incoming_;                                   // the request being read
   std::deque<ByteBuffer> queued_;                         // guarded by mu_: answers to write, the first being written
   std::unordered_map<uint64_t, std::shared_ptr<const FrontendModel>> native_;  // guarded by mu_: in batchers
-  std::vector<uint64_t> to_cancel_;                       // guarded by mu_
   std::unordered_set<Relayed*> relayed_;                  // guarded by mu_: sent behind, unanswered
   size_t running_ = 0;                                    // guarded by mu_: requests read, not yet answered
   bool reading_ = false, writing_ = false;                // guarded by mu_

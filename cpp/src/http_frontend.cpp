@@ -1254,15 +1254,7 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
       bool first_output = true;
       for (const OutputChoice& choice : p.outputs) {
         const Tensor& t = c.outputs->tensors[choice.index];
-        if (t.device.kind != DeviceKind::kCPU) throw Error(ErrorCode::kInternal, "an output is not in host memory");
-        Shape shape = t.shape;
-        int64_t first_row = 0;
-        if (c.rows >= 0 && shape.ndim() > 0) {
-          shape[0] = c.rows;
-          first_row = c.row_offset;
-        }
-        const auto* src = static_cast<const uint8_t*>(t.data) + first_row * static_cast<int64_t>(t.row_nbytes());
-        const size_t nbytes = static_cast<size_t>(shape.numel()) * dtype_size(t.dtype);
+        const auto [shape, src, nbytes] = output_rows(t, c);
         text += first_output ? "{\"name\":" : ",{\"name\":";
         first_output = false;
         append_json_string(specs[choice.index].name, &text);

@@ -10,6 +10,9 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "conveyor/completion.h"
+#include "conveyor/tensor.h"
+
 namespace conveyor {
 
 class Batcher;
@@ -45,6 +48,15 @@ class FrontendModels {
   mutable std::mutex mu_;
   std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>> models_;  // guarded by mu_
 };
+
+// One request's rows of a batch output (the whole output for a model that does not batch).
+struct OutputRows {
+  Shape shape;           // the request's rows first
+  const uint8_t* data;   // its first row
+  size_t nbytes;
+};
+// Throws Error(kInternal) for an output not in host memory.
+OutputRows output_rows(const Tensor& output, const Completion& completion);
 
 // An id for a request that came without one: 128 random bits in hex, an id another client
 // cannot guess (feedback labels a prediction by it). The bits are drawn from the kernel

@@ -10,6 +10,7 @@ and rollouts as they happen and tells its front end which versions to serve.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import threading
@@ -42,7 +43,7 @@ def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
     return None
 
 
-class NativeModels:
+class NativeModels(abc.ABC):
     """Keeps a native front end's table of models in step with the runtime and its rollouts.
 
     Subclasses say how a version is served (`_serve`) and stopped being served (`_unserve`),
@@ -92,11 +93,13 @@ class NativeModels:
             if self._native.pop(name, None) is not None or handle is not None:
                 log.info("model %s: inference not served by the %s (%s)", name, self.label, reason or "unloaded")
 
+    @abc.abstractmethod
     def _serve(self, name: str, handle: ModelHandle) -> None:
-        raise NotImplementedError
+        """Give the front end `handle`, the version of `name` it answers from now on."""
 
+    @abc.abstractmethod
     def _unserve(self, name: str) -> None:
-        raise NotImplementedError
+        """The front end answers `name` no more: its requests go behind."""
 
     async def drain(self, timeout_s: float) -> None:
         """Take no more inference here (it goes behind, where the Python front end refuses it

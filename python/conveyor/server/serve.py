@@ -76,9 +76,10 @@ class ServeOptions:
     # run against either.
     http_frontend: str = field(default_factory=lambda: os.environ.get("CONVEYOR_HTTP_FRONTEND", "native"))
     # "native" (the default where the module was built with gRPC C++): the C++ gRPC front end
-    # owns the gRPC port and answers ModelInfer for those models, relaying every other call
-    # to the Python gRPC server on a loopback port (conveyor.server.native_grpc). "python":
-    # the Python server owns the port. CONVEYOR_GRPC_FRONTEND sets the default.
+    # owns the gRPC port and answers ModelInfer and ModelStreamInfer for those models,
+    # relaying every other call to the Python gRPC server on a private Unix socket
+    # (conveyor.server.native_grpc). "python": the Python server owns the port.
+    # CONVEYOR_GRPC_FRONTEND sets the default.
     grpc_frontend: str = field(default_factory=default_grpc_frontend)
 
 
@@ -296,10 +297,11 @@ class Server:
         self.dataplane.draining = True
         if self._poller is not None:
             await self._poller
-        if self._native_http is not None:
-            await self._native_http.drain(self.options.grace_period_s)
-        if self._native_grpc is not None:
-            await self._native_grpc.drain(self.options.grace_period_s)
+        # Both native front ends drain within one grace period, side by side.
+        await asyncio.gather(*(
+            frontend.drain(self.options.grace_period_s) for frontend in (self._native_http, self._native_grpc)
+            if frontend is not None
+        ))  # fmt: skip
         for server in self._servers:
             server.close()
         grpc_stop = None
