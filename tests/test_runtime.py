@@ -235,6 +235,91 @@ def test_cancelled_request_is_dropped_from_the_queue():
     assert stats["cancelled"] == 1
 
 
+def test_the_requests_of_one_loop_turn_form_one_batch_and_each_gets_its_own_rows():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(max_batch_size=64), lambda inputs: {"y": inputs["x"] * 2})
+
+        async def burst():
+            # Every call runs in one turn of the loop: their requests reach the batcher together.
+            return await asyncio.gather(
+                *(rt.infer_async("double", {"x": np.full((1 + i % 3, 4), i, np.float32)}) for i in range(20))
+            )
+
+        results = asyncio.run(burst())
+        stats = rt.model_stats("double")
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], np.full((1 + i % 3, 4), 2 * i, np.float32))
+    assert stats["batches"] == 1
+    assert stats["requests"] == 20
+
+
+def test_a_request_refused_when_its_turn_is_queued_fails_alone():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
+
+        async def burst():
+            good = [asyncio.ensure_future(rt.infer_async("double", _row(i))) for i in range(3)]
+            bad = asyncio.ensure_future(rt.infer_async("double", {"x": np.ones((1, 5), np.float32)}))
+            return await asyncio.gather(*good), await asyncio.gather(bad, return_exceptions=True)
+
+        answers, (refusal,) = asyncio.run(burst())
+    assert [float(a["y"][0, 0]) for a in answers] == [0.0, 2.0, 4.0]
+    assert isinstance(refusal, InvalidInput)
+    assert "input 'x'" in str(refusal) and "[-1, 4]" in str(refusal)
+
+
+def test_close_queues_and_answers_requests_submitted_but_not_yet_queued():
+    rt = conveyor.Runtime()
+    rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
+
+    async def scenario():
+        task = asyncio.ensure_future(rt.infer_async("double", _row(21)))
+        await asyncio.sleep(0)  # the task has submitted; the loop has not queued its request yet
+        (bridge,) = rt._bridges.values()
+        held = bridge.completions.held()
+        rt.close()
+        return held, await task
+
+    held, answer = asyncio.run(scenario())
+    assert held == 1
+    assert float(answer["y"][0, 0]) == 42.0
+
+
+def test_a_request_cancelled_before_it_is_queued_never_reaches_the_batcher():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
+        handle = rt.model("double")
+        completions = conveyor._core.LoopCompletions()
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in range(2)]
+            ids = [
+                completions.submit(handle.batcher, _row(v), f, handle.input_names, handle.output_names, 0, -1, 0, None)
+                for v, f in zip((1, 2), futures)
+            ]
+            futures[0].cancel()
+            completions.cancel(handle.batcher, ids[0])
+            assert completions.held() == 2
+            completions.flush()
+            assert completions.held() == 0
+            ready = asyncio.Event()
+            loop.add_reader(completions.fileno(), ready.set)
+            while not futures[1].done():
+                await ready.wait()
+                ready.clear()
+                completions.resolve()
+            loop.remove_reader(completions.fileno())
+            return futures[1].result(), completions.waiting()
+
+        answer, waiting = asyncio.run(scenario())
+        stats = rt.model_stats("double")
+    assert float(answer["y"][0, 0]) == 4.0
+    assert waiting == 0
+    assert stats["requests"] == 1  # the cancelled one was never queued
+    assert stats["cancelled"] == 0
+
+
 def test_a_model_that_raises_fails_only_its_requests():
     def picky(inputs):
         if np.any(inputs["x"] < 0):

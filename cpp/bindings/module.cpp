@@ -9,6 +9,7 @@ namespace conveyor::bindings {
 void init_tensor(py::module_& m);
 void init_memory(py::module_& m);
 void init_batcher(py::module_& m);
+void init_loop_completions(py::module_& m);
 void init_dense(py::module_& m);
 void init_native(py::module_& m);
 void init_trees(py::module_& m);
@@ -47,4 +48,5 @@ PYBIND11_MODULE(_core, m) {
   conveyor::bindings::init_grpc_frontend(m);
   conveyor::bindings::init_mirror(m);
   conveyor::bindings::init_graph(m);
+  conveyor::bindings::init_loop_completions(m);
 }

@@ -270,7 +270,7 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
     }
     for (size_t i = 0; i < n; ++i) {
       Entry& entry = entries[i];
-      const uint64_t id = g_next_request_id.fetch_add(1, std::memory_order_relaxed);
+      const uint64_t id = entry.request.id != 0 ? entry.request.id : reserve_request_id();
       if (ids != nullptr) ids->push_back(id);
       entry.request.id = id;
       if (entry.view.deadline != kNoDeadline) {
@@ -290,6 +290,10 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
     work_cv_.notify_one();
   }
   if (earlier_deadline) deadline_cv_.notify_one();
+}
+
+uint64_t Batcher::reserve_request_id() noexcept {
+  return g_next_request_id.fetch_add(1, std::memory_order_relaxed);
 }
 
 uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
@@ -336,7 +340,8 @@ std::vector<Batcher::Outcome> Batcher::submit_each(std::vector<Queued> requests)
     Queued& q = requests[i];
     int level = 0;
     try {
-      entries.push_back(prepare(std::move(q.inputs), std::move(q.sink), q.priority, q.timeout_us, 0, &level));
+      entries.push_back(prepare(std::move(q.inputs), std::move(q.sink), q.priority, q.timeout_us, q.mirror_tag, &level));
+      entries.back().request.id = q.id;
     } catch (const Error& e) {
       counters_->rejected.fetch_add(1, std::memory_order_relaxed);
       outcomes[i] = {0, e.code(), e.what()};

@@ -1,6 +1,7 @@
 // The batch-level shadow copy (conveyor/mirror.h) with real batcher threads; the test
 // command runs it under ThreadSanitizer and AddressSanitizer. Synchronisation is explicit
 // (gates, wait_idle), never sleeps.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <memory>
@@ -91,6 +92,33 @@ TEST_CASE("mirror: tagged requests are copied and paired row by row, untagged on
   CHECK_EQ(s.in_flight_rows, uint64_t{0});
   CHECK_EQ(challenger->stats().requests, uint64_t{1});  // one copy per copied request
   CHECK(mirror->drain().tags.empty());
+}
+
+TEST_CASE("mirror: submit_each keeps each request's mirror tag and the id reserved for it") {
+  auto champion = batcher(options(8), affine(1, 0));
+  auto challenger = batcher(options(8), affine(1, 0.5f));
+  auto mirror = std::make_shared<Mirror>(challenger, compare_values());
+  champion->set_mirror(mirror);
+  auto q = std::make_shared<CompletionQueue>();
+  const uint64_t reserved = Batcher::reserve_request_id();
+  std::vector<Batcher::Queued> round;
+  round.push_back({{owned_rows({1, 2})}, q, 0, -1, /*mirror_tag=*/9, reserved});
+  round.push_back({{owned_rows({3, 4})}, q, 0, -1, /*mirror_tag=*/0, /*id=*/0});
+  const std::vector<Batcher::Outcome> outcomes = champion->submit_each(std::move(round));
+  CHECK_EQ(outcomes[0].id, reserved);
+  CHECK(outcomes[1].id != 0);
+  CHECK(outcomes[1].id != reserved);
+  champion->stop(true);
+  std::vector<uint64_t> completed;
+  for (auto& group : q->drain()) {
+    for (Completion& c : group) completed.push_back(c.request_id);
+  }
+  CHECK_EQ(completed.size(), size_t{2});
+  CHECK(std::find(completed.begin(), completed.end(), reserved) != completed.end());
+  CHECK(mirror->wait_idle(-1));
+  MirrorPairs p = mirror->drain();
+  CHECK_EQ(p.tags.size(), size_t{1});  // the tagged request's row only
+  if (!p.tags.empty()) CHECK_EQ(p.tags[0], uint64_t{9});
 }
 
 TEST_CASE("mirror: argmax and first-value readings give classes per row") {

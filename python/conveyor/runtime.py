@@ -46,66 +46,64 @@ MonitorFactory = Callable[..., Any]
 class _LoopBridge:
     """Completions for the requests one event loop is awaiting."""
 
-    __slots__ = ("loop", "queue", "pending", "__weakref__")
+    __slots__ = ("loop", "completions", "flush_owed", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue = _core.CompletionQueue()
-        # batcher request id -> (future, model version, inputs (the monitor reads them when
-        # the request completes; the batcher holds its own reference to them until then),
-        # the caller's request id: None unless the version's monitor wants each request)
-        self.pending: dict[int, tuple[asyncio.Future, ModelHandle, tuple, str | None]] = {}
-        loop.add_reader(self.queue.fileno(), self.on_ready)
+        # Keeps each request's future and settles it when its batch completes; a request
+        # of a version whose answer Python shapes (Python steps after the batch, a monitor
+        # that sees each request) comes back to on_ready with (handle, inputs, request id).
+        # Requests to a batcher wait for flush(), which runs once the callbacks ready
+        # with the first of them have run: the requests of one turn of the loop reach
+        # their batcher together, with one wake-up, and can form one batch.
+        self.completions = _core.LoopCompletions()
+        self.flush_owed = False
+        loop.add_reader(self.completions.fileno(), self.on_ready)
+
+    def flush(self) -> None:
+        """Queues the requests submitted since the last flush (each model's together)."""
+        self.flush_owed = False
+        self.completions.flush()
 
     def on_ready(self) -> None:
-        pending = self.pending
-        for arrays, done in self.queue.drain():
+        for arrays, done in self.completions.resolve():
             try:
                 self._finish_batch(arrays, done)
             except Exception as exc:  # one batch's failure must not strand another's requests
                 log.exception("completing a batch failed; its unanswered requests fail with it")
                 failure = InternalError(f"completing the request's batch failed: {type(exc).__name__}: {exc}")
-                for request_id, *_ in done:
-                    entry = pending.pop(request_id, None)
-                    if entry is not None and not entry[0].done():
-                        entry[0].set_exception(failure)
+                for future, *_ in done:
+                    if not future.done():
+                        future.set_exception(failure)
 
-    def _finish_batch(self, arrays: tuple | None, done: list) -> None:
-        """Resolves the futures of one batch's requests (entries leave `pending` one by one)."""
-        pending = self.pending
+    @staticmethod
+    def _finish_batch(arrays: tuple | None, done: list) -> None:
+        """Settles the futures of one batch's requests that Python finishes."""
         public = None  # the batch's public outputs, made once when a handle has `finish`
-        for request_id, error, offset, rows in done:
-            entry = pending.pop(request_id, None)
-            if entry is None:
-                continue
-            future = entry[0]
+        for future, (handle, inputs, request_id), error, offset, rows in done:
             if future.done():  # the caller was cancelled meanwhile
                 continue
             if error is not None:
                 future.set_exception(error)
                 continue
-            handle = entry[1]
-            try:
-                if handle.finish is None:
-                    result = handle.result(arrays, offset, rows)
-                else:
-                    public = handle.finish(arrays) if public is None else public
-                    result = handle.result(public, offset, rows)
-            except BaseException:
-                pending[request_id] = entry  # failed by on_ready with the rest of the batch
-                raise
+            if handle.finish is None:
+                result = handle.result(arrays, offset, rows)
+            else:
+                public = handle.finish(arrays) if public is None else public
+                result = handle.result(public, offset, rows)
             future.set_result(result)
             if handle.per_request:
                 try:
-                    handle.observed(entry[3], entry[2], arrays, offset, rows, result)
+                    handle.observed(request_id, inputs, arrays, offset, rows, result)
                 except Exception:  # monitoring must never fail the requests of a batch
                     log.exception("model %s: monitoring a completed request failed", handle.name)
 
     def detach(self) -> None:
         """Deliver what is ready and stop watching; runs in the loop's thread or with it stopped."""
+        self.flush()
         self.on_ready()
         if not self.loop.is_closed():
-            self.loop.remove_reader(self.queue.fileno())
+            self.loop.remove_reader(self.completions.fileno())
 
 
 _open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -434,16 +432,34 @@ class Runtime:
         version's batcher once its batch has run (a rollout's shadow, `deploy.traffic`).
         """
         loaded = self._resolve(model, version)
-        arrays = loaded.order_inputs(inputs)
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop) or self._bridge_for(loop)
+        completions = bridge.completions
         future = loop.create_future()
-        batcher_id = loaded.batcher.submit(arrays, bridge.queue, priority or 0, _checked_timeout_us(timeout_us), mirror_tag)
-        bridge.pending[batcher_id] = (future, loaded, arrays, request_id)
+        priority = priority or 0
+        timeout_us = _checked_timeout_us(timeout_us)
+        if loaded.settled_in_core:
+            # A dict of C-contiguous arrays with exactly the model's input names goes as it is.
+            batcher_id = completions.submit(
+                loaded.batcher, inputs, future, loaded.input_names, loaded.output_names, priority, timeout_us,
+                mirror_tag, None,
+            ) or completions.submit(
+                loaded.batcher, loaded.order_inputs(inputs), future, loaded.input_names, loaded.output_names,
+                priority, timeout_us, mirror_tag, None,
+            )
+        else:
+            arrays = loaded.order_inputs(inputs)
+            batcher_id = completions.submit(
+                loaded.batcher, arrays, future, loaded.input_names, loaded.output_names, priority, timeout_us,
+                mirror_tag, (loaded, arrays, request_id),
+            )
+        if not bridge.flush_owed:
+            bridge.flush_owed = True
+            loop.call_soon(bridge.flush)
         try:
             return await future
         except asyncio.CancelledError:
-            loaded.batcher.cancel(batcher_id)
+            completions.cancel(loaded.batcher, batcher_id)
             raise
 
     def _bridge_for(self, loop: asyncio.AbstractEventLoop) -> _LoopBridge:
@@ -521,6 +537,8 @@ class Runtime:
             self._latest.clear()
             bridges = list(self._bridges.values())
             self._bridges.clear()
+        for bridge in bridges:  # requests submitted and not queued yet: they were accepted
+            bridge.flush()
         for loaded in versions:
             loaded.close()
         for bridge in bridges:

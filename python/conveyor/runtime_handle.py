@@ -32,7 +32,7 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request", "batch_outputs", "python_steps",
+        "monitor", "per_request", "batch_outputs", "python_steps", "settled_in_core",
     )  # fmt: skip
 
     def __init__(
@@ -94,6 +94,9 @@ class ModelHandle:
         # completed request (capture, feedback), with the row flags the batcher appends.
         self.monitor = monitor
         self.per_request = monitor is not None and monitor.per_request
+        # infer_async's answer is the batch outputs' rows as they are: the core settles the
+        # request's future without Python.
+        self.settled_in_core = self.finish is None and not self.per_request
 
     def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
         """The inputs as a tuple in config order; names checked, non-arrays converted."""

@@ -122,13 +122,19 @@ class Batcher {
   // and with one wake-up, or none of them: throws as submit() does (counting all of
   // them rejected) when one is invalid or the queue has no room for all.
   void submit_group(std::vector<Submission> group);
-  // One request of submit_each: its own priority and timeout (as submit takes them).
+  // One request of submit_each: its own priority, timeout and mirror tag (as submit takes
+  // them), and the id it gets: 0 for a new one, or one reserve_request_id() returned (a
+  // submitter that holds requests back to queue them together hands out their ids first).
   struct Queued {
     std::vector<Tensor> inputs;
     std::shared_ptr<CompletionSink> sink;
     int priority = 0;
     int64_t timeout_us = -1;
+    uint64_t mirror_tag = 0;
+    uint64_t id = 0;
   };
+  // A request id no request has: for Queued::id. Ids are unique in the process.
+  static uint64_t reserve_request_id() noexcept;
   // What submit_each did with one request: queued (id > 0), or refused (code, message).
   struct Outcome {
     uint64_t id = 0;

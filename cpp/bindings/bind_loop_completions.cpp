@@ -1,0 +1,315 @@
+// LoopCompletions: the asyncio futures of one event loop's requests, resolved here.
+//
+// Runtime.infer_async submits each request with its future; when a batch's completions
+// arrive (the queue's eventfd turns readable), resolve() settles every future of the batch
+// in one call: the request's rows of each output as numpy views, or its error. Python runs
+// per request only the await itself. A request whose answer Python must still shape (a
+// model with Python steps after the batch, a monitor that captures each request) carries
+// a Python value, `extra`, and is handed back to the caller with it instead.
+#include <pybind11/stl.h>
+
+#include <unordered_map>
+
+#include "conveyor/batcher.h"
+#include "conveyor/completion.h"
+#include "conveyor/graph.h"
+#include "batcher_convert.h"
+#include "convert.h"
+
+namespace conveyor::bindings {
+
+namespace {
+
+// Interned method names and the numpy array type, made once (they live with the interpreter).
+struct Names {
+  PyObject* done = PyUnicode_InternFromString("done");
+  PyObject* set_result = PyUnicode_InternFromString("set_result");
+  PyObject* set_exception = PyUnicode_InternFromString("set_exception");
+  PyObject* ndarray = py::object(py::module_::import("numpy").attr("ndarray")).release().ptr();
+};
+
+const Names& names() {
+  static const Names* n = new Names();
+  return *n;
+}
+
+// The request's inputs as a tuple in the model's order when `inputs` is a dict holding
+// exactly those names, each a C-contiguous numpy ndarray; None otherwise (the caller's
+// own checks then say what is wrong, or convert).
+py::object order_dict(py::handle inputs, const py::tuple& input_names) {
+  if (!PyDict_CheckExact(inputs.ptr())) return py::none();
+  const Py_ssize_t n = static_cast<Py_ssize_t>(input_names.size());
+  if (PyDict_GET_SIZE(inputs.ptr()) != n) return py::none();
+  py::tuple arrays(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* value = PyDict_GetItemWithError(inputs.ptr(), PyTuple_GET_ITEM(input_names.ptr(), i));
+    if (value == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return py::none();
+    }
+    if (Py_TYPE(value) != reinterpret_cast<PyTypeObject*>(names().ndarray) ||
+        !(py::reinterpret_borrow<py::array>(value).flags() & py::array::c_style)) {
+      return py::none();
+    }
+    Py_INCREF(value);
+    PyTuple_SET_ITEM(arrays.ptr(), i, value);
+  }
+  return arrays;
+}
+
+bool future_done(PyObject* future) {
+  PyObject* done = PyObject_CallMethodNoArgs(future, names().done);
+  if (done == nullptr) throw py::error_already_set();
+  const int truth = PyObject_IsTrue(done);
+  Py_DECREF(done);
+  if (truth < 0) throw py::error_already_set();
+  return truth != 0;
+}
+
+void settle(PyObject* future, PyObject* method, PyObject* value) {
+  PyObject* r = PyObject_CallMethodOneArg(future, method, value);
+  if (r == nullptr) throw py::error_already_set();
+  Py_DECREF(r);
+}
+
+// {name: the request's rows of that output}: the whole arrays when the request is the
+// batch (or the model does not batch), views of its rows otherwise.
+py::dict request_outputs(const py::tuple& outputs, const py::tuple& output_names, int64_t offset, int64_t rows) {
+  const size_t n = output_names.size();
+  if (outputs.size() < n) {
+    throw Error(ErrorCode::kInternal, "the batch has " + std::to_string(outputs.size()) + " outputs, the model " +
+                                          std::to_string(n));
+  }
+  py::dict result;
+  bool whole = rows < 0;
+  if (!whole && n > 0) whole = offset == 0 && rows == py::len(outputs[0]);
+  py::object slice;
+  if (!whole) slice = py::reinterpret_steal<py::object>(PySlice_New(py::int_(offset).ptr(), py::int_(offset + rows).ptr(), nullptr));
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* array = PyTuple_GET_ITEM(outputs.ptr(), static_cast<Py_ssize_t>(i));
+    if (whole) {
+      result[output_names[i]] = py::reinterpret_borrow<py::object>(array);
+    } else {
+      PyObject* view = PyObject_GetItem(array, slice.ptr());
+      if (view == nullptr) throw py::error_already_set();
+      result[output_names[i]] = py::reinterpret_steal<py::object>(view);
+    }
+  }
+  return result;
+}
+
+class LoopCompletions {
+ public:
+  LoopCompletions() : queue_(std::make_shared<CompletionQueue>()) {}
+
+  int fileno() const { return queue_->fd(); }
+  size_t waiting() const { return entries_.size(); }
+  size_t held() const { return held_.size(); }
+
+  // Takes one request for `target` (a Batcher or a Graph) and keeps its future; returns
+  // the request id, or 0 when `inputs` is a dict this call does not take as it is (see
+  // order_dict): the caller orders and converts them itself and calls again with the tuple.
+  // A Batcher's requests are held until flush() queues them together; a Graph's are
+  // queued at once.
+  uint64_t submit(py::handle target, py::handle inputs, py::object future, const py::tuple& input_names,
+                  py::tuple output_names, int priority, int64_t timeout_us, uint64_t mirror_tag, py::object extra) {
+    py::object arrays;
+    if (PyTuple_CheckExact(inputs.ptr())) {
+      arrays = py::reinterpret_borrow<py::object>(inputs);
+    } else {
+      arrays = order_dict(inputs, input_names);
+      if (arrays.is_none()) return 0;
+    }
+    uint64_t id = 0;
+    if (py::isinstance<Batcher>(target)) {
+      auto& batcher = target.cast<Batcher&>();
+      Batcher::Queued queued{hold_request_inputs(batcher.options().inputs, arrays.cast<py::tuple>()), queue_, priority,
+                             timeout_us, mirror_tag, Batcher::reserve_request_id()};
+      id = queued.id;
+      held_.push_back(Held{py::reinterpret_borrow<py::object>(target), &batcher, std::move(queued)});
+    } else {
+      auto& graph = target.cast<Graph&>();
+      id = graph.submit(hold_request_inputs(graph.options().inputs, arrays.cast<py::tuple>()), queue_, priority,
+                        timeout_us, mirror_tag);
+    }
+    // The GIL is held from here to flush() and resolve(), which need it too: the entry is
+    // in place before its request can complete.
+    entries_.emplace(id, Entry{std::move(future), std::move(output_names), std::move(extra)});
+    return id;
+  }
+
+  // Queues the held requests, each model's together (one lock and one wake-up of its
+  // batcher, so that they can form one batch). A request the batcher refuses (its shape,
+  // a full queue) fails its future with the reason.
+  void flush() {
+    if (held_.empty()) return;
+    std::vector<Held> held;
+    held.swap(held_);
+    std::vector<bool> taken(held.size(), false);
+    for (size_t first = 0; first < held.size(); ++first) {
+      if (taken[first]) continue;
+      Batcher* batcher = held[first].batcher;
+      const py::object keep_alive = held[first].target;  // the batcher lives until its requests are queued
+      std::vector<Batcher::Queued> group;
+      for (size_t i = first; i < held.size(); ++i) {
+        if (taken[i] || held[i].batcher != batcher) continue;
+        taken[i] = true;
+        auto it = entries_.find(held[i].queued.id);
+        if (it == entries_.end()) continue;
+        if (it->second.cancelled) {  // its caller was cancelled before it was queued
+          entries_.erase(it);
+          continue;
+        }
+        group.push_back(std::move(held[i].queued));
+      }
+      std::vector<uint64_t> ids;
+      ids.reserve(group.size());
+      for (const Batcher::Queued& q : group) ids.push_back(q.id);
+      const std::vector<Batcher::Outcome> outcomes = batcher->submit_each(std::move(group));
+      for (size_t k = 0; k < outcomes.size(); ++k) {
+        if (outcomes[k].id != 0) continue;
+        auto it = entries_.find(ids[k]);
+        if (it == entries_.end()) continue;
+        const Entry entry = std::move(it->second);
+        entries_.erase(it);
+        fail(entry.future.ptr(), make_exception(outcomes[k].code, outcomes[k].message));
+      }
+    }
+  }
+
+  // The caller of request `id`, submitted to `target`, was cancelled: a held request is
+  // not queued at all, a queued one is dropped if it has not started.
+  void cancel(py::handle target, uint64_t id) {
+    auto it = entries_.find(id);
+    if (it == entries_.end()) return;
+    for (const Held& h : held_) {
+      if (h.queued.id == id) {
+        it->second.cancelled = true;
+        return;
+      }
+    }
+    if (py::isinstance<Batcher>(target)) {
+      Batcher& batcher = target.cast<Batcher&>();
+      py::gil_scoped_release nogil;
+      batcher.cancel(id);
+    } else {
+      Graph& graph = target.cast<Graph&>();
+      py::gil_scoped_release nogil;
+      graph.cancel(id);
+    }
+  }
+
+  // Settles the futures of every completion delivered so far. Returns the completions of
+  // requests that carry an `extra`, for the caller to finish:
+  // [(batch outputs or None, [(future, extra, error or None, row_offset, rows), ...]), ...].
+  py::list resolve() {
+    std::vector<std::vector<Completion>> groups = queue_->drain();
+    py::list handed_back;
+    for (auto& group : groups) {
+      py::object outputs = py::none();
+      py::object conversion_error = py::none();
+      py::list back;
+      for (Completion& c : group) {
+        auto it = entries_.find(c.request_id);
+        if (it == entries_.end()) continue;
+        const Entry entry = std::move(it->second);
+        entries_.erase(it);
+        py::object error = py::none();
+        if (c.code != ErrorCode::kOk) {
+          error = make_exception(c.code, c.message);
+        } else {
+          if (outputs.is_none() && conversion_error.is_none()) {
+            try {
+              outputs = outputs_to_python(*c.outputs);
+            } catch (py::error_already_set& e) {
+              conversion_error = e.value();
+            } catch (const Error& e) {
+              conversion_error = make_exception(e.code(), e.what());
+            }
+          }
+          error = conversion_error;
+        }
+        if (!entry.extra.is_none()) {
+          back.append(py::make_tuple(entry.future, entry.extra, error, c.row_offset, c.rows));
+        } else {
+          settle_one(entry, outputs, error, c);
+        }
+      }
+      if (!back.empty()) handed_back.append(py::make_tuple(outputs, back));
+    }
+    return handed_back;
+  }
+
+ private:
+  struct Entry {
+    py::object future;
+    py::tuple output_names;
+    py::object extra;        // None: settled here
+    bool cancelled = false;  // before flush() queued it
+  };
+  struct Held {
+    py::object target;  // the Python Batcher, keeping `batcher` alive
+    Batcher* batcher;
+    Batcher::Queued queued;
+  };
+
+  // One request's future: its outputs, or its error. Never throws: whatever goes wrong
+  // settling one future (a result that cannot be made) fails that future alone.
+  static void settle_one(const Entry& entry, const py::object& outputs, const py::object& error, const Completion& c) {
+    PyObject* future = entry.future.ptr();
+    try {
+      if (future_done(future)) return;  // the caller was cancelled meanwhile
+      if (!error.is_none()) {
+        settle(future, names().set_exception, error.ptr());
+        return;
+      }
+      py::dict result = request_outputs(outputs.cast<py::tuple>(), entry.output_names, c.row_offset, c.rows);
+      settle(future, names().set_result, result.ptr());
+    } catch (py::error_already_set& e) {
+      fail(future, make_exception(ErrorCode::kInternal, "completing the request failed: " + std::string(py::str(e.value()))));
+    } catch (const std::exception& e) {
+      fail(future, make_exception(ErrorCode::kInternal, std::string("completing the request failed: ") + e.what()));
+    }
+  }
+
+  static void fail(PyObject* future, const py::object& error) {
+    try {
+      if (future_done(future)) return;
+      settle(future, names().set_exception, error.ptr());
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("conveyor: failing a request's future");
+    }
+  }
+
+  std::shared_ptr<CompletionQueue> queue_;
+  std::unordered_map<uint64_t, Entry> entries_;  // by request id; touched with the GIL held
+  std::vector<Held> held_;                       // submitted, not queued yet; touched with the GIL held
+};
+
+}  // namespace
+
+void init_loop_completions(py::module_& m) {
+  py::class_<LoopCompletions> cls(
+      m, "LoopCompletions",
+      "The asyncio futures of one event loop's requests. submit(target, inputs, future, input_names, "
+      "output_names, priority, timeout_us, mirror_tag, extra) takes a request for a Batcher or Graph "
+      "(inputs: a dict, or a tuple in the model's input order) and returns its id, or 0 when a dict needs "
+      "the caller's checks first (a name missing or unexpected, a value that is not a C-contiguous numpy "
+      "array): call again with the checked tuple. A Batcher's requests wait for flush(), which queues "
+      "them together (a refused one fails its future); cancel(target, id) when a caller is cancelled. "
+      "When fileno() turns readable, resolve() sets each future to {output name: the request's rows} or "
+      "its error; requests submitted with an `extra` other than None come back instead, as [(batch "
+      "outputs or None, [(future, extra, error or None, row_offset, rows)])].");
+  cls.def(py::init<>())
+      .def("fileno", &LoopCompletions::fileno)
+      .def("waiting", &LoopCompletions::waiting, "Futures not settled yet.")
+      .def("held", &LoopCompletions::held, "Requests submitted and not queued yet (flush() queues them).")
+      .def("submit", &LoopCompletions::submit, py::arg("target"), py::arg("inputs"), py::arg("future"),
+           py::arg("input_names"), py::arg("output_names"), py::arg("priority"), py::arg("timeout_us"),
+           py::arg("mirror_tag"), py::arg("extra"))
+      .def("flush", &LoopCompletions::flush)
+      .def("cancel", &LoopCompletions::cancel, py::arg("target"), py::arg("request_id"))
+      .def("resolve", &LoopCompletions::resolve);
+}
+
+}  // namespace conveyor::bindings
