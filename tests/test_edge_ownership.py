@@ -322,6 +322,9 @@ def test_a_batch_that_fails_to_complete_fails_only_its_own_requests(monkeypatch:
     monkeypatch.setattr(ModelHandle, "result", result)
     with Runtime() as rt:
         rt.add_model("gated", {**_gated_config(), "dynamic_batching": {"max_queue_delay_us": 0}}, gate.model)
+        # Answers shaped in Python (a version with Python steps after the batch, or whose
+        # monitor sees each request): the core hands the batch to on_ready.
+        rt.model("gated").settled_in_core = False
 
         async def run() -> list[Any]:
             loop = asyncio.get_running_loop()

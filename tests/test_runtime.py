@@ -285,6 +285,71 @@ def test_close_queues_and_answers_requests_submitted_but_not_yet_queued():
     assert float(answer["y"][0, 0]) == 42.0
 
 
+def test_held_requests_go_once_they_would_fill_half_a_batch():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(max_batch_size=8), lambda inputs: {"y": inputs["x"] * 2})
+        unbatched = {
+            **_config(max_batch_size=0),
+            "inputs": [{"name": "x", "datatype": "FP32", "dims": [1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "dims": [1, 4]}],
+        }
+        rt.add_model("unbatched", unbatched, lambda inputs: {"y": inputs["x"] * 2})
+        completions = conveyor._core.LoopCompletions()
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            held = []
+            futures = []
+            for name in ("double",) * 4 + ("unbatched",):
+                handle = rt.model(name)
+                futures.append(loop.create_future())
+                completions.submit(handle.batcher, _row(1), futures[-1], handle.input_names, handle.output_names,
+                                   0, -1, 0, None)
+                held.append(completions.held())
+            ready = asyncio.Event()
+            loop.add_reader(completions.fileno(), ready.set)
+            while not all(f.done() for f in futures):
+                await ready.wait()
+                ready.clear()
+                completions.resolve()
+            loop.remove_reader(completions.fileno())
+            return held, [float(f.result()["y"][0, 0]) for f in futures]
+
+        held, answers = asyncio.run(scenario())
+    # half of max_batch_size 8 is 4: the fourth request takes the four; a model that does
+    # not batch takes its request at once
+    assert held == [1, 2, 3, 0, 0]
+    assert answers == [2.0] * 5
+
+
+def test_an_answer_that_cannot_be_made_fails_its_own_request_only():
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
+        handle = rt.model("double")
+        completions = conveyor._core.LoopCompletions()
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in range(3)]
+            # The middle request names an output the batch does not have.
+            for future, names in zip(futures, (handle.output_names, ("y", "z"), handle.output_names)):
+                completions.submit(handle.batcher, _row(3), future, handle.input_names, names, 0, -1, 0, None)
+            completions.flush()
+            ready = asyncio.Event()
+            loop.add_reader(completions.fileno(), ready.set)
+            while not all(f.done() for f in futures):
+                await ready.wait()
+                ready.clear()
+                completions.resolve()
+            loop.remove_reader(completions.fileno())
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+        first, broken, last = asyncio.run(scenario())
+    assert float(first["y"][0, 0]) == float(last["y"][0, 0]) == 6.0
+    assert isinstance(broken, conveyor.errors.InternalError)
+    assert "completing the request failed: the batch has 1 outputs, the model 2" in str(broken)
+
+
 def test_a_request_cancelled_before_it_is_queued_never_reaches_the_batcher():
     with conveyor.Runtime() as rt:
         rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})

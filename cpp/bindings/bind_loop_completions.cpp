@@ -6,8 +6,18 @@
 // per request only the await itself. A request whose answer Python must still shape (a
 // model with Python steps after the batch, a monitor that captures each request) carries
 // a Python value, `extra`, and is handed back to the caller with it instead.
+//
+// Requests to a batcher are held, not queued one by one: flush() (which the loop runs once
+// the callbacks of the turn that submitted them have run) queues them together, each
+// model's with one lock and one wake-up, so that the requests of one turn can form one
+// batch. Held requests that would fill half of the model's largest batch go at once: an
+// instance starts on them while the loop reads the rest of its turn.
+//
+// Everything here runs with the GIL held, on the loop's thread (close() may flush from
+// another thread, also with the GIL): the GIL is the lock of the tables below.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <unordered_map>
 
 #include "conveyor/batcher.h"
@@ -84,7 +94,10 @@ py::dict request_outputs(const py::tuple& outputs, const py::tuple& output_names
   bool whole = rows < 0;
   if (!whole && n > 0) whole = offset == 0 && rows == py::len(outputs[0]);
   py::object slice;
-  if (!whole) slice = py::reinterpret_steal<py::object>(PySlice_New(py::int_(offset).ptr(), py::int_(offset + rows).ptr(), nullptr));
+  if (!whole) {
+    slice = py::reinterpret_steal<py::object>(PySlice_New(py::int_(offset).ptr(), py::int_(offset + rows).ptr(), nullptr));
+    if (!slice) throw py::error_already_set();
+  }
   for (size_t i = 0; i < n; ++i) {
     PyObject* array = PyTuple_GET_ITEM(outputs.ptr(), static_cast<Py_ssize_t>(i));
     if (whole) {
@@ -109,8 +122,8 @@ class LoopCompletions {
   // Takes one request for `target` (a Batcher or a Graph) and keeps its future; returns
   // the request id, or 0 when `inputs` is a dict this call does not take as it is (see
   // order_dict): the caller orders and converts them itself and calls again with the tuple.
-  // A Batcher's requests are held until flush() queues them together; a Graph's are
-  // queued at once.
+  // A Batcher's requests are held until flush() queues them together (or until they would
+  // fill half of its largest batch); a Graph's are queued at once.
   uint64_t submit(py::handle target, py::handle inputs, py::object future, const py::tuple& input_names,
                   py::tuple output_names, int priority, int64_t timeout_us, uint64_t mirror_tag, py::object extra) {
     py::object arrays;
@@ -120,17 +133,28 @@ class LoopCompletions {
       arrays = order_dict(inputs, input_names);
       if (arrays.is_none()) return 0;
     }
+    if (!target.is(last_target_)) {  // one model's requests come in runs: its C++ object, looked up once
+      last_batcher_ = py::isinstance<Batcher>(target) ? &target.cast<Batcher&>() : nullptr;
+      last_graph_ = last_batcher_ == nullptr ? &target.cast<Graph&>() : nullptr;
+      last_target_ = py::reinterpret_borrow<py::object>(target);
+      if (last_batcher_ != nullptr) {
+        flush_at_ = static_cast<size_t>(std::max<int64_t>(1, last_batcher_->options().max_batch_size / 2));
+      }
+    }
     uint64_t id = 0;
-    if (py::isinstance<Batcher>(target)) {
-      auto& batcher = target.cast<Batcher&>();
-      Batcher::Queued queued{hold_request_inputs(batcher.options().inputs, arrays.cast<py::tuple>()), queue_, priority,
-                             timeout_us, mirror_tag, Batcher::reserve_request_id()};
+    if (last_batcher_ != nullptr) {
+      Batcher::Queued queued{hold_request_inputs(last_batcher_->options().inputs, arrays.cast<py::tuple>()), queue_,
+                             priority, timeout_us, mirror_tag, Batcher::reserve_request_id()};
       id = queued.id;
-      held_.push_back(Held{py::reinterpret_borrow<py::object>(target), &batcher, std::move(queued)});
+      held_.push_back(Held{last_target_, last_batcher_, std::move(queued)});
+      entries_.emplace(id, Entry{std::move(future), std::move(output_names), std::move(extra)});
+      // Once the held requests would fill half a batch they go: an instance starts on them
+      // while the loop reads the rest of its turn (a model that does not batch: at once).
+      if (held_.size() >= flush_at_) flush();
+      return id;
     } else {
-      auto& graph = target.cast<Graph&>();
-      id = graph.submit(hold_request_inputs(graph.options().inputs, arrays.cast<py::tuple>()), queue_, priority,
-                        timeout_us, mirror_tag);
+      id = last_graph_->submit(hold_request_inputs(last_graph_->options().inputs, arrays.cast<py::tuple>()), queue_,
+                               priority, timeout_us, mirror_tag);
     }
     // The GIL is held from here to flush() and resolve(), which need it too: the entry is
     // in place before its request can complete.
@@ -266,7 +290,8 @@ class LoopCompletions {
       py::dict result = request_outputs(outputs.cast<py::tuple>(), entry.output_names, c.row_offset, c.rows);
       settle(future, names().set_result, result.ptr());
     } catch (py::error_already_set& e) {
-      fail(future, make_exception(ErrorCode::kInternal, "completing the request failed: " + std::string(py::str(e.value()))));
+      const std::string reason = py::str(e.value());
+      fail(future, make_exception(ErrorCode::kInternal, "completing the request failed: " + reason));
     } catch (const std::exception& e) {
       fail(future, make_exception(ErrorCode::kInternal, std::string("completing the request failed: ") + e.what()));
     }
@@ -282,9 +307,58 @@ class LoopCompletions {
   }
 
   std::shared_ptr<CompletionQueue> queue_;
+  // The target of the last submit and its C++ object (a reference that keeps an unloaded
+  // model's stopped batcher until the next submit names another).
+  py::object last_target_;
+  Batcher* last_batcher_ = nullptr;
+  Graph* last_graph_ = nullptr;
+  size_t flush_at_ = 1;  // held requests that make submit() flush: half the last batcher's max batch
   std::unordered_map<uint64_t, Entry> entries_;  // by request id; touched with the GIL held
   std::vector<Held> held_;                       // submitted, not queued yet; touched with the GIL held
 };
+
+// LoopCompletions.submit as a plain CPython fast call: pybind11's dispatcher costs about
+// 0.8 us for nine arguments, more than the submission itself, on every request.
+PyObject* submit_fastcall(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 9) {
+      throw py::type_error("LoopCompletions.submit takes 9 positional arguments (target, inputs, future, "
+                           "input_names, output_names, priority, timeout_us, mirror_tag, extra), got " +
+                           std::to_string(nargs));
+    }
+    if (!PyTuple_Check(args[3]) || !PyTuple_Check(args[4])) {
+      throw py::type_error("LoopCompletions.submit: input_names and output_names must be tuples");
+    }
+    const long priority = PyLong_AsLong(args[5]);
+    const long long timeout_us = priority == -1 && PyErr_Occurred() ? 0 : PyLong_AsLongLong(args[6]);
+    const unsigned long long mirror_tag = PyErr_Occurred() ? 0 : PyLong_AsUnsignedLongLong(args[7]);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    if (priority < INT32_MIN || priority > INT32_MAX) throw py::value_error("priority out of range");
+    auto& completions = py::handle(self).cast<LoopCompletions&>();
+    const uint64_t id = completions.submit(
+        args[0], args[1], py::reinterpret_borrow<py::object>(args[2]), py::reinterpret_borrow<py::tuple>(args[3]),
+        py::reinterpret_borrow<py::tuple>(args[4]), static_cast<int>(priority), timeout_us, mirror_tag,
+        py::reinterpret_borrow<py::object>(args[8]));
+    return PyLong_FromUnsignedLongLong(id);
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (py::builtin_exception& e) {
+    e.set_error();
+  } catch (const Error& e) {
+    const py::object error = make_exception(e.code(), e.what());
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef submit_method = {
+    "submit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&submit_fastcall)), METH_FASTCALL,
+    "submit(target, inputs, future, input_names, output_names, priority, timeout_us, mirror_tag, extra) -> "
+    "request id, or 0 when a dict of inputs needs the caller's checks first (positional arguments only)."};
 
 }  // namespace
 
@@ -304,12 +378,12 @@ void init_loop_completions(py::module_& m) {
       .def("fileno", &LoopCompletions::fileno)
       .def("waiting", &LoopCompletions::waiting, "Futures not settled yet.")
       .def("held", &LoopCompletions::held, "Requests submitted and not queued yet (flush() queues them).")
-      .def("submit", &LoopCompletions::submit, py::arg("target"), py::arg("inputs"), py::arg("future"),
-           py::arg("input_names"), py::arg("output_names"), py::arg("priority"), py::arg("timeout_us"),
-           py::arg("mirror_tag"), py::arg("extra"))
       .def("flush", &LoopCompletions::flush)
       .def("cancel", &LoopCompletions::cancel, py::arg("target"), py::arg("request_id"))
       .def("resolve", &LoopCompletions::resolve);
+  PyObject* submit = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(cls.ptr()), &submit_method);
+  if (submit == nullptr) throw py::error_already_set();
+  cls.attr("submit") = py::reinterpret_steal<py::object>(submit);
 }
 
 }  // namespace conveyor::bindings

@@ -538,11 +538,11 @@ class Runtime:
             bridges = list(self._bridges.values())
             self._bridges.clear()
         for bridge in bridges:  # requests submitted and not queued yet: they were accepted
-            bridge.flush()
+            _in_loop_thread(bridge, bridge.flush)
         for loaded in versions:
             loaded.close()
         for bridge in bridges:
-            _detach_bridge(bridge)
+            _in_loop_thread(bridge, bridge.detach)
         _open_runtimes.discard(self)
 
     def __enter__(self) -> Runtime:
@@ -587,15 +587,17 @@ def _feedback_labels(config: ModelConfig, version_dir: Path | None) -> list[str]
     return None
 
 
-def _detach_bridge(bridge: _LoopBridge) -> None:
+def _in_loop_thread(bridge: _LoopBridge, call: Callable[[], None]) -> None:
+    """Runs call now when this thread runs the bridge's loop or nobody does, else soon in the
+    loop's thread (a future may be settled only there)."""
     try:
         current = asyncio.get_running_loop()
     except RuntimeError:
         current = None
     if current is bridge.loop or not bridge.loop.is_running():
-        bridge.detach()
+        call()
     else:
-        bridge.loop.call_soon_threadsafe(bridge.detach)
+        bridge.loop.call_soon_threadsafe(call)
 
 
 def _checked_timeout_us(timeout_us: int | None) -> int:
