@@ -519,7 +519,9 @@ def test_a_client_that_never_reads_neither_grows_the_server_nor_blocks_others(se
         computed = server.requests("big", "success") - done_before
         grown = server.stats.memory_info().rss - rss_before
         assert computed <= most_computed, f"{computed} answers of 8 MiB computed for a client that reads none"
-        assert grown < most_computed * BIG_BYTES, f"RSS grew by {grown >> 20} MiB for a client that reads none"
+        # One answer's size more for what else the process maps meanwhile (the allocator's
+        # arenas, the pool's spare block): the failure this guards against is 32 answers held.
+        assert grown < (most_computed + 1) * BIG_BYTES, f"RSS grew by {grown >> 20} MiB for a client that reads none"
         received = 0
         while received < count * BIG_BYTES:
             chunk = sock.recv(1 << 20)

@@ -4,7 +4,8 @@ Every model version gets a C++ dynamic batcher. Requests are handed to it withou
 copying (the batcher gathers them once into a pooled batch), results come back as
 views of the batch outputs. Synchronous calls block in C++ with the GIL released;
 asynchronous calls are woken through one completion queue per event loop, which the
-loop watches like a socket: one wake-up per batch, not per request.
+loop watches like a socket: one wake-up per batch, not per request. The requests of one
+turn of a loop reach their batcher together, and a batch's futures are settled in C++.
 """
 
 from __future__ import annotations
