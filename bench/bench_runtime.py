@@ -130,18 +130,28 @@ async def _closed_loop(call, callers: int, per_caller: int, x) -> None:
     await asyncio.gather(*(caller() for _ in range(callers)))
 
 
+def _time_overhead(benchmark, loop, call, x) -> float:
+    """Times 256 callers in flight through `call`; returns the median cost per request in us."""
+    benchmark.group = "overhead: 256 in flight"
+    benchmark.pedantic(lambda: loop.run_until_complete(_closed_loop(call, IN_FLIGHT, PER_CALLER, x)),
+                       rounds=7, warmup_rounds=1)
+    return benchmark.stats.stats.median / (IN_FLIGHT * PER_CALLER) * 1e6
+
+
+def _conveyor_overhead(benchmark, loop, rt, model: str, x) -> tuple[float, float]:
+    """_time_overhead through rt.infer_async; (us per request, mean batch size)."""
+    handle = rt.model(model)
+    per_request_us = _time_overhead(benchmark, loop, lambda inputs: rt.infer_async(handle, inputs), x)
+    mean_batch = rt.model_stats(model)["mean_batch_size"]
+    benchmark.extra_info.update(per_request_us=per_request_us, mean_batch_size=mean_batch)
+    return per_request_us, mean_batch
+
+
 def test_overhead_conveyor(benchmark, ratio_report, loop):
-    x = np.ones((1, 4), np.float32)
     with conveyor.Runtime() as rt:
         rt.add_model("trivial", _trivial_config(), _identity)
-        call = lambda inputs: rt.infer_async("trivial", inputs)  # noqa: E731
-        benchmark.group = "overhead: 256 in flight"
-        benchmark.pedantic(lambda: loop.run_until_complete(_closed_loop(call, IN_FLIGHT, PER_CALLER, x)),
-                           rounds=7, warmup_rounds=1)
-        stats = rt.model_stats("trivial")
-    per_request_us = benchmark.stats.stats.median / (IN_FLIGHT * PER_CALLER) * 1e6
-    benchmark.extra_info.update(per_request_us=per_request_us, mean_batch_size=stats["mean_batch_size"])
-    print(f"\nconveyor: {per_request_us:.2f} us per request (goal <= 4), mean batch {stats['mean_batch_size']:.1f}")
+        per_request_us, mean_batch = _conveyor_overhead(benchmark, loop, rt, "trivial", np.ones((1, 4), np.float32))
+    print(f"\nconveyor: {per_request_us:.2f} us per request (goal <= 4), mean batch {mean_batch:.1f}")
     for shape in ("adaptive", "minimal"):
         ratio_report.candidate(f"overhead: 256 in flight ({shape} asyncio batcher)", benchmark, label="conveyor infer_async")
 
@@ -150,32 +160,20 @@ def test_overhead_conveyor_gil_free_model(benchmark, ratio_report, loop):
     with conveyor.Runtime() as rt:
         rt.add_model("tiny", {"backend": "native", "max_batch_size": 256},
                      model_dir=conveyor.example_repository() / "tiny" / "1")
-        handle = rt.model("tiny")
-        x = np.ones((1, *handle.config.inputs[0].dims), np.float32)
-        call = lambda inputs: rt.infer_async(handle, inputs)  # noqa: E731
-        benchmark.group = "overhead: 256 in flight"
-        benchmark.pedantic(lambda: loop.run_until_complete(_closed_loop(call, IN_FLIGHT, PER_CALLER, x)),
-                           rounds=7, warmup_rounds=1)
-        stats = rt.model_stats("tiny")
-    per_request_us = benchmark.stats.stats.median / (IN_FLIGHT * PER_CALLER) * 1e6
-    benchmark.extra_info.update(per_request_us=per_request_us, mean_batch_size=stats["mean_batch_size"])
-    print(f"\nconveyor, GIL-free model: {per_request_us:.2f} us per request, mean batch {stats['mean_batch_size']:.1f}")
+        x = np.ones((1, *rt.model("tiny").config.inputs[0].dims), np.float32)
+        per_request_us, mean_batch = _conveyor_overhead(benchmark, loop, rt, "tiny", x)
+    print(f"\nconveyor, GIL-free model: {per_request_us:.2f} us per request, mean batch {mean_batch:.1f}")
     ratio_report.candidate("overhead: 256 in flight, GIL-free model (minimal asyncio batcher)", benchmark,
                            label="conveyor infer_async")
 
 
 @pytest.mark.parametrize("shape", ["adaptive", "minimal"])
 def test_overhead_python_asyncio_batcher(benchmark, ratio_report, loop, shape):
-    x = np.ones((1, 4), np.float32)
     batcher = loop.run_until_complete(_make_asyncio_batcher(shape))
-    name = f"overhead: 256 in flight ({shape} asyncio batcher)"
-    benchmark.group = "overhead: 256 in flight"
-    benchmark.pedantic(lambda: loop.run_until_complete(_closed_loop(batcher.infer, IN_FLIGHT, PER_CALLER, x)),
-                       rounds=7, warmup_rounds=1)
+    per_request_us = _time_overhead(benchmark, loop, batcher.infer, np.ones((1, 4), np.float32))
     batcher.task.cancel()
-    per_request_us = benchmark.stats.stats.median / (IN_FLIGHT * PER_CALLER) * 1e6
     print(f"\n{shape} python asyncio batcher: {per_request_us:.2f} us per request")
-    ratio_report.baseline(name, benchmark, label=f"{shape} asyncio batcher")
+    ratio_report.baseline(f"overhead: 256 in flight ({shape} asyncio batcher)", benchmark, label=f"{shape} asyncio batcher")
     if shape == "minimal":
         ratio_report.baseline("overhead: 256 in flight, GIL-free model (minimal asyncio batcher)", benchmark,
                               label="minimal asyncio batcher")

@@ -285,6 +285,20 @@ def test_close_queues_and_answers_requests_submitted_but_not_yet_queued():
     assert float(answer["y"][0, 0]) == 42.0
 
 
+async def _settled(completions, futures) -> None:
+    """Resolves `completions` (a LoopCompletions driven by hand) until every future is done."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    loop.add_reader(completions.fileno(), ready.set)
+    try:
+        while not all(f.done() for f in futures):
+            await ready.wait()
+            ready.clear()
+            completions.resolve()
+    finally:
+        loop.remove_reader(completions.fileno())
+
+
 def test_held_requests_go_once_they_would_fill_half_a_batch():
     with conveyor.Runtime() as rt:
         rt.add_model("double", _config(max_batch_size=8), lambda inputs: {"y": inputs["x"] * 2})
@@ -306,13 +320,7 @@ def test_held_requests_go_once_they_would_fill_half_a_batch():
                 completions.submit(handle.batcher, _row(1), futures[-1], handle.input_names, handle.output_names,
                                    0, -1, 0, None)
                 held.append(completions.held())
-            ready = asyncio.Event()
-            loop.add_reader(completions.fileno(), ready.set)
-            while not all(f.done() for f in futures):
-                await ready.wait()
-                ready.clear()
-                completions.resolve()
-            loop.remove_reader(completions.fileno())
+            await _settled(completions, futures)
             return held, [float(f.result()["y"][0, 0]) for f in futures]
 
         held, answers = asyncio.run(scenario())
@@ -322,63 +330,53 @@ def test_held_requests_go_once_they_would_fill_half_a_batch():
     assert answers == [2.0] * 5
 
 
-def test_an_answer_that_cannot_be_made_fails_its_own_request_only():
+@pytest.fixture
+def doubling_by_hand():
+    """A runtime serving `double`, its handle, and a LoopCompletions driven by hand."""
     with conveyor.Runtime() as rt:
         rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
-        handle = rt.model("double")
-        completions = conveyor._core.LoopCompletions()
+        yield rt, rt.model("double"), conveyor._core.LoopCompletions()
 
-        async def scenario():
-            loop = asyncio.get_running_loop()
-            futures = [loop.create_future() for _ in range(3)]
-            # The middle request names an output the batch does not have.
-            for future, names in zip(futures, (handle.output_names, ("y", "z"), handle.output_names)):
-                completions.submit(handle.batcher, _row(3), future, handle.input_names, names, 0, -1, 0, None)
-            completions.flush()
-            ready = asyncio.Event()
-            loop.add_reader(completions.fileno(), ready.set)
-            while not all(f.done() for f in futures):
-                await ready.wait()
-                ready.clear()
-                completions.resolve()
-            loop.remove_reader(completions.fileno())
-            return await asyncio.gather(*futures, return_exceptions=True)
 
-        first, broken, last = asyncio.run(scenario())
+def test_an_answer_that_cannot_be_made_fails_its_own_request_only(doubling_by_hand):
+    _, handle, completions = doubling_by_hand
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        # The middle request names an output the batch does not have.
+        for future, names in zip(futures, (handle.output_names, ("y", "z"), handle.output_names)):
+            completions.submit(handle.batcher, _row(3), future, handle.input_names, names, 0, -1, 0, None)
+        completions.flush()
+        await _settled(completions, futures)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    first, broken, last = asyncio.run(scenario())
     assert float(first["y"][0, 0]) == float(last["y"][0, 0]) == 6.0
     assert isinstance(broken, conveyor.errors.InternalError)
     assert "completing the request failed: the batch has 1 outputs, the model 2" in str(broken)
 
 
-def test_a_request_cancelled_before_it_is_queued_never_reaches_the_batcher():
-    with conveyor.Runtime() as rt:
-        rt.add_model("double", _config(), lambda inputs: {"y": inputs["x"] * 2})
-        handle = rt.model("double")
-        completions = conveyor._core.LoopCompletions()
+def test_a_request_cancelled_before_it_is_queued_never_reaches_the_batcher(doubling_by_hand):
+    rt, handle, completions = doubling_by_hand
 
-        async def scenario():
-            loop = asyncio.get_running_loop()
-            futures = [loop.create_future() for _ in range(2)]
-            ids = [
-                completions.submit(handle.batcher, _row(v), f, handle.input_names, handle.output_names, 0, -1, 0, None)
-                for v, f in zip((1, 2), futures)
-            ]
-            futures[0].cancel()
-            completions.cancel(handle.batcher, ids[0])
-            assert completions.held() == 2
-            completions.flush()
-            assert completions.held() == 0
-            ready = asyncio.Event()
-            loop.add_reader(completions.fileno(), ready.set)
-            while not futures[1].done():
-                await ready.wait()
-                ready.clear()
-                completions.resolve()
-            loop.remove_reader(completions.fileno())
-            return futures[1].result(), completions.waiting()
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(2)]
+        ids = [
+            completions.submit(handle.batcher, _row(v), f, handle.input_names, handle.output_names, 0, -1, 0, None)
+            for v, f in zip((1, 2), futures)
+        ]
+        futures[0].cancel()
+        completions.cancel(handle.batcher, ids[0])
+        assert completions.held() == 2
+        completions.flush()
+        assert completions.held() == 0
+        await _settled(completions, futures[1:])
+        return futures[1].result(), completions.waiting()
 
-        answer, waiting = asyncio.run(scenario())
-        stats = rt.model_stats("double")
+    answer, waiting = asyncio.run(scenario())
+    stats = rt.model_stats("double")
     assert float(answer["y"][0, 0]) == 4.0
     assert waiting == 0
     assert stats["requests"] == 1  # the cancelled one was never queued

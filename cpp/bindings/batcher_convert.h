@@ -36,6 +36,10 @@ struct DeleteWithoutGil {
 
 // A batch's outputs as a tuple of numpy arrays.
 py::tuple outputs_to_python(const BatchOutputs& outputs);
+// What one completion of a batch delivers to Python as its error: None when it succeeded,
+// its own error, or the failure to convert the batch's outputs. The outputs are converted
+// once per batch, into `outputs` (None until then), a failure kept in `conversion_error`.
+py::object completion_error(const Completion& c, py::object& outputs, py::object& conversion_error);
 
 // infer() on a batcher or graph with the GIL released while it waits: (outputs, row_offset,
 // rows), or the completion's error raised.

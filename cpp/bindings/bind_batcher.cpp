@@ -89,6 +89,20 @@ py::tuple outputs_to_python(const BatchOutputs& outputs) {
   return arrays;
 }
 
+py::object completion_error(const Completion& c, py::object& outputs, py::object& conversion_error) {
+  if (c.code != ErrorCode::kOk) return make_exception(c.code, c.message);
+  if (outputs.is_none() && conversion_error.is_none()) {
+    try {
+      outputs = outputs_to_python(*c.outputs);
+    } catch (py::error_already_set& e) {
+      conversion_error = e.value();
+    } catch (const Error& e) {
+      conversion_error = make_exception(e.code(), e.what());
+    }
+  }
+  return conversion_error;
+}
+
 // [(batch outputs or None, [(request_id, error or None, row_offset, rows), ...]), ...]
 // A batch whose outputs cannot be converted fails its own requests with that error;
 // the other batches are unaffected. Request inputs the completions hand back are
@@ -101,23 +115,8 @@ py::list drain_to_python(CompletionQueue& queue) {
     py::object conversion_error = py::none();
     py::list done(group.size());
     for (size_t i = 0; i < group.size(); ++i) {
-      Completion& c = group[i];
-      py::object error = py::none();
-      if (c.code != ErrorCode::kOk) {
-        error = make_exception(c.code, c.message);
-      } else {
-        if (arrays.is_none() && conversion_error.is_none()) {
-          try {
-            arrays = outputs_to_python(*c.outputs);
-          } catch (py::error_already_set& e) {
-            conversion_error = e.value();
-          } catch (const Error& e) {
-            conversion_error = make_exception(e.code(), e.what());
-          }
-        }
-        error = conversion_error;
-      }
-      done[i] = py::make_tuple(c.request_id, error, c.row_offset, c.rows);
+      const Completion& c = group[i];
+      done[i] = py::make_tuple(c.request_id, completion_error(c, arrays, conversion_error), c.row_offset, c.rows);
     }
     out.append(py::make_tuple(arrays, done));
   }

@@ -238,21 +238,7 @@ class LoopCompletions {
         if (it == entries_.end()) continue;
         const Entry entry = std::move(it->second);
         entries_.erase(it);
-        py::object error = py::none();
-        if (c.code != ErrorCode::kOk) {
-          error = make_exception(c.code, c.message);
-        } else {
-          if (outputs.is_none() && conversion_error.is_none()) {
-            try {
-              outputs = outputs_to_python(*c.outputs);
-            } catch (py::error_already_set& e) {
-              conversion_error = e.value();
-            } catch (const Error& e) {
-              conversion_error = make_exception(e.code(), e.what());
-            }
-          }
-          error = conversion_error;
-        }
+        const py::object error = completion_error(c, outputs, conversion_error);
         if (!entry.extra.is_none()) {
           back.append(py::make_tuple(entry.future, entry.extra, error, c.row_offset, c.rows));
         } else {
