@@ -189,7 +189,13 @@ class LoopCompletions {
       std::vector<uint64_t> ids;
       ids.reserve(group.size());
       for (const Batcher::Queued& q : group) ids.push_back(q.id);
-      const std::vector<Batcher::Outcome> outcomes = batcher->submit_each(std::move(group));
+      std::vector<Batcher::Outcome> outcomes;
+      try {
+        outcomes = batcher->submit_each(std::move(group));
+      } catch (const std::bad_alloc&) {  // the outcomes are lost: every future of the group fails
+        outcomes.assign(ids.size(), Batcher::Outcome{0, ErrorCode::kOutOfMemory,
+                                                     "queueing the request ran out of memory"});
+      }
       for (size_t k = 0; k < outcomes.size(); ++k) {
         if (outcomes[k].id != 0) continue;
         auto it = entries_.find(ids[k]);
