@@ -9,9 +9,9 @@
 //
 // Requests to a batcher are held, not queued one by one: flush() (which the loop runs once
 // the callbacks of the turn that submitted them have run) queues them together, each
-// model's with one lock and one wake-up, so that the requests of one turn can form one
-// batch. Held requests that would fill half of the model's largest batch go at once: an
-// instance starts on them while the loop reads the rest of its turn.
+// model's with one lock and one wake-up (submit_round), so that the requests of one turn can
+// form one batch. Held requests that would fill half of the model's largest batch go at once
+// (Batcher::round_flush_size): an instance starts on them while the loop reads the rest.
 //
 // Everything here runs with the GIL held, on the loop's thread (close() may flush from
 // another thread, also with the GIL): the GIL is the lock of the tables below.
@@ -134,76 +134,59 @@ class LoopCompletions {
       if (arrays.is_none()) return 0;
     }
     if (!target.is(last_target_)) {  // one model's requests come in runs: its C++ object, looked up once
-      last_batcher_ = py::isinstance<Batcher>(target) ? &target.cast<Batcher&>() : nullptr;
+      last_batcher_ = py::isinstance<Batcher>(target) ? target.cast<std::shared_ptr<Batcher>>() : nullptr;
       last_graph_ = last_batcher_ == nullptr ? &target.cast<Graph&>() : nullptr;
       last_target_ = py::reinterpret_borrow<py::object>(target);
-      if (last_batcher_ != nullptr) {
-        flush_at_ = static_cast<size_t>(std::max<int64_t>(1, last_batcher_->options().max_batch_size / 2));
-      }
     }
     uint64_t id = 0;
     if (last_batcher_ != nullptr) {
       Batcher::Queued queued{hold_request_inputs(last_batcher_->options().inputs, arrays.cast<py::tuple>()), queue_,
                              priority, timeout_us, mirror_tag, Batcher::reserve_request_id()};
       id = queued.id;
-      held_.push_back(Held{last_target_, last_batcher_, std::move(queued)});
-      entries_.emplace(id, Entry{std::move(future), std::move(output_names), std::move(extra)});
-      // Once the held requests would fill half a batch they go: an instance starts on them
-      // while the loop reads the rest of its turn (a model that does not batch: at once).
-      if (held_.size() >= flush_at_) flush();
-      return id;
+      held_.emplace_back(last_batcher_, std::move(queued));
     } else {
       id = last_graph_->submit(hold_request_inputs(last_graph_->options().inputs, arrays.cast<py::tuple>()), queue_,
                                priority, timeout_us, mirror_tag);
     }
     // The GIL is held from here to flush() and resolve(), which need it too: the entry is
-    // in place before its request can complete.
+    // in place before its request is queued, let alone completed.
     entries_.emplace(id, Entry{std::move(future), std::move(output_names), std::move(extra)});
+    if (last_batcher_ != nullptr && held_.size() >= last_batcher_->round_flush_size()) flush();
     return id;
   }
 
-  // Queues the held requests, each model's together (one lock and one wake-up of its
-  // batcher, so that they can form one batch). A request the batcher refuses (its shape,
-  // a full queue) fails its future with the reason.
+  // Queues the held requests, each model's together (submit_round). A request the batcher
+  // refuses (its shape, a full queue) fails its future with the reason.
   void flush() {
     if (held_.empty()) return;
-    std::vector<Held> held;
+    std::vector<std::pair<std::shared_ptr<Batcher>, Batcher::Queued>> held;  // the batchers live until queued
     held.swap(held_);
-    std::vector<bool> taken(held.size(), false);
-    for (size_t first = 0; first < held.size(); ++first) {
-      if (taken[first]) continue;
-      Batcher* batcher = held[first].batcher;
-      const py::object keep_alive = held[first].target;  // the batcher lives until its requests are queued
-      std::vector<Batcher::Queued> group;
-      for (size_t i = first; i < held.size(); ++i) {
-        if (taken[i] || held[i].batcher != batcher) continue;
-        taken[i] = true;
-        auto it = entries_.find(held[i].queued.id);
-        if (it == entries_.end()) continue;
-        if (it->second.cancelled) {  // its caller was cancelled before it was queued
-          entries_.erase(it);
-          continue;
-        }
-        group.push_back(std::move(held[i].queued));
-      }
-      std::vector<uint64_t> ids;
-      ids.reserve(group.size());
-      for (const Batcher::Queued& q : group) ids.push_back(q.id);
-      std::vector<Batcher::Outcome> outcomes;
-      try {
-        outcomes = batcher->submit_each(std::move(group));
-      } catch (const std::bad_alloc&) {  // the outcomes are lost: every future of the group fails
-        outcomes.assign(ids.size(), Batcher::Outcome{0, ErrorCode::kOutOfMemory,
-                                                     "queueing the request ran out of memory"});
-      }
-      for (size_t k = 0; k < outcomes.size(); ++k) {
-        if (outcomes[k].id != 0) continue;
-        auto it = entries_.find(ids[k]);
-        if (it == entries_.end()) continue;
-        const Entry entry = std::move(it->second);
+    std::vector<std::pair<Batcher*, Batcher::Queued>> round;
+    round.reserve(held.size());
+    for (auto& [batcher, queued] : held) {
+      auto it = entries_.find(queued.id);
+      if (it != entries_.end() && it->second.cancelled) {  // its caller was cancelled before it was queued
         entries_.erase(it);
-        fail(entry.future.ptr(), make_exception(outcomes[k].code, outcomes[k].message));
+        continue;
       }
+      round.emplace_back(batcher.get(), std::move(queued));
+    }
+    std::vector<uint64_t> ids;
+    ids.reserve(round.size());
+    for (const auto& request : round) ids.push_back(request.second.id);
+    std::vector<Batcher::Outcome> outcomes;
+    try {
+      outcomes = submit_round(std::move(round));
+    } catch (const std::bad_alloc&) {  // the outcomes are lost: every held future fails
+      outcomes.assign(ids.size(), Batcher::Outcome{0, ErrorCode::kOutOfMemory, "queueing the request ran out of memory"});
+    }
+    for (size_t k = 0; k < outcomes.size(); ++k) {
+      if (outcomes[k].id != 0) continue;
+      auto it = entries_.find(ids[k]);
+      if (it == entries_.end()) continue;
+      const Entry entry = std::move(it->second);
+      entries_.erase(it);
+      fail(entry.future.ptr(), make_exception(outcomes[k].code, outcomes[k].message));
     }
   }
 
@@ -212,8 +195,8 @@ class LoopCompletions {
   void cancel(py::handle target, uint64_t id) {
     auto it = entries_.find(id);
     if (it == entries_.end()) return;
-    for (const Held& h : held_) {
-      if (h.queued.id == id) {
+    for (const auto& [batcher, queued] : held_) {
+      if (queued.id == id) {  // not queued yet: flush() leaves it out
         it->second.cancelled = true;
         return;
       }
@@ -263,11 +246,6 @@ class LoopCompletions {
     py::object extra;        // None: settled here
     bool cancelled = false;  // before flush() queued it
   };
-  struct Held {
-    py::object target;  // the Python Batcher, keeping `batcher` alive
-    Batcher* batcher;
-    Batcher::Queued queued;
-  };
 
   // One request's future: its outputs, or its error. Never throws: whatever goes wrong
   // settling one future (a result that cannot be made) fails that future alone.
@@ -302,11 +280,11 @@ class LoopCompletions {
   // The target of the last submit and its C++ object (a reference that keeps an unloaded
   // model's stopped batcher until the next submit names another).
   py::object last_target_;
-  Batcher* last_batcher_ = nullptr;
+  std::shared_ptr<Batcher> last_batcher_;
   Graph* last_graph_ = nullptr;
-  size_t flush_at_ = 1;  // held requests that make submit() flush: half the last batcher's max batch
   std::unordered_map<uint64_t, Entry> entries_;  // by request id; touched with the GIL held
-  std::vector<Held> held_;                       // submitted, not queued yet; touched with the GIL held
+  // Submitted, not queued yet, in order; touched with the GIL held.
+  std::vector<std::pair<std::shared_ptr<Batcher>, Batcher::Queued>> held_;
 };
 
 // LoopCompletions.submit as a plain CPython fast call: pybind11's dispatcher costs about

@@ -379,6 +379,30 @@ std::vector<Batcher::Outcome> Batcher::submit_each(std::vector<Queued> requests)
   return outcomes;
 }
 
+size_t Batcher::round_flush_size() const noexcept {
+  return static_cast<size_t>(std::max<int64_t>(1, options_.max_batch_size / 2));
+}
+
+std::vector<Batcher::Outcome> submit_round(std::vector<std::pair<Batcher*, Batcher::Queued>> round) {
+  std::vector<Batcher::Outcome> outcomes(round.size());
+  std::vector<char> taken(round.size(), 0);
+  for (size_t first = 0; first < round.size(); ++first) {
+    if (taken[first]) continue;
+    Batcher* batcher = round[first].first;
+    std::vector<size_t> positions;  // the round's requests for this batcher, in order
+    std::vector<Batcher::Queued> group;
+    for (size_t i = first; i < round.size(); ++i) {
+      if (taken[i] || round[i].first != batcher) continue;
+      taken[i] = 1;
+      positions.push_back(i);
+      group.push_back(std::move(round[i].second));
+    }
+    std::vector<Batcher::Outcome> answered = batcher->submit_each(std::move(group));
+    for (size_t k = 0; k < positions.size(); ++k) outcomes[positions[k]] = std::move(answered[k]);
+  }
+  return outcomes;
+}
+
 Completion Batcher::infer(std::vector<Tensor> inputs, int priority, int64_t timeout_us) {
   auto waiter = std::make_shared<CompletionWaiter>();
   submit(std::move(inputs), waiter, priority, timeout_us);

@@ -1189,36 +1189,25 @@ void HttpFrontend::Core::submit_staged() {
   flush_posted = false;
   std::vector<Staged> work;
   work.swap(staged);
-  std::vector<char> done(work.size(), 0);
-  for (size_t first = 0; first < work.size(); ++first) {
-    if (done[first]) continue;
-    // Every request of this round for the model of work[first], in arrival order.
-    const std::shared_ptr<const FrontendModel> model = work[first].model;
-    std::vector<size_t> group;
-    std::vector<Batcher::Queued> queued;
-    for (size_t i = first; i < work.size(); ++i) {
-      if (done[i] || work[i].model != model) continue;
-      done[i] = 1;
-      group.push_back(i);
-      queued.push_back(std::move(work[i].queued));
-    }
-    std::vector<Batcher::Outcome> outcomes = model->batcher->submit_each(std::move(queued));
-    for (size_t k = 0; k < group.size(); ++k) {
-      Staged& s = work[group[k]];
-      const Batcher::Outcome& outcome = outcomes[k];
-      if (outcome.id != 0) {
-        // The completion is posted to this thread, so it cannot run before this insert.
-        pending.emplace(outcome.id, std::move(s.pending));
-      } else if (outcome.code == ErrorCode::kQueueFull || outcome.code == ErrorCode::kOutOfMemory) {
-        s.pending.session->answering_inference();
-        s.pending.session->respond(error_response(status_for(outcome.code), outcome.message));
-      } else {
-        in_flight.fetch_sub(1, std::memory_order_relaxed);  // the server behind answers it now
-        // Invalid, or a version swapped out by a reload between the lookup and the submit
-        // (its batcher stopping): behind, which words the refusal or serves the new version.
-        s.request.body() = s.body.use_count() == 1 ? std::move(*s.body) : *s.body;
-        s.pending.session->forward(std::move(s.request));
-      }
+  std::vector<std::pair<Batcher*, Batcher::Queued>> round;
+  round.reserve(work.size());
+  for (Staged& s : work) round.emplace_back(s.model->batcher.get(), std::move(s.queued));
+  const std::vector<Batcher::Outcome> outcomes = submit_round(std::move(round));  // work holds the models
+  for (size_t i = 0; i < work.size(); ++i) {
+    Staged& s = work[i];
+    const Batcher::Outcome& outcome = outcomes[i];
+    if (outcome.id != 0) {
+      // The completion is posted to this thread, so it cannot run before this insert.
+      pending.emplace(outcome.id, std::move(s.pending));
+    } else if (outcome.code == ErrorCode::kQueueFull || outcome.code == ErrorCode::kOutOfMemory) {
+      s.pending.session->answering_inference();
+      s.pending.session->respond(error_response(status_for(outcome.code), outcome.message));
+    } else {
+      in_flight.fetch_sub(1, std::memory_order_relaxed);  // the server behind answers it now
+      // Invalid, or a version swapped out by a reload between the lookup and the submit
+      // (its batcher stopping): behind, which words the refusal or serves the new version.
+      s.request.body() = s.body.use_count() == 1 ? std::move(*s.body) : *s.body;
+      s.pending.session->forward(std::move(s.request));
     }
   }
 }

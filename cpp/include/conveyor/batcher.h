@@ -147,6 +147,10 @@ class Batcher {
   // the others out, and when the queue has room for only some, the first ones are queued
   // and the rest refused with kQueueFull. Never throws for a request's sake.
   std::vector<Outcome> submit_each(std::vector<Queued> requests);
+  // How many requests a submitter holding them back (to queue a round together) should
+  // queue without waiting for the round's end: half of the largest batch (1 for a model
+  // that does not batch), so that an instance starts on them while the rest arrive.
+  size_t round_flush_size() const noexcept;
   // submit() and block until the completion arrives.
   Completion infer(std::vector<Tensor> inputs, int priority = 0, int64_t timeout_us = -1);
   // Drops a queued request and completes it with kCancelled; false when it is no longer
@@ -276,5 +280,10 @@ class Batcher {
   struct Counters;
   std::unique_ptr<Counters> counters_;
 };
+
+// Queues a round of requests bound for several batchers: each batcher's with one
+// submit_each (one lock and one wake-up, so that they can form one batch), in the order
+// given. Returns the requests' outcomes in that order. Each batcher must outlive the call.
+std::vector<Batcher::Outcome> submit_round(std::vector<std::pair<Batcher*, Batcher::Queued>> round);
 
 }  // namespace conveyor
