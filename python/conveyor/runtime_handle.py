@@ -170,7 +170,10 @@ def _batch_executor(backends: list[Backend], steps: ModelSteps | None) -> Callab
         # Called by the batcher's instance thread, GIL held, once per batch.
         backend = backends[instance if len(backends) > 1 else 0]
         outputs = backend.execute(list(inputs) if steps is None else steps.backend_inputs(inputs, instance))
-        return [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
+        for output in outputs:
+            if not output.flags.c_contiguous:
+                return [np.ascontiguousarray(o) for o in outputs]
+        return outputs
 
     return execute
 
