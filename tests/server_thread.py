@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import urllib.request
+from collections import Counter
 from typing import Any
 
 from conveyor.server.serve import ServeOptions, Server
@@ -53,6 +56,17 @@ class ServerThread:
     def port(self) -> int:
         assert self.server is not None
         return self.server.http_port
+
+    def rollout_requests(self, model: str) -> Counter[tuple[str, str]]:
+        """`model`'s conveyor_rollout_requests_total by (version, routing), read from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=TIMEOUT_S) as answer:
+            text = answer.read().decode()
+        counts: Counter[tuple[str, str]] = Counter()
+        for line in text.splitlines():
+            if line.startswith("conveyor_rollout_requests_total{") and f'model="{model}"' in line:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                counts[labels["version"], labels["routing"]] += int(float(line.rsplit(" ", 1)[1]))
+        return counts
 
     def stop(self) -> None:
         assert self.server is not None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     if not native_grpc_available():
         pytest.skip("conveyor was built without gRPC C++: the native gRPC front end is absent")
     root = tmp_path_factory.mktemp("native-grpc-repo")
-    for name in ("tiny", "churn"):
+    for name in ("tiny", "churn", "rollout_demo"):
         shutil.copytree(EXAMPLES / name, root / name)
     thread = ServerThread(ServeOptions(
         repository=root, http_port=0, grpc_port=free_port(), data_dir=root / "data", model_control_mode="explicit",
@@ -302,6 +304,35 @@ def test_the_table_follows_unloads_and_loads(served: ServerThread, python_calls:
     client.load_model("tiny")
     _call(served, _tiny_request())
     assert python_calls == ["tiny"]  # native again
+
+
+@needs_native
+def test_an_ended_rollout_s_outcome_is_answered_here_and_counted(served: ServerThread, python_calls: list[str]) -> None:
+    client = grpcclient.InferenceServerClient(_address(served))
+    client.load_model("rollout_demo")  # its [rollout] starts: Python routes its calls
+    request = pb.ModelInferRequest(model_name="rollout_demo")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
+    assert _call(served, request).parameters["rollout"].string_param
+    assert python_calls == ["rollout_demo"]
+    # Aborted, version 1 (not the latest, 2) answers: here, counted in the rollout's counters.
+    abort = urllib.request.Request(f"http://127.0.0.1:{served.port}/v2/models/rollout_demo/rollout/abort",
+                                   data=b'{"reason": "test"}', method="POST")
+    with urllib.request.urlopen(abort, timeout=30) as answer:
+        assert answer.status == 200
+    counted = served.rollout_requests("rollout_demo")
+    response = _call(served, request)
+    assert response.model_version == "1" and "rollout" not in response.parameters
+    named = pb.ModelInferRequest()
+    named.CopyFrom(request)
+    named.model_version = "1"
+    assert _call(served, named).model_version == "1"
+    assert python_calls == ["rollout_demo"]
+    assert served.rollout_requests("rollout_demo") == counted + Counter({("1", "routed"): 1, ("1", "named"): 1})
+    named.model_version = "2"  # another version: Python's
+    assert _call(served, named).model_version == "2"
+    assert python_calls == ["rollout_demo"] * 2
+    client.unload_model("rollout_demo")
 
 
 @needs_native

@@ -13,6 +13,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,13 +262,25 @@ def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, pyth
     status, body = _infer(port, "rollout_demo", "x", 8)
     assert status == 200 and body["parameters"]["rollout"]
     assert python_answers[-1] == "rollout_demo"
-    # An ended rollout still picks the version (its outcome, 1, not the latest, 2): Python again.
+    # An ended rollout leaves its outcome answering (version 1, not the latest, 2): natively,
+    # counted in the rollout's counters as Python counts it.
     status, _ = _post(port, "/v2/models/rollout_demo/rollout/abort", {"reason": "test"})
     assert status == 200
+    answered_by_python = len(python_answers)
+    counted = served.rollout_requests("rollout_demo")
     status, body = _infer(port, "rollout_demo", "x", 8)
     assert status == 200 and "parameters" not in body and body["model_version"] == "1"
-    assert python_answers[-1] == "rollout_demo"
-    # Unloaded, it leaves the rollout; loaded again, with no [rollout] started, it is native.
+    status, body = _post(port, "/v2/models/rollout_demo/versions/1/infer", {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [0.0] * 8}]})  # fmt: skip
+    assert status == 200 and body["model_version"] == "1"
+    assert len(python_answers) == answered_by_python
+    assert served.rollout_requests("rollout_demo") == counted + Counter({("1", "routed"): 1, ("1", "named"): 1})
+    # Another version, and the model's metadata (the latest version's), are Python's.
+    status, body = _post(port, "/v2/models/rollout_demo/versions/2/infer", {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [0.0] * 8}]})  # fmt: skip
+    assert status == 200 and body["model_version"] == "2" and python_answers[-1] == "rollout_demo"
+    status, text = _get(port, "/v2/models/rollout_demo")
+    assert status == 200 and json.loads(text)["versions"][-1] == "2"
 
 
 @pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "python", reason="already the Python run")

@@ -244,6 +244,43 @@ def test_one_rollout_per_model(runtime):
         traffic.attach(_controller(RouteTable.canary(1, 2, 10, salt="s")), shadow_queue_size=0)
 
 
+@dataclass
+class _ListenedController(FakeController):
+    """A controller that tells listeners of each new route table, as the rollout controller does."""
+
+    routing_listeners: list = field(default_factory=list)
+
+
+def test_each_new_route_table_reaches_the_change_listeners(runtime):
+    """A native front end re-reads what it may serve at every step, switch and end."""
+    traffic = RolloutTraffic(runtime)
+    heard: list[str] = []
+    traffic.change_listeners.append(heard.append)
+    controller = _ListenedController(MODEL, RolloutVersions(1, (2,)), Router(RouteTable.canary(1, 2, 10, salt="s")))
+    traffic.attach(controller)
+    assert heard == [MODEL]
+    table = RouteTable.weighted([(1, 100.0)], salt="s")
+    controller.router, controller.active = Router(table), False
+    for listener in list(controller.routing_listeners):
+        listener(table)
+    assert heard == [MODEL, MODEL]
+    traffic.detach(MODEL)
+    assert heard == [MODEL] * 3 and controller.routing_listeners == []
+
+
+def test_native_counts_are_one_per_version_and_join_the_counters(runtime):
+    traffic = RolloutTraffic(runtime)
+    with pytest.raises(ModelNotFound, match="has no rollout attached"):
+        traffic.native_counts(MODEL, 1)
+    traffic.attach(_controller(RouteTable.canary(1, 2, 100, salt="s"), active=False, serving_version=1))
+    counts = traffic.native_counts(MODEL, 1)
+    assert traffic.native_counts(MODEL, 1) is counts and traffic.native_counts(MODEL, 2) is not counts
+    assert (counts.routed, counts.named) == (0, 0)
+    asyncio.run(_serve(traffic, 3))
+    # Nothing answered natively yet: the rows are Python's alone, and versions at 0 are left out.
+    assert traffic.counters()[MODEL]["requests"] == [{"version": 1, "arm": "champion", "routing": "routed", "count": 3}]
+
+
 # ---- shadow ------------------------------------------------------------------------------
 
 

@@ -36,11 +36,13 @@ void init_grpc_frontend(py::module_& m) {
       .def_property_readonly("port", &GrpcFrontend::port)
       .def(
           "add_model",
-          [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher) {
-            f.add_model({std::move(name), version, std::move(batcher), {}});
+          [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher,
+             std::shared_ptr<RolloutCounts> counts) {
+            f.add_model({std::move(name), version, std::move(batcher), {}, std::move(counts)});
           },
-          py::arg("name"), py::arg("version"), py::arg("batcher"),
-          "Serve the model's ModelInfer calls natively (replacing the version of that name served before).")
+          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("counts") = nullptr,
+          "Serve the model's ModelInfer calls natively (replacing the version of that name served before). "
+          "`counts`: where the requests answered here are counted (a RolloutCounts), or None.")
       .def("remove_model", &GrpcFrontend::remove_model, py::arg("name"), "Relay the model's calls from now on.")
       .def("drain", &GrpcFrontend::drain, "Relay inference calls from now on (the server behind refuses them).")
       .def_property_readonly("in_flight", &GrpcFrontend::in_flight)

@@ -18,6 +18,14 @@ std::chrono::steady_clock::duration seconds(double s) {
 }  // namespace
 
 void init_http_frontend(py::module_& m) {
+  // Shared by both native front ends (the gRPC one's bindings come after these).
+  py::class_<RolloutCounts, std::shared_ptr<RolloutCounts>>(
+      m, "RolloutCounts",
+      "The requests native front ends answered for a model whose rollout has ended: `routed` (naming no "
+      "version) and `named` (naming the version served). The rollout's traffic counters add them to their own.")
+      .def(py::init<>())
+      .def_property_readonly("routed", [](const RolloutCounts& c) { return c.routed.load(std::memory_order_relaxed); })
+      .def_property_readonly("named", [](const RolloutCounts& c) { return c.named.load(std::memory_order_relaxed); });
   py::class_<HttpFrontend, std::shared_ptr<HttpFrontend>>(
       m, "HttpFrontend",
       "The native HTTP/1.1 data plane: v2 inference on its own I/O thread; every other request is forwarded to "
@@ -48,11 +56,14 @@ void init_http_frontend(py::module_& m) {
       .def_property_readonly("port", &HttpFrontend::port)
       .def(
           "add_model",
-          [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher,
-             std::string metadata) { f.add_model({std::move(name), version, std::move(batcher), std::move(metadata)}); },
-          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "",
+          [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher, std::string metadata,
+             std::shared_ptr<RolloutCounts> counts) {
+            f.add_model({std::move(name), version, std::move(batcher), std::move(metadata), std::move(counts)});
+          },
+          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "", py::arg("counts") = nullptr,
           "Serve the model's inference natively (replacing the version of that name served before), and its "
-          "readiness and, when `metadata` (the body of its metadata route) is given, its metadata.")
+          "readiness and, when `metadata` (the body of its metadata route) is given, its metadata. `counts`: "
+          "where the requests answered here are counted (a RolloutCounts), or None.")
       .def("serve_health", &HttpFrontend::serve_health, py::arg("server_metadata"),
            "The server has started: answer liveness, GET /v2 (with this body) and the metadata and readiness of "
            "the models served here from now on.")

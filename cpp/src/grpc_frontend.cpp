@@ -218,10 +218,13 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
   return grpc::Status::OK;
 }
 
+// Counts the request on its model once its batcher took it (a refusal the caller answers
+// here is counted by the caller).
 void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint64_t* batcher_id) {
   *batcher_id = r.model->batcher->submit(std::move(r.tensors), std::move(sink),
                                          static_cast<int>(std::min<int64_t>(r.priority, INT32_MAX)),
                                          r.timeout_us > 0 ? r.timeout_us : -1);
+  r.model->count(!r.message->model_version().empty());
 }
 
 // One call on the public port (ModelStreamInfer aside: StreamCall). Its first message is
@@ -346,6 +349,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
     } catch (const Error& e) {
       core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
       if (e.code() == ErrorCode::kQueueFull || e.code() == ErrorCode::kOutOfMemory) {
+        request_.model->count(!request_.message->model_version().empty());
         Finish(grpc::Status(grpc_code_for(e.code()), e.what()));
         return true;
       }

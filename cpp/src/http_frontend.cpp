@@ -374,6 +374,7 @@ struct PendingRequest {
   std::vector<OutputChoice> outputs;
   std::string accept_encoding;  // the request's Accept-Encoding, when it had one
   bool has_accept_encoding = false;
+  bool named_version = false;  // the path named the version
 };
 
 struct HttpFrontend::Core {
@@ -406,7 +407,8 @@ struct HttpFrontend::Core {
   void accept();
   void handle(const std::shared_ptr<Session>& session, Request&& request);
   // Serves an inference request, or forwards it when it asks for what this front end does not do.
-  void infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model, Request&& request);
+  void infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model, bool named_version,
+             Request&& request);
   bool authorized(const Request& request) const;
   void complete(std::vector<Completion>&& done);
   // Hands the requests staged in this round of reads to their batchers, a group per model.
@@ -874,8 +876,9 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
   // /v2/models/{model}[/versions/{version}]/<action>, for the version served here.
   std::shared_ptr<const FrontendModel> model;
   std::string_view action;
+  bool versioned = false;
   if (parts.size() >= 3 && parts.size() <= 6 && parts[1] == "models") {
-    const bool versioned = parts.size() >= 5 && parts[3] == "versions";
+    versioned = parts.size() >= 5 && parts[3] == "versions";
     const size_t action_at = versioned ? 5 : 3;
     if (parts.size() <= action_at + 1 && (versioned || parts.size() <= 4)) {
       model = find(parts[2]);
@@ -889,7 +892,7 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
         !authorized(request)) {
       return session->forward(std::move(request));
     }
-    return infer(session, std::move(model), std::move(request));
+    return infer(session, std::move(model), versioned, std::move(request));
   }
   if (request.method() == http::verb::get && started.load(std::memory_order_acquire)) {
     // Health and metadata, answered as the Python front end answers them once the server has
@@ -1008,7 +1011,7 @@ int64_t schedule_parameter(const json::object* parameters, std::string_view key,
 }  // namespace
 
 void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model,
-                               Request&& request) {
+                               bool named_version, Request&& request) {
   std::vector<uint8_t>& raw = request.body();
   size_t json_bytes = raw.size();
   if (auto field = request.find(kHeaderLength); field != request.end()) {
@@ -1041,7 +1044,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
   // The body's buffer moves, not its bytes: views into it stay valid.
   auto body = std::make_shared<std::vector<uint8_t>>(std::move(raw));
   try {
-    PendingRequest pending_request{session, model, {}, {}, {}, false};
+    PendingRequest pending_request{session, model, {}, {}, {}, false, named_version};
     if (auto accept = request.find(http::field::accept_encoding); accept != request.end()) {
       pending_request.accept_encoding = std::string(accept->value());
       pending_request.has_accept_encoding = true;
@@ -1197,9 +1200,11 @@ void HttpFrontend::Core::submit_staged() {
     Staged& s = work[i];
     const Batcher::Outcome& outcome = outcomes[i];
     if (outcome.id != 0) {
+      s.model->count(s.pending.named_version);
       // The completion is posted to this thread, so it cannot run before this insert.
       pending.emplace(outcome.id, std::move(s.pending));
     } else if (outcome.code == ErrorCode::kQueueFull || outcome.code == ErrorCode::kOutOfMemory) {
+      s.model->count(s.pending.named_version);
       s.pending.session->answering_inference();
       s.pending.session->respond(error_response(status_for(outcome.code), outcome.message));
     } else {

@@ -146,7 +146,7 @@ struct Served {
   explicit Served(HttpFrontendOptions options = {}) : batcher(make_batcher()) {
     options.fallback_port = behind.port();
     frontend = std::make_unique<HttpFrontend>(options);
-    frontend->add_model({"double", 1, batcher, {}});
+    frontend->add_model({"double", 1, batcher, {}, {}});
   }
   FallbackServer behind;
   std::shared_ptr<Batcher> batcher;
@@ -158,7 +158,7 @@ struct Served {
 TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}});
   constexpr int kThreads = 8, kRequests = 100;
   std::atomic<int> wrong{0};
   std::vector<std::thread> clients;
@@ -183,7 +183,7 @@ TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answe
 TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}});
   Client client(frontend.port());
   auto res = client.send(http::verb::post, "/v2/models/double/versions/1/infer",
                          R"({"id":"r-1","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1.5,-2]}]})");
@@ -308,7 +308,7 @@ TEST_CASE("http_frontend: a request in its batcher when the front end drains is 
     return doubled(batch);
   }, MemoryPool::default_host());
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}});
   http::response<http::string_body> res;
   std::thread client([&] {
     Client c(frontend.port());

@@ -2,6 +2,7 @@
 // the API key check.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -17,6 +18,14 @@ namespace conveyor {
 
 class Batcher;
 
+// The requests a native front end answered for a model whose rollout has ended (the
+// rollout's traffic counters add them to their own): those naming no version (routed to
+// the rollout's outcome) and those naming the version. Shared by every front end serving it.
+struct RolloutCounts {
+  std::atomic<uint64_t> routed{0};
+  std::atomic<uint64_t> named{0};
+};
+
 // A model version served natively: requests naming the model (and no version, or this
 // one) go to `batcher`. Its tensors must be host tensors of fixed-size datatypes.
 struct FrontendModel {
@@ -26,6 +35,13 @@ struct FrontendModel {
   // The body of GET /v2/models/{name}[/versions/{version}] (the server behind's answer,
   // rendered by it); empty: that route is forwarded.
   std::string metadata;
+  // Where the requests answered here are counted; null: they are not.
+  std::shared_ptr<RolloutCounts> counts;
+
+  // Counts one request answered here (`named`: it named the version).
+  void count(bool named) const {
+    if (counts) (named ? counts->named : counts->routed).fetch_add(1, std::memory_order_relaxed);
+  }
 };
 
 // The models a native front end serves, by name: looked up from its threads, changed from

@@ -262,6 +262,9 @@ class _Rollout:
         self.notify_unavailable = _unavailable_notifier(controller)
         self.routed: defaultdict[int, int] = defaultdict(int)  # version -> requests the router (or serving_version) sent it
         self.named: defaultdict[int, int] = defaultdict(int)  # version -> requests naming it
+        # version -> the requests native front ends answered once the rollout ended (`native_counts`)
+        self.native: dict[int, Any] = {}
+        self.on_routing: Callable[[Any], None] | None = None  # tells the listeners of each new route table
         self.fallbacks = 0  # routed to a version that was not loaded: answered by the champion
         # Copies that never reached a mirror (the challenger not loaded, or not taking the
         # champion's inputs); the mirrors count the rest.
@@ -352,6 +355,9 @@ class RolloutTraffic:
         # Graphs whose steps run this model follow the rollout's split too (none copy to a shadow).
         listeners = getattr(controller, "routing_listeners", None)
         if listeners is not None:
+            # A new table (a step, a switch, the end) may change what a native front end can serve.
+            self._rollouts[model].on_routing = lambda table: self._notify(model)
+            listeners.append(self._rollouts[model].on_routing)
             runtime = self.runtime
 
             def route_graph_steps(table: Any) -> None:  # a deploy.router.RouteTable
@@ -374,6 +380,8 @@ class RolloutTraffic:
         if entry.route_graph_steps is not None:
             entry.controller.routing_listeners.remove(entry.route_graph_steps)
             self.runtime.route_graph_steps(model, None)
+        if entry.on_routing is not None:
+            entry.controller.routing_listeners.remove(entry.on_routing)
         entry.attached = False
         self._unlink(entry)
         if entry.retired:
@@ -387,6 +395,19 @@ class RolloutTraffic:
         """The controller attached to `model`, or None."""
         entry = self._rollouts.get(model)
         return None if entry is None else entry.controller
+
+    def native_counts(self, model: str, version: int) -> Any:
+        """Where native front ends count the requests they answer with `version` of `model`
+        once its rollout has ended (a `_core.RolloutCounts`, one per version, shared by every
+        front end); `counters()` adds them to the rollout's own. ModelNotFound when no
+        rollout is attached to `model`."""
+        entry = self._rollouts.get(model)
+        if entry is None:
+            raise ModelNotFound(f"model '{model}' has no rollout attached (attached: {sorted(self._rollouts) or 'none'})")
+        counts = entry.native.get(version)
+        if counts is None:
+            counts = entry.native[version] = _core.RolloutCounts()
+        return counts
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -716,8 +737,14 @@ class RolloutTraffic:
         for model, entry in self._rollouts.items():
             versions = entry.controller.versions
             rows = []
-            for routing, counts in (("routed", entry.routed), ("named", entry.named)):
+            routed, named = Counter(entry.routed), Counter(entry.named)
+            for version, native in list(entry.native.items()):
+                routed[version] += native.routed
+                named[version] += native.named
+            for routing, counts in (("routed", routed), ("named", named)):
                 for version, count in sorted(counts.items()):
+                    if not count:
+                        continue
                     arm = "champion" if version == versions.champion else "challenger" if version in versions.challengers else "other"
                     rows.append({"version": version, "arm": arm, "routing": routing, "count": count})
             out[model] = {"rollout": entry.name, "requests": rows, "fallbacks": entry.fallbacks, "shadow": _shadow_counts(entry)}

@@ -60,8 +60,8 @@ class NativeGrpcFrontend(NativeModels):
         self.port = self._frontend.port
         self.follow()
 
-    def _serve(self, name: str, handle: ModelHandle) -> None:
-        self._frontend.add_model(name, handle.version, handle.batcher)
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
+        self._frontend.add_model(name, handle.version, handle.batcher, counts)
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)

@@ -65,12 +65,15 @@ class NativeHttpFrontend(NativeModels):
         self.port = self._frontend.port
         self.follow()
 
-    def _serve(self, name: str, handle: ModelHandle) -> None:
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
         try:
-            metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version)))
+            # The body answers the model's route too, so only for the version the route shows
+            # (the version policy's, which an ended rollout's outcome need not be).
+            latest = self.runtime.model(name) is handle
+            metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version))) if latest else ""
         except ConveyorError:  # unloaded meanwhile: the next refresh removes it
             metadata = ""
-        self._frontend.add_model(name, handle.version, handle.batcher, metadata)
+        self._frontend.add_model(name, handle.version, handle.batcher, metadata, counts)
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)

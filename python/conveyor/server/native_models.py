@@ -3,8 +3,10 @@
 A native front end (HTTP, `conveyor.server.native_http`; gRPC, `conveyor.server.native_grpc`)
 answers inference for a model version straight from C++ into its batcher when nothing of
 it needs Python per request: no monitor (capture and feedback read each request), no
-Python steps or output finishing (tokenizers, graphs), no rollout routing its requests, a
-CPU model, and only fixed-size datatypes. `NativeModels` follows loads, unloads, reloads
+Python steps or output finishing (tokenizers, graphs), no active rollout routing its
+requests, a CPU model, and only fixed-size datatypes. Once a rollout has ended, the
+version it left serving (`serving_version`) is served natively again, its requests counted
+in the rollout's counters, until the rollout is detached. `NativeModels` follows loads, unloads, reloads
 and rollouts as they happen and tells its front end which versions to serve.
 """
 
@@ -25,12 +27,10 @@ log = logging.getLogger(__name__)
 _PYTHON_ONLY_DATATYPES = frozenset({"BYTES", "BF16"})
 
 
-def python_only_reason(handle: ModelHandle, routed: bool) -> str | None:
+def python_only_reason(handle: ModelHandle) -> str | None:
     """Why `handle`'s requests must go through the Python front end, or None."""
     if not isinstance(handle.batcher, _core.Batcher):
         return "a model graph is served by the Python front end"
-    if routed:
-        return "a rollout routes its requests"
     if handle.monitor is not None:
         return "its monitor reads every request"
     if handle.finish is not None or handle.python_steps is not None:
@@ -75,16 +75,12 @@ class NativeModels(abc.ABC):
             self.traffic.change_listeners.remove(self.refresh)
 
     def refresh(self, name: str) -> None:
-        """Serve `name`'s latest version natively, or send its requests behind, as it now allows."""
+        """Serve the version of `name` that answers requests naming no version natively (the
+        latest, or the outcome of its ended rollout), or send its requests behind, as it now allows."""
         with self._lock:
-            try:
-                handle = self.runtime.model(name)
-            except ModelNotFound:  # unloaded
-                handle = None
-            routed = self.traffic is not None and self.traffic.get(name) is not None
-            reason = None if handle is None else python_only_reason(handle, routed)
+            handle, counts, reason = self._serving(name)
             if handle is not None and reason is None:
-                self._serve(name, handle)
+                self._serve(name, handle, counts)
                 if self._native.get(name) != handle.version:
                     log.info("model %s version %d: inference served by the %s", name, handle.version, self.label)
                 self._native[name] = handle.version
@@ -93,9 +89,31 @@ class NativeModels(abc.ABC):
             if self._native.pop(name, None) is not None or handle is not None:
                 log.info("model %s: inference not served by the %s (%s)", name, self.label, reason or "unloaded")
 
+    def _serving(self, name: str) -> tuple[ModelHandle | None, object | None, str | None]:
+        """The version of `name` that answers a request naming none, where the requests
+        answered natively are counted (None: nowhere), and why Python must answer them (None:
+        it need not). Under an ended rollout the version is the outcome's (as
+        `RolloutTraffic.infer` routes), counted in the rollout's counters."""
+        controller = None if self.traffic is None else self.traffic.get(name)
+        try:
+            if controller is None:
+                handle = self.runtime.model(name)
+                return handle, None, python_only_reason(handle)
+            if controller.active:
+                return None, None, "a rollout routes its requests"
+            handle = self.runtime.model(name, controller.serving_version)
+        except ModelNotFound:  # unloaded; or the rollout's outcome is, and the version policy picks
+            return None, None, None if controller is None else "its rollout's serving version is not loaded"
+        try:
+            counts = self.traffic.native_counts(name, handle.version)
+        except ModelNotFound:  # detached meanwhile: the refresh that follows serves it anew
+            return None, None, "its rollout is being detached"
+        return handle, counts, python_only_reason(handle)
+
     @abc.abstractmethod
-    def _serve(self, name: str, handle: ModelHandle) -> None:
-        """Give the front end `handle`, the version of `name` it answers from now on."""
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
+        """Give the front end `handle`, the version of `name` it answers from now on, and
+        `counts` (a `_core.RolloutCounts` or None), where it counts the requests it answers."""
 
     @abc.abstractmethod
     def _unserve(self, name: str) -> None:
