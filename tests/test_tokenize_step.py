@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import sys
 import threading
@@ -143,6 +145,26 @@ def test_a_bad_string_fails_its_request_and_the_model_goes_on(bad: np.ndarray, m
             runtime.infer("text_classifier", {"text": bad})
         probs = runtime.infer("text_classifier", {"text": column(["sunny and warm"])})["probs"]
         assert probs.shape == (1, 3) and int(probs.argmax()) == 1  # weather
+
+
+@pytest.mark.parametrize("bad, message", BAD_REQUESTS)
+def test_a_bad_string_among_async_callers_fails_only_its_own_request(tmp_path: Path, bad: np.ndarray, message: str) -> None:
+    """Requests submitted in one loop turn form one batch: a request the step cannot encode
+    is refused when it is submitted, not in the batch, where it would fail the others."""
+    write_echo_model(tmp_path, max_bytes=4096)
+    good = [column([text]) for text in ("sunny", "rain " * 3, "goal")]
+
+    async def callers(runtime: Runtime) -> list:
+        requests = [runtime.infer_async("echo", {"text": array}) for array in good[:2] + [bad] + good[2:]]
+        return await asyncio.gather(*requests, return_exceptions=True)
+
+    with Runtime.from_repository(tmp_path, models=["echo"]) as runtime:
+        answers = asyncio.run(callers(runtime))
+        assert isinstance(answers[2], InvalidInput) and re.search(message, str(answers[2]))
+        for answer, array in zip(answers[:2] + answers[3:], good):
+            assert answer["ids"].shape[0] == 1, answer
+            assert answer["ids"][0, : int(answer["mask"].sum())].tolist() == reference(64, False).encode(array[0, 0].decode()).ids
+        assert runtime.model_stats("echo")["failed"] == 0
 
 
 def test_the_example_classifies_and_answers_each_thread_its_own_rows() -> None:

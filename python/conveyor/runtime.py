@@ -440,11 +440,12 @@ class Runtime:
         priority = priority or 0
         timeout_us = _checked_timeout_us(timeout_us)
         if loaded.settled_in_core:
-            # A dict of C-contiguous arrays with exactly the model's input names goes as it is.
-            batcher_id = completions.submit(
+            # A dict of C-contiguous arrays with exactly the model's input names goes as it is,
+            # unless a Python step must check each request first (order_inputs does).
+            batcher_id = (loaded.python_steps is None and completions.submit(
                 loaded.batcher, inputs, future, loaded.input_names, loaded.output_names, priority, timeout_us,
                 mirror_tag, None,
-            ) or completions.submit(
+            )) or completions.submit(
                 loaded.batcher, loaded.order_inputs(inputs), future, loaded.input_names, loaded.output_names,
                 priority, timeout_us, mirror_tag, None,
             )
