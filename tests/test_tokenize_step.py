@@ -133,6 +133,7 @@ def test_a_row_over_max_length_without_truncation_is_refused(tmp_path: Path) -> 
 BAD_REQUESTS = [
     (column([b"fine", b"\xff\xfe broken"]), r"input 'text' row 1: not UTF-8 text \(invalid start byte at byte 0\)"),
     (column([b"a" * 4097]), r"input 'text' row 0: 4097 bytes, over the step's max_bytes = 4096"),
+    (column([b"caf\xc3"]), r"input 'text' row 0: not UTF-8 text \(unexpected end of data at byte 3\)"),
     (np.empty((0, 1), dtype=object), r"input 'text' holds no strings"),
     (np.array([[b"ok"], [7]], dtype=object), r"input 'text' row 1: expected a byte string, got int"),
 ]

@@ -86,6 +86,10 @@ class TokenizeStep:
         """Raises InvalidInput for a request whose strings the step cannot encode."""
         if column.dtype != object:
             return  # not BYTES: the batcher's own datatype check answers it
+        if column.size == 1:  # one string, the common request: checked without building lists
+            item = column.item()
+            if type(item) is bytes and len(item) <= self.max_bytes and (item.isascii() or _is_utf8(item)):
+                return
         if column.size == 0:
             raise InvalidInput(f"{self.model_label}: input '{self.input_name}' holds no strings; send at least one")
         self.texts(column)
@@ -168,3 +172,11 @@ def find_tokenizer_file(config: ModelConfig, index: int, directories: list[Path]
         if (Path(directory) / name).is_file():
             return Path(directory) / name
     raise ConfigError(f"{field}: no file {name!r} in {' or '.join(str(d) for d in directories)}")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
