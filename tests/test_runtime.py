@@ -515,6 +515,23 @@ def test_replaced_and_unloaded_versions_are_freed():
         assert [ref() is None for ref in watched] == [True, True]
 
 
+def test_an_unloaded_version_that_answered_an_event_loop_is_freed():
+    """The loop's completions do not keep the last model they queued to once the turn is over."""
+    with conveyor.Runtime() as rt:
+        model = _Doubler()
+        watched = weakref.ref(model)
+        rt.add_model("m", _config(), model)
+        del model
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(rt.infer_async("m", _row(1)))["y"][0, 0] == 2
+            rt.unload_model("m")
+            gc.collect()
+            assert watched() is None
+        finally:
+            loop.close()
+
+
 @pytest.mark.skipif(
     "libasan" in os.environ.get("LD_PRELOAD", ""),
     reason="under AddressSanitizer freed memory waits in its quarantine, so RSS grows by design",

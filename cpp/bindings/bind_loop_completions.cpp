@@ -158,6 +158,11 @@ class LoopCompletions {
   // Queues the held requests, each model's together (submit_round). A request the batcher
   // refuses (its shape, a full queue) fails its future with the reason.
   void flush() {
+    // The last target is forgotten at the end of each turn: an unloaded model's stopped
+    // batcher would otherwise stay until a submit named another model.
+    last_target_ = py::object();
+    last_batcher_.reset();
+    last_graph_ = nullptr;
     if (held_.empty()) return;
     std::vector<std::pair<std::shared_ptr<Batcher>, Batcher::Queued>> held;  // the batchers live until queued
     held.swap(held_);
@@ -277,8 +282,7 @@ class LoopCompletions {
   }
 
   std::shared_ptr<CompletionQueue> queue_;
-  // The target of the last submit and its C++ object (a reference that keeps an unloaded
-  // model's stopped batcher until the next submit names another).
+  // The target of the last submit in this turn of the loop and its C++ object.
   py::object last_target_;
   std::shared_ptr<Batcher> last_batcher_;
   Graph* last_graph_ = nullptr;
