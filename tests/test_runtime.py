@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import gc
 import os
 import threading
@@ -513,6 +514,39 @@ def test_replaced_and_unloaded_versions_are_freed():
         del first, second
         gc.collect()
         assert [ref() is None for ref in watched] == [True, True]
+
+
+def test_infer_named_takes_only_a_dict_of_the_inputs_as_arrays():
+    """Runtime.infer's direct path: anything but a dict of exactly the inputs, each a
+    C-contiguous ndarray, comes back None unsubmitted, for Runtime.infer's own checks."""
+    with conveyor.Runtime() as rt:
+        rt.add_model("double", _config(), _double)
+        handle = rt.model("double")
+        names = (handle.input_names, handle.output_names)
+        rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+        answer = handle.batcher.infer_named({"x": rows}, *names)
+        assert list(answer) == ["y"] and answer["y"].tolist() == (rows * 2).tolist()
+        for inputs in ({"x": np.asfortranarray(rows)}, {"x": rows, "z": rows}, {"z": rows}, {"x": rows.tolist()},
+                       [rows], _Mapping({"x": rows})):  # fmt: skip
+            assert handle.batcher.infer_named(inputs, *names) is None
+        assert rt.model_stats("double")["requests"] == 1
+        np.testing.assert_array_equal(rt.infer("double", {"x": np.asfortranarray(rows)})["y"], rows * 2)
+        with pytest.raises(conveyor.errors.InvalidInput, match=r"unexpected \['z'\]"):
+            rt.infer("double", {"x": rows, "z": rows})
+
+
+class _Mapping(collections.abc.Mapping):
+    def __init__(self, items: dict) -> None:
+        self.items_ = items
+
+    def __getitem__(self, key: str) -> object:
+        return self.items_[key]
+
+    def __iter__(self):
+        return iter(self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
 
 
 def test_an_unloaded_version_that_answered_an_event_loop_is_freed():

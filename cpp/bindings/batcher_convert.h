@@ -56,6 +56,31 @@ py::tuple infer_to_python(Target& target, const py::tuple& inputs, int priority,
   return py::make_tuple(outputs_to_python(*c.outputs), c.row_offset, c.rows);
 }
 
+// The request's inputs as a tuple in the model's order when `inputs` is a dict holding
+// exactly those names, each a C-contiguous numpy ndarray; None otherwise (the caller's
+// own checks then say what is wrong, or convert).
+py::object order_dict(py::handle inputs, const py::tuple& input_names);
+// {name: the request's rows of that output}: the whole arrays when the request is the
+// batch (or the model does not batch), views of its rows otherwise.
+py::dict request_outputs(const py::tuple& outputs, const py::tuple& output_names, int64_t offset, int64_t rows);
+
+// infer_to_python for a dict of the model's inputs by name (order_dict), answering
+// {output name: the request's rows}; None, with nothing submitted, for any other `inputs`.
+template <typename Target>
+py::object infer_named_to_python(Target& target, py::handle inputs, const py::tuple& input_names,
+                                 const py::tuple& output_names, int priority, int64_t timeout_us) {
+  py::object arrays = order_dict(inputs, input_names);
+  if (arrays.is_none()) return arrays;
+  std::vector<Tensor> tensors = hold_request_inputs(target.options().inputs, arrays.cast<py::tuple>());
+  Completion c;
+  {
+    py::gil_scoped_release nogil;
+    c = target.infer(std::move(tensors), priority, timeout_us);
+  }
+  if (c.code != ErrorCode::kOk) throw Error(c.code, c.message);
+  return request_outputs(outputs_to_python(*c.outputs), output_names, c.row_offset, c.rows);
+}
+
 // [(name, datatype, dims), ...] -> specs.
 std::vector<TensorSpec> tensor_specs(const py::iterable& specs);
 // count, sum_ns, p50/p90/p99_ns and the non-empty buckets.

@@ -83,6 +83,65 @@ std::vector<Tensor> hold_request_inputs(const std::vector<TensorSpec>& specs, co
   return tensors;
 }
 
+namespace {
+
+// numpy.ndarray, looked up once (it lives with the interpreter).
+PyTypeObject* numpy_array_type() {
+  static PyTypeObject* type =
+      reinterpret_cast<PyTypeObject*>(py::object(py::module_::import("numpy").attr("ndarray")).release().ptr());
+  return type;
+}
+
+}  // namespace
+
+py::object order_dict(py::handle inputs, const py::tuple& input_names) {
+  if (!PyDict_CheckExact(inputs.ptr())) return py::none();
+  const Py_ssize_t n = static_cast<Py_ssize_t>(input_names.size());
+  if (PyDict_GET_SIZE(inputs.ptr()) != n) return py::none();
+  py::tuple arrays(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* value = PyDict_GetItemWithError(inputs.ptr(), PyTuple_GET_ITEM(input_names.ptr(), i));
+    if (value == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return py::none();
+    }
+    if (Py_TYPE(value) != numpy_array_type() ||
+        !(py::reinterpret_borrow<py::array>(value).flags() & py::array::c_style)) {
+      return py::none();
+    }
+    Py_INCREF(value);
+    PyTuple_SET_ITEM(arrays.ptr(), i, value);
+  }
+  return arrays;
+}
+
+py::dict request_outputs(const py::tuple& outputs, const py::tuple& output_names, int64_t offset, int64_t rows) {
+  const size_t n = output_names.size();
+  if (outputs.size() < n) {
+    throw Error(ErrorCode::kInternal, "the batch has " + std::to_string(outputs.size()) + " outputs, the model " +
+                                          std::to_string(n));
+  }
+  py::dict result;
+  bool whole = rows < 0;
+  if (!whole && n > 0) whole = offset == 0 && rows == py::len(outputs[0]);
+  py::object slice;
+  if (!whole) {
+    slice = py::reinterpret_steal<py::object>(PySlice_New(py::int_(offset).ptr(), py::int_(offset + rows).ptr(), nullptr));
+    if (!slice) throw py::error_already_set();
+  }
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* array = PyTuple_GET_ITEM(outputs.ptr(), static_cast<Py_ssize_t>(i));
+    if (whole) {
+      result[output_names[i]] = py::reinterpret_borrow<py::object>(array);
+    } else {
+      PyObject* view = PyObject_GetItem(array, slice.ptr());
+      if (view == nullptr) throw py::error_already_set();
+      result[output_names[i]] = py::reinterpret_steal<py::object>(view);
+    }
+  }
+  return result;
+}
+
 py::tuple outputs_to_python(const BatchOutputs& outputs) {
   py::tuple arrays(outputs.tensors.size());
   for (size_t i = 0; i < outputs.tensors.size(); ++i) arrays[i] = array_from_tensor(outputs.tensors[i]);
@@ -266,6 +325,10 @@ void init_batcher(py::module_& m) {
            "leaving it starts new threads at the caller's priority. Returns whether the idle class is available.")
       .def("infer", &infer_to_python<Batcher>, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           "Submit and wait; returns (batch outputs, row_offset, rows), rows -1 meaning all.")
+      .def("infer_named", &infer_named_to_python<Batcher>, py::arg("inputs"), py::arg("input_names"),
+           py::arg("output_names"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+           "infer() for a dict holding exactly `input_names`, each a C-contiguous ndarray: returns {output name: "
+           "the request's rows}; None, with nothing submitted, for any other `inputs` (the caller checks those).")
       .def("cancel", &Batcher::cancel, py::arg("request_id"))
       .def("stop", &Batcher::stop, py::arg("drain") = true,
            // Joining the instances may wait for a Python batch, which needs the GIL.

@@ -135,6 +135,10 @@ void init_graph(py::module_& m) {
           py::arg("mirror_tag") = 0, "As Batcher.submit (mirror_tag must be 0: a graph has no shadow).")
       .def("infer", &infer_to_python<Graph>, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           "Submit and wait; returns (outputs, row_offset, rows) as Batcher.infer does.")
+      .def("infer_named", &infer_named_to_python<Graph>, py::arg("inputs"), py::arg("input_names"),
+           py::arg("output_names"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
+           "infer() for a dict holding exactly `input_names`, each a C-contiguous ndarray: returns {output name: "
+           "the request's rows}; None, with nothing submitted, for any other `inputs` (the caller checks those).")
       .def("cancel", &Graph::cancel, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("stop", &Graph::stop, py::arg("drain") = true, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Graph& g) { return stats_to_python(g.stats()); })

@@ -30,41 +30,16 @@ namespace conveyor::bindings {
 
 namespace {
 
-// Interned method names and the numpy array type, made once (they live with the interpreter).
+// Interned method names, made once (they live with the interpreter).
 struct Names {
   PyObject* done = PyUnicode_InternFromString("done");
   PyObject* set_result = PyUnicode_InternFromString("set_result");
   PyObject* set_exception = PyUnicode_InternFromString("set_exception");
-  PyObject* ndarray = py::object(py::module_::import("numpy").attr("ndarray")).release().ptr();
 };
 
 const Names& names() {
   static const Names* n = new Names();
   return *n;
-}
-
-// The request's inputs as a tuple in the model's order when `inputs` is a dict holding
-// exactly those names, each a C-contiguous numpy ndarray; None otherwise (the caller's
-// own checks then say what is wrong, or convert).
-py::object order_dict(py::handle inputs, const py::tuple& input_names) {
-  if (!PyDict_CheckExact(inputs.ptr())) return py::none();
-  const Py_ssize_t n = static_cast<Py_ssize_t>(input_names.size());
-  if (PyDict_GET_SIZE(inputs.ptr()) != n) return py::none();
-  py::tuple arrays(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* value = PyDict_GetItemWithError(inputs.ptr(), PyTuple_GET_ITEM(input_names.ptr(), i));
-    if (value == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return py::none();
-    }
-    if (Py_TYPE(value) != reinterpret_cast<PyTypeObject*>(names().ndarray) ||
-        !(py::reinterpret_borrow<py::array>(value).flags() & py::array::c_style)) {
-      return py::none();
-    }
-    Py_INCREF(value);
-    PyTuple_SET_ITEM(arrays.ptr(), i, value);
-  }
-  return arrays;
 }
 
 bool future_done(PyObject* future) {
@@ -82,34 +57,6 @@ void settle(PyObject* future, PyObject* method, PyObject* value) {
   Py_DECREF(r);
 }
 
-// {name: the request's rows of that output}: the whole arrays when the request is the
-// batch (or the model does not batch), views of its rows otherwise.
-py::dict request_outputs(const py::tuple& outputs, const py::tuple& output_names, int64_t offset, int64_t rows) {
-  const size_t n = output_names.size();
-  if (outputs.size() < n) {
-    throw Error(ErrorCode::kInternal, "the batch has " + std::to_string(outputs.size()) + " outputs, the model " +
-                                          std::to_string(n));
-  }
-  py::dict result;
-  bool whole = rows < 0;
-  if (!whole && n > 0) whole = offset == 0 && rows == py::len(outputs[0]);
-  py::object slice;
-  if (!whole) {
-    slice = py::reinterpret_steal<py::object>(PySlice_New(py::int_(offset).ptr(), py::int_(offset + rows).ptr(), nullptr));
-    if (!slice) throw py::error_already_set();
-  }
-  for (size_t i = 0; i < n; ++i) {
-    PyObject* array = PyTuple_GET_ITEM(outputs.ptr(), static_cast<Py_ssize_t>(i));
-    if (whole) {
-      result[output_names[i]] = py::reinterpret_borrow<py::object>(array);
-    } else {
-      PyObject* view = PyObject_GetItem(array, slice.ptr());
-      if (view == nullptr) throw py::error_already_set();
-      result[output_names[i]] = py::reinterpret_steal<py::object>(view);
-    }
-  }
-  return result;
-}
 
 class LoopCompletions {
  public:
