@@ -8,11 +8,13 @@
 #        bench/profile/ab_trees.sh /tmp/wt-old . 3
 #
 # Env: PA (perf_analyzer command; default $PERF_ANALYZER, else perf_analyzer on PATH), MODEL (tiny), C (32),
-#      PORTS ("19100 19200"; gRPC on port+1), OUT (/tmp/conveyor-ab).
+#      PORTS ("19100 19200"; gRPC on port+1), OUT (/tmp/conveyor-ab), PROTO (http, or grpc: the load
+#      over gRPC), FRONTEND (python: both servers' HTTP and gRPC front ends; native: the default of
+#      each checkout, which a checkout without a native front end reads as python).
 set -euo pipefail
 OLD=$(cd "$1" && pwd); NEW=$(cd "$2" && pwd); ROUNDS=${3:-3}
 PA=${PA:-${PERF_ANALYZER:-perf_analyzer}}
-MODEL=${MODEL:-tiny}; C=${C:-32}; OUT=${OUT:-/tmp/conveyor-ab}
+MODEL=${MODEL:-tiny}; C=${C:-32}; OUT=${OUT:-/tmp/conveyor-ab}; PROTO=${PROTO:-http}; FRONTEND=${FRONTEND:-python}
 read -r P_OLD P_NEW <<<"${PORTS:-19100 19200}"
 HZ=$(getconf CLK_TCK)
 mkdir -p "$OUT"
@@ -20,8 +22,11 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done; wait' EXIT
 start() {  # tree port
   rm -rf "$OUT/data-$2"
-  # The Python front end in both (a checkout from before --http-frontend ignores the variable).
-  (cd "$1" && CONVEYOR_HTTP_FRONTEND=python PYTHONPATH=python exec python -m conveyor serve --http-port "$2" --grpc-port $(($2 + 1)) \
+  # FRONTEND=python: the Python front ends in both (a checkout from before a native front end
+  # ignores the variables); native: each checkout's defaults.
+  local frontends=(CONVEYOR_HTTP_FRONTEND=python CONVEYOR_GRPC_FRONTEND=python)
+  [[ $FRONTEND == native ]] && frontends=()
+  (cd "$1" && exec env "${frontends[@]}" PYTHONPATH=python python -m conveyor serve --http-port "$2" --grpc-port $(($2 + 1)) \
     --log-level warning --model-control-mode explicit --load-model tiny --load-model mlp \
     --data-dir "$OUT/data-$2" >"$OUT/server-$2.log" 2>&1) &
   pids+=($!)
@@ -31,7 +36,9 @@ start() {  # tree port
 one() {  # label port pid
   read -r n0 e0 < <(curl -s "127.0.0.1:$2/v2/models/$MODEL/stats" | python -c "import sys,json;s=json.load(sys.stdin)['model_stats'][0];print(s['inference_count'],s['execution_count'])")
   t0=$(awk '{print $14+$15}' "/proc/$3/stat")
-  $PA -m "$MODEL" -u "127.0.0.1:$2" -i http -b 1 --input-tensor-format binary --output-tensor-format binary \
+  local target=(-u "127.0.0.1:$2" -i http --input-tensor-format binary --output-tensor-format binary)
+  [[ $PROTO == grpc ]] && target=(-u "127.0.0.1:$(($2 + 1))" -i grpc)
+  $PA -m "$MODEL" "${target[@]}" -b 1 \
     --concurrency-range "$C:$C" --measurement-interval 3000 --stability-percentage 1000 --max-trials 3 \
     -f "$OUT/pa-$2.csv" >"$OUT/pa-$2.log" 2>&1 || true
   t1=$(awk '{print $14+$15}' "/proc/$3/stat")
