@@ -729,8 +729,8 @@ class Service final : public grpc::CallbackGenericService {
 GrpcFrontend::GrpcFrontend(GrpcFrontendOptions options) : core_(std::make_shared<Core>(std::move(options))) {
   // abseil built without NDEBUG (as Debian ships it) records the order of every pair of
   // Mutexes gRPC takes, to abort the process on an inversion: a debugging aid that cost
-  // 7-16 % of the server's CPU per call (tiny, c=32). A server keeps running instead, as
-  // release builds do.
+  // 4-17 % of the server's CPU per call (tiny, c=32; bench/README.md). A server keeps running
+  // instead, as release builds do.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   Core& core = *core_;
   grpc::ChannelArguments args;
