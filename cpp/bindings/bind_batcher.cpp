@@ -240,6 +240,9 @@ void check_monitor_flags_spec(const std::vector<TensorSpec>& outputs) {
 }  // namespace
 
 void init_batcher(py::module_& m) {
+  // Looked up now, with the GIL and no other thread: a first call from two threads at once
+  // could wait on the static's guard while holding the GIL the other needs to import.
+  numpy_array_type();
   py::class_<CompletionQueue, std::shared_ptr<CompletionQueue>>(
       m, "CompletionQueue", "Completions for one event loop; fileno() becomes readable when some are ready.")
       .def(py::init<>())

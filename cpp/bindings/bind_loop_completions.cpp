@@ -57,7 +57,6 @@ void settle(PyObject* future, PyObject* method, PyObject* value) {
   Py_DECREF(r);
 }
 
-
 class LoopCompletions {
  public:
   LoopCompletions() : queue_(std::make_shared<CompletionQueue>()) {}

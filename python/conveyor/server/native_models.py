@@ -5,9 +5,10 @@ answers inference for a model version straight from C++ into its batcher when no
 it needs Python per request: no monitor (capture and feedback read each request), no
 Python steps or output finishing (tokenizers, graphs), no active rollout routing its
 requests, a CPU model, and only fixed-size datatypes. Once a rollout has ended, the
-version it left serving (`serving_version`) is served natively again, its requests counted
-in the rollout's counters, until the rollout is detached. `NativeModels` follows loads, unloads, reloads
-and rollouts as they happen and tells its front end which versions to serve.
+version it left serving (`serving_version`) is served natively again, its requests
+counted in the rollout's counters, until the rollout is detached. `NativeModels` follows
+loads, unloads, reloads and rollouts as they happen and tells its front end which
+versions to serve.
 """
 
 from __future__ import annotations
