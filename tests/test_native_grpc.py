@@ -307,13 +307,32 @@ def test_the_table_follows_unloads_and_loads(served: ServerThread, python_calls:
 
 
 @needs_native
-def test_an_ended_rollout_s_outcome_is_answered_here_and_counted(served: ServerThread, python_calls: list[str]) -> None:
+def test_a_rollout_s_calls_are_routed_here_and_counted(served: ServerThread, python_calls: list[str]) -> None:
     client = grpcclient.InferenceServerClient(_address(served))
-    client.load_model("rollout_demo")  # its [rollout] starts: Python routes its calls
+    client.load_model("rollout_demo")  # its [rollout] starts: a canary at 10 %
+    controller = served.server.rollouts.traffic.get("rollout_demo")
     request = pb.ModelInferRequest(model_name="rollout_demo")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
     request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
-    assert _call(served, request).parameters["rollout"].string_param
+    # Routed as its router routes (the same version for the same key), counted as Python counts.
+    counted = served.rollout_requests("rollout_demo")
+    routed: Counter[tuple[str, str]] = Counter()
+    for key in [f"user-{i}" for i in range(40)]:
+        response = _call(served, request, metadata=[("conveyor-route-key", key)])
+        assert response.parameters["rollout"].string_param == controller.name
+        assert response.model_version == str(controller.router.route(key).version)
+        routed[response.model_version, "routed"] += 1
+    assert len(routed) == 2  # both versions answered
+    keyed = pb.ModelInferRequest()
+    keyed.CopyFrom(request)
+    keyed.parameters["conveyor-route-key"].int64_param = 7  # wins over the metadata; keyed by its text
+    response = _call(served, keyed, metadata=[("conveyor-route-key", "user-0")])
+    assert response.model_version == str(controller.router.route("7").version)
+    routed[response.model_version, "routed"] += 1
+    assert python_calls == []
+    assert served.rollout_requests("rollout_demo") == counted + routed
+    keyed.parameters["conveyor-route-key"].double_param = 1.5  # Python refuses it, in its words
+    assert _error(served, keyed).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert python_calls == ["rollout_demo"]
     # Aborted, version 1 (not the latest, 2) answers: here, counted in the rollout's counters.
     abort = urllib.request.Request(f"http://127.0.0.1:{served.port}/v2/models/rollout_demo/rollout/abort",

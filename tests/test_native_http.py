@@ -80,9 +80,9 @@ def python_answers(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> lis
     return seen
 
 
-def _post(port: int, path: str, document: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _post(port: int, path: str, document: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(document).encode(),
-                                     method="POST")
+                                     method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, json.loads(answer.read())
@@ -257,11 +257,32 @@ def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, pyth
     assert _infer(port, "tiny", "x", 16)[0] == 200
     assert python_answers == ["tiny"]  # native again
 
-    # A model whose [rollout] starts at load: its requests go through the rollout, in Python.
+    # A model whose [rollout] starts at load (a canary at 10 %): routed here as its router
+    # routes (the same version for the same key), counted as Python counts.
     assert _post(port, "/v2/repository/models/rollout_demo/load", {})[0] == 200
-    status, body = _infer(port, "rollout_demo", "x", 8)
-    assert status == 200 and body["parameters"]["rollout"]
-    assert python_answers[-1] == "rollout_demo"
+    controller = served.server.rollouts.traffic.get("rollout_demo")
+    answered_by_python = len(python_answers)
+    counted = served.rollout_requests("rollout_demo")
+    routed: Counter[tuple[str, str]] = Counter()
+    row = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8}]}
+    for key in [f"user-{i}" for i in range(40)]:
+        status, body = _post(port, "/v2/models/rollout_demo/infer", row, {"Conveyor-Route-Key": key})
+        assert status == 200 and body["parameters"] == {"rollout": controller.name}, body
+        assert body["model_version"] == str(controller.router.route(key).version)
+        routed[body["model_version"], "routed"] += 1
+    assert len(routed) == 2  # both versions answered
+    # The parameter wins over the header; an integer is keyed by its text.
+    keyed = {**row, "parameters": {"conveyor-route-key": 7}}
+    status, body = _post(port, "/v2/models/rollout_demo/infer", keyed, {"Conveyor-Route-Key": "user-0"})
+    assert status == 200 and body["model_version"] == str(controller.router.route("7").version)
+    routed[body["model_version"], "routed"] += 1
+    assert len(python_answers) == answered_by_python
+    assert served.rollout_requests("rollout_demo") == counted + routed
+    # A key only Python reads (a number with a fraction: it refuses it) and a named version go behind.
+    status, body = _post(port, "/v2/models/rollout_demo/infer", {**row, "parameters": {"conveyor-route-key": 1.5}})
+    assert status == 400 and "routing key" in body["error"] and python_answers[-1] == "rollout_demo"
+    status, body = _post(port, "/v2/models/rollout_demo/versions/2/infer", row)
+    assert status == 200 and body["model_version"] == "2" and len(python_answers) == answered_by_python + 2
     # An ended rollout leaves its outcome answering (version 1, not the latest, 2): natively,
     # counted in the rollout's counters as Python counts it.
     status, _ = _post(port, "/v2/models/rollout_demo/rollout/abort", {"reason": "test"})

@@ -6,6 +6,7 @@
 #include "batcher_convert.h"
 #include "conveyor/batcher.h"
 #include "convert.h"
+#include "frontend_convert.h"
 #ifdef CONVEYOR_WITH_GRPC
 #include "conveyor/grpc_frontend.h"
 #endif
@@ -37,12 +38,15 @@ void init_grpc_frontend(py::module_& m) {
       .def(
           "add_model",
           [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher,
-             std::shared_ptr<RolloutCounts> counts) {
-            f.add_model({std::move(name), version, std::move(batcher), {}, std::move(counts)});
+             std::shared_ptr<RolloutCounts> counts, py::handle route) {
+            std::shared_ptr<FrontendRoute> routed = frontend_route(name, route);
+            f.add_model({std::move(name), version, std::move(batcher), {}, std::move(counts), std::move(routed)});
           },
           py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("counts") = nullptr,
+          py::arg("route") = py::none(),
           "Serve the model's ModelInfer calls natively (replacing the version of that name served before). "
-          "`counts`: where the requests answered here are counted (a RolloutCounts), or None.")
+          "`counts`: where the requests answered here are counted (a RolloutCounts), or None. `route`: a "
+          "running rollout's routing of the calls naming no version (see native_models.py), or None.")
       .def("remove_model", &GrpcFrontend::remove_model, py::arg("name"), "Relay the model's calls from now on.")
       .def("drain", &GrpcFrontend::drain, "Relay inference calls from now on (the server behind refuses them).")
       .def_property_readonly("in_flight", &GrpcFrontend::in_flight)

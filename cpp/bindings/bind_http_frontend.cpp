@@ -3,9 +3,13 @@
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
 
+#include <tuple>
+#include <vector>
+
 #include "conveyor/batcher.h"
 #include "conveyor/http_frontend.h"
 #include "convert.h"
+#include "frontend_convert.h"
 
 namespace conveyor::bindings {
 
@@ -17,12 +21,31 @@ std::chrono::steady_clock::duration seconds(double s) {
 
 }  // namespace
 
+std::shared_ptr<FrontendRoute> frontend_route(const std::string& model, py::handle route) {
+  if (route.is_none()) return nullptr;
+  auto [rollout, arm_bounds, salt_basis, sticky, seed, arms, key_parameter, key_header] =
+      route.cast<std::tuple<std::string, std::vector<uint64_t>, uint64_t, bool, uint64_t,
+                            std::vector<std::tuple<int64_t, std::shared_ptr<Batcher>, std::shared_ptr<RolloutCounts>>>,
+                            std::string, std::string>>();
+  auto out = std::make_shared<FrontendRoute>();
+  out->rollout = std::move(rollout);
+  out->router = std::make_unique<router::Router>(router::RouteTable{std::move(arm_bounds), 0, salt_basis, sticky}, seed);
+  for (auto& [version, batcher, counts] : arms) {
+    out->arms.push_back(batcher ? std::make_shared<const FrontendModel>(
+                                      FrontendModel{model, version, std::move(batcher), {}, std::move(counts), {}})
+                                : nullptr);
+  }
+  out->key_parameter = std::move(key_parameter);
+  out->key_header = std::move(key_header);
+  return out;
+}
+
 void init_http_frontend(py::module_& m) {
   // Shared by both native front ends (the gRPC one's bindings come after these).
   py::class_<RolloutCounts, std::shared_ptr<RolloutCounts>>(
       m, "RolloutCounts",
-      "The requests native front ends answered for a model whose rollout has ended: `routed` (naming no "
-      "version) and `named` (naming the version served). The rollout's traffic counters add them to their own.")
+      "The requests native front ends answered with one version of a model under a rollout: `routed` (naming "
+      "no version) and `named` (naming the version). The rollout's traffic counters add them to their own.")
       .def(py::init<>())
       .def_property_readonly("routed", [](const RolloutCounts& c) { return c.routed.load(std::memory_order_relaxed); })
       .def_property_readonly("named", [](const RolloutCounts& c) { return c.named.load(std::memory_order_relaxed); });
@@ -57,13 +80,17 @@ void init_http_frontend(py::module_& m) {
       .def(
           "add_model",
           [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher, std::string metadata,
-             std::shared_ptr<RolloutCounts> counts) {
-            f.add_model({std::move(name), version, std::move(batcher), std::move(metadata), std::move(counts)});
+             std::shared_ptr<RolloutCounts> counts, py::handle route) {
+            std::shared_ptr<FrontendRoute> routed = frontend_route(name, route);
+            f.add_model({std::move(name), version, std::move(batcher), std::move(metadata), std::move(counts),
+                         std::move(routed)});
           },
           py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "", py::arg("counts") = nullptr,
+          py::arg("route") = py::none(),
           "Serve the model's inference natively (replacing the version of that name served before), and its "
           "readiness and, when `metadata` (the body of its metadata route) is given, its metadata. `counts`: "
-          "where the requests answered here are counted (a RolloutCounts), or None.")
+          "where the requests answered here are counted (a RolloutCounts), or None. `route`: a running "
+          "rollout's routing of the requests naming no version (see native_models.py), or None.")
       .def("serve_health", &HttpFrontend::serve_health, py::arg("server_metadata"),
            "The server has started: answer liveness, GET /v2 (with this body) and the metadata and readiness of "
            "the models served here from now on.")

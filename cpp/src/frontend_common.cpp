@@ -11,8 +11,9 @@
 
 namespace conveyor {
 
-void FrontendModels::add(FrontendModel model, const char* where) {
-  const std::string tag = std::string(where) + " model '" + model.name + "'";
+namespace {
+
+void check_servable(const FrontendModel& model, const std::string& tag) {
   if (!model.batcher) throw Error(ErrorCode::kInvalidInput, tag + " has no batcher");
   const BatcherOptions& o = model.batcher->options();
   for (const auto* specs : {&o.inputs, &o.outputs}) {
@@ -21,6 +22,25 @@ void FrontendModels::add(FrontendModel model, const char* where) {
         throw Error(ErrorCode::kInvalidInput, tag + ": tensor '" + spec.name + "' is " + dtype_name(spec.dtype) +
                                                   ", which only the Python front end serves");
       }
+    }
+  }
+}
+
+}  // namespace
+
+void FrontendModels::add(FrontendModel model, const char* where) {
+  const std::string tag = std::string(where) + " model '" + model.name + "'";
+  check_servable(model, tag);
+  if (model.route) {
+    const FrontendRoute& route = *model.route;
+    if (!route.router || route.arms.size() != route.router->table().arm_bounds.size()) {
+      throw Error(ErrorCode::kInvalidInput, tag + ": its route needs a router and one entry per arm");
+    }
+    if (route.router->table().shadow_bound != 0) {
+      throw Error(ErrorCode::kInvalidInput, tag + ": a route that copies to a shadow is served by the Python front end");
+    }
+    for (const auto& arm : route.arms) {
+      if (arm) check_servable(*arm, tag + " version " + std::to_string(arm->version));
     }
   }
   auto shared = std::make_shared<const FrontendModel>(std::move(model));
@@ -89,6 +109,13 @@ bool bearer_matches(std::string_view value, const std::string& key) {
   unsigned char diff = token.size() == key.size() ? 0 : 1;
   for (size_t i = 0; i < key.size(); ++i) diff |= static_cast<unsigned char>(key[i] ^ (i < token.size() ? token[i] : 0));
   return diff == 0;
+}
+
+std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key) {
+  const uint32_t decision = route.router->decide(key.data(), key.size());
+  if (decision & 1) return nullptr;  // a copy: no route here has a shadow
+  const size_t arm = decision / 2;
+  return arm < route.arms.size() ? route.arms[arm] : nullptr;
 }
 
 }  // namespace conveyor

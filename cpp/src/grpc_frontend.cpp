@@ -112,17 +112,65 @@ struct NativeRequest {
   int64_t timeout_us = 0;
   std::vector<int> outputs;  // the batcher outputs answered, in the answer's order
   std::string id;            // the id answered: the client's, or one made here
+  std::string rollout;       // the rollout that routed it, answered as the "rollout" parameter; empty: none
 };
+
+using Metadata = std::multimap<grpc::string_ref, grpc::string_ref>;
+
+// The request's routing key under `route` into `key` (left empty: none, a random draw), as
+// the Python server reads it (conveyor.deploy.traffic.route_key_from): the parameter, a
+// string or an integer, wins; else the metadata key's last value. False when the Python
+// server must read it: a parameter of another type (it refuses it), or a value with bytes
+// beyond ASCII (it reads them as latin-1).
+bool route_key(const FrontendRoute& route, const inference::ModelInferRequest& request, const Metadata& metadata,
+               std::string* key) {
+  if (!route.key_parameter.empty()) {
+    auto found = request.parameters().find(route.key_parameter);
+    if (found != request.parameters().end()) {
+      const inference::InferParameter& v = found->second;
+      switch (v.parameter_choice_case()) {
+        case inference::InferParameter::kStringParam:
+          if (!v.string_param().empty()) {
+            *key = v.string_param();
+            return true;
+          }
+          break;
+        case inference::InferParameter::kInt64Param: *key = std::to_string(v.int64_param()); return true;
+        case inference::InferParameter::kUint64Param: *key = std::to_string(v.uint64_param()); return true;
+        case inference::InferParameter::kBoolParam: break;
+        default: return false;
+      }
+    }
+  }
+  if (route.key_header.empty()) return true;
+  grpc::string_ref value;
+  for (auto [at, end] = metadata.equal_range(grpc::string_ref(route.key_header)); at != end; ++at) value = at->second;
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) >= 0x80) return false;
+  }
+  key->assign(value.data(), value.size());
+  return true;
+}
 
 // Decodes `bytes` (left as they are) into `out` when it is a request this front end serves
 // exactly as the server behind would; false when it is not (relay it: the server behind
 // answers it, or refuses it in its own words).
-bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, NativeRequest* out) {
+// `metadata`: the call's, where a rollout's routing key may be.
+bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, const Metadata& metadata, NativeRequest* out) {
   auto request = std::make_shared<inference::ModelInferRequest>();
   ByteBuffer copy(bytes);  // shares the slices; Deserialize consumes what it is given
   if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, request.get()).ok()) return false;
   std::shared_ptr<const FrontendModel> model = core.models.find(request->model_name());
   if (!model) return false;
+  if (model->route) {
+    // Routed by the rollout to one of its versions; one naming a version is relayed.
+    std::string key;
+    if (!request->model_version().empty() || !route_key(*model->route, *request, metadata, &key)) return false;
+    std::shared_ptr<const FrontendModel> arm = route_request(*model->route, key);
+    if (!arm) return false;
+    out->rollout = model->route->rollout;
+    model = std::move(arm);
+  }
   if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
   for (const auto& [key, value] : request->parameters()) {
     // A parameter with no value is refused behind; the others are ignored there too.
@@ -196,6 +244,7 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
     response->set_model_name(r.model->name);
     response->set_model_version(std::to_string(r.model->version));
     response->set_id(r.id);
+    if (!r.rollout.empty()) (*response->mutable_parameters())["rollout"].set_string_param(r.rollout);
     const std::vector<TensorSpec>& specs = r.model->batcher->options().outputs;
     for (int index : r.outputs) {
       const Tensor& t = c.outputs->tensors[static_cast<size_t>(index)];
@@ -337,7 +386,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // (nothing started) when the request is not one this front end serves.
   bool serve_natively() {
     if (core_->draining.load(std::memory_order_relaxed) || !core_->authorized(ctx_)) return false;
-    if (!decode_native(*core_, down_message_, &request_)) return false;
+    if (!decode_native(*core_, down_message_, ctx_->client_metadata(), &request_)) return false;
     native_ = true;
     core_->in_flight.fetch_add(1, std::memory_order_relaxed);
     try {
@@ -509,7 +558,7 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     ++running_;
     lock.unlock();
     NativeRequest request;
-    const bool native = !core_->draining.load(std::memory_order_relaxed) && decode_native(*core_, message, &request);
+    const bool native = !core_->draining.load(std::memory_order_relaxed) && decode_native(*core_, message, ctx_->client_metadata(), &request);
     std::shared_ptr<inference::ModelInferRequest> decoded = request.message;
     if (!native || !submit(std::move(request))) relay(std::move(message), std::move(decoded));
     lock.lock();

@@ -375,6 +375,7 @@ struct PendingRequest {
   std::string accept_encoding;  // the request's Accept-Encoding, when it had one
   bool has_accept_encoding = false;
   bool named_version = false;  // the path named the version
+  std::string rollout;  // the rollout that routed it, answered as the "rollout" parameter; empty: none
 };
 
 struct HttpFrontend::Core {
@@ -1008,6 +1009,39 @@ int64_t schedule_parameter(const json::object* parameters, std::string_view key,
                                             json::serialize(*v));
 }
 
+// The request's routing key under `route` into `key` (left empty: none, a random draw), as
+// the Python front end reads it (conveyor.deploy.traffic.route_key_from): the parameter, a
+// string or an integer, wins; else the header's last line. False when the Python front end
+// must read it: a parameter of another type (it refuses it), or a header with bytes beyond
+// ASCII (it reads them as latin-1).
+bool route_key(const FrontendRoute& route, const json::object* parameters, const Request& request, std::string* key) {
+  if (!route.key_parameter.empty() && parameters) {
+    if (const json::value* v = parameters->if_contains(route.key_parameter)) {
+      if (v->is_string() && !v->get_string().empty()) {
+        *key = std::string(v->get_string());
+        return true;
+      }
+      if (v->is_int64()) {
+        *key = std::to_string(v->get_int64());
+        return true;
+      }
+      if (v->is_uint64()) {
+        *key = std::to_string(v->get_uint64());
+        return true;
+      }
+      if (!v->is_string() && !v->is_bool() && !v->is_null()) return false;
+    }
+  }
+  if (route.key_header.empty()) return true;
+  std::string_view value;
+  for (auto [at, end] = request.equal_range(route.key_header); at != end; ++at) value = at->value();
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) >= 0x80) return false;
+  }
+  key->assign(value.data(), value.size());
+  return true;
+}
+
 }  // namespace
 
 void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model,
@@ -1044,7 +1078,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
   // The body's buffer moves, not its bytes: views into it stay valid.
   auto body = std::make_shared<std::vector<uint8_t>>(std::move(raw));
   try {
-    PendingRequest pending_request{session, model, {}, {}, {}, false, named_version};
+    PendingRequest pending_request{session, model, {}, {}, {}, false, named_version, {}};
     if (auto accept = request.find(http::field::accept_encoding); accept != request.end()) {
       pending_request.accept_encoding = std::string(accept->value());
       pending_request.has_accept_encoding = true;
@@ -1058,6 +1092,18 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     const int64_t priority = schedule_parameter(request_parameters, "priority", "an integer >= 0");
     const int64_t timeout_us =
         schedule_parameter(request_parameters, "timeout", "an integer number of microseconds >= 0");
+    if (model->route) {
+      // Routed by the rollout to one of its versions; one naming a version goes behind.
+      std::string key;
+      if (named_version || !route_key(*model->route, request_parameters, request, &key)) {
+        throw Error(ErrorCode::kInvalidInput, "routed behind");
+      }
+      std::shared_ptr<const FrontendModel> arm = route_request(*model->route, key);
+      if (!arm) throw Error(ErrorCode::kInvalidInput, "routed behind");
+      pending_request.rollout = model->route->rollout;
+      pending_request.model = arm;
+      model = std::move(arm);
+    }
     const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
     std::vector<Tensor> tensors(specs.size());
     std::vector<bool> given(specs.size(), false);
@@ -1242,6 +1288,11 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
       text += std::to_string(p.model->version);
       text += "\",\"id\":";
       append_json_string(p.id, &text);
+      if (!p.rollout.empty()) {
+        text += ",\"parameters\":{\"rollout\":";
+        append_json_string(p.rollout, &text);
+        text += '}';
+      }
       text += ",\"outputs\":[";
       std::string binary;
       const std::vector<TensorSpec>& specs = p.model->batcher->options().outputs;

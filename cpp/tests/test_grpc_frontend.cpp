@@ -189,7 +189,7 @@ struct Setup {
     GrpcFrontendOptions options;
     options.fallback_target = "127.0.0.1:" + std::to_string(behind.port());
     frontend = std::make_unique<GrpcFrontend>(options);
-    frontend->add_model({"double", 1, batcher, {}, {}});
+    frontend->add_model({"double", 1, batcher, {}, {}, {}});
     channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(frontend->port()), grpc::InsecureChannelCredentials());
     stub = std::make_unique<grpc::GenericStub>(channel);
   }

@@ -9,13 +9,16 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "check.h"
 #include "doubling_model.h"
 #include "gate.h"
 #include "conveyor/batcher.h"
+#include "conveyor/frontend_common.h"
 #include "conveyor/http_frontend.h"
+#include "conveyor/router.h"
 
 using namespace conveyor;
 
@@ -146,7 +149,7 @@ struct Served {
   explicit Served(HttpFrontendOptions options = {}) : batcher(make_batcher()) {
     options.fallback_port = behind.port();
     frontend = std::make_unique<HttpFrontend>(options);
-    frontend->add_model({"double", 1, batcher, {}, {}});
+    frontend->add_model({"double", 1, batcher, {}, {}, {}});
   }
   FallbackServer behind;
   std::shared_ptr<Batcher> batcher;
@@ -158,7 +161,7 @@ struct Served {
 TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}});
   constexpr int kThreads = 8, kRequests = 100;
   std::atomic<int> wrong{0};
   std::vector<std::thread> clients;
@@ -183,7 +186,7 @@ TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answe
 TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}});
   Client client(frontend.port());
   auto res = client.send(http::verb::post, "/v2/models/double/versions/1/infer",
                          R"({"id":"r-1","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1.5,-2]}]})");
@@ -308,7 +311,7 @@ TEST_CASE("http_frontend: a request in its batcher when the front end drains is 
     return doubled(batch);
   }, MemoryPool::default_host());
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}});
   http::response<http::string_body> res;
   std::thread client([&] {
     Client c(frontend.port());
@@ -387,4 +390,68 @@ TEST_CASE("http_frontend: the read path: folded headers, chunk floods, slow and 
   // Empty lines before a request line are skipped.
   answer = exchange_raw(port, "\r\n\r\nGET /v2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
   CHECK(answer.rfind("HTTP/1.1 200 ", 0) == 0);
+}
+
+TEST_CASE("http_frontend: a rollout's route answers each key from its router's arm, counted per arm") {
+  FallbackServer behind;
+  HttpFrontendOptions options;
+  options.fallback_port = behind.port();
+  HttpFrontend frontend(options);
+  const router::RouteTable table{{router::kPointLimit / 2, router::kPointLimit}, 0, router::fnv1a64("salt"), true};
+  auto route = std::make_shared<FrontendRoute>();
+  route->rollout = "m-canary";
+  route->router = std::make_unique<router::Router>(table, 7);
+  std::vector<std::shared_ptr<RolloutCounts>> counts;
+  for (int64_t version : {2, 1}) {
+    counts.push_back(std::make_shared<RolloutCounts>());
+    route->arms.push_back(std::make_shared<const FrontendModel>(
+        FrontendModel{"double", version, make_batcher(), {}, counts.back(), {}}));
+  }
+  route->key_parameter = "route-key";
+  route->key_header = "route-key";
+  frontend.add_model({"double", 1, route->arms[1]->batcher, {}, {}, route});
+  const std::string row = R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}])";
+
+  constexpr int kThreads = 4, kKeys = 50;
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kThreads; ++t) {
+    clients.emplace_back([&, t] {
+      Client client(frontend.port());
+      for (int i = 0; i < kKeys; ++i) {
+        const std::string key = "user-" + std::to_string(t * kKeys + i);
+        const uint32_t arm = router::decide(table, router::key_draw(key, table.salt_basis)) / 2;
+        const std::string version = arm == 0 ? "2" : "1";
+        auto res = client.send(http::verb::post, "/v2/models/double/infer", row + "}", {{"Route-Key", key}});
+        const bool right = res.result_int() == 200 &&
+                           res.body().find(R"("model_version":")" + version + "\"") != std::string::npos &&
+                           res.body().find(R"("parameters":{"rollout":"m-canary"})") != std::string::npos &&
+                           res.body().find(R"("data":[2.0,4.0])") != std::string::npos;
+        if (!right) wrong.fetch_add(1);
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  CHECK_EQ(wrong.load(), 0);
+  CHECK_EQ(counts[0]->routed.load() + counts[1]->routed.load(), uint64_t{kThreads * kKeys});
+  CHECK(counts[0]->routed.load() > 0);
+  CHECK(counts[1]->routed.load() > 0);
+  CHECK_EQ(route->arms[0]->batcher->stats().succeeded, counts[0]->routed.load());
+
+  // The parameter wins over the header; an integer is keyed by its text.
+  Client client(frontend.port());
+  const uint32_t arm = router::decide(table, router::key_draw("7", table.salt_basis)) / 2;
+  auto res = client.send(http::verb::post, "/v2/models/double/infer", row + R"(,"parameters":{"route-key":7}})",
+                         {{"Route-Key", "user-0"}});
+  CHECK(res.body().find(R"("model_version":")" + std::string(arm == 0 ? "2" : "1") + "\"") != std::string::npos);
+  // Behind: a key of another type, a header beyond ASCII, a request naming a version.
+  for (const auto& [target, body, header] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"/v2/models/double/infer", row + R"(,"parameters":{"route-key":1.5}})", "a"},
+           {"/v2/models/double/infer", row + "}", "caf\xc3\xa9"},
+           {"/v2/models/double/versions/1/infer", row + "}", "a"}}) {
+    res = client.send(http::verb::post, target, body, {{"Route-Key", header}});
+    CHECK(res.body().rfind("behind: POST " + target, 0) == 0);
+  }
+  CHECK_EQ(behind.answered(), 3);
+  frontend.stop();
 }

@@ -10,20 +10,38 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <vector>
 
 #include "conveyor/completion.h"
+#include "conveyor/router.h"
 #include "conveyor/tensor.h"
 
 namespace conveyor {
 
 class Batcher;
 
-// The requests a native front end answered for a model whose rollout has ended (the
-// rollout's traffic counters add them to their own): those naming no version (routed to
-// the rollout's outcome) and those naming the version. Shared by every front end serving it.
+// The requests native front ends answered with one version of a model under a rollout
+// (the rollout's traffic counters add them to their own): those naming no version (routed
+// by the rollout, or to its outcome once it ended) and those naming the version.
 struct RolloutCounts {
   std::atomic<uint64_t> routed{0};
   std::atomic<uint64_t> named{0};
+};
+
+struct FrontendModel;
+
+// How a running rollout routes the requests naming no version of a model served natively:
+// the router's decision picks an arm, whose version answers and counts the request, and
+// the answer carries the rollout's name (the "rollout" parameter), as the Python front ends
+// route it (conveyor/deploy/traffic.py). A request naming a version goes behind.
+struct FrontendRoute {
+  std::string rollout;
+  std::unique_ptr<router::Router> router;  // its table copies to no shadow
+  std::vector<std::shared_ptr<const FrontendModel>> arms;  // by arm index; null: an arm at 0 % (never picked)
+  // Where the routing key is read: the request parameter (which wins), else the header (or
+  // gRPC metadata key, lowercase). Both empty: no key can change a decision; none is read.
+  std::string key_parameter;
+  std::string key_header;
 };
 
 // A model version served natively: requests naming the model (and no version, or this
@@ -37,6 +55,9 @@ struct FrontendModel {
   std::string metadata;
   // Where the requests answered here are counted; null: they are not.
   std::shared_ptr<RolloutCounts> counts;
+  // Set: a rollout routes the requests naming no version to its arms (`batcher` is then the
+  // champion's, for readiness).
+  std::shared_ptr<FrontendRoute> route;
 
   // Counts one request answered here (`named`: it named the version).
   void count(bool named) const {
@@ -64,6 +85,10 @@ class FrontendModels {
   mutable std::mutex mu_;
   std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>> models_;  // guarded by mu_
 };
+
+// The arm that answers a request whose routing key is `key` (empty: a random draw), or null
+// when none can here (an arm at 0 %).
+std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key);
 
 // One request's rows of a batch output (the whole output for a model that does not batch).
 struct OutputRows {

@@ -89,7 +89,7 @@ from conveyor.runtime import new_request_id, notify_listeners
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputComparison", "RolloutTraffic", "RoutedResult", "route_key_from"]
+__all__ = ["NativeRoute", "OutputComparison", "RolloutTraffic", "RoutedResult", "route_key_from"]
 
 DEFAULT_SHADOW_QUEUE_SIZE = RolloutConfig.model_fields["shadow_queue_size"].default
 # A recording blocks the event loop: some 0.15 ms of numpy per call whatever its size,
@@ -262,7 +262,7 @@ class _Rollout:
         self.notify_unavailable = _unavailable_notifier(controller)
         self.routed: defaultdict[int, int] = defaultdict(int)  # version -> requests the router (or serving_version) sent it
         self.named: defaultdict[int, int] = defaultdict(int)  # version -> requests naming it
-        # version -> the requests native front ends answered once the rollout ended (`native_counts`)
+        # version -> the requests native front ends answered (`native_counts`)
         self.native: dict[int, Any] = {}
         self.on_routing: Callable[[Any], None] | None = None  # tells the listeners of each new route table
         self.fallbacks = 0  # routed to a version that was not loaded: answered by the champion
@@ -283,6 +283,19 @@ class _Rollout:
         self.recording: asyncio.TimerHandle | None = None
         self.attached = True
         self.warned_no_idle = False
+
+
+@dataclass(frozen=True)
+class NativeRoute:
+    """A running rollout's routing, for a native front end: the table its router decides
+    by, each arm's (version, handle or None for an arm at 0 % not loaded, RolloutCounts),
+    and where the routing key is read (both empty: no key can change a decision)."""
+
+    rollout: str
+    table: Any  # deploy.router.RouteTable
+    arms: list[tuple[int, Any, Any]]
+    key_parameter: str
+    key_header: str
 
 
 @dataclass
@@ -398,9 +411,9 @@ class RolloutTraffic:
 
     def native_counts(self, model: str, version: int) -> Any:
         """Where native front ends count the requests they answer with `version` of `model`
-        once its rollout has ended (a `_core.RolloutCounts`, one per version, shared by every
-        front end); `counters()` adds them to the rollout's own. ModelNotFound when no
-        rollout is attached to `model`."""
+        under its rollout, routed or once it has ended (a `_core.RolloutCounts`, one per
+        version, shared by every front end); `counters()` adds them to the rollout's own.
+        ModelNotFound when no rollout is attached to `model`."""
         entry = self._rollouts.get(model)
         if entry is None:
             raise ModelNotFound(f"model '{model}' has no rollout attached (attached: {sorted(self._rollouts) or 'none'})")
@@ -408,6 +421,37 @@ class RolloutTraffic:
         if counts is None:
             counts = entry.native[version] = _core.RolloutCounts()
         return counts
+
+    def native_route(self, model: str) -> tuple[NativeRoute | None, str | None]:
+        """How a native front end routes `model`'s requests naming no version as `infer`
+        does, while its rollout runs; or (None, why only `infer` can). Only `infer` can
+        while the rollout copies to a shadow (or a mirror is still linked: the first request
+        the challenger answers itself unlinks it), or while an arm with a share of the
+        requests is not loaded (`infer` falls back to the champion and tells the controller)."""
+        entry = self._rollouts.get(model)
+        if entry is None or not entry.controller.active:
+            return None, "no rollout routes its requests"
+        router = entry.controller.router
+        table = router.table
+        if table.shadow_version is not None and table.shadow_percent > 0:
+            return None, "its rollout copies requests to a shadow version"
+        if entry.link is not None:
+            return None, "its rollout's shadow copies are still linked"
+        arms = []
+        for version, percent in table.arms:
+            try:
+                handle = self.runtime.model(model, version)
+            except ModelNotFound:
+                if percent > 0:
+                    return None, f"its rollout routes requests to version {version}, which is not loaded"
+                handle = None  # never picked
+            arms.append((version, handle, None if handle is None else self.native_counts(model, version)))
+        sticky = getattr(entry.controller.config, "sticky", None)
+        keyed = router.keyed and sticky is not None and sticky.enabled
+        return NativeRoute(
+            rollout=entry.name, table=table, arms=arms, key_parameter=sticky.parameter if keyed else "",
+            key_header=sticky.header.lower() if keyed else "",
+        ), None  # fmt: skip
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -575,6 +619,8 @@ class RolloutTraffic:
         entry.link = None
         if entry.shadow_idle:
             self._leave_background(entry, link)
+        if entry.attached:  # a native front end may route the model's requests itself now
+            self._notify(entry.controller.model)
 
     def _leave_background(self, entry: _Rollout, link: _Link) -> None:
         try:

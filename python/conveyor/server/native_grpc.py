@@ -24,6 +24,7 @@ from conveyor.errors import ConfigError
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
 from conveyor.server.native_http import resolve_host
+from conveyor.deploy.traffic import NativeRoute
 from conveyor.server.native_models import NativeModels
 
 NOT_BUILT = (
@@ -60,8 +61,8 @@ class NativeGrpcFrontend(NativeModels):
         self.port = self._frontend.port
         self.follow()
 
-    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
-        self._frontend.add_model(name, handle.version, handle.batcher, counts)
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
+        self._frontend.add_model(name, handle.version, handle.batcher, counts, self._route_tuple(route))
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)

@@ -23,6 +23,7 @@ from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
 from conveyor.server.dataplane import DataPlane
 from conveyor.server.http_connection import HttpLimits
+from conveyor.deploy.traffic import NativeRoute
 from conveyor.server.native_models import NativeModels
 from conveyor.server.responses import json_response
 
@@ -65,15 +66,15 @@ class NativeHttpFrontend(NativeModels):
         self.port = self._frontend.port
         self.follow()
 
-    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
         try:
             # The body answers the model's route too, so only for the version the route shows
             # (the version policy's, which an ended rollout's outcome need not be).
-            latest = self.runtime.model(name) is handle
+            latest = route is None and self.runtime.model(name) is handle
             metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version))) if latest else ""
         except ConveyorError:  # unloaded meanwhile: the next refresh removes it
             metadata = ""
-        self._frontend.add_model(name, handle.version, handle.batcher, metadata, counts)
+        self._frontend.add_model(name, handle.version, handle.batcher, metadata, counts, self._route_tuple(route))
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)

@@ -3,12 +3,12 @@
 A native front end (HTTP, `conveyor.server.native_http`; gRPC, `conveyor.server.native_grpc`)
 answers inference for a model version straight from C++ into its batcher when nothing of
 it needs Python per request: no monitor (capture and feedback read each request), no
-Python steps or output finishing (tokenizers, graphs), no active rollout routing its
-requests, a CPU model, and only fixed-size datatypes. Once a rollout has ended, the
-version it left serving (`serving_version`) is served natively again, its requests
-counted in the rollout's counters, until the rollout is detached. `NativeModels` follows
-loads, unloads, reloads and rollouts as they happen and tells its front end which
-versions to serve.
+Python steps or output finishing (tokenizers, graphs), a CPU model, and only fixed-size
+datatypes. A running rollout's requests are routed natively by the same decision as in
+Python (`RolloutTraffic.native_route`) unless it copies them to a shadow version; once it
+has ended, the version it left serving (`serving_version`) answers natively. Either way
+what is answered natively is counted in the rollout's counters. `NativeModels` follows
+loads, unloads, reloads and rollouts as they happen and tells its front end what to serve.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import os
 import threading
+from typing import NamedTuple
 
 from conveyor import _core
+from conveyor.deploy.router import salt_basis
+from conveyor.deploy.traffic import NativeRoute
 from conveyor.errors import ModelNotFound
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
@@ -42,6 +46,13 @@ def python_only_reason(handle: ModelHandle) -> str | None:
     if any(t.datatype in _PYTHON_ONLY_DATATYPES for t in tensors):
         return "it has BYTES or BF16 tensors"
     return None
+
+
+class _Serving(NamedTuple):
+    handle: ModelHandle | None  # the version answering (under a route: readiness only)
+    counts: object | None  # where an ended rollout counts what is answered natively
+    route: NativeRoute | None  # a running rollout's routing
+    reason: str | None  # why Python must answer instead; None: it need not
 
 
 class NativeModels(abc.ABC):
@@ -76,45 +87,77 @@ class NativeModels(abc.ABC):
             self.traffic.change_listeners.remove(self.refresh)
 
     def refresh(self, name: str) -> None:
-        """Serve the version of `name` that answers requests naming no version natively (the
-        latest, or the outcome of its ended rollout), or send its requests behind, as it now allows."""
+        """Serve the requests of `name` naming no version natively (by the latest version, the
+        running rollout's routing, or the outcome of its ended rollout), or send them behind,
+        as it now allows."""
         with self._lock:
-            handle, counts, reason = self._serving(name)
-            if handle is not None and reason is None:
-                self._serve(name, handle, counts)
-                if self._native.get(name) != handle.version:
-                    log.info("model %s version %d: inference served by the %s", name, handle.version, self.label)
-                self._native[name] = handle.version
+            serving = self._serving(name)
+            handle = serving.handle
+            if handle is not None and serving.reason is None:
+                self._serve(name, handle, serving.counts, serving.route)
+                served = handle.version if serving.route is None else (serving.route.rollout, serving.route.table)
+                if self._native.get(name) != served:
+                    if serving.route is None:
+                        log.info("model %s version %d: inference served by the %s", name, handle.version, self.label)
+                    else:
+                        log.info("model %s: inference routed by rollout %s in the %s", name, serving.route.rollout,
+                                 self.label)  # fmt: skip
+                self._native[name] = served
                 return
             self._unserve(name)
             if self._native.pop(name, None) is not None or handle is not None:
-                log.info("model %s: inference not served by the %s (%s)", name, self.label, reason or "unloaded")
+                log.info("model %s: inference not served by the %s (%s)", name, self.label, serving.reason or "unloaded")
 
-    def _serving(self, name: str) -> tuple[ModelHandle | None, object | None, str | None]:
-        """The version of `name` that answers a request naming none, where the requests
-        answered natively are counted (None: nowhere), and why Python must answer them (None:
-        it need not). Under an ended rollout the version is the outcome's (as
-        `RolloutTraffic.infer` routes), counted in the rollout's counters."""
+    def _serving(self, name: str) -> _Serving:
+        """How the requests of `name` naming no version are answered natively, or why Python
+        must answer them. Under a running rollout they are routed as `RolloutTraffic.infer`
+        routes them (`RolloutTraffic.native_route`); under an ended one the outcome's version
+        answers; both count what they answer in the rollout's counters."""
         controller = None if self.traffic is None else self.traffic.get(name)
         try:
             if controller is None:
                 handle = self.runtime.model(name)
-                return handle, None, python_only_reason(handle)
+                return _Serving(handle, None, None, python_only_reason(handle))
             if controller.active:
-                return None, None, "a rollout routes its requests"
+                return self._routed(name, controller)
             handle = self.runtime.model(name, controller.serving_version)
         except ModelNotFound:  # unloaded; or the rollout's outcome is, and the version policy picks
-            return None, None, None if controller is None else "its rollout's serving version is not loaded"
+            return _Serving(None, None, None, None if controller is None else "its rollout's serving version is not loaded")
         try:
             counts = self.traffic.native_counts(name, handle.version)
         except ModelNotFound:  # detached meanwhile: the refresh that follows serves it anew
-            return None, None, "its rollout is being detached"
-        return handle, counts, python_only_reason(handle)
+            return _Serving(None, None, None, "its rollout is being detached")
+        return _Serving(handle, counts, None, python_only_reason(handle))
+
+    def _routed(self, name: str, controller: object) -> _Serving:
+        route, reason = self.traffic.native_route(name)
+        if route is None:
+            return _Serving(None, None, None, reason)
+        for version, handle, _ in route.arms:
+            why = None if handle is None else python_only_reason(handle)
+            if why is not None:
+                return _Serving(None, None, None, f"version {version} is served by Python: {why}")
+        # The champion answers readiness (a request naming a version goes behind).
+        loaded = [handle for _, handle, _ in route.arms if handle is not None]
+        champion = next((h for h in loaded if h.version == controller.versions.champion), loaded[0])
+        return _Serving(champion, None, route, None)
+
+    @staticmethod
+    def _route_tuple(route: NativeRoute | None) -> tuple | None:
+        """`route` as the front ends' add_model takes it (cpp/bindings/frontend_convert.h)."""
+        if route is None:
+            return None
+        table = route.table
+        arms = [(version, None if handle is None else handle.batcher, counts) for version, handle, counts in route.arms]
+        seed = int.from_bytes(os.urandom(8), "little")
+        return (route.rollout, table.arm_bounds(), salt_basis(table.salt), table.sticky, seed, arms,
+                route.key_parameter, route.key_header)  # fmt: skip
 
     @abc.abstractmethod
-    def _serve(self, name: str, handle: ModelHandle, counts: object | None) -> None:
-        """Give the front end `handle`, the version of `name` it answers from now on, and
-        `counts` (a `_core.RolloutCounts` or None), where it counts the requests it answers."""
+    def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
+        """Give the front end `handle`, the version of `name` it answers from now on,
+        `counts` (a `_core.RolloutCounts` or None), where it counts the requests it answers,
+        and `route`, a running rollout's routing of them (`handle` then answers readiness)."""
 
     @abc.abstractmethod
     def _unserve(self, name: str) -> None:
