@@ -7,14 +7,17 @@
 #          -DCMAKE_BUILD_TYPE=Release -DCONVEYOR_CUDA=OFF && cmake --build build)
 #        bench/profile/ab_trees.sh /tmp/wt-old . 3
 #
-# Env: PA (perf_analyzer command; default $PERF_ANALYZER, else perf_analyzer on PATH), MODEL (tiny), C (32),
+# Env: PA (perf_analyzer command; default $PERF_ANALYZER, else perf_analyzer on PATH), MODEL (tiny; any
+#      bundled example, loaded besides tiny and mlp: rollout_demo starts its canary), C (32),
 #      PORTS ("19100 19200"; gRPC on port+1), OUT (/tmp/conveyor-ab), PROTO (http, or grpc: the load
 #      over gRPC), FRONTEND (python: both servers' HTTP and gRPC front ends; native: the default of
 #      each checkout, which a checkout without a native front end reads as python).
 set -euo pipefail
 OLD=$(cd "$1" && pwd); NEW=$(cd "$2" && pwd); ROUNDS=${3:-3}
 PA=${PA:-${PERF_ANALYZER:-perf_analyzer}}
-MODEL=${MODEL:-tiny}; C=${C:-32}; OUT=${OUT:-/tmp/conveyor-ab}; PROTO=${PROTO:-http}; FRONTEND=${FRONTEND:-python}
+MODEL=${MODEL:-tiny}; LOADS=(--load-model tiny --load-model mlp)
+[[ $MODEL == tiny || $MODEL == mlp ]] || LOADS+=(--load-model "$MODEL")
+C=${C:-32}; OUT=${OUT:-/tmp/conveyor-ab}; PROTO=${PROTO:-http}; FRONTEND=${FRONTEND:-python}
 read -r P_OLD P_NEW <<<"${PORTS:-19100 19200}"
 HZ=$(getconf CLK_TCK)
 mkdir -p "$OUT"
@@ -27,14 +30,14 @@ start() {  # tree port
   local frontends=(CONVEYOR_HTTP_FRONTEND=python CONVEYOR_GRPC_FRONTEND=python)
   [[ $FRONTEND == native ]] && frontends=()
   (cd "$1" && exec env "${frontends[@]}" PYTHONPATH=python python -m conveyor serve --http-port "$2" --grpc-port $(($2 + 1)) \
-    --log-level warning --model-control-mode explicit --load-model tiny --load-model mlp \
+    --log-level warning --model-control-mode explicit "${LOADS[@]}" \
     --data-dir "$OUT/data-$2" >"$OUT/server-$2.log" 2>&1) &
   pids+=($!)
   for _ in $(seq 120); do curl -sf -o /dev/null "127.0.0.1:$2/v2/health/ready" && return; sleep 0.5; done
   echo "server on $2 not ready" >&2; exit 1
 }
 one() {  # label port pid
-  read -r n0 e0 < <(curl -s "127.0.0.1:$2/v2/models/$MODEL/stats" | python -c "import sys,json;s=json.load(sys.stdin)['model_stats'][0];print(s['inference_count'],s['execution_count'])")
+  read -r n0 e0 < <(curl -s "127.0.0.1:$2/v2/models/$MODEL/stats" | python -c "import sys,json;s=json.load(sys.stdin)['model_stats'];print(sum(v['inference_count'] for v in s),sum(v['execution_count'] for v in s))")
   t0=$(awk '{print $14+$15}' "/proc/$3/stat")
   local target=(-u "127.0.0.1:$2" -i http --input-tensor-format binary --output-tensor-format binary)
   [[ $PROTO == grpc ]] && target=(-u "127.0.0.1:$(($2 + 1))" -i grpc)
@@ -42,7 +45,7 @@ one() {  # label port pid
     --concurrency-range "$C:$C" --measurement-interval 3000 --stability-percentage 1000 --max-trials 3 \
     -f "$OUT/pa-$2.csv" >"$OUT/pa-$2.log" 2>&1 || true
   t1=$(awk '{print $14+$15}' "/proc/$3/stat")
-  read -r n1 e1 < <(curl -s "127.0.0.1:$2/v2/models/$MODEL/stats" | python -c "import sys,json;s=json.load(sys.stdin)['model_stats'][0];print(s['inference_count'],s['execution_count'])")
+  read -r n1 e1 < <(curl -s "127.0.0.1:$2/v2/models/$MODEL/stats" | python -c "import sys,json;s=json.load(sys.stdin)['model_stats'];print(sum(v['inference_count'] for v in s),sum(v['execution_count'] for v in s))")
   thr=$(tail -1 "$OUT/pa-$2.csv" | cut -d, -f2)
   python -c "n=$n1-$n0;e=$e1-$e0;print(f'$1 infer/s {float($thr):8.0f}  mean batch {n/max(e,1):4.1f}  server CPU {($t1-$t0)/$HZ/max(n,1)*1e6:6.1f} us/request')"
 }
