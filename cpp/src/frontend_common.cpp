@@ -111,6 +111,14 @@ bool bearer_matches(std::string_view value, const std::string& key) {
   return diff == 0;
 }
 
+bool route_key_from_header(std::string_view value, std::string* key) {
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) >= 0x80) return false;
+  }
+  key->assign(value.data(), value.size());
+  return true;
+}
+
 std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key) {
   const uint32_t decision = route.router->decide(key.data(), key.size());
   if (decision & 1) return nullptr;  // a copy: no route here has a shadow

@@ -145,11 +145,7 @@ bool route_key(const FrontendRoute& route, const inference::ModelInferRequest& r
   if (route.key_header.empty()) return true;
   grpc::string_ref value;
   for (auto [at, end] = metadata.equal_range(grpc::string_ref(route.key_header)); at != end; ++at) value = at->second;
-  for (char c : value) {
-    if (static_cast<unsigned char>(c) >= 0x80) return false;
-  }
-  key->assign(value.data(), value.size());
-  return true;
+  return route_key_from_header(std::string_view(value.data(), value.size()), key);
 }
 
 // Decodes `bytes` (left as they are) into `out` when it is a request this front end serves
@@ -558,7 +554,8 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     ++running_;
     lock.unlock();
     NativeRequest request;
-    const bool native = !core_->draining.load(std::memory_order_relaxed) && decode_native(*core_, message, ctx_->client_metadata(), &request);
+    const bool native = !core_->draining.load(std::memory_order_relaxed) &&
+                        decode_native(*core_, message, ctx_->client_metadata(), &request);
     std::shared_ptr<inference::ModelInferRequest> decoded = request.message;
     if (!native || !submit(std::move(request))) relay(std::move(message), std::move(decoded));
     lock.lock();

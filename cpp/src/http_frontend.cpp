@@ -1035,11 +1035,7 @@ bool route_key(const FrontendRoute& route, const json::object* parameters, const
   if (route.key_header.empty()) return true;
   std::string_view value;
   for (auto [at, end] = request.equal_range(route.key_header); at != end; ++at) value = at->value();
-  for (char c : value) {
-    if (static_cast<unsigned char>(c) >= 0x80) return false;
-  }
-  key->assign(value.data(), value.size());
-  return true;
+  return route_key_from_header(value, key);
 }
 
 }  // namespace

@@ -406,9 +406,8 @@ class Runtime:
         the id captured rows and delayed labels (`add_feedback`) refer to.
         """
         loaded = self._resolve(model, version)
-        if loaded.settled_in_core and loaded.python_steps is None:
-            # A dict of C-contiguous arrays with exactly the model's input names goes as it is,
-            # and the answer is made in the core; anything else takes the checks below.
+        if loaded.inputs_as_given:
+            # The answer is made in the core; inputs it does not take as given take the checks below.
             result = loaded.batcher.infer_named(
                 inputs, loaded.input_names, loaded.output_names, priority or 0, _checked_timeout_us(timeout_us)
             )
@@ -448,9 +447,7 @@ class Runtime:
         priority = priority or 0
         timeout_us = _checked_timeout_us(timeout_us)
         if loaded.settled_in_core:
-            # A dict of C-contiguous arrays with exactly the model's input names goes as it is,
-            # unless a Python step must check each request first (order_inputs does).
-            batcher_id = (loaded.python_steps is None and completions.submit(
+            batcher_id = (loaded.inputs_as_given and completions.submit(
                 loaded.batcher, inputs, future, loaded.input_names, loaded.output_names, priority, timeout_us,
                 mirror_tag, None,
             )) or completions.submit(

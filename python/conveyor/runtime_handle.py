@@ -32,7 +32,7 @@ class ModelHandle:
 
     __slots__ = (
         "name", "version", "config", "backends", "batcher", "input_names", "output_names", "finish", "_dtypes",
-        "monitor", "per_request", "batch_outputs", "python_steps", "settled_in_core",
+        "monitor", "per_request", "batch_outputs", "python_steps", "settled_in_core", "inputs_as_given",
     )  # fmt: skip
 
     def __init__(
@@ -97,6 +97,9 @@ class ModelHandle:
         # infer_async's answer is the batch outputs' rows as they are: the core settles the
         # request's future without Python.
         self.settled_in_core = self.finish is None and not self.per_request
+        # ... and a dict of C-contiguous arrays with exactly the input names goes to the core
+        # as it is, unless a Python step must check each request first (order_inputs does).
+        self.inputs_as_given = self.settled_in_core and self.python_steps is None
 
     def order_inputs(self, inputs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
         """The inputs as a tuple in config order; names checked, non-arrays converted."""

@@ -90,6 +90,11 @@ class FrontendModels {
 // when none can here (an arm at 0 %).
 std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key);
 
+// A routing key read from a header (or gRPC metadata) value into `key`, as the Python front
+// ends read it; false for a value with bytes beyond ASCII, which they read as latin-1 (the
+// request goes behind, so that its key is theirs).
+bool route_key_from_header(std::string_view value, std::string* key);
+
 // One request's rows of a batch output (the whole output for a model that does not batch).
 struct OutputRows {
   Shape shape;           // the request's rows first
