@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
 # FP32 [4] in and out, both versions served; a test appends its [rollout] table.
 TWO_VERSION_CONFIG = """\
 backend = "python"
@@ -71,3 +76,13 @@ class Model:
         classes = inputs["x"][:, 0].astype(np.int64)
         return {{"label": np.where(classes < {wrong_below}, classes + 1, classes)[:, None]}}
 """
+
+
+def write_shadow_demo(root: Path, percent: float = 50.0) -> None:
+    """`shadow_demo` in `root`: the rollout example's two versions (ONNX, served natively),
+    with a rollout that copies `percent` of the requests to version 2, from its load on."""
+    config = (EXAMPLES / "rollout_demo" / "config.toml").read_text().split("[rollout]")[0]
+    shutil.copytree(EXAMPLES / "rollout_demo", root / "shadow_demo")
+    (root / "shadow_demo" / "config.toml").write_text(
+        config + f'[rollout]\nstrategy = "shadow"\nchallenger = 2\nshadow_percent = {percent}\ninterval_s = 60.0\n'
+    )

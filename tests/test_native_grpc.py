@@ -9,6 +9,7 @@ answers never does.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import urllib.request
@@ -28,6 +29,7 @@ from conveyor.server.grpc_server import InferenceServicer
 from conveyor.server.native_grpc import native_grpc_available
 from conveyor.server.serve import ServeOptions
 from processes import free_port
+from rollout_models import write_shadow_demo
 from server_thread import ServerThread
 from suite_rerun import rerun_with
 
@@ -61,6 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("native-grpc-repo")
     for name in ("tiny", "churn", "rollout_demo"):
         shutil.copytree(EXAMPLES / name, root / name)
+    write_shadow_demo(root)
     thread = ServerThread(ServeOptions(
         repository=root, http_port=0, grpc_port=free_port(), data_dir=root / "data", model_control_mode="explicit",
         load_models=["tiny", "churn"], grpc_frontend="native",
@@ -352,6 +355,34 @@ def test_a_rollout_s_calls_are_routed_here_and_counted(served: ServerThread, pyt
     assert _call(served, named).model_version == "2"
     assert python_calls == ["rollout_demo"] * 2
     client.unload_model("rollout_demo")
+
+
+@needs_native
+def test_a_shadow_rollout_s_calls_are_answered_here_and_copied(served: ServerThread, python_calls: list[str]) -> None:
+    """A rollout copying half the calls to a shadow version: the champion answers every call
+    here, and the copies are made in its batcher, paired and counted as under Python."""
+    client = grpcclient.InferenceServerClient(_address(served))
+    client.load_model("shadow_demo")
+    traffic = served.server.rollouts.traffic
+    controller = traffic.get("shadow_demo")
+    request = pb.ModelInferRequest(model_name="shadow_demo")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    request.raw_input_contents.append(np.zeros(8, np.float32).tobytes())
+    counted = served.rollout_requests("shadow_demo")
+    calls = 60
+    try:
+        for _ in range(calls):
+            response = _call(served, request)
+            assert response.model_version == "1"
+            assert response.parameters["rollout"].string_param == controller.name
+        assert python_calls == []
+        assert asyncio.run_coroutine_threadsafe(traffic.drain_shadows("shadow_demo"), served.loop).result(30)
+        shadow = traffic.counters()["shadow_demo"]["shadow"]
+        assert 0 < shadow["sent"] < calls, shadow  # about half, each decided at random
+        assert (shadow["paired"], shadow["failed"], shadow["dropped"]) == (shadow["sent"], 0, 0), shadow
+        assert served.rollout_requests("shadow_demo") == counted + Counter({("1", "routed"): calls})
+    finally:
+        client.unload_model("shadow_demo")
 
 
 @needs_native

@@ -8,6 +8,7 @@ request it answers goes through `HttpApp._infer`; one the native front end answe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 
 from conveyor.server.http import HttpApp
 from conveyor.server.serve import ServeOptions
+from rollout_models import write_shadow_demo
 from server_thread import ServerThread
 from suite_rerun import rerun_with
 
@@ -55,6 +57,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("native-repo")
     for name in ("tiny", "churn", "rollout_demo"):
         shutil.copytree(EXAMPLES / name, root / name)
+    write_shadow_demo(root)
     (root / "echo" / "1").mkdir(parents=True)
     (root / "echo" / "config.toml").write_text(ECHO_CONFIG)
     (root / "echo" / "1" / "model.py").write_text(ECHO_PY)
@@ -302,6 +305,31 @@ def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, pyth
     assert status == 200 and body["model_version"] == "2" and python_answers[-1] == "rollout_demo"
     status, text = _get(port, "/v2/models/rollout_demo")
     assert status == 200 and json.loads(text)["versions"][-1] == "2"
+
+
+def test_a_shadow_rollout_is_routed_and_copied_here(served: ServerThread, python_answers: list[str]) -> None:
+    """A rollout copying half the requests to a shadow version: the champion answers every
+    request here, the copies are made in its batcher, paired, and counted as under Python."""
+    port = served.port
+    assert _post(port, "/v2/repository/models/shadow_demo/load", {})[0] == 200
+    traffic = served.server.rollouts.traffic
+    controller = traffic.get("shadow_demo")
+    counted = served.rollout_requests("shadow_demo")
+    requests = 60
+    try:
+        for _ in range(requests):
+            status, body = _infer(port, "shadow_demo", "x", 8)
+            assert status == 200 and body["model_version"] == "1", body
+            assert body["parameters"] == {"rollout": controller.name}
+        assert python_answers == []
+        assert asyncio.run_coroutine_threadsafe(traffic.drain_shadows("shadow_demo"), served.loop).result(30)
+        shadow = traffic.counters()["shadow_demo"]["shadow"]
+        assert 0 < shadow["sent"] < requests, shadow  # about half, each decided at random
+        assert (shadow["paired"], shadow["failed"], shadow["dropped"]) == (shadow["sent"], 0, 0), shadow
+        assert controller.statistics.paired.latency_log_ratio.count == shadow["paired"]
+        assert served.rollout_requests("shadow_demo") == counted + Counter({("1", "routed"): requests})
+    finally:
+        assert _post(port, "/v2/repository/models/shadow_demo/unload", {})[0] == 200
 
 
 @pytest.mark.skipif(os.environ.get("CONVEYOR_HTTP_FRONTEND") == "python", reason="already the Python run")

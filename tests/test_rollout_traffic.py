@@ -41,6 +41,7 @@ class FakeController:
     active: bool = True
     serving_version: int = 1
     unavailable: list[int] = field(default_factory=list)
+    config: RolloutConfig | None = None  # none: the champion config's [rollout], and no sticky keys
 
     def on_version_unavailable(self, version: int) -> None:
         self.unavailable.append(version)
@@ -279,6 +280,91 @@ def test_native_counts_are_one_per_version_and_join_the_counters(runtime):
     asyncio.run(_serve(traffic, 3))
     # Nothing answered natively yet: the rows are Python's alone, and versions at 0 are left out.
     assert traffic.counters()[MODEL]["requests"] == [{"version": 1, "arm": "champion", "routing": "routed", "count": 3}]
+
+
+def test_a_shadow_rollout_is_routed_natively_with_its_mirror_linked_on_the_loop(runtime):
+    """A native front end routes a shadow rollout itself: the mirror is linked when it asks
+    (on the loop; asked from another thread, on the loop next, whose listeners hear of it),
+    and a request it tags is copied and paired as one `infer` copies."""
+    traffic = RolloutTraffic(runtime)
+    heard: list[str] = []
+    told = asyncio.Event()
+    traffic.change_listeners.append(lambda model: (heard.append(model), told.set()))
+    controller = _controller(RouteTable.shadow(1, 2, 50, salt="s"))
+
+    async def scenario() -> None:
+        traffic.attach(controller)
+        assert heard == [MODEL]
+        told.clear()
+        # From a thread with no loop: linked on the loop, which tells the listeners again.
+        route, reason = await asyncio.get_running_loop().run_in_executor(None, traffic.native_route, MODEL)
+        assert route is None and reason == "its rollout's shadow copies are being linked"
+        await asyncio.wait_for(told.wait(), 30)
+        assert heard == [MODEL, MODEL]
+        # On the loop (a listener's refresh): linked now, without telling the listeners.
+        route, reason = traffic.native_route(MODEL)
+        assert reason is None and route.copying_arm == 0 and [v for v, _, _ in route.arms] == [1]
+        assert traffic.native_route(MODEL)[0].copying_arm == 0 and heard == [MODEL, MODEL]
+        champion = route.arms[0][1]
+        for tag in (1, 2, 3):  # tagged as a front end tags the copied requests
+            await runtime.infer_async(champion, _row(float(tag)), request_id=None, mirror_tag=tag)
+        await runtime.infer_async(champion, _row(9.0), request_id=None)  # not copied
+        await traffic.drain_shadows()
+
+    asyncio.run(scenario())
+    shadow = traffic.counters()[MODEL]["shadow"]
+    assert (shadow["sent"], shadow["paired"], shadow["failed"]) == (3, 3, 0), shadow
+    assert controller.statistics.paired.latency_log_ratio.count == 3
+
+
+def test_a_native_shadow_route_needs_a_loaded_challenger_taking_the_champion_s_inputs():
+    """Otherwise `infer` routes, and counts each copy as a challenger error."""
+    with Runtime() as rt:
+        rt.add_model(MODEL, _config(), _scaled(1.0), version=1)
+        rt.add_model(MODEL, _config(inputs="other"), _scaled(2.0), version=2)
+        traffic = RolloutTraffic(rt)
+        traffic.attach(_controller(RouteTable.shadow(1, 3, 50, salt="s"), challenger=3))
+
+        async def ask() -> tuple:
+            return traffic.native_route(MODEL)
+
+        assert asyncio.run(ask()) == (None, "its rollout copies requests to version 3, which is not loaded")
+        traffic.detach(MODEL)
+        traffic.attach(_controller(RouteTable.shadow(1, 2, 50, salt="s")))
+        route, reason = asyncio.run(ask())
+        assert route is None and reason.startswith("its shadow copies fail: ") and "same inputs" in reason
+
+
+def test_a_native_route_unlinks_the_mirror_once_the_table_copies_no_more(runtime):
+    """A blue-green switch after its shadow phase: the challenger answers everything, uncopied."""
+    traffic = RolloutTraffic(runtime)
+    controller = _controller(RouteTable.shadow(1, 2, 100, salt="s"))
+    traffic.attach(controller)
+
+    async def scenario() -> tuple:
+        first, _ = traffic.native_route(MODEL)
+        controller.router = Router(RouteTable.weighted([(2, 100.0)], salt="s"), seed=7)
+        return first, traffic.native_route(MODEL)
+
+    first, (second, reason) = asyncio.run(scenario())
+    assert first.copying_arm == 0 and reason is None
+    assert second.copying_arm == -1 and [v for v, _, _ in second.arms] == [2]
+    # Nothing is linked: a request to version 1 that a front end tags is not copied.
+    asyncio.run(runtime.infer_async(runtime.model(MODEL, 1), _row(1.0), request_id=None, mirror_tag=1))
+    assert traffic.counters()[MODEL]["shadow"]["sent"] == 0
+
+
+def test_shadow_pairs_kept_by_request_id_are_routed_by_python():
+    """A champion taking delayed labels pairs them with its shadow's answers by request id,
+    which only `infer` keeps."""
+    from conveyor.monitor import create_model_monitor
+
+    with Runtime(monitor_factory=create_model_monitor) as rt:
+        for version in (1, 2):
+            rt.add_model(MODEL, _config(feedback={"kind": "regression", "output": "y"}), _scaled(1.0), version=version)
+        traffic = RolloutTraffic(rt)
+        traffic.attach(_controller(RouteTable.shadow(1, 2, 50, salt="s")))
+        assert traffic.native_route(MODEL) == (None, "its shadow pairs are kept by request id, for delayed labels")
 
 
 # ---- shadow ------------------------------------------------------------------------------

@@ -23,13 +23,15 @@ std::chrono::steady_clock::duration seconds(double s) {
 
 std::shared_ptr<FrontendRoute> frontend_route(const std::string& model, py::handle route) {
   if (route.is_none()) return nullptr;
-  auto [rollout, arm_bounds, salt_basis, sticky, seed, arms, key_parameter, key_header] =
-      route.cast<std::tuple<std::string, std::vector<uint64_t>, uint64_t, bool, uint64_t,
+  auto [rollout, arm_bounds, shadow_bound, salt_basis, sticky, seed, arms, copying_arm, key_parameter, key_header] =
+      route.cast<std::tuple<std::string, std::vector<uint64_t>, uint64_t, uint64_t, bool, uint64_t,
                             std::vector<std::tuple<int64_t, std::shared_ptr<Batcher>, std::shared_ptr<RolloutCounts>>>,
-                            std::string, std::string>>();
+                            int, std::string, std::string>>();
   auto out = std::make_shared<FrontendRoute>();
   out->rollout = std::move(rollout);
-  out->router = std::make_unique<router::Router>(router::RouteTable{std::move(arm_bounds), 0, salt_basis, sticky}, seed);
+  out->router = std::make_unique<router::Router>(
+      router::RouteTable{std::move(arm_bounds), shadow_bound, salt_basis, sticky}, seed);
+  out->copying_arm = copying_arm;
   for (auto& [version, batcher, counts] : arms) {
     out->arms.push_back(batcher ? std::make_shared<const FrontendModel>(
                                       FrontendModel{model, version, std::move(batcher), {}, std::move(counts), {}})

@@ -36,8 +36,13 @@ void FrontendModels::add(FrontendModel model, const char* where) {
     if (!route.router || route.arms.size() != route.router->table().arm_bounds.size()) {
       throw Error(ErrorCode::kInvalidInput, tag + ": its route needs a router and one entry per arm");
     }
-    if (route.router->table().shadow_bound != 0) {
-      throw Error(ErrorCode::kInvalidInput, tag + ": a route that copies to a shadow is served by the Python front end");
+    const bool copies = route.router->table().shadow_bound != 0;
+    const bool arm_named = route.copying_arm >= 0 && static_cast<size_t>(route.copying_arm) < route.arms.size() &&
+                           route.arms[route.copying_arm] != nullptr;
+    if (copies != arm_named) {
+      throw Error(ErrorCode::kInvalidInput,
+                  tag + (copies ? ": a route that copies to a shadow needs the loaded arm whose requests are copied"
+                                : ": a route that copies to no shadow has no copying arm"));
     }
     for (const auto& arm : route.arms) {
       if (arm) check_servable(*arm, tag + " version " + std::to_string(arm->version));
@@ -119,11 +124,15 @@ bool route_key_from_header(std::string_view value, std::string* key) {
   return true;
 }
 
-std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key) {
+RoutedRequest route_request(const FrontendRoute& route, std::string_view key) {
   const uint32_t decision = route.router->decide(key.data(), key.size());
-  if (decision & 1) return nullptr;  // a copy: no route here has a shadow
   const size_t arm = decision / 2;
-  return arm < route.arms.size() ? route.arms[arm] : nullptr;
+  if (arm >= route.arms.size()) return {};
+  RoutedRequest out{route.arms[arm], 0};
+  if ((decision & 1) != 0 && static_cast<int>(arm) == route.copying_arm) {
+    out.mirror_tag = route.last_mirror_tag.fetch_add(1, std::memory_order_relaxed) + 1;
+  }
+  return out;
 }
 
 }  // namespace conveyor

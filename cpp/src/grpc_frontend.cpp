@@ -113,6 +113,7 @@ struct NativeRequest {
   std::vector<int> outputs;  // the batcher outputs answered, in the answer's order
   std::string id;            // the id answered: the client's, or one made here
   std::string rollout;       // the rollout that routed it, answered as the "rollout" parameter; empty: none
+  uint64_t mirror_tag = 0;   // nonzero: the rollout copies it to its shadow version
 };
 
 using Metadata = std::multimap<grpc::string_ref, grpc::string_ref>;
@@ -162,10 +163,11 @@ bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, const Meta
     // Routed by the rollout to one of its versions; one naming a version is relayed.
     std::string key;
     if (!request->model_version().empty() || !route_key(*model->route, *request, metadata, &key)) return false;
-    std::shared_ptr<const FrontendModel> arm = route_request(*model->route, key);
-    if (!arm) return false;
+    RoutedRequest routed = route_request(*model->route, key);
+    if (!routed.arm) return false;
     out->rollout = model->route->rollout;
-    model = std::move(arm);
+    out->mirror_tag = routed.mirror_tag;
+    model = std::move(routed.arm);
   }
   if (!request->model_version().empty() && request->model_version() != std::to_string(model->version)) return false;
   for (const auto& [key, value] : request->parameters()) {
@@ -270,7 +272,7 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
 void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint64_t* batcher_id) {
   *batcher_id = r.model->batcher->submit(std::move(r.tensors), std::move(sink),
                                          static_cast<int>(std::min<int64_t>(r.priority, INT32_MAX)),
-                                         r.timeout_us > 0 ? r.timeout_us : -1);
+                                         r.timeout_us > 0 ? r.timeout_us : -1, r.mirror_tag);
   r.model->count(!r.message->model_version().empty());
 }
 

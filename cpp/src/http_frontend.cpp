@@ -1088,17 +1088,19 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     const int64_t priority = schedule_parameter(request_parameters, "priority", "an integer >= 0");
     const int64_t timeout_us =
         schedule_parameter(request_parameters, "timeout", "an integer number of microseconds >= 0");
+    uint64_t mirror_tag = 0;  // nonzero: the rollout copies it to its shadow version
     if (model->route) {
       // Routed by the rollout to one of its versions; one naming a version goes behind.
       std::string key;
       if (named_version || !route_key(*model->route, request_parameters, request, &key)) {
         throw Error(ErrorCode::kInvalidInput, "routed behind");
       }
-      std::shared_ptr<const FrontendModel> arm = route_request(*model->route, key);
-      if (!arm) throw Error(ErrorCode::kInvalidInput, "routed behind");
+      RoutedRequest routed = route_request(*model->route, key);
+      if (!routed.arm) throw Error(ErrorCode::kInvalidInput, "routed behind");
       pending_request.rollout = model->route->rollout;
-      pending_request.model = arm;
-      model = std::move(arm);
+      pending_request.model = routed.arm;
+      model = std::move(routed.arm);
+      mirror_tag = routed.mirror_tag;
     }
     const std::vector<TensorSpec>& specs = model->batcher->options().inputs;
     std::vector<Tensor> tensors(specs.size());
@@ -1215,7 +1217,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
 
     // Queued at the end of this round of reads, with the other requests read in it.
     Batcher::Queued queued{std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
-                           timeout_us > 0 ? timeout_us : -1};
+                           timeout_us > 0 ? timeout_us : -1, mirror_tag};
     staged.push_back({std::move(model), std::move(queued), std::move(pending_request), std::move(request), body});
     in_flight.fetch_add(1, std::memory_order_relaxed);  // from here until its answer is written
     if (!flush_posted) {

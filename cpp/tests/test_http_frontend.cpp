@@ -18,6 +18,7 @@
 #include "conveyor/batcher.h"
 #include "conveyor/frontend_common.h"
 #include "conveyor/http_frontend.h"
+#include "conveyor/mirror.h"
 #include "conveyor/router.h"
 
 using namespace conveyor;
@@ -454,4 +455,55 @@ TEST_CASE("http_frontend: a rollout's route answers each key from its router's a
   }
   CHECK_EQ(behind.answered(), 3);
   frontend.stop();
+}
+
+TEST_CASE("http_frontend: a rollout copying to a shadow tags the copied requests of the copying arm only") {
+  HttpFrontend frontend(HttpFrontendOptions{});
+  auto champion = make_batcher(), challenger = make_batcher();
+  MirrorOptions mirror_options;
+  mirror_options.champion_output = mirror_options.challenger_output = 0;
+  mirror_options.compare = MirrorCompare::kValues;
+  auto mirror = std::make_shared<Mirror>(challenger, mirror_options);
+  champion->set_mirror(mirror);
+  // Every request goes to the champion (arm 0), half of them copied (a random draw each).
+  const router::RouteTable table{{router::kPointLimit, router::kPointLimit}, router::kPointLimit / 2,
+                                 router::fnv1a64("salt"), true};
+  auto make_route = [&](int copying_arm) {
+    auto route = std::make_shared<FrontendRoute>();
+    route->rollout = "m-shadow";
+    route->router = std::make_unique<router::Router>(table, 11);
+    route->arms = {std::make_shared<const FrontendModel>(FrontendModel{"double", 1, champion, {}, {}, {}}),
+                   std::make_shared<const FrontendModel>(FrontendModel{"double", 2, challenger, {}, {}, {}})};
+    route->copying_arm = copying_arm;
+    return route;
+  };
+  // A route that copies names the arm whose requests are copied.
+  CHECK_THROWS_CODE(frontend.add_model({"double", 1, champion, {}, {}, make_route(-1)}), ErrorCode::kInvalidInput);
+  std::shared_ptr<FrontendRoute> route = make_route(0);
+  frontend.add_model({"double", 1, champion, {}, {}, route});
+
+  constexpr int kRequests = 200;
+  Client client(frontend.port());
+  const std::string row = R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}]})";
+  int answered = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    auto res = client.send(http::verb::post, "/v2/models/double/infer", row);
+    answered += res.result_int() == 200 && res.body().find(R"("model_version":"1")") != std::string::npos;
+  }
+  CHECK_EQ(answered, kRequests);
+  CHECK(mirror->wait_idle(-1));
+  const MirrorStats stats = mirror->stats();
+  // Each copied request got its own tag, counted by the route.
+  CHECK_EQ(stats.offered_rows, route->last_mirror_tag.load());
+  CHECK(stats.offered_rows > 0);
+  CHECK(stats.offered_rows < uint64_t{kRequests});
+  CHECK_EQ(stats.paired_rows, stats.offered_rows);
+  CHECK_EQ(challenger->stats().succeeded, stats.offered_rows);
+  MirrorPairs pairs = mirror->drain();
+  CHECK_EQ(pairs.tags.size(), stats.paired_rows);
+  for (size_t i = 0; i < pairs.champion_values.size(); ++i) {
+    CHECK_EQ(pairs.champion_values[i], pairs.challenger_values[i]);
+  }
+  frontend.stop();
+  champion->set_mirror(nullptr);
 }

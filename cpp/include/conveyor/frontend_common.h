@@ -34,10 +34,21 @@ struct FrontendModel;
 // the router's decision picks an arm, whose version answers and counts the request, and
 // the answer carries the rollout's name (the "rollout" parameter), as the Python front ends
 // route it (conveyor/deploy/traffic.py). A request naming a version goes behind.
+//
+// A rollout that copies to a shadow version: the copying arm's batcher holds the rollout's
+// Mirror (conveyor/mirror.h), so a request the decision copies and routes to that arm is
+// submitted with a mirror tag of its own, and the batcher copies it to the shadow once its
+// batch has run. A request the decision copies but routes to the shadow version's own arm is
+// not copied (it is answered there), as in Python.
 struct FrontendRoute {
   std::string rollout;
-  std::unique_ptr<router::Router> router;  // its table copies to no shadow
+  std::unique_ptr<router::Router> router;
   std::vector<std::shared_ptr<const FrontendModel>> arms;  // by arm index; null: an arm at 0 % (never picked)
+  // The arm whose requests a copying decision tags for the shadow; -1: none (the table
+  // copies to no shadow). Required when the table copies.
+  int copying_arm = -1;
+  // The last mirror tag handed out: each copied request gets the next one (never 0).
+  mutable std::atomic<uint64_t> last_mirror_tag{0};
   // Where the routing key is read: the request parameter (which wins), else the header (or
   // gRPC metadata key, lowercase). Both empty: no key can change a decision; none is read.
   std::string key_parameter;
@@ -86,9 +97,14 @@ class FrontendModels {
   std::unordered_map<std::string, std::shared_ptr<const FrontendModel>, NameHash, std::equal_to<>> models_;  // guarded by mu_
 };
 
-// The arm that answers a request whose routing key is `key` (empty: a random draw), or null
-// when none can here (an arm at 0 %).
-std::shared_ptr<const FrontendModel> route_request(const FrontendRoute& route, std::string_view key);
+// Where a rollout sends one request: the arm that answers it, or null when none can here (an
+// arm at 0 %), and its mirror tag (Batcher::submit's: nonzero to copy it to the shadow).
+struct RoutedRequest {
+  std::shared_ptr<const FrontendModel> arm;
+  uint64_t mirror_tag = 0;
+};
+// The routing of a request whose routing key is `key` (empty: a random draw).
+RoutedRequest route_request(const FrontendRoute& route, std::string_view key);
 
 // A routing key read from a header (or gRPC metadata) value into `key`, as the Python front
 // ends read it; false for a value with bytes beyond ASCII, which they read as latin-1 (the

@@ -289,13 +289,16 @@ class _Rollout:
 class NativeRoute:
     """A running rollout's routing, for a native front end: the table its router decides
     by, each arm's (version, handle or None for an arm at 0 % not loaded, RolloutCounts),
-    and where the routing key is read (both empty: no key can change a decision)."""
+    where the routing key is read (both empty: no key can change a decision), and, when
+    the table copies to a shadow, the arm whose batcher holds the rollout's mirror: a
+    request routed there that the decision copies is tagged for it (-1: none copies)."""
 
     rollout: str
     table: Any  # deploy.router.RouteTable
     arms: list[tuple[int, Any, Any]]
     key_parameter: str
     key_header: str
+    copying_arm: int = -1
 
 
 @dataclass
@@ -331,6 +334,9 @@ class RolloutTraffic:
         self._detached: list[_Rollout] = []  # detached with copies whose pairs are not recorded yet
         # Called with a model's name once a rollout routes its requests, and once none does.
         self.change_listeners: list[Callable[[str], None]] = []
+        # The event loop the rollouts' requests and recordings run on (the last one seen):
+        # a native route asked for from another thread is linked to its shadow there.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- the registry ---------------------------------------------------------------------
 
@@ -346,6 +352,7 @@ class RolloutTraffic:
         rollout at a time: detach the old one first.
         """
         model = controller.model
+        self._on_loop()
         if model in self._rollouts:
             raise ConfigError(
                 f"model '{model}' already has rollout '{self._rollouts[model].name}' attached: "
@@ -424,19 +431,31 @@ class RolloutTraffic:
 
     def native_route(self, model: str) -> tuple[NativeRoute | None, str | None]:
         """How a native front end routes `model`'s requests naming no version as `infer`
-        does, while its rollout runs; or (None, why only `infer` can). Only `infer` can
-        while the rollout copies to a shadow (or a mirror is still linked: the first request
-        the challenger answers itself unlinks it), or while an arm with a share of the
-        requests is not loaded (`infer` falls back to the champion and tells the controller)."""
+        does, while its rollout runs; or (None, why only `infer` can).
+
+        A rollout that copies to a shadow version is routed natively too: its mirror is
+        linked here (on the requests' event loop: asked from another thread, it is linked
+        there, and the listeners are told again), and the copying arm's requests are tagged
+        for it by the front end. Only `infer` can while an arm with a share of the requests
+        is not loaded (`infer` falls back to the champion and tells the controller), while
+        the shadow version is not loaded or cannot take the champion's inputs (`infer`
+        counts each copy as a challenger error), while requests of more than one version
+        are copied, or while shadow pairs are kept by request id (the champion takes
+        delayed labels: `infer` keeps each copied request's id).
+        """
         entry = self._rollouts.get(model)
         if entry is None or not entry.controller.active:
             return None, "no rollout routes its requests"
         router = entry.controller.router
         table = router.table
+        copying = []
         if table.shadow_version is not None and table.shadow_percent > 0:
-            return None, "its rollout copies requests to a shadow version"
-        if entry.link is not None:
-            return None, "its rollout's shadow copies are still linked"
+            if entry.remember_ids:
+                return None, "its shadow pairs are kept by request id, for delayed labels"
+            shadow = table.shadow_version
+            copying = [i for i, (version, percent) in enumerate(table.arms) if percent > 0 and version != shadow]
+            if len(copying) > 1:
+                return None, "its rollout copies the requests of more than one version to a shadow"
         arms = []
         for version, percent in table.arms:
             try:
@@ -446,12 +465,63 @@ class RolloutTraffic:
                     return None, f"its rollout routes requests to version {version}, which is not loaded"
                 handle = None  # never picked
             arms.append((version, handle, None if handle is None else self.native_counts(model, version)))
+        reason = self._link_natively(entry, arms[copying[0]][1] if copying else None, table.shadow_version)
+        if reason is not None:
+            return None, reason
         sticky = getattr(entry.controller.config, "sticky", None)
         keyed = router.keyed and sticky is not None and sticky.enabled
         return NativeRoute(
             rollout=entry.name, table=table, arms=arms, key_parameter=sticky.parameter if keyed else "",
-            key_header=sticky.header.lower() if keyed else "",
+            key_header=sticky.header.lower() if keyed else "", copying_arm=copying[0] if copying else -1,
         ), None  # fmt: skip
+
+    def _link_natively(self, entry: _Rollout, champion: Any, version: int | None) -> str | None:
+        """Leaves `entry`'s mirror linked from `champion` (a handle; None: no copies) to
+        `version`, for a native route; or says why it cannot. Links and unlinks only on the
+        event loop, telling no listener: a front end's refresh asks, and every front end is
+        refreshing for the same change."""
+        link = entry.link
+        if champion is None:
+            if link is None:
+                return None
+            reason = "its rollout's shadow copies are still linked"
+        else:
+            try:
+                challenger = self.runtime.model(entry.controller.model, version)
+            except ModelNotFound:
+                return f"its rollout copies requests to version {version}, which is not loaded"
+            if (
+                link is not None and link.champion_batcher is champion.batcher
+                and link.challenger_batcher is challenger.batcher
+            ):  # fmt: skip
+                return None
+            reason = "its rollout's shadow copies are being linked"
+        if not self._on_loop():
+            # Linked on the loop, whose refresh then serves the model natively.
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._notify_if_attached, entry)
+            return reason
+        if champion is None:
+            self._unlink(entry, notify=False)  # no more copies (a switch, the share at 0 %)
+            return None
+        try:
+            mirror = self._mirror(entry, champion, challenger)
+        except ConfigError as exc:
+            return f"its shadow copies fail: {exc}"
+        self._attach_mirror(entry, champion, challenger, version, mirror, notify=False)
+        return None
+
+    def _on_loop(self) -> bool:
+        """Whether this thread runs an event loop (then remembered as the rollouts' loop)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def _notify_if_attached(self, entry: _Rollout) -> None:
+        if entry.attached:
+            self._notify(entry.controller.model)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -562,7 +632,16 @@ class RolloutTraffic:
         except ConveyorError as exc:
             self._unlinked_failure(entry, version, exc)
             return None
-        self._unlink(entry)
+        return self._attach_mirror(entry, champion, challenger, version, mirror, notify=True)
+
+    def _attach_mirror(
+        self, entry: _Rollout, champion: Any, challenger: Any, version: int, mirror: Any, *, notify: bool
+    ) -> _Link:
+        """Replaces `entry`'s link by `mirror`, from `champion`'s batcher to `challenger`'s
+        (version `version`); on the event loop, where its pairs are recorded. `notify`: tell
+        the listeners (a native front end may route the copies itself now)."""
+        self._loop = asyncio.get_running_loop()
+        self._unlink(entry, notify=False)
         champion.batcher.set_mirror(mirror)
         entry.link = _Link(champion.batcher, challenger.batcher, version, mirror)
         if entry.shadow_idle and not challenger.batcher.set_background(True) and not entry.warned_no_idle:
@@ -573,6 +652,8 @@ class RolloutTraffic:
             )  # fmt: skip
         if entry.recording is None:
             self._schedule_recording(entry)
+        if notify and entry.attached:
+            self._notify(entry.controller.model)
         return entry.link
 
     def _mirror(self, entry: _Rollout, champion: Any, challenger: Any) -> Any:
@@ -610,7 +691,9 @@ class RolloutTraffic:
             challenger_output=indices[1], compare=compare, max_unread_rows=self.max_unread_pairs,
         )  # fmt: skip
 
-    def _unlink(self, entry: _Rollout) -> None:
+    def _unlink(self, entry: _Rollout, *, notify: bool = True) -> None:
+        """Stops `entry`'s copies (those in flight finish, and their pairs are recorded).
+        `notify`: tell the listeners (a native front end routes the requests anew)."""
         link = entry.link
         if link is None:
             return
@@ -619,7 +702,7 @@ class RolloutTraffic:
         entry.link = None
         if entry.shadow_idle:
             self._leave_background(entry, link)
-        if entry.attached:  # a native front end may route the model's requests itself now
+        if notify and entry.attached:
             self._notify(entry.controller.model)
 
     def _leave_background(self, entry: _Rollout, link: _Link) -> None:

@@ -5,9 +5,10 @@ answers inference for a model version straight from C++ into its batcher when no
 it needs Python per request: no monitor (capture and feedback read each request), no
 Python steps or output finishing (tokenizers, graphs), a CPU model, and only fixed-size
 datatypes. A running rollout's requests are routed natively by the same decision as in
-Python (`RolloutTraffic.native_route`) unless it copies them to a shadow version; once it
-has ended, the version it left serving (`serving_version`) answers natively. Either way
-what is answered natively is counted in the rollout's counters. `NativeModels` follows
+Python (`RolloutTraffic.native_route`), copies to a shadow version included (the front end
+tags a copied request, and the champion's batcher copies it, as under Python); once it has
+ended, the version it left serving (`serving_version`) answers natively. Either way what
+is answered natively is counted in the rollout's counters. `NativeModels` follows
 loads, unloads, reloads and rollouts as they happen and tells its front end what to serve.
 """
 
@@ -150,8 +151,9 @@ class NativeModels(abc.ABC):
         table = route.table
         arms = [(version, None if handle is None else handle.batcher, counts) for version, handle, counts in route.arms]
         seed = int.from_bytes(os.urandom(8), "little")
-        return (route.rollout, table.arm_bounds(), salt_basis(table.salt), table.sticky, seed, arms,
-                route.key_parameter, route.key_header)  # fmt: skip
+        shadow_bound = table.shadow_bound() if route.copying_arm >= 0 else 0
+        return (route.rollout, table.arm_bounds(), shadow_bound, salt_basis(table.salt), table.sticky, seed, arms,
+                route.copying_arm, route.key_parameter, route.key_header)  # fmt: skip
 
     @abc.abstractmethod
     def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
