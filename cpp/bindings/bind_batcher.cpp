@@ -324,8 +324,9 @@ void init_batcher(py::module_& m) {
            py::call_guard<py::gil_scoped_release>(), "Attaches the Mirror tagged requests are copied to (None: none).")
       .def("set_background", &Batcher::set_background, py::arg("background"),
            py::call_guard<py::gil_scoped_release>(),
-           "Background mode (a shadow challenger): instance threads in the OS's idle scheduling class while on; "
-           "leaving it starts new threads at the caller's priority. Returns whether the idle class is available.")
+           "Background mode (a shadow challenger): instance threads in the OS's idle scheduling class while on, "
+           "and requests gathered into batches for up to 1 ms; leaving it starts new threads at the caller's "
+           "priority. Returns whether the idle class is available.")
       .def("infer", &infer_to_python<Batcher>, py::arg("inputs"), py::arg("priority") = 0, py::arg("timeout_us") = -1,
           "Submit and wait; returns (batch outputs, row_offset, rows), rows -1 meaning all.")
       .def("infer_named", &infer_named_to_python<Batcher>, py::arg("inputs"), py::arg("input_names"),

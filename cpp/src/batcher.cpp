@@ -254,6 +254,7 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
                       bool count_refusal) {
   const size_t n = entries.size();
   bool earlier_deadline = false;
+  bool wake = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!accepting_) {
@@ -280,13 +281,18 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
       }
       levels_[levels[i]].push_back(std::move(entry));
     }
+    // Gathering (background mode): a waiting instance already wakes when the oldest
+    // request's gather time is over; it is woken sooner only to start that wait (the queue
+    // was empty), for a full batch, or for a deadline that comes before it.
+    wake = !background_ || options_.max_batch_size <= 0 || queued_ == 0 || earlier_deadline ||
+           queued_ + n >= static_cast<size_t>(options_.max_batch_size);
     queued_ += n;
     counters_->requests.fetch_add(n, std::memory_order_relaxed);
     counters_->in_flight.fetch_add(n, std::memory_order_relaxed);
   }
-  if (n > 1) {
+  if (wake && n > 1) {
     work_cv_.notify_all();
-  } else {
+  } else if (wake) {
     work_cv_.notify_one();
   }
   if (earlier_deadline) deadline_cv_.notify_one();
@@ -500,6 +506,10 @@ void Batcher::instance_loop(int instance, uint64_t generation) {
     }
     const TimePoint now = Clock::now();
     BatchPolicy policy = policy_;
+    if (background_) {
+      policy.max_queue_delay = std::max<std::chrono::nanoseconds>(
+          policy.max_queue_delay, std::chrono::microseconds(options_.background_gather_us));
+    }
     if (draining_) policy.max_queue_delay = std::chrono::nanoseconds(0);
     BatchDecision decision = decide_batch(Snapshot(levels_), now, policy);
     if (decision.kind != BatchDecision::Kind::kDispatch && decision.expired.empty()) {
@@ -648,6 +658,7 @@ void Batcher::run_batch(int instance, std::vector<Request> batch, int64_t rows) 
       Completion completion;
       completion.request_id = r.id;
       completion.outputs = shared;
+      completion.queued_ns = elapsed_ns(r.enqueue_time, t0);
       completion.row_offset = offset;
       completion.rows = batching ? r.rows : -1;
       offset += r.rows;

@@ -187,7 +187,10 @@ class CopySink final : public CompletionSink {
       } else {
         u.tags.insert(u.tags.end(), rows, request_.tag);
         u.champion_ns.insert(u.champion_ns.end(), rows, request_.total_ns);
-        u.challenger_ns.insert(u.challenger_ns.end(), rows, request_.queue_ns + elapsed);
+        // The champion's queue wait, then the copy's own batch: its wait in the challenger's
+        // queue (gathered, or behind other copies at idle priority) is the mirror's, not the version's.
+        const int64_t own = c.queued_ns >= 0 && c.queued_ns <= elapsed ? elapsed - c.queued_ns : elapsed;
+        u.challenger_ns.insert(u.challenger_ns.end(), rows, request_.queue_ns + own);
         if (comparing) {
           u.compared.insert(u.compared.end(), compared.begin(), compared.end());
         } else {

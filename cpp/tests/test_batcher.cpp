@@ -594,6 +594,46 @@ TEST_CASE("batcher: background mode toggled under load answers every request onc
   b.set_background(false);
 }
 
+TEST_CASE("batcher: background mode gathers requests into one batch until it is full, or the batcher drains") {
+  BatcherOptions o = options(4);
+  o.background_gather_us = int64_t{3600} * 1000 * 1000;  // an hour: only a full batch or draining ends it
+  std::mutex mu;
+  std::vector<int64_t> sizes;
+  Batcher b(o, [&](const Batch& batch) {
+    std::lock_guard<std::mutex> lock(mu);
+    sizes.push_back(batch.rows);
+    return twice_plus_one(batch);
+  }, nullptr);
+  b.set_background(true);
+  std::vector<std::shared_ptr<CompletionWaiter>> waiters;
+  std::vector<float> x = {1, 2};
+  for (int i = 0; i < 5; ++i) {
+    waiters.push_back(std::make_shared<CompletionWaiter>());
+    b.submit({borrow(x, 1)}, waiters.back());
+  }
+  // The first four fill a batch at once; the fifth waits for company until the batcher
+  // leaves background mode.
+  for (int i = 0; i < 4; ++i) CHECK(waiters[i]->wait().code == ErrorCode::kOk);
+  CHECK_EQ(b.stats().succeeded, uint64_t{4});
+  b.set_background(false);
+  Completion fifth = waiters[4]->wait();
+  CHECK(fifth.code == ErrorCode::kOk);
+  CHECK(fifth.queued_ns >= 0);
+  // Back in background mode, a lone request waits until the batcher stops, draining.
+  b.set_background(true);
+  auto lone = std::make_shared<CompletionWaiter>();
+  b.submit({borrow(x, 1)}, lone);
+  b.stop(true);
+  CHECK(lone->wait().code == ErrorCode::kOk);
+  std::lock_guard<std::mutex> lock(mu);
+  CHECK_EQ(sizes.size(), size_t{3});
+  if (sizes.size() == 3) {
+    CHECK_EQ(sizes[0], int64_t{4});
+    CHECK_EQ(sizes[1], int64_t{1});
+    CHECK_EQ(sizes[2], int64_t{1});
+  }
+}
+
 TEST_CASE("batcher: submit_each queues a round together, refuses an invalid request alone, fills the queue in order") {
   Gate gate;
   std::atomic<int> batches{0};

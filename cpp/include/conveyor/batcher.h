@@ -23,6 +23,7 @@
 // the GIL (the old mirror may be the last owner of a batcher whose threads need it).
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -64,6 +65,11 @@ struct BatcherOptions {
   // Pin instance i's thread to the i-th CPU (round robin) of those the process may use when
   // the batcher is made; with one compute thread per instance that is the model's compute too.
   bool pin_instances = false;
+  // In background mode (set_background), how long the oldest request waits for company
+  // when max_queue_delay_us is shorter: a shadow's copies arrive a champion batch at a
+  // time, and gathering them into fewer, larger batches spares the machine a wake-up and a
+  // batch's fixed cost per copy.
+  int64_t background_gather_us = 1000;
 };
 
 // What the executor sees: batch inputs in the model's input order.
@@ -172,7 +178,10 @@ class Batcher {
   // Background mode, for a challenger that only answers a rollout's shadow copies: its
   // instance threads run in the OS's idle scheduling class (Linux SCHED_IDLE), so they
   // take only CPU time no other thread of the machine wants and never delay the
-  // champion. Each thread switches before its next batch. Leaving it starts new instance
+  // champion, and its requests are gathered for up to background_gather_us (a batching
+  // model's; a submit wakes an instance only to start that wait, for a full batch or for
+  // a deadline; see BatcherOptions::background_gather_us). Each thread switches before its
+  // next batch. Leaving it starts new instance
   // threads at the caller's priority (an unprivileged thread may enter the idle class
   // but not leave it); each takes over its instance once the thread it replaces has
   // finished its batch, so an instance never runs two batches at once. Returns whether

@@ -29,6 +29,7 @@ struct Completion {
   ErrorCode code = ErrorCode::kOk;
   std::string message;                          // set when code != kOk
   std::shared_ptr<const BatchOutputs> outputs;  // set when code == kOk
+  int64_t queued_ns = -1;                       // when code == kOk: enqueued -> its batch started
   int64_t row_offset = 0;                       // this request's first row in the batch
   int64_t rows = -1;                            // its rows; -1: all of it (no batch dim)
   // The request's inputs, handed back with its completion: whatever their owners keep

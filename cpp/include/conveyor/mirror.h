@@ -18,8 +18,10 @@
 //
 // What is paired per row: the champion's latency (queued + computed, as its caller saw
 // it up to delivery) and the challenger's (the same queue wait, then the copy's own time
-// from submit to answer: the latency the row would have had had the challenger served
-// it), the row's tag, and the compared output's values:
+// from its batch's start to its answer: the latency the row would have had had the
+// challenger served it; the copy's wait in the challenger's queue, where copies are
+// gathered and may run at idle priority, tells of the mirror, not of the version), the
+// row's tag, and the compared output's values:
 //   kFirstValue  the row's first value (an index output: argmax's, or the best of a top-k)
 //   kArgmax      the argmax over the last axis of each group of the row (class scores)
 //   kValues      every value of the row (scores, regression outputs)

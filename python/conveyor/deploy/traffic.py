@@ -42,13 +42,17 @@ they take only CPU time the champion and everything else leave, and a copy never
 an answer; on a saturated machine copies queue up and are dropped, counted. That is the
 rollout's `shadow_cpu_priority` ("idle"; "auto", the default, is idle unless a check times
 the versions: latency, queue time or paired latency compare fairly only at equal priority;
-"normal" never). The challenger leaves background mode, on new threads at normal priority,
-as soon as the mirror is unlinked or the challenger answers a routed request itself (a
-blue-green switch, a promotion), and when the rollout ends or is detached. Requests that
-name the challenger's version while it copies run at its idle priority too.
+"normal" never). In background mode a batching challenger also gathers its copies into
+batches for up to 1 ms, so that they cost a wake-up and a batch's fixed cost per batch of
+its own rather than per champion batch. The challenger leaves background mode, on new
+threads at normal priority, as soon as the mirror is unlinked or the challenger answers a
+routed request itself (a blue-green switch, a promotion), and when the rollout ends or is
+detached. Requests that name the challenger's version while it copies run at its idle
+priority, and are gathered, too.
 
 Pairs. Each paired row carries both sides' latencies (the champion's: queued and computed;
-the challenger's: the same queue wait, then the copy's own time) and the compared output's
+the challenger's: the same queue wait, then the copy's own batch, from its start to its
+answer: its wait in the challenger's queue is the mirror's doing) and the compared output's
 values (see `OutputComparison`). They are recorded into `controller.statistics.paired`
 every `PAIR_RECORD_DELAY_S` on the event loop that made the first copy (`drain_shadows`
 records at once): numpy's fixed cost is paid per recording, not per request. For a
