@@ -290,10 +290,12 @@ void Batcher::enqueue(std::vector<Entry>& entries, const std::vector<int>& level
     counters_->requests.fetch_add(n, std::memory_order_relaxed);
     counters_->in_flight.fetch_add(n, std::memory_order_relaxed);
   }
-  if (wake && n > 1) {
-    work_cv_.notify_all();
-  } else if (wake) {
-    work_cv_.notify_one();
+  if (wake) {
+    if (n > 1) {
+      work_cv_.notify_all();
+    } else {
+      work_cv_.notify_one();
+    }
   }
   if (earlier_deadline) deadline_cv_.notify_one();
 }

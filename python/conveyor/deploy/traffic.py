@@ -452,7 +452,7 @@ class RolloutTraffic:
             return None, "no rollout routes its requests"
         router = entry.controller.router
         table = router.table
-        copying = []
+        copying_arm = -1
         if table.shadow_version is not None and table.shadow_percent > 0:
             if entry.remember_ids:
                 return None, "its shadow pairs are kept by request id, for delayed labels"
@@ -460,6 +460,7 @@ class RolloutTraffic:
             copying = [i for i, (version, percent) in enumerate(table.arms) if percent > 0 and version != shadow]
             if len(copying) > 1:
                 return None, "its rollout copies the requests of more than one version to a shadow"
+            copying_arm = copying[0] if copying else -1
         arms = []
         for version, percent in table.arms:
             try:
@@ -469,14 +470,14 @@ class RolloutTraffic:
                     return None, f"its rollout routes requests to version {version}, which is not loaded"
                 handle = None  # never picked
             arms.append((version, handle, None if handle is None else self.native_counts(model, version)))
-        reason = self._link_natively(entry, arms[copying[0]][1] if copying else None, table.shadow_version)
+        reason = self._link_natively(entry, arms[copying_arm][1] if copying_arm >= 0 else None, table.shadow_version)
         if reason is not None:
             return None, reason
         sticky = getattr(entry.controller.config, "sticky", None)
         keyed = router.keyed and sticky is not None and sticky.enabled
         return NativeRoute(
             rollout=entry.name, table=table, arms=arms, key_parameter=sticky.parameter if keyed else "",
-            key_header=sticky.header.lower() if keyed else "", copying_arm=copying[0] if copying else -1,
+            key_header=sticky.header.lower() if keyed else "", copying_arm=copying_arm,
         ), None  # fmt: skip
 
     def _link_natively(self, entry: _Rollout, champion: Any, version: int | None) -> str | None:
@@ -644,7 +645,7 @@ class RolloutTraffic:
         """Replaces `entry`'s link by `mirror`, from `champion`'s batcher to `challenger`'s
         (version `version`); on the event loop, where its pairs are recorded. `notify`: tell
         the listeners (a native front end may route the copies itself now)."""
-        self._loop = asyncio.get_running_loop()
+        self._on_loop()
         self._unlink(entry, notify=False)
         champion.batcher.set_mirror(mirror)
         entry.link = _Link(champion.batcher, challenger.batcher, version, mirror)
@@ -656,8 +657,8 @@ class RolloutTraffic:
             )  # fmt: skip
         if entry.recording is None:
             self._schedule_recording(entry)
-        if notify and entry.attached:
-            self._notify(entry.controller.model)
+        if notify:
+            self._notify_if_attached(entry)
         return entry.link
 
     def _mirror(self, entry: _Rollout, champion: Any, challenger: Any) -> Any:
@@ -706,8 +707,8 @@ class RolloutTraffic:
         entry.link = None
         if entry.shadow_idle:
             self._leave_background(entry, link)
-        if notify and entry.attached:
-            self._notify(entry.controller.model)
+        if notify:
+            self._notify_if_attached(entry)
 
     def _leave_background(self, entry: _Rollout, link: _Link) -> None:
         try:
