@@ -23,8 +23,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
 from conveyor.protocol.grpc import inference_pb2 as pb
 from conveyor.protocol.grpc import inference_pb2_grpc as pb_grpc
+from conveyor.server.dataplane import DataPlane
 from conveyor.server.grpc_server import InferenceServicer
 from conveyor.server.native_grpc import native_grpc_available
 from conveyor.server.serve import ServeOptions
@@ -385,6 +389,134 @@ def test_a_shadow_rollout_s_calls_are_answered_here_and_copied(served: ServerThr
         client.unload_model("shadow_demo")
 
 
+@pytest.fixture
+def python_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The health and metadata the Python server read to answer a call (DataPlane's methods)."""
+    seen: list[str] = []
+    for name in ("live", "ready", "server_metadata", "model_ready", "model_metadata", "model_config"):
+        original = getattr(DataPlane, name)
+
+        def reading(self: DataPlane, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            seen.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(DataPlane, name, reading)
+    return seen
+
+
+def _behind(served: ServerThread) -> grpc.Channel:
+    """A channel to the Python server behind the native front end."""
+    assert served.server is not None and served.server._grpc_socket_dir is not None
+    return grpc.insecure_channel(f"unix:{served.server._grpc_socket_dir / 'python.sock'}")
+
+
+# Health and metadata calls as (service stub, method, request).
+_INFERENCE_CALLS = [
+    ("ServerLive", pb.ServerLiveRequest()),
+    ("ServerReady", pb.ServerReadyRequest()),
+    ("ServerMetadata", pb.ServerMetadataRequest()),
+    ("ModelReady", pb.ModelReadyRequest(name="tiny")),
+    ("ModelReady", pb.ModelReadyRequest(name="tiny", version="1")),
+    ("ModelMetadata", pb.ModelMetadataRequest(name="tiny")),
+    ("ModelMetadata", pb.ModelMetadataRequest(name="tiny", version="1")),
+    ("ModelConfig", pb.ModelConfigRequest(name="tiny")),
+    ("ModelConfig", pb.ModelConfigRequest(name="tiny", version="1")),
+]
+
+
+@needs_native
+@pytest.mark.parametrize(("method", "request_message"), _INFERENCE_CALLS, ids=lambda v: str(v).replace("\n", " "))
+def test_health_and_metadata_are_answered_natively_as_python_answers_them(
+    served: ServerThread, python_reads: list[str], method: str, request_message: Any
+) -> None:
+    """The health and metadata calls of a ready server and its native models never reach
+    Python, and their answers are the Python server's, byte for byte."""
+    with grpc.insecure_channel(_address(served)) as channel:
+        native = getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(request_message, timeout=30)
+    assert python_reads == []
+    with _behind(served) as channel:
+        python = getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(request_message, timeout=30)
+    assert python_reads != []
+    assert native.SerializeToString() == python.SerializeToString()
+    assert native.ByteSize() > 0
+
+
+@needs_native
+@pytest.mark.parametrize("service", ["", "inference.GRPCInferenceService"])
+def test_the_standard_health_check_is_answered_natively(
+    served: ServerThread, python_reads: list[str], service: str
+) -> None:
+    with grpc.insecure_channel(_address(served)) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING and python_reads == []
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [("ModelReady", pb.ModelReadyRequest(name="tiny", version="2")),
+     ("ModelMetadata", pb.ModelMetadataRequest(name="churn")),  # a model Python serves
+     ("ModelConfig", pb.ModelConfigRequest(name="tiny", version="2")),
+     ("ModelConfig", pb.ModelConfigRequest(name="absent"))],
+    ids=lambda v: str(v).replace("\n", " "),
+)  # fmt: skip
+def test_other_metadata_calls_are_relayed(
+    served: ServerThread, python_reads: list[str], method: str, request_message: Any
+) -> None:
+    """Another version, a model Python serves and an unknown model are Python's to answer."""
+    with grpc.insecure_channel(_address(served)) as channel:
+        try:
+            getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(request_message, timeout=30)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND, error
+    assert python_reads != []
+
+
+@needs_native
+def test_an_unknown_health_service_is_refused_by_python(served: ServerThread, python_reads: list[str]) -> None:
+    with grpc.insecure_channel(_address(served)) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="other"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "other" in caught.value.details()
+
+
+@needs_native
+def test_server_readiness_follows_the_models_the_operator_asked_for(
+    tmp_path: Path, python_reads: list[str]
+) -> None:
+    """While a model the operator asked for does not serve, ServerReady and health Check go to
+    Python (which says not ready); once it serves, the native front end answers them again."""
+    shutil.copytree(EXAMPLES / "tiny", tmp_path / "tiny")
+    (tmp_path / "late" / "1").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "tiny" / "config.toml", tmp_path / "late" / "config.toml")
+    (tmp_path / "late" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    thread = ServerThread(ServeOptions(
+        repository=tmp_path, http_port=0, grpc_port=free_port(), data_dir=tmp_path / "data",
+        model_control_mode="explicit", load_models=["tiny"], grpc_frontend="native",
+    ))  # fmt: skip
+    try:
+        client = grpcclient.InferenceServerClient(_address(thread))
+        with grpc.insecure_channel(_address(thread)) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def check() -> int:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
+
+            # (Loads read the metadata a native model's answers are rendered from: only readiness counts.)
+            assert client.is_server_ready() and check() == health_pb2.HealthCheckResponse.SERVING
+            assert python_reads.count("ready") == 0
+            with pytest.raises(InferenceServerException):
+                client.load_model("late")
+            assert not client.is_server_ready() and check() == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert python_reads.count("ready") == 2
+            shutil.copy(EXAMPLES / "tiny" / "1" / "model.onnx", tmp_path / "late" / "1" / "model.onnx")
+            client.load_model("late")
+            assert client.is_server_ready() and check() == health_pb2.HealthCheckResponse.SERVING
+            assert python_reads.count("ready") == 2
+    finally:
+        thread.stop()
+
+
 @needs_native
 def test_with_the_key_on_all_calls_a_keyless_call_is_refused_by_python(tmp_path: Path, python_calls: list[str]) -> None:
     shutil.copytree(EXAMPLES / "tiny", tmp_path / "tiny")
@@ -398,6 +530,15 @@ def test_with_the_key_on_all_calls_a_keyless_call_is_refused_by_python(tmp_path:
         assert python_calls == []  # refused by Python's interceptor, before the servicer
         _call(thread, _tiny_request(), metadata=[("authorization", "Bearer k-1")])
         assert python_calls == []  # answered here
+        with grpc.insecure_channel(_address(thread)) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready  # probes need no key
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelConfig(pb.ModelConfigRequest(name="tiny"), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            keyed = stub.ModelConfig(pb.ModelConfigRequest(name="tiny"), timeout=30,
+                                     metadata=[("authorization", "Bearer k-1")])  # fmt: skip
+            assert keyed.config.name == "tiny"
     finally:
         thread.stop()
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conveyor.server.dataplane import DataPlane
 from conveyor.server.http import HttpApp
 from conveyor.server.serve import ServeOptions
 from rollout_models import write_shadow_demo
@@ -219,16 +220,20 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         ("/v2", "/%76%32"),
         ("/v2/models/tiny", "/v2/models/tin%79"),
         ("/v2/models/tiny/versions/1", "/v2/models/tin%79/versions/1"),
+        ("/v2/health/ready", "/v2/health/read%79"),
         ("/v2/models/tiny/ready", "/v2/models/tin%79/ready"),
         ("/v2/models/tiny/versions/1/ready", "/v2/models/tin%79/versions/1/ready"),
+        ("/v2/models/tiny/config", "/v2/models/tin%79/config"),
+        ("/v2/models/tiny/versions/1/config", "/v2/models/tin%79/versions/1/config"),
     ],
 )
 def test_health_and_metadata_are_answered_natively_as_python_answers_them(
     served: ServerThread, python_paths: list[str], path: str, spelled_for_python: str | None
 ) -> None:
-    """Liveness, the server's metadata, and a native model's metadata and readiness never reach
-    Python; the same route spelled so that the native front end does not recognise it (an
-    escaped letter, which the Python front end decodes) is answered there, with the same body."""
+    """Liveness, the ready server's readiness, the server's metadata, and a native model's
+    metadata, config and readiness never reach Python; the same route spelled so that the
+    native front end does not recognise it (an escaped letter, which the Python front end
+    decodes) is answered there, with the same body."""
     status, body = _get(served.port, path)
     assert status == 200 and python_paths == [], (body, python_paths)
     if spelled_for_python is not None:
@@ -238,17 +243,48 @@ def test_health_and_metadata_are_answered_natively_as_python_answers_them(
 
 @pytest.mark.parametrize(
     "path",
-    ["/v2/health/ready", "/v2/models/tiny/versions/2", "/v2/models/churn", "/v2/models/tiny/config", "/v2//models/tiny",
-     "/v2/models/tiny/versions/1/stats"],
+    ["/v2/models/tiny/versions/2", "/v2/models/tiny/versions/2/config", "/v2/models/churn", "/v2/models/churn/config",
+     "/v2//models/tiny", "/v2/models/tiny/versions/1/stats"],
 )  # fmt: skip
 def test_other_health_and_metadata_routes_are_forwarded(
     served: ServerThread, python_paths: list[str], path: str
 ) -> None:
-    """Server readiness (it depends on every model the operator asked for), another version,
-    a model served by Python, config, statistics, and a path the Python front end splits
-    differently (an empty segment) are answered by the Python front end."""
+    """Another version, a model served by Python, statistics, and a path the Python front
+    end splits differently (an empty segment) are answered by the Python front end."""
     _get(served.port, path)
     assert python_paths == [path]
+
+
+def test_server_readiness_follows_the_models_the_operator_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a model the operator asked for does not serve, readiness goes behind (the Python
+    front end says why); once it serves, the native front end answers it again."""
+    shutil.copytree(EXAMPLES / "tiny", tmp_path / "tiny")
+    (tmp_path / "late" / "1").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "tiny" / "config.toml", tmp_path / "late" / "config.toml")
+    (tmp_path / "late" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    thread = ServerThread(ServeOptions(
+        repository=tmp_path, http_port=0, grpc_port=0, data_dir=tmp_path / "data", model_control_mode="explicit",
+        load_models=["tiny"], http_frontend="native",
+    ))  # fmt: skip
+    readiness_asked: list[bool] = []
+    ready = DataPlane.ready
+    monkeypatch.setattr(DataPlane, "ready", lambda self: readiness_asked.append(True) or ready(self))
+    try:
+        assert _get(thread.port, "/v2/health/ready") == (200, b'{"ready":true}')
+        assert readiness_asked == []
+        status, body = _post(thread.port, "/v2/repository/models/late/load", {})
+        assert status == 400 and "late" in body["error"], body
+        status, body = _get(thread.port, "/v2/health/ready")
+        assert status == 400 and b"not loaded yet or failed to load" in body, body
+        assert readiness_asked == [True]
+        shutil.copy(EXAMPLES / "tiny" / "1" / "model.onnx", tmp_path / "late" / "1" / "model.onnx")
+        assert _post(thread.port, "/v2/repository/models/late/load", {})[0] == 200
+        assert _get(thread.port, "/v2/health/ready") == (200, b'{"ready":true}')
+        assert readiness_asked == [True]
+    finally:
+        thread.stop()
 
 
 def test_the_table_follows_loads_unloads_and_rollouts(served: ServerThread, python_answers: list[str]) -> None:

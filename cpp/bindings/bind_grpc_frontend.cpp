@@ -37,17 +37,35 @@ void init_grpc_frontend(py::module_& m) {
       .def_property_readonly("port", &GrpcFrontend::port)
       .def(
           "add_model",
-          [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher,
-             std::shared_ptr<RolloutCounts> counts, py::handle route) {
+          [](GrpcFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher, py::bytes metadata,
+             py::bytes config, std::shared_ptr<RolloutCounts> counts, py::handle route) {
             std::shared_ptr<FrontendRoute> routed = frontend_route(name, route);
-            f.add_model({std::move(name), version, std::move(batcher), {}, std::move(counts), std::move(routed)});
+            f.add_model({std::move(name), version, std::move(batcher), std::string(metadata), std::string(config),
+                         std::move(counts), std::move(routed)});
           },
-          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("counts") = nullptr,
-          py::arg("route") = py::none(),
-          "Serve the model's ModelInfer calls natively (replacing the version of that name served before). "
-          "`counts`: where the requests answered here are counted (a RolloutCounts), or None. `route`: a "
-          "running rollout's routing of the calls naming no version (see native_models.py), or None.")
+          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = py::bytes(),
+          py::arg("config") = py::bytes(), py::arg("counts") = nullptr, py::arg("route") = py::none(),
+          "Serve the model's ModelInfer calls natively (replacing the version of that name served before), and "
+          "its ModelReady calls; when `metadata` and `config` (its serialized ModelMetadataResponse and "
+          "ModelConfigResponse) are given, its ModelMetadata and ModelConfig calls. `counts`: where the requests "
+          "answered here are counted (a RolloutCounts), or None. `route`: a running rollout's routing of the calls "
+          "naming no version (see native_models.py), or None.")
       .def("remove_model", &GrpcFrontend::remove_model, py::arg("name"), "Relay the model's calls from now on.")
+      .def(
+          "serve_health",
+          [](GrpcFrontend& f, py::bytes server_metadata, const std::vector<py::bytes>& health_check_requests,
+             py::bytes health_serving) {
+            GrpcServerAnswers answers{std::string(server_metadata), {}, std::string(health_serving)};
+            for (const py::bytes& request : health_check_requests) answers.health_check_requests.emplace_back(request);
+            f.serve_health(std::move(answers));
+          },
+          py::arg("server_metadata"), py::arg("health_check_requests"), py::arg("health_serving"),
+          "The server has started: answer ServerLive, ServerMetadata (this serialized answer), grpc.health.v1 Check "
+          "of these serialized requests (with `health_serving` while the server is ready), ServerReady, and the "
+          "ModelReady, ModelMetadata and ModelConfig calls of the models served here from now on.")
+      .def("set_ready", &GrpcFrontend::set_ready, py::arg("ready"),
+           "Whether the server is ready: while it is, ServerReady and health Check are answered here (once serving "
+           "health); while not, the server behind answers them.")
       .def("drain", &GrpcFrontend::drain, "Relay inference calls from now on (the server behind refuses them).")
       .def_property_readonly("in_flight", &GrpcFrontend::in_flight)
       .def("stop", &GrpcFrontend::stop, py::arg("grace_ms") = 0, py::call_guard<py::gil_scoped_release>(),

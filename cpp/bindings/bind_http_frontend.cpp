@@ -34,7 +34,7 @@ std::shared_ptr<FrontendRoute> frontend_route(const std::string& model, py::hand
   out->copying_arm = copying_arm;
   for (auto& [version, batcher, counts] : arms) {
     out->arms.push_back(batcher ? std::make_shared<const FrontendModel>(
-                                      FrontendModel{model, version, std::move(batcher), {}, std::move(counts), {}})
+                                      FrontendModel{model, version, std::move(batcher), {}, {}, std::move(counts), {}})
                                 : nullptr);
   }
   out->key_parameter = std::move(key_parameter);
@@ -82,20 +82,23 @@ void init_http_frontend(py::module_& m) {
       .def(
           "add_model",
           [](HttpFrontend& f, std::string name, int64_t version, std::shared_ptr<Batcher> batcher, std::string metadata,
-             std::shared_ptr<RolloutCounts> counts, py::handle route) {
+             std::string config, std::shared_ptr<RolloutCounts> counts, py::handle route) {
             std::shared_ptr<FrontendRoute> routed = frontend_route(name, route);
-            f.add_model({std::move(name), version, std::move(batcher), std::move(metadata), std::move(counts),
-                         std::move(routed)});
+            f.add_model({std::move(name), version, std::move(batcher), std::move(metadata), std::move(config),
+                         std::move(counts), std::move(routed)});
           },
-          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "", py::arg("counts") = nullptr,
-          py::arg("route") = py::none(),
+          py::arg("name"), py::arg("version"), py::arg("batcher"), py::arg("metadata") = "", py::arg("config") = "",
+          py::arg("counts") = nullptr, py::arg("route") = py::none(),
           "Serve the model's inference natively (replacing the version of that name served before), and its "
-          "readiness and, when `metadata` (the body of its metadata route) is given, its metadata. `counts`: "
-          "where the requests answered here are counted (a RolloutCounts), or None. `route`: a running "
-          "rollout's routing of the requests naming no version (see native_models.py), or None.")
+          "readiness and, when `metadata` and `config` (the bodies of its metadata and config routes) are given, "
+          "those routes. `counts`: where the requests answered here are counted (a RolloutCounts), or None. "
+          "`route`: a running rollout's routing of the requests naming no version (see native_models.py), or None.")
       .def("serve_health", &HttpFrontend::serve_health, py::arg("server_metadata"),
            "The server has started: answer liveness, GET /v2 (with this body) and the metadata and readiness of "
            "the models served here from now on.")
+      .def("set_ready", &HttpFrontend::set_ready, py::arg("ready"),
+           "Whether the server is ready: while it is, GET /v2/health/ready is answered here (once serving health); "
+           "while not, the server behind answers it.")
       .def("remove_model", &HttpFrontend::remove_model, py::arg("name"), "Forward the model's requests from now on.")
       .def("drain", &HttpFrontend::drain, "Stop accepting connections; forward inference from now on.")
       .def_property_readonly("in_flight", &HttpFrontend::in_flight)

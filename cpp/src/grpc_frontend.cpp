@@ -31,6 +31,13 @@ namespace {
 
 constexpr std::string_view kModelInfer = "/inference.GRPCInferenceService/ModelInfer";
 constexpr std::string_view kModelStreamInfer = "/inference.GRPCInferenceService/ModelStreamInfer";
+constexpr std::string_view kServerLive = "/inference.GRPCInferenceService/ServerLive";
+constexpr std::string_view kServerReady = "/inference.GRPCInferenceService/ServerReady";
+constexpr std::string_view kServerMetadata = "/inference.GRPCInferenceService/ServerMetadata";
+constexpr std::string_view kModelReady = "/inference.GRPCInferenceService/ModelReady";
+constexpr std::string_view kModelMetadata = "/inference.GRPCInferenceService/ModelMetadata";
+constexpr std::string_view kModelConfig = "/inference.GRPCInferenceService/ModelConfig";
+constexpr std::string_view kHealthCheck = "/grpc.health.v1.Health/Check";
 
 grpc::StatusCode grpc_code_for(ErrorCode code) {
   // The same table as the server behind (conveyor/protocol/errors.py).
@@ -87,6 +94,10 @@ struct GrpcFrontend::Core {
 
   std::atomic<bool> draining{false};
   std::atomic<size_t> in_flight{0};
+  std::atomic<bool> started{false};       // health and metadata calls are answered here (serve_health)
+  std::atomic<bool> server_ready{false};  // ServerReady and health Check are answered here (set_ready)
+  mutable std::mutex answers_mu;
+  GrpcServerAnswers answers;  // guarded by answers_mu
   std::mutex stop_mu;
   bool stopped = false;  // guarded by stop_mu
 
@@ -267,6 +278,99 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
   return grpc::Status::OK;
 }
 
+// `bytes` decoded as a `Message`; false when they are not one.
+template <typename Message>
+bool decode(const ByteBuffer& bytes, Message* message) {
+  ByteBuffer copy(bytes);  // shares the slices; Deserialize consumes what it is given
+  return grpc::SerializationTraits<Message>::Deserialize(&copy, message).ok();
+}
+
+template <typename Message>
+std::string serialized(const Message& message) {
+  std::string out;
+  message.SerializeToString(&out);
+  return out;
+}
+
+// The model a ModelReady, ModelMetadata or ModelConfig request names, when this front end
+// serves the version it names (none: the one served); else null.
+template <typename Request>
+std::shared_ptr<const FrontendModel> named_model(const GrpcFrontend::Core& core, const ByteBuffer& bytes) {
+  Request request;
+  if (!decode(bytes, &request)) return nullptr;
+  std::shared_ptr<const FrontendModel> model = core.models.find(request.name());
+  if (model && !request.version().empty() && request.version() != std::to_string(model->version)) return nullptr;
+  return model;
+}
+
+// The answer to a health or metadata call as the server behind answers it, into `out`;
+// false when the server behind must answer (a call of another method, a request it would
+// refuse or reads differently, a model not served here, a server not ready or draining).
+bool health_or_metadata_answer(const GrpcFrontend::Core& core, const grpc::GenericCallbackServerContext* ctx,
+                               const ByteBuffer& bytes, std::string* out) {
+  if (!core.started.load(std::memory_order_acquire) || core.draining.load(std::memory_order_relaxed)) return false;
+  const std::string_view method = ctx->method();
+  const bool ready = core.server_ready.load(std::memory_order_acquire);
+  if (method == kServerLive) {
+    inference::ServerLiveRequest request;
+    if (!decode(bytes, &request)) return false;
+    inference::ServerLiveResponse response;
+    response.set_live(true);
+    *out = serialized(response);
+    return true;
+  }
+  if (method == kServerReady) {
+    inference::ServerReadyRequest request;
+    if (!ready || !decode(bytes, &request)) return false;
+    inference::ServerReadyResponse response;
+    response.set_ready(true);
+    *out = serialized(response);
+    return true;
+  }
+  if (method == kHealthCheck) {
+    if (!ready) return false;
+    grpc::Slice slice;
+    if (!bytes.DumpToSingleSlice(&slice).ok()) return false;
+    const std::string_view request(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    std::lock_guard<std::mutex> lock(core.answers_mu);
+    for (const std::string& known : core.answers.health_check_requests) {
+      if (request == known) {
+        *out = core.answers.health_serving;
+        return true;
+      }
+    }
+    return false;
+  }
+  if (!core.authorized(ctx)) return false;
+  if (method == kServerMetadata) {
+    inference::ServerMetadataRequest request;
+    if (!decode(bytes, &request)) return false;
+    std::lock_guard<std::mutex> lock(core.answers_mu);
+    *out = core.answers.server_metadata;
+    return !out->empty();
+  }
+  if (method == kModelReady) {
+    if (!named_model<inference::ModelReadyRequest>(core, bytes)) return false;
+    inference::ModelReadyResponse response;
+    response.set_ready(true);
+    *out = serialized(response);
+    return true;
+  }
+  if (method == kModelMetadata) {
+    std::shared_ptr<const FrontendModel> model = named_model<inference::ModelMetadataRequest>(core, bytes);
+    if (!model || model->metadata.empty()) return false;
+    *out = model->metadata;
+    return true;
+  }
+  if (method == kModelConfig) {
+    std::shared_ptr<const FrontendModel> model = named_model<inference::ModelConfigRequest>(core, bytes);
+    if (!model || model->config.empty()) return false;
+    *out = model->config;
+    return true;
+  }
+  return false;
+}
+
 // Counts the request on its model once its batcher took it (a refusal the caller answers
 // here is counted by the caller).
 void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint64_t* batcher_id) {
@@ -278,8 +382,8 @@ void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint6
 
 // One call on the public port (ModelStreamInfer aside: StreamCall). Its first message is
 // read first: a ModelInfer request this front end serves goes to the model's batcher and is
-// answered from its completion; any other call is relayed to the server behind, message by
-// message in both directions.
+// answered from its completion, a health or metadata call it can answer is answered at once;
+// any other call is relayed to the server behind, message by message in both directions.
 //
 // Lifetime: gRPC owns the server half (OnDone is its last callback); the relayed client
 // half (OnDone likewise) holds a reference of its own. The object is deleted when both are done.
@@ -299,7 +403,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
         Finish(grpc::Status::CANCELLED);
         return;
       }
-      if (ok && ctx_->method() == kModelInfer && serve_natively()) return;
+      if (ok && (ctx_->method() == kModelInfer ? serve_natively() : answer_here())) return;
       relay(/*have_first=*/ok);
       return;
     }
@@ -407,6 +511,18 @@ class Call final : public grpc::ServerGenericBidiReactor {
       native_ = false;
       return false;
     }
+    return true;
+  }
+
+  // Answers a health or metadata call here (health_or_metadata_answer); false (nothing
+  // started) when the server behind must.
+  bool answer_here() {
+    std::string answer;
+    if (!health_or_metadata_answer(*core_, ctx_, down_message_, &answer)) return false;
+    native_ = true;
+    grpc::Slice slice(answer);
+    answer_ = ByteBuffer(&slice, 1);
+    StartWriteAndFinish(&answer_, grpc::WriteOptions(), grpc::Status::OK);
     return true;
   }
 
@@ -815,6 +931,16 @@ int GrpcFrontend::port() const noexcept { return core_->bound_port; }
 void GrpcFrontend::add_model(FrontendModel model) { core_->models.add(std::move(model), "[grpc]"); }
 
 void GrpcFrontend::remove_model(const std::string& name) { core_->models.remove(name); }
+
+void GrpcFrontend::serve_health(GrpcServerAnswers answers) {
+  {
+    std::lock_guard<std::mutex> lock(core_->answers_mu);
+    core_->answers = std::move(answers);
+  }
+  core_->started.store(true, std::memory_order_release);
+}
+
+void GrpcFrontend::set_ready(bool ready) { core_->server_ready.store(ready, std::memory_order_release); }
 
 void GrpcFrontend::drain() { core_->draining.store(true, std::memory_order_relaxed); }
 

@@ -398,6 +398,7 @@ struct HttpFrontend::Core {
   mutable std::mutex metadata_mu;
   std::string server_metadata;  // guarded by metadata_mu: the body of GET /v2
   std::atomic<bool> started{false};  // health and metadata are answered here (serve_health)
+  std::atomic<bool> server_ready{false};  // GET /v2/health/ready is answered here (set_ready)
   std::unordered_map<uint64_t, PendingRequest> pending;  // I/O thread only
   std::once_flag stop_once;
   int port = 0;
@@ -898,8 +899,12 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
   if (request.method() == http::verb::get && started.load(std::memory_order_acquire)) {
     // Health and metadata, answered as the Python front end answers them once the server has
     // started: liveness always, the rest for the models served here and the server.
-    if (parts.size() == 3 && parts[1] == "health" && parts[2] == "live") {
-      return session->respond(json_response(200, R"({"live":true})"));
+    if (parts.size() == 3 && parts[1] == "health") {
+      if (parts[2] == "live") return session->respond(json_response(200, R"({"live":true})"));
+      // Not ready: the server behind answers, with the reason.
+      if (parts[2] == "ready" && server_ready.load(std::memory_order_acquire)) {
+        return session->respond(json_response(200, R"({"ready":true})"));
+      }
     }
     if (authorized(request)) {
       if (parts.size() == 1) {
@@ -911,6 +916,8 @@ void HttpFrontend::Core::handle(const std::shared_ptr<Session>& session, Request
         return session->respond(json_response(200, std::move(body)));
       } else if (model && action.empty() && !model->metadata.empty()) {
         return session->respond(json_response(200, model->metadata));
+      } else if (model && action == "config" && !model->config.empty()) {
+        return session->respond(json_response(200, model->config));
       } else if (model && action == "ready") {
         std::string body = R"({"name":)";
         append_json_string(model->name, &body);
@@ -1378,6 +1385,8 @@ void HttpFrontend::serve_health(std::string server_metadata) {
   }
   core_->started.store(true, std::memory_order_release);
 }
+
+void HttpFrontend::set_ready(bool ready) { core_->server_ready.store(ready, std::memory_order_release); }
 
 void HttpFrontend::remove_model(const std::string& name) { core_->models.remove(name); }
 

@@ -189,7 +189,7 @@ struct Setup {
     GrpcFrontendOptions options;
     options.fallback_target = "127.0.0.1:" + std::to_string(behind.port());
     frontend = std::make_unique<GrpcFrontend>(options);
-    frontend->add_model({"double", 1, batcher, {}, {}, {}});
+    frontend->add_model({"double", 1, batcher, {}, {}, {}, {}});
     channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(frontend->port()), grpc::InsecureChannelCredentials());
     stub = std::make_unique<grpc::GenericStub>(channel);
   }
@@ -251,6 +251,61 @@ TEST_CASE("grpc_frontend: other calls, other models and requests it would refuse
   s.frontend->remove_model("double");
   Answer e = call(*s.stub, kModelInfer, infer_request("double", {1, 2}));
   CHECK_EQ(e.body.substr(0, 8), std::string("behind: "));
+}
+
+TEST_CASE("grpc_frontend: health and metadata are answered here once serving health, readiness while ready") {
+  Setup s;
+  const std::string service = "/inference.GRPCInferenceService/";
+  const std::string live = inference::ServerLiveRequest().SerializeAsString();
+  Answer a = call(*s.stub, service + "ServerLive", live);  // not serving health yet: behind
+  CHECK_EQ(a.body.substr(0, 8), std::string("behind: "));
+  inference::ModelReadyRequest named;
+  named.set_name("double");
+  const std::string health_request = "\x0a\x07service";  // a HealthCheckRequest naming "service"
+  s.frontend->serve_health({"server metadata", {"", health_request}, "serving"});
+  s.frontend->add_model({"double", 1, s.batcher, "model metadata", "model config", {}, {}});
+  const int relayed = s.behind.calls();
+
+  inference::ServerLiveResponse live_answer;
+  a = call(*s.stub, service + "ServerLive", live);
+  CHECK(a.status.ok());
+  CHECK((live_answer.ParseFromString(a.body) && live_answer.live()));
+  CHECK_EQ(call(*s.stub, service + "ServerMetadata", "").body, std::string("server metadata"));
+  inference::ModelReadyResponse model_ready;
+  CHECK((model_ready.ParseFromString(call(*s.stub, service + "ModelReady", named.SerializeAsString()).body) &&
+         model_ready.ready()));
+  CHECK_EQ(call(*s.stub, service + "ModelMetadata", named.SerializeAsString()).body, std::string("model metadata"));
+  named.set_version("1");
+  CHECK_EQ(call(*s.stub, service + "ModelConfig", named.SerializeAsString()).body, std::string("model config"));
+  CHECK_EQ(s.behind.calls(), relayed);
+
+  // Not ready: readiness behind. Ready: here, for the health requests it was given only.
+  CHECK_EQ(call(*s.stub, service + "ServerReady", "").body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(call(*s.stub, "/grpc.health.v1.Health/Check", "").body.substr(0, 8), std::string("behind: "));
+  s.frontend->set_ready(true);
+  inference::ServerReadyResponse server_ready;
+  CHECK((server_ready.ParseFromString(call(*s.stub, service + "ServerReady", "").body) && server_ready.ready()));
+  CHECK_EQ(call(*s.stub, "/grpc.health.v1.Health/Check", "").body, std::string("serving"));
+  CHECK_EQ(call(*s.stub, "/grpc.health.v1.Health/Check", health_request).body, std::string("serving"));
+  const int answered_here = s.behind.calls();
+  CHECK_EQ(answered_here, relayed + 2);
+
+  // Another version, another model, an unknown health service, bytes that are no request,
+  // another method: behind.
+  named.set_version("2");
+  CHECK_EQ(call(*s.stub, service + "ModelConfig", named.SerializeAsString()).body.substr(0, 8), std::string("behind: "));
+  named.set_version("");
+  named.set_name("other");
+  CHECK_EQ(call(*s.stub, service + "ModelReady", named.SerializeAsString()).body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(call(*s.stub, "/grpc.health.v1.Health/Check", "\x0a\x01x").body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(call(*s.stub, service + "ModelMetadata", "\xff\xff").body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(call(*s.stub, service + "ModelStatistics", "").body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(s.behind.calls(), answered_here + 5);
+
+  // Draining: everything behind.
+  s.frontend->drain();
+  CHECK_EQ(call(*s.stub, service + "ServerLive", live).body.substr(0, 8), std::string("behind: "));
+  CHECK_EQ(call(*s.stub, service + "ServerReady", "").body.substr(0, 8), std::string("behind: "));
 }
 
 TEST_CASE("grpc_frontend: a stream is relayed message by message, and an early end reaches the client") {

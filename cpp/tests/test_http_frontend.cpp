@@ -150,7 +150,7 @@ struct Served {
   explicit Served(HttpFrontendOptions options = {}) : batcher(make_batcher()) {
     options.fallback_port = behind.port();
     frontend = std::make_unique<HttpFrontend>(options);
-    frontend->add_model({"double", 1, batcher, {}, {}, {}});
+    frontend->add_model({"double", 1, batcher, {}, {}, {}, {}});
   }
   FallbackServer behind;
   std::shared_ptr<Batcher> batcher;
@@ -162,7 +162,7 @@ struct Served {
 TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answer") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}, {}});
   constexpr int kThreads = 8, kRequests = 100;
   std::atomic<int> wrong{0};
   std::vector<std::thread> clients;
@@ -187,7 +187,7 @@ TEST_CASE("http_frontend: concurrent keep-alive clients each get their own answe
 TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
   auto batcher = make_batcher();
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}, {}});
   Client client(frontend.port());
   auto res = client.send(http::verb::post, "/v2/models/double/versions/1/infer",
                          R"({"id":"r-1","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1.5,-2]}]})");
@@ -228,6 +228,42 @@ TEST_CASE("http_frontend: what it does not serve goes to the server behind, and 
   CHECK_EQ(res.result_int(), 200u);
   CHECK_EQ(behind.answered(), before);
   CHECK_EQ(batcher->stats().succeeded, uint64_t{1});
+}
+
+TEST_CASE("http_frontend: readiness is answered here only while the server is ready, config where given") {
+  Served served;
+  auto& behind = served.behind;
+  HttpFrontend& frontend = *served.frontend;
+  Client client(frontend.port());
+  frontend.set_ready(true);  // not serving health yet: behind
+  auto res = client.send(http::verb::get, "/v2/health/ready", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/health/ready 0"));
+  frontend.serve_health(R"({"name":"conveyor"})");
+  const int before = behind.answered();
+  res = client.send(http::verb::get, "/v2/health/ready", "");
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK_EQ(res.body(), std::string(R"({"ready":true})"));
+  CHECK_EQ(behind.answered(), before);
+  frontend.set_ready(false);  // the server behind says why not
+  res = client.send(http::verb::get, "/v2/health/ready", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/health/ready 0"));
+  // A model's config: here when its body was given, for no version or its own.
+  res = client.send(http::verb::get, "/v2/models/double/config", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/models/double/config 0"));
+  frontend.add_model({"double", 1, served.batcher, R"({"name":"double"})", R"({"max_batch_size":8})", {}, {}});
+  const int with_config = behind.answered();
+  for (const char* target : {"/v2/models/double/config", "/v2/models/double/versions/1/config"}) {
+    res = client.send(http::verb::get, target, "");
+    CHECK_EQ(res.result_int(), 200u);
+    CHECK_EQ(res.body(), std::string(R"({"max_batch_size":8})"));
+  }
+  CHECK_EQ(behind.answered(), with_config);
+  res = client.send(http::verb::get, "/v2/models/double/versions/2/config", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/models/double/versions/2/config 0"));
+  frontend.drain();  // draining: everything behind, readiness too
+  frontend.set_ready(true);
+  res = client.send(http::verb::get, "/v2/health/ready", "");
+  CHECK_EQ(res.body(), std::string("behind: GET /v2/health/ready 0"));
 }
 
 TEST_CASE("http_frontend: a request its stopped batcher refuses goes behind (a version swapped out by a reload)") {
@@ -312,7 +348,7 @@ TEST_CASE("http_frontend: a request in its batcher when the front end drains is 
     return doubled(batch);
   }, MemoryPool::default_host());
   HttpFrontend frontend(HttpFrontendOptions{});
-  frontend.add_model({"double", 1, batcher, {}, {}, {}});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}, {}});
   http::response<http::string_body> res;
   std::thread client([&] {
     Client c(frontend.port());
@@ -406,11 +442,11 @@ TEST_CASE("http_frontend: a rollout's route answers each key from its router's a
   for (int64_t version : {2, 1}) {
     counts.push_back(std::make_shared<RolloutCounts>());
     route->arms.push_back(std::make_shared<const FrontendModel>(
-        FrontendModel{"double", version, make_batcher(), {}, counts.back(), {}}));
+        FrontendModel{"double", version, make_batcher(), {}, {}, counts.back(), {}}));
   }
   route->key_parameter = "route-key";
   route->key_header = "route-key";
-  frontend.add_model({"double", 1, route->arms[1]->batcher, {}, {}, route});
+  frontend.add_model({"double", 1, route->arms[1]->batcher, {}, {}, {}, route});
   const std::string row = R"({"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}])";
 
   constexpr int kThreads = 4, kKeys = 50;
@@ -472,15 +508,15 @@ TEST_CASE("http_frontend: a rollout copying to a shadow tags the copied requests
     auto route = std::make_shared<FrontendRoute>();
     route->rollout = "m-shadow";
     route->router = std::make_unique<router::Router>(table, 11);
-    route->arms = {std::make_shared<const FrontendModel>(FrontendModel{"double", 1, champion, {}, {}, {}}),
-                   std::make_shared<const FrontendModel>(FrontendModel{"double", 2, challenger, {}, {}, {}})};
+    route->arms = {std::make_shared<const FrontendModel>(FrontendModel{"double", 1, champion, {}, {}, {}, {}}),
+                   std::make_shared<const FrontendModel>(FrontendModel{"double", 2, challenger, {}, {}, {}, {}})};
     route->copying_arm = copying_arm;
     return route;
   };
   // A route that copies names the arm whose requests are copied.
-  CHECK_THROWS_CODE(frontend.add_model({"double", 1, champion, {}, {}, make_route(-1)}), ErrorCode::kInvalidInput);
+  CHECK_THROWS_CODE(frontend.add_model({"double", 1, champion, {}, {}, {}, make_route(-1)}), ErrorCode::kInvalidInput);
   std::shared_ptr<FrontendRoute> route = make_route(0);
-  frontend.add_model({"double", 1, champion, {}, {}, route});
+  frontend.add_model({"double", 1, champion, {}, {}, {}, route});
 
   constexpr int kRequests = 200;
   Client client(frontend.port());

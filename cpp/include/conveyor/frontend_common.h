@@ -61,9 +61,12 @@ struct FrontendModel {
   std::string name;
   int64_t version = 1;
   std::shared_ptr<Batcher> batcher;
-  // The body of GET /v2/models/{name}[/versions/{version}] (the server behind's answer,
-  // rendered by it); empty: that route is forwarded.
+  // The model's metadata and config answers, rendered by the server behind in the front
+  // end's encoding (HTTP: the JSON bodies of GET /v2/models/{name}[/versions/{version}] and
+  // .../config; gRPC: serialized ModelMetadataResponse and ModelConfigResponse messages).
+  // Empty: that request goes behind.
   std::string metadata;
+  std::string config;
   // Where the requests answered here are counted; null: they are not.
   std::shared_ptr<RolloutCounts> counts;
   // Set: a rollout routes the requests naming no version to its arms (`batcher` is then the

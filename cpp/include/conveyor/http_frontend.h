@@ -1,5 +1,6 @@
-// The native HTTP/1.1 data plane: KServe v2 inference, liveness, and the metadata and
-// readiness of the models it serves, answered on an I/O thread of its own, with inference
+// The native HTTP/1.1 data plane: KServe v2 inference, liveness, the server's readiness
+// (while it is ready), and the metadata, config and readiness of the models it serves,
+// answered on an I/O thread of its own, with inference
 // requests handed straight to the models' batchers. Every other route, and an
 // inference request this front end does not serve itself (a model it was not given, a
 // compressed body, a classification output, a key it cannot check), is forwarded as
@@ -67,6 +68,11 @@ class HttpFrontend {
   // here are answered here. Until then they are forwarded, so that a client waiting for
   // the server to be live is not told so before all of it listens.
   void serve_health(std::string server_metadata);
+  // Whether the server is ready (every model it was asked to serve serves), as the server
+  // behind computes it: while true (and once serving health), GET /v2/health/ready is
+  // answered 200 here; while false it is forwarded, and the server behind answers why not.
+  // Set it false before the server stops being ready, true once it is.
+  void set_ready(bool ready);
   // Stops accepting connections; inference requests that arrive on open connections
   // are forwarded from now on (the server behind refuses them while it drains).
   void drain();

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "inference.GRPCInferenceService"
 # How often a health Watch stream re-reads readiness; Check always reads it afresh.
 HEALTH_WATCH_INTERVAL_S = 1.0
+# The services grpc.health.v1 reports on: the server ("") and the inference service.
+HEALTH_SERVICES = ("", SERVICE_NAME)
 # Requests of one ModelStreamInfer stream that may be running or answered but not yet
 # sent; past it the stream is not read (gRPC flow control then holds the client back).
 STREAM_MAX_IN_FLIGHT = 128
@@ -126,10 +128,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        metadata = self.dataplane.server_metadata()
-        return pb.ServerMetadataResponse(
-            name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
-        )
+        return server_metadata_message(self.dataplane)
 
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
@@ -310,6 +309,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()
 
 
+def server_metadata_message(dataplane: DataPlane) -> pb.ServerMetadataResponse:
+    """The answer to ServerMetadata."""
+    metadata = dataplane.server_metadata()
+    return pb.ServerMetadataResponse(name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"])
+
+
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1: SERVING while the data plane is ready, for "" and the inference service."""
 
@@ -317,7 +322,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self.dataplane = dataplane
 
     def _status(self, service: str) -> int:
-        if service not in ("", SERVICE_NAME):
+        if service not in HEALTH_SERVICES:
             return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         # Only the model manager's state lock, never held across a load: answered on the loop.
         ready = self.dataplane.ready()

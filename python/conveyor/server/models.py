@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -95,6 +96,10 @@ class ModelManager:
         self._state_lock = threading.Lock()
         self._records: dict[str, ModelRecord] = {}
         self._expected: set[str] = set()  # models the operator wants serving (for readiness)
+        # Told readiness after every change that can move it (the native front ends answer
+        # readiness probes from it); _readiness_lock orders the tellings as the changes.
+        self._readiness_listeners: list[Callable[[bool], None]] = []
+        self._readiness_lock = threading.Lock()
 
     def start(self, models: list[str] | None = None) -> None:
         """Initial load: every repository model (none/poll), or `models` (explicit)."""
@@ -142,6 +147,7 @@ class ModelManager:
                 self._expected.add(name)
             previous_state = record.state
             record.state, record.reason = "LOADING", ""
+            self._tell_readiness()  # a first load: not ready until it serves
             staging: Path | None = None
             try:
                 fingerprint = self.repository.scan_model(name) if not files else None
@@ -164,7 +170,32 @@ class ModelManager:
             finally:
                 if staging is not None:
                     shutil.rmtree(staging.parent, ignore_errors=True)
+                self._tell_readiness()
             self._tell("model_loaded", name, source.config, list(record.versions))
+
+    def add_readiness_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(ready())` now and after every change that can move readiness, in
+        the order of the changes (from the loading thread; it must not block or load)."""
+        with self._readiness_lock:
+            self._readiness_listeners.append(listener)
+            listener(self.ready())
+
+    def remove_readiness_listener(self, listener: Callable[[bool], None]) -> None:
+        with self._readiness_lock:
+            if listener in self._readiness_listeners:
+                self._readiness_listeners.remove(listener)
+
+    def _tell_readiness(self) -> None:
+        """Tells the readiness listeners what ready() answers now."""
+        with self._readiness_lock:
+            if not self._readiness_listeners:
+                return
+            ready = self.ready()
+            for listener in self._readiness_listeners:
+                try:
+                    listener(ready)
+                except Exception:
+                    log.exception("a readiness listener failed")
 
     def _tell(self, event: str, *args: Any) -> None:
         """Passes a load or unload to the listener; its failure must not undo the load."""
@@ -235,6 +266,7 @@ class ModelManager:
             finally:
                 record.versions = []
                 record.state, record.reason = "UNAVAILABLE", "unloaded"
+                self._tell_readiness()
                 self._tell("model_unloaded", name)
 
     def poll(self) -> list[str]:
@@ -254,6 +286,7 @@ class ModelManager:
                 with self._state_lock:
                     del self._records[name]
                     self._expected.discard(name)
+                self._tell_readiness()
             stale = [
                 name for name, fingerprint in sorted(current.items())
                 if (record := self._records.get(name)) is None or record.fingerprint != fingerprint

@@ -3,13 +3,16 @@
 The native front end (`_core.GrpcFrontend`, cpp/src/grpc_frontend.cpp) owns the public
 gRPC port and answers ModelInfer and ModelStreamInfer for the models it is given from
 gRPC C++ threads straight into their batchers, with no Python per call (a request of a
-stream it does not serve goes behind as a ModelInfer of its own). Every other call (the
-other RPCs, health, and any ModelInfer it does not serve itself: a model not given
-to it, a tensor in shared memory, typed contents, a classification output, a request it
-would refuse, a server draining) it relays message by message to the Python gRPC server,
-which listens on a Unix socket of its own, and relays the answers, the status and the
-trailing metadata back. So every RPC keeps the Python server's behaviour, and the common
-inference call skips Python (docs/native-grpc.md).
+stream it does not serve goes behind as a ModelInfer of its own). Once the server has
+started it also answers ServerLive, ServerMetadata, the ModelReady, ModelMetadata and
+ModelConfig calls of those models, and, while the server is ready (the model manager tells
+it each change), ServerReady and grpc.health.v1 Check; the answers are rendered here, once.
+Every other call (the other RPCs, health Watch, readiness while the server is not ready,
+and any ModelInfer it does not serve itself: a model not given to it, a tensor in shared
+memory, typed contents, a classification output, a request it would refuse, a server
+draining) it relays message by message to the Python gRPC server, which listens on a Unix
+socket of its own, and relays the answers, the status and the trailing metadata back. So
+every RPC keeps the Python server's behaviour, and the common inference call skips Python (docs/native-grpc.md).
 
 It exists when the module was built with gRPC C++ (`_core.GRPC_FRONTEND_BUILT`); which
 model versions it serves: `conveyor.server.native_models`.
@@ -19,12 +22,17 @@ from __future__ import annotations
 
 import asyncio
 
+from grpc_health.v1 import health_pb2
+
 from conveyor import _core
-from conveyor.errors import ConfigError
+from conveyor.deploy.traffic import NativeRoute
+from conveyor.errors import ConfigError, ConveyorError
+from conveyor.protocol.grpc import codec
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
+from conveyor.server.dataplane import DataPlane
+from conveyor.server.grpc_server import HEALTH_SERVICES, server_metadata_message
 from conveyor.server.native_http import resolve_host
-from conveyor.deploy.traffic import NativeRoute
 from conveyor.server.native_models import NativeModels
 
 NOT_BUILT = (
@@ -45,15 +53,17 @@ class NativeGrpcFrontend(NativeModels):
     label = "native gRPC front end"
 
     def __init__(
-        self, runtime: Runtime, traffic: object | None, *, host: str, port: int, python_target: str,
-        max_message_bytes: int, api_key: str | None,
+        self, runtime: Runtime, traffic: object | None, dataplane: DataPlane, *, host: str, port: int,
+        python_target: str, max_message_bytes: int, api_key: str | None,
     ) -> None:  # fmt: skip
-        """`python_target`: where the Python gRPC server that answers the rest listens ("unix:/path").
+        """`dataplane`: renders the health and metadata answers given here, as the Python server renders them.
+        `python_target`: where the Python gRPC server that answers the rest listens ("unix:/path").
         `max_message_bytes`: the largest message either way (the Python server's limit).
-        `api_key`: the key ModelInfer needs (None when it needs none)."""
+        `api_key`: the key ModelInfer and the metadata calls need (None when they need none)."""
         if not native_grpc_available():
             raise ConfigError(NOT_BUILT)
         super().__init__(runtime, traffic)
+        self.dataplane = dataplane
         self._frontend = _core.GrpcFrontend(
             resolve_host(host), port, fallback=python_target, max_message_bytes=max_message_bytes,
             api_key=api_key or "",
@@ -62,10 +72,28 @@ class NativeGrpcFrontend(NativeModels):
         self.follow()
 
     def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
-        self._frontend.add_model(name, handle.version, handle.batcher, counts, self._route_tuple(route))
+        metadata = config = b""
+        if self._answers_model_routes(name, handle, route):
+            try:
+                version = str(handle.version)
+                metadata = codec.model_metadata_to_proto(self.dataplane.model_metadata(name, version)).SerializeToString()
+                config = codec.model_config_to_proto(self.dataplane.model_config(name, version)).SerializeToString()
+            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
+                metadata = config = b""
+        self._frontend.add_model(name, handle.version, handle.batcher, metadata, config, counts,
+                                 self._route_tuple(route))  # fmt: skip
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)
+
+    def started(self) -> None:
+        """Every listener of the server is up: answer health and metadata here from now on."""
+        self._frontend.serve_health(
+            server_metadata_message(self.dataplane).SerializeToString(),
+            [health_pb2.HealthCheckRequest(service=service).SerializeToString() for service in HEALTH_SERVICES],
+            health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString(),
+        )
+        self.dataplane.models.add_readiness_listener(self._frontend.set_ready)
 
     @property
     def in_flight(self) -> int:
@@ -74,6 +102,7 @@ class NativeGrpcFrontend(NativeModels):
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop serving: calls still under way (relayed ones too) are cancelled after `grace_s`."""
+        self.dataplane.models.remove_readiness_listener(self._frontend.set_ready)
         self.unfollow()
         # Off the loop: stopping waits for relayed calls, which the Python server answers on it.
         await asyncio.to_thread(self._frontend.stop, int(grace_s * 1000))

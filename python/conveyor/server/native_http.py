@@ -3,7 +3,9 @@
 The native front end (`_core.HttpFrontend`, cpp/src/http_frontend.cpp) owns the public
 HTTP port and answers inference for the models it is given straight from its I/O thread
 into their batchers, with no Python per request; it also answers liveness, the server's
-metadata, and those models' metadata and readiness (bodies rendered here, once). Everything else (the other routes, and
+readiness while it is ready (told each change by the model manager), the server's metadata,
+and those models' metadata, config and readiness (bodies rendered here, once). Everything
+else (the other routes, a server not ready (answered behind, with the reason), and
 any inference request it does not serve itself: a model not given to it, a compressed
 body, a classification output, an invalid request, a server draining) it forwards as
 received to the Python front end, which listens on a loopback port of its own, and
@@ -67,14 +69,16 @@ class NativeHttpFrontend(NativeModels):
         self.follow()
 
     def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
-        try:
-            # The body answers the model's route too, so only for the version the route shows
-            # (the version policy's, which an ended rollout's outcome need not be).
-            latest = route is None and self.runtime.model(name) is handle
-            metadata = _json_body(self.dataplane.model_metadata(name, str(handle.version))) if latest else ""
-        except ConveyorError:  # unloaded meanwhile: the next refresh removes it
-            metadata = ""
-        self._frontend.add_model(name, handle.version, handle.batcher, metadata, counts, self._route_tuple(route))
+        metadata = config = ""
+        if self._answers_model_routes(name, handle, route):
+            try:
+                version = str(handle.version)
+                metadata = _json_body(self.dataplane.model_metadata(name, version))
+                config = _json_body(self.dataplane.model_config(name, version))
+            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
+                metadata = config = ""
+        self._frontend.add_model(name, handle.version, handle.batcher, metadata, config, counts,
+                                 self._route_tuple(route))  # fmt: skip
 
     def _unserve(self, name: str) -> None:
         self._frontend.remove_model(name)
@@ -82,7 +86,9 @@ class NativeHttpFrontend(NativeModels):
     def started(self) -> None:
         """Every listener of the server is up: answer health and metadata here from now on."""
         self._frontend.serve_health(_json_body(self.dataplane.server_metadata()))
+        self.dataplane.models.add_readiness_listener(self._frontend.set_ready)
 
     def close(self) -> None:
+        self.dataplane.models.remove_readiness_listener(self._frontend.set_ready)
         self.unfollow()
         self._frontend.stop()

@@ -143,6 +143,15 @@ class NativeModels(abc.ABC):
         champion = next((h for h in loaded if h.version == controller.versions.champion), loaded[0])
         return _Serving(champion, None, route, None)
 
+    def _answers_model_routes(self, name: str, handle: ModelHandle, route: NativeRoute | None) -> bool:
+        """Whether the front end answers the metadata and config requests of `name` that name
+        no version with `handle`'s: only for the version they show (the version policy's,
+        which a rollout's champion or an ended rollout's outcome need not be)."""
+        try:
+            return route is None and self.runtime.model(name) is handle
+        except ModelNotFound:  # unloaded meanwhile: the next refresh removes it
+            return False
+
     @staticmethod
     def _route_tuple(route: NativeRoute | None) -> tuple | None:
         """`route` as the front ends' add_model takes it (cpp/bindings/frontend_convert.h)."""

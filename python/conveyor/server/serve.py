@@ -196,8 +196,11 @@ class Server:
             await self.start_metrics_listener(host, o.metrics_port)
         if grpc_port is not None:
             await self._start_grpc(host, grpc_port)
+        # Health answered natively only once all of the server listens.
         if self._native_http is not None:
-            self._native_http.started()  # health answered natively only once all of the server listens
+            self._native_http.started()
+        if self._native_grpc is not None:
+            self._native_grpc.started()
 
     async def _start_grpc(self, host: str, port: int) -> None:
         from conveyor.server.grpc_server import start_grpc_server
@@ -219,7 +222,7 @@ class Server:
             from conveyor.server.native_grpc import NativeGrpcFrontend
 
             self._native_grpc = NativeGrpcFrontend(
-                self.runtime, self.rollouts.traffic, host=host, port=port, python_target=behind,
+                self.runtime, self.rollouts.traffic, self.dataplane, host=host, port=port, python_target=behind,
                 max_message_bytes=o.grpc_max_message_bytes, api_key=o.api_key if o.api_key_scope == "all" else None,
             )  # fmt: skip
             self.grpc_port = self._native_grpc.port
