@@ -226,7 +226,7 @@ void Batcher::validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_
 }
 
 Batcher::Entry Batcher::prepare(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
-                               int64_t timeout_us, uint64_t mirror_tag, int* level) {
+                               int64_t timeout_us, uint64_t mirror_tag, bool inputs_lent, int* level) {
   if (!sink) {
     throw Error(ErrorCode::kInvalidInput, "[batcher] model '" + options_.model_name + "': submit needs a completion sink");
   }
@@ -247,6 +247,7 @@ Batcher::Entry Batcher::prepare(std::vector<Tensor> inputs, std::shared_ptr<Comp
   entry.request.deadline = entry.view.deadline;
   entry.request.sink = std::move(sink);
   entry.request.mirror_tag = mirror_tag;
+  entry.request.inputs_lent = inputs_lent;
   return entry;
 }
 
@@ -305,11 +306,11 @@ uint64_t Batcher::reserve_request_id() noexcept {
 }
 
 uint64_t Batcher::submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority,
-                         int64_t timeout_us, uint64_t mirror_tag) {
+                         int64_t timeout_us, uint64_t mirror_tag, bool inputs_lent) {
   std::vector<Entry> entries(1);
   std::vector<int> levels(1);
   try {
-    entries[0] = prepare(std::move(inputs), std::move(sink), priority, timeout_us, mirror_tag, &levels[0]);
+    entries[0] = prepare(std::move(inputs), std::move(sink), priority, timeout_us, mirror_tag, inputs_lent, &levels[0]);
   } catch (const Error&) {
     counters_->rejected.fetch_add(1, std::memory_order_relaxed);
     throw;
@@ -327,7 +328,7 @@ void Batcher::submit_group(std::vector<Submission> group) {
   try {
     entries.reserve(group.size());
     for (size_t i = 0; i < group.size(); ++i) {
-      entries.push_back(prepare(std::move(group[i].inputs), std::move(group[i].sink), 0, -1, 0, &levels[i]));
+      entries.push_back(prepare(std::move(group[i].inputs), std::move(group[i].sink), 0, -1, 0, false, &levels[i]));
     }
   } catch (const Error&) {
     counters_->rejected.fetch_add(group.size(), std::memory_order_relaxed);
@@ -348,7 +349,8 @@ std::vector<Batcher::Outcome> Batcher::submit_each(std::vector<Queued> requests)
     Queued& q = requests[i];
     int level = 0;
     try {
-      entries.push_back(prepare(std::move(q.inputs), std::move(q.sink), q.priority, q.timeout_us, q.mirror_tag, &level));
+      entries.push_back(
+          prepare(std::move(q.inputs), std::move(q.sink), q.priority, q.timeout_us, q.mirror_tag, q.inputs_lent, &level));
       entries.back().request.id = q.id;
     } catch (const Error& e) {
       counters_->rejected.fetch_add(1, std::memory_order_relaxed);
@@ -591,13 +593,28 @@ void Batcher::deadline_loop() {
   }
 }
 
+namespace {
+
+// Whether a lent input may serve as the batch's input where it lies: memory of the device
+// the batch's inputs live on, aligned for its datatype (as numpy and the kernels take it).
+bool runs_in_place(const Tensor& t, Device device) {
+  const size_t size = dtype_size(t.dtype);
+  return t.device == device && t.data != nullptr && size > 0 && reinterpret_cast<uintptr_t>(t.data) % size == 0;
+}
+
+}  // namespace
+
 std::vector<Tensor> Batcher::gather(const std::vector<Request>& batch) {
   std::vector<Tensor> out;
   out.reserve(options_.inputs.size());
   std::vector<const Tensor*> parts(batch.size());
+  // A request alone in its batch whose submitter lent its inputs runs on them in place.
+  const bool lent = batch.size() == 1 && batch.front().inputs_lent;
   for (size_t i = 0; i < options_.inputs.size(); ++i) {
     for (size_t r = 0; r < batch.size(); ++r) parts[r] = &batch[r].inputs[i];
-    if (options_.max_batch_size > 0) {
+    if (lent && runs_in_place(*parts[0], pool_->device())) {
+      out.push_back(*parts[0]);  // shares the request's owner
+    } else if (options_.max_batch_size > 0) {
       out.push_back(gather_rows(parts, *pool_));
     } else {  // one request, no batch dimension: a pooled copy of the whole tensor
       Tensor t = make_pooled_tensor(pool_, parts[0]->dtype, parts[0]->shape);

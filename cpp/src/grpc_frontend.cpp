@@ -374,9 +374,10 @@ bool health_or_metadata_answer(const GrpcFrontend::Core& core, const grpc::Gener
 // Counts the request on its model once its batcher took it (a refusal the caller answers
 // here is counted by the caller).
 void submit_native(NativeRequest& r, std::shared_ptr<CompletionSink> sink, uint64_t* batcher_id) {
+  // The tensors view the decoded message, which nothing else reads: lent to the batch.
   *batcher_id = r.model->batcher->submit(std::move(r.tensors), std::move(sink),
                                          static_cast<int>(std::min<int64_t>(r.priority, INT32_MAX)),
-                                         r.timeout_us > 0 ? r.timeout_us : -1, r.mirror_tag);
+                                         r.timeout_us > 0 ? r.timeout_us : -1, r.mirror_tag, /*inputs_lent=*/true);
   r.model->count(!r.message->model_version().empty());
 }
 

@@ -45,9 +45,72 @@ using Acceptor = asio::basic_socket_acceptor<tcp, IoExecutor>;
 using Stream = beast::basic_stream<tcp, IoExecutor>;
 using Timer = asio::basic_waitable_timer<std::chrono::steady_clock, asio::wait_traits<std::chrono::steady_clock>, IoExecutor>;
 
-using RequestBody = http::vector_body<uint8_t>;
+// Request bodies grow without zero-filling: every byte is written by the read before it is used.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <typename U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;  // default-initialized: left as it is, for bytes
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using BodyBytes = std::vector<uint8_t, UninitializedAllocator<uint8_t>>;
+using RequestBody = http::vector_body<uint8_t, UninitializedAllocator<uint8_t>>;
 using Request = http::request<RequestBody>;
 using Response = http::response<http::string_body>;
+
+// The body of an inference answer with binary outputs: the JSON header, then each binary
+// output written from the batch's own output memory (kept alive by `keep` until written),
+// so that no output is copied into the answer.
+struct OutputsBody {
+  struct value_type {
+    std::string header;
+    std::vector<asio::const_buffer> outputs;
+    std::shared_ptr<const void> keep;
+  };
+
+  static uint64_t size(const value_type& body) {
+    uint64_t n = body.header.size();
+    for (const asio::const_buffer& b : body.outputs) n += b.size();
+    return n;
+  }
+
+  class writer {
+   public:
+    using const_buffers_type = std::vector<asio::const_buffer>;
+
+    template <bool isRequest, typename Fields>
+    writer(const http::header<isRequest, Fields>&, const value_type& body) : body_(body) {}
+
+    void init(beast::error_code& ec) { ec = {}; }
+
+    boost::optional<std::pair<const_buffers_type, bool>> get(beast::error_code& ec) {
+      ec = {};
+      if (done_) return boost::none;
+      done_ = true;
+      const_buffers_type buffers;
+      buffers.reserve(body_.outputs.size() + 1);
+      buffers.emplace_back(body_.header.data(), body_.header.size());
+      buffers.insert(buffers.end(), body_.outputs.begin(), body_.outputs.end());
+      return std::make_pair(std::move(buffers), false);
+    }
+
+   private:
+    const value_type& body_;
+    bool done_ = false;
+  };
+};
+using OutputsResponse = http::response<OutputsBody>;
 
 constexpr std::string_view kHeaderLength = "Inference-Header-Content-Length";
 
@@ -422,7 +485,7 @@ struct HttpFrontend::Core {
     Batcher::Queued queued;
     PendingRequest pending;
     Request request;  // its body moved out: put back to forward it
-    std::shared_ptr<std::vector<uint8_t>> body;
+    std::shared_ptr<BodyBytes> body;
   };
   std::vector<Staged> staged;  // I/O thread only
   bool flush_posted = false;   // I/O thread only: submit_staged is posted
@@ -498,6 +561,16 @@ class Session : public std::enable_shared_from_this<Session> {
     response_ = std::move(res);
     stream_.expires_after(core_->options.request_read_timeout);
     http::async_write(stream_, *response_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->on_write(ec);
+    });
+  }
+
+  void respond(OutputsResponse&& res) {
+    res.keep_alive(keep_alive_);
+    res.prepare_payload();
+    outputs_response_ = std::move(res);
+    stream_.expires_after(core_->options.request_read_timeout);
+    http::async_write(stream_, *outputs_response_, [self = shared_from_this()](beast::error_code ec, size_t) {
       self->on_write(ec);
     });
   }
@@ -762,6 +835,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_write(beast::error_code ec) {
     response_.reset();
+    outputs_response_.reset();  // lets the batch's outputs go
     busy_ = false;
     if (answering_inference_) {
       answering_inference_ = false;
@@ -806,6 +880,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool too_many_chunks_ = false;
   size_t scanned_ = 0;  // of the buffered head: checked for folded lines up to here
   std::optional<Response> response_;
+  std::optional<OutputsResponse> outputs_response_;  // an answer written from the batch's outputs
   std::shared_ptr<http::response<http::empty_body>> continue_;
   bool keep_alive_ = true;
   bool answering_inference_ = false;
@@ -1049,7 +1124,7 @@ bool route_key(const FrontendRoute& route, const json::object* parameters, const
 
 void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::shared_ptr<const FrontendModel> model,
                                bool named_version, Request&& request) {
-  std::vector<uint8_t>& raw = request.body();
+  BodyBytes& raw = request.body();
   size_t json_bytes = raw.size();
   if (auto field = request.find(kHeaderLength); field != request.end()) {
     const std::string_view text = field->value();
@@ -1079,7 +1154,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     return;
   }
   // The body's buffer moves, not its bytes: views into it stay valid.
-  auto body = std::make_shared<std::vector<uint8_t>>(std::move(raw));
+  auto body = std::make_shared<BodyBytes>(std::move(raw));
   try {
     PendingRequest pending_request{session, model, {}, {}, {}, false, named_version, {}};
     if (auto accept = request.find(http::field::accept_encoding); accept != request.end()) {
@@ -1225,6 +1300,7 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
     // Queued at the end of this round of reads, with the other requests read in it.
     Batcher::Queued queued{std::move(tensors), sink, static_cast<int>(std::min<int64_t>(priority, INT32_MAX)),
                            timeout_us > 0 ? timeout_us : -1, mirror_tag};
+    queued.inputs_lent = true;  // the tensors view this request's own body (or decoded JSON): nothing else reads them
     staged.push_back({std::move(model), std::move(queued), std::move(pending_request), std::move(request), body});
     in_flight.fetch_add(1, std::memory_order_relaxed);  // from here until its answer is written
     if (!flush_posted) {
@@ -1299,7 +1375,7 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
         text += '}';
       }
       text += ",\"outputs\":[";
-      std::string binary;
+      std::vector<asio::const_buffer> binary;  // the binary outputs, in order, after the header
       const std::vector<TensorSpec>& specs = p.model->batcher->options().outputs;
       bool first_output = true;
       for (const OutputChoice& choice : p.outputs) {
@@ -1319,7 +1395,7 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
           text += "],\"parameters\":{\"binary_data_size\":";
           text += std::to_string(nbytes);
           text += "}}";
-          binary.append(reinterpret_cast<const char*>(src), nbytes);
+          binary.emplace_back(src, nbytes);
         } else {
           text += "],\"data\":[";
           json_output(t.dtype, src, shape.numel(), &text);
@@ -1327,6 +1403,19 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
         }
       }
       text += "]}";
+      const bool compressible = p.has_accept_encoding && !accepted_compression(p.accept_encoding).empty();
+      if (!binary.empty() && !compressible) {
+        // Written from the outputs where they lie: the answer holds the batch's outputs until then.
+        OutputsResponse res{http::status::ok, 11};
+        res.set(http::field::content_type, "application/octet-stream");
+        res.set(kHeaderLength, std::to_string(text.size()));
+        if (p.has_accept_encoding) res.set(http::field::vary, "Accept-Encoding");  // the body depends on the header
+        res.body().header = std::move(text);
+        res.body().outputs = std::move(binary);
+        res.body().keep = c.outputs;
+        p.session->respond(std::move(res));
+        continue;
+      }
       Response res{http::status::ok, 11};
       if (binary.empty()) {
         res.set(http::field::content_type, "application/json");
@@ -1334,7 +1423,10 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
       } else {
         res.set(http::field::content_type, "application/octet-stream");
         res.set(kHeaderLength, std::to_string(text.size()));
-        text += binary;
+        size_t bytes = text.size();
+        for (const asio::const_buffer& part : binary) bytes += part.size();
+        text.reserve(bytes);
+        for (const asio::const_buffer& part : binary) text.append(static_cast<const char*>(part.data()), part.size());
         res.body() = std::move(text);
       }
       if (p.has_accept_encoding) {

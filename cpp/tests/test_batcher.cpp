@@ -324,6 +324,61 @@ TEST_CASE("batcher: a completion queue hands over a whole batch in one delivery"
   CHECK_EQ(q->pending(), size_t{0});
 }
 
+TEST_CASE("batcher: a request lent alone runs on its own inputs; otherwise the batch gets a copy") {
+  std::mutex mu;
+  std::vector<const void*> seen;  // the batch input each batch ran on
+  auto recording = [&](const Batch& batch) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      seen.push_back(batch.inputs[0].data);
+    }
+    return twice_plus_one(batch);
+  };
+  auto run_alone = [](Batcher& b, Tensor t, bool lent) {
+    auto waiter = std::make_shared<CompletionWaiter>();
+    b.submit({std::move(t)}, waiter, 0, -1, 0, lent);
+    return waiter->wait().code;
+  };
+  for (int64_t max_batch : {8, 0}) {  // a batching model, and one that does not batch
+    Batcher b(options(max_batch), recording, nullptr);
+    std::vector<float> x = {1, 2}, spare(3, 0.0f);
+    Tensor lent = borrow(x, 1);
+    if (max_batch == 0) lent.shape = Shape{2};
+    Tensor odd = lent;
+    odd.data = reinterpret_cast<char*>(spare.data()) + 1;  // not aligned for FP32
+    CHECK(run_alone(b, lent, true) == ErrorCode::kOk);   // in place
+    CHECK(run_alone(b, odd, true) == ErrorCode::kOk);    // copied: misaligned
+    CHECK(run_alone(b, lent, false) == ErrorCode::kOk);  // copied: not lent
+    std::lock_guard<std::mutex> lock(mu);
+    CHECK_EQ(seen.size(), size_t{3});
+    if (seen.size() == 3) {
+      CHECK(seen[0] == x.data());
+      CHECK(seen[1] != odd.data);
+      CHECK(seen[2] != x.data());
+    }
+    seen.clear();
+  }
+  // Two lent requests in one batch are gathered into a copy.
+  Gate held;
+  Batcher b(options(8), [&](const Batch& batch) {
+    held.pass();
+    std::lock_guard<std::mutex> lock(mu);
+    seen.push_back(batch.inputs[0].data);
+    return twice_plus_one(batch);
+  }, nullptr);
+  std::vector<float> x = {1, 2}, y = {3, 4};
+  auto q = std::make_shared<CompletionQueue>();
+  b.submit({borrow(x, 1)}, q);
+  held.wait_entered(1);  // the instance is busy: the next two wait together
+  b.submit({borrow(x, 1)}, q, 0, -1, 0, true);
+  b.submit({borrow(y, 1)}, q, 0, -1, 0, true);
+  held.open();
+  b.stop(true);
+  std::lock_guard<std::mutex> lock(mu);
+  CHECK_EQ(seen.size(), size_t{2});
+  if (seen.size() == 2) CHECK((seen[1] != x.data() && seen[1] != y.data()));
+}
+
 namespace {
 
 // A sink that records what reaches it; `throws` makes its next deliveries throw bad_alloc.

@@ -116,9 +116,13 @@ class Batcher {
   // timeout_us: < 0 the default timeout, 0 none, > 0 a deadline that far from now.
   // mirror_tag: nonzero to copy the request to the attached Mirror (a rollout's shadow)
   // once its batch has run; the tag comes back with the pair. Without a mirror it is ignored.
+  // inputs_lent: the submitter lends the inputs' memory to the batch: nothing else reads or
+  // writes it until the request completes, and the model may write into it. A request
+  // that runs alone in its batch then runs on its inputs where they lie, with no copy,
+  // when they are host memory aligned for their datatype (see gather()).
   // Throws kInvalidInput (names, dtypes, shapes, batch size), kQueueFull, kUnavailable.
   uint64_t submit(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority = 0,
-                  int64_t timeout_us = -1, uint64_t mirror_tag = 0);
+                  int64_t timeout_us = -1, uint64_t mirror_tag = 0, bool inputs_lent = false);
   // One request of a group submitted at once (submit_group).
   struct Submission {
     std::vector<Tensor> inputs;
@@ -138,6 +142,7 @@ class Batcher {
     int64_t timeout_us = -1;
     uint64_t mirror_tag = 0;
     uint64_t id = 0;
+    bool inputs_lent = false;  // as submit() takes it
   };
   // A request id no request has: for Queued::id. Ids are unique in the process.
   static uint64_t reserve_request_id() noexcept;
@@ -201,6 +206,7 @@ class Batcher {
     std::multimap<TimePoint, uint64_t>::iterator deadline_it;
     bool has_deadline = false;
     uint64_t mirror_tag = 0;
+    bool inputs_lent = false;  // see submit()
   };
   struct Entry {
     PendingView view;
@@ -211,7 +217,7 @@ class Batcher {
   void validate(const std::vector<Tensor>& inputs, int64_t* rows, uint64_t* shape_key) const;
   // A validated queue entry (throws kInvalidInput); its level goes to *level.
   Entry prepare(std::vector<Tensor> inputs, std::shared_ptr<CompletionSink> sink, int priority, int64_t timeout_us,
-                uint64_t mirror_tag, int* level);
+                uint64_t mirror_tag, bool inputs_lent, int* level);
   // Queues the entries (ids assigned, in order, to *ids when given) or throws kUnavailable / kQueueFull,
   // counting them rejected unless !count_refusal (the caller tries again or counts them itself).
   void enqueue(std::vector<Entry>& entries, const std::vector<int>& levels, std::vector<uint64_t>* ids,

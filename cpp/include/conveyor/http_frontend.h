@@ -7,9 +7,10 @@
 // received to the full-featured HTTP server behind it, whose answer is relayed.
 //
 // A request's body is read once (Boost.Beast) into a buffer that the request's input
-// tensors view in place; the batcher copies them once into the batch. Completions come
-// back from the batcher's threads in one deliver() per batch, posted to the I/O thread,
-// which writes each response. No Python runs on this path: a model whose executor needs
+// tensors view in place, lent to the batcher: a request alone in its batch runs on them
+// where they lie, others are copied once into the batch. Completions come back from the
+// batcher's threads in one deliver() per batch, posted to the I/O thread, which writes
+// each response, binary outputs straight from the batch's output memory. No Python runs on this path: a model whose executor needs
 // Python takes the GIL once per batch on its own instance thread.
 //
 // Threading: the constructor binds and starts the I/O thread; add_model, remove_model,
