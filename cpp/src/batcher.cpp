@@ -596,10 +596,13 @@ void Batcher::deadline_loop() {
 namespace {
 
 // Whether a lent input may serve as the batch's input where it lies: memory of the device
-// the batch's inputs live on, aligned for its datatype (as numpy and the kernels take it).
+// the batch's inputs live on, aligned for its datatype (as numpy and the kernels take it),
+// with an owner (the batch's inputs must keep their memory alive, as a Python model's
+// arrays do).
 bool runs_in_place(const Tensor& t, Device device) {
   const size_t size = dtype_size(t.dtype);
-  return t.device == device && t.data != nullptr && size > 0 && reinterpret_cast<uintptr_t>(t.data) % size == 0;
+  return t.device == device && t.data != nullptr && t.owner != nullptr && size > 0 &&
+         reinterpret_cast<uintptr_t>(t.data) % size == 0;
 }
 
 }  // namespace

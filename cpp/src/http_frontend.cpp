@@ -555,25 +555,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // flight until the answer is written (or the connection fails), so a drain waits for it.
   void answering_inference() { answering_inference_ = true; }
 
-  void respond(Response&& res) {
-    res.keep_alive(keep_alive_);
-    res.prepare_payload();
-    response_ = std::move(res);
-    stream_.expires_after(core_->options.request_read_timeout);
-    http::async_write(stream_, *response_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      self->on_write(ec);
-    });
-  }
-
-  void respond(OutputsResponse&& res) {
-    res.keep_alive(keep_alive_);
-    res.prepare_payload();
-    outputs_response_ = std::move(res);
-    stream_.expires_after(core_->options.request_read_timeout);
-    http::async_write(stream_, *outputs_response_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      self->on_write(ec);
-    });
-  }
+  void respond(Response&& res) { write_answer(std::move(res), response_); }
+  void respond(OutputsResponse&& res) { write_answer(std::move(res), outputs_response_); }
 
  private:
   void connect_upstream() {
@@ -831,6 +814,18 @@ class Session : public std::enable_shared_from_this<Session> {
   void fail(unsigned status, const std::string& message) {
     keep_alive_ = false;
     respond(error_response(status, message));
+  }
+
+  // Writes `res`, held in `slot` until it is written.
+  template <typename Message>
+  void write_answer(Message&& res, std::optional<Message>& slot) {
+    res.keep_alive(keep_alive_);
+    res.prepare_payload();
+    slot = std::move(res);
+    stream_.expires_after(core_->options.request_read_timeout);
+    http::async_write(stream_, *slot, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->on_write(ec);
+    });
   }
 
   void on_write(beast::error_code ec) {

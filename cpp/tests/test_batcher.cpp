@@ -344,17 +344,21 @@ TEST_CASE("batcher: a request lent alone runs on its own inputs; otherwise the b
     std::vector<float> x = {1, 2}, spare(3, 0.0f);
     Tensor lent = borrow(x, 1);
     if (max_batch == 0) lent.shape = Shape{2};
+    Tensor unowned = lent;
+    lent.owner = std::shared_ptr<void>(x.data(), [](void*) {});  // the test keeps x alive
     Tensor odd = lent;
     odd.data = reinterpret_cast<char*>(spare.data()) + 1;  // not aligned for FP32
-    CHECK(run_alone(b, lent, true) == ErrorCode::kOk);   // in place
-    CHECK(run_alone(b, odd, true) == ErrorCode::kOk);    // copied: misaligned
-    CHECK(run_alone(b, lent, false) == ErrorCode::kOk);  // copied: not lent
+    CHECK(run_alone(b, lent, true) == ErrorCode::kOk);      // in place
+    CHECK(run_alone(b, odd, true) == ErrorCode::kOk);       // copied: misaligned
+    CHECK(run_alone(b, lent, false) == ErrorCode::kOk);     // copied: not lent
+    CHECK(run_alone(b, unowned, true) == ErrorCode::kOk);   // copied: nothing would keep it alive
     std::lock_guard<std::mutex> lock(mu);
-    CHECK_EQ(seen.size(), size_t{3});
-    if (seen.size() == 3) {
+    CHECK_EQ(seen.size(), size_t{4});
+    if (seen.size() == 4) {
       CHECK(seen[0] == x.data());
       CHECK(seen[1] != odd.data);
       CHECK(seen[2] != x.data());
+      CHECK(seen[3] != x.data());
     }
     seen.clear();
   }
