@@ -15,6 +15,9 @@
   one onnxruntime call per request.
 - onnxruntime threads: intra-op threads 1 (the config default) against onnxruntime's
   default, at batch 64.
+- onnxruntime outputs bound to given buffers (IOBinding, as a backend writing into pooled
+  buffers would bind them: a fresh output buffer per batch) against `session.run`, at
+  batch 1 and 32.
 Ratios are printed at the end; nothing here asserts a timing.
 """
 
@@ -328,3 +331,32 @@ def test_onnxruntime_threads_at_batch_64(benchmark, ratio_report, threads):
         ratio_report.candidate("onnxruntime threads, mlp batch 64", benchmark, label="1 intra-op thread")
     else:
         ratio_report.baseline("onnxruntime threads, mlp batch 64", benchmark, label="onnxruntime default")
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+@pytest.mark.parametrize("call", ["iobinding", "run"])
+def test_onnxruntime_iobinding_into_fresh_buffers(benchmark, ratio_report, rows, call):
+    """Each batch's outputs must go to a buffer of their own (an answer may still view the
+    last one), so a binding is made per batch, its input and output bound anew."""
+    session = _mlp_session(intra_op_threads=1)
+    x = np.random.default_rng(3).standard_normal((rows, 64)).astype(np.float32)
+    output = session.get_outputs()[0]
+    width = output.shape[1]
+    group = f"onnxruntime outputs, mlp batch {rows}"
+    benchmark.group = group
+
+    def bound() -> np.ndarray:
+        out = np.empty((rows, width), np.float32)
+        binding = session.io_binding()
+        binding.bind_cpu_input("x", x)
+        binding.bind_output(output.name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        session.run_with_iobinding(binding)
+        return out
+
+    if call == "iobinding":
+        np.testing.assert_allclose(bound(), session.run(None, {"x": x})[0], rtol=1e-6)
+        benchmark(bound)
+        ratio_report.candidate(group, benchmark, label="IOBinding, fresh output buffer")
+    else:
+        benchmark(session.run, None, {"x": x})
+        ratio_report.baseline(group, benchmark, label="session.run")
