@@ -1398,8 +1398,10 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
         }
       }
       text += "]}";
-      const bool compressible = p.has_accept_encoding && !accepted_compression(p.accept_encoding).empty();
-      if (!binary.empty() && !compressible) {
+      // The coding a large enough answer is compressed with; empty: none (the answer is not).
+      const std::string_view encoding =
+          p.has_accept_encoding ? accepted_compression(p.accept_encoding) : std::string_view();
+      if (!binary.empty() && encoding.empty()) {
         // Written from the outputs where they lie: the answer holds the batch's outputs until then.
         OutputsResponse res{http::status::ok, 11};
         res.set(http::field::content_type, "application/octet-stream");
@@ -1426,11 +1428,9 @@ void HttpFrontend::Core::complete(std::vector<Completion>&& done) {
       }
       if (p.has_accept_encoding) {
         res.set(http::field::vary, "Accept-Encoding");  // the body depends on the header
-        if (res.body().size() >= kMinCompressedBodyBytes) {
-          if (std::string_view encoding = accepted_compression(p.accept_encoding); !encoding.empty()) {
-            res.body() = compressed(res.body(), encoding);
-            res.set(http::field::content_encoding, encoding);
-          }
+        if (!encoding.empty() && res.body().size() >= kMinCompressedBodyBytes) {
+          res.body() = compressed(res.body(), encoding);
+          res.set(http::field::content_encoding, encoding);
         }
       }
       p.session->respond(std::move(res));

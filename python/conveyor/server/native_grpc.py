@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from conveyor import _core
 from conveyor.deploy.traffic import NativeRoute
-from conveyor.errors import ConfigError, ConveyorError
+from conveyor.errors import ConfigError
 from conveyor.protocol.grpc import codec
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
@@ -62,8 +62,7 @@ class NativeGrpcFrontend(NativeModels):
         `api_key`: the key ModelInfer and the metadata calls need (None when they need none)."""
         if not native_grpc_available():
             raise ConfigError(NOT_BUILT)
-        super().__init__(runtime, traffic)
-        self.dataplane = dataplane
+        super().__init__(runtime, traffic, dataplane)
         self._frontend = _core.GrpcFrontend(
             resolve_host(host), port, fallback=python_target, max_message_bytes=max_message_bytes,
             api_key=api_key or "",
@@ -73,13 +72,9 @@ class NativeGrpcFrontend(NativeModels):
 
     def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
         metadata = config = b""
-        if self._answers_model_routes(name, handle, route):
-            try:
-                version = str(handle.version)
-                metadata = codec.model_metadata_to_proto(self.dataplane.model_metadata(name, version)).SerializeToString()
-                config = codec.model_config_to_proto(self.dataplane.model_config(name, version)).SerializeToString()
-            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
-                metadata = config = b""
+        if (documents := self._model_documents(name, handle, route)) is not None:
+            metadata = codec.model_metadata_to_proto(documents[0]).SerializeToString()
+            config = codec.model_config_to_proto(documents[1]).SerializeToString()
         self._frontend.add_model(name, handle.version, handle.batcher, metadata, config, counts,
                                  self._route_tuple(route))  # fmt: skip
 
@@ -93,7 +88,7 @@ class NativeGrpcFrontend(NativeModels):
             [health_pb2.HealthCheckRequest(service=service).SerializeToString() for service in HEALTH_SERVICES],
             health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString(),
         )
-        self.dataplane.models.add_readiness_listener(self._frontend.set_ready)
+        self.follow_readiness()
 
     @property
     def in_flight(self) -> int:
@@ -102,7 +97,6 @@ class NativeGrpcFrontend(NativeModels):
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop serving: calls still under way (relayed ones too) are cancelled after `grace_s`."""
-        self.dataplane.models.remove_readiness_listener(self._frontend.set_ready)
         self.unfollow()
         # Off the loop: stopping waits for relayed calls, which the Python server answers on it.
         await asyncio.to_thread(self._frontend.stop, int(grace_s * 1000))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import socket
 
 from conveyor import _core
-from conveyor.errors import ConveyorError
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
 from conveyor.server.dataplane import DataPlane
@@ -56,8 +55,7 @@ class NativeHttpFrontend(NativeModels):
         `python_port`: the loopback port of the Python front end that answers the rest.
         `limits`: what one client may ask (the Python front end's, applied here first).
         `api_key`: the key inference needs (None when it needs none)."""
-        super().__init__(runtime, traffic)
-        self.dataplane = dataplane
+        super().__init__(runtime, traffic, dataplane)
         self._frontend = _core.HttpFrontend(
             resolve_host(host), port, fallback_port=python_port, max_body_bytes=max_request_bytes,
             max_header_bytes=limits.max_header_bytes, max_header_count=limits.max_header_count,
@@ -70,13 +68,8 @@ class NativeHttpFrontend(NativeModels):
 
     def _serve(self, name: str, handle: ModelHandle, counts: object | None, route: NativeRoute | None) -> None:
         metadata = config = ""
-        if self._answers_model_routes(name, handle, route):
-            try:
-                version = str(handle.version)
-                metadata = _json_body(self.dataplane.model_metadata(name, version))
-                config = _json_body(self.dataplane.model_config(name, version))
-            except ConveyorError:  # unloaded meanwhile: the next refresh removes it
-                metadata = config = ""
+        if (documents := self._model_documents(name, handle, route)) is not None:
+            metadata, config = (_json_body(document) for document in documents)
         self._frontend.add_model(name, handle.version, handle.batcher, metadata, config, counts,
                                  self._route_tuple(route))  # fmt: skip
 
@@ -86,9 +79,8 @@ class NativeHttpFrontend(NativeModels):
     def started(self) -> None:
         """Every listener of the server is up: answer health and metadata here from now on."""
         self._frontend.serve_health(_json_body(self.dataplane.server_metadata()))
-        self.dataplane.models.add_readiness_listener(self._frontend.set_ready)
+        self.follow_readiness()
 
     def close(self) -> None:
-        self.dataplane.models.remove_readiness_listener(self._frontend.set_ready)
         self.unfollow()
         self._frontend.stop()

@@ -19,14 +19,15 @@ import asyncio
 import logging
 import os
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from conveyor import _core
 from conveyor.deploy.router import salt_basis
 from conveyor.deploy.traffic import NativeRoute
-from conveyor.errors import ModelNotFound
+from conveyor.errors import ConveyorError, ModelNotFound
 from conveyor.runtime import Runtime
 from conveyor.runtime_handle import ModelHandle
+from conveyor.server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,17 @@ class NativeModels(abc.ABC):
     """Keeps a native front end's table of models in step with the runtime and its rollouts.
 
     Subclasses say how a version is served (`_serve`) and stopped being served (`_unserve`),
-    and hold the front end as `_frontend` (its `drain()` and `in_flight`); `label` names the
-    front end in the log.
+    and hold the front end as `_frontend` (its `drain()`, `in_flight` and `set_ready()`);
+    `label` names the front end in the log. `dataplane` renders the answers the front end
+    gives in the Python front end's place, and its model manager tells readiness.
     """
 
     label = "native"
 
-    def __init__(self, runtime: Runtime, traffic: object | None) -> None:
+    def __init__(self, runtime: Runtime, traffic: object | None, dataplane: DataPlane) -> None:
         self.runtime = runtime
         self.traffic = traffic
+        self.dataplane = dataplane
         self._native: dict[str, int] = {}  # model -> version served natively; guarded by _lock
         # Loads (on worker threads) and rollouts (on the loop) change models at once: each
         # refresh reads the state and applies it whole, so the last one leaves the truth.
@@ -82,7 +85,12 @@ class NativeModels(abc.ABC):
         for name in self.runtime.models():
             self.refresh(name)
 
+    def follow_readiness(self) -> None:
+        """Answer the server's readiness here while it is ready, told each change by the model manager."""
+        self.dataplane.models.add_readiness_listener(self._frontend.set_ready)
+
     def unfollow(self) -> None:
+        self.dataplane.models.remove_readiness_listener(self._frontend.set_ready)
         self.runtime.remove_change_listener(self.refresh)
         if self.traffic is not None and self.refresh in self.traffic.change_listeners:
             self.traffic.change_listeners.remove(self.refresh)
@@ -143,14 +151,20 @@ class NativeModels(abc.ABC):
         champion = next((h for h in loaded if h.version == controller.versions.champion), loaded[0])
         return _Serving(champion, None, route, None)
 
-    def _answers_model_routes(self, name: str, handle: ModelHandle, route: NativeRoute | None) -> bool:
-        """Whether the front end answers the metadata and config requests of `name` that name
-        no version with `handle`'s: only for the version they show (the version policy's,
-        which a rollout's champion or an ended rollout's outcome need not be)."""
+    def _model_documents(
+        self, name: str, handle: ModelHandle, route: NativeRoute | None
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The metadata and config of `name` as the Python front ends answer them, when the
+        front end answers those requests with `handle`'s: only for the version requests naming
+        none show (the version policy's, which a rollout's champion or an ended rollout's
+        outcome need not be). None otherwise."""
         try:
-            return route is None and self.runtime.model(name) is handle
-        except ModelNotFound:  # unloaded meanwhile: the next refresh removes it
-            return False
+            if route is not None or self.runtime.model(name) is not handle:
+                return None
+            version = str(handle.version)
+            return self.dataplane.model_metadata(name, version), self.dataplane.model_config(name, version)
+        except ConveyorError:  # unloaded meanwhile: the next refresh removes it
+            return None
 
     @staticmethod
     def _route_tuple(route: NativeRoute | None) -> tuple | None:
