@@ -175,6 +175,8 @@ def test_overhead_python_asyncio_batcher(benchmark, ratio_report, loop, shape):
     batcher = loop.run_until_complete(_make_asyncio_batcher(shape))
     per_request_us = _time_overhead(benchmark, loop, batcher.infer, np.ones((1, 4), np.float32))
     batcher.task.cancel()
+    # Let the loop finish the cancelled task, so none is left pending when the loop closes.
+    loop.run_until_complete(asyncio.gather(batcher.task, return_exceptions=True))
     print(f"\n{shape} python asyncio batcher: {per_request_us:.2f} us per request")
     ratio_report.baseline(f"overhead: 256 in flight ({shape} asyncio batcher)", benchmark, label=f"{shape} asyncio batcher")
     if shape == "minimal":

@@ -6,7 +6,7 @@
 // rows of the batch outputs, so nothing is copied on the way out.
 #pragma once
 
-#include <condition_variable>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -82,12 +82,12 @@ class CompletionWaiter final : public CompletionSink {
   Completion wait();
 
  private:
-  // The waiter may die as soon as wait() returns, so deliver() notifies while holding
-  // mu_: it touches nothing after unlock.
-  std::mutex mu_;
-  std::condition_variable cv_;
-  Completion result_;  // guarded by mu_
-  bool done_ = false;  // guarded by mu_
+  // An atomic, not a mutex and condition variable: a condition variable's waiter takes
+  // the mutex back marked contended, so each hand-over cost up to three more futex calls
+  // (measured with strace on the idle round trip). Waiting on the atomic spins briefly,
+  // then sleeps on a futex; notifying makes a system call only when someone sleeps.
+  Completion result_;         // written by deliver() before done_ is set, read after
+  std::atomic<int> done_{0};  // 1 once result_ is set
 };
 
 }  // namespace conveyor
