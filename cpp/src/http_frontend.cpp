@@ -8,16 +8,19 @@
 #include <boost/json/src.hpp>  // header-only Boost.JSON: compiled here, in this one translation unit
 
 
+#include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <cctype>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -45,27 +48,131 @@ using Acceptor = asio::basic_socket_acceptor<tcp, IoExecutor>;
 using Stream = beast::basic_stream<tcp, IoExecutor>;
 using Timer = asio::basic_waitable_timer<std::chrono::steady_clock, asio::wait_traits<std::chrono::steady_clock>, IoExecutor>;
 
-// Request bodies grow without zero-filling: every byte is written by the read before it is used.
-template <typename T>
-struct UninitializedAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = UninitializedAllocator<U>;
-  };
-  UninitializedAllocator() = default;
-  template <typename U>
-  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;  // default-initialized: left as it is, for bytes
+constexpr std::string_view kHeaderLength = "Inference-Header-Content-Length";
+
+// A decimal byte count with nothing around it, as Content-Length is written.
+std::optional<size_t> byte_count(std::string_view text) {
+  size_t value = 0;
+  auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (err != std::errc() || end != text.data() + text.size() || text.empty()) return std::nullopt;
+  return value;
+}
+
+// A request body's bytes, placed so that the byte after the JSON header of the binary
+// tensor extension (Inference-Header-Content-Length bytes in) starts on a kAlignment
+// boundary. Clients write headers of any length, so without this three requests in four
+// would carry their FP32 data at an address no kernel may read it from in place, and a
+// request alone in its batch would be copied. Grows without zero-filling: every byte is
+// written by the read before it is used.
+class BodyBytes {
+ public:
+  static constexpr size_t kAlignment = 16;  // operator new[]'s own: __STDCPP_DEFAULT_NEW_ALIGNMENT__
+  static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= kAlignment);
+
+  BodyBytes() = default;
+  BodyBytes(const BodyBytes& other) {
+    if (!other.storage_) return;
+    // The same placement, so that a copy's data is aligned where the original's is.
+    storage_.reset(new uint8_t[other.pad_ + other.size_]);
+    pad_ = other.pad_;
+    size_ = capacity_ = other.size_;
+    if (size_) std::memcpy(data(), other.data(), size_);
   }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  BodyBytes(BodyBytes&& other) noexcept
+      : storage_(std::move(other.storage_)), pad_(other.pad_), size_(other.size_), capacity_(other.capacity_) {
+    other.pad_ = other.size_ = other.capacity_ = 0;
   }
+  BodyBytes& operator=(BodyBytes other) noexcept {
+    std::swap(storage_, other.storage_);
+    std::swap(pad_, other.pad_);
+    std::swap(size_, other.size_);
+    std::swap(capacity_, other.capacity_);
+    return *this;
+  }
+
+  uint8_t* data() noexcept { return storage_.get() + pad_; }
+  const uint8_t* data() const noexcept { return storage_.get() + pad_; }
+  size_t size() const noexcept { return size_; }
+
+  // Room for `bytes` in all, the first storage placed so that offset `lead` is aligned;
+  // a later growth keeps the placement.
+  void reserve(size_t bytes, size_t lead) {
+    if (storage_ && bytes <= capacity_) return;
+    const size_t pad = storage_ ? pad_ : (kAlignment - lead % kAlignment) % kAlignment;
+    std::unique_ptr<uint8_t[]> grown(new uint8_t[pad + bytes]);  // default-initialized: not zeroed
+    if (size_) std::memcpy(grown.get() + pad, data(), size_);
+    storage_ = std::move(grown);
+    pad_ = pad;
+    capacity_ = bytes;
+  }
+  // `n` more bytes at the end, left unwritten for the caller; the address of the first.
+  uint8_t* extend(size_t n, size_t lead) {
+    if (size_ + n > capacity_) reserve(std::max(size_ + n, capacity_ * 2), lead);
+    uint8_t* at = data() + size_;
+    size_ += n;
+    return at;
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> storage_;
+  size_t pad_ = 0;       // bytes before data()
+  size_t size_ = 0;      // bytes written
+  size_t capacity_ = 0;  // bytes after data() the storage holds
 };
-using BodyBytes = std::vector<uint8_t, UninitializedAllocator<uint8_t>>;
-using RequestBody = http::vector_body<uint8_t, UninitializedAllocator<uint8_t>>;
+
+// The request body type: read into BodyBytes, placed as above; written (to the server
+// behind, when a request is forwarded) as one buffer.
+struct RequestBody {
+  using value_type = BodyBytes;
+
+  static std::uint64_t size(const value_type& body) { return body.size(); }
+
+  class reader {
+   public:
+    // Beast makes the reader with its parser, before the head is read: the fields are
+    // looked at in init(), once the head is whole.
+    template <bool isRequest, class Fields>
+    reader(http::header<isRequest, Fields>& header, value_type& body) : fields_(header), body_(body) {
+      static_assert(std::is_same_v<Fields, http::fields>);
+    }
+    void init(const boost::optional<std::uint64_t>& length, beast::error_code& ec) {
+      // A malformed value places nothing; the request is refused later, with its reason.
+      if (auto field = fields_.find(kHeaderLength); field != fields_.end()) {
+        lead_ = byte_count(field->value()).value_or(0);
+      }
+      // The parser's body_limit has already refused a length over the limit.
+      if (length) body_.reserve(static_cast<size_t>(*length), lead_);
+      ec = {};
+    }
+    template <class ConstBufferSequence>
+    std::size_t put(const ConstBufferSequence& buffers, beast::error_code& ec) {
+      const size_t n = beast::buffer_bytes(buffers);
+      ec = {};
+      return asio::buffer_copy(asio::buffer(body_.extend(n, lead_), n), buffers);
+    }
+    void finish(beast::error_code& ec) { ec = {}; }
+
+   private:
+    const http::fields& fields_;
+    value_type& body_;
+    size_t lead_ = 0;
+  };
+
+  class writer {
+   public:
+    using const_buffers_type = asio::const_buffer;
+    template <bool isRequest, class Fields>
+    writer(const http::header<isRequest, Fields>&, const value_type& body) : body_(body) {}
+    void init(beast::error_code& ec) { ec = {}; }
+    boost::optional<std::pair<const_buffers_type, bool>> get(beast::error_code& ec) {
+      ec = {};
+      return {{const_buffers_type(body_.data(), body_.size()), false}};
+    }
+
+   private:
+    const value_type& body_;
+  };
+};
 using Request = http::request<RequestBody>;
 using Response = http::response<http::string_body>;
 
@@ -111,8 +218,6 @@ struct OutputsBody {
   };
 };
 using OutputsResponse = http::response<OutputsBody>;
-
-constexpr std::string_view kHeaderLength = "Inference-Header-Content-Length";
 
 unsigned status_for(ErrorCode code) {
   switch (code) {
@@ -1122,14 +1227,12 @@ void HttpFrontend::Core::infer(const std::shared_ptr<Session>& session, std::sha
   BodyBytes& raw = request.body();
   size_t json_bytes = raw.size();
   if (auto field = request.find(kHeaderLength); field != request.end()) {
-    const std::string_view text = field->value();
-    size_t value = 0;
-    auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), value);
-    if (err != std::errc() || end != text.data() + text.size() || value > raw.size() || value == 0) {
+    const std::optional<size_t> value = byte_count(field->value());
+    if (!value || *value > raw.size() || *value == 0) {
       session->forward(std::move(request));  // the behind server words every such refusal
       return;
     }
-    json_bytes = value;
+    json_bytes = *value;
   }
   if (json_bytes > options.max_inference_header_bytes) {
     session->forward(std::move(request));

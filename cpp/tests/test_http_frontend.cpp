@@ -203,6 +203,43 @@ TEST_CASE("http_frontend: a JSON request gets a JSON answer with an id") {
   CHECK_EQ(res.body().find('"', at + 6) - (at + 6), size_t{32});
 }
 
+TEST_CASE("http_frontend: binary inputs after a header of any length run in place when alone in their batch") {
+  // The batcher gathers from its own pool: a request copied into a batch shows there.
+  auto pool = MemoryPool::create(MemoryKind::kHost);
+  auto batcher = std::make_shared<Batcher>(doubling_model_options(), doubled, pool);
+  HttpFrontend frontend(HttpFrontendOptions{});
+  frontend.add_model({"double", 1, batcher, {}, {}, {}, {}});
+  Client client(frontend.port());
+  auto [body, length] = binary_request(1.5f, -2.0f);
+  const std::string header = body.substr(0, std::stoul(length)), data = body.substr(header.size());
+  for (size_t spaces = 0; spaces < 16; ++spaces) {  // JSON whitespace moves the data to every offset
+    const std::string padded = header + std::string(spaces, ' ');
+    auto res = client.send(http::verb::post, "/v2/models/double/infer", padded + data,
+                           {{"Inference-Header-Content-Length", std::to_string(padded.size())}});
+    CHECK_EQ(res.result_int(), 200u);
+    CHECK(binary_answer(res.body()) == std::make_pair(3.0f, -4.0f));
+  }
+  // Sent one at a time, each ran alone on the body's own bytes: nothing was gathered.
+  const PoolStats stats = pool->stats();
+  CHECK_EQ(stats.hits + stats.misses, uint64_t{0});
+  // A chunked body (no Content-Length ahead of it) is placed the same way.
+  http::request<http::string_body> chunked{http::verb::post, "/v2/models/double/infer", 11};
+  chunked.set(http::field::host, "127.0.0.1");
+  chunked.set("Inference-Header-Content-Length", std::to_string(header.size() + 1));
+  chunked.body() = header + " " + data;
+  chunked.chunked(true);
+  asio::io_context ioc;
+  tcp::socket socket(ioc);
+  socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(frontend.port())));
+  http::write(socket, chunked);
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  http::read(socket, buffer, res);
+  CHECK_EQ(res.result_int(), 200u);
+  CHECK(binary_answer(res.body()) == std::make_pair(3.0f, -4.0f));
+  CHECK_EQ(pool->stats().hits + pool->stats().misses, uint64_t{0});
+}
+
 TEST_CASE("http_frontend: what it does not serve goes to the server behind, and the answer comes back") {
   Served served;
   auto& behind = served.behind;
