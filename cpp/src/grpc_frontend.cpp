@@ -14,7 +14,9 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
@@ -244,10 +246,41 @@ bool decode_native(GrpcFrontend::Core& core, const ByteBuffer& bytes, const Meta
   return true;
 }
 
+// One output's bytes in the batch outputs, written into an answer as raw_output_contents.
+struct RawOutput {
+  const uint8_t* data;
+  size_t bytes;
+};
+
+// Bytes of `value` as a protobuf varint.
+size_t varint_bytes(uint64_t value) {
+  size_t n = 1;
+  while (value >= 0x80) {
+    value >>= 7;
+    ++n;
+  }
+  return n;
+}
+
+void append_varint(std::string& out, uint64_t value) {
+  while (value >= 0x80) {
+    out.push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out.push_back(static_cast<char>(value));
+}
+
+// raw_output_contents: field 6 of ModelInferResponse, length-delimited, and its last field,
+// so protobuf writes it after all the others, as serialize_answer does.
+constexpr char kRawOutputContentsTag = (6 << 3) | 2;
+static_assert(inference::ModelInferResponse::kRawOutputContentsFieldNumber == 6);
+
 // The answer to a native request from its completion, or the status refusing it (the
 // batcher's error; an answer over the message limit, in the words of the server behind).
+// With `raw`, the outputs' bytes are listed there (in the answer's order) and not copied
+// into `response`.
 grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_message_bytes,
-                          inference::ModelInferResponse* response) {
+                          inference::ModelInferResponse* response, std::vector<RawOutput>* raw = nullptr) {
   if (c.code != ErrorCode::kOk) return grpc::Status(grpc_code_for(c.code), c.message);
   try {
     response->set_model_name(r.model->name);
@@ -262,18 +295,85 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
       out->set_name(specs[static_cast<size_t>(index)].name);
       out->set_datatype(dtype_name(t.dtype));
       for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
-      response->add_raw_output_contents()->assign(reinterpret_cast<const char*>(src), nbytes);
+      if (raw) {
+        raw->push_back({src, nbytes});
+      } else {
+        response->add_raw_output_contents()->assign(reinterpret_cast<const char*>(src), nbytes);
+      }
     }
   } catch (const std::exception& e) {
     return grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what());
   }
-  const size_t size = response->ByteSizeLong();
+  size_t size = response->ByteSizeLong();
+  if (raw) {
+    for (const RawOutput& o : *raw) size += 1 + varint_bytes(o.bytes) + o.bytes;
+  }
   if (size > static_cast<size_t>(max_message_bytes)) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         "model '" + r.model->name + "': the response is " + std::to_string(size) +
                             " bytes, over the server's gRPC message limit of " + std::to_string(max_message_bytes) +
                             " bytes (--grpc-max-message-bytes): send fewer rows (or a shorter request id) per "
                             "request, or start the server with a larger limit");
+  }
+  return grpc::Status::OK;
+}
+
+// Outputs of at least this many bytes are sent from the batch's own memory; smaller ones
+// are copied into the answer, which costs less than a slice of their own.
+constexpr size_t kReferencedOutputBytes = 16 * 1024;
+
+// A slice that owns `bytes` (moved, not copied).
+grpc::Slice owning_slice(std::string&& bytes) {
+  auto* kept = new std::string(std::move(bytes));
+  return grpc::Slice(kept->data(), kept->size(), [](void* p) { delete static_cast<std::string*>(p); }, kept);
+}
+
+// A slice viewing `o` in the batch outputs, which it keeps alive until gRPC has sent it.
+grpc::Slice output_slice(const RawOutput& o, const std::shared_ptr<const BatchOutputs>& outputs) {
+  auto* kept = new std::shared_ptr<const BatchOutputs>(outputs);
+  return grpc::Slice(
+      const_cast<uint8_t*>(o.data), o.bytes,
+      [](void* p) { delete static_cast<std::shared_ptr<const BatchOutputs>*>(p); }, kept);
+}
+
+// A native ModelInfer request's answer into `out`: the bytes protobuf would write for it,
+// without copying large outputs. The response without its raw outputs is serialized by
+// protobuf; each raw_output_contents field follows, its tag and length written here and
+// its bytes viewed where the batch left them. `in_stream`: wrapped as the infer_response
+// of a ModelStreamInferResponse (field 2, its only one when the request succeeded). Else
+// the status refusing it (build_answer).
+grpc::Status serialize_answer(const NativeRequest& r, const Completion& c, int max_message_bytes, bool in_stream,
+                              ByteBuffer* out) {
+  inference::ModelInferResponse response;
+  std::vector<RawOutput> raw;
+  grpc::Status status = build_answer(r, c, max_message_bytes, &response, &raw);
+  if (!status.ok()) return status;
+  try {
+    std::string head = response.SerializeAsString();
+    std::vector<grpc::Slice> slices;
+    for (const RawOutput& o : raw) {
+      head.push_back(kRawOutputContentsTag);
+      append_varint(head, o.bytes);
+      if (o.bytes < kReferencedOutputBytes) {
+        head.append(reinterpret_cast<const char*>(o.data), o.bytes);
+        continue;
+      }
+      slices.push_back(owning_slice(std::move(head)));
+      head.clear();
+      slices.push_back(output_slice(o, c.outputs));
+    }
+    if (!head.empty()) slices.push_back(owning_slice(std::move(head)));
+    if (in_stream) {
+      static_assert(inference::ModelStreamInferResponse::kInferResponseFieldNumber == 2);
+      size_t inner = 0;
+      for (const grpc::Slice& slice : slices) inner += slice.size();
+      std::string prefix(1, static_cast<char>((2 << 3) | 2));
+      append_varint(prefix, inner);
+      slices.insert(slices.begin(), owning_slice(std::move(prefix)));
+    }
+    *out = ByteBuffer(slices.data(), slices.size());
+  } catch (const std::exception& e) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what());
   }
   return grpc::Status::OK;
 }
@@ -452,12 +552,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   // A native call's completion (on the batcher's thread).
   void answer(const Completion& c) {
     core_->in_flight.fetch_sub(1, std::memory_order_relaxed);
-    inference::ModelInferResponse response;
-    grpc::Status status = build_answer(request_, c, core_->options.max_message_bytes, &response);
-    if (status.ok()) {
-      bool own = false;
-      status = grpc::SerializationTraits<inference::ModelInferResponse>::Serialize(response, &answer_, &own);
-    }
+    const grpc::Status status = serialize_answer(request_, c, core_->options.max_message_bytes, false, &answer_);
     if (!status.ok()) {
       Finish(status);
       return;
@@ -760,16 +855,17 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
   }
 
   void answered(Answer& a, const Completion& c) {
-    inference::ModelStreamInferResponse answer;
-    const grpc::Status status =
-        build_answer(a.request, c, core_->options.max_message_bytes, answer.mutable_infer_response());
-    if (!status.ok()) {
-      answer.Clear();
+    ByteBuffer bytes;
+    const grpc::Status status = serialize_answer(a.request, c, core_->options.max_message_bytes, true, &bytes);
+    bool written = status.ok();
+    if (!written) {
+      inference::ModelStreamInferResponse answer;
       failed(status.error_message(), a.request.message.get(), &answer);
+      written = serialize(answer, &bytes);
     }
     std::unique_lock<std::mutex> lock(mu_);
     native_.erase(a.batcher_id);
-    finished_one(std::move(answer), lock);
+    finished_one(written ? &bytes : nullptr, lock);
   }
 
   void relay(ByteBuffer message, std::shared_ptr<inference::ModelInferRequest> decoded) {
@@ -833,22 +929,28 @@ class StreamCall final : public grpc::ServerGenericBidiReactor {
     if (answer->ByteSizeLong() > static_cast<size_t>(core_->options.max_message_bytes)) r->clear_id();
   }
 
-  // One request answered: its answer joins the writes. mu_ held.
-  void finished_one(inference::ModelStreamInferResponse&& answer, std::unique_lock<std::mutex>& lock) {
+  static bool serialize(const inference::ModelStreamInferResponse& answer, ByteBuffer* bytes) {
+    bool own = false;
+    return grpc::SerializationTraits<inference::ModelStreamInferResponse>::Serialize(answer, bytes, &own).ok();
+  }
+
+  // One request answered: its answer's bytes (null: none could be made) join the writes. mu_ held.
+  void finished_one(ByteBuffer* bytes, std::unique_lock<std::mutex>& lock) {
     --running_;
-    if (!broken_) {
-      ByteBuffer bytes;
-      bool own = false;
-      if (grpc::SerializationTraits<inference::ModelStreamInferResponse>::Serialize(answer, &bytes, &own).ok()) {
-        queued_.push_back(std::move(bytes));
-        if (!writing_) {
-          writing_ = true;
-          StartWrite(&queued_.front());
-        }
+    if (!broken_ && bytes != nullptr) {
+      queued_.push_back(std::move(*bytes));
+      if (!writing_) {
+        writing_ = true;
+        StartWrite(&queued_.front());
       }
     }
     read_next();
     maybe_finish(lock);
+  }
+
+  void finished_one(inference::ModelStreamInferResponse&& answer, std::unique_lock<std::mutex>& lock) {
+    ByteBuffer bytes;
+    finished_one(serialize(answer, &bytes) ? &bytes : nullptr, lock);
   }
 
   // Ends the call once the client's stream has ended (or the call is cancelled or broken)

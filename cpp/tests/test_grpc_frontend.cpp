@@ -231,6 +231,135 @@ TEST_CASE("grpc_frontend: ModelInfer is answered from the batcher, with the requ
   CHECK_EQ(response.id().size(), size_t{32});
 }
 
+TEST_CASE("grpc_frontend: a large output is sent from the batch's memory, in the bytes protobuf writes") {
+  // "wide": x FP32 [8192] -> y = 2x (32 KiB a row: sent from the batch) and s = the row's sum
+  // (4 bytes a row: copied), in that order.
+  constexpr int64_t kWidth = 8192;
+  BatcherOptions options;
+  options.model_name = "wide";
+  options.inputs = {{"x", DType::kFloat32, {kWidth}}};
+  options.outputs = {{"y", DType::kFloat32, {kWidth}}, {"s", DType::kFloat32, {1}}};
+  options.max_batch_size = 4;
+  auto wide = [](const Batch& batch) {
+    const Tensor& x = batch.inputs[0];
+    const int64_t rows = x.shape[0];
+    Tensor y = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, x.shape);
+    Tensor sum = make_pooled_tensor(MemoryPool::default_host(), DType::kFloat32, Shape{rows, 1});
+    const auto* in = static_cast<const float*>(x.data);
+    for (int64_t r = 0; r < rows; ++r) {
+      float total = 0;
+      for (int64_t i = 0; i < kWidth; ++i) {
+        static_cast<float*>(y.data)[r * kWidth + i] = 2 * in[r * kWidth + i];
+        total += in[r * kWidth + i];
+      }
+      static_cast<float*>(sum.data)[r] = total;
+    }
+    return std::vector<Tensor>{y, sum};
+  };
+  BehindServer behind;
+  auto batcher = std::make_shared<Batcher>(options, wide, MemoryPool::default_host());
+  GrpcFrontendOptions frontend_options;
+  frontend_options.fallback_target = "127.0.0.1:" + std::to_string(behind.port());
+  GrpcFrontend frontend(frontend_options);
+  frontend.add_model({"wide", 1, batcher, {}, {}, {}, {}});
+  {
+    auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(frontend.port()), grpc::InsecureChannelCredentials());
+    grpc::GenericStub stub(channel);
+    for (int64_t rows : {1, 3}) {
+      std::vector<float> x(static_cast<size_t>(rows * kWidth));
+      for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) - 48.0f;
+      inference::ModelInferRequest request;
+      request.set_model_name("wide");
+      request.set_id("r-" + std::to_string(rows));
+      auto* input = request.add_inputs();
+      input->set_name("x");
+      input->set_datatype("FP32");
+      input->add_shape(rows);
+      input->add_shape(kWidth);
+      request.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float));
+      Answer a = call(stub, kModelInfer, request.SerializeAsString());
+      CHECK(a.status.ok());
+      inference::ModelInferResponse response;
+      CHECK(response.ParseFromString(a.body));
+      CHECK_EQ(a.body, response.SerializeAsString());  // byte for byte what protobuf writes
+      CHECK_EQ(response.id(), "r-" + std::to_string(rows));
+      CHECK_EQ(response.outputs_size(), 2);
+      CHECK_EQ(response.raw_output_contents_size(), 2);
+      if (response.raw_output_contents_size() != 2) continue;
+      const std::string& y = response.raw_output_contents(0);
+      const std::string& sums = response.raw_output_contents(1);
+      CHECK_EQ(y.size(), x.size() * sizeof(float));
+      CHECK_EQ(sums.size(), static_cast<size_t>(rows) * sizeof(float));
+      if (y.size() != x.size() * sizeof(float) || sums.size() != static_cast<size_t>(rows) * sizeof(float)) continue;
+      bool doubled_all = true;
+      for (size_t i = 0; i < x.size(); ++i) {
+        float v;
+        std::memcpy(&v, y.data() + i * sizeof(float), sizeof v);
+        doubled_all = doubled_all && v == 2 * x[i];
+      }
+      CHECK(doubled_all);
+      for (int64_t r = 0; r < rows; ++r) {
+        float total = 0, answered;
+        for (int64_t i = 0; i < kWidth; ++i) total += x[static_cast<size_t>(r * kWidth + i)];
+        std::memcpy(&answered, sums.data() + r * sizeof(float), sizeof answered);
+        CHECK_EQ(answered, total);
+      }
+    }
+    // On a stream, the same answer is the infer_response of a ModelStreamInferResponse.
+    struct OneOnStream final : WaitedStream {
+      void start(grpc::GenericStub& stub, const std::string& message) {
+        stub.PrepareBidiStreamingCall(&context, "/inference.GRPCInferenceService/ModelStreamInfer",
+                                      grpc::StubOptions(), this);
+        out = bytes_of(message);
+        StartWrite(&out);
+        StartRead(&in);
+        StartCall();
+      }
+      void OnWriteDone(bool ok) override {
+        if (ok) StartWritesDone();
+      }
+      void OnReadDone(bool ok) override {
+        if (!ok) return;
+        got.push_back(text_of(in));
+        StartRead(&in);
+      }
+      std::vector<std::string> got;
+    };
+    std::vector<float> x(static_cast<size_t>(2 * kWidth), 0.5f);
+    inference::ModelInferRequest request;
+    request.set_model_name("wide");
+    auto* input = request.add_inputs();
+    input->set_name("x");
+    input->set_datatype("FP32");
+    input->add_shape(2);
+    input->add_shape(kWidth);
+    request.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float));
+    OneOnStream streamed;
+    streamed.start(stub, request.SerializeAsString());
+    CHECK(streamed.wait().ok());
+    CHECK_EQ(streamed.got.size(), size_t{1});
+    if (streamed.got.size() == 1) {
+      inference::ModelStreamInferResponse answer;
+      CHECK(answer.ParseFromString(streamed.got[0]));
+      CHECK_EQ(streamed.got[0], answer.SerializeAsString());
+      CHECK(answer.error_message().empty());
+      CHECK_EQ(answer.infer_response().raw_output_contents_size(), 2);
+      if (answer.infer_response().raw_output_contents_size() == 2) {
+        const std::string& y = answer.infer_response().raw_output_contents(0);
+        CHECK_EQ(y.size(), x.size() * sizeof(float));
+        float first = 0, sum = 0;
+        if (y.size() >= sizeof first) std::memcpy(&first, y.data(), sizeof first);
+        std::memcpy(&sum, answer.infer_response().raw_output_contents(1).data(), sizeof sum);
+        CHECK_EQ(first, 1.0f);
+        CHECK_EQ(sum, 0.5f * kWidth);
+      }
+    }
+    CHECK_EQ(behind.calls(), 0);
+  }
+  frontend.stop();
+  batcher->stop(true);
+}
+
 TEST_CASE("grpc_frontend: other calls, other models and requests it would refuse go behind, metadata and all") {
   Setup s;
   Answer a = call(*s.stub, "/inference.GRPCInferenceService/ServerLive", "ping", "t-1");
