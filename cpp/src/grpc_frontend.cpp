@@ -26,6 +26,8 @@
 #include "conveyor/completion.h"
 #include "conveyor/error.h"
 #include "conveyor/protocol/grpc/inference.pb.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/wire_format_lite.h"
 
 namespace conveyor {
 
@@ -252,35 +254,32 @@ struct RawOutput {
   size_t bytes;
 };
 
-// Bytes of `value` as a protobuf varint.
-size_t varint_bytes(uint64_t value) {
-  size_t n = 1;
-  while (value >= 0x80) {
-    value >>= 7;
-    ++n;
-  }
-  return n;
+using google::protobuf::internal::WireFormatLite;
+
+// raw_output_contents is ModelInferResponse's last field, so protobuf writes it after all
+// the others, as serialize_answer does.
+constexpr int kRawOutputContentsField = inference::ModelInferResponse::kRawOutputContentsFieldNumber;
+
+// Bytes a length-delimited `field` of `length` bytes takes in a message.
+size_t field_bytes(int field, size_t length) {
+  return WireFormatLite::TagSize(field, WireFormatLite::TYPE_BYTES) + WireFormatLite::LengthDelimitedSize(length);
 }
 
-void append_varint(std::string& out, uint64_t value) {
-  while (value >= 0x80) {
-    out.push_back(static_cast<char>((value & 0x7f) | 0x80));
-    value >>= 7;
-  }
-  out.push_back(static_cast<char>(value));
+// A length-delimited field's tag and length, as protobuf writes them, at the end of `out`.
+void append_field_head(std::string& out, int field, size_t length) {
+  using google::protobuf::io::CodedOutputStream;
+  uint8_t head[2 * 10];  // two varints of at most 10 bytes
+  uint8_t* end = CodedOutputStream::WriteVarint32ToArray(
+      WireFormatLite::MakeTag(field, WireFormatLite::WIRETYPE_LENGTH_DELIMITED), head);
+  end = CodedOutputStream::WriteVarint64ToArray(length, end);
+  out.append(reinterpret_cast<const char*>(head), static_cast<size_t>(end - head));
 }
-
-// raw_output_contents: field 6 of ModelInferResponse, length-delimited, and its last field,
-// so protobuf writes it after all the others, as serialize_answer does.
-constexpr char kRawOutputContentsTag = (6 << 3) | 2;
-static_assert(inference::ModelInferResponse::kRawOutputContentsFieldNumber == 6);
 
 // The answer to a native request from its completion, or the status refusing it (the
 // batcher's error; an answer over the message limit, in the words of the server behind).
-// With `raw`, the outputs' bytes are listed there (in the answer's order) and not copied
-// into `response`.
+// The outputs' bytes are listed in `raw` (in the answer's order), not copied into `response`.
 grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_message_bytes,
-                          inference::ModelInferResponse* response, std::vector<RawOutput>* raw = nullptr) {
+                          inference::ModelInferResponse* response, std::vector<RawOutput>* raw) {
   if (c.code != ErrorCode::kOk) return grpc::Status(grpc_code_for(c.code), c.message);
   try {
     response->set_model_name(r.model->name);
@@ -295,19 +294,13 @@ grpc::Status build_answer(const NativeRequest& r, const Completion& c, int max_m
       out->set_name(specs[static_cast<size_t>(index)].name);
       out->set_datatype(dtype_name(t.dtype));
       for (int d = 0; d < shape.ndim(); ++d) out->add_shape(shape[d]);
-      if (raw) {
-        raw->push_back({src, nbytes});
-      } else {
-        response->add_raw_output_contents()->assign(reinterpret_cast<const char*>(src), nbytes);
-      }
+      raw->push_back({src, nbytes});
     }
   } catch (const std::exception& e) {
     return grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what());
   }
   size_t size = response->ByteSizeLong();
-  if (raw) {
-    for (const RawOutput& o : *raw) size += 1 + varint_bytes(o.bytes) + o.bytes;
-  }
+  for (const RawOutput& o : *raw) size += field_bytes(kRawOutputContentsField, o.bytes);
   if (size > static_cast<size_t>(max_message_bytes)) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         "model '" + r.model->name + "': the response is " + std::to_string(size) +
@@ -352,8 +345,7 @@ grpc::Status serialize_answer(const NativeRequest& r, const Completion& c, int m
     std::string head = response.SerializeAsString();
     std::vector<grpc::Slice> slices;
     for (const RawOutput& o : raw) {
-      head.push_back(kRawOutputContentsTag);
-      append_varint(head, o.bytes);
+      append_field_head(head, kRawOutputContentsField, o.bytes);
       if (o.bytes < kReferencedOutputBytes) {
         head.append(reinterpret_cast<const char*>(o.data), o.bytes);
         continue;
@@ -364,11 +356,10 @@ grpc::Status serialize_answer(const NativeRequest& r, const Completion& c, int m
     }
     if (!head.empty()) slices.push_back(owning_slice(std::move(head)));
     if (in_stream) {
-      static_assert(inference::ModelStreamInferResponse::kInferResponseFieldNumber == 2);
       size_t inner = 0;
       for (const grpc::Slice& slice : slices) inner += slice.size();
-      std::string prefix(1, static_cast<char>((2 << 3) | 2));
-      append_varint(prefix, inner);
+      std::string prefix;
+      append_field_head(prefix, inference::ModelStreamInferResponse::kInferResponseFieldNumber, inner);
       slices.insert(slices.begin(), owning_slice(std::move(prefix)));
     }
     *out = ByteBuffer(slices.data(), slices.size());

@@ -265,19 +265,23 @@ TEST_CASE("grpc_frontend: a large output is sent from the batch's memory, in the
   {
     auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(frontend.port()), grpc::InsecureChannelCredentials());
     grpc::GenericStub stub(channel);
-    for (int64_t rows : {1, 3}) {
-      std::vector<float> x(static_cast<size_t>(rows * kWidth));
-      for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) - 48.0f;
+    // A request for "wide" carrying `x` ([rows, kWidth]).
+    auto wide_request = [&](const std::vector<float>& x, const std::string& id) {
       inference::ModelInferRequest request;
       request.set_model_name("wide");
-      request.set_id("r-" + std::to_string(rows));
+      request.set_id(id);
       auto* input = request.add_inputs();
       input->set_name("x");
       input->set_datatype("FP32");
-      input->add_shape(rows);
+      input->add_shape(static_cast<int64_t>(x.size()) / kWidth);
       input->add_shape(kWidth);
       request.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float));
-      Answer a = call(stub, kModelInfer, request.SerializeAsString());
+      return request.SerializeAsString();
+    };
+    for (int64_t rows : {1, 3}) {
+      std::vector<float> x(static_cast<size_t>(rows * kWidth));
+      for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) - 48.0f;
+      Answer a = call(stub, kModelInfer, wide_request(x, "r-" + std::to_string(rows)));
       CHECK(a.status.ok());
       inference::ModelInferResponse response;
       CHECK(response.ParseFromString(a.body));
@@ -326,16 +330,8 @@ TEST_CASE("grpc_frontend: a large output is sent from the batch's memory, in the
       std::vector<std::string> got;
     };
     std::vector<float> x(static_cast<size_t>(2 * kWidth), 0.5f);
-    inference::ModelInferRequest request;
-    request.set_model_name("wide");
-    auto* input = request.add_inputs();
-    input->set_name("x");
-    input->set_datatype("FP32");
-    input->add_shape(2);
-    input->add_shape(kWidth);
-    request.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float));
     OneOnStream streamed;
-    streamed.start(stub, request.SerializeAsString());
+    streamed.start(stub, wide_request(x, ""));
     CHECK(streamed.wait().ok());
     CHECK_EQ(streamed.got.size(), size_t{1});
     if (streamed.got.size() == 1) {
